@@ -1,0 +1,37 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "contree-pipeline",
+    products: [
+        .executable(name: "contree-pipeline", targets: ["contree-pipeline"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"5.0.0"),
+    ],
+    targets: [
+        // System library over Debian's libsqlite3 (libsqlite3-dev).
+        .systemLibrary(
+            name: "CSQLite", path: "Sources/CSQLite", pkgConfig: "sqlite3",
+            providers: [.apt(["libsqlite3-dev"])]),
+        // The C launcher (fork to exec) and the libseccomp policy (libseccomp-dev).
+        .target(name: "CSandbox", linkerSettings: [.linkedLibrary("seccomp")]),
+        .target(
+            name: "Sandbox",
+            dependencies: [
+                "CSandbox", "CSQLite",
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]),
+        .executableTarget(
+            name: "contree-pipeline",
+            dependencies: [
+                "Sandbox",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+        .executableTarget(
+            name: "contree-bench", dependencies: ["Sandbox"], path: "bench/Sources/contree-bench"),
+        .testTarget(name: "SandboxTests", dependencies: ["Sandbox"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

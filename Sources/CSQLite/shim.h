@@ -1,0 +1,7 @@
+#ifndef CONTREE_CSQLITE_SHIM_H
+#define CONTREE_CSQLITE_SHIM_H
+#include <sqlite3.h>
+
+// SQLITE_TRANSIENT is a function-pointer cast macro that Swift cannot import.
+static inline sqlite3_destructor_type csq_transient(void) { return SQLITE_TRANSIENT; }
+#endif

@@ -1,0 +1,215 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+
+/// Runs commands in sandboxes over images and records the results: resolve the image, take a
+/// lease on its layers, prepare an upper, hand it to the isolation backend, commit the changes
+/// as a new image (unless disposable or killed), record the run.
+public final class SandboxEngine: Sendable {
+    public let store: Store
+    public let baseImages: BaseImages
+    private let backends: [IsolationKind: any IsolationBackend]
+
+    public init(store: Store, backends: [any IsolationBackend] = [ContainerBackend()], progress: ProgressReporter? = nil) {
+        self.store = store
+        self.baseImages = BaseImages(store: store, progress: progress)
+        var map: [IsolationKind: any IsolationBackend] = [:]
+        for backend in backends { map[backend.kind] = backend }
+        self.backends = map
+        // A sandbox closing its stdin pipe early must not kill the engine.
+        signal(SIGPIPE, SIG_IGN)
+    }
+
+    /// Runs `spec` to completion.
+    /// - Throws: `notFound` (image, host file), `invalidArgument`/`pathEscapes` (bad spec),
+    ///   `sandboxSetup`. Nothing is written to the store when it throws.
+    public func run(_ spec: RunSpec) async throws -> RunResult {
+        try SandboxEngine.validate(spec)
+        guard let backend = backends[spec.isolation] else {
+            throw SandboxError(.unsupported, "the \(spec.isolation.rawValue) backend is not available in this build")
+        }
+        // Open host files first: a missing one must fail before anything else happens.
+        var opened: [(fd: Int32, mapping: FileMapping)] = []
+        defer { for file in opened { close(file.fd) } }
+        for mapping in spec.files {
+            let fd = open(mapping.hostPath, O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else {
+                let e = errno
+                throw SandboxError(
+                    e == ENOENT ? .notFound : .invalidArgument,
+                    "host file \(mapping.hostPath) (for \(mapping.sandboxPath)) cannot be read", errno: e)
+            }
+            var st = stat()
+            fstat(fd, &st)
+            guard st.isRegular else {
+                close(fd)
+                throw SandboxError(.invalidArgument, "host file \(mapping.hostPath) is not a regular file")
+            }
+            var mapping = mapping
+            if mapping.mode == nil { mapping.mode = UInt32(st.st_mode & 0o7777) }
+            opened.append((fd, mapping))
+        }
+
+        let image = try baseImages.resolve(spec.image)
+        let lease = try store.acquireLease(layers: image.layers, image: image.uuid)
+        defer { lease.release() }
+        let runID = lease.id
+        let upper = lease.workPath + "/upper"
+        for dir in ["upper", "work", "root"] { try FileSystem.makeDirectory(lease.workPath + "/" + dir, mode: 0o755) }
+        let filesystem = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
+        let addedMountPoints = try prepareMountPoints(filesystem, upper: upper)
+
+        var environment: [String] = []
+        var seen = Set<String>()
+        for (key, value) in spec.env.sorted(by: { $0.key < $1.key }) {
+            environment.append("\(key)=\(value)")
+            seen.insert(key)
+        }
+        for entry in image.config.env {
+            let key = String(entry.prefix { $0 != "=" })
+            if !seen.contains(key) { environment.append(entry) }
+        }
+        if !environment.contains(where: { $0.hasPrefix("PATH=") }) { environment.append("PATH=\(ImageConfig.defaultPath)") }
+        let (uid, gid) = try SandboxEngine.parseUser(image.config.user)
+
+        let request = LaunchRequest(
+            id: runID, storeRoot: store.root, lowers: image.layers.reversed().map { "layers/" + Store.hex($0) },
+            upper: "tmp/\(runID)/upper", work: "tmp/\(runID)/work", rootMount: lease.workPath + "/root",
+            argv: spec.command, environment: environment, cwd: spec.cwd ?? image.config.workingDir, uid: uid, gid: gid,
+            hostname: spec.hostname, network: spec.network, limits: spec.limits, timeout: spec.timeout,
+            files: opened, stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr)
+        let startedAt = Date()
+        let outcome = try await backend.run(request)
+
+        var record = RunRecord(
+            id: runID, image: image.uuid, resultImage: nil, command: spec.command, exitCode: outcome.exitCode,
+            signal: outcome.signal, timedOut: outcome.timedOut, oomKilled: outcome.oomKilled,
+            cancelled: outcome.cancelled, disposable: spec.disposable, backend: backend.kind,
+            acceleration: outcome.acceleration, startedAt: startedAt, metrics: outcome.metrics)
+
+        // A killed run leaves no image; a disposable one never makes one.
+        if spec.disposable || outcome.timedOut || outcome.cancelled {
+            try insert(record)
+        } else {
+            for path in addedMountPoints { rmdir(upper + path) }  // only if still empty
+            let commitStarted = Clock.monotonic
+            let config = image.config
+            var committed = record
+            _ = try Snapshotter(store: store).commit(
+                upper, base: image, config: config, origin: "run:\(runID)", lease: lease
+            ) { tx, result, layer in
+                committed.resultImage = result.uuid
+                committed.metrics.commitSeconds = Clock.monotonic - commitStarted
+                committed.metrics.diffFiles = layer?.files ?? 0
+                committed.metrics.diffBytes = layer?.bytes ?? 0
+                try SandboxEngine.insert(committed, tx: tx)
+            }
+            record = committed
+        }
+        return RunResult(
+            record: record, stdout: outcome.stdout, stderr: outcome.stderr, stdoutDropped: outcome.stdoutDropped,
+            stderrDropped: outcome.stderrDropped)
+    }
+
+    /// The recorded run with this id.
+    public func record(_ id: String) throws -> RunRecord? {
+        guard let text = try store.database.query("SELECT record FROM runs WHERE id = ?", [.text(id)]).first?["record"].string
+        else { return nil }
+        return try SandboxEngine.decoder.decode(RunRecord.self, from: Data(text.utf8))
+    }
+
+    private func insert(_ record: RunRecord) throws {
+        try store.database.transaction { tx in try SandboxEngine.insert(record, tx: tx) }
+    }
+
+    static func insert(_ record: RunRecord, tx: Database.Transaction) throws {
+        let json = String(decoding: try encoder.encode(record), as: UTF8.self)
+        try tx.query(
+            "INSERT INTO runs(id, image, result_image, started, record) VALUES(?, ?, ?, ?, ?)",
+            [.text(record.id), .text(record.image), record.resultImage.sql,
+             .real(record.startedAt.timeIntervalSince1970), .text(json)])
+    }
+
+    static let encoder: JSONEncoder = {
+        let e = JSONEncoder()
+        e.dateEncodingStrategy = .iso8601
+        e.outputFormatting = [.sortedKeys]
+        return e
+    }()
+
+    static let decoder: JSONDecoder = {
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .iso8601
+        return d
+    }()
+
+    /// Mount points the sandbox needs (/proc, /dev) that the image lacks are created in the
+    /// upper and removed again before the commit if still empty.
+    private func prepareMountPoints(_ fs: ImageFilesystem, upper: String) throws -> [String] {
+        var added: [String] = []
+        for name in ["proc", "dev"] {
+            if let node = try fs.child(of: fs.root, named: name), node.isDirectory { continue }
+            if try fs.child(of: fs.root, named: name) != nil {
+                throw SandboxError(.invalidArgument, "the image has a /\(name) that is not a directory; it cannot be run")
+            }
+            try FileSystem.makeDirectory(upper + "/" + name, mode: 0o755)
+            added.append("/" + name)
+        }
+        return added
+    }
+
+    /// Rejects specs that cannot run, before anything touches the store.
+    static func validate(_ spec: RunSpec) throws {
+        guard let program = spec.command.first, !program.isEmpty else {
+            throw SandboxError(.invalidArgument, "no command given; pass the command after `--`")
+        }
+        if let cwd = spec.cwd { try validateSandboxPath(cwd, what: "working directory") }
+        for mapping in spec.files { try validateSandboxPath(mapping.sandboxPath, what: "file mapping target") }
+        for key in spec.env.keys where key.isEmpty || key.contains("=") || key.contains("\0") {
+            throw SandboxError(.invalidArgument, "invalid environment variable name '\(key)'")
+        }
+        if let timeout = spec.timeout, !(timeout > 0) {
+            throw SandboxError(.invalidArgument, "timeout must be a positive number of seconds, got \(timeout)")
+        }
+        if let memory = spec.limits.memoryBytes, memory < 1 << 20 {
+            throw SandboxError(.invalidArgument, "memory limit \(memory) bytes is below 1 MiB; a sandbox cannot start in that")
+        }
+        if let cpus = spec.limits.cpus, !(cpus > 0) {
+            throw SandboxError(.invalidArgument, "cpus must be positive, got \(cpus)")
+        }
+        if let pids = spec.limits.pids, pids < 2 {
+            throw SandboxError(.invalidArgument, "pids limit must be at least 2 (the sandbox's init and the command)")
+        }
+        guard !spec.hostname.isEmpty, spec.hostname.count <= 64,
+            spec.hostname.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") })
+        else {
+            throw SandboxError(.invalidArgument, "invalid hostname '\(spec.hostname)'")
+        }
+    }
+
+    /// An absolute path inside the sandbox without `..`.
+    static func validateSandboxPath(_ path: String, what: String) throws {
+        guard path.hasPrefix("/") else {
+            throw SandboxError(.invalidArgument, "\(what) \(path) must be an absolute path inside the sandbox")
+        }
+        guard !path.split(separator: "/").contains("..") else {
+            throw SandboxError(.pathEscapes, "\(what) \(path) contains '..'; give a path inside the sandbox")
+        }
+        guard !path.contains("\0"), path.split(separator: "/").count > 0 || what == "working directory" else {
+            throw SandboxError(.invalidArgument, "\(what) \(path) names the root directory")
+        }
+    }
+
+    static func parseUser(_ user: String?) throws -> (UInt32, UInt32) {
+        guard let user, !user.isEmpty else { return (0, 0) }
+        let parts = user.split(separator: ":")
+        guard let uid = UInt32(parts[0]), parts.count <= 2 else {
+            throw SandboxError(.invalidArgument, "image user '\(user)' must be numeric uid[:gid]")
+        }
+        let gid = parts.count == 2 ? UInt32(parts[1]) ?? uid : uid
+        return (uid, gid)
+    }
+}

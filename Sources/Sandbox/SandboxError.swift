@@ -1,0 +1,57 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+
+/// The one error type of the `Sandbox` module: what failed, what to do about it, and the
+/// underlying cause (an errno, an SQLite message, a child process's output).
+public struct SandboxError: Error, CustomStringConvertible, Sendable {
+    public enum Code: String, Sendable {
+        /// An image, tag, layer or file that does not exist.
+        case notFound
+        /// Input that cannot be used as given (a malformed reference, a bad option).
+        case invalidArgument
+        /// A path that leaves the image or the sandbox (`..`, a symlink pointing out).
+        case pathEscapes
+        /// The request conflicts with the store's state (a tag in use, an image with tags).
+        case conflict
+        /// A system call failed; the message names the call and its object.
+        case systemCall
+        /// The store's database failed or holds something it should not.
+        case database
+        /// The sandbox could not be set up (namespaces, mounts, cgroups).
+        case sandboxSetup
+        /// A helper program (tar, debootstrap, cp) failed.
+        case childProcess
+        /// The host lacks something the request needs (a package, a kernel feature).
+        case unsupported
+        /// The store is inconsistent.
+        case corrupt
+        /// The operation was cancelled.
+        case cancelled
+    }
+
+    public var code: Code
+    /// What went wrong and what to do, in one or two sentences.
+    public var message: String
+    /// The errno behind a failed system call, if any.
+    public var errno: Int32?
+
+    public init(_ code: Code, _ message: String, errno: Int32? = nil) {
+        self.code = code
+        self.message = message
+        self.errno = errno
+    }
+
+    public var description: String {
+        guard let errno else { return message }
+        return "\(message): \(String(cString: strerror(errno)))"
+    }
+
+    /// A failed system call: `call` names the call and its object (`mount(overlay) on /x`).
+    static func system(_ call: String, _ errno: Int32 = Glibc.errno) -> SandboxError {
+        SandboxError(.systemCall, call, errno: errno)
+    }
+}

@@ -1,0 +1,110 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+
+/// The result of committing a directory of changes.
+public struct CommitResult: Sendable {
+    /// The image the changes made; the base itself when there were none.
+    public var image: ImageRecord
+    /// The new layer, or nil when nothing changed.
+    public var layer: LayerSummary?
+    /// Whether the chain was flattened into one layer.
+    public var flattened: Bool
+}
+
+/// Turns directories of changes (overlayfs uppers, imports) into immutable layers and images.
+///
+/// Commit: compute the canonical digest, `syncfs`, rename the directory into `layers/<hex>`
+/// (or drop it when an identical layer exists), then insert the image in one transaction, all
+/// under the shared store lock so that `gc` cannot interleave.
+public struct Snapshotter: Sendable {
+    public let store: Store
+
+    public init(store: Store) {
+        self.store = store
+    }
+
+    /// Commits `directory` (inside `lease`'s work directory) as a new image on top of `base`.
+    /// - Parameters:
+    ///   - base: the image the changes apply to; nil for a root image.
+    ///   - record: extra rows written in the same transaction as the image (a run record).
+    /// - Returns: the base image unchanged when `directory` is empty and `base` is given.
+    public func commit(
+        _ directory: String, base: ImageRecord?, config: ImageConfig, origin: String, lease: Lease,
+        record: (Database.Transaction, ImageRecord, LayerSummary?) throws -> Void = { _, _, _ in }
+    ) throws -> CommitResult {
+        if let base, try FileSystem.list(directory).isEmpty {
+            try store.database.transaction { tx in try record(tx, base, nil) }
+            return CommitResult(image: base, layer: nil, flattened: false)
+        }
+        let summary = try LayerArchiver.archive(directory: directory)
+        try FileSystem.syncFileSystem(directory)
+        return try store.withStoreLock(exclusive: false) {
+            try place(directory, digest: summary.digest)
+            var layers = (base?.layers ?? []) + [summary.digest]
+            var newLayers = [summary]
+            var flattened = false
+            if layers.count > store.flattenThreshold {
+                let flat = try flatten(layers, lease: lease)
+                newLayers.append(flat)
+                layers = [flat.digest]
+                flattened = true
+            }
+            let image = ImageRecord(
+                uuid: UUID().uuidString.lowercased(), parent: base?.uuid, layers: layers, config: config,
+                size: 0, created: Date(), origin: origin, tags: [])
+            return try store.database.transaction { tx in
+                var sized = image
+                for layer in newLayers {
+                    try tx.query(
+                        "INSERT OR IGNORE INTO layers(digest, size, files, entries, created) VALUES(?, ?, ?, ?, ?)",
+                        [.text(layer.digest), .integer(layer.bytes), .integer(Int64(layer.files)),
+                         .integer(Int64(layer.entries)), .real(Store.now)])
+                }
+                sized.size = try layers.reduce(Int64(0)) { total, digest in
+                    total + (try tx.query("SELECT size FROM layers WHERE digest = ?", [.text(digest)]).first?["size"].int ?? 0)
+                }
+                try store.insertImage(tx, sized, newLayers: [])
+                try record(tx, sized, summary)
+                return CommitResult(image: sized, layer: summary, flattened: flattened)
+            }
+        }
+    }
+
+    /// Moves a synced directory into `layers/`, or drops it when the layer already exists.
+    /// Must run under the shared store lock.
+    private func place(_ directory: String, digest: String) throws {
+        let destination = store.layerPath(digest)
+        if FileSystem.exists(destination) {
+            try FileSystem.removeTree(directory)
+        } else {
+            try FileSystem.rename(directory, destination)
+            try FileSystem.sync(store.layersPath)
+        }
+    }
+
+    /// Builds one layer holding the merged tree of `layers` (bottom first) and places it.
+    private func flatten(_ layers: [String], lease: Lease) throws -> LayerSummary {
+        let fs = ImageFilesystem(layersTopFirst: layers.reversed().map(store.layerPath))
+        let directory = lease.workPath + "/flat"
+        try FileSystem.removeTree(directory)
+        try FileSystem.makeDirectory(directory, mode: 0o755)
+        let rootStatus = fs.root.status
+        try LayerFlattener.materialize(fs, into: directory)
+        chmod(directory, rootStatus.st_mode & 0o7777)
+        let summary = try LayerArchiver.archive(directory: directory)
+        try FileSystem.syncFileSystem(directory)
+        try place(directory, digest: summary.digest)
+        return summary
+    }
+
+    /// Imports a root file system prepared in `directory` as a new root image.
+    public func importRoot(_ directory: String, config: ImageConfig, origin: String, lease: Lease) throws
+        -> ImageRecord
+    {
+        try commit(directory, base: nil, config: config, origin: origin, lease: lease).image
+    }
+}

@@ -1,0 +1,124 @@
+#if canImport(FoundationEssentials)
+import FoundationEssentials
+#else
+import Foundation
+#endif
+import Glibc
+
+/// The image store under `$CONTREE_HOME`: an SQLite database (WAL) plus immutable layer
+/// directories.
+///
+/// Layout:
+/// - `db.sqlite`: images, layers, tags, runs and leases;
+/// - `layers/<hex>/`: one directory per layer, named by the sha256 of its canonical tar;
+/// - `tmp/<lease>/`: work in progress (uppers, imports), owned by a live lease;
+/// - `leases/<lease>.lock`: one file per lease, flock-ed by its owner while it lives;
+/// - `store.lock`: shared by commits, exclusive for `gc`.
+///
+/// A layer is written under `tmp/`, synced, renamed into `layers/`, and only then gets its
+/// database row (one transaction with its image), so a crash at any instant leaves either the
+/// old state or the new one plus garbage that the next command or `gc` removes.
+public final class Store: Sendable {
+    public let root: String
+    public let database: Database
+
+    public var layersPath: String { root + "/layers" }
+    public var tmpPath: String { root + "/tmp" }
+    public var leasesPath: String { root + "/leases" }
+    var lockPath: String { root + "/store.lock" }
+
+    /// Images whose chain grows past this many layers are flattened into one.
+    public let flattenThreshold: Int
+
+    static let schemaVersion = 1
+
+    /// `$CONTREE_HOME`, or `~/.local/share/contree`.
+    public static var defaultRoot: String {
+        if let home = getenv("CONTREE_HOME"), home.pointee != 0 { return String(cString: home) }
+        let user = getenv("HOME").map { String(cString: $0) } ?? "/root"
+        return user + "/.local/share/contree"
+    }
+
+    /// Opens (creating if needed) the store at `root` and removes what dead processes left
+    /// behind (temp dirs, leases).
+    public init(root: String = Store.defaultRoot, flattenThreshold: Int = 64) throws {
+        let absolute = root.hasPrefix("/") ? root : FileManagerless.currentDirectory() + "/" + root
+        self.root = absolute
+        self.flattenThreshold = flattenThreshold
+        try FileSystem.makeDirectories(absolute, mode: 0o755)
+        for dir in ["layers", "tmp", "leases"] { try FileSystem.makeDirectory(absolute + "/" + dir, mode: 0o700) }
+        // The layer store is only for the engine: sandboxes see it through an idmapped mount.
+        chmod(absolute, 0o711)
+        self.database = try Database(path: absolute + "/db.sqlite")
+        try migrate()
+        try recoverAbandonedWork()
+    }
+
+    private func migrate() throws {
+        try database.execute(
+            """
+            CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS layers(
+                digest TEXT PRIMARY KEY, size INTEGER NOT NULL, files INTEGER NOT NULL,
+                entries INTEGER NOT NULL, created REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS images(
+                uuid TEXT PRIMARY KEY, parent TEXT, config TEXT NOT NULL, size INTEGER NOT NULL,
+                created REAL NOT NULL, origin TEXT NOT NULL);
+            CREATE INDEX IF NOT EXISTS images_parent ON images(parent);
+            CREATE INDEX IF NOT EXISTS images_created ON images(created);
+            CREATE TABLE IF NOT EXISTS image_layers(
+                image TEXT NOT NULL REFERENCES images(uuid) ON DELETE CASCADE,
+                position INTEGER NOT NULL,
+                layer TEXT NOT NULL REFERENCES layers(digest),
+                PRIMARY KEY(image, position));
+            CREATE INDEX IF NOT EXISTS image_layers_layer ON image_layers(layer);
+            CREATE TABLE IF NOT EXISTS tags(
+                name TEXT PRIMARY KEY, image TEXT NOT NULL REFERENCES images(uuid), updated REAL NOT NULL);
+            CREATE INDEX IF NOT EXISTS tags_image ON tags(image);
+            CREATE TABLE IF NOT EXISTS runs(
+                id TEXT PRIMARY KEY, image TEXT NOT NULL, result_image TEXT, started REAL NOT NULL,
+                record TEXT NOT NULL);
+            CREATE INDEX IF NOT EXISTS runs_started ON runs(started);
+            CREATE TABLE IF NOT EXISTS leases(
+                id TEXT PRIMARY KEY, pid INTEGER NOT NULL, layers TEXT NOT NULL, created REAL NOT NULL);
+            INSERT OR IGNORE INTO meta(key, value) VALUES('schema', '\(Store.schemaVersion)');
+            """)
+        let version = try database.query("SELECT value FROM meta WHERE key = 'schema'").first?["value"].string
+        guard version == String(Store.schemaVersion) else {
+            throw SandboxError(
+                .unsupported,
+                "the store at \(root) has schema version \(version ?? "?"), this build reads \(Store.schemaVersion); use a matching contree-pipeline or another CONTREE_HOME")
+        }
+    }
+
+    /// Runs `body` holding `store.lock` (shared for commits, exclusive for gc).
+    func withStoreLock<T>(exclusive: Bool, _ body: () throws -> T) throws -> T {
+        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SandboxError.system("open(\(lockPath))") }
+        defer { close(fd) }
+        while flock(fd, exclusive ? LOCK_EX : LOCK_SH) != 0 {
+            guard errno == EINTR else { throw SandboxError.system("flock(\(lockPath))") }
+        }
+        return try body()
+    }
+
+    /// The physical directory of a layer.
+    public func layerPath(_ digest: String) -> String {
+        layersPath + "/" + Store.hex(digest)
+    }
+
+    static func hex(_ digest: String) -> String {
+        digest.hasPrefix("sha256:") ? String(digest.dropFirst(7)) : digest
+    }
+
+    static var now: Double { Date().timeIntervalSince1970 }
+}
+
+/// The working directory without Foundation's FileManager.
+enum FileManagerless {
+    static func currentDirectory() -> String {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        guard getcwd(&buffer, buffer.count) != nil else { return "/" }
+        return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}

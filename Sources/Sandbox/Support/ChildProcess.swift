@@ -1,0 +1,143 @@
+import CSandbox
+import Glibc
+
+/// Ordinary host programs (tar, cp, debootstrap) run with posix_spawn. Blocking: call from a
+/// dedicated thread or synchronous code, never from the cooperative pool's hot path.
+public enum ChildProcess {
+    public struct Output: Sendable {
+        public var status: Int32
+        public var stdout: [UInt8]
+        public var stderr: [UInt8]
+        public var succeeded: Bool { status == 0 }
+        public var stderrText: String { String(decoding: stderr, as: UTF8.self) }
+    }
+
+    /// Runs `argv` to completion, capturing stdout and stderr (stderr lines also go to
+    /// `onLine`, as do stdout lines, when it is given).
+    /// - Parameter stdinFD: the child's stdin (default /dev/null).
+    public static func run(
+        _ argv: [String], environment: [String]? = nil, stdinFD: Int32? = nil,
+        onLine: ((String) -> Void)? = nil
+    ) throws -> Output {
+        let spawned = try spawn(argv, environment: environment, stdinFD: stdinFD, captureStdout: true)
+        var out: [UInt8] = []
+        var err: [UInt8] = []
+        var pending: [Int32: [UInt8]] = [:]
+        var fds = [spawned.stdout!, spawned.stderr]
+        defer { for fd in fds where fd >= 0 { close(fd) } }
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while fds.contains(where: { $0 >= 0 }) {
+            var polls = fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+            let rc = poll(&polls, nfds_t(polls.count), -1)
+            if rc < 0 && errno == EINTR { continue }
+            guard rc >= 0 else { throw SandboxError.system("poll(\(argv[0]))") }
+            for i in polls.indices where polls[i].fd >= 0 && polls[i].revents != 0 {
+                let n = buffer.withUnsafeMutableBytes { read(polls[i].fd, $0.baseAddress, $0.count) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 {
+                    close(fds[i])
+                    fds[i] = -1
+                    continue
+                }
+                let chunk = buffer[0..<n]
+                if i == 0 { out.append(contentsOf: chunk) } else { err.append(contentsOf: chunk) }
+                if let onLine {
+                    var line = pending[polls[i].fd, default: []] + chunk
+                    while let newline = line.firstIndex(of: UInt8(ascii: "\n")) {
+                        onLine(String(decoding: line[..<newline], as: UTF8.self))
+                        line.removeSubrange(...newline)
+                    }
+                    pending[polls[i].fd] = line
+                }
+            }
+        }
+        return Output(status: try wait(spawned.pid, argv[0]), stdout: out, stderr: err)
+    }
+
+    struct Spawned {
+        var pid: pid_t
+        var stdout: Int32?
+        var stderr: Int32
+    }
+
+    /// Starts `argv` with stdout (when `captureStdout`) and stderr on pipes.
+    /// - Parameter stdoutFD: where stdout goes when it is not captured.
+    static func spawn(
+        _ argv: [String], environment: [String]? = nil, stdinFD: Int32? = nil, captureStdout: Bool,
+        stdoutFD: Int32? = nil
+    ) throws -> Spawned {
+        var outPipe: [Int32] = [-1, -1]
+        var errPipe: [Int32] = [-1, -1]
+        guard csb_pipe_cloexec(&errPipe) == 0 else { throw SandboxError.system("pipe2") }
+        if captureStdout {
+            guard csb_pipe_cloexec(&outPipe) == 0 else {
+                close(errPipe[0])
+                close(errPipe[1])
+                throw SandboxError.system("pipe2")
+            }
+        }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        if let stdinFD {
+            posix_spawn_file_actions_adddup2(&actions, stdinFD, 0)
+        } else {
+            posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        }
+        if captureStdout {
+            posix_spawn_file_actions_adddup2(&actions, outPipe[1], 1)
+        } else if let stdoutFD {
+            posix_spawn_file_actions_adddup2(&actions, stdoutFD, 1)
+        }
+        posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        var defaults = sigset_t()
+        sigfillset(&defaults)
+        var none = sigset_t()
+        sigemptyset(&none)
+        posix_spawnattr_setsigdefault(&attributes, &defaults)
+        posix_spawnattr_setsigmask(&attributes, &none)
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+
+        let env = environment ?? hostEnvironment()
+        var pid = pid_t()
+        let cArgs = argv.map { strdup($0) } + [nil]
+        let cEnv = env.map { strdup($0) } + [nil]
+        defer {
+            cArgs.forEach { free($0) }
+            cEnv.forEach { free($0) }
+        }
+        let rc = posix_spawnp(&pid, argv[0], &actions, &attributes, cArgs, cEnv)
+        close(errPipe[1])
+        if captureStdout { close(outPipe[1]) }
+        guard rc == 0 else {
+            close(errPipe[0])
+            if captureStdout { close(outPipe[0]) }
+            throw SandboxError(
+                .childProcess, "cannot start \(argv[0]); is it installed? (`scripts/setup` installs what the project needs)",
+                errno: rc)
+        }
+        return Spawned(pid: pid, stdout: captureStdout ? outPipe[0] : nil, stderr: errPipe[0])
+    }
+
+    static func wait(_ pid: pid_t, _ name: String) throws -> Int32 {
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 {
+            guard errno == EINTR else { throw SandboxError.system("waitpid(\(name))") }
+        }
+        if status & 0x7f == 0 { return (status >> 8) & 0xff }
+        return 128 + (status & 0x7f)
+    }
+
+    static func hostEnvironment() -> [String] {
+        var result: [String] = []
+        var p = environ
+        while let entry = p.pointee {
+            result.append(String(cString: entry))
+            p += 1
+        }
+        return result
+    }
+}

@@ -1,0 +1,98 @@
+import ArgumentParser
+import FoundationEssentials
+import Glibc
+import Sandbox
+
+/// Options every command that touches the store shares.
+struct StoreOptions: ParsableArguments {
+    @Option(name: .long, help: "The store directory (default: $CONTREE_HOME or ~/.local/share/contree).")
+    var home: String?
+
+    func open() throws -> Store {
+        try Store(root: home ?? Store.defaultRoot)
+    }
+}
+
+/// Prints an error the way every command does and picks the exit code: 2 for input the user
+/// can fix, 1 for everything else.
+func fail(_ error: Error) -> ExitCode {
+    if let error = error as? SandboxError {
+        printError("error: \(error)")
+        switch error.code {
+        case .invalidArgument, .pathEscapes, .notFound, .conflict: return ExitCode(2)
+        default: return ExitCode(1)
+        }
+    }
+    if error is ExitCode { return error as! ExitCode }
+    printError("error: \(error)")
+    return ExitCode(1)
+}
+
+/// Runs `body`, turning thrown errors into a message and an exit code.
+func reportingErrors<T>(_ body: () throws -> T) throws -> T {
+    do { return try body() } catch let error as ExitCode { throw error } catch { throw fail(error) }
+}
+
+func reportingErrors<T>(_ body: () async throws -> T) async throws -> T {
+    do { return try await body() } catch let error as ExitCode { throw error } catch { throw fail(error) }
+}
+
+func printJSON<T: Encodable>(_ value: T) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    encoder.dateEncodingStrategy = .iso8601
+    print(String(decoding: try encoder.encode(value), as: UTF8.self))
+}
+
+enum Format {
+    static func bytes(_ n: Int64) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var value = Double(n)
+        var unit = 0
+        while value >= 1024 && unit < units.count - 1 {
+            value /= 1024
+            unit += 1
+        }
+        if unit == 0 { return "\(n) B" }
+        let tenths = Int((value * 10).rounded())
+        return "\(tenths / 10).\(tenths % 10) \(units[unit])"
+    }
+
+    static func date(_ date: Date) -> String {
+        date.formatted(.iso8601)
+    }
+
+    /// Parses `512m`, `1g`, `2GiB`, `1048576`.
+    static func parseBytes(_ text: String) -> Int64? {
+        let lower = text.lowercased().filter { !$0.isWhitespace }
+        let digits = lower.prefix { $0.isNumber || $0 == "." }
+        guard let value = Double(digits) else { return nil }
+        let suffix = String(lower.dropFirst(digits.count)).replacing("ib", with: "").replacing("b", with: "")
+        let scale: Double
+        switch suffix {
+        case "": scale = 1
+        case "k": scale = 1024
+        case "m": scale = 1024 * 1024
+        case "g": scale = 1024 * 1024 * 1024
+        case "t": scale = 1024 * 1024 * 1024 * 1024
+        default: return nil
+        }
+        return Int64(value * scale)
+    }
+
+    /// Renders rows as aligned columns.
+    static func table(_ header: [String], _ rows: [[String]]) -> String {
+        var widths = header.map(\.count)
+        for row in rows { for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) } }
+        func line(_ cells: [String]) -> String {
+            cells.enumerated().map { i, c in i == cells.count - 1 ? c : c + String(repeating: " ", count: widths[i] - c.count) }
+                .joined(separator: "  ")
+        }
+        return ([line(header)] + rows.map(line)).joined(separator: "\n")
+    }
+}
+
+func printError(_ message: String) {
+    let bytes = Array((message + "\n").utf8)
+    _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+}

@@ -1,0 +1,158 @@
+import ArgumentParser
+import Dispatch
+import FoundationEssentials
+import Glibc
+import Sandbox
+
+extension NetworkMode: ExpressibleByArgument {}
+
+struct ExecCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "exec",
+        abstract: "Run a command in a sandbox over an image.",
+        discussion: """
+            Streams the command's output live and exits with its exit code (124 on timeout, 128+N \
+            when killed by signal N, 125 when the sandbox could not start). Unless --disposable, \
+            the changes become a new image whose parent is IMAGE (the same image if nothing \
+            changed); --json prints the run's record with its metrics.
+            """)
+
+    @OptionGroup var storeOptions: StoreOptions
+
+    @Option(help: "Image: a UUID, a UUID prefix, a tag, or a built-in (busybox, debian:bookworm).")
+    var image = BaseImages.defaultImage
+
+    @Flag(help: "Discard the changes instead of making an image.")
+    var disposable = false
+
+    @Option(name: .customLong("env"), help: "Set KEY=VALUE in the sandbox (KEY alone copies the host's value).")
+    var env: [String] = []
+
+    @Option(help: "Working directory in the sandbox (created if missing).")
+    var cwd: String?
+
+    @Option(name: .customLong("file"), help: "Copy a host file in: HOST:SANDBOX[:MODE].")
+    var files: [String] = []
+
+    @Option(help: "Kill the sandbox after this many seconds.")
+    var timeout: Double?
+
+    @Option(help: "Memory limit (bytes, or with a k/m/g suffix).")
+    var memory: String?
+
+    @Option(help: "CPU quota in cores.")
+    var cpus: Double?
+
+    @Option(help: "Maximum number of processes and threads (default 4096).")
+    var pids: Int?
+
+    @Option(help: "none: no interface up; loopback: lo only (default).")
+    var network: NetworkMode = .loopback
+
+    @Option(help: "The sandbox's hostname.")
+    var hostname = "sandbox"
+
+    @Option(help: "Tag the resulting image.")
+    var tag: String?
+
+    @Flag(name: [.short, .long], help: "Pass this process's stdin to the command.")
+    var interactive = false
+
+    @Flag(help: "Print the run's record as JSON on stdout (the command's output goes to stderr).")
+    var json = false
+
+    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).")
+    var command: [String] = []
+
+    func run() async throws {
+        let argv = command.first == "--" ? Array(command.dropFirst()) : command
+        let spec = try reportingErrors { try makeSpec(argv) }
+        let store = try reportingErrors { try storeOptions.open() }
+        let engine = SandboxEngine(store: store, progress: ProgressReporter())
+        let task = Task { try await engine.run(spec) }
+        let signals = Termination.cancelOnSignal(task)
+        defer { signals.forEach { $0.cancel() } }
+        let result: RunResult
+        do {
+            result = try await task.value
+        } catch {
+            _ = fail(error)
+            throw ExitCode(125)
+        }
+        let record = result.record
+        if let tag, let image = record.resultImage {
+            try reportingErrors { try store.tag(tag, image: image) }
+        }
+        if json {
+            try printJSON(record)
+        } else if record.timedOut {
+            printError("contree: the command timed out after \(timeout ?? 0) s and was killed")
+        } else if record.cancelled {
+            printError("contree: cancelled")
+        } else if record.oomKilled {
+            printError("contree: the sandbox ran out of memory (limit \(memory ?? "none")); a process was killed")
+        }
+        if record.shellStatus != 0 { throw ExitCode(record.shellStatus) }
+    }
+
+    private func makeSpec(_ argv: [String]) throws -> RunSpec {
+        guard !argv.isEmpty else {
+            throw SandboxError(.invalidArgument, "no command given: contree-pipeline exec [options] -- COMMAND [ARGS...]")
+        }
+        var environment: [String: String] = [:]
+        for entry in env {
+            if let eq = entry.firstIndex(of: "=") {
+                environment[String(entry[..<eq])] = String(entry[entry.index(after: eq)...])
+            } else if let value = getenv(entry) {
+                environment[entry] = String(cString: value)
+            }
+        }
+        var limits = ResourceLimits()
+        if let memory {
+            guard let bytes = Format.parseBytes(memory) else {
+                throw SandboxError(.invalidArgument, "--memory \(memory): give bytes or a number with k, m or g")
+            }
+            limits.memoryBytes = bytes
+        }
+        limits.cpus = cpus
+        if let pids { limits.pids = pids }
+        let output: OutputSink = .fileDescriptor(json ? 2 : 1)
+        return RunSpec(
+            image: image, command: argv, env: environment, cwd: cwd, files: try files.map(ExecCommand.parseMapping),
+            timeout: timeout, limits: limits, network: network, hostname: hostname, disposable: disposable,
+            stdin: interactive ? .fileDescriptor(0) : .null, stdout: output, stderr: .fileDescriptor(2))
+    }
+
+    /// HOST:SANDBOX[:MODE], SANDBOX absolute.
+    static func parseMapping(_ text: String) throws -> FileMapping {
+        var body = Substring(text)
+        var mode: UInt32?
+        if let last = body.lastIndex(of: ":"), let m = UInt32(body[body.index(after: last)...], radix: 8),
+            !body[body.index(after: last)...].contains("/")
+        {
+            mode = m
+            body = body[..<last]
+        }
+        let chars = Array(body)
+        guard let split = (0..<max(0, chars.count - 1)).last(where: { chars[$0] == ":" && chars[$0 + 1] == "/" }),
+            split > 0
+        else {
+            throw SandboxError(.invalidArgument, "--file \(text): use HOST:SANDBOX[:MODE] with an absolute SANDBOX path")
+        }
+        return FileMapping(hostPath: String(chars[..<split]), sandboxPath: String(chars[(split + 1)...]), mode: mode)
+    }
+}
+
+/// Ctrl-C and SIGTERM cancel the running work instead of killing the process, so the run is
+/// recorded and the store stays tidy.
+enum Termination {
+    static func cancelOnSignal<T>(_ task: Task<T, Error>) -> [DispatchSourceSignal] {
+        [SIGINT, SIGTERM, SIGHUP].map { sig in
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { task.cancel() }
+            source.resume()
+            return source
+        }
+    }
+}

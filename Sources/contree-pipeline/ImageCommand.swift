@@ -1,0 +1,159 @@
+import ArgumentParser
+import FoundationEssentials
+import Sandbox
+
+struct ImageCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "image",
+        abstract: "List, tag, import, compare and remove images.",
+        subcommands: [List.self, Tag.self, Untag.self, Log.self, Diff.self, Remove.self, Import.self, Build.self])
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "ls", abstract: "List images, oldest first.")
+        @OptionGroup var storeOptions: StoreOptions
+        @Flag(help: "Print JSON.") var json = false
+        @Flag(help: "Only tagged images.") var tagged = false
+
+        func run() throws {
+            try reportingErrors {
+                let images = try storeOptions.open().listImages().filter { !tagged || !$0.tags.isEmpty }
+                if json { return try printJSON(images) }
+                print(Format.table(
+                    ["UUID", "TAGS", "PARENT", "LAYERS", "SIZE", "CREATED", "ORIGIN"],
+                    images.map {
+                        [$0.uuid, $0.tags.joined(separator: ","), $0.parent.map { String($0.prefix(8)) } ?? "-",
+                         String($0.layers.count), Format.bytes($0.size), Format.date($0.created), $0.origin]
+                    }))
+            }
+        }
+    }
+
+    struct Tag: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Point a tag at an image (moving it if it exists).")
+        @OptionGroup var storeOptions: StoreOptions
+        @Argument(help: "The image.") var image: String
+        @Argument(help: "The tag.") var name: String
+
+        func run() throws {
+            try reportingErrors {
+                let store = try storeOptions.open()
+                let record = try BaseImages(store: store, progress: ProgressReporter()).resolve(image)
+                try store.tag(name, image: record.uuid)
+                print("\(name) -> \(record.uuid)")
+            }
+        }
+    }
+
+    struct Untag: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove a tag (the image stays).")
+        @OptionGroup var storeOptions: StoreOptions
+        @Argument(help: "The tag.") var name: String
+
+        func run() throws {
+            try reportingErrors { try storeOptions.open().untag(name) }
+        }
+    }
+
+    struct Log: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show an image and its ancestors, newest first.")
+        @OptionGroup var storeOptions: StoreOptions
+        @Argument(help: "The image.") var image: String
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() throws {
+            try reportingErrors {
+                let store = try storeOptions.open()
+                let record = try store.resolveImage(image)
+                let (chain, missing) = try store.ancestry(record.uuid)
+                if json { return try printJSON(chain) }
+                for item in chain {
+                    let tags = item.tags.isEmpty ? "" : " (\(item.tags.joined(separator: ", ")))"
+                    print("image \(item.uuid)\(tags)")
+                    print("  created \(Format.date(item.created))  \(item.origin)  \(item.layers.count) layers  \(Format.bytes(item.size))")
+                }
+                if let missing { print("image \(missing) (removed)") }
+            }
+        }
+    }
+
+    struct Diff: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "List the paths that differ between two images (A added, D deleted, M modified).")
+        @OptionGroup var storeOptions: StoreOptions
+        @Argument(help: "The old image.") var from: String
+        @Argument(help: "The new image.") var to: String
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() throws {
+            try reportingErrors {
+                let store = try storeOptions.open()
+                let changes = try ImageDiff.changes(
+                    from: try store.resolveImage(from), to: try store.resolveImage(to), store: store)
+                if json { return try printJSON(changes) }
+                for change in changes { print("\(change.kind.rawValue) \(change.path)") }
+            }
+        }
+    }
+
+    struct Remove: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "rm", abstract: "Remove images; their layers go when nothing else uses them.")
+        @OptionGroup var storeOptions: StoreOptions
+        @Flag(help: "Also remove the images' tags.") var force = false
+        @Argument(help: "The images.") var images: [String]
+
+        func run() throws {
+            try reportingErrors {
+                let store = try storeOptions.open()
+                for image in images {
+                    let record = try store.resolveImage(image)
+                    try store.removeImage(record.uuid, force: force)
+                    print("removed \(record.uuid)")
+                }
+                _ = try store.collectGarbage()
+            }
+        }
+    }
+
+    struct Import: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Import a root file system from a directory or a tar file (.tar, .tar.gz).")
+        @OptionGroup var storeOptions: StoreOptions
+        @Argument(help: "The directory or tar file.") var path: String
+        @Option(help: "Tag the new image.") var tag: String?
+        @Option(name: .customLong("env"), help: "KEY=VALUE for the image's environment.") var env: [String] = []
+        @Option(help: "The image's working directory.") var workdir = "/"
+
+        func run() throws {
+            try reportingErrors {
+                let store = try storeOptions.open()
+                var config = ImageConfig(workingDir: workdir)
+                for entry in env {
+                    let key = entry.prefix { $0 != "=" }
+                    config.env.removeAll { $0.hasPrefix(key + "=") }
+                    config.env.append(entry)
+                }
+                let image = try ImageImporter(store: store).importRootfs(from: path, config: config)
+                if let tag { try store.tag(tag, image: image.uuid) }
+                print(image.uuid)
+            }
+        }
+    }
+
+    struct Build: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Build a built-in base image now (normally built on first use).")
+        @OptionGroup var storeOptions: StoreOptions
+        @Argument(help: "busybox or debian:bookworm.") var name: String
+
+        func run() throws {
+            try reportingErrors {
+                let store = try storeOptions.open()
+                guard BaseImages.names.contains(name) else {
+                    throw SandboxError(.invalidArgument, "no built-in image \(name); choose one of \(BaseImages.names.joined(separator: ", "))")
+                }
+                print(try BaseImages(store: store, progress: ProgressReporter()).resolve(name).uuid)
+            }
+        }
+    }
+}

@@ -1,0 +1,19 @@
+import ArgumentParser
+import Sandbox
+
+/// contree-pipeline: sandboxes that branch like Git, and CI pipelines on top of them.
+@main
+struct ContreePipeline: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "contree-pipeline",
+        abstract: "Run code in sandboxes that branch like Git.",
+        discussion: """
+            Every command runs in an isolated sandbox over an immutable image; its changes become \
+            a new image whose parent is the one it started from. The store lives in \
+            $CONTREE_HOME (default ~/.local/share/contree).
+            """,
+        subcommands: [
+            ExecCommand.self, ImageCommand.self, InspectCommand.self, GarbageCollectCommand.self,
+            CheckCommand.self,
+        ])
+}

@@ -1,0 +1,43 @@
+import ArgumentParser
+import Sandbox
+
+struct GarbageCollectCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "gc",
+        abstract: "Remove what nothing references: unused layers, abandoned work, interrupted commits.",
+        discussion: "Images stay unless --prune-untagged names an age; layers a running sandbox uses are kept.")
+    @OptionGroup var storeOptions: StoreOptions
+    @Option(help: "Also remove untagged images older than this many seconds that no tagged image descends from.")
+    var pruneUntagged: Double?
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        try reportingErrors {
+            let report = try storeOptions.open().collectGarbage(pruneUntaggedOlderThan: pruneUntagged)
+            if json { return try printJSON(report) }
+            print("removed \(report.layersRemoved) layers (\(Format.bytes(report.bytesFreed))), \(report.imagesRemoved) images, \(report.abandonedWork) abandoned work directories")
+        }
+    }
+}
+
+struct CheckCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "fsck",
+        abstract: "Prove the store is consistent; exit 1 when it is not.",
+        discussion: "Checks the database, every layer's digest against its files, every image's chain and tags.")
+    @OptionGroup var storeOptions: StoreOptions
+    @Flag(help: "Skip re-hashing layer contents (check structure only).") var quick = false
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        let report = try reportingErrors { try storeOptions.open().checkConsistency(verifyContent: !quick) }
+        if json {
+            try printJSON(report)
+        } else {
+            for problem in report.problems { print("PROBLEM: \(problem)") }
+            for item in report.garbage { print("garbage: \(item)") }
+            print("\(report.isConsistent ? "consistent" : "INCONSISTENT"): \(report.imagesChecked) images, \(report.layersChecked) layers checked, \(report.problems.count) problems, \(report.garbage.count) garbage items")
+        }
+        if !report.isConsistent { throw ExitCode(1) }
+    }
+}
