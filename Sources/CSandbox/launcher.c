@@ -4,7 +4,9 @@
 //
 // Everything from the clone to the exec runs in a copy of a multi-threaded Swift process, so it
 // must be async-signal-safe: raw system calls, no malloc, no stdio, no locks. Buffers that the
-// child needs are prepared by the parent before the clone.
+// child needs are prepared by the parent before the clone. Note that glibc's setresuid,
+// setresgid and setgroups broadcast to every thread glibc believes exists, and would wait
+// forever for the parent's threads here: the child calls the system calls directly.
 #define _GNU_SOURCE
 #include "CSandbox.h"
 
@@ -449,11 +451,11 @@ __attribute__((noreturn)) static void csb_command(const csb_launch *l, const voi
     if (in < 0 || out < 0 || err < 0) csb_fail(l->report_fd, "dup(stdio)", "", errno, NULL);
     if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) csb_fail(l->report_fd, "dup2(stdio)", "", errno, NULL);
     if (chdir(l->cwd) != 0) csb_fail(l->report_fd, "chdir", l->cwd, errno, NULL);
-    if (l->gid != 0 && setresgid(l->gid, l->gid, l->gid) != 0)
+    if (l->gid != 0 && syscall(SYS_setresgid, l->gid, l->gid, l->gid) != 0)
         csb_fail(l->report_fd, "setresgid", "", errno, NULL);
     if (l->uid != 0) {
-        if (setgroups(0, NULL) != 0) csb_fail(l->report_fd, "setgroups", "", errno, NULL);
-        if (setresuid(l->uid, l->uid, l->uid) != 0) csb_fail(l->report_fd, "setresuid", "", errno, NULL);
+        if (syscall(SYS_setgroups, 0, NULL) != 0) csb_fail(l->report_fd, "setgroups", "", errno, NULL);
+        if (syscall(SYS_setresuid, l->uid, l->uid, l->uid) != 0) csb_fail(l->report_fd, "setresuid", "", errno, NULL);
     } else {
         csb_drop_caps(l);
     }
@@ -560,10 +562,10 @@ __attribute__((noreturn)) static void csb_child(const csb_launch *l, const int *
 
     // Become the sandbox's root: from here on, no capability over the host or over the
     // namespaces above (they belong to the host's user namespace).
-    if (setgroups(0, NULL) != 0) csb_fail(l->report_fd, "setgroups", "", errno, NULL);
+    if (syscall(SYS_setgroups, 0, NULL) != 0) csb_fail(l->report_fd, "setgroups", "", errno, NULL);
     if (setns(l->userns_fd, CLONE_NEWUSER) != 0) csb_fail(l->report_fd, "setns(CLONE_NEWUSER)", "", errno, NULL);
-    if (setresgid(0, 0, 0) != 0) csb_fail(l->report_fd, "setresgid(0)", "", errno, NULL);
-    if (setresuid(0, 0, 0) != 0) csb_fail(l->report_fd, "setresuid(0)", "", errno, NULL);
+    if (syscall(SYS_setresgid, 0, 0, 0) != 0) csb_fail(l->report_fd, "setresgid(0)", "", errno, NULL);
+    if (syscall(SYS_setresuid, 0, 0, 0) != 0) csb_fail(l->report_fd, "setresuid(0)", "", errno, NULL);
     close(l->userns_fd);
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 

@@ -1,3 +1,4 @@
+import Crypto
 import Glibc
 import Synchronization
 
@@ -127,9 +128,15 @@ struct Cgroup {
         (try? FileSystem.readFile(path)).map { String(decoding: $0, as: UTF8.self) }
     }
 
+    /// Run cgroups are named `contree-<scope>-<lease id>`; the scope ties them to one store, so
+    /// that a store only ever cleans up its own.
+    static func scope(storeRoot: String) -> String {
+        String(SHA256.hash(data: Array(storeRoot.utf8)).hexString.prefix(10))
+    }
+
     /// Creates the run's cgroup and applies the limits.
-    static func create(id: String, limits: ResourceLimits) throws -> Cgroup {
-        let name = prefix + id
+    static func create(storeRoot: String, id: String, limits: ResourceLimits) throws -> Cgroup {
+        let name = prefix + scope(storeRoot: storeRoot) + "-" + id
         switch layout {
         case .unavailable(let reason):
             throw SandboxError(.unsupported, "cgroups are unavailable: \(reason); run as root on a host with cgroups")
@@ -246,8 +253,9 @@ struct Cgroup {
         }
     }
 
-    /// Removes run cgroups whose lease is dead (their owner was killed).
-    static func removeAbandoned(isAlive: (String) -> Bool) {
+    /// Removes this store's run cgroups whose lease is dead (their owner was killed).
+    static func removeAbandoned(storeRoot: String, isAlive: (String) -> Bool) {
+        let mine = prefix + scope(storeRoot: storeRoot) + "-"
         let parents: [String]
         switch layout {
         case .v2(let parent): parents = [parent]
@@ -255,8 +263,8 @@ struct Cgroup {
         case .unavailable: return
         }
         for parent in parents {
-            for name in (try? FileSystem.list(parent)) ?? [] where name.hasPrefix(prefix) && !name.contains("supervisor") {
-                let id = String(name.dropFirst(prefix.count))
+            for name in (try? FileSystem.list(parent)) ?? [] where name.hasPrefix(mine) {
+                let id = String(name.dropFirst(mine.count))
                 if !isAlive(id) { rmdir(parent + "/" + name) }
             }
         }

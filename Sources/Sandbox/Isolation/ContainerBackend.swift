@@ -149,7 +149,7 @@ private struct ContainerLaunch {
         let go = try pipePair()
         let report = try pipePair()
 
-        let cgroup = try Cgroup.create(id: request.id, limits: request.limits)
+        let cgroup = try Cgroup.create(storeRoot: request.storeRoot, id: request.id, limits: request.limits)
         defer { cgroup.remove() }
 
         let lowers = CStringArray(request.lowers)

@@ -128,7 +128,7 @@ extension Store {
             guard let id = row["id"].string, !isLeaseAlive(id) else { continue }
             _ = try database.query("DELETE FROM leases WHERE id = ?", [.text(id)])
         }
-        Cgroup.removeAbandoned(isAlive: { self.isLeaseAlive($0) })
+        Cgroup.removeAbandoned(storeRoot: root, isAlive: { self.isLeaseAlive($0) })
         return removed
     }
 }

@@ -1,0 +1,186 @@
+import Foundation
+import Glibc
+import Testing
+
+@testable import Sandbox
+
+@Suite("The image store")
+struct StoreTests {
+    /// Imports a directory with the given files as a root image.
+    func importTree(_ store: Store, _ files: [String: String]) throws -> ImageRecord {
+        let scratch = try ScratchDirectory()
+        for (path, content) in files { try scratch.write(path, content) }
+        return try ImageImporter(store: store).importRootfs(from: scratch.path)
+    }
+
+    @Test("tags point at images, move, and can be removed; bad names are refused")
+    func tags() throws {
+        let t = try TemporaryStore()
+        let a = try importTree(t.store, ["a": "1"])
+        let b = try importTree(t.store, ["b": "2"])
+        try t.store.tag("release", image: a.uuid)
+        #expect(try t.store.resolveImage("release").uuid == a.uuid)
+        try t.store.tag("release", image: b.uuid)
+        #expect(try t.store.resolveImage("release").uuid == b.uuid)
+        try t.store.untag("release")
+        #expect(try t.store.findImage("release") == nil)
+        for bad in ["", "-x", "has space", a.uuid] {
+            #expect(throws: SandboxError.self) { try t.store.tag(bad, image: b.uuid) }
+        }
+        #expect(throws: SandboxError.self) { try t.store.untag("never-existed") }
+    }
+
+    @Test("an unknown reference is an error that names it and says what to do")
+    func unknownImage() throws {
+        let t = try TemporaryStore()
+        let error = try #require(throws: SandboxError.self) { try t.store.resolveImage("no-such-image") }
+        #expect(error.code == .notFound)
+        #expect(error.message.contains("no-such-image") && error.message.contains("image ls"))
+    }
+
+    @Test("images resolve by UUID, by unique prefix, and by tag")
+    func resolution() throws {
+        let t = try TemporaryStore()
+        let a = try importTree(t.store, ["a": "1"])
+        #expect(try t.store.resolveImage(a.uuid).uuid == a.uuid)
+        #expect(try t.store.resolveImage(String(a.uuid.prefix(10))).uuid == a.uuid)
+        #expect(try t.store.resolveImage(a.uuid.uppercased()).uuid == a.uuid)
+    }
+
+    @Test("identical content shares one layer; removing an image frees only unshared layers")
+    func layerSharingAndGC() throws {
+        let t = try TemporaryStore()
+        let a = try importTree(t.store, ["same": "content"])
+        let b = try importTree(t.store, ["same": "content"])
+        #expect(a.uuid != b.uuid)
+        #expect(a.layers == b.layers)
+        try t.store.removeImage(a.uuid, force: false)
+        var report = try t.store.collectGarbage()
+        #expect(report.layersRemoved == 0)
+        #expect(FileSystem.isDirectory(t.store.layerPath(b.layers[0])))
+        try t.store.removeImage(b.uuid, force: false)
+        report = try t.store.collectGarbage()
+        #expect(report.layersRemoved == 1)
+        #expect(!FileSystem.exists(t.store.layerPath(b.layers[0])))
+        #expect(try t.store.checkConsistency().isConsistent)
+    }
+
+    @Test("a tagged image is not removed without force")
+    func removeTagged() throws {
+        let t = try TemporaryStore()
+        let a = try importTree(t.store, ["a": "1"])
+        try t.store.tag("keep", image: a.uuid)
+        let error = try #require(throws: SandboxError.self) { try t.store.removeImage(a.uuid, force: false) }
+        #expect(error.code == .conflict && error.message.contains("keep"))
+        try t.store.removeImage(a.uuid, force: true)
+        #expect(try t.store.findImage("keep") == nil)
+    }
+
+    @Test("gc keeps the layers a live lease names, and removes them once it is released")
+    func leasesProtectLayers() throws {
+        let t = try TemporaryStore()
+        let a = try importTree(t.store, ["a": "1"])
+        let lease = try t.store.acquireLease(layers: a.layers, image: a.uuid)
+        try t.store.removeImage(a.uuid, force: true)
+        #expect(try t.store.collectGarbage().layersRemoved == 0)
+        #expect(FileSystem.isDirectory(t.store.layerPath(a.layers[0])))
+        lease.release()
+        #expect(try t.store.collectGarbage().layersRemoved == 1)
+    }
+
+    @Test("a lease on an image that is gone is refused")
+    func leaseOnRemovedImage() throws {
+        let t = try TemporaryStore()
+        let a = try importTree(t.store, ["a": "1"])
+        try t.store.removeImage(a.uuid, force: false)
+        #expect(throws: SandboxError.self) { _ = try t.store.acquireLease(layers: a.layers, image: a.uuid) }
+    }
+
+    @Test("work a dead process left behind is removed when the store is next opened")
+    func abandonedWorkIsRecovered() throws {
+        let t = try TemporaryStore()
+        // A dead owner: the lease file exists but nobody holds its lock.
+        let id = "dead-" + UUID().uuidString.lowercased()
+        try FileSystem.makeDirectories(t.store.tmpPath + "/" + id + "/upper")
+        try FileSystem.writeFile(t.store.leasesPath + "/" + id + ".lock", [])
+        try t.store.database.query(
+            "INSERT INTO leases(id, pid, layers, created) VALUES(?, 1, '[]', 0)", [.text(id)])
+        let live = try t.store.acquireLease(layers: [])
+        let reopened = try Store(root: t.root)
+        #expect(!FileSystem.exists(t.store.tmpPath + "/" + id))
+        #expect(try reopened.database.query("SELECT id FROM leases").compactMap { $0["id"].string } == [live.id])
+        #expect(FileSystem.isDirectory(live.workPath))
+        live.release()
+    }
+
+    @Test("fsck finds a layer whose files changed and a layer that went missing")
+    func fsckDetectsDamage() throws {
+        let t = try TemporaryStore()
+        let a = try importTree(t.store, ["etc/file": "original"])
+        let b = try importTree(t.store, ["other": "x"])
+        #expect(try t.store.checkConsistency().isConsistent)
+        try FileSystem.writeFile(t.store.layerPath(a.layers[0]) + "/etc/file", Array("tampered".utf8))
+        var report = try t.store.checkConsistency()
+        #expect(!report.isConsistent)
+        #expect(report.problems.contains { $0.contains(a.layers[0]) && $0.contains("changed") })
+        try FileSystem.removeTree(t.store.layerPath(b.layers[0]))
+        report = try t.store.checkConsistency(verifyContent: false)
+        #expect(report.problems.contains { $0.contains(b.layers[0]) && $0.contains("missing") })
+    }
+
+    @Test("a layer directory without a record (an interrupted commit) is garbage, not damage")
+    func orphanLayerIsGarbage() throws {
+        let t = try TemporaryStore()
+        try FileSystem.makeDirectories(t.store.layersPath + "/" + String(repeating: "ab", count: 32) + "/etc")
+        let report = try t.store.checkConsistency()
+        #expect(report.isConsistent)
+        #expect(report.garbage.count == 1)
+        #expect(try t.store.collectGarbage().layersRemoved == 1)
+        #expect(try t.store.checkConsistency().garbage.isEmpty)
+    }
+
+    @Test("importing a path that does not exist writes nothing")
+    func importMissing() throws {
+        let t = try TemporaryStore()
+        let error = try #require(throws: SandboxError.self) {
+            _ = try ImageImporter(store: t.store).importRootfs(from: "/nonexistent/rootfs")
+        }
+        #expect(error.code == .notFound && error.message.contains("/nonexistent/rootfs"))
+        #expect(try t.store.listImages().isEmpty)
+        #expect(try FileSystem.list(t.store.layersPath).isEmpty)
+        #expect(try FileSystem.list(t.store.tmpPath).isEmpty)
+    }
+
+    @Test("a tar archive with a member escaping the root is refused and leaves nothing behind")
+    func importEscapingTar() throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        let tarPath = scratch.path + "/evil.tar"
+        var bytes: [UInt8] = []
+        let writer = TarWriter { bytes.append(contentsOf: $0) }
+        try writer.append(TarEntry(path: "ok", kind: .regular, mode: 0o644))
+        try writer.append(TarEntry(path: "../../escaped", kind: .regular, mode: 0o644))
+        try writer.finish()
+        try FileSystem.writeFile(tarPath, bytes)
+        let error = try #require(throws: SandboxError.self) {
+            _ = try ImageImporter(store: t.store).importRootfs(from: tarPath)
+        }
+        #expect(error.code == .pathEscapes)
+        #expect(try t.store.listImages().isEmpty)
+        #expect(try FileSystem.list(t.store.tmpPath).isEmpty)
+    }
+
+    @Test("a gzip tar imports, and its files read back through the image view")
+    func importTarGz() throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        try scratch.write("root/etc/motd", "welcome\n")
+        let archive = scratch.path + "/rootfs.tar.gz"
+        let tar = try ChildProcess.run(["tar", "-czf", archive, "-C", scratch.path + "/root", "."])
+        #expect(tar.succeeded)
+        let image = try ImageImporter(store: t.store).importRootfs(from: archive)
+        let fs = ImageFilesystem(layersTopFirst: image.layers.reversed().map(t.store.layerPath))
+        let node = try #require(try fs.lookup("/etc/motd"))
+        #expect(try FileSystem.readFile(fs.physicalPath(node)) == Array("welcome\n".utf8))
+    }
+}

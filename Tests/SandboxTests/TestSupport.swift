@@ -1,0 +1,88 @@
+import Foundation
+import Glibc
+import Testing
+
+@testable import Sandbox
+
+/// Tests that create namespaces, mounts and cgroups need root (CI runs as root).
+extension Trait where Self == ConditionTrait {
+    static var requiresRoot: Self { .enabled(if: geteuid() == 0, "needs root: namespaces, mounts and cgroups") }
+}
+
+/// A store in a fresh temporary directory, removed when the test ends.
+final class TemporaryStore {
+    let root: String
+    let store: Store
+
+    init(flattenThreshold: Int = 64) throws {
+        root = "/tmp/contree-test-" + UUID().uuidString.lowercased().prefix(12)
+        store = try Store(root: root, flattenThreshold: flattenThreshold)
+    }
+
+    deinit { try? FileSystem.removeTree(root) }
+
+    var engine: SandboxEngine { SandboxEngine(store: store) }
+
+    /// The built-in busybox image (built on first use).
+    func busybox() throws -> ImageRecord { try BaseImages(store: store).resolve("busybox") }
+
+    /// Runs a shell script in a sandbox and returns the result.
+    func sh(_ script: String, image: String = "busybox", configure: (inout RunSpec) -> Void = { _ in }) async throws
+        -> RunResult
+    {
+        var spec = RunSpec(image: image, command: ["sh", "-c", script])
+        configure(&spec)
+        return try await engine.run(spec)
+    }
+}
+
+/// A scratch directory on the host, removed when the test ends.
+final class ScratchDirectory {
+    let path: String
+    init() throws {
+        path = "/tmp/contree-scratch-" + UUID().uuidString.lowercased().prefix(12)
+        try FileSystem.makeDirectories(path)
+    }
+    deinit { try? FileSystem.removeTree(path) }
+
+    @discardableResult
+    func write(_ relative: String, _ text: String, mode: mode_t = 0o644) throws -> String {
+        let path = self.path + "/" + relative
+        let parent = String(path[..<path.lastIndex(of: "/")!])
+        try FileSystem.makeDirectories(parent)
+        try FileSystem.writeFile(path, Array(text.utf8), mode: mode)
+        chmod(path, mode)
+        return path
+    }
+}
+
+extension RunResult {
+    var out: String { String(decoding: stdout, as: UTF8.self) }
+    var err: String { String(decoding: stderr, as: UTF8.self) }
+}
+
+enum Paths {
+    /// The package root, from this file's path.
+    static let packageRoot: String = {
+        var parts = #filePath.split(separator: "/").map(String.init)
+        parts.removeLast(3)
+        return "/" + parts.joined(separator: "/")
+    }()
+
+    /// The CLI binary built next to the tests.
+    static var cli: String {
+        for configuration in ["debug", "release"] {
+            let path = packageRoot + "/.build/\(configuration)/contree-pipeline"
+            if FileSystem.exists(path) { return path }
+        }
+        return packageRoot + "/.build/debug/contree-pipeline"
+    }
+}
+
+/// Runs the CLI and returns its exit status and output.
+func runCLI(_ arguments: [String], home: String, stdin: String? = nil) throws -> (status: Int32, out: String, err: String) {
+    var env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
+    env.append("CONTREE_HOME=\(home)")
+    let result = try ChildProcess.run([Paths.cli] + arguments, environment: env)
+    return (result.status, String(decoding: result.stdout, as: UTF8.self), result.stderrText)
+}
