@@ -662,6 +662,13 @@ int csb_userns_create(uint32_t id_base, uint32_t count) {
     pthread_sigmask(SIG_SETMASK, &all, &old);
     long pid = syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
     if (pid == 0) {
+        // Hold nothing of the parent's (a lease lock, a pipe) and die with it.
+        prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+        int lo = up[1] < down[0] ? up[1] : down[0];
+        int hi = up[1] < down[0] ? down[0] : up[1];
+        if (lo > 0) syscall(SYS_close_range, 0, (unsigned)lo - 1, 0);
+        if (hi > lo + 1) syscall(SYS_close_range, (unsigned)lo + 1, (unsigned)hi - 1, 0);
+        syscall(SYS_close_range, (unsigned)hi + 1, ~0U, 0);
         char b = unshare(CLONE_NEWUSER) == 0 ? 'u' : 'x';
         csb_write_all(up[1], &b, 1);
         while (read(down[0], &b, 1) < 0 && errno == EINTR) {

@@ -66,8 +66,15 @@ struct ExecCommand: AsyncParsableCommand {
 
     func run() async throws {
         let argv = command.first == "--" ? Array(command.dropFirst()) : command
-        let spec = try reportingErrors { try makeSpec(argv) }
-        let store = try reportingErrors { try storeOptions.open() }
+        let spec: RunSpec
+        let store: Store
+        do {
+            spec = try makeSpec(argv)
+            store = try storeOptions.open()
+        } catch {
+            _ = fail(error)
+            throw ExitCode(125)
+        }
         let engine = SandboxEngine(store: store, progress: ProgressReporter())
         let task = Task { try await engine.run(spec) }
         let signals = Termination.cancelOnSignal(task)
