@@ -1,599 +1,125 @@
-// The container launcher: clone a pid 1 into fresh namespaces, mount the overlay root over an
-// idmapped clone of the store, pivot into it, join the sandbox's user namespace, then fork the
-// command, which drops capabilities, sets no_new_privs, installs seccomp and execs.
+// The launcher: serializes a csb_launch, starts contree-init as the sandbox's pid 1 in fresh
+// namespaces, and a few system-call helpers for Swift.
 //
-// Everything from the clone to the exec runs in a copy of a multi-threaded Swift process, so it
-// must be async-signal-safe: raw system calls, no malloc, no stdio, no locks. Buffers that the
-// child needs are prepared by the parent before the clone. Note that glibc's setresuid,
-// setresgid and setgroups broadcast to every thread glibc believes exists, and would wait
-// forever for the parent's threads here: the child calls the system calls directly.
+// The start works like posix_spawn: clone with CLONE_VM|CLONE_VFORK on a small stack of its own,
+// so the parent (a multi-threaded Swift process) is suspended and nothing is copied; the child
+// only moves file descriptors into place and execs. Between that clone and the exec, only raw
+// system calls run: no malloc, no locks, no stdio.
 #define _GNU_SOURCE
 #include "CSandbox.h"
+#include "csb_text.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <grp.h>
-#include <linux/capability.h>
-#include <linux/filter.h>
-#include <linux/mount.h>
-#include <linux/seccomp.h>
-#include <net/if.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/fsuid.h>
-#include <sys/ioctl.h>
-#include <sys/mount.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
-#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #ifndef CLONE_PIDFD
 #define CLONE_PIDFD 0x00001000
 #endif
-#ifndef CLOSE_RANGE_CLOEXEC
-#define CLOSE_RANGE_CLOEXEC (1U << 2)
-#endif
 
-// ---- small async-signal-safe helpers ------------------------------------------------------
-
-static size_t csb_strlen(const char *s) {
-    size_t n = 0;
-    while (s && s[n]) n++;
-    return n;
+/// Appends a NUL-terminated string to the spec buffer.
+static void csb_put_string(char *buf, size_t *offset, const char *s) {
+    size_t n = csb_strlen(s) + 1;
+    memcpy(buf + *offset, s ? s : "", n);
+    *offset += n;
 }
 
-/// Appends s to dst (capacity cap, current length *len), always NUL-terminating.
-static void csb_append(char *dst, size_t cap, size_t *len, const char *s) {
-    for (size_t i = 0; s && s[i] && *len + 1 < cap; i++) dst[(*len)++] = s[i];
-    dst[*len] = 0;
-}
-
-static void csb_append_uint(char *dst, size_t cap, size_t *len, unsigned long v) {
-    char tmp[24];
-    int n = 0;
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v && n < 23);
-    char out[24];
-    for (int i = 0; i < n; i++) out[i] = tmp[n - 1 - i];
-    out[n] = 0;
-    csb_append(dst, cap, len, out);
-}
-
-static ssize_t csb_write_all(int fd, const void *buf, size_t n) {
-    const char *p = buf;
-    size_t done = 0;
-    while (done < n) {
-        ssize_t w = write(fd, p + done, n - done);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        done += (size_t)w;
-    }
-    return (ssize_t)done;
-}
-
-/// Reports a failed setup step ("call(object)") to the parent and ends the child.
-__attribute__((noreturn)) static void csb_fail(int report_fd, const char *call, const char *object,
-                                               int err, const char *extra) {
-    csb_report r;
-    memset(&r, 0, sizeof r);
-    r.kind = CSB_REPORT_SETUP_FAILED;
-    r.err = err;
-    size_t len = 0;
-    csb_append(r.detail, sizeof r.detail, &len, call);
-    if (object && object[0]) {
-        csb_append(r.detail, sizeof r.detail, &len, " ");
-        csb_append(r.detail, sizeof r.detail, &len, object);
-    }
-    if (extra && extra[0]) {
-        csb_append(r.detail, sizeof r.detail, &len, ": ");
-        csb_append(r.detail, sizeof r.detail, &len, extra);
-    }
-    csb_write_all(report_fd, &r, sizeof r);
-    _exit(125);
-}
-
-static int sys_open_tree(int dfd, const char *path, unsigned flags) {
-    return (int)syscall(SYS_open_tree, dfd, path, flags);
-}
-static int sys_mount_setattr(int dfd, const char *path, unsigned flags, struct mount_attr *attr) {
-    return (int)syscall(SYS_mount_setattr, dfd, path, flags, attr, sizeof *attr);
-}
-static int sys_fsopen(const char *fs, unsigned flags) { return (int)syscall(SYS_fsopen, fs, flags); }
-static int sys_fsconfig(int fd, unsigned cmd, const char *key, const void *value, int aux) {
-    return (int)syscall(SYS_fsconfig, fd, cmd, key, value, aux);
-}
-static int sys_fsmount(int fd, unsigned flags, unsigned attrs) {
-    return (int)syscall(SYS_fsmount, fd, flags, attrs);
-}
-static int sys_move_mount(int from_dfd, const char *from, int to_dfd, const char *to, unsigned flags) {
-    return (int)syscall(SYS_move_mount, from_dfd, from, to_dfd, to, flags);
-}
-static int sys_pivot_root(const char *new_root, const char *put_old) {
-    return (int)syscall(SYS_pivot_root, new_root, put_old);
-}
-
-/// Raises the effective capability set to the permitted one (setfsuid drops the file caps).
-static int csb_raise_effective(void) {
-    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct data[2];
-    if (syscall(SYS_capget, &hdr, data) != 0) return -1;
-    data[0].effective = data[0].permitted;
-    data[1].effective = data[1].permitted;
-    return (int)syscall(SYS_capset, &hdr, data);
-}
-
-/// Overlay writes its kernel-side complaints to the fs context fd; fetch one line for the report.
-static void csb_fs_log(int fs, char *buf, size_t cap) {
-    buf[0] = 0;
-    ssize_t n = read(fs, buf, cap - 1);
-    if (n > 0) {
-        if (buf[n - 1] == '\n') n--;
-        buf[n] = 0;
-    } else {
-        buf[0] = 0;
-    }
-}
-
-// ---- the root filesystem -----------------------------------------------------------------
-
-static void csb_mount_overlay(const csb_launch *l, const char *lowers_joined) {
-    char log[200];
-    // By path: an fd opened before the clone would name a mount of the parent's namespace.
-    int tree = sys_open_tree(AT_FDCWD, l->store, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
-    if (tree < 0) csb_fail(l->report_fd, "open_tree(store, OPEN_TREE_CLONE)", "", errno, NULL);
-    struct mount_attr attr;
-    memset(&attr, 0, sizeof attr);
-    attr.attr_set = MOUNT_ATTR_IDMAP;
-    attr.userns_fd = (unsigned long long)l->userns_fd;
-    if (sys_mount_setattr(tree, "", AT_EMPTY_PATH, &attr) != 0)
-        csb_fail(l->report_fd, "mount_setattr(store, MOUNT_ATTR_IDMAP)", "", errno, NULL);
-    // Layer paths are relative to the idmapped tree, so they stay short (see ARCHITECTURE.md on
-    // the mount option size limit).
-    if (fchdir(tree) != 0) csb_fail(l->report_fd, "fchdir(idmapped store)", "", errno, NULL);
-
-    int fs = sys_fsopen("overlay", FSOPEN_CLOEXEC);
-    if (fs < 0) csb_fail(l->report_fd, "fsopen(overlay)", "", errno, NULL);
-
-    // The overlay's creator credentials are used for the work dir and copy-ups through the
-    // idmapped layers; host uid 0 has no mapping there, the sandbox's root does.
-    setfsgid(l->id_base);
-    setfsuid(l->id_base);
-    if (csb_raise_effective() != 0) csb_fail(l->report_fd, "capset(raise effective)", "", errno, NULL);
-
-    int legacy = 0;
-    for (size_t i = 0; i < l->lower_count; i++) {
-        if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "lowerdir+", l->lowers[i], 0) != 0) {
-            if (i == 0 && errno == EINVAL) {
-                legacy = 1;  // kernels before 6.8 take one colon-separated list
-                break;
-            }
-            csb_fs_log(fs, log, sizeof log);
-            csb_fail(l->report_fd, "fsconfig(overlay, lowerdir+)", l->lowers[i], errno, log);
-        }
-    }
-    if (legacy && sys_fsconfig(fs, FSCONFIG_SET_STRING, "lowerdir", lowers_joined, 0) != 0) {
-        csb_fs_log(fs, log, sizeof log);
-        csb_fail(l->report_fd, "fsconfig(overlay, lowerdir)", "", errno, log);
-    }
-    if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "upperdir", l->upper, 0) != 0) {
-        csb_fs_log(fs, log, sizeof log);
-        csb_fail(l->report_fd, "fsconfig(overlay, upperdir)", l->upper, errno, log);
-    }
-    if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "workdir", l->work, 0) != 0) {
-        csb_fs_log(fs, log, sizeof log);
-        csb_fail(l->report_fd, "fsconfig(overlay, workdir)", l->work, errno, log);
-    }
-    // Layers must be self-contained: no redirects or metacopy files pointing into lower layers.
-    sys_fsconfig(fs, FSCONFIG_SET_STRING, "redirect_dir", "off", 0);
-    sys_fsconfig(fs, FSCONFIG_SET_STRING, "metacopy", "off", 0);
-    sys_fsconfig(fs, FSCONFIG_SET_STRING, "index", "off", 0);
-    // The upper is synced by the commit itself; skipping overlay's own syncs makes copy-up cheap.
-    sys_fsconfig(fs, FSCONFIG_SET_FLAG, "volatile", NULL, 0);
-    if (sys_fsconfig(fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) != 0) {
-        csb_fs_log(fs, log, sizeof log);
-        csb_fail(l->report_fd, "fsconfig(overlay, create)", "", errno, log);
-    }
-    setfsuid(0);
-    setfsgid(0);
-    csb_raise_effective();
-
-    int mnt = sys_fsmount(fs, FSMOUNT_CLOEXEC, MOUNT_ATTR_NODEV);
-    if (mnt < 0) csb_fail(l->report_fd, "fsmount(overlay)", "", errno, NULL);
-    if (sys_move_mount(mnt, "", AT_FDCWD, l->root, MOVE_MOUNT_F_EMPTY_PATH) != 0)
-        csb_fail(l->report_fd, "move_mount(overlay) on", l->root, errno, NULL);
-    close(mnt);
-    close(fs);
-    close(tree);
-}
-
-struct csb_node {
-    const char *name;
-    unsigned major, minor;
-};
-
-static void csb_mount_dev(const csb_launch *l) {
-    if (mount("tmpfs", "dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=1m,nr_inodes=512") != 0)
-        csb_fail(l->report_fd, "mount(tmpfs) on", "/dev", errno, NULL);
-    static const struct csb_node nodes[] = {
-        {"dev/null", 1, 3}, {"dev/zero", 1, 5},    {"dev/full", 1, 7},
-        {"dev/random", 1, 8}, {"dev/urandom", 1, 9}, {"dev/tty", 5, 0},
-    };
-    for (size_t i = 0; i < sizeof nodes / sizeof nodes[0]; i++) {
-        if (mknod(nodes[i].name, S_IFCHR | 0666, makedev(nodes[i].major, nodes[i].minor)) != 0)
-            csb_fail(l->report_fd, "mknod", nodes[i].name, errno, NULL);
-    }
-    static const char *const links[][2] = {
-        {"/proc/self/fd", "dev/fd"},
-        {"/proc/self/fd/0", "dev/stdin"},
-        {"/proc/self/fd/1", "dev/stdout"},
-        {"/proc/self/fd/2", "dev/stderr"},
-        {"pts/ptmx", "dev/ptmx"},
-    };
-    for (size_t i = 0; i < sizeof links / sizeof links[0]; i++) {
-        if (symlink(links[i][0], links[i][1]) != 0) csb_fail(l->report_fd, "symlink", links[i][1], errno, NULL);
-    }
-    if (mkdir("dev/pts", 0755) != 0 || mkdir("dev/shm", 01777) != 0)
-        csb_fail(l->report_fd, "mkdir", "/dev/pts or /dev/shm", errno, NULL);
-    if (mount("devpts", "dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") != 0)
-        csb_fail(l->report_fd, "mount(devpts) on", "/dev/pts", errno, NULL);
-    if (mount("shm", "dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m") != 0)
-        csb_fail(l->report_fd, "mount(tmpfs) on", "/dev/shm", errno, NULL);
-}
-
-/// Hides /proc entries that leak host state or accept writes, as container runtimes do.
-static void csb_mask_proc(const csb_launch *l) {
-    static const char *const hidden_files[] = {
-        "proc/kcore", "proc/keys", "proc/timer_list", "proc/sched_debug", "proc/latency_stats",
-        "proc/kallsyms", "proc/config.gz", "proc/kpagecount", "proc/kpageflags", "proc/kpagecgroup",
-    };
-    static const char *const hidden_dirs[] = {"proc/acpi", "proc/scsi", "proc/driver"};
-    static const char *const read_only[] = {
-        "proc/sys", "proc/sysrq-trigger", "proc/irq", "proc/bus", "proc/fs", "proc/asound",
-    };
-    struct stat st;
-    for (size_t i = 0; i < sizeof hidden_files / sizeof hidden_files[0]; i++) {
-        if (lstat(hidden_files[i], &st) != 0) continue;
-        if (mount("dev/null", hidden_files[i], NULL, MS_BIND, NULL) != 0)
-            csb_fail(l->report_fd, "mount(bind /dev/null) on", hidden_files[i], errno, NULL);
-    }
-    for (size_t i = 0; i < sizeof hidden_dirs / sizeof hidden_dirs[0]; i++) {
-        if (lstat(hidden_dirs[i], &st) != 0) continue;
-        if (mount("tmpfs", hidden_dirs[i], "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0") != 0)
-            csb_fail(l->report_fd, "mount(tmpfs, ro) on", hidden_dirs[i], errno, NULL);
-    }
-    for (size_t i = 0; i < sizeof read_only / sizeof read_only[0]; i++) {
-        if (lstat(read_only[i], &st) != 0) continue;
-        if (mount(read_only[i], read_only[i], NULL, MS_BIND | MS_REC, NULL) != 0 ||
-            mount(NULL, read_only[i], NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                  NULL) != 0)
-            csb_fail(l->report_fd, "mount(bind, ro) on", read_only[i], errno, NULL);
-    }
-}
-
-static void csb_loopback_up(const csb_launch *l) {
-    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (s < 0) csb_fail(l->report_fd, "socket(AF_INET)", "", errno, NULL);
-    struct ifreq ifr;
-    memset(&ifr, 0, sizeof ifr);
-    memcpy(ifr.ifr_name, "lo", 3);
-    if (ioctl(s, SIOCGIFFLAGS, &ifr) != 0) csb_fail(l->report_fd, "ioctl(SIOCGIFFLAGS)", "lo", errno, NULL);
-    ifr.ifr_flags |= IFF_UP;
-    if (ioctl(s, SIOCSIFFLAGS, &ifr) != 0) csb_fail(l->report_fd, "ioctl(SIOCSIFFLAGS)", "lo", errno, NULL);
-    close(s);
-}
-
-// ---- inside the sandbox ------------------------------------------------------------------
-
-/// mkdir -p of every parent of path (an absolute path inside the sandbox).
-static int csb_make_parents(char *path, int include_last) {
-    size_t n = csb_strlen(path);
-    for (size_t i = 1; i <= n; i++) {
-        if (path[i] == '/' || (include_last && path[i] == 0)) {
-            char saved = path[i];
-            path[i] = 0;
-            if (mkdir(path, 0755) != 0 && errno != EEXIST) {
-                path[i] = saved;
-                return -1;
-            }
-            path[i] = saved;
-        }
-    }
-    return 0;
-}
-
-static void csb_copy_files(const csb_launch *l) {
-    char path[4096];
-    char buf[16384];
+/// Serializes the launch into a sealed-size memfd (see csb_wire in CSandbox.h).
+static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter_len) {
+    const char *fixed[] = {l->store, l->upper, l->work, l->root, l->hostname ? l->hostname : "", l->cwd ? l->cwd : "/"};
+    size_t argc = 0, envc = 0;
+    while (l->argv[argc]) argc++;
+    while (l->envp[envc]) envc++;
+    size_t length = sizeof(csb_wire) + l->file_count * sizeof(csb_wire_file) + filter_len;
+    for (size_t i = 0; i < 6; i++) length += csb_strlen(fixed[i]) + 1;
+    for (size_t i = 0; i < l->lower_count; i++) length += csb_strlen(l->lowers[i]) + 1;
+    for (size_t i = 0; i < argc; i++) length += csb_strlen(l->argv[i]) + 1;
+    for (size_t i = 0; i < envc; i++) length += csb_strlen(l->envp[i]) + 1;
+    for (size_t i = 0; i < l->file_count; i++) length += csb_strlen(l->files[i].path) + 1;
+    if (length > UINT32_MAX) return -E2BIG;
+    char *buf = calloc(length, 1);
+    if (!buf) return -ENOMEM;
+    csb_wire *w = (csb_wire *)buf;
+    w->magic = CSB_WIRE_MAGIC;
+    w->length = (uint32_t)length;
+    w->lower_count = (uint32_t)l->lower_count;
+    w->argc = (uint32_t)argc;
+    w->envc = (uint32_t)envc;
+    w->file_count = (uint32_t)l->file_count;
+    w->id_base = l->id_base;
+    w->uid = l->uid;
+    w->gid = l->gid;
+    w->loopback_up = l->loopback_up;
+    w->filter_length = (uint32_t)filter_len;
+    size_t offset = sizeof *w;
     for (size_t i = 0; i < l->file_count; i++) {
-        const csb_file_copy *f = &l->files[i];
-        size_t len = 0;
-        csb_append(path, sizeof path, &len, f->path);
-        if (csb_make_parents(path, 0) != 0) csb_fail(l->report_fd, "mkdir(parents of)", f->path, errno, NULL);
-        int out = open(f->path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
-        if (out < 0) csb_fail(l->report_fd, "open(file mapping)", f->path, errno, NULL);
-        if (lseek(f->source_fd, 0, SEEK_SET) < 0) csb_fail(l->report_fd, "lseek(host file for)", f->path, errno, NULL);
-        for (;;) {
-            ssize_t n = read(f->source_fd, buf, sizeof buf);
-            if (n < 0 && errno == EINTR) continue;
-            if (n < 0) csb_fail(l->report_fd, "read(host file for)", f->path, errno, NULL);
-            if (n == 0) break;
-            if (csb_write_all(out, buf, (size_t)n) < 0) csb_fail(l->report_fd, "write", f->path, errno, NULL);
-        }
-        if (fchown(out, f->uid, f->gid) != 0) csb_fail(l->report_fd, "fchown", f->path, errno, NULL);
-        if (fchmod(out, f->mode & 07777) != 0) csb_fail(l->report_fd, "fchmod", f->path, errno, NULL);
-        close(out);
+        csb_wire_file *f = (csb_wire_file *)(buf + offset);
+        f->mode = l->files[i].mode;
+        f->uid = l->files[i].uid;
+        f->gid = l->files[i].gid;
+        offset += sizeof *f;
     }
+    memcpy(buf + offset, filter, filter_len);
+    offset += filter_len;
+    for (size_t i = 0; i < 6; i++) csb_put_string(buf, &offset, fixed[i]);
+    for (size_t i = 0; i < l->lower_count; i++) csb_put_string(buf, &offset, l->lowers[i]);
+    for (size_t i = 0; i < argc; i++) csb_put_string(buf, &offset, l->argv[i]);
+    for (size_t i = 0; i < envc; i++) csb_put_string(buf, &offset, l->envp[i]);
+    for (size_t i = 0; i < l->file_count; i++) csb_put_string(buf, &offset, l->files[i].path);
+    int fd = memfd_create("contree-spec", MFD_CLOEXEC);
+    int rc = fd < 0 ? -errno : 0;
+    if (rc == 0 && csb_write_all(fd, buf, length) < 0) rc = -errno;
+    free(buf);
+    if (rc != 0) {
+        if (fd >= 0) close(fd);
+        return rc;
+    }
+    return fd;
 }
 
-/// The capabilities the sandbox's root keeps (the usual container default set).
-static const int csb_kept_caps[] = {
-    CAP_CHOWN,  CAP_DAC_OVERRIDE, CAP_FSETID,   CAP_FOWNER,           CAP_MKNOD,
-    CAP_NET_RAW, CAP_SETGID,      CAP_SETUID,   CAP_SETFCAP,          CAP_SETPCAP,
-    CAP_NET_BIND_SERVICE, CAP_SYS_CHROOT, CAP_KILL, CAP_AUDIT_WRITE,
+/// What the vfork-style child needs; it shares the parent's memory, so `err` comes back.
+struct csb_spawn {
+    const char *path;
+    const int *sources;  ///< fds to install as 3, 4, 5, ...
+    int count;
+    volatile int err;
 };
 
-static void csb_drop_caps(const csb_launch *l) {
-    uint32_t keep[2] = {0, 0};
-    for (size_t i = 0; i < sizeof csb_kept_caps / sizeof csb_kept_caps[0]; i++) {
-        int c = csb_kept_caps[i];
-        keep[c / 32] |= 1u << (c % 32);
-    }
-    for (int c = 0; c <= 63; c++) {
-        if (keep[c / 32] & (1u << (c % 32))) continue;
-        if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) != 0 && errno != EINVAL)
-            csb_fail(l->report_fd, "prctl(PR_CAPBSET_DROP)", "", errno, NULL);
-    }
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
-    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
-    struct __user_cap_data_struct data[2];
-    memset(data, 0, sizeof data);
-    for (int i = 0; i < 2; i++) {
-        data[i].effective = keep[i];
-        data[i].permitted = keep[i];
-        data[i].inheritable = 0;
-    }
-    if (syscall(SYS_capset, &hdr, data) != 0) csb_fail(l->report_fd, "capset", "", errno, NULL);
-}
-
-static void csb_reset_signals(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = SIG_DFL;
-    for (int s = 1; s < 65; s++) {
-        if (s == SIGKILL || s == SIGSTOP) continue;
-        sigaction(s, &sa, NULL);
-    }
-}
-
-static const char *csb_env_lookup(const char *const *envp, const char *name) {
-    size_t n = csb_strlen(name);
-    for (size_t i = 0; envp && envp[i]; i++) {
-        if (strncmp(envp[i], name, n) == 0 && envp[i][n] == '=') return envp[i] + n + 1;
-    }
-    return NULL;
-}
-
-static void csb_say(const char *a, const char *b, const char *c) {
-    char msg[600];
-    size_t len = 0;
-    csb_append(msg, sizeof msg, &len, "contree: ");
-    csb_append(msg, sizeof msg, &len, a);
-    csb_append(msg, sizeof msg, &len, b);
-    csb_append(msg, sizeof msg, &len, c);
-    csb_append(msg, sizeof msg, &len, "\n");
-    csb_write_all(2, msg, len);
-}
-
-/// execvpe with the PATH of the sandbox's environment, not the host's.
-__attribute__((noreturn)) static void csb_exec(const csb_launch *l) {
-    const char *file = l->argv[0];
-    char *const *argv = (char *const *)l->argv;
-    char *const *envp = (char *const *)l->envp;
-    int err = ENOENT;
-    if (strchr(file, '/')) {
-        execve(file, argv, envp);
-        err = errno;
-    } else {
-        const char *path = csb_env_lookup(l->envp, "PATH");
-        if (!path) path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-        int saw_eacces = 0;
-        char candidate[4096];
-        const char *p = path;
-        while (*p || p == path) {
-            const char *end = strchr(p, ':');
-            size_t dlen = end ? (size_t)(end - p) : csb_strlen(p);
-            size_t len = 0;
-            candidate[0] = 0;
-            if (dlen == 0) {
-                csb_append(candidate, sizeof candidate, &len, ".");
-            } else {
-                for (size_t i = 0; i < dlen && len + 1 < sizeof candidate; i++) candidate[len++] = p[i];
-                candidate[len] = 0;
-            }
-            csb_append(candidate, sizeof candidate, &len, "/");
-            csb_append(candidate, sizeof candidate, &len, file);
-            execve(candidate, argv, envp);
-            if (errno == EACCES) saw_eacces = 1;
-            else if (errno != ENOENT && errno != ENOTDIR) {
-                err = errno;
-                break;
-            }
-            if (!end) break;
-            p = end + 1;
-        }
-        if (err == ENOENT && saw_eacces) err = EACCES;
-    }
-    if (err == ENOENT) {
-        csb_say(file, ": command not found", "");
-        _exit(127);
-    }
-    csb_say(file, ": ", err == EACCES ? "permission denied" : err == ENOEXEC ? "exec format error" : "cannot execute");
-    _exit(126);
-}
-
-/// The command's process: runs with the sandbox's credentials, then execs.
-__attribute__((noreturn)) static void csb_command(const csb_launch *l, const void *filter, size_t filter_len) {
-    setsid();
-    int in = fcntl(l->stdin_fd, F_DUPFD_CLOEXEC, 10);
-    int out = fcntl(l->stdout_fd, F_DUPFD_CLOEXEC, 10);
-    int err = fcntl(l->stderr_fd, F_DUPFD_CLOEXEC, 10);
-    if (in < 0 || out < 0 || err < 0) csb_fail(l->report_fd, "dup(stdio)", "", errno, NULL);
-    if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) csb_fail(l->report_fd, "dup2(stdio)", "", errno, NULL);
-    if (chdir(l->cwd) != 0) csb_fail(l->report_fd, "chdir", l->cwd, errno, NULL);
-    if (l->gid != 0 && syscall(SYS_setresgid, l->gid, l->gid, l->gid) != 0)
-        csb_fail(l->report_fd, "setresgid", "", errno, NULL);
-    if (l->uid != 0) {
-        if (syscall(SYS_setgroups, 0, NULL) != 0) csb_fail(l->report_fd, "setgroups", "", errno, NULL);
-        if (syscall(SYS_setresuid, l->uid, l->uid, l->uid) != 0) csb_fail(l->report_fd, "setresuid", "", errno, NULL);
-    } else {
-        csb_drop_caps(l);
-    }
-    umask(022);
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) csb_fail(l->report_fd, "prctl(PR_SET_NO_NEW_PRIVS)", "", errno, NULL);
-    struct sock_fprog prog = {(unsigned short)(filter_len / sizeof(struct sock_filter)), (struct sock_filter *)filter};
-    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0)
-        csb_fail(l->report_fd, "seccomp(SECCOMP_SET_MODE_FILTER)", "", errno, NULL);
-    csb_reset_signals();
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    csb_exec(l);
-}
-
-static int64_t csb_read_last_pid(void) {
-    int fd = open("/proc/sys/kernel/ns_last_pid", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    char buf[32];
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return -1;
-    int64_t v = 0;
-    for (ssize_t i = 0; i < n && buf[i] >= '0' && buf[i] <= '9'; i++) v = v * 10 + (buf[i] - '0');
-    return v;
-}
-
-/// Pid 1 of the sandbox: reaps orphans, forwards signals to the command's process group, and
-/// when the command ends kills whatever it left behind and reports.
-__attribute__((noreturn)) static void csb_init(const csb_launch *l, pid_t command) {
-    sigset_t waitset;
-    sigemptyset(&waitset);
-    int forwarded[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH};
-    for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaddset(&waitset, forwarded[i]);
-    int status = 0;
-    int done = 0;
-    while (!done) {
-        siginfo_t info;
-        int sig = sigwaitinfo(&waitset, &info);
-        if (sig < 0) continue;
-        if (sig != SIGCHLD) {
-            kill(-command, sig);
-            continue;
-        }
-        for (;;) {
-            int st;
-            pid_t p = waitpid(-1, &st, WNOHANG);
-            if (p <= 0) break;
-            if (p == command) {
-                status = st;
-                done = 1;
-            }
+/// Runs in the child until exec: moves the fds into place (dup2 clears close-on-exec) and
+/// execs contree-init. Raw system calls only.
+static int csb_spawn_child(void *arg) {
+    struct csb_spawn *s = arg;
+    // Park every source above the target range first, so that no dup2 clobbers a source.
+    int parked[4096];
+    for (int i = 0; i < s->count; i++) {
+        parked[i] = (int)syscall(SYS_fcntl, s->sources[i], F_DUPFD, 4096 + i);
+        if (parked[i] < 0) {
+            s->err = errno;
+            syscall(SYS_exit, 127);
         }
     }
-    kill(-1, SIGKILL);
-    while (waitpid(-1, NULL, 0) > 0 || errno == EINTR) {
+    for (int i = 0; i < s->count; i++) {
+        if (syscall(SYS_dup2, parked[i], 3 + i) < 0) {
+            s->err = errno;
+            syscall(SYS_exit, 127);
+        }
     }
-    csb_report r;
-    memset(&r, 0, sizeof r);
-    r.kind = CSB_REPORT_EXITED;
-    r.status = status;
-    int64_t last = csb_read_last_pid();
-    r.tasks = last > 1 ? last - 1 : 0;
-    csb_write_all(l->report_fd, &r, sizeof r);
-    _exit(0);
-}
-
-__attribute__((noreturn)) static void csb_child(const csb_launch *l, const int *keep, size_t keep_count,
-                                                const char *lowers_joined, const void *filter,
-                                                size_t filter_len) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-    // Close every fd but ours: other threads' pipes must not stay open in this process.
-    unsigned int from = 0;
-    for (size_t i = 0; i < keep_count; i++) {
-        if ((unsigned)keep[i] > from) syscall(SYS_close_range, from, (unsigned)keep[i] - 1, 0);
-        from = (unsigned)keep[i] + 1;
-    }
-    syscall(SYS_close_range, from, ~0U, 0);
-
-    char byte;
-    ssize_t n;
-    while ((n = read(l->go_fd, &byte, 1)) < 0 && errno == EINTR) {
-    }
-    if (n != 1) _exit(125);  // the parent is gone or gave up
-    close(l->go_fd);
-
-    umask(0);
-    if (unshare(CLONE_NEWCGROUP) != 0) csb_fail(l->report_fd, "unshare(CLONE_NEWCGROUP)", "", errno, NULL);
-    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
-        csb_fail(l->report_fd, "mount(/, MS_REC|MS_PRIVATE)", "", errno, NULL);
-    if (l->hostname && sethostname(l->hostname, csb_strlen(l->hostname)) != 0)
-        csb_fail(l->report_fd, "sethostname", l->hostname, errno, NULL);
-    if (l->loopback_up) csb_loopback_up(l);
-
-    csb_mount_overlay(l, lowers_joined);
-    if (chdir(l->root) != 0) csb_fail(l->report_fd, "chdir", l->root, errno, NULL);
-    if (mount("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0)
-        csb_fail(l->report_fd, "mount(proc) on", "/proc", errno, NULL);
-    csb_mount_dev(l);
-    csb_mask_proc(l);
-    if (sys_pivot_root(".", ".") != 0) csb_fail(l->report_fd, "pivot_root", l->root, errno, NULL);
-    if (umount2(".", MNT_DETACH) != 0) csb_fail(l->report_fd, "umount2(old root)", "", errno, NULL);
-    if (chdir("/") != 0) csb_fail(l->report_fd, "chdir", "/", errno, NULL);
-
-    // Become the sandbox's root: from here on, no capability over the host or over the
-    // namespaces above (they belong to the host's user namespace).
-    if (syscall(SYS_setgroups, 0, NULL) != 0) csb_fail(l->report_fd, "setgroups", "", errno, NULL);
-    if (setns(l->userns_fd, CLONE_NEWUSER) != 0) csb_fail(l->report_fd, "setns(CLONE_NEWUSER)", "", errno, NULL);
-    if (syscall(SYS_setresgid, 0, 0, 0) != 0) csb_fail(l->report_fd, "setresgid(0)", "", errno, NULL);
-    if (syscall(SYS_setresuid, 0, 0, 0) != 0) csb_fail(l->report_fd, "setresuid(0)", "", errno, NULL);
-    close(l->userns_fd);
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-
-    umask(022);
-    csb_copy_files(l);
-    for (size_t i = 0; i < l->file_count; i++) close(l->files[i].source_fd);
-    if (l->cwd && l->cwd[0] == '/') {
-        char cwd[4096];
-        size_t len = 0;
-        csb_append(cwd, sizeof cwd, &len, l->cwd);
-        if (csb_make_parents(cwd, 1) != 0) csb_fail(l->report_fd, "mkdir(working directory)", l->cwd, errno, NULL);
-    }
-
-    pid_t command = (pid_t)syscall(SYS_clone, SIGCHLD, 0, NULL, NULL, 0);
-    if (command < 0) csb_fail(l->report_fd, "clone(command)", "", errno, NULL);
-    if (command == 0) csb_command(l, filter, filter_len);
-
-    // Pid 1 keeps only the report pipe.
-    for (int fd = 0; fd < 3; fd++) close(fd);
-    if (l->stdin_fd > 2) close(l->stdin_fd);
-    if (l->stdout_fd > 2) close(l->stdout_fd);
-    if (l->stderr_fd > 2) close(l->stderr_fd);
-    csb_init(l, command);
-}
-
-static int csb_compare_int(const void *a, const void *b) {
-    int x = *(const int *)a, y = *(const int *)b;
-    return (x > y) - (x < y);
+    syscall(SYS_close_range, (unsigned)(3 + s->count), ~0U, 0);
+    char *argv[] = {(char *)"contree-init", NULL};
+    char *envp[] = {NULL};
+    syscall(SYS_execve, s->path, argv, envp);
+    s->err = errno;
+    syscall(SYS_exit, 127);
+    return 0;
 }
 
 int csb_launch_start(const csb_launch *l, int *pidfd_out, pid_t *pid_out) {
@@ -601,50 +127,51 @@ int csb_launch_start(const csb_launch *l, int *pidfd_out, pid_t *pid_out) {
     size_t filter_len = 0;
     int rc = csb_seccomp_program(&filter, &filter_len);
     if (rc != 0) return rc;
+    if (l->file_count > 4000) return -E2BIG;
+    int spec = csb_write_spec(l, filter, filter_len);
+    if (spec < 0) return spec;
 
-    size_t keep_count = 6 + l->file_count;
-    int *keep = calloc(keep_count, sizeof(int));
-    size_t joined_len = 1;
-    for (size_t i = 0; i < l->lower_count; i++) joined_len += csb_strlen(l->lowers[i]) + 1;
-    char *joined = calloc(joined_len, 1);
-    if (!keep || !joined) {
-        free(keep);
-        free(joined);
-        return -ENOMEM;
-    }
-    size_t len = 0;
-    for (size_t i = 0; i < l->lower_count; i++) {
-        if (i) csb_append(joined, joined_len, &len, ":");
-        csb_append(joined, joined_len, &len, l->lowers[i]);
-    }
-    size_t k = 0;
-    keep[k++] = l->userns_fd;
-    keep[k++] = l->stdin_fd;
-    keep[k++] = l->stdout_fd;
-    keep[k++] = l->stderr_fd;
-    keep[k++] = l->go_fd;
-    keep[k++] = l->report_fd;
-    for (size_t i = 0; i < l->file_count; i++) keep[k++] = l->files[i].source_fd;
-    qsort(keep, keep_count, sizeof(int), csb_compare_int);
+    int sources[4096];
+    int count = 0;
+    sources[count++] = spec;          // CSB_FD_SPEC
+    sources[count++] = l->go_fd;      // CSB_FD_GO
+    sources[count++] = l->report_fd;  // CSB_FD_REPORT
+    sources[count++] = l->stdin_fd;
+    sources[count++] = l->stdout_fd;
+    sources[count++] = l->stderr_fd;
+    sources[count++] = l->userns_fd;
+    for (size_t i = 0; i < l->file_count; i++) sources[count++] = l->files[i].source_fd;
 
-    // Block every signal across the clone so that no handler of the host process runs in the
-    // child before it resets them.
+    const size_t stack_size = 64 * 1024;
+    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) {
+        close(spec);
+        return -errno;
+    }
+    struct csb_spawn s = {l->init_path, sources, count, 0};
+    // Every signal blocked across the clone: no handler of the host process may run in the
+    // child, and contree-init starts with all of them blocked (it waits for them explicitly).
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int pidfd = -1;
-    long pid = syscall(SYS_clone,
-                       CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_PIDFD |
-                           SIGCHLD,
-                       0, &pidfd, NULL, 0);
-    if (pid == 0) csb_child(l, keep, keep_count, joined, filter, filter_len);
+    int flags = CLONE_VM | CLONE_VFORK | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC |
+                CLONE_PIDFD | SIGCHLD;
+    pid_t pid = clone(csb_spawn_child, stack + stack_size, flags, &s, &pidfd);
     int saved = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    free(keep);
-    free(joined);
+    munmap(stack, stack_size);
+    close(spec);
     if (pid < 0) return -saved;
+    if (s.err != 0) {
+        // The exec failed: reap the child and say why.
+        while (waitpid(pid, NULL, __WALL) < 0 && errno == EINTR) {
+        }
+        close(pidfd);
+        return -s.err;
+    }
     *pidfd_out = pidfd;
-    *pid_out = (pid_t)pid;
+    *pid_out = pid;
     return 0;
 }
 

@@ -65,12 +65,15 @@ struct ExecCommand: AsyncParsableCommand {
     var command: [String] = []
 
     func run() async throws {
+        Trace.mark("exec: arguments parsed")
+        ContainerBackend.warmUp()
         let argv = command.first == "--" ? Array(command.dropFirst()) : command
         let spec: RunSpec
         let store: Store
         do {
             spec = try makeSpec(argv)
             store = try storeOptions.open()
+            Trace.mark("store opened")
         } catch {
             _ = fail(error)
             throw ExitCode(125)

@@ -1,6 +1,8 @@
-// The C side of the container backend: the code that runs between fork and exec, plus the
-// seccomp policy. Swift prepares a csb_launch, calls csb_launch_start, and supervises the child
-// through the pidfd and the report pipe. Nothing here allocates after the clone.
+// The C side of the container backend. Swift prepares a csb_launch and calls csb_launch_start,
+// which serializes it (the wire format below), clones a child in new namespaces the way
+// posix_spawn does (shared memory, parent suspended) and execs `contree-init` in it. That small
+// static program is the sandbox's pid 1: it mounts the root, pivots, joins the user namespace
+// and forks the command. Swift supervises through the pidfd and the report pipe.
 #ifndef CONTREE_CSANDBOX_H
 #define CONTREE_CSANDBOX_H
 
@@ -22,9 +24,9 @@ typedef struct csb_file_copy {
     uint32_t gid;
 } csb_file_copy;
 
-/// Everything the child needs. Pointers must stay valid until csb_launch_start returns (the
-/// child gets a copy-on-write image of them).
+/// Everything the sandbox needs. Pointers must stay valid until csb_launch_start returns.
 typedef struct csb_launch {
+    const char *init_path;        ///< the contree-init program
     const char *store;            ///< absolute path of the store root, cloned as an idmapped mount
     const char *const *lowers;    ///< layer paths relative to the store root, top-most first
     size_t lower_count;
@@ -49,6 +51,10 @@ typedef struct csb_launch {
     int report_fd;   ///< write end: the child reports a setup failure or the final status
 } csb_launch;
 
+/// Asks the sandbox's pid 1 to kill everything, reap it and report (a real-time signal pid 1
+/// waits for; the parent falls back to SIGKILL if pid 1 does not end).
+#define CSB_SIGNAL_STOP 40
+
 enum {
     CSB_REPORT_SETUP_FAILED = 1,
     CSB_REPORT_EXITED = 2,
@@ -62,10 +68,13 @@ typedef struct csb_report {
     int32_t reserved;
     int64_t tasks;      ///< tasks created in the sandbox's pid namespace, pid 1 excluded
     char detail[384];   ///< the failed call and its object, e.g. "mount(proc) on /proc"
+    int64_t stages[8];  ///< CLOCK_MONOTONIC ns: go, root mounted, proc/dev, pivoted, command forked,
+                        ///< command exited, namespace emptied (for CONTREE_TRACE)
 } csb_report;
 
-/// Clones the sandbox's pid 1. On success returns 0 and sets *pidfd and *pid; the child blocks
-/// until a byte arrives on go_fd. On failure returns -errno.
+/// Starts the sandbox's pid 1 (contree-init). On success returns 0 and sets *pidfd and *pid;
+/// pid 1 prepares the root and then blocks until a byte arrives on go_fd. On failure returns
+/// -errno.
 int csb_launch_start(const csb_launch *launch, int *pidfd, pid_t *pid);
 
 /// Creates a user namespace mapping 0..count-1 to id_base..id_base+count-1 and returns an fd
@@ -81,6 +90,47 @@ int csb_pidfd_kill(int pidfd, int sig);
 
 /// rusage-carrying wait for one child. Returns 0 or -errno.
 int csb_wait(pid_t pid, int *status, int64_t usage[6]);
+
+// ---- the wire format between csb_launch_start and contree-init ----------------------------
+
+/// File descriptors as contree-init receives them.
+enum {
+    CSB_FD_SPEC = 3,     ///< memfd holding a csb_wire and what follows it
+    CSB_FD_GO = 4,
+    CSB_FD_REPORT = 5,
+    CSB_FD_STDIN = 6,
+    CSB_FD_STDOUT = 7,
+    CSB_FD_STDERR = 8,
+    CSB_FD_USERNS = 9,
+    CSB_FD_FILES = 10,   ///< the file copies' sources, in order
+};
+
+#define CSB_WIRE_MAGIC 0x31425343u  // "CSB1"
+
+/// The fixed part of the spec. It is followed by file_count csb_wire_file records, then the
+/// seccomp program (filter_length bytes), then NUL-terminated strings: store, upper, work,
+/// root, hostname, cwd, the lowers, argv, envp, the file paths.
+typedef struct csb_wire {
+    uint32_t magic;
+    uint32_t length;          ///< of the whole spec
+    uint32_t lower_count;
+    uint32_t argc;
+    uint32_t envc;
+    uint32_t file_count;
+    uint32_t id_base;
+    uint32_t uid;
+    uint32_t gid;
+    int32_t loopback_up;
+    uint32_t filter_length;
+    uint32_t reserved;
+} csb_wire;
+
+typedef struct csb_wire_file {
+    uint32_t mode;
+    uint32_t uid;
+    uint32_t gid;
+    uint32_t reserved;
+} csb_wire_file;
 
 // GNU extensions that Swift's Glibc module does not expose.
 int csb_pipe_cloexec(int fds[2]);

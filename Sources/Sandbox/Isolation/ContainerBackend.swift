@@ -14,6 +14,35 @@ public struct ContainerBackend: IsolationBackend {
 
     public init() {}
 
+    /// Prepares the host for a first sandbox, once per process: starts paying the cgroup
+    /// migration's grace period in the background (see `Cgroup.prime`). Call it as early as
+    /// possible; `SandboxEngine` calls it too.
+    public static func warmUp() {
+        warmedUp.withLock { done in
+            guard !done else { return }
+            done = true
+            Cgroup.prime()
+        }
+    }
+
+    private static let warmedUp = Mutex(false)
+
+    /// The contree-init program: `$CONTREE_INIT`, or next to the running binary (SwiftPM puts
+    /// every product of the package in one directory).
+    static func initProgram() throws -> String {
+        if let explicit = getenv("CONTREE_INIT"), explicit.pointee != 0 { return String(cString: explicit) }
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        if n > 0 {
+            let exe = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            let candidate = String(exe[..<(exe.lastIndex(of: "/") ?? exe.endIndex)]) + "/contree-init"
+            if access(candidate, X_OK) == 0 { return candidate }
+        }
+        throw SandboxError(
+            .unsupported,
+            "contree-init was not found next to this program; build the package (`swift build`) or set CONTREE_INIT")
+    }
+
     public func run(_ request: LaunchRequest) async throws -> LaunchOutcome {
         let cancel = csb_eventfd_cloexec()
         guard cancel >= 0 else { throw SandboxError.system("eventfd") }
@@ -109,7 +138,9 @@ private struct ContainerLaunch {
     }
 
     func execute() throws -> LaunchOutcome {
+        let initProgram = try ContainerBackend.initProgram()
         let userns = try ContainerBackend.userNamespace()
+        Trace.mark("user namespace")
         let closer = Closer()
 
         func pipePair() throws -> (read: Int32, write: Int32) {
@@ -150,13 +181,14 @@ private struct ContainerLaunch {
         let report = try pipePair()
 
         let cgroup = try Cgroup.create(storeRoot: request.storeRoot, id: request.id, limits: request.limits)
+        Trace.mark("cgroup created")
         defer { cgroup.remove() }
 
         let lowers = CStringArray(request.lowers)
         let argv = CStringArray(request.argv)
         let envp = CStringArray(request.environment)
         let paths = CStringArray(request.files.map(\.mapping.sandboxPath))
-        let strings = CStringArray([request.upper, request.work, request.rootMount, request.hostname, request.cwd, request.storeRoot])
+        let strings = CStringArray([request.upper, request.work, request.rootMount, request.hostname, request.cwd, request.storeRoot, initProgram])
         let files = UnsafeMutablePointer<csb_file_copy>.allocate(capacity: max(1, request.files.count))
         defer { files.deallocate() }
         for (i, file) in request.files.enumerated() {
@@ -166,6 +198,7 @@ private struct ContainerLaunch {
         }
         var launch = csb_launch()
         launch.store = strings.pointer[5]
+        launch.init_path = strings.pointer[6]
         launch.lowers = UnsafePointer(lowers.pointer)
         launch.lower_count = request.lowers.count
         launch.upper = strings.pointer[0]
@@ -194,6 +227,7 @@ private struct ContainerLaunch {
         let rc = csb_launch_start(&launch, &pidfd, &pid)
         guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot clone the sandbox", errno: -rc) }
         _ = closer.add(pidfd)
+        Trace.mark("cloned")
         // The child has its copies; ours would keep pipes from reaching EOF.
         closer.close(go.read)
         closer.close(report.write)
@@ -210,6 +244,7 @@ private struct ContainerLaunch {
             _ = csb_wait(pid, &status, &usage)
             throw error
         }
+        Trace.mark("cgroup attached")
         var byte: UInt8 = 1
         _ = Glibc.write(go.write, &byte, 1)
         closer.close(go.write)
@@ -224,6 +259,7 @@ private struct ContainerLaunch {
         let waited = csb_wait(pid, &status, &usage)
         guard waited == 0 else { throw SandboxError(.sandboxSetup, "wait4(sandbox)", errno: -waited) }
         let wall = Clock.monotonic - started
+        Trace.mark("reaped")
 
         if let failure = supervisor.setupFailure {
             let detail = withUnsafeBytes(of: failure.detail) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
@@ -234,6 +270,16 @@ private struct ContainerLaunch {
         var outcome = LaunchOutcome()
         let commandStatus: Int32
         if let exited = supervisor.exitReport {
+            if Trace.enabled {
+                let names = ["go received", "overlay mounted", "proc, dev, masks", "pivoted", "command forked",
+                             "command exited", "namespace emptied"]
+                withUnsafeBytes(of: exited.stages) { raw in
+                    let stages = raw.bindMemory(to: Int64.self)
+                    for (i, name) in names.enumerated() where stages[i] > 0 {
+                        Trace.mark("  sandbox: \(name)", at: Double(stages[i]) / 1e9)
+                    }
+                }
+            }
             commandStatus = exited.status
             outcome.metrics.processes = exited.tasks
         } else {
@@ -259,6 +305,7 @@ private struct ContainerLaunch {
         outcome.stderr = supervisor.stderr.kept
         outcome.stdoutDropped = supervisor.stdout.dropped
         outcome.stderrDropped = supervisor.stderr.dropped
+        Trace.mark("metrics read")
         return outcome
     }
 }
@@ -341,6 +388,13 @@ private struct Supervisor {
         let deadline = request.timeout.map { started + $0 }
         var buffer = [UInt8](repeating: 0, count: 65536)
         var killed = false
+        var forceKillAt: Double?
+        /// Pid 1 kills and reaps the tree itself (keeping its rusage); SIGKILL if it lingers.
+        func stop() {
+            killed = true
+            _ = csb_pidfd_kill(pidfd, CSB_SIGNAL_STOP)
+            forceKillAt = Clock.monotonic + 2
+        }
         while true {
             if exited && stdoutFD == nil && stderrFD == nil && reportFD == nil { return }
             var polls: [pollfd] = []
@@ -357,8 +411,8 @@ private struct Supervisor {
             if !exited { add(stdinFeed?.fd, POLLOUT, 4) }
             if !killed { add(cancelFD, POLLIN, 5) }
             var timeoutMs: Int32 = -1
-            if let deadline, !killed, !exited {
-                timeoutMs = Int32(max(0, min(Double(Int32.max), (deadline - Clock.monotonic) * 1000).rounded(.up)))
+            if let next = forceKillAt ?? (killed ? nil : deadline), !exited {
+                timeoutMs = Int32(max(0, min(Double(Int32.max), (next - Clock.monotonic) * 1000).rounded(.up)))
             }
             let rc = poll(&polls, nfds_t(polls.count), timeoutMs)
             if rc < 0 {
@@ -366,10 +420,12 @@ private struct Supervisor {
                 throw SandboxError.system("poll(sandbox)")
             }
             if rc == 0 {
-                if let deadline, !killed, Clock.monotonic >= deadline {
+                if let forceAt = forceKillAt, Clock.monotonic >= forceAt {
+                    _ = csb_pidfd_kill(pidfd, SIGKILL)  // pid 1 did not stop in time
+                    forceKillAt = nil
+                } else if let deadline, !killed, Clock.monotonic >= deadline {
                     timedOut = true
-                    killed = true
-                    _ = csb_pidfd_kill(pidfd, SIGKILL)
+                    stop()
                 }
                 continue
             }
@@ -406,8 +462,7 @@ private struct Supervisor {
                     }
                 case 5:
                     cancelled = true
-                    killed = true
-                    _ = csb_pidfd_kill(pidfd, SIGKILL)
+                    stop()
                 default: break
                 }
             }

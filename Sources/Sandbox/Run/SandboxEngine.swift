@@ -19,6 +19,7 @@ public final class SandboxEngine: Sendable {
         var map: [IsolationKind: any IsolationBackend] = [:]
         for backend in backends { map[backend.kind] = backend }
         self.backends = map
+        if map[.container] != nil { ContainerBackend.warmUp() }
         // A sandbox closing its stdin pipe early must not kill the engine.
         signal(SIGPIPE, SIG_IGN)
     }
@@ -53,12 +54,15 @@ public final class SandboxEngine: Sendable {
             opened.append((fd, mapping))
         }
 
+        Trace.mark("validated")
         let image = try baseImages.resolve(spec.image)
+        Trace.mark("image resolved")
         let lease = try store.acquireLease(layers: image.layers, image: image.uuid)
         defer { lease.release() }
         let runID = lease.id
         let upper = lease.workPath + "/upper"
         for dir in ["upper", "work", "root"] { try FileSystem.makeDirectory(lease.workPath + "/" + dir, mode: 0o755) }
+        Trace.mark("lease and work dirs")
         let filesystem = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
         let addedMountPoints = try prepareMountPoints(filesystem, upper: upper)
 
@@ -82,7 +86,9 @@ public final class SandboxEngine: Sendable {
             hostname: spec.hostname, network: spec.network, limits: spec.limits, timeout: spec.timeout,
             files: opened, stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr)
         let startedAt = Date()
+        Trace.mark("launch")
         let outcome = try await backend.run(request)
+        Trace.mark("sandbox ended")
 
         var record = RunRecord(
             id: runID, image: image.uuid, resultImage: nil, command: spec.command, exitCode: outcome.exitCode,
@@ -109,6 +115,7 @@ public final class SandboxEngine: Sendable {
             }
             record = committed
         }
+        Trace.mark("committed and recorded")
         return RunResult(
             record: record, stdout: outcome.stdout, stderr: outcome.stderr, stdoutDropped: outcome.stdoutDropped,
             stderrDropped: outcome.stderrDropped)
@@ -135,14 +142,14 @@ public final class SandboxEngine: Sendable {
 
     static let encoder: JSONEncoder = {
         let e = JSONEncoder()
-        e.dateEncodingStrategy = .secondsSince1970
+        e.dateEncodingStrategy = .deferredToDate  // exact: the stored Double itself
         e.outputFormatting = [.sortedKeys]
         return e
     }()
 
     static let decoder: JSONDecoder = {
         let d = JSONDecoder()
-        d.dateDecodingStrategy = .secondsSince1970
+        d.dateDecodingStrategy = .deferredToDate
         return d
     }()
 

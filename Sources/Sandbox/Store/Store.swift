@@ -55,6 +55,9 @@ public final class Store: Sendable {
     }
 
     private func migrate() throws {
+        // The common case: an existing store of this version needs no DDL.
+        let existing = try? database.query("SELECT value FROM meta WHERE key = 'schema'").first?["value"].string
+        if existing == String(Store.schemaVersion) { return }
         try database.execute(
             """
             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);

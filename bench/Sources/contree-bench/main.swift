@@ -1,1 +1,205 @@
-print("x")
+// contree-bench: figures measured side by side with peers, in one run, on one machine.
+//
+//   contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]
+//
+// Prints medians and ratios; the machines are shared and noisy, so ratios and medians are what
+// count. Needs root, bubblewrap, and crun or runc (scripts/setup installs them).
+import Foundation
+import Glibc
+import Sandbox
+
+struct Options {
+    var runs = 30
+    var forks = 100
+    var home = "/var/tmp/contree-bench"
+    var skipDebian = false
+
+    init(_ args: [String]) {
+        var i = 0
+        while i < args.count {
+            switch args[i] {
+            case "--runs": runs = Int(args[i + 1]) ?? runs; i += 1
+            case "--forks": forks = Int(args[i + 1]) ?? forks; i += 1
+            case "--home": home = args[i + 1]; i += 1
+            case "--skip-debian": skipDebian = true
+            default: break
+            }
+            i += 1
+        }
+    }
+}
+
+func median(_ xs: [Double]) -> Double {
+    let s = xs.sorted()
+    guard !s.isEmpty else { return .nan }
+    return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+}
+
+func percentile(_ xs: [Double], _ p: Double) -> Double {
+    let s = xs.sorted()
+    guard !s.isEmpty else { return .nan }
+    return s[min(s.count - 1, Int((Double(s.count - 1) * p).rounded()))]
+}
+
+func ms(_ seconds: Double) -> String { String(format: "%.1f ms", seconds * 1000) }
+
+func now() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// Runs a program to completion with output discarded; returns its wall time.
+func timed(_ argv: [String], env: [String]? = nil) throws -> Double {
+    let start = now()
+    let result = try ChildProcess.run(argv, environment: env)
+    let elapsed = now() - start
+    guard result.succeeded else {
+        throw SandboxError(.childProcess, "\(argv.joined(separator: " ")) failed (\(result.status)): \(result.stderrText)")
+    }
+    return elapsed
+}
+
+func which(_ name: String) -> String? {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] where access(dir + "/" + name, X_OK) == 0 {
+        return dir + "/" + name
+    }
+    return nil
+}
+
+/// An OCI bundle over `rootfs` whose process is /bin/true, for crun/runc.
+func ociBundle(rootfs: String, at dir: String) throws {
+    try? FileManager.default.removeItem(atPath: dir)
+    try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+    let config: [String: Any] = [
+        "ociVersion": "1.0.2",
+        "process": ["terminal": false, "user": ["uid": 0, "gid": 0], "args": ["/bin/true"], "env": ["PATH=/bin"],
+                    "cwd": "/", "noNewPrivileges": true],
+        "root": ["path": rootfs, "readonly": true],
+        "hostname": "bench",
+        "mounts": [["destination": "/proc", "type": "proc", "source": "proc"],
+                   ["destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]]],
+        "linux": ["namespaces": [["type": "pid"], ["type": "network"], ["type": "ipc"], ["type": "uts"], ["type": "mount"]]],
+    ]
+    let data = try JSONSerialization.data(withJSONObject: config)
+    try data.write(to: URL(fileURLWithPath: dir + "/config.json"))
+}
+
+func sandboxBenchmark(_ options: Options) async throws {
+    guard geteuid() == 0 else { throw SandboxError(.unsupported, "the benchmark needs root") }
+    let store = try Store(root: options.home)
+    let engine = SandboxEngine(store: store, progress: ProgressReporter())
+    let busybox = try engine.baseImages.resolve("busybox")
+    let cli = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        .appendingPathComponent("contree-pipeline").path
+    guard FileManager.default.isExecutableFile(atPath: cli) else {
+        throw SandboxError(.notFound, "\(cli) is missing: build the package first (swift build -c release)")
+    }
+    let env = ProcessInfo.processInfo.environment.filter { $0.key != "CONTREE_HOME" }.map { "\($0.key)=\($0.value)" }
+        + ["CONTREE_HOME=\(options.home)"]
+    let rootfs = store.layerPath(busybox.layers[0])
+
+    // 1. `true` on busybox: our CLI (run, commit, metrics, record) against bwrap and an OCI runtime.
+    var peers: [(String, [String])] = []
+    if let bwrap = which("bwrap") {
+        peers.append(("bwrap", [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", rootfs, "/", "--proc", "/proc",
+                                "--dev", "/dev", "/bin/true"]))
+    }
+    let bundle = options.home + "/oci-bundle"
+    try ociBundle(rootfs: rootfs, at: bundle)
+    for runtime in ["crun", "runc"] {
+        guard let path = which(runtime) else { continue }
+        let probe = try ChildProcess.run([path, "run", "--bundle", bundle, "contree-bench-probe-\(getpid())"])
+        if probe.succeeded {
+            peers.append((runtime, [path, "run", "--bundle", bundle]))
+            break
+        }
+        print("note: \(runtime) does not run on this host: \(probe.stderrText.split(separator: "\n").last ?? "")")
+    }
+    print("== exec `true` on busybox: \(options.runs) runs each, interleaved (after 3 warm-up runs) ==")
+    var samples: [String: [Double]] = [:]
+    for round in -3..<options.runs {
+        let ours = try timed([cli, "exec", "--image", "busybox", "--", "true"], env: env)
+        if round >= 0 { samples["contree-pipeline exec", default: []].append(ours) }
+        for (name, argv) in peers {
+            let args = name == "bwrap" ? argv : argv + ["contree-bench-\(getpid())-\(round + 3)"]
+            let t = try timed(args)
+            if round >= 0 { samples[name, default: []].append(t) }
+        }
+    }
+    let oursMedian = median(samples["contree-pipeline exec"]!)
+    print(String(format: "%-24@ %10@ %10@", "", "median", "p90"))
+    for name in ["contree-pipeline exec"] + peers.map(\.0) {
+        let xs = samples[name]!
+        print(String(format: "%-24@ %10@ %10@", name, ms(median(xs)), ms(percentile(xs, 0.9))))
+    }
+    for (name, _) in peers {
+        let ratio = oursMedian / median(samples[name]!)
+        let target = name == "bwrap" ? String(format: "  (target <= 1.5: %@)", ratio <= 1.5 ? "met" : "MISSED") : ""
+        print(String(format: "ratio contree/%@: %.2f%@", name, ratio, target))
+    }
+
+    // 2. Fork N children from one image at once, each writing one file, each committed.
+    var images: [(String, ImageRecord)] = [("busybox", busybox)]
+    if !options.skipDebian { images.append(("debian:bookworm", try engine.baseImages.resolve("debian:bookworm"))) }
+    print("\n== fork \(options.forks) children from one image, each writes a file and is committed (median of 3) ==")
+    var forkTimes: [String: Double] = [:]
+    for (name, image) in images {
+        var totals: [Double] = []
+        for _ in 0..<3 {
+            let start = now()
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for i in 0..<options.forks {
+                    group.addTask {
+                        let r = try await engine.run(RunSpec(
+                            image: image.uuid, command: ["sh", "-c", "echo \(i) > /branch-\(i)"], stdout: .discard,
+                            stderr: .discard))
+                        guard r.record.exitCode == 0, r.record.resultImage != image.uuid else {
+                            throw SandboxError(.childProcess, "fork \(i) failed")
+                        }
+                    }
+                }
+                try await group.waitForAll()
+            }
+            totals.append(now() - start)
+        }
+        forkTimes[name] = median(totals)
+        print(String(format: "%-24@ %8.2f s total  (%@ per child)  (target < 3 s: %@)", name, median(totals),
+                     ms(median(totals) / Double(options.forks)), median(totals) < 3 ? "met" : "MISSED"))
+    }
+    if let b = forkTimes["busybox"], let d = forkTimes["debian:bookworm"] {
+        print(String(format: "ratio debian/busybox: %.2f (target <= 1.5: %@; image sizes %@ vs %@)", d / b,
+                     d / b <= 1.5 ? "met" : "MISSED", Format.size(images[1].1.size), Format.size(images[0].1.size)))
+    }
+
+    // 3. Commit of a one-file change on debian minbase (or busybox when skipped).
+    let (commitName, commitImage) = images.last!
+    var commits: [Double] = []
+    var walls: [Double] = []
+    for i in 0..<options.runs {
+        let r = try await engine.run(RunSpec(
+            image: commitImage.uuid, command: ["sh", "-c", "echo \(i) > /one-file"], stdout: .discard, stderr: .discard))
+        commits.append(r.record.metrics.commitSeconds)
+        walls.append(r.record.metrics.wallSeconds)
+    }
+    print("\n== commit of a one-file change on \(commitName) (\(options.runs) runs) ==")
+    print(String(format: "commit median %@, p90 %@ (target < 15 ms: %@); sandbox wall median %@", ms(median(commits)),
+                 ms(percentile(commits, 0.9)), median(commits) < 0.015 ? "met" : "MISSED", ms(median(walls))))
+    _ = try store.collectGarbage(pruneUntaggedOlderThan: 0)
+}
+
+enum Format {
+    static func size(_ bytes: Int64) -> String { String(format: "%.1f MiB", Double(bytes) / 1_048_576) }
+}
+
+let args = Array(CommandLine.arguments.dropFirst())
+guard let mode = args.first, mode == "sandbox" else {
+    print("usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]")
+    exit(2)
+}
+do {
+    try await sandboxBenchmark(Options(Array(args.dropFirst())))
+} catch {
+    FileHandle.standardError.write(Data("error: \(error)\n".utf8))
+    exit(1)
+}
