@@ -69,7 +69,7 @@ struct ImageCommand: ParsableCommand {
                 for item in chain {
                     let tags = item.tags.isEmpty ? "" : " (\(item.tags.joined(separator: ", ")))"
                     print("image \(item.uuid)\(tags)")
-                    print("  created \(Format.date(item.created))  \(item.origin)  \(item.layers.count) layers  \(Format.bytes(item.size))")
+                    print("  created \(Format.date(item.created))  \(item.origin)  \(item.layers.count) layer\(item.layers.count == 1 ? "" : "s")  \(Format.bytes(item.size))")
                 }
                 if let missing { print("image \(missing) (removed)") }
             }
