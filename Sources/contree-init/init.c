@@ -32,6 +32,7 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -634,6 +635,12 @@ int main(void) {
     close(l->userns_fd);
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
+    // The engine raises its own descriptor limit; the sandbox gets the usual soft 1024.
+    struct rlimit nofile;
+    if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur > 1024) {
+        nofile.rlim_cur = 1024;
+        setrlimit(RLIMIT_NOFILE, &nofile);
+    }
     umask(022);
     csb_copy_files(l);
     for (size_t i = 0; i < l->file_count; i++) close(l->files[i].source_fd);

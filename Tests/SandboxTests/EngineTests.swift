@@ -117,6 +117,19 @@ struct EngineTests {
         #expect(try fs.lookup("/in/input.txt") != nil)
     }
 
+    @Test("a working directory that cannot be created fails the run with the reason, and writes nothing")
+    func setupFailure() async throws {
+        let t = try TemporaryStore()
+        _ = try t.busybox()
+        let images = try t.store.listImages().count
+        let error = await #expect(throws: SandboxError.self) { _ = try await t.sh("true") { $0.cwd = "/etc/passwd/sub" } }
+        #expect(error?.code == .sandboxSetup)
+        #expect(error?.message.contains("/etc/passwd/sub") == true, "\(error?.description ?? "")")
+        #expect(try t.store.listImages().count == images)
+        #expect(try FileSystem.list(t.store.tmpPath).isEmpty)
+        #expect(try t.store.database.query("SELECT COUNT(*) AS n FROM runs").first?["n"].int == 0)
+    }
+
     @Test("stdin bytes reach the command")
     func stdinBytes() async throws {
         let t = try TemporaryStore()

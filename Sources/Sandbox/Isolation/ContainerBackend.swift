@@ -242,6 +242,11 @@ private struct ContainerLaunch {
             var status: Int32 = 0
             var usage = [Int64](repeating: 0, count: 6)
             _ = csb_wait(pid, &status, &usage)
+            // Pid 1 prepares the root while we attach: if it failed first, that is the cause.
+            let bytes = (try? FileSystem.readAll(fd: report.read, path: "sandbox report")) ?? []
+            if let failure = Supervisor.decode(bytes).first(where: { $0.kind == Int32(CSB_REPORT_SETUP_FAILED) }) {
+                throw Supervisor.setupError(failure)
+            }
             throw error
         }
         Trace.mark("cgroup attached")
@@ -261,11 +266,7 @@ private struct ContainerLaunch {
         let wall = Clock.monotonic - started
         Trace.mark("reaped")
 
-        if let failure = supervisor.setupFailure {
-            let detail = withUnsafeBytes(of: failure.detail) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
-            throw SandboxError(
-                .sandboxSetup, "cannot start the sandbox: \(detail)", errno: failure.err == 0 ? nil : failure.err)
-        }
+        if let failure = supervisor.setupFailure { throw Supervisor.setupError(failure) }
 
         var outcome = LaunchOutcome()
         let commandStatus: Int32
@@ -374,11 +375,19 @@ private struct Supervisor {
         }
     }
 
-    var reports: [csb_report] {
+    var reports: [csb_report] { Supervisor.decode(reportBytes) }
+
+    static func decode(_ bytes: [UInt8]) -> [csb_report] {
         let size = MemoryLayout<csb_report>.size
-        return stride(from: 0, to: reportBytes.count - size + 1, by: size).map { offset in
-            reportBytes[offset..<(offset + size)].withUnsafeBytes { $0.loadUnaligned(as: csb_report.self) }
+        return stride(from: 0, to: bytes.count - size + 1, by: size).map { offset in
+            bytes[offset..<(offset + size)].withUnsafeBytes { $0.loadUnaligned(as: csb_report.self) }
         }
+    }
+
+    static func setupError(_ failure: csb_report) -> SandboxError {
+        let detail = withUnsafeBytes(of: failure.detail) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        return SandboxError(
+            .sandboxSetup, "cannot start the sandbox: \(detail)", errno: failure.err == 0 ? nil : failure.err)
     }
 
     var setupFailure: csb_report? { reports.first { $0.kind == Int32(CSB_REPORT_SETUP_FAILED) } }

@@ -22,6 +22,13 @@ public final class SandboxEngine: Sendable {
         if map[.container] != nil { ContainerBackend.warmUp() }
         // A sandbox closing its stdin pipe early must not kill the engine.
         signal(SIGPIPE, SIG_IGN)
+        // Each running sandbox holds a handful of descriptors; many run at once.
+        var limit = rlimit()
+        let nofile = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)
+        if getrlimit(nofile, &limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = min(limit.rlim_max, 65536)
+            setrlimit(nofile, &limit)
+        }
     }
 
     /// Runs `spec` to completion.
@@ -32,9 +39,45 @@ public final class SandboxEngine: Sendable {
         guard let backend = backends[spec.isolation] else {
             throw SandboxError(.unsupported, "the \(spec.isolation.rawValue) backend is not available in this build")
         }
+        // Store work (building a base image, hashing a large change) blocks: it runs on threads
+        // of its own, never on the cooperative pool.
+        let prepared = try await DedicatedThread.run { try self.prepare(spec) }
+        defer { prepared.close() }
+        Trace.mark("launch")
+        let outcome = try await backend.run(prepared.request)
+        Trace.mark("sandbox ended")
+        return try await DedicatedThread.run { try self.finish(prepared, spec: spec, outcome: outcome, backend: backend.kind) }
+    }
+
+    /// What a run holds between its preparation and its commit.
+    final class Prepared: Sendable {
+        let image: ImageRecord
+        let lease: Lease
+        let request: LaunchRequest
+        let addedMountPoints: [String]
+        let startedAt: Date
+
+        init(image: ImageRecord, lease: Lease, request: LaunchRequest, addedMountPoints: [String]) {
+            self.image = image
+            self.lease = lease
+            self.request = request
+            self.addedMountPoints = addedMountPoints
+            self.startedAt = Date()
+        }
+
+        /// Closes the host files and releases the lease (removing the work directory).
+        func close() {
+            for file in request.files { Glibc.close(file.fd) }
+            lease.release()
+        }
+    }
+
+    /// Opens the host files, resolves the image, takes the lease, prepares the upper.
+    private func prepare(_ spec: RunSpec) throws -> Prepared {
         // Open host files first: a missing one must fail before anything else happens.
         var opened: [(fd: Int32, mapping: FileMapping)] = []
-        defer { for file in opened { close(file.fd) } }
+        var handedOver = false
+        defer { if !handedOver { for file in opened { close(file.fd) } } }
         for mapping in spec.files {
             let fd = open(mapping.hostPath, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else {
@@ -58,7 +101,8 @@ public final class SandboxEngine: Sendable {
         let image = try baseImages.resolve(spec.image)
         Trace.mark("image resolved")
         let lease = try store.acquireLease(layers: image.layers, image: image.uuid)
-        defer { lease.release() }
+        var leaseHandedOver = false
+        defer { if !leaseHandedOver { lease.release() } }
         let runID = lease.id
         let upper = lease.workPath + "/upper"
         for dir in ["upper", "work", "root"] { try FileSystem.makeDirectory(lease.workPath + "/" + dir, mode: 0o755) }
@@ -85,27 +129,33 @@ public final class SandboxEngine: Sendable {
             argv: spec.command, environment: environment, cwd: spec.cwd ?? image.config.workingDir, uid: uid, gid: gid,
             hostname: spec.hostname, network: spec.network, limits: spec.limits, timeout: spec.timeout,
             files: opened, stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr)
-        let startedAt = Date()
-        Trace.mark("launch")
-        let outcome = try await backend.run(request)
-        Trace.mark("sandbox ended")
+        handedOver = true
+        leaseHandedOver = true
+        return Prepared(image: image, lease: lease, request: request, addedMountPoints: addedMountPoints)
+    }
 
+    /// Commits the changes (unless disposable or killed) and records the run.
+    private func finish(_ prepared: Prepared, spec: RunSpec, outcome: LaunchOutcome, backend: IsolationKind) throws
+        -> RunResult
+    {
+        let image = prepared.image
+        let lease = prepared.lease
+        let upper = lease.workPath + "/upper"
         var record = RunRecord(
-            id: runID, image: image.uuid, resultImage: nil, command: spec.command, exitCode: outcome.exitCode,
+            id: lease.id, image: image.uuid, resultImage: nil, command: spec.command, exitCode: outcome.exitCode,
             signal: outcome.signal, timedOut: outcome.timedOut, oomKilled: outcome.oomKilled,
-            cancelled: outcome.cancelled, disposable: spec.disposable, backend: backend.kind,
-            acceleration: outcome.acceleration, startedAt: startedAt, metrics: outcome.metrics)
+            cancelled: outcome.cancelled, disposable: spec.disposable, backend: backend,
+            acceleration: outcome.acceleration, startedAt: prepared.startedAt, metrics: outcome.metrics)
 
         // A killed run leaves no image; a disposable one never makes one.
         if spec.disposable || outcome.timedOut || outcome.cancelled {
             try insert(record)
         } else {
-            for path in addedMountPoints { rmdir(upper + path) }  // only if still empty
+            for path in prepared.addedMountPoints { rmdir(upper + path) }  // only if still empty
             let commitStarted = Clock.monotonic
-            let config = image.config
             var committed = record
             _ = try Snapshotter(store: store).commit(
-                upper, base: image, config: config, origin: "run:\(runID)", lease: lease
+                upper, base: image, config: image.config, origin: "run:\(lease.id)", lease: lease
             ) { tx, result, layer in
                 committed.resultImage = result.uuid
                 committed.metrics.commitSeconds = Clock.monotonic - commitStarted
