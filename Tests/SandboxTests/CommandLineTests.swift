@@ -123,3 +123,33 @@ struct CommandLineTests {
         #expect(try store.checkConsistency().garbage.isEmpty)
     }
 }
+
+@Suite("One store, many processes", .requiresRoot, .enabled(if: FileSystem.exists(Paths.cli), "needs `swift build` first"))
+struct SharedStoreTests {
+    @Test("execs, tags and gc from several processes at once leave a consistent store")
+    func concurrentProcesses() throws {
+        let t = try TemporaryStore()
+        _ = try t.busybox()
+        var environment = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
+        environment.append("CONTREE_HOME=\(t.root)")
+        var children: [ChildProcess.Spawned] = []
+        for i in 0..<6 {
+            children.append(try ChildProcess.spawn(
+                [Paths.cli, "exec", "--tag", "p\(i)", "--", "sh", "-c", "echo \(i) > /mine; sleep 0.\(i)"],
+                environment: environment, captureStdout: true))
+            children.append(try ChildProcess.spawn([Paths.cli, "gc"], environment: environment, captureStdout: true))
+        }
+        for child in children {
+            #expect(try ChildProcess.wait(child.pid, "contree-pipeline") == 0)
+            close(child.stdout!)
+            close(child.stderr)
+        }
+        for i in 0..<6 {
+            let image = try t.store.resolveImage("p\(i)")
+            let fs = ImageFilesystem(layersTopFirst: image.layers.reversed().map(t.store.layerPath))
+            let node = try #require(try fs.lookup("/mine"))
+            #expect(try FileSystem.readFile(fs.physicalPath(node)) == Array("\(i)\n".utf8))
+        }
+        #expect(try t.store.checkConsistency().isConsistent)
+    }
+}

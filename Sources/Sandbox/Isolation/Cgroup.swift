@@ -94,11 +94,20 @@ struct Cgroup {
             if f[0] == "0" && f[1].isEmpty { ownV2 = String(f[2]) }
             for controller in f[1].split(separator: ",") { ownV1[String(controller)] = String(f[2]) }
         }
-        if let v2Mount, let controllers = try? FileSystem.readFile(v2Mount + "/cgroup.controllers") {
-            let names = String(decoding: controllers, as: UTF8.self).split(whereSeparator: \.isWhitespace)
-            if names.contains("memory") && names.contains("pids") {
-                let parent = v2Mount + (ownV2 == "/" ? "" : ownV2)
-                if let prepared = prepareV2(parent: parent, controllers: names.map(String.init)) { return .v2(parent: prepared) }
+        if let v2Mount {
+            var parent = v2Mount + (ownV2 == "/" ? "" : ownV2)
+            // A process started from a supervisor leaf (below) shares its parent.
+            if let slash = parent.lastIndex(of: "/"), parent[parent.index(after: slash)...].hasPrefix(prefix + "supervisor-") {
+                parent = String(parent[..<slash])
+            }
+            // What this cgroup may hand to its children.
+            if let controllers = try? FileSystem.readFile(parent + "/cgroup.controllers") {
+                let names = String(decoding: controllers, as: UTF8.self).split(whereSeparator: \.isWhitespace)
+                if names.contains("memory") && names.contains("pids"),
+                    let prepared = prepareV2(parent: parent, controllers: names.map(String.init))
+                {
+                    return .v2(parent: prepared)
+                }
             }
         }
         guard v1Mounts["memory"] != nil || v1Mounts["pids"] != nil else {
@@ -117,6 +126,10 @@ struct Cgroup {
     private static func prepareV2(parent: String, controllers: [String]) -> String? {
         let wanted = ["memory", "pids", "cpu", "io"].filter(controllers.contains)
         let enable = wanted.map { "+" + $0 }.joined(separator: " ")
+        // Leaves of processes that are gone are empty: rmdir fails on the others.
+        for name in (try? FileSystem.list(parent)) ?? [] where name.hasPrefix(prefix + "supervisor-") {
+            rmdir(parent + "/" + name)
+        }
         if write(parent + "/cgroup.subtree_control", enable) { return parent }
         let leaf = parent + "/" + prefix + "supervisor-" + String(getpid())
         mkdir(leaf, 0o755)
