@@ -107,7 +107,8 @@ struct ExecCommand: AsyncParsableCommand {
 
     private func makeSpec(_ argv: [String]) throws -> RunSpec {
         guard !argv.isEmpty else {
-            throw SandboxError(.invalidArgument, "no command given: contree-pipeline exec [options] -- COMMAND [ARGS...]")
+            throw SandboxError(
+                .invalidArgument, "no command given: contree-pipeline exec [options] -- COMMAND [ARGS...]")
         }
         var environment: [String: String] = [:]
         for entry in env {
@@ -147,7 +148,8 @@ struct ExecCommand: AsyncParsableCommand {
         guard let split = (0..<max(0, chars.count - 1)).last(where: { chars[$0] == ":" && chars[$0 + 1] == "/" }),
             split > 0
         else {
-            throw SandboxError(.invalidArgument, "--file \(text): use HOST:SANDBOX[:MODE] with an absolute SANDBOX path")
+            throw SandboxError(
+                .invalidArgument, "--file \(text): use HOST:SANDBOX[:MODE] with an absolute SANDBOX path")
         }
         return FileMapping(hostPath: String(chars[..<split]), sandboxPath: String(chars[(split + 1)...]), mode: mode)
     }

@@ -18,12 +18,15 @@ struct ImageCommand: ParsableCommand {
             try reportingErrors {
                 let images = try storeOptions.open().listImages().filter { !tagged || !$0.tags.isEmpty }
                 if json { return try printJSON(images) }
-                print(Format.table(
-                    ["UUID", "TAGS", "PARENT", "LAYERS", "SIZE", "CREATED", "ORIGIN"],
-                    images.map {
-                        [$0.uuid, $0.tags.joined(separator: ","), $0.parent.map { String($0.prefix(8)) } ?? "-",
-                         String($0.layers.count), Format.bytes($0.size), Format.date($0.created), $0.origin]
-                    }))
+                print(
+                    Format.table(
+                        ["UUID", "TAGS", "PARENT", "LAYERS", "SIZE", "CREATED", "ORIGIN"],
+                        images.map {
+                            [
+                                $0.uuid, $0.tags.joined(separator: ","), $0.parent.map { String($0.prefix(8)) } ?? "-",
+                                String($0.layers.count), Format.bytes($0.size), Format.date($0.created), $0.origin,
+                            ]
+                        }))
             }
         }
     }
@@ -69,7 +72,9 @@ struct ImageCommand: ParsableCommand {
                 for item in chain {
                     let tags = item.tags.isEmpty ? "" : " (\(item.tags.joined(separator: ", ")))"
                     print("image \(item.uuid)\(tags)")
-                    print("  created \(Format.date(item.created))  \(item.origin)  \(item.layers.count) layer\(item.layers.count == 1 ? "" : "s")  \(Format.bytes(item.size))")
+                    print(
+                        "  created \(Format.date(item.created))  \(item.origin)  \(item.layers.count) layer\(item.layers.count == 1 ? "" : "s")  \(Format.bytes(item.size))"
+                    )
                 }
                 if let missing { print("image \(missing) (removed)") }
             }
@@ -150,7 +155,9 @@ struct ImageCommand: ParsableCommand {
             try reportingErrors {
                 let store = try storeOptions.open()
                 guard BaseImages.names.contains(name) else {
-                    throw SandboxError(.invalidArgument, "no built-in image \(name); choose one of \(BaseImages.names.joined(separator: ", "))")
+                    throw SandboxError(
+                        .invalidArgument,
+                        "no built-in image \(name); choose one of \(BaseImages.names.joined(separator: ", "))")
                 }
                 print(try BaseImages(store: store, progress: ProgressReporter()).resolve(name).uuid)
             }

@@ -45,7 +45,9 @@ struct InspectCommand: ParsableCommand {
         func run() throws {
             try reportingErrors {
                 let (_, fs, node) = try target.open()
-                let children = node.isDirectory ? try fs.list(node) : [(String(target.path.split(separator: "/").last ?? "/"), node)]
+                let children =
+                    node.isDirectory
+                    ? try fs.list(node) : [(String(target.path.split(separator: "/").last ?? "/"), node)]
                 let entries = try children.map { name, child -> Entry in
                     let st = child.status
                     let type: String
@@ -60,15 +62,19 @@ struct InspectCommand: ParsableCommand {
                     }
                     let link = child.isSymlink ? try readTarget(fs, child) : nil
                     return Entry(
-                        name: name, type: type, mode: String(st.st_mode & 0o7777, radix: 8), uid: st.st_uid, gid: st.st_gid,
+                        name: name, type: type, mode: String(st.st_mode & 0o7777, radix: 8), uid: st.st_uid,
+                        gid: st.st_gid,
                         size: Int64(st.st_size), mtime: st.st_mtim.tv_sec, target: link)
                 }
                 if json { return try printJSON(entries) }
                 for e in entries {
                     if long {
-                        let marker = e.type == "directory" ? "d" : e.type == "symlink" ? "l" : e.type == "file" ? "-" : "c"
+                        let marker =
+                            e.type == "directory" ? "d" : e.type == "symlink" ? "l" : e.type == "file" ? "-" : "c"
                         let when = Date(timeIntervalSince1970: Double(e.mtime)).formatted(.iso8601)
-                        print("\(marker)\(e.mode.leftPadded(4)) \(String(e.uid).leftPadded(5)) \(String(e.gid).leftPadded(5)) \(String(e.size).leftPadded(10)) \(when) \(e.name)\(e.target.map { " -> \($0)" } ?? "")")
+                        print(
+                            "\(marker)\(e.mode.leftPadded(4)) \(String(e.uid).leftPadded(5)) \(String(e.gid).leftPadded(5)) \(String(e.size).leftPadded(10)) \(when) \(e.name)\(e.target.map { " -> \($0)" } ?? "")"
+                        )
                     } else {
                         print(e.name + (e.type == "directory" ? "/" : ""))
                     }

@@ -15,7 +15,9 @@ struct GarbageCollectCommand: ParsableCommand {
         try reportingErrors {
             let report = try storeOptions.open().collectGarbage(pruneUntaggedOlderThan: pruneUntagged)
             if json { return try printJSON(report) }
-            print("removed \(report.layersRemoved) layers (\(Format.bytes(report.bytesFreed))), \(report.imagesRemoved) images, \(report.abandonedWork) abandoned work directories")
+            print(
+                "removed \(report.layersRemoved) layers (\(Format.bytes(report.bytesFreed))), \(report.imagesRemoved) images, \(report.abandonedWork) abandoned work directories"
+            )
         }
     }
 }
@@ -36,7 +38,9 @@ struct CheckCommand: ParsableCommand {
         } else {
             for problem in report.problems { print("PROBLEM: \(problem)") }
             for item in report.garbage { print("garbage: \(item)") }
-            print("\(report.isConsistent ? "consistent" : "INCONSISTENT"): \(report.imagesChecked) images, \(report.layersChecked) layers checked, \(report.problems.count) problems, \(report.garbage.count) garbage items")
+            print(
+                "\(report.isConsistent ? "consistent" : "INCONSISTENT"): \(report.imagesChecked) images, \(report.layersChecked) layers checked, \(report.problems.count) problems, \(report.garbage.count) garbage items"
+            )
         }
         if !report.isConsistent { throw ExitCode(1) }
     }

@@ -12,7 +12,8 @@ struct CommandLineTests {
         let t = try TemporaryStore()
         let hello = try runCLI(["exec", "--", "sh", "-c", "echo hello; exit 7"], home: t.root)
         #expect(hello.status == 7 && hello.out == "hello\n")
-        let json = try runCLI(["exec", "--json", "--tag", "with-file", "--", "sh", "-c", "echo data > /f"], home: t.root)
+        let json = try runCLI(
+            ["exec", "--json", "--tag", "with-file", "--", "sh", "-c", "echo data > /f"], home: t.root)
         #expect(json.status == 0)
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601
@@ -39,7 +40,10 @@ struct CommandLineTests {
     @Test("image and inspect commands read, compare and export images")
     func imageAndInspect() throws {
         let t = try TemporaryStore()
-        #expect(try runCLI(["exec", "--tag", "v1", "--", "sh", "-c", "mkdir /app; echo one > /app/a; rm /etc/hosts"], home: t.root).status == 0)
+        #expect(
+            try runCLI(
+                ["exec", "--tag", "v1", "--", "sh", "-c", "mkdir /app; echo one > /app/a; rm /etc/hosts"], home: t.root
+            ).status == 0)
         let ls = try runCLI(["inspect", "ls", "v1", "/app"], home: t.root)
         #expect(ls.status == 0 && ls.out == "a\n")
         let cat = try runCLI(["inspect", "cat", "v1", "/app/a"], home: t.root)
@@ -82,7 +86,8 @@ struct CommandLineTests {
         // Runs that write many files and some megabytes make the commit (digest, sync, rename,
         // insert) long enough for kills to land anywhere in it. One unkilled run measures how
         // long the whole thing takes; the kills spread uniformly over that span.
-        let script = "dd if=/dev/urandom of=/blob bs=1M count=24 2>/dev/null; i=0; while [ $i -lt 300 ]; do echo $i > /f$i; i=$((i+1)); done"
+        let script =
+            "dd if=/dev/urandom of=/blob bs=1M count=24 2>/dev/null; i=0; while [ $i -lt 300 ]; do echo $i > /f$i; i=$((i+1)); done"
         let measured = Date()
         #expect(try runCLI(["exec", "--", "sh", "-c", script], home: t.root).status == 0)
         let span = Date().timeIntervalSince(measured)
@@ -124,7 +129,8 @@ struct CommandLineTests {
     }
 }
 
-@Suite("One store, many processes", .requiresRoot, .enabled(if: FileSystem.exists(Paths.cli), "needs `swift build` first"))
+@Suite(
+    "One store, many processes", .requiresRoot, .enabled(if: FileSystem.exists(Paths.cli), "needs `swift build` first"))
 struct SharedStoreTests {
     @Test("execs, tags and gc from several processes at once leave a consistent store")
     func concurrentProcesses() throws {
@@ -134,9 +140,10 @@ struct SharedStoreTests {
         environment.append("CONTREE_HOME=\(t.root)")
         var children: [ChildProcess.Spawned] = []
         for i in 0..<6 {
-            children.append(try ChildProcess.spawn(
-                [Paths.cli, "exec", "--tag", "p\(i)", "--", "sh", "-c", "echo \(i) > /mine; sleep 0.\(i)"],
-                environment: environment, captureStdout: true))
+            children.append(
+                try ChildProcess.spawn(
+                    [Paths.cli, "exec", "--tag", "p\(i)", "--", "sh", "-c", "echo \(i) > /mine; sleep 0.\(i)"],
+                    environment: environment, captureStdout: true))
             children.append(try ChildProcess.spawn([Paths.cli, "gc"], environment: environment, captureStdout: true))
         }
         for child in children {

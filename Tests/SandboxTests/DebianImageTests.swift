@@ -15,7 +15,9 @@ struct DebianImageTests {
         #expect(base.tags == ["debian:bookworm"])
         #expect(base.size > 50 << 20)
         let info = try await engine.run(
-            RunSpec(image: "debian:bookworm", command: ["sh", "-c", "cat /etc/debian_version; dpkg-query -W | wc -l; id -un"]))
+            RunSpec(
+                image: "debian:bookworm",
+                command: ["sh", "-c", "cat /etc/debian_version; dpkg-query -W | wc -l; id -un"]))
         let lines = info.out.split(separator: "\n")
         #expect(lines.first?.hasPrefix("12") == true, "\(info.out) \(info.err)")
         #expect(Int(lines.dropFirst().first ?? "") ?? 0 > 50)
@@ -25,7 +27,8 @@ struct DebianImageTests {
         let user = try await engine.run(RunSpec(image: base.uuid, command: ["useradd", "-m", "builder"]))
         #expect(user.record.exitCode == 0, "\(user.err)")
         let child = try #require(user.record.resultImage)
-        let check = try await engine.run(RunSpec(image: child, command: ["sh", "-c", "id builder; stat -c %U /home/builder"]))
+        let check = try await engine.run(
+            RunSpec(image: child, command: ["sh", "-c", "id builder; stat -c %U /home/builder"]))
         #expect(check.out.contains("uid=1000(builder)") && check.out.hasSuffix("builder\n"))
         #expect(try t.store.checkConsistency(verifyContent: false).isConsistent)
         // Built once: a second resolve is the same image.

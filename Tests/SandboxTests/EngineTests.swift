@@ -66,7 +66,10 @@ struct EngineTests {
         let engine = t.engine
         let results = try await withThrowingTaskGroup(of: RunResult.self) { group in
             for i in 0..<8 {
-                group.addTask { try await engine.run(RunSpec(image: base.uuid, command: ["sh", "-c", "echo \(i) > /branch; cat /branch"])) }
+                group.addTask {
+                    try await engine.run(
+                        RunSpec(image: base.uuid, command: ["sh", "-c", "echo \(i) > /branch; cat /branch"]))
+                }
             }
             return try await group.reduce(into: []) { $0.append($1) }
         }
@@ -122,7 +125,9 @@ struct EngineTests {
         let t = try TemporaryStore()
         _ = try t.busybox()
         let images = try t.store.listImages().count
-        let error = await #expect(throws: SandboxError.self) { _ = try await t.sh("true") { $0.cwd = "/etc/passwd/sub" } }
+        let error = await #expect(throws: SandboxError.self) {
+            _ = try await t.sh("true") { $0.cwd = "/etc/passwd/sub" }
+        }
         #expect(error?.code == .sandboxSetup)
         #expect(error?.message.contains("/etc/passwd/sub") == true, "\(error?.description ?? "")")
         #expect(try t.store.listImages().count == images)
@@ -155,10 +160,14 @@ struct EngineTests {
         let layersBefore = try FileSystem.list(t.store.layersPath)
         let cases: [(RunSpec, SandboxError.Code, String)] = [
             (RunSpec(image: "nope:latest", command: ["true"]), .notFound, "nope:latest"),
-            (RunSpec(command: ["true"], files: [FileMapping(hostPath: "/nonexistent/file", sandboxPath: "/x")]),
-             .notFound, "/nonexistent/file"),
-            (RunSpec(command: ["true"], files: [FileMapping(hostPath: "/etc/hostname", sandboxPath: "/a/../../x")]),
-             .pathEscapes, "/a/../../x"),
+            (
+                RunSpec(command: ["true"], files: [FileMapping(hostPath: "/nonexistent/file", sandboxPath: "/x")]),
+                .notFound, "/nonexistent/file"
+            ),
+            (
+                RunSpec(command: ["true"], files: [FileMapping(hostPath: "/etc/hostname", sandboxPath: "/a/../../x")]),
+                .pathEscapes, "/a/../../x"
+            ),
             (RunSpec(command: ["true"], cwd: "relative"), .invalidArgument, "relative"),
             (RunSpec(command: []), .invalidArgument, "command"),
             (RunSpec(command: ["true"], timeout: -1), .invalidArgument, "timeout"),
@@ -178,7 +187,9 @@ struct EngineTests {
     func timeout() async throws {
         let t = try TemporaryStore()
         let started = Date()
-        let run = try await t.sh("(sleep 30; echo late > /late) & echo partial > /partial; sleep 30") { $0.timeout = 0.5 }
+        let run = try await t.sh("(sleep 30; echo late > /late) & echo partial > /partial; sleep 30") {
+            $0.timeout = 0.5
+        }
         #expect(Date().timeIntervalSince(started) < 10)
         #expect(run.record.timedOut)
         #expect(run.record.resultImage == nil)
@@ -227,7 +238,9 @@ struct EngineTests {
     @Test("the sandbox sees only loopback, up by default and down with network none")
     func network() async throws {
         let t = try TemporaryStore()
-        let run = try await t.sh("cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; cat /sys/class/net/lo/operstate 2>/dev/null; ip -o link 2>/dev/null | wc -l; ip route show table all 2>/dev/null | grep -v '^local\\|^broadcast\\|^multicast\\|^fe80\\|^ff00\\|^::1' | wc -l")
+        let run = try await t.sh(
+            "cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' '; cat /sys/class/net/lo/operstate 2>/dev/null; ip -o link 2>/dev/null | wc -l; ip route show table all 2>/dev/null | grep -v '^local\\|^broadcast\\|^multicast\\|^fe80\\|^ff00\\|^::1' | wc -l"
+        )
         let lines = run.out.split(separator: "\n")
         #expect(lines.first == "lo" && lines.count >= 2)
         #expect(lines[1] == "1", "only lo is a link")
@@ -276,8 +289,12 @@ struct EngineTests {
     @Test("the sandbox's root is an unprivileged host uid, yet files in the image keep their owners")
     func idMapping() async throws {
         let t = try TemporaryStore()
-        let run = try await t.sh("cat /proc/self/uid_map; mkdir /owned; chown 1000:1000 /owned; touch /mine; stat -c '%u' /owned /mine /bin/busybox")
-        let lines = run.out.split(separator: "\n").map { $0.split(whereSeparator: \.isWhitespace).joined(separator: " ") }
+        let run = try await t.sh(
+            "cat /proc/self/uid_map; mkdir /owned; chown 1000:1000 /owned; touch /mine; stat -c '%u' /owned /mine /bin/busybox"
+        )
+        let lines = run.out.split(separator: "\n").map {
+            $0.split(whereSeparator: \.isWhitespace).joined(separator: " ")
+        }
         #expect(lines.first == "0 100000 65536")
         #expect(Array(lines.suffix(3)) == ["1000", "0", "0"])
         let image = try #require(try t.store.image(run.record.resultImage!))
@@ -291,7 +308,8 @@ struct EngineTests {
         let t = try TemporaryStore(flattenThreshold: 4)
         var image = try t.busybox().uuid
         for i in 0..<6 {
-            image = try #require(try await t.sh("echo \(i) > /f\(i); rm -f /f\(i - 1)") { $0.image = image }.record.resultImage)
+            image = try #require(
+                try await t.sh("echo \(i) > /f\(i); rm -f /f\(i - 1)") { $0.image = image }.record.resultImage)
             let record = try #require(try t.store.image(image))
             #expect(record.layers.count <= 4)
         }

@@ -64,7 +64,8 @@ struct ImageFilesystemTests {
         try fs.export(try #require(try fs.lookup("/etc"))) { bytes.append(contentsOf: $0) }
         let scratch = try ScratchDirectory()
         try FileSystem.writeFile(scratch.path + "/etc.tar", bytes)
-        let names = String(decoding: try ChildProcess.run(["tar", "-tf", scratch.path + "/etc.tar"]).stdout, as: UTF8.self)
+        let names = String(
+            decoding: try ChildProcess.run(["tar", "-tf", scratch.path + "/etc.tar"]).stdout, as: UTF8.self)
         #expect(names.split(separator: "\n") == ["etc/", "etc/escape", "etc/passwd"])
     }
 }

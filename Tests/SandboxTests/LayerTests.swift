@@ -86,7 +86,9 @@ struct LayerTests {
         let target = try ScratchDirectory()
         let outside = try ScratchDirectory()
         var extractor = LayerExtractor(root: target.path)
-        try extractor.add(TarEntry(path: "link", kind: .symlink(target: outside.path), mode: 0o777), source: "t.tar") { _ in 0 }
+        try extractor.add(TarEntry(path: "link", kind: .symlink(target: outside.path), mode: 0o777), source: "t.tar") {
+            _ in 0
+        }
         let error = try #require(throws: SandboxError.self) {
             try extractor.add(TarEntry(path: "link/owned", kind: .regular, mode: 0o644), source: "t.tar") { _ in 0 }
         }

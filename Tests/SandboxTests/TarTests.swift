@@ -18,10 +18,16 @@ struct TarTests {
 
     let sample: [(TarEntry, [UInt8])] = [
         (TarEntry(path: "etc", kind: .directory, mode: 0o755, mtime: 1_700_000_000), []),
-        (TarEntry(path: "etc/hello", kind: .regular, mode: 0o644, uid: 7, gid: 8, size: 5, mtime: 1_700_000_001), Array("hello".utf8)),
+        (
+            TarEntry(path: "etc/hello", kind: .regular, mode: 0o644, uid: 7, gid: 8, size: 5, mtime: 1_700_000_001),
+            Array("hello".utf8)
+        ),
         (TarEntry(path: "etc/link", kind: .symlink(target: "/etc/hello"), mode: 0o777), []),
-        (TarEntry(path: String(repeating: "d", count: 120) + "/" + String(repeating: "f", count: 150), kind: .regular,
-                  mode: 0o600, uid: 3_000_000, size: 3, xattrs: [("user.note", Array("x".utf8))]), Array("abc".utf8)),
+        (
+            TarEntry(
+                path: String(repeating: "d", count: 120) + "/" + String(repeating: "f", count: 150), kind: .regular,
+                mode: 0o600, uid: 3_000_000, size: 3, xattrs: [("user.note", Array("x".utf8))]), Array("abc".utf8)
+        ),
     ]
 
     @Test("the same entries always give the same bytes")

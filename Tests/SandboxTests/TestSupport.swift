@@ -27,7 +27,9 @@ final class TemporaryStore {
     func busybox() throws -> ImageRecord { try BaseImages(store: store).resolve("busybox") }
 
     /// Runs a shell script in a sandbox and returns the result.
-    func sh(_ script: String, image: String = "busybox", configure: (inout RunSpec) -> Void = { _ in }) async throws
+    func sh(
+        _ script: String, image: String = "busybox", configure: (inout RunSpec) -> Void = { _ in }
+    ) async throws
         -> RunResult
     {
         var spec = RunSpec(image: image, command: ["sh", "-c", script])
@@ -80,7 +82,9 @@ enum Paths {
 }
 
 /// Runs the CLI and returns its exit status and output.
-func runCLI(_ arguments: [String], home: String, stdin: String? = nil) throws -> (status: Int32, out: String, err: String) {
+func runCLI(
+    _ arguments: [String], home: String, stdin: String? = nil
+) throws -> (status: Int32, out: String, err: String) {
     var env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
     env.append("CONTREE_HOME=\(home)")
     let result = try ChildProcess.run([Paths.cli] + arguments, environment: env)

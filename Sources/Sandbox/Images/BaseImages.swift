@@ -1,52 +1,10 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import Glibc
 
-/// Reports the progress of long work: a rewritten status line on a terminal, plain
-/// timestamped lines otherwise.
-public final class ProgressReporter: Sendable {
-    private let fd: Int32
-    private let isTerminal: Bool
-
-    public init(fd: Int32 = 2) {
-        self.fd = fd
-        self.isTerminal = isatty(fd) == 1
-    }
-
-    /// Reports one step of `task`, `elapsed` seconds in.
-    public func report(_ task: String, _ message: String, elapsed: Double) {
-        let text: String
-        if isTerminal {
-            let line = "[\(task) \(Int(elapsed))s] \(message)"
-            text = "\r\u{1B}[2K" + String(line.prefix(max(20, terminalWidth - 1)))
-        } else {
-            text = "\(Self.timestamp()) [\(task)] \(message)\n"
-        }
-        _ = text.withCString { write(fd, $0, strlen($0)) }
-    }
-
-    /// Ends a task's progress with a final line.
-    public func finish(_ task: String, _ message: String) {
-        let text = (isTerminal ? "\r\u{1B}[2K" : "\(Self.timestamp()) ") + "[\(task)] \(message)\n"
-        _ = text.withCString { write(fd, $0, strlen($0)) }
-    }
-
-    private var terminalWidth: Int {
-        var size = winsize()
-        return ioctl(fd, UInt(TIOCGWINSZ), &size) == 0 && size.ws_col > 0 ? Int(size.ws_col) : 100
-    }
-
-    static func timestamp() -> String {
-        var t = time(nil)
-        var parts = tm()
-        gmtime_r(&t, &parts)
-        func two(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
-        return "\(parts.tm_year + 1900)-\(two(parts.tm_mon + 1))-\(two(parts.tm_mday))T\(two(parts.tm_hour)):\(two(parts.tm_min)):\(two(parts.tm_sec))Z"
-    }
-}
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
 
 /// The built-in images, created on first use without a registry: `busybox` (from Debian's
 /// busybox-static; the default image) and `debian:bookworm` (debootstrap minbase).
@@ -86,7 +44,9 @@ public struct BaseImages: Sendable {
         switch name {
         case "busybox": image = try buildBusybox(lease: lease)
         case "debian:bookworm": image = try buildDebian(lease: lease, suite: "bookworm")
-        default: throw SandboxError(.notFound, "no built-in image named \(name); built-ins: \(BaseImages.names.joined(separator: ", "))")
+        default:
+            throw SandboxError(
+                .notFound, "no built-in image named \(name); built-ins: \(BaseImages.names.joined(separator: ", "))")
         }
         try store.tag(name, image: image.uuid)
         return try store.image(image.uuid) ?? image
@@ -105,7 +65,8 @@ public struct BaseImages: Sendable {
         guard try !ELF.isDynamic(binary) else {
             throw SandboxError(
                 .unsupported,
-                "\(binary) is dynamically linked and cannot run alone in an image: install busybox-static instead of busybox")
+                "\(binary) is dynamically linked and cannot run alone in an image: install busybox-static instead of busybox"
+            )
         }
         let list = try ChildProcess.run([binary, "--list-full"])
         guard list.succeeded else {
@@ -139,13 +100,18 @@ public struct BaseImages: Sendable {
             }
         }
         let files: [(String, String, mode_t)] = [
-            ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n", 0o644),
+            (
+                "etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+                0o644
+            ),
             ("etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644),
             ("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n", 0o644),
             ("etc/hostname", "sandbox\n", 0o644),
             ("etc/shells", "/bin/sh\n/bin/ash\n", 0o644),
         ]
-        for (path, content, mode) in files { try FileSystem.writeFile(root + "/" + path, Array(content.utf8), mode: mode) }
+        for (path, content, mode) in files {
+            try FileSystem.writeFile(root + "/" + path, Array(content.utf8), mode: mode)
+        }
         // One fixed time for every entry: the same busybox gives the same layer digest.
         try BaseImages.setTimes(root, epoch)
         return try Snapshotter(store: store).importRoot(
@@ -175,8 +141,10 @@ public struct BaseImages: Sendable {
         var lastLines: [String] = []
         let result = try ChildProcess.run(
             ["/usr/sbin/debootstrap", "--variant=minbase", suite, root, mirror],
-            environment: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C",
-                          "DEBIAN_FRONTEND=noninteractive"]
+            environment: [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C",
+                "DEBIAN_FRONTEND=noninteractive",
+            ]
         ) { line in
             lastLines = Array((lastLines + [line]).suffix(8))
             if line.hasPrefix("I: ") || line.hasPrefix("W: ") || line.hasPrefix("E: ") {
@@ -186,7 +154,8 @@ public struct BaseImages: Sendable {
         guard result.succeeded else {
             throw SandboxError(
                 .childProcess,
-                "debootstrap failed (exit \(result.status)); its last lines:\n\(lastLines.joined(separator: "\n"))\ncheck that \(mirror) is reachable")
+                "debootstrap failed (exit \(result.status)); its last lines:\n\(lastLines.joined(separator: "\n"))\ncheck that \(mirror) is reachable"
+            )
         }
         // Package files debootstrap leaves behind are not part of a base image.
         let archives = root + "/var/cache/apt/archives"
@@ -221,27 +190,5 @@ public struct BaseImages: Sendable {
             }
         }
         return "http://deb.debian.org/debian"
-    }
-}
-
-/// Just enough ELF to tell a static binary from a dynamic one.
-enum ELF {
-    /// Whether the file has a program interpreter (PT_INTERP), i.e. needs a dynamic loader.
-    static func isDynamic(_ path: String) throws -> Bool {
-        let bytes = try FileSystem.readFile(path)
-        guard bytes.count > 64, bytes[0..<4].elementsEqual([0x7f, 0x45, 0x4c, 0x46]), bytes[4] == 2 else {
-            return false
-        }
-        func u16(_ o: Int) -> Int { Int(bytes[o]) | Int(bytes[o + 1]) << 8 }
-        func u64(_ o: Int) -> Int { (0..<8).reduce(0) { $0 | Int(bytes[o + $1]) << (8 * $1) } }
-        let phoff = u64(32)
-        let phentsize = u16(54)
-        let phnum = u16(56)
-        for i in 0..<phnum {
-            let o = phoff + i * phentsize
-            guard o + 4 <= bytes.count else { break }
-            if bytes[o] == 3 && bytes[o + 1] == 0 && bytes[o + 2] == 0 && bytes[o + 3] == 0 { return true }
-        }
-        return false
     }
 }

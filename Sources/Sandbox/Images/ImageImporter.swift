@@ -55,7 +55,8 @@ public struct ImageImporter: Sendable {
             let errors = try FileSystem.readAll(fd: gunzip.stderr, path: "gzip stderr")
             close(gunzip.stderr)
             guard try ChildProcess.wait(gunzip.pid, "gzip") == 0 else {
-                throw SandboxError(.invalidArgument, "\(path) is not valid gzip: \(String(decoding: errors, as: UTF8.self))")
+                throw SandboxError(
+                    .invalidArgument, "\(path) is not valid gzip: \(String(decoding: errors, as: UTF8.self))")
             }
         } else {
             var reader = TarReader(fd: fd, name: path)

@@ -46,7 +46,8 @@ public struct ImageFilesystem: Sendable {
             if name == "." || name.isEmpty { continue }
             if name == ".." {
                 guard stack.count > 1 else {
-                    throw SandboxError(.pathEscapes, "\(path) climbs above the image's root with '..'; use a path inside the image")
+                    throw SandboxError(
+                        .pathEscapes, "\(path) climbs above the image's root with '..'; use a path inside the image")
                 }
                 stack.removeLast()
                 continue
@@ -59,7 +60,8 @@ public struct ImageFilesystem: Sendable {
             if child.isSymlink && (!pending.isEmpty || followFinal) {
                 hops += 1
                 guard hops <= 40 else {
-                    throw SandboxError(.invalidArgument, "too many levels of symbolic links resolving \(path) in the image")
+                    throw SandboxError(
+                        .invalidArgument, "too many levels of symbolic links resolving \(path) in the image")
                 }
                 let target = try FileSystem.readLink(physicalPath(child))
                 if target.hasPrefix("/") { stack = [root] }

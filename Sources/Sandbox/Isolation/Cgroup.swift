@@ -81,7 +81,8 @@ struct Cgroup {
             guard f.count >= 4 else { continue }
             if f[2] == "cgroup2" { v2Mount = String(f[1]) }
             if f[2] == "cgroup" {
-                for option in f[3].split(separator: ",") where ["memory", "pids", "cpu", "cpuacct", "blkio"].contains(option) {
+                for option in f[3].split(separator: ",")
+                where ["memory", "pids", "cpu", "cpuacct", "blkio"].contains(option) {
                     v1Mounts[String(option)] = String(f[1])
                 }
             }
@@ -97,7 +98,9 @@ struct Cgroup {
         if let v2Mount {
             var parent = v2Mount + (ownV2 == "/" ? "" : ownV2)
             // A process started from a supervisor leaf (below) shares its parent.
-            if let slash = parent.lastIndex(of: "/"), parent[parent.index(after: slash)...].hasPrefix(prefix + "supervisor-") {
+            if let slash = parent.lastIndex(of: "/"),
+                parent[parent.index(after: slash)...].hasPrefix(prefix + "supervisor-")
+            {
                 parent = String(parent[..<slash])
             }
             // What this cgroup may hand to its children.
@@ -111,7 +114,8 @@ struct Cgroup {
             }
         }
         guard v1Mounts["memory"] != nil || v1Mounts["pids"] != nil else {
-            return .unavailable(reason: "no cgroup v2 with memory and pids controllers and no cgroup v1 memory/pids hierarchy")
+            return .unavailable(
+                reason: "no cgroup v2 with memory and pids controllers and no cgroup v1 memory/pids hierarchy")
         }
         var parents: [String: String] = [:]
         for (controller, mount) in v1Mounts {
@@ -161,7 +165,8 @@ struct Cgroup {
             // Where this process is now (it may have moved into a leaf of `parent`).
             let own = (read("/proc/self/cgroup") ?? "").split(separator: "\n").first { $0.hasPrefix("0::") }
             let mount = v2MountPoint()
-            target = own.flatMap { line in mount.map { $0 + line.dropFirst(3) + "/cgroup.procs" } }
+            target =
+                own.flatMap { line in mount.map { $0 + line.dropFirst(3) + "/cgroup.procs" } }
                 ?? parent + "/cgroup.procs"
         case .v1(let parents): target = parents["pids"].map { $0 + "/cgroup.procs" }
         case .unavailable: target = nil
@@ -169,12 +174,14 @@ struct Cgroup {
         guard let target, geteuid() == 0 else { return }
         var thread = pthread_t()
         let path = strdup(target)
-        let rc = pthread_create(&thread, nil, { raw in
-            let path = raw!.assumingMemoryBound(to: CChar.self)
-            _ = Cgroup.write(String(cString: path), String(getpid()))
-            free(path)
-            return nil
-        }, path)
+        let rc = pthread_create(
+            &thread, nil,
+            { raw in
+                let path = raw!.assumingMemoryBound(to: CChar.self)
+                _ = Cgroup.write(String(cString: path), String(getpid()))
+                free(path)
+                return nil
+            }, path)
         if rc == 0 { pthread_detach(thread) } else { free(path) }
     }
 

@@ -21,7 +21,9 @@ public enum LayerArchiver {
     static let opaqueXattrs = ["trusted.overlay.opaque", "user.overlay.opaque"]
 
     /// Computes the layer's summary; if `writer` is given, also writes the stream to it.
-    public static func archive(directory: String, to writer: ((UnsafeRawBufferPointer) throws -> Void)? = nil)
+    public static func archive(
+        directory: String, to writer: ((UnsafeRawBufferPointer) throws -> Void)? = nil
+    )
         throws -> LayerSummary
     {
         var hasher = SHA256()
@@ -155,7 +157,9 @@ extension SHA256.Digest {
     var hexString: String { Array(self).hexString }
 }
 
-func deviceMajor(_ dev: UInt) -> UInt32 { UInt32(truncatingIfNeeded: ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt(0xfff))) }
+func deviceMajor(_ dev: UInt) -> UInt32 {
+    UInt32(truncatingIfNeeded: ((dev >> 8) & 0xfff) | ((dev >> 32) & ~UInt(0xfff)))
+}
 func deviceMinor(_ dev: UInt) -> UInt32 { UInt32(truncatingIfNeeded: (dev & 0xff) | ((dev >> 12) & ~UInt(0xff))) }
 func makeDevice(_ major: UInt32, _ minor: UInt32) -> dev_t {
     let ma = UInt64(major), mi = UInt64(minor)

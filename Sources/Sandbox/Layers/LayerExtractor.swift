@@ -27,7 +27,8 @@ public struct LayerExtractor {
             if part == "." { continue }
             if part == ".." {
                 throw SandboxError(
-                    .pathEscapes, "\(source): member \(path) contains '..' and would escape the image; the archive is refused")
+                    .pathEscapes,
+                    "\(source): member \(path) contains '..' and would escape the image; the archive is refused")
             }
             parts.append(String(part))
         }
@@ -43,11 +44,13 @@ public struct LayerExtractor {
             if let st = try FileSystem.status(path) {
                 if st.isSymlink {
                     throw SandboxError(
-                        .pathEscapes, "\(source): member \(member) goes through the symlink \(part); the archive is refused")
+                        .pathEscapes,
+                        "\(source): member \(member) goes through the symlink \(part); the archive is refused")
                 }
                 guard st.isDirectory else {
                     throw SandboxError(
-                        .invalidArgument, "\(source): member \(member) needs \(part) to be a directory, but it is a file")
+                        .invalidArgument,
+                        "\(source): member \(member) needs \(part) to be a directory, but it is a file")
                 }
             } else {
                 try FileSystem.makeDirectory(path, mode: 0o755)
@@ -101,14 +104,19 @@ public struct LayerExtractor {
             let targetPath = targetParent + "/" + (targetParts.last ?? "")
             guard let st = try FileSystem.status(targetPath), !st.isDirectory else {
                 throw SandboxError(
-                    .invalidArgument, "\(source): hard link \(entry.path) points to \(target), which is not in the archive before it")
+                    .invalidArgument,
+                    "\(source): hard link \(entry.path) points to \(target), which is not in the archive before it")
             }
             if link(targetPath, path) != 0 { throw SandboxError.system("link(\(path))") }
             return  // a hard link shares the target's metadata
         case .characterDevice(let major, let minor):
-            if mknod(path, S_IFCHR | 0o600, makeDevice(major, minor)) != 0 { throw SandboxError.system("mknod(\(path))") }
+            if mknod(path, S_IFCHR | 0o600, makeDevice(major, minor)) != 0 {
+                throw SandboxError.system("mknod(\(path))")
+            }
         case .blockDevice(let major, let minor):
-            if mknod(path, S_IFBLK | 0o600, makeDevice(major, minor)) != 0 { throw SandboxError.system("mknod(\(path))") }
+            if mknod(path, S_IFBLK | 0o600, makeDevice(major, minor)) != 0 {
+                throw SandboxError.system("mknod(\(path))")
+            }
         case .fifo:
             if mkfifo(path, 0o600) != 0 { throw SandboxError.system("mkfifo(\(path))") }
         }
@@ -139,6 +147,8 @@ enum Metadata {
 
     static func setTime(_ path: String, _ mtime: Int64) throws {
         var times = [timespec(tv_sec: Int(mtime), tv_nsec: 0), timespec(tv_sec: Int(mtime), tv_nsec: 0)]
-        if utimensat(AT_FDCWD, path, &times, AT_SYMLINK_NOFOLLOW) != 0 { throw SandboxError.system("utimensat(\(path))") }
+        if utimensat(AT_FDCWD, path, &times, AT_SYMLINK_NOFOLLOW) != 0 {
+            throw SandboxError.system("utimensat(\(path))")
+        }
     }
 }

@@ -21,14 +21,18 @@ enum LayerFlattener {
                 directoryTimes.append((target, mtime))
             case S_IFREG:
                 if link(source, target) != 0 {
-                    guard errno == EMLINK || errno == EXDEV else { throw SandboxError.system("link(\(source), \(target))") }
+                    guard errno == EMLINK || errno == EXDEV else {
+                        throw SandboxError.system("link(\(source), \(target))")
+                    }
                     try FileSystem.copyContents(from: source, to: target, mode: 0o600)
                     try Metadata.apply(
                         to: target, isSymlink: false, mode: UInt32(st.st_mode), uid: st.st_uid, gid: st.st_gid,
                         mtime: mtime, xattrs: LayerArchiver.xattrs(of: source))
                 }
             case S_IFLNK:
-                if symlink(try FileSystem.readLink(source), target) != 0 { throw SandboxError.system("symlink(\(target))") }
+                if symlink(try FileSystem.readLink(source), target) != 0 {
+                    throw SandboxError.system("symlink(\(target))")
+                }
                 try Metadata.apply(
                     to: target, isSymlink: true, mode: 0, uid: st.st_uid, gid: st.st_gid, mtime: mtime, xattrs: [])
             default:

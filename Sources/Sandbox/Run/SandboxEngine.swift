@@ -1,9 +1,10 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import Glibc
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
 
 /// Runs commands in sandboxes over images and records the results: resolve the image, take a
 /// lease on its layers, prepare an upper, hand it to the isolation backend, commit the changes
@@ -13,7 +14,9 @@ public final class SandboxEngine: Sendable {
     public let baseImages: BaseImages
     private let backends: [IsolationKind: any IsolationBackend]
 
-    public init(store: Store, backends: [any IsolationBackend] = [ContainerBackend()], progress: ProgressReporter? = nil) {
+    public init(
+        store: Store, backends: [any IsolationBackend] = [ContainerBackend()], progress: ProgressReporter? = nil
+    ) {
         self.store = store
         self.baseImages = BaseImages(store: store, progress: progress)
         var map: [IsolationKind: any IsolationBackend] = [:]
@@ -46,7 +49,9 @@ public final class SandboxEngine: Sendable {
         Trace.mark("launch")
         let outcome = try await backend.run(prepared.request)
         Trace.mark("sandbox ended")
-        return try await DedicatedThread.run { try self.finish(prepared, spec: spec, outcome: outcome, backend: backend.kind) }
+        return try await DedicatedThread.run {
+            try self.finish(prepared, spec: spec, outcome: outcome, backend: backend.kind)
+        }
     }
 
     /// What a run holds between its preparation and its commit.
@@ -120,7 +125,9 @@ public final class SandboxEngine: Sendable {
             let key = String(entry.prefix { $0 != "=" })
             if !seen.contains(key) { environment.append(entry) }
         }
-        if !environment.contains(where: { $0.hasPrefix("PATH=") }) { environment.append("PATH=\(ImageConfig.defaultPath)") }
+        if !environment.contains(where: { $0.hasPrefix("PATH=") }) {
+            environment.append("PATH=\(ImageConfig.defaultPath)")
+        }
         let (uid, gid) = try SandboxEngine.parseUser(image.config.user)
 
         let request = LaunchRequest(
@@ -135,7 +142,9 @@ public final class SandboxEngine: Sendable {
     }
 
     /// Commits the changes (unless disposable or killed) and records the run.
-    private func finish(_ prepared: Prepared, spec: RunSpec, outcome: LaunchOutcome, backend: IsolationKind) throws
+    private func finish(
+        _ prepared: Prepared, spec: RunSpec, outcome: LaunchOutcome, backend: IsolationKind
+    ) throws
         -> RunResult
     {
         let image = prepared.image
@@ -173,7 +182,9 @@ public final class SandboxEngine: Sendable {
 
     /// The recorded run with this id.
     public func record(_ id: String) throws -> RunRecord? {
-        guard let text = try store.database.query("SELECT record FROM runs WHERE id = ?", [.text(id)]).first?["record"].string
+        guard
+            let text = try store.database.query("SELECT record FROM runs WHERE id = ?", [.text(id)]).first?["record"]
+                .string
         else { return nil }
         return try SandboxEngine.decoder.decode(RunRecord.self, from: Data(text.utf8))
     }
@@ -186,8 +197,10 @@ public final class SandboxEngine: Sendable {
         let json = String(decoding: try encoder.encode(record), as: UTF8.self)
         try tx.query(
             "INSERT INTO runs(id, image, result_image, started, record) VALUES(?, ?, ?, ?, ?)",
-            [.text(record.id), .text(record.image), record.resultImage.sql,
-             .real(record.startedAt.timeIntervalSince1970), .text(json)])
+            [
+                .text(record.id), .text(record.image), record.resultImage.sql,
+                .real(record.startedAt.timeIntervalSince1970), .text(json),
+            ])
     }
 
     static let encoder: JSONEncoder = {
@@ -210,7 +223,8 @@ public final class SandboxEngine: Sendable {
         for name in ["proc", "dev"] {
             if let node = try fs.child(of: fs.root, named: name), node.isDirectory { continue }
             if try fs.child(of: fs.root, named: name) != nil {
-                throw SandboxError(.invalidArgument, "the image has a /\(name) that is not a directory; it cannot be run")
+                throw SandboxError(
+                    .invalidArgument, "the image has a /\(name) that is not a directory; it cannot be run")
             }
             try FileSystem.makeDirectory(upper + "/" + name, mode: 0o755)
             added.append("/" + name)
@@ -232,7 +246,8 @@ public final class SandboxEngine: Sendable {
             throw SandboxError(.invalidArgument, "timeout must be a positive number of seconds, got \(timeout)")
         }
         if let memory = spec.limits.memoryBytes, memory < 1 << 20 {
-            throw SandboxError(.invalidArgument, "memory limit \(memory) bytes is below 1 MiB; a sandbox cannot start in that")
+            throw SandboxError(
+                .invalidArgument, "memory limit \(memory) bytes is below 1 MiB; a sandbox cannot start in that")
         }
         if let cpus = spec.limits.cpus, !(cpus > 0) {
             throw SandboxError(.invalidArgument, "cpus must be positive, got \(cpus)")

@@ -1,9 +1,10 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import Glibc
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
 
 /// The result of committing a directory of changes.
 public struct CommitResult: Sendable {
@@ -61,11 +62,15 @@ public struct Snapshotter: Sendable {
                 for layer in newLayers {
                     try tx.query(
                         "INSERT OR IGNORE INTO layers(digest, size, files, entries, created) VALUES(?, ?, ?, ?, ?)",
-                        [.text(layer.digest), .integer(layer.bytes), .integer(Int64(layer.files)),
-                         .integer(Int64(layer.entries)), .real(Store.now)])
+                        [
+                            .text(layer.digest), .integer(layer.bytes), .integer(Int64(layer.files)),
+                            .integer(Int64(layer.entries)), .real(Store.now),
+                        ])
                 }
                 sized.size = try layers.reduce(Int64(0)) { total, digest in
-                    total + (try tx.query("SELECT size FROM layers WHERE digest = ?", [.text(digest)]).first?["size"].int ?? 0)
+                    total
+                        + (try tx.query("SELECT size FROM layers WHERE digest = ?", [.text(digest)]).first?["size"].int
+                            ?? 0)
                 }
                 try store.insertImage(tx, sized, newLayers: [])
                 try record(tx, sized, summary)
@@ -102,7 +107,9 @@ public struct Snapshotter: Sendable {
     }
 
     /// Imports a root file system prepared in `directory` as a new root image.
-    public func importRoot(_ directory: String, config: ImageConfig, origin: String, lease: Lease) throws
+    public func importRoot(
+        _ directory: String, config: ImageConfig, origin: String, lease: Lease
+    ) throws
         -> ImageRecord
     {
         try commit(directory, base: nil, config: config, origin: origin, lease: lease).image

@@ -139,7 +139,9 @@ public final class Database: Sendable {
             case .real(let v): sqlite3_bind_double(stmt, index, v)
             case .text(let s): sqlite3_bind_text(stmt, index, s, -1, csq_transient())
             case .blob(let b):
-                _ = b.withUnsafeBytes { sqlite3_bind_blob(stmt, index, $0.baseAddress, Int32($0.count), csq_transient()) }
+                _ = b.withUnsafeBytes {
+                    sqlite3_bind_blob(stmt, index, $0.baseAddress, Int32($0.count), csq_transient())
+                }
             }
         }
         var rows: [SQLRow] = []

@@ -1,7 +1,7 @@
 #if canImport(FoundationEssentials)
-import FoundationEssentials
+    import FoundationEssentials
 #else
-import Foundation
+    import Foundation
 #endif
 
 extension Store {
@@ -79,14 +79,18 @@ extension Store {
         for layer in newLayers {
             try tx.query(
                 "INSERT OR IGNORE INTO layers(digest, size, files, entries, created) VALUES(?, ?, ?, ?, ?)",
-                [.text(layer.digest), .integer(layer.bytes), .integer(Int64(layer.files)),
-                 .integer(Int64(layer.entries)), .real(Store.now)])
+                [
+                    .text(layer.digest), .integer(layer.bytes), .integer(Int64(layer.files)),
+                    .integer(Int64(layer.entries)), .real(Store.now),
+                ])
         }
         let config = String(decoding: try JSONEncoder().encode(record.config), as: UTF8.self)
         try tx.query(
             "INSERT INTO images(uuid, parent, config, size, created, origin) VALUES(?, ?, ?, ?, ?, ?)",
-            [.text(record.uuid), record.parent.sql, .text(config), .integer(record.size),
-             .real(record.created.timeIntervalSince1970), .text(record.origin)])
+            [
+                .text(record.uuid), record.parent.sql, .text(config), .integer(record.size),
+                .real(record.created.timeIntervalSince1970), .text(record.origin),
+            ])
         for (position, layer) in record.layers.enumerated() {
             try tx.query(
                 "INSERT INTO image_layers(image, position, layer) VALUES(?, ?, ?)",
@@ -98,7 +102,8 @@ extension Store {
     func size(ofLayers layers: [String]) throws -> Int64 {
         var total: Int64 = 0
         for layer in layers {
-            total += try database.query("SELECT size FROM layers WHERE digest = ?", [.text(layer)]).first?["size"].int ?? 0
+            total +=
+                try database.query("SELECT size FROM layers WHERE digest = ?", [.text(layer)]).first?["size"].int ?? 0
         }
         return total
     }
@@ -164,7 +169,9 @@ extension Store {
     /// - Parameter force: also remove its tags; without it a tagged image is refused.
     public func removeImage(_ uuid: String, force: Bool) throws {
         try database.transaction { tx in
-            let tags = try tx.query("SELECT name FROM tags WHERE image = ?", [.text(uuid)]).compactMap { $0["name"].string }
+            let tags = try tx.query("SELECT name FROM tags WHERE image = ?", [.text(uuid)]).compactMap {
+                $0["name"].string
+            }
             if !tags.isEmpty && !force {
                 throw SandboxError(
                     .conflict,

@@ -1,9 +1,10 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import Glibc
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
 
 /// What `gc` removed.
 public struct GarbageReport: Sendable, Codable {
@@ -47,9 +48,11 @@ extension Store {
             report.abandonedWork = try recoverAbandonedWork().count
             if let age = pruneUntaggedOlderThan { report.imagesRemoved = try pruneUntagged(olderThan: age) }
             let doomed: [(String, Int64)] = try database.transaction { tx in
-                var live = Set(try tx.query("SELECT DISTINCT layer FROM image_layers").compactMap { $0["layer"].string })
+                var live = Set(
+                    try tx.query("SELECT DISTINCT layer FROM image_layers").compactMap { $0["layer"].string })
                 for row in try tx.query("SELECT layers FROM leases") {
-                    let layers = try JSONDecoder().decode([String].self, from: Data((row["layers"].string ?? "[]").utf8))
+                    let layers = try JSONDecoder().decode(
+                        [String].self, from: Data((row["layers"].string ?? "[]").utf8))
                     live.formUnion(layers)
                 }
                 let all = try tx.query("SELECT digest, size FROM layers")
@@ -66,7 +69,8 @@ extension Store {
                 report.bytesFreed += size
             }
             // Directories without a row: commits that died between rename and transaction.
-            let known = Set(try database.query("SELECT digest FROM layers").compactMap { $0["digest"].string.map(Store.hex) })
+            let known = Set(
+                try database.query("SELECT digest FROM layers").compactMap { $0["digest"].string.map(Store.hex) })
             for name in try FileSystem.list(layersPath) where !known.contains(name) {
                 try FileSystem.removeTree(layersPath + "/" + name)
                 report.layersRemoved += 1
@@ -83,7 +87,9 @@ extension Store {
             var frontier = try tx.query("SELECT image FROM tags").compactMap { $0["image"].string }
             while let uuid = frontier.popLast() {
                 guard keep.insert(uuid).inserted else { continue }
-                if let parent = try tx.query("SELECT parent FROM images WHERE uuid = ?", [.text(uuid)]).first?["parent"].string {
+                if let parent = try tx.query("SELECT parent FROM images WHERE uuid = ?", [.text(uuid)]).first?["parent"]
+                    .string
+                {
                     frontier.append(parent)
                 }
             }
@@ -122,7 +128,8 @@ extension Store {
             do {
                 let summary = try LayerArchiver.archive(directory: path)
                 if summary.digest != digest {
-                    report.problems.append("layer \(digest) has changed on disk: its content now hashes to \(summary.digest)")
+                    report.problems.append(
+                        "layer \(digest) has changed on disk: its content now hashes to \(summary.digest)")
                 } else if summary.bytes != row["size"].int || Int64(summary.entries) != row["entries"].int {
                     report.problems.append("layer \(digest): size or entry count differs from its record")
                 }

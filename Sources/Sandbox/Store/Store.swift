@@ -1,9 +1,10 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import Glibc
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
 
 /// The image store under `$CONTREE_HOME`: an SQLite database (WAL) plus immutable layer
 /// directories.
@@ -90,7 +91,8 @@ public final class Store: Sendable {
         guard version == String(Store.schemaVersion) else {
             throw SandboxError(
                 .unsupported,
-                "the store at \(root) has schema version \(version ?? "?"), this build reads \(Store.schemaVersion); use a matching contree-pipeline or another CONTREE_HOME")
+                "the store at \(root) has schema version \(version ?? "?"), this build reads \(Store.schemaVersion); use a matching contree-pipeline or another CONTREE_HOME"
+            )
         }
     }
 

@@ -116,7 +116,8 @@ public enum ChildProcess {
             close(errPipe[0])
             if captureStdout { close(outPipe[0]) }
             throw SandboxError(
-                .childProcess, "cannot start \(argv[0]); is it installed? (`scripts/setup` installs what the project needs)",
+                .childProcess,
+                "cannot start \(argv[0]); is it installed? (`scripts/setup` installs what the project needs)",
                 errno: rc)
         }
         return Spawned(pid: pid, stdout: captureStdout ? outPipe[0] : nil, stderr: errPipe[0])

@@ -21,11 +21,13 @@ enum DedicatedThread {
             pthread_attr_setstacksize(&attributes, 1 << 20)
             pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
             var thread = pthread_t()
-            let rc = pthread_create(&thread, &attributes, { raw in
-                let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-                box.body()
-                return nil
-            }, context)
+            let rc = pthread_create(
+                &thread, &attributes,
+                { raw in
+                    let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
+                    box.body()
+                    return nil
+                }, context)
             pthread_attr_destroy(&attributes)
             if rc != 0 {
                 Unmanaged<Box>.fromOpaque(context).release()

@@ -7,11 +7,11 @@ public enum Trace {
 
     public static func mark(_ phase: @autoclosure () -> String, at time: Double? = nil) {
         guard enabled else { return }
-        let line = "[trace] \(String(format: ((time ?? Clock.monotonic) - start) * 1000)) ms  \(phase())\n"
+        let line = "[trace] \(milliseconds(((time ?? Clock.monotonic) - start) * 1000)) ms  \(phase())\n"
         _ = line.withCString { write(2, $0, strlen($0)) }
     }
 
-    private static func String(format value: Double) -> Swift.String {
+    private static func milliseconds(_ value: Double) -> Swift.String {
         let tenths = Int((value * 10).rounded())
         return "\(tenths / 10).\(tenths % 10)"
     }

@@ -1,11 +1,11 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
-import CSandbox
 import CSandbox
 import Glibc
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
 
 /// Thin, throwing wrappers over the file system calls the store needs. Every error names the
 /// call and the path. Nothing here follows a symlink unless it says so.

@@ -31,7 +31,8 @@ public struct TarReader {
             guard try readFully(&header, allowEOF: true) else { return nil }
             if header.allSatisfy({ $0 == 0 }) { return nil }
             guard verifyChecksum(header) else {
-                throw SandboxError(.invalidArgument, "\(name) is not a tar archive (bad header checksum); check the file")
+                throw SandboxError(
+                    .invalidArgument, "\(name) is not a tar archive (bad header checksum); check the file")
             }
             let typeflag = header[156]
             let size = try number(header, 124, 12, field: "size")
@@ -56,7 +57,9 @@ public struct TarReader {
             let merged = globalPax.merging(pax) { $1 }
             var path = field(header, 0, 100)
             let prefix = field(header, 345, 155)
-            if !prefix.isEmpty && header[257..<262].elementsEqual("ustar".utf8) { path = prefix + [UInt8(ascii: "/")] + path }
+            if !prefix.isEmpty && header[257..<262].elementsEqual("ustar".utf8) {
+                path = prefix + [UInt8(ascii: "/")] + path
+            }
             if let longName { path = longName }
             if let p = merged["path"] { path = p }
             var link = field(header, 157, 100)

@@ -51,7 +51,9 @@ public struct TarWriter {
 
     /// Appends an entry; for regular files, `content` must supply exactly `entry.size` bytes
     /// by calling the given writer one or more times.
-    public func append(_ entry: TarEntry, content: ((UnsafeRawBufferPointer) throws -> Void) throws -> Void = { _ in }) throws {
+    public func append(
+        _ entry: TarEntry, content: ((UnsafeRawBufferPointer) throws -> Void) throws -> Void = { _ in }
+    ) throws {
         var name = Array(entry.path.utf8)
         if entry.kind == .directory && name.last != UInt8(ascii: "/") { name.append(UInt8(ascii: "/")) }
         var pax: [(String, [UInt8])] = []
@@ -130,12 +132,14 @@ public struct TarWriter {
         try content { chunk in
             written += Int64(chunk.count)
             guard written <= size else {
-                throw SandboxError(.corrupt, "\(entry.path) grew while it was archived; retry once nothing writes to it")
+                throw SandboxError(
+                    .corrupt, "\(entry.path) grew while it was archived; retry once nothing writes to it")
             }
             try sink(chunk)
         }
         guard written == size else {
-            throw SandboxError(.corrupt, "\(entry.path) changed size while it was archived (\(written) of \(size) bytes)")
+            throw SandboxError(
+                .corrupt, "\(entry.path) changed size while it was archived (\(written) of \(size) bytes)")
         }
         try pad(size)
     }

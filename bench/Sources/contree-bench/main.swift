@@ -43,7 +43,9 @@ func percentile(_ xs: [Double], _ p: Double) -> Double {
 
 func ms(_ seconds: Double) -> String { String(format: "%.1f ms", seconds * 1000) }
 
-func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
+func pad(_ s: String, _ width: Int) -> String {
+    s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count)
+}
 
 func now() -> Double {
     var ts = timespec()
@@ -57,7 +59,8 @@ func timed(_ argv: [String], env: [String]? = nil) throws -> Double {
     let result = try ChildProcess.run(argv, environment: env)
     let elapsed = now() - start
     guard result.succeeded else {
-        throw SandboxError(.childProcess, "\(argv.joined(separator: " ")) failed (\(result.status)): \(result.stderrText)")
+        throw SandboxError(
+            .childProcess, "\(argv.joined(separator: " ")) failed (\(result.status)): \(result.stderrText)")
     }
     return elapsed
 }
@@ -75,13 +78,19 @@ func ociBundle(rootfs: String, at dir: String) throws {
     try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
     let config: [String: Any] = [
         "ociVersion": "1.0.2",
-        "process": ["terminal": false, "user": ["uid": 0, "gid": 0], "args": ["/bin/true"], "env": ["PATH=/bin"],
-                    "cwd": "/", "noNewPrivileges": true],
+        "process": [
+            "terminal": false, "user": ["uid": 0, "gid": 0], "args": ["/bin/true"], "env": ["PATH=/bin"],
+            "cwd": "/", "noNewPrivileges": true,
+        ],
         "root": ["path": rootfs, "readonly": true],
         "hostname": "bench",
-        "mounts": [["destination": "/proc", "type": "proc", "source": "proc"],
-                   ["destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]]],
-        "linux": ["namespaces": [["type": "pid"], ["type": "network"], ["type": "ipc"], ["type": "uts"], ["type": "mount"]]],
+        "mounts": [
+            ["destination": "/proc", "type": "proc", "source": "proc"],
+            ["destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]],
+        ],
+        "linux": [
+            "namespaces": [["type": "pid"], ["type": "network"], ["type": "ipc"], ["type": "uts"], ["type": "mount"]]
+        ],
     ]
     let data = try JSONSerialization.data(withJSONObject: config)
     try data.write(to: URL(fileURLWithPath: dir + "/config.json"))
@@ -97,15 +106,22 @@ func sandboxBenchmark(_ options: Options) async throws {
     guard FileManager.default.isExecutableFile(atPath: cli) else {
         throw SandboxError(.notFound, "\(cli) is missing: build the package first (swift build -c release)")
     }
-    let env = ProcessInfo.processInfo.environment.filter { $0.key != "CONTREE_HOME" }.map { "\($0.key)=\($0.value)" }
+    let env =
+        ProcessInfo.processInfo.environment.filter { $0.key != "CONTREE_HOME" }.map { "\($0.key)=\($0.value)" }
         + ["CONTREE_HOME=\(options.home)"]
     let rootfs = store.layerPath(busybox.layers[0])
 
     // 1. `true` on busybox: our CLI (run, commit, metrics, record) against bwrap and an OCI runtime.
     var peers: [(String, [String])] = []
     if let bwrap = which("bwrap") {
-        peers.append(("bwrap", [bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", rootfs, "/", "--proc", "/proc",
-                                "--dev", "/dev", "/bin/true"]))
+        peers.append(
+            (
+                "bwrap",
+                [
+                    bwrap, "--unshare-all", "--die-with-parent", "--ro-bind", rootfs, "/", "--proc", "/proc",
+                    "--dev", "/dev", "/bin/true",
+                ]
+            ))
     }
     let bundle = options.home + "/oci-bundle"
     try ociBundle(rootfs: rootfs, at: bundle)
@@ -126,7 +142,8 @@ func sandboxBenchmark(_ options: Options) async throws {
         let ours = try timed([cli, "exec", "--image", "busybox", "--", "true"], env: env)
         if round >= 0 { samples[cliName, default: []].append(ours) }
         let start = now()
-        let run = try await engine.run(RunSpec(image: busybox.uuid, command: ["true"], stdout: .discard, stderr: .discard))
+        let run = try await engine.run(
+            RunSpec(image: busybox.uuid, command: ["true"], stdout: .discard, stderr: .discard))
         guard run.record.exitCode == 0 else { throw SandboxError(.childProcess, "true failed in the sandbox") }
         if round >= 0 { samples[engineName, default: []].append(now() - start) }
         for (name, argv) in peers {
@@ -160,9 +177,10 @@ func sandboxBenchmark(_ options: Options) async throws {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for i in 0..<options.forks {
                     group.addTask {
-                        let r = try await engine.run(RunSpec(
-                            image: image.uuid, command: ["sh", "-c", "echo \(i) > /branch-\(i)"], stdout: .discard,
-                            stderr: .discard))
+                        let r = try await engine.run(
+                            RunSpec(
+                                image: image.uuid, command: ["sh", "-c", "echo \(i) > /branch-\(i)"], stdout: .discard,
+                                stderr: .discard))
                         guard r.record.exitCode == 0, r.record.resultImage != image.uuid else {
                             throw SandboxError(.childProcess, "fork \(i) failed")
                         }
@@ -173,12 +191,18 @@ func sandboxBenchmark(_ options: Options) async throws {
             totals.append(now() - start)
         }
         forkTimes[name] = median(totals)
-        print(pad(name, 18) + String(format: "%6.2f s total (%@ per child)", median(totals),
-                     ms(median(totals) / Double(options.forks))) + "  (target < 3 s: \(median(totals) < 3 ? "met" : "MISSED"))")
+        print(
+            pad(name, 18)
+                + String(
+                    format: "%6.2f s total (%@ per child)", median(totals),
+                    ms(median(totals) / Double(options.forks)))
+                + "  (target < 3 s: \(median(totals) < 3 ? "met" : "MISSED"))")
     }
     if let b = forkTimes["busybox"], let d = forkTimes["debian:bookworm"] {
-        print(String(format: "ratio debian/busybox: %.2f", d / b)
-              + " (target <= 1.5: \(d / b <= 1.5 ? "met" : "MISSED"); images of \(Format.size(images[1].1.size)) and \(Format.size(images[0].1.size)))")
+        print(
+            String(format: "ratio debian/busybox: %.2f", d / b)
+                + " (target <= 1.5: \(d / b <= 1.5 ? "met" : "MISSED"); images of \(Format.size(images[1].1.size)) and \(Format.size(images[0].1.size)))"
+        )
     }
 
     // 3. Commit of a one-file change on debian minbase (or busybox when skipped).
@@ -186,13 +210,17 @@ func sandboxBenchmark(_ options: Options) async throws {
     var commits: [Double] = []
     var walls: [Double] = []
     for i in 0..<options.runs {
-        let r = try await engine.run(RunSpec(
-            image: commitImage.uuid, command: ["sh", "-c", "echo \(i) > /one-file"], stdout: .discard, stderr: .discard))
+        let r = try await engine.run(
+            RunSpec(
+                image: commitImage.uuid, command: ["sh", "-c", "echo \(i) > /one-file"], stdout: .discard,
+                stderr: .discard))
         commits.append(r.record.metrics.commitSeconds)
         walls.append(r.record.metrics.wallSeconds)
     }
     print("\n== commit of a one-file change on \(commitName) (\(options.runs) runs) ==")
-    print("commit median \(ms(median(commits))), p90 \(ms(percentile(commits, 0.9))) (target < 15 ms: \(median(commits) < 0.015 ? "met" : "MISSED")); sandbox wall median \(ms(median(walls)))")
+    print(
+        "commit median \(ms(median(commits))), p90 \(ms(percentile(commits, 0.9))) (target < 15 ms: \(median(commits) < 0.015 ? "met" : "MISSED")); sandbox wall median \(ms(median(walls)))"
+    )
     _ = try store.collectGarbage(pruneUntaggedOlderThan: 0)
 }
 

@@ -1,0 +1,202 @@
+import CSandbox
+import Glibc
+
+/// One run of the container backend, on its dedicated thread.
+struct ContainerLaunch {
+    let request: LaunchRequest
+    let cancelFD: Int32
+
+    /// fds this launch opened and must close.
+    final class Closer {
+        var fds: [Int32] = []
+        func add(_ fd: Int32) -> Int32 {
+            fds.append(fd)
+            return fd
+        }
+        func close(_ fd: Int32) {
+            if let i = fds.firstIndex(of: fd) {
+                fds.remove(at: i)
+                Glibc.close(fd)
+            }
+        }
+        deinit { for fd in fds { Glibc.close(fd) } }
+    }
+
+    func execute() throws -> LaunchOutcome {
+        let initProgram = try ContainerBackend.initProgram()
+        let userns = try ContainerBackend.userNamespace()
+        Trace.mark("user namespace")
+        let closer = Closer()
+
+        func pipePair() throws -> (read: Int32, write: Int32) {
+            var p: [Int32] = [-1, -1]
+            guard csb_pipe_cloexec(&p) == 0 else { throw SandboxError.system("pipe2") }
+            return (closer.add(p[0]), closer.add(p[1]))
+        }
+        func devNull(_ flags: Int32) throws -> Int32 {
+            let fd = open("/dev/null", flags | O_CLOEXEC)
+            guard fd >= 0 else { throw SandboxError.system("open(/dev/null)") }
+            return closer.add(fd)
+        }
+
+        // stdio: what the child gets, and what we keep to feed or drain.
+        var stdinChild: Int32
+        var stdinFeed: (fd: Int32, bytes: [UInt8])?
+        switch request.stdin {
+        case .null: stdinChild = try devNull(O_RDONLY)
+        case .fileDescriptor(let fd): stdinChild = fd
+        case .bytes(let bytes):
+            let p = try pipePair()
+            stdinChild = p.read
+            _ = fcntl(p.write, F_SETFL, O_NONBLOCK)
+            stdinFeed = (p.write, bytes)
+        }
+        func outputEnd(_ sink: OutputSink) throws -> (child: Int32, drain: Int32?) {
+            switch sink {
+            case .fileDescriptor(let fd): return (fd, nil)
+            case .discard: return (try devNull(O_WRONLY), nil)
+            case .capture:
+                let p = try pipePair()
+                return (p.write, p.read)
+            }
+        }
+        let out = try outputEnd(request.stdout)
+        let err = try outputEnd(request.stderr)
+        let go = try pipePair()
+        let report = try pipePair()
+
+        let cgroup = try Cgroup.create(storeRoot: request.storeRoot, id: request.id, limits: request.limits)
+        Trace.mark("cgroup created")
+        defer { cgroup.remove() }
+
+        let lowers = CStringArray(request.lowers)
+        let argv = CStringArray(request.argv)
+        let envp = CStringArray(request.environment)
+        let paths = CStringArray(request.files.map(\.mapping.sandboxPath))
+        let strings = CStringArray([
+            request.upper, request.work, request.rootMount, request.hostname, request.cwd, request.storeRoot,
+            initProgram,
+        ])
+        let files = UnsafeMutablePointer<csb_file_copy>.allocate(capacity: max(1, request.files.count))
+        defer { files.deallocate() }
+        for (i, file) in request.files.enumerated() {
+            files[i] = csb_file_copy(
+                source_fd: file.fd, path: paths.pointer[i], mode: file.mapping.mode ?? 0o644, uid: file.mapping.uid,
+                gid: file.mapping.gid)
+        }
+        var launch = csb_launch()
+        launch.store = strings.pointer[5]
+        launch.init_path = strings.pointer[6]
+        launch.lowers = UnsafePointer(lowers.pointer)
+        launch.lower_count = request.lowers.count
+        launch.upper = strings.pointer[0]
+        launch.work = strings.pointer[1]
+        launch.root = strings.pointer[2]
+        launch.userns_fd = userns
+        launch.id_base = ContainerBackend.idBase
+        launch.hostname = strings.pointer[3]
+        launch.loopback_up = request.network == .loopback ? 1 : 0
+        launch.argv = UnsafePointer(argv.pointer)
+        launch.envp = UnsafePointer(envp.pointer)
+        launch.cwd = strings.pointer[4]
+        launch.uid = request.uid
+        launch.gid = request.gid
+        launch.stdin_fd = stdinChild
+        launch.stdout_fd = out.child
+        launch.stderr_fd = err.child
+        launch.files = UnsafePointer(files)
+        launch.file_count = request.files.count
+        launch.go_fd = go.read
+        launch.report_fd = report.write
+
+        let started = Clock.monotonic
+        var pidfd: Int32 = -1
+        var pid: pid_t = 0
+        let rc = csb_launch_start(&launch, &pidfd, &pid)
+        guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot clone the sandbox", errno: -rc) }
+        _ = closer.add(pidfd)
+        Trace.mark("cloned")
+        // The child has its copies; ours would keep pipes from reaching EOF.
+        closer.close(go.read)
+        closer.close(report.write)
+        if case .bytes = request.stdin { closer.close(stdinChild) }
+        if out.drain != nil { closer.close(out.child) }
+        if err.drain != nil { closer.close(err.child) }
+
+        do {
+            try cgroup.attach(pid)
+        } catch {
+            _ = csb_pidfd_kill(pidfd, SIGKILL)
+            var status: Int32 = 0
+            var usage = [Int64](repeating: 0, count: 6)
+            _ = csb_wait(pid, &status, &usage)
+            // Pid 1 prepares the root while we attach: if it failed first, that is the cause.
+            let bytes = (try? FileSystem.readAll(fd: report.read, path: "sandbox report")) ?? []
+            if let failure = Supervisor.decode(bytes).first(where: { $0.kind == Int32(CSB_REPORT_SETUP_FAILED) }) {
+                throw Supervisor.setupError(failure)
+            }
+            throw error
+        }
+        Trace.mark("cgroup attached")
+        var byte: UInt8 = 1
+        _ = Glibc.write(go.write, &byte, 1)
+        closer.close(go.write)
+
+        var supervisor = Supervisor(
+            pidfd: pidfd, reportFD: report.read, cancelFD: cancelFD, stdoutFD: out.drain, stderrFD: err.drain,
+            stdinFeed: stdinFeed, request: request, closer: closer)
+        try supervisor.loop(started: started)
+
+        var status: Int32 = 0
+        var usage = [Int64](repeating: 0, count: 6)
+        let waited = csb_wait(pid, &status, &usage)
+        guard waited == 0 else { throw SandboxError(.sandboxSetup, "wait4(sandbox)", errno: -waited) }
+        let wall = Clock.monotonic - started
+        Trace.mark("reaped")
+
+        if let failure = supervisor.setupFailure { throw Supervisor.setupError(failure) }
+
+        var outcome = LaunchOutcome()
+        let commandStatus: Int32
+        if let exited = supervisor.exitReport {
+            if Trace.enabled {
+                let names = [
+                    "go received", "overlay mounted", "proc, dev, masks", "pivoted", "command forked",
+                    "command exited", "namespace emptied",
+                ]
+                withUnsafeBytes(of: exited.stages) { raw in
+                    let stages = raw.bindMemory(to: Int64.self)
+                    for (i, name) in names.enumerated() where stages[i] > 0 {
+                        Trace.mark("  sandbox: \(name)", at: Double(stages[i]) / 1e9)
+                    }
+                }
+            }
+            commandStatus = exited.status
+            outcome.metrics.processes = exited.tasks
+        } else {
+            commandStatus = status  // pid 1 itself was killed (timeout, cancel, OOM)
+        }
+        if commandStatus & 0x7f == 0 {
+            outcome.exitCode = (commandStatus >> 8) & 0xff
+        } else {
+            outcome.signal = commandStatus & 0x7f
+        }
+        outcome.timedOut = supervisor.timedOut
+        outcome.cancelled = supervisor.cancelled
+        let cg = cgroup.metrics()
+        outcome.oomKilled = cg.oomKills > 0
+        outcome.metrics.wallSeconds = wall
+        outcome.metrics.cpuUserSeconds = Double(cg.cpuUserMicros ?? usage[0]) / 1e6
+        outcome.metrics.cpuSystemSeconds = Double(cg.cpuSystemMicros ?? usage[1]) / 1e6
+        outcome.metrics.peakMemoryBytes = cg.peakMemoryBytes ?? usage[2] * 1024
+        outcome.metrics.bytesRead = cg.bytesRead ?? usage[3] * 512
+        outcome.metrics.bytesWritten = cg.bytesWritten ?? usage[4] * 512
+        outcome.metrics.peakProcesses = cg.peakTasks.map { max(0, $0 - 1) }
+        outcome.stdout = supervisor.stdout.kept
+        outcome.stderr = supervisor.stderr.kept
+        outcome.stdoutDropped = supervisor.stdout.dropped
+        outcome.stderrDropped = supervisor.stderr.dropped
+        Trace.mark("metrics read")
+        return outcome
+    }
+}

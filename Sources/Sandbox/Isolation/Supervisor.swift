@@ -1,0 +1,176 @@
+import CSandbox
+import Glibc
+
+/// Captured output of one stream.
+struct Capture {
+    var kept: [UInt8] = []
+    var dropped = 0
+    let limit: Int
+    let onChunk: (@Sendable ([UInt8]) -> Void)?
+
+    init(_ sink: OutputSink) {
+        if case .capture(let limit, let onChunk) = sink {
+            self.limit = limit
+            self.onChunk = onChunk
+        } else {
+            self.limit = 0
+            self.onChunk = nil
+        }
+    }
+
+    mutating func add(_ chunk: ArraySlice<UInt8>) {
+        let room = max(0, limit - kept.count)
+        kept.append(contentsOf: chunk.prefix(room))
+        dropped += max(0, chunk.count - room)
+        onChunk?(Array(chunk))
+    }
+}
+
+/// Polls the sandbox: its exit, its report, its output, its stdin, the timeout, cancellation.
+struct Supervisor {
+    let pidfd: Int32
+    var reportFD: Int32?
+    let cancelFD: Int32
+    var stdoutFD: Int32?
+    var stderrFD: Int32?
+    var stdinFeed: (fd: Int32, bytes: [UInt8])?
+    let request: LaunchRequest
+    let closer: ContainerLaunch.Closer
+
+    var stdout: Capture
+    var stderr: Capture
+    var reportBytes: [UInt8] = []
+    var timedOut = false
+    var cancelled = false
+    var exited = false
+    var stdinOffset = 0
+
+    init(
+        pidfd: Int32, reportFD: Int32, cancelFD: Int32, stdoutFD: Int32?, stderrFD: Int32?,
+        stdinFeed: (fd: Int32, bytes: [UInt8])?, request: LaunchRequest, closer: ContainerLaunch.Closer
+    ) {
+        self.pidfd = pidfd
+        self.reportFD = reportFD
+        self.cancelFD = cancelFD
+        self.stdoutFD = stdoutFD
+        self.stderrFD = stderrFD
+        self.stdinFeed = stdinFeed
+        self.request = request
+        self.closer = closer
+        self.stdout = Capture(request.stdout)
+        self.stderr = Capture(request.stderr)
+        if stdinFeed?.bytes.isEmpty == true {
+            closer.close(stdinFeed!.fd)
+            self.stdinFeed = nil
+        }
+    }
+
+    var reports: [csb_report] { Supervisor.decode(reportBytes) }
+
+    static func decode(_ bytes: [UInt8]) -> [csb_report] {
+        let size = MemoryLayout<csb_report>.size
+        return stride(from: 0, to: bytes.count - size + 1, by: size).map { offset in
+            bytes[offset..<(offset + size)].withUnsafeBytes { $0.loadUnaligned(as: csb_report.self) }
+        }
+    }
+
+    static func setupError(_ failure: csb_report) -> SandboxError {
+        let detail = withUnsafeBytes(of: failure.detail) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        return SandboxError(
+            .sandboxSetup, "cannot start the sandbox: \(detail)", errno: failure.err == 0 ? nil : failure.err)
+    }
+
+    var setupFailure: csb_report? { reports.first { $0.kind == Int32(CSB_REPORT_SETUP_FAILED) } }
+    var exitReport: csb_report? { reports.first { $0.kind == Int32(CSB_REPORT_EXITED) } }
+
+    mutating func loop(started: Double) throws {
+        let deadline = request.timeout.map { started + $0 }
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var killed = false
+        var forceKillAt: Double?
+        /// Pid 1 kills and reaps the tree itself (keeping its rusage); SIGKILL if it lingers.
+        func stop() {
+            killed = true
+            _ = csb_pidfd_kill(pidfd, CSB_SIGNAL_STOP)
+            forceKillAt = Clock.monotonic + 2
+        }
+        while true {
+            if exited && stdoutFD == nil && stderrFD == nil && reportFD == nil { return }
+            var polls: [pollfd] = []
+            var roles: [Int] = []  // 0 pidfd, 1 report, 2 stdout, 3 stderr, 4 stdin, 5 cancel
+            func add(_ fd: Int32?, _ events: Int32, _ role: Int) {
+                guard let fd else { return }
+                polls.append(pollfd(fd: fd, events: Int16(events), revents: 0))
+                roles.append(role)
+            }
+            if !exited { add(pidfd, POLLIN, 0) }
+            add(reportFD, POLLIN, 1)
+            add(stdoutFD, POLLIN, 2)
+            add(stderrFD, POLLIN, 3)
+            if !exited { add(stdinFeed?.fd, POLLOUT, 4) }
+            if !killed { add(cancelFD, POLLIN, 5) }
+            var timeoutMs: Int32 = -1
+            if let next = forceKillAt ?? (killed ? nil : deadline), !exited {
+                timeoutMs = Int32(max(0, min(Double(Int32.max), (next - Clock.monotonic) * 1000).rounded(.up)))
+            }
+            let rc = poll(&polls, nfds_t(polls.count), timeoutMs)
+            if rc < 0 {
+                if errno == EINTR { continue }
+                throw SandboxError.system("poll(sandbox)")
+            }
+            if rc == 0 {
+                if let forceAt = forceKillAt, Clock.monotonic >= forceAt {
+                    _ = csb_pidfd_kill(pidfd, SIGKILL)  // pid 1 did not stop in time
+                    forceKillAt = nil
+                } else if let deadline, !killed, Clock.monotonic >= deadline {
+                    timedOut = true
+                    stop()
+                }
+                continue
+            }
+            for (i, p) in polls.enumerated() where p.revents != 0 {
+                switch roles[i] {
+                case 0:
+                    exited = true
+                    if let feed = stdinFeed {
+                        closer.close(feed.fd)
+                        stdinFeed = nil
+                    }
+                case 1, 2, 3:
+                    let n = buffer.withUnsafeMutableBytes { read(p.fd, $0.baseAddress, $0.count) }
+                    if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+                    if n <= 0 {
+                        closer.close(p.fd)
+                        if roles[i] == 1 {
+                            reportFD = nil
+                        } else if roles[i] == 2 {
+                            stdoutFD = nil
+                        } else {
+                            stderrFD = nil
+                        }
+                        continue
+                    }
+                    switch roles[i] {
+                    case 1: reportBytes.append(contentsOf: buffer[0..<n])
+                    case 2: stdout.add(buffer[0..<n])
+                    default: stderr.add(buffer[0..<n])
+                    }
+                case 4:
+                    guard let feed = stdinFeed else { continue }
+                    let n = feed.bytes.withUnsafeBytes {
+                        write(feed.fd, $0.baseAddress! + stdinOffset, $0.count - stdinOffset)
+                    }
+                    if n > 0 { stdinOffset += n }
+                    if (n < 0 && errno != EAGAIN && errno != EINTR) || stdinOffset >= feed.bytes.count {
+                        closer.close(feed.fd)
+                        stdinFeed = nil
+                    }
+                case 5:
+                    cancelled = true
+                    stop()
+                default: break
+                }
+            }
+        }
+    }
+}
