@@ -33,7 +33,7 @@ static void csb_put_string(char *buf, size_t *offset, const char *s) {
     *offset += n;
 }
 
-/// Serializes the launch into a sealed-size memfd (see csb_wire in CSandbox.h).
+/// Serializes the launch into a sealed memfd (see csb_wire in CSandbox.h).
 static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter_len) {
     const char *fixed[] = {l->store, l->upper, l->work, l->root, l->hostname ? l->hostname : "", l->cwd ? l->cwd : "/"};
     size_t argc = 0, envc = 0;
@@ -75,9 +75,10 @@ static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter
     for (size_t i = 0; i < argc; i++) csb_put_string(buf, &offset, l->argv[i]);
     for (size_t i = 0; i < envc; i++) csb_put_string(buf, &offset, l->envp[i]);
     for (size_t i = 0; i < l->file_count; i++) csb_put_string(buf, &offset, l->files[i].path);
-    int fd = memfd_create("contree-spec", MFD_CLOEXEC);
+    int fd = memfd_create("contree-spec", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     int rc = fd < 0 ? -errno : 0;
     if (rc == 0 && csb_write_all(fd, buf, length) < 0) rc = -errno;
+    if (rc == 0 && fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0) rc = -errno;
     free(buf);
     if (rc != 0) {
         if (fd >= 0) close(fd);
@@ -98,10 +99,11 @@ struct csb_spawn {
 /// execs contree-init. Raw system calls only.
 static int csb_spawn_child(void *arg) {
     struct csb_spawn *s = arg;
-    // Park every source above the target range first, so that no dup2 clobbers a source.
+    // Park every source above the target range first, so that no dup2 clobbers a source. The
+    // parked copies are close-on-exec; dup2 clears it on the targets.
     int parked[4096];
     for (int i = 0; i < s->count; i++) {
-        parked[i] = (int)syscall(SYS_fcntl, s->sources[i], F_DUPFD, 4096 + i);
+        parked[i] = (int)syscall(SYS_fcntl, s->sources[i], F_DUPFD_CLOEXEC, 3 + s->count);
         if (parked[i] < 0) {
             s->err = errno;
             syscall(SYS_exit, 127);
@@ -113,6 +115,8 @@ static int csb_spawn_child(void *arg) {
             syscall(SYS_exit, 127);
         }
     }
+    // Close the rest; where close_range is refused (an outer seccomp profile), everything the
+    // host process opens is close-on-exec anyway.
     syscall(SYS_close_range, (unsigned)(3 + s->count), ~0U, 0);
     char *argv[] = {(char *)"contree-init", NULL};
     char *envp[] = {NULL};
@@ -151,15 +155,14 @@ int csb_launch_start(const csb_launch *l, int *pidfd_out, pid_t *pid_out) {
     struct csb_spawn s = {l->init_path, sources, count, 0};
     // Every signal blocked across the clone: no handler of the host process may run in the
     // child, and contree-init starts with all of them blocked (it waits for them explicitly).
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
+    uint64_t all = ~0ULL, old = 0;  // raw: glibc's sigfillset leaves its internal signals out
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, sizeof all);
     int pidfd = -1;
     int flags = CLONE_VM | CLONE_VFORK | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC |
                 CLONE_PIDFD | SIGCHLD;
     pid_t pid = clone(csb_spawn_child, stack + stack_size, flags, &s, &pidfd);
     int saved = errno;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &old, NULL, sizeof old);
     munmap(stack, stack_size);
     close(spec);
     if (pid < 0) return -saved;

@@ -31,6 +31,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <poll.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -40,6 +41,10 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
 
 /// Reports a failed setup step ("call(object)") to the parent and ends the child.
 __attribute__((noreturn)) static void csb_fail(int report_fd, const char *call, const char *object,
@@ -163,9 +168,13 @@ static void csb_mount_overlay(const csb_launch *l, const char *lowers_joined) {
         csb_fail(l->report_fd, "fsconfig(overlay, workdir)", l->work, errno, log);
     }
     // Layers must be self-contained: no redirects or metacopy files pointing into lower layers.
-    sys_fsconfig(fs, FSCONFIG_SET_STRING, "redirect_dir", "off", 0);
-    sys_fsconfig(fs, FSCONFIG_SET_STRING, "metacopy", "off", 0);
-    sys_fsconfig(fs, FSCONFIG_SET_STRING, "index", "off", 0);
+    static const char *const options[][2] = {{"redirect_dir", "nofollow"}, {"metacopy", "off"}, {"index", "off"}};
+    for (size_t i = 0; i < sizeof options / sizeof options[0]; i++) {
+        if (sys_fsconfig(fs, FSCONFIG_SET_STRING, options[i][0], options[i][1], 0) != 0) {
+            csb_fs_log(fs, log, sizeof log);
+            csb_fail(l->report_fd, "fsconfig(overlay)", options[i][0], errno, log);
+        }
+    }
     // The upper is synced by the commit itself; skipping overlay's own syncs makes copy-up cheap.
     sys_fsconfig(fs, FSCONFIG_SET_FLAG, "volatile", NULL, 0);
     if (sys_fsconfig(fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) != 0) {
@@ -189,6 +198,12 @@ struct csb_node {
     const char *name;
     unsigned major, minor;
 };
+
+static void csb_require_directory(const csb_launch *l, const char *path) {
+    struct stat st;
+    if (lstat(path, &st) != 0) csb_fail(l->report_fd, "lstat(mount point)", path, errno, NULL);
+    if (!S_ISDIR(st.st_mode)) csb_fail(l->report_fd, "mount point is not a directory:", path, ENOTDIR, NULL);
+}
 
 static void csb_mount_dev(const csb_launch *l) {
     if (mount("tmpfs", "dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=1m,nr_inodes=512") != 0)
@@ -231,17 +246,26 @@ static void csb_mask_proc(const csb_launch *l) {
     };
     struct stat st;
     for (size_t i = 0; i < sizeof hidden_files / sizeof hidden_files[0]; i++) {
-        if (lstat(hidden_files[i], &st) != 0) continue;
+        if (lstat(hidden_files[i], &st) != 0) {
+            if (errno == ENOENT) continue;
+            csb_fail(l->report_fd, "lstat", hidden_files[i], errno, NULL);
+        }
         if (mount("dev/null", hidden_files[i], NULL, MS_BIND, NULL) != 0)
             csb_fail(l->report_fd, "mount(bind /dev/null) on", hidden_files[i], errno, NULL);
     }
     for (size_t i = 0; i < sizeof hidden_dirs / sizeof hidden_dirs[0]; i++) {
-        if (lstat(hidden_dirs[i], &st) != 0) continue;
+        if (lstat(hidden_dirs[i], &st) != 0) {
+            if (errno == ENOENT) continue;
+            csb_fail(l->report_fd, "lstat", hidden_dirs[i], errno, NULL);
+        }
         if (mount("tmpfs", hidden_dirs[i], "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0") != 0)
             csb_fail(l->report_fd, "mount(tmpfs, ro) on", hidden_dirs[i], errno, NULL);
     }
     for (size_t i = 0; i < sizeof read_only / sizeof read_only[0]; i++) {
-        if (lstat(read_only[i], &st) != 0) continue;
+        if (lstat(read_only[i], &st) != 0) {
+            if (errno == ENOENT) continue;
+            csb_fail(l->report_fd, "lstat", read_only[i], errno, NULL);
+        }
         if (mount(read_only[i], read_only[i], NULL, MS_BIND | MS_REC, NULL) != 0 ||
             mount(NULL, read_only[i], NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                   NULL) != 0)
@@ -262,6 +286,27 @@ static void csb_loopback_up(const csb_launch *l) {
 }
 
 // ---- inside the sandbox ------------------------------------------------------------------
+
+/// Marks every descriptor from `first` up close-on-exec (close_range, or a loop where a
+/// seccomp profile above us refuses it).
+static void csb_cloexec_from(const csb_launch *l, int first) {
+    if (syscall(SYS_close_range, (unsigned)first, ~0U, CLOSE_RANGE_CLOEXEC) == 0) return;
+    struct rlimit limit;
+    int top = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < 65536 ? (int)limit.rlim_cur : 65536;
+    for (int fd = first; fd < top; fd++) {
+        int flags = fcntl(fd, F_GETFD);
+        if (flags >= 0 && fcntl(fd, F_SETFD, flags | FD_CLOEXEC) != 0)
+            csb_fail(l->report_fd, "fcntl(FD_CLOEXEC)", "", errno, NULL);
+    }
+}
+
+/// Closes every descriptor from `first` up.
+static void csb_close_from(int first) {
+    if (syscall(SYS_close_range, (unsigned)first, ~0U, 0) == 0) return;
+    struct rlimit limit;
+    int top = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < 65536 ? (int)limit.rlim_cur : 65536;
+    for (int fd = first; fd < top; fd++) close(fd);
+}
 
 /// mkdir -p of every parent of path (an absolute path inside the sandbox).
 static int csb_make_parents(char *path, int include_last) {
@@ -288,8 +333,14 @@ static void csb_copy_files(const csb_launch *l) {
         size_t len = 0;
         csb_append(path, sizeof path, &len, f->path);
         if (csb_make_parents(path, 0) != 0) csb_fail(l->report_fd, "mkdir(parents of)", f->path, errno, NULL);
-        int out = open(f->path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+        // O_NONBLOCK: a FIFO planted at the path must not block pid 1; only files are written.
+        int out = open(f->path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0600);
         if (out < 0) csb_fail(l->report_fd, "open(file mapping)", f->path, errno, NULL);
+        struct stat st;
+        if (fstat(out, &st) != 0 || !S_ISREG(st.st_mode))
+            csb_fail(l->report_fd, "file mapping target is not a regular file:", f->path, EEXIST, NULL);
+        if (fcntl(out, F_SETFL, 0) != 0 || ftruncate(out, 0) != 0)
+            csb_fail(l->report_fd, "ftruncate(file mapping)", f->path, errno, NULL);
         if (lseek(f->source_fd, 0, SEEK_SET) < 0) csb_fail(l->report_fd, "lseek(host file for)", f->path, errno, NULL);
         for (;;) {
             ssize_t n = read(f->source_fd, buf, sizeof buf);
@@ -418,6 +469,8 @@ __attribute__((noreturn)) static void csb_command(const csb_launch *l, const voi
     int err = fcntl(l->stderr_fd, F_DUPFD_CLOEXEC, 10);
     if (in < 0 || out < 0 || err < 0) csb_fail(l->report_fd, "dup(stdio)", "", errno, NULL);
     if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) csb_fail(l->report_fd, "dup2(stdio)", "", errno, NULL);
+    // Nothing but stdio crosses the exec: the report pipe stays usable for csb_fail until then.
+    csb_cloexec_from(l, 3);
     if (chdir(l->cwd) != 0) csb_fail(l->report_fd, "chdir", l->cwd, errno, NULL);
     if (l->gid != 0 && syscall(SYS_setresgid, l->gid, l->gid, l->gid) != 0)
         csb_fail(l->report_fd, "setresgid", "", errno, NULL);
@@ -468,7 +521,9 @@ __attribute__((noreturn)) static void csb_init(const csb_launch *l, pid_t comman
         if (sig < 0) continue;
         if (sig == CSB_SIGNAL_STOP) break;
         if (sig != SIGCHLD) {
-            kill(-command, sig);
+            // The command makes itself a session (and group) leader first thing; a signal that
+            // arrives before that goes to the process itself.
+            if (kill(-command, sig) != 0) kill(command, sig);
             continue;
         }
         for (;;) {
@@ -513,21 +568,27 @@ static void csb_read_spec(csb_launch *l, const void **filter, size_t *filter_len
     const char *base = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, CSB_FD_SPEC, 0);
     if (base == MAP_FAILED) csb_fail(CSB_FD_REPORT, "mmap(spec)", "", errno, NULL);
     const csb_wire *w = (const csb_wire *)base;
+    const char *end = base + st.st_size;
     if (w->magic != CSB_WIRE_MAGIC || w->length != (uint32_t)st.st_size)
         csb_fail(CSB_FD_REPORT, "contree-init: the spec is malformed (a different contree-pipeline build?)", "",
                  EINVAL, NULL);
+    // Sizes first, so that no pointer below leaves the mapping.
+    uint64_t fixed = sizeof *w + (uint64_t)w->file_count * sizeof(csb_wire_file) + w->filter_length;
+    if (fixed > (uint64_t)st.st_size || w->argc == 0 || w->filter_length % sizeof(struct sock_filter) != 0 ||
+        w->filter_length / sizeof(struct sock_filter) > BPF_MAXINSNS || w->file_count > 4000)
+        csb_fail(CSB_FD_REPORT, "contree-init: the spec is inconsistent", "", EINVAL, NULL);
     const csb_wire_file *records = (const csb_wire_file *)(base + sizeof *w);
     *filter = (const char *)(records + w->file_count);
     *filter_len = w->filter_length;
     const char *p = (const char *)*filter + w->filter_length;
-    const char *end = base + w->length;
-    size_t count = 6 + w->lower_count + w->argc + w->envc + w->file_count;
+    size_t count = 6 + (size_t)w->lower_count + w->argc + w->envc + w->file_count;
     const char **strings = calloc(count, sizeof(char *));
     if (!strings) csb_fail(CSB_FD_REPORT, "calloc(spec)", "", ENOMEM, NULL);
     for (size_t i = 0; i < count; i++) {
-        if (p >= end) csb_fail(CSB_FD_REPORT, "contree-init: the spec is truncated", "", EINVAL, NULL);
+        const char *nul = p < end ? memchr(p, 0, (size_t)(end - p)) : NULL;
+        if (!nul) csb_fail(CSB_FD_REPORT, "contree-init: the spec is truncated", "", EINVAL, NULL);
         strings[i] = p;
-        p += csb_strlen(p) + 1;
+        p = nul + 1;
     }
     memset(l, 0, sizeof *l);
     l->store = strings[0];
@@ -592,7 +653,7 @@ int main(void) {
     size_t filter_len;
     csb_read_spec(&spec, &filter, &filter_len);
     const csb_launch *l = &spec;
-    syscall(SYS_close_range, (unsigned)(CSB_FD_FILES + l->file_count), ~0U, 0);
+    csb_close_from(CSB_FD_FILES + (int)l->file_count);
     close(CSB_FD_SPEC);
 
     // Everything up to the pivot runs before the go byte, overlapping the parent's cgroup
@@ -606,6 +667,10 @@ int main(void) {
     csb_mount_overlay(l, csb_join_lowers(l));
     csb_stage(1);
     if (chdir(l->root) != 0) csb_fail(l->report_fd, "chdir", l->root, errno, NULL);
+    // Still the host's root here: mount points in the image must be plain directories, or a
+    // symlink could aim a mount at a host path.
+    csb_require_directory(l, "proc");
+    csb_require_directory(l, "dev");
     if (mount("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0)
         csb_fail(l->report_fd, "mount(proc) on", "/proc", errno, NULL);
     csb_mount_dev(l);
@@ -621,7 +686,6 @@ int main(void) {
     while ((n = read(l->go_fd, &byte, 1)) < 0 && errno == EINTR) {
     }
     if (n != 1) _exit(125);  // the parent is gone or gave up
-    close(l->go_fd);
     csb_stage(0);
     // Now in the run's cgroups: make them the root of the sandbox's cgroup view.
     if (unshare(CLONE_NEWCGROUP) != 0) csb_fail(l->report_fd, "unshare(CLONE_NEWCGROUP)", "", errno, NULL);
@@ -633,6 +697,11 @@ int main(void) {
     if (syscall(SYS_setresgid, 0, 0, 0) != 0) csb_fail(l->report_fd, "setresgid(0)", "", errno, NULL);
     if (syscall(SYS_setresuid, 0, 0, 0) != 0) csb_fail(l->report_fd, "setresuid(0)", "", errno, NULL);
     close(l->userns_fd);
+    // Credential changes clear the parent-death signal: set it again, then make sure the parent
+    // did not die in between (it keeps the go pipe's write end open for the whole run).
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    struct pollfd parent = {l->go_fd, POLLIN, 0};
+    if (poll(&parent, 1, 0) != 0) _exit(125);
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
     // The engine raises its own descriptor limit; the sandbox gets the usual soft 1024.

@@ -67,6 +67,39 @@ struct CommandLineTests {
         #expect(try runCLI(["fsck"], home: t.root).status == 0)
     }
 
+    @Test("a sandbox dies with the CLI that started it")
+    func sandboxDiesWithCLI() throws {
+        let t = try TemporaryStore()
+        _ = try t.busybox()
+        var environment = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
+        environment.append("CONTREE_HOME=\(t.root)")
+        let marker = "\(Int.random(in: 40_000...49_999))"
+        let child = try ChildProcess.spawn(
+            [Paths.cli, "exec", "--", "sleep", marker], environment: environment, captureStdout: true)
+        func sleepers() throws -> Int {
+            try FileSystem.list("/proc").filter { $0.allSatisfy(\.isNumber) }.filter { pid in
+                let cmdline = (try? FileSystem.readFile("/proc/\(pid)/cmdline")) ?? []
+                return String(decoding: cmdline, as: UTF8.self) == "sleep\0\(marker)\0"
+            }.count
+        }
+        var waited = 0
+        while try sleepers() == 0 && waited < 100 {
+            usleep(50_000)
+            waited += 1
+        }
+        #expect(try sleepers() == 1, "the sandbox started")
+        kill(child.pid, SIGKILL)
+        _ = try ChildProcess.wait(child.pid, "contree-pipeline")
+        close(child.stdout!)
+        close(child.stderr)
+        waited = 0
+        while try sleepers() > 0 && waited < 100 {
+            usleep(20_000)
+            waited += 1
+        }
+        #expect(try sleepers() == 0, "the sandbox outlived its CLI")
+    }
+
     @Test("fsck exits non-zero on a damaged store")
     func fsckFails() throws {
         let t = try TemporaryStore()

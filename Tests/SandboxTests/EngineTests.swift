@@ -286,6 +286,29 @@ struct EngineTests {
         #expect(try FileSystem.readFile(secretPath) == Array("host secret\n".utf8))
     }
 
+    @Test("the command holds no descriptor but its stdio")
+    func noLeakedDescriptors() async throws {
+        let t = try TemporaryStore()
+        let run = try await t.sh("ls /proc/self/fd | sort -n | tr '\\n' ' '")
+        #expect(run.out == "0 1 2 3 ", "3 is ls's own directory handle")
+    }
+
+    @Test("a FIFO planted where a file is mapped fails the run instead of hanging it")
+    func fifoAtMappedPath() async throws {
+        let t = try TemporaryStore()
+        let image = try #require(try await t.sh("mkfifo /trap").record.resultImage)
+        let scratch = try ScratchDirectory()
+        let host = try scratch.write("in.txt", "data")
+        let error = await #expect(throws: SandboxError.self) {
+            _ = try await t.sh("cat /trap") {
+                $0.image = image
+                $0.files = [FileMapping(hostPath: host, sandboxPath: "/trap")]
+                $0.timeout = 20
+            }
+        }
+        #expect(error?.code == .sandboxSetup && error?.message.contains("/trap") == true)
+    }
+
     @Test("the sandbox's root is an unprivileged host uid, yet files in the image keep their owners")
     func idMapping() async throws {
         let t = try TemporaryStore()

@@ -140,7 +140,7 @@ struct ContainerLaunch {
         Trace.mark("cgroup attached")
         var byte: UInt8 = 1
         _ = Glibc.write(go.write, &byte, 1)
-        closer.close(go.write)
+        // go.write stays open until the run ends: pid 1 reads its hang-up as "the parent died".
 
         var supervisor = Supervisor(
             pidfd: pidfd, reportFD: report.read, cancelFD: cancelFD, stdoutFD: out.drain, stderrFD: err.drain,

@@ -151,7 +151,10 @@ struct Supervisor {
                         continue
                     }
                     switch roles[i] {
-                    case 1: reportBytes.append(contentsOf: buffer[0..<n])
+                    case 1:
+                        // Pid 1 writes at most a setup failure and an exit report.
+                        let room = max(0, 4 * MemoryLayout<csb_report>.size - reportBytes.count)
+                        reportBytes.append(contentsOf: buffer[0..<min(n, room)])
                     case 2: stdout.add(buffer[0..<n])
                     default: stderr.add(buffer[0..<n])
                     }

@@ -123,7 +123,8 @@ public struct LayerExtractor {
         try Metadata.apply(
             to: path, isSymlink: { if case .symlink = entry.kind { return true } else { return false } }(),
             mode: entry.mode, uid: entry.uid, gid: entry.gid, mtime: entry.kind == .directory ? nil : entry.mtime,
-            xattrs: entry.xattrs)
+            // overlayfs's own attributes (redirects, metacopy, opaque) never come from an archive.
+            xattrs: entry.xattrs.filter { !$0.0.hasPrefix("trusted.overlay.") && !$0.0.hasPrefix("user.overlay.") })
     }
 
     /// Directory times last: creating children changes them.
