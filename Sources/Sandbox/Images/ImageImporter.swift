@@ -19,7 +19,8 @@ public struct ImageImporter: Sendable {
         let root = lease.workPath + "/rootfs"
         if st.isDirectory {
             // GNU cp keeps owners, modes, times, links, devices and xattrs.
-            let copy = try ChildProcess.run(["cp", "-a", "--no-target-directory", path, root])
+            try FileSystem.makeDirectory(root, mode: 0o755)
+            let copy = try ChildProcess.run(["cp", "-a", path + "/.", root + "/"])
             guard copy.succeeded else {
                 throw SandboxError(.childProcess, "copying \(path) failed: \(copy.stderrText)")
             }

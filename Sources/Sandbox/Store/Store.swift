@@ -48,8 +48,6 @@ public final class Store: Sendable {
         self.flattenThreshold = flattenThreshold
         try FileSystem.makeDirectories(absolute, mode: 0o755)
         for dir in ["layers", "tmp", "leases"] { try FileSystem.makeDirectory(absolute + "/" + dir, mode: 0o700) }
-        // The layer store is only for the engine: sandboxes see it through an idmapped mount.
-        chmod(absolute, 0o711)
         self.database = try Database(path: absolute + "/db.sqlite")
         try migrate()
         try recoverAbandonedWork()
