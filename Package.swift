@@ -10,6 +10,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"5.0.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
     ],
     targets: [
         // System library over Debian's libsqlite3 (libsqlite3-dev).
@@ -30,15 +31,25 @@ let package = Package(
                 "CSandbox", "CSQLite", "contree-init",
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
+        // YAML pipelines: model with source positions, validation, planning, step keys, the
+        // scheduler, artifacts and reports. Knows nothing of HTTP.
+        .target(
+            name: "Pipeline",
+            dependencies: [
+                "Sandbox",
+                .product(name: "Yams", package: "Yams"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]),
         .executableTarget(
             name: "contree-pipeline",
             dependencies: [
-                "Sandbox",
+                "Sandbox", "Pipeline",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
             name: "contree-bench", dependencies: ["Sandbox"], path: "bench/Sources/contree-bench"),
         .testTarget(name: "SandboxTests", dependencies: ["Sandbox"]),
+        .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "Sandbox"]),
     ],
     swiftLanguageModes: [.v6]
 )

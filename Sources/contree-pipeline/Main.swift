@@ -13,7 +13,8 @@ struct ContreePipeline: AsyncParsableCommand {
             $CONTREE_HOME (default ~/.local/share/contree).
             """,
         subcommands: [
-            ExecCommand.self, ImageCommand.self, InspectCommand.self, GarbageCollectCommand.self,
-            CheckCommand.self,
+            RunCommand.self, ValidateCommand.self, GraphCommand.self, ExplainCommand.self, RunsCommand.self,
+            ArtifactsCommand.self, ExecCommand.self, ImageCommand.self, InspectCommand.self,
+            GarbageCollectCommand.self, CheckCommand.self,
         ])
 }

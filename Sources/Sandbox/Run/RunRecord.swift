@@ -93,4 +93,6 @@ public struct RunResult: Sendable {
     /// Bytes produced beyond the capture limit.
     public var stdoutDropped: Int
     public var stderrDropped: Int
+    /// What the command wrote to `RunSpec.outputPath` (at most 1 MiB), if one was asked for.
+    public var output: [UInt8]?
 }

@@ -71,13 +71,18 @@ public struct RunSpec: Sendable {
     public var stdout: OutputSink
     public var stderr: OutputSink
     public var isolation: IsolationKind
+    /// A file the command may write results to (`$CONTREE_OUTPUT` in pipelines), in a
+    /// top-level directory of its own that the image lacks. Created empty before the run; its
+    /// content comes back in `RunResult.output`, and the directory never lands in the image.
+    public var outputPath: String?
 
     public init(
         image: String = "busybox", command: [String], env: [String: String] = [:], cwd: String? = nil,
         files: [FileMapping] = [], timeout: Double? = nil, limits: ResourceLimits = ResourceLimits(),
         network: NetworkMode = .loopback, hostname: String = "sandbox", disposable: Bool = false,
         stdin: InputSource = .null, stdout: OutputSink = .capture(limit: 1 << 20),
-        stderr: OutputSink = .capture(limit: 1 << 20), isolation: IsolationKind = .container
+        stderr: OutputSink = .capture(limit: 1 << 20), isolation: IsolationKind = .container,
+        outputPath: String? = nil
     ) {
         self.image = image
         self.command = command
@@ -93,5 +98,6 @@ public struct RunSpec: Sendable {
         self.stdout = stdout
         self.stderr = stderr
         self.isolation = isolation
+        self.outputPath = outputPath
     }
 }

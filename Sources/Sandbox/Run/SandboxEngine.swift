@@ -14,6 +14,9 @@ public final class SandboxEngine: Sendable {
     public let baseImages: BaseImages
     private let backends: [IsolationKind: any IsolationBackend]
 
+    /// The isolation kinds this engine can run.
+    public var availableBackends: [IsolationKind] { Array(backends.keys) }
+
     public init(
         store: Store, backends: [any IsolationBackend] = [ContainerBackend()], progress: ProgressReporter? = nil
     ) {
@@ -114,6 +117,17 @@ public final class SandboxEngine: Sendable {
         Trace.mark("lease and work dirs")
         let filesystem = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
         let addedMountPoints = try prepareMountPoints(filesystem, upper: upper)
+        if let output = spec.outputPath {
+            let parts = output.split(separator: "/")
+            guard parts.count == 2, try filesystem.child(of: filesystem.root, named: String(parts[0])) == nil else {
+                throw SandboxError(
+                    .invalidArgument,
+                    "the output path \(output) must be a file in a top-level directory the image does not have")
+            }
+            try FileSystem.makeDirectory(upper + "/" + parts[0], mode: 0o755)
+            try FileSystem.writeFile(upper + output, [], mode: 0o666)
+            chmod(upper + output, 0o666)
+        }
 
         var environment: [String] = []
         var seen = Set<String>()
@@ -150,6 +164,16 @@ public final class SandboxEngine: Sendable {
         let image = prepared.image
         let lease = prepared.lease
         let upper = lease.workPath + "/upper"
+        var output: [UInt8]?
+        if let path = spec.outputPath {
+            // Read, then drop the whole directory: it never becomes part of the image.
+            if let st = try FileSystem.status(upper + path), st.isRegular {
+                output = Array(try FileSystem.readFile(upper + path).prefix(1 << 20))
+            } else {
+                output = []
+            }
+            try FileSystem.removeTree(upper + "/" + String(path.split(separator: "/")[0]))
+        }
         var record = RunRecord(
             id: lease.id, image: image.uuid, resultImage: nil, command: spec.command, exitCode: outcome.exitCode,
             signal: outcome.signal, timedOut: outcome.timedOut, oomKilled: outcome.oomKilled,
@@ -177,7 +201,7 @@ public final class SandboxEngine: Sendable {
         Trace.mark("committed and recorded")
         return RunResult(
             record: record, stdout: outcome.stdout, stderr: outcome.stderr, stdoutDropped: outcome.stdoutDropped,
-            stderrDropped: outcome.stderrDropped)
+            stderrDropped: outcome.stderrDropped, output: output)
     }
 
     /// The recorded run with this id.

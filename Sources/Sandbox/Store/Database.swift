@@ -9,12 +9,12 @@ public enum SQLValue: Sendable, Equatable {
     case text(String)
     case blob([UInt8])
 
-    var string: String? {
+    public var string: String? {
         if case .text(let s) = self { return s }
         return nil
     }
 
-    var int: Int64? {
+    public var int: Int64? {
         switch self {
         case .integer(let v): return v
         case .real(let v): return Int64(v)
@@ -22,7 +22,7 @@ public enum SQLValue: Sendable, Equatable {
         }
     }
 
-    var double: Double? {
+    public var double: Double? {
         switch self {
         case .real(let v): return v
         case .integer(let v): return Double(v)
@@ -38,7 +38,7 @@ extension SQLValue: ExpressibleByStringLiteral, ExpressibleByIntegerLiteral, Exp
 }
 
 extension Optional where Wrapped == String {
-    var sql: SQLValue { map { .text($0) } ?? .null }
+    public var sql: SQLValue { map { .text($0) } ?? .null }
 }
 
 /// One row of a query result, by column name.

@@ -83,8 +83,10 @@ extension Store {
         try database.transaction { tx in
             let cutoff = Store.now - age
             var keep = Set<String>()
-            // Tagged images and all their ancestors stay.
-            var frontier = try tx.query("SELECT image FROM tags").compactMap { $0["image"].string }
+            // Tagged and pinned images (a pipeline's step cache) and all their ancestors stay.
+            var frontier = try tx.query("SELECT image FROM tags UNION SELECT image FROM pins").compactMap {
+                $0["image"].string
+            }
             while let uuid = frontier.popLast() {
                 guard keep.insert(uuid).inserted else { continue }
                 if let parent = try tx.query("SELECT parent FROM images WHERE uuid = ?", [.text(uuid)]).first?["parent"]

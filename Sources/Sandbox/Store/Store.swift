@@ -31,7 +31,7 @@ public final class Store: Sendable {
     /// Images whose chain grows past this many layers are flattened into one.
     public let flattenThreshold: Int
 
-    static let schemaVersion = 1
+    static let schemaVersion = 2
 
     /// `$CONTREE_HOME`, or `~/.local/share/contree`.
     public static var defaultRoot: String {
@@ -57,6 +57,12 @@ public final class Store: Sendable {
         // The common case: an existing store of this version needs no DDL.
         let existing = try? database.query("SELECT value FROM meta WHERE key = 'schema'").first?["value"].string
         if existing == String(Store.schemaVersion) { return }
+        if let existing, let number = Int(existing), number > Store.schemaVersion {
+            throw SandboxError(
+                .unsupported,
+                "the store at \(root) has schema version \(number), this build reads \(Store.schemaVersion); use a newer contree-pipeline or another CONTREE_HOME")
+        }
+        // Every statement is idempotent, so older stores are brought up to date by running all.
         try database.execute(
             """
             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -83,15 +89,12 @@ public final class Store: Sendable {
             CREATE INDEX IF NOT EXISTS runs_started ON runs(started);
             CREATE TABLE IF NOT EXISTS leases(
                 id TEXT PRIMARY KEY, pid INTEGER NOT NULL, layers TEXT NOT NULL, created REAL NOT NULL);
-            INSERT OR IGNORE INTO meta(key, value) VALUES('schema', '\(Store.schemaVersion)');
+            CREATE TABLE IF NOT EXISTS pins(
+                owner TEXT NOT NULL, image TEXT NOT NULL REFERENCES images(uuid) ON DELETE CASCADE,
+                created REAL NOT NULL, PRIMARY KEY(owner, image));
+            CREATE INDEX IF NOT EXISTS pins_image ON pins(image);
+            INSERT OR REPLACE INTO meta(key, value) VALUES('schema', '\(Store.schemaVersion)');
             """)
-        let version = try database.query("SELECT value FROM meta WHERE key = 'schema'").first?["value"].string
-        guard version == String(Store.schemaVersion) else {
-            throw SandboxError(
-                .unsupported,
-                "the store at \(root) has schema version \(version ?? "?"), this build reads \(Store.schemaVersion); use a matching contree-pipeline or another CONTREE_HOME"
-            )
-        }
     }
 
     /// Runs `body` holding `store.lock` (shared for commits, exclusive for gc).

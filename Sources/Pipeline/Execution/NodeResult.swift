@@ -1,0 +1,94 @@
+import Foundation
+import Sandbox
+
+/// Where a node stands.
+public enum NodeStatus: String, Sendable, Codable {
+    case pending, running, passed, failed, skipped, cancelled
+
+    public var isFinished: Bool { self != .pending && self != .running }
+}
+
+/// One variant as a fork's selection saw it.
+public struct VariantOutcome: Sendable, Codable, Equatable {
+    public var variant: String
+    public var node: String
+    public var status: NodeStatus
+    public var score: Double?
+    public var kept: Bool
+    /// Why it was not kept (failed, no score, lower score).
+    public var note: String?
+}
+
+/// An exported artifact.
+public struct ArtifactRecord: Sendable, Codable, Equatable {
+    public var node: String
+    /// Path in the step's snapshot.
+    public var path: String
+    /// Path under the run's output directory.
+    public var file: String
+    public var sha256: String
+    public var size: Int64
+}
+
+/// How a node ended, with everything the reports show.
+public struct NodeResult: Sendable, Codable {
+    public var node: String
+    public var step: String
+    public var status: NodeStatus
+    public var cached: Bool
+    /// Failed, but `continue-on-error` lets the pipeline pass and dependents run.
+    public var toleratedFailure: Bool
+    public var key: String?
+    public var components: StepKeyComponents?
+    public var parentImage: String?
+    public var resultImage: String?
+    public var exitCode: Int32?
+    public var signal: Int32?
+    public var timedOut: Bool
+    public var attempts: Int
+    public var started: Date?
+    public var ended: Date?
+    public var metrics: RunMetrics?
+    public var outputs: [String: String]
+    /// Relative to the run's output directory.
+    public var log: String?
+    public var artifacts: [ArtifactRecord]
+    /// Why the node was skipped, failed before running, or was cancelled.
+    public var reason: String?
+    public var variants: [VariantOutcome]?
+    public var matrix: [String: String]
+
+    /// Passed (or failed with `continue-on-error`): dependents go on.
+    public var succeeded: Bool { status == .passed || toleratedFailure }
+
+    public var duration: Double? {
+        guard let started, let ended else { return nil }
+        return ended.timeIntervalSince(started)
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case node, step, status, cached
+        case toleratedFailure = "continued_on_error"
+        case key, components
+        case parentImage = "parent_image"
+        case resultImage = "result_image"
+        case exitCode = "exit_code"
+        case signal
+        case timedOut = "timed_out"
+        case attempts, started, ended, metrics, outputs, log, artifacts, reason, variants, matrix
+    }
+
+    init(node: PlanNode, status: NodeStatus, reason: String? = nil) {
+        self.node = node.id
+        self.step = node.step
+        self.status = status
+        self.cached = false
+        self.toleratedFailure = false
+        self.timedOut = false
+        self.attempts = 0
+        self.outputs = [:]
+        self.artifacts = []
+        self.reason = reason
+        self.matrix = node.matrix
+    }
+}

@@ -1,0 +1,287 @@
+import Foundation
+import Sandbox
+
+/// What every node of one run shares.
+struct ExecutionContext: Sendable {
+    let runner: PipelineRunner
+    let baseImage: ImageRecord
+    let secrets: [String: String]
+    /// Nodes that execute even on a cache hit (`--from`).
+    let forced: Set<String>
+    let secretKey: [UInt8]
+}
+
+extension PipelineRunner {
+    func execute(_ node: PlanNode, results: [String: NodeResult], context: ExecutionContext) async -> NodeResult {
+        let log = StepLog(path: outDir + "/logs/" + node.fileName + ".log", secrets: Array(context.secrets.values))
+        defer { log.close() }
+        var result = NodeResult(node: node, status: .running)
+        result.started = Date()
+        result.log = "logs/" + node.fileName + ".log"
+        do {
+            switch node.kind {
+            case .run: try await executeRun(node, results: results, context: context, log: log, into: &result)
+            case .select: try await executeSelect(node, results: results, context: context, log: log, into: &result)
+            }
+        } catch is CancellationError {
+            result.status = .cancelled
+            result.reason = "the run was cancelled"
+        } catch let error as PipelineError {
+            result.status = .failed
+            result.reason = error.message
+            log.note(error.message)
+        } catch {
+            result.status = Task.isCancelled ? .cancelled : .failed
+            result.reason = "\(error)"
+            log.note("\(error)")
+        }
+        if result.status == .failed && !result.cached, plan.definition.step(node.step)?.continueOnError == true {
+            result.toleratedFailure = true
+        }
+        result.ended = Date()
+        record(result)
+        return result
+    }
+
+    /// The image a node starts from, if its parent left one.
+    func parentImage(_ node: PlanNode, results: [String: NodeResult], context: ExecutionContext) throws -> ImageRecord {
+        switch node.parent {
+        case .image: return context.baseImage
+        case .node(let id):
+            guard let uuid = results[id]?.resultImage, let image = try engine.store.image(uuid) else {
+                throw PipelineError(
+                    .failed,
+                    "the snapshot of \(id) is gone (removed by image rm or gc?); rerun with --from \(plan.node(id)?.step ?? id)"
+                )
+            }
+            return image
+        }
+    }
+
+    private func executeRun(
+        _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext, log: StepLog,
+        into result: inout NodeResult
+    ) async throws {
+        let definition = plan.definition
+        let parent = try parentImage(node, results: results, context: context)
+        result.parentImage = parent.uuid
+
+        let prepared = try StepPreparer(plan: plan).prepare(
+            node, parent: parent, results: results, secrets: context.secrets, secretKey: context.secretKey)
+        let (components, command, env, secretEnv, workdir, inputs, isolation) = (
+            prepared.components, prepared.command, prepared.env, prepared.secretEnv, prepared.workdir, prepared.inputs,
+            prepared.isolation
+        )
+        let key = components.key
+        result.key = key
+        result.components = components
+
+        let forced = options.noCache || context.forced.contains(node.id) || !node.cache
+        if !forced, let hit = try cache.lookup(key) {
+            log.note("cache hit \(key): reusing \(hit.resultImage) without running")
+            result.status = .passed
+            result.cached = true
+            result.resultImage = hit.resultImage
+            result.outputs = hit.outputs
+            result.exitCode = hit.record?.exitCode ?? 0
+            result.metrics = hit.record?.metrics
+            try collectArtifacts(node, image: hit.resultImage, workdir: workdir, passed: true, log: log, into: &result)
+            return
+        }
+        if options.failOnCacheMiss {
+            throw PipelineError(
+                .failed,
+                "step \(node.id) would run (no cached result for key \(key)) and --fail-on-cache-miss is set; `explain \(node.step)` says what changed"
+            )
+        }
+
+        let attempts = 1 + (node.settings.retries ?? 0)
+        var last: RunResult?
+        for attempt in 1...attempts {
+            try Task.checkCancellation()
+            if attempt > 1 { log.note("attempt \(attempt) of \(attempts)") }
+            let spec = RunSpec(
+                image: parent.uuid, command: command, env: env.merging(secretEnv) { $1 }, cwd: workdir,
+                files: inputs.map { FileMapping(hostPath: $0.hostPath, sandboxPath: $0.sandboxPath, mode: $0.mode) },
+                timeout: node.settings.timeout,
+                limits: ResourceLimits(
+                    memoryBytes: node.settings.limits.memoryBytes, cpus: node.settings.limits.cpus,
+                    pids: node.settings.limits.pids ?? 4096),
+                network: node.settings.network ?? .loopback, hostname: "contree", disposable: false,
+                stdout: .capture(limit: 0, onChunk: { log.append($0) }),
+                stderr: .capture(limit: 0, onChunk: { log.append($0) }), isolation: isolation,
+                outputPath: PipelineRunner.outputPath)
+            let run: RunResult
+            do {
+                run = try await engine.run(spec)
+            } catch let error as SandboxError {
+                throw PipelineError(.failed, "step \(node.id) could not run: \(error)")
+            }
+            last = run
+            result.attempts = attempt
+            if run.record.cancelled { throw CancellationError() }
+            if run.record.exitCode == 0 { break }
+            log.note(describe(run.record))
+        }
+        guard let run = last else { throw CancellationError() }
+        let record = run.record
+        result.exitCode = record.exitCode
+        result.signal = record.signal
+        result.timedOut = record.timedOut
+        result.metrics = record.metrics
+        result.resultImage = record.resultImage
+        result.outputs = PipelineRunner.parseOutputs(run.output ?? [], log: log)
+        let passed = record.exitCode == 0
+        result.status = passed ? .passed : .failed
+        if !passed { result.reason = describe(record) }
+        if passed, let image = record.resultImage {
+            // Only successes are served as hits; a failure's snapshot stays for `shell`.
+            try cache.remember(
+                key: key, components: components, resultImage: image, outputs: result.outputs, record: record)
+        }
+        if let image = record.resultImage {
+            try collectArtifacts(node, image: image, workdir: workdir, passed: passed, log: log, into: &result)
+        }
+    }
+
+    func describe(_ record: RunRecord) -> String {
+        if record.timedOut { return "timed out after \(record.metrics.wallSeconds.formatted(digits: 1)) s" }
+        if record.oomKilled { return "ran out of memory and was killed" }
+        if let signal = record.signal { return "killed by signal \(signal)" }
+        return "exited with status \(record.exitCode ?? -1)"
+    }
+
+    /// `KEY=value` lines; anything else is reported in the log and ignored.
+    static func parseOutputs(_ bytes: [UInt8], log: StepLog) -> [String: String] {
+        var outputs: [String: String] = [:]
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            guard let eq = line.firstIndex(of: "="),
+                Identifiers.isEnvironmentName(String(line[..<eq]))
+                    || Identifiers.isStepID(String(line[..<eq]))
+            else {
+                if !String(line).trimmingWhitespace.isEmpty {
+                    log.note("ignored a line of $CONTREE_OUTPUT (not KEY=value): \(line)")
+                }
+                continue
+            }
+            outputs[String(line[..<eq])] = String(line[line.index(after: eq)...])
+        }
+        return outputs
+    }
+
+    private func collectArtifacts(
+        _ node: PlanNode, image: String, workdir: String, passed: Bool, log: StepLog, into result: inout NodeResult
+    ) throws {
+        let wanted = node.artifacts.filter {
+            $0.when == .always || ($0.when == .success && passed) || ($0.when == .failure && !passed)
+        }
+        guard !wanted.isEmpty else { return }
+        let collector = ArtifactCollector(store: engine.store, outDir: outDir)
+        let (records, missing) = try collector.collect(
+            wanted.map(\.pattern.value), from: image, workdir: workdir, node: node)
+        result.artifacts = records
+        for pattern in missing { log.note("artifact '\(pattern)' matched nothing in the snapshot") }
+    }
+
+    // MARK: Selection among fork variants
+
+    private func executeSelect(
+        _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext, log: StepLog,
+        into result: inout NodeResult
+    ) async throws {
+        guard let select = node.select else { return }
+        var outcomes: [VariantOutcome] = []
+        for id in node.variantNodes {
+            guard let variant = results[id], let variantNode = plan.node(id) else { continue }
+            var outcome = VariantOutcome(
+                variant: variantNode.variant ?? id, node: id, status: variant.status, score: nil, kept: false, note: nil
+            )
+            if variant.status != .passed || variant.resultImage == nil {
+                outcome.note = "did not succeed"
+                outcomes.append(outcome)
+                continue
+            }
+            if let scoreTemplate = select.score {
+                let scope = NodeScope(
+                    node: variantNode, plan: plan, results: results, env: [:], pipelineName: plan.definition.name,
+                    cancelled: false)
+                let command =
+                    (node.settings.shell ?? PipelineRunner.defaultShell) + ["-c", scoreTemplate.render(in: scope)]
+                let image = try engine.store.image(variant.resultImage!)
+                let scoreKey =
+                    "score:" + (image.map(StepKeyComponents.imageDigest) ?? "") + ":"
+                    + command.joined(separator: "\u{0}")
+                let text: String
+                if let cached = try cache.score(scoreKey), !options.noCache {
+                    text = cached
+                } else {
+                    let run = try await engine.run(
+                        RunSpec(
+                            image: variant.resultImage!, command: command, cwd: nil,
+                            timeout: node.settings.timeout ?? 600,
+                            disposable: true, stdout: .capture(limit: 1 << 16),
+                            stderr: .capture(limit: 0, onChunk: { log.append($0) })))
+                    if run.record.cancelled { throw CancellationError() }
+                    guard run.record.exitCode == 0 else {
+                        outcome.note = "the score command \(describe(run.record))"
+                        log.note("\(outcome.variant): \(outcome.note!)")
+                        outcomes.append(outcome)
+                        continue
+                    }
+                    text = String(decoding: run.stdout, as: UTF8.self)
+                    try cache.rememberScore(scoreKey, text)
+                }
+                let last = text.split(separator: "\n").last.map { String($0).trimmingWhitespace } ?? ""
+                guard let score = Double(last) else {
+                    outcome.note = "the score command printed '\(last.prefix(40))', not a number"
+                    log.note("\(outcome.variant): \(outcome.note!)")
+                    outcomes.append(outcome)
+                    continue
+                }
+                outcome.score = score
+                log.note("\(outcome.variant): score \(score)")
+            }
+            outcomes.append(outcome)
+        }
+        let candidates = outcomes.indices.filter {
+            outcomes[$0].status == .passed && outcomes[$0].note == nil
+                && (select.score == nil || outcomes[$0].score != nil)
+        }
+        var kept: [Int] = []
+        switch select.keep {
+        case .all: kept = candidates
+        case .firstSuccess: kept = Array(candidates.prefix(1))
+        case .best:
+            if let best = candidates.max(by: { a, b in
+                let x = outcomes[a].score ?? 0
+                let y = outcomes[b].score ?? 0
+                // max(by:) keeps the last of equals: compare so that the first in file order wins.
+                return select.higherIsBetter ? (x < y || (x == y && a > b)) : (x > y || (x == y && a > b))
+            }) {
+                kept = [best]
+            }
+        }
+        for i in outcomes.indices where !kept.contains(i) && outcomes[i].note == nil {
+            outcomes[i].note = select.keep == .firstSuccess ? "a variant before it succeeded" : "lower score"
+        }
+        for i in kept { outcomes[i].kept = true }
+        result.variants = outcomes
+        guard !kept.isEmpty else {
+            result.status = .failed
+            result.reason = "no variant of \(node.step) succeeded"
+            return
+        }
+        result.status = .passed
+        if select.keep != .all, let first = kept.first {
+            result.resultImage = results[outcomes[first].node]?.resultImage
+            result.outputs = results[outcomes[first].node]?.outputs ?? [:]
+            result.parentImage = result.resultImage
+            log.note("kept \(outcomes[first].variant)")
+        }
+        result.cached = outcomes.allSatisfy { results[$0.node]?.cached ?? false }
+    }
+}
+
+extension Double {
+    func formatted(digits: Int) -> String { String(format: "%.\(digits)f", self) }
+}

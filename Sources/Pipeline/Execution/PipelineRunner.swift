@@ -1,0 +1,293 @@
+import Foundation
+import Sandbox
+import Synchronization
+
+/// How a run behaves.
+public struct RunOptions: Sendable {
+    /// Nodes running at once (default: the number of cores).
+    public var jobs: Int
+    /// Run every independent branch after a failure instead of stopping.
+    public var keepGoing: Bool
+    /// Steps to execute even on a cache hit, with everything that depends on them.
+    public var forceSteps: [String]
+    public var noCache: Bool
+    /// Fail instead of executing any step (reproducibility checks in CI).
+    public var failOnCacheMiss: Bool
+    /// The run's directory (default `.contree/runs/<run id>`, next to the pipeline file).
+    public var outDir: String?
+    /// Where to write JUnit XML, if anywhere.
+    public var junitPath: String?
+    /// The host environment secrets are read from.
+    public var environment: [String: String]
+
+    public init(
+        jobs: Int = ProcessInfo.processInfo.activeProcessorCount, keepGoing: Bool = false, forceSteps: [String] = [],
+        noCache: Bool = false, failOnCacheMiss: Bool = false, outDir: String? = nil, junitPath: String? = nil,
+        environment: [String: String] = ProcessInfo.processInfo.environment
+    ) {
+        self.jobs = max(1, jobs)
+        self.keepGoing = keepGoing
+        self.forceSteps = forceSteps
+        self.noCache = noCache
+        self.failOnCacheMiss = failOnCacheMiss
+        self.outDir = outDir
+        self.junitPath = junitPath
+        self.environment = environment
+    }
+}
+
+/// What a run tells its observers as it goes.
+public enum RunEvent: Sendable {
+    case started(runID: String, plan: PipelinePlan, outDir: String)
+    case nodeStarted(String)
+    case nodeFinished(NodeResult)
+    case finished(RunReport)
+}
+
+/// Something that shows a run: the terminal view, plain lines, CI log groups.
+public protocol RunObserver: Sendable {
+    func handle(_ event: RunEvent)
+}
+
+/// Runs a planned pipeline on the snapshot engine: a DAG scheduler with bounded parallelism
+/// that reuses cached steps by key, executes the rest, and writes the run's reports.
+public final class PipelineRunner: Sendable {
+    public let plan: PipelinePlan
+    public let engine: SandboxEngine
+    public let cache: StepCache
+    public let options: RunOptions
+    let observer: (any RunObserver)?
+    public let runID: String
+    public let outDir: String
+
+    static let outputPath = "/.contree/output"
+    static let defaultShell = ["sh", "-e"]
+    static let defaultWorkdir = "/workspace"
+
+    public init(
+        plan: PipelinePlan, engine: SandboxEngine, options: RunOptions = RunOptions(),
+        observer: (any RunObserver)? = nil
+    ) throws {
+        self.plan = plan
+        self.engine = engine
+        self.cache = try StepCache(store: engine.store)
+        self.options = options
+        self.observer = observer
+        let id = PipelineRunner.newRunID()
+        self.runID = id
+        self.outDir =
+            options.outDir
+            ?? URL(fileURLWithPath: plan.definition.directory).appendingPathComponent(".contree/runs/\(id)").path
+    }
+
+    /// `20261126-170501-3f2a9c`: sortable, short, unique enough.
+    static func newRunID() -> String {
+        let formatter = DateFormatter()
+        formatter.dateFormat = "yyyyMMdd-HHmmss"
+        formatter.timeZone = TimeZone(identifier: "UTC")
+        let suffix = UUID().uuidString.lowercased().prefix(6)
+        return formatter.string(from: Date()) + "-" + suffix
+    }
+
+    // MARK: Preflight
+
+    /// Checks what can only be checked on this host before anything runs: inputs exist,
+    /// secrets are set, the backends exist, the base image resolves.
+    func preflight() throws -> (image: ImageRecord, secrets: [String: String]) {
+        var problems: [PipelineError] = []
+        let definition = plan.definition
+        for step in definition.steps {
+            for input in step.inputs {
+                do {
+                    _ = try InputResolver.resolve(input, directory: definition.directory, workdir: "/")
+                } catch let error as PipelineError {
+                    problems.append(error)
+                }
+            }
+            let isolation = step.settings.over(definition.defaults).isolation ?? .container
+            if !engine.supports(isolation) {
+                problems.append(
+                    PipelineError(
+                        .invalid, "isolation: \(isolation.rawValue) is not available in this build; use container",
+                        at: step.location))
+            }
+        }
+        var secrets: [String: String] = [:]
+        let used = Set(definition.steps.flatMap { $0.secrets.map(\.value) })
+        for secret in definition.secrets where used.contains(secret.name.value) {
+            switch secret.source {
+            case .environment(let variable):
+                if let value = options.environment[variable] {
+                    secrets[secret.name.value] = value
+                } else {
+                    problems.append(
+                        PipelineError(
+                            .invalid, "secret \(secret.name.value): the host variable \(variable) is not set",
+                            at: secret.name.location))
+                }
+            case .file(let path):
+                let absolute = path.hasPrefix("/") ? path : definition.directory + "/" + path
+                if let data = FileManager.default.contents(atPath: absolute) {
+                    var text = String(decoding: data, as: UTF8.self)
+                    while text.hasSuffix("\n") { text.removeLast() }
+                    secrets[secret.name.value] = text
+                } else {
+                    problems.append(
+                        PipelineError(
+                            .invalid, "secret \(secret.name.value): cannot read \(absolute)", at: secret.name.location))
+                }
+            }
+        }
+        if !problems.isEmpty { throw PipelineValidationError(problems) }
+        do {
+            return (try engine.baseImages.resolve(definition.image.value), secrets)
+        } catch let error as SandboxError {
+            throw PipelineValidationError([PipelineError(.invalid, error.description, at: definition.image.location)])
+        }
+    }
+
+    // MARK: The run
+
+    /// Runs the pipeline to its end (or until the calling task is cancelled) and writes the
+    /// reports. Throws only for invalid input (nothing ran) or a failure to write reports.
+    public func run() async throws -> RunReport {
+        let (baseImage, secrets) = try preflight()
+        try FileManager.default.createDirectory(atPath: outDir + "/logs", withIntermediateDirectories: true)
+        try cache.beginRun(id: runID, pipeline: plan.definition.name, file: plan.definition.file, outDir: outDir)
+        let started = Date()
+        observer?.handle(.started(runID: runID, plan: plan, outDir: outDir))
+
+        var forced = Set<String>()
+        if !options.forceSteps.isEmpty {
+            forced = plan.dependents(of: Set(plan.nodes.filter { options.forceSteps.contains($0.step) }.map(\.id)))
+        }
+        let context = ExecutionContext(
+            runner: self, baseImage: baseImage, secrets: secrets, forced: forced,
+            secretKey: secrets.isEmpty ? [] : try engine.store.secretKey())
+        let results = await schedule(context)
+
+        let ordered = plan.nodes.compactMap { results[$0.id] }
+        let cancelled = Task.isCancelled || ordered.contains { $0.status == .cancelled }
+        let failed = ordered.contains { $0.status == .failed && !$0.toleratedFailure }
+        let status: RunReport.Status = failed ? .failed : cancelled ? .cancelled : .passed
+        let report = RunReport(
+            runID: runID, pipeline: plan.definition.name, file: plan.definition.file, status: status, started: started,
+            ended: Date(), outDir: outDir, nodes: ordered, edges: RunReport.edges(of: plan), jobs: options.jobs)
+        try? cache.finishRun(id: runID, status: status.rawValue)
+        try ReportWriter(report: report, plan: plan).write(junitPath: options.junitPath)
+        observer?.handle(.finished(report))
+        return report
+    }
+
+    /// Starts nodes as their dependencies end, `jobs` at a time.
+    private func schedule(_ context: ExecutionContext) async -> [String: NodeResult] {
+        var results: [String: NodeResult] = [:]
+        var pending = plan.nodes
+        var stopping = false
+        let registry = TaskRegistry()
+        await withTaskGroup(of: NodeResult.self) { group in
+            var running = 0
+            func decide() {
+                var index = 0
+                while index < pending.count {
+                    let node = pending[index]
+                    guard node.dependencies.allSatisfy({ results[$0] != nil }) else {
+                        index += 1
+                        continue
+                    }
+                    let cancelled = Task.isCancelled
+                    let scope = NodeScope(
+                        node: node, plan: plan, results: results, env: [:], pipelineName: plan.definition.name,
+                        cancelled: cancelled)
+                    let explicitlyAfterFailure =
+                        node.condition?.calls.contains {
+                            ["always", "failure", "cancelled"].contains($0.0)
+                        } ?? false
+                    var verdict: NodeResult?
+                    if cancelled && !explicitlyAfterFailure {
+                        verdict = NodeResult(node: node, status: .cancelled, reason: "the run was cancelled")
+                    } else if stopping && !explicitlyAfterFailure {
+                        verdict = NodeResult(
+                            node: node, status: .skipped,
+                            reason: "an earlier step failed (fail-fast; --keep-going runs independent branches)")
+                    } else if !(node.condition?.evaluate(in: scope).isTruthy ?? scope.status("success")) {
+                        let why =
+                            node.condition == nil
+                            ? "a step it depends on did not succeed"
+                            : "its condition is false: \(plan.definition.step(node.step)?.conditionText ?? "")"
+                        verdict = NodeResult(node: node, status: .skipped, reason: why)
+                    } else if case .node(let parent) = node.parent, results[parent]?.resultImage == nil {
+                        verdict = NodeResult(
+                            node: node, status: .skipped, reason: "the step it starts from (\(parent)) left no snapshot"
+                        )
+                    }
+                    if let verdict {
+                        pending.remove(at: index)
+                        results[node.id] = verdict
+                        record(verdict)
+                        observer?.handle(.nodeFinished(verdict))
+                        index = 0  // a decision may unblock earlier nodes
+                        continue
+                    }
+                    guard running < options.jobs else { return }
+                    pending.remove(at: index)
+                    running += 1
+                    let snapshot = results
+                    observer?.handle(.nodeStarted(node.id))
+                    group.addTask {
+                        let inner = Task { await self.execute(node, results: snapshot, context: context) }
+                        registry.add(node.id, inner)
+                        let result = await withTaskCancellationHandler {
+                            await inner.value
+                        } onCancel: {
+                            inner.cancel()
+                        }
+                        registry.remove(node.id)
+                        return result
+                    }
+                }
+            }
+            decide()
+            while running > 0 {
+                guard let result = await group.next() else { break }
+                running -= 1
+                results[result.node] = result
+                observer?.handle(.nodeFinished(result))
+                if result.status == .failed && !result.toleratedFailure && !options.keepGoing && !stopping {
+                    stopping = true
+                    registry.cancelAll()  // fail fast: running siblings stop, their sandboxes die
+                }
+                decide()
+            }
+        }
+        for node in pending where results[node.id] == nil {
+            let verdict = NodeResult(
+                node: node, status: Task.isCancelled ? .cancelled : .skipped, reason: "not reached")
+            results[node.id] = verdict
+            record(verdict)
+        }
+        return results
+    }
+
+    func record(_ result: NodeResult) {
+        try? cache.recordStep(
+            runID: runID, pipeline: plan.definition.name,
+            row: PipelineStepRow(
+                node: result.node, step: result.step, status: result.status.rawValue, cached: result.cached,
+                key: result.key, components: result.components, parentImage: result.parentImage,
+                resultImage: result.resultImage))
+    }
+}
+
+/// Running node tasks by id, so fail-fast can cancel exactly those.
+final class TaskRegistry: Sendable {
+    private let tasks = Mutex<[String: Task<NodeResult, Never>]>([:])
+
+    func add(_ id: String, _ task: Task<NodeResult, Never>) { tasks.withLock { $0[id] = task } }
+    func remove(_ id: String) { _ = tasks.withLock { $0.removeValue(forKey: id) } }
+    func cancelAll() { tasks.withLock { for task in $0.values { task.cancel() } } }
+}
+
+extension SandboxEngine {
+    func supports(_ isolation: IsolationKind) -> Bool { availableBackends.contains(isolation) }
+}

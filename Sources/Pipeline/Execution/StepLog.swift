@@ -1,0 +1,82 @@
+import Foundation
+import Synchronization
+
+/// A step's log file. Output is written line by line with every secret value replaced by
+/// `***`, so that no secret reaches a log even when the command prints it.
+final class StepLog: Sendable {
+    let path: String
+    private struct State {
+        var handle: FileHandle?
+        var partial: [UInt8] = []
+        var bytes: Int64 = 0
+        var tail: [String] = []
+    }
+    private let state: Mutex<State>
+    private let secrets: [String]
+    /// Logs past this size keep only their tail line buffer growing; the file stops.
+    static let limit: Int64 = 64 << 20
+
+    init(path: String, secrets: [String]) {
+        self.path = path
+        self.secrets = secrets.filter { $0.count >= 3 }.sorted { $0.count > $1.count }
+        FileManager.default.createFile(atPath: path, contents: nil)
+        state = Mutex(State(handle: FileHandle(forWritingAtPath: path)))
+    }
+
+    func mask(_ line: String) -> String {
+        var masked = line
+        for secret in secrets where masked.contains(secret) { masked = masked.replacing(secret, with: "***") }
+        return masked
+    }
+
+    /// Appends raw output; complete lines are masked and written.
+    func append(_ chunk: [UInt8]) {
+        state.withLock { state in
+            state.partial += chunk
+            while let newline = state.partial.firstIndex(of: UInt8(ascii: "\n")) {
+                let line = String(decoding: state.partial[..<newline], as: UTF8.self)
+                state.partial.removeSubrange(...newline)
+                write(mask(line) + "\n", &state)
+            }
+            // A very long line without a newline is flushed in pieces (secrets may straddle
+            // the cut only in lines longer than 64 KiB).
+            if state.partial.count > 65536 {
+                write(mask(String(decoding: state.partial, as: UTF8.self)), &state)
+                state.partial.removeAll()
+            }
+        }
+    }
+
+    /// A line written by contree-pipeline itself.
+    func note(_ text: String) {
+        state.withLock { state in write("[contree] " + mask(text) + "\n", &state) }
+    }
+
+    func close() {
+        state.withLock { state in
+            if !state.partial.isEmpty {
+                write(mask(String(decoding: state.partial, as: UTF8.self)) + "\n", &state)
+                state.partial.removeAll()
+            }
+            try? state.handle?.close()
+            state.handle = nil
+        }
+    }
+
+    /// The last lines written (for failure summaries).
+    var tail: [String] { state.withLock { $0.tail } }
+
+    private func write(_ text: String, _ state: inout State) {
+        for line in text.split(separator: "\n", omittingEmptySubsequences: false).dropLast() {
+            state.tail.append(String(line))
+        }
+        if state.tail.count > 40 { state.tail.removeFirst(state.tail.count - 40) }
+        guard state.bytes < StepLog.limit else { return }
+        let data = Data(text.utf8)
+        state.bytes += Int64(data.count)
+        state.handle?.write(data)
+        if state.bytes >= StepLog.limit {
+            state.handle?.write(Data("[contree] log truncated at \(StepLog.limit >> 20) MiB\n".utf8))
+        }
+    }
+}

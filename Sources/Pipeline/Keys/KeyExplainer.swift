@@ -1,0 +1,120 @@
+import Foundation
+import Sandbox
+
+/// Why a step would (or would not) be reused.
+public struct StepExplanation: Sendable {
+    public var node: String
+    public var components: StepKeyComponents?
+    public var key: String?
+    /// The cached result this key would reuse.
+    public var hit: CachedStep?
+    /// The components of the latest run of this node that passed.
+    public var previous: StepKeyComponents?
+    public var previousRun: String?
+    /// What changed between `previous` and `components`.
+    public var differences: [String]
+    /// Why the key cannot be computed yet, if it cannot.
+    public var note: String?
+}
+
+/// Computes a step's key without running anything: the steps before it must be cached (their
+/// snapshots are part of the key), and compares it with the last run that passed.
+public struct KeyExplainer {
+    public let plan: PipelinePlan
+    public let engine: SandboxEngine
+    public let environment: [String: String]
+
+    public init(
+        plan: PipelinePlan, engine: SandboxEngine, environment: [String: String] = ProcessInfo.processInfo.environment
+    ) {
+        self.plan = plan
+        self.engine = engine
+        self.environment = environment
+    }
+
+    public func explain(step: String) throws -> [StepExplanation] {
+        guard plan.definition.step(step) != nil else {
+            var message = "no step '\(step)' in \(plan.definition.file)"
+            if let s = Suggestion.closest(to: step, in: plan.definition.steps.map(\.id.value)) {
+                message += "; did you mean '\(s)'?"
+            }
+            throw PipelineError(.invalid, message)
+        }
+        let cache = try StepCache(store: engine.store)
+        let base = try engine.baseImages.resolve(plan.definition.image.value)
+        var secrets: [String: String] = [:]
+        for secret in plan.definition.secrets {
+            switch secret.source {
+            case .environment(let name): secrets[secret.name.value] = environment[name]
+            case .file(let path):
+                let absolute = path.hasPrefix("/") ? path : plan.definition.directory + "/" + path
+                secrets[secret.name.value] = FileManager.default.contents(atPath: absolute).map {
+                    String(decoding: $0, as: UTF8.self).trimmingWhitespace
+                }
+            }
+        }
+        let secretKey = secrets.isEmpty ? [] : try engine.store.secretKey()
+        let preparer = StepPreparer(plan: plan)
+        var known: [String: NodeResult] = [:]
+        var unknown: [String: String] = [:]  // node -> why its snapshot is not known
+        var explanations: [StepExplanation] = []
+        let last = plan.nodes.lastIndex { $0.step == step } ?? 0
+        for node in plan.nodes[...last] {
+            var explanation = StepExplanation(
+                node: node.id, components: nil, key: nil, hit: nil, previous: nil, previousRun: nil, differences: [],
+                note: nil)
+            if node.kind == .select {
+                // The kept variant is known from the latest run that passed this selection.
+                let row = try engine.store.database.query(
+                    "SELECT result_image FROM pipeline_steps WHERE pipeline = ? AND node = ? AND status = 'passed' ORDER BY ended DESC LIMIT 1",
+                    [.text(plan.definition.name), .text(node.id)]
+                ).first
+                if let image = row?["result_image"].string {
+                    var result = NodeResult(node: node, status: .passed)
+                    result.resultImage = image
+                    known[node.id] = result
+                } else {
+                    unknown[node.id] = "the selection \(node.id) has not passed yet"
+                }
+                continue
+            }
+            let parent: ImageRecord?
+            switch node.parent {
+            case .image: parent = base
+            case .node(let id):
+                if let why = unknown[id] {
+                    parent = nil
+                    explanation.note = "its key depends on the snapshot of \(id), which is not known: \(why)"
+                } else {
+                    parent = try known[id]?.resultImage.flatMap { try engine.store.image($0) }
+                    if parent == nil { explanation.note = "the snapshot of \(id) is gone" }
+                }
+            }
+            if let parent {
+                let prepared = try preparer.prepare(
+                    node, parent: parent, results: known, secrets: secrets, secretKey: secretKey)
+                explanation.components = prepared.components
+                explanation.key = prepared.components.key
+                explanation.hit = try cache.lookup(prepared.components.key)
+            }
+            if let previous = try cache.lastPassed(pipeline: plan.definition.name, node: node.id) {
+                explanation.previous = previous.components
+                explanation.previousRun = previous.runID
+                if let components = explanation.components {
+                    explanation.differences = components.differences(from: previous.components)
+                }
+            }
+            if let hit = explanation.hit, node.cache {
+                var result = NodeResult(node: node, status: .passed)
+                result.resultImage = hit.resultImage
+                result.outputs = hit.outputs
+                known[node.id] = result
+            } else {
+                unknown[node.id] =
+                    explanation.note ?? (node.cache ? "\(node.id) is not cached" : "\(node.id) has cache: false")
+            }
+            if node.step == step { explanations.append(explanation) }
+        }
+        return explanations
+    }
+}

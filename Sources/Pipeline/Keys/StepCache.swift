@@ -1,0 +1,199 @@
+import Foundation
+import Sandbox
+
+/// A cache entry: what a successful step produced.
+public struct CachedStep: Sendable {
+    public var key: String
+    public var resultImage: String
+    public var outputs: [String: String]
+    public var record: RunRecord?
+}
+
+/// A past pipeline run.
+public struct PipelineRunSummary: Sendable, Codable {
+    public var id: String
+    public var pipeline: String
+    public var file: String
+    public var started: Date
+    public var ended: Date?
+    public var status: String
+    public var outDir: String
+
+    enum CodingKeys: String, CodingKey {
+        case id, pipeline, file, started, ended, status
+        case outDir = "out_dir"
+    }
+}
+
+/// One node of a past run.
+public struct PipelineStepRow: Sendable, Codable {
+    public var node: String
+    public var step: String
+    public var status: String
+    public var cached: Bool
+    public var key: String?
+    public var components: StepKeyComponents?
+    public var parentImage: String?
+    public var resultImage: String?
+}
+
+/// The pipeline tables in the store's database: the step cache (key -> snapshot and outputs),
+/// score results, and the history of runs and their steps (for `runs`, `explain`, `shell`).
+public struct StepCache: Sendable {
+    public let store: Store
+    static let owner = "pipeline-step-cache"
+
+    public init(store: Store) throws {
+        self.store = store
+        try store.database.execute(
+            """
+            CREATE TABLE IF NOT EXISTS step_cache(
+                key TEXT PRIMARY KEY, result_image TEXT NOT NULL, outputs TEXT NOT NULL, record TEXT,
+                components TEXT NOT NULL, created REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS score_cache(key TEXT PRIMARY KEY, score TEXT NOT NULL, created REAL NOT NULL);
+            CREATE TABLE IF NOT EXISTS pipeline_runs(
+                id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, file TEXT NOT NULL, started REAL NOT NULL,
+                ended REAL, status TEXT NOT NULL, out_dir TEXT NOT NULL);
+            CREATE INDEX IF NOT EXISTS pipeline_runs_started ON pipeline_runs(started);
+            CREATE TABLE IF NOT EXISTS pipeline_steps(
+                run_id TEXT NOT NULL, node TEXT NOT NULL, step TEXT NOT NULL, pipeline TEXT NOT NULL,
+                key TEXT, components TEXT, status TEXT NOT NULL, cached INTEGER NOT NULL,
+                parent_image TEXT, result_image TEXT, ended REAL NOT NULL, PRIMARY KEY(run_id, node));
+            CREATE INDEX IF NOT EXISTS pipeline_steps_history ON pipeline_steps(pipeline, node, ended);
+            """)
+    }
+
+    static let encoder: JSONEncoder = {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys]
+        e.dateEncodingStrategy = .iso8601
+        return e
+    }()
+    static let decoder: JSONDecoder = {
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .iso8601
+        return d
+    }()
+
+    func json<T: Encodable>(_ value: T) -> String {
+        String(decoding: (try? StepCache.encoder.encode(value)) ?? Data(), as: UTF8.self)
+    }
+
+    func decode<T: Decodable>(_ type: T.Type, _ text: String?) -> T? {
+        guard let text else { return nil }
+        return try? StepCache.decoder.decode(type, from: Data(text.utf8))
+    }
+
+    /// The entry for `key` if its snapshot still exists.
+    public func lookup(_ key: String) throws -> CachedStep? {
+        guard
+            let row = try store.database.query(
+                "SELECT c.result_image, c.outputs, c.record FROM step_cache c JOIN images i ON i.uuid = c.result_image WHERE c.key = ?",
+                [.text(key)]
+            ).first, let image = row["result_image"].string
+        else { return nil }
+        return CachedStep(
+            key: key, resultImage: image, outputs: decode([String: String].self, row["outputs"].string) ?? [:],
+            record: decode(RunRecord.self, row["record"].string))
+    }
+
+    /// Remembers a successful step (and pins its snapshot against pruning).
+    public func remember(
+        key: String, components: StepKeyComponents, resultImage: String, outputs: [String: String], record: RunRecord?
+    ) throws {
+        try store.database.query(
+            "INSERT OR REPLACE INTO step_cache(key, result_image, outputs, record, components, created) VALUES(?, ?, ?, ?, ?, ?)",
+            [
+                .text(key), .text(resultImage), .text(json(outputs)), record.map { .text(json($0)) } ?? .null,
+                .text(json(components)), .real(Date().timeIntervalSince1970),
+            ])
+        try store.pin(resultImage, owner: StepCache.owner)
+    }
+
+    public func score(_ key: String) throws -> String? {
+        try store.database.query("SELECT score FROM score_cache WHERE key = ?", [.text(key)]).first?["score"].string
+    }
+
+    public func rememberScore(_ key: String, _ score: String) throws {
+        try store.database.query(
+            "INSERT OR REPLACE INTO score_cache(key, score, created) VALUES(?, ?, ?)",
+            [.text(key), .text(score), .real(Date().timeIntervalSince1970)])
+    }
+
+    // MARK: History
+
+    public func beginRun(id: String, pipeline: String, file: String, outDir: String) throws {
+        try store.database.query(
+            "INSERT INTO pipeline_runs(id, pipeline, file, started, status, out_dir) VALUES(?, ?, ?, ?, 'running', ?)",
+            [.text(id), .text(pipeline), .text(file), .real(Date().timeIntervalSince1970), .text(outDir)])
+    }
+
+    public func finishRun(id: String, status: String) throws {
+        try store.database.query(
+            "UPDATE pipeline_runs SET ended = ?, status = ? WHERE id = ?",
+            [.real(Date().timeIntervalSince1970), .text(status), .text(id)])
+    }
+
+    public func recordStep(runID: String, pipeline: String, row: PipelineStepRow) throws {
+        try store.database.query(
+            """
+            INSERT OR REPLACE INTO pipeline_steps(run_id, node, step, pipeline, key, components, status, cached,
+                parent_image, result_image, ended) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """,
+            [
+                .text(runID), .text(row.node), .text(row.step), .text(pipeline), row.key.sql,
+                row.components.map { .text(json($0)) } ?? .null, .text(row.status), .integer(row.cached ? 1 : 0),
+                row.parentImage.sql, row.resultImage.sql, .real(Date().timeIntervalSince1970),
+            ])
+    }
+
+    /// The components of the latest run of `node` that passed (from the cache or not).
+    public func lastPassed(pipeline: String, node: String) throws -> (components: StepKeyComponents, runID: String)? {
+        guard
+            let row = try store.database.query(
+                """
+                SELECT components, run_id FROM pipeline_steps WHERE pipeline = ? AND node = ? AND status = 'passed'
+                  AND components IS NOT NULL ORDER BY ended DESC LIMIT 1
+                """, [.text(pipeline), .text(node)]
+            ).first, let components = decode(StepKeyComponents.self, row["components"].string),
+            let run = row["run_id"].string
+        else { return nil }
+        return (components, run)
+    }
+
+    public func runs(limit: Int = 50) throws -> [PipelineRunSummary] {
+        try store.database.query(
+            "SELECT * FROM pipeline_runs ORDER BY started DESC LIMIT ?", [.integer(Int64(limit))]
+        ).map(summary)
+    }
+
+    public func run(_ idOrPrefix: String) throws -> PipelineRunSummary? {
+        let rows = try store.database.query(
+            "SELECT * FROM pipeline_runs WHERE id LIKE ? ORDER BY started DESC LIMIT 2", [.text(idOrPrefix + "%")])
+        return rows.count == 1 ? summary(rows[0]) : rows.first { $0["id"].string == idOrPrefix }.map(summary)
+    }
+
+    public func lastRun(pipeline: String) throws -> PipelineRunSummary? {
+        try store.database.query(
+            "SELECT * FROM pipeline_runs WHERE pipeline = ? ORDER BY started DESC LIMIT 1", [.text(pipeline)]
+        ).first.map(summary)
+    }
+
+    public func steps(of runID: String) throws -> [PipelineStepRow] {
+        try store.database.query("SELECT * FROM pipeline_steps WHERE run_id = ? ORDER BY ended", [.text(runID)]).map {
+            PipelineStepRow(
+                node: $0["node"].string ?? "", step: $0["step"].string ?? "", status: $0["status"].string ?? "",
+                cached: $0["cached"].int == 1, key: $0["key"].string,
+                components: decode(StepKeyComponents.self, $0["components"].string),
+                parentImage: $0["parent_image"].string, resultImage: $0["result_image"].string)
+        }
+    }
+
+    private func summary(_ row: SQLRow) -> PipelineRunSummary {
+        PipelineRunSummary(
+            id: row["id"].string ?? "", pipeline: row["pipeline"].string ?? "", file: row["file"].string ?? "",
+            started: Date(timeIntervalSince1970: row["started"].double ?? 0),
+            ended: row["ended"].double.map { Date(timeIntervalSince1970: $0) }, status: row["status"].string ?? "",
+            outDir: row["out_dir"].string ?? "")
+    }
+}

@@ -1,0 +1,193 @@
+import Sandbox
+
+/// A pipeline file as written: parsed and checked, not yet expanded into runs.
+public struct PipelineDefinition: Sendable {
+    /// The file as given on the command line.
+    public var file: String
+    /// Absolute directory of the file: input paths are relative to it.
+    public var directory: String
+    public var name: String
+    public var image: Located<String>
+    public var env: [EnvironmentEntry]
+    public var defaults: StepSettings
+    public var secrets: [SecretDefinition]
+    public var steps: [StepDefinition]
+
+    public func step(_ id: String) -> StepDefinition? { steps.first { $0.id.value == id } }
+}
+
+/// `NAME: value`, the value possibly holding `${{ }}` expressions.
+public struct EnvironmentEntry: Sendable {
+    public var name: String
+    public var value: Template
+}
+
+/// A secret: read on the host when a step that names it runs; enters the sandbox as an
+/// environment variable, the step key only as a keyed fingerprint, and logs never.
+public struct SecretDefinition: Sendable {
+    public enum Source: Sendable, Equatable {
+        case environment(String)
+        case file(String)
+    }
+
+    public var name: Located<String>
+    public var source: Source
+}
+
+/// Resource limits of a step.
+public struct LimitsDefinition: Sendable, Equatable {
+    public var memoryBytes: Int64?
+    public var cpus: Double?
+    public var pids: Int?
+
+    public init(memoryBytes: Int64? = nil, cpus: Double? = nil, pids: Int? = nil) {
+        self.memoryBytes = memoryBytes
+        self.cpus = cpus
+        self.pids = pids
+    }
+
+    /// These limits where set, `fallback`'s otherwise.
+    func over(_ fallback: LimitsDefinition) -> LimitsDefinition {
+        LimitsDefinition(
+            memoryBytes: memoryBytes ?? fallback.memoryBytes, cpus: cpus ?? fallback.cpus, pids: pids ?? fallback.pids)
+    }
+}
+
+/// What a step sets and `defaults` presets.
+public struct StepSettings: Sendable {
+    /// The interpreter, split in words; the script goes after `-c`. Default `sh -e`.
+    public var shell: [String]?
+    public var workdir: Template?
+    /// Seconds.
+    public var timeout: Double?
+    public var retries: Int?
+    public var limits = LimitsDefinition()
+    public var network: NetworkMode?
+    public var isolation: IsolationKind?
+
+    public init() {}
+
+    /// These settings where set, `fallback`'s otherwise.
+    func over(_ fallback: StepSettings) -> StepSettings {
+        var merged = fallback
+        if let shell { merged.shell = shell }
+        if let workdir { merged.workdir = workdir }
+        if let timeout { merged.timeout = timeout }
+        if let retries { merged.retries = retries }
+        merged.limits = limits.over(fallback.limits)
+        if let network { merged.network = network }
+        if let isolation { merged.isolation = isolation }
+        return merged
+    }
+}
+
+/// Host files copied into the sandbox before a step runs, hashed by content.
+public struct InputDefinition: Sendable {
+    /// A path or glob (`*`, `?`, `**`) relative to the pipeline's directory.
+    public var pattern: Located<String>
+    /// Absolute directory in the sandbox; nil keeps each file's relative path under the
+    /// step's working directory.
+    public var destination: String?
+}
+
+/// When an artifact is collected.
+public enum ArtifactCondition: String, Sendable, Codable, CaseIterable {
+    case success, failure, always
+}
+
+/// A path or glob in a step's snapshot, exported after the step ends.
+public struct ArtifactDefinition: Sendable {
+    public var pattern: Located<String>
+    public var when: ArtifactCondition
+}
+
+/// `matrix:`: axes of values, with combinations added (`include`) or removed (`exclude`).
+public struct MatrixDefinition: Sendable {
+    public var axes: [(name: String, values: [String])]
+    public var include: [[String: String]]
+    public var exclude: [[String: String]]
+    public var location: SourceLocation
+
+    /// Every combination, in axis order: the product, minus the excluded, plus the included.
+    public var combinations: [[String: String]] {
+        var result: [[String: String]] = [[:]]
+        for axis in axes {
+            result = result.flatMap { combo in
+                axis.values.map { value in
+                    var next = combo
+                    next[axis.name] = value
+                    return next
+                }
+            }
+        }
+        if axes.isEmpty { result = [] }
+        result.removeAll { combo in exclude.contains { ex in ex.allSatisfy { combo[$0.key] == $0.value } } }
+        let axisNames = Set(axes.map(\.name))
+        for extra in include {
+            // An include that matches a combination on every axis it names extends it;
+            // otherwise it is a combination of its own.
+            let onAxes = extra.filter { axisNames.contains($0.key) }
+            var extended = false
+            if !onAxes.isEmpty && onAxes.count == axisNames.count {
+                for i in result.indices where onAxes.allSatisfy({ result[i][$0.key] == $0.value }) {
+                    result[i].merge(extra) { $1 }
+                    extended = true
+                }
+            }
+            if !extended { result.append(extra) }
+        }
+        return result
+    }
+}
+
+/// One variant of a `fork:` step: what it changes from the step.
+public struct ForkVariant: Sendable {
+    public var name: Located<String>
+    public var run: Template?
+    public var env: [EnvironmentEntry]
+    public var settings: StepSettings
+}
+
+/// How a fork's variants are compared and which go on.
+public struct SelectDefinition: Sendable {
+    public enum Keep: String, Sendable, Codable {
+        /// The variant with the best score.
+        case best
+        /// Every variant that succeeded.
+        case all
+        /// The first variant, in file order, that succeeded.
+        case firstSuccess = "first-success"
+    }
+
+    /// Run in each variant's snapshot; its stdout is the score. Nil for `keep: all` or
+    /// `first-success` without scoring.
+    public var score: Template?
+    public var keep: Keep
+    /// Whether a higher score is better (default) or a lower one.
+    public var higherIsBetter: Bool
+    public var location: SourceLocation
+}
+
+/// One entry of `steps:`.
+public struct StepDefinition: Sendable {
+    public var id: Located<String>
+    public var location: SourceLocation
+    public var run: Template?
+    public var env: [EnvironmentEntry]
+    public var settings: StepSettings
+    /// The step whose snapshot this one starts from; nil means the previous step in the file
+    /// (or the pipeline's image for the first step).
+    public var from: Located<String>?
+    public var needs: [Located<String>]
+    public var inputs: [InputDefinition]
+    public var artifacts: [ArtifactDefinition]
+    public var matrix: MatrixDefinition?
+    public var fork: [ForkVariant]
+    public var select: SelectDefinition?
+    /// `if:`, parsed.
+    public var condition: Expression?
+    public var conditionText: String?
+    public var continueOnError: Bool
+    public var cache: Bool
+    public var secrets: [Located<String>]
+}

@@ -1,0 +1,252 @@
+/// Checks what only the whole file can tell: ids, references, cycles, expressions.
+struct PipelineValidator {
+    let definition: PipelineDefinition
+    var errors: [PipelineError] = []
+
+    init(definition: PipelineDefinition) {
+        self.definition = definition
+    }
+
+    /// The step each step starts from: its `from`, else the previous step, else nil (the image).
+    static func parents(of steps: [StepDefinition]) -> [String: String?] {
+        var result: [String: String?] = [:]
+        for (i, step) in steps.enumerated() {
+            result[step.id.value] = step.from?.value ?? (i > 0 ? steps[i - 1].id.value : nil)
+        }
+        return result
+    }
+
+    mutating func validate() -> [PipelineError] {
+        let steps = definition.steps
+        var seen: [String: SourceLocation] = [:]
+        for step in steps {
+            if let first = seen[step.id.value] {
+                errors.append(
+                    PipelineError(
+                        .invalid,
+                        "duplicate step id '\(step.id.value)' (first defined at \(first.line):\(first.column)); ids must be unique",
+                        at: step.id.location))
+            } else {
+                seen[step.id.value] = step.id.location
+            }
+        }
+        let ids = Set(seen.keys)
+        let secretNames = Set(definition.secrets.map(\.name.value))
+        for step in steps {
+            for reference in [step.from].compactMap({ $0 }) + step.needs {
+                if reference.value == step.id.value {
+                    errors.append(
+                        PipelineError(.invalid, "step \(step.id.value) cannot depend on itself", at: reference.location)
+                    )
+                } else if !ids.contains(reference.value) {
+                    var message = "step \(step.id.value) refers to '\(reference.value)', which is not a step"
+                    if let s = Suggestion.closest(to: reference.value, in: Array(ids)) {
+                        message += "; did you mean '\(s)'?"
+                    }
+                    errors.append(PipelineError(.invalid, message, at: reference.location))
+                }
+            }
+            for secret in step.secrets where !secretNames.contains(secret.value) {
+                var message =
+                    "step \(step.id.value) uses secret '\(secret.value)', which is not defined under `secrets:`"
+                if let s = Suggestion.closest(to: secret.value, in: Array(secretNames)) {
+                    message += "; did you mean '\(s)'?"
+                }
+                errors.append(PipelineError(.invalid, message, at: secret.location))
+            }
+            if step.select != nil && step.fork.isEmpty {
+                errors.append(
+                    PipelineError(
+                        .invalid, "step \(step.id.value) has `select:` but no `fork:` variants to select from",
+                        at: step.select!.location))
+            }
+            if !step.fork.isEmpty && step.matrix != nil {
+                errors.append(
+                    PipelineError(
+                        .invalid, "step \(step.id.value) has both `matrix:` and `fork:`; split them into two steps",
+                        at: step.location))
+            }
+        }
+        guard errors.isEmpty else { return errors }
+        if let cycle = findCycle() {
+            let location = definition.step(cycle[0])?.location
+            errors.append(
+                PipelineError(
+                    .invalid,
+                    "steps form a cycle: \(cycle.joined(separator: " -> ")); break it by changing `from` or `needs`",
+                    at: location))
+            return errors
+        }
+        let ancestors = self.ancestors()
+        let axes = matrixAxes()
+        for step in steps {
+            let id = step.id.value
+            if let clash = axes[id]?.clash {
+                errors.append(
+                    PipelineError(
+                        .invalid,
+                        "step \(id) redefines matrix axis '\(clash)' that it inherits from the step it starts from",
+                        at: step.matrix?.location ?? step.location))
+            }
+            var envNames = Set(definition.env.map(\.name))
+            envNames.formUnion(step.env.map(\.name))
+            var expressions: [(Expression, String)] = []
+            var templates: [Template] = [step.run, step.settings.workdir, step.select?.score].compactMap { $0 }
+            templates += step.env.map(\.value) + definition.env.map(\.value)
+            for variant in step.fork {
+                templates += [variant.run, variant.settings.workdir].compactMap { $0 }
+                templates += variant.env.map(\.value)
+                envNames.formUnion(variant.env.map(\.name))
+            }
+            for template in templates { expressions += template.expressions.map { ($0, "expression") } }
+            if let condition = step.condition { expressions.append((condition, "if")) }
+            for (expression, _) in expressions {
+                for (path, location) in expression.references {
+                    check(
+                        path, at: location, step: id, ancestors: ancestors[id] ?? [], axes: axes[id]?.names ?? [],
+                        env: envNames)
+                }
+            }
+            for template in definition.env.map(\.value) {
+                for expression in template.expressions where !expression.references.allSatisfy({ $0.0.first == "env" })
+                {
+                    errors.append(
+                        PipelineError(
+                            .invalid,
+                            "the pipeline's env can only refer to env.*; move step-specific values to the step's env",
+                            at: template.location))
+                }
+            }
+        }
+        return errors
+    }
+
+    /// Checks one reference: `matrix.NAME`, `steps.ID.outputs.KEY|outcome|image`, `env.NAME`.
+    mutating func check(
+        _ path: [String], at location: SourceLocation, step: String, ancestors: Set<String>, axes: [String],
+        env: Set<String>
+    ) {
+        func fail(_ message: String) { errors.append(PipelineError(.invalid, message, at: location)) }
+        switch path[0] {
+        case "matrix":
+            guard path.count == 2 else { return fail("use matrix.NAME") }
+            if !axes.contains(path[1]) {
+                var message = "matrix.\(path[1]) is not an axis of step \(step)'s matrix"
+                message += axes.isEmpty ? " (it has none)" : " (axes: \(axes.joined(separator: ", ")))"
+                if let s = Suggestion.closest(to: path[1], in: axes) { message += "; did you mean 'matrix.\(s)'?" }
+                fail(message)
+            }
+        case "steps":
+            guard path.count >= 3 else { return fail("use steps.ID.outputs.NAME, steps.ID.outcome or steps.ID.image") }
+            let target = path[1]
+            guard definition.step(target) != nil else {
+                var message = "steps.\(target) names no step"
+                if let s = Suggestion.closest(to: target, in: definition.steps.map(\.id.value)) {
+                    message += "; did you mean '\(s)'?"
+                }
+                return fail(message)
+            }
+            guard ancestors.contains(target) else {
+                return fail(
+                    "step \(step) reads steps.\(target), which is not one of the steps it comes after; add it to `needs`"
+                )
+            }
+            switch path[2] {
+            case "outputs": if path.count != 4 { fail("use steps.\(target).outputs.NAME") }
+            case "outcome", "image": if path.count != 3 { fail("steps.\(target).\(path[2]) has no fields") }
+            default:
+                fail("steps.\(target).\(path[2]) is unknown; use outputs.NAME, outcome or image")
+            }
+        case "env":
+            guard path.count == 2 else { return fail("use env.NAME") }
+            if !env.contains(path[1]) {
+                var message = "env.\(path[1]) is not defined in the pipeline's or the step's env"
+                if let s = Suggestion.closest(to: path[1], in: Array(env)) { message += "; did you mean 'env.\(s)'?" }
+                fail(message)
+            }
+        case "secrets":
+            fail(
+                "secrets are not available in expressions (they would land in logs and step keys); list the secret under the step's `secrets:` and read it as $NAME"
+            )
+        case "pipeline":
+            if path != ["pipeline", "name"] { fail("use pipeline.name") }
+        default:
+            var message = "unknown name '\(path[0])' in expression; use matrix, steps, env or pipeline"
+            if let s = Suggestion.closest(to: path[0], in: ["matrix", "steps", "env", "pipeline"]) {
+                message += "; did you mean '\(s)'?"
+            }
+            fail(message)
+        }
+    }
+
+    /// Dependencies (from, implicit previous, needs) of every step.
+    func dependencies() -> [String: [String]] {
+        let parents = PipelineValidator.parents(of: definition.steps)
+        var result: [String: [String]] = [:]
+        for step in definition.steps {
+            result[step.id.value] = ([parents[step.id.value] ?? nil].compactMap { $0 }) + step.needs.map(\.value)
+        }
+        return result
+    }
+
+    func findCycle() -> [String]? {
+        let deps = dependencies()
+        var state: [String: Int] = [:]  // 1 visiting, 2 done
+        var stack: [String] = []
+        func visit(_ id: String) -> [String]? {
+            if state[id] == 2 { return nil }
+            if state[id] == 1 {
+                let start = stack.firstIndex(of: id) ?? 0
+                return Array(stack[start...]) + [id]
+            }
+            state[id] = 1
+            stack.append(id)
+            for dep in deps[id] ?? [] {
+                if let cycle = visit(dep) { return cycle }
+            }
+            stack.removeLast()
+            state[id] = 2
+            return nil
+        }
+        for step in definition.steps {
+            if let cycle = visit(step.id.value) { return cycle }
+        }
+        return nil
+    }
+
+    func ancestors() -> [String: Set<String>] {
+        let deps = dependencies()
+        var memo: [String: Set<String>] = [:]
+        func compute(_ id: String) -> Set<String> {
+            if let known = memo[id] { return known }
+            var result = Set<String>()
+            for dep in deps[id] ?? [] {
+                result.insert(dep)
+                result.formUnion(compute(dep))
+            }
+            memo[id] = result
+            return result
+        }
+        for step in definition.steps { _ = compute(step.id.value) }
+        return memo
+    }
+
+    /// The matrix axes each step has: its own plus those of the step it starts from.
+    func matrixAxes() -> [String: (names: [String], clash: String?)] {
+        let parents = PipelineValidator.parents(of: definition.steps)
+        var memo: [String: (names: [String], clash: String?)] = [:]
+        func compute(_ id: String) -> (names: [String], clash: String?) {
+            if let known = memo[id] { return known }
+            guard let step = definition.step(id) else { return ([], nil) }
+            var inherited: [String] = []
+            if let parent = parents[id] ?? nil { inherited = compute(parent).names }
+            let own = step.matrix?.axes.map(\.name) ?? []
+            let clash = own.first { inherited.contains($0) }
+            let result = (inherited + own.filter { !inherited.contains($0) }, clash)
+            memo[id] = result
+            return result
+        }
+        for step in definition.steps { _ = compute(step.id.value) }
+        return memo
+    }
+}

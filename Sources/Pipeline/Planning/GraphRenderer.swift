@@ -1,0 +1,48 @@
+/// The plan's DAG as Mermaid or Graphviz DOT text. Solid edges start from a snapshot; dashed
+/// edges only wait (`needs`).
+public enum GraphRenderer {
+    public enum Format: String, CaseIterable, Sendable {
+        case mermaid, dot
+    }
+
+    public static func render(_ plan: PipelinePlan, as format: Format) -> String {
+        let edges = RunReport.edges(of: plan)
+        var ids: [String: String] = [:]
+        for (i, node) in plan.nodes.enumerated() { ids[node.id] = "n\(i)" }
+        func label(_ node: PlanNode) -> String {
+            let base = node.kind == .select ? "select \(node.id)" : node.id
+            return base.replacing("\"", with: "'")
+        }
+        switch format {
+        case .mermaid:
+            var lines = ["flowchart LR"]
+            lines.append("  base([\(plan.definition.image.value.replacing("\"", with: "'"))])")
+            for node in plan.nodes {
+                let shape = node.kind == .select ? "{{\"\(label(node))\"}}" : "[\"\(label(node))\"]"
+                lines.append("  \(ids[node.id]!)\(shape)")
+            }
+            for node in plan.nodes where node.parent == .image { lines.append("  base --> \(ids[node.id]!)") }
+            for edge in edges {
+                lines.append("  \(ids[edge.from]!) \(edge.kind == "needs" ? "-.->" : "-->") \(ids[edge.to]!)")
+            }
+            return lines.joined(separator: "\n") + "\n"
+        case .dot:
+            var lines = [
+                "digraph \"\(plan.definition.name.replacing("\"", with: "'"))\" {", "  rankdir=LR;",
+                "  node [shape=box, style=rounded];",
+            ]
+            lines.append("  base [label=\"\(plan.definition.image.value.replacing("\"", with: "'"))\", shape=ellipse];")
+            for node in plan.nodes {
+                lines.append(
+                    "  \(ids[node.id]!) [label=\"\(label(node))\"\(node.kind == .select ? ", shape=hexagon" : "")];")
+            }
+            for node in plan.nodes where node.parent == .image { lines.append("  base -> \(ids[node.id]!);") }
+            for edge in edges {
+                lines.append(
+                    "  \(ids[edge.from]!) -> \(ids[edge.to]!)\(edge.kind == "needs" ? " [style=dashed]" : "");")
+            }
+            lines.append("}")
+            return lines.joined(separator: "\n") + "\n"
+        }
+    }
+}

@@ -1,0 +1,184 @@
+import Sandbox
+
+/// One unit of work of a planned pipeline: a step (or one matrix combination or fork variant
+/// of it) that runs a command, or the selection among a fork's variants.
+public struct PlanNode: Sendable {
+    public enum Kind: Sendable, Equatable {
+        case run
+        case select
+    }
+
+    /// Where a node's sandbox starts.
+    public enum Parent: Sendable, Equatable {
+        /// The pipeline's base image.
+        case image
+        /// The snapshot another node produced (for a select node: the kept variant's).
+        case node(String)
+    }
+
+    /// Unique in the plan: `build`, `build[cc=gcc]`, `solve.fast`, `next[solve=fast]`.
+    public var id: String
+    /// The step of the file this node comes from.
+    public var step: String
+    public var kind: Kind
+    /// Matrix values (inherited first), plus `fork step = variant` for branches of a
+    /// `keep: all` fork.
+    public var values: [(name: String, value: String)]
+    /// The fork variant a run node executes.
+    public var variant: String?
+    public var parent: Parent
+    /// Every node that must end before this one starts (its parent included).
+    public var dependencies: [String]
+    /// For select nodes: the variant nodes, in file order.
+    public var variantNodes: [String]
+    public var run: Template?
+    public var env: [EnvironmentEntry]
+    public var settings: StepSettings
+    public var inputs: [InputDefinition]
+    public var artifacts: [ArtifactDefinition]
+    public var condition: Expression?
+    public var continueOnError: Bool
+    public var cache: Bool
+    public var secrets: [String]
+    public var select: SelectDefinition?
+
+    public var matrix: [String: String] {
+        Dictionary(values.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 })
+    }
+
+    /// A file-name-safe form of the id (logs, artifacts).
+    public var fileName: String {
+        String(id.map { $0.isLetter || $0.isNumber || "-_.=,".contains($0) ? $0 : "_" })
+    }
+}
+
+/// A pipeline expanded into nodes (matrix combinations, fork variants, selections) in an order
+/// where every node comes after its dependencies.
+public struct PipelinePlan: Sendable {
+    public let definition: PipelineDefinition
+    public private(set) var nodes: [PlanNode] = []
+    private var index: [String: Int] = [:]
+
+    public func node(_ id: String) -> PlanNode? { index[id].map { nodes[$0] } }
+
+    /// The nodes a step expanded into.
+    public func nodes(of step: String) -> [PlanNode] { nodes.filter { $0.step == step } }
+
+    /// Nodes that depend, directly or not, on any of `roots` (roots included).
+    public func dependents(of roots: Set<String>) -> Set<String> {
+        var result = roots
+        for node in nodes where !result.contains(node.id) && node.dependencies.contains(where: result.contains) {
+            result.insert(node.id)
+        }
+        return result
+    }
+
+    /// What dependents of a step start from: its run nodes, its select node, or (for a fork
+    /// that keeps all variants) each variant.
+    struct Export {
+        var node: String
+        var values: [(name: String, value: String)]
+    }
+
+    /// Expands a validated definition.
+    public init(_ definition: PipelineDefinition) {
+        self.definition = definition
+        let parents = PipelineValidator.parents(of: definition.steps)
+        let order = PipelinePlan.order(definition)
+        var exports: [String: [Export]] = [:]
+        for stepID in order {
+            guard let step = definition.step(stepID) else { continue }
+            let settings = step.settings.over(definition.defaults)
+            let starts: [Export]
+            if let parent = parents[stepID] ?? nil {
+                starts = exports[parent] ?? []
+            } else {
+                starts = [Export(node: "", values: [])]
+            }
+            let needed = step.needs.flatMap { exports[$0.value]?.map(\.node) ?? [] }
+            var mine: [Export] = []
+            for start in starts {
+                let combos = step.matrix?.combinations ?? [[:]]
+                for combo in combos {
+                    var values = start.values
+                    for axis in step.matrix?.axes.map(\.name) ?? [] where combo[axis] != nil {
+                        values.append((axis, combo[axis]!))
+                    }
+                    // Keys only an include added, in a stable order.
+                    for key in combo.keys.sorted() where !values.contains(where: { $0.name == key }) {
+                        values.append((key, combo[key]!))
+                    }
+                    let suffix =
+                        values.isEmpty ? "" : "[" + values.map { "\($0.name)=\($0.value)" }.joined(separator: ",") + "]"
+                    let parent: PlanNode.Parent = start.node.isEmpty ? .image : .node(start.node)
+                    let parentDeps = start.node.isEmpty ? [] : [start.node]
+                    let base = PlanNode(
+                        id: stepID + suffix, step: stepID, kind: .run, values: values, variant: nil, parent: parent,
+                        dependencies: parentDeps + needed, variantNodes: [], run: step.run, env: step.env,
+                        settings: settings, inputs: step.inputs, artifacts: step.artifacts, condition: step.condition,
+                        continueOnError: step.continueOnError, cache: step.cache, secrets: step.secrets.map(\.value),
+                        select: nil)
+                    if step.fork.isEmpty {
+                        add(base)
+                        mine.append(Export(node: base.id, values: values))
+                        continue
+                    }
+                    var variantIDs: [String] = []
+                    for variant in step.fork {
+                        var node = base
+                        node.id = stepID + "." + variant.name.value + suffix
+                        node.variant = variant.name.value
+                        node.run = variant.run ?? step.run
+                        node.env = step.env + variant.env
+                        node.settings = variant.settings.over(settings)
+                        add(node)
+                        variantIDs.append(node.id)
+                    }
+                    let keepAll = step.select == nil || step.select?.keep == .all
+                    if let select = step.select {
+                        var node = base
+                        node.kind = .select
+                        node.variantNodes = variantIDs
+                        node.dependencies = variantIDs
+                        node.select = select
+                        node.run = nil
+                        node.inputs = []
+                        node.condition = nil
+                        add(node)
+                        if !keepAll { mine.append(Export(node: node.id, values: values)) }
+                    }
+                    if keepAll {
+                        for (variant, id) in zip(step.fork, variantIDs) {
+                            mine.append(Export(node: id, values: values + [(stepID, variant.name.value)]))
+                        }
+                    }
+                }
+            }
+            exports[stepID] = mine
+        }
+    }
+
+    private mutating func add(_ node: PlanNode) {
+        index[node.id] = nodes.count
+        nodes.append(node)
+    }
+
+    /// Steps ordered so that each comes after what it depends on (file order among equals).
+    static func order(_ definition: PipelineDefinition) -> [String] {
+        let deps = PipelineValidator(definition: definition).dependencies()
+        var done = Set<String>()
+        var result: [String] = []
+        while result.count < definition.steps.count {
+            var progressed = false
+            for step in definition.steps where !done.contains(step.id.value) {
+                if (deps[step.id.value] ?? []).allSatisfy(done.contains) {
+                    done.insert(step.id.value)
+                    result.append(step.id.value)
+                    progressed = true
+                }
+            }
+            if !progressed { break }  // a cycle: the validator reports it
+        }
+        return result
+    }
+}

@@ -1,0 +1,246 @@
+import Foundation
+import Synchronization
+
+/// Where a view writes (stdout by default; tests capture it).
+public final class ViewOutput: Sendable {
+    private let fd: Int32
+    private let lock = Mutex(())
+
+    public init(fd: Int32 = 1) {
+        self.fd = fd
+    }
+
+    public func write(_ text: String) {
+        lock.withLock { _ in
+            let bytes = Array(text.utf8)
+            var done = 0
+            while done < bytes.count {
+                let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, bytes.count - done) }
+                if n <= 0 { break }
+                done += n
+            }
+        }
+    }
+
+    public var isTerminal: Bool { isatty(fd) == 1 }
+}
+
+/// Picks the view for where the output goes: log groups inside GitHub Actions or GitLab CI,
+/// a live view on a terminal, plain timestamped lines otherwise.
+public enum RunViews {
+    public static func make(
+        output: ViewOutput = ViewOutput(), environment: [String: String] = ProcessInfo.processInfo.environment
+    )
+        -> any RunObserver
+    {
+        if environment["GITHUB_ACTIONS"] == "true" { return LineView(output: output, groups: .github) }
+        if environment["GITLAB_CI"] == "true" { return LineView(output: output, groups: .gitlab) }
+        if output.isTerminal { return TerminalView(output: output) }
+        return LineView(output: output, groups: nil)
+    }
+
+    static func icon(_ result: NodeResult) -> String {
+        if result.cached && result.status == .passed { return "⟲" }
+        switch result.status {
+        case .passed: return "✔"
+        case .failed: return result.toleratedFailure ? "!" : "✘"
+        case .skipped: return "–"
+        case .cancelled: return "■"
+        case .running: return "▶"
+        case .pending: return "·"
+        }
+    }
+
+    static func state(_ result: NodeResult) -> String {
+        if result.cached && result.status == .passed { return "cached" }
+        if result.toleratedFailure { return "failed (continued)" }
+        return result.status.rawValue
+    }
+
+    static func seconds(_ value: Double?) -> String {
+        guard let value else { return "" }
+        return value < 10 ? String(format: "%.2f s", value) : String(format: "%.1f s", value)
+    }
+
+    /// The table printed at the end of every run, then the tails of failed steps' logs.
+    static func summary(_ report: RunReport) -> String {
+        let header = ["step", "state", "time", "exit", "cpu", "peak memory", "snapshot"]
+        let rows = report.nodes.map { n -> [String] in
+            let m = n.metrics
+            return [
+                n.node, state(n), seconds(n.duration), n.exitCode.map(String.init) ?? "",
+                m.map { seconds($0.cpuUserSeconds + $0.cpuSystemSeconds) } ?? "",
+                m.map { HTMLReport.bytes($0.peakMemoryBytes) } ?? "", String(n.resultImage?.prefix(8) ?? ""),
+            ]
+        }
+        var widths = header.map(\.count)
+        for row in rows { for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) } }
+        func line(_ cells: [String]) -> String {
+            cells.enumerated().map { i, c in c + String(repeating: " ", count: widths[i] - c.count) }.joined(
+                separator: "  "
+            )
+            .trimmingWhitespace
+        }
+        var text = "\n" + line(header) + "\n" + rows.map(line).joined(separator: "\n") + "\n"
+        for n in report.nodes where n.status == .failed {
+            text += "\n── \(n.node): \(n.reason ?? "failed") ──\n"
+            if let log = n.log, let data = FileManager.default.contents(atPath: report.outDir + "/" + log) {
+                let lines = String(decoding: data, as: UTF8.self).split(
+                    separator: "\n", omittingEmptySubsequences: false)
+                text += lines.suffix(20).joined(separator: "\n") + "\n"
+            }
+        }
+        let counts = report.counts
+        text += "\n\(report.pipeline): \(report.status.rawValue.uppercased()) in \(seconds(report.duration)) — "
+        text +=
+            "\((counts[.passed] ?? 0) - report.cachedCount) ran, \(report.cachedCount) cached, \(counts[.failed] ?? 0) failed, \(counts[.skipped] ?? 0) skipped"
+        if (counts[.cancelled] ?? 0) > 0 { text += ", \(counts[.cancelled]!) cancelled" }
+        text += "\nreports: \(report.outDir)/report.html\n"
+        return text
+    }
+}
+
+/// Plain lines with timestamps, optionally with each finished step's log in a collapsible
+/// CI group.
+final class LineView: RunObserver {
+    enum Groups {
+        case github, gitlab
+    }
+
+    let output: ViewOutput
+    let groups: Groups?
+    private let outDir = Mutex<String>("")
+
+    init(output: ViewOutput, groups: Groups?) {
+        self.output = output
+        self.groups = groups
+    }
+
+    static func timestamp() -> String {
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime]
+        return formatter.string(from: Date())
+    }
+
+    func handle(_ event: RunEvent) {
+        switch event {
+        case .started(let runID, let plan, let dir):
+            outDir.withLock { $0 = dir }
+            output.write("\(LineView.timestamp()) run \(runID) of \(plan.definition.name): \(plan.nodes.count) steps\n")
+        case .nodeStarted(let id):
+            output.write("\(LineView.timestamp()) ▶ \(id) started\n")
+        case .nodeFinished(let result):
+            var line = "\(LineView.timestamp()) \(RunViews.icon(result)) \(result.node) \(RunViews.state(result))"
+            if let d = result.duration, result.status != .skipped { line += " in \(RunViews.seconds(d))" }
+            if let reason = result.reason { line += ": \(reason)" }
+            if let kept = result.variants?.filter(\.kept).map(\.variant), !kept.isEmpty {
+                line += " (kept \(kept.joined(separator: ", ")))"
+            }
+            guard let groups, let log = result.log, result.status != .skipped else {
+                output.write(line + "\n")
+                return
+            }
+            let text =
+                (FileManager.default.contents(atPath: outDir.withLock { $0 } + "/" + log))
+                .map { String(decoding: $0, as: UTF8.self) } ?? ""
+            switch groups {
+            case .github:
+                output.write("::group::\(line)\n\(text)::endgroup::\n")
+                if result.status == .failed && !result.toleratedFailure {
+                    output.write("::error title=\(result.node) failed::\(result.reason ?? "failed")\n")
+                }
+            case .gitlab:
+                let section = "contree_" + String(result.node.map { $0.isLetter || $0.isNumber ? $0 : "_" })
+                let now = Int(Date().timeIntervalSince1970)
+                let collapsed = result.status == .failed ? "false" : "true"
+                output.write(
+                    "\u{1B}[0Ksection_start:\(now):\(section)[collapsed=\(collapsed)]\r\u{1B}[0K\(line)\n\(text)\u{1B}[0Ksection_end:\(now):\(section)\r\u{1B}[0K\n"
+                )
+            }
+        case .finished(let report):
+            output.write(RunViews.summary(report))
+        }
+    }
+}
+
+/// A live view: one line per step (queued, running with elapsed time, cached, passed,
+/// failed), redrawn in place, then the summary.
+final class TerminalView: RunObserver {
+    let output: ViewOutput
+    private struct State {
+        var order: [String] = []
+        var started: [String: Date] = [:]
+        var results: [String: NodeResult] = [:]
+        var drawnLines = 0
+        var finished = false
+        var title = ""
+    }
+    private let state = Mutex(State())
+    private let ticker = Mutex<Task<Void, Never>?>(nil)
+
+    init(output: ViewOutput) {
+        self.output = output
+    }
+
+    func handle(_ event: RunEvent) {
+        switch event {
+        case .started(let runID, let plan, _):
+            state.withLock {
+                $0.order = plan.nodes.map(\.id)
+                $0.title = "\(plan.definition.name) · run \(runID)"
+            }
+            let task = Task { [weak self] in
+                while !Task.isCancelled {
+                    self?.redraw()
+                    try? await Task.sleep(for: .milliseconds(200))
+                }
+            }
+            ticker.withLock { $0 = task }
+        case .nodeStarted(let id):
+            state.withLock { $0.started[id] = Date() }
+        case .nodeFinished(let result):
+            state.withLock { $0.results[result.node] = result }
+        case .finished(let report):
+            ticker.withLock { $0?.cancel() }
+            redraw()
+            state.withLock { $0.finished = true }
+            output.write(RunViews.summary(report))
+        }
+    }
+
+    private func redraw() {
+        let text: String = state.withLock { state in
+            guard !state.finished else { return "" }
+            var lines = [state.title]
+            let height = 40
+            let ids = state.order
+            for id in ids {
+                if let result = state.results[id] {
+                    var line = "\(RunViews.icon(result)) \(id)  \(RunViews.state(result))"
+                    if let d = result.duration, result.status != .skipped { line += "  \(RunViews.seconds(d))" }
+                    lines.append(line)
+                } else if let started = state.started[id] {
+                    lines.append("▶ \(id)  running  \(RunViews.seconds(Date().timeIntervalSince(started)))")
+                } else {
+                    lines.append("· \(id)  queued")
+                }
+            }
+            if lines.count > height {
+                // Keep the title, what runs and the latest outcomes in view.
+                let running = lines.filter { $0.hasPrefix("▶") }
+                lines =
+                    [lines[0]]
+                    + Array(
+                        (lines.dropFirst().filter { !$0.hasPrefix("▶") && !$0.hasPrefix("·") }.suffix(
+                            height - 2 - running.count)) + running)
+                    + ["… \(ids.count - state.results.count - running.count) queued"]
+            }
+            var out = ""
+            if state.drawnLines > 0 { out += "\u{1B}[\(state.drawnLines)A" }
+            out += "\u{1B}[J" + lines.joined(separator: "\n") + "\n"
+            state.drawnLines = lines.count
+            return out
+        }
+        if !text.isEmpty { output.write(text) }
+    }
+}

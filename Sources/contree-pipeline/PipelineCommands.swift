@@ -1,0 +1,244 @@
+import ArgumentParser
+import Dispatch
+import Foundation
+import Pipeline
+import Sandbox
+
+/// Parses and validates a pipeline file, printing every problem with its place (exit 2).
+func loadPipeline(_ path: String) throws -> PipelinePlan {
+    do {
+        return PipelinePlan(try PipelineParser.parse(file: path))
+    } catch let error as PipelineValidationError {
+        printError(error.description)
+        throw ExitCode(2)
+    }
+}
+
+struct RunCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a pipeline: cached steps are reused, the rest run in sandboxes.",
+        discussion: """
+            Exit status: 0 when the pipeline passed, 1 when a step failed, 2 for invalid input \
+            (nothing ran), 130 when interrupted. Reports go to --out (default \
+            .contree/runs/RUN-ID next to the file): report.json, metrics.csv, report.html, logs/, \
+            artifacts/.
+            """)
+
+    @OptionGroup var storeOptions: StoreOptions
+    @Argument(help: "The pipeline file.") var pipeline: String
+    @Option(name: [.short, .long], help: "Steps running at once (default: the number of cores).")
+    var jobs: Int = ProcessInfo.processInfo.activeProcessorCount
+    @Flag(help: "After a failure, still run every branch that does not depend on it.") var keepGoing = false
+    @Option(name: .customLong("from"), help: "Run this step and everything after it even if cached (repeatable).")
+    var fromSteps: [String] = []
+    @Flag(help: "Run every step, ignoring the cache.") var noCache = false
+    @Flag(help: "Fail instead of running any step that is not cached (reproducibility checks).")
+    var failOnCacheMiss = false
+    @Option(help: "The run's report directory.") var out: String?
+    @Option(help: "Also write JUnit XML here.") var junit: String?
+    @Flag(help: "Print report.json on stdout instead of the live view.") var json = false
+
+    func run() async throws {
+        let plan = try loadPipeline(pipeline)
+        for step in fromSteps where plan.definition.step(step) == nil {
+            printError("error: --from \(step): no such step in \(pipeline)")
+            throw ExitCode(2)
+        }
+        ContainerBackend.warmUp()
+        let store = try reportingErrors { try storeOptions.open() }
+        let engine = SandboxEngine(store: store, progress: ProgressReporter())
+        let options = RunOptions(
+            jobs: jobs, keepGoing: keepGoing, forceSteps: fromSteps, noCache: noCache, failOnCacheMiss: failOnCacheMiss,
+            outDir: out, junitPath: junit)
+        let observer: any RunObserver = json ? RunViews.make(output: ViewOutput(fd: 2)) : RunViews.make()
+        let runner = try reportingErrors {
+            try PipelineRunner(plan: plan, engine: engine, options: options, observer: observer)
+        }
+        let task = Task { try await runner.run() }
+        let signals = Termination.cancelOnSignal(task)
+        defer { signals.forEach { $0.cancel() } }
+        let report: RunReport
+        do {
+            report = try await task.value
+        } catch let error as PipelineValidationError {
+            printError(error.description)
+            throw ExitCode(2)
+        } catch {
+            throw fail(error)
+        }
+        if json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            encoder.dateEncodingStrategy = .iso8601
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        }
+        if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
+    }
+}
+
+struct ValidateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "validate", abstract: "Check a pipeline file without running it (exit 2 when it is invalid).")
+    @Argument(help: "The pipeline file.") var pipeline: String
+
+    func run() throws {
+        let plan = try loadPipeline(pipeline)
+        let steps = plan.definition.steps.count
+        print(
+            "\(pipeline): valid — \(steps) step\(steps == 1 ? "" : "s"), \(plan.nodes.count) node\(plan.nodes.count == 1 ? "" : "s") after expansion"
+        )
+    }
+}
+
+extension GraphRenderer.Format: ExpressibleByArgument {}
+
+struct GraphCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "graph", abstract: "Print the pipeline's DAG as Mermaid or Graphviz DOT.")
+    @Argument(help: "The pipeline file.") var pipeline: String
+    @Option(help: "mermaid or dot.") var format: GraphRenderer.Format = .mermaid
+
+    func run() throws {
+        print(GraphRenderer.render(try loadPipeline(pipeline), as: format), terminator: "")
+    }
+}
+
+struct ExplainCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "explain",
+        abstract: "Show a step's key components and, on a miss, what changed since it last passed.")
+    @OptionGroup var storeOptions: StoreOptions
+    @Argument(help: "The pipeline file.") var pipeline: String
+    @Argument(help: "The step.") var step: String
+
+    func run() throws {
+        let plan = try loadPipeline(pipeline)
+        try reportingErrors {
+            let engine = SandboxEngine(store: try storeOptions.open(), progress: ProgressReporter())
+            let explanations: [StepExplanation]
+            do {
+                explanations = try KeyExplainer(plan: plan, engine: engine).explain(step: step)
+            } catch let error as PipelineError {
+                printError("error: \(error.message)")
+                throw ExitCode(2)
+            }
+            for e in explanations {
+                print("step \(e.node)")
+                guard let c = e.components, let key = e.key else {
+                    print("  key: unknown — \(e.note ?? "")")
+                    continue
+                }
+                print("  key: \(key)")
+                print("  \(e.hit.map { "HIT: reuses snapshot \($0.resultImage)" } ?? "MISS: it would run")")
+                print("  components:")
+                print("    format:       \(c.format)")
+                print("    parent image: \(c.parentImage)")
+                print(
+                    "    command:      \(c.command.map { $0.contains(" ") || $0.contains("\n") ? "'" + $0.replacingOccurrences(of: "\n", with: "\\n") + "'" : $0 }.joined(separator: " "))"
+                )
+                print("    workdir:      \(c.workdir)")
+                print("    user:         \(c.user)")
+                print("    isolation:    \(c.isolation)")
+                for item in c.env { print("    env:          \(item)") }
+                for item in c.inputs { print("    input:        \(item)") }
+                for item in c.secrets { print("    secret:       \(item)") }
+                if e.hit == nil {
+                    if let run = e.previousRun {
+                        if e.differences.isEmpty {
+                            print(
+                                "  unchanged since run \(run), but its snapshot is no longer cached (removed, or the step has cache: false)"
+                            )
+                        } else {
+                            print("  changed since run \(run), the last that passed:")
+                            for d in e.differences { print("    - \(d)") }
+                        }
+                    } else {
+                        print("  no earlier run of this step passed")
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct RunsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "runs", abstract: "List past pipeline runs, newest first.")
+    @OptionGroup var storeOptions: StoreOptions
+    @Option(help: "How many.") var limit = 20
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() throws {
+        try reportingErrors {
+            let runs = try StepCache(store: try storeOptions.open()).runs(limit: limit)
+            if json { return try printJSON(runs) }
+            print(
+                Format.table(
+                    ["RUN", "PIPELINE", "STATUS", "STARTED", "DURATION", "REPORTS"],
+                    runs.map { run in
+                        [
+                            run.id, run.pipeline, run.status, Format.date(run.started),
+                            run.ended.map { String(format: "%.1f s", $0.timeIntervalSince(run.started)) } ?? "",
+                            run.outDir,
+                        ]
+                    }))
+        }
+    }
+}
+
+struct ArtifactsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "artifacts", abstract: "List a past run's artifacts, or copy them to a directory.")
+    @OptionGroup var storeOptions: StoreOptions
+    @Argument(help: "The run id (or a unique prefix).") var runID: String
+    @Option(help: "Copy the artifacts (and manifest.json) here.") var copy: String?
+    @Flag(help: "Print JSON.") var json = false
+
+    struct Entry: Codable {
+        var node: String
+        var path: String
+        var file: String
+        var sha256: String
+        var size: Int64
+    }
+
+    func run() throws {
+        try reportingErrors {
+            guard let summary = try StepCache(store: try storeOptions.open()).run(runID) else {
+                throw SandboxError(.notFound, "no run \(runID); `contree-pipeline runs` lists them")
+            }
+            let manifest = summary.outDir + "/artifacts/manifest.json"
+            let entries =
+                (FileManager.default.contents(atPath: manifest)).flatMap {
+                    try? JSONDecoder().decode([Entry].self, from: $0)
+                } ?? []
+            if let copy {
+                try FileManager.default.createDirectory(atPath: copy, withIntermediateDirectories: true)
+                for entry in entries {
+                    let target = copy + "/" + entry.file.dropFirst("artifacts/".count)
+                    try FileManager.default.createDirectory(
+                        atPath: (target as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+                    try? FileManager.default.removeItem(atPath: target)
+                    try FileManager.default.copyItem(atPath: summary.outDir + "/" + entry.file, toPath: target)
+                }
+                if !entries.isEmpty {
+                    try? FileManager.default.copyItem(atPath: manifest, toPath: copy + "/manifest.json")
+                }
+                print("copied \(entries.count) artifacts to \(copy)")
+                return
+            }
+            if json { return try printJSON(entries) }
+            if entries.isEmpty { print("run \(summary.id) has no artifacts") }
+            print(
+                Format.table(
+                    ["STEP", "PATH", "SIZE", "SHA256", "FILE"],
+                    entries.map {
+                        [
+                            $0.node, $0.path, Format.bytes($0.size), String($0.sha256.prefix(16)),
+                            summary.outDir + "/" + $0.file,
+                        ]
+                    }))
+        }
+    }
+}
