@@ -9,6 +9,8 @@ public struct PipelineParser {
     let source: String
     let lines: [Substring]
     var errors: [PipelineError] = []
+    /// Ids of steps that were rejected (so that references to them are not reported again).
+    var brokenSteps: [String] = []
 
     static let topKeys = ["name", "image", "env", "defaults", "secrets", "steps"]
     static let defaultsKeys = ["shell", "workdir", "timeout", "retries", "limits", "network", "isolation"]
@@ -51,13 +53,16 @@ public struct PipelineParser {
             ])
         }
         let definition = parser.readPipeline(root, directory: directory)
-        if let definition, parser.errors.isEmpty {
-            var validator = PipelineValidator(definition: definition)
-            let problems = validator.validate()
-            if !problems.isEmpty { throw PipelineValidationError(problems) }
-            return definition
+        guard let definition else { throw PipelineValidationError(parser.errors) }
+        // The whole-file checks run even after local problems, so that one pass reports as
+        // much as possible; references to steps that failed to parse are not repeated.
+        var validator = PipelineValidator(definition: definition)
+        let problems = validator.validate().filter { problem in
+            !parser.brokenSteps.contains { problem.message.contains("'\($0)'") && problem.message.contains("not a step") }
         }
-        throw PipelineValidationError(parser.errors)
+        let all = parser.errors + (parser.errors.isEmpty ? problems : problems.filter { !$0.message.contains("cycle") })
+        if !all.isEmpty { throw PipelineValidationError(all) }
+        return definition
     }
 
     init(file: String, source: String) {
@@ -385,6 +390,7 @@ public struct PipelineParser {
     }
 
     mutating func readStep(_ node: Node, index: Int) -> StepDefinition? {
+        let errorsBefore = errors.count
         let fields = entries(node, allowed: PipelineParser.stepKeys, what: "step \(index + 1)")
         guard case .mapping = node else { return nil }
         guard let idField = fields.first(where: { $0.key == "id" }), let id = string(idField.value, what: "id") else {
@@ -436,8 +442,13 @@ public struct PipelineParser {
             default: break
             }
         }
-        if step.run == nil && step.fork.isEmpty {
+        // Only when nothing else went wrong here: a misspelt or broken `run` was reported already.
+        if step.run == nil && step.fork.isEmpty && errors.count == errorsBefore {
             fail("step \(id.value) has nothing to run; give it `run:` (or `fork:` variants)", at: node)
+        }
+        if errors.count > errorsBefore {
+            brokenSteps.append(id.value)
+            return nil
         }
         return step
     }
@@ -660,20 +671,23 @@ enum Suggestion {
         return best.1 <= max(1, min(3, word.count / 3)) ? best.0 : nil
     }
 
+    /// Edit distance counting a swap of neighbours as one edit (optimal string alignment).
     static func distance(_ a: String, _ b: String) -> Int {
         let x = Array(a)
         let y = Array(b)
         if x.isEmpty { return y.count }
         if y.isEmpty { return x.count }
-        var previous = Array(0...y.count)
+        var d = Array(repeating: Array(repeating: 0, count: y.count + 1), count: x.count + 1)
+        for i in 0...x.count { d[i][0] = i }
+        for j in 0...y.count { d[0][j] = j }
         for i in 1...x.count {
-            var current = [i] + Array(repeating: 0, count: y.count)
             for j in 1...y.count {
-                current[j] = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x[i - 1] == y[j - 1] ? 0 : 1))
+                let cost = x[i - 1] == y[j - 1] ? 0 : 1
+                d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
+                if i > 1, j > 1, x[i - 1] == y[j - 2], x[i - 2] == y[j - 1] { d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1) }
             }
-            previous = current
         }
-        return previous[y.count]
+        return d[x.count][y.count]
     }
 }
 
