@@ -38,6 +38,9 @@ public struct NodeResult: Sendable, Codable {
     public var cached: Bool
     /// Failed, but `continue-on-error` lets the pipeline pass and dependents run.
     public var toleratedFailure: Bool
+    /// A fork variant that failed: its selection decides whether the pipeline fails, and
+    /// nothing starts from its snapshot.
+    public var containedFailure: Bool
     public var key: String?
     public var components: StepKeyComponents?
     public var parentImage: String?
@@ -61,6 +64,9 @@ public struct NodeResult: Sendable, Codable {
     /// Passed (or failed with `continue-on-error`): dependents go on.
     public var succeeded: Bool { status == .passed || toleratedFailure }
 
+    /// A failure that fails the pipeline.
+    public var failsPipeline: Bool { status == .failed && !toleratedFailure && !containedFailure }
+
     public var duration: Double? {
         guard let started, let ended else { return nil }
         return ended.timeIntervalSince(started)
@@ -69,6 +75,7 @@ public struct NodeResult: Sendable, Codable {
     enum CodingKeys: String, CodingKey {
         case node, step, status, cached
         case toleratedFailure = "continued_on_error"
+        case containedFailure = "variant_failed"
         case key, components
         case parentImage = "parent_image"
         case resultImage = "result_image"
@@ -84,6 +91,7 @@ public struct NodeResult: Sendable, Codable {
         self.status = status
         self.cached = false
         self.toleratedFailure = false
+        self.containedFailure = false
         self.timedOut = false
         self.attempts = 0
         self.outputs = [:]

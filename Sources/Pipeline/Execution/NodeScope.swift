@@ -67,7 +67,7 @@ struct NodeScope: ExpressionScope {
         switch function {
         case "always": return true
         case "cancelled": return cancelled
-        case "failure": return finished.contains { $0.status == .failed && !$0.toleratedFailure }
+        case "failure": return finished.contains { $0.failsPipeline }
         default:  // success
             return !cancelled && node.dependencies.allSatisfy { results[$0]?.succeeded == true }
         }

@@ -38,6 +38,9 @@ extension PipelineRunner {
         if result.status == .failed && !result.cached, plan.definition.step(node.step)?.continueOnError == true {
             result.toleratedFailure = true
         }
+        if result.status == .failed && node.variant != nil && plan.definition.step(node.step)?.select != nil {
+            result.containedFailure = true
+        }
         result.ended = Date()
         record(result)
         return result

@@ -168,7 +168,7 @@ public final class PipelineRunner: Sendable {
 
         let ordered = plan.nodes.compactMap { results[$0.id] }
         let cancelled = Task.isCancelled || ordered.contains { $0.status == .cancelled }
-        let failed = ordered.contains { $0.status == .failed && !$0.toleratedFailure }
+        let failed = ordered.contains(where: \.failsPipeline)
         let status: RunReport.Status = failed ? .failed : cancelled ? .cancelled : .passed
         let report = RunReport(
             runID: runID, pipeline: plan.definition.name, file: plan.definition.file, status: status, started: started,
@@ -210,6 +210,8 @@ public final class PipelineRunner: Sendable {
                         verdict = NodeResult(
                             node: node, status: .skipped,
                             reason: "an earlier step failed (fail-fast; --keep-going runs independent branches)")
+                    } else if node.kind == .select {
+                        // A selection runs once its variants ended, however they ended.
                     } else if !(node.condition?.evaluate(in: scope).isTruthy ?? scope.status("success")) {
                         let why =
                             node.condition == nil
@@ -253,7 +255,7 @@ public final class PipelineRunner: Sendable {
                 running -= 1
                 results[result.node] = result
                 observer?.handle(.nodeFinished(result))
-                if result.status == .failed && !result.toleratedFailure && !options.keepGoing && !stopping {
+                if result.failsPipeline && !options.keepGoing && !stopping {
                     stopping = true
                     registry.cancelAll()  // fail fast: running siblings stop, their sandboxes die
                 }

@@ -50,7 +50,7 @@ struct ReportWriter {
     }
 
     func junit() -> String {
-        let failures = report.nodes.filter { $0.status == .failed && !$0.toleratedFailure }.count
+        let failures = report.nodes.filter { $0.failsPipeline }.count
         let skipped = report.nodes.filter { $0.status == .skipped || $0.status == .cancelled }.count
         var xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
         let time = String(format: "%.3f", report.duration)
@@ -62,7 +62,7 @@ struct ReportWriter {
             let t = String(format: "%.3f", n.duration ?? 0)
             xml += "    <testcase classname=\"\(escape(report.pipeline))\" name=\"\(escape(n.node))\" time=\"\(t)\">\n"
             switch n.status {
-            case .failed where !n.toleratedFailure:
+            case .failed where n.failsPipeline:
                 let tail = logTail(n)
                 xml += "      <failure message=\"\(escape(n.reason ?? "failed"))\">\(escape(tail))</failure>\n"
             case .skipped, .cancelled:

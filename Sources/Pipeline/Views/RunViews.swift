@@ -43,7 +43,7 @@ public enum RunViews {
         if result.cached && result.status == .passed { return "⟲" }
         switch result.status {
         case .passed: return "✔"
-        case .failed: return result.toleratedFailure ? "!" : "✘"
+        case .failed: return result.failsPipeline ? "✘" : "!"
         case .skipped: return "–"
         case .cancelled: return "■"
         case .running: return "▶"
@@ -146,7 +146,7 @@ final class LineView: RunObserver {
             switch groups {
             case .github:
                 output.write("::group::\(line)\n\(text)::endgroup::\n")
-                if result.status == .failed && !result.toleratedFailure {
+                if result.failsPipeline {
                     output.write("::error title=\(result.node) failed::\(result.reason ?? "failed")\n")
                 }
             case .gitlab:
