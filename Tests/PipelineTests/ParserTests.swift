@@ -22,7 +22,10 @@ func parse(_ yaml: String) throws -> PipelineDefinition {
 @Suite("Pipeline files: bad input is named by file, line and column")
 struct ParserTests {
     /// Expects exactly one problem, at `line:column`, whose message contains `mention`.
-    func expectProblem(_ yaml: String, at line: Int, _ column: Int?, mentions: [String], sourceLocation: Testing.SourceLocation = #_sourceLocation) {
+    func expectProblem(
+        _ yaml: String, at line: Int, _ column: Int?, mentions: [String],
+        sourceLocation: Testing.SourceLocation = #_sourceLocation
+    ) {
         let found = problems(yaml)
         #expect(found.count >= 1, "no error for:\n\(yaml)", sourceLocation: sourceLocation)
         guard let first = found.first else { return }
@@ -30,7 +33,9 @@ struct ParserTests {
         #expect(first.location?.line == line, "\(first)", sourceLocation: sourceLocation)
         if let column { #expect(first.location?.column == column, "\(first)", sourceLocation: sourceLocation) }
         for mention in mentions {
-            #expect(first.message.contains(mention), "\(first.message) should mention \(mention)", sourceLocation: sourceLocation)
+            #expect(
+                first.message.contains(mention), "\(first.message) should mention \(mention)",
+                sourceLocation: sourceLocation)
         }
     }
 
@@ -65,14 +70,16 @@ struct ParserTests {
 
     @Test("an unknown key, with a suggestion")
     func unknownKey() {
-        expectProblem("steps:\n  - id: a\n    rnu: echo\n", at: 3, 5, mentions: ["unknown key 'rnu'", "did you mean 'run'"])
+        expectProblem(
+            "steps:\n  - id: a\n    rnu: echo\n", at: 3, 5, mentions: ["unknown key 'rnu'", "did you mean 'run'"])
         expectProblem("stpes:\n  - id: a\n", at: 1, 1, mentions: ["'stpes'", "did you mean 'steps'"])
     }
 
     @Test("duplicate step ids")
     func duplicateIDs() {
         expectProblem(
-            "steps:\n  - id: a\n    run: x\n  - id: a\n    run: y\n", at: 4, 9, mentions: ["duplicate step id 'a'", "2:9"])
+            "steps:\n  - id: a\n    run: x\n  - id: a\n    run: y\n", at: 4, 9,
+            mentions: ["duplicate step id 'a'", "2:9"])
     }
 
     @Test("a duplicate key in one mapping")
@@ -107,16 +114,18 @@ struct ParserTests {
             """, at: 2, 5, mentions: ["cycle", "a -> c -> b -> a"])
     }
 
-    @Test("bad expressions", arguments: [
-        ("    run: echo ${{ matrix.os\n", "'${{' is not closed", 3, 15),
-        ("    run: echo ${{ frobnicate() }}\n", "unknown function 'frobnicate'", 3, 19),
-        ("    run: echo ${{ matrx.os }}\n", "did you mean 'matrix'", 3, 19),
-        ("    run: echo ${{ matrix.os }}\n", "matrix.os is not an axis", 3, 19),
-        ("    run: echo ${{ steps.later.outputs.x }}\n", "not one of the steps it comes after", 3, 19),
-        ("    run: echo ${{ secrets.TOKEN }}\n", "secrets are not available in expressions", 3, 19),
-        ("    run: echo ${{ 'a' == }}\n", "ends too early", 3, 26),
-        ("    if: success( && true\n", "unexpected '&'", 3, 18),
-    ])
+    @Test(
+        "bad expressions",
+        arguments: [
+            ("    run: echo ${{ matrix.os\n", "'${{' is not closed", 3, 15),
+            ("    run: echo ${{ frobnicate() }}\n", "unknown function 'frobnicate'", 3, 19),
+            ("    run: echo ${{ matrx.os }}\n", "did you mean 'matrix'", 3, 19),
+            ("    run: echo ${{ matrix.os }}\n", "matrix.os is not an axis", 3, 19),
+            ("    run: echo ${{ steps.later.outputs.x }}\n", "not one of the steps it comes after", 3, 19),
+            ("    run: echo ${{ secrets.TOKEN }}\n", "secrets are not available in expressions", 3, 19),
+            ("    run: echo ${{ 'a' == }}\n", "ends too early", 3, 26),
+            ("    if: success( && true\n", "unexpected '&'", 3, 18),
+        ])
     func badExpressions(line: String, mention: String, row: Int, column: Int) {
         let yaml = "steps:\n  - id: a\n" + line + "  - id: later\n    run: x\n"
         let found = problems(yaml.replacingOccurrences(of: "    if:", with: "    run: x\n    if:"))
@@ -134,15 +143,17 @@ struct ParserTests {
         #expect(found.first?.location?.column == 16)
     }
 
-    @Test("wrong types", arguments: [
-        ("    timeout: soon\n", "duration", 3),
-        ("    retries: -1\n", "whole number", 3),
-        ("    needs: {a: b}\n", "value or a list", 3),
-        ("    cache: perhaps\n", "true or false", 3),
-        ("    limits: {memory: lots}\n", "memory must be a size", 3),
-        ("    isolation: jail\n", "container, vm", 3),
-        ("    inputs: /etc/passwd\n", "list of paths", 3),
-    ])
+    @Test(
+        "wrong types",
+        arguments: [
+            ("    timeout: soon\n", "duration", 3),
+            ("    retries: -1\n", "whole number", 3),
+            ("    needs: {a: b}\n", "value or a list", 3),
+            ("    cache: perhaps\n", "true or false", 3),
+            ("    limits: {memory: lots}\n", "memory must be a size", 3),
+            ("    isolation: jail\n", "container, vm", 3),
+            ("    inputs: /etc/passwd\n", "list of paths", 3),
+        ])
     func wrongTypes(line: String, mention: String, row: Int) {
         let found = problems("steps:\n  - id: a\n" + line + "    run: x\n")
         #expect(found.first?.message.contains(mention) == true, "\(found)")
@@ -174,7 +185,9 @@ struct ExpressionTests {
     struct Scope: ExpressionScope {
         var values: [String: String]
         var ok = true
-        func resolve(_ path: [String]) -> ExpressionValue { values[path.joined(separator: ".")].map { .string($0) } ?? .null }
+        func resolve(_ path: [String]) -> ExpressionValue {
+            values[path.joined(separator: ".")].map { .string($0) } ?? .null
+        }
         func status(_ function: String) -> Bool { function == "success" ? ok : function == "always" }
     }
 
@@ -199,7 +212,9 @@ struct ExpressionTests {
     @Test("templates interpolate every expression")
     func templates() throws {
         let location = SourceLocation(file: "t", line: 1, column: 1)
-        let template = try Template.parse("cc=${{ matrix.cc }} opt=${{ matrix.opt || '-O0' }}!", at: location) { _ in location }
+        let template = try Template.parse("cc=${{ matrix.cc }} opt=${{ matrix.opt || '-O0' }}!", at: location) { _ in
+            location
+        }
         #expect(template.render(in: Scope(values: ["matrix.cc": "gcc"])) == "cc=gcc opt=-O0!")
     }
 }
@@ -208,26 +223,30 @@ struct ExpressionTests {
 struct PlanTests {
     @Test("a matrix expands with include and exclude, and steps from it inherit its combinations")
     func matrix() throws {
-        let plan = PipelinePlan(try parse(
-            """
-            steps:
-              - id: build
-                matrix:
-                  cc: [gcc, clang]
-                  opt: ["-O0", "-O2"]
-                  exclude: [{cc: clang, opt: "-O0"}]
-                  include: [{cc: tcc, opt: "-O1"}]
-                run: echo ${{ matrix.cc }} ${{ matrix.opt }}
-              - id: test
-                run: echo ${{ matrix.cc }}
-              - id: report
-                from: build
-                needs: [test]
-                matrix: {fmt: [txt]}
-                run: echo ${{ matrix.fmt }}
-            """))
+        let plan = PipelinePlan(
+            try parse(
+                """
+                steps:
+                  - id: build
+                    matrix:
+                      cc: [gcc, clang]
+                      opt: ["-O0", "-O2"]
+                      exclude: [{cc: clang, opt: "-O0"}]
+                      include: [{cc: tcc, opt: "-O1"}]
+                    run: echo ${{ matrix.cc }} ${{ matrix.opt }}
+                  - id: test
+                    run: echo ${{ matrix.cc }}
+                  - id: report
+                    from: build
+                    needs: [test]
+                    matrix: {fmt: [txt]}
+                    run: echo ${{ matrix.fmt }}
+                """))
         let builds = plan.nodes(of: "build").map(\.id)
-        #expect(builds == ["build[cc=gcc,opt=-O0]", "build[cc=gcc,opt=-O2]", "build[cc=clang,opt=-O2]", "build[cc=tcc,opt=-O1]"])
+        #expect(
+            builds == [
+                "build[cc=gcc,opt=-O0]", "build[cc=gcc,opt=-O2]", "build[cc=clang,opt=-O2]", "build[cc=tcc,opt=-O1]",
+            ])
         let tests = plan.nodes(of: "test")
         #expect(tests.count == 4)
         #expect(tests[0].parent == .node("build[cc=gcc,opt=-O0]"))
@@ -239,19 +258,20 @@ struct PlanTests {
 
     @Test("fork variants run from one checkpoint; a select node keeps one for what follows")
     func fork() throws {
-        let plan = PipelinePlan(try parse(
-            """
-            steps:
-              - id: setup
-                run: echo setup
-              - id: solve
-                fork:
-                  a: {run: echo a}
-                  b: {run: echo b}
-                select: {score: cat /score, keep: best}
-              - id: next
-                run: echo next
-            """))
+        let plan = PipelinePlan(
+            try parse(
+                """
+                steps:
+                  - id: setup
+                    run: echo setup
+                  - id: solve
+                    fork:
+                      a: {run: echo a}
+                      b: {run: echo b}
+                    select: {score: cat /score, keep: best}
+                  - id: next
+                    run: echo next
+                """))
         #expect(plan.nodes.map(\.id) == ["setup", "solve.a", "solve.b", "solve", "next"])
         #expect(plan.node("solve.a")?.parent == .node("setup"))
         #expect(plan.node("solve")?.kind == .select)
@@ -260,21 +280,23 @@ struct PlanTests {
 
     @Test("without select, what follows a fork runs once per variant")
     func forkAll() throws {
-        let plan = PipelinePlan(try parse(
-            """
-            steps:
-              - id: try
-                fork: {x: {run: echo x}, y: {run: echo y}}
-              - id: check
-                run: echo check
-            """))
+        let plan = PipelinePlan(
+            try parse(
+                """
+                steps:
+                  - id: try
+                    fork: {x: {run: echo x}, y: {run: echo y}}
+                  - id: check
+                    run: echo check
+                """))
         #expect(plan.nodes(of: "check").map(\.id) == ["check[try=x]", "check[try=y]"])
         #expect(plan.node("check[try=y]")?.parent == .node("try.y"))
     }
 
     @Test("the graph renders as Mermaid and DOT")
     func graph() throws {
-        let plan = PipelinePlan(try parse("steps:\n  - id: a\n    run: x\n  - id: b\n    needs: [a]\n    from: a\n    run: y\n"))
+        let plan = PipelinePlan(
+            try parse("steps:\n  - id: a\n    run: x\n  - id: b\n    needs: [a]\n    from: a\n    run: y\n"))
         #expect(GraphRenderer.render(plan, as: .mermaid).contains("n0 --> n1"))
         #expect(GraphRenderer.render(plan, as: .dot).contains("digraph"))
     }

@@ -34,7 +34,9 @@ final class Workspace {
     }
 
     /// Writes `pipeline.yaml` and runs it.
-    func run(_ yaml: String? = nil, options: RunOptions = RunOptions(), file: String = "pipeline.yaml") async throws
+    func run(
+        _ yaml: String? = nil, options: RunOptions = RunOptions(), file: String = "pipeline.yaml"
+    ) async throws
         -> RunReport
     {
         if let yaml { try write(file, yaml) }
@@ -152,7 +154,9 @@ struct RunnerTests {
         // The key changes when the secret does, so a new secret value reruns the step.
         let changed = try await w.run(options: RunOptions(environment: ["TEST_TOKEN": "other"]))
         #expect(changed.node("use")?.cached == false)
-        let missing = await #expect(throws: PipelineValidationError.self) { _ = try await w.run(options: RunOptions(environment: [:])) }
+        let missing = await #expect(throws: PipelineValidationError.self) {
+            _ = try await w.run(options: RunOptions(environment: [:]))
+        }
         #expect(missing?.description.contains("TEST_TOKEN is not set") == true)
     }
 
@@ -285,7 +289,10 @@ struct RunnerTests {
         let report = try await w.run(yaml, options: RunOptions(keepGoing: true, junitPath: junit))
         #expect(report.node("build[size=small]")?.status == .passed)
         let artifacts = report.nodes.flatMap(\.artifacts)
-        #expect(Set(artifacts.map(\.path)) == ["/workspace/out-small.txt", "/workspace/out-large.txt", "/workspace/crash.log"])
+        #expect(
+            Set(artifacts.map(\.path)) == [
+                "/workspace/out-small.txt", "/workspace/out-large.txt", "/workspace/crash.log",
+            ])
         for artifact in artifacts {
             #expect(FileManager.default.fileExists(atPath: report.outDir + "/" + artifact.file))
         }
@@ -294,10 +301,13 @@ struct RunnerTests {
         #expect(xml.contains("<failure") && xml.contains("fail-with-logs"))
         let html = try String(contentsOfFile: report.outDir + "/report.html", encoding: .utf8)
         #expect(html.contains("<svg") && html.contains("build[size=large]"))
-        #expect(!html.contains("<script") && !html.contains("src=\"http") && !html.contains("href=\"http"), "self-contained")
+        #expect(
+            !html.contains("<script") && !html.contains("src=\"http") && !html.contains("href=\"http"), "self-contained"
+        )
         let csv = try String(contentsOfFile: report.outDir + "/metrics.csv", encoding: .utf8)
         #expect(csv.split(separator: "\n").count == 5, "a header and 4 nodes: the failing step inherits the matrix")
-        let json = try JSONDecoder.iso.decode(RunReport.self, from: Data(contentsOf: URL(fileURLWithPath: report.outDir + "/report.json")))
+        let json = try JSONDecoder.iso.decode(
+            RunReport.self, from: Data(contentsOf: URL(fileURLWithPath: report.outDir + "/report.json")))
         #expect(json.nodes.count == 4)
     }
 

@@ -211,8 +211,11 @@ extension PipelineRunner {
                 let command =
                     (node.settings.shell ?? PipelineRunner.defaultShell) + ["-c", scoreTemplate.render(in: scope)]
                 let image = try engine.store.image(variant.resultImage!)
+                // The score runs where the variant ran.
+                let workdir = InputResolver.normalize(
+                    variantNode.settings.workdir?.render(in: scope) ?? PipelineRunner.defaultWorkdir)
                 let scoreKey =
-                    "score:" + (image.map(StepKeyComponents.imageDigest) ?? "") + ":"
+                    "score:" + (image.map(StepKeyComponents.imageDigest) ?? "") + ":" + workdir + ":"
                     + command.joined(separator: "\u{0}")
                 let text: String
                 if let cached = try cache.score(scoreKey), !options.noCache {
@@ -220,7 +223,7 @@ extension PipelineRunner {
                 } else {
                     let run = try await engine.run(
                         RunSpec(
-                            image: variant.resultImage!, command: command, cwd: nil,
+                            image: variant.resultImage!, command: command, cwd: workdir,
                             timeout: node.settings.timeout ?? 600,
                             disposable: true, stdout: .capture(limit: 1 << 16),
                             stderr: .capture(limit: 0, onChunk: { log.append($0) })))

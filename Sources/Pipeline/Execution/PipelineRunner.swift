@@ -151,10 +151,10 @@ public final class PipelineRunner: Sendable {
     /// Runs the pipeline to its end (or until the calling task is cancelled) and writes the
     /// reports. Throws only for invalid input (nothing ran) or a failure to write reports.
     public func run() async throws -> RunReport {
+        let started = Date()  // building a base image on first use is part of the run
         let (baseImage, secrets) = try preflight()
         try FileManager.default.createDirectory(atPath: outDir + "/logs", withIntermediateDirectories: true)
         try cache.beginRun(id: runID, pipeline: plan.definition.name, file: plan.definition.file, outDir: outDir)
-        let started = Date()
         observer?.handle(.started(runID: runID, plan: plan, outDir: outDir))
 
         var forced = Set<String>()

@@ -58,7 +58,9 @@ public struct PipelineParser {
         // much as possible; references to steps that failed to parse are not repeated.
         var validator = PipelineValidator(definition: definition)
         let problems = validator.validate().filter { problem in
-            !parser.brokenSteps.contains { problem.message.contains("'\($0)'") && problem.message.contains("not a step") }
+            !parser.brokenSteps.contains {
+                problem.message.contains("'\($0)'") && problem.message.contains("not a step")
+            }
         }
         let all = parser.errors + (parser.errors.isEmpty ? problems : problems.filter { !$0.message.contains("cycle") })
         if !all.isEmpty { throw PipelineValidationError(all) }
@@ -684,7 +686,9 @@ enum Suggestion {
             for j in 1...y.count {
                 let cost = x[i - 1] == y[j - 1] ? 0 : 1
                 d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost)
-                if i > 1, j > 1, x[i - 1] == y[j - 2], x[i - 2] == y[j - 1] { d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1) }
+                if i > 1, j > 1, x[i - 1] == y[j - 2], x[i - 2] == y[j - 1] {
+                    d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+                }
             }
         }
         return d[x.count][y.count]

@@ -92,8 +92,13 @@ public enum RunViews {
         }
         let counts = report.counts
         text += "\n\(report.pipeline): \(report.status.rawValue.uppercased()) in \(seconds(report.duration)) — "
-        text +=
-            "\((counts[.passed] ?? 0) - report.cachedCount) ran, \(report.cachedCount) cached, \(counts[.failed] ?? 0) failed, \(counts[.skipped] ?? 0) skipped"
+        let failed = report.nodes.filter(\.failsPipeline).count
+        let tolerated = (counts[.failed] ?? 0) - failed
+        text += "\((counts[.passed] ?? 0) - report.cachedCount) ran, \(report.cachedCount) cached, \(failed) failed, "
+        text += "\(counts[.skipped] ?? 0) skipped"
+        if tolerated > 0 {
+            text += " (\(tolerated) failure\(tolerated == 1 ? "" : "s") tolerated: fork variants or continue-on-error)"
+        }
         if (counts[.cancelled] ?? 0) > 0 { text += ", \(counts[.cancelled]!) cancelled" }
         text += "\nreports: \(report.outDir)/report.html\n"
         return text

@@ -21,10 +21,37 @@ public struct BaseImages: Sendable {
     }
 
     /// Resolves a reference, building a built-in image the first time it is named.
+    /// `debian:bookworm+gcc,make` is debian:bookworm with extra packages (`debootstrap --include`).
     public func resolve(_ reference: String) throws -> ImageRecord {
-        if let record = try store.findImage(reference) { return record }
-        guard BaseImages.names.contains(reference) else { return try store.resolveImage(reference) }
-        return try build(reference)
+        let name = try BaseImages.canonical(reference) ?? reference
+        if let record = try store.findImage(name) { return record }
+        guard BaseImages.isBuiltin(name) else { return try store.resolveImage(reference) }
+        return try build(name)
+    }
+
+    /// Whether `name` (canonical) names a built-in image.
+    public static func isBuiltin(_ name: String) -> Bool {
+        names.contains(name) || name.hasPrefix("debian:bookworm+")
+    }
+
+    /// The canonical form of a built-in reference with packages (sorted, deduplicated), or nil
+    /// for other references.
+    /// - Throws: `invalidArgument` for a malformed package list.
+    public static func canonical(_ reference: String) throws -> String? {
+        guard reference.hasPrefix("debian:bookworm+") else { return nil }
+        let list = reference.dropFirst("debian:bookworm+".count).split(separator: ",", omittingEmptySubsequences: false)
+        let packages = Set(list.map(String.init))
+        for package in packages {
+            let valid =
+                package.count >= 2 && package.first.map { $0.isLowercase || $0.isNumber } == true
+                && package.allSatisfy { $0.isASCII && ($0.isLowercase || $0.isNumber || "+-.".contains($0)) }
+            guard valid else {
+                throw SandboxError(
+                    .invalidArgument,
+                    "'\(package)' in \(reference) is not a Debian package name; write debian:bookworm+pkg1,pkg2")
+            }
+        }
+        return "debian:bookworm+" + packages.sorted().joined(separator: ",")
     }
 
     /// Builds (or rebuilds, when its tag is gone) a built-in image and tags it with its name.
@@ -43,7 +70,10 @@ public struct BaseImages: Sendable {
         let image: ImageRecord
         switch name {
         case "busybox": image = try buildBusybox(lease: lease)
-        case "debian:bookworm": image = try buildDebian(lease: lease, suite: "bookworm")
+        case "debian:bookworm": image = try buildDebian(lease: lease, suite: "bookworm", packages: [])
+        case let other where other.hasPrefix("debian:bookworm+"):
+            let packages = other.dropFirst("debian:bookworm+".count).split(separator: ",").map(String.init)
+            image = try buildDebian(lease: lease, suite: "bookworm", packages: packages)
         default:
             throw SandboxError(
                 .notFound, "no built-in image named \(name); built-ins: \(BaseImages.names.joined(separator: ", "))")
@@ -129,8 +159,8 @@ public struct BaseImages: Sendable {
 
     // MARK: debian
 
-    private func buildDebian(lease: Lease, suite: String) throws -> ImageRecord {
-        let task = "debian:\(suite)"
+    private func buildDebian(lease: Lease, suite: String, packages: [String]) throws -> ImageRecord {
+        let task = "debian:\(suite)" + (packages.isEmpty ? "" : "+" + packages.joined(separator: ","))
         guard FileSystem.exists("/usr/sbin/debootstrap") else {
             throw SandboxError(.unsupported, "debootstrap is missing: install it (`scripts/setup` does)")
         }
@@ -140,7 +170,8 @@ public struct BaseImages: Sendable {
         progress?.report(task, "debootstrap --variant=minbase \(suite) from \(mirror)", elapsed: 0)
         var lastLines: [String] = []
         let result = try ChildProcess.run(
-            ["/usr/sbin/debootstrap", "--variant=minbase", suite, root, mirror],
+            ["/usr/sbin/debootstrap", "--variant=minbase"]
+                + (packages.isEmpty ? [] : ["--include=" + packages.joined(separator: ",")]) + [suite, root, mirror],
             environment: [
                 "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL=C",
                 "DEBIAN_FRONTEND=noninteractive",

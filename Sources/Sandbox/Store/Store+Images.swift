@@ -112,7 +112,7 @@ extension Store {
 
     /// Validates a tag name: letters, digits and `._:/-`, not shaped like a UUID.
     static func validateTag(_ name: String) throws {
-        let allowed = name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "._:/-@".contains($0)) }
+        let allowed = name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "._:/-@+,".contains($0)) }
         guard !name.isEmpty, name.count <= 200, allowed, name.first?.isLetter == true || name.first?.isNumber == true
         else {
             throw SandboxError(

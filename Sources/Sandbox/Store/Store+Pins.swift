@@ -1,9 +1,10 @@
-#if canImport(FoundationEssentials)
-import FoundationEssentials
-#else
-import Foundation
-#endif
 import Glibc
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
 
 extension Store {
     /// Keeps `image` from `gc --prune-untagged` on behalf of `owner` (a pipeline's step cache,
@@ -33,7 +34,8 @@ extension Store {
         unlink(temporary)
         let stored = try FileSystem.readFile(path)
         guard stored.count == 32 else {
-            throw SandboxError(.corrupt, "\(path) is damaged (not 32 bytes); remove it (cached steps with secrets will rerun)")
+            throw SandboxError(
+                .corrupt, "\(path) is damaged (not 32 bytes); remove it (cached steps with secrets will rerun)")
         }
         return stored
     }

@@ -60,7 +60,8 @@ public final class Store: Sendable {
         if let existing, let number = Int(existing), number > Store.schemaVersion {
             throw SandboxError(
                 .unsupported,
-                "the store at \(root) has schema version \(number), this build reads \(Store.schemaVersion); use a newer contree-pipeline or another CONTREE_HOME")
+                "the store at \(root) has schema version \(number), this build reads \(Store.schemaVersion); use a newer contree-pipeline or another CONTREE_HOME"
+            )
         }
         // Every statement is idempotent, so older stores are brought up to date by running all.
         try database.execute(
