@@ -60,6 +60,7 @@ static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter
     w->gid = l->gid;
     w->loopback_up = l->loopback_up;
     w->filter_length = (uint32_t)filter_len;
+    w->terminal = l->terminal ? 1 : 0;
     size_t offset = sizeof *w;
     for (size_t i = 0; i < l->file_count; i++) {
         csb_wire_file *f = (csb_wire_file *)(buf + offset);
@@ -288,4 +289,30 @@ int csb_syncfs(int fd) { return syncfs(fd); }
 
 ssize_t csb_copy_file_range(int in, int out, size_t length) {
     return copy_file_range(in, NULL, out, NULL, length, 0);
+}
+
+#include <pty.h>
+#include <sys/ioctl.h>
+#include <termios.h>
+
+int csb_openpty(int *primary, int *secondary, int like_fd) {
+    struct winsize size;
+    int sized = ioctl(like_fd, TIOCGWINSZ, &size) == 0;
+    if (openpty(primary, secondary, NULL, NULL, sized ? &size : NULL) != 0) return -errno;
+    fcntl(*primary, F_SETFD, FD_CLOEXEC);
+    fcntl(*secondary, F_SETFD, FD_CLOEXEC);
+    return 0;
+}
+
+int csb_terminal_raw(int fd, void *saved, size_t saved_size) {
+    if (saved_size < sizeof(struct termios)) return -EINVAL;
+    struct termios t;
+    if (tcgetattr(fd, &t) != 0) return -errno;
+    memcpy(saved, &t, sizeof t);
+    cfmakeraw(&t);
+    return tcsetattr(fd, TCSANOW, &t) == 0 ? 0 : -errno;
+}
+
+int csb_terminal_restore(int fd, const void *saved) {
+    return tcsetattr(fd, TCSANOW, (const struct termios *)saved) == 0 ? 0 : -errno;
 }

@@ -464,6 +464,9 @@ __attribute__((noreturn)) static void csb_exec(const csb_launch *l) {
 /// The command's process: runs with the sandbox's credentials, then execs.
 __attribute__((noreturn)) static void csb_command(const csb_launch *l, const void *filter, size_t filter_len) {
     setsid();
+    // An interactive session: the pty becomes the session's controlling terminal.
+    if (l->terminal && ioctl(l->stdin_fd, TIOCSCTTY, 0) != 0)
+        csb_fail(l->report_fd, "ioctl(TIOCSCTTY)", "", errno, NULL);
     int in = fcntl(l->stdin_fd, F_DUPFD_CLOEXEC, 10);
     int out = fcntl(l->stdout_fd, F_DUPFD_CLOEXEC, 10);
     int err = fcntl(l->stderr_fd, F_DUPFD_CLOEXEC, 10);
@@ -622,6 +625,7 @@ static void csb_read_spec(csb_launch *l, const void **filter, size_t *filter_len
     l->uid = w->uid;
     l->gid = w->gid;
     l->loopback_up = w->loopback_up;
+    l->terminal = (int)w->terminal;
     l->userns_fd = CSB_FD_USERNS;
     l->stdin_fd = CSB_FD_STDIN;
     l->stdout_fd = CSB_FD_STDOUT;

@@ -242,3 +242,81 @@ struct ArtifactsCommand: ParsableCommand {
         }
     }
 }
+
+struct ShellCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "shell",
+        abstract: "Open a shell in the snapshot of a step (the failed one by default) as a new branch.",
+        discussion: """
+            The shell starts where the step ran: its snapshot, working directory and environment \
+            (secrets excluded). Its changes become a new image, so the step's own snapshot stays \
+            as it was.
+            """)
+
+    @OptionGroup var storeOptions: StoreOptions
+    @Argument(help: "The pipeline file.") var pipeline: String
+    @Argument(help: "The step (default: the first that failed in the run).") var step: String?
+    @Option(name: .customLong("run"), help: "The run (default: the pipeline's latest).") var runID: String?
+    @Option(help: "The shell to start.") var shell = "/bin/sh"
+
+    func run() async throws {
+        let plan = try loadPipeline(pipeline)
+        let store = try reportingErrors { try storeOptions.open() }
+        let cache = try reportingErrors { try StepCache(store: store) }
+        let summary = try reportingErrors { () -> PipelineRunSummary in
+            if let runID {
+                guard let run = try cache.run(runID) else {
+                    throw SandboxError(.notFound, "no run \(runID); `contree-pipeline runs` lists them")
+                }
+                return run
+            }
+            guard let run = try cache.lastRun(pipeline: plan.definition.name) else {
+                throw SandboxError(.notFound, "\(plan.definition.name) has not run yet; run it first")
+            }
+            return run
+        }
+        let rows = try reportingErrors { try cache.steps(of: summary.id) }
+        let chosen: PipelineStepRow? =
+            if let step { rows.first { $0.node == step } ?? rows.first { $0.step == step } } else {
+                rows.first { $0.status == "failed" }
+            }
+        guard let row = chosen else {
+            printError(
+                step.map { "error: run \(summary.id) has no step \($0)" }
+                    ?? "error: nothing failed in run \(summary.id); name the step to open")
+            throw ExitCode(2)
+        }
+        guard let image = row.resultImage ?? row.parentImage else {
+            printError("error: \(row.node) left no snapshot in run \(summary.id) (it was \(row.status))")
+            throw ExitCode(2)
+        }
+        var env: [String: String] = [:]
+        for entry in row.components?.env ?? [] where !entry.hasPrefix("CONTREE_OUTPUT=") {
+            let key = String(entry.prefix { $0 != "=" })
+            env[key] = String(entry.dropFirst(key.count + 1))
+        }
+        let interactive = isatty(0) == 1
+        printError("contree: shell in the snapshot of \(row.node) (\(row.status)) — image \(image); its changes become a new image")
+        let spec = RunSpec(
+            image: image, command: [shell], env: env, cwd: row.components?.workdir, stdin: .fileDescriptor(0),
+            stdout: .fileDescriptor(1), stderr: .fileDescriptor(2),
+            terminal: interactive ? TerminalSession(inputFD: 0, outputFD: 1) : nil)
+        let engine = SandboxEngine(store: store)
+        let raw = interactive ? TerminalMode.makeRaw(0) : nil
+        let result: RunResult
+        do {
+            result = try await engine.run(spec)
+        } catch {
+            raw?.restore()
+            _ = fail(error)
+            throw ExitCode(125)
+        }
+        raw?.restore()
+        if let new = result.record.resultImage, new != image {
+            printError("contree: the session's changes are image \(new) (parent \(image))")
+        } else {
+            printError("contree: nothing changed")
+        }
+        if result.record.shellStatus != 0 { throw ExitCode(result.record.shellStatus) }
+    }
+}

@@ -8,11 +8,11 @@ import Testing
 @Suite("The command line", .requiresRoot, .enabled(if: FileSystem.exists(Paths.cli), "needs `swift build` first"))
 struct CommandLineTests {
     @Test("exec streams output, exits with the command's code, and --json prints the record")
-    func execBasics() throws {
+    func execBasics() async throws {
         let t = try TemporaryStore()
-        let hello = try runCLI(["exec", "--", "sh", "-c", "echo hello; exit 7"], home: t.root)
+        let hello = try await runCLI(["exec", "--", "sh", "-c", "echo hello; exit 7"], home: t.root)
         #expect(hello.status == 7 && hello.out == "hello\n")
-        let json = try runCLI(
+        let json = try await runCLI(
             ["exec", "--json", "--tag", "with-file", "--", "sh", "-c", "echo data > /f"], home: t.root)
         #expect(json.status == 0)
         let decoder = JSONDecoder()
@@ -20,55 +20,55 @@ struct CommandLineTests {
         let record = try decoder.decode(RunRecord.self, from: Data(json.out.utf8))
         #expect(record.exitCode == 0 && record.resultImage != nil && record.metrics.diffFiles == 1)
         #expect(try t.store.resolveImage("with-file").uuid == record.resultImage)
-        let missing = try runCLI(["exec", "--", "no-such-binary"], home: t.root)
+        let missing = try await runCLI(["exec", "--", "no-such-binary"], home: t.root)
         #expect(missing.status == 127 && missing.err.contains("command not found"))
-        let timeout = try runCLI(["exec", "--timeout", "0.3", "--", "sleep", "10"], home: t.root)
+        let timeout = try await runCLI(["exec", "--timeout", "0.3", "--", "sleep", "10"], home: t.root)
         #expect(timeout.status == 124 && timeout.err.contains("timed out"))
     }
 
     @Test("bad references and missing host files fail with status 125 and a message naming them")
-    func execErrors() throws {
+    func execErrors() async throws {
         let t = try TemporaryStore()
-        let image = try runCLI(["exec", "--image", "ghost:v1", "--", "true"], home: t.root)
+        let image = try await runCLI(["exec", "--image", "ghost:v1", "--", "true"], home: t.root)
         #expect(image.status == 125 && image.err.contains("ghost:v1"))
-        let file = try runCLI(["exec", "--file", "/nonexistent/in:/in", "--", "true"], home: t.root)
+        let file = try await runCLI(["exec", "--file", "/nonexistent/in:/in", "--", "true"], home: t.root)
         #expect(file.status == 125 && file.err.contains("/nonexistent/in"))
-        let mapping = try runCLI(["exec", "--file", "no-colon", "--", "true"], home: t.root)
+        let mapping = try await runCLI(["exec", "--file", "no-colon", "--", "true"], home: t.root)
         #expect(mapping.status == 125 && mapping.err.contains("HOST:SANDBOX"))
     }
 
     @Test("image and inspect commands read, compare and export images")
-    func imageAndInspect() throws {
+    func imageAndInspect() async throws {
         let t = try TemporaryStore()
         #expect(
-            try runCLI(
+            try await runCLI(
                 ["exec", "--tag", "v1", "--", "sh", "-c", "mkdir /app; echo one > /app/a; rm /etc/hosts"], home: t.root
             ).status == 0)
-        let ls = try runCLI(["inspect", "ls", "v1", "/app"], home: t.root)
+        let ls = try await runCLI(["inspect", "ls", "v1", "/app"], home: t.root)
         #expect(ls.status == 0 && ls.out == "a\n")
-        let cat = try runCLI(["inspect", "cat", "v1", "/app/a"], home: t.root)
+        let cat = try await runCLI(["inspect", "cat", "v1", "/app/a"], home: t.root)
         #expect(cat.out == "one\n")
-        let gone = try runCLI(["inspect", "cat", "v1", "/etc/hosts"], home: t.root)
+        let gone = try await runCLI(["inspect", "cat", "v1", "/etc/hosts"], home: t.root)
         #expect(gone.status == 2 && gone.err.contains("/etc/hosts"))
-        let escape = try runCLI(["inspect", "cat", "v1", "/../../etc/passwd"], home: t.root)
+        let escape = try await runCLI(["inspect", "cat", "v1", "/../../etc/passwd"], home: t.root)
         #expect(escape.status == 2 && escape.err.contains("climbs above"))
-        let diff = try runCLI(["image", "diff", "busybox", "v1"], home: t.root)
+        let diff = try await runCLI(["image", "diff", "busybox", "v1"], home: t.root)
         #expect(diff.out.split(separator: "\n").contains("D /etc/hosts"))
         #expect(diff.out.split(separator: "\n").contains("A /app/a"))
         let scratch = try ScratchDirectory()
-        let export = try runCLI(["inspect", "export", "v1", "/app", scratch.path + "/app.tar"], home: t.root)
+        let export = try await runCLI(["inspect", "export", "v1", "/app", scratch.path + "/app.tar"], home: t.root)
         #expect(export.status == 0)
         let names = try ChildProcess.run(["tar", "-tf", scratch.path + "/app.tar"])
         #expect(String(decoding: names.stdout, as: UTF8.self) == "app/\napp/a\n")
-        let log = try runCLI(["image", "log", "v1"], home: t.root)
+        let log = try await runCLI(["image", "log", "v1"], home: t.root)
         #expect(log.out.contains("(v1)") && log.out.contains("(busybox)"))
-        let rm = try runCLI(["image", "rm", "v1"], home: t.root)
+        let rm = try await runCLI(["image", "rm", "v1"], home: t.root)
         #expect(rm.status == 2 && rm.err.contains("--force"))
-        #expect(try runCLI(["fsck"], home: t.root).status == 0)
+        #expect(try await runCLI(["fsck"], home: t.root).status == 0)
     }
 
     @Test("a sandbox dies with the CLI that started it")
-    func sandboxDiesWithCLI() throws {
+    func sandboxDiesWithCLI() async throws {
         let t = try TemporaryStore()
         _ = try t.busybox()
         var environment = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
@@ -101,39 +101,42 @@ struct CommandLineTests {
     }
 
     @Test("fsck exits non-zero on a damaged store")
-    func fsckFails() throws {
+    func fsckFails() async throws {
         let t = try TemporaryStore()
         let image = try t.busybox()
         unlink(t.store.layerPath(image.layers[0]) + "/etc/passwd")
-        let fsck = try runCLI(["fsck"], home: t.root)
+        let fsck = try await runCLI(["fsck"], home: t.root)
         #expect(fsck.status == 1 && fsck.out.contains("PROBLEM"))
     }
 
     @Test("killing the CLI at random moments never leaves a half-written image, and the next command cleans up")
-    func killAtRandom() throws {
+    func killAtRandom() async throws {
         let t = try TemporaryStore()
         _ = try t.busybox()
         var environment = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
         environment.append("CONTREE_HOME=\(t.root)")
-        var generator = SystemRandomNumberGenerator()
         // Runs that write many files and some megabytes make the commit (digest, sync, rename,
         // insert) long enough for kills to land anywhere in it. One unkilled run measures how
         // long the whole thing takes; the kills spread uniformly over that span.
         let script =
             "dd if=/dev/urandom of=/blob bs=1M count=24 2>/dev/null; i=0; while [ $i -lt 300 ]; do echo $i > /f$i; i=$((i+1)); done"
         let measured = Date()
-        #expect(try runCLI(["exec", "--", "sh", "-c", script], home: t.root).status == 0)
+        #expect(try await runCLI(["exec", "--", "sh", "-c", script], home: t.root).status == 0)
         let span = Date().timeIntervalSince(measured)
         let imagesBefore = try t.store.listImages().count
         let kills = 24
-        for _ in 0..<kills {
-            let child = try ChildProcess.spawn(
-                [Paths.cli, "exec", "--", "sh", "-c", script], environment: environment, captureStdout: false,
-                stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
-            usleep(UInt32(Double.random(in: 0.01...(span * 1.05), using: &generator) * 1_000_000))
-            kill(child.pid, SIGKILL)
-            _ = try ChildProcess.wait(child.pid, "contree-pipeline")
-            close(child.stderr)
+        let env = environment
+        try await DedicatedThread.run {
+            var generator = SystemRandomNumberGenerator()
+            for _ in 0..<kills {
+                let child = try ChildProcess.spawn(
+                    [Paths.cli, "exec", "--", "sh", "-c", script], environment: env, captureStdout: false,
+                    stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+                usleep(UInt32(Double.random(in: 0.01...(span * 1.05), using: &generator) * 1_000_000))
+                kill(child.pid, SIGKILL)
+                _ = try ChildProcess.wait(child.pid, "contree-pipeline")
+                close(child.stderr)
+            }
         }
         let finished = try t.store.listImages().count - imagesBefore
         #expect(finished < kills, "most runs were killed before they committed")
@@ -155,9 +158,9 @@ struct CommandLineTests {
         if case .v1(let parents) = Cgroup.layout, let pids = parents["pids"] {
             #expect(try FileSystem.list(pids).filter { $0.contains(scope) }.isEmpty)
         }
-        #expect(try runCLI(["exec", "--", "true"], home: t.root).status == 0)
-        #expect(try runCLI(["fsck"], home: t.root).status == 0)
-        _ = try runCLI(["gc"], home: t.root)
+        #expect(try await runCLI(["exec", "--", "true"], home: t.root).status == 0)
+        #expect(try await runCLI(["fsck"], home: t.root).status == 0)
+        _ = try await runCLI(["gc"], home: t.root)
         #expect(try store.checkConsistency().garbage.isEmpty)
     }
 }
@@ -166,7 +169,7 @@ struct CommandLineTests {
     "One store, many processes", .requiresRoot, .enabled(if: FileSystem.exists(Paths.cli), "needs `swift build` first"))
 struct SharedStoreTests {
     @Test("execs, tags and gc from several processes at once leave a consistent store")
-    func concurrentProcesses() throws {
+    func concurrentProcesses() async throws {
         let t = try TemporaryStore()
         _ = try t.busybox()
         var environment = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }

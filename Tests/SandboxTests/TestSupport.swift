@@ -82,9 +82,14 @@ enum Paths {
 }
 
 /// Runs the CLI and returns its exit status and output.
+/// (On a thread of its own: the cooperative pool has two threads here and other tests need them.)
 func runCLI(
     _ arguments: [String], home: String, stdin: String? = nil
-) throws -> (status: Int32, out: String, err: String) {
+) async throws -> (status: Int32, out: String, err: String) {
+    try await DedicatedThread.run { try runCLIBlocking(arguments, home: home) }
+}
+
+func runCLIBlocking(_ arguments: [String], home: String) throws -> (status: Int32, out: String, err: String) {
     var env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
     env.append("CONTREE_HOME=\(home)")
     let result = try ChildProcess.run([Paths.cli] + arguments, environment: env)

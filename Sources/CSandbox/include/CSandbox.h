@@ -47,6 +47,7 @@ typedef struct csb_launch {
     int stderr_fd;
     const csb_file_copy *files;
     size_t file_count;
+    int terminal;    ///< 1: stdin is a pty slave the command makes its controlling terminal
     int go_fd;       ///< read end: the child waits for one byte (cgroups are joined by then)
     int report_fd;   ///< write end: the child reports a setup failure or the final status
 } csb_launch;
@@ -122,7 +123,7 @@ typedef struct csb_wire {
     uint32_t gid;
     int32_t loopback_up;
     uint32_t filter_length;
-    uint32_t reserved;
+    uint32_t terminal;        ///< 1: stdio is a terminal the command takes as its controlling tty
 } csb_wire;
 
 typedef struct csb_wire_file {
@@ -138,6 +139,11 @@ int csb_eventfd_cloexec(void);
 int csb_open_path_dir(const char *path);
 int csb_syncfs(int fd);
 ssize_t csb_copy_file_range(int in, int out, size_t length);
+/// A new pseudo-terminal pair (both close-on-exec), sized like `like_fd` if it is a terminal.
+int csb_openpty(int *primary, int *secondary, int like_fd);
+/// Puts a terminal in raw mode, saving its settings in `saved` (sizeof(struct termios) bytes).
+int csb_terminal_raw(int fd, void *saved, size_t saved_size);
+int csb_terminal_restore(int fd, const void *saved);
 
 #ifdef __cplusplus
 }

@@ -152,7 +152,8 @@ public final class PipelineRunner: Sendable {
     /// reports. Throws only for invalid input (nothing ran) or a failure to write reports.
     public func run() async throws -> RunReport {
         let started = Date()  // building a base image on first use is part of the run
-        let (baseImage, secrets) = try preflight()
+        // Building a base image takes a while and blocks: never on the cooperative pool.
+        let (baseImage, secrets) = try await DedicatedThread.run { try self.preflight() }
         try FileManager.default.createDirectory(atPath: outDir + "/logs", withIntermediateDirectories: true)
         try cache.beginRun(id: runID, pipeline: plan.definition.name, file: plan.definition.file, outDir: outDir)
         observer?.handle(.started(runID: runID, plan: plan, outDir: outDir))

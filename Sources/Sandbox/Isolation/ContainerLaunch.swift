@@ -60,8 +60,20 @@ struct ContainerLaunch {
                 return (p.write, p.read)
             }
         }
-        let out = try outputEnd(request.stdout)
-        let err = try outputEnd(request.stderr)
+        var out = try outputEnd(request.stdout)
+        var err = try outputEnd(request.stderr)
+        // An interactive session: stdio is one pty, relayed to the caller's terminal.
+        var terminal: (primary: Int32, secondary: Int32)?
+        if let session = request.terminal {
+            var primary: Int32 = -1
+            var secondary: Int32 = -1
+            let rc = csb_openpty(&primary, &secondary, session.outputFD)
+            guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot open a pseudo-terminal", errno: -rc) }
+            terminal = (closer.add(primary), closer.add(secondary))
+            stdinChild = secondary
+            out = (secondary, nil)
+            err = (secondary, nil)
+        }
         let go = try pipePair()
         let report = try pipePair()
 
@@ -108,6 +120,7 @@ struct ContainerLaunch {
         launch.file_count = request.files.count
         launch.go_fd = go.read
         launch.report_fd = report.write
+        launch.terminal = terminal == nil ? 0 : 1
 
         let started = Clock.monotonic
         var pidfd: Int32 = -1
@@ -122,6 +135,7 @@ struct ContainerLaunch {
         if case .bytes = request.stdin { closer.close(stdinChild) }
         if out.drain != nil { closer.close(out.child) }
         if err.drain != nil { closer.close(err.child) }
+        if let terminal { closer.close(terminal.secondary) }
 
         do {
             try cgroup.attach(pid)
@@ -144,7 +158,8 @@ struct ContainerLaunch {
 
         var supervisor = Supervisor(
             pidfd: pidfd, reportFD: report.read, cancelFD: cancelFD, stdoutFD: out.drain, stderrFD: err.drain,
-            stdinFeed: stdinFeed, request: request, closer: closer)
+            stdinFeed: stdinFeed, request: request, closer: closer,
+            terminal: terminal.map { (primary: $0.primary, session: request.terminal!) })
         try supervisor.loop(started: started)
 
         var status: Int32 = 0

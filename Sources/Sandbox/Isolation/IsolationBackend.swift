@@ -27,6 +27,7 @@ public struct LaunchRequest: Sendable {
     public var stdin: InputSource
     public var stdout: OutputSink
     public var stderr: OutputSink
+    public var terminal: TerminalSession?
 }
 
 /// How a launched sandbox ended.

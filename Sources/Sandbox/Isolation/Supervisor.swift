@@ -44,11 +44,19 @@ struct Supervisor {
     var cancelled = false
     var exited = false
     var stdinOffset = 0
+    /// The pty's primary side and the caller's terminal, relayed both ways.
+    var terminalPrimary: Int32?
+    var terminalInput: Int32?
+    let terminalOutput: Int32?
 
     init(
         pidfd: Int32, reportFD: Int32, cancelFD: Int32, stdoutFD: Int32?, stderrFD: Int32?,
-        stdinFeed: (fd: Int32, bytes: [UInt8])?, request: LaunchRequest, closer: ContainerLaunch.Closer
+        stdinFeed: (fd: Int32, bytes: [UInt8])?, request: LaunchRequest, closer: ContainerLaunch.Closer,
+        terminal: (primary: Int32, session: TerminalSession)? = nil
     ) {
+        self.terminalPrimary = terminal?.primary
+        self.terminalInput = terminal?.session.inputFD
+        self.terminalOutput = terminal?.session.outputFD
         self.pidfd = pidfd
         self.reportFD = reportFD
         self.cancelFD = cancelFD
@@ -95,7 +103,7 @@ struct Supervisor {
             forceKillAt = Clock.monotonic + 2
         }
         while true {
-            if exited && stdoutFD == nil && stderrFD == nil && reportFD == nil { return }
+            if exited && stdoutFD == nil && stderrFD == nil && reportFD == nil && terminalPrimary == nil { return }
             var polls: [pollfd] = []
             var roles: [Int] = []  // 0 pidfd, 1 report, 2 stdout, 3 stderr, 4 stdin, 5 cancel
             func add(_ fd: Int32?, _ events: Int32, _ role: Int) {
@@ -109,6 +117,8 @@ struct Supervisor {
             add(stderrFD, POLLIN, 3)
             if !exited { add(stdinFeed?.fd, POLLOUT, 4) }
             if !killed { add(cancelFD, POLLIN, 5) }
+            add(terminalPrimary, POLLIN, 6)
+            if !exited { add(terminalInput, POLLIN, 7) }
             var timeoutMs: Int32 = -1
             if let next = forceKillAt ?? (killed ? nil : deadline), !exited {
                 timeoutMs = Int32(max(0, min(Double(Int32.max), (next - Clock.monotonic) * 1000).rounded(.up)))
@@ -171,6 +181,33 @@ struct Supervisor {
                 case 5:
                     cancelled = true
                     stop()
+                case 6:
+                    // The session's output; EIO once every process holding the pty is gone.
+                    let n = buffer.withUnsafeMutableBytes { read(p.fd, $0.baseAddress, $0.count) }
+                    if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+                    if n <= 0 {
+                        closer.close(p.fd)
+                        terminalPrimary = nil
+                        continue
+                    }
+                    if let out = terminalOutput {
+                        _ = buffer.withUnsafeBytes { try? FileSystem.writeAll(fd: out, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: "terminal") }
+                    }
+                case 7:
+                    // Keystrokes to the session.
+                    let n = buffer.withUnsafeMutableBytes { read(p.fd, $0.baseAddress, $0.count) }
+                    if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+                    if n <= 0 {
+                        terminalInput = nil  // the caller's input ended: send end-of-file
+                        if let primary = terminalPrimary {
+                            var eof: UInt8 = 4
+                            _ = write(primary, &eof, 1)
+                        }
+                        continue
+                    }
+                    if let primary = terminalPrimary {
+                        _ = buffer.withUnsafeBytes { try? FileSystem.writeAll(fd: primary, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: "terminal") }
+                    }
                 default: break
                 }
             }

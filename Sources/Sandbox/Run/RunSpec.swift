@@ -49,6 +49,18 @@ public enum OutputSink: Sendable {
     case discard
 }
 
+/// An interactive session: the command runs on a pseudo-terminal whose input and output are
+/// relayed to these descriptors (put the caller's terminal in raw mode around the run).
+public struct TerminalSession: Sendable, Equatable {
+    public var inputFD: Int32
+    public var outputFD: Int32
+
+    public init(inputFD: Int32 = 0, outputFD: Int32 = 1) {
+        self.inputFD = inputFD
+        self.outputFD = outputFD
+    }
+}
+
 /// One command to run in a sandbox over an image.
 public struct RunSpec: Sendable {
     /// An image reference: UUID, UUID prefix, tag, or built-in name (`busybox`).
@@ -75,6 +87,8 @@ public struct RunSpec: Sendable {
     /// top-level directory of its own that the image lacks. Created empty before the run; its
     /// content comes back in `RunResult.output`, and the directory never lands in the image.
     public var outputPath: String?
+    /// Run on a terminal (stdin, stdout and stderr are ignored then).
+    public var terminal: TerminalSession?
 
     public init(
         image: String = "busybox", command: [String], env: [String: String] = [:], cwd: String? = nil,
@@ -82,7 +96,7 @@ public struct RunSpec: Sendable {
         network: NetworkMode = .loopback, hostname: String = "sandbox", disposable: Bool = false,
         stdin: InputSource = .null, stdout: OutputSink = .capture(limit: 1 << 20),
         stderr: OutputSink = .capture(limit: 1 << 20), isolation: IsolationKind = .container,
-        outputPath: String? = nil
+        outputPath: String? = nil, terminal: TerminalSession? = nil
     ) {
         self.image = image
         self.command = command
@@ -99,5 +113,6 @@ public struct RunSpec: Sendable {
         self.stderr = stderr
         self.isolation = isolation
         self.outputPath = outputPath
+        self.terminal = terminal
     }
 }

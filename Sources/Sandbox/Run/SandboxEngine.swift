@@ -149,7 +149,7 @@ public final class SandboxEngine: Sendable {
             upper: "tmp/\(runID)/upper", work: "tmp/\(runID)/work", rootMount: lease.workPath + "/root",
             argv: spec.command, environment: environment, cwd: spec.cwd ?? image.config.workingDir, uid: uid, gid: gid,
             hostname: spec.hostname, network: spec.network, limits: spec.limits, timeout: spec.timeout,
-            files: opened, stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr)
+            files: opened, stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr, terminal: spec.terminal)
         handedOver = true
         leaseHandedOver = true
         return Prepared(image: image, lease: lease, request: request, addedMountPoints: addedMountPoints)

@@ -132,7 +132,7 @@ public enum ChildProcess {
         return 128 + (status & 0x7f)
     }
 
-    static func hostEnvironment() -> [String] {
+    public static func hostEnvironment() -> [String] {
         var result: [String] = []
         var p = environ
         while let entry = p.pointee {

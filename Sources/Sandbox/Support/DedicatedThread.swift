@@ -2,7 +2,7 @@ import Glibc
 
 /// Runs blocking work (waiting on a child, polling pipes) on a thread of its own, so that the
 /// cooperative thread pool (two threads on this machine kind) never blocks.
-enum DedicatedThread {
+public enum DedicatedThread {
     private final class Box: @unchecked Sendable {
         // Written once by the thread before it resumes the continuation; never shared after.
         let body: () -> Void
@@ -10,7 +10,7 @@ enum DedicatedThread {
     }
 
     /// Runs `body` on a new pthread and returns its result.
-    static func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    public static func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<T, Error>) in
             let box = Box {
                 do { continuation.resume(returning: try body()) } catch { continuation.resume(throwing: error) }

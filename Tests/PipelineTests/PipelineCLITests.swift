@@ -1,0 +1,117 @@
+import Foundation
+import Sandbox
+import Testing
+
+@testable import Pipeline
+
+enum CLI {
+    static var binary: String { Repository.root + "/.build/debug/contree-pipeline" }
+
+    /// Runs the CLI in `directory` with the store at `home`; `stdin` is fed as input.
+    static func run(
+        _ arguments: [String], home: String, in directory: String, stdin: String? = nil
+    ) async throws
+        -> (status: Int32, out: String, err: String)
+    {
+        try await DedicatedThread.run { try blocking(arguments, home: home, in: directory, stdin: stdin) }
+    }
+
+    static func blocking(
+        _ arguments: [String], home: String, in directory: String, stdin: String?
+    ) throws
+        -> (status: Int32, out: String, err: String)
+    {
+        var env = ChildProcess.hostEnvironment().filter {
+            !$0.hasPrefix("CONTREE_HOME=") && !$0.hasPrefix("GITHUB_ACTIONS=") && !$0.hasPrefix("GITLAB_CI=")
+        }
+        env.append("CONTREE_HOME=\(home)")
+        let input = "/tmp/contree-stdin-\(UUID().uuidString.prefix(8))"
+        try (stdin ?? "").write(toFile: input, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: input) }
+        let fd = open(input, O_RDONLY)
+        defer { close(fd) }
+        let previous = FileManager.default.currentDirectoryPath
+        FileManager.default.changeCurrentDirectoryPath(directory)
+        defer { FileManager.default.changeCurrentDirectoryPath(previous) }
+        let result = try ChildProcess.run([binary] + arguments, environment: env, stdinFD: fd)
+        return (result.status, String(decoding: result.stdout, as: UTF8.self), result.stderrText)
+    }
+}
+
+@Suite(
+    "The pipeline commands", .requiresRoot, .serialized,
+    .enabled(if: FileManager.default.fileExists(atPath: CLI.binary), "needs `swift build` first"))
+struct PipelineCLITests {
+    @Test("run exits 0 on success, 1 on a failed step, 2 on invalid input (naming file, line and column)")
+    func exitStatus() async throws {
+        let w = try Workspace()
+        try w.write("ok.yaml", "steps:\n  - id: a\n    run: echo fine\n")
+        try w.write("fails.yaml", "steps:\n  - id: a\n    run: exit 4\n")
+        try w.write("bad.yaml", "steps:\n  - id: a\n    run: echo ${{ steps.nope.outcome }}\n")
+        let ok = try await CLI.run(["run", "ok.yaml"], home: w.root + "/store", in: w.project)
+        #expect(ok.status == 0, "\(ok.err)")
+        #expect(ok.out.contains("PASSED"))
+        let fails = try await CLI.run(["run", "fails.yaml"], home: w.root + "/store", in: w.project)
+        #expect(fails.status == 1)
+        #expect(fails.out.contains("exited with status 4"))
+        let bad = try await CLI.run(["run", "bad.yaml"], home: w.root + "/store", in: w.project)
+        #expect(bad.status == 2)
+        #expect(bad.err.contains("bad.yaml:3:19: error: steps.nope names no step"))
+        let validate = try await CLI.run(["validate", "bad.yaml"], home: w.root + "/store", in: w.project)
+        #expect(validate.status == 2)
+        // Reports land next to the pipeline file by default.
+        let runs = try FileManager.default.contentsOfDirectory(atPath: w.project + "/.contree/runs")
+        #expect(runs.count == 2)
+    }
+
+    @Test("runs, artifacts, explain and graph read past runs")
+    func history() async throws {
+        let w = try Workspace()
+        try w.write(
+            "p.yaml",
+            "steps:\n  - id: make\n    run: echo data > /workspace/out.txt\n    artifacts: [out.txt]\n  - id: use\n    run: cat out.txt\n"
+        )
+        let home = w.root + "/store"
+        #expect(try await CLI.run(["run", "p.yaml", "--out", w.root + "/r1"], home: home, in: w.project).status == 0)
+        let runs = try await CLI.run(["runs", "--json"], home: home, in: w.project)
+        let list = try JSONDecoder.iso.decode([PipelineRunSummary].self, from: Data(runs.out.utf8))
+        #expect(list.count == 1 && list[0].status == "passed")
+        let artifacts = try await CLI.run(["artifacts", list[0].id], home: home, in: w.project)
+        #expect(artifacts.out.contains("/workspace/out.txt"))
+        let copied = try await CLI.run(
+            ["artifacts", String(list[0].id.prefix(12)), "--copy", w.root + "/copy"], home: home, in: w.project)
+        #expect(copied.status == 0, "\(copied.err)")
+        #expect(try String(contentsOfFile: w.root + "/copy/make/workspace/out.txt", encoding: .utf8) == "data\n")
+        let hit = try await CLI.run(["explain", "p.yaml", "use"], home: home, in: w.project)
+        #expect(hit.out.contains("HIT"))
+        try w.write(
+            "p.yaml",
+            "env: {MODE: fast}\nsteps:\n  - id: make\n    run: echo data > /workspace/out.txt\n    artifacts: [out.txt]\n  - id: use\n    run: cat out.txt\n"
+        )
+        let miss = try await CLI.run(["explain", "p.yaml", "make"], home: home, in: w.project)
+        #expect(miss.out.contains("MISS") && miss.out.contains("env: MODE added"), "\(miss.out)")
+        let downstream = try await CLI.run(["explain", "p.yaml", "use"], home: home, in: w.project)
+        #expect(downstream.out.contains("not cached"), "\(downstream.out)")
+        let graph = try await CLI.run(["graph", "p.yaml", "--format", "dot"], home: home, in: w.project)
+        #expect(graph.out.contains("digraph") && graph.out.contains("->"))
+    }
+
+    @Test("shell opens in the failed step's snapshot, where it ran, as a new branch")
+    func shell() async throws {
+        let w = try Workspace()
+        try w.write(
+            "p.yaml",
+            "defaults: {workdir: /job}\nsteps:\n  - id: setup\n    run: echo state > s\n  - id: broken\n    run: echo half > h; exit 1\n"
+        )
+        let home = w.root + "/store"
+        #expect(try await CLI.run(["run", "p.yaml"], home: home, in: w.project).status == 1)
+        let session = try await CLI.run(
+            ["shell", "p.yaml"], home: home, in: w.project, stdin: "pwd; cat s h; echo $CONTREE_STEP; touch debugged\n")
+        #expect(session.status == 0, "\(session.err)")
+        #expect(session.out == "/job\nstate\nhalf\nbroken\n")
+        #expect(session.err.contains("the session's changes are image"))
+        let named = try await CLI.run(
+            ["shell", "p.yaml", "setup"], home: home, in: w.project, stdin: "ls h 2>/dev/null || echo no-h\n")
+        #expect(named.out == "no-h\n")
+    }
+}
