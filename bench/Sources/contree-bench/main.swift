@@ -1,6 +1,7 @@
 // contree-bench: figures measured side by side with peers, in one run, on one machine.
 //
 //   contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]
+//   contree-bench pipeline [--runs N] [--home DIR]
 //
 // Prints medians and ratios; the machines are shared and noisy, so ratios and medians are what
 // count. Needs root, bubblewrap, and crun or runc (scripts/setup installs them).
@@ -229,12 +230,26 @@ enum Format {
 }
 
 let args = Array(CommandLine.arguments.dropFirst())
-guard let mode = args.first, mode == "sandbox" else {
-    print("usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]")
+let usage =
+    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]"
+guard let mode = args.first, ["sandbox", "pipeline"].contains(mode) else {
+    print(usage)
     exit(2)
 }
 do {
-    try await sandboxBenchmark(Options(Array(args.dropFirst())))
+    let options = Options(Array(args.dropFirst()))
+    if mode == "sandbox" {
+        try await sandboxBenchmark(options)
+    } else {
+        let cli = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+            .appendingPathComponent("contree-pipeline").path
+        let env =
+            ProcessInfo.processInfo.environment.filter { $0.key != "CONTREE_HOME" }.map { "\($0.key)=\($0.value)" }
+            + ["CONTREE_HOME=\(options.home)"]
+        try await PipelineBench(
+            home: options.home, rounds: args.contains("--runs") ? options.runs : 5, cli: cli, env: env
+        ).measure()
+    }
 } catch {
     FileHandle.standardError.write(Data("error: \(error)\n".utf8))
     exit(1)
