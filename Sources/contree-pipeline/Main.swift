@@ -13,7 +13,8 @@ struct ContreePipeline: AsyncParsableCommand {
             $CONTREE_HOME (default ~/.local/share/contree).
             """,
         subcommands: [
-            RunCommand.self, ValidateCommand.self, GraphCommand.self, ExplainCommand.self, ShellCommand.self, RunsCommand.self,
+            RunCommand.self, ValidateCommand.self, GraphCommand.self, ExplainCommand.self, ShellCommand.self,
+            RunsCommand.self,
             ArtifactsCommand.self, ExecCommand.self, ImageCommand.self, InspectCommand.self,
             GarbageCollectCommand.self, CheckCommand.self,
         ])

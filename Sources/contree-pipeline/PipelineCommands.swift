@@ -296,7 +296,9 @@ struct ShellCommand: AsyncParsableCommand {
             env[key] = String(entry.dropFirst(key.count + 1))
         }
         let interactive = isatty(0) == 1
-        printError("contree: shell in the snapshot of \(row.node) (\(row.status)) — image \(image); its changes become a new image")
+        printError(
+            "contree: shell in the snapshot of \(row.node) (\(row.status)) — image \(image); its changes become a new image"
+        )
         let spec = RunSpec(
             image: image, command: [shell], env: env, cwd: row.components?.workdir, stdin: .fileDescriptor(0),
             stdout: .fileDescriptor(1), stderr: .fileDescriptor(2),

@@ -115,3 +115,88 @@ struct PipelineCLITests {
         #expect(named.out == "no-h\n")
     }
 }
+
+@Suite(
+    "What a run shows", .requiresRoot,
+    .enabled(if: FileManager.default.fileExists(atPath: CLI.binary), "needs `swift build` first"))
+struct RunOutputTests {
+    static let yaml = "steps:\n  - id: hello\n    run: echo hello-from-step\n  - id: after\n    run: echo done\n"
+
+    /// Runs `contree-pipeline run` with extra environment and stdout on `stdout` (a pty or a pipe).
+    func spawn(_ w: Workspace, env extra: [String], stdout: Int32?) throws -> ChildProcess.Spawned {
+        var env = ChildProcess.hostEnvironment().filter {
+            !$0.hasPrefix("CONTREE_HOME=") && !$0.hasPrefix("GITHUB_ACTIONS=") && !$0.hasPrefix("GITLAB_CI=")
+        }
+        env += ["CONTREE_HOME=\(w.root)/store"] + extra
+        return try ChildProcess.spawn(
+            [CLI.binary, "run", w.project + "/p.yaml"], environment: env, captureStdout: stdout == nil, stdoutFD: stdout
+        )
+    }
+
+    func readAll(_ fd: Int32) -> String {
+        var out: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = read(fd, &buffer, buffer.count)
+            if n <= 0 { break }
+            out += buffer[0..<n]
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    @Test("inside GitHub Actions and GitLab CI, each step's log is a collapsible group")
+    func ciGroups() async throws {
+        let w = try Workspace()
+        try w.write("p.yaml", RunOutputTests.yaml)
+        let (github, gitlab) = try await DedicatedThread.run { () -> (String, String) in
+            let a = try spawn(w, env: ["GITHUB_ACTIONS=true"], stdout: nil)
+            let githubOut = readAll(a.stdout!)
+            _ = try ChildProcess.wait(a.pid, "run")
+            let b = try spawn(w, env: ["GITLAB_CI=true"], stdout: nil)
+            let gitlabOut = readAll(b.stdout!)
+            _ = try ChildProcess.wait(b.pid, "run")
+            return (githubOut, gitlabOut)
+        }
+        #expect(github.contains("::group::") && github.contains("hello-from-step") && github.contains("::endgroup::"))
+        #expect(gitlab.contains("section_start:") && gitlab.contains("section_end:"))
+    }
+
+    @Test("on a terminal, a live view redraws each step's state, then the summary")
+    func terminal() async throws {
+        let w = try Workspace()
+        try w.write("p.yaml", RunOutputTests.yaml)
+        let text = try await DedicatedThread.run { () -> String in
+            var primary: Int32 = -1
+            var secondary: Int32 = -1
+            guard openpty(&primary, &secondary, nil, nil, nil) == 0 else { return "" }
+            let child = try spawn(w, env: [], stdout: secondary)
+            close(secondary)
+            let out = readAll(primary)  // EIO once the CLI exits
+            _ = try ChildProcess.wait(child.pid, "run")
+            close(primary)
+            return out
+        }
+        #expect(text.contains("\u{1B}[J"), "the view redraws in place")
+        #expect(text.contains("hello") && text.contains("PASSED"))
+    }
+
+    @Test("SIGINT cancels the running sandbox, writes the reports and exits 130")
+    func interrupt() async throws {
+        let w = try Workspace()
+        try w.write("p.yaml", "steps:\n  - id: long\n    run: sleep 60\n")
+        let status = try await DedicatedThread.run { () -> Int32 in
+            let child = try spawn(w, env: [], stdout: nil)
+            usleep(1_500_000)
+            kill(child.pid, SIGINT)
+            _ = readAll(child.stdout!)
+            return try ChildProcess.wait(child.pid, "run")
+        }
+        #expect(status == 130)
+        let runs = try FileManager.default.contentsOfDirectory(atPath: w.project + "/.contree/runs")
+        let report = try JSONDecoder.iso.decode(
+            RunReport.self,
+            from: Data(contentsOf: URL(fileURLWithPath: w.project + "/.contree/runs/\(runs[0])/report.json")))
+        #expect(report.status == .cancelled)
+        #expect(try Store(root: w.root + "/store").checkConsistency(verifyContent: false).isConsistent)
+    }
+}

@@ -10,7 +10,7 @@ extension Trait where Self == ConditionTrait {
 }
 
 /// A store and a directory holding a pipeline file, removed when the test ends.
-final class Workspace {
+final class Workspace: Sendable {
     let root: String
     let store: Store
     let engine: SandboxEngine
@@ -221,7 +221,8 @@ struct RunnerTests {
         #expect(Date().timeIntervalSince(started) < 20, "the slow branch was cancelled, not awaited")
         #expect(fast.node("slow")?.status == .cancelled || fast.node("slow")?.status == .skipped)
         #expect(fast.node("after-slow")?.status != .passed)
-        let keep = try await w.run(yaml.replacingOccurrences(of: "sleep 30", with: "sleep 1"), options: RunOptions(jobs: 4, keepGoing: true))
+        let keep = try await w.run(
+            yaml.replacingOccurrences(of: "sleep 30", with: "sleep 1"), options: RunOptions(jobs: 4, keepGoing: true))
         #expect(keep.node("after-slow")?.status == .passed)
         #expect(keep.status == .failed)
     }

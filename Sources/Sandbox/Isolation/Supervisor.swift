@@ -191,7 +191,10 @@ struct Supervisor {
                         continue
                     }
                     if let out = terminalOutput {
-                        _ = buffer.withUnsafeBytes { try? FileSystem.writeAll(fd: out, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: "terminal") }
+                        _ = buffer.withUnsafeBytes {
+                            try? FileSystem.writeAll(
+                                fd: out, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: "terminal")
+                        }
                     }
                 case 7:
                     // Keystrokes to the session.
@@ -206,7 +209,10 @@ struct Supervisor {
                         continue
                     }
                     if let primary = terminalPrimary {
-                        _ = buffer.withUnsafeBytes { try? FileSystem.writeAll(fd: primary, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: "terminal") }
+                        _ = buffer.withUnsafeBytes {
+                            try? FileSystem.writeAll(
+                                fd: primary, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: "terminal")
+                        }
                     }
                 default: break
                 }

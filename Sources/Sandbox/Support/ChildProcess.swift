@@ -54,15 +54,17 @@ public enum ChildProcess {
         return Output(status: try wait(spawned.pid, argv[0]), stdout: out, stderr: err)
     }
 
-    struct Spawned {
-        var pid: pid_t
-        var stdout: Int32?
-        var stderr: Int32
+    /// A started child: its pid and the read ends of its captured streams (the caller closes
+    /// them and waits).
+    public struct Spawned: Sendable {
+        public var pid: pid_t
+        public var stdout: Int32?
+        public var stderr: Int32
     }
 
     /// Starts `argv` with stdout (when `captureStdout`) and stderr on pipes.
     /// - Parameter stdoutFD: where stdout goes when it is not captured.
-    static func spawn(
+    public static func spawn(
         _ argv: [String], environment: [String]? = nil, stdinFD: Int32? = nil, captureStdout: Bool,
         stdoutFD: Int32? = nil
     ) throws -> Spawned {
@@ -123,7 +125,8 @@ public enum ChildProcess {
         return Spawned(pid: pid, stdout: captureStdout ? outPipe[0] : nil, stderr: errPipe[0])
     }
 
-    static func wait(_ pid: pid_t, _ name: String) throws -> Int32 {
+    /// Waits for a child; returns its exit status (128+N when killed by signal N).
+    public static func wait(_ pid: pid_t, _ name: String) throws -> Int32 {
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 {
             guard errno == EINTR else { throw SandboxError.system("waitpid(\(name))") }
