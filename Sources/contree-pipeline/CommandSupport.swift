@@ -63,22 +63,7 @@ enum Format {
     }
 
     /// Parses `512m`, `1g`, `2GiB`, `1048576`.
-    static func parseBytes(_ text: String) -> Int64? {
-        let lower = text.lowercased().filter { !$0.isWhitespace }
-        let digits = lower.prefix { $0.isNumber || $0 == "." }
-        guard let value = Double(digits) else { return nil }
-        let suffix = String(lower.dropFirst(digits.count)).replacing("ib", with: "").replacing("b", with: "")
-        let scale: Double
-        switch suffix {
-        case "": scale = 1
-        case "k": scale = 1024
-        case "m": scale = 1024 * 1024
-        case "g": scale = 1024 * 1024 * 1024
-        case "t": scale = 1024 * 1024 * 1024 * 1024
-        default: return nil
-        }
-        return Int64(value * scale)
-    }
+    static func parseBytes(_ text: String) -> Int64? { ByteCount.parse(text) }
 
     /// Renders rows as aligned columns.
     static func table(_ header: [String], _ rows: [[String]]) -> String {

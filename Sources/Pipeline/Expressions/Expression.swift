@@ -105,26 +105,23 @@ extension Expression {
                 let a = l.evaluate(in: scope)
                 let b = r.evaluate(in: scope)
                 if let x = a.number, let y = b.number, a.isNumeric || b.isNumeric {
-                    switch op {
-                    case "==": return .bool(x == y)
-                    case "!=": return .bool(x != y)
-                    case "<": return .bool(x < y)
-                    case "<=": return .bool(x <= y)
-                    case ">": return .bool(x > y)
-                    default: return .bool(x >= y)
-                    }
+                    return .bool(Expression.compare(op, x, y))
                 }
-                let x = a.text
-                let y = b.text
-                switch op {
-                case "==": return .bool(x == y)
-                case "!=": return .bool(x != y)
-                case "<": return .bool(x < y)
-                case "<=": return .bool(x <= y)
-                case ">": return .bool(x > y)
-                default: return .bool(x >= y)
-                }
+                return .bool(Expression.compare(op, a.text, b.text))
             }
+        }
+    }
+}
+
+extension Expression {
+    static func compare<T: Comparable>(_ op: String, _ x: T, _ y: T) -> Bool {
+        switch op {
+        case "==": return x == y
+        case "!=": return x != y
+        case "<": return x < y
+        case "<=": return x <= y
+        case ">": return x > y
+        default: return x >= y
         }
     }
 }
