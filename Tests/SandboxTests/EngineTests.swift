@@ -86,6 +86,25 @@ struct EngineTests {
         #expect(try t.store.checkConsistency().isConsistent)
     }
 
+    @Test("runs that make the same change at the same time share one layer")
+    func identicalConcurrentCommits() async throws {
+        let t = try TemporaryStore()
+        let base = try t.busybox()
+        let engine = t.engine
+        let results = try await withThrowingTaskGroup(of: RunResult.self) { group in
+            for _ in 0..<12 {
+                group.addTask {
+                    try await engine.run(RunSpec(image: base.uuid, command: ["sh", "-c", "dd if=/dev/zero of=/same bs=1M count=4 2>/dev/null; touch -d @1000 /same"]))
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        let layers = Set(try results.map { try #require(try t.store.image($0.record.resultImage!)).layers.last! })
+        #expect(results.allSatisfy { $0.record.exitCode == 0 })
+        #expect(layers.count == 1)
+        #expect(try t.store.checkConsistency().isConsistent)
+    }
+
     @Test("deleting a file in a run shows in the image, its diff and inspect")
     func deletionsAndDiff() async throws {
         let t = try TemporaryStore()

@@ -85,10 +85,18 @@ public struct Snapshotter: Sendable {
         let destination = store.layerPath(digest)
         if FileSystem.exists(destination) {
             try FileSystem.removeTree(directory)
-        } else {
-            try FileSystem.rename(directory, destination)
-            try FileSystem.sync(store.layersPath)
+            return
         }
+        // Two runs that made the same change commit the same digest at the same time: the
+        // second rename finds the first's directory, which has exactly this content.
+        if Glibc.rename(directory, destination) != 0 {
+            guard errno == ENOTEMPTY || errno == EEXIST, FileSystem.isDirectory(destination) else {
+                throw SandboxError.system("rename(\(directory), \(destination))")
+            }
+            try FileSystem.removeTree(directory)
+            return
+        }
+        try FileSystem.sync(store.layersPath)
     }
 
     /// Builds one layer holding the merged tree of `layers` (bottom first) and places it.
