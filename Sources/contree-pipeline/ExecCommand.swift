@@ -3,6 +3,7 @@ import Dispatch
 import FoundationEssentials
 import Glibc
 import Sandbox
+import Synchronization
 
 extension NetworkMode: ExpressibleByArgument {}
 
@@ -158,11 +159,24 @@ struct ExecCommand: AsyncParsableCommand {
 /// Ctrl-C and SIGTERM cancel the running work instead of killing the process, so the run is
 /// recorded and the store stays tidy.
 enum Termination {
+    /// The first signal cancels `task`; a second one ends the process at once (its sandboxes die
+    /// with it, and the next command cleans up what they leave).
     static func cancelOnSignal<T>(_ task: Task<T, Error>) -> [DispatchSourceSignal] {
-        [SIGINT, SIGTERM, SIGHUP].map { sig in
+        let received = Mutex(0)
+        return [SIGINT, SIGTERM, SIGHUP].map { sig in
             signal(sig, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            source.setEventHandler { task.cancel() }
+            source.setEventHandler {
+                let count = received.withLock { n -> Int in
+                    n += 1
+                    return n
+                }
+                if count > 1 {
+                    printError("contree: interrupted again; stopping now")
+                    exit(130)
+                }
+                task.cancel()
+            }
             source.resume()
             return source
         }

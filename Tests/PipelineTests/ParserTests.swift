@@ -172,6 +172,23 @@ struct ParserTests {
         expectProblem("steps:\n  - id: a\n    run: x\n    inputs: [../secret]\n", at: 4, 14, mentions: ["stay inside"])
     }
 
+    @Test("reading one instance of a matrix step from outside its branches is ambiguous")
+    func ambiguousReference() {
+        expectProblem(
+            """
+            steps:
+              - id: setup
+                run: true
+              - id: build
+                matrix: {x: ["1", "2"]}
+                run: echo "v=${{ matrix.x }}" >> $CONTREE_OUTPUT
+              - id: report
+                from: setup
+                needs: [build]
+                run: echo ${{ steps.build.outputs.v }}
+            """, at: 10, 19, mentions: ["ambiguous", "matrix axis 'x'"])
+    }
+
     @Test("several problems are reported together, in file order")
     func several() {
         let found = problems("steps:\n  - id: a\n    rnu: x\n  - id: b\n    run: y\n    needs: [zz]\n")

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Sandbox
+import Synchronization
 import Testing
 
 @testable import Pipeline
@@ -35,15 +36,14 @@ final class Workspace: Sendable {
 
     /// Writes `pipeline.yaml` and runs it.
     func run(
-        _ yaml: String? = nil, options: RunOptions = RunOptions(), file: String = "pipeline.yaml"
-    ) async throws
-        -> RunReport
-    {
+        _ yaml: String? = nil, options: RunOptions = RunOptions(), file: String = "pipeline.yaml",
+        observer: (any RunObserver)? = nil
+    ) async throws -> RunReport {
         if let yaml { try write(file, yaml) }
         let plan = PipelinePlan(try PipelineParser.parse(file: project + "/" + file))
         var options = options
         if options.outDir == nil { options.outDir = root + "/runs/" + UUID().uuidString.prefix(8) }
-        return try await PipelineRunner(plan: plan, engine: engine, options: options).run()
+        return try await PipelineRunner(plan: plan, engine: engine, options: options, observer: observer).run()
     }
 }
 
@@ -231,8 +231,10 @@ struct RunnerTests {
     func cancellation() async throws {
         let w = try Workspace()
         try w.write("pipeline.yaml", "steps:\n  - id: long\n    run: sleep 30\n")
-        let task = Task { try await w.run() }
-        try await Task.sleep(for: .milliseconds(700))
+        let started = StartWatcher(node: "long")
+        let task = Task { try await w.run(observer: started) }
+        while !started.seen { try await Task.sleep(for: .milliseconds(50)) }
+        try await Task.sleep(for: .milliseconds(300))
         task.cancel()
         let report = try await task.value
         #expect(report.status == .cancelled && report.exitStatus == 130)
@@ -312,6 +314,152 @@ struct RunnerTests {
         #expect(json.nodes.count == 4)
     }
 
+    @Test("--fail-on-cache-miss is never excused: not by continue-on-error, not by a fork's selection")
+    func strictCacheMiss() async throws {
+        let w = try Workspace()
+        let yaml = """
+            steps:
+              - id: search
+                fork:
+                  a: {run: echo 1 > /workspace/score}
+                  b: {run: echo 2 > /workspace/score}
+                select: {score: cat /workspace/score, keep: best}
+              - id: optional
+                continue-on-error: true
+                run: echo optional
+            """
+        _ = try await w.run(yaml)
+        try w.write(
+            "pipeline.yaml",
+            yaml.replacingOccurrences(of: "echo 2 >", with: "echo 3 >")
+                .replacingOccurrences(of: "echo optional", with: "echo optional!"))
+        let strict = try await w.run(options: RunOptions(failOnCacheMiss: true))
+        #expect(strict.status == .failed && strict.exitStatus == 1)
+        #expect(strict.node("search.b")?.strictFailure == true)
+    }
+
+    @Test("conditions see env; a plain condition also needs its dependencies to succeed")
+    func conditionsAndEnv() async throws {
+        let w = try Workspace()
+        let yaml = """
+            env: {MODE: prod}
+            steps:
+              - id: gated
+                if: env.MODE == 'prod'
+                run: echo deploying
+              - id: broken
+                run: exit 1
+              - id: after-broken
+                if: pipeline.name != ''
+                run: echo should not run
+            """
+        let report = try await w.run(yaml, options: RunOptions(keepGoing: true))
+        #expect(report.node("gated")?.status == .passed)
+        #expect(report.node("after-broken")?.status == .skipped)
+    }
+
+    @Test("a fork whose variants were all skipped is skipped, not failed")
+    func skippedFork() async throws {
+        let w = try Workspace()
+        let yaml = """
+            steps:
+              - id: a
+                run: echo "flag=no" >> $CONTREE_OUTPUT
+              - id: search
+                if: steps.a.outputs.flag == 'yes'
+                fork: {x: {run: echo x}, y: {run: echo y}}
+                select: {keep: first-success}
+            """
+        let report = try await w.run(yaml)
+        #expect(report.status == .passed)
+        #expect(report.node("search")?.status == .skipped)
+    }
+
+    @Test("after Ctrl-C, steps that ask for always() or cancelled() still run")
+    func cleanupAfterCancel() async throws {
+        let w = try Workspace()
+        try w.write(
+            "pipeline.yaml",
+            """
+            steps:
+              - id: setup
+                run: true
+              - id: long
+                run: sleep 30
+              - id: cleanup
+                from: setup
+                needs: [long]
+                if: cancelled() || always()
+                run: echo cleaning up
+            """)
+        let started = StartWatcher(node: "long")
+        let task = Task { try await w.run(observer: started) }
+        while !started.seen { try await Task.sleep(for: .milliseconds(50)) }
+        try await Task.sleep(for: .milliseconds(300))
+        task.cancel()
+        let report = try await task.value
+        #expect(report.node("long")?.status == .cancelled)
+        #expect(report.node("cleanup")?.status == .passed)
+        #expect(report.log("cleanup").contains("cleaning up"))
+    }
+
+    @Test("with keep: all and without select, what follows each variant reads that variant")
+    func keepAllScope() async throws {
+        let w = try Workspace()
+        let yaml = """
+            steps:
+              - id: solve
+                fork:
+                  fast: {run: echo "v=fast" >> $CONTREE_OUTPUT}
+                  slow: {run: echo "v=slow" >> $CONTREE_OUTPUT}
+                select: {keep: all}
+              - id: next
+                run: echo "got ${{ steps.solve.outputs.v }}-${{ steps.solve.outcome }}"
+            """
+        let report = try await w.run(yaml)
+        #expect(report.log("next[solve=fast]").contains("got fast-success"))
+        #expect(report.log("next[solve=slow]").contains("got slow-success"))
+    }
+
+    @Test("a score command sees the variant's env; a secret written to outputs is masked")
+    func scoreEnvAndMaskedOutputs() async throws {
+        let w = try Workspace()
+        let yaml = """
+            env: {BONUS: "5"}
+            secrets: {TOKEN: {env: TEST_TOKEN}}
+            steps:
+              - id: search
+                fork: {a: {run: echo 1 > /workspace/s}, b: {run: echo 2 > /workspace/s}}
+                select: {score: "echo $(( $(cat /workspace/s) + $BONUS + ${{ env.BONUS }} ))", keep: best}
+              - id: leak
+                secrets: [TOKEN]
+                run: echo "token=$TOKEN" >> $CONTREE_OUTPUT
+            """
+        let report = try await w.run(yaml, options: RunOptions(environment: ["TEST_TOKEN": "hunter2-secret"]))
+        #expect(report.node("search")?.variants?.map(\.score) == [11, 12])
+        #expect(report.node("leak")?.outputs["token"] == "***")
+        let json = try String(contentsOfFile: report.outDir + "/report.json", encoding: .utf8)
+        #expect(!json.contains("hunter2-secret"))
+    }
+
+    @Test("explain agrees with run about steps after a selection")
+    func explainAfterSelection() async throws {
+        let w = try Workspace()
+        let yaml = """
+            steps:
+              - id: search
+                fork: {a: {run: echo "v=a" >> $CONTREE_OUTPUT; echo 1 > /workspace/s}, b: {run: echo "v=b" >> $CONTREE_OUTPUT; echo 2 > /workspace/s}}
+                select: {score: cat /workspace/s, keep: best}
+              - id: next
+                run: echo ${{ steps.search.outputs.v }}
+            """
+        _ = try await w.run(yaml)
+        let plan = PipelinePlan(try PipelineParser.parse(file: w.project + "/pipeline.yaml"))
+        let explanation = try #require(try KeyExplainer(plan: plan, engine: w.engine).explain(step: "next").first)
+        #expect(explanation.hit != nil, "\(explanation.note ?? "") \(explanation.differences)")
+        #expect(explanation.components?.command.last == "echo b")
+    }
+
     @Test("an input that matches nothing is invalid input: nothing runs")
     func missingInput() async throws {
         let w = try Workspace()
@@ -329,5 +477,16 @@ extension JSONDecoder {
         let d = JSONDecoder()
         d.dateDecodingStrategy = .iso8601
         return d
+    }
+}
+
+/// Notes when a node starts.
+final class StartWatcher: RunObserver {
+    let node: String
+    private let started = Mutex(false)
+    init(node: String) { self.node = node }
+    var seen: Bool { started.withLock { $0 } }
+    func handle(_ event: RunEvent) {
+        if case .nodeStarted(let id) = event, id == node { started.withLock { $0 = true } }
     }
 }

@@ -94,7 +94,12 @@ struct EngineTests {
         let results = try await withThrowingTaskGroup(of: RunResult.self) { group in
             for _ in 0..<12 {
                 group.addTask {
-                    try await engine.run(RunSpec(image: base.uuid, command: ["sh", "-c", "dd if=/dev/zero of=/same bs=1M count=4 2>/dev/null; touch -d @1000 /same"]))
+                    try await engine.run(
+                        RunSpec(
+                            image: base.uuid,
+                            command: [
+                                "sh", "-c", "dd if=/dev/zero of=/same bs=1M count=4 2>/dev/null; touch -d @1000 /same",
+                            ]))
                 }
             }
             return try await group.reduce(into: []) { $0.append($1) }

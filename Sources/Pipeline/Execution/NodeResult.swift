@@ -41,6 +41,8 @@ public struct NodeResult: Sendable, Codable {
     /// A fork variant that failed: its selection decides whether the pipeline fails, and
     /// nothing starts from its snapshot.
     public var containedFailure: Bool
+    /// A failure nothing may excuse (`--fail-on-cache-miss`).
+    public var strictFailure: Bool
     public var key: String?
     public var components: StepKeyComponents?
     public var parentImage: String?
@@ -65,7 +67,9 @@ public struct NodeResult: Sendable, Codable {
     public var succeeded: Bool { status == .passed || toleratedFailure }
 
     /// A failure that fails the pipeline.
-    public var failsPipeline: Bool { status == .failed && !toleratedFailure && !containedFailure }
+    public var failsPipeline: Bool {
+        status == .failed && (strictFailure || (!toleratedFailure && !containedFailure))
+    }
 
     public var duration: Double? {
         guard let started, let ended else { return nil }
@@ -76,6 +80,7 @@ public struct NodeResult: Sendable, Codable {
         case node, step, status, cached
         case toleratedFailure = "continued_on_error"
         case containedFailure = "variant_failed"
+        case strictFailure = "strict_failure"
         case key, components
         case parentImage = "parent_image"
         case resultImage = "result_image"
@@ -92,6 +97,7 @@ public struct NodeResult: Sendable, Codable {
         self.cached = false
         self.toleratedFailure = false
         self.containedFailure = false
+        self.strictFailure = false
         self.timedOut = false
         self.attempts = 0
         self.outputs = [:]

@@ -23,17 +23,17 @@ struct NodeScope: ExpressionScope {
     /// The node of `step` this node sees: the one among its ancestors whose matrix values
     /// agree with its own.
     func visible(_ step: String) -> NodeResult? {
-        let candidates = ancestors.filter { $0.step == step && $0.kind == (hasSelect(step) ? .select : .run) }
+        // The selection when it is one of the ancestors (keep: best, first-success); otherwise
+        // the variant or matrix instance this node comes from.
+        let all = ancestors.filter { $0.step == step }
+        let selections = all.filter { $0.kind == .select }
+        let candidates = selections.isEmpty ? all : selections
         let mine = node.matrix
         let best =
             candidates.first { candidate in
                 candidate.matrix.allSatisfy { mine[$0.key] == nil || mine[$0.key] == $0.value }
             } ?? candidates.first
         return best.flatMap { results[$0.id] }
-    }
-
-    private func hasSelect(_ step: String) -> Bool {
-        plan.nodes.contains { $0.step == step && $0.kind == .select }
     }
 
     func resolve(_ path: [String]) -> ExpressionValue {

@@ -26,6 +26,11 @@ extension PipelineRunner {
         } catch is CancellationError {
             result.status = .cancelled
             result.reason = "the run was cancelled"
+        } catch let error as CacheMissError {
+            result.status = .failed
+            result.strictFailure = true
+            result.reason = error.message
+            log.note(error.message)
         } catch let error as PipelineError {
             result.status = .failed
             result.reason = error.message
@@ -35,14 +40,12 @@ extension PipelineRunner {
             result.reason = "\(error)"
             log.note("\(error)")
         }
-        if result.status == .failed && !result.cached, plan.definition.step(node.step)?.continueOnError == true {
-            result.toleratedFailure = true
-        }
-        if result.status == .failed && node.variant != nil && plan.definition.step(node.step)?.select != nil {
-            result.containedFailure = true
+        if result.status == .failed && !result.strictFailure {
+            if plan.definition.step(node.step)?.continueOnError == true { result.toleratedFailure = true }
+            // A failed fork variant is an outcome of the search, not of the pipeline.
+            if node.variant != nil { result.containedFailure = true }
         }
         result.ended = Date()
-        record(result)
         return result
     }
 
@@ -92,8 +95,7 @@ extension PipelineRunner {
             return
         }
         if options.failOnCacheMiss {
-            throw PipelineError(
-                .failed,
+            throw CacheMissError(
                 "step \(node.id) would run (no cached result for key \(key)) and --fail-on-cache-miss is set; `explain \(node.step)` says what changed"
             )
         }
@@ -133,7 +135,8 @@ extension PipelineRunner {
         result.timedOut = record.timedOut
         result.metrics = record.metrics
         result.resultImage = record.resultImage
-        result.outputs = PipelineRunner.parseOutputs(run.output ?? [], log: log)
+        // Outputs feed reports, the cache and later keys: no secret may travel through them.
+        result.outputs = PipelineRunner.parseOutputs(run.output ?? [], log: log).mapValues(log.mask)
         let passed = record.exitCode == 0
         result.status = passed ? .passed : .failed
         if !passed { result.reason = describe(record) }
@@ -193,6 +196,11 @@ extension PipelineRunner {
         into result: inout NodeResult
     ) async throws {
         guard let select = node.select else { return }
+        if options.failOnCacheMiss, let missed = node.variantNodes.first(where: { results[$0]?.strictFailure == true })
+        {
+            throw CacheMissError(
+                "variant \(missed) is not cached and --fail-on-cache-miss is set: no selection can be trusted")
+        }
         var outcomes: [VariantOutcome] = []
         for id in node.variantNodes {
             guard let variant = results[id], let variantNode = plan.node(id) else { continue }
@@ -205,8 +213,10 @@ extension PipelineRunner {
                 continue
             }
             if let scoreTemplate = select.score {
+                // The score sees what the variant saw: its env, where it ran.
+                let env = StepPreparer(plan: plan).environment(variantNode, results: results)
                 let scope = NodeScope(
-                    node: variantNode, plan: plan, results: results, env: [:], pipelineName: plan.definition.name,
+                    node: variantNode, plan: plan, results: results, env: env, pipelineName: plan.definition.name,
                     cancelled: false)
                 let command =
                     (node.settings.shell ?? PipelineRunner.defaultShell) + ["-c", scoreTemplate.render(in: scope)]
@@ -214,19 +224,27 @@ extension PipelineRunner {
                 // The score runs where the variant ran.
                 let workdir = InputResolver.normalize(
                     variantNode.settings.workdir?.render(in: scope) ?? PipelineRunner.defaultWorkdir)
+                let isolation = variantNode.settings.isolation ?? .container
                 let scoreKey =
                     "score:" + (image.map(StepKeyComponents.imageDigest) ?? "") + ":" + workdir + ":"
-                    + command.joined(separator: "\u{0}")
+                    + isolation.rawValue
+                    + ":" + command.joined(separator: "\u{0}") + ":"
+                    + env.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+                    .joined(separator: "\u{0}")
                 let text: String
-                if let cached = try cache.score(scoreKey), !options.noCache {
+                if let cached = try cache.score(scoreKey), !options.noCache, !context.forced.contains(node.id) {
                     text = cached
                 } else {
+                    if options.failOnCacheMiss {
+                        throw CacheMissError(
+                            "the score of \(outcome.variant) is not cached and --fail-on-cache-miss is set")
+                    }
                     let run = try await engine.run(
                         RunSpec(
-                            image: variant.resultImage!, command: command, cwd: workdir,
+                            image: variant.resultImage!, command: command, env: env, cwd: workdir,
                             timeout: node.settings.timeout ?? 600,
                             disposable: true, stdout: .capture(limit: 1 << 16),
-                            stderr: .capture(limit: 0, onChunk: { log.append($0) })))
+                            stderr: .capture(limit: 0, onChunk: { log.append($0) }), isolation: isolation))
                     if run.record.cancelled { throw CancellationError() }
                     guard run.record.exitCode == 0 else {
                         outcome.note = "the score command \(describe(run.record))"
@@ -286,6 +304,12 @@ extension PipelineRunner {
         }
         result.cached = outcomes.allSatisfy { results[$0.node]?.cached ?? false }
     }
+}
+
+/// `--fail-on-cache-miss` met a step that would run: a failure nothing excuses.
+struct CacheMissError: Error {
+    let message: String
+    init(_ message: String) { self.message = message }
 }
 
 extension Double {

@@ -112,32 +112,11 @@ public final class PipelineRunner: Sendable {
                         at: step.location))
             }
         }
-        var secrets: [String: String] = [:]
         let used = Set(definition.steps.flatMap { $0.secrets.map(\.value) })
-        for secret in definition.secrets where used.contains(secret.name.value) {
-            switch secret.source {
-            case .environment(let variable):
-                if let value = options.environment[variable] {
-                    secrets[secret.name.value] = value
-                } else {
-                    problems.append(
-                        PipelineError(
-                            .invalid, "secret \(secret.name.value): the host variable \(variable) is not set",
-                            at: secret.name.location))
-                }
-            case .file(let path):
-                let absolute = path.hasPrefix("/") ? path : definition.directory + "/" + path
-                if let data = FileManager.default.contents(atPath: absolute) {
-                    var text = String(decoding: data, as: UTF8.self)
-                    while text.hasSuffix("\n") { text.removeLast() }
-                    secrets[secret.name.value] = text
-                } else {
-                    problems.append(
-                        PipelineError(
-                            .invalid, "secret \(secret.name.value): cannot read \(absolute)", at: secret.name.location))
-                }
-            }
-        }
+        let (secrets, secretProblems) = SecretLoader.load(
+            definition.secrets.filter { used.contains($0.name.value) }, directory: definition.directory,
+            environment: options.environment)
+        problems += secretProblems
         if !problems.isEmpty { throw PipelineValidationError(problems) }
         do {
             return (try engine.baseImages.resolve(definition.image.value), secrets)
@@ -154,6 +133,7 @@ public final class PipelineRunner: Sendable {
         let started = Date()  // building a base image on first use is part of the run
         // Building a base image takes a while and blocks: never on the cooperative pool.
         let (baseImage, secrets) = try await DedicatedThread.run { try self.preflight() }
+        let secretKey = secrets.isEmpty ? [] : try engine.store.secretKey()
         try FileManager.default.createDirectory(atPath: outDir + "/logs", withIntermediateDirectories: true)
         try cache.beginRun(id: runID, pipeline: plan.definition.name, file: plan.definition.file, outDir: outDir)
         observer?.handle(.started(runID: runID, plan: plan, outDir: outDir))
@@ -163,8 +143,7 @@ public final class PipelineRunner: Sendable {
             forced = plan.dependents(of: Set(plan.nodes.filter { options.forceSteps.contains($0.step) }.map(\.id)))
         }
         let context = ExecutionContext(
-            runner: self, baseImage: baseImage, secrets: secrets, forced: forced,
-            secretKey: secrets.isEmpty ? [] : try engine.store.secretKey())
+            runner: self, baseImage: baseImage, secrets: secrets, forced: forced, secretKey: secretKey)
         let results = await schedule(context)
 
         let ordered = plan.nodes.compactMap { results[$0.id] }
@@ -186,6 +165,7 @@ public final class PipelineRunner: Sendable {
         var pending = plan.nodes
         var stopping = false
         let registry = TaskRegistry()
+        let preparer = StepPreparer(plan: plan)
         await withTaskGroup(of: NodeResult.self) { group in
             var running = 0
             func decide() {
@@ -198,22 +178,25 @@ public final class PipelineRunner: Sendable {
                     }
                     let cancelled = Task.isCancelled
                     let scope = NodeScope(
-                        node: node, plan: plan, results: results, env: [:], pipelineName: plan.definition.name,
-                        cancelled: cancelled)
-                    let explicitlyAfterFailure =
-                        node.condition?.calls.contains {
-                            ["always", "failure", "cancelled"].contains($0.0)
-                        } ?? false
+                        node: node, plan: plan, results: results, env: preparer.environment(node, results: results),
+                        pipelineName: plan.definition.name, cancelled: cancelled)
+                    // Steps whose condition asks about failures (cleanup, reports) still run
+                    // after a failure or a cancellation, and are not cancelled themselves.
+                    let exempt = node.reactsToFailure
                     var verdict: NodeResult?
-                    if cancelled && !explicitlyAfterFailure {
+                    if cancelled && !exempt {
                         verdict = NodeResult(node: node, status: .cancelled, reason: "the run was cancelled")
-                    } else if stopping && !explicitlyAfterFailure {
-                        verdict = NodeResult(
-                            node: node, status: .skipped,
-                            reason: "an earlier step failed (fail-fast; --keep-going runs independent branches)")
+                    } else if stopping && !exempt {
+                        verdict = NodeResult(node: node, status: .skipped, reason: PipelineRunner.failFastReason)
                     } else if node.kind == .select {
-                        // A selection runs once its variants ended, however they ended.
-                    } else if !(node.condition?.evaluate(in: scope).isTruthy ?? scope.status("success")) {
+                        // A selection runs once its variants ended, unless none of them ran.
+                        let variants = node.variantNodes.compactMap { results[$0] }
+                        if variants.allSatisfy({ $0.status == .skipped || $0.status == .cancelled }) {
+                            let status: NodeStatus =
+                                variants.contains { $0.status == .cancelled } ? .cancelled : .skipped
+                            verdict = NodeResult(node: node, status: status, reason: "none of its variants ran")
+                        }
+                    } else if !PipelineRunner.conditionHolds(node, in: scope) {
                         let why =
                             node.condition == nil
                             ? "a step it depends on did not succeed"
@@ -237,13 +220,22 @@ public final class PipelineRunner: Sendable {
                     running += 1
                     let snapshot = results
                     observer?.handle(.nodeStarted(node.id))
+                    // Registered before it can run, so that a fail-fast right after reaches it.
+                    let inner = Task { await self.execute(node, results: snapshot, context: context) }
+                    registry.add(node.id, inner, exempt: exempt)
                     group.addTask {
-                        let inner = Task { await self.execute(node, results: snapshot, context: context) }
-                        registry.add(node.id, inner)
-                        let result = await withTaskCancellationHandler {
-                            await inner.value
-                        } onCancel: {
-                            inner.cancel()
+                        var result: NodeResult
+                        if exempt {
+                            result = await inner.value
+                        } else {
+                            result = await withTaskCancellationHandler {
+                                await inner.value
+                            } onCancel: {
+                                inner.cancel()
+                            }
+                        }
+                        if result.status == .cancelled && registry.stoppedByFailFast(node.id) {
+                            result.reason = PipelineRunner.failFastReason
                         }
                         registry.remove(node.id)
                         return result
@@ -255,10 +247,11 @@ public final class PipelineRunner: Sendable {
                 guard let result = await group.next() else { break }
                 running -= 1
                 results[result.node] = result
+                record(result)
                 observer?.handle(.nodeFinished(result))
                 if result.failsPipeline && !options.keepGoing && !stopping {
                     stopping = true
-                    registry.cancelAll()  // fail fast: running siblings stop, their sandboxes die
+                    registry.failFast()  // running siblings stop, their sandboxes die
                 }
                 decide()
             }
@@ -272,23 +265,52 @@ public final class PipelineRunner: Sendable {
         return results
     }
 
+    static let failFastReason =
+        "stopped because another step failed (fail-fast; --keep-going runs independent branches)"
+
+    /// A condition that asks nothing about other steps' status also needs them to succeed
+    /// (`if: x` means `success() && x`), as in GitHub Actions.
+    static func conditionHolds(_ node: PlanNode, in scope: NodeScope) -> Bool {
+        guard let condition = node.condition else { return scope.status("success") }
+        let asksStatus = condition.calls.contains { ["success", "failure", "always", "cancelled"].contains($0.0) }
+        return (asksStatus || scope.status("success")) && condition.evaluate(in: scope).isTruthy
+    }
+
     func record(_ result: NodeResult) {
         try? cache.recordStep(
             runID: runID, pipeline: plan.definition.name,
             row: PipelineStepRow(
                 node: result.node, step: result.step, status: result.status.rawValue, cached: result.cached,
                 key: result.key, components: result.components, parentImage: result.parentImage,
-                resultImage: result.resultImage))
+                resultImage: result.resultImage, outputs: result.outputs))
     }
 }
 
-/// Running node tasks by id, so fail-fast can cancel exactly those.
+/// Running node tasks by id, so fail-fast can cancel exactly those (but not the steps that run
+/// after failures on purpose).
 final class TaskRegistry: Sendable {
-    private let tasks = Mutex<[String: Task<NodeResult, Never>]>([:])
+    private struct State {
+        var tasks: [String: (task: Task<NodeResult, Never>, exempt: Bool)] = [:]
+        var stopped: Set<String> = []
+    }
+    private let state = Mutex(State())
 
-    func add(_ id: String, _ task: Task<NodeResult, Never>) { tasks.withLock { $0[id] = task } }
-    func remove(_ id: String) { _ = tasks.withLock { $0.removeValue(forKey: id) } }
-    func cancelAll() { tasks.withLock { for task in $0.values { task.cancel() } } }
+    func add(_ id: String, _ task: Task<NodeResult, Never>, exempt: Bool) {
+        state.withLock { $0.tasks[id] = (task, exempt) }
+    }
+
+    func remove(_ id: String) { _ = state.withLock { $0.tasks.removeValue(forKey: id) } }
+
+    func failFast() {
+        state.withLock { state in
+            for (id, entry) in state.tasks where !entry.exempt {
+                state.stopped.insert(id)
+                entry.task.cancel()
+            }
+        }
+    }
+
+    func stoppedByFailFast(_ id: String) -> Bool { state.withLock { $0.stopped.contains(id) } }
 }
 
 extension SandboxEngine {

@@ -42,17 +42,10 @@ public struct KeyExplainer {
         }
         let cache = try StepCache(store: engine.store)
         let base = try engine.baseImages.resolve(plan.definition.image.value)
-        var secrets: [String: String] = [:]
-        for secret in plan.definition.secrets {
-            switch secret.source {
-            case .environment(let name): secrets[secret.name.value] = environment[name]
-            case .file(let path):
-                let absolute = path.hasPrefix("/") ? path : plan.definition.directory + "/" + path
-                secrets[secret.name.value] = FileManager.default.contents(atPath: absolute).map {
-                    String(decoding: $0, as: UTF8.self).trimmingWhitespace
-                }
-            }
-        }
+        let secrets = SecretLoader.load(
+            plan.definition.secrets, directory: plan.definition.directory, environment: environment
+        )
+        .values
         let secretKey = secrets.isEmpty ? [] : try engine.store.secretKey()
         let preparer = StepPreparer(plan: plan)
         var known: [String: NodeResult] = [:]
@@ -64,19 +57,24 @@ public struct KeyExplainer {
                 node: node.id, components: nil, key: nil, hit: nil, previous: nil, previousRun: nil, differences: [],
                 note: nil)
             if node.kind == .select {
-                // The kept variant is known from the latest run that passed this selection.
-                let row = try engine.store.database.query(
-                    "SELECT result_image FROM pipeline_steps WHERE pipeline = ? AND node = ? AND status = 'passed' ORDER BY ended DESC LIMIT 1",
-                    [.text(plan.definition.name), .text(node.id)]
-                ).first
-                if let image = row?["result_image"].string {
+                // The kept variant (and its outputs) is known from the latest run that passed
+                // this selection.
+                if let row = try cache.lastPassedRow(pipeline: plan.definition.name, node: node.id),
+                    let image = row.resultImage
+                {
                     var result = NodeResult(node: node, status: .passed)
                     result.resultImage = image
+                    result.outputs = row.outputs
                     known[node.id] = result
                 } else {
                     unknown[node.id] = "the selection \(node.id) has not passed yet"
                 }
                 continue
+            }
+            // A step it waits for (`needs`) may feed it outputs: unknown there, unknown here.
+            let parentID: String? = { if case .node(let p) = node.parent { return p } else { return nil } }()
+            if let blocked = node.dependencies.first(where: { unknown[$0] != nil && $0 != parentID }) {
+                explanation.note = "it comes after \(blocked), whose result is not known: \(unknown[blocked]!)"
             }
             let parent: ImageRecord?
             switch node.parent {
@@ -90,7 +88,7 @@ public struct KeyExplainer {
                     if parent == nil { explanation.note = "the snapshot of \(id) is gone" }
                 }
             }
-            if let parent {
+            if let parent, explanation.note == nil {
                 let prepared = try preparer.prepare(
                     node, parent: parent, results: known, secrets: secrets, secretKey: secretKey)
                 explanation.components = prepared.components

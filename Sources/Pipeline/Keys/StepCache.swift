@@ -35,6 +35,7 @@ public struct PipelineStepRow: Sendable, Codable {
     public var components: StepKeyComponents?
     public var parentImage: String?
     public var resultImage: String?
+    public var outputs: [String: String] = [:]
 }
 
 /// The pipeline tables in the store's database: the step cache (key -> snapshot and outputs),
@@ -61,6 +62,11 @@ public struct StepCache: Sendable {
                 parent_image TEXT, result_image TEXT, ended REAL NOT NULL, PRIMARY KEY(run_id, node));
             CREATE INDEX IF NOT EXISTS pipeline_steps_history ON pipeline_steps(pipeline, node, ended);
             """)
+        // Added after the first layout of the table: stores made before it get the column now.
+        if try store.database.query("SELECT 1 FROM pragma_table_info('pipeline_steps') WHERE name = 'outputs'").isEmpty
+        {
+            try store.database.execute("ALTER TABLE pipeline_steps ADD COLUMN outputs TEXT")
+        }
     }
 
     static let encoder: JSONEncoder = {
@@ -95,6 +101,21 @@ public struct StepCache: Sendable {
         return CachedStep(
             key: key, resultImage: image, outputs: decode([String: String].self, row["outputs"].string) ?? [:],
             record: decode(RunRecord.self, row["record"].string))
+    }
+
+    /// The latest row of `node` that passed: its snapshot and outputs.
+    public func lastPassedRow(pipeline: String, node: String) throws -> PipelineStepRow? {
+        try store.database.query(
+            "SELECT * FROM pipeline_steps WHERE pipeline = ? AND node = ? AND status = 'passed' ORDER BY ended DESC LIMIT 1",
+            [.text(pipeline), .text(node)]
+        ).first.map {
+            PipelineStepRow(
+                node: $0["node"].string ?? "", step: $0["step"].string ?? "", status: $0["status"].string ?? "",
+                cached: $0["cached"].int == 1, key: $0["key"].string,
+                components: decode(StepKeyComponents.self, $0["components"].string),
+                parentImage: $0["parent_image"].string, resultImage: $0["result_image"].string,
+                outputs: decode([String: String].self, $0["outputs"].string) ?? [:])
+        }
     }
 
     /// Remembers a successful step (and pins its snapshot against pruning).
@@ -138,12 +159,12 @@ public struct StepCache: Sendable {
         try store.database.query(
             """
             INSERT OR REPLACE INTO pipeline_steps(run_id, node, step, pipeline, key, components, status, cached,
-                parent_image, result_image, ended) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                parent_image, result_image, ended, outputs) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """,
             [
                 .text(runID), .text(row.node), .text(row.step), .text(pipeline), row.key.sql,
                 row.components.map { .text(json($0)) } ?? .null, .text(row.status), .integer(row.cached ? 1 : 0),
-                row.parentImage.sql, row.resultImage.sql, .real(Date().timeIntervalSince1970),
+                row.parentImage.sql, row.resultImage.sql, .real(Date().timeIntervalSince1970), .text(json(row.outputs)),
             ])
     }
 
@@ -185,7 +206,8 @@ public struct StepCache: Sendable {
                 node: $0["node"].string ?? "", step: $0["step"].string ?? "", status: $0["status"].string ?? "",
                 cached: $0["cached"].int == 1, key: $0["key"].string,
                 components: decode(StepKeyComponents.self, $0["components"].string),
-                parentImage: $0["parent_image"].string, resultImage: $0["result_image"].string)
+                parentImage: $0["parent_image"].string, resultImage: $0["result_image"].string,
+                outputs: decode([String: String].self, $0["outputs"].string) ?? [:])
         }
     }
 

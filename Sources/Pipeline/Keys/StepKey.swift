@@ -6,7 +6,7 @@ import Sandbox
 /// sha256 of its JSON encoding (sorted keys): equal keys mean the step can be reused.
 public struct StepKeyComponents: Codable, Sendable, Equatable {
     /// Bumped when the meaning of a component changes, so old cache entries stop matching.
-    public static let currentFormat = 1
+    public static let currentFormat = 2
 
     public var format: Int
     /// Content digest of the image the step starts from (its layer chain and config).
@@ -21,11 +21,13 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
     /// `NAME=fingerprint` (HMAC-SHA256 with the store's key), sorted.
     public var secrets: [String]
     public var isolation: String
+    /// `none` or `loopback`: what the command could reach can change what it does.
+    public var network: String
 
     enum CodingKeys: String, CodingKey {
         case format
         case parentImage = "parent_image"
-        case command, env, workdir, user, inputs, secrets, isolation
+        case command, env, workdir, user, inputs, secrets, isolation, network
     }
 
     public var key: String {
@@ -62,6 +64,7 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
         listDiff("input", inputs, other.inputs) { String($0.prefix { $0 != " " }) }
         listDiff("secret", secrets, other.secrets) { String($0.prefix { $0 != "=" }) }
         if isolation != other.isolation { result.append("isolation: \(other.isolation) -> \(isolation)") }
+        if network != other.network { result.append("network: \(other.network) -> \(network)") }
         return result
     }
 

@@ -17,18 +17,28 @@ struct PreparedStep: Sendable {
 struct StepPreparer {
     let plan: PipelinePlan
 
+    /// The node's env (the pipeline's, then the step's), each entry rendered seeing those before it.
+    func environment(_ node: PlanNode, results: [String: NodeResult]) -> [String: String] {
+        var env: [String: String] = [:]
+        for entry in plan.definition.env + node.env {
+            let scope = NodeScope(
+                node: node, plan: plan, results: results, env: env, pipelineName: plan.definition.name, cancelled: false
+            )
+            env[entry.name] = entry.value.render(in: scope)
+        }
+        return env
+    }
+
     func prepare(
         _ node: PlanNode, parent: ImageRecord, results: [String: NodeResult], secrets: [String: String],
         secretKey: [UInt8]
     ) throws -> PreparedStep {
         let definition = plan.definition
-        // Env first (pipeline, then step), each entry seeing those before it.
-        var env: [String: String] = [:]
+        var env = environment(node, results: results)
         func scope() -> NodeScope {
             NodeScope(
                 node: node, plan: plan, results: results, env: env, pipelineName: definition.name, cancelled: false)
         }
-        for entry in definition.env + node.env { env[entry.name] = entry.value.render(in: scope()) }
         let script = node.run?.render(in: scope()) ?? ""
         let workdir = InputResolver.normalize(
             node.settings.workdir?.render(in: scope()) ?? PipelineRunner.defaultWorkdir)
@@ -42,6 +52,7 @@ struct StepPreparer {
         var secretEnv: [String: String] = [:]
         for name in node.secrets { secretEnv[name] = secrets[name] }
         let isolation = node.settings.isolation ?? .container
+        let network = node.settings.network ?? .loopback
         let components = StepKeyComponents(
             format: StepKeyComponents.currentFormat, parentImage: StepKeyComponents.imageDigest(parent),
             command: command,
@@ -50,7 +61,7 @@ struct StepPreparer {
             secrets: node.secrets.sorted().map { name in
                 "\(name)=" + (secrets[name].map { StepKeyComponents.fingerprint($0, key: secretKey) } ?? "unavailable")
             },
-            isolation: isolation.rawValue)
+            isolation: isolation.rawValue, network: network.rawValue)
         return PreparedStep(
             components: components, command: command, env: env, secretEnv: secretEnv, workdir: workdir, inputs: inputs,
             isolation: isolation)

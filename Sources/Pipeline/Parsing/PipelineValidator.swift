@@ -104,7 +104,7 @@ struct PipelineValidator {
                 for (path, location) in expression.references {
                     check(
                         path, at: location, step: id, ancestors: ancestors[id] ?? [], axes: axes[id]?.names ?? [],
-                        env: envNames)
+                        env: envNames, allAxes: axes)
                 }
             }
             for template in definition.env.map(\.value) {
@@ -124,7 +124,7 @@ struct PipelineValidator {
     /// Checks one reference: `matrix.NAME`, `steps.ID.outputs.KEY|outcome|image`, `env.NAME`.
     mutating func check(
         _ path: [String], at location: SourceLocation, step: String, ancestors: Set<String>, axes: [String],
-        env: Set<String>
+        env: Set<String>, allAxes: [String: (names: [String], clash: String?)]
     ) {
         func fail(_ message: String) { errors.append(PipelineError(.invalid, message, at: location)) }
         switch path[0] {
@@ -149,6 +149,15 @@ struct PipelineValidator {
             guard ancestors.contains(target) else {
                 return fail(
                     "step \(step) reads steps.\(target), which is not one of the steps it comes after; add it to `needs`"
+                )
+            }
+            // A step that runs once per matrix combination (or fork variant) can only be read
+            // from the branch it runs in.
+            let targetAxes = exportedAxes(target, allAxes)
+            if let axis = targetAxes.first(where: { !axes.contains($0) }) {
+                let what = axis.hasPrefix("fork:") ? "fork variant" : "value of matrix axis '\(axis)'"
+                return fail(
+                    "steps.\(target) is ambiguous in step \(step): \(target) runs once per \(what), and \(step) does not start from one of them; read it in a step that comes `from` \(target)"
                 )
             }
             switch path[2] {
@@ -232,6 +241,16 @@ struct PipelineValidator {
     }
 
     /// The matrix axes each step has: its own plus those of the step it starts from.
+    static func keepsAllVariants(_ step: StepDefinition?) -> Bool {
+        guard let step, !step.fork.isEmpty else { return false }
+        return step.select == nil || step.select?.keep == .all
+    }
+
+    /// The axes along which a step's instances vary, as seen by the steps that read it.
+    func exportedAxes(_ id: String, _ axes: [String: (names: [String], clash: String?)]) -> [String] {
+        (axes[id]?.names ?? []) + (PipelineValidator.keepsAllVariants(definition.step(id)) ? ["fork:" + id] : [])
+    }
+
     func matrixAxes() -> [String: (names: [String], clash: String?)] {
         let parents = PipelineValidator.parents(of: definition.steps)
         var memo: [String: (names: [String], clash: String?)] = [:]
@@ -239,7 +258,11 @@ struct PipelineValidator {
             if let known = memo[id] { return known }
             guard let step = definition.step(id) else { return ([], nil) }
             var inherited: [String] = []
-            if let parent = parents[id] ?? nil { inherited = compute(parent).names }
+            if let parent = parents[id] ?? nil {
+                inherited = compute(parent).names
+                // Below a fork that keeps every variant, each variant is a branch of its own.
+                if PipelineValidator.keepsAllVariants(definition.step(parent)) { inherited.append("fork:" + parent) }
+            }
             let own = step.matrix?.axes.map(\.name) ?? []
             let clash = own.first { inherited.contains($0) }
             let result = (inherited + own.filter { !inherited.contains($0) }, clash)

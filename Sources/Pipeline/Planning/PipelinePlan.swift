@@ -42,6 +42,12 @@ public struct PlanNode: Sendable {
     public var secrets: [String]
     public var select: SelectDefinition?
 
+    /// Whether its condition asks about other steps' status (`always()`, `failure()`,
+    /// `cancelled()`): such steps still run after a failure and are not cancelled by it.
+    public var reactsToFailure: Bool {
+        condition?.calls.contains { ["always", "failure", "cancelled"].contains($0.0) } ?? false
+    }
+
     public var matrix: [String: String] {
         Dictionary(values.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 })
     }
