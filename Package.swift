@@ -1,4 +1,4 @@
-// swift-tools-version: 6.0
+// swift-tools-version: 6.1
 import PackageDescription
 
 let package = Package(
@@ -11,6 +11,11 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/apple/swift-crypto", "3.12.3"..<"5.0.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.0.0"),
+        // traits: [] skips swift-configuration and full-Foundation extras the server does not use.
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
+        // Already in the graph through Hummingbird; named because the server imports them.
+        .package(url: "https://github.com/apple/swift-http-types", from: "1.0.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.5.0"),
     ],
     targets: [
         // System library over Debian's libsqlite3 (libsqlite3-dev).
@@ -40,16 +45,27 @@ let package = Package(
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
+        // The ConTree /v1 REST API over the engine (Hummingbird), so the official clients work.
+        .target(
+            name: "ContreeServer",
+            dependencies: [
+                "Sandbox",
+                .product(name: "Hummingbird", package: "hummingbird"),
+                .product(name: "HTTPTypes", package: "swift-http-types"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]),
         .executableTarget(
             name: "contree-pipeline",
             dependencies: [
-                "Sandbox", "Pipeline",
+                "Sandbox", "Pipeline", "ContreeServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
-            name: "contree-bench", dependencies: ["Sandbox"], path: "bench/Sources/contree-bench"),
+            name: "contree-bench", dependencies: ["Sandbox", "ContreeServer"], path: "bench/Sources/contree-bench"),
         .testTarget(name: "SandboxTests", dependencies: ["Sandbox"]),
         .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "Sandbox"]),
+        .testTarget(name: "ContreeServerTests", dependencies: ["ContreeServer", "Sandbox"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -52,7 +52,7 @@ public struct SandboxError: Error, CustomStringConvertible, Sendable {
     }
 
     /// A failed system call: `call` names the call and its object (`mount(overlay) on /x`).
-    static func system(_ call: String, _ errno: Int32 = Glibc.errno) -> SandboxError {
+    public static func system(_ call: String, _ errno: Int32 = Glibc.errno) -> SandboxError {
         SandboxError(.systemCall, call, errno: errno)
     }
 }

@@ -16,6 +16,6 @@ struct ContreePipeline: AsyncParsableCommand {
             RunCommand.self, ValidateCommand.self, GraphCommand.self, ExplainCommand.self, ShellCommand.self,
             RunsCommand.self,
             ArtifactsCommand.self, ExecCommand.self, ImageCommand.self, InspectCommand.self,
-            GarbageCollectCommand.self, CheckCommand.self,
+            GarbageCollectCommand.self, CheckCommand.self, ServeCommand.self,
         ])
 }

@@ -154,6 +154,8 @@ struct ContainerLaunch {
         Trace.mark("cgroup attached")
         var byte: UInt8 = 1
         _ = Glibc.write(go.write, &byte, 1)
+        request.control?.attach(pidfd)
+        defer { request.control?.detach() }
         // go.write stays open until the run ends: pid 1 reads its hang-up as "the parent died".
 
         var supervisor = Supervisor(

@@ -28,6 +28,7 @@ public struct LaunchRequest: Sendable {
     public var stdout: OutputSink
     public var stderr: OutputSink
     public var terminal: TerminalSession?
+    public var control: RunControl?
 }
 
 /// How a launched sandbox ended.

@@ -1,3 +1,7 @@
+import CSandbox
+import Glibc
+import Synchronization
+
 /// Which isolation backend runs a sandbox.
 public enum IsolationKind: String, Codable, Sendable, CaseIterable {
     case container
@@ -61,6 +65,50 @@ public struct TerminalSession: Sendable, Equatable {
     }
 }
 
+/// A handle on a running sandbox: signal its command, and learn when it has started.
+public final class RunControl: Sendable {
+    private let state = Mutex<(pidfd: Int32?, pending: [Int32])>((nil, []))
+    private let onStart: Mutex<(@Sendable () -> Void)?>
+
+    /// - Parameter onStart: called once the command has been started (after the sandbox is set up).
+    public init(onStart: (@Sendable () -> Void)? = nil) {
+        self.onStart = Mutex(onStart)
+    }
+
+    /// Replaces the start callback (before the run starts).
+    public func whenStarted(_ body: @escaping @Sendable () -> Void) {
+        onStart.withLock { $0 = body }
+    }
+
+    /// Sends `signal` to the command's process group (pid 1 of the sandbox forwards it).
+    /// SIGKILL stops the whole sandbox. A signal sent before the start is delivered at the start.
+    public func signal(_ signal: Int32) {
+        state.withLock { state in
+            if let fd = state.pidfd {
+                _ = csb_pidfd_kill(fd, signal == SIGKILL ? CSB_SIGNAL_STOP : signal)
+            } else {
+                state.pending.append(signal)
+            }
+        }
+    }
+
+    /// Called by the backend with pid 1's pidfd once the command runs.
+    func attach(_ pidfd: Int32) {
+        let pending = state.withLock { state in
+            state.pidfd = pidfd
+            defer { state.pending = [] }
+            return state.pending
+        }
+        onStart.withLock { $0 }?()
+        for s in pending { signal(s) }
+    }
+
+    /// Called by the backend before it closes the pidfd.
+    func detach() {
+        state.withLock { $0.pidfd = nil }
+    }
+}
+
 /// One command to run in a sandbox over an image.
 public struct RunSpec: Sendable {
     /// An image reference: UUID, UUID prefix, tag, or built-in name (`busybox`).
@@ -89,6 +137,16 @@ public struct RunSpec: Sendable {
     public var outputPath: String?
     /// Run on a terminal (stdin, stdout and stderr are ignored then).
     public var terminal: TerminalSession?
+    /// Whether the command sees the image's environment under `env` (false: only `env`, plus
+    /// a default PATH when `env` has none).
+    public var inheritImageEnv = true
+    /// The config of the image the run commits; nil keeps the base image's. An image is made
+    /// even when only the config changed.
+    public var resultConfig: ImageConfig?
+    /// Signals the running command and learns when it starts.
+    public var control: RunControl?
+    /// The uid and gid the command runs as; nil uses the image's user.
+    public var user: (uid: UInt32, gid: UInt32)?
 
     public init(
         image: String = "busybox", command: [String], env: [String: String] = [:], cwd: String? = nil,

@@ -135,21 +135,22 @@ public final class SandboxEngine: Sendable {
             environment.append("\(key)=\(value)")
             seen.insert(key)
         }
-        for entry in image.config.env {
+        for entry in spec.inheritImageEnv ? image.config.env : [] {
             let key = String(entry.prefix { $0 != "=" })
             if !seen.contains(key) { environment.append(entry) }
         }
         if !environment.contains(where: { $0.hasPrefix("PATH=") }) {
             environment.append("PATH=\(ImageConfig.defaultPath)")
         }
-        let (uid, gid) = try SandboxEngine.parseUser(image.config.user)
+        let (uid, gid) = try spec.user ?? SandboxEngine.parseUser(image.config.user)
 
         let request = LaunchRequest(
             id: runID, storeRoot: store.root, lowers: image.layers.reversed().map { "layers/" + Store.hex($0) },
             upper: "tmp/\(runID)/upper", work: "tmp/\(runID)/work", rootMount: lease.workPath + "/root",
             argv: spec.command, environment: environment, cwd: spec.cwd ?? image.config.workingDir, uid: uid, gid: gid,
             hostname: spec.hostname, network: spec.network, limits: spec.limits, timeout: spec.timeout,
-            files: opened, stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr, terminal: spec.terminal)
+            files: opened, stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr, terminal: spec.terminal,
+            control: spec.control)
         handedOver = true
         leaseHandedOver = true
         return Prepared(image: image, lease: lease, request: request, addedMountPoints: addedMountPoints)
@@ -188,7 +189,7 @@ public final class SandboxEngine: Sendable {
             let commitStarted = Clock.monotonic
             var committed = record
             _ = try Snapshotter(store: store).commit(
-                upper, base: image, config: image.config, origin: "run:\(lease.id)", lease: lease
+                upper, base: image, config: spec.resultConfig ?? image.config, origin: "run:\(lease.id)", lease: lease
             ) { tx, result, layer in
                 committed.resultImage = result.uuid
                 committed.metrics.commitSeconds = Clock.monotonic - commitStarted

@@ -38,8 +38,19 @@ public struct Snapshotter: Sendable {
         record: (Database.Transaction, ImageRecord, LayerSummary?) throws -> Void = { _, _, _ in }
     ) throws -> CommitResult {
         if let base, try FileSystem.list(directory).isEmpty {
-            try store.database.transaction { tx in try record(tx, base, nil) }
-            return CommitResult(image: base, layer: nil, flattened: false)
+            if config == base.config {
+                try store.database.transaction { tx in try record(tx, base, nil) }
+                return CommitResult(image: base, layer: nil, flattened: false)
+            }
+            // Only the config changed: a new image over the same layers.
+            let image = ImageRecord(
+                uuid: UUID().uuidString.lowercased(), parent: base.uuid, layers: base.layers, config: config,
+                size: base.size, created: Date(), origin: origin, tags: [])
+            return try store.database.transaction { tx in
+                try store.insertImage(tx, image, newLayers: [])
+                try record(tx, image, nil)
+                return CommitResult(image: image, layer: nil, flattened: false)
+            }
         }
         let summary = try LayerArchiver.archive(directory: directory)
         try FileSystem.syncFileSystem(directory)

@@ -9,30 +9,38 @@ import Glibc
 
 /// Thin, throwing wrappers over the file system calls the store needs. Every error names the
 /// call and the path. Nothing here follows a symlink unless it says so.
-enum FileSystem {
+public enum FileSystem {
+    /// A pipe whose ends are close-on-exec from the start (no sandbox launched meanwhile
+    /// inherits them). - Returns: (read, write).
+    public static func makePipe() throws -> (read: Int32, write: Int32) {
+        var fds: [Int32] = [-1, -1]
+        guard csb_pipe_cloexec(&fds) == 0 else { throw SandboxError.system("pipe2") }
+        return (fds[0], fds[1])
+    }
+
     /// `lstat`, or nil when the path does not exist.
-    static func status(_ path: String) throws -> stat? {
+    public static func status(_ path: String) throws -> stat? {
         var st = stat()
         if lstat(path, &st) == 0 { return st }
         if errno == ENOENT || errno == ENOTDIR { return nil }
         throw SandboxError.system("lstat(\(path))")
     }
 
-    static func exists(_ path: String) -> Bool {
+    public static func exists(_ path: String) -> Bool {
         var st = stat()
         return lstat(path, &st) == 0
     }
 
-    static func isDirectory(_ path: String) -> Bool {
+    public static func isDirectory(_ path: String) -> Bool {
         var st = stat()
         return lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
     }
 
-    static func makeDirectory(_ path: String, mode: mode_t = 0o755) throws {
+    public static func makeDirectory(_ path: String, mode: mode_t = 0o755) throws {
         if mkdir(path, mode) != 0 && errno != EEXIST { throw SandboxError.system("mkdir(\(path))") }
     }
 
-    static func makeDirectories(_ path: String, mode: mode_t = 0o755) throws {
+    public static func makeDirectories(_ path: String, mode: mode_t = 0o755) throws {
         var current = path.hasPrefix("/") ? "" : "."
         for part in path.split(separator: "/") {
             current += "/" + part
@@ -43,7 +51,7 @@ enum FileSystem {
     }
 
     /// Names in a directory (without `.` and `..`), sorted by their bytes.
-    static func list(_ path: String) throws -> [String] {
+    public static func list(_ path: String) throws -> [String] {
         guard let dir = opendir(path) else { throw SandboxError.system("opendir(\(path))") }
         defer { closedir(dir) }
         var names: [String] = []
@@ -56,21 +64,21 @@ enum FileSystem {
         return names.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
     }
 
-    static func readLink(_ path: String) throws -> String {
+    public static func readLink(_ path: String) throws -> String {
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
         let n = readlink(path, &buffer, buffer.count - 1)
         guard n >= 0 else { throw SandboxError.system("readlink(\(path))") }
         return String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
-    static func readFile(_ path: String) throws -> [UInt8] {
+    public static func readFile(_ path: String) throws -> [UInt8] {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
         defer { close(fd) }
         return try readAll(fd: fd, path: path)
     }
 
-    static func readAll(fd: Int32, path: String) throws -> [UInt8] {
+    public static func readAll(fd: Int32, path: String) throws -> [UInt8] {
         var out: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
@@ -84,7 +92,7 @@ enum FileSystem {
     }
 
     /// Writes a file in full; with `sync`, fsyncs it before closing.
-    static func writeFile(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o644, sync: Bool = false) throws {
+    public static func writeFile(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o644, sync: Bool = false) throws {
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode)
         guard fd >= 0 else { throw SandboxError.system("open(\(path), O_CREAT)") }
         defer { close(fd) }
@@ -92,11 +100,11 @@ enum FileSystem {
         if sync && fsync(fd) != 0 { throw SandboxError.system("fsync(\(path))") }
     }
 
-    static func writeAll(fd: Int32, _ bytes: [UInt8], path: String) throws {
+    public static func writeAll(fd: Int32, _ bytes: [UInt8], path: String) throws {
         try bytes.withUnsafeBytes { try writeAll(fd: fd, $0, path: path) }
     }
 
-    static func writeAll(fd: Int32, _ bytes: UnsafeRawBufferPointer, path: String) throws {
+    public static func writeAll(fd: Int32, _ bytes: UnsafeRawBufferPointer, path: String) throws {
         var done = 0
         while done < bytes.count {
             let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
@@ -107,7 +115,7 @@ enum FileSystem {
     }
 
     /// fsync of a file or directory by path.
-    static func sync(_ path: String) throws {
+    public static func sync(_ path: String) throws {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw SandboxError.system("open(\(path)) for fsync") }
         defer { close(fd) }
@@ -115,19 +123,19 @@ enum FileSystem {
     }
 
     /// syncfs of the file system holding `path`.
-    static func syncFileSystem(_ path: String) throws {
+    public static func syncFileSystem(_ path: String) throws {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_DIRECTORY)
         guard fd >= 0 else { throw SandboxError.system("open(\(path)) for syncfs") }
         defer { close(fd) }
         if csb_syncfs(fd) != 0 { throw SandboxError.system("syncfs(\(path))") }
     }
 
-    static func rename(_ from: String, _ to: String) throws {
+    public static func rename(_ from: String, _ to: String) throws {
         if Glibc.rename(from, to) != 0 { throw SandboxError.system("rename(\(from), \(to))") }
     }
 
     /// Removes a tree without following symlinks. Missing paths are fine.
-    static func removeTree(_ path: String) throws {
+    public static func removeTree(_ path: String) throws {
         var st = stat()
         if lstat(path, &st) != 0 {
             if errno == ENOENT { return }
@@ -144,7 +152,7 @@ enum FileSystem {
     }
 
     /// Extended attribute names of a path (not following symlinks).
-    static func xattrNames(_ path: String) -> [String] {
+    public static func xattrNames(_ path: String) -> [String] {
         let size = llistxattr(path, nil, 0)
         guard size > 0 else { return [] }
         var buffer = [CChar](repeating: 0, count: size)
@@ -155,7 +163,7 @@ enum FileSystem {
         }
     }
 
-    static func xattr(_ path: String, _ name: String) -> [UInt8]? {
+    public static func xattr(_ path: String, _ name: String) -> [UInt8]? {
         let size = lgetxattr(path, name, nil, 0)
         guard size >= 0 else { return nil }
         var buffer = [UInt8](repeating: 0, count: max(size, 1))
@@ -164,13 +172,13 @@ enum FileSystem {
         return Array(buffer[0..<n])
     }
 
-    static func setXattr(_ path: String, _ name: String, _ value: [UInt8]) throws {
+    public static func setXattr(_ path: String, _ name: String, _ value: [UInt8]) throws {
         let rc = value.withUnsafeBytes { lsetxattr(path, name, $0.baseAddress, $0.count, 0) }
         if rc != 0 { throw SandboxError.system("lsetxattr(\(path), \(name))") }
     }
 
     /// Copies one regular file's bytes (the caller sets metadata).
-    static func copyContents(from source: String, to destination: String, mode: mode_t) throws {
+    public static func copyContents(from source: String, to destination: String, mode: mode_t) throws {
         let input = open(source, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard input >= 0 else { throw SandboxError.system("open(\(source))") }
         defer { close(input) }

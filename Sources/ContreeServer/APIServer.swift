@@ -1,0 +1,43 @@
+import FoundationEssentials
+import Hummingbird
+import Logging
+import Sandbox
+
+/// `contree-pipeline serve`: the ConTree REST API over the local engine.
+public struct APIServer: Sendable {
+    let state: ServerState
+    /// Whether the tokens file was created by this start (its token should be shown).
+    public let createdTokens: Bool
+    public let tokensPath: String
+
+    /// Opens (or creates, with one fresh token) the tokens file, prepares the API tables,
+    /// and marks operations a previous server left running as FAILED.
+    public init(engine: SandboxEngine, tokensPath: String) throws {
+        let (tokens, created) = try TokenFile.loadOrCreate(tokensPath)
+        self.tokensPath = tokensPath
+        self.createdTokens = created
+        state = try ServerState(tokens: tokens, engine: engine)
+        try state.operations.recover()
+    }
+
+    /// The tokens file's default place: beside the store.
+    public static func defaultTokensPath(store: Store) -> String { store.root + "/serve-tokens" }
+
+    /// Names of the tokens' namespaces.
+    public var tokenNames: [String] { state.tokens.tokens.map(\.name) }
+
+    /// Serves until SIGINT or SIGTERM. `onReady` gets the bound port (useful with port 0).
+    public func run(host: String, port: Int, onReady: @escaping @Sendable (Int) async -> Void) async throws {
+        // The default image is listed from the first request on.
+        let base = state.api.baseImages
+        _ = try await DedicatedThread.run { try base.resolve(BaseImages.defaultImage) }
+        var logger = Logger(label: "contree-serve")
+        logger.logLevel = .warning
+        let app = Application(
+            responder: APIResponder(server: state),
+            configuration: ApplicationConfiguration(address: .hostname(host, port: port), serverName: "contree-pipeline"),
+            onServerRunning: { channel in await onReady(channel.localAddress?.port ?? port) },
+            logger: logger)
+        try await app.runService()
+    }
+}

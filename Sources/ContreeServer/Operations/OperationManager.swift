@@ -1,0 +1,417 @@
+import FoundationEssentials
+import Glibc
+import Sandbox
+import Synchronization
+
+/// A validated `POST /v1/instances`.
+struct SpawnPlan: Sendable {
+    enum ImageTarget: Sendable {
+        case record(ImageRecord)
+        /// A built-in base image not built yet: built when the operation starts.
+        case builtin(String)
+    }
+    var uuid: String
+    var token: Token
+    var image: ImageTarget
+    var command: String
+    var args: [String]
+    var shell: Bool
+    var env: [String: String?]
+    var cwd: String?
+    var files: [FileMapping]
+    var fileRequests: [(path: String, uuid: String, mode: String)]
+    var timeout: Int
+    var hostname: String
+    var disposable: Bool
+    var stdin: [UInt8]
+    var stdinText: StdinPayload
+    var keepStdinOpen: Bool
+    var truncateAt: Int
+    var network: NetworkMode
+    var uid: Int
+    var gid: Int
+    var preserveEnv: Bool
+    var preserveCwd: Bool
+    var maxLayerBytes: Int64
+
+    var argv: [String] { shell ? ["/bin/sh", "-c", command] : [command] + args }
+
+    /// `metadata` of the operation, without `result`: every field the clients require.
+    func metadata(image: String) -> JSON {
+        let envJSON = JSON.object(env.sorted { $0.key < $1.key }.map { ($0.key, JSON.optional($0.value)) })
+        let filesJSON = JSON.object(
+            fileRequests.map { ($0.path, JSON.object([("uuid", .string($0.uuid)), ("mode", .string($0.mode))])) })
+        var stdinMembers: [(String, JSON)] = [
+            ("value", .string(stdinText.value)), ("encoding", .string(stdinText.encoding ?? "ascii")),
+        ]
+        stdinMembers.append(("close", .bool(!keepStdinOpen)))
+        return .object([
+            ("command", .string(command)), ("image", .string(image)), ("args", .array(args.map(JSON.string))),
+            ("shell", .bool(shell)), ("env", envJSON), ("cwd", .string(cwd ?? "")), ("timeout", .int(timeout)),
+            ("hostname", .string(hostname)), ("files", filesJSON), ("stdin", .object(stdinMembers)),
+            ("disposable", .bool(disposable)), ("truncate_output_at", .int(truncateAt)), ("uid", .int(uid)),
+            ("gid", .int(gid)), ("preserve_env", .bool(preserveEnv)), ("preserve_cwd", .bool(preserveCwd)),
+            ("networking", .object([("enabled", .bool(network == .loopback))])),
+            ("resources_limits", .object([("max_layer_bytes", .int(maxLayerBytes))])),
+        ])
+    }
+
+    var imageLabel: String {
+        switch image {
+        case .record(let record): record.uuid
+        case .builtin(let name): "tag:" + name
+        }
+    }
+}
+
+/// Runs instance operations: queues them per token, runs them on the engine, records their
+/// events and results, and answers cancels, signals and stdin.
+final class OperationManager: Sendable {
+    let api: APIStore
+    let engine: SandboxEngine
+    private let slots = Slots()
+    private let live = Mutex<[String: LiveOperation]>([:])
+
+    static let terminal: Set<String> = ["SUCCESS", "FAILED", "CANCELLED"]
+
+    init(api: APIStore, engine: SandboxEngine) {
+        self.api = api
+        self.engine = engine
+    }
+
+    /// Operations left unfinished by a previous `serve` failed with it: record that, and end
+    /// their event logs.
+    func recover() throws {
+        let rows = try api.database.query(
+            "SELECT uuid, namespace FROM api_operations WHERE status NOT IN ('SUCCESS', 'FAILED', 'CANCELLED')")
+        for row in rows {
+            guard let uuid = row["uuid"].string, let namespace = row["namespace"].string else { continue }
+            let next = (try api.database.query(
+                "SELECT MAX(id) AS m FROM api_events WHERE operation = ?", [.text(uuid)]
+            ).first?["m"].int ?? -1) + 1
+            let error = "the server (contree-pipeline serve) stopped while this operation ran; run it again"
+            let now = Timestamp.now
+            try api.database.query(
+                "UPDATE api_operations SET status = 'FAILED', error = ?, ended = ? WHERE uuid = ?",
+                [.text(error), .real(now), .text(uuid)])
+            let log = LiveOperation(
+                uuid: uuid, namespace: namespace, database: api.database, control: RunControl(), firstEventID: next)
+            log.emit("shutdown", spid: 0, .object([("stopped_at", .string(Timestamp.iso(now))), ("reason", .string("signal"))]))
+            log.emit(
+                "completion", spid: 0,
+                .object([
+                    ("status", .string("FAILED")), ("result_image_uuid", .null), ("error", .string(error)),
+                    ("duration_ms", .int(0)), ("image_size_bytes", .int(0)),
+                ]))
+        }
+    }
+
+    func liveOperation(_ uuid: String) -> LiveOperation? { live.withLock { $0[uuid] } }
+
+    /// Number of running (slot-holding) instances of a namespace.
+    func running(_ namespace: String) -> Int { slots.held(namespace) }
+
+    /// Records the operation as PENDING and starts it.
+    func spawn(_ plan: SpawnPlan) throws {
+        let namespace = plan.token.name
+        let control = RunControl()
+        let operation = LiveOperation(uuid: plan.uuid, namespace: namespace, database: api.database, control: control)
+        try api.database.query(
+            """
+            INSERT INTO api_operations(uuid, namespace, kind, status, created, image, metadata)
+            VALUES(?, ?, 'instance', 'PENDING', ?, ?, ?)
+            """,
+            [
+                .text(plan.uuid), .text(namespace), .real(Timestamp.now), .text(plan.imageLabel),
+                .text(plan.metadata(image: plan.imageLabel).serialized()),
+            ])
+        live.withLock { $0[plan.uuid] = operation }
+        let task = Task { [self] in
+            await execute(plan, operation)
+            live.withLock { _ = $0.removeValue(forKey: plan.uuid) }
+        }
+        operation.setTask(task)
+    }
+
+    /// Cancels a PENDING or running operation. - Throws: 409 when it has ended.
+    func cancel(_ uuid: String, status: String) throws {
+        guard !OperationManager.terminal.contains(status), let operation = liveOperation(uuid) else {
+            throw APIError(.conflict, "operation \(uuid) has already ended (\(status)); there is nothing to cancel")
+        }
+        operation.cancel()
+    }
+
+    private func setStatus(_ uuid: String, _ status: String, started: Bool = false) {
+        _ = try? api.database.query(
+            started
+                ? "UPDATE api_operations SET status = ?, started = ? WHERE uuid = ?"
+                : "UPDATE api_operations SET status = ? WHERE uuid = ?",
+            started ? [.text(status), .real(Timestamp.now), .text(uuid)] : [.text(status), .text(uuid)])
+    }
+
+    private func execute(_ plan: SpawnPlan, _ operation: LiveOperation) async {
+        let namespace = plan.token.name
+        let created = Timestamp.now
+        do {
+            try await slots.acquire(namespace, limit: plan.token.maxConcurrency)
+        } catch {
+            finishWithoutRun(plan, operation, status: "CANCELLED", error: "cancelled before it started", created: created)
+            return
+        }
+        defer { slots.release(namespace) }
+        setStatus(plan.uuid, "ASSIGNED")
+
+        // stdin: all of it now, or a pipe that POST .../subprocesses/1/stdin writes to.
+        var input = InputSource.null
+        var pipeRead: Int32 = -1
+        if plan.keepStdinOpen {
+            if let pipe = try? FileSystem.makePipe() {
+                pipeRead = pipe.read
+                input = .fileDescriptor(pipe.read)
+                operation.openStdin(pipe.write)
+                if !plan.stdin.isEmpty { Task { try? await operation.writeStdin(plan.stdin, close: false) } }
+            }
+        } else if !plan.stdin.isEmpty {
+            input = .bytes(plan.stdin)
+        }
+        defer {
+            operation.closeStdin()
+            if pipeRead >= 0 { close(pipeRead) }
+        }
+
+        let image: ImageRecord
+        do {
+            switch plan.image {
+            case .record(let record): image = record
+            case .builtin(let name):
+                let base = api.baseImages
+                image = try await DedicatedThread.run { try base.resolve(name) }
+            }
+        } catch {
+            finishWithoutRun(plan, operation, status: "FAILED", error: "\(APIError.from(error).message)", created: created)
+            return
+        }
+
+        operation.emit(
+            "init", spid: 0,
+            .object([
+                ("started_at", .string(Timestamp.iso(Timestamp.now))), ("runtime_path", .string("contree-init")),
+                ("verbose", .bool(false)), ("init_pid", .int(1)), ("hostname", .string(plan.hostname)),
+                ("image", .string(image.uuid)),
+            ]))
+
+        // The environment: the image's under a shell (spec), then the request's; null unsets.
+        var env: [String: String] = [:]
+        if plan.shell {
+            for entry in image.config.env {
+                let parts = entry.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                env[String(parts[0])] = parts.count > 1 ? String(parts[1]) : ""
+            }
+        }
+        for (key, value) in plan.env { env[key] = value }
+        var resultConfig: ImageConfig?
+        if plan.preserveEnv || plan.preserveCwd {
+            var config = image.config
+            if plan.preserveEnv {
+                var merged: [String: String] = [:]
+                var order: [String] = []
+                for entry in image.config.env {
+                    let parts = entry.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                    let key = String(parts[0])
+                    order.append(key)
+                    merged[key] = parts.count > 1 ? String(parts[1]) : ""
+                }
+                for (key, value) in plan.env.sorted(by: { $0.key < $1.key }) {
+                    if let value, !value.isEmpty {
+                        if merged[key] == nil { order.append(key) }
+                        merged[key] = value
+                    } else {
+                        merged[key] = nil
+                    }
+                }
+                config.env = order.compactMap { key in merged[key].map { "\(key)=\($0)" } }
+            }
+            if plan.preserveCwd { config.workingDir = plan.cwd ?? image.config.workingDir }
+            resultConfig = config
+        }
+
+        operation.control.whenStarted { [self] in
+            setStatus(plan.uuid, "EXECUTING", started: true)
+            operation.setRunning(true)
+            operation.emit(
+                "spawn", spid: 1,
+                .object([
+                    ("pid", .int(2)), ("command", .string(plan.command)), ("args", .array(plan.args.map(JSON.string))),
+                    ("shell", .bool(plan.shell)), ("cwd", .string(plan.cwd ?? image.config.workingDir)),
+                    ("uid", .int(plan.uid)), ("gid", .int(plan.gid)), ("timeout", .int(plan.timeout)),
+                    ("truncate_at", .int(plan.truncateAt)),
+                ]))
+        }
+        let limit = plan.truncateAt
+        var spec = RunSpec(
+            image: image.uuid, command: plan.argv, env: env, cwd: plan.cwd, files: plan.files,
+            timeout: Double(plan.timeout), network: plan.network, hostname: plan.hostname, disposable: plan.disposable,
+            stdin: input,
+            stdout: .capture(limit: limit, onChunk: { operation.output(0, $0, limit: limit) }),
+            stderr: .capture(limit: limit, onChunk: { operation.output(1, $0, limit: limit) }))
+        spec.inheritImageEnv = false
+        spec.resultConfig = resultConfig
+        spec.control = operation.control
+        spec.user = (UInt32(plan.uid), UInt32(plan.gid))
+        let result: RunResult
+        do {
+            result = try await engine.run(spec)
+        } catch {
+            operation.setRunning(false)
+            finishWithoutRun(
+                plan, operation, status: Task.isCancelled ? "CANCELLED" : "FAILED",
+                error: APIError.from(error).message, created: created, image: image.uuid)
+            return
+        }
+        operation.setRunning(false)
+        finish(plan, operation, result: result, image: image, created: created)
+    }
+
+    /// Ends an operation that never ran its command.
+    private func finishWithoutRun(
+        _ plan: SpawnPlan, _ operation: LiveOperation, status: String, error: String, created: Double,
+        image: String? = nil
+    ) {
+        let now = Timestamp.now
+        _ = try? api.database.query(
+            "UPDATE api_operations SET status = ?, error = ?, ended = ?, image = COALESCE(?, image) WHERE uuid = ?",
+            [.text(status), .text(error), .real(now), image.sql, .text(plan.uuid)])
+        operation.emit(
+            "shutdown", spid: 0,
+            .object([("stopped_at", .string(Timestamp.iso(now))), ("reason", .string("spawn_failed"))]))
+        operation.emit(
+            "completion", spid: 0,
+            .object([
+                ("status", .string(status)), ("result_image_uuid", .null), ("error", .string(error)),
+                ("duration_ms", .int(0)), ("image_size_bytes", .int(0)),
+            ]))
+        operation.finish()
+    }
+
+    private func finish(_ plan: SpawnPlan, _ operation: LiveOperation, result: RunResult, image: ImageRecord, created: Double)
+    {
+        let record = result.record
+        let metrics = record.metrics
+        let (emitted, dropped) = operation.outputCounts
+        for (index, name) in ["stdout", "stderr"].enumerated() where dropped[index] > 0 {
+            operation.emit(
+                "truncated", spid: 1,
+                .object([
+                    ("stream", .string(name)), ("bytes_emitted", .int(emitted[index])),
+                    ("bytes_dropped", .int(dropped[index])),
+                ]))
+        }
+        let exitCode = record.exitCode.map(Int.init) ?? -1
+        let signal = record.signal.map(Int.init) ?? 0
+        operation.emit(
+            "exit", spid: 1,
+            .object([
+                ("pid", .int(2)), ("code", .int(exitCode)), ("signal", .int(signal)), ("core_dump", .bool(false)),
+                ("timed_out", .bool(record.timedOut)), ("duration_ms", .int(Int64(metrics.wallSeconds * 1000))),
+                ("resources", OperationManager.eventResources(metrics)),
+            ]))
+        let now = Timestamp.now
+        operation.emit(
+            "shutdown", spid: 0,
+            .object([
+                ("stopped_at", .string(Timestamp.iso(now))),
+                ("reason", .string(record.timedOut ? "timeout" : record.cancelled ? "signal" : "job_complete")),
+            ]))
+
+        var status = "SUCCESS"
+        var error: String?
+        var resultImage = record.resultImage
+        if record.cancelled {
+            status = "CANCELLED"
+            error = "cancelled"
+        } else if record.timedOut {
+            status = "FAILED"
+            error = "the command was stopped at its timeout of \(plan.timeout) s"
+        } else if !plan.disposable, metrics.diffBytes > plan.maxLayerBytes {
+            status = "FAILED"
+            error =
+                "the run's changes (\(metrics.diffBytes) bytes) exceed resources_limits.max_layer_bytes (\(plan.maxLayerBytes)); nothing was kept"
+            resultImage = nil
+        }
+        if status != "SUCCESS" { resultImage = nil }
+        let instanceResult = OperationManager.instanceResult(
+            exitCode: exitCode, signal: signal, timedOut: record.timedOut, metrics: metrics,
+            stdout: result.stdout, stdoutTruncated: result.stdoutDropped > 0, stderr: result.stderr,
+            stderrTruncated: result.stderrDropped > 0)
+        var imageSize: Int64 = 0
+        if let resultImage, let resultRecord = try? api.store.image(resultImage) { imageSize = resultRecord.size }
+        let namespace = plan.token.name
+        let duration = now - created
+        _ = try? api.database.transaction { tx in
+            if let resultImage {
+                try api.adopt(resultImage, namespace: namespace, operation: plan.uuid, tx: tx)
+            }
+            _ = try tx.query(
+                """
+                UPDATE api_operations SET status = ?, error = ?, ended = ?, image = ?, result_image = ?, metadata = ?,
+                    result = ?, cpu = ?, memory = ?, image_size = ? WHERE uuid = ?
+                """,
+                [
+                    .text(status), error.sql, .real(now), .text(image.uuid), resultImage.sql,
+                    .text(plan.metadata(image: image.uuid).serialized()), .text(instanceResult.serialized()),
+                    .real(metrics.cpuUserSeconds + metrics.cpuSystemSeconds), .integer(metrics.peakMemoryBytes),
+                    .integer(imageSize), .text(plan.uuid),
+                ])
+        }
+        operation.emit(
+            "completion", spid: 0,
+            .object([
+                ("status", .string(status)), ("result_image_uuid", .optional(resultImage)),
+                ("error", .optional(error)), ("duration_ms", .int(Int64(duration * 1000))),
+                ("image_size_bytes", .int(imageSize)),
+            ]))
+        operation.finish()
+    }
+
+    static func eventResources(_ m: RunMetrics) -> JSON {
+        .object([
+            ("user_time_us", .int(Int64(m.cpuUserSeconds * 1e6))), ("sys_time_us", .int(Int64(m.cpuSystemSeconds * 1e6))),
+            ("max_rss_kb", .int(m.peakMemoryBytes / 1024)), ("shared_memory", .int(0)), ("unshared_memory", .int(0)),
+            ("swaps", .int(0)), ("minor_faults", .int(0)), ("major_faults", .int(0)),
+            ("voluntary_ctx_switches", .int(0)), ("involuntary_ctx_switches", .int(0)),
+            ("block_input_ops", .int(m.bytesRead / 512)), ("block_output_ops", .int(m.bytesWritten / 512)),
+            ("ipc_msgs_sent", .int(0)), ("ipc_msgs_received", .int(0)), ("signals_received", .int(0)),
+        ])
+    }
+
+    /// `InstanceResult`: all 16 resource keys and 7 state keys the SDK requires.
+    static func instanceResult(
+        exitCode: Int, signal: Int, timedOut: Bool, metrics m: RunMetrics, stdout: [UInt8], stdoutTruncated: Bool,
+        stderr: [UInt8], stderrTruncated: Bool
+    ) -> JSON {
+        .object([
+            (
+                "resources",
+                .object([
+                    ("block_input", .int(m.bytesRead / 512)), ("block_output", .int(m.bytesWritten / 512)),
+                    ("cost", .double(0)), ("elapsed_time", .double(m.wallSeconds)),
+                    ("involuntary_switches", .int(0)), ("max_rss", .int(m.peakMemoryBytes / 1024)),
+                    ("monotonic_time", .double(m.wallSeconds)), ("page_faults", .int(0)), ("page_faults_io", .int(0)),
+                    ("shared_memory", .int(0)), ("signals", .int(signal == 0 ? 0 : 1)), ("swaps", .int(0)),
+                    ("system_cpu_time", .double(m.cpuSystemSeconds)), ("unshared_memory", .int(0)),
+                    ("user_cpu_time", .double(m.cpuUserSeconds)), ("voluntary_switches", .int(0)),
+                ])
+            ),
+            (
+                "state",
+                .object([
+                    ("continued", .bool(false)), ("core_dump", .bool(false)), ("exit_code", .int(exitCode)),
+                    ("pid", .int(2)), ("signal", .int(signal)), ("stopped", .bool(false)),
+                    ("timed_out", .bool(timedOut)),
+                ])
+            ),
+            ("stdout", StreamValue(stdout, truncated: stdoutTruncated).json),
+            ("stderr", StreamValue(stderr, truncated: stderrTruncated).json),
+        ])
+    }
+}

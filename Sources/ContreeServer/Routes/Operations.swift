@@ -1,0 +1,211 @@
+import FoundationEssentials
+import Glibc
+import HTTPTypes
+import Hummingbird
+import Sandbox
+
+extension ServerState {
+    /// The operation row of this namespace. - Throws: 404 (also for another token's operation).
+    func operationRow(_ call: APICall, _ uuid: String) throws -> SQLRow {
+        guard APIStore.isUUID(uuid.lowercased()),
+            let row = try api.database.query(
+                "SELECT * FROM api_operations WHERE uuid = ? AND namespace = ?",
+                [.text(uuid.lowercased()), .text(call.namespace)]
+            ).first
+        else {
+            throw APIError.notFound("operation \(uuid) was not found; list operations with GET /v1/operations")
+        }
+        return row
+    }
+
+    static func operationJSON(_ row: SQLRow, full: Bool) -> JSON {
+        let status = row["status"].string ?? "FAILED"
+        let created = row["created"].double ?? 0
+        let started = row["started"].double
+        let ended = row["ended"].double
+        let duration = started.map { (ended ?? Timestamp.now) - $0 } ?? 0
+        let image = row["image"].string.flatMap { APIStore.isUUID($0) ? $0 : nil }
+        var members: [(String, JSON)] = [
+            ("uuid", .string(row["uuid"].string ?? "")), ("kind", .string(row["kind"].string ?? "instance")),
+            ("status", .string(status)), ("error", .optional(row["error"].string)),
+            ("created_at", .string(Timestamp.iso(created))), ("duration", .double(max(0, duration))),
+            ("image_size", .int(row["image_size"].int ?? 0)), ("consumed_cpu", .double(row["cpu"].double ?? 0)),
+            ("consumed_memory", .int(row["memory"].int ?? 0)), ("image_uuid", .optional(image)),
+            ("result_image_uuid", .optional(row["result_image"].string)),
+        ]
+        if full {
+            let metadata = row["metadata"].string ?? "{}"
+            let result = row["result"].string ?? "null"
+            let merged = metadata.count > 2 ? String(metadata.dropLast()) + ",\"result\":" + result + "}" : metadata
+            members.append(("metadata", .raw(merged)))
+            let terminal = OperationManager.terminal.contains(status)
+            members.append(
+                (
+                    "result",
+                    terminal ? .object([("image", .optional(row["result_image"].string)), ("tag", .null)]) : .null
+                ))
+        }
+        return .object(members)
+    }
+
+    /// `GET /v1/operations`: newest first, filtered by status, kind and time; a JSON array.
+    func listOperations(_ call: APICall) throws -> Response {
+        let limit = try call.intParam("limit", default: 100, range: 1...1000)
+        let offset = try call.intParam("offset", default: 0, range: 0...Int(Int32.max))
+        var sql = "SELECT * FROM api_operations WHERE namespace = ?"
+        var bindings: [SQLValue] = [.text(call.namespace)]
+        if let status = call.param("status"), !status.isEmpty {
+            let valid = ["PENDING", "ASSIGNED", "EXECUTING", "SUCCESS", "FAILED", "CANCELLED"]
+            guard valid.contains(status.uppercased()) else {
+                throw APIError(.badRequest, "status=\(status) is not one of \(valid.joined(separator: ", "))")
+            }
+            sql += " AND status = ?"
+            bindings.append(.text(status.uppercased()))
+        }
+        if let kind = call.param("kind"), !kind.isEmpty {
+            guard ["instance", "image_import"].contains(kind) else {
+                throw APIError(.badRequest, "kind=\(kind) is not instance or image_import")
+            }
+            sql += " AND kind = ?"
+            bindings.append(.text(kind))
+        }
+        if let since = try call.timeFilter("since") {
+            sql += " AND created >= ?"
+            bindings.append(.real(since))
+        }
+        if let until = try call.timeFilter("until") {
+            sql += " AND created <= ?"
+            bindings.append(.real(until))
+        }
+        sql += " ORDER BY created DESC LIMIT ? OFFSET ?"
+        bindings += [.integer(Int64(limit)), .integer(Int64(offset))]
+        let rows = try api.database.query(sql, bindings)
+        return .json(.array(rows.map { ServerState.operationJSON($0, full: false) }))
+    }
+
+    func operation(_ call: APICall, _ uuid: String) throws -> Response {
+        .json(ServerState.operationJSON(try operationRow(call, uuid), full: true))
+    }
+
+    /// `DELETE /v1/operations/{id}`. - Throws: 409 when it has ended.
+    func cancel(_ call: APICall, _ uuid: String) throws -> Response {
+        let row = try operationRow(call, uuid)
+        try operations.cancel(row["uuid"].string ?? uuid, status: row["status"].string ?? "")
+        return .json(.object([("uuid", .string(row["uuid"].string ?? uuid)), ("status", .string("CANCELLING"))]), status: .accepted)
+    }
+
+    /// `GET /v1/operations/{id}/events`: Server-Sent Events, resumable with `Last-Event-Id`
+    /// or `since`, filtered by `spid`, kept open with `follow` until `completion`.
+    func events(_ call: APICall, _ uuid: String) throws -> Response {
+        let row = try operationRow(call, uuid)
+        let id = row["uuid"].string ?? uuid
+        func integer(_ raw: String?, _ name: String) throws -> Int64? {
+            guard let raw, !raw.isEmpty else { return nil }
+            guard let value = Int64(raw.trimmingCharacters(in: .whitespaces)), value >= -1 else {
+                throw APIError(.badRequest, "\(name) must be a non-negative integer, not '\(raw)'")
+            }
+            return value
+        }
+        let since =
+            try integer(call.request.headers[HTTPField.Name("Last-Event-Id")!], "Last-Event-Id")
+            ?? integer(call.param("since"), "since") ?? -1
+        let spid = try integer(call.param("spid"), "spid").map(Int.init)
+        let follow = call.flag("follow")
+        let stream: AsyncStream<String>
+        if let live = operations.liveOperation(id) {
+            stream = live.subscribe(since: since, spid: spid, follow: follow)
+        } else {
+            let frames = try LiveOperation.storedFrames(api.database, operation: id, since: since, spid: spid)
+            stream = AsyncStream { continuation in
+                for frame in frames { continuation.yield(frame) }
+                continuation.finish()
+            }
+        }
+        var headers = HTTPFields()
+        headers[.contentType] = "text/event-stream"
+        headers[.cacheControl] = "no-cache"
+        return Response(
+            status: .ok, headers: headers,
+            body: ResponseBody { writer in
+                for await frame in stream {
+                    try await writer.write(ByteBuffer(string: frame))
+                }
+                try await writer.finish(nil)
+            })
+    }
+
+    private func mainProcess(_ spid: String) throws {
+        guard let number = Int(spid), number >= 1 else {
+            throw APIError(.badRequest, "spid must be a positive integer, not '\(spid)'")
+        }
+        guard number == 1 else {
+            throw APIError.notFound("operation has no process with spid \(spid); 1 is the main process")
+        }
+    }
+
+    /// `GET /v1/operations/{id}/subprocesses/{spid}`: the main process's result; while it
+    /// runs, exit_code and signal are -1.
+    func subprocess(_ call: APICall, _ uuid: String, spid: String) throws -> Response {
+        let row = try operationRow(call, uuid)
+        try mainProcess(spid)
+        if let result = row["result"].string { return .json(.raw(result)) }
+        return .json(
+            OperationManager.instanceResult(
+                exitCode: -1, signal: -1, timedOut: false, metrics: RunMetrics(), stdout: [], stdoutTruncated: false,
+                stderr: [], stderrTruncated: false))
+    }
+
+    /// The live operation behind a running instance. - Throws: 409/410 when it has ended.
+    private func running(_ call: APICall, _ uuid: String) throws -> LiveOperation {
+        let row = try operationRow(call, uuid)
+        let status = row["status"].string ?? ""
+        guard !OperationManager.terminal.contains(status), let live = operations.liveOperation(row["uuid"].string ?? uuid)
+        else {
+            throw APIError(.gone, "operation \(uuid) has ended (\(status)); there is no live process")
+        }
+        return live
+    }
+
+    /// `DELETE /v1/operations/{id}/subprocesses/{spid}?signal=`: signals the main process's
+    /// group (SIGKILL by default, which ends the operation).
+    func kill(_ call: APICall, _ uuid: String, spid: String) throws -> Response {
+        try mainProcess(spid)
+        let live = try running(call, uuid)
+        let signal = try ServerState.parseSignal(call.param("signal"))
+        live.control.signal(signal)
+        return .noContent()
+    }
+
+    /// `POST /v1/operations/{id}/subprocesses/{spid}/stdin`.
+    func stdin(_ call: APICall, _ uuid: String, spid: String) async throws -> Response {
+        try mainProcess(spid)
+        let live = try running(call, uuid)
+        let body = try await decode(StdinPayload.self, from: call)
+        try await live.writeStdin(try body.bytes(), close: body.close ?? true)
+        return .noContent()
+    }
+
+    /// `POST /v1/operations/{id}/subprocesses`.
+    func execSubprocess(_ call: APICall, _ uuid: String) async throws -> Response {
+        _ = try running(call, uuid)
+        _ = try await decode(ExecRequestBody.self, from: call)
+        throw APIError(
+            .notImplemented,
+            "starting more processes in a running instance is not supported by this server yet; run the command as its own instance from the same image"
+        )
+    }
+
+    static func parseSignal(_ raw: String?) throws -> Int32 {
+        guard var name = raw?.uppercased(), !name.isEmpty else { return SIGKILL }
+        if let number = Int32(name), (1...64).contains(number) { return number }
+        if name.hasPrefix("SIG") { name.removeFirst(3) }
+        let known: [String: Int32] = [
+            "HUP": SIGHUP, "INT": SIGINT, "QUIT": SIGQUIT, "KILL": SIGKILL, "TERM": SIGTERM, "USR1": SIGUSR1,
+            "USR2": SIGUSR2, "WINCH": SIGWINCH, "ALRM": SIGALRM, "CONT": SIGCONT, "STOP": SIGSTOP,
+        ]
+        guard let signal = known[name] else {
+            throw APIError(.badRequest, "signal '\(raw ?? "")' is not a signal number or name (TERM, INT, KILL, ...)")
+        }
+        return signal
+    }
+}

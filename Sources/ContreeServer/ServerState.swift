@@ -1,0 +1,64 @@
+import FoundationEssentials
+import Hummingbird
+import Sandbox
+
+/// What the handlers share: the tokens, the store's API tables, the operations.
+final class ServerState: Sendable {
+    let tokens: TokenFile
+    let api: APIStore
+    let operations: OperationManager
+    /// Largest accepted JSON body (a spawn's stdin travels in it).
+    static let maxJSONBody = 64 << 20
+    /// Largest output cap a spawn may ask for.
+    static let maxTruncate = 10 << 20
+    static let defaultTruncate = 1 << 20
+
+    init(tokens: TokenFile, engine: SandboxEngine) throws {
+        self.tokens = tokens
+        self.api = try APIStore(store: engine.store, baseImages: engine.baseImages)
+        self.operations = OperationManager(api: api, engine: engine)
+    }
+
+    /// Decodes a JSON body. - Throws: 400 naming the bad field.
+    func decode<T: Decodable>(_ type: T.Type, from call: APICall) async throws -> T {
+        var request = call.request
+        let buffer: ByteBuffer
+        do {
+            buffer = try await request.collectBody(upTo: ServerState.maxJSONBody)
+        } catch {
+            throw APIError(.contentTooLarge, "the request body is larger than \(ServerState.maxJSONBody) bytes")
+        }
+        let bytes = Array(buffer.readableBytesView)
+        guard !bytes.isEmpty else { throw APIError(.badRequest, "the request body is empty; send a JSON object") }
+        do {
+            return try JSONDecoder().decode(T.self, from: Data(bytes))
+        } catch let error as DecodingError {
+            throw APIError(.badRequest, APIError.describe(error))
+        }
+    }
+
+    func whoami(_ call: APICall) throws -> Response {
+        let token = call.token
+        let rows = try api.database.query(
+            "SELECT status, COUNT(*) AS n FROM api_operations WHERE namespace = ? GROUP BY status",
+            [.text(token.name)])
+        let stats = JSON.object(rows.map { ($0["status"].string ?? "", .int($0["n"].int ?? 0)) })
+        let permissions = ["import", "spawn", "spawn_disposable", "list", "cancel", "set_image_tag", "upload"]
+        return .json(
+            .object([
+                ("token_uuid", .string(token.uuid)), ("token_expiration", .null), ("name", .string(token.name)),
+                ("permissions", .object(permissions.map { ($0, .bool($0 != "import")) })),
+                (
+                    "limits",
+                    .object([
+                        ("instance_max_concurrency", .int(token.maxConcurrency)),
+                        ("instance_max_timeout", .int(token.maxTimeout)),
+                        ("instance_max_layer_bytes", .int(token.maxLayerBytes)),
+                        ("instance_max_truncate_output_at", .int(ServerState.maxTruncate)),
+                        ("images_import_max_concurrency", .int(0)), ("images_import_max_timeout", .int(0)),
+                    ])
+                ),
+                ("operations_stat", stats),
+            ]))
+    }
+}

@@ -1,0 +1,45 @@
+import ArgumentParser
+import ContreeServer
+import Glibc
+import Sandbox
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve the ConTree REST API (/v1) on this machine's engine.",
+        discussion: """
+            The official ConTree clients (Python SDK, `contree` CLI, MCP server) work against it \
+            unchanged: point them at http://HOST:PORT with a token from the tokens file. Each \
+            token is its own namespace of images, files and operations; built-in images are \
+            shared. The tokens file holds one `NAME TOKEN [max_concurrency=N] [max_timeout=S]` \
+            per line; `serve` creates it with one random token on first start.
+            """)
+
+    @OptionGroup var storeOptions: StoreOptions
+    @Option(help: "Address to listen on, HOST:PORT (port 0 picks a free one).") var listen = "127.0.0.1:8080"
+    @Option(help: "The tokens file (default: serve-tokens in the store).") var tokens: String?
+
+    func run() async throws {
+        do {
+            guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]),
+                (0...65535).contains(port)
+            else {
+                throw SandboxError(.invalidArgument, "--listen \(listen) must be HOST:PORT, e.g. 127.0.0.1:8080")
+            }
+            let host = String(listen[..<colon]).trimmingCharacters(in: ["[", "]"])
+            let store = try storeOptions.open()
+            let engine = SandboxEngine(store: store, progress: ProgressReporter())
+            let path = tokens ?? APIServer.defaultTokensPath(store: store)
+            let server = try APIServer(engine: engine, tokensPath: path)
+            if server.createdTokens {
+                printError("created the tokens file \(path) with one new token (namespace 'default'); read it from there")
+            }
+            try await server.run(host: host, port: port) { bound in
+                print("serving the ConTree API on http://\(host):\(bound) (tokens: \(path))")
+                fflush(nil)
+            }
+        } catch {
+            throw fail(error)
+        }
+    }
+}
