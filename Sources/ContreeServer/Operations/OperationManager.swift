@@ -307,7 +307,7 @@ final class OperationManager: Sendable {
                 ]))
         }
         let exitCode = record.exitCode.map(Int.init) ?? -1
-        let signal = record.signal.map(Int.init) ?? 0
+        let signal = record.signal.map(Int.init) ?? (record.timedOut || record.cancelled ? Int(SIGKILL) : 0)
         operation.emit(
             "exit", spid: 1,
             .object([
@@ -330,8 +330,9 @@ final class OperationManager: Sendable {
             status = "CANCELLED"
             error = "cancelled"
         } else if record.timedOut {
-            status = "FAILED"
-            error = "the command was stopped at its timeout of \(plan.timeout) s"
+            // Like a non-zero exit, a timeout is the command's outcome (state.timed_out, the
+            // exit event): the operation succeeded, and nothing of the run is kept.
+            resultImage = nil
         } else if !plan.disposable, metrics.diffBytes > plan.maxLayerBytes {
             status = "FAILED"
             error =

@@ -170,8 +170,8 @@ extension ServerState {
     /// group (SIGKILL by default, which ends the operation).
     func kill(_ call: APICall, _ uuid: String, spid: String) throws -> Response {
         try mainProcess(spid)
-        let live = try running(call, uuid)
         let signal = try ServerState.parseSignal(call.param("signal"))
+        let live = try running(call, uuid)
         live.control.signal(signal)
         return .noContent()
     }

@@ -1,0 +1,338 @@
+import Foundation
+import Glibc
+import Sandbox
+import Testing
+
+@Suite("serve: bad input gets the spec's error and the server keeps serving", .requiresRoot)
+struct BadInputTests {
+    @Test("a missing or wrong token is 401 in the error shape")
+    func unauthorized() async throws {
+        let server = try await TestServer()
+        for token in [nil, "not-a-token-of-this-server"] {
+            let reply = try await server.request("GET", "/v1/images", token: token)
+            #expect(reply.status == 401)
+            #expect(try reply.errorMessage().contains("token") || reply.errorMessage().contains("Authorization"))
+        }
+        let basic = try await server.request("GET", "/v1/whoami", token: nil, headers: ["Authorization": "Basic eDp5"])
+        #expect(basic.status == 401)
+        #expect(try await server.request("GET", "/v1/whoami").status == 200)
+    }
+
+    @Test("another token's images, files and operations are 404, never 403")
+    func isolation() async throws {
+        let server = try await TestServer()
+        let op = try await server.spawn(#"{"command":"echo secret > /s","image":"busybox","shell":true}"#)
+        let record = try await server.wait(op)
+        let image = try #require(record["result_image_uuid"] as? String)
+        let upload = try await server.request("POST", "/v1/files", body: Array("alice's".utf8))
+        let sha = try #require(try upload.json()["sha256"] as? String)
+        #expect(try await server.request("PATCH", "/v1/images/\(image)/tag", json: #"{"tag":"mine"}"#).status == 200)
+
+        let bob = TestServer.bob
+        for (method, path) in [
+            ("GET", "/v1/operations/\(op)"), ("GET", "/v1/operations/\(op)/events"), ("DELETE", "/v1/operations/\(op)"),
+            ("GET", "/v1/inspect/\(image)/"), ("GET", "/v1/inspect/\(image)/download?path=/s"),
+            ("GET", "/v1/inspect/\(image)/list?path=/"), ("GET", "/v1/inspect/\(image)/archive?path=/s"),
+            ("DELETE", "/v1/images/\(image)/tag"), ("GET", "/v1/files/\(sha)"), ("HEAD", "/v1/files/\(sha)"),
+            ("GET", "/v1/inspect/?tag=mine"),
+        ] {
+            let reply = try await server.request(method, path, token: bob)
+            #expect(reply.status == 404, "\(method) \(path) answered \(reply.status)")
+        }
+        let tagged = try await server.request("PATCH", "/v1/images/\(image)/tag", token: bob, json: #"{"tag":"x"}"#)
+        #expect(tagged.status == 404)
+        let spawn = try await server.request(
+            "POST", "/v1/instances", token: bob, json: #"{"command":"true","image":"\#(image)"}"#)
+        #expect(spawn.status == 404)
+        let images = try await server.request("GET", "/v1/images", token: bob)
+        #expect(!images.text.contains(image))
+        #expect(try await server.request("GET", "/v1/operations", token: bob).jsonArray().isEmpty)
+        // Built-in images are everyone's.
+        #expect(try await server.request("GET", "/v1/inspect/?tag=busybox", token: bob).status == 302)
+    }
+
+    @Test("malformed JSON and wrong types are 400 naming the field")
+    func malformed() async throws {
+        let server = try await TestServer()
+        let cases: [(String, String)] = [
+            ("{not json", "not valid JSON"), (#"{"command":"true","image":"busybox","timeout":"soon"}"#, "timeout"),
+            (#"{"image":"busybox"}"#, "command"), (#"{"command":"true","image":"busybox","env":[1]}"#, "env"),
+            (#"{"command":"true","image":"busybox","files":{"/a":{"uuid":"x","mode":"rwx"}}}"#, "mode"),
+            (#"{"command":"true","image":"busybox","stdin":{"value":"%%%","encoding":"base64"}}"#, "base64"),
+            (#"{"command":"true","image":"busybox","truncate_output_at":0}"#, "truncate_output_at"),
+        ]
+        for (body, field) in cases {
+            let reply = try await server.request("POST", "/v1/instances", json: body)
+            #expect(reply.status == 400, "\(body) answered \(reply.status)")
+            #expect(try reply.errorMessage().contains(field), "\(body): \(reply.text)")
+        }
+        let tag = try await server.request(
+            "PATCH", "/v1/images/00000000-0000-0000-0000-000000000000/tag", json: #"{"tag":5}"#)
+        #expect(tag.status == 404)  // the image is checked first
+        let limit = try await server.request("GET", "/v1/images?limit=0")
+        #expect(limit.status == 400)
+        let since = try await server.request("GET", "/v1/operations?since=yesterday")
+        #expect(since.status == 400)
+        #expect(try since.errorMessage().contains("since"))
+        #expect(try await server.request("GET", "/v1/whoami").status == 200)
+    }
+
+    @Test("path traversal is refused in inspect and in file mappings")
+    func traversal() async throws {
+        let server = try await TestServer()
+        let busybox = try await server.request("GET", "/v1/inspect/?tag=busybox")
+        let location = try #require(busybox.headers["location"])
+        let image = location.split(separator: "/").last.map(String.init)!
+        for path in ["/../../etc/passwd", "/bin/../../..", "/..%2F..%2Fetc"] {
+            let reply = try await server.request("GET", "/v1/inspect/\(image)/download?path=\(path)")
+            #expect(reply.status == 400 || reply.status == 404, "\(path) answered \(reply.status)")
+            #expect(!reply.text.contains("root:x:0:0"))
+        }
+        // A symlink that points out of the image resolves inside it.
+        let op = try await server.spawn(
+            #"{"command":"ln -s /../../../../etc/shadow /link","image":"busybox","shell":true}"#)
+        let image2 = try #require(try await server.wait(op)["result_image_uuid"] as? String)
+        let link = try await server.request("GET", "/v1/inspect/\(image2)/download?path=/link")
+        #expect(link.status == 400 || link.status == 404)
+        #expect(!link.text.contains("root:"))
+        let upload = try await server.request("POST", "/v1/files", body: [1, 2, 3])
+        let uuid = try #require(try upload.json()["uuid"] as? String)
+        for target in ["/tmp/../../etc/x", "relative/path", "/a/../../b"] {
+            let reply = try await server.request(
+                "POST", "/v1/instances",
+                json: #"{"command":"true","image":"busybox","files":{"\#(target)":{"uuid":"\#(uuid)"}}}"#)
+            #expect(reply.status == 400, "\(target) answered \(reply.status)")
+        }
+    }
+
+    @Test("an upload whose body does not match its claimed sha256 stores nothing")
+    func shaMismatch() async throws {
+        let server = try await TestServer()
+        let claimed = String(repeating: "ab", count: 32)
+        let reply = try await server.request("POST", "/v1/files?sha256=\(claimed)", body: Array("hello".utf8))
+        #expect(reply.status == 400)
+        #expect(try reply.errorMessage().contains(claimed))
+        #expect(try await server.request("GET", "/v1/files/\(claimed)").status == 404)
+        #expect(try await server.request("GET", "/v1/files").json()["files"].map { ($0 as! [Any]).isEmpty } == true)
+        let leftovers = try FileSystem.list(server.home + "/files")
+        #expect(leftovers.isEmpty, "\(leftovers)")
+        // The right claim, chunked, is stored once and found by its sha256.
+        let body = Array(repeating: UInt8(7), count: 5000)
+        let sha = "d00b0bec0ab5b5c1ab1e09e2a19ed11e4c2cd81e89af8b6e0c86d7d78c2b5b1d"
+        _ = sha
+        let first = try await server.request("POST", "/v1/files", body: body, chunked: true)
+        #expect(first.status == 201)
+        let object = try first.json()
+        let digest = try #require(object["sha256"] as? String)
+        #expect(object["size"] as? Int == 5000)
+        let again = try await server.request("POST", "/v1/files?sha256=\(digest)", body: body)
+        #expect(try again.json()["uuid"] as? String == object["uuid"] as? String)
+        let file = try await server.request("GET", "/v1/files/\(digest)").json()
+        #expect(file["created_at"] is String && file["updated_at"] is String && file["size"] as? Int == 5000)
+        #expect(try await server.request("HEAD", "/v1/files/\(digest)").status == 200)
+    }
+
+    @Test("an unknown image is 404, a timeout beyond the limit 400, cancelling a finished operation 409")
+    func references() async throws {
+        let server = try await TestServer()
+        for image in ["no-such-tag", "tag:nothing", "12345678-1234-1234-1234-123456789abc"] {
+            let reply = try await server.request(
+                "POST", "/v1/instances", json: #"{"command":"true","image":"\#(image)"}"#)
+            #expect(reply.status == 404, "\(image): \(reply.text)")
+        }
+        let tooLong = try await server.request(
+            "POST", "/v1/instances", token: TestServer.bob, json: #"{"command":"true","image":"busybox","timeout":31}"#)
+        #expect(tooLong.status == 400)
+        #expect(try tooLong.errorMessage().contains("30"))
+        let op = try await server.spawn(#"{"command":"true","image":"busybox"}"#)
+        _ = try await server.wait(op)
+        let cancel = try await server.request("DELETE", "/v1/operations/\(op)")
+        #expect(cancel.status == 409)
+        #expect(try await server.request("GET", "/v1/operations/\(op)").json()["status"] as? String == "SUCCESS")
+        #expect(try await server.request("GET", "/v1/operations/not-a-uuid").status == 404)
+        #expect(try await server.request("GET", "/v1/nowhere").status == 404)
+        let importing = try await server.request(
+            "POST", "/v1/images/import", json: #"{"registry":{"url":"docker://127.0.0.1:1/x:y"}}"#)
+        #expect(importing.status == 501)
+        #expect(try importing.errorMessage().contains("import"))
+    }
+}
+
+@Suite("serve: instances, events and operations", .requiresRoot)
+struct InstanceTests {
+    @Test("a run streams its events, ends with completion, resumes after Last-Event-Id, and its record is complete")
+    func eventsAndRecord() async throws {
+        let server = try await TestServer()
+        let op = try await server.spawn(
+            #"{"command":"echo out; echo err >&2; echo data > /made; exit 3","image":"tag:busybox","shell":true,"hostname":"box","truncate_output_at":2}"#
+        )
+        let events = try await server.events(op)
+        let types = events.map { $0["type"] as! String }
+        #expect(types.first == "init" && types.last == "completion")
+        #expect(types.contains("spawn") && types.contains("exit") && types.contains("truncated"))
+        #expect(events.allSatisfy { $0["ts"] is String && $0["id"] is Int && $0["data"] != nil })
+        let exit = try #require(events.first { $0["type"] as? String == "exit" })
+        #expect(exit["spid"] as? Int == 1 && exit[path: "data.code"] as? Int == 3)
+        let streamed = events.filter { $0["type"] as? String == "stdout" }.compactMap { $0[path: "data.value"] as? String }
+        #expect(streamed.joined() == "ou")  // capped at truncate_output_at
+
+        let ids = events.map { $0["id"] as! Int }
+        let tail = try await server.events(op, query: "", headers: ["Last-Event-Id": String(ids[2])])
+        #expect(tail.map { $0["id"] as! Int } == Array(ids.dropFirst(3)))
+        let onlyMain = try await server.events(op, query: "spid=1")
+        #expect(onlyMain.allSatisfy { $0["spid"] as? Int == 1 })
+
+        let record = try await server.request("GET", "/v1/operations/\(op)").json()
+        #expect(record["status"] as? String == "SUCCESS" && record["duration"] is Double)
+        #expect(record[path: "metadata.result.state.exit_code"] as? Int == 3)
+        #expect(record[path: "metadata.result.stdout.value"] as? String == "ou")
+        #expect(record[path: "metadata.result.stdout.truncated"] as? Bool == true)
+        #expect(record[path: "metadata.hostname"] as? String == "box")
+        let resources = try #require(record[path: "metadata.result.resources"] as? [String: Any])
+        #expect(resources.count == 16)
+        let image = try #require(record[path: "result.image"] as? String)
+        #expect(record["result"].map { ($0 as! [String: Any]).keys.sorted() } == ["image", "tag"])
+        let file = try await server.request("GET", "/v1/inspect/\(image)/download?path=/made")
+        #expect(file.text == "data\n")
+        let list = try await server.request("GET", "/v1/operations?status=SUCCESS&kind=instance&since=1h")
+        #expect(try list.jsonArray().contains { $0["uuid"] as? String == op })
+    }
+
+    @Test("stdin left open is written through the API; the main process can be signalled")
+    func stdinAndSignals() async throws {
+        let server = try await TestServer()
+        let op = try await server.spawn(
+            #"{"command":"cat; echo done","image":"busybox","shell":true,"stdin":{"value":"first ","close":false}}"#)
+        var written = 0
+        for _ in 0..<200 {
+            let reply = try await server.request(
+                "POST", "/v1/operations/\(op)/subprocesses/1/stdin", json: #"{"value":"c2Vjb25k","encoding":"base64","close":true}"#)
+            if reply.status == 204 {
+                written += 1
+                break
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(written == 1)
+        let record = try await server.wait(op)
+        #expect(record[path: "metadata.result.stdout.value"] as? String == "first seconddone\n")
+        let again = try await server.request(
+            "POST", "/v1/operations/\(op)/subprocesses/1/stdin", json: #"{"value":"x"}"#)
+        #expect(again.status == 410)
+
+        let sleeper = try await server.spawn(
+            #"{"command":"trap 'echo got TERM; exit 5' TERM; while :; do sleep 0.1; done","image":"busybox","shell":true}"#)
+        for _ in 0..<100 {
+            let status = try await server.request("GET", "/v1/operations/\(sleeper)").json()["status"] as? String
+            if status == "EXECUTING" { break }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        try await Task.sleep(for: .milliseconds(300))
+        let kill = try await server.request("DELETE", "/v1/operations/\(sleeper)/subprocesses/1?signal=SIGTERM")
+        #expect(kill.status == 204)
+        let ended = try await server.wait(sleeper)
+        #expect(ended[path: "metadata.result.state.exit_code"] as? Int == 5)
+        #expect(ended[path: "metadata.result.stdout.value"] as? String == "got TERM\n")
+        #expect(try await server.request("DELETE", "/v1/operations/\(sleeper)/subprocesses/1?signal=BOGUS").status == 400)
+    }
+
+    @Test("cancel stops a running instance; a queued one waits for the token's concurrency limit")
+    func cancelAndQueue() async throws {
+        let server = try await TestServer()
+        let bob = TestServer.bob  // max_concurrency=1
+        let first = try await server.spawn(#"{"command":"sleep 30","image":"busybox","shell":true}"#, token: bob)
+        let second = try await server.spawn(#"{"command":"echo second","image":"busybox","shell":true}"#, token: bob)
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(try await server.request("GET", "/v1/operations/\(second)", token: bob).json()["status"] as? String == "PENDING")
+        let who = try await server.request("GET", "/v1/whoami", token: bob).json()
+        #expect(who[path: "limits.instance_max_concurrency"] as? Int == 1)
+        #expect(who[path: "limits.instance_max_timeout"] as? Int == 30)
+        #expect(try await server.request("DELETE", "/v1/operations/\(first)", token: bob).status == 202)
+        let cancelled = try await server.wait(first, token: bob)
+        #expect(cancelled["status"] as? String == "CANCELLED")
+        let done = try await server.wait(second, token: bob)
+        #expect(done[path: "metadata.result.stdout.value"] as? String == "second\n")
+    }
+
+    @Test("shell=false sees only the request's env; preserve_env and preserve_cwd make a new image with them")
+    func environmentAndConfig() async throws {
+        let server = try await TestServer()
+        let op = try await server.spawn(#"{"command":"env","image":"busybox","env":{"ONLY":"me"}}"#)
+        let env = try await server.wait(op)[path: "metadata.result.stdout.value"] as? String ?? ""
+        #expect(env.contains("ONLY=me") && !env.contains("HOME=/root"))
+        let keep = try await server.spawn(
+            #"{"command":"true","image":"busybox","shell":true,"env":{"KEPT":"yes","HOME":null},"cwd":"/work","preserve_env":true,"preserve_cwd":true}"#
+        )
+        let image = try #require(try await server.wait(keep)["result_image_uuid"] as? String)
+        let check = try await server.spawn(#"{"command":"echo $KEPT:$HOME:$(pwd)","image":"\#(image)","shell":true}"#)
+        #expect(try await server.wait(check)[path: "metadata.result.stdout.value"] as? String == "yes::/work\n")
+    }
+
+    @Test("operations outlive serve; one in flight when it dies becomes FAILED with a reason")
+    func restart() async throws {
+        let server = try await TestServer()
+        let done = try await server.spawn(#"{"command":"echo kept","image":"busybox","shell":true}"#)
+        _ = try await server.wait(done)
+        let running = try await server.spawn(#"{"command":"sleep 60","image":"busybox","shell":true}"#)
+        for _ in 0..<100 {
+            if try await server.request("GET", "/v1/operations/\(running)").json()["status"] as? String == "EXECUTING" {
+                break
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        try await server.stop(signal: SIGKILL)
+        try await server.start()
+        let kept = try await server.request("GET", "/v1/operations/\(done)").json()
+        #expect(kept[path: "metadata.result.stdout.value"] as? String == "kept\n")
+        let failed = try await server.request("GET", "/v1/operations/\(running)").json()
+        #expect(failed["status"] as? String == "FAILED")
+        #expect((failed["error"] as? String ?? "").contains("stopped"))
+        let events = try await server.events(running)
+        #expect(events.last?["type"] as? String == "completion")
+        // The store is consistent after the crash.
+        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + [
+            "CONTREE_HOME=\(server.home)"
+        ]
+        let fsck = try await DedicatedThread.run { try ChildProcess.run([Paths.cli, "fsck"], environment: env) }
+        #expect(fsck.status == 0, "\(fsck.stderrText)")
+    }
+}
+
+@Suite("serve: inspect", .requiresRoot)
+struct InspectTests {
+    @Test("list (JSON and text), download, archive, grep and tags over a run's image")
+    func inspect() async throws {
+        let server = try await TestServer()
+        let op = try await server.spawn(
+            #"{"command":"mkdir -p /d/sub && printf 'alpha\nbeta\ngamma\n' > /d/a.txt && echo beta > /d/sub/b.conf && ln -s a.txt /d/l","image":"busybox","shell":true}"#
+        )
+        let image = try #require(try await server.wait(op)["result_image_uuid"] as? String)
+        let list = try await server.request("GET", "/v1/inspect/\(image)/list?path=/d").json()
+        let files = try #require(list["files"] as? [[String: Any]])
+        #expect(Set(files.compactMap { $0["path"] as? String }) == ["a.txt", "sub", "l"])
+        #expect(files.allSatisfy { $0.count == 15 })
+        #expect(files.first { $0["path"] as? String == "l" }?["symlink_to"] as? String == "a.txt")
+        let text = try await server.request("GET", "/v1/inspect/\(image)/list?path=/d&text")
+        #expect(text.status == 200 && text.text.contains("a.txt") && text.text.hasPrefix("total"))
+        #expect(try await server.request("GET", "/v1/inspect/\(image)/download?path=/d").status == 422)
+        #expect(try await server.request("GET", "/v1/inspect/\(image)/download?path=/d/l").text == "alpha\nbeta\ngamma\n")
+        let archive = try await server.request("GET", "/v1/inspect/\(image)/archive?path=/d")
+        #expect(archive.status == 200 && archive.body.count % 512 == 0 && archive.text.contains("d/sub/b.conf"))
+        let grep = try await server.request("GET", "/v1/inspect/\(image)/grep?pattern=bet.&path=/d&after=1")
+        let matches = try #require(try grep.json()["matches"] as? [[String: Any]])
+        #expect(matches.filter { $0["type"] as? String == "match" }.count == 2)
+        #expect(matches.contains { $0["type"] as? String == "context" && $0["line_text"] as? String == "gamma\n" })
+        let globbed = try await server.request(
+            "GET", "/v1/inspect/\(image)/grep?pattern=BETA&case=insensitive&glob=*.conf&path=/d")
+        #expect((try globbed.json()["matches"] as? [[String: Any]])?.count == 1)
+        // Tags: set, find (302), move, remove.
+        #expect(try await server.request("PATCH", "/v1/images/\(image)/tag", json: #"{"tag":"proj/x:1"}"#).status == 200)
+        let found = try await server.request("GET", "/v1/inspect/?tag=proj%2Fx%3A1")
+        #expect(found.status == 302 && found.headers["location"] == "/v1/inspect/\(image)/")
+        #expect(try await server.request("GET", "/v1/inspect/\(image)").status == 307)
+        let listed = try await server.request("GET", "/v1/images?tag=proj/&until=\(Int(Date().timeIntervalSince1970) + 60)")
+        #expect(listed.text.contains(image))
+        #expect(try await server.request("DELETE", "/v1/images/\(image)/tag?tag=proj/x:1").status == 200)
+        #expect(try await server.request("GET", "/v1/inspect/?tag=proj/x:1").status == 404)
+    }
+}
