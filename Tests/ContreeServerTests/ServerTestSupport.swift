@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import ContreeServer
 import Sandbox
 import Testing
 
@@ -23,12 +24,9 @@ enum Paths {
     }
 }
 
-/// An HTTP answer.
-struct Reply: Sendable {
-    var status: Int
-    var headers: [String: String]
-    var body: [UInt8]
-    var text: String { String(decoding: body, as: UTF8.self) }
+typealias Reply = HTTPReply
+
+extension HTTPReply {
     func json() throws -> [String: Any] {
         guard let object = try JSONSerialization.jsonObject(with: Data(body)) as? [String: Any] else {
             throw TestFailure("not a JSON object: \(text)")
@@ -132,7 +130,7 @@ final class TestServer: @unchecked Sendable {
         let port = self.port
         let payload = json.map { Array($0.utf8) } ?? body
         return try await DedicatedThread.run {
-            try HTTP.exchange(
+            try LoopbackHTTP.exchange(
                 port: port, method: method, path: path, token: token, body: payload,
                 headers: headers.merging(json != nil ? ["Content-Type": "application/json"] : [:]) { a, _ in a },
                 chunked: chunked)
@@ -182,88 +180,3 @@ extension [String: Any] {
     }
 }
 
-/// A minimal HTTP/1.1 client over a loopback socket: exact control of what is sent (raw,
-/// chunked, malformed), and the whole answer read until the server closes.
-enum HTTP {
-    static func exchange(
-        port: Int, method: String, path: String, token: String?, body: [UInt8]?, headers: [String: String],
-        chunked: Bool
-    ) throws -> Reply {
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw TestFailure("socket: \(errno)") }
-        defer { close(fd) }
-        var address = sockaddr_in()
-        address.sin_family = sa_family_t(AF_INET)
-        address.sin_port = in_port_t(UInt16(port).bigEndian)
-        address.sin_addr.s_addr = inet_addr("127.0.0.1")
-        let connected = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-            }
-        }
-        guard connected == 0 else { throw TestFailure("connect to 127.0.0.1:\(port): \(errno)") }
-        var head = "\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nConnection: close\r\n"
-        if let token { head += "Authorization: Bearer \(token)\r\n" }
-        for (key, value) in headers { head += "\(key): \(value)\r\n" }
-        var payload: [UInt8] = []
-        if let body {
-            if chunked {
-                head += "Transfer-Encoding: chunked\r\n"
-                var offset = 0
-                while offset < body.count {
-                    let piece = body[offset..<min(body.count, offset + 1000)]
-                    payload += Array((String(piece.count, radix: 16) + "\r\n").utf8) + piece + Array("\r\n".utf8)
-                    offset += piece.count
-                }
-                payload += Array("0\r\n\r\n".utf8)
-            } else {
-                head += "Content-Length: \(body.count)\r\n"
-                payload = body
-            }
-        }
-        let request = Array((head + "\r\n").utf8) + payload
-        var sent = 0
-        while sent < request.count {
-            let n = request[sent...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            guard n > 0 else { throw TestFailure("send: \(errno)") }
-            sent += n
-        }
-        var raw: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
-            raw += buffer[0..<n]
-        }
-        return try parse(raw)
-    }
-
-    static func parse(_ raw: [UInt8]) throws -> Reply {
-        let separator: [UInt8] = [13, 10, 13, 10]
-        guard let end = raw.indices.first(where: { raw[$0...].starts(with: separator) }) else {
-            throw TestFailure("no HTTP head in \(String(decoding: raw, as: UTF8.self))")
-        }
-        let lines = String(decoding: raw[..<end], as: UTF8.self).components(separatedBy: "\r\n")
-        let status = Int(lines[0].split(separator: " ")[1]) ?? 0
-        var headers: [String: String] = [:]
-        for line in lines.dropFirst() {
-            guard let colon = line.firstIndex(of: ":") else { continue }
-            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
-        }
-        var body = Array(raw[(end + 4)...])
-        if headers["transfer-encoding"]?.lowercased() == "chunked" {
-            var decoded: [UInt8] = []
-            var i = 0
-            while i < body.count {
-                guard let lineEnd = body[i...].indices.first(where: { body[$0...].starts(with: [13, 10]) }) else { break }
-                let size = Int(String(decoding: body[i..<lineEnd], as: UTF8.self).split(separator: ";")[0], radix: 16) ?? 0
-                if size == 0 { break }
-                decoded += body[(lineEnd + 2)..<min(body.count, lineEnd + 2 + size)]
-                i = lineEnd + 2 + size + 2
-            }
-            body = decoded
-        }
-        return Reply(status: status, headers: headers, body: body)
-    }
-}

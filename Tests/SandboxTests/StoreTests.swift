@@ -13,6 +13,27 @@ struct StoreTests {
         return try ImageImporter(store: store).importRootfs(from: scratch.path)
     }
 
+    @Test("recovery leaves a lease another process is still creating, and removes one it abandoned")
+    func leaseCreationRace() throws {
+        let t = try TemporaryStore()
+        // Another process has created its lease file but not locked it yet.
+        let young = t.store.leasesPath + "/.\(UUID().uuidString.lowercased()).new"
+        try FileSystem.writeFile(young, [])
+        try t.store.recoverAbandonedWork()
+        #expect(FileSystem.exists(young))
+        // Long unlocked: its creator died before locking it.
+        var times = [timespec(tv_sec: time(nil) - 600, tv_nsec: 0), timespec(tv_sec: time(nil) - 600, tv_nsec: 0)]
+        utimensat(AT_FDCWD, young, &times, 0)
+        try t.store.recoverAbandonedWork()
+        #expect(!FileSystem.exists(young))
+        // Leases taken while recovery runs all succeed.
+        let leases = try (0..<20).map { _ in
+            try t.store.recoverAbandonedWork()
+            return try t.store.acquireLease(layers: [])
+        }
+        leases.forEach { $0.release() }
+    }
+
     @Test("tags point at images, move, and can be removed; bad names are refused")
     func tags() throws {
         let t = try TemporaryStore()

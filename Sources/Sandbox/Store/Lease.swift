@@ -116,7 +116,11 @@ extension Store {
                     if !removed.contains(id) { removed.append(id) }
                 }
             } else if name.hasSuffix(".new") {
-                // A lease that died between its creation and its rename.
+                // A lease that died between its creation and its rename. A young one may be
+                // between its open and its flock in another process: leave it.
+                guard let st = try? FileSystem.status(leasesPath + "/" + name),
+                    Double(st.st_mtim.tv_sec) < Store.now - 60
+                else { continue }
                 let fd = open(leasesPath + "/" + name, O_RDWR | O_CLOEXEC)
                 if fd >= 0 {
                     if flock(fd, LOCK_EX | LOCK_NB) == 0 { unlink(leasesPath + "/" + name) }

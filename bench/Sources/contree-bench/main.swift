@@ -2,6 +2,7 @@
 //
 //   contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]
 //   contree-bench pipeline [--runs N] [--home DIR]
+//   contree-bench api [--runs N] [--home DIR]
 //
 // Prints medians and ratios; the machines are shared and noisy, so ratios and medians are what
 // count. Needs root, bubblewrap, and crun or runc (scripts/setup installs them).
@@ -231,15 +232,21 @@ enum Format {
 
 let args = Array(CommandLine.arguments.dropFirst())
 let usage =
-    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]"
-guard let mode = args.first, ["sandbox", "pipeline"].contains(mode) else {
+    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]"
+guard let mode = args.first, ["sandbox", "pipeline", "api"].contains(mode) else {
     print(usage)
     exit(2)
 }
 do {
     let options = Options(Array(args.dropFirst()))
+    let cliPath = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
+        .appendingPathComponent("contree-pipeline").path
     if mode == "sandbox" {
         try await sandboxBenchmark(options)
+    } else if mode == "api" {
+        try await APIBench(
+            home: options.home, cli: cliPath, concurrency: 50, rounds: args.contains("--runs") ? options.runs : 3
+        ).measure()
     } else {
         let cli = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
             .appendingPathComponent("contree-pipeline").path
