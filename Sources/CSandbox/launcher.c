@@ -91,6 +91,7 @@ static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter
 /// What the vfork-style child needs; it shares the parent's memory, so `err` comes back.
 struct csb_spawn {
     const char *path;
+    const char *mode;    ///< argv[1] of contree-init: NULL for pid 1, "exec" for a process joining a sandbox
     const int *sources;  ///< fds to install as 3, 4, 5, ...
     int count;
     volatile int err;
@@ -119,7 +120,7 @@ static int csb_spawn_child(void *arg) {
     // Close the rest; where close_range is refused (an outer seccomp profile), everything the
     // host process opens is close-on-exec anyway.
     syscall(SYS_close_range, (unsigned)(3 + s->count), ~0U, 0);
-    char *argv[] = {(char *)"contree-init", NULL};
+    char *argv[] = {(char *)"contree-init", (char *)s->mode, NULL};
     char *envp[] = {NULL};
     syscall(SYS_execve, s->path, argv, envp);
     s->err = errno;
@@ -127,7 +128,9 @@ static int csb_spawn_child(void *arg) {
     return 0;
 }
 
-int csb_launch_start(const csb_launch *l, int *pidfd_out, pid_t *pid_out) {
+/// Starts contree-init with the spec and fds in place: as a sandbox's pid 1 in new namespaces,
+/// or (exec mode) in the host's namespaces with the target sandbox's pid 1 as one more fd.
+static int csb_start(const csb_launch *l, int target_pidfd, int *pidfd_out, pid_t *pid_out) {
     const void *filter = NULL;
     size_t filter_len = 0;
     int rc = csb_seccomp_program(&filter, &filter_len);
@@ -146,6 +149,11 @@ int csb_launch_start(const csb_launch *l, int *pidfd_out, pid_t *pid_out) {
     sources[count++] = l->stderr_fd;
     sources[count++] = l->userns_fd;
     for (size_t i = 0; i < l->file_count; i++) sources[count++] = l->files[i].source_fd;
+    int exec_mode = target_pidfd >= 0;
+    if (exec_mode) {
+        if (l->file_count != 0) return -EINVAL;
+        sources[count++] = target_pidfd;  // CSB_FD_TARGET
+    }
 
     const size_t stack_size = 64 * 1024;
     char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
@@ -153,14 +161,14 @@ int csb_launch_start(const csb_launch *l, int *pidfd_out, pid_t *pid_out) {
         close(spec);
         return -errno;
     }
-    struct csb_spawn s = {l->init_path, sources, count, 0};
+    struct csb_spawn s = {l->init_path, exec_mode ? "exec" : NULL, sources, count, 0};
     // Every signal blocked across the clone: no handler of the host process may run in the
     // child, and contree-init starts with all of them blocked (it waits for them explicitly).
     uint64_t all = ~0ULL, old = 0;  // raw: glibc's sigfillset leaves its internal signals out
     syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, sizeof all);
     int pidfd = -1;
-    int flags = CLONE_VM | CLONE_VFORK | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC |
-                CLONE_PIDFD | SIGCHLD;
+    int flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD;
+    if (!exec_mode) flags |= CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC;
     pid_t pid = clone(csb_spawn_child, stack + stack_size, flags, &s, &pidfd);
     int saved = errno;
     syscall(SYS_rt_sigprocmask, SIG_SETMASK, &old, NULL, sizeof old);
@@ -177,6 +185,15 @@ int csb_launch_start(const csb_launch *l, int *pidfd_out, pid_t *pid_out) {
     *pidfd_out = pidfd;
     *pid_out = pid;
     return 0;
+}
+
+int csb_launch_start(const csb_launch *l, int *pidfd_out, pid_t *pid_out) {
+    return csb_start(l, -1, pidfd_out, pid_out);
+}
+
+int csb_exec_start(const csb_launch *l, int target_pidfd, int *pidfd_out, pid_t *pid_out) {
+    if (target_pidfd < 0) return -EBADF;
+    return csb_start(l, target_pidfd, pidfd_out, pid_out);
 }
 
 int csb_userns_create(uint32_t id_base, uint32_t count) {

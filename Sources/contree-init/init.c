@@ -648,7 +648,94 @@ static char *csb_join_lowers(const csb_launch *l) {
     return joined;
 }
 
-int main(void) {
+/// Exec mode, the parent: forwards signals to the command's group, and when it ends (or the
+/// supervisor asks with CSB_SIGNAL_STOP, after which the group is killed) reports its status.
+/// Only the command is its child; what the command leaves behind belongs to the sandbox's pid 1.
+__attribute__((noreturn)) static void csb_exec_wait(const csb_launch *l, pid_t command) {
+    sigset_t waitset;
+    sigemptyset(&waitset);
+    int forwarded[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, CSB_SIGNAL_STOP};
+    for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaddset(&waitset, forwarded[i]);
+    int status = 0;
+    for (;;) {
+        siginfo_t info;
+        int sig = sigwaitinfo(&waitset, &info);
+        if (sig < 0) continue;
+        if (sig == CSB_SIGNAL_STOP) {
+            kill(-command, SIGKILL);
+            kill(command, SIGKILL);
+            continue;
+        }
+        if (sig != SIGCHLD) {
+            if (kill(-command, sig) != 0) kill(command, sig);
+            continue;
+        }
+        int st;
+        pid_t p = waitpid(command, &st, WNOHANG);
+        if (p == command) {
+            status = st;
+            break;
+        }
+    }
+    csb_report r;
+    memset(&r, 0, sizeof r);
+    r.kind = CSB_REPORT_EXITED;
+    r.status = status;
+    csb_write_all(l->report_fd, &r, sizeof r);
+    _exit(0);
+}
+
+/// Exec mode (`contree-init exec`, see csb_exec_start): joins a running sandbox and runs one
+/// more command in it, set up exactly like the sandbox's own command.
+__attribute__((noreturn)) static void csb_exec_main(void) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+    csb_reset_signals();
+    csb_launch spec;
+    const void *filter;
+    size_t filter_len;
+    csb_read_spec(&spec, &filter, &filter_len);
+    const csb_launch *l = &spec;
+    csb_close_from(CSB_FD_TARGET + 1);
+    close(CSB_FD_SPEC);
+
+    char byte;
+    ssize_t n;
+    while ((n = read(l->go_fd, &byte, 1)) < 0 && errno == EINTR) {
+    }
+    if (n != 1) _exit(125);
+    // Still the host's root: enter the sandbox's namespaces (mount first among them, which
+    // also moves root and working directory to the sandbox's root).
+    if (setns(CSB_FD_TARGET, CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWCGROUP) != 0)
+        csb_fail(l->report_fd, "setns(the running sandbox)", "", errno, "has the instance ended?");
+    close(CSB_FD_TARGET);
+    if (chdir("/") != 0) csb_fail(l->report_fd, "chdir", "/", errno, NULL);
+
+    pid_t command = fork();  // the first process of this exec inside the sandbox's pid namespace
+    if (command < 0) csb_fail(l->report_fd, "fork(command)", "", errno, NULL);
+    if (command == 0) {
+        if (syscall(SYS_setgroups, 0, NULL) != 0) csb_fail(l->report_fd, "setgroups", "", errno, NULL);
+        if (setns(l->userns_fd, CLONE_NEWUSER) != 0) csb_fail(l->report_fd, "setns(CLONE_NEWUSER)", "", errno, NULL);
+        if (syscall(SYS_setresgid, 0, 0, 0) != 0) csb_fail(l->report_fd, "setresgid(0)", "", errno, NULL);
+        if (syscall(SYS_setresuid, 0, 0, 0) != 0) csb_fail(l->report_fd, "setresuid(0)", "", errno, NULL);
+        close(l->userns_fd);
+        prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+        struct rlimit nofile;
+        if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur > 1024) {
+            nofile.rlim_cur = 1024;
+            setrlimit(RLIMIT_NOFILE, &nofile);
+        }
+        csb_command(l, filter, filter_len);
+    }
+    for (int fd = 0; fd < 3; fd++) close(fd);
+    close(l->stdin_fd);
+    close(l->stdout_fd);
+    close(l->stderr_fd);
+    close(l->userns_fd);
+    csb_exec_wait(l, command);
+}
+
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "exec") == 0) csb_exec_main();
     // Die with the supervising thread. If it died before this line, the go pipe reads EOF.
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     csb_reset_signals();  // the host process may have ignored some; every signal stays blocked

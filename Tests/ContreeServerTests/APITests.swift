@@ -236,6 +236,70 @@ struct InstanceTests {
         #expect(try await server.request("DELETE", "/v1/operations/\(sleeper)/subprocesses/1?signal=BOGUS").status == 400)
     }
 
+    @Test("more processes start in a running instance, share its files and pid namespace, take stdin and signals")
+    func subprocesses() async throws {
+        let server = try await TestServer()
+        let op = try await server.spawn(
+            #"{"command":"echo shared > /shared; sleep 20","image":"busybox","shell":true,"hostname":"inst"}"#)
+        var spid: Int?
+        for _ in 0..<200 {
+            let reply = try await server.request(
+                "POST", "/v1/operations/\(op)/subprocesses",
+                json: #"{"command":"cat /shared; hostname; echo $X; ps","shell":true,"env":{"X":"y"}}"#)
+            if reply.status == 201 {
+                spid = try reply.json()["spid"] as? Int
+                #expect(reply.headers["location"] == "/v1/operations/\(op)/subprocesses/\(spid ?? 0)")
+                break
+            }
+            #expect(reply.status == 425, "\(reply.status) \(reply.text)")
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(spid == 2)
+        var result: [String: Any] = [:]
+        for _ in 0..<200 {
+            result = try await server.request("GET", "/v1/operations/\(op)/subprocesses/2").json()
+            if result[path: "state.exit_code"] as? Int != -1 { break }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        let out = result[path: "stdout.value"] as? String ?? ""
+        #expect(out.hasPrefix("shared\ninst\ny\n") && out.contains("sleep 20"), "\(out)")
+
+        // stdin kept open, then closed; a signal to a started process.
+        let cat = try await server.request(
+            "POST", "/v1/operations/\(op)/subprocesses", json: #"{"command":"cat","stdin":{"value":"a","close":false}}"#)
+        let catSpid = try #require(try cat.json()["spid"] as? Int)
+        let write = try await server.request(
+            "POST", "/v1/operations/\(op)/subprocesses/\(catSpid)/stdin", json: #"{"value":"b","close":true}"#)
+        #expect(write.status == 204)
+        let looper = try await server.request(
+            "POST", "/v1/operations/\(op)/subprocesses",
+            json: #"{"command":"trap 'echo bye; exit 4' TERM; while :; do sleep 0.1; done","shell":true}"#)
+        let looperSpid = try #require(try looper.json()["spid"] as? Int)
+        try await Task.sleep(for: .milliseconds(300))
+        let kill = try await server.request("DELETE", "/v1/operations/\(op)/subprocesses/\(looperSpid)?signal=TERM")
+        #expect(kill.status == 204)
+        for (spid, expected, code) in [(catSpid, "ab", 0), (looperSpid, "bye\n", 4)] {
+            var done: [String: Any] = [:]
+            for _ in 0..<200 {
+                done = try await server.request("GET", "/v1/operations/\(op)/subprocesses/\(spid)").json()
+                if done[path: "state.exit_code"] as? Int != -1 { break }
+                try await Task.sleep(for: .milliseconds(20))
+            }
+            #expect(done[path: "stdout.value"] as? String == expected)
+            #expect(done[path: "state.exit_code"] as? Int == code)
+        }
+        let events = try await server.events(op, query: "spid=\(catSpid)")
+        let types = events.map { $0["type"] as! String }
+        #expect(types.first == "spawn" && types.last == "exit" && types.dropFirst().dropLast().allSatisfy { $0 == "stdout" })
+        #expect(try await server.request("GET", "/v1/operations/\(op)/subprocesses/99").status == 404)
+        #expect(try await server.request("DELETE", "/v1/operations/\(op)/subprocesses/99").status == 404)
+
+        #expect(try await server.request("DELETE", "/v1/operations/\(op)").status == 202)
+        _ = try await server.wait(op)
+        let late = try await server.request("POST", "/v1/operations/\(op)/subprocesses", json: #"{"command":"true"}"#)
+        #expect(late.status == 409)
+    }
+
     @Test("cancel stops a running instance; a queued one waits for the token's concurrency limit")
     func cancelAndQueue() async throws {
         let server = try await TestServer()

@@ -313,6 +313,32 @@ struct EngineTests {
         #expect(try FileSystem.readFile(secretPath) == Array("host secret\n".utf8))
     }
 
+    @Test("a running sandbox takes more commands, confined like its own, and forwards signals to its command")
+    func execAndSignal() async throws {
+        let t = try TemporaryStore()
+        let started = AsyncStream<Void>.makeStream()
+        let control = RunControl { started.continuation.yield() }
+        let engine = t.engine
+        var spec = RunSpec(
+            command: ["sh", "-c", "echo in > /made; trap 'echo term; exit 9' TERM; while :; do sleep 0.05; done"],
+            hostname: "execbox")
+        spec.control = control
+        let main = Task { try await engine.run(spec) }
+        for await _ in started.stream { break }
+        try await Task.sleep(for: .milliseconds(200))
+        let exec = try await control.exec(
+            ExecSpec(
+                command: ["sh", "-c", "cat /made; hostname; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; mount -t tmpfs x /mnt || echo refused"],
+                environment: ["PATH=/bin"]))
+        let out = String(decoding: exec.stdout, as: UTF8.self)
+        #expect(exec.exitCode == 0)
+        #expect(out.hasPrefix("in\nexecbox\n") && out.contains("Seccomp:\t2") && out.contains("refused"), "\(out)")
+        control.signal(SIGTERM)
+        let result = try await main.value
+        #expect(result.record.exitCode == 9 && result.out == "term\n")
+        await #expect(throws: SandboxError.self) { try await control.exec(ExecSpec(command: ["true"], environment: [])) }
+    }
+
     @Test("the command holds no descriptor but its stdio")
     func noLeakedDescriptors() async throws {
         let t = try TemporaryStore()

@@ -78,6 +78,14 @@ typedef struct csb_report {
 /// -errno.
 int csb_launch_start(const csb_launch *launch, int *pidfd, pid_t *pid);
 
+/// Starts contree-init in exec mode: after a byte on go_fd (the parent has moved it into the
+/// sandbox's cgroup by then) it joins the namespaces of the running sandbox whose pid 1 is
+/// `target_pidfd`, forks the command into them with the same credentials, capabilities and
+/// seccomp filter as a sandbox's command, forwards signals to it, and reports its exit like
+/// pid 1 does. `launch` needs argv, envp, cwd, uid, gid, stdio, userns_fd, go_fd, report_fd
+/// and no files. Returns 0 or -errno.
+int csb_exec_start(const csb_launch *launch, int target_pidfd, int *pidfd, pid_t *pid);
+
 /// Creates a user namespace mapping 0..count-1 to id_base..id_base+count-1 and returns an fd
 /// for it (O_CLOEXEC), or -errno. The helper process that created it is gone on return.
 int csb_userns_create(uint32_t id_base, uint32_t count);
@@ -104,6 +112,7 @@ enum {
     CSB_FD_STDERR = 8,
     CSB_FD_USERNS = 9,
     CSB_FD_FILES = 10,   ///< the file copies' sources, in order
+    CSB_FD_TARGET = 10,  ///< exec mode (no files): a pidfd of the target sandbox's pid 1
 };
 
 #define CSB_WIRE_MAGIC 0x31425343u  // "CSB1"

@@ -17,12 +17,18 @@ final class LiveOperation: Sendable {
         var nextSubscriber: UInt64 = 0
         var finished = false
         var task: Task<Void, Never>?
-        /// The write end of the main process's stdin pipe while it is open.
-        var stdin: Int32?
-        /// Bytes streamed as events so far, and dropped past the cap: stdout, stderr.
-        var emitted = [0, 0]
-        var dropped = [0, 0]
+        /// Per process (spid): the write end of its stdin pipe while it is open.
+        var stdin: [Int: Int32] = [:]
+        /// Per process: bytes streamed as events so far, and dropped past the cap (stdout, stderr).
+        var emitted: [Int: [Int]] = [:]
+        var dropped: [Int: [Int]] = [:]
         var running = false
+        /// Processes started in the instance (spid 2, 3, ...), while they run.
+        var nextSpid = 2
+        var subprocesses: [Int: RunControl] = [:]
+        /// What a subprocess inherits: the image's environment and working directory.
+        var imageEnv: [String] = []
+        var imageCwd = "/"
     }
     private let state: Mutex<State>
 
@@ -61,23 +67,61 @@ final class LiveOperation: Sendable {
         }
     }
 
-    /// A chunk of the main process's output (stream 0 stdout, 1 stderr), capped at `limit`
-    /// bytes per stream; what is past the cap is counted for the `truncated` event.
-    func output(_ stream: Int, _ chunk: [UInt8], limit: Int) {
+    /// A chunk of a process's output (stream 0 stdout, 1 stderr), capped at `limit` bytes per
+    /// stream; what is past the cap is counted for the `truncated` event.
+    func output(spid: Int, _ stream: Int, _ chunk: [UInt8], limit: Int) {
         let kept = state.withLock { s -> ArraySlice<UInt8> in
-            let room = max(0, limit - s.emitted[stream])
-            let kept = chunk.prefix(room)
-            s.emitted[stream] += kept.count
-            s.dropped[stream] += chunk.count - kept.count
+            let emitted = s.emitted[spid, default: [0, 0]][stream]
+            let kept = chunk.prefix(max(0, limit - emitted))
+            s.emitted[spid, default: [0, 0]][stream] += kept.count
+            s.dropped[spid, default: [0, 0]][stream] += chunk.count - kept.count
             return kept
         }
         if !kept.isEmpty {
-            emit(stream == 0 ? "stdout" : "stderr", spid: 1, StreamValue(Array(kept)).json)
+            emit(stream == 0 ? "stdout" : "stderr", spid: spid, StreamValue(Array(kept)).json)
         }
     }
 
-    /// Bytes emitted and dropped per stream.
-    var outputCounts: (emitted: [Int], dropped: [Int]) { state.withLock { ($0.emitted, $0.dropped) } }
+    /// Emits `truncated` for each stream of a process that went past its cap.
+    func emitTruncation(spid: Int) {
+        let (emitted, dropped) = state.withLock { ($0.emitted[spid] ?? [0, 0], $0.dropped[spid] ?? [0, 0]) }
+        for (index, name) in ["stdout", "stderr"].enumerated() where dropped[index] > 0 {
+            emit(
+                "truncated", spid: spid,
+                .object([
+                    ("stream", .string(name)), ("bytes_emitted", .int(emitted[index])),
+                    ("bytes_dropped", .int(dropped[index])),
+                ]))
+        }
+    }
+
+    // MARK: processes started in the instance
+
+    func setImageDefaults(env: [String], cwd: String) {
+        state.withLock {
+            $0.imageEnv = env
+            $0.imageCwd = cwd
+        }
+    }
+    var imageDefaults: (env: [String], cwd: String) { state.withLock { ($0.imageEnv, $0.imageCwd) } }
+
+    /// A new spid and the control of its process.
+    func addSubprocess() -> (spid: Int, control: RunControl) {
+        state.withLock { s in
+            let spid = s.nextSpid
+            s.nextSpid += 1
+            let control = RunControl()
+            s.subprocesses[spid] = control
+            return (spid, control)
+        }
+    }
+
+    func subprocessEnded(_ spid: Int) { _ = state.withLock { $0.subprocesses.removeValue(forKey: spid) } }
+
+    /// The control of a running process: the main one (1) or a started one.
+    func processControl(_ spid: Int) -> RunControl? {
+        spid == 1 ? control : state.withLock { $0.subprocesses[spid] }
+    }
 
     /// Ends the log: the live streams end after the events they have.
     func finish() {
@@ -87,7 +131,7 @@ final class LiveOperation: Sendable {
             return s.subscribers.values.map(\.continuation)
         }
         for continuation in subscribers { continuation.finish() }
-        closeStdin()
+        closeAllStdin()
     }
 
     /// Streams the events after `since` (matching `spid`); with `follow`, goes on until the log
@@ -141,17 +185,17 @@ final class LiveOperation: Sendable {
         }
     }
 
-    // MARK: stdin of the main process
+    // MARK: stdin of the processes
 
-    func openStdin(_ fd: Int32) { state.withLock { $0.stdin = fd } }
+    func openStdin(spid: Int, _ fd: Int32) { state.withLock { $0.stdin[spid] = fd } }
 
-    /// Writes to the main process's stdin (blocking while the pipe is full) and closes it when
-    /// asked. - Throws: 409 when stdin is not open.
-    func writeStdin(_ bytes: [UInt8], close: Bool) async throws {
-        guard let fd = state.withLock({ $0.stdin }) else {
+    /// Writes to a process's stdin (blocking while the pipe is full) and closes it when asked.
+    /// - Throws: 409 when its stdin is not open.
+    func writeStdin(spid: Int, _ bytes: [UInt8], close: Bool) async throws {
+        guard let fd = state.withLock({ $0.stdin[spid] }) else {
             throw APIError(
                 .conflict,
-                "the main process's stdin is closed: it was spawned without stdin.close=false, closed by an earlier request, or the process ended"
+                "the stdin of process \(spid) is closed: it was started without stdin.close=false, closed by an earlier request, or the process ended"
             )
         }
         if !bytes.isEmpty {
@@ -159,19 +203,24 @@ final class LiveOperation: Sendable {
                 do {
                     try FileSystem.writeAll(fd: fd, bytes, path: "stdin")
                 } catch {
-                    throw APIError(.conflict, "the main process no longer reads its stdin (it may have ended)")
+                    throw APIError(.conflict, "process \(spid) no longer reads its stdin (it may have ended)")
                 }
             }
         }
-        if close { closeStdin() }
+        if close { closeStdin(spid: spid) }
     }
 
-    func closeStdin() {
-        let fd = state.withLock { s -> Int32? in
-            defer { s.stdin = nil }
-            return s.stdin
-        }
+    func closeStdin(spid: Int) {
+        let fd = state.withLock { $0.stdin.removeValue(forKey: spid) }
         if let fd { Glibc.close(fd) }
+    }
+
+    func closeAllStdin() {
+        let fds = state.withLock { s -> [Int32] in
+            defer { s.stdin = [:] }
+            return Array(s.stdin.values)
+        }
+        for fd in fds { Glibc.close(fd) }
     }
 }
 

@@ -168,14 +168,14 @@ final class OperationManager: Sendable {
             if let pipe = try? FileSystem.makePipe() {
                 pipeRead = pipe.read
                 input = .fileDescriptor(pipe.read)
-                operation.openStdin(pipe.write)
-                if !plan.stdin.isEmpty { Task { try? await operation.writeStdin(plan.stdin, close: false) } }
+                operation.openStdin(spid: 1, pipe.write)
+                if !plan.stdin.isEmpty { Task { try? await operation.writeStdin(spid: 1, plan.stdin, close: false) } }
             }
         } else if !plan.stdin.isEmpty {
             input = .bytes(plan.stdin)
         }
         defer {
-            operation.closeStdin()
+            operation.closeStdin(spid: 1)
             if pipeRead >= 0 { close(pipeRead) }
         }
 
@@ -200,6 +200,7 @@ final class OperationManager: Sendable {
                 ("image", .string(image.uuid)),
             ]))
 
+        operation.setImageDefaults(env: image.config.env, cwd: plan.cwd ?? image.config.workingDir)
         // The environment: the image's under a shell (spec), then the request's; null unsets.
         var env: [String: String] = [:]
         if plan.shell {
@@ -252,8 +253,8 @@ final class OperationManager: Sendable {
             image: image.uuid, command: plan.argv, env: env, cwd: plan.cwd, files: plan.files,
             timeout: Double(plan.timeout), network: plan.network, hostname: plan.hostname, disposable: plan.disposable,
             stdin: input,
-            stdout: .capture(limit: limit, onChunk: { operation.output(0, $0, limit: limit) }),
-            stderr: .capture(limit: limit, onChunk: { operation.output(1, $0, limit: limit) }))
+            stdout: .capture(limit: limit, onChunk: { operation.output(spid: 1, 0, $0, limit: limit) }),
+            stderr: .capture(limit: limit, onChunk: { operation.output(spid: 1, 1, $0, limit: limit) }))
         spec.inheritImageEnv = false
         spec.resultConfig = resultConfig
         spec.control = operation.control
@@ -297,15 +298,7 @@ final class OperationManager: Sendable {
     {
         let record = result.record
         let metrics = record.metrics
-        let (emitted, dropped) = operation.outputCounts
-        for (index, name) in ["stdout", "stderr"].enumerated() where dropped[index] > 0 {
-            operation.emit(
-                "truncated", spid: 1,
-                .object([
-                    ("stream", .string(name)), ("bytes_emitted", .int(emitted[index])),
-                    ("bytes_dropped", .int(dropped[index])),
-                ]))
-        }
+        operation.emitTruncation(spid: 1)
         let exitCode = record.exitCode.map(Int.init) ?? -1
         let signal = record.signal.map(Int.init) ?? (record.timedOut || record.cancelled ? Int(SIGKILL) : 0)
         operation.emit(
@@ -372,6 +365,117 @@ final class OperationManager: Sendable {
                 ("image_size_bytes", .int(imageSize)),
             ]))
         operation.finish()
+    }
+
+    /// Starts one more process in a running instance (`POST .../subprocesses`); returns its spid.
+    func startSubprocess(_ operation: LiveOperation, _ body: ExecRequestBody) throws -> Int {
+        guard operation.isRunning, operation.control.isRunning else {
+            throw APIError(
+                .tooEarly, "the instance is not running yet (or has just ended); retry shortly", retryAfter: 1)
+        }
+        guard !body.command.trimmingCharacters(in: .whitespaces).isEmpty else {
+            throw APIError(.badRequest, "command is empty; send the command to run")
+        }
+        let truncate = body.truncateOutputAt ?? ServerState.defaultTruncate
+        guard (1...ServerState.maxTruncate).contains(truncate) else {
+            throw APIError(.badRequest, "truncate_output_at must be from 1 to \(ServerState.maxTruncate) bytes")
+        }
+        let uid = body.uid ?? 0
+        let gid = body.gid ?? 0
+        guard (0..<65536).contains(uid), (0..<65536).contains(gid) else {
+            throw APIError(.badRequest, "uid and gid must be from 0 to 65535")
+        }
+        let defaults = operation.imageDefaults
+        var cwd = defaults.cwd
+        if let raw = body.cwd, !raw.isEmpty { cwd = try ServerState.sandboxPath(raw, field: "cwd") }
+        let stdinPayload = body.stdin ?? StdinPayload(value: "", encoding: "ascii", close: true)
+        let stdin = try stdinPayload.bytes()
+        let shell = body.shell ?? false
+        let args = body.args ?? []
+        var env: [String: String] = [:]
+        if shell {
+            for entry in defaults.env {
+                let parts = entry.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                env[String(parts[0])] = parts.count > 1 ? String(parts[1]) : ""
+            }
+        }
+        for (key, value) in body.env ?? [:] {
+            guard !key.isEmpty, !key.contains("=") else { throw APIError(.badRequest, "env: '\(key)' is not a valid name") }
+            env[key] = value
+        }
+        if env["PATH"] == nil { env["PATH"] = ImageConfig.defaultPath }
+
+        let (spid, control) = operation.addSubprocess()
+        let request = JSON.object([
+            ("command", .string(body.command)), ("args", .array(args.map(JSON.string))), ("shell", .bool(shell)),
+            ("cwd", .string(cwd)), ("uid", .int(uid)), ("gid", .int(gid)), ("truncate_output_at", .int(truncate)),
+        ])
+        try api.database.query(
+            "INSERT INTO api_subprocesses(operation, spid, request) VALUES(?, ?, ?)",
+            [.text(operation.uuid), .integer(Int64(spid)), .text(request.serialized())])
+        var input = InputSource.null
+        var pipeRead: Int32 = -1
+        if stdinPayload.close == false {
+            let pipe = try FileSystem.makePipe()
+            pipeRead = pipe.read
+            input = .fileDescriptor(pipe.read)
+            operation.openStdin(spid: spid, pipe.write)
+            if !stdin.isEmpty { Task { try? await operation.writeStdin(spid: spid, stdin, close: false) } }
+        } else if !stdin.isEmpty {
+            input = .bytes(stdin)
+        }
+        operation.emit(
+            "spawn", spid: spid,
+            .object([
+                ("pid", .int(0)), ("command", .string(body.command)), ("args", .array(args.map(JSON.string))),
+                ("shell", .bool(shell)), ("cwd", .string(cwd)), ("uid", .int(uid)), ("gid", .int(gid)),
+                ("timeout", .int(0)), ("truncate_at", .int(truncate)),
+            ]))
+        let spec = ExecSpec(
+            command: shell ? ["/bin/sh", "-c", body.command] : [body.command] + args,
+            environment: env.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }, cwd: cwd,
+            uid: UInt32(uid), gid: UInt32(gid), stdin: input,
+            stdout: .capture(limit: truncate, onChunk: { operation.output(spid: spid, 0, $0, limit: truncate) }),
+            stderr: .capture(limit: truncate, onChunk: { operation.output(spid: spid, 1, $0, limit: truncate) }))
+        var controlled = spec
+        controlled.control = control
+        let database = api.database
+        Task {
+            defer {
+                operation.closeStdin(spid: spid)
+                if pipeRead >= 0 { close(pipeRead) }
+                operation.subprocessEnded(spid)
+            }
+            let outcome: ExecOutcome
+            do {
+                outcome = try await operation.control.exec(controlled)
+            } catch {
+                var failed = ExecOutcome()
+                failed.exitCode = nil
+                failed.stderr = Array("contree: \(APIError.from(error).message)\n".utf8)
+                outcome = failed
+            }
+            operation.emitTruncation(spid: spid)
+            let exitCode = outcome.exitCode.map(Int.init) ?? -1
+            let signal = outcome.signal.map(Int.init) ?? 0
+            var metrics = RunMetrics()
+            metrics.wallSeconds = outcome.wallSeconds
+            operation.emit(
+                "exit", spid: spid,
+                .object([
+                    ("pid", .int(0)), ("code", .int(exitCode)), ("signal", .int(signal)), ("core_dump", .bool(false)),
+                    ("timed_out", .bool(outcome.timedOut)), ("duration_ms", .int(Int64(outcome.wallSeconds * 1000))),
+                    ("resources", OperationManager.eventResources(metrics)),
+                ]))
+            let result = OperationManager.instanceResult(
+                exitCode: exitCode, signal: signal, timedOut: outcome.timedOut, metrics: metrics,
+                stdout: outcome.stdout, stdoutTruncated: outcome.stdoutDropped > 0, stderr: outcome.stderr,
+                stderrTruncated: outcome.stderrDropped > 0)
+            _ = try? database.query(
+                "UPDATE api_subprocesses SET result = ? WHERE operation = ? AND spid = ?",
+                [.text(result.serialized()), .text(operation.uuid), .integer(Int64(spid))])
+        }
+        return spid
     }
 
     static func eventResources(_ m: RunMetrics) -> JSON {

@@ -134,28 +134,41 @@ extension ServerState {
             })
     }
 
-    private func mainProcess(_ spid: String) throws {
+    private func processNumber(_ spid: String) throws -> Int {
         guard let number = Int(spid), number >= 1 else {
             throw APIError(.badRequest, "spid must be a positive integer, not '\(spid)'")
         }
-        guard number == 1 else {
-            throw APIError.notFound("operation has no process with spid \(spid); 1 is the main process")
-        }
+        return number
     }
 
-    /// `GET /v1/operations/{id}/subprocesses/{spid}`: the main process's result; while it
-    /// runs, exit_code and signal are -1.
+    /// `GET /v1/operations/{id}/subprocesses/{spid}`: a process's result (1 is the main one);
+    /// while it runs, exit_code and signal are -1.
     func subprocess(_ call: APICall, _ uuid: String, spid: String) throws -> Response {
         let row = try operationRow(call, uuid)
-        try mainProcess(spid)
-        if let result = row["result"].string { return .json(.raw(result)) }
+        let number = try processNumber(spid)
+        let id = row["uuid"].string ?? uuid
+        var result: String?
+        if number == 1 {
+            result = row["result"].string
+        } else {
+            guard
+                let process = try api.database.query(
+                    "SELECT result FROM api_subprocesses WHERE operation = ? AND spid = ?",
+                    [.text(id), .integer(Int64(number))]
+                ).first
+            else {
+                throw APIError.notFound("operation \(uuid) has no process \(spid)")
+            }
+            result = process["result"].string
+        }
+        if let result { return .json(.raw(result)) }
         return .json(
             OperationManager.instanceResult(
                 exitCode: -1, signal: -1, timedOut: false, metrics: RunMetrics(), stdout: [], stdoutTruncated: false,
                 stderr: [], stderrTruncated: false))
     }
 
-    /// The live operation behind a running instance. - Throws: 409/410 when it has ended.
+    /// The live operation behind a running instance. - Throws: 410 when it has ended.
     private func running(_ call: APICall, _ uuid: String) throws -> LiveOperation {
         let row = try operationRow(call, uuid)
         let status = row["status"].string ?? ""
@@ -166,33 +179,41 @@ extension ServerState {
         return live
     }
 
-    /// `DELETE /v1/operations/{id}/subprocesses/{spid}?signal=`: signals the main process's
-    /// group (SIGKILL by default, which ends the operation).
+    /// `DELETE /v1/operations/{id}/subprocesses/{spid}?signal=`: signals a process's group
+    /// (SIGKILL by default; for the main process that ends the operation).
     func kill(_ call: APICall, _ uuid: String, spid: String) throws -> Response {
-        try mainProcess(spid)
+        let number = try processNumber(spid)
         let signal = try ServerState.parseSignal(call.param("signal"))
         let live = try running(call, uuid)
-        live.control.signal(signal)
+        guard let control = live.processControl(number) else {
+            throw APIError.notFound("operation \(uuid) has no live process \(spid)")
+        }
+        control.signal(signal)
         return .noContent()
     }
 
     /// `POST /v1/operations/{id}/subprocesses/{spid}/stdin`.
     func stdin(_ call: APICall, _ uuid: String, spid: String) async throws -> Response {
-        try mainProcess(spid)
+        let number = try processNumber(spid)
         let live = try running(call, uuid)
         let body = try await decode(StdinPayload.self, from: call)
-        try await live.writeStdin(try body.bytes(), close: body.close ?? true)
+        try await live.writeStdin(spid: number, try body.bytes(), close: body.close ?? true)
         return .noContent()
     }
 
-    /// `POST /v1/operations/{id}/subprocesses`.
+    /// `POST /v1/operations/{id}/subprocesses`: one more process in the running instance.
     func execSubprocess(_ call: APICall, _ uuid: String) async throws -> Response {
-        _ = try running(call, uuid)
-        _ = try await decode(ExecRequestBody.self, from: call)
-        throw APIError(
-            .notImplemented,
-            "starting more processes in a running instance is not supported by this server yet; run the command as its own instance from the same image"
-        )
+        let row = try operationRow(call, uuid)
+        let status = row["status"].string ?? ""
+        guard !OperationManager.terminal.contains(status), let live = operations.liveOperation(row["uuid"].string ?? uuid)
+        else {
+            throw APIError(.conflict, "operation \(uuid) is not a running instance (\(status))")
+        }
+        let body = try await decode(ExecRequestBody.self, from: call)
+        let spid = try operations.startSubprocess(live, body)
+        var headers = HTTPFields()
+        headers[.location] = "/v1/operations/\(live.uuid)/subprocesses/\(spid)"
+        return .json(.object([("spid", .int(spid))]), status: .created, headers: headers)
     }
 
     static func parseSignal(_ raw: String?) throws -> Int32 {

@@ -32,6 +32,9 @@ struct APIStore: Sendable {
                 memory INTEGER NOT NULL DEFAULT 0, image_size INTEGER NOT NULL DEFAULT 0,
                 tag TEXT, session_key TEXT);
             CREATE INDEX IF NOT EXISTS api_operations_ns ON api_operations(namespace, created);
+            CREATE TABLE IF NOT EXISTS api_subprocesses(
+                operation TEXT NOT NULL, spid INTEGER NOT NULL, request TEXT NOT NULL, result TEXT,
+                PRIMARY KEY(operation, spid));
             CREATE TABLE IF NOT EXISTS api_events(
                 operation TEXT NOT NULL, id INTEGER NOT NULL, spid INTEGER, body TEXT NOT NULL,
                 PRIMARY KEY(operation, id));

@@ -81,7 +81,7 @@ public struct ContainerBackend: IsolationBackend {
 }
 
 /// Fires an eventfd once; closes it when the run is over.
-private final class CancelSignal: Sendable {
+final class CancelSignal: Sendable {
     private let state: Mutex<Int32>
     init(fd: Int32) { state = Mutex(fd) }
     func fire() {

@@ -9,6 +9,11 @@ struct ContainerLaunch {
     /// fds this launch opened and must close.
     final class Closer {
         var fds: [Int32] = []
+        func pipe() throws -> (read: Int32, write: Int32) {
+            var p: [Int32] = [-1, -1]
+            guard csb_pipe_cloexec(&p) == 0 else { throw SandboxError.system("pipe2") }
+            return (add(p[0]), add(p[1]))
+        }
         func add(_ fd: Int32) -> Int32 {
             fds.append(fd)
             return fd
@@ -22,31 +27,23 @@ struct ContainerLaunch {
         deinit { for fd in fds { Glibc.close(fd) } }
     }
 
-    func execute() throws -> LaunchOutcome {
-        let initProgram = try ContainerBackend.initProgram()
-        let userns = try ContainerBackend.userNamespace()
-        Trace.mark("user namespace")
-        let closer = Closer()
-
-        func pipePair() throws -> (read: Int32, write: Int32) {
-            var p: [Int32] = [-1, -1]
-            guard csb_pipe_cloexec(&p) == 0 else { throw SandboxError.system("pipe2") }
-            return (closer.add(p[0]), closer.add(p[1]))
-        }
+    /// The command's stdio: what the child gets, and what the supervisor keeps to feed or drain.
+    static func stdio(_ input: InputSource, _ output: OutputSink, _ errors: OutputSink, closer: Closer) throws -> (
+        stdinChild: Int32, stdinFeed: (fd: Int32, bytes: [UInt8])?, out: (child: Int32, drain: Int32?),
+        err: (child: Int32, drain: Int32?)
+    ) {
         func devNull(_ flags: Int32) throws -> Int32 {
             let fd = open("/dev/null", flags | O_CLOEXEC)
             guard fd >= 0 else { throw SandboxError.system("open(/dev/null)") }
             return closer.add(fd)
         }
-
-        // stdio: what the child gets, and what we keep to feed or drain.
         var stdinChild: Int32
         var stdinFeed: (fd: Int32, bytes: [UInt8])?
-        switch request.stdin {
+        switch input {
         case .null: stdinChild = try devNull(O_RDONLY)
         case .fileDescriptor(let fd): stdinChild = fd
         case .bytes(let bytes):
-            let p = try pipePair()
+            let p = try closer.pipe()
             stdinChild = p.read
             _ = fcntl(p.write, F_SETFL, O_NONBLOCK)
             stdinFeed = (p.write, bytes)
@@ -56,12 +53,22 @@ struct ContainerLaunch {
             case .fileDescriptor(let fd): return (fd, nil)
             case .discard: return (try devNull(O_WRONLY), nil)
             case .capture:
-                let p = try pipePair()
+                let p = try closer.pipe()
                 return (p.write, p.read)
             }
         }
-        var out = try outputEnd(request.stdout)
-        var err = try outputEnd(request.stderr)
+        return (stdinChild, stdinFeed, try outputEnd(output), try outputEnd(errors))
+    }
+
+    func execute() throws -> LaunchOutcome {
+        let initProgram = try ContainerBackend.initProgram()
+        let userns = try ContainerBackend.userNamespace()
+        Trace.mark("user namespace")
+        let closer = Closer()
+
+        func pipePair() throws -> (read: Int32, write: Int32) { try closer.pipe() }
+        var (stdinChild, stdinFeed, out, err) = try ContainerLaunch.stdio(
+            request.stdin, request.stdout, request.stderr, closer: closer)
         // An interactive session: stdio is one pty, relayed to the caller's terminal.
         var terminal: (primary: Int32, secondary: Int32)?
         if let session = request.terminal {
@@ -154,8 +161,13 @@ struct ContainerLaunch {
         Trace.mark("cgroup attached")
         var byte: UInt8 = 1
         _ = Glibc.write(go.write, &byte, 1)
-        request.control?.attach(pidfd)
-        defer { request.control?.detach() }
+        let running = RunningContainer(
+            pidfd: pidfd, cgroup: cgroup, storeRoot: request.storeRoot, runID: request.id, network: request.network)
+        request.control?.attach(running)
+        defer {
+            request.control?.detach()
+            running.close()
+        }
         // go.write stays open until the run ends: pid 1 reads its hang-up as "the parent died".
 
         var supervisor = Supervisor(

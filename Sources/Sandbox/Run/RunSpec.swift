@@ -65,9 +65,66 @@ public struct TerminalSession: Sendable, Equatable {
     }
 }
 
-/// A handle on a running sandbox: signal its command, and learn when it has started.
+/// One more command to start in a running sandbox (`RunControl.exec`): same root, namespaces,
+/// cgroup, credentials and system call filter as the sandbox's own command.
+public struct ExecSpec: Sendable {
+    /// argv; `command[0]` is looked up in PATH from `environment`.
+    public var command: [String]
+    /// `KEY=VALUE`; nothing is inherited.
+    public var environment: [String]
+    public var cwd: String
+    public var uid: UInt32
+    public var gid: UInt32
+    public var stdin: InputSource
+    public var stdout: OutputSink
+    public var stderr: OutputSink
+    /// Seconds; nil for none (it ends with the sandbox at the latest).
+    public var timeout: Double?
+    /// Signals the command once it runs (its `exec` is refused).
+    public var control: RunControl?
+
+    public init(
+        command: [String], environment: [String], cwd: String = "/", uid: UInt32 = 0, gid: UInt32 = 0,
+        stdin: InputSource = .null, stdout: OutputSink = .capture(limit: 1 << 20),
+        stderr: OutputSink = .capture(limit: 1 << 20), timeout: Double? = nil
+    ) {
+        self.command = command
+        self.environment = environment
+        self.cwd = cwd
+        self.uid = uid
+        self.gid = gid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.timeout = timeout
+    }
+}
+
+/// How an exec'd command ended.
+public struct ExecOutcome: Sendable {
+    public var exitCode: Int32?
+    public var signal: Int32?
+    public var timedOut = false
+    public var cancelled = false
+    public var stdout: [UInt8] = []
+    public var stderr: [UInt8] = []
+    public var stdoutDropped = 0
+    public var stderrDropped = 0
+    public var wallSeconds = 0.0
+
+    public init() {}
+}
+
+/// What a running sandbox offers its control: signals to its command, and more commands.
+protocol RunningSandbox: Sendable {
+    func signal(_ signal: Int32)
+    func exec(_ spec: ExecSpec) async throws -> ExecOutcome
+}
+
+/// A handle on a running sandbox: signal its command, start more commands in it, and learn
+/// when it has started.
 public final class RunControl: Sendable {
-    private let state = Mutex<(pidfd: Int32?, pending: [Int32])>((nil, []))
+    private let state = Mutex<(sandbox: (any RunningSandbox)?, pending: [Int32], ended: Bool)>((nil, [], false))
     private let onStart: Mutex<(@Sendable () -> Void)?>
 
     /// - Parameter onStart: called once the command has been started (after the sandbox is set up).
@@ -83,29 +140,42 @@ public final class RunControl: Sendable {
     /// Sends `signal` to the command's process group (pid 1 of the sandbox forwards it).
     /// SIGKILL stops the whole sandbox. A signal sent before the start is delivered at the start.
     public func signal(_ signal: Int32) {
-        state.withLock { state in
-            if let fd = state.pidfd {
-                _ = csb_pidfd_kill(fd, signal == SIGKILL ? CSB_SIGNAL_STOP : signal)
-            } else {
-                state.pending.append(signal)
-            }
+        let sandbox = state.withLock { state -> (any RunningSandbox)? in
+            if state.sandbox == nil && !state.ended { state.pending.append(signal) }
+            return state.sandbox
         }
+        sandbox?.signal(signal)
     }
 
-    /// Called by the backend with pid 1's pidfd once the command runs.
-    func attach(_ pidfd: Int32) {
+    /// Whether the command runs now.
+    public var isRunning: Bool { state.withLock { $0.sandbox != nil } }
+
+    /// Starts `spec` in the running sandbox and waits for it. Cancelling the task kills it.
+    /// - Throws: `conflict` when the sandbox is not running (not yet, or no more).
+    public func exec(_ spec: ExecSpec) async throws -> ExecOutcome {
+        guard let sandbox = state.withLock({ $0.sandbox }) else {
+            throw SandboxError(.conflict, "the sandbox is not running, so nothing can be started in it")
+        }
+        return try await sandbox.exec(spec)
+    }
+
+    /// Called by the backend once the command runs.
+    func attach(_ sandbox: any RunningSandbox) {
         let pending = state.withLock { state in
-            state.pidfd = pidfd
+            state.sandbox = sandbox
             defer { state.pending = [] }
             return state.pending
         }
         onStart.withLock { $0 }?()
-        for s in pending { signal(s) }
+        for s in pending { sandbox.signal(s) }
     }
 
-    /// Called by the backend before it closes the pidfd.
+    /// Called by the backend when the sandbox ends (before its resources go).
     func detach() {
-        state.withLock { $0.pidfd = nil }
+        state.withLock {
+            $0.sandbox = nil
+            $0.ended = true
+        }
     }
 }
 
