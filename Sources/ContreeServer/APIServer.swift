@@ -2,6 +2,7 @@ import FoundationEssentials
 import Hummingbird
 import Logging
 import Sandbox
+import ServiceLifecycle
 
 /// `contree-pipeline serve`: the ConTree REST API over the local engine.
 public struct APIServer: Sendable {
@@ -38,6 +39,22 @@ public struct APIServer: Sendable {
             configuration: ApplicationConfiguration(address: .hostname(host, port: port), serverName: "contree-pipeline"),
             onServerRunning: { channel in await onReady(channel.localAddress?.port ?? port) },
             logger: logger)
-        try await app.runService()
+        // Shutdown runs backwards: first the operations end (recorded as cancelled, their event
+        // streams closed with `completion`), then the HTTP server drains its connections.
+        let group = ServiceGroup(
+            configuration: ServiceGroupConfiguration(
+                services: [app, OperationsService(operations: state.operations)],
+                gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group.run()
+    }
+}
+
+/// Ends the running operations when `serve` is asked to stop.
+struct OperationsService: Service {
+    let operations: OperationManager
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        await operations.shutdown(reason: "the server (contree-pipeline serve) was stopped")
     }
 }

@@ -332,6 +332,28 @@ struct InstanceTests {
         #expect(try await server.wait(check)[path: "metadata.result.stdout.value"] as? String == "yes::/work\n")
     }
 
+    @Test("stopping serve (SIGTERM) cancels what runs, closes the streams with completion, and exits")
+    func gracefulStop() async throws {
+        let server = try await TestServer()
+        let op = try await server.spawn(#"{"command":"sleep 60","image":"busybox","shell":true}"#)
+        let stream = Task { try await server.request("GET", "/v1/operations/\(op)/events?follow=1") }
+        for _ in 0..<100 {
+            if try await server.request("GET", "/v1/operations/\(op)").json()["status"] as? String == "EXECUTING" {
+                break
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        let started = ContinuousClock.now
+        try await server.stop(signal: SIGTERM)
+        #expect(ContinuousClock.now - started < .seconds(15))
+        let frames = try await stream.value.text
+        #expect(frames.contains(#""type":"completion""#) && frames.contains(#""status":"CANCELLED""#))
+        try await server.start()
+        let record = try await server.request("GET", "/v1/operations/\(op)").json()
+        #expect(record["status"] as? String == "CANCELLED")
+        #expect((record["error"] as? String ?? "").contains("stopped"))
+    }
+
     @Test("operations outlive serve; one in flight when it dies becomes FAILED with a reason")
     func restart() async throws {
         let server = try await TestServer()

@@ -29,6 +29,7 @@ final class LiveOperation: Sendable {
         /// What a subprocess inherits: the image's environment and working directory.
         var imageEnv: [String] = []
         var imageCwd = "/"
+        var cancelReason: String?
     }
     private let state: Mutex<State>
 
@@ -43,7 +44,15 @@ final class LiveOperation: Sendable {
     }
 
     func setTask(_ task: Task<Void, Never>) { state.withLock { $0.task = task } }
-    func cancel() { state.withLock { $0.task }?.cancel() }
+
+    /// Cancels the operation; `reason` becomes its error.
+    func cancel(reason: String = "cancelled") {
+        state.withLock { s in
+            if s.cancelReason == nil { s.cancelReason = reason }
+            return s.task
+        }?.cancel()
+    }
+    var cancelReason: String? { state.withLock { $0.cancelReason } }
 
     var isRunning: Bool { state.withLock { $0.running } }
     func setRunning(_ running: Bool) { state.withLock { $0.running = running } }

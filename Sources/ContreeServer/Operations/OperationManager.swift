@@ -133,6 +133,16 @@ final class OperationManager: Sendable {
         operation.setTask(task)
     }
 
+    /// Cancels every live operation and waits (up to 10 s) until each has recorded its end.
+    func shutdown(reason: String) async {
+        let operations = live.withLock { Array($0.values) }
+        for operation in operations { operation.cancel(reason: reason) }
+        let deadline = ContinuousClock.now + .seconds(10)
+        while !live.withLock({ $0.isEmpty }) && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
     /// Cancels a PENDING or running operation. - Throws: 409 when it has ended.
     func cancel(_ uuid: String, status: String) throws {
         guard !OperationManager.terminal.contains(status), let operation = liveOperation(uuid) else {
@@ -155,7 +165,9 @@ final class OperationManager: Sendable {
         do {
             try await slots.acquire(namespace, limit: plan.token.maxConcurrency)
         } catch {
-            finishWithoutRun(plan, operation, status: "CANCELLED", error: "cancelled before it started", created: created)
+            finishWithoutRun(
+                plan, operation, status: "CANCELLED", error: operation.cancelReason ?? "cancelled before it started",
+                created: created)
             return
         }
         defer { slots.release(namespace) }
@@ -266,7 +278,8 @@ final class OperationManager: Sendable {
             operation.setRunning(false)
             finishWithoutRun(
                 plan, operation, status: Task.isCancelled ? "CANCELLED" : "FAILED",
-                error: APIError.from(error).message, created: created, image: image.uuid)
+                error: Task.isCancelled ? operation.cancelReason ?? "cancelled" : APIError.from(error).message,
+                created: created, image: image.uuid)
             return
         }
         operation.setRunning(false)
@@ -321,7 +334,7 @@ final class OperationManager: Sendable {
         var resultImage = record.resultImage
         if record.cancelled {
             status = "CANCELLED"
-            error = "cancelled"
+            error = operation.cancelReason ?? "cancelled"
         } else if record.timedOut {
             // Like a non-zero exit, a timeout is the command's outcome (state.timed_out, the
             // exit event): the operation succeeded, and nothing of the run is kept.
