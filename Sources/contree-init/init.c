@@ -507,15 +507,20 @@ static int64_t csb_read_last_pid(void) {
     return v;
 }
 
+/// The signals pid 1 and the exec helper wait for: children, the ones they forward, and the stop.
+static void csb_wait_signals(sigset_t *set) {
+    sigemptyset(set);
+    int waited[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, CSB_SIGNAL_STOP};
+    for (size_t i = 0; i < sizeof waited / sizeof waited[0]; i++) sigaddset(set, waited[i]);
+}
+
 /// Pid 1 of the sandbox: reaps orphans, forwards signals to the command's process group, and
 /// when the command ends (or the parent asks with CSB_SIGNAL_STOP) kills whatever is left and
 /// reports. Reaping everything itself, rather than dying, keeps the tree's CPU time in pid 1's
 /// rusage: the kernel auto-reaps the children of a pid 1 that is killed.
 __attribute__((noreturn)) static void csb_init(const csb_launch *l, pid_t command) {
     sigset_t waitset;
-    sigemptyset(&waitset);
-    int forwarded[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, CSB_SIGNAL_STOP};
-    for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaddset(&waitset, forwarded[i]);
+    csb_wait_signals(&waitset);
     int status = 0;
     int done = 0;
     while (!done) {
@@ -653,9 +658,7 @@ static char *csb_join_lowers(const csb_launch *l) {
 /// Only the command is its child; what the command leaves behind belongs to the sandbox's pid 1.
 __attribute__((noreturn)) static void csb_exec_wait(const csb_launch *l, pid_t command) {
     sigset_t waitset;
-    sigemptyset(&waitset);
-    int forwarded[] = {SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, CSB_SIGNAL_STOP};
-    for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++) sigaddset(&waitset, forwarded[i]);
+    csb_wait_signals(&waitset);
     int status = 0;
     for (;;) {
         siginfo_t info;

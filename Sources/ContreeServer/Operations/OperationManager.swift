@@ -213,15 +213,7 @@ final class OperationManager: Sendable {
             ]))
 
         operation.setImageDefaults(env: image.config.env, cwd: plan.cwd ?? image.config.workingDir)
-        // The environment: the image's under a shell (spec), then the request's; null unsets.
-        var env: [String: String] = [:]
-        if plan.shell {
-            for entry in image.config.env {
-                let parts = entry.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-                env[String(parts[0])] = parts.count > 1 ? String(parts[1]) : ""
-            }
-        }
-        for (key, value) in plan.env { env[key] = value }
+        let env = ProcessFields.environment(image: image.config.env, shell: plan.shell, request: plan.env)
         var resultConfig: ImageConfig?
         if plan.preserveEnv || plan.preserveCwd {
             var config = image.config
@@ -386,36 +378,17 @@ final class OperationManager: Sendable {
             throw APIError(
                 .tooEarly, "the instance is not running yet (or has just ended); retry shortly", retryAfter: 1)
         }
-        guard !body.command.trimmingCharacters(in: .whitespaces).isEmpty else {
-            throw APIError(.badRequest, "command is empty; send the command to run")
-        }
-        let truncate = body.truncateOutputAt ?? ServerState.defaultTruncate
-        guard (1...ServerState.maxTruncate).contains(truncate) else {
-            throw APIError(.badRequest, "truncate_output_at must be from 1 to \(ServerState.maxTruncate) bytes")
-        }
-        let uid = body.uid ?? 0
-        let gid = body.gid ?? 0
-        guard (0..<65536).contains(uid), (0..<65536).contains(gid) else {
-            throw APIError(.badRequest, "uid and gid must be from 0 to 65535")
-        }
+        let process = try ProcessFields(
+            command: body.command, truncate: body.truncateOutputAt, uid: body.uid, gid: body.gid, cwd: body.cwd,
+            stdin: body.stdin, env: body.env)
+        let (truncate, uid, gid, stdinPayload, stdin) = (
+            process.truncate, process.uid, process.gid, process.stdinPayload, process.stdin
+        )
         let defaults = operation.imageDefaults
-        var cwd = defaults.cwd
-        if let raw = body.cwd, !raw.isEmpty { cwd = try ServerState.sandboxPath(raw, field: "cwd") }
-        let stdinPayload = body.stdin ?? StdinPayload(value: "", encoding: "ascii", close: true)
-        let stdin = try stdinPayload.bytes()
+        let cwd = process.cwd ?? defaults.cwd
         let shell = body.shell ?? false
         let args = body.args ?? []
-        var env: [String: String] = [:]
-        if shell {
-            for entry in defaults.env {
-                let parts = entry.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-                env[String(parts[0])] = parts.count > 1 ? String(parts[1]) : ""
-            }
-        }
-        for (key, value) in body.env ?? [:] {
-            guard !key.isEmpty, !key.contains("=") else { throw APIError(.badRequest, "env: '\(key)' is not a valid name") }
-            env[key] = value
-        }
+        var env = ProcessFields.environment(image: defaults.env, shell: shell, request: process.env)
         if env["PATH"] == nil { env["PATH"] = ImageConfig.defaultPath }
 
         let (spid, control) = operation.addSubprocess()

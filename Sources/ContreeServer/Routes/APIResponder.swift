@@ -34,6 +34,22 @@ struct APICall: Sendable {
         return !["0", "false", "no"].contains(raw.lowercased())
     }
 
+    /// Appends the `since`/`until` window on `created`, newest first, and `limit`/`offset`.
+    func windowAndPage(_ sql: inout String, _ bindings: inout [SQLValue]) throws {
+        let limit = try intParam("limit", default: 100, range: 1...1000)
+        let offset = try intParam("offset", default: 0, range: 0...Int(Int32.max))
+        if let since = try timeFilter("since") {
+            sql += " AND created >= ?"
+            bindings.append(.real(since))
+        }
+        if let until = try timeFilter("until") {
+            sql += " AND created <= ?"
+            bindings.append(.real(until))
+        }
+        sql += " ORDER BY created DESC LIMIT ? OFFSET ?"
+        bindings += [.integer(Int64(limit)), .integer(Int64(offset))]
+    }
+
     func timeFilter(_ name: String) throws -> Double? {
         guard let raw = query[name], !raw.isEmpty else { return nil }
         return try Timestamp.parseFilter(raw, name: name)

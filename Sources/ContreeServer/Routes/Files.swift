@@ -65,20 +65,9 @@ extension ServerState {
 
     /// `GET /v1/files`: the namespace's uploads, newest first.
     func listFiles(_ call: APICall) throws -> Response {
-        let limit = try call.intParam("limit", default: 100, range: 1...1000)
-        let offset = try call.intParam("offset", default: 0, range: 0...Int(Int32.max))
         var sql = "SELECT * FROM api_files WHERE namespace = ?"
         var bindings: [SQLValue] = [.text(call.namespace)]
-        if let since = try call.timeFilter("since") {
-            sql += " AND created >= ?"
-            bindings.append(.real(since))
-        }
-        if let until = try call.timeFilter("until") {
-            sql += " AND created <= ?"
-            bindings.append(.real(until))
-        }
-        sql += " ORDER BY created DESC LIMIT ? OFFSET ?"
-        bindings += [.integer(Int64(limit)), .integer(Int64(offset))]
+        try call.windowAndPage(&sql, &bindings)
         let rows = try api.database.query(sql, bindings)
         return .json(.object([("files", .array(rows.map { APIStore.fileJSON($0, full: true) }))]))
     }

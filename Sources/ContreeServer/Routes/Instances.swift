@@ -20,9 +20,9 @@ extension ServerState {
 
     func makePlan(_ body: SpawnRequest, call: APICall) throws -> SpawnPlan {
         let token = call.token
-        guard !body.command.trimmingCharacters(in: .whitespaces).isEmpty else {
-            throw APIError(.badRequest, "command is empty; send the command to run")
-        }
+        let process = try ProcessFields(
+            command: body.command, truncate: body.truncateOutputAt, uid: body.uid, gid: body.gid, cwd: body.cwd,
+            stdin: body.stdin, env: body.env)
         let image = try resolveSpawnImage(body.image, namespace: call.namespace)
 
         let timeout = body.timeout ?? token.maxTimeout
@@ -32,23 +32,12 @@ extension ServerState {
                 .badRequest,
                 "timeout \(timeout) s is beyond this token's limit of \(token.maxTimeout) s (GET /v1/whoami shows the limits)")
         }
-        let truncate = body.truncateOutputAt ?? ServerState.defaultTruncate
-        guard (1...ServerState.maxTruncate).contains(truncate) else {
-            throw APIError(.badRequest, "truncate_output_at must be from 1 to \(ServerState.maxTruncate) bytes")
-        }
-        let uid = body.uid ?? 0
-        let gid = body.gid ?? 0
-        guard (0..<65536).contains(uid), (0..<65536).contains(gid) else {
-            throw APIError(.badRequest, "uid and gid must be from 0 to 65535")
-        }
         let hostname = body.hostname ?? "linuxkit"
         guard (1...64).contains(hostname.utf8.count),
             hostname.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == ".") })
         else {
             throw APIError(.badRequest, "hostname '\(hostname)' must be 1 to 64 letters, digits, '-' or '.'")
         }
-        var cwd: String?
-        if let raw = body.cwd, !raw.isEmpty { cwd = try ServerState.sandboxPath(raw, field: "cwd") }
 
         var files: [FileMapping] = []
         var fileRequests: [(path: String, uuid: String, mode: String)] = []
@@ -75,28 +64,18 @@ extension ServerState {
             fileRequests.append((target, mapping.uuid, "0" + String(mode, radix: 8)))
         }
 
-        let stdinPayload = body.stdin ?? StdinPayload(value: "", encoding: "ascii", close: true)
-        let stdin = try stdinPayload.bytes()
         let maxLayer = body.resourcesLimits?.maxLayerBytes ?? token.maxLayerBytes
         guard maxLayer > 0, maxLayer <= token.maxLayerBytes else {
             throw APIError(
                 .badRequest, "resources_limits.max_layer_bytes must be from 1 to this token's \(token.maxLayerBytes)")
         }
-        var env: [String: String?] = [:]
-        for (key, value) in body.env ?? [:] {
-            guard !key.isEmpty, !key.contains("="), !key.contains("\0"), !(value?.contains("\0") ?? false) else {
-                throw APIError(.badRequest, "env: '\(key)' is not a valid variable name")
-            }
-            env[key] = value
-        }
-        let shell = body.shell ?? false
-        if !shell, body.command.contains("\0") { throw APIError(.badRequest, "command contains a NUL byte") }
         return SpawnPlan(
             uuid: UUID().uuidString.lowercased(), token: token, image: image, command: body.command,
-            args: body.args ?? [], shell: shell, env: env, cwd: cwd, files: files, fileRequests: fileRequests,
-            timeout: timeout, hostname: hostname, disposable: body.disposable ?? false, stdin: stdin,
-            stdinText: stdinPayload, keepStdinOpen: stdinPayload.close == false, truncateAt: truncate,
-            network: body.networking?.enabled == false ? .none : .loopback, uid: uid, gid: gid,
+            args: body.args ?? [], shell: body.shell ?? false, env: process.env, cwd: process.cwd, files: files,
+            fileRequests: fileRequests, timeout: timeout, hostname: hostname, disposable: body.disposable ?? false,
+            stdin: process.stdin, stdinText: process.stdinPayload, keepStdinOpen: process.stdinPayload.close == false,
+            truncateAt: process.truncate, network: body.networking?.enabled == false ? .none : .loopback,
+            uid: process.uid, gid: process.gid,
             preserveEnv: body.preserveEnv ?? false, preserveCwd: body.preserveCwd ?? false, maxLayerBytes: maxLayer)
     }
 
@@ -132,5 +111,63 @@ extension ServerState {
         }
         guard !raw.contains("\0") else { throw APIError(.badRequest, "\(field): the path contains a NUL byte") }
         return "/" + parts.joined(separator: "/")
+    }
+}
+
+/// What a spawn and an exec share, validated: output cap, user, working directory, stdin, env.
+struct ProcessFields {
+    var truncate: Int
+    var uid: Int
+    var gid: Int
+    var cwd: String?
+    var stdinPayload: StdinPayload
+    var stdin: [UInt8]
+    var env: [String: String?]
+
+    init(
+        command: String, truncate: Int?, uid: Int?, gid: Int?, cwd: String?, stdin: StdinPayload?,
+        env: [String: String?]?
+    ) throws {
+        guard !command.trimmingCharacters(in: .whitespaces).isEmpty else {
+            throw APIError(.badRequest, "command is empty; send the command to run")
+        }
+        guard !command.contains("\0") else { throw APIError(.badRequest, "command contains a NUL byte") }
+        self.truncate = truncate ?? ServerState.defaultTruncate
+        guard (1...ServerState.maxTruncate).contains(self.truncate) else {
+            throw APIError(.badRequest, "truncate_output_at must be from 1 to \(ServerState.maxTruncate) bytes")
+        }
+        self.uid = uid ?? 0
+        self.gid = gid ?? 0
+        guard (0..<65536).contains(self.uid), (0..<65536).contains(self.gid) else {
+            throw APIError(.badRequest, "uid and gid must be from 0 to 65535")
+        }
+        if let cwd, !cwd.isEmpty { self.cwd = try ServerState.sandboxPath(cwd, field: "cwd") }
+        stdinPayload = stdin ?? StdinPayload(value: "", encoding: "ascii", close: true)
+        self.stdin = try stdinPayload.bytes()
+        self.env = [:]
+        for (key, value) in env ?? [:] {
+            guard !key.isEmpty, !key.contains("="), !key.contains("\0"), !(value?.contains("\0") ?? false) else {
+                throw APIError(.badRequest, "env: '\(key)' is not a valid variable name")
+            }
+            self.env[key] = value
+        }
+    }
+
+    /// The command's environment: the image's under a shell (the spec), then the request's,
+    /// where null unsets.
+    static func environment(image: [String], shell: Bool, request: [String: String?]) -> [String: String] {
+        var env = shell ? ProcessFields.dictionary(image) : [:]
+        for (key, value) in request { env[key] = value }
+        return env
+    }
+
+    /// `KEY=VALUE` entries as a dictionary.
+    static func dictionary(_ entries: [String]) -> [String: String] {
+        var result: [String: String] = [:]
+        for entry in entries {
+            let parts = entry.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            result[String(parts[0])] = parts.count > 1 ? String(parts[1]) : ""
+        }
+        return result
     }
 }

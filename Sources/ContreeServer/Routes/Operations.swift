@@ -50,8 +50,6 @@ extension ServerState {
 
     /// `GET /v1/operations`: newest first, filtered by status, kind and time; a JSON array.
     func listOperations(_ call: APICall) throws -> Response {
-        let limit = try call.intParam("limit", default: 100, range: 1...1000)
-        let offset = try call.intParam("offset", default: 0, range: 0...Int(Int32.max))
         var sql = "SELECT * FROM api_operations WHERE namespace = ?"
         var bindings: [SQLValue] = [.text(call.namespace)]
         if let status = call.param("status"), !status.isEmpty {
@@ -69,16 +67,7 @@ extension ServerState {
             sql += " AND kind = ?"
             bindings.append(.text(kind))
         }
-        if let since = try call.timeFilter("since") {
-            sql += " AND created >= ?"
-            bindings.append(.real(since))
-        }
-        if let until = try call.timeFilter("until") {
-            sql += " AND created <= ?"
-            bindings.append(.real(until))
-        }
-        sql += " ORDER BY created DESC LIMIT ? OFFSET ?"
-        bindings += [.integer(Int64(limit)), .integer(Int64(offset))]
+        try call.windowAndPage(&sql, &bindings)
         let rows = try api.database.query(sql, bindings)
         return .json(.array(rows.map { ServerState.operationJSON($0, full: false) }))
     }

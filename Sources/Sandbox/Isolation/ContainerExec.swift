@@ -142,11 +142,7 @@ struct ContainerExec {
 
         var outcome = ExecOutcome()
         let commandStatus = supervisor.exitReport?.status ?? status
-        if commandStatus & 0x7f == 0 {
-            outcome.exitCode = (commandStatus >> 8) & 0xff
-        } else {
-            outcome.signal = commandStatus & 0x7f
-        }
+        (outcome.exitCode, outcome.signal) = Supervisor.decode(status: commandStatus)
         outcome.timedOut = supervisor.timedOut
         outcome.cancelled = supervisor.cancelled
         outcome.stdout = supervisor.stdout.kept

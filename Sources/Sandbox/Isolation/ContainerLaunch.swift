@@ -205,11 +205,7 @@ struct ContainerLaunch {
         } else {
             commandStatus = status  // pid 1 itself was killed (timeout, cancel, OOM)
         }
-        if commandStatus & 0x7f == 0 {
-            outcome.exitCode = (commandStatus >> 8) & 0xff
-        } else {
-            outcome.signal = commandStatus & 0x7f
-        }
+        (outcome.exitCode, outcome.signal) = Supervisor.decode(status: commandStatus)
         outcome.timedOut = supervisor.timedOut
         outcome.cancelled = supervisor.cancelled
         let cg = cgroup.metrics()

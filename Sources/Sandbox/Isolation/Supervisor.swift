@@ -88,6 +88,11 @@ struct Supervisor {
             .sandboxSetup, "cannot start the sandbox: \(detail)", errno: failure.err == 0 ? nil : failure.err)
     }
 
+    /// A wait status as an exit code or a signal.
+    static func decode(status: Int32) -> (exitCode: Int32?, signal: Int32?) {
+        status & 0x7f == 0 ? ((status >> 8) & 0xff, nil) : (nil, status & 0x7f)
+    }
+
     var setupFailure: csb_report? { reports.first { $0.kind == Int32(CSB_REPORT_SETUP_FAILED) } }
     var exitReport: csb_report? { reports.first { $0.kind == Int32(CSB_REPORT_EXITED) } }
 

@@ -1,7 +1,8 @@
 // contree-bench api: 50 concurrent spawns of `true` from one image through `serve`'s REST API
 // (POST /v1/instances, then the event stream to `completion`), then a burst of
 // GET /v1/operations/{id}; next to the same 50 runs made with `contree-pipeline exec`, in the
-// same run, so the API's overhead is a ratio.
+// same run, so the API's overhead is a ratio; and the engine in this process, for what HTTP,
+// the event log and the operation records add.
 import ContreeServer
 import Foundation
 import Glibc
@@ -69,6 +70,13 @@ struct APIBench {
         var apiWalls: [Double] = []
         var execLatencies: [Double] = []
         var execWalls: [Double] = []
+        var engineLatencies: [Double] = []
+        var engineWalls: [Double] = []
+        // The engine itself, in this process, on a store of its own: what the API adds to a run.
+        let engineStore = home + "/api-bench-engine"
+        try? FileSystem.removeTree(engineStore)
+        let engine = SandboxEngine(store: try Store(root: engineStore))
+        _ = try await engine.run(RunSpec(command: ["true"], disposable: true))
         var errors = 0
         var operations: [String] = []
         let execArgv = [cli, "exec", "--disposable", "--image", "busybox", "--", "true"]
@@ -87,6 +95,24 @@ struct APIBench {
                 return (now() - start, status)
             }
             execWalls.append(now() - execStarted)
+            let engineStarted = now()
+            let engineResults = try await withThrowingTaskGroup(of: (Double, Int32?).self) { group in
+                for _ in 0..<concurrency {
+                    group.addTask {
+                        let start = now()
+                        let result = try await engine.run(RunSpec(command: ["true"], disposable: true))
+                        return (now() - start, result.record.exitCode)
+                    }
+                }
+                var results: [(Double, Int32?)] = []
+                for try await result in group { results.append(result) }
+                return results
+            }
+            engineWalls.append(now() - engineStarted)
+            for (seconds, code) in engineResults {
+                engineLatencies.append(seconds)
+                if code != 0 { errors += 1 }
+            }
             for (seconds, status) in execResults {
                 execLatencies.append(seconds)
                 if status != 0 {
@@ -117,6 +143,7 @@ struct APIBench {
         let total = Double(concurrency * rounds)
         let apiRate = total / apiWalls.reduce(0, +)
         let execRate = total / execWalls.reduce(0, +)
+        let engineRate = total / engineWalls.reduce(0, +)
         print(
             pad("spawn to completion, API", 34) + "p50 \(ms(median(apiLatencies)))  p99 \(ms(percentile(apiLatencies, 0.99)))  "
                 + String(format: "%.1f runs/s", apiRate))
@@ -129,6 +156,11 @@ struct APIBench {
                 + String(
                     format: "p50 %.2f  p99 %.2f  throughput %.2f", median(apiLatencies) / median(execLatencies),
                     percentile(apiLatencies, 0.99) / percentile(execLatencies, 0.99), apiRate / execRate))
+        print(
+            pad("same runs, engine in process", 34)
+                + "p50 \(ms(median(engineLatencies)))  p99 \(ms(percentile(engineLatencies, 0.99)))  "
+                + String(format: "%.1f runs/s", engineRate))
+        print(pad("ratio API / engine", 34) + String(format: "throughput %.2f", apiRate / engineRate))
         let readLatencies = reads.map(\.0)
         print(
             pad("GET /operations/{id} burst", 34)
