@@ -61,9 +61,8 @@ final class TestServer: @unchecked Sendable {
     static let bob = "bob-0123456789abcdef0123456789abcdef0"
     let home: String
     let tokensPath: String
-    private(set) var port = 0
-    private var pid: pid_t = 0
-    private var stderrFD: Int32 = -1
+    private var process: ServeProcess?
+    var port: Int { process?.port ?? 0 }
 
     init(home: String? = nil) async throws {
         self.home = home ?? "/tmp/contree-serve-test-" + UUID().uuidString.lowercased().prefix(12)
@@ -79,45 +78,21 @@ final class TestServer: @unchecked Sendable {
     }
 
     func start() async throws {
-        var env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
-        env.append("CONTREE_HOME=\(home)")
-        let child = try ChildProcess.spawn(
-            [Paths.cli, "serve", "--listen", "127.0.0.1:0", "--tokens", tokensPath], environment: env,
-            captureStdout: true)
-        pid = child.pid
-        stderrFD = child.stderr
-        let out = child.stdout!
-        // The first line names the port: "serving the ConTree API on http://127.0.0.1:PORT ...".
-        let line = try await DedicatedThread.run { () -> String in
-            var bytes: [UInt8] = []
-            var byte: UInt8 = 0
-            while read(out, &byte, 1) == 1 && byte != 10 { bytes.append(byte) }
-            close(out)
-            return String(decoding: bytes, as: UTF8.self)
-        }
-        guard let range = line.range(of: "127.0.0.1:"), let port = Int(line[range.upperBound...].prefix { $0.isNumber })
-        else {
-            let err = (try? FileSystem.readAll(fd: stderrFD, path: "stderr")).map { String(decoding: $0, as: UTF8.self) }
-            throw TestFailure("serve did not start: \(line) \(err ?? "")")
-        }
-        self.port = port
+        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(home)"]
+        process = try await ServeProcess.start(binary: Paths.cli, tokens: tokensPath, environment: env)
     }
 
     /// Stops the server: SIGTERM (graceful) or SIGKILL (a crash).
     func stop(signal: Int32 = SIGTERM) async throws {
-        guard pid > 0 else { return }
-        kill(pid, signal)
-        let pid = self.pid
-        _ = try await DedicatedThread.run { try ChildProcess.wait(pid, "serve") }
-        self.pid = 0
-        close(stderrFD)
+        guard let process else { return }
+        self.process = nil
+        try await process.stop(signal: signal)
     }
 
     deinit {
-        if pid > 0 {
-            kill(pid, SIGKILL)
-            _ = try? ChildProcess.wait(pid, "serve")
-            close(stderrFD)
+        if let process {
+            kill(process.pid, SIGKILL)
+            _ = try? ChildProcess.wait(process.pid, "serve")
         }
         try? FileSystem.removeTree(home)
     }

@@ -25,23 +25,17 @@ struct APIBench {
         let env =
             ProcessInfo.processInfo.environment.filter { $0.key != "CONTREE_HOME" }.map { "\($0.key)=\($0.value)" }
             + ["CONTREE_HOME=\(store)"]
-        let server = try ChildProcess.spawn(
-            [cli, "serve", "--listen", "127.0.0.1:0", "--tokens", tokens], environment: env, captureStdout: true)
-        defer {
-            kill(server.pid, SIGTERM)
-            _ = try? ChildProcess.wait(server.pid, "serve")
-            close(server.stderr)
+        let server = try await ServeProcess.start(binary: cli, tokens: tokens, environment: env)
+        do {
+            try await measure(port: server.port, env: env)
+        } catch {
+            try? await server.stop()
+            throw error
         }
-        let out = server.stdout!
-        let line = try await DedicatedThread.run { () -> String in
-            var bytes: [UInt8] = []
-            var byte: UInt8 = 0
-            while read(out, &byte, 1) == 1 && byte != 10 { bytes.append(byte) }
-            close(out)
-            return String(decoding: bytes, as: UTF8.self)
-        }
-        guard let range = line.range(of: "127.0.0.1:"), let port = Int(line[range.upperBound...].prefix { $0.isNumber })
-        else { throw LoopbackHTTP.Failure("serve did not start: \(line)") }
+        try await server.stop()
+    }
+
+    func measure(port: Int, env: [String]) async throws {
         print("API: \(concurrency) concurrent spawns of `true` on busybox, \(rounds) rounds (serve on 127.0.0.1:\(port))")
 
         let body = Array(#"{"command":"true","image":"busybox","disposable":true,"timeout":60}"#.utf8)
