@@ -67,8 +67,8 @@ final class LiveOperation: Sendable {
                 ("type", .string(type)), ("data", data),
             ]).serialized()
             _ = try? database.query(
-                "INSERT INTO api_events(operation, id, spid, body) VALUES(?, ?, ?, ?)",
-                [.text(uuid), .integer(id), .integer(Int64(spid)), .text(body)])
+                "INSERT INTO api_events(operation, id, spid, type, body) VALUES(?, ?, ?, ?, ?)",
+                [.text(uuid), .integer(id), .integer(Int64(spid)), .text(type), .text(body)])
             let frame = LiveOperation.frame(id: id, type: type, body: body)
             for (_, subscriber) in s.subscribers where subscriber.spid == nil || subscriber.spid == spid {
                 subscriber.continuation.yield(frame)
@@ -181,16 +181,14 @@ final class LiveOperation: Sendable {
 
     /// The stored events of an operation after `since`, as SSE frames.
     static func storedFrames(_ database: Database, operation: String, since: Int64, spid: Int?) throws -> [String] {
-        var sql = "SELECT id, body FROM api_events WHERE operation = ? AND id > ?"
+        var sql = "SELECT id, type, body FROM api_events WHERE operation = ? AND id > ?"
         var bindings: [SQLValue] = [.text(operation), .integer(since)]
         if let spid {
             sql += " AND spid = ?"
             bindings.append(.integer(Int64(spid)))
         }
         return try database.query(sql + " ORDER BY id", bindings).map { row in
-            let body = row["body"].string ?? "{}"
-            let type = JSON.parse(body)?["type"].flatMap { if case .string(let t) = $0 { t } else { nil } } ?? "message"
-            return frame(id: row["id"].int ?? 0, type: type, body: body)
+            frame(id: row["id"].int ?? 0, type: row["type"].string ?? "message", body: row["body"].string ?? "{}")
         }
     }
 

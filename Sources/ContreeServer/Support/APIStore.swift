@@ -36,7 +36,7 @@ struct APIStore: Sendable {
                 operation TEXT NOT NULL, spid INTEGER NOT NULL, request TEXT NOT NULL, result TEXT,
                 PRIMARY KEY(operation, spid));
             CREATE TABLE IF NOT EXISTS api_events(
-                operation TEXT NOT NULL, id INTEGER NOT NULL, spid INTEGER, body TEXT NOT NULL,
+                operation TEXT NOT NULL, id INTEGER NOT NULL, spid INTEGER, type TEXT NOT NULL, body TEXT NOT NULL,
                 PRIMARY KEY(operation, id));
             """)
         try FileSystem.makeDirectory(filesPath, mode: 0o700)

@@ -75,63 +75,6 @@ enum JSON: Sendable, Equatable {
         }
         out += "\""
     }
-
-    /// Parses JSON text stored by the server itself (request bodies, results) back into a value.
-    static func parse(_ text: String) -> JSON? {
-        guard let data = text.data(using: .utf8), let any = try? JSONDecoder().decode(AnyJSON.self, from: data)
-        else { return nil }
-        return any.value
-    }
-}
-
-/// Decodes any JSON document into `JSON` (object key order is not kept by the decoder; the
-/// server only re-reads its own records this way).
-private struct AnyJSON: Decodable {
-    let value: JSON
-
-    init(from decoder: Decoder) throws {
-        if let object = try? decoder.container(keyedBy: Key.self) {
-            var members: [(String, JSON)] = []
-            for key in object.allKeys.sorted(by: { $0.stringValue < $1.stringValue }) {
-                members.append((key.stringValue, try object.decode(AnyJSON.self, forKey: key).value))
-            }
-            value = .object(members)
-            return
-        }
-        if var array = try? decoder.unkeyedContainer() {
-            var items: [JSON] = []
-            while !array.isAtEnd { items.append(try array.decode(AnyJSON.self).value) }
-            value = .array(items)
-            return
-        }
-        let single = try decoder.singleValueContainer()
-        if single.decodeNil() {
-            value = .null
-        } else if let b = try? single.decode(Bool.self) {
-            value = .bool(b)
-        } else if let i = try? single.decode(Int64.self) {
-            value = .int(i)
-        } else if let d = try? single.decode(Double.self) {
-            value = .double(d)
-        } else {
-            value = .string(try single.decode(String.self))
-        }
-    }
-
-    struct Key: CodingKey {
-        var stringValue: String
-        var intValue: Int? { nil }
-        init(stringValue: String) { self.stringValue = stringValue }
-        init?(intValue: Int) { nil }
-    }
-}
-
-extension JSON {
-    /// The value of `key` in an object.
-    subscript(key: String) -> JSON? {
-        guard case .object(let members) = self else { return nil }
-        return members.first { $0.0 == key }?.1
-    }
 }
 
 /// Times as the clients parse them: ISO 8601 in UTC with microseconds and an explicit offset.
