@@ -1,4 +1,5 @@
 import FoundationEssentials
+import Glibc
 import Hummingbird
 import Logging
 import Sandbox
@@ -14,6 +15,18 @@ public struct APIServer: Sendable {
     /// Opens (or creates, with one fresh token) the tokens file, prepares the API tables,
     /// and marks operations a previous server left running as FAILED.
     public init(engine: SandboxEngine, tokensPath: String) throws {
+        // One server per store: recovery marks every unfinished operation as failed.
+        let lockPath = engine.store.root + "/serve.lock"
+        let lock = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard lock >= 0 else { throw SandboxError.system("open(\(lockPath))") }
+        guard flock(lock, LOCK_EX | LOCK_NB) == 0 else {
+            close(lock)
+            throw SandboxError(
+                .conflict,
+                "another `contree-pipeline serve` already serves the store \(engine.store.root); stop it, or give this one another --home"
+            )
+        }
+        // Held (and the descriptor kept open) until the process ends.
         let (tokens, created) = try TokenFile.loadOrCreate(tokensPath)
         self.tokensPath = tokensPath
         self.createdTokens = created

@@ -1,4 +1,5 @@
 import Foundation
+import ContreeServer
 import Glibc
 import Sandbox
 import Testing
@@ -155,6 +156,87 @@ struct BadInputTests {
             "POST", "/v1/images/import", json: #"{"registry":{"url":"docker://127.0.0.1:1/x:y"}}"#)
         #expect(importing.status == 501)
         #expect(try importing.errorMessage().contains("import"))
+    }
+}
+
+@Suite("serve: what one token can do does not take the server down", .requiresRoot)
+struct RobustnessTests {
+    @Test("grep refuses patterns that would blow up the matcher, and streams large files")
+    func grepLimits() async throws {
+        let server = try await TestServer()
+        let op = try await server.spawn(
+            #"{"command":"yes yes | head -c 4000000 > /big; echo needle >> /big","image":"busybox","shell":true}"#)
+        let image = try #require(try await server.wait(op)["result_image_uuid"] as? String)
+        for pattern in ["(((a{0,50}){0,50}){0,50}){0,10}", "(a)\\1", "((x{0,100}){0,100})"] {
+            let encoded = pattern.addingPercentEncoding(withAllowedCharacters: .alphanumerics)!
+            let reply = try await server.request("GET", "/v1/inspect/\(image)/grep?path=/big&pattern=\(encoded)")
+            #expect(reply.status == 400, "\(pattern): \(reply.status)")
+        }
+        let needle = try await server.request("GET", "/v1/inspect/\(image)/grep?path=/big&pattern=needle")
+        let matches = try #require(try needle.json()["matches"] as? [[String: Any]])
+        #expect(matches.count == 1 && matches[0]["line_number"] as? Int == 1_000_001)
+        let every = try await server.request("GET", "/v1/inspect/\(image)/grep?path=/big&pattern=%5E&max_total=3")
+        #expect(try every.json()["truncated"] as? Bool == true)
+        #expect((try every.json()["matches"] as? [Any])?.count == 3)
+    }
+
+    @Test("a run that nests directories deeply fails or succeeds, and serve keeps serving")
+    func deepTree() async throws {
+        let server = try await TestServer()
+        let op = try await server.spawn(
+            #"{"command":"cd /tmp; i=0; while [ $i -lt 1500 ]; do mkdir a; cd a; i=$((i+1)); done","image":"busybox","shell":true}"#
+        )
+        let record = try await server.wait(op)
+        #expect(["SUCCESS", "FAILED"].contains(record["status"] as? String ?? ""))
+        #expect(try await server.request("GET", "/v1/whoami").status == 200)
+        if let image = record["result_image_uuid"] as? String {
+            let archive = try await server.request("GET", "/v1/inspect/\(image)/archive?path=/tmp")
+            #expect(archive.status == 200 || archive.status == 400)
+            #expect(try await server.request("GET", "/v1/whoami").status == 200)
+        }
+    }
+
+    @Test("stdin the spawn sent is never lost when the client closes stdin at once; SIGSTOP is refused")
+    func stdinOrderAndStop() async throws {
+        let server = try await TestServer()
+        for _ in 0..<5 {
+            let op = try await server.spawn(
+                #"{"command":"cat","image":"busybox","stdin":{"value":"piped\n","close":false}}"#)
+            var closed = false
+            for _ in 0..<200 {
+                let reply = try await server.request(
+                    "POST", "/v1/operations/\(op)/subprocesses/1/stdin", json: #"{"value":"","close":true}"#)
+                if reply.status == 204 {
+                    closed = true
+                    break
+                }
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            #expect(closed)
+            #expect(try await server.wait(op)[path: "metadata.result.stdout.value"] as? String == "piped\n")
+        }
+        let op = try await server.spawn(#"{"command":"sleep 5","image":"busybox","shell":true}"#)
+        for signal in ["STOP", "SIGSTOP", "19"] {
+            let reply = try await server.request("DELETE", "/v1/operations/\(op)/subprocesses/1?signal=\(signal)")
+            #expect(reply.status == 400, "\(signal): \(reply.status)")
+        }
+        #expect(try await server.request("DELETE", "/v1/operations/\(op)").status == 202)
+        #expect(try await server.wait(op)["status"] as? String == "CANCELLED")
+    }
+
+    @Test("a tag lookup never starts a build; a second serve on the same store is refused")
+    func lookupsAndLock() async throws {
+        let server = try await TestServer()
+        let started = ContinuousClock.now
+        let lookup = try await server.request("GET", "/v1/inspect/?tag=debian:bookworm%2Bhello")
+        #expect(lookup.status == 404)
+        #expect(ContinuousClock.now - started < .seconds(5))
+        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + [
+            "CONTREE_HOME=\(server.home)"
+        ]
+        await #expect(throws: (any Error).self) {
+            _ = try await ServeProcess.start(binary: Paths.cli, tokens: server.tokensPath, environment: env)
+        }
     }
 }
 

@@ -17,8 +17,8 @@ final class LiveOperation: Sendable {
         var nextSubscriber: UInt64 = 0
         var finished = false
         var task: Task<Void, Never>?
-        /// Per process (spid): the write end of its stdin pipe while it is open.
-        var stdin: [Int: Int32] = [:]
+        /// Per process (spid): its stdin pipe while it is open.
+        var stdin: [Int: StdinPipe] = [:]
         /// Per process: bytes streamed as events so far, and dropped past the cap (stdout, stderr).
         var emitted: [Int: [Int]] = [:]
         var dropped: [Int: [Int]] = [:]
@@ -26,6 +26,7 @@ final class LiveOperation: Sendable {
         /// Processes started in the instance (spid 2, 3, ...), while they run.
         var nextSpid = 2
         var subprocesses: [Int: RunControl] = [:]
+        var subprocessTasks: [Int: Task<Void, Never>] = [:]
         /// What a subprocess inherits: the image's environment and working directory.
         var imageEnv: [String] = []
         var imageCwd = "/"
@@ -59,16 +60,36 @@ final class LiveOperation: Sendable {
 
     /// Records an event and passes it to the live streams.
     func emit(_ type: String, spid: Int, _ data: JSON) {
-        state.withLock { s in
+        try? record(type, spid: spid, data, alongside: nil)
+    }
+
+    /// Records an event in one transaction with `alongside` (the record it must never be seen
+    /// without), then passes it to the live streams. - Throws: when the transaction fails
+    /// (nothing is recorded or sent then).
+    func emit(_ type: String, spid: Int, _ data: JSON, alongside: (Database.Transaction) throws -> Void) throws {
+        try withoutActuallyEscaping(alongside) { body in try record(type, spid: spid, data, alongside: body) }
+    }
+
+    private func record(
+        _ type: String, spid: Int, _ data: JSON, alongside: ((Database.Transaction) throws -> Void)?
+    ) throws {
+        try state.withLock { s in
             let id = s.nextID
-            s.nextID += 1
             let body = JSON.object([
                 ("id", .int(id)), ("ts", .string(Timestamp.iso(Timestamp.now))), ("spid", .int(spid)),
                 ("type", .string(type)), ("data", data),
             ]).serialized()
-            _ = try? database.query(
-                "INSERT INTO api_events(operation, id, spid, type, body) VALUES(?, ?, ?, ?, ?)",
-                [.text(uuid), .integer(id), .integer(Int64(spid)), .text(type), .text(body)])
+            let insert = "INSERT INTO api_events(operation, id, spid, type, body) VALUES(?, ?, ?, ?, ?)"
+            let values: [SQLValue] = [.text(uuid), .integer(id), .integer(Int64(spid)), .text(type), .text(body)]
+            if let alongside {
+                try database.transaction { tx in
+                    try alongside(tx)
+                    _ = try tx.query(insert, values)
+                }
+            } else {
+                _ = try? database.query(insert, values)
+            }
+            s.nextID += 1
             let frame = LiveOperation.frame(id: id, type: type, body: body)
             for (_, subscriber) in s.subscribers where subscriber.spid == nil || subscriber.spid == spid {
                 subscriber.continuation.yield(frame)
@@ -114,9 +135,18 @@ final class LiveOperation: Sendable {
     }
     var imageDefaults: (env: [String], cwd: String) { state.withLock { ($0.imageEnv, $0.imageCwd) } }
 
-    /// A new spid and the control of its process.
-    func addSubprocess() -> (spid: Int, control: RunControl) {
-        state.withLock { s in
+    /// The most processes started in one instance that may run at once.
+    static let maxSubprocesses = 64
+
+    /// A new spid and the control of its process. - Throws: 429 past `maxSubprocesses`.
+    func addSubprocess() throws -> (spid: Int, control: RunControl) {
+        try state.withLock { s in
+            guard s.subprocesses.count < LiveOperation.maxSubprocesses else {
+                throw APIError(
+                    .tooManyRequests,
+                    "\(LiveOperation.maxSubprocesses) processes already run in this instance; wait for one to end",
+                    retryAfter: 1)
+            }
             let spid = s.nextSpid
             s.nextSpid += 1
             let control = RunControl()
@@ -125,7 +155,29 @@ final class LiveOperation: Sendable {
         }
     }
 
-    func subprocessEnded(_ spid: Int) { _ = state.withLock { $0.subprocesses.removeValue(forKey: spid) } }
+    func subprocessEnded(_ spid: Int) {
+        state.withLock {
+            $0.subprocesses[spid] = nil
+            $0.subprocessTasks[spid] = nil
+        }
+    }
+
+    func trackSubprocess(_ spid: Int, _ task: Task<Void, Never>) {
+        state.withLock { s in
+            if s.subprocesses[spid] != nil { s.subprocessTasks[spid] = task }
+        }
+    }
+
+    /// Waits until the processes started in the instance have recorded their ends (they end
+    /// with the sandbox), so that nothing of theirs follows `completion`.
+    func awaitSubprocesses() async {
+        while let task = state.withLock({ $0.subprocessTasks.values.first }) {
+            await task.value
+            state.withLock { s in
+                if let key = s.subprocessTasks.first(where: { $0.value == task })?.key { s.subprocessTasks[key] = nil }
+            }
+        }
+    }
 
     /// The control of a running process: the main one (1) or a started one.
     func processControl(_ spid: Int) -> RunControl? {
@@ -149,17 +201,9 @@ final class LiveOperation: Sendable {
         let (stream, continuation) = AsyncStream<String>.makeStream()
         // Register first, then read what is stored, under the lock that orders events: nothing
         // is lost or sent twice.
-        let key = state.withLock { s -> UInt64? in
-            let frames = (try? LiveOperation.storedFrames(database, operation: uuid, since: since, spid: spid)) ?? []
-            for frame in frames { continuation.yield(frame) }
-            guard follow && !s.finished else { return nil }
+        let key = state.withLock { s -> UInt64 in
             s.nextSubscriber += 1
-            s.subscribers[s.nextSubscriber] = (spid, continuation)
             return s.nextSubscriber
-        }
-        guard let key else {
-            continuation.finish()
-            return stream
         }
         let keepalive = Task {
             while !Task.isCancelled {
@@ -168,10 +212,19 @@ final class LiveOperation: Sendable {
                 continuation.yield(": keepalive\n\n")
             }
         }
+        // Set before the stream can end, so that the keepalive always stops with it.
         continuation.onTermination = { [weak self] _ in
             keepalive.cancel()
             _ = self?.state.withLock { $0.subscribers.removeValue(forKey: key) }
         }
+        let following = state.withLock { s -> Bool in
+            let frames = (try? LiveOperation.storedFrames(database, operation: uuid, since: since, spid: spid)) ?? []
+            for frame in frames { continuation.yield(frame) }
+            guard follow && !s.finished else { return false }
+            s.subscribers[key] = (spid, continuation)
+            return true
+        }
+        if !following { continuation.finish() }
         return stream
     }
 
@@ -194,40 +247,33 @@ final class LiveOperation: Sendable {
 
     // MARK: stdin of the processes
 
-    func openStdin(spid: Int, _ fd: Int32) { state.withLock { $0.stdin[spid] = fd } }
+    /// Keeps a process's stdin open for `writeStdin`; `initial` goes first.
+    func openStdin(spid: Int, _ fd: Int32, initial: [UInt8]) {
+        state.withLock { $0.stdin[spid] = StdinPipe(fd: fd, initial: initial) }
+    }
 
-    /// Writes to a process's stdin (blocking while the pipe is full) and closes it when asked.
-    /// - Throws: 409 when its stdin is not open.
+    /// Writes to a process's stdin and closes it when asked. - Throws: 409 when it is closed.
     func writeStdin(spid: Int, _ bytes: [UInt8], close: Bool) async throws {
-        guard let fd = state.withLock({ $0.stdin[spid] }) else {
+        guard let pipe = state.withLock({ $0.stdin[spid] }) else {
             throw APIError(
                 .conflict,
                 "the stdin of process \(spid) is closed: it was started without stdin.close=false, closed by an earlier request, or the process ended"
             )
         }
-        if !bytes.isEmpty {
-            try await DedicatedThread.run {
-                do {
-                    try FileSystem.writeAll(fd: fd, bytes, path: "stdin")
-                } catch {
-                    throw APIError(.conflict, "process \(spid) no longer reads its stdin (it may have ended)")
-                }
-            }
-        }
-        if close { closeStdin(spid: spid) }
+        try await pipe.write(bytes, close: close, spid: spid)
+        if close { _ = state.withLock { $0.stdin.removeValue(forKey: spid) } }
     }
 
     func closeStdin(spid: Int) {
-        let fd = state.withLock { $0.stdin.removeValue(forKey: spid) }
-        if let fd { Glibc.close(fd) }
+        state.withLock { $0.stdin.removeValue(forKey: spid) }?.close()
     }
 
     func closeAllStdin() {
-        let fds = state.withLock { s -> [Int32] in
+        let pipes = state.withLock { s -> [StdinPipe] in
             defer { s.stdin = [:] }
             return Array(s.stdin.values)
         }
-        for fd in fds { Glibc.close(fd) }
+        for pipe in pipes { pipe.close() }
     }
 }
 

@@ -73,6 +73,9 @@ final class OperationManager: Sendable {
     private let live = Mutex<[String: LiveOperation]>([:])
 
     static let terminal: Set<String> = ["SUCCESS", "FAILED", "CANCELLED"]
+    /// The slot key that serializes builds of built-in images (not a namespace name: those
+    /// are letters, digits, '-', '_' and '.').
+    static let buildSlot = "/builtin-build"
 
     init(api: APIStore, engine: SandboxEngine) {
         self.api = api
@@ -180,8 +183,8 @@ final class OperationManager: Sendable {
             if let pipe = try? FileSystem.makePipe() {
                 pipeRead = pipe.read
                 input = .fileDescriptor(pipe.read)
-                operation.openStdin(spid: 1, pipe.write)
-                if !plan.stdin.isEmpty { Task { try? await operation.writeStdin(spid: 1, plan.stdin, close: false) } }
+                operation.openStdin(spid: 1, pipe.write, initial: plan.stdin)
+                if !plan.stdin.isEmpty { Task { try? await operation.writeStdin(spid: 1, [], close: false) } }
             }
         } else if !plan.stdin.isEmpty {
             input = .bytes(plan.stdin)
@@ -196,7 +199,10 @@ final class OperationManager: Sendable {
             switch plan.image {
             case .record(let record): image = record
             case .builtin(let name):
+                // One build at a time for the whole server (debootstrap is heavy).
                 let base = api.baseImages
+                try await slots.acquire(OperationManager.buildSlot, limit: 1)
+                defer { slots.release(OperationManager.buildSlot) }
                 image = try await DedicatedThread.run { try base.resolve(name) }
             }
         } catch {
@@ -268,6 +274,7 @@ final class OperationManager: Sendable {
             result = try await engine.run(spec)
         } catch {
             operation.setRunning(false)
+            await operation.awaitSubprocesses()
             finishWithoutRun(
                 plan, operation, status: Task.isCancelled ? "CANCELLED" : "FAILED",
                 error: Task.isCancelled ? operation.cancelReason ?? "cancelled" : APIError.from(error).message,
@@ -275,6 +282,7 @@ final class OperationManager: Sendable {
             return
         }
         operation.setRunning(false)
+        await operation.awaitSubprocesses()
         finish(plan, operation, result: result, image: image, created: created)
     }
 
@@ -284,18 +292,40 @@ final class OperationManager: Sendable {
         image: String? = nil
     ) {
         let now = Timestamp.now
-        _ = try? api.database.query(
-            "UPDATE api_operations SET status = ?, error = ?, ended = ?, image = COALESCE(?, image) WHERE uuid = ?",
-            [.text(status), .text(error), .real(now), image.sql, .text(plan.uuid)])
         operation.emit(
             "shutdown", spid: 0,
             .object([("stopped_at", .string(Timestamp.iso(now))), ("reason", .string("spawn_failed"))]))
-        operation.emit(
-            "completion", spid: 0,
+        complete(
+            operation, status: status, error: error, resultImage: nil, duration: 0, imageSize: 0
+        ) { tx in
+            _ = try tx.query(
+                "UPDATE api_operations SET status = ?, error = ?, ended = ?, image = COALESCE(?, image) WHERE uuid = ?",
+                [.text(status), .text(error), .real(now), image.sql, .text(plan.uuid)])
+        }
+    }
+
+    /// Writes the operation's final record and its `completion` event in one transaction, so
+    /// neither is ever seen without the other; ends the log. If that fails, records FAILED.
+    private func complete(
+        _ operation: LiveOperation, status: String, error: String?, resultImage: String?, duration: Double,
+        imageSize: Int64, record: (Database.Transaction) throws -> Void
+    ) {
+        func data(_ status: String, _ error: String?, _ image: String?) -> JSON {
             .object([
-                ("status", .string(status)), ("result_image_uuid", .null), ("error", .string(error)),
-                ("duration_ms", .int(0)), ("image_size_bytes", .int(0)),
-            ]))
+                ("status", .string(status)), ("result_image_uuid", .optional(image)), ("error", .optional(error)),
+                ("duration_ms", .int(Int64(duration * 1000))), ("image_size_bytes", .int(image == nil ? 0 : imageSize)),
+            ])
+        }
+        do {
+            try operation.emit("completion", spid: 0, data(status, error, resultImage), alongside: record)
+        } catch {
+            let message = "the operation's result could not be recorded (\(error)); run it again"
+            try? operation.emit("completion", spid: 0, data("FAILED", message, nil)) { tx in
+                _ = try tx.query(
+                    "UPDATE api_operations SET status = 'FAILED', error = ?, ended = ? WHERE uuid = ?",
+                    [.text(message), .real(Timestamp.now), .text(operation.uuid)])
+            }
+        }
         operation.finish()
     }
 
@@ -346,7 +376,9 @@ final class OperationManager: Sendable {
         if let resultImage, let resultRecord = try? api.store.image(resultImage) { imageSize = resultRecord.size }
         let namespace = plan.token.name
         let duration = now - created
-        _ = try? api.database.transaction { tx in
+        complete(
+            operation, status: status, error: error, resultImage: resultImage, duration: duration, imageSize: imageSize
+        ) { tx in
             if let resultImage {
                 try api.adopt(resultImage, namespace: namespace, operation: plan.uuid, tx: tx)
             }
@@ -362,14 +394,6 @@ final class OperationManager: Sendable {
                     .integer(imageSize), .text(plan.uuid),
                 ])
         }
-        operation.emit(
-            "completion", spid: 0,
-            .object([
-                ("status", .string(status)), ("result_image_uuid", .optional(resultImage)),
-                ("error", .optional(error)), ("duration_ms", .int(Int64(duration * 1000))),
-                ("image_size_bytes", .int(imageSize)),
-            ]))
-        operation.finish()
     }
 
     /// Starts one more process in a running instance (`POST .../subprocesses`); returns its spid.
@@ -391,7 +415,7 @@ final class OperationManager: Sendable {
         var env = ProcessFields.environment(image: defaults.env, shell: shell, request: process.env)
         if env["PATH"] == nil { env["PATH"] = ImageConfig.defaultPath }
 
-        let (spid, control) = operation.addSubprocess()
+        let (spid, control) = try operation.addSubprocess()
         let request = JSON.object([
             ("command", .string(body.command)), ("args", .array(args.map(JSON.string))), ("shell", .bool(shell)),
             ("cwd", .string(cwd)), ("uid", .int(uid)), ("gid", .int(gid)), ("truncate_output_at", .int(truncate)),
@@ -405,8 +429,8 @@ final class OperationManager: Sendable {
             let pipe = try FileSystem.makePipe()
             pipeRead = pipe.read
             input = .fileDescriptor(pipe.read)
-            operation.openStdin(spid: spid, pipe.write)
-            if !stdin.isEmpty { Task { try? await operation.writeStdin(spid: spid, stdin, close: false) } }
+            operation.openStdin(spid: spid, pipe.write, initial: stdin)
+            if !stdin.isEmpty { Task { try? await operation.writeStdin(spid: spid, [], close: false) } }
         } else if !stdin.isEmpty {
             input = .bytes(stdin)
         }
@@ -425,8 +449,7 @@ final class OperationManager: Sendable {
             stderr: .capture(limit: truncate, onChunk: { operation.output(spid: spid, 1, $0, limit: truncate) }))
         var controlled = spec
         controlled.control = control
-        let database = api.database
-        Task {
+        let task = Task {
             defer {
                 operation.closeStdin(spid: spid)
                 if pipeRead >= 0 { close(pipeRead) }
@@ -446,21 +469,25 @@ final class OperationManager: Sendable {
             let signal = outcome.signal.map(Int.init) ?? 0
             var metrics = RunMetrics()
             metrics.wallSeconds = outcome.wallSeconds
-            operation.emit(
+            let result = OperationManager.instanceResult(
+                exitCode: exitCode, signal: signal, timedOut: outcome.timedOut, metrics: metrics,
+                stdout: outcome.stdout, stdoutTruncated: outcome.stdoutDropped > 0, stderr: outcome.stderr,
+                stderrTruncated: outcome.stderrDropped > 0)
+            // The result is recorded with the exit event: a GET after `exit` sees it.
+            try? operation.emit(
                 "exit", spid: spid,
                 .object([
                     ("pid", .int(0)), ("code", .int(exitCode)), ("signal", .int(signal)), ("core_dump", .bool(false)),
                     ("timed_out", .bool(outcome.timedOut)), ("duration_ms", .int(Int64(outcome.wallSeconds * 1000))),
                     ("resources", OperationManager.eventResources(metrics)),
-                ]))
-            let result = OperationManager.instanceResult(
-                exitCode: exitCode, signal: signal, timedOut: outcome.timedOut, metrics: metrics,
-                stdout: outcome.stdout, stdoutTruncated: outcome.stdoutDropped > 0, stderr: outcome.stderr,
-                stderrTruncated: outcome.stderrDropped > 0)
-            _ = try? database.query(
-                "UPDATE api_subprocesses SET result = ? WHERE operation = ? AND spid = ?",
-                [.text(result.serialized()), .text(operation.uuid), .integer(Int64(spid))])
+                ])
+            ) { tx in
+                _ = try tx.query(
+                    "UPDATE api_subprocesses SET result = ? WHERE operation = ? AND spid = ?",
+                    [.text(result.serialized()), .text(operation.uuid), .integer(Int64(spid))])
+            }
         }
+        operation.trackSubprocess(spid, task)
         return spid
     }
 

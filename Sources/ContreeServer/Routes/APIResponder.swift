@@ -125,7 +125,7 @@ struct APIResponder: HTTPResponder {
         case ("inspect", 3) where method == .get || method == .head:
             switch s[2] {
             case "download": return try server.download(call, s[1])
-            case "archive": return try server.archive(call, s[1])
+            case "archive": return try await server.archive(call, s[1])
             case "list" where method == .get: return try server.list(call, s[1])
             case "grep" where method == .get: return try await server.grep(call, s[1])
             default: break

@@ -22,7 +22,10 @@ extension ServerState {
             "SELECT image FROM api_images WHERE namespace = ?", [.text(call.namespace)]
         ).compactMap { $0["image"].string }
         var records = try owned.compactMap { try api.store.image($0) }
-        records += try api.store.listImages().filter { $0.origin.hasPrefix("builtin:") }
+        // The built-in base images, without the package variants others' spawns built.
+        records += try api.store.listImages().filter {
+            $0.origin.hasPrefix("builtin:") && $0.tags.contains(where: BaseImages.names.contains)
+        }
         for record in records {
             let tags = try api.tags(of: record, namespace: call.namespace)
             if tags.isEmpty {

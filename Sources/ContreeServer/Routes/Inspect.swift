@@ -76,7 +76,7 @@ extension ServerState {
     }
 
     /// `GET`/`HEAD /v1/inspect/{uuid}/archive?path=`: the path and everything below it as tar.
-    func archive(_ call: APICall, _ uuid: String) throws -> Response {
+    func archive(_ call: APICall, _ uuid: String) async throws -> Response {
         let (fs, node, _) = try lookup(call, uuid)
         var headers = HTTPFields()
         headers[.contentType] = "application/x-tar"
@@ -86,7 +86,9 @@ extension ServerState {
         let fd = open(scratch, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw SandboxError.system("open(\(scratch))") }
         do {
-            try fs.export(node) { chunk in try FileSystem.writeAll(fd: fd, chunk, path: scratch) }
+            try await DedicatedThread.run {
+                try fs.export(node) { chunk in try FileSystem.writeAll(fd: fd, chunk, path: scratch) }
+            }
         } catch {
             close(fd)
             unlink(scratch)

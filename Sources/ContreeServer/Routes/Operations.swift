@@ -157,13 +157,16 @@ extension ServerState {
                 stderr: [], stderrTruncated: false))
     }
 
-    /// The live operation behind a running instance. - Throws: 410 when it has ended.
-    private func running(_ call: APICall, _ uuid: String) throws -> LiveOperation {
+    /// The live operation behind a running instance. - Throws: `ended` (the spec: 410 for
+    /// stdin, 409 for signals and new processes) when it has ended.
+    private func running(_ call: APICall, _ uuid: String, ended: HTTPResponse.Status = .conflict) throws
+        -> LiveOperation
+    {
         let row = try operationRow(call, uuid)
         let status = row["status"].string ?? ""
         guard !OperationManager.terminal.contains(status), let live = operations.liveOperation(row["uuid"].string ?? uuid)
         else {
-            throw APIError(.gone, "operation \(uuid) has ended (\(status)); there is no live process")
+            throw APIError(ended, "operation \(uuid) is not a running instance (\(status)); there is no live process")
         }
         return live
     }
@@ -172,7 +175,7 @@ extension ServerState {
     /// (SIGKILL by default; for the main process that ends the operation).
     func kill(_ call: APICall, _ uuid: String, spid: String) throws -> Response {
         let number = try processNumber(spid)
-        let signal = try ServerState.parseSignal(call.param("signal"))
+        let signal = try ServerState.requestedSignal(call.param("signal"))
         let live = try running(call, uuid)
         guard let control = live.processControl(number) else {
             throw APIError.notFound("operation \(uuid) has no live process \(spid)")
@@ -184,7 +187,7 @@ extension ServerState {
     /// `POST /v1/operations/{id}/subprocesses/{spid}/stdin`.
     func stdin(_ call: APICall, _ uuid: String, spid: String) async throws -> Response {
         let number = try processNumber(spid)
-        let live = try running(call, uuid)
+        let live = try running(call, uuid, ended: .gone)
         let body = try await decode(StdinPayload.self, from: call)
         try await live.writeStdin(spid: number, try body.bytes(), close: body.close ?? true)
         return .noContent()
@@ -192,12 +195,7 @@ extension ServerState {
 
     /// `POST /v1/operations/{id}/subprocesses`: one more process in the running instance.
     func execSubprocess(_ call: APICall, _ uuid: String) async throws -> Response {
-        let row = try operationRow(call, uuid)
-        let status = row["status"].string ?? ""
-        guard !OperationManager.terminal.contains(status), let live = operations.liveOperation(row["uuid"].string ?? uuid)
-        else {
-            throw APIError(.conflict, "operation \(uuid) is not a running instance (\(status))")
-        }
+        let live = try running(call, uuid)
         let body = try await decode(ExecRequestBody.self, from: call)
         let spid = try operations.startSubprocess(live, body)
         var headers = HTTPFields()
@@ -215,6 +213,16 @@ extension ServerState {
         ]
         guard let signal = known[name] else {
             throw APIError(.badRequest, "signal '\(raw ?? "")' is not a signal number or name (TERM, INT, KILL, ...)")
+        }
+        return signal
+    }
+
+    /// A signal from the request, refusing SIGSTOP: it cannot be forwarded, so it would freeze
+    /// the process that supervises the command (use TSTP to pause a command that allows it).
+    static func requestedSignal(_ raw: String?) throws -> Int32 {
+        let signal = try parseSignal(raw)
+        guard signal != SIGSTOP else {
+            throw APIError(.badRequest, "SIGSTOP cannot be sent here (it would freeze the supervising process); send TSTP")
         }
         return signal
     }

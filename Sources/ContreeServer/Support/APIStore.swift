@@ -69,9 +69,11 @@ struct APIStore: Sendable {
         ).first, let uuid = row["image"].string {
             return try store.image(uuid)
         }
-        guard let builtin = APIStore.builtinName(tag) else { return nil }
-        let base = baseImages
-        return try base.resolve(builtin)
+        // Built-in images answer once built (a spawn builds them); a lookup never starts a build.
+        guard let builtin = APIStore.builtinName(tag), let record = try store.findImage(builtin),
+            record.origin.hasPrefix("builtin:")
+        else { return nil }
+        return record
     }
 
     /// The built-in image a tag names, if any.
@@ -80,21 +82,6 @@ struct APIStore: Sendable {
         if BaseImages.names.contains(name) { return name }
         if let canonical = try? BaseImages.canonical(name) { return canonical }
         return nil
-    }
-
-    /// Resolves the `image` of a spawn: a UUID, `tag:NAME`, or a bare tag.
-    func resolveReference(_ reference: String, namespace: String) throws -> ImageRecord {
-        var ref = reference.trimmingCharacters(in: .whitespaces)
-        if ref.hasPrefix("tag:") {
-            ref.removeFirst(4)
-        } else if APIStore.isUUID(ref.lowercased()) {
-            return try visibleImage(ref, namespace: namespace)
-        }
-        guard let record = try imageForTag(ref, namespace: namespace) else {
-            throw APIError.notFound(
-                "image '\(reference)' was not found: no image has this tag; tag one with PATCH /v1/images/{uuid}/tag")
-        }
-        return record
     }
 
     /// Makes `image` part of `namespace` (a run's result) and keeps it from `gc`.

@@ -18,7 +18,9 @@ public enum DedicatedThread {
             let context = Unmanaged.passRetained(box).toOpaque()
             var attributes = pthread_attr_t()
             pthread_attr_init(&attributes)
-            pthread_attr_setstacksize(&attributes, 1 << 20)
+            // Tree walks recurse once per directory level: 16 MiB (reserved, not committed) covers
+            // the deepest tree a path within PATH_MAX can name, in a debug build too.
+            pthread_attr_setstacksize(&attributes, 16 << 20)
             pthread_attr_setdetachstate(&attributes, Int32(PTHREAD_CREATE_DETACHED))
             var thread = pthread_t()
             let rc = pthread_create(
