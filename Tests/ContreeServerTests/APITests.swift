@@ -303,13 +303,9 @@ struct InstanceTests {
         #expect(again.status == 410)
 
         let sleeper = try await server.spawn(
-            #"{"command":"trap 'echo got TERM; exit 5' TERM; while :; do sleep 0.1; done","image":"busybox","shell":true}"#)
-        for _ in 0..<100 {
-            let status = try await server.request("GET", "/v1/operations/\(sleeper)").json()["status"] as? String
-            if status == "EXECUTING" { break }
-            try await Task.sleep(for: .milliseconds(20))
-        }
-        try await Task.sleep(for: .milliseconds(300))
+            #"{"command":"trap 'echo got TERM; exit 5' TERM; echo ready >&2; while :; do sleep 0.1; done","image":"busybox","shell":true}"#
+        )
+        try await server.waitForOutput(sleeper, spid: 1, "ready")
         let kill = try await server.request("DELETE", "/v1/operations/\(sleeper)/subprocesses/1?signal=SIGTERM")
         #expect(kill.status == 204)
         let ended = try await server.wait(sleeper)
@@ -355,9 +351,9 @@ struct InstanceTests {
         #expect(write.status == 204)
         let looper = try await server.request(
             "POST", "/v1/operations/\(op)/subprocesses",
-            json: #"{"command":"trap 'echo bye; exit 4' TERM; while :; do sleep 0.1; done","shell":true}"#)
+            json: #"{"command":"trap 'echo bye; exit 4' TERM; echo ready >&2; while :; do sleep 0.1; done","shell":true}"#)
         let looperSpid = try #require(try looper.json()["spid"] as? Int)
-        try await Task.sleep(for: .milliseconds(300))
+        try await server.waitForOutput(op, spid: looperSpid, "ready")
         let kill = try await server.request("DELETE", "/v1/operations/\(op)/subprocesses/\(looperSpid)?signal=TERM")
         #expect(kill.status == 204)
         for (spid, expected, code) in [(catSpid, "ab", 0), (looperSpid, "bye\n", 4)] {
@@ -418,13 +414,22 @@ struct InstanceTests {
     func gracefulStop() async throws {
         let server = try await TestServer()
         let op = try await server.spawn(#"{"command":"sleep 60","image":"busybox","shell":true}"#)
-        let stream = Task { try await server.request("GET", "/v1/operations/\(op)/events?follow=1") }
-        for _ in 0..<100 {
-            if try await server.request("GET", "/v1/operations/\(op)").json()["status"] as? String == "EXECUTING" {
-                break
+        // Stop only once the stream is open and has seen the command start.
+        let (spawned, seen) = AsyncStream<Void>.makeStream()
+        let port = server.port
+        let stream = Task {
+            defer { seen.finish() }  // never leaves the wait below hanging
+            return try await DedicatedThread.run {
+                var received = ""
+                return try LoopbackHTTP.exchange(
+                    port: port, method: "GET", path: "/v1/operations/\(op)/events?follow=1", token: TestServer.alice
+                ) { chunk in
+                    received += String(decoding: chunk, as: UTF8.self)
+                    if received.contains("event: spawn") { seen.yield() }
+                }
             }
-            try await Task.sleep(for: .milliseconds(20))
         }
+        for await _ in spawned { break }
         let started = ContinuousClock.now
         try await server.stop(signal: SIGTERM)
         #expect(ContinuousClock.now - started < .seconds(15))

@@ -132,6 +132,16 @@ final class TestServer: @unchecked Sendable {
         }
     }
 
+    /// Waits until a process of the operation has written `text` (stdout or stderr).
+    func waitForOutput(_ operation: String, spid: Int, _ text: String) async throws {
+        for _ in 0..<1000 {
+            let reply = try await request("GET", "/v1/operations/\(operation)/events?spid=\(spid)")
+            if reply.text.contains(#""value":"\#(text)"#) { return }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw TestFailure("process \(spid) of \(operation) never wrote \(text)")
+    }
+
     /// Waits for the operation to end and returns its record.
     func wait(_ operation: String, token: String = TestServer.alice) async throws -> [String: Any] {
         for _ in 0..<600 {

@@ -320,15 +320,14 @@ struct EngineTests {
         let control = RunControl { started.continuation.yield() }
         let engine = t.engine
         var spec = RunSpec(
-            command: ["sh", "-c", "echo in > /made; trap 'echo term; exit 9' TERM; while :; do sleep 0.05; done"],
+            command: ["sh", "-c", "trap 'echo term; exit 9' TERM; echo in > /made; while :; do sleep 0.05; done"],
             hostname: "execbox")
         spec.control = control
         let main = Task { try await engine.run(spec) }
         for await _ in started.stream { break }
-        try await Task.sleep(for: .milliseconds(200))
         let exec = try await control.exec(
             ExecSpec(
-                command: ["sh", "-c", "cat /made; hostname; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; mount -t tmpfs x /mnt || echo refused"],
+                command: ["sh", "-c", "while [ ! -e /made ]; do sleep 0.01; done; cat /made; hostname; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; mount -t tmpfs x /mnt || echo refused"],
                 environment: ["PATH=/bin"]))
         let out = String(decoding: exec.stdout, as: UTF8.self)
         #expect(exec.exitCode == 0)

@@ -12,7 +12,7 @@ public struct HTTPReply: Sendable {
 
 /// A minimal HTTP/1.1 client over a loopback socket, for the tests and the benchmark: exact
 /// control of what is sent (raw, chunked, malformed), one request per connection, the whole
-/// answer read until the server closes.
+/// answer read until the server closes (`onReceive` sees each piece as it arrives).
 public enum LoopbackHTTP {
     public struct Failure: Error, CustomStringConvertible {
         public var description: String
@@ -21,7 +21,7 @@ public enum LoopbackHTTP {
 
     public static func exchange(
         port: Int, method: String, path: String, token: String? = nil, body: [UInt8]? = nil,
-        headers: [String: String] = [:], chunked: Bool = false
+        headers: [String: String] = [:], chunked: Bool = false, onReceive: (([UInt8]) -> Void)? = nil
     ) throws -> HTTPReply {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw Failure("socket: \(errno)") }
@@ -69,6 +69,7 @@ public enum LoopbackHTTP {
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
             raw += buffer[0..<n]
+            onReceive?(Array(buffer[0..<n]))
         }
         return try parse(raw)
     }
