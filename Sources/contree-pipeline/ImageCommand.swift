@@ -6,7 +6,9 @@ struct ImageCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "image",
         abstract: "List, tag, import, compare and remove images.",
-        subcommands: [List.self, Tag.self, Untag.self, Log.self, Diff.self, Remove.self, Import.self, Build.self])
+        subcommands: [
+            List.self, Tag.self, Untag.self, Log.self, Diff.self, Remove.self, Import.self, Export.self, Build.self,
+        ])
 
     struct List: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "ls", abstract: "List images, oldest first.")
@@ -122,16 +124,30 @@ struct ImageCommand: ParsableCommand {
 
     struct Import: ParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Import a root file system from a directory or a tar file (.tar, .tar.gz).")
+            abstract: "Import an OCI or Docker image, or a root file system.",
+            discussion: """
+                SOURCE is oci:DIR[:TAG] (an OCI image layout), oci-archive:FILE[:TAG], \
+                docker-archive:FILE (what `docker save` writes), a directory, or a tar file \
+                (.tar, .tar.gz) holding a root file system. Image layers become images that \
+                branch like any other; layers the store already holds are not unpacked again.
+                """)
         @OptionGroup var storeOptions: StoreOptions
-        @Argument(help: "The directory or tar file.") var path: String
+        @Argument(help: "What to import (see above).") var path: String
         @Option(help: "Tag the new image.") var tag: String?
-        @Option(name: .customLong("env"), help: "KEY=VALUE for the image's environment.") var env: [String] = []
-        @Option(help: "The image's working directory.") var workdir = "/"
+        @Option(help: "From an image index: OS/ARCH[/VARIANT].") var platform = "linux/amd64"
+        @Option(name: .customLong("env"), help: "KEY=VALUE for a root file system's environment.") var env: [String] = []
+        @Option(help: "A root file system's working directory.") var workdir = "/"
 
         func run() throws {
             try reportingErrors {
                 let store = try storeOptions.open()
+                if OCIImporter.handles(path) {
+                    let image = try OCIImporter(store: store).importImage(
+                        path, platform: try OCI.Platform(parsing: platform))
+                    if let tag { try store.tag(tag, image: image.uuid) }
+                    print(image.uuid)
+                    return
+                }
                 var config = ImageConfig(workingDir: workdir)
                 for entry in env {
                     let key = entry.prefix { $0 != "=" }
@@ -141,6 +157,26 @@ struct ImageCommand: ParsableCommand {
                 let image = try ImageImporter(store: store).importRootfs(from: path, config: config)
                 if let tag { try store.tag(tag, image: image.uuid) }
                 print(image.uuid)
+            }
+        }
+    }
+
+    struct Export: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Write an image as a standard image podman, skopeo and Docker use.",
+            discussion: """
+                DEST is oci:DIR[:TAG] (an OCI image layout, added to what is there), \
+                oci-archive:FILE[:TAG], or docker-archive:FILE[:NAME:TAG] (for `docker load`).
+                """)
+        @OptionGroup var storeOptions: StoreOptions
+        @Argument(help: "The image.") var image: String
+        @Argument(help: "Where to write it (see above).") var destination: String
+
+        func run() throws {
+            try reportingErrors {
+                let store = try storeOptions.open()
+                let record = try BaseImages(store: store, progress: ProgressReporter()).resolve(image)
+                print(try OCIExporter(store: store).export(record, to: destination))
             }
         }
     }

@@ -142,7 +142,7 @@ public final class SandboxEngine: Sendable {
         if !environment.contains(where: { $0.hasPrefix("PATH=") }) {
             environment.append("PATH=\(ImageConfig.defaultPath)")
         }
-        let (uid, gid) = try spec.user ?? SandboxEngine.parseUser(image.config.user)
+        let (uid, gid) = try spec.user ?? SandboxEngine.parseUser(image.config.user, filesystem: filesystem)
 
         let request = LaunchRequest(
             id: runID, storeRoot: store.root, lowers: image.layers.reversed().map { "layers/" + Store.hex($0) },
@@ -300,13 +300,28 @@ public final class SandboxEngine: Sendable {
         }
     }
 
-    static func parseUser(_ user: String?) throws -> (UInt32, UInt32) {
+    /// The image's user (`uid[:gid]`, or names looked up in the image's /etc/passwd and
+    /// /etc/group, as OCI images write them).
+    static func parseUser(_ user: String?, filesystem: ImageFilesystem? = nil) throws -> (UInt32, UInt32) {
         guard let user, !user.isEmpty else { return (0, 0) }
-        let parts = user.split(separator: ":")
-        guard let uid = UInt32(parts[0]), parts.count <= 2 else {
-            throw SandboxError(.invalidArgument, "image user '\(user)' must be numeric uid[:gid]")
+        let parts = user.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+        guard parts.count <= 2 else { throw SandboxError(.invalidArgument, "image user '\(user)' must be user[:group]") }
+        func lookup(_ file: String, _ name: String) throws -> (UInt32, UInt32?) {
+            if let number = UInt32(name) { return (number, nil) }
+            guard let filesystem, let node = try filesystem.lookup(file), node.isRegular else {
+                throw SandboxError(.invalidArgument, "image user '\(user)': the image has no \(file) to look '\(name)' up in")
+            }
+            let text = String(decoding: try FileSystem.readFile(filesystem.physicalPath(node)), as: UTF8.self)
+            for line in text.split(separator: "\n") {
+                let fields = line.split(separator: ":", omittingEmptySubsequences: false)
+                if fields.count >= 4, fields[0] == name, let id = UInt32(fields[2]) {
+                    return (id, UInt32(fields[3]))
+                }
+            }
+            throw SandboxError(.invalidArgument, "image user '\(user)': '\(name)' is not in the image's \(file)")
         }
-        let gid = parts.count == 2 ? UInt32(parts[1]) ?? uid : uid
+        let (uid, primary) = try lookup("/etc/passwd", parts[0])
+        let gid = parts.count == 2 ? try lookup("/etc/group", parts[1]).0 : primary ?? uid
         return (uid, gid)
     }
 }

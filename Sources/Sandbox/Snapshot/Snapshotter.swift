@@ -90,6 +90,29 @@ public struct Snapshotter: Sendable {
         }
     }
 
+    /// A new image over `base` with one layer already in the store on top (or none: a new
+    /// config only). Used by imports that find a layer they already hold.
+    public func stack(_ layer: String?, on base: ImageRecord?, config: ImageConfig, origin: String) throws
+        -> ImageRecord
+    {
+        let layers = (base?.layers ?? []) + (layer.map { [$0] } ?? [])
+        return try store.withStoreLock(exclusive: false) {
+            try store.database.transaction { tx in
+                var image = ImageRecord(
+                    uuid: UUID().uuidString.lowercased(), parent: base?.uuid, layers: layers, config: config, size: 0,
+                    created: Date(), origin: origin, tags: [])
+                for digest in layers {
+                    guard let row = try tx.query("SELECT size FROM layers WHERE digest = ?", [.text(digest)]).first else {
+                        throw SandboxError(.notFound, "layer \(digest) is not in the store")
+                    }
+                    image.size += row["size"].int ?? 0
+                }
+                try store.insertImage(tx, image, newLayers: [])
+                return image
+            }
+        }
+    }
+
     /// Moves a synced directory into `layers/`, or drops it when the layer already exists.
     /// Must run under the shared store lock.
     private func place(_ directory: String, digest: String) throws {

@@ -1,0 +1,142 @@
+import Foundation
+import Glibc
+import Testing
+
+@testable import Sandbox
+
+/// Runs skopeo (Debian's; `scripts/setup` installs it) and fails the test when it fails.
+private func skopeo(_ arguments: [String]) throws -> String {
+    let result = try ChildProcess.run(["skopeo"] + arguments)
+    guard result.succeeded else { throw SandboxError(.childProcess, "skopeo \(arguments): \(result.stderrText)") }
+    return String(decoding: result.stdout, as: UTF8.self)
+}
+
+@Suite("OCI images: export, import, round trips with skopeo", .requiresRoot)
+struct OCITests {
+    /// An image with a new directory, a changed file and a deleted one (a whiteout).
+    func sample(_ t: TemporaryStore) async throws -> ImageRecord {
+        let run = try await t.sh("mkdir /app && echo one > /app/a && rm /bin/vi && echo x > /etc/motd")
+        let uuid = try #require(run.record.resultImage)
+        return try #require(try t.store.image(uuid))
+    }
+
+    @Test("an exported image reads the same after import from an OCI layout, a Docker archive and compressed layers")
+    func roundTrips() async throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        let image = try await sample(t)
+        let exporter = OCIExporter(store: t.store)
+        let importer = try OCIImporter(store: t.store)
+        try exporter.export(image, to: "oci:\(scratch.path)/layout:v1")
+        let inspected = try JSONSerialization.jsonObject(
+            with: Data(try skopeo(["inspect", "oci:\(scratch.path)/layout:v1"]).utf8)) as! [String: Any]
+        #expect(inspected["Layers"] as? [String] == image.layers)
+
+        _ = try skopeo(["copy", "oci:\(scratch.path)/layout:v1", "docker-archive:\(scratch.path)/d.tar:x/y:1"])
+        _ = try skopeo(["copy", "--dest-compress", "oci:\(scratch.path)/layout:v1", "oci:\(scratch.path)/gz:v1"])
+        _ = try skopeo([
+            "copy", "--dest-compress-format", "zstd", "oci:\(scratch.path)/layout:v1", "oci:\(scratch.path)/zst:v1",
+        ])
+        try exporter.export(image, to: "oci-archive:\(scratch.path)/o.tar:v1")
+        try exporter.export(image, to: "docker-archive:\(scratch.path)/mine.tar:mine:1")
+        for source in [
+            "oci:\(scratch.path)/layout:v1", "docker-archive:\(scratch.path)/d.tar", "oci:\(scratch.path)/gz:v1",
+            "oci:\(scratch.path)/zst:v1", "oci-archive:\(scratch.path)/o.tar:v1",
+            "docker-archive:\(scratch.path)/mine.tar",
+        ] {
+            let imported = try importer.importImage(source)
+            #expect(try ImageDiff.changes(from: image, to: imported, store: t.store).isEmpty, "\(source)")
+            let fs = ImageFilesystem(layersTopFirst: imported.layers.reversed().map(t.store.layerPath))
+            #expect(try fs.lookup("/bin/vi") == nil, "\(source)")
+            #expect(try fs.lookup("/app/a") != nil, "\(source)")
+        }
+        // The same layers again are not unpacked again: one layer row per diff_id.
+        let rows = try t.store.database.query("SELECT COUNT(*) AS n FROM oci_layers")
+        #expect(rows.first?["n"].int == Int64(image.layers.count))
+        // Our own layout again: the image it made before.
+        #expect(try importer.importImage("oci:\(scratch.path)/layout:v1").uuid == importer.importImage("oci:\(scratch.path)/layout:v1").uuid)
+    }
+
+    @Test("an imported image's env, working directory and named user are the ones it runs with")
+    func config() async throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        var image = try await sample(t)
+        image.config = ImageConfig(env: ["PATH=/bin", "GREETING=hi"], workingDir: "/app", user: "nobody")
+        let layout = scratch.path + "/layout"
+        try OCIExporter(store: t.store).export(image, to: "oci:\(layout)")
+        let imported = try OCIImporter(store: t.store).importImage("oci:\(layout)")
+        #expect(imported.config.env.contains("GREETING=hi") && imported.config.workingDir == "/app")
+        let run = try await t.engine.run(RunSpec(image: imported.uuid, command: ["sh", "-c", "echo $GREETING $(pwd) $(id -u)"]))
+        #expect(run.out == "hi /app 65534\n")
+    }
+
+    @Test("damaged or hostile images are refused with the reason, and nothing is added to the store")
+    func badInput() async throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        let image = try await sample(t)
+        let importer = try OCIImporter(store: t.store)
+        func expectRefused(_ source: String, _ words: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+            let before = try t.store.listImages().count
+            #expect(sourceLocation: sourceLocation) {
+                try importer.importImage(source)
+            } throws: { error in
+                "\(error)".contains(words)
+            }
+            #expect(try t.store.listImages().count == before, sourceLocation: sourceLocation)
+        }
+        // A layer blob whose bytes do not match its digest.
+        let damaged = scratch.path + "/damaged"
+        try OCIExporter(store: t.store).export(image, to: "oci:\(damaged)")
+        let top = damaged + "/blobs/sha256/" + image.layers.last!.dropFirst(7)
+        var bytes = try FileSystem.readFile(top)
+        bytes[600] ^= 0xff
+        try FileSystem.writeFile(top, bytes)
+        try expectRefused("oci:\(damaged)", "does not match its digest")
+        // A missing blob, an unknown tag, a layout that is not one, a truncated gzip layer.
+        unlink(top)
+        try expectRefused("oci:\(damaged)", "missing")
+        try OCIExporter(store: t.store).export(image, to: "oci:\(scratch.path)/ok:v1")
+        try expectRefused("oci:\(scratch.path)/ok:nope", "no image is tagged 'nope'")
+        try expectRefused("oci:\(scratch.path)", "not an OCI image layout")
+        _ = try skopeo(["copy", "--dest-compress", "oci:\(scratch.path)/ok:v1", "oci:\(scratch.path)/gz:v1"])
+        let gz = try FileSystem.list(scratch.path + "/gz/blobs/sha256").map { scratch.path + "/gz/blobs/sha256/" + $0 }
+            .filter { (try? FileSystem.readFile($0).prefix(2)) == [0x1f, 0x8b] }
+        for blob in gz {
+            let whole = try FileSystem.readFile(blob)
+            try FileSystem.writeFile(blob, Array(whole.prefix(whole.count / 2)))
+        }
+        try expectRefused("oci:\(scratch.path)/gz:v1", "does not match its digest")
+
+        // A layer that climbs out of the root, with a correct digest and diff_id.
+        let evil = scratch.path + "/evil"
+        try FileSystem.makeDirectories(evil + "/blobs/sha256")
+        var tar: [UInt8] = []
+        let writer = TarWriter { tar.append(contentsOf: $0) }
+        try writer.append(TarEntry(path: "../../escaped", kind: .regular, mode: 0o644, uid: 0, gid: 0, size: 0, mtime: 0))
+        try writer.finish()
+        func blob(_ data: [UInt8]) throws -> String {
+            let digest = "sha256:" + SHA256Digest(data)
+            try FileSystem.writeFile(evil + "/blobs/sha256/" + digest.dropFirst(7), data)
+            return digest
+        }
+        let layer = try blob(tar)
+        let config = try blob(Array(#"{"rootfs":{"type":"layers","diff_ids":["\#(layer)"]}}"#.utf8))
+        let manifest = try blob(
+            Array(
+                #"{"schemaVersion":2,"mediaType":"\#(OCI.manifestType)","config":{"digest":"\#(config)","size":1},"layers":[{"mediaType":"\#(OCI.layerTar)","digest":"\#(layer)","size":\#(tar.count)}]}"#
+                    .utf8))
+        try FileSystem.writeFile(evil + "/oci-layout", Array(#"{"imageLayoutVersion":"1.0.0"}"#.utf8))
+        try FileSystem.writeFile(
+            evil + "/index.json",
+            Array(#"{"schemaVersion":2,"manifests":[{"mediaType":"\#(OCI.manifestType)","digest":"\#(manifest)","size":1}]}"#.utf8))
+        try expectRefused("oci:\(evil)", "..")
+        #expect(!FileSystem.exists(t.store.root + "/escaped") && !FileSystem.exists(t.store.tmpPath + "/escaped"))
+        // An unsupported manifest type.
+        let odd = try blob(Array(#"{"schemaVersion":1,"mediaType":"application/vnd.docker.distribution.manifest.v1+json"}"#.utf8))
+        try FileSystem.writeFile(
+            evil + "/index.json", Array(#"{"schemaVersion":2,"manifests":[{"digest":"\#(odd)","size":1}]}"#.utf8))
+        try expectRefused("oci:\(evil)", "not supported")
+    }
+}
