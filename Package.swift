@@ -46,6 +46,8 @@ let package = Package(
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
+        // OCI distribution: images from registries (FoundationNetworking, the toolchain's URLSession).
+        .target(name: "Registry", dependencies: ["Sandbox"]),
         // The ConTree /v1 REST API over the engine (Hummingbird), so the official clients work.
         .target(
             name: "ContreeServer",
@@ -60,12 +62,12 @@ let package = Package(
         .executableTarget(
             name: "contree-pipeline",
             dependencies: [
-                "Sandbox", "Pipeline", "ContreeServer",
+                "Sandbox", "Pipeline", "ContreeServer", "Registry",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
             name: "contree-bench", dependencies: ["Sandbox", "ContreeServer"], path: "bench/Sources/contree-bench"),
-        .testTarget(name: "SandboxTests", dependencies: ["Sandbox"]),
+        .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "Registry"]),
         .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "Sandbox"]),
         .testTarget(name: "ContreeServerTests", dependencies: ["ContreeServer", "Sandbox"]),
     ],

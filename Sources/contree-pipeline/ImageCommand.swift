@@ -1,5 +1,6 @@
 import ArgumentParser
 import FoundationEssentials
+import Registry
 import Sandbox
 
 struct ImageCommand: ParsableCommand {
@@ -126,7 +127,9 @@ struct ImageCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Import an OCI or Docker image, or a root file system.",
             discussion: """
-                SOURCE is oci:DIR[:TAG] (an OCI image layout), oci-archive:FILE[:TAG], \
+                SOURCE is docker://HOST[:PORT]/REPO[:TAG|@sha256:…] (a registry; anonymous, \
+                basic or bearer-token auth; plain http only to loopback or with --allow-http), \
+                oci:DIR[:TAG] (an OCI image layout), oci-archive:FILE[:TAG], \
                 docker-archive:FILE (what `docker save` writes), a directory, or a tar file \
                 (.tar, .tar.gz) holding a root file system. Image layers become images that \
                 branch like any other; layers the store already holds are not unpacked again.
@@ -135,12 +138,26 @@ struct ImageCommand: ParsableCommand {
         @Argument(help: "What to import (see above).") var path: String
         @Option(help: "Tag the new image.") var tag: String?
         @Option(help: "From an image index: OS/ARCH[/VARIANT].") var platform = "linux/amd64"
+        @Option(help: "Registry user (or $CONTREE_REGISTRY_USER).") var username: String?
+        @Option(help: "Registry password (or $CONTREE_REGISTRY_PASSWORD).") var password: String?
+        @Flag(help: "Allow plain http to a registry that is not on this machine.") var allowHTTP = false
         @Option(name: .customLong("env"), help: "KEY=VALUE for a root file system's environment.") var env: [String] = []
         @Option(help: "A root file system's working directory.") var workdir = "/"
 
         func run() throws {
             try reportingErrors {
                 let store = try storeOptions.open()
+                if RegistryImporter.handles(path) {
+                    let env = ProcessInfo.processInfo.environment
+                    let user = username ?? env["CONTREE_REGISTRY_USER"]
+                    let secret = password ?? env["CONTREE_REGISTRY_PASSWORD"]
+                    let credentials = user.map { RegistryCredentials(username: $0, password: secret ?? "") }
+                    let image = try RegistryImporter(store: store, credentials: credentials, allowHTTP: allowHTTP)
+                        .importImage(path, platform: try OCI.Platform(parsing: platform))
+                    if let tag { try store.tag(tag, image: image.uuid) }
+                    print(image.uuid)
+                    return
+                }
                 if OCIImporter.handles(path) {
                     let image = try OCIImporter(store: store).importImage(
                         path, platform: try OCI.Platform(parsing: platform))

@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Testing
 
+import Registry
 @testable import Sandbox
 
 /// Runs skopeo (Debian's; `scripts/setup` installs it) and fails the test when it fails.
@@ -138,5 +139,145 @@ struct OCITests {
         try FileSystem.writeFile(
             evil + "/index.json", Array(#"{"schemaVersion":2,"manifests":[{"digest":"\#(odd)","size":1}]}"#.utf8))
         try expectRefused("oci:\(evil)", "not supported")
+    }
+}
+
+/// Debian's docker-registry (the CNCF distribution registry) on a free loopback port, over a
+/// scratch directory; stopped when released.
+final class LocalRegistry {
+    let root: String
+    let port: Int
+    private let pid: pid_t
+    /// Its stderr, kept open (closing it would kill it with SIGPIPE at its first log line).
+    private let stderrFD: Int32
+
+    init() throws {
+        root = "/tmp/contree-registry-" + UUID().uuidString.lowercased().prefix(12)
+        try FileSystem.makeDirectories(root + "/data")
+        // A free port: bind to 0, read it, let it go.
+        let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = inet_addr("127.0.0.1")
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        _ = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(probe, $0, length)
+                return getsockname(probe, $0, &length)
+            }
+        }
+        port = Int(UInt16(bigEndian: address.sin_port))
+        close(probe)
+        try FileSystem.writeFile(
+            root + "/config.yml",
+            Array(
+                """
+                version: 0.1
+                log: {level: error}
+                storage: {filesystem: {rootdirectory: \(root)/data}}
+                http: {addr: 127.0.0.1:\(port)}
+
+                """.utf8))
+        let child = try ChildProcess.spawn(
+            ["docker-registry", "serve", root + "/config.yml"], captureStdout: false,
+            stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+        stderrFD = child.stderr
+        pid = child.pid
+        for _ in 0..<200 {
+            let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+            var target = address
+            let connected = withUnsafePointer(to: &target) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+            close(fd)
+            if connected == 0 { return }
+            usleep(20_000)
+        }
+        throw SandboxError(.childProcess, "docker-registry did not start on 127.0.0.1:\(port)")
+    }
+
+    deinit {
+        kill(pid, SIGTERM)
+        _ = try? ChildProcess.wait(pid, "docker-registry")
+        close(stderrFD)
+        try? FileSystem.removeTree(root)
+    }
+
+    /// Pushes a layout's image with skopeo.
+    func push(_ source: String, _ repository: String) throws {
+        _ = try skopeo(["copy", "--dest-tls-verify=false", source, "docker://127.0.0.1:\(port)/\(repository)"])
+    }
+}
+
+@Suite("OCI images from a registry on loopback", .requiresRoot)
+struct RegistryTests {
+    @Test("an image pushed to a registry imports, by tag and by digest, and its layers are fetched once")
+    func pull() async throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        let registry = try LocalRegistry()
+        let run = try await t.sh("mkdir /app && echo one > /app/a && rm /bin/vi")
+        let resultUUID = try #require(run.record.resultImage)
+        let image = try #require(try t.store.image(resultUUID))
+        try OCIExporter(store: t.store).export(image, to: "oci:\(scratch.path)/layout:v1")
+        try registry.push("oci:\(scratch.path)/layout:v1", "team/app:v1")
+
+        let other = try TemporaryStore()  // another machine's store
+        let importer = RegistryImporter(store: other.store)
+        let pulled = try importer.importImage("docker://127.0.0.1:\(registry.port)/team/app:v1")
+        let fs = ImageFilesystem(layersTopFirst: pulled.layers.reversed().map(other.store.layerPath))
+        #expect(try fs.lookup("/app/a") != nil && fs.lookup("/bin/vi") == nil)
+        let again = try importer.importImage("docker://127.0.0.1:\(registry.port)/team/app:v1")
+        #expect(again.uuid == pulled.uuid)
+        let digest = try skopeo(["inspect", "--tls-verify=false", "--format", "{{.Digest}}", "docker://127.0.0.1:\(registry.port)/team/app:v1"])
+            .trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(try importer.importImage("docker://127.0.0.1:\(registry.port)/team/app@\(digest)").uuid == pulled.uuid)
+        let result = try await other.engine.run(RunSpec(image: pulled.uuid, command: ["cat", "/app/a"]))
+        #expect(result.out == "one\n")
+    }
+
+    @Test("an altered blob, a missing tag or repository, and a registry that is not there are clear errors that import nothing")
+    func failures() async throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        let registry = try LocalRegistry()
+        let run = try await t.sh("echo data > /f")
+        let resultUUID = try #require(run.record.resultImage)
+        let image = try #require(try t.store.image(resultUUID))
+        try OCIExporter(store: t.store).export(image, to: "oci:\(scratch.path)/layout:v1")
+        try registry.push("oci:\(scratch.path)/layout:v1", "team/app:v1")
+        let other = try TemporaryStore()
+        let importer = RegistryImporter(store: other.store)
+        let base = "docker://127.0.0.1:\(registry.port)"
+        for (reference, words) in [
+            ("\(base)/team/app:nope", "not found"), ("\(base)/team/none:v1", "not found"),
+            ("docker://127.0.0.1:1/team/app:v1", "cannot reach"), ("docker://127.0.0.1:\(registry.port)/Bad/Name", "lower-case"),
+        ] {
+            #expect {
+                try importer.importImage(reference)
+            } throws: { error in
+                "\(error)".contains(words)
+            }
+        }
+        // Alter the layers' bytes in the registry's storage (skopeo pushed them gzip-compressed):
+        // the downloads must be refused.
+        let blobs = registry.root + "/data/docker/registry/v2/blobs/sha256"
+        for prefix in try FileSystem.list(blobs) {
+            for digest in try FileSystem.list(blobs + "/" + prefix) {
+                let stored = blobs + "/" + prefix + "/" + digest + "/data"
+                var bytes = try FileSystem.readFile(stored)
+                guard bytes.prefix(2) == [0x1f, 0x8b] else { continue }
+                bytes[bytes.count / 2] ^= 0xff
+                try FileSystem.writeFile(stored, bytes)
+            }
+        }
+        #expect {
+            try importer.importImage("\(base)/team/app:v1")
+        } throws: { error in
+            "\(error)".contains("hashing to")
+        }
+        #expect(try other.store.listImages().isEmpty)
     }
 }

@@ -26,6 +26,18 @@ public struct OCIImporter: Sendable {
             """)
     }
 
+    /// The store's layer for an image layer's diff_id, when an earlier import unpacked it.
+    func knownLayer(_ diffID: String) throws -> String? {
+        guard
+            let layer = try store.database.query("SELECT layer FROM oci_layers WHERE diff_id = ?", [.text(diffID)])
+                .first?["layer"].string, FileSystem.isDirectory(store.layerPath(layer))
+        else { return nil }
+        return layer
+    }
+
+    /// Whether the store holds the layer with this diff_id (it need not be fetched again).
+    public func knows(diffID: String) throws -> Bool { try knownLayer(diffID) != nil }
+
     /// Whether `reference` names something this importer reads.
     public static func handles(_ reference: String) -> Bool {
         ["oci:", "oci-archive:", "docker-archive:"].contains { reference.hasPrefix($0) }
@@ -41,15 +53,17 @@ public struct OCIImporter: Sendable {
     }
 
     /// Imports `reference`; `platform` picks from an image index (default linux/amd64).
-    public func importImage(_ reference: String, platform: OCI.Platform = OCI.Platform(architecture: "amd64", os: "linux"))
-        throws -> ImageRecord
-    {
+    /// `name` is what errors and image origins call the source (default: `reference`).
+    public func importImage(
+        _ reference: String, platform: OCI.Platform = OCI.Platform(architecture: "amd64", os: "linux"),
+        name: String? = nil
+    ) throws -> ImageRecord {
         let lease = try store.acquireLease(layers: [])
         defer { lease.release() }
         let source: LayoutSource
         if reference.hasPrefix("oci:") {
             let (path, tag) = OCIImporter.splitTag(String(reference.dropFirst(4)))
-            source = LayoutSource(root: path, kind: .oci(tag: tag), name: reference)
+            source = LayoutSource(root: path, kind: .oci(tag: tag), name: name ?? reference)
         } else if reference.hasPrefix("oci-archive:") {
             let (path, tag) = OCIImporter.splitTag(String(reference.dropFirst("oci-archive:".count)))
             let root = lease.workPath + "/archive"
@@ -92,9 +106,13 @@ public struct OCIImporter: Sendable {
         let kind: Kind
         let name: String
 
+        /// Where a blob is (it may be missing: a layer the store holds need not be there).
+        func blobPath(_ digest: String, what: String) throws -> String {
+            root + "/blobs/sha256/" + (try OCI.checkDigest(digest, what: what))
+        }
+
         func blob(_ digest: String, what: String) throws -> String {
-            let hex = try OCI.checkDigest(digest, what: what)
-            let path = root + "/blobs/sha256/" + hex
+            let path = try blobPath(digest, what: what)
             guard FileSystem.exists(path) else {
                 throw SandboxError(.notFound, "\(name): \(what) \(digest) is missing from blobs/sha256/")
             }
@@ -183,18 +201,7 @@ public struct OCIImporter: Sendable {
             let type = document.mediaType ?? descriptor.mediaType ?? ""
             if type == OCI.indexType || type == OCI.dockerManifestList || document.manifests != nil {
                 guard depth < 4 else { throw SandboxError(.invalidArgument, "\(name): image indexes nest too deep") }
-                let choices = document.manifests ?? []
-                guard
-                    let chosen = choices.first(where: {
-                        $0.platform?.os == platform.os && $0.platform?.architecture == platform.architecture
-                            && (platform.variant == nil || $0.platform?.variant == platform.variant)
-                    })
-                else {
-                    let offered = choices.compactMap { $0.platform?.description }.joined(separator: ", ")
-                    throw SandboxError(
-                        .notFound, "\(name) has no image for \(platform.description) (it has: \(offered)); pick one with --platform")
-                }
-                return try manifest(chosen, platform: platform, depth: depth + 1)
+                return try manifest(OCI.choose(platform, from: document, name: name), platform: platform, depth: depth + 1)
             }
             guard type == OCI.manifestType || type == OCI.dockerManifest || (type.isEmpty && document.layers != nil)
             else {
@@ -212,8 +219,8 @@ public struct OCIImporter: Sendable {
                     "\(name): the config lists \(config.rootfs.diff_ids.count) layers, the manifest \(layers.count)")
             }
             let resolved = try layers.enumerated().map { i, layer in
-                (try blob(layer.digest, what: "layer \(i + 1)"), layer.mediaType ?? OCI.layerTar, Optional(layer.digest),
-                 config.rootfs.diff_ids[i])
+                (try blobPath(layer.digest, what: "layer \(i + 1)"), layer.mediaType ?? OCI.layerTar,
+                 Optional(layer.digest), config.rootfs.diff_ids[i])
             }
             return ResolvedImage(manifestDigest: descriptor.digest, config: config, layers: resolved)
         }
@@ -256,9 +263,14 @@ public struct OCIImporter: Sendable {
     /// Checks, unpacks and commits the layers bottom first, then records the manifest.
     private func importResolved(_ image: ResolvedImage, source: LayoutSource, lease: Lease) throws -> ImageRecord {
         let config = try imageConfig(image.config)
-        // Every blob is checked before anything is unpacked.
+        // Every blob is checked before anything is unpacked (a layer the store holds need not
+        // be present).
         for (index, layer) in image.layers.enumerated() {
             _ = try OCI.checkDigest(layer.diffID, what: "layer \(index + 1)'s diff_id")
+            if try knows(diffID: layer.diffID) { continue }
+            guard FileSystem.exists(layer.path) else {
+                throw SandboxError(.notFound, "\(source.name): layer \(index + 1) (\(layer.digest ?? layer.path)) is missing")
+            }
             if let digest = layer.digest {
                 let (actual, _) = try OCI.sha256(file: layer.path)
                 guard actual == digest else {
@@ -289,9 +301,7 @@ public struct OCIImporter: Sendable {
         let snapshotter = Snapshotter(store: store)
         var current: ImageRecord?
         for (index, layer) in image.layers.enumerated() {
-            if let known = try store.database.query(
-                "SELECT layer FROM oci_layers WHERE diff_id = ?", [.text(layer.diffID)]
-            ).first?["layer"].string, FileSystem.isDirectory(store.layerPath(known)) {
+            if let known = try knownLayer(layer.diffID) {
                 current = try snapshotter.stack(known, on: current, config: config, origin: "import:\(source.name)")
                 created.append(current!.uuid)
                 continue

@@ -68,6 +68,18 @@ public enum OCI {
         public var config: Descriptor?
         public var layers: [Descriptor]?
         public var annotations: [String: String]?
+
+        public init(
+            schemaVersion: Int? = 2, mediaType: String?, manifests: [Descriptor]? = nil, config: Descriptor? = nil,
+            layers: [Descriptor]? = nil, annotations: [String: String]? = nil
+        ) {
+            self.schemaVersion = schemaVersion
+            self.mediaType = mediaType
+            self.manifests = manifests
+            self.config = config
+            self.layers = layers
+            self.annotations = annotations
+        }
     }
 
     /// The image configuration: what runs, and the layers' diff_ids.
@@ -97,6 +109,22 @@ public enum OCI {
         public var Layers: [String]
     }
 
+    /// The manifest an image index offers for `platform`. - Throws: `notFound` naming what it offers.
+    public static func choose(_ platform: Platform, from index: Document, name: String) throws -> Descriptor {
+        let choices = index.manifests ?? []
+        guard
+            let chosen = choices.first(where: {
+                $0.platform?.os == platform.os && $0.platform?.architecture == platform.architecture
+                    && (platform.variant == nil || $0.platform?.variant == platform.variant)
+            })
+        else {
+            let offered = choices.compactMap { $0.platform?.description }.joined(separator: ", ")
+            throw SandboxError(
+                .notFound, "\(name) has no image for \(platform.description) (it has: \(offered)); pick one with --platform")
+        }
+        return chosen
+    }
+
     /// A digest as the spec writes it: `sha256:` and 64 lower-case hex digits.
     public static func checkDigest(_ digest: String, what: String) throws -> String {
         let hex = digest.hasPrefix("sha256:") ? String(digest.dropFirst(7)) : ""
@@ -106,6 +134,9 @@ public enum OCI {
         }
         return hex
     }
+
+    /// Lower-case hex sha256 of bytes.
+    public static func sha256Hex(_ bytes: [UInt8]) -> String { SHA256Digest(bytes) }
 
     /// sha256 of a file, streamed.
     public static func sha256(file path: String) throws -> (digest: String, size: Int64) {

@@ -1,0 +1,222 @@
+import Foundation
+import Glibc
+import FoundationNetworking
+import Sandbox
+
+/// `docker://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]`.
+public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
+    public var host: String
+    public var repository: String
+    /// A tag or a `sha256:` digest.
+    public var reference: String
+
+    public init(parsing text: String) throws {
+        guard text.hasPrefix("docker://") else {
+            throw SandboxError(.invalidArgument, "'\(text)' is not a registry reference: write docker://HOST/REPO:TAG")
+        }
+        let rest = String(text.dropFirst("docker://".count))
+        guard let slash = rest.firstIndex(of: "/"), slash != rest.startIndex else {
+            throw SandboxError(.invalidArgument, "'\(text)' names no registry host: write docker://HOST[:PORT]/REPO:TAG")
+        }
+        host = String(rest[..<slash])
+        var path = String(rest[rest.index(after: slash)...])
+        if let at = path.firstIndex(of: "@") {
+            reference = String(path[path.index(after: at)...])
+            path = String(path[..<at])
+            _ = try OCI.checkDigest(reference, what: text)
+        } else if let colon = path.lastIndex(of: ":"), !path[colon...].contains("/") {
+            reference = String(path[path.index(after: colon)...])
+            path = String(path[..<colon])
+        } else {
+            reference = "latest"
+        }
+        let validPath = path.split(separator: "/", omittingEmptySubsequences: false).allSatisfy { part in
+            !part.isEmpty && part.allSatisfy { $0.isLowercase || $0.isNumber || "._-".contains($0) }
+        }
+        guard validPath, !reference.isEmpty else {
+            throw SandboxError(
+                .invalidArgument, "'\(text)': the repository must be lower-case path components, e.g. library/debian")
+        }
+        repository = path
+    }
+
+    public var description: String {
+        "docker://\(host)/\(repository)" + (reference.hasPrefix("sha256:") ? "@" : ":") + reference
+    }
+
+    /// Whether the host is this machine (plain http is allowed there).
+    var isLoopback: Bool {
+        let name = host.split(separator: ":").first.map(String.init) ?? host
+        return name == "localhost" || name == "127.0.0.1" || name == "[::1]" || name.hasPrefix("127.")
+    }
+}
+
+/// Credentials for a registry: `user:password` for basic auth, or to ask a token service.
+public struct RegistryCredentials: Sendable {
+    public var username: String
+    public var password: String
+
+    public init(username: String, password: String) {
+        self.username = username
+        self.password = password
+    }
+
+    var basic: String { "Basic " + Data("\(username):\(password)".utf8).base64EncodedString() }
+}
+
+/// A client of the OCI distribution API: answers 401 challenges (Basic, and Bearer through the
+/// token service the challenge names), talks https, or plain http to loopback or when allowed.
+final class RegistryClient: @unchecked Sendable {
+    let reference: RegistryReference
+    let credentials: RegistryCredentials?
+    let scheme: String
+    private let session: URLSession
+    private var authorization: String?
+
+    init(reference: RegistryReference, credentials: RegistryCredentials?, allowHTTP: Bool) {
+        self.reference = reference
+        self.credentials = credentials
+        scheme = reference.isLoopback || allowHTTP ? "http" : "https"
+        let configuration = URLSessionConfiguration.ephemeral
+        configuration.timeoutIntervalForRequest = 60
+        session = URLSession(configuration: configuration)
+    }
+
+    var base: String { "\(scheme)://\(reference.host)/v2/\(reference.repository)" }
+
+    /// GET with the auth dance; returns the body and the response.
+    func get(_ url: String, accept: [String] = []) throws -> (Data, HTTPURLResponse) {
+        var attempt = 0
+        while true {
+            var request = URLRequest(url: URL(string: url)!)
+            if !accept.isEmpty { request.setValue(accept.joined(separator: ", "), forHTTPHeaderField: "Accept") }
+            if let authorization { request.setValue(authorization, forHTTPHeaderField: "Authorization") }
+            let (data, response) = try send(request)
+            if response.statusCode == 401 && attempt == 0 {
+                attempt += 1
+                try authenticate(response.value(forHTTPHeaderField: "WWW-Authenticate") ?? "")
+                continue
+            }
+            guard (200..<300).contains(response.statusCode) else {
+                throw failure(response.statusCode, url: url, body: data)
+            }
+            return (data, response)
+        }
+    }
+
+    /// GET a blob into a file (streamed to disk by the session), then check its sha256
+    /// against `digest` before anything uses it.
+    func download(_ url: String, digest: String, to path: String) throws {
+        var request = URLRequest(url: URL(string: url)!)
+        if let authorization { request.setValue(authorization, forHTTPHeaderField: "Authorization") }
+        let semaphore = DispatchSemaphore(value: 0)
+        nonisolated(unsafe) var outcome: (any Error)?
+        nonisolated(unsafe) var status = 0
+        session.downloadTask(with: request) { file, response, error in
+            defer { semaphore.signal() }
+            if let error {
+                outcome = error
+                return
+            }
+            status = (response as? HTTPURLResponse)?.statusCode ?? 0
+            guard let file, (200..<300).contains(status) else { return }
+            do {
+                try FileSystem.rename(file.path, path)
+            } catch {
+                outcome = error
+            }
+        }.resume()
+        semaphore.wait()
+        if let outcome {
+            throw SandboxError(.childProcess, "\(reference): downloading \(digest) failed: \(outcome.localizedDescription)")
+        }
+        guard (200..<300).contains(status) else { throw failure(status, url: url, body: Data()) }
+        let (actual, size) = try OCI.sha256(file: path)
+        guard actual == digest else {
+            unlink(path)
+            throw SandboxError(
+                .corrupt,
+                "\(reference): the blob \(digest) arrived as \(size) bytes hashing to \(actual) (truncated or altered); nothing was imported"
+            )
+        }
+    }
+
+    private func failure(_ status: Int, url: String, body: Data) -> SandboxError {
+        let detail = String(decoding: body.prefix(300), as: UTF8.self)
+        switch status {
+        case 401, 403:
+            return SandboxError(
+                .invalidArgument,
+                "\(reference): the registry refused access (\(status)); give credentials (--username/--password or CONTREE_REGISTRY_USER/CONTREE_REGISTRY_PASSWORD)"
+            )
+        case 404:
+            return SandboxError(.notFound, "\(reference): not found in the registry (\(url)): \(detail)")
+        default:
+            return SandboxError(.childProcess, "\(reference): the registry answered \(status) for \(url): \(detail)")
+        }
+    }
+
+    private func send(_ request: URLRequest) throws -> (Data, HTTPURLResponse) {
+        let semaphore = DispatchSemaphore(value: 0)
+        nonisolated(unsafe) var result: Result<(Data, HTTPURLResponse), any Error> = .failure(URLError(.unknown))
+        session.dataTask(with: request) { data, response, error in
+            if let error {
+                result = .failure(error)
+            } else if let http = response as? HTTPURLResponse {
+                result = .success((data ?? Data(), http))
+            }
+            semaphore.signal()
+        }.resume()
+        semaphore.wait()
+        do {
+            return try result.get()
+        } catch {
+            throw SandboxError(
+                .childProcess,
+                "\(reference): cannot reach the registry at \(scheme)://\(reference.host) (\(error.localizedDescription)); is it running, and is the address right?"
+            )
+        }
+    }
+
+    /// Answers a `WWW-Authenticate` challenge.
+    private func authenticate(_ challenge: String) throws {
+        let lower = challenge.lowercased()
+        if lower.hasPrefix("basic") {
+            guard let credentials else {
+                throw SandboxError(
+                    .invalidArgument,
+                    "\(reference): the registry needs credentials (basic auth); give --username and --password")
+            }
+            authorization = credentials.basic
+            return
+        }
+        guard lower.hasPrefix("bearer") else {
+            throw SandboxError(.unsupported, "\(reference): the registry asks for '\(challenge)', which is not supported")
+        }
+        var parameters: [String: String] = [:]
+        let pattern = /([a-zA-Z_]+)="([^"]*)"/
+        for match in challenge.matches(of: pattern) { parameters[String(match.1).lowercased()] = String(match.2) }
+        guard let realm = parameters["realm"], var components = URLComponents(string: realm) else {
+            throw SandboxError(.invalidArgument, "\(reference): the registry's bearer challenge names no token realm")
+        }
+        var items = components.queryItems ?? []
+        if let service = parameters["service"] { items.append(URLQueryItem(name: "service", value: service)) }
+        items.append(
+            URLQueryItem(name: "scope", value: parameters["scope"] ?? "repository:\(reference.repository):pull"))
+        components.queryItems = items
+        var request = URLRequest(url: components.url!)
+        if let credentials { request.setValue(credentials.basic, forHTTPHeaderField: "Authorization") }
+        let (data, response) = try send(request)
+        guard response.statusCode == 200 else { throw failure(response.statusCode, url: realm, body: data) }
+        struct TokenAnswer: Decodable {
+            var token: String?
+            var access_token: String?
+        }
+        guard let answer = try? JSONDecoder().decode(TokenAnswer.self, from: data),
+            let token = answer.token ?? answer.access_token
+        else {
+            throw SandboxError(.invalidArgument, "\(reference): the token service at \(realm) gave no token")
+        }
+        authorization = "Bearer " + token
+    }
+}

@@ -1,0 +1,98 @@
+import Foundation
+import Glibc
+import Sandbox
+
+/// Imports an image from a registry (the OCI distribution API): fetches the manifest (through
+/// an image index to the platform's), the config, and the layers the store does not hold yet,
+/// each checked against its digest, into a temporary image layout that `OCIImporter` imports.
+public struct RegistryImporter: Sendable {
+    public let store: Store
+    public let credentials: RegistryCredentials?
+    /// Plain http to hosts other than loopback.
+    public let allowHTTP: Bool
+
+    public init(store: Store, credentials: RegistryCredentials? = nil, allowHTTP: Bool = false) {
+        self.store = store
+        self.credentials = credentials
+        self.allowHTTP = allowHTTP
+    }
+
+    public static func handles(_ reference: String) -> Bool { reference.hasPrefix("docker://") }
+
+    static let acceptedManifests = [OCI.manifestType, OCI.indexType, OCI.dockerManifest, OCI.dockerManifestList]
+
+    public func importImage(
+        _ text: String, platform: OCI.Platform = OCI.Platform(architecture: "amd64", os: "linux")
+    ) throws -> ImageRecord {
+        let reference = try RegistryReference(parsing: text)
+        let client = RegistryClient(reference: reference, credentials: credentials, allowHTTP: allowHTTP)
+        let importer = try OCIImporter(store: store)
+        let lease = try store.acquireLease(layers: [])
+        defer { lease.release() }
+        let root = lease.workPath + "/pull"
+        try FileSystem.makeDirectories(root + "/blobs/sha256")
+
+        // The manifest (by tag or digest); through an index to the platform's.
+        var (descriptor, document) = try fetchManifest(client, reference.reference, root: root)
+        var depth = 0
+        while document.manifests != nil {
+            depth += 1
+            guard depth < 4 else { throw SandboxError(.invalidArgument, "\(text): image indexes nest too deep") }
+            let chosen = try OCI.choose(platform, from: document, name: text)
+            (descriptor, document) = try fetchManifest(client, chosen.digest, root: root)
+        }
+        guard let config = document.config, let layers = document.layers else {
+            let type = document.mediaType ?? descriptor.mediaType ?? "unknown"
+            throw SandboxError(
+                .unsupported, "\(text): manifest media type '\(type)' is not supported (OCI or Docker schema 2 only)")
+        }
+        let configPath = try blobPath(config.digest, root: root, what: "image config")
+        try client.download("\(client.base)/blobs/\(config.digest)", digest: config.digest, to: configPath)
+        let configuration = try JSONDecoder().decode(OCI.ImageConfiguration.self, from: Data(try FileSystem.readFile(configPath)))
+        guard configuration.rootfs.diff_ids.count == layers.count else {
+            throw SandboxError(
+                .corrupt, "\(text): the config lists \(configuration.rootfs.diff_ids.count) layers, the manifest \(layers.count)")
+        }
+        for (index, layer) in layers.enumerated() {
+            if try importer.knows(diffID: configuration.rootfs.diff_ids[index]) { continue }  // not fetched again
+            let path = try blobPath(layer.digest, root: root, what: "layer \(index + 1)")
+            try client.download("\(client.base)/blobs/\(layer.digest)", digest: layer.digest, to: path)
+        }
+        var entry = descriptor
+        entry.annotations = [OCI.refName: "pulled"]
+        let index = OCI.Document(
+            schemaVersion: 2, mediaType: OCI.indexType, manifests: [entry], config: nil, layers: nil, annotations: nil)
+        try FileSystem.writeFile(root + "/index.json", Array(try JSONEncoder().encode(index)), mode: 0o644)
+        try FileSystem.writeFile(root + "/oci-layout", Array(#"{"imageLayoutVersion":"1.0.0"}"#.utf8), mode: 0o644)
+        return try importer.importImage("oci:\(root):pulled", platform: platform, name: text)
+    }
+
+    private func blobPath(_ digest: String, root: String, what: String) throws -> String {
+        root + "/blobs/sha256/" + (try OCI.checkDigest(digest, what: what))
+    }
+
+    /// GETs a manifest, checks it against the digest it was asked by (or the one the registry
+    /// states), and stores it in the layout.
+    private func fetchManifest(_ client: RegistryClient, _ reference: String, root: String) throws -> (
+        OCI.Descriptor, OCI.Document
+    ) {
+        let (data, response) = try client.get(
+            "\(client.base)/manifests/\(reference)", accept: RegistryImporter.acceptedManifests)
+        let bytes = Array(data)
+        let actual = "sha256:" + OCI.sha256Hex(bytes)
+        let expected = reference.hasPrefix("sha256:") ? reference : response.value(forHTTPHeaderField: "Docker-Content-Digest")
+        if let expected, expected != actual {
+            throw SandboxError(
+                .corrupt, "\(client.reference): the manifest hashes to \(actual), not \(expected); nothing was imported")
+        }
+        let document: OCI.Document
+        do {
+            document = try JSONDecoder().decode(OCI.Document.self, from: data)
+        } catch {
+            throw SandboxError(.invalidArgument, "\(client.reference): the manifest is not valid JSON: \(error)")
+        }
+        try FileSystem.writeFile(try blobPath(actual, root: root, what: "manifest"), bytes, mode: 0o644)
+        let type = response.value(forHTTPHeaderField: "Content-Type").map { String($0.split(separator: ";")[0]) }
+        return (OCI.Descriptor(mediaType: document.mediaType ?? type, digest: actual, size: Int64(bytes.count)), document)
+    }
+}
