@@ -86,23 +86,39 @@ final class RegistryClient: @unchecked Sendable {
 
     /// GET with the auth dance; returns the body and the response.
     func get(_ url: String, accept: [String] = []) throws -> (Data, HTTPURLResponse) {
+        try call("GET", url, headers: accept.isEmpty ? [:] : ["Accept": accept.joined(separator: ", ")])
+    }
+
+    /// A request with the auth dance (one retry after a 401 challenge); any 2xx is success,
+    /// and `allow` lists other statuses the caller handles itself.
+    func call(
+        _ method: String, _ url: String, headers: [String: String] = [:], body: Data? = nil, allow: Set<Int> = []
+    ) throws -> (Data, HTTPURLResponse) {
         var attempt = 0
         while true {
-            var request = URLRequest(url: URL(string: url)!)
-            if !accept.isEmpty { request.setValue(accept.joined(separator: ", "), forHTTPHeaderField: "Accept") }
+            guard let target = URL(string: url) else {
+                throw SandboxError(.invalidArgument, "\(reference): the registry gave the unusable address '\(url)'")
+            }
+            var request = URLRequest(url: target)
+            request.httpMethod = method
+            for (name, value) in headers { request.setValue(value, forHTTPHeaderField: name) }
             if let authorization { request.setValue(authorization, forHTTPHeaderField: "Authorization") }
+            request.httpBody = body
             let (data, response) = try send(request)
             if response.statusCode == 401 && attempt == 0 {
                 attempt += 1
                 try authenticate(response.value(forHTTPHeaderField: "WWW-Authenticate") ?? "")
                 continue
             }
-            guard (200..<300).contains(response.statusCode) else {
+            guard (200..<300).contains(response.statusCode) || allow.contains(response.statusCode) else {
                 throw failure(response.statusCode, url: url, body: data)
             }
             return (data, response)
         }
     }
+
+    /// Whether the push asks for write access (the bearer scope).
+    var pushing = false
 
     /// GET a blob into a file (streamed to disk by the session), then check its sha256
     /// against `digest` before anything uses it.
@@ -202,7 +218,9 @@ final class RegistryClient: @unchecked Sendable {
         var items = components.queryItems ?? []
         if let service = parameters["service"] { items.append(URLQueryItem(name: "service", value: service)) }
         items.append(
-            URLQueryItem(name: "scope", value: parameters["scope"] ?? "repository:\(reference.repository):pull"))
+            URLQueryItem(
+                name: "scope",
+                value: parameters["scope"] ?? "repository:\(reference.repository):\(pushing ? "pull,push" : "pull")"))
         components.queryItems = items
         var request = URLRequest(url: components.url!)
         if let credentials { request.setValue(credentials.basic, forHTTPHeaderField: "Authorization") }

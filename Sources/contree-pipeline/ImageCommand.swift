@@ -1,5 +1,6 @@
 import ArgumentParser
 import FoundationEssentials
+import Glibc
 import Registry
 import Sandbox
 
@@ -8,7 +9,8 @@ struct ImageCommand: ParsableCommand {
         commandName: "image",
         abstract: "List, tag, import, compare and remove images.",
         subcommands: [
-            List.self, Tag.self, Untag.self, Log.self, Diff.self, Remove.self, Import.self, Export.self, Build.self,
+            List.self, Tag.self, Untag.self, Log.self, Diff.self, Remove.self, Import.self, Export.self, Push.self,
+            Build.self,
         ])
 
     struct List: ParsableCommand {
@@ -148,10 +150,7 @@ struct ImageCommand: ParsableCommand {
             try reportingErrors {
                 let store = try storeOptions.open()
                 if RegistryImporter.handles(path) {
-                    let env = ProcessInfo.processInfo.environment
-                    let user = username ?? env["CONTREE_REGISTRY_USER"]
-                    let secret = password ?? env["CONTREE_REGISTRY_PASSWORD"]
-                    let credentials = user.map { RegistryCredentials(username: $0, password: secret ?? "") }
+                    let credentials = registryCredentials(username, password)
                     let image = try RegistryImporter(store: store, credentials: credentials, allowHTTP: allowHTTP)
                         .importImage(path, platform: try OCI.Platform(parsing: platform))
                     if let tag { try store.tag(tag, image: image.uuid) }
@@ -198,6 +197,26 @@ struct ImageCommand: ParsableCommand {
         }
     }
 
+    struct Push: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Push an image to a registry (docker://HOST[:PORT]/REPO:TAG).")
+        @OptionGroup var storeOptions: StoreOptions
+        @Argument(help: "The image.") var image: String
+        @Argument(help: "docker://HOST[:PORT]/REPO:TAG") var destination: String
+        @Option(help: "Registry user (or $CONTREE_REGISTRY_USER).") var username: String?
+        @Option(help: "Registry password (or $CONTREE_REGISTRY_PASSWORD).") var password: String?
+        @Flag(help: "Allow plain http to a registry that is not on this machine.") var allowHTTP = false
+
+        func run() throws {
+            try reportingErrors {
+                let store = try storeOptions.open()
+                let record = try BaseImages(store: store, progress: ProgressReporter()).resolve(image)
+                let credentials = registryCredentials(username, password)
+                print(try RegistryPusher(store: store, credentials: credentials, allowHTTP: allowHTTP).push(record, to: destination))
+            }
+        }
+    }
+
     struct Build: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Build a built-in base image now (normally built on first use).")
@@ -216,4 +235,11 @@ struct ImageCommand: ParsableCommand {
             }
         }
     }
+}
+
+/// Registry credentials from the options, or from CONTREE_REGISTRY_USER / _PASSWORD.
+func registryCredentials(_ username: String?, _ password: String?) -> RegistryCredentials? {
+    let user = username ?? getenv("CONTREE_REGISTRY_USER").map { String(cString: $0) }
+    let secret = password ?? getenv("CONTREE_REGISTRY_PASSWORD").map { String(cString: $0) }
+    return user.map { RegistryCredentials(username: $0, password: secret ?? "") }
 }

@@ -238,6 +238,27 @@ struct RegistryTests {
         #expect(result.out == "one\n")
     }
 
+    @Test("a pushed snapshot is a standard image: skopeo reads it, another store imports it, a second push uploads nothing new")
+    func push() async throws {
+        let t = try TemporaryStore()
+        let registry = try LocalRegistry()
+        let run = try await t.sh("echo pushed > /p")
+        let resultUUID = try #require(run.record.resultImage)
+        let image = try #require(try t.store.image(resultUUID))
+        let destination = "docker://127.0.0.1:\(registry.port)/team/pushed:v1"
+        let digest = try RegistryPusher(store: t.store).push(image, to: destination)
+        let inspected = try JSONSerialization.jsonObject(
+            with: Data(try skopeo(["inspect", "--tls-verify=false", "docker://127.0.0.1:\(registry.port)/team/pushed:v1"]).utf8))
+            as! [String: Any]
+        #expect(inspected["Digest"] as? String == digest && inspected["Layers"] as? [String] == image.layers)
+        #expect(try RegistryPusher(store: t.store).push(image, to: destination) == digest)
+        let other = try TemporaryStore()
+        let pulled = try RegistryImporter(store: other.store).importImage(destination)
+        #expect(pulled.layers == image.layers)  // canonical tars: the same digests on both machines
+        let result = try await other.engine.run(RunSpec(image: pulled.uuid, command: ["cat", "/p"]))
+        #expect(result.out == "pushed\n")
+    }
+
     @Test("an altered blob, a missing tag or repository, and a registry that is not there are clear errors that import nothing")
     func failures() async throws {
         let t = try TemporaryStore()
