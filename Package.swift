@@ -52,7 +52,7 @@ let package = Package(
         .target(
             name: "ContreeServer",
             dependencies: [
-                "Sandbox",
+                "Sandbox", "Registry",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "Logging", package: "swift-log"),

@@ -152,10 +152,14 @@ struct BadInputTests {
         #expect(try await server.request("GET", "/v1/operations/\(op)").json()["status"] as? String == "SUCCESS")
         #expect(try await server.request("GET", "/v1/operations/not-a-uuid").status == 404)
         #expect(try await server.request("GET", "/v1/nowhere").status == 404)
+        let malformed = try await server.request("POST", "/v1/images/import", json: #"{"registry":{"url":"docker://x"}}"#)
+        #expect(malformed.status == 400)
+        #expect(try malformed.errorMessage().contains("host"))
         let importing = try await server.request(
-            "POST", "/v1/images/import", json: #"{"registry":{"url":"docker://127.0.0.1:1/x:y"}}"#)
-        #expect(importing.status == 501)
-        #expect(try importing.errorMessage().contains("import"))
+            "POST", "/v1/images/import", json: #"{"registry":{"url":"docker://127.0.0.1:1/x/y:z"},"tag":null}"#)
+        #expect(importing.status == 202)
+        let failed = try await server.wait(try #require(try importing.json()["uuid"] as? String))
+        #expect(failed["status"] as? String == "FAILED" && (failed["error"] as? String ?? "").contains("cannot reach"))
     }
 }
 
@@ -318,12 +322,12 @@ struct InstanceTests {
     func subprocesses() async throws {
         let server = try await TestServer()
         let op = try await server.spawn(
-            #"{"command":"echo shared > /shared; sleep 20","image":"busybox","shell":true,"hostname":"inst"}"#)
+            #"{"command":"echo shared > /tmp/s && mv /tmp/s /shared; sleep 20","image":"busybox","shell":true,"hostname":"inst"}"#)
         var spid: Int?
         for _ in 0..<200 {
             let reply = try await server.request(
                 "POST", "/v1/operations/\(op)/subprocesses",
-                json: #"{"command":"cat /shared; hostname; echo $X; ps","shell":true,"env":{"X":"y"}}"#)
+                json: #"{"command":"while [ ! -e /shared ]; do sleep 0.01; done; cat /shared; hostname; echo $X; ps","shell":true,"env":{"X":"y"}}"#)
             if reply.status == 201 {
                 spid = try reply.json()["spid"] as? Int
                 #expect(reply.headers["location"] == "/v1/operations/\(op)/subprocesses/\(spid ?? 0)")
@@ -468,6 +472,41 @@ struct InstanceTests {
         ]
         let fsck = try await DedicatedThread.run { try ChildProcess.run([Paths.cli, "fsck"], environment: env) }
         #expect(fsck.status == 0, "\(fsck.stderrText)")
+    }
+}
+
+@Suite("serve: images from a registry", .requiresRoot)
+struct ImportTests {
+    @Test("POST /images/import pulls from a registry on loopback into the namespace, tagged, and runs it")
+    func importFromRegistry() async throws {
+        let server = try await TestServer()
+        let registry = try await RegistryProcess()
+        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(server.home)"]
+        let layout = server.home + "/layout"
+        let export = try await DedicatedThread.run {
+            try ChildProcess.run([Paths.cli, "image", "export", "busybox", "oci:\(layout):v1"], environment: env)
+        }
+        #expect(export.status == 0, "\(export.stderrText)")
+        let push = try await DedicatedThread.run {
+            try ChildProcess.run([
+                "skopeo", "copy", "--dest-tls-verify=false", "oci:\(layout):v1", "docker://127.0.0.1:\(registry.port)/lib/box:1",
+            ])
+        }
+        #expect(push.status == 0, "\(push.stderrText)")
+        let reply = try await server.request(
+            "POST", "/v1/images/import",
+            json: #"{"registry":{"url":"docker://127.0.0.1:\#(registry.port)/lib/box:1"},"tag":"box:1"}"#)
+        #expect(reply.status == 202)
+        let op = try #require(try reply.json()["uuid"] as? String)
+        let record = try await server.wait(op)
+        #expect(record["kind"] as? String == "image_import" && record["status"] as? String == "SUCCESS")
+        #expect(record[path: "result.tag"] as? String == "box:1")
+        #expect(record[path: "metadata.registry.url"] as? String == "docker://127.0.0.1:\(registry.port)/lib/box:1")
+        let image = try #require(record[path: "result.image"] as? String)
+        #expect(try await server.request("GET", "/v1/inspect/?tag=box:1").headers["location"] == "/v1/inspect/\(image)/")
+        #expect(try await server.request("GET", "/v1/inspect/?tag=box:1", token: TestServer.bob).status == 404)
+        let run = try await server.spawn(#"{"command":"echo from the registry","image":"tag:box:1","shell":true}"#)
+        #expect(try await server.wait(run)[path: "metadata.result.stdout.value"] as? String == "from the registry\n")
     }
 }
 

@@ -165,3 +165,40 @@ extension [String: Any] {
     }
 }
 
+
+/// Debian's docker-registry on a loopback port over a scratch directory, killed when released.
+final class RegistryProcess: @unchecked Sendable {
+    let root = "/tmp/contree-registry-" + UUID().uuidString.lowercased().prefix(12)
+    let port = 20000 + Int.random(in: 0..<20000)
+    private let pid: pid_t
+    private let stderrFD: Int32
+
+    init() async throws {
+        try FileSystem.makeDirectories(root + "/data")
+        try FileSystem.writeFile(
+            root + "/config.yml",
+            Array("version: 0.1\nlog: {level: error}\nstorage: {filesystem: {rootdirectory: \(root)/data}}\nhttp: {addr: 127.0.0.1:\(port)}\n".utf8))
+        let child = try ChildProcess.spawn(
+            ["docker-registry", "serve", root + "/config.yml"], captureStdout: false,
+            stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+        pid = child.pid
+        stderrFD = child.stderr  // kept open: closing it would kill the registry at its first log line
+        let port = self.port
+        for _ in 0..<200 {
+            if (try? await DedicatedThread.run { try LoopbackHTTP.exchange(port: port, method: "GET", path: "/v2/") })?
+                .status == 200
+            {
+                return
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw TestFailure("docker-registry did not start on 127.0.0.1:\(port)")
+    }
+
+    deinit {
+        kill(pid, SIGTERM)
+        _ = try? ChildProcess.wait(pid, "docker-registry")
+        close(stderrFD)
+        try? FileSystem.removeTree(root)
+    }
+}

@@ -146,3 +146,18 @@ struct ExecRequestBody: Codable, Sendable {
         case uid, gid
     }
 }
+
+/// `POST /v1/images/import`.
+struct ImportRequest: Decodable, Sendable {
+    struct RegistrySpec: Decodable, Sendable {
+        struct Credentials: Decodable, Sendable {
+            var username: String
+            var password: String
+        }
+        var url: String
+        var credentials: Credentials?
+    }
+    var registry: RegistrySpec
+    var tag: String?
+    var timeout: Int?
+}

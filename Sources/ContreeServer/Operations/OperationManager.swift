@@ -1,5 +1,6 @@
 import FoundationEssentials
 import Glibc
+import Registry
 import Sandbox
 import Synchronization
 
@@ -136,6 +137,88 @@ final class OperationManager: Sendable {
         operation.setTask(task)
     }
 
+    /// Records an `image_import` operation and starts it.
+    func startImport(
+        url: String, tag: String?, timeout: Int, credentials: RegistryCredentials?, token: Token
+    ) throws -> String {
+        let uuid = UUID().uuidString.lowercased()
+        let namespace = token.name
+        let metadata = JSON.object([
+            ("registry", .object([("url", .string(url))])), ("tag", .optional(tag)), ("timeout", .int(timeout)),
+        ])
+        try api.database.query(
+            """
+            INSERT INTO api_operations(uuid, namespace, kind, status, created, metadata)
+            VALUES(?, ?, 'image_import', 'PENDING', ?, ?)
+            """, [.text(uuid), .text(namespace), .real(Timestamp.now), .text(metadata.serialized())])
+        let operation = LiveOperation(uuid: uuid, namespace: namespace, database: api.database, control: RunControl())
+        live.withLock { $0[uuid] = operation }
+        let task = Task { [self] in
+            defer { live.withLock { _ = $0.removeValue(forKey: uuid) } }
+            let created = Timestamp.now
+            do {
+                try await slots.acquire(namespace, limit: token.maxConcurrency)
+            } catch {
+                complete(operation, status: "CANCELLED", error: operation.cancelReason ?? "cancelled", resultImage: nil,
+                    duration: 0, imageSize: 0) { tx in try self.endImport(tx, uuid, "CANCELLED", operation.cancelReason, nil) }
+                return
+            }
+            defer { slots.release(namespace) }
+            setStatus(uuid, "EXECUTING", started: true)
+            let importer = RegistryImporter(store: api.store, credentials: credentials)
+            let work = Task { try await DedicatedThread.run { try importer.importImage(url) } }
+            // The timeout: the operation ends then; the download it started finishes in the background.
+            let deadline = Task {
+                try await Task.sleep(for: .seconds(timeout))
+                operation.cancel(reason: "the import did not finish within its timeout of \(timeout) s")
+            }
+            defer { deadline.cancel() }
+            let outcome = await withTaskCancellationHandler {
+                await work.result
+            } onCancel: {
+                work.cancel()
+            }
+            let duration = Timestamp.now - created
+            if Task.isCancelled || operation.cancelReason != nil {
+                let reason = operation.cancelReason ?? "cancelled"
+                complete(operation, status: "CANCELLED", error: reason, resultImage: nil, duration: duration, imageSize: 0) {
+                    tx in try self.endImport(tx, uuid, "CANCELLED", reason, nil)
+                }
+                return
+            }
+            switch outcome {
+            case .success(let image):
+                complete(operation, status: "SUCCESS", error: nil, resultImage: image.uuid, duration: duration,
+                    imageSize: image.size) { tx in
+                    try self.api.adopt(image.uuid, namespace: namespace, operation: uuid, tx: tx)
+                    if let tag {
+                        _ = try tx.query(
+                            "INSERT OR REPLACE INTO api_tags(namespace, tag, image, updated) VALUES(?, ?, ?, ?)",
+                            [.text(namespace), .text(tag), .text(image.uuid), .real(Timestamp.now)])
+                    }
+                    try self.endImport(tx, uuid, "SUCCESS", nil, image, size: image.size)
+                    _ = try tx.query("UPDATE api_operations SET tag = ? WHERE uuid = ?", [tag.sql, .text(uuid)])
+                }
+            case .failure(let error):
+                let message = APIError.from(error).message
+                complete(operation, status: "FAILED", error: message, resultImage: nil, duration: duration, imageSize: 0) {
+                    tx in try self.endImport(tx, uuid, "FAILED", message, nil)
+                }
+            }
+        }
+        operation.setTask(task)
+        return uuid
+    }
+
+    private func endImport(
+        _ tx: Database.Transaction, _ uuid: String, _ status: String, _ error: String?, _ image: ImageRecord?,
+        size: Int64 = 0
+    ) throws {
+        _ = try tx.query(
+            "UPDATE api_operations SET status = ?, error = ?, ended = ?, result_image = ?, image_size = ? WHERE uuid = ?",
+            [.text(status), error.sql, .real(Timestamp.now), (image?.uuid).sql, .integer(size), .text(uuid)])
+    }
+
     /// Cancels every live operation and waits (up to 10 s) until each has recorded its end.
     func shutdown(reason: String) async {
         let operations = live.withLock { Array($0.values) }
@@ -154,7 +237,7 @@ final class OperationManager: Sendable {
         operation.cancel()
     }
 
-    private func setStatus(_ uuid: String, _ status: String, started: Bool = false) {
+    func setStatus(_ uuid: String, _ status: String, started: Bool = false) {
         _ = try? api.database.query(
             started
                 ? "UPDATE api_operations SET status = ?, started = ? WHERE uuid = ?"
@@ -306,7 +389,7 @@ final class OperationManager: Sendable {
 
     /// Writes the operation's final record and its `completion` event in one transaction, so
     /// neither is ever seen without the other; ends the log. If that fails, records FAILED.
-    private func complete(
+    func complete(
         _ operation: LiveOperation, status: String, error: String?, resultImage: String?, duration: Double,
         imageSize: Int64, record: (Database.Transaction) throws -> Void
     ) {

@@ -91,11 +91,7 @@ struct APIResponder: HTTPResponder {
         switch (s.first ?? "", s.count) {
         case ("whoami", 1) where method == .get: return try server.whoami(call)
         case ("images", 1) where method == .get: return try server.listImages(call)
-        case ("images", 2) where s[1] == "import" && method == .post:
-            throw APIError(
-                .notImplemented,
-                "importing images from registries is not available in this server yet; use a built-in image (busybox, debian:bookworm) or one a run produced"
-            )
+        case ("images", 2) where s[1] == "import" && method == .post: return try await server.importImage(call)
         case ("images", 3) where s[2] == "tag" && method == .patch: return try await server.setTag(call, image: s[1])
         case ("images", 3) where s[2] == "tag" && method == .delete: return try server.removeTag(call, image: s[1])
         case ("files", 1) where method == .post: return try await server.upload(call)

@@ -1,5 +1,6 @@
 import FoundationEssentials
 import Hummingbird
+import Registry
 import Sandbox
 
 extension ServerState {
@@ -89,5 +90,32 @@ extension ServerState {
             throw APIError.notFound("image \(record.uuid) has no tag '\(tag)'")
         }
         return .json(try api.imageJSON(record, namespace: call.namespace))
+    }
+}
+
+extension ServerState {
+    /// `POST /v1/images/import`: an `image_import` operation that pulls `registry.url`
+    /// (`docker://HOST[:PORT]/REPO[:TAG|@sha256:…]`; plain http only to loopback) into the
+    /// namespace, tagged `tag` when given.
+    func importImage(_ call: APICall) async throws -> Response {
+        let body = try await decode(ImportRequest.self, from: call)
+        var url = body.registry.url.trimmingCharacters(in: .whitespaces)
+        if !url.contains("://") { url = "docker://" + url }
+        _ = try RegistryReference(parsing: url)  // a malformed reference is a 400 now, not a failed operation
+        let timeout = body.timeout ?? call.token.maxTimeout
+        guard timeout > 0, timeout <= call.token.maxTimeout else {
+            throw APIError(.badRequest, "timeout must be from 1 to this token's \(call.token.maxTimeout) s")
+        }
+        if let tag = body.tag {
+            guard !tag.isEmpty, tag.count <= 256, !tag.contains(where: \.isWhitespace), !APIStore.isUUID(tag.lowercased())
+            else { throw APIError(.badRequest, "tag '\(tag)' must be 1 to 256 characters without spaces, not a UUID") }
+        }
+        let uuid = try operations.startImport(
+            url: url, tag: body.tag, timeout: timeout,
+            credentials: body.registry.credentials.map { RegistryCredentials(username: $0.username, password: $0.password) },
+            token: call.token)
+        var headers = HTTPFields()
+        headers[.location] = "/v1/operations/\(uuid)"
+        return .json(.object([("uuid", .string(uuid))]), status: .accepted, headers: headers)
     }
 }

@@ -36,13 +36,18 @@ extension ServerState {
         if full {
             let metadata = row["metadata"].string ?? "{}"
             let result = row["result"].string ?? "null"
-            let merged = metadata.count > 2 ? String(metadata.dropLast()) + ",\"result\":" + result + "}" : metadata
+            // An instance's metadata carries its process result; an import's does not.
+            let merged =
+                row["kind"].string == "instance" && metadata.count > 2
+                ? String(metadata.dropLast()) + ",\"result\":" + result + "}" : metadata
             members.append(("metadata", .raw(merged)))
             let terminal = OperationManager.terminal.contains(status)
             members.append(
                 (
                     "result",
-                    terminal ? .object([("image", .optional(row["result_image"].string)), ("tag", .null)]) : .null
+                    terminal
+                        ? .object([("image", .optional(row["result_image"].string)), ("tag", .optional(row["tag"].string))])
+                        : .null
                 ))
         }
         return .object(members)
