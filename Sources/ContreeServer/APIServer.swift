@@ -2,6 +2,7 @@ import FoundationEssentials
 import Glibc
 import Hummingbird
 import Logging
+import Registry
 import Sandbox
 import ServiceLifecycle
 
@@ -27,6 +28,7 @@ public struct APIServer: Sendable {
             )
         }
         // Held (and the descriptor kept open) until the process ends.
+        RegistryImporter.registerAsImageSource()
         let (tokens, created) = try TokenFile.loadOrCreate(tokensPath)
         self.tokensPath = tokensPath
         self.createdTokens = created

@@ -19,6 +19,18 @@ public struct RegistryImporter: Sendable {
 
     public static func handles(_ reference: String) -> Bool { reference.hasPrefix("docker://") }
 
+    /// Makes `docker://` references usable wherever an image is named (see `ImageSources`),
+    /// with credentials from CONTREE_REGISTRY_USER / CONTREE_REGISTRY_PASSWORD.
+    public static func registerAsImageSource() {
+        ImageSources.register("docker://") { store, reference in
+            let env = ProcessInfo.processInfo.environment
+            let credentials = env["CONTREE_REGISTRY_USER"].map {
+                RegistryCredentials(username: $0, password: env["CONTREE_REGISTRY_PASSWORD"] ?? "")
+            }
+            return try RegistryImporter(store: store, credentials: credentials).importImage(reference)
+        }
+    }
+
     static let acceptedManifests = [OCI.manifestType, OCI.indexType, OCI.dockerManifest, OCI.dockerManifestList]
 
     public func importImage(

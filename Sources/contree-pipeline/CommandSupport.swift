@@ -1,6 +1,7 @@
 import ArgumentParser
 import FoundationEssentials
 import Glibc
+import Registry
 import Sandbox
 
 /// Options every command that touches the store shares.
@@ -9,7 +10,9 @@ struct StoreOptions: ParsableArguments {
     var home: String?
 
     func open() throws -> Store {
-        try Store(root: home ?? Store.defaultRoot)
+        // Registry references (docker://…) work wherever an image is named.
+        RegistryImporter.registerAsImageSource()
+        return try Store(root: home ?? Store.defaultRoot)
     }
 }
 

@@ -507,6 +507,13 @@ struct ImportTests {
         #expect(try await server.request("GET", "/v1/inspect/?tag=box:1", token: TestServer.bob).status == 404)
         let run = try await server.spawn(#"{"command":"echo from the registry","image":"tag:box:1","shell":true}"#)
         #expect(try await server.wait(run)[path: "metadata.result.stdout.value"] as? String == "from the registry\n")
+        // A spawn may name the registry image itself (imported on first use); a host path may not.
+        let direct = try await server.spawn(
+            #"{"command":"echo direct","image":"docker://127.0.0.1:\#(registry.port)/lib/box:1","shell":true}"#, token: TestServer.bob)
+        #expect(try await server.wait(direct, token: TestServer.bob)[path: "metadata.result.stdout.value"] as? String == "direct\n")
+        let local = try await server.request(
+            "POST", "/v1/instances", json: #"{"command":"true","image":"oci:\#(layout):v1"}"#)
+        #expect(local.status == 404)
     }
 }
 

@@ -236,6 +236,17 @@ struct RegistryTests {
         #expect(try importer.importImage("docker://127.0.0.1:\(registry.port)/team/app@\(digest)").uuid == pulled.uuid)
         let result = try await other.engine.run(RunSpec(image: pulled.uuid, command: ["cat", "/app/a"]))
         #expect(result.out == "one\n")
+        // Wherever an image is named, a registry reference is imported on first use.
+        RegistryImporter.registerAsImageSource()
+        let third = try TemporaryStore()
+        let named = try await third.engine.run(
+            RunSpec(image: "docker://127.0.0.1:\(registry.port)/team/app:v1", command: ["cat", "/app/a"]))
+        #expect(named.out == "one\n")
+        let layout = try await third.engine.run(
+            RunSpec(image: "oci:\(scratch.path)/layout:v1", command: ["cat", "/app/a"]))
+        #expect(layout.out == "one\n")
+        // Two manifests (skopeo compressed the pushed layers), one set of layers in the store.
+        #expect(try third.store.image(layout.record.image)?.layers == third.store.image(named.record.image)?.layers)
     }
 
     @Test("a pushed snapshot is a standard image: skopeo reads it, another store imports it, a second push uploads nothing new")

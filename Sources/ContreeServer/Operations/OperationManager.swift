@@ -10,6 +10,9 @@ struct SpawnPlan: Sendable {
         case record(ImageRecord)
         /// A built-in base image not built yet: built when the operation starts.
         case builtin(String)
+        /// An image outside the store (`docker://…`, `oci:…`): imported when the operation
+        /// starts, and then part of the namespace.
+        case external(String)
     }
     var uuid: String
     var token: Token
@@ -61,6 +64,7 @@ struct SpawnPlan: Sendable {
         switch image {
         case .record(let record): record.uuid
         case .builtin(let name): "tag:" + name
+        case .external(let reference): reference
         }
     }
 }
@@ -287,6 +291,12 @@ final class OperationManager: Sendable {
                 try await slots.acquire(OperationManager.buildSlot, limit: 1)
                 defer { slots.release(OperationManager.buildSlot) }
                 image = try await DedicatedThread.run { try base.resolve(name) }
+            case .external(let reference):
+                let base = api.baseImages
+                image = try await DedicatedThread.run { try base.resolve(reference) }
+                try api.database.transaction { tx in
+                    try api.adopt(image.uuid, namespace: namespace, operation: nil, tx: tx)
+                }
             }
         } catch {
             finishWithoutRun(plan, operation, status: "FAILED", error: "\(APIError.from(error).message)", created: created)

@@ -1,6 +1,7 @@
 import FoundationEssentials
 import HTTPTypes
 import Hummingbird
+import Registry
 import Sandbox
 
 extension ServerState {
@@ -84,6 +85,11 @@ extension ServerState {
         var ref = reference.trimmingCharacters(in: .whitespaces)
         guard !ref.isEmpty else { throw APIError(.badRequest, "image is empty; send an image UUID or tag:NAME") }
         if APIStore.isUUID(ref.lowercased()) { return .record(try api.visibleImage(ref, namespace: namespace)) }
+        // Registry references only: a path on this machine (oci:DIR) is not the API's to read.
+        if ref.hasPrefix("docker://") {
+            _ = try RegistryReference(parsing: ref)
+            return .external(ref)
+        }
         if ref.hasPrefix("tag:") { ref.removeFirst(4) }
         if let row = try api.database.query(
             "SELECT image FROM api_tags WHERE namespace = ? AND tag = ?", [.text(namespace), .text(ref)]
