@@ -79,8 +79,35 @@ final class RegistryClient: @unchecked Sendable {
         scheme = reference.isLoopback || allowHTTP ? "http" : "https"
         let configuration = URLSessionConfiguration.ephemeral
         configuration.timeoutIntervalForRequest = 60
-        session = URLSession(configuration: configuration)
+        session = URLSession(configuration: configuration, delegate: catcher, delegateQueue: nil)
     }
+
+    /// Keeps URLSession's own 401 handling out of the way: it would answer a Basic challenge
+    /// from its credential store or hang. The challenge is cancelled and its response kept,
+    /// so that this client answers it (`authenticate`).
+    private final class ChallengeCatcher: NSObject, URLSessionTaskDelegate, @unchecked Sendable {
+        private let lock = NSLock()
+        private var responses: [Int: HTTPURLResponse] = [:]
+
+        func urlSession(
+            _ session: URLSession, task: URLSessionTask, didReceive challenge: URLAuthenticationChallenge,
+            completionHandler: @escaping (URLSession.AuthChallengeDisposition, URLCredential?) -> Void
+        ) {
+            if let response = challenge.failureResponse as? HTTPURLResponse {
+                lock.lock()
+                responses[task.taskIdentifier] = response
+                lock.unlock()
+            }
+            completionHandler(.cancelAuthenticationChallenge, nil)
+        }
+
+        func take(_ task: Int) -> HTTPURLResponse? {
+            lock.lock()
+            defer { lock.unlock() }
+            return responses.removeValue(forKey: task)
+        }
+    }
+    private let catcher = ChallengeCatcher()
 
     var base: String { "\(scheme)://\(reference.host)/v2/\(reference.repository)" }
 
@@ -128,7 +155,7 @@ final class RegistryClient: @unchecked Sendable {
         let semaphore = DispatchSemaphore(value: 0)
         nonisolated(unsafe) var outcome: (any Error)?
         nonisolated(unsafe) var status = 0
-        session.downloadTask(with: request) { file, response, error in
+        let task = session.downloadTask(with: request) { file, response, error in
             defer { semaphore.signal() }
             if let error {
                 outcome = error
@@ -141,8 +168,12 @@ final class RegistryClient: @unchecked Sendable {
             } catch {
                 outcome = error
             }
-        }.resume()
+        }
+        task.resume()
         semaphore.wait()
+        if catcher.take(task.taskIdentifier) != nil {
+            throw failure(401, url: url, body: Data())
+        }
         if let outcome {
             throw SandboxError(.childProcess, "\(reference): downloading \(digest) failed: \(outcome.localizedDescription)")
         }
@@ -160,6 +191,11 @@ final class RegistryClient: @unchecked Sendable {
     private func failure(_ status: Int, url: String, body: Data) -> SandboxError {
         let detail = String(decoding: body.prefix(300), as: UTF8.self)
         switch status {
+        case 401, 403 where credentials != nil:
+            return SandboxError(
+                .invalidArgument,
+                "\(reference): the registry refused the credentials of '\(credentials!.username)' (\(status)); check the user and password"
+            )
         case 401, 403:
             return SandboxError(
                 .invalidArgument,
@@ -175,15 +211,20 @@ final class RegistryClient: @unchecked Sendable {
     private func send(_ request: URLRequest) throws -> (Data, HTTPURLResponse) {
         let semaphore = DispatchSemaphore(value: 0)
         nonisolated(unsafe) var result: Result<(Data, HTTPURLResponse), any Error> = .failure(URLError(.unknown))
-        session.dataTask(with: request) { data, response, error in
+        let task = session.dataTask(with: request) { data, response, error in
             if let error {
                 result = .failure(error)
             } else if let http = response as? HTTPURLResponse {
                 result = .success((data ?? Data(), http))
             }
             semaphore.signal()
-        }.resume()
+        }
+        task.resume()
         semaphore.wait()
+        // A challenge URLSession raised and this client cancelled: answer it as the 401 it was.
+        if case .failure = result, let challenged = catcher.take(task.taskIdentifier) {
+            return (Data(), challenged)
+        }
         do {
             return try result.get()
         } catch {

@@ -25,6 +25,9 @@ public struct RegistryPusher: Sendable {
         }
         let client = RegistryClient(reference: reference, credentials: credentials, allowHTTP: allowHTTP)
         client.pushing = true
+        // Authenticate with a GET first: the HEADs below must not meet a challenge (libcurl
+        // would wait for the body a HEAD answer announces but never sends).
+        _ = try client.call("GET", "\(client.scheme)://\(reference.host)/v2/")
         let lease = try store.acquireLease(layers: image.layers, image: image.uuid)
         defer { lease.release() }
         // The same documents `image export` writes: a layout in the lease, then its blobs.

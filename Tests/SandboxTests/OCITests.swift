@@ -151,9 +151,21 @@ final class LocalRegistry {
     /// Its stderr, kept open (closing it would kill it with SIGPIPE at its first log line).
     private let stderrFD: Int32
 
-    init() throws {
+    /// With `user`, the registry asks for basic auth (an htpasswd file with a bcrypt hash).
+    init(user: (name: String, password: String)? = nil) throws {
         root = "/tmp/contree-registry-" + UUID().uuidString.lowercased().prefix(12)
         try FileSystem.makeDirectories(root + "/data")
+        var auth = ""
+        if let user {
+            let hash = try ChildProcess.run([
+                "python3", "-W", "ignore", "-c",
+                "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))", user.password,
+            ])
+            guard hash.succeeded else { throw SandboxError(.childProcess, "bcrypt: \(hash.stderrText)") }
+            let line = user.name + ":" + String(decoding: hash.stdout, as: UTF8.self)
+            try FileSystem.writeFile(root + "/htpasswd", Array(line.utf8))
+            auth = "auth: {htpasswd: {realm: test, path: \(root)/htpasswd}}\n"
+        }
         // A free port: bind to 0, read it, let it go.
         let probe = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var address = sockaddr_in()
@@ -176,7 +188,7 @@ final class LocalRegistry {
                 log: {level: error}
                 storage: {filesystem: {rootdirectory: \(root)/data}}
                 http: {addr: 127.0.0.1:\(port)}
-
+                \(auth)
                 """.utf8))
         let child = try ChildProcess.spawn(
             ["docker-registry", "serve", root + "/config.yml"], captureStdout: false,
@@ -268,6 +280,32 @@ struct RegistryTests {
         #expect(pulled.layers == image.layers)  // canonical tars: the same digests on both machines
         let result = try await other.engine.run(RunSpec(image: pulled.uuid, command: ["cat", "/p"]))
         #expect(result.out == "pushed\n")
+    }
+
+    @Test("a registry that asks for basic auth: refused without credentials or with wrong ones, used with the right ones")
+    func basicAuth() async throws {
+        let t = try TemporaryStore()
+        let registry = try LocalRegistry(user: ("alice", "s3cret"))
+        let run = try await t.sh("echo guarded > /g")
+        let resultUUID = try #require(run.record.resultImage)
+        let image = try #require(try t.store.image(resultUUID))
+        let destination = "docker://127.0.0.1:\(registry.port)/team/guarded:1"
+        let good = RegistryCredentials(username: "alice", password: "s3cret")
+        let bad = RegistryCredentials(username: "alice", password: "nope")
+        #expect { try RegistryPusher(store: t.store).push(image, to: destination) } throws: {
+            "\($0)".contains("needs credentials")
+        }
+        try RegistryPusher(store: t.store, credentials: good).push(image, to: destination)
+        let other = try TemporaryStore()
+        #expect { try RegistryImporter(store: other.store).importImage(destination) } throws: {
+            "\($0)".contains("needs credentials")
+        }
+        #expect { try RegistryImporter(store: other.store, credentials: bad).importImage(destination) } throws: {
+            "\($0)".contains("refused the credentials")
+        }
+        #expect(try other.store.listImages().isEmpty)
+        let pulled = try RegistryImporter(store: other.store, credentials: good).importImage(destination)
+        #expect(pulled.layers == image.layers)
     }
 
     @Test("an altered blob, a missing tag or repository, and a registry that is not there are clear errors that import nothing")
