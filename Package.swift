@@ -66,7 +66,8 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
-            name: "contree-bench", dependencies: ["Sandbox", "ContreeServer"], path: "bench/Sources/contree-bench"),
+            name: "contree-bench", dependencies: ["Sandbox", "ContreeServer", "Registry"],
+            path: "bench/Sources/contree-bench"),
         .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "Registry"]),
         .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "Sandbox"]),
         .testTarget(name: "ContreeServerTests", dependencies: ["ContreeServer", "Sandbox"]),

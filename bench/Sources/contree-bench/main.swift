@@ -3,6 +3,7 @@
 //   contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]
 //   contree-bench pipeline [--runs N] [--home DIR]
 //   contree-bench api [--runs N] [--home DIR]
+//   contree-bench oci [--runs N] [--home DIR]
 //
 // Prints medians and ratios; the machines are shared and noisy, so ratios and medians are what
 // count. Needs root, bubblewrap, and crun or runc (scripts/setup installs them).
@@ -232,8 +233,8 @@ enum Format {
 
 let args = Array(CommandLine.arguments.dropFirst())
 let usage =
-    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]"
-guard let mode = args.first, ["sandbox", "pipeline", "api"].contains(mode) else {
+    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]"
+guard let mode = args.first, ["sandbox", "pipeline", "api", "oci"].contains(mode) else {
     print(usage)
     exit(2)
 }
@@ -243,6 +244,8 @@ do {
         .appendingPathComponent("contree-pipeline").path
     if mode == "sandbox" {
         try await sandboxBenchmark(options)
+    } else if mode == "oci" {
+        try await OCIBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3).measure()
     } else if mode == "api" {
         try await APIBench(
             home: options.home, cli: cliPath, concurrency: 50, rounds: args.contains("--runs") ? options.runs : 3
