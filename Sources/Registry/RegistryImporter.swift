@@ -10,11 +10,16 @@ public struct RegistryImporter: Sendable {
     public let credentials: RegistryCredentials?
     /// Plain http to hosts other than loopback.
     public let allowHTTP: Bool
+    /// Where the layers fetched so far are reported (bytes and count).
+    public let progress: ProgressReporter?
 
-    public init(store: Store, credentials: RegistryCredentials? = nil, allowHTTP: Bool = false) {
+    public init(
+        store: Store, credentials: RegistryCredentials? = nil, allowHTTP: Bool = false, progress: ProgressReporter? = nil
+    ) {
         self.store = store
         self.credentials = credentials
         self.allowHTTP = allowHTTP
+        self.progress = progress
     }
 
     public static func handles(_ reference: String) -> Bool { reference.hasPrefix("docker://") }
@@ -65,10 +70,25 @@ public struct RegistryImporter: Sendable {
             throw SandboxError(
                 .corrupt, "\(text): the config lists \(configuration.rootfs.diff_ids.count) layers, the manifest \(layers.count)")
         }
+        let started = Date()
+        var fetched: Int64 = 0
+        var fetchedLayers = 0
+        let total = layers.reduce(Int64(0)) { $0 + $1.size }
         for (index, layer) in layers.enumerated() {
             if try importer.knows(diffID: configuration.rootfs.diff_ids[index]) { continue }  // not fetched again
             let path = try blobPath(layer.digest, root: root, what: "layer \(index + 1)")
+            progress?.report(
+                "import", "layer \(index + 1)/\(layers.count): \(ByteCount.format(fetched)) of \(ByteCount.format(total))",
+                elapsed: Date().timeIntervalSince(started))
             try client.download("\(client.base)/blobs/\(layer.digest)", digest: layer.digest, to: path)
+            fetched += layer.size
+            fetchedLayers += 1
+        }
+        if fetchedLayers > 0 {
+            progress?.finish(
+                "import",
+                "fetched \(fetchedLayers) of \(layers.count) layers, \(ByteCount.format(fetched)) in \(String(format: "%.1f", Date().timeIntervalSince(started))) s; unpacking"
+            )
         }
         var entry = descriptor
         entry.annotations = [OCI.refName: "pulled"]

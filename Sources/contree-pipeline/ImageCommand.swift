@@ -151,7 +151,8 @@ struct ImageCommand: ParsableCommand {
                 let store = try storeOptions.open()
                 if RegistryImporter.handles(path) {
                     let credentials = registryCredentials(username, password)
-                    let image = try RegistryImporter(store: store, credentials: credentials, allowHTTP: allowHTTP)
+                    let image = try RegistryImporter(
+                        store: store, credentials: credentials, allowHTTP: allowHTTP, progress: ProgressReporter())
                         .importImage(path, platform: try OCI.Platform(parsing: platform))
                     if let tag { try store.tag(tag, image: image.uuid) }
                     print(image.uuid)

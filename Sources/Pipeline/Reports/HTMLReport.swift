@@ -1,4 +1,5 @@
 import Foundation
+import Sandbox
 
 /// `report.html`: one self-contained page (inline CSS and SVG, no scripts, no network) with
 /// the DAG and each step's state, a timeline with CPU and memory, the forks' selections and
@@ -84,12 +85,7 @@ struct HTMLReport {
         "<span class=\"badge\" style=\"background:\(HTMLReport.colors[state] ?? "#999")\">\(escape(state))</span>"
     }
 
-    static func bytes(_ n: Int64) -> String {
-        if n < 1024 { return "\(n) B" }
-        if n < 1 << 20 { return String(format: "%.1f KiB", Double(n) / 1024) }
-        if n < 1 << 30 { return String(format: "%.1f MiB", Double(n) / 1_048_576) }
-        return String(format: "%.2f GiB", Double(n) / 1_073_741_824)
-    }
+    static func bytes(_ n: Int64) -> String { ByteCount.format(n) }
 
     /// The DAG as layered boxes: a node's column is one more than its deepest dependency's.
     func graph(_ results: [String: NodeResult]) -> String {
