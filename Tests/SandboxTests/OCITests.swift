@@ -72,6 +72,35 @@ struct OCITests {
         #expect(run.out == "hi /app 65534\n")
     }
 
+    @Test("imports of images that share layers, at the same time, all succeed and share the layers")
+    func concurrentImports() async throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        let base = try await sample(t)
+        var layouts: [String] = []
+        for i in 0..<4 {
+            let run = try await t.sh("echo \(i) > /n") { $0.image = base.uuid }
+            let uuid = try #require(run.record.resultImage)
+            let image = try #require(try t.store.image(uuid))
+            try OCIExporter(store: t.store).export(image, to: "oci:\(scratch.path)/l\(i)")
+            layouts.append("oci:\(scratch.path)/l\(i)")
+        }
+        let other = try TemporaryStore()
+        let store = other.store
+        let images = try await withThrowingTaskGroup(of: ImageRecord.self) { group in
+            for layout in layouts + layouts {
+                group.addTask { try await DedicatedThread.run { try OCIImporter(store: store).importImage(layout) } }
+            }
+            var all: [ImageRecord] = []
+            for try await image in group { all.append(image) }
+            return all
+        }
+        #expect(images.count == 8)
+        #expect(Set(images.map { $0.layers.dropLast() }).count == 1)  // the shared base layers
+        let report = try other.store.checkConsistency()
+        #expect(report.isConsistent, "\(report.problems)")
+    }
+
     @Test("damaged or hostile images are refused with the reason, and nothing is added to the store")
     func badInput() async throws {
         let t = try TemporaryStore()
