@@ -74,16 +74,44 @@ public struct RegistryImporter: Sendable {
         var fetched: Int64 = 0
         var fetchedLayers = 0
         let total = layers.reduce(Int64(0)) { $0 + $1.size }
+        // The layers the store lacks, a few at a time (as registry clients do).
+        var wanted: [(index: Int, digest: String, size: Int64, path: String)] = []
         for (index, layer) in layers.enumerated() {
             if try importer.knows(diffID: configuration.rootfs.diff_ids[index]) { continue }  // not fetched again
-            let path = try blobPath(layer.digest, root: root, what: "layer \(index + 1)")
-            progress?.report(
-                "import", "layer \(index + 1)/\(layers.count): \(ByteCount.format(fetched)) of \(ByteCount.format(total))",
-                elapsed: Date().timeIntervalSince(started))
-            try client.download("\(client.base)/blobs/\(layer.digest)", digest: layer.digest, to: path)
-            fetched += layer.size
-            fetchedLayers += 1
+            wanted.append((index, layer.digest, layer.size, try blobPath(layer.digest, root: root, what: "layer \(index + 1)")))
         }
+        /// Progress and the first failure, shared by the download lanes.
+        final class Tally: @unchecked Sendable {
+            let lock = NSLock()
+            var bytes: Int64 = 0
+            var layers = 0
+            var failure: (any Error)?
+        }
+        let tally = Tally()
+        let pending = wanted
+        let width = min(3, pending.count)
+        let progress = self.progress
+        DispatchQueue.concurrentPerform(iterations: width) { lane in
+            for item in stride(from: lane, to: pending.count, by: width).map({ pending[$0] }) {
+                if tally.lock.withLock({ tally.failure != nil }) { return }
+                do {
+                    try client.download("\(client.base)/blobs/\(item.digest)", digest: item.digest, to: item.path)
+                    tally.lock.withLock {
+                        tally.bytes += item.size
+                        tally.layers += 1
+                        progress?.report(
+                            "import",
+                            "\(tally.layers)/\(pending.count) layers, \(ByteCount.format(tally.bytes)) of \(ByteCount.format(total))",
+                            elapsed: Date().timeIntervalSince(started))
+                    }
+                } catch {
+                    tally.lock.withLock { if tally.failure == nil { tally.failure = error } }
+                }
+            }
+        }
+        if let failure = tally.failure { throw failure }
+        fetched = tally.bytes
+        fetchedLayers = tally.layers
         if fetchedLayers > 0 {
             progress?.finish(
                 "import",
