@@ -398,8 +398,15 @@ struct EngineTests {
         let t = try TemporaryStore()
         let v1 = try #require(try await t.sh("echo data > /payload").record.resultImage)
         let engine = t.engine
-        let running = Task { try await engine.run(RunSpec(image: v1, command: ["sh", "-c", "sleep 1; cat /payload"])) }
-        try await Task.sleep(for: .milliseconds(300))
+        // Remove the image only once the sandbox runs on it (a fixed sleep raced under load).
+        let (started, starting) = AsyncStream<Void>.makeStream()
+        var spec = RunSpec(image: v1, command: ["sh", "-c", "sleep 1; cat /payload"])
+        spec.control = RunControl { starting.yield() }
+        let running = Task { [spec] in
+            defer { starting.finish() }  // never leaves the wait below hanging
+            return try await engine.run(spec)
+        }
+        for await _ in started { break }
         try t.store.removeImage(v1, force: true)
         _ = try t.store.collectGarbage()
         let result = try await running.value
