@@ -386,7 +386,14 @@ struct InstanceTests {
     func cancelAndQueue() async throws {
         let server = try await TestServer()
         let bob = TestServer.bob  // max_concurrency=1
-        let first = try await server.spawn(#"{"command":"sleep 30","image":"busybox","shell":true}"#, token: bob)
+        let first = try await server.spawn(
+            #"{"command":"echo started >&2; sleep 30","image":"busybox","shell":true}"#, token: bob)
+        // The first holds bob's only slot before the second is asked for.
+        for _ in 0..<500 {
+            let events = try await server.request("GET", "/v1/operations/\(first)/events?spid=1", token: bob)
+            if events.text.contains("started") { break }
+            try await Task.sleep(for: .milliseconds(20))
+        }
         let second = try await server.spawn(#"{"command":"echo second","image":"busybox","shell":true}"#, token: bob)
         try await Task.sleep(for: .milliseconds(500))
         #expect(try await server.request("GET", "/v1/operations/\(second)", token: bob).json()["status"] as? String == "PENDING")
