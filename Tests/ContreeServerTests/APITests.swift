@@ -231,10 +231,10 @@ struct RobustnessTests {
     @Test("a tag lookup never starts a build; a second serve on the same store is refused")
     func lookupsAndLock() async throws {
         let server = try await TestServer()
-        let started = ContinuousClock.now
         let lookup = try await server.request("GET", "/v1/inspect/?tag=debian:bookworm%2Bhello")
         #expect(lookup.status == 404)
-        #expect(ContinuousClock.now - started < .seconds(5))
+        // No build began: a build of a built-in image takes its lock file first.
+        #expect(!FileSystem.exists(server.home + "/builtin-debian_bookworm+hello.lock"))
         let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + [
             "CONTREE_HOME=\(server.home)"
         ]
@@ -443,7 +443,7 @@ struct InstanceTests {
         for await _ in spawned { break }
         let started = ContinuousClock.now
         try await server.stop(signal: SIGTERM)
-        #expect(ContinuousClock.now - started < .seconds(15))
+        #expect(ContinuousClock.now - started < .seconds(45))  // the instance sleeps 60 s; a hang never ends
         let frames = try await stream.value.text
         #expect(frames.contains(#""type":"completion""#) && frames.contains(#""status":"CANCELLED""#))
         try await server.start()

@@ -211,14 +211,14 @@ struct RunnerTests {
                 run: exit 1
               - id: slow
                 from: base
-                run: sleep 30; echo slow done
+                run: sleep 60; echo slow done
               - id: after-slow
                 from: slow
                 run: echo after
             """
         let started = Date()
         let fast = try await w.run(yaml, options: RunOptions(jobs: 4))
-        #expect(Date().timeIntervalSince(started) < 20, "the slow branch was cancelled, not awaited")
+        #expect(Date().timeIntervalSince(started) < 45, "the slow branch was cancelled, not awaited")
         #expect(fast.node("slow")?.status == .cancelled || fast.node("slow")?.status == .skipped)
         #expect(fast.node("after-slow")?.status != .passed)
         let keep = try await w.run(

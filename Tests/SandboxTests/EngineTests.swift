@@ -214,7 +214,8 @@ struct EngineTests {
         let run = try await t.sh("(sleep 30; echo late > /late) & echo partial > /partial; sleep 30") {
             $0.timeout = 0.5
         }
-        #expect(Date().timeIntervalSince(started) < 10)
+        // Well under the 30 s the tree would take if it were not killed (CI shares 2 cores).
+        #expect(Date().timeIntervalSince(started) < 25)
         #expect(run.record.timedOut)
         #expect(run.record.resultImage == nil)
         #expect(run.record.shellStatus == 124)
