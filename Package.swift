@@ -48,6 +48,8 @@ let package = Package(
             ]),
         // OCI distribution: images from registries (FoundationNetworking, the toolchain's URLSession).
         .target(name: "Registry", dependencies: ["Sandbox"]),
+        // A registry repository as a pipeline step cache shared by many stores (`run --cache-to/--cache-from`).
+        .target(name: "RegistryCache", dependencies: ["Pipeline", "Registry"]),
         // The ConTree /v1 REST API over the engine (Hummingbird), so the official clients work.
         .target(
             name: "ContreeServer",
@@ -62,15 +64,18 @@ let package = Package(
         .executableTarget(
             name: "contree-pipeline",
             dependencies: [
-                "Sandbox", "Pipeline", "ContreeServer", "Registry",
+                "Sandbox", "Pipeline", "ContreeServer", "Registry", "RegistryCache",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
             name: "contree-bench", dependencies: ["Sandbox", "ContreeServer", "Registry"],
             path: "bench/Sources/contree-bench"),
-        .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "Registry"]),
-        .testTarget(name: "PipelineTests", dependencies: ["Pipeline", "Sandbox"]),
-        .testTarget(name: "ContreeServerTests", dependencies: ["ContreeServer", "Sandbox"]),
+        // What several test targets need: a loopback registry, scratch directories.
+        .target(name: "ContreeTestSupport", dependencies: ["Sandbox"], path: "Tests/ContreeTestSupport"),
+        .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "Registry", "ContreeTestSupport"]),
+        .testTarget(
+            name: "PipelineTests", dependencies: ["Pipeline", "Sandbox", "Registry", "RegistryCache", "ContreeTestSupport"]),
+        .testTarget(name: "ContreeServerTests", dependencies: ["ContreeServer", "Sandbox", "ContreeTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -40,8 +40,22 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
         repository = path
     }
 
+    /// `docker://HOST[:PORT]/REPOSITORY`, a repository without a tag (the shared step cache
+    /// names its own tags in it).
+    public init(repository text: String) throws {
+        self = try RegistryReference(parsing: text)
+        guard text.hasSuffix("/" + repository), !text.contains("@") else {
+            throw SandboxError(
+                .invalidArgument,
+                "'\(text)' names a tag or digest; name the repository alone (docker://HOST[:PORT]/REPO): the cache keeps one tag per step in it"
+            )
+        }
+        reference = ""
+    }
+
     public var description: String {
-        "docker://\(host)/\(repository)" + (reference.hasPrefix("sha256:") ? "@" : ":") + reference
+        "docker://\(host)/\(repository)"
+            + (reference.isEmpty ? "" : (reference.hasPrefix("sha256:") ? "@" : ":") + reference)
     }
 
     /// Whether the host is this machine (plain http is allowed there).
@@ -71,10 +85,17 @@ final class RegistryClient: @unchecked Sendable {
     let credentials: RegistryCredentials?
     let scheme: String
     private let session: URLSession
-    private var authorization: String?
+    /// The header the last challenge earned; shared by the requests of concurrent imports.
+    private let authorizationLock = NSLock()
+    private var storedAuthorization: String?
+    private var authorization: String? {
+        get { authorizationLock.withLock { storedAuthorization } }
+        set { authorizationLock.withLock { storedAuthorization = newValue } }
+    }
 
-    init(reference: RegistryReference, credentials: RegistryCredentials?, allowHTTP: Bool) {
+    init(reference: RegistryReference, credentials: RegistryCredentials?, allowHTTP: Bool, pushing: Bool = false) {
         self.reference = reference
+        self.pushing = pushing
         self.credentials = credentials
         scheme = reference.isLoopback || allowHTTP ? "http" : "https"
         let configuration = URLSessionConfiguration.ephemeral
@@ -144,8 +165,8 @@ final class RegistryClient: @unchecked Sendable {
         }
     }
 
-    /// Whether the push asks for write access (the bearer scope).
-    var pushing = false
+    /// Whether to ask a token service for write access (the bearer scope).
+    let pushing: Bool
 
     /// GET a blob into a file (streamed to disk by the session), then check its sha256
     /// against `digest` before anything uses it.

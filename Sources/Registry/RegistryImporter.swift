@@ -2,6 +2,13 @@ import Foundation
 import Glibc
 import Sandbox
 
+/// An image imported from a registry, with its manifest's digest and annotations.
+public struct RegistryImport: Sendable {
+    public var image: ImageRecord
+    public var manifestDigest: String
+    public var annotations: [String: String]
+}
+
 /// Imports an image from a registry (the OCI distribution API): fetches the manifest (through
 /// an image index to the platform's), the config, and the layers the store does not hold yet,
 /// each checked against its digest, into a temporary image layout that `OCIImporter` imports.
@@ -43,6 +50,19 @@ public struct RegistryImporter: Sendable {
     ) throws -> ImageRecord {
         let reference = try RegistryReference(parsing: text)
         let client = RegistryClient(reference: reference, credentials: credentials, allowHTTP: allowHTTP)
+        guard let imported = try importImage(reference.reference, client: client, name: text, platform: platform) else {
+            throw SandboxError(
+                .notFound, "\(text): not found in the registry (no such repository, tag or digest at \(client.base)/manifests/\(reference.reference))")
+        }
+        return imported.image
+    }
+
+    /// Imports the image `tagOrDigest` names in the client's repository; nil when the
+    /// registry has no such manifest.
+    func importImage(
+        _ tagOrDigest: String, client: RegistryClient, name text: String,
+        platform: OCI.Platform = OCI.Platform(architecture: "amd64", os: "linux")
+    ) throws -> RegistryImport? {
         let importer = try OCIImporter(store: store)
         let lease = try store.acquireLease(layers: [])
         defer { lease.release() }
@@ -50,13 +70,15 @@ public struct RegistryImporter: Sendable {
         try FileSystem.makeDirectories(root + "/blobs/sha256")
 
         // The manifest (by tag or digest); through an index to the platform's.
-        var (descriptor, document) = try fetchManifest(client, reference.reference, root: root)
+        guard var (descriptor, document) = try fetchManifest(client, tagOrDigest, root: root, missingIsNil: true) else {
+            return nil
+        }
         var depth = 0
         while document.manifests != nil {
             depth += 1
             guard depth < 4 else { throw SandboxError(.invalidArgument, "\(text): image indexes nest too deep") }
             let chosen = try OCI.choose(platform, from: document, name: text)
-            (descriptor, document) = try fetchManifest(client, chosen.digest, root: root)
+            (descriptor, document) = try fetchManifest(client, chosen.digest, root: root)!
         }
         guard let config = document.config, let layers = document.layers else {
             let type = document.mediaType ?? descriptor.mediaType ?? "unknown"
@@ -124,7 +146,8 @@ public struct RegistryImporter: Sendable {
             schemaVersion: 2, mediaType: OCI.indexType, manifests: [entry], config: nil, layers: nil, annotations: nil)
         try FileSystem.writeFile(root + "/index.json", Array(try JSONEncoder().encode(index)), mode: 0o644)
         try FileSystem.writeFile(root + "/oci-layout", Array(#"{"imageLayoutVersion":"1.0.0"}"#.utf8), mode: 0o644)
-        return try importer.importImage("oci:\(root):pulled", platform: platform, name: text)
+        let image = try importer.importImage("oci:\(root):pulled", platform: platform, name: text)
+        return RegistryImport(image: image, manifestDigest: descriptor.digest, annotations: document.annotations ?? [:])
     }
 
     private func blobPath(_ digest: String, root: String, what: String) throws -> String {
@@ -133,11 +156,14 @@ public struct RegistryImporter: Sendable {
 
     /// GETs a manifest, checks it against the digest it was asked by (or the one the registry
     /// states), and stores it in the layout.
-    private func fetchManifest(_ client: RegistryClient, _ reference: String, root: String) throws -> (
-        OCI.Descriptor, OCI.Document
-    ) {
-        let (data, response) = try client.get(
-            "\(client.base)/manifests/\(reference)", accept: RegistryImporter.acceptedManifests)
+    private func fetchManifest(
+        _ client: RegistryClient, _ reference: String, root: String, missingIsNil: Bool = false
+    ) throws -> (OCI.Descriptor, OCI.Document)? {
+        let (data, response) = try client.call(
+            "GET", "\(client.base)/manifests/\(reference)",
+            headers: ["Accept": RegistryImporter.acceptedManifests.joined(separator: ", ")],
+            allow: missingIsNil ? [404] : [])
+        if response.statusCode == 404 { return nil }
         let bytes = Array(data)
         let actual = "sha256:" + OCI.sha256Hex(bytes)
         let expected = reference.hasPrefix("sha256:") ? reference : response.value(forHTTPHeaderField: "Docker-Content-Digest")

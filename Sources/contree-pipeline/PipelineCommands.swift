@@ -2,6 +2,8 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import Pipeline
+import Registry
+import RegistryCache
 import Sandbox
 
 /// Parses and validates a pipeline file, printing every problem with its place (exit 2).
@@ -38,6 +40,18 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "The run's report directory.") var out: String?
     @Option(help: "Also write JUnit XML here.") var junit: String?
     @Flag(help: "Print report.json on stdout instead of the live view.") var json = false
+    @Option(
+        name: .customLong("cache-from"),
+        help: "Take the steps this store lacks from a registry repository, docker://HOST[:PORT]/REPO (repeatable).")
+    var cacheFrom: [String] = []
+    @Option(
+        name: .customLong("cache-to"),
+        help: "At the end, push the passed steps to a registry repository (docker://HOST[:PORT]/REPO) for --cache-from elsewhere."
+    )
+    var cacheTo: String?
+    @Option(help: "Registry user for --cache-from/--cache-to (or $CONTREE_REGISTRY_USER).") var registryUser: String?
+    @Option(help: "Registry password (or $CONTREE_REGISTRY_PASSWORD).") var registryPassword: String?
+    @Flag(help: "Allow plain http to a cache registry that is not on this machine.") var allowHTTP = false
 
     func run() async throws {
         let plan = try loadPipeline(pipeline)
@@ -48,9 +62,23 @@ struct RunCommand: AsyncParsableCommand {
         ContainerBackend.warmUp()
         let store = try reportingErrors { try storeOptions.open() }
         let engine = SandboxEngine(store: store, progress: ProgressReporter())
+        let credentials = registryCredentials(registryUser, registryPassword)
+        let sources: [any SharedStepCache]
+        let destination: (any SharedStepCache)?
+        do {
+            sources = try cacheFrom.map {
+                try RegistryStepCache($0, store: store, credentials: credentials, allowHTTP: allowHTTP)
+            }
+            destination = try cacheTo.map {
+                try RegistryStepCache($0, store: store, credentials: credentials, allowHTTP: allowHTTP, pushing: true)
+            }
+        } catch {
+            printError("error: \(error)")
+            throw ExitCode(2)
+        }
         let options = RunOptions(
             jobs: jobs, keepGoing: keepGoing, forceSteps: fromSteps, noCache: noCache, failOnCacheMiss: failOnCacheMiss,
-            outDir: out, junitPath: junit)
+            outDir: out, junitPath: junit, cacheFrom: sources, cacheTo: destination)
         let observer: any RunObserver = json ? RunViews.make(output: ViewOutput(fd: 2)) : RunViews.make()
         let runner = try reportingErrors {
             try PipelineRunner(plan: plan, engine: engine, options: options, observer: observer)
@@ -66,6 +94,17 @@ struct RunCommand: AsyncParsableCommand {
             throw ExitCode(2)
         } catch {
             throw fail(error)
+        }
+        if let export = report.cacheExport {
+            if let problem = export.error {
+                printError(
+                    "warning: pushing the cache to \(export.destination) stopped after \(export.pushed) entries: \(problem); the run's result stands"
+                )
+            } else {
+                printError(
+                    "cache: \(export.pushed) pushed to \(export.destination), \(export.present) already there (\(String(format: "%.1f", export.seconds)) s)"
+                )
+            }
         }
         if json {
             let encoder = JSONEncoder()

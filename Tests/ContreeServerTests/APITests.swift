@@ -1,5 +1,6 @@
 import Foundation
 import ContreeServer
+import ContreeTestSupport
 import Glibc
 import Sandbox
 import Testing
@@ -487,7 +488,7 @@ struct ImportTests {
     @Test("POST /images/import pulls from a registry on loopback into the namespace, tagged, and runs it")
     func importFromRegistry() async throws {
         let server = try await TestServer()
-        let registry = try await RegistryProcess()
+        let registry = try await DedicatedThread.run { try LocalRegistry() }
         let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(server.home)"]
         let layout = server.home + "/layout"
         let export = try await DedicatedThread.run {

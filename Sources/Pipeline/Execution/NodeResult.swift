@@ -36,6 +36,8 @@ public struct NodeResult: Sendable, Codable {
     public var step: String
     public var status: NodeStatus
     public var cached: Bool
+    /// The shared cache a cached result came from (`--cache-from`), when not this store's.
+    public var cachedFrom: String?
     /// Failed, but `continue-on-error` lets the pipeline pass and dependents run.
     public var toleratedFailure: Bool
     /// A fork variant that failed: its selection decides whether the pipeline fails, and
@@ -78,6 +80,7 @@ public struct NodeResult: Sendable, Codable {
 
     enum CodingKeys: String, CodingKey {
         case node, step, status, cached
+        case cachedFrom = "cached_from"
         case toleratedFailure = "continued_on_error"
         case containedFailure = "variant_failed"
         case strictFailure = "strict_failure"

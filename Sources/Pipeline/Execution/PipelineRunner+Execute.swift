@@ -68,7 +68,6 @@ extension PipelineRunner {
         _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext, log: StepLog,
         into result: inout NodeResult
     ) async throws {
-        let definition = plan.definition
         let parent = try parentImage(node, results: results, context: context)
         result.parentImage = parent.uuid
 
@@ -83,8 +82,14 @@ extension PipelineRunner {
         result.components = components
 
         let forced = options.noCache || context.forced.contains(node.id) || !node.cache
-        if !forced, let hit = try cache.lookup(key) {
-            log.note("cache hit \(key): reusing \(hit.resultImage) without running")
+        var hit = forced ? nil : try cache.lookup(key)
+        if hit != nil {
+            log.note("cache hit \(key): reusing \(hit!.resultImage) without running")
+        } else if !forced, let (shared, source) = await sharedStep(key, components: components, log: log) {
+            hit = shared
+            result.cachedFrom = source
+        }
+        if let hit {
             result.status = .passed
             result.cached = true
             result.resultImage = hit.resultImage
@@ -232,8 +237,11 @@ extension PipelineRunner {
                     + env.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
                     .joined(separator: "\u{0}")
                 let text: String
-                if let cached = try cache.score(scoreKey), !options.noCache, !context.forced.contains(node.id) {
+                let reuse = !options.noCache && !context.forced.contains(node.id)
+                if reuse, let cached = try cache.score(scoreKey) {
                     text = cached
+                } else if reuse, let shared = await sharedScore(scoreKey, log: log) {
+                    text = shared
                 } else {
                     if options.failOnCacheMiss {
                         throw CacheMissError(
@@ -255,6 +263,7 @@ extension PipelineRunner {
                     text = String(decoding: run.stdout, as: UTF8.self)
                     try cache.rememberScore(scoreKey, text)
                 }
+                scoresUsed.withLock { $0[scoreKey] = text }
                 let last = text.split(separator: "\n").last.map { String($0).trimmingWhitespace } ?? ""
                 guard let score = Double(last) else {
                     outcome.note = "the score command printed '\(last.prefix(40))', not a number"

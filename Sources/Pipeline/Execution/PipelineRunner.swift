@@ -19,12 +19,19 @@ public struct RunOptions: Sendable {
     public var junitPath: String?
     /// The host environment secrets are read from.
     public var environment: [String: String]
+    /// Shared caches asked, in order, for the steps the store's cache lacks (`--cache-from`).
+    public var cacheFrom: [any SharedStepCache]
+    /// Where the run's passed steps and scores are published at its end (`--cache-to`).
+    public var cacheTo: (any SharedStepCache)?
 
     public init(
         jobs: Int = ProcessInfo.processInfo.activeProcessorCount, keepGoing: Bool = false, forceSteps: [String] = [],
         noCache: Bool = false, failOnCacheMiss: Bool = false, outDir: String? = nil, junitPath: String? = nil,
-        environment: [String: String] = ProcessInfo.processInfo.environment
+        environment: [String: String] = ProcessInfo.processInfo.environment, cacheFrom: [any SharedStepCache] = [],
+        cacheTo: (any SharedStepCache)? = nil
     ) {
+        self.cacheFrom = cacheFrom
+        self.cacheTo = cacheTo
         self.jobs = max(1, jobs)
         self.keepGoing = keepGoing
         self.forceSteps = forceSteps
@@ -59,6 +66,8 @@ public final class PipelineRunner: Sendable {
     let observer: (any RunObserver)?
     public let runID: String
     public let outDir: String
+    /// The score keys this run used, with their text (published by `--cache-to`).
+    let scoresUsed = Mutex<[String: String]>([:])
 
     static let outputPath = "/.contree/output"
     static let defaultShell = ["sh", "-e"]
@@ -150,9 +159,15 @@ public final class PipelineRunner: Sendable {
         let cancelled = Task.isCancelled || ordered.contains { $0.status == .cancelled }
         let failed = ordered.contains(where: \.failsPipeline)
         let status: RunReport.Status = failed ? .failed : cancelled ? .cancelled : .passed
-        let report = RunReport(
+        // Whatever passed is worth sharing, even when a later step failed; not after Ctrl-C.
+        var export: CacheExport?
+        if let destination = options.cacheTo, !cancelled {
+            export = await publish(ordered, to: destination)
+        }
+        var report = RunReport(
             runID: runID, pipeline: plan.definition.name, file: plan.definition.file, status: status, started: started,
             ended: Date(), outDir: outDir, nodes: ordered, edges: RunReport.edges(of: plan), jobs: options.jobs)
+        report.cacheExport = export
         try? cache.finishRun(id: runID, status: status.rawValue)
         try ReportWriter(report: report, plan: plan).write(junitPath: options.junitPath)
         observer?.handle(.finished(report))

@@ -24,6 +24,8 @@ public struct RunReport: Sendable, Codable {
     public var nodes: [NodeResult]
     public var edges: [Edge]
     public var jobs: Int
+    /// What `--cache-to` published, when it was given.
+    public var cacheExport: CacheExport?
 
     public var duration: Double { ended.timeIntervalSince(started) }
 
@@ -49,6 +51,7 @@ public struct RunReport: Sendable, Codable {
         case outDir = "out_dir"
         case nodes = "steps"
         case edges, jobs
+        case cacheExport = "cache_export"
     }
 
     public init(
@@ -79,6 +82,7 @@ public struct RunReport: Sendable, Codable {
         nodes = try c.decode([NodeResult].self, forKey: .nodes)
         edges = try c.decode([Edge].self, forKey: .edges)
         jobs = try c.decode(Int.self, forKey: .jobs)
+        cacheExport = try c.decodeIfPresent(CacheExport.self, forKey: .cacheExport)
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -94,6 +98,7 @@ public struct RunReport: Sendable, Codable {
         try c.encode(nodes, forKey: .nodes)
         try c.encode(edges, forKey: .edges)
         try c.encode(jobs, forKey: .jobs)
+        try c.encodeIfPresent(cacheExport, forKey: .cacheExport)
     }
 
     static func edges(of plan: PipelinePlan) -> [Edge] {

@@ -52,7 +52,7 @@ public struct OCIExporter: Sendable {
     }
 
     /// The config document of an image.
-    private func configuration(_ image: ImageRecord) -> OCI.ImageConfiguration {
+    public func configuration(_ image: ImageRecord) -> OCI.ImageConfiguration {
         OCI.ImageConfiguration(
             architecture: "amd64", os: "linux", created: Timestamp(image.created),
             config: OCI.ImageConfiguration.RunConfig(
@@ -61,8 +61,9 @@ public struct OCIExporter: Sendable {
             rootfs: OCI.ImageConfiguration.RootFS(type: "layers", diff_ids: image.layers))
     }
 
-    /// Writes one layer's tar stream into `path` unless it is there, checking its digest.
-    private func writeLayer(_ digest: String, to path: String) throws -> Int64 {
+    /// Writes one layer's tar stream into `path` unless it is there, checking its digest;
+    /// returns its size.
+    public func writeLayer(_ digest: String, to path: String) throws -> Int64 {
         if let st = try FileSystem.status(path), st.isRegular { return Int64(st.st_size) }
         let temporary = path + ".partial"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)

@@ -165,7 +165,7 @@ public enum OCI {
         }
     }
 
-    static func encode<T: Encodable>(_ value: T) throws -> [UInt8] {
+    public static func encode<T: Encodable>(_ value: T) throws -> [UInt8] {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         return Array(try encoder.encode(value))

@@ -1,0 +1,81 @@
+import Foundation
+import Sandbox
+
+/// `--cache-from` and `--cache-to`: steps and scores through shared caches. A shared cache
+/// that cannot be reached costs a note in the log and a step that runs, never a failed run.
+extension PipelineRunner {
+    /// The step stored under `key` in the first shared cache that has it, imported and
+    /// remembered in this store's cache; with the cache's location.
+    func sharedStep(_ key: String, components: StepKeyComponents, log: StepLog) async -> (CachedStep, String)? {
+        for source in options.cacheFrom {
+            do {
+                guard let step = try await DedicatedThread.run({ try source.fetchStep(key: key) }) else { continue }
+                try cache.remember(
+                    key: key, components: components, resultImage: step.image.uuid, outputs: step.outputs,
+                    record: step.record)
+                log.note("cache hit \(key) from \(source.location): imported as \(step.image.uuid), not run here")
+                return (
+                    CachedStep(key: key, resultImage: step.image.uuid, outputs: step.outputs, record: step.record),
+                    source.location
+                )
+            } catch {
+                log.note("the shared cache \(source.location) could not give step \(key) (\(error)); running it here")
+            }
+        }
+        return nil
+    }
+
+    /// A score stored in a shared cache, remembered in this store.
+    func sharedScore(_ key: String, log: StepLog) async -> String? {
+        for source in options.cacheFrom {
+            do {
+                guard let text = try await DedicatedThread.run({ try source.fetchScore(key: key) }) else { continue }
+                try cache.rememberScore(key, text)
+                return text
+            } catch {
+                log.note("the shared cache \(source.location) could not give a score (\(error)); computing it here")
+            }
+        }
+        return nil
+    }
+
+    /// Publishes every passed step the store's cache holds and every score used: the entries
+    /// the destination lacks are pushed, the rest counted as present.
+    func publish(_ nodes: [NodeResult], to destination: any SharedStepCache) async -> CacheExport {
+        let started = Date()
+        let steps = nodes.compactMap { node -> CachedStep? in
+            guard node.status == .passed, node.variants == nil, let key = node.key else { return nil }
+            return try? cache.lookup(key)
+        }
+        let scores = scoresUsed.withLock { $0 }
+        let store = engine.store
+        var export = CacheExport(destination: destination.location, pushed: 0, present: 0, seconds: 0, error: nil)
+        do {
+            export = try await DedicatedThread.run { [export] in
+                var export = export
+                for step in steps {
+                    if try destination.containsStep(key: step.key) {
+                        export.present += 1
+                        continue
+                    }
+                    guard let image = try store.image(step.resultImage) else { continue }
+                    try destination.publishStep(key: step.key, image: image, outputs: step.outputs, record: step.record)
+                    export.pushed += 1
+                }
+                for (key, text) in scores.sorted(by: { $0.key < $1.key }) {
+                    if try destination.fetchScore(key: key) != nil {
+                        export.present += 1
+                        continue
+                    }
+                    try destination.publishScore(key: key, score: text)
+                    export.pushed += 1
+                }
+                return export
+            }
+        } catch {
+            export.error = "\(error)"
+        }
+        export.seconds = Date().timeIntervalSince(started)
+        return export
+    }
+}

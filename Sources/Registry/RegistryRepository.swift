@@ -1,0 +1,48 @@
+import Foundation
+import Sandbox
+
+/// One repository of a registry (`docker://HOST[:PORT]/REPO`) used tag by tag through one
+/// client: one authorization, and blobs pushed once are not asked about again. The shared
+/// step cache keeps its entries here.
+public final class RegistryRepository: Sendable {
+    public let store: Store
+    public let location: String
+    let client: RegistryClient
+    let allowHTTP: Bool
+    private let known = RegistryPusher.BlobSizes()
+
+    public init(
+        _ location: String, store: Store, credentials: RegistryCredentials? = nil, allowHTTP: Bool = false,
+        pushing: Bool = false
+    ) throws {
+        let reference = try RegistryReference(repository: location)
+        self.store = store
+        self.location = reference.description
+        self.allowHTTP = allowHTTP
+        client = RegistryClient(reference: reference, credentials: credentials, allowHTTP: allowHTTP, pushing: pushing)
+    }
+
+    /// Imports the image under `tag`, with its manifest's annotations; nil when there is no
+    /// such tag (or no such repository yet).
+    public func importImage(tag: String) throws -> RegistryImport? {
+        try RegistryImporter(store: store, credentials: client.credentials, allowHTTP: allowHTTP)
+            .importImage(tag, client: client, name: "\(location):\(tag)")
+    }
+
+    /// The annotations of the manifest under `tag`, without importing anything; nil when
+    /// there is no such tag.
+    public func annotations(tag: String) throws -> [String: String]? {
+        let (data, response) = try client.call(
+            "GET", "\(client.base)/manifests/\(tag)", headers: ["Accept": OCI.manifestType], allow: [404])
+        guard response.statusCode != 404 else { return nil }
+        return (try? JSONDecoder().decode(OCI.Document.self, from: data))?.annotations ?? [:]
+    }
+
+    /// Pushes `image` (or a record of no layers, for its annotations alone) under `tag`;
+    /// returns the manifest's digest.
+    @discardableResult
+    public func push(_ image: ImageRecord?, tag: String, annotations: [String: String]) throws -> String {
+        try RegistryPusher(store: store, credentials: client.credentials, allowHTTP: allowHTTP)
+            .push(image, tag: tag, annotations: annotations, client: client, known: known)
+    }
+}
