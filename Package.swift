@@ -47,7 +47,7 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
         // OCI distribution: images from registries (FoundationNetworking, the toolchain's URLSession).
-        .target(name: "Registry", dependencies: ["Sandbox"]),
+        .target(name: "Registry", dependencies: ["Sandbox", .product(name: "Crypto", package: "swift-crypto")]),
         // A registry repository as a pipeline step cache shared by many stores (`run --cache-to/--cache-from`).
         .target(name: "RegistryCache", dependencies: ["Pipeline", "Registry"]),
         // The ConTree /v1 REST API over the engine (Hummingbird), so the official clients work.

@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import FoundationNetworking
+import Crypto
 import Sandbox
 
 /// `docker://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]`.
@@ -93,42 +94,106 @@ final class RegistryClient: @unchecked Sendable {
         set { authorizationLock.withLock { storedAuthorization = newValue } }
     }
 
-    init(reference: RegistryReference, credentials: RegistryCredentials?, allowHTTP: Bool, pushing: Bool = false) {
+    /// Stops requests in flight when cancelled (an interrupted import).
+    let cancellation: Cancellation?
+
+    init(
+        reference: RegistryReference, credentials: RegistryCredentials?, allowHTTP: Bool, pushing: Bool = false,
+        cancellation: Cancellation? = nil
+    ) {
         self.reference = reference
+        self.cancellation = cancellation
         self.pushing = pushing
         self.credentials = credentials
         scheme = reference.isLoopback || allowHTTP ? "http" : "https"
         let configuration = URLSessionConfiguration.ephemeral
         configuration.timeoutIntervalForRequest = 60
-        session = URLSession(configuration: configuration, delegate: catcher, delegateQueue: nil)
+        session = URLSession(configuration: configuration, delegate: delegate, delegateQueue: nil)
     }
 
-    /// Keeps URLSession's own 401 handling out of the way: it would answer a Basic challenge
-    /// from its credential store or hang. The challenge is cancelled and its response kept,
-    /// so that this client answers it (`authenticate`).
-    private final class ChallengeCatcher: NSObject, URLSessionTaskDelegate, @unchecked Sendable {
+    /// The session's delegate. It keeps URLSession's own 401 handling out of the way (it would
+    /// answer a Basic challenge from its credential store, or hang): the challenge is cancelled
+    /// and its response kept, so that this client answers it (`authenticate`). And it streams
+    /// blob downloads into their sinks.
+    private final class SessionDelegate: NSObject, URLSessionDataDelegate, @unchecked Sendable {
         private let lock = NSLock()
         private var responses: [Int: HTTPURLResponse] = [:]
+        private var sinks: [Int: BlobSink] = [:]
 
         func urlSession(
             _ session: URLSession, task: URLSessionTask, didReceive challenge: URLAuthenticationChallenge,
             completionHandler: @escaping (URLSession.AuthChallengeDisposition, URLCredential?) -> Void
         ) {
             if let response = challenge.failureResponse as? HTTPURLResponse {
-                lock.lock()
-                responses[task.taskIdentifier] = response
-                lock.unlock()
+                lock.withLock { responses[task.taskIdentifier] = response }
             }
             completionHandler(.cancelAuthenticationChallenge, nil)
         }
 
         func take(_ task: Int) -> HTTPURLResponse? {
-            lock.lock()
-            defer { lock.unlock() }
-            return responses.removeValue(forKey: task)
+            lock.withLock { responses.removeValue(forKey: task) }
+        }
+
+        func attach(_ sink: BlobSink, to task: Int) { lock.withLock { sinks[task] = sink } }
+        private func sink(_ task: Int) -> BlobSink? { lock.withLock { sinks[task] } }
+
+        func urlSession(
+            _ session: URLSession, dataTask: URLSessionDataTask, didReceive response: URLResponse,
+            completionHandler: @escaping (URLSession.ResponseDisposition) -> Void
+        ) {
+            sink(dataTask.taskIdentifier)?.status = (response as? HTTPURLResponse)?.statusCode ?? 0
+            completionHandler(.allow)
+        }
+
+        func urlSession(_ session: URLSession, dataTask: URLSessionDataTask, didReceive data: Data) {
+            sink(dataTask.taskIdentifier)?.receive(data)
+        }
+
+        func urlSession(_ session: URLSession, task: URLSessionTask, didCompleteWithError error: (any Error)?) {
+            guard let sink = lock.withLock({ sinks.removeValue(forKey: task.taskIdentifier) }) else { return }
+            sink.failure = error
+            sink.done.signal()
         }
     }
-    private let catcher = ChallengeCatcher()
+    private let delegate = SessionDelegate()
+
+    /// Where a blob download goes: a file, hashed as the bytes arrive (only the delegate's
+    /// serial queue touches it until `done`).
+    private final class BlobSink: @unchecked Sendable {
+        let fd: Int32
+        let path: String
+        var hasher = SHA256()
+        var size: Int64 = 0
+        var status = 0
+        var failure: (any Error)?
+        var writeError: (any Error)?
+        /// The start of an error answer's body, for the message.
+        var errorBody = Data()
+        let onBytes: (@Sendable (Int64) -> Void)?
+        let done = DispatchSemaphore(value: 0)
+
+        init(fd: Int32, path: String, onBytes: (@Sendable (Int64) -> Void)?) {
+            self.fd = fd
+            self.path = path
+            self.onBytes = onBytes
+        }
+
+        func receive(_ data: Data) {
+            guard (200..<300).contains(status) else {
+                if errorBody.count < 300 { errorBody.append(data.prefix(300 - errorBody.count)) }
+                return
+            }
+            guard writeError == nil else { return }
+            data.withUnsafeBytes { hasher.update(bufferPointer: $0) }
+            do {
+                try data.withUnsafeBytes { try FileSystem.writeAll(fd: fd, $0, path: path) }
+            } catch {
+                writeError = error
+            }
+            size += Int64(data.count)
+            onBytes?(Int64(data.count))
+        }
+    }
 
     var base: String { "\(scheme)://\(reference.host)/v2/\(reference.repository)" }
 
@@ -168,56 +233,64 @@ final class RegistryClient: @unchecked Sendable {
     /// Whether to ask a token service for write access (the bearer scope).
     let pushing: Bool
 
-    /// GET a blob into a file (streamed to disk by the session), then check its sha256
-    /// against `digest` before anything uses it.
-    func download(_ url: String, digest: String, to path: String) throws {
+    /// GETs a blob into a file, hashing the bytes as they arrive; the file appears at `path`
+    /// only when they match `digest` (a truncated or altered blob never does).
+    func download(
+        _ url: String, digest: String, to path: String, onBytes: (@Sendable (Int64) -> Void)? = nil
+    ) throws {
+        try cancellation?.check()
         var request = URLRequest(url: URL(string: url)!)
         if let authorization { request.setValue(authorization, forHTTPHeaderField: "Authorization") }
-        let semaphore = DispatchSemaphore(value: 0)
-        nonisolated(unsafe) var outcome: (any Error)?
-        nonisolated(unsafe) var status = 0
-        let task = session.downloadTask(with: request) { file, response, error in
-            defer { semaphore.signal() }
-            if let error {
-                outcome = error
-                return
-            }
-            status = (response as? HTTPURLResponse)?.statusCode ?? 0
-            guard let file, (200..<300).contains(status) else { return }
-            do {
-                try FileSystem.rename(file.path, path)
-            } catch {
-                outcome = error
-            }
+        let partial = path + ".partial"
+        let fd = open(partial, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw SandboxError.system("open(\(partial))") }
+        let sink = BlobSink(fd: fd, path: partial, onBytes: onBytes)
+        let task = session.dataTask(with: request)
+        delegate.attach(sink, to: task.taskIdentifier)
+        withCancellation(of: task) {
+            task.resume()
+            sink.done.wait()
         }
-        task.resume()
-        semaphore.wait()
-        if catcher.take(task.taskIdentifier) != nil {
+        close(fd)
+        var keep = false
+        defer { if !keep { unlink(partial) } }
+        try cancellation?.check()
+        if delegate.take(task.taskIdentifier) != nil {
             throw failure(401, url: url, body: Data())
         }
-        if let outcome {
-            throw SandboxError(.childProcess, "\(reference): downloading \(digest) failed: \(outcome.localizedDescription)")
+        if let error = sink.failure {
+            throw SandboxError(
+                .childProcess, "\(reference): downloading \(digest) failed: \(error.localizedDescription)")
         }
-        guard (200..<300).contains(status) else { throw failure(status, url: url, body: Data()) }
-        let (actual, size) = try OCI.sha256(file: path)
+        if let error = sink.writeError { throw error }
+        guard (200..<300).contains(sink.status) else { throw failure(sink.status, url: url, body: sink.errorBody) }
+        let actual = "sha256:" + sink.hasher.finalize().map { String(format: "%02x", $0) }.joined()
         guard actual == digest else {
-            unlink(path)
             throw SandboxError(
                 .corrupt,
-                "\(reference): the blob \(digest) arrived as \(size) bytes hashing to \(actual) (truncated or altered); nothing was imported"
+                "\(reference): the blob \(digest) arrived as \(sink.size) bytes hashing to \(actual) (truncated or altered); nothing was imported"
             )
         }
+        try FileSystem.rename(partial, path)
+        keep = true
+    }
+
+    /// Runs `body` (which waits for `task`) so that a cancellation cancels the task.
+    private func withCancellation(of task: URLSessionTask, _ body: () -> Void) {
+        guard let cancellation else { return body() }
+        cancellation.whileRunning(onCancel: { task.cancel() }, body)
     }
 
     private func failure(_ status: Int, url: String, body: Data) -> SandboxError {
         let detail = String(decoding: body.prefix(300), as: UTF8.self)
         switch status {
-        case 401, 403 where credentials != nil:
-            return SandboxError(
-                .invalidArgument,
-                "\(reference): the registry refused the credentials of '\(credentials!.username)' (\(status)); check the user and password"
-            )
         case 401, 403:
+            if let credentials {
+                return SandboxError(
+                    .invalidArgument,
+                    "\(reference): the registry refused the credentials of '\(credentials.username)' (\(status)); check the user and password"
+                )
+            }
             return SandboxError(
                 .invalidArgument,
                 "\(reference): the registry refused access (\(status)); give credentials (--username/--password or CONTREE_REGISTRY_USER/CONTREE_REGISTRY_PASSWORD)"
@@ -232,6 +305,7 @@ final class RegistryClient: @unchecked Sendable {
     private func send(_ request: URLRequest) throws -> (Data, HTTPURLResponse) {
         let semaphore = DispatchSemaphore(value: 0)
         nonisolated(unsafe) var result: Result<(Data, HTTPURLResponse), any Error> = .failure(URLError(.unknown))
+        try cancellation?.check()
         let task = session.dataTask(with: request) { data, response, error in
             if let error {
                 result = .failure(error)
@@ -240,10 +314,13 @@ final class RegistryClient: @unchecked Sendable {
             }
             semaphore.signal()
         }
-        task.resume()
-        semaphore.wait()
+        withCancellation(of: task) {
+            task.resume()
+            semaphore.wait()
+        }
+        try cancellation?.check()
         // A challenge URLSession raised and this client cancelled: answer it as the 401 it was.
-        if case .failure = result, let challenged = catcher.take(task.taskIdentifier) {
+        if case .failure = result, let challenged = delegate.take(task.taskIdentifier) {
             return (Data(), challenged)
         }
         do {

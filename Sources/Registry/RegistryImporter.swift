@@ -19,14 +19,19 @@ public struct RegistryImporter: Sendable {
     public let allowHTTP: Bool
     /// Where the layers fetched so far are reported (bytes and count).
     public let progress: ProgressReporter?
+    /// Stops the downloads in flight and the unpacking between layers; a cancelled import
+    /// removes what it made.
+    public let cancellation: Cancellation?
 
     public init(
-        store: Store, credentials: RegistryCredentials? = nil, allowHTTP: Bool = false, progress: ProgressReporter? = nil
+        store: Store, credentials: RegistryCredentials? = nil, allowHTTP: Bool = false, progress: ProgressReporter? = nil,
+        cancellation: Cancellation? = nil
     ) {
         self.store = store
         self.credentials = credentials
         self.allowHTTP = allowHTTP
         self.progress = progress
+        self.cancellation = cancellation
     }
 
     public static func handles(_ reference: String) -> Bool { reference.hasPrefix("docker://") }
@@ -49,7 +54,8 @@ public struct RegistryImporter: Sendable {
         _ text: String, platform: OCI.Platform = OCI.Platform(architecture: "amd64", os: "linux")
     ) throws -> ImageRecord {
         let reference = try RegistryReference(parsing: text)
-        let client = RegistryClient(reference: reference, credentials: credentials, allowHTTP: allowHTTP)
+        let client = RegistryClient(
+            reference: reference, credentials: credentials, allowHTTP: allowHTTP, cancellation: cancellation)
         guard let imported = try importImage(reference.reference, client: client, name: text, platform: platform) else {
             throw SandboxError(
                 .notFound, "\(text): not found in the registry (no such repository, tag or digest at \(client.base)/manifests/\(reference.reference))")
@@ -63,7 +69,8 @@ public struct RegistryImporter: Sendable {
         _ tagOrDigest: String, client: RegistryClient, name text: String,
         platform: OCI.Platform = OCI.Platform(architecture: "amd64", os: "linux")
     ) throws -> RegistryImport? {
-        let importer = try OCIImporter(store: store)
+        var importer = try OCIImporter(store: store)
+        importer.cancellation = cancellation
         let lease = try store.acquireLease(layers: [])
         defer { lease.release() }
         let root = lease.workPath + "/pull"
@@ -107,25 +114,34 @@ public struct RegistryImporter: Sendable {
             let lock = NSLock()
             var bytes: Int64 = 0
             var layers = 0
+            var reported = Date.distantPast
             var failure: (any Error)?
         }
         let tally = Tally()
         let pending = wanted
         let width = min(3, pending.count)
         let progress = self.progress
+        /// Bytes and layers so far: at a layer's end, and at most once a second in between.
+        @Sendable func report(bytes: Int64, layerDone: Bool) {
+            tally.lock.withLock {
+                tally.bytes += bytes
+                if layerDone { tally.layers += 1 }
+                guard let progress, layerDone || Date().timeIntervalSince(tally.reported) >= 1 else { return }
+                tally.reported = Date()
+                progress.report(
+                    "import",
+                    "\(tally.layers)/\(pending.count) layers, \(ByteCount.format(tally.bytes)) of \(ByteCount.format(total))",
+                    elapsed: Date().timeIntervalSince(started))
+            }
+        }
         DispatchQueue.concurrentPerform(iterations: width) { lane in
             for item in stride(from: lane, to: pending.count, by: width).map({ pending[$0] }) {
                 if tally.lock.withLock({ tally.failure != nil }) { return }
                 do {
-                    try client.download("\(client.base)/blobs/\(item.digest)", digest: item.digest, to: item.path)
-                    tally.lock.withLock {
-                        tally.bytes += item.size
-                        tally.layers += 1
-                        progress?.report(
-                            "import",
-                            "\(tally.layers)/\(pending.count) layers, \(ByteCount.format(tally.bytes)) of \(ByteCount.format(total))",
-                            elapsed: Date().timeIntervalSince(started))
+                    try client.download("\(client.base)/blobs/\(item.digest)", digest: item.digest, to: item.path) {
+                        report(bytes: $0, layerDone: false)
                     }
+                    report(bytes: 0, layerDone: true)
                 } catch {
                     tally.lock.withLock { if tally.failure == nil { tally.failure = error } }
                 }

@@ -162,6 +162,11 @@ enum Termination {
     /// The first signal cancels `task`; a second one ends the process at once (its sandboxes die
     /// with it, and the next command cleans up what they leave).
     static func cancelOnSignal<T>(_ task: Task<T, Error>) -> [DispatchSourceSignal] {
+        onSignal { task.cancel() }
+    }
+
+    /// The first SIGINT, SIGTERM or SIGHUP calls `cancel`; a second one ends the process.
+    static func onSignal(_ cancel: @escaping @Sendable () -> Void) -> [DispatchSourceSignal] {
         let received = Mutex(0)
         return [SIGINT, SIGTERM, SIGHUP].map { sig in
             signal(sig, SIG_IGN)
@@ -175,7 +180,7 @@ enum Termination {
                     printError("contree: interrupted again; stopping now")
                     exit(130)
                 }
-                task.cancel()
+                cancel()
             }
             source.resume()
             return source

@@ -149,18 +149,30 @@ struct ImageCommand: ParsableCommand {
         func run() throws {
             try reportingErrors {
                 let store = try storeOptions.open()
+                // Ctrl-C (or SIGTERM) stops the import, which removes what it made.
+                let cancellation = Cancellation()
+                let signals = Termination.onSignal {
+                    cancellation.cancel("the import was interrupted; nothing was imported")
+                }
+                defer { signals.forEach { $0.cancel() } }
                 if RegistryImporter.handles(path) {
                     let credentials = registryCredentials(username, password)
-                    let image = try RegistryImporter(
-                        store: store, credentials: credentials, allowHTTP: allowHTTP, progress: ProgressReporter())
-                        .importImage(path, platform: try OCI.Platform(parsing: platform))
+                    let image = try interruptible {
+                        try RegistryImporter(
+                            store: store, credentials: credentials, allowHTTP: allowHTTP, progress: ProgressReporter(),
+                            cancellation: cancellation
+                        ).importImage(path, platform: try OCI.Platform(parsing: platform))
+                    }
                     if let tag { try store.tag(tag, image: image.uuid) }
                     print(image.uuid)
                     return
                 }
                 if OCIImporter.handles(path) {
-                    let image = try OCIImporter(store: store).importImage(
-                        path, platform: try OCI.Platform(parsing: platform))
+                    var importer = try OCIImporter(store: store)
+                    importer.cancellation = cancellation
+                    let image = try interruptible {
+                        try importer.importImage(path, platform: try OCI.Platform(parsing: platform))
+                    }
                     if let tag { try store.tag(tag, image: image.uuid) }
                     print(image.uuid)
                     return
@@ -235,6 +247,16 @@ struct ImageCommand: ParsableCommand {
                 print(try BaseImages(store: store, progress: ProgressReporter()).resolve(name).uuid)
             }
         }
+    }
+}
+
+/// Runs an import that a signal may cancel: cancelled, it says so and exits 130.
+func interruptible<T>(_ body: () throws -> T) throws -> T {
+    do {
+        return try body()
+    } catch let error as SandboxError where error.code == .cancelled {
+        printError("error: \(error.message)")
+        throw ExitCode(130)
     }
 }
 

@@ -523,6 +523,46 @@ struct ImportTests {
             "POST", "/v1/instances", json: #"{"command":"true","image":"oci:\#(layout):v1"}"#)
         #expect(local.status == 404)
     }
+
+    @Test("cancelling an import stops its download at once; the operation is CANCELLED and nothing is left")
+    func cancelImport() async throws {
+        let server = try await TestServer()
+        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(server.home)"]
+        let layout = server.home + "/layout"
+        let pushed = try await DedicatedThread.run {
+            let export = try ChildProcess.run([Paths.cli, "image", "export", "busybox", "oci:\(layout):v1"], environment: env)
+            let push = try ChildProcess.run([
+                "skopeo", "copy", "--dest-tls-verify=false", "oci:\(layout):v1", "docker://127.0.0.1:\(registry.port)/lib/box:1",
+            ])
+            return export.succeeded && push.succeeded
+        }
+        #expect(pushed)
+        let proxy = try await DedicatedThread.run { try StallingProxy(upstreamPort: registry.port) }
+        let reply = try await server.request(
+            "POST", "/v1/images/import",
+            json: #"{"registry":{"url":"docker://127.0.0.1:\#(proxy.port)/lib/box:1"},"tag":"box:1","timeout":600}"#)
+        let op = try #require(try reply.json()["uuid"] as? String)
+        // Once it executes (the download stalls), cancel it.
+        var status = ""
+        let started = Date()
+        while status != "EXECUTING" && Date().timeIntervalSince(started) < 30 {
+            try await Task.sleep(for: .milliseconds(100))
+            status = try await server.request("GET", "/v1/operations/\(op)").json()["status"] as? String ?? ""
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        let cancelled = Date()
+        #expect(try await server.request("DELETE", "/v1/operations/\(op)").status < 300)
+        let record = try await server.wait(op)
+        #expect(record["status"] as? String == "CANCELLED")
+        #expect(Date().timeIntervalSince(cancelled) < 20)  // not the proxy's minute
+        #expect(try await server.request("GET", "/v1/inspect/?tag=box:1").status == 404)
+        // The import's lease and its download directory are gone by the time the operation ended.
+        let leftovers = try await DedicatedThread.run {
+            try ChildProcess.run(["find", server.home + "/tmp", "-name", "pull"]).stdout
+        }
+        #expect(leftovers.isEmpty, "\(String(decoding: leftovers, as: UTF8.self))")
+    }
 }
 
 @Suite("serve: inspect", .requiresRoot)

@@ -292,4 +292,44 @@ struct RegistryTests {
         }
         #expect(try other.store.listImages().isEmpty)
     }
+
+    @Test("Ctrl-C during an import stops the download in flight at once, exits 130 and leaves nothing in the store")
+    func interrupted() async throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        let registry = try LocalRegistry()
+        let run = try await t.sh("echo second > /second")
+        let uuid = try #require(run.record.resultImage)
+        let image = try #require(try t.store.image(uuid))
+        try OCIExporter(store: t.store).export(image, to: "oci:\(scratch.path)/layout:v1")
+        try registry.push("oci:\(scratch.path)/layout:v1", "team/slow:v1")
+        // Every blob over 64 KiB (busybox's layer) stalls after its first 4 KiB.
+        let proxy = try StallingProxy(upstreamPort: registry.port)
+        let home = scratch.path + "/other"
+        var env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
+        env.append("CONTREE_HOME=\(home)")
+        let child = try ChildProcess.spawn(
+            [Paths.cli, "image", "import", "docker://127.0.0.1:\(proxy.port)/team/slow:v1"], environment: env,
+            captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+        // The download has begun once the layer's first bytes are in the import's work directory.
+        let started = Date()
+        var downloading = false
+        while !downloading && Date().timeIntervalSince(started) < 30 {
+            try await Task.sleep(for: .milliseconds(50))
+            let partials = try? ChildProcess.run(["find", home + "/tmp", "-name", "*.partial", "-size", "+0"])
+            downloading = !(partials?.stdout.isEmpty ?? true)
+        }
+        #expect(downloading)
+        let interrupted = Date()
+        kill(child.pid, SIGINT)
+        let status = try await DedicatedThread.run { try ChildProcess.wait(child.pid, "contree-pipeline") }
+        let stderr = String(decoding: try FileSystem.readAll(fd: child.stderr, path: "stderr"), as: UTF8.self)
+        close(child.stderr)
+        #expect(status == 130, "\(stderr)")
+        #expect(stderr.contains("the import was interrupted; nothing was imported"))
+        #expect(Date().timeIntervalSince(interrupted) < 20)  // not the proxy's minute
+        let store = try Store(root: home)
+        #expect(try store.listImages().isEmpty)
+        #expect(try store.checkConsistency(verifyContent: false).isConsistent)
+    }
 }

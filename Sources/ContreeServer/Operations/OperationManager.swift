@@ -169,9 +169,11 @@ final class OperationManager: Sendable {
             }
             defer { slots.release(namespace) }
             setStatus(uuid, "EXECUTING", started: true)
-            let importer = RegistryImporter(store: api.store, credentials: credentials)
+            // A cancel or the timeout stops the downloads and unpacking; the import removes
+            // what it made before the operation ends.
+            let cancellation = Cancellation()
+            let importer = RegistryImporter(store: api.store, credentials: credentials, cancellation: cancellation)
             let work = Task { try await DedicatedThread.run { try importer.importImage(url) } }
-            // The timeout: the operation ends then; the download it started finishes in the background.
             let deadline = Task {
                 try await Task.sleep(for: .seconds(timeout))
                 operation.cancel(reason: "the import did not finish within its timeout of \(timeout) s")
@@ -180,10 +182,11 @@ final class OperationManager: Sendable {
             let outcome = await withTaskCancellationHandler {
                 await work.result
             } onCancel: {
-                work.cancel()
+                cancellation.cancel(operation.cancelReason ?? "cancelled")
             }
             let duration = Timestamp.now - created
-            if Task.isCancelled || operation.cancelReason != nil {
+            // An import that finished as the cancel came is a success all the same.
+            if case .failure = outcome, Task.isCancelled || operation.cancelReason != nil {
                 let reason = operation.cancelReason ?? "cancelled"
                 complete(operation, status: "CANCELLED", error: reason, resultImage: nil, duration: duration, imageSize: 0) {
                     tx in try self.endImport(tx, uuid, "CANCELLED", reason, nil)

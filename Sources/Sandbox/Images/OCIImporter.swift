@@ -15,6 +15,8 @@ import Glibc
 /// directory, user). Nothing reaches the store when an import fails.
 public struct OCIImporter: Sendable {
     public let store: Store
+    /// Checked between layers: a cancelled import removes what it made and throws `cancelled`.
+    public var cancellation: Cancellation?
 
     public init(store: Store) throws {
         self.store = store
@@ -301,6 +303,7 @@ public struct OCIImporter: Sendable {
         let snapshotter = Snapshotter(store: store)
         var current: ImageRecord?
         for (index, layer) in image.layers.enumerated() {
+            try cancellation?.check()
             if let known = try knownLayer(layer.diffID) {
                 current = try snapshotter.stack(known, on: current, config: config, origin: "import:\(source.name)")
                 created.append(current!.uuid)
@@ -344,6 +347,7 @@ public struct OCIImporter: Sendable {
         guard var final = current else {
             throw SandboxError(.invalidArgument, "\(source.name) has no layers; there is nothing to import")
         }
+        try cancellation?.check()
         if final.config != config {
             final = try snapshotter.stack(nil, on: final, config: config, origin: "import:\(source.name)")
             created.append(final.uuid)
