@@ -71,6 +71,7 @@ public struct RegistryImporter: Sendable {
     ) throws -> RegistryImport? {
         var importer = try OCIImporter(store: store)
         importer.cancellation = cancellation
+        importer.blobsVerified = true  // each download was hashed as it streamed in
         let lease = try store.acquireLease(layers: [])
         defer { lease.release() }
         let root = lease.workPath + "/pull"
@@ -92,6 +93,7 @@ public struct RegistryImporter: Sendable {
             throw SandboxError(
                 .unsupported, "\(text): manifest media type '\(type)' is not supported (OCI or Docker schema 2 only)")
         }
+        Trace.mark("import: manifest")
         let configPath = try blobPath(config.digest, root: root, what: "image config")
         try client.download("\(client.base)/blobs/\(config.digest)", digest: config.digest, to: configPath)
         let configuration = try JSONDecoder().decode(OCI.ImageConfiguration.self, from: Data(try FileSystem.readFile(configPath)))
@@ -148,6 +150,7 @@ public struct RegistryImporter: Sendable {
             }
         }
         if let failure = tally.failure { throw failure }
+        Trace.mark("import: \(pending.count) blobs fetched")
         fetched = tally.bytes
         fetchedLayers = tally.layers
         if fetchedLayers > 0 {

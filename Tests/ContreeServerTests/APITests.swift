@@ -528,10 +528,15 @@ struct ImportTests {
     func cancelImport() async throws {
         let server = try await TestServer()
         let registry = try await DedicatedThread.run { try LocalRegistry() }
-        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(server.home)"]
-        let layout = server.home + "/layout"
+        // An image with a layer the server's store lacks (it holds busybox's): 256 KiB of noise.
+        let home = server.home + "/elsewhere"
+        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(home)"]
+        let layout = home + "/layout"
         let pushed = try await DedicatedThread.run {
-            let export = try ChildProcess.run([Paths.cli, "image", "export", "busybox", "oci:\(layout):v1"], environment: env)
+            _ = try ChildProcess.run(
+                [Paths.cli, "exec", "--tag", "noise", "--", "dd", "if=/dev/urandom", "of=/noise", "bs=1k", "count=256"],
+                environment: env)
+            let export = try ChildProcess.run([Paths.cli, "image", "export", "noise", "oci:\(layout):v1"], environment: env)
             let push = try ChildProcess.run([
                 "skopeo", "copy", "--dest-tls-verify=false", "oci:\(layout):v1", "docker://127.0.0.1:\(registry.port)/lib/box:1",
             ])

@@ -18,12 +18,24 @@ public final class LocalRegistry: @unchecked Sendable {
     /// The stderr pipe spawn made (the log goes to a file), kept open while it runs.
     private let stderrFD: Int32
 
-    /// With `user`, the registry asks for basic auth (an htpasswd file with a bcrypt hash).
-    public init(user: (name: String, password: String)? = nil) throws {
+    /// A token service in front of it (`tokens`), when it asks for bearer tokens.
+    private var tokenService: TokenService?
+
+    /// With `user`, the registry asks for basic auth (an htpasswd file with a bcrypt hash);
+    /// with `tokens` as well, for bearer tokens from a token service that checks `user`.
+    public init(user: (name: String, password: String)? = nil, tokens: Bool = false) throws {
         root = "/tmp/contree-registry-" + UUID().uuidString.lowercased().prefix(12)
         try FileSystem.makeDirectories(root + "/data")
         var auth = ""
-        if let user {
+        if tokens, let user {
+            let service = try TokenService(directory: root, user: user)
+            tokenService = service
+            auth = """
+                auth: {token: {realm: "http://127.0.0.1:\(service.port)/token", service: test-registry, \
+                issuer: test-issuer, rootcertbundle: \(root)/token.crt}}
+
+                """
+        } else if let user {
             let hash = try ChildProcess.run([
                 "python3", "-W", "ignore", "-c",
                 "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))", user.password,
@@ -107,15 +119,16 @@ public func waitForLoopbackPort(_ port: Int) -> Bool {
 }
 
 /// A proxy in front of a registry that passes everything through at once, except the body of
-/// a large blob: its first 4 KiB, then nothing for a minute. A download in flight to cancel.
+/// a large blob: its first 4 KiB, then nothing for a minute (a download in flight to cancel),
+/// or, with `cut`, the connection closes there (a truncated download).
 public final class StallingProxy: @unchecked Sendable {
     public let port: Int
     private let pid: pid_t
     private let stderrFD: Int32
 
     static let script = """
-        import http.server, sys, time, urllib.request, urllib.error
-        upstream = sys.argv[2]
+        import http.server, socket, sys, time, urllib.request, urllib.error
+        upstream, cut = sys.argv[2], sys.argv[3] == "cut"
         class Proxy(http.server.BaseHTTPRequestHandler):
             def relay(self, body):
                 request = urllib.request.Request(upstream + self.path, method=self.command, headers=dict(self.headers))
@@ -135,6 +148,10 @@ public final class StallingProxy: @unchecked Sendable {
                     if "/blobs/" in self.path and len(data) > 65536:
                         self.wfile.write(data[:4096])
                         self.wfile.flush()
+                        if cut:
+                            self.close_connection = True
+                            self.connection.shutdown(socket.SHUT_RDWR)
+                            return
                         time.sleep(60)
                         data = data[4096:]
                     self.wfile.write(data)
@@ -149,14 +166,85 @@ public final class StallingProxy: @unchecked Sendable {
         http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Proxy).serve_forever()
         """
 
-    public init(upstreamPort: Int) throws {
+    public init(upstreamPort: Int, cut: Bool = false) throws {
         port = freeLoopbackPort()
         let child = try ChildProcess.spawn(
-            ["python3", "-c", StallingProxy.script, String(port), "http://127.0.0.1:\(upstreamPort)"],
+            [
+                "python3", "-c", StallingProxy.script, String(port), "http://127.0.0.1:\(upstreamPort)",
+                cut ? "cut" : "stall",
+            ],
             captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
         pid = child.pid
         stderrFD = child.stderr
         guard waitForLoopbackPort(port) else { throw SandboxError(.childProcess, "the proxy did not start") }
+    }
+
+    deinit {
+        kill(pid, SIGKILL)
+        _ = try? ChildProcess.wait(pid, "python3")
+        close(stderrFD)
+    }
+}
+
+/// A bearer-token service as registries use (Docker Hub, GHCR): checks basic credentials and
+/// answers a JWT for the asked scope, signed (RS256, with openssl) by a key whose certificate
+/// the registry trusts and which the token carries in its `x5c` header.
+final class TokenService: @unchecked Sendable {
+    let port: Int
+    private let pid: pid_t
+    private let stderrFD: Int32
+
+    static let script = """
+        import base64, http.server, json, subprocess, sys, time, urllib.parse, uuid
+        port, directory, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+        def b64(data):
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        der = subprocess.run(["openssl", "x509", "-in", directory + "/token.crt", "-outform", "DER"],
+                             capture_output=True, check=True).stdout
+        class Tokens(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+                if self.headers.get("Authorization") != expected:
+                    self.send_response(401)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b'{"details":"wrong or missing credentials"}')
+                    return
+                query = urllib.parse.parse_qs(urllib.parse.urlparse(self.path).query)
+                access = []
+                for scope in query.get("scope", []):
+                    kind, name, actions = scope.split(":")
+                    access.append({"type": kind, "name": name, "actions": actions.split(",")})
+                now = int(time.time())
+                header = {"alg": "RS256", "typ": "JWT", "x5c": [base64.b64encode(der).decode()]}
+                claims = {"iss": "test-issuer", "sub": user, "aud": query.get("service", [""])[0],
+                          "exp": now + 300, "nbf": now - 10, "iat": now, "jti": str(uuid.uuid4()), "access": access}
+                signed = b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())
+                signature = subprocess.run(["openssl", "dgst", "-sha256", "-sign", directory + "/token.key"],
+                                           input=signed.encode(), capture_output=True, check=True).stdout
+                token = signed + "." + b64(signature)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(json.dumps({"token": token, "expires_in": 300}).encode())
+            def log_message(self, *args):
+                pass
+        http.server.ThreadingHTTPServer(("127.0.0.1", port), Tokens).serve_forever()
+        """
+
+    init(directory: String, user: (name: String, password: String)) throws {
+        let key = try ChildProcess.run([
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-issuer",
+            "-keyout", directory + "/token.key", "-out", directory + "/token.crt",
+        ])
+        guard key.succeeded else { throw SandboxError(.childProcess, "openssl: \(key.stderrText)") }
+        port = freeLoopbackPort()
+        let child = try ChildProcess.spawn(
+            ["python3", "-c", TokenService.script, String(port), directory, user.name, user.password],
+            captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+        pid = child.pid
+        stderrFD = child.stderr
+        guard waitForLoopbackPort(port) else { throw SandboxError(.childProcess, "the token service did not start") }
     }
 
     deinit {

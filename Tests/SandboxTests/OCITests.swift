@@ -21,7 +21,6 @@ struct OCITests {
         let scratch = try ScratchDirectory()
         let image = try await sample(t)
         let exporter = OCIExporter(store: t.store)
-        let importer = try OCIImporter(store: t.store)
         try exporter.export(image, to: "oci:\(scratch.path)/layout:v1")
         let inspected = try JSONSerialization.jsonObject(
             with: Data(try skopeo(["inspect", "oci:\(scratch.path)/layout:v1"]).utf8)) as! [String: Any]
@@ -34,22 +33,33 @@ struct OCITests {
         ])
         try exporter.export(image, to: "oci-archive:\(scratch.path)/o.tar:v1")
         try exporter.export(image, to: "docker-archive:\(scratch.path)/mine.tar:mine:1")
-        for source in [
+        let sources = [
             "oci:\(scratch.path)/layout:v1", "docker-archive:\(scratch.path)/d.tar", "oci:\(scratch.path)/gz:v1",
             "oci:\(scratch.path)/zst:v1", "oci-archive:\(scratch.path)/o.tar:v1",
             "docker-archive:\(scratch.path)/mine.tar",
-        ] {
-            let imported = try importer.importImage(source)
-            #expect(try ImageDiff.changes(from: image, to: imported, store: t.store).isEmpty, "\(source)")
-            let fs = ImageFilesystem(layersTopFirst: imported.layers.reversed().map(t.store.layerPath))
+        ]
+        for source in sources {
+            // Into a store of its own (the exporting store knows these layers by name already).
+            let other = try TemporaryStore()
+            let imported = try OCIImporter(store: other.store).importImage(source)
+            // Unpacked and committed again, each layer is the same canonical stream: same names.
+            #expect(imported.layers == image.layers, "\(source)")
+            let fs = ImageFilesystem(layersTopFirst: imported.layers.reversed().map(other.store.layerPath))
             #expect(try fs.lookup("/bin/vi") == nil, "\(source)")
             #expect(try fs.lookup("/app/a") != nil, "\(source)")
         }
-        // The same layers again are not unpacked again: one layer row per diff_id.
-        let rows = try t.store.database.query("SELECT COUNT(*) AS n FROM oci_layers")
+        // One store, every source: each diff_id is unpacked once (one layer row per diff_id).
+        let shared = try TemporaryStore()
+        let importer = try OCIImporter(store: shared.store)
+        for source in sources { _ = try importer.importImage(source) }
+        let rows = try shared.store.database.query("SELECT COUNT(*) AS n FROM oci_layers")
         #expect(rows.first?["n"].int == Int64(image.layers.count))
         // Our own layout again: the image it made before.
         #expect(try importer.importImage("oci:\(scratch.path)/layout:v1").uuid == importer.importImage("oci:\(scratch.path)/layout:v1").uuid)
+        // The exporting store imports its own export without unpacking: it holds every layer.
+        let own = try OCIImporter(store: t.store).importImage("oci:\(scratch.path)/layout:v1")
+        #expect(try ImageDiff.changes(from: image, to: own, store: t.store).isEmpty && own.layers == image.layers)
+        #expect(try t.store.database.query("SELECT COUNT(*) AS n FROM oci_layers").first?["n"].int == 0)
     }
 
     @Test("an imported image's env, working directory and named user are the ones it runs with")
@@ -100,15 +110,17 @@ struct OCITests {
         let t = try TemporaryStore()
         let scratch = try ScratchDirectory()
         let image = try await sample(t)
-        let importer = try OCIImporter(store: t.store)
+        // Into another store: the exporting one holds these layers and would not read the blobs.
+        let other = try TemporaryStore()
+        let importer = try OCIImporter(store: other.store)
         func expectRefused(_ source: String, _ words: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
-            let before = try t.store.listImages().count
+            let before = try other.store.listImages().count
             #expect(sourceLocation: sourceLocation) {
                 try importer.importImage(source)
             } throws: { error in
                 "\(error)".contains(words)
             }
-            #expect(try t.store.listImages().count == before, sourceLocation: sourceLocation)
+            #expect(try other.store.listImages().count == before, sourceLocation: sourceLocation)
         }
         // A layer blob whose bytes do not match its digest.
         let damaged = scratch.path + "/damaged"
@@ -156,7 +168,7 @@ struct OCITests {
             evil + "/index.json",
             Array(#"{"schemaVersion":2,"manifests":[{"mediaType":"\#(OCI.manifestType)","digest":"\#(manifest)","size":1}]}"#.utf8))
         try expectRefused("oci:\(evil)", "..")
-        #expect(!FileSystem.exists(t.store.root + "/escaped") && !FileSystem.exists(t.store.tmpPath + "/escaped"))
+        #expect(!FileSystem.exists(other.store.root + "/escaped") && !FileSystem.exists(other.store.tmpPath + "/escaped"))
         // An unsupported manifest type.
         let odd = try blob(Array(#"{"schemaVersion":1,"mediaType":"application/vnd.docker.distribution.manifest.v1+json"}"#.utf8))
         try FileSystem.writeFile(
@@ -224,23 +236,30 @@ struct RegistryTests {
         #expect(result.out == "pushed\n")
     }
 
-    @Test("a registry that asks for basic auth: refused without credentials or with wrong ones, used with the right ones")
-    func basicAuth() async throws {
+    @Test(
+        "a registry that asks for basic auth, or for bearer tokens from a token service: refused without credentials or with wrong ones, used with the right ones",
+        arguments: [false, true])
+    func auth(tokens: Bool) async throws {
         let t = try TemporaryStore()
-        let registry = try LocalRegistry(user: ("alice", "s3cret"))
+        let registry = try LocalRegistry(user: ("alice", "s3cret"), tokens: tokens)
         let run = try await t.sh("echo guarded > /g")
         let resultUUID = try #require(run.record.resultImage)
         let image = try #require(try t.store.image(resultUUID))
         let destination = "docker://127.0.0.1:\(registry.port)/team/guarded:1"
         let good = RegistryCredentials(username: "alice", password: "s3cret")
         let bad = RegistryCredentials(username: "alice", password: "nope")
+        // Basic: the registry's challenge needs credentials; bearer: the token service refuses.
+        let missing = tokens ? "give credentials" : "needs credentials"
         #expect { try RegistryPusher(store: t.store).push(image, to: destination) } throws: {
-            "\($0)".contains("needs credentials")
+            "\($0)".contains(missing)
+        }
+        #expect { try RegistryPusher(store: t.store, credentials: bad).push(image, to: destination) } throws: {
+            "\($0)".contains("refused the credentials")
         }
         try RegistryPusher(store: t.store, credentials: good).push(image, to: destination)
         let other = try TemporaryStore()
         #expect { try RegistryImporter(store: other.store).importImage(destination) } throws: {
-            "\($0)".contains("needs credentials")
+            "\($0)".contains(missing)
         }
         #expect { try RegistryImporter(store: other.store, credentials: bad).importImage(destination) } throws: {
             "\($0)".contains("refused the credentials")
@@ -250,7 +269,7 @@ struct RegistryTests {
         #expect(pulled.layers == image.layers)
     }
 
-    @Test("an altered blob, a missing tag or repository, and a registry that is not there are clear errors that import nothing")
+    @Test("an altered blob, a truncated download, a missing tag or repository, and a registry that is not there are clear errors that import nothing")
     func failures() async throws {
         let t = try TemporaryStore()
         let scratch = try ScratchDirectory()
@@ -273,6 +292,14 @@ struct RegistryTests {
                 "\(error)".contains(words)
             }
         }
+        // A connection that closes in the middle of a layer.
+        let cutting = try StallingProxy(upstreamPort: registry.port, cut: true)
+        #expect {
+            try importer.importImage("docker://127.0.0.1:\(cutting.port)/team/app:v1")
+        } throws: { error in
+            "\(error)".contains("failed") || "\(error)".contains("truncated")
+        }
+        #expect(try other.store.listImages().isEmpty)
         // Alter the layers' bytes in the registry's storage (skopeo pushed them gzip-compressed):
         // the downloads must be refused.
         let blobs = registry.root + "/data/docker/registry/v2/blobs/sha256"
