@@ -122,9 +122,8 @@ public func waitForLoopbackPort(_ port: Int) -> Bool {
 /// a large blob: its first 4 KiB, then nothing for a minute (a download in flight to cancel),
 /// or, with `cut`, the connection closes there (a truncated download).
 public final class StallingProxy: @unchecked Sendable {
-    public let port: Int
-    private let pid: pid_t
-    private let stderrFD: Int32
+    private let server: PythonServer
+    public var port: Int { server.port }
 
     static let script = """
         import http.server, socket, sys, time, urllib.request, urllib.error
@@ -167,16 +166,29 @@ public final class StallingProxy: @unchecked Sendable {
         """
 
     public init(upstreamPort: Int, cut: Bool = false) throws {
-        port = freeLoopbackPort()
+        server = try PythonServer(
+            "the proxy", StallingProxy.script, ["http://127.0.0.1:\(upstreamPort)", cut ? "cut" : "stall"])
+    }
+}
+
+/// A Python program serving on a free loopback port (its first argument), killed when released.
+final class PythonServer: @unchecked Sendable {
+    let port = freeLoopbackPort()
+    private let pid: pid_t
+    private let stderrFD: Int32
+
+    init(_ name: String, _ script: String, _ arguments: [String]) throws {
         let child = try ChildProcess.spawn(
-            [
-                "python3", "-c", StallingProxy.script, String(port), "http://127.0.0.1:\(upstreamPort)",
-                cut ? "cut" : "stall",
-            ],
-            captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+            ["python3", "-c", script, String(port)] + arguments, captureStdout: false,
+            stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
         pid = child.pid
         stderrFD = child.stderr
-        guard waitForLoopbackPort(port) else { throw SandboxError(.childProcess, "the proxy did not start") }
+        guard waitForLoopbackPort(port) else {
+            kill(pid, SIGKILL)
+            _ = try? ChildProcess.wait(pid, "python3")
+            close(stderrFD)
+            throw SandboxError(.childProcess, "\(name) did not start on 127.0.0.1:\(port)")
+        }
     }
 
     deinit {
@@ -190,9 +202,8 @@ public final class StallingProxy: @unchecked Sendable {
 /// answers a JWT for the asked scope, signed (RS256, with openssl) by a key whose certificate
 /// the registry trusts and which the token carries in its `x5c` header.
 final class TokenService: @unchecked Sendable {
-    let port: Int
-    private let pid: pid_t
-    private let stderrFD: Int32
+    private let server: PythonServer
+    var port: Int { server.port }
 
     static let script = """
         import base64, http.server, json, subprocess, sys, time, urllib.parse, uuid
@@ -238,18 +249,6 @@ final class TokenService: @unchecked Sendable {
             "-keyout", directory + "/token.key", "-out", directory + "/token.crt",
         ])
         guard key.succeeded else { throw SandboxError(.childProcess, "openssl: \(key.stderrText)") }
-        port = freeLoopbackPort()
-        let child = try ChildProcess.spawn(
-            ["python3", "-c", TokenService.script, String(port), directory, user.name, user.password],
-            captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
-        pid = child.pid
-        stderrFD = child.stderr
-        guard waitForLoopbackPort(port) else { throw SandboxError(.childProcess, "the token service did not start") }
-    }
-
-    deinit {
-        kill(pid, SIGKILL)
-        _ = try? ChildProcess.wait(pid, "python3")
-        close(stderrFD)
+        server = try PythonServer("the token service", TokenService.script, [directory, user.name, user.password])
     }
 }
