@@ -15,6 +15,32 @@ struct OCITests {
         return try #require(try t.store.image(uuid))
     }
 
+    @Test(
+        "podman runs an exported snapshot, from an OCI layout and from a docker archive, with its whiteouts and env",
+        .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/podman"), "podman is not installed"))
+    func podman() async throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        var image = try await sample(t)
+        image.config = ImageConfig(env: ["PATH=/bin", "GREETING=hi"], workingDir: "/app", user: nil)
+        try OCIExporter(store: t.store).export(image, to: "oci:\(scratch.path)/layout:v1")
+        try OCIExporter(store: t.store).export(image, to: "docker-archive:\(scratch.path)/d.tar:contree/sample:v1")
+        let root = scratch.path
+        for source in ["oci:\(root)/layout:v1", "docker-archive:\(root)/d.tar"] {
+            // vfs storage and cgroupfs: no daemon, no systemd; this host's hard limits for nofile/nproc.
+            let result = try await DedicatedThread.run {
+                try ChildProcess.run([
+                    "podman", "--root", root + "/podman", "--runroot", root + "/podman-run",
+                    "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none", "--runtime",
+                    "runc", "run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit",
+                    "nproc=1024:1024", source, "sh", "-c", "cat a; echo $GREETING; pwd; test -e /bin/vi || echo no-vi",
+                ])
+            }
+            #expect(result.succeeded, "\(source): \(result.stderrText)")
+            #expect(String(decoding: result.stdout, as: UTF8.self) == "one\nhi\n/app\nno-vi\n", "\(source)")
+        }
+    }
+
     @Test("an exported image reads the same after import from an OCI layout, a Docker archive and compressed layers")
     func roundTrips() async throws {
         let t = try TemporaryStore()
