@@ -31,12 +31,19 @@ let package = Package(
             // Static: the linker driver adds the Swift runtime, and loading it dynamically costs
             // 1.4 ms per exec; linked statically the exec costs what a static C program does.
             linkerSettings: [.unsafeFlags(["-static-executable"])]),
+        // Pid 1 of every VM guest (its initramfs's /init): a small static C program.
+        .executableTarget(
+            name: "contree-agent", path: "Sources/contree-agent",
+            linkerSettings: [.unsafeFlags(["-static-executable"])]),
         .target(
             name: "Sandbox",
             dependencies: [
                 "CSandbox", "CSQLite", "contree-init",
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
+        // The VM backend: QEMU microvm guests over the same store (Debian's kernel, an initramfs
+        // with the agent, layers as erofs disks).
+        .target(name: "VirtualMachine", dependencies: ["Sandbox", "contree-agent"]),
         // YAML pipelines: model with source positions, validation, planning, step keys, the
         // scheduler, artifacts and reports. Knows nothing of HTTP.
         .target(
@@ -76,6 +83,7 @@ let package = Package(
         .testTarget(
             name: "PipelineTests", dependencies: ["Pipeline", "Sandbox", "Registry", "RegistryCache", "ContreeTestSupport"]),
         .testTarget(name: "ContreeServerTests", dependencies: ["ContreeServer", "Sandbox", "ContreeTestSupport"]),
+        .testTarget(name: "VirtualMachineTests", dependencies: ["VirtualMachine", "Sandbox"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,0 +1,231 @@
+import Foundation
+import Glibc
+import Sandbox
+
+/// One command in a fresh QEMU `microvm`: the image's layers as read-only erofs disks under an
+/// overlay in the guest, the command's output streamed back over a virtio-serial port (see
+/// Sources/contree-agent/agent.c for the frames), the guest powered off at the end. No network
+/// device. The QEMU process, its socket and its temporary files never outlive the run.
+public struct MicroVM: Sendable {
+    public let kit: GuestKit
+    /// The guest's RAM, which is also its memory limit.
+    public var memoryMiB = 256
+    public var accelerator = "tcg"
+
+    public init(kit: GuestKit) {
+        self.kit = kit
+    }
+
+    public struct Command: Sendable {
+        public var argv: [String]
+        public var env: [String]
+        public var workdir: String
+        /// erofs images of the image's layers, bottom first.
+        public var layers: [String]
+
+        public init(argv: [String], env: [String] = [], workdir: String = "/", layers: [String]) {
+            self.argv = argv
+            self.env = env
+            self.workdir = workdir
+            self.layers = layers
+        }
+    }
+
+    public struct Outcome: Sendable {
+        public var exitCode: Int32?
+        public var signal: Int32?
+        public var timedOut: Bool
+        public var userSeconds: Double
+        public var systemSeconds: Double
+        public var peakMemoryBytes: Int64
+        /// Wall time from starting QEMU to the agent's ready frame.
+        public var bootSeconds: Double
+        public var wallSeconds: Double
+        /// The guest console (kernel messages), kept when the run failed.
+        public var console: String?
+    }
+
+    /// The agent's spec: NUL-terminated fields, a kind letter then its text.
+    static func spec(_ command: Command) -> [UInt8] {
+        var fields: [String] = command.layers.indices.map { "Dlayer\($0)" }
+        fields.append("W" + command.workdir)
+        fields += command.env.map { "E" + $0 }
+        fields += command.argv.map { "A" + $0 }
+        return fields.flatMap { Array($0.utf8) + [0] }
+    }
+
+    /// Runs `command`; `onStdout`/`onStderr` see the output as it arrives.
+    public func run(
+        _ command: Command, stdin: [UInt8] = [], timeout: Double = 600,
+        onStdout: @escaping @Sendable ([UInt8]) -> Void = { _ in },
+        onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in }
+    ) throws -> Outcome {
+        guard command.layers.count <= 20 else {
+            throw SandboxError(.unsupported, "a VM takes at most 20 layer disks; flatten the image first")
+        }
+        let work = "/tmp/contree-vm-" + UUID().uuidString.lowercased().prefix(12)
+        try FileSystem.makeDirectories(work)
+        defer { try? FileSystem.removeTree(work) }
+        let socketPath = work + "/agent.sock"
+        var arguments = [
+            "qemu-system-x86_64", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", accelerator,
+            "-cpu", "max", "-m", String(memoryMiB), "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
+            "-no-reboot", "-serial", "file:" + work + "/console.log", "-kernel", kit.kernel, "-initrd", kit.initramfs,
+            "-append",
+            "console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2000000 lpj=8000000 no_timer_check",
+            "-device", "virtio-serial-device",
+            // QEMU waits for this process to connect before the guest starts: nothing is lost.
+            "-chardev", "socket,id=agent,path=\(socketPath),server=on,wait=on",
+            "-device", "virtserialport,chardev=agent,nr=1,name=contree",
+        ]
+        for (index, layer) in command.layers.enumerated() {
+            arguments += [
+                "-drive", "id=layer\(index),file=\(layer),format=raw,if=none,readonly=on",
+                "-device", "virtio-blk-device,drive=layer\(index),serial=layer\(index)",
+            ]
+        }
+        let started = monotonicSeconds()
+        let qemu = try ChildProcess.spawn(
+            arguments, captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+        var reaped = false
+        defer {
+            if !reaped {
+                kill(qemu.pid, SIGKILL)
+                _ = try? ChildProcess.wait(qemu.pid, "qemu")
+            }
+            close(qemu.stderr)
+        }
+        let channel = try connect(socketPath, qemu: qemu.pid)
+        defer { close(channel) }
+        let deadline = started + timeout
+        var outcome = Outcome(
+            exitCode: nil, signal: nil, timedOut: false, userSeconds: 0, systemSeconds: 0, peakMemoryBytes: 0,
+            bootSeconds: 0, wallSeconds: 0, console: nil)
+        var reader = FrameReader(fd: channel)
+        loop: while true {
+            guard let frame = try reader.next(until: deadline) else {
+                outcome.timedOut = monotonicSeconds() >= deadline
+                break
+            }
+            switch frame.type {
+            case UInt8(ascii: "R"):
+                outcome.bootSeconds = monotonicSeconds() - started
+                try send(channel, "S", MicroVM.spec(command))
+                if !stdin.isEmpty { try send(channel, "I", stdin) }
+                try send(channel, "I", [])
+            case UInt8(ascii: "O"): onStdout(frame.payload)
+            case UInt8(ascii: "E"): onStderr(frame.payload)
+            case UInt8(ascii: "L"): onStderr(frame.payload + [10])
+            case UInt8(ascii: "X"):
+                let report = String(decoding: frame.payload, as: UTF8.self)
+                var values: [String: Int64] = [:]
+                for pair in report.split(separator: " ") {
+                    let parts = pair.split(separator: "=")
+                    if parts.count == 2 { values[String(parts[0])] = Int64(parts[1]) }
+                }
+                if let status = values["status"], status >= 0 { outcome.exitCode = Int32(status) }
+                if let signal = values["signal"], signal > 0 { outcome.signal = Int32(signal) }
+                outcome.userSeconds = Double(values["utime_us"] ?? 0) / 1e6
+                outcome.systemSeconds = Double(values["stime_us"] ?? 0) / 1e6
+                outcome.peakMemoryBytes = (values["maxrss_kb"] ?? 0) * 1024
+                break loop
+            default: continue
+            }
+        }
+        // The guest powers itself off after its report; a hung or timed-out one is killed.
+        if outcome.exitCode == nil && outcome.signal == nil {
+            kill(qemu.pid, SIGKILL)
+        } else {
+            let grace = monotonicSeconds() + 10
+            while monotonicSeconds() < grace {
+                var status: Int32 = 0
+                if waitpid(qemu.pid, &status, WNOHANG) == qemu.pid {
+                    reaped = true
+                    break
+                }
+                usleep(5_000)
+            }
+        }
+        outcome.wallSeconds = monotonicSeconds() - started
+        if outcome.exitCode == nil && outcome.signal == nil {
+            outcome.console = (try? FileSystem.readFile(work + "/console.log")).map { String(decoding: $0.suffix(4000), as: UTF8.self) }
+        }
+        return outcome
+    }
+
+    /// Connects to QEMU's socket once it listens (or fails when QEMU died).
+    private func connect(_ path: String, qemu: pid_t) throws -> Int32 {
+        for _ in 0..<1000 {
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &address.sun_path) { raw in
+                for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
+            }
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                }
+            }
+            if connected == 0 { return fd }
+            close(fd)
+            var status: Int32 = 0
+            if waitpid(qemu, &status, WNOHANG) == qemu {
+                throw SandboxError(.sandboxSetup, "qemu-system-x86_64 exited before the VM started (status \(status))")
+            }
+            usleep(5_000)
+        }
+        throw SandboxError(.sandboxSetup, "qemu-system-x86_64 did not open the agent's socket within 5 s")
+    }
+
+    private func send(_ fd: Int32, _ type: Character, _ payload: [UInt8]) throws {
+        let size = UInt32(payload.count)
+        let header: [UInt8] = [
+            type.asciiValue!, UInt8(size & 0xff), UInt8((size >> 8) & 0xff), UInt8((size >> 16) & 0xff),
+            UInt8(size >> 24),
+        ]
+        try FileSystem.writeAll(fd: fd, header + payload, path: "the agent's socket")
+    }
+}
+
+/// Frames from the agent: a type byte, a 4-byte little-endian length, the payload.
+struct FrameReader {
+    let fd: Int32
+    private var buffer: [UInt8] = []
+
+    init(fd: Int32) {
+        self.fd = fd
+    }
+
+    /// The next frame; nil when the guest closed the channel or the deadline passed.
+    mutating func next(until deadline: Double) throws -> (type: UInt8, payload: [UInt8])? {
+        while true {
+            if buffer.count >= 5 {
+                let size = Int(buffer[1]) | Int(buffer[2]) << 8 | Int(buffer[3]) << 16 | Int(buffer[4]) << 24
+                if buffer.count >= 5 + size {
+                    let frame = (buffer[0], Array(buffer[5..<(5 + size)]))
+                    buffer.removeFirst(5 + size)
+                    return frame
+                }
+            }
+            let remaining = deadline - monotonicSeconds()
+            guard remaining > 0 else { return nil }
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&poller, 1, Int32(min(remaining, 1) * 1000))
+            if ready < 0 && errno == EINTR { continue }
+            if ready <= 0 { continue }
+            var chunk = [UInt8](repeating: 0, count: 65536)
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return nil }
+            buffer += chunk[0..<n]
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in seconds.
+func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}

@@ -1,0 +1,268 @@
+// contree-agent: pid 1 of every contree VM (exec'd by the initramfs's /init once /proc is mounted:
+// the Swift runtime it links statically reads /proc before main).
+//
+// It mounts /dev, /proc and /sys, loads the kernel modules the initramfs carries (in the order
+// of /lib/modules/order), and talks to the host over the first virtio-serial port
+// (/dev/vport0p1) in frames: one type byte, a 4-byte little-endian length, the payload.
+//
+//   guest -> host  'R' ready (empty)             host -> guest  'S' spec
+//                  'O' stdout bytes                             'I' stdin bytes ('I' empty: EOF)
+//                  'E' stderr bytes
+//                  'L' a line about a failure of the agent itself
+//                  'X' "status=N signal=N utime_us=N stime_us=N maxrss_kb=N"
+//
+// The spec is NUL-terminated fields, each a one-letter kind then its text: 'D' a read-only
+// layer disk to stack, by its virtio serial (bottom first, e.g. "Dlayer0"), 'W' the working directory, 'E' KEY=VALUE,
+// 'A' an argument of the command (the first is the program, looked up on PATH). The agent
+// mounts the layers (erofs) under an overlay with a tmpfs upper, chroots into it, runs the
+// command with stdin/stdout/stderr on pipes it relays, reports, and powers the guest off.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int port = -1;
+
+static void write_all(int fd, const void *data, size_t size) {
+    const char *p = data;
+    while (size > 0) {
+        ssize_t n = write(fd, p, size);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return;
+        p += n;
+        size -= (size_t)n;
+    }
+}
+
+static void send_frame(char type, const void *data, uint32_t size) {
+    unsigned char header[5] = {(unsigned char)type, size & 0xff, (size >> 8) & 0xff, (size >> 16) & 0xff, size >> 24};
+    write_all(port, header, 5);
+    if (size > 0) write_all(port, data, size);
+}
+
+static void power_off(void) {
+    sync();
+    reboot(RB_POWER_OFF);
+    for (;;) pause();
+}
+
+// A failure of the agent itself: said on the port (and the console), then the guest stops.
+static void fail(const char *what) {
+    char line[512];
+    int n = snprintf(line, sizeof line, "contree-agent: %s: %s", what, strerror(errno));
+    if (port >= 0) send_frame('L', line, (uint32_t)n);
+    fprintf(stderr, "%s\n", line);
+    power_off();
+}
+
+static int read_full(int fd, void *data, size_t size) {
+    char *p = data;
+    while (size > 0) {
+        ssize_t n = read(fd, p, size);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        p += n;
+        size -= (size_t)n;
+    }
+    return 0;
+}
+
+// Reads one frame; returns its type, with the payload in *data (malloc'd, NUL-terminated).
+static int read_frame(char **data, uint32_t *size) {
+    unsigned char header[5];
+    if (read_full(port, header, 5) != 0) return -1;
+    *size = header[1] | header[2] << 8 | header[3] << 16 | (uint32_t)header[4] << 24;
+    *data = malloc(*size + 1);
+    if (*data == NULL || read_full(port, *data, *size) != 0) return -1;
+    (*data)[*size] = 0;
+    return header[0];
+}
+
+static void load_modules(void) {
+    FILE *order = fopen("/lib/modules/order", "r");
+    if (order == NULL) return;
+    char name[128];
+    while (fgets(name, sizeof name, order) != NULL) {
+        name[strcspn(name, "\n")] = 0;
+        if (name[0] == 0) continue;
+        char path[256];
+        snprintf(path, sizeof path, "/lib/modules/%s.ko", name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || (syscall(SYS_finit_module, fd, "", 0) != 0 && errno != EEXIST)) {
+            fprintf(stderr, "contree-agent: loading %s: %s\n", name, strerror(errno));
+        }
+        if (fd >= 0) close(fd);
+    }
+    fclose(order);
+}
+
+// The first virtio-serial port appears once its driver has probed the device.
+static void open_port(void) {
+    for (int i = 0; i < 500; i++) {
+        port = open("/dev/vport0p1", O_RDWR | O_CLOEXEC);
+        if (port >= 0) return;
+        usleep(10000);
+    }
+    fail("no virtio-serial port (/dev/vport0p1)");
+}
+
+// The disk whose virtio serial is `serial` (QEMU's `serial=` option): its /dev path.
+static int find_disk(const char *serial, char *device, size_t size) {
+    for (int attempt = 0; attempt < 300; attempt++) {
+        for (char letter = 'a'; letter <= 'z'; letter++) {
+            char path[64], text[64] = "";
+            snprintf(path, sizeof path, "/sys/block/vd%c/serial", letter);
+            int fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0) continue;
+            ssize_t n = read(fd, text, sizeof text - 1);
+            close(fd);
+            if (n > 0) text[strcspn(text, "\n")] = 0;
+            if (n > 0 && strcmp(text, serial) == 0) {
+                snprintf(device, size, "/dev/vd%c", letter);
+                return 0;
+            }
+        }
+        usleep(10000);  // the disk may still be probing
+    }
+    errno = ENODEV;
+    return -1;
+}
+
+#define MAX_FIELDS 4096
+
+int main(void) {
+    mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
+    mount("proc", "/proc", "proc", 0, NULL);
+    mount("sysfs", "/sys", "sysfs", 0, NULL);
+    load_modules();
+    open_port();
+    send_frame('R', NULL, 0);
+
+    char *spec;
+    uint32_t spec_size;
+    if (read_frame(&spec, &spec_size) != 'S') fail("the host sent no spec");
+    char *argv[MAX_FIELDS + 1], *envp[MAX_FIELDS + 1], *disks[24];
+    int argc = 0, envc = 0, diskc = 0;
+    const char *workdir = "/";
+    for (char *field = spec; field < spec + spec_size; field += strlen(field) + 1) {
+        switch (field[0]) {
+        case 'D': if (diskc < 24) disks[diskc++] = field + 1; break;
+        case 'W': workdir = field + 1; break;
+        case 'E': if (envc < MAX_FIELDS) envp[envc++] = field + 1; break;
+        case 'A': if (argc < MAX_FIELDS) argv[argc++] = field + 1; break;
+        }
+    }
+    argv[argc] = NULL;
+    envp[envc] = NULL;
+    if (argc == 0) fail("the spec names no command");
+
+    // The root: the layers (erofs, read-only) under an overlay whose upper is a tmpfs.
+    mkdir("/layers", 0755);
+    mkdir("/scratch", 0755);
+    mkdir("/root", 0755);
+    if (mount("tmpfs", "/scratch", "tmpfs", 0, "mode=0755") != 0) fail("mount tmpfs");
+    mkdir("/scratch/upper", 0755);
+    mkdir("/scratch/work", 0755);
+    char lower[4096] = "";
+    for (int i = diskc - 1; i >= 0; i--) {  // overlay lists the top layer first
+        char device[64], target[64];
+        if (find_disk(disks[i], device, sizeof device) != 0) fail(disks[i]);
+        snprintf(target, sizeof target, "/layers/%d", i);
+        mkdir(target, 0755);
+        if (mount(device, target, "erofs", MS_RDONLY, NULL) != 0) fail(device);
+        if (lower[0] != 0) strncat(lower, ":", sizeof lower - strlen(lower) - 1);
+        strncat(lower, target, sizeof lower - strlen(lower) - 1);
+    }
+    char options[4200];
+    snprintf(options, sizeof options, "lowerdir=%s,upperdir=/scratch/upper,workdir=/scratch/work", lower);
+    if (diskc == 0 || mount("overlay", "/root", "overlay", 0, options) != 0) fail("mount the root overlay");
+    mkdir("/root/proc", 0555);
+    mkdir("/root/dev", 0755);
+    mkdir("/root/tmp", 01777);
+    mount("proc", "/root/proc", "proc", 0, NULL);
+    mount("devtmpfs", "/root/dev", "devtmpfs", 0, NULL);
+
+    int out[2], err[2], in[2];
+    if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0 || pipe2(in, O_CLOEXEC) != 0) fail("pipe");
+    pid_t child = fork();
+    if (child < 0) fail("fork");
+    if (child == 0) {
+        dup2(in[0], 0);
+        dup2(out[1], 1);
+        dup2(err[1], 2);
+        if (chroot("/root") != 0 || chdir(workdir) != 0) {
+            dprintf(2, "contree-agent: cannot enter %s: %s\n", workdir, strerror(errno));
+            _exit(125);
+        }
+        for (char **e = envp; *e != NULL; e++) putenv(*e);
+        if (getenv("PATH") == NULL) putenv("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        execvp(argv[0], argv);
+        dprintf(2, "contree-agent: %s: %s\n", argv[0], strerror(errno));
+        _exit(errno == ENOENT ? 127 : 126);
+    }
+    close(out[1]);
+    close(err[1]);
+    close(in[0]);
+
+    // Relay: the command's output to the host, the host's stdin frames to the command.
+    struct pollfd fds[3] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}, {port, POLLIN, 0}};
+    int open_outputs = 2, stdin_fd = in[1];
+    char buffer[65536];
+    while (open_outputs > 0) {
+        if (poll(fds, 3, -1) < 0) {
+            if (errno == EINTR) continue;
+            fail("poll");
+        }
+        for (int i = 0; i < 2; i++) {
+            if (fds[i].fd < 0 || fds[i].revents == 0) continue;
+            ssize_t n = read(fds[i].fd, buffer, sizeof buffer);
+            if (n > 0) {
+                send_frame(i == 0 ? 'O' : 'E', buffer, (uint32_t)n);
+            } else if (n == 0 || errno != EINTR) {
+                close(fds[i].fd);
+                fds[i].fd = -1;
+                open_outputs--;
+            }
+        }
+        if (fds[2].fd >= 0 && fds[2].revents != 0) {
+            char *data;
+            uint32_t size;
+            int type = read_frame(&data, &size);
+            if (type < 0) {
+                fds[2].fd = -1;
+            } else if (type == 'I' && stdin_fd >= 0) {
+                if (size == 0) {
+                    close(stdin_fd);
+                    stdin_fd = -1;
+                } else {
+                    write_all(stdin_fd, data, size);
+                }
+            }
+            if (type >= 0) free(data);
+        }
+    }
+    if (stdin_fd >= 0) close(stdin_fd);
+    int status = 0;
+    struct rusage usage;
+    while (wait4(child, &status, 0, &usage) < 0 && errno == EINTR) {}
+    char report[256];
+    int n = snprintf(
+        report, sizeof report, "status=%d signal=%d utime_us=%lld stime_us=%lld maxrss_kb=%ld",
+        WIFEXITED(status) ? WEXITSTATUS(status) : -1, WIFSIGNALED(status) ? WTERMSIG(status) : 0,
+        (long long)usage.ru_utime.tv_sec * 1000000 + usage.ru_utime.tv_usec,
+        (long long)usage.ru_stime.tv_sec * 1000000 + usage.ru_stime.tv_usec, usage.ru_maxrss);
+    send_frame('X', report, (uint32_t)n);
+    power_off();
+}
