@@ -7,12 +7,18 @@ import Sandbox
 public enum ErofsLayers {
     /// The erofs image of `layer` (a `sha256:` digest), built if missing.
     public static func image(of layer: String, store: Store) throws -> String {
-        let directory = store.root + "/vm/erofs"
+        try image(ofDirectory: store.layerPath(layer), storeRoot: store.root)
+    }
+
+    /// The erofs image of a layer directory of the store at `storeRoot`, built if missing.
+    static func image(ofDirectory layerDirectory: String, storeRoot: String) throws -> String {
+        let directory = storeRoot + "/vm/erofs"
         try FileSystem.makeDirectories(directory)
+        let layer = String(layerDirectory.split(separator: "/").last ?? "")
         let path = directory + "/" + layer.replacingOccurrences(of: "sha256:", with: "") + ".erofs"
         if FileSystem.exists(path) { return path }
         let partial = path + ".\(getpid()).partial"
-        let result = try ChildProcess.run(["mkfs.erofs", "-T0", partial, store.layerPath(layer)])
+        let result = try ChildProcess.run(["mkfs.erofs", "-T0", partial, layerDirectory])
         guard result.succeeded else {
             unlink(partial)
             throw SandboxError(.childProcess, "mkfs.erofs for layer \(layer): \(result.stderrText)")

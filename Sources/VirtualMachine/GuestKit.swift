@@ -19,7 +19,11 @@ public struct GuestKit: Sendable {
 
     /// The kit for `store`, building what is missing (the download needs Debian's mirror).
     public static func prepare(store: Store, progress: ProgressReporter? = nil) throws -> GuestKit {
-        let root = store.root + "/vm"
+        try prepare(storeRoot: store.root, progress: progress)
+    }
+
+    static func prepare(storeRoot: String, progress: ProgressReporter? = nil) throws -> GuestKit {
+        let root = storeRoot + "/vm"
         try FileSystem.makeDirectories(root)
         let release = try kernelRelease()
         let kernelDirectory = root + "/kernel-" + release

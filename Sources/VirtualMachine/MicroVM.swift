@@ -22,12 +22,21 @@ public struct MicroVM: Sendable {
         public var workdir: String
         /// erofs images of the image's layers, bottom first.
         public var layers: [String]
+        /// An ext4 image holding `upper/` and `work/`: the run's changes land there. Without
+        /// it the changes stay in the guest's memory and are lost.
+        public var upperDisk: String?
+        public var uid: UInt32 = 0
+        public var gid: UInt32 = 0
+        public var hostname: String?
 
-        public init(argv: [String], env: [String] = [], workdir: String = "/", layers: [String]) {
+        public init(
+            argv: [String], env: [String] = [], workdir: String = "/", layers: [String], upperDisk: String? = nil
+        ) {
             self.argv = argv
             self.env = env
             self.workdir = workdir
             self.layers = layers
+            self.upperDisk = upperDisk
         }
     }
 
@@ -48,7 +57,10 @@ public struct MicroVM: Sendable {
     /// The agent's spec: NUL-terminated fields, a kind letter then its text.
     static func spec(_ command: Command) -> [UInt8] {
         var fields: [String] = command.layers.indices.map { "Dlayer\($0)" }
+        if command.upperDisk != nil { fields.append("Pupper") }
         fields.append("W" + command.workdir)
+        fields.append("U\(command.uid):\(command.gid)")
+        if let hostname = command.hostname { fields.append("H" + hostname) }
         fields += command.env.map { "E" + $0 }
         fields += command.argv.map { "A" + $0 }
         return fields.flatMap { Array($0.utf8) + [0] }
@@ -57,6 +69,7 @@ public struct MicroVM: Sendable {
     /// Runs `command`; `onStdout`/`onStderr` see the output as it arrives.
     public func run(
         _ command: Command, stdin: [UInt8] = [], timeout: Double = 600,
+        onStart: @Sendable (pid_t) -> Void = { _ in },
         onStdout: @escaping @Sendable ([UInt8]) -> Void = { _ in },
         onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in }
     ) throws -> Outcome {
@@ -84,9 +97,16 @@ public struct MicroVM: Sendable {
                 "-device", "virtio-blk-device,drive=layer\(index),serial=layer\(index)",
             ]
         }
+        if let upper = command.upperDisk {
+            arguments += [
+                "-drive", "id=upper,file=\(upper),format=raw,if=none,cache=unsafe",
+                "-device", "virtio-blk-device,drive=upper,serial=upper",
+            ]
+        }
         let started = monotonicSeconds()
         let qemu = try ChildProcess.spawn(
             arguments, captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+        onStart(qemu.pid)
         var reaped = false
         defer {
             if !reaped {

@@ -12,10 +12,12 @@
 //                  'X' "status=N signal=N utime_us=N stime_us=N maxrss_kb=N"
 //
 // The spec is NUL-terminated fields, each a one-letter kind then its text: 'D' a read-only
-// layer disk to stack, by its virtio serial (bottom first, e.g. "Dlayer0"), 'W' the working directory, 'E' KEY=VALUE,
-// 'A' an argument of the command (the first is the program, looked up on PATH). The agent
-// mounts the layers (erofs) under an overlay with a tmpfs upper, chroots into it, runs the
-// command with stdin/stdout/stderr on pipes it relays, reports, and powers the guest off.
+// layer disk to stack, by its virtio serial (bottom first, e.g. "Dlayer0"), 'P' the upper
+// disk (ext4 holding upper/ and work/; without it the upper is a tmpfs), 'W' the working
+// directory, 'U' uid:gid, 'H' the hostname, 'E' KEY=VALUE, 'A' an argument of the command (the
+// first is the program, looked up on PATH). The agent mounts the layers (erofs) under an
+// overlay, chroots into it, runs the command with stdin/stdout/stderr on pipes it relays,
+// reports, unmounts (so the upper disk is clean for the host) and powers the guest off.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -31,6 +33,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <grp.h>
 #include <unistd.h>
 
 static int port = -1;
@@ -155,11 +158,15 @@ int main(void) {
     if (read_frame(&spec, &spec_size) != 'S') fail("the host sent no spec");
     char *argv[MAX_FIELDS + 1], *envp[MAX_FIELDS + 1], *disks[24];
     int argc = 0, envc = 0, diskc = 0;
-    const char *workdir = "/";
+    const char *workdir = "/", *upper_disk = NULL, *hostname = NULL;
+    unsigned uid = 0, gid = 0;
     for (char *field = spec; field < spec + spec_size; field += strlen(field) + 1) {
         switch (field[0]) {
         case 'D': if (diskc < 24) disks[diskc++] = field + 1; break;
+        case 'P': upper_disk = field + 1; break;
         case 'W': workdir = field + 1; break;
+        case 'U': sscanf(field + 1, "%u:%u", &uid, &gid); break;
+        case 'H': hostname = field + 1; break;
         case 'E': if (envc < MAX_FIELDS) envp[envc++] = field + 1; break;
         case 'A': if (argc < MAX_FIELDS) argv[argc++] = field + 1; break;
         }
@@ -172,9 +179,16 @@ int main(void) {
     mkdir("/layers", 0755);
     mkdir("/scratch", 0755);
     mkdir("/root", 0755);
-    if (mount("tmpfs", "/scratch", "tmpfs", 0, "mode=0755") != 0) fail("mount tmpfs");
+    if (upper_disk != NULL) {
+        char device[64];
+        if (find_disk(upper_disk, device, sizeof device) != 0) fail(upper_disk);
+        if (mount(device, "/scratch", "ext4", 0, NULL) != 0) fail("mount the upper disk");
+    } else if (mount("tmpfs", "/scratch", "tmpfs", 0, "mode=0755") != 0) {
+        fail("mount tmpfs");
+    }
     mkdir("/scratch/upper", 0755);
     mkdir("/scratch/work", 0755);
+    if (hostname != NULL) sethostname(hostname, strlen(hostname));
     char lower[4096] = "";
     for (int i = diskc - 1; i >= 0; i--) {  // overlay lists the top layer first
         char device[64], target[64];
@@ -204,6 +218,10 @@ int main(void) {
         dup2(err[1], 2);
         if (chroot("/root") != 0 || chdir(workdir) != 0) {
             dprintf(2, "contree-agent: cannot enter %s: %s\n", workdir, strerror(errno));
+            _exit(125);
+        }
+        if ((gid != 0 && (setgroups(0, NULL) != 0 || setgid(gid) != 0)) || (uid != 0 && setuid(uid) != 0)) {
+            dprintf(2, "contree-agent: cannot become %u:%u: %s\n", uid, gid, strerror(errno));
             _exit(125);
         }
         for (char **e = envp; *e != NULL; e++) putenv(*e);
@@ -263,6 +281,14 @@ int main(void) {
         WIFEXITED(status) ? WEXITSTATUS(status) : -1, WIFSIGNALED(status) ? WTERMSIG(status) : 0,
         (long long)usage.ru_utime.tv_sec * 1000000 + usage.ru_utime.tv_usec,
         (long long)usage.ru_stime.tv_sec * 1000000 + usage.ru_stime.tv_usec, usage.ru_maxrss);
+    // What the command left running dies; the upper disk is unmounted clean for the host.
+    kill(-1, SIGKILL);
+    while (wait(NULL) > 0 || errno == EINTR) {}
+    umount2("/root/proc", MNT_DETACH);
+    umount2("/root/dev", MNT_DETACH);
+    umount2("/root", 0);
+    sync();
+    umount2("/scratch", 0);
     send_frame('X', report, (uint32_t)n);
     power_off();
 }

@@ -50,3 +50,34 @@ struct MicroVMTests {
         #expect(outcome.bootSeconds > 0 && outcome.wallSeconds >= outcome.bootSeconds)
     }
 }
+
+@Suite(
+    "VM backend through the engine: images made in a VM and in a container are interchangeable", .serialized,
+    .enabled(if: geteuid() == 0, "needs root"),
+    .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64"), "needs qemu-system-x86"))
+struct VMBackendTests {
+    @Test("a VM run's changes (a new file, a deleted one) become an image the container backend reads, and the other way round")
+    func interchangeable() async throws {
+        let store = try vmStore()
+        let engine = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
+        // Container first: a file and a whiteout the VM must see.
+        let made = try await engine.run(
+            RunSpec(image: "busybox", command: ["sh", "-c", "echo from-container > /c && rm /bin/vi"]))
+        let containerImage = try #require(made.record.resultImage)
+        var spec = RunSpec(
+            image: containerImage,
+            command: ["sh", "-c", "cat /c; test -e /bin/vi || echo no-vi; echo from-vm > /v; rm /bin/ls; id -u"])
+        spec.isolation = .vm
+        spec.timeout = 120
+        let vm = try await engine.run(spec)
+        #expect(vm.record.exitCode == 0, "\(String(decoding: vm.stderr, as: UTF8.self))")
+        #expect(String(decoding: vm.stdout, as: UTF8.self) == "from-container\nno-vi\n0\n")
+        #expect(vm.record.backend == .vm && vm.record.acceleration == "tcg")
+        let vmImage = try #require(vm.record.resultImage)
+        // The container reads what the VM wrote and deleted.
+        let read = try await engine.run(
+            RunSpec(image: vmImage, command: ["sh", "-c", "cat /v /c; test -e /bin/ls || echo no-ls"]))
+        #expect(String(decoding: read.stdout, as: UTF8.self) == "from-vm\nfrom-container\nno-ls\n")
+        #expect(try store.checkConsistency(verifyContent: false).isConsistent)
+    }
+}

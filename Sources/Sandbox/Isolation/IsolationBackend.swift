@@ -45,6 +45,8 @@ public struct LaunchOutcome: Sendable {
     public var stderrDropped = 0
     /// For the VM backend: `kvm` or `tcg`.
     public var acceleration: String?
+
+    public init() {}
 }
 
 /// An isolation technology: the container backend (namespaces, overlayfs, seccomp, cgroups)

@@ -1,0 +1,181 @@
+import Foundation
+import Glibc
+import Sandbox
+import Synchronization
+
+/// The VM isolation backend: each run is a fresh QEMU microvm (see `MicroVM`) over the same
+/// store as the container backend. The image's layers become read-only erofs disks; the
+/// engine's upper directory goes in as an ext4 disk (`mkfs.ext4 -d`) and comes back out of it
+/// after the guest powered off, so the engine commits a VM run exactly as a container run:
+/// images made by either backend are interchangeable.
+public final class VMBackend: IsolationBackend {
+    public let kind = IsolationKind.vm
+    private let kits = Mutex<[String: GuestKit]>([:])
+    let progress: ProgressReporter?
+    /// The upper disk's size: what a run may write.
+    public let upperDiskBytes: Int64
+
+    public init(progress: ProgressReporter? = nil, upperDiskBytes: Int64 = 4 << 30) {
+        self.progress = progress
+        self.upperDiskBytes = upperDiskBytes
+    }
+
+    /// The QEMU process of a run and whether the run was cancelled, shared with the
+    /// cancellation handler.
+    final class RunState: Sendable {
+        private let state = Mutex<(pid: pid_t?, cancelled: Bool)>((nil, false))
+        func started(_ pid: pid_t) {
+            if state.withLock({ s in
+                s.pid = pid
+                return s.cancelled
+            }) {
+                kill(pid, SIGKILL)
+            }
+        }
+        func cancel() {
+            if let pid = state.withLock({ s -> pid_t? in
+                s.cancelled = true
+                return s.pid
+            }) {
+                kill(pid, SIGKILL)
+            }
+        }
+        var cancelled: Bool { state.withLock { $0.cancelled } }
+    }
+
+    private func kit(_ storeRoot: String) throws -> GuestKit {
+        if let kit = kits.withLock({ $0[storeRoot] }) { return kit }
+        let kit = try GuestKit.prepare(storeRoot: storeRoot, progress: progress)
+        kits.withLock { $0[storeRoot] = kit }
+        return kit
+    }
+
+    public func run(_ request: LaunchRequest) async throws -> LaunchOutcome {
+        guard request.terminal == nil else {
+            throw SandboxError(.unsupported, "terminal sessions are not available with isolation: vm yet; use container")
+        }
+        let state = RunState()
+        return try await withTaskCancellationHandler {
+            try await DedicatedThread.run { try self.runBlocking(request, state: state) }
+        } onCancel: {
+            state.cancel()
+        }
+    }
+
+    private func runBlocking(_ request: LaunchRequest, state: RunState) throws -> LaunchOutcome {
+        let root = request.storeRoot
+        let kit = try kit(root)
+        // Lowers come top-most first; the guest stacks its disks bottom first.
+        let layers = try request.lowers.reversed().map {
+            try ErofsLayers.image(ofDirectory: root + "/" + $0, storeRoot: root)
+        }
+        let upper = root + "/" + request.upper
+        let staging = upper + "-vm"
+        try? FileSystem.removeTree(staging)
+        try FileSystem.makeDirectories(staging + "/disk/work")
+        defer {
+            _ = try? ChildProcess.run(["umount", staging + "/mnt"])
+            try? FileSystem.removeTree(staging)
+        }
+        // The upper as the engine prepared it (mount points, the output file), and the files
+        // to copy in.
+        try run(["cp", "-a", upper, staging + "/disk/upper"], "copy the upper directory")
+        for (fd, mapping) in request.files {
+            let target = staging + "/disk/upper" + mapping.sandboxPath
+            try FileSystem.makeDirectories(String(target[..<target.lastIndex(of: "/")!]))
+            let bytes = try FileSystem.readAll(fd: fd, path: mapping.hostPath)
+            try FileSystem.writeFile(target, bytes, mode: mode_t(mapping.mode ?? 0o644))
+            if let mode = mapping.mode { chmod(target, mode_t(mode)) }
+            chown(target, mapping.uid, mapping.gid)
+        }
+        let disk = staging + "/upper.ext4"
+        try run(
+            [
+                "mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=0:0", "-d", staging + "/disk", disk,
+                String(upperDiskBytes / 1024) + "k",
+            ], "make the upper disk")
+
+        var command = MicroVM.Command(
+            argv: request.argv, env: request.environment, workdir: request.cwd, layers: layers, upperDisk: disk)
+        command.uid = request.uid
+        command.gid = request.gid
+        command.hostname = request.hostname
+        let stdin: [UInt8]
+        switch request.stdin {
+        case .null: stdin = []
+        case .bytes(let bytes): stdin = bytes
+        case .fileDescriptor(let fd): stdin = try FileSystem.readAll(fd: fd, path: "stdin")
+        }
+        let stdout = Capture(request.stdout)
+        let stderr = Capture(request.stderr)
+        var vm = MicroVM(kit: kit)
+        if let memory = request.limits.memoryBytes { vm.memoryMiB = max(128, Int(memory >> 20)) }
+        let outcome = try vm.run(
+            command, stdin: stdin, timeout: request.timeout ?? 24 * 3600,
+            onStart: state.started, onStdout: stdout.take, onStderr: stderr.take)
+
+        var result = LaunchOutcome()
+        result.exitCode = outcome.exitCode
+        result.signal = outcome.signal
+        result.timedOut = outcome.timedOut
+        result.cancelled = state.cancelled
+        result.acceleration = vm.accelerator
+        result.metrics.wallSeconds = outcome.wallSeconds
+        result.metrics.cpuUserSeconds = outcome.userSeconds
+        result.metrics.cpuSystemSeconds = outcome.systemSeconds
+        result.metrics.peakMemoryBytes = outcome.peakMemoryBytes
+        (result.stdout, result.stdoutDropped) = stdout.result()
+        (result.stderr, result.stderrDropped) = stderr.result()
+        if outcome.exitCode == nil && outcome.signal == nil && !outcome.timedOut && !result.cancelled {
+            throw SandboxError(
+                .sandboxSetup,
+                "the VM ended without the command's report; its console ended with:\n\(outcome.console ?? "(nothing)")")
+        }
+        // The changes: the upper disk's upper/ replaces the engine's upper directory.
+        if outcome.exitCode != nil || outcome.signal != nil {
+            try FileSystem.makeDirectories(staging + "/mnt")
+            try run(["mount", "-o", "loop,ro", disk, staging + "/mnt"], "mount the upper disk")
+            try FileSystem.removeTree(upper)
+            try run(["cp", "-a", staging + "/mnt/upper", upper], "copy the changes out of the upper disk")
+            try run(["umount", staging + "/mnt"], "unmount the upper disk")
+        }
+        return result
+    }
+
+    private func run(_ argv: [String], _ what: String) throws {
+        let result = try ChildProcess.run(argv)
+        guard result.succeeded else {
+            throw SandboxError(.sandboxSetup, "the VM backend could not \(what): \(argv[0]): \(result.stderrText)")
+        }
+    }
+
+    /// One output stream of the command, to where the request sends it.
+    final class Capture: @unchecked Sendable {
+        private let sink: OutputSink
+        private let lock = NSLock()
+        private var kept: [UInt8] = []
+        private var dropped = 0
+
+        init(_ sink: OutputSink) {
+            self.sink = sink
+        }
+
+        func take(_ bytes: [UInt8]) {
+            switch sink {
+            case .fileDescriptor(let fd):
+                try? FileSystem.writeAll(fd: fd, bytes, path: "output")
+            case .capture(let limit, let onChunk):
+                onChunk?(bytes)
+                lock.withLock {
+                    let room = limit <= 0 ? 0 : max(0, limit - kept.count)
+                    kept += bytes.prefix(room)
+                    dropped += bytes.count - min(room, bytes.count)
+                }
+            case .discard:
+                break
+            }
+        }
+
+        func result() -> ([UInt8], Int) { lock.withLock { (kept, dropped) } }
+    }
+}
