@@ -71,7 +71,7 @@ let package = Package(
         .executableTarget(
             name: "contree-pipeline",
             dependencies: [
-                "Sandbox", "Pipeline", "ContreeServer", "Registry", "RegistryCache",
+                "Sandbox", "Pipeline", "ContreeServer", "Registry", "RegistryCache", "VirtualMachine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
@@ -83,7 +83,7 @@ let package = Package(
         .testTarget(
             name: "PipelineTests", dependencies: ["Pipeline", "Sandbox", "Registry", "RegistryCache", "ContreeTestSupport"]),
         .testTarget(name: "ContreeServerTests", dependencies: ["ContreeServer", "Sandbox", "ContreeTestSupport"]),
-        .testTarget(name: "VirtualMachineTests", dependencies: ["VirtualMachine", "Sandbox"]),
+        .testTarget(name: "VirtualMachineTests", dependencies: ["VirtualMachine", "Sandbox", "Pipeline"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -17,7 +17,8 @@ public enum ErofsLayers {
         let layer = String(layerDirectory.split(separator: "/").last ?? "")
         let path = directory + "/" + layer.replacingOccurrences(of: "sha256:", with: "") + ".erofs"
         if FileSystem.exists(path) { return path }
-        let partial = path + ".\(getpid()).partial"
+        // Unique per builder: concurrent runs in one process may build the same layer.
+        let partial = path + ".\(getpid()).\(UUID().uuidString.prefix(8)).partial"
         let result = try ChildProcess.run(["mkfs.erofs", "-T0", partial, layerDirectory])
         guard result.succeeded else {
             unlink(partial)

@@ -110,9 +110,18 @@ public final class VMBackend: IsolationBackend {
         let stderr = Capture(request.stderr)
         var vm = MicroVM(kit: kit)
         if let memory = request.limits.memoryBytes { vm.memoryMiB = max(128, Int(memory >> 20)) }
-        let outcome = try vm.run(
-            command, stdin: stdin, timeout: request.timeout ?? 24 * 3600,
-            onStart: state.started, onStdout: stdout.take, onStderr: stderr.take)
+        let outcome: MicroVM.Outcome
+        do {
+            outcome = try vm.run(
+                command, stdin: stdin, timeout: request.timeout ?? 24 * 3600,
+                onStart: state.started, onStdout: stdout.take, onStderr: stderr.take)
+        } catch where state.cancelled {
+            // Killed on purpose before the guest started: a cancelled run, not a failure.
+            var result = LaunchOutcome()
+            result.cancelled = true
+            result.acceleration = vm.accelerator
+            return result
+        }
 
         var result = LaunchOutcome()
         result.exitCode = outcome.exitCode

@@ -3,6 +3,7 @@ import FoundationEssentials
 import Glibc
 import Registry
 import Sandbox
+import VirtualMachine
 
 /// Options every command that touches the store shares.
 struct StoreOptions: ParsableArguments {
@@ -85,4 +86,12 @@ enum Format {
 func printError(_ message: String) {
     let bytes = Array((message + "\n").utf8)
     _ = bytes.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+}
+
+extension SandboxEngine {
+    /// The engine with both isolation backends: containers, and QEMU microvms (whose guest kit
+    /// is prepared on first use).
+    static func withAllBackends(store: Store, progress: ProgressReporter? = nil) -> SandboxEngine {
+        SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend(progress: progress)], progress: progress)
+    }
 }

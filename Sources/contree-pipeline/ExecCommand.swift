@@ -6,6 +6,7 @@ import Sandbox
 import Synchronization
 
 extension NetworkMode: ExpressibleByArgument {}
+extension IsolationKind: ExpressibleByArgument {}
 
 struct ExecCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -53,6 +54,9 @@ struct ExecCommand: AsyncParsableCommand {
     @Option(help: "The sandbox's hostname.")
     var hostname = "sandbox"
 
+    @Option(help: "container (namespaces, the default) or vm (a QEMU microvm; under emulation where KVM cannot run it).")
+    var isolation: IsolationKind = .container
+
     @Option(help: "Tag the resulting image.")
     var tag: String?
 
@@ -79,7 +83,7 @@ struct ExecCommand: AsyncParsableCommand {
             _ = fail(error)
             throw ExitCode(125)
         }
-        let engine = SandboxEngine(store: store, progress: ProgressReporter())
+        let engine = SandboxEngine.withAllBackends(store: store, progress: ProgressReporter())
         let task = Task { try await engine.run(spec) }
         let signals = Termination.cancelOnSignal(task)
         defer { signals.forEach { $0.cancel() } }
@@ -132,7 +136,8 @@ struct ExecCommand: AsyncParsableCommand {
         return RunSpec(
             image: image, command: argv, env: environment, cwd: cwd, files: try files.map(ExecCommand.parseMapping),
             timeout: timeout, limits: limits, network: network, hostname: hostname, disposable: disposable,
-            stdin: interactive ? .fileDescriptor(0) : .null, stdout: output, stderr: .fileDescriptor(2))
+            stdin: interactive ? .fileDescriptor(0) : .null, stdout: output, stderr: .fileDescriptor(2),
+            isolation: isolation)
     }
 
     /// HOST:SANDBOX[:MODE], SANDBOX absolute.

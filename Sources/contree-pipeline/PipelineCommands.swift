@@ -61,7 +61,7 @@ struct RunCommand: AsyncParsableCommand {
         }
         ContainerBackend.warmUp()
         let store = try reportingErrors { try storeOptions.open() }
-        let engine = SandboxEngine(store: store, progress: ProgressReporter())
+        let engine = SandboxEngine.withAllBackends(store: store, progress: ProgressReporter())
         let credentials = registryCredentials(registryUser, registryPassword)
         let sources: [any SharedStepCache]
         let destination: (any SharedStepCache)?
@@ -154,7 +154,7 @@ struct ExplainCommand: ParsableCommand {
     func run() throws {
         let plan = try loadPipeline(pipeline)
         try reportingErrors {
-            let engine = SandboxEngine(store: try storeOptions.open(), progress: ProgressReporter())
+            let engine = SandboxEngine.withAllBackends(store: try storeOptions.open(), progress: ProgressReporter())
             let explanations: [StepExplanation]
             do {
                 explanations = try KeyExplainer(plan: plan, engine: engine).explain(step: step)

@@ -3,6 +3,7 @@ import Glibc
 import Sandbox
 import Synchronization
 import Testing
+import Pipeline
 
 @testable import VirtualMachine
 
@@ -79,5 +80,55 @@ struct VMBackendTests {
             RunSpec(image: vmImage, command: ["sh", "-c", "cat /v /c; test -e /bin/ls || echo no-ls"]))
         #expect(String(decoding: read.stdout, as: UTF8.self) == "from-vm\nfrom-container\nno-ls\n")
         #expect(try store.checkConsistency(verifyContent: false).isConsistent)
+    }
+}
+
+@Suite(
+    "VM backend: limits, bad commands, pipelines", .serialized,
+    .enabled(if: geteuid() == 0, "needs root"),
+    .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64"), "needs qemu-system-x86"))
+struct VMRunTests {
+    @Test("a command that does not exist exits 127 with the reason; a timeout kills the VM and says so")
+    func failures() async throws {
+        let store = try vmStore()
+        let engine = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
+        var missing = RunSpec(image: "busybox", command: ["no-such-command"])
+        missing.isolation = .vm
+        let miss = try await engine.run(missing)
+        #expect(miss.record.exitCode == 127)
+        #expect(String(decoding: miss.stderr, as: UTF8.self).contains("no-such-command: No such file or directory"))
+        var slow = RunSpec(image: "busybox", command: ["sleep", "600"])
+        slow.isolation = .vm
+        slow.timeout = 15
+        let started = Date()
+        let timed = try await engine.run(slow)
+        #expect(timed.record.timedOut && timed.record.exitCode == nil)
+        #expect(Date().timeIntervalSince(started) < 60)
+        // No QEMU outlives its run.
+        let left = try ChildProcess.run(["pgrep", "-f", "qemu-system-x86_64 -M microvm"])
+        #expect(left.stdout.isEmpty)
+    }
+
+    @Test("the quickstart pipeline with isolation: vm passes, with the same outputs and artifacts")
+    func quickstart() async throws {
+        let root = "/tmp/contree-vm-pipeline-" + UUID().uuidString.prefix(8)
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let examples = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("examples").path
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: examples + "/quickstart", toPath: root + "/quickstart")
+        let yaml = try String(contentsOfFile: examples + "/quickstart.yaml", encoding: .utf8)
+            .replacingOccurrences(of: "  timeout: 60s\n", with: "  timeout: 120s\n  isolation: vm\n")
+        try yaml.write(toFile: root + "/quickstart.yaml", atomically: true, encoding: .utf8)
+        let store = try vmStore()
+        let engine = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
+        let plan = PipelinePlan(try PipelineParser.parse(file: root + "/quickstart.yaml"))
+        let report = try await PipelineRunner(
+            plan: plan, engine: engine, options: RunOptions(noCache: true, outDir: root + "/run")
+        ).run()
+        #expect(report.status == .passed, "\(report.nodes.map { "\($0.node): \($0.reason ?? "")" })")
+        #expect(report.nodes.first { $0.node == "build" }?.outputs == ["version": "1.0.0"])
+        let artifacts = report.nodes.first { $0.node == "package" }?.artifacts.map(\.path) ?? []
+        #expect(artifacts.contains { $0.hasSuffix("greet-1.0.0.tar.gz") })
     }
 }
