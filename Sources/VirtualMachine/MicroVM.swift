@@ -54,9 +54,17 @@ public struct MicroVM: Sendable {
         public var console: String?
     }
 
-    /// The agent's spec: NUL-terminated fields, a kind letter then its text.
-    static func spec(_ command: Command) -> [UInt8] {
+    /// The agent's spec: NUL-terminated fields, a kind letter then its text. `fresh` adds the
+    /// host's time and 64 bytes of its entropy (a restored guest has the template's).
+    static func spec(_ command: Command, fresh: Bool = false) -> [UInt8] {
         var fields: [String] = command.layers.indices.map { "Dlayer\($0)" }
+        if fresh {
+            var now = timespec()
+            clock_gettime(CLOCK_REALTIME, &now)
+            fields.append("T\(now.tv_sec).\(now.tv_nsec)")
+            var generator = SystemRandomNumberGenerator()
+            fields.append("Z" + (0..<64).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined())
+        }
         if command.upperDisk != nil { fields.append("Pupper") }
         fields.append("W" + command.workdir)
         fields.append("U\(command.uid):\(command.gid)")
@@ -66,46 +74,135 @@ public struct MicroVM: Sendable {
         return fields.flatMap { Array($0.utf8) + [0] }
     }
 
-    /// Runs `command`; `onStdout`/`onStderr` see the output as it arrives.
-    public func run(
-        _ command: Command, stdin: [UInt8] = [], timeout: Double = 600,
-        onStart: @Sendable (pid_t) -> Void = { _ in },
-        onStdout: @escaping @Sendable ([UInt8]) -> Void = { _ in },
-        onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in }
-    ) throws -> Outcome {
-        guard command.layers.count <= 20 else {
-            throw SandboxError(.unsupported, "a VM takes at most 20 layer disks; flatten the image first")
-        }
-        let work = "/tmp/contree-vm-" + UUID().uuidString.lowercased().prefix(12)
-        try FileSystem.makeDirectories(work)
-        defer { try? FileSystem.removeTree(work) }
-        let socketPath = work + "/agent.sock"
+    /// A saved guest, stopped at the agent's ready point: its RAM in a file every run maps
+    /// copy-on-write, its device state in another. Runs restored from it skip the boot; they
+    /// must attach the same devices (`layerSlots` layer disks, then the upper disk).
+    public struct Template: Sendable {
+        public var ram: String
+        public var state: String
+        public var layerSlots: Int
+    }
+
+    /// QEMU's arguments: the machine, the agent's port, the disks.
+    func arguments(
+        work: String, layers: [String], upper: String?, ram: (path: String, shared: Bool)?, restoring: Bool
+    ) -> [String] {
+        var machine = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
+        if ram != nil { machine += ",memory-backend=ram" }
         var arguments = [
-            "qemu-system-x86_64", "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", accelerator,
-            "-cpu", "max", "-m", String(memoryMiB), "-smp", "1", "-nodefaults", "-no-user-config", "-nographic",
-            "-no-reboot", "-serial", "file:" + work + "/console.log", "-kernel", kit.kernel, "-initrd", kit.initramfs,
-            "-append",
-            "console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2000000 lpj=8000000 no_timer_check",
+            "qemu-system-x86_64", "-M", machine, "-accel", accelerator, "-cpu", "max", "-m", String(memoryMiB),
+            "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-serial", "file:" + work + "/console.log", "-kernel", kit.kernel, "-initrd", kit.initramfs,
+            "-append", "console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2000000 lpj=8000000 no_timer_check",
             "-device", "virtio-serial-device",
             // QEMU waits for this process to connect before the guest starts: nothing is lost.
-            "-chardev", "socket,id=agent,path=\(socketPath),server=on,wait=on",
+            "-chardev", "socket,id=agent,path=\(work)/agent.sock,server=on,wait=on",
             "-device", "virtserialport,chardev=agent,nr=1,name=contree",
+            "-qmp", "unix:\(work)/qmp.sock,server=on,wait=off",
         ]
-        for (index, layer) in command.layers.enumerated() {
+        if let ram {
+            // Shared while a template is made (the RAM lands in the file); private (copy on
+            // write) in a restored run, so clones of one template never see each other.
+            arguments += [
+                "-object", "memory-backend-file,id=ram,size=\(memoryMiB)M,mem-path=\(ram.path),share=\(ram.shared ? "on" : "off")",
+            ]
+        }
+        if restoring { arguments += ["-incoming", "defer"] }
+        for (index, layer) in layers.enumerated() {
             arguments += [
                 "-drive", "id=layer\(index),file=\(layer),format=raw,if=none,readonly=on",
                 "-device", "virtio-blk-device,drive=layer\(index),serial=layer\(index)",
             ]
         }
-        if let upper = command.upperDisk {
+        if let upper {
             arguments += [
                 "-drive", "id=upper,file=\(upper),format=raw,if=none,cache=unsafe",
                 "-device", "virtio-blk-device,drive=upper,serial=upper",
             ]
         }
+        return arguments
+    }
+
+    /// Boots a guest to the agent's ready point and saves it as a template in `directory`
+    /// (`layerSlots` layer disks and an upper disk, each `slotBytes` as the guest sees them).
+    public func makeTemplate(in directory: String, layerSlots: Int, slotBytes: Int64) throws -> Template {
+        let work = "/tmp/contree-vm-" + UUID().uuidString.lowercased().prefix(12)
+        try FileSystem.makeDirectories(work)
+        defer { try? FileSystem.removeTree(work) }
+        // Placeholder disks: the guest only probes them before its ready point.
+        let placeholder = work + "/slot.img"
+        let upperPlaceholder = work + "/upper.img"  // a file of its own: QEMU locks a writable disk
+        for path in [placeholder, upperPlaceholder] {
+            try FileSystem.writeFile(path, [], mode: 0o644)
+            guard truncate(path, off_t(slotBytes)) == 0 else { throw SandboxError.system("truncate(\(path))") }
+        }
+        let ram = directory + "/ram.partial"
+        let state = directory + "/state.partial"
+        let qemu = try ChildProcess.spawn(
+            arguments(
+                work: work, layers: Array(repeating: placeholder, count: layerSlots), upper: upperPlaceholder,
+                ram: (ram, true), restoring: false),
+            captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+        defer {
+            kill(qemu.pid, SIGKILL)
+            _ = try? ChildProcess.wait(qemu.pid, "qemu")
+            close(qemu.stderr)
+        }
+        let channel = try connect(work + "/agent.sock", qemu: qemu.pid)
+        defer { close(channel) }
+        var reader = FrameReader(fd: channel)
+        guard let ready = try reader.next(until: monotonicSeconds() + 300), ready.type == UInt8(ascii: "R") else {
+            let console = (try? FileSystem.readFile(work + "/console.log")).map { String(decoding: $0.suffix(3000), as: UTF8.self) }
+            kill(qemu.pid, SIGKILL)
+            let errors = String(decoding: (try? FileSystem.readAll(fd: qemu.stderr, path: "qemu stderr")) ?? [], as: UTF8.self)
+            throw SandboxError(
+                .sandboxSetup, "the template VM never reached its agent: \(errors)\nconsole:\n\(console ?? "")")
+        }
+        let qmp = try QMP(path: work + "/qmp.sock")
+        try qmp.execute("stop")
+        try qmp.execute("migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
+        try qmp.execute("migrate", #"{"uri":"exec:cat > \#(state)"}"#)
+        let deadline = monotonicSeconds() + 120
+        while true {
+            let answer = try qmp.execute("query-migrate")
+            if answer.contains(#""status": "completed""#) || answer.contains(#""status":"completed""#) { break }
+            if answer.contains("failed") || monotonicSeconds() > deadline {
+                throw SandboxError(.sandboxSetup, "saving the template VM failed: \(answer)")
+            }
+            usleep(10_000)
+        }
+        try? qmp.execute("quit")
+        try FileSystem.rename(ram, directory + "/ram")
+        try FileSystem.rename(state, directory + "/state")
+        return Template(ram: directory + "/ram", state: directory + "/state", layerSlots: layerSlots)
+    }
+
+    /// Runs `command` in a fresh guest (booted, or restored from `template`); `onStdout` and
+    /// `onStderr` see the output as it arrives.
+    public func run(
+        _ command: Command, stdin: [UInt8] = [], timeout: Double = 600, template: Template? = nil,
+        onStart: @Sendable (pid_t) -> Void = { _ in },
+        onStdout: @escaping @Sendable ([UInt8]) -> Void = { _ in },
+        onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in }
+    ) throws -> Outcome {
+        guard command.layers.count <= (template?.layerSlots ?? 20) else {
+            throw SandboxError(.unsupported, "a VM takes at most 20 layer disks; flatten the image first")
+        }
+        let work = "/tmp/contree-vm-" + UUID().uuidString.lowercased().prefix(12)
+        try FileSystem.makeDirectories(work)
+        defer { try? FileSystem.removeTree(work) }
+        var layers = command.layers
+        if let template {
+            // The template's devices, all of them: unused slots get an empty disk.
+            try FileSystem.writeFile(work + "/empty.img", [], mode: 0o644)
+            layers += Array(repeating: work + "/empty.img", count: template.layerSlots - layers.count)
+        }
         let started = monotonicSeconds()
         let qemu = try ChildProcess.spawn(
-            arguments, captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+            arguments(
+                work: work, layers: layers, upper: command.upperDisk,
+                ram: template.map { ($0.ram, false) }, restoring: template != nil),
+            captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
         onStart(qemu.pid)
         var reaped = false
         defer {
@@ -115,12 +212,33 @@ public struct MicroVM: Sendable {
             }
             close(qemu.stderr)
         }
-        let channel = try connect(socketPath, qemu: qemu.pid)
+        let channel = try connect(work + "/agent.sock", qemu: qemu.pid)
         defer { close(channel) }
         let deadline = started + timeout
         var outcome = Outcome(
             exitCode: nil, signal: nil, timedOut: false, userSeconds: 0, systemSeconds: 0, peakMemoryBytes: 0,
             bootSeconds: 0, wallSeconds: 0, console: nil)
+        func start() throws {
+            outcome.bootSeconds = monotonicSeconds() - started
+            try send(channel, "S", MicroVM.spec(command, fresh: true))
+            if !stdin.isEmpty { try send(channel, "I", stdin) }
+            try send(channel, "I", [])
+        }
+        if let template {
+            let qmp = try QMP(path: work + "/qmp.sock")
+            try qmp.execute("migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
+            try qmp.execute("migrate-incoming", #"{"uri":"exec:cat \#(template.state)"}"#)
+            while true {
+                let status = try qmp.execute("query-status")
+                if status.contains(#""status": "paused""#) || status.contains(#""status":"paused""#) { break }
+                if monotonicSeconds() > deadline {
+                    throw SandboxError(.sandboxSetup, "the VM was not restored from its template: \(status)")
+                }
+                usleep(2_000)
+            }
+            try qmp.execute("cont")
+            try start()
+        }
         var reader = FrameReader(fd: channel)
         loop: while true {
             guard let frame = try reader.next(until: deadline) else {
@@ -129,10 +247,7 @@ public struct MicroVM: Sendable {
             }
             switch frame.type {
             case UInt8(ascii: "R"):
-                outcome.bootSeconds = monotonicSeconds() - started
-                try send(channel, "S", MicroVM.spec(command))
-                if !stdin.isEmpty { try send(channel, "I", stdin) }
-                try send(channel, "I", [])
+                try start()
             case UInt8(ascii: "O"): onStdout(frame.payload)
             case UInt8(ascii: "E"): onStderr(frame.payload)
             case UInt8(ascii: "L"): onStderr(frame.payload + [10])
@@ -168,7 +283,9 @@ public struct MicroVM: Sendable {
         }
         outcome.wallSeconds = monotonicSeconds() - started
         if outcome.exitCode == nil && outcome.signal == nil {
-            outcome.console = (try? FileSystem.readFile(work + "/console.log")).map { String(decoding: $0.suffix(4000), as: UTF8.self) }
+            outcome.console = (try? FileSystem.readFile(work + "/console.log")).map {
+                String(decoding: $0.suffix(4000), as: UTF8.self)
+            }
         }
         return outcome
     }
@@ -248,4 +365,69 @@ func monotonicSeconds() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// QEMU's machine protocol (QMP) over its unix socket: one command at a time, answers read
+/// past the events QEMU sends in between.
+final class QMP {
+    private let fd: Int32
+    private var buffer: [UInt8] = []
+
+    init(path: String) throws {
+        var connected: Int32 = -1
+        for _ in 0..<1000 {
+            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &address.sun_path) { raw in
+                for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
+            }
+            let ok = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                }
+            }
+            if ok == 0 {
+                connected = fd
+                break
+            }
+            close(fd)
+            usleep(5_000)
+        }
+        guard connected >= 0 else { throw SandboxError(.sandboxSetup, "QEMU's QMP socket did not open") }
+        fd = connected
+        _ = try line()  // the greeting
+        try execute("qmp_capabilities")
+    }
+
+    deinit { close(fd) }
+
+    private func line() throws -> String {
+        while true {
+            if let newline = buffer.firstIndex(of: 10) {
+                let text = String(decoding: buffer[..<newline], as: UTF8.self)
+                buffer.removeFirst(newline + 1)
+                return text
+            }
+            var chunk = [UInt8](repeating: 0, count: 4096)
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw SandboxError(.sandboxSetup, "QEMU closed its QMP socket") }
+            buffer += chunk[0..<n]
+        }
+    }
+
+    /// Runs a command; returns its answer (JSON text). - Throws: when QEMU answers an error.
+    @discardableResult
+    func execute(_ command: String, _ arguments: String? = nil) throws -> String {
+        let request = #"{"execute":"\#(command)""# + (arguments.map { #","arguments":\#($0)"# } ?? "") + "}\n"
+        try FileSystem.writeAll(fd: fd, Array(request.utf8), path: "QMP")
+        while true {
+            let answer = try line()
+            if answer.contains(#""return""#) { return answer }
+            if answer.contains(#""error""#) {
+                throw SandboxError(.sandboxSetup, "QEMU refused \(command): \(answer)")
+            }
+        }
+    }
 }

@@ -14,10 +14,51 @@ public final class VMBackend: IsolationBackend {
     let progress: ProgressReporter?
     /// The upper disk's size: what a run may write.
     public let upperDiskBytes: Int64
+    /// Restore each run from a saved template instead of booting (the default; set
+    /// CONTREE_VM_COLD=1 to boot every run, e.g. to measure the difference).
+    public let useTemplates: Bool
+    private let templates = Mutex<[String: MicroVM.Template]>([:])
+    /// Layer disks every template has (microvm takes 24 virtio devices: these, the upper disk
+    /// and the serial port); images with more layers boot cold.
+    static let layerSlots = 20
+    /// What the guest sees as each disk's size in a template: larger than any layer.
+    static let slotBytes: Int64 = 64 << 30
 
-    public init(progress: ProgressReporter? = nil, upperDiskBytes: Int64 = 4 << 30) {
+    public init(
+        progress: ProgressReporter? = nil, upperDiskBytes: Int64 = 4 << 30,
+        useTemplates: Bool = ProcessInfo.processInfo.environment["CONTREE_VM_COLD"] != "1"
+    ) {
         self.progress = progress
         self.upperDiskBytes = upperDiskBytes
+        self.useTemplates = useTemplates
+    }
+
+    /// The template for `vm` in the store at `root`: made once (under a lock, so concurrent
+    /// runs make it once) and kept in the store.
+    private func template(for vm: MicroVM, root: String) throws -> MicroVM.Template {
+        let key = OCI.sha256Hex(
+            Array(
+                "\(vm.kit.kernel) \(vm.kit.initramfs) \(vm.memoryMiB) \(vm.accelerator) \(VMBackend.layerSlots) \(VMBackend.slotBytes)"
+                    .utf8)
+        ).prefix(16)
+        if let known = templates.withLock({ $0[String(key)] }) { return known }
+        let directory = root + "/vm/templates/" + key
+        try FileSystem.makeDirectories(directory)
+        let lock = open(directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard lock >= 0 else { throw SandboxError.system("open(\(directory)/lock)") }
+        defer { close(lock) }
+        while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
+        let template: MicroVM.Template
+        if FileSystem.exists(directory + "/state") {
+            template = MicroVM.Template(
+                ram: directory + "/ram", state: directory + "/state", layerSlots: VMBackend.layerSlots)
+        } else {
+            progress?.report("vm", "booting a template VM (once per store and memory size)", elapsed: 0)
+            template = try vm.makeTemplate(
+                in: directory, layerSlots: VMBackend.layerSlots, slotBytes: VMBackend.slotBytes)
+        }
+        templates.withLock { $0[String(key)] = template }
+        return template
     }
 
     /// The QEMU process of a run and whether the run was cancelled, shared with the
@@ -110,10 +151,11 @@ public final class VMBackend: IsolationBackend {
         let stderr = Capture(request.stderr)
         var vm = MicroVM(kit: kit)
         if let memory = request.limits.memoryBytes { vm.memoryMiB = max(128, Int(memory >> 20)) }
+        let template = useTemplates && layers.count <= VMBackend.layerSlots ? try self.template(for: vm, root: root) : nil
         let outcome: MicroVM.Outcome
         do {
             outcome = try vm.run(
-                command, stdin: stdin, timeout: request.timeout ?? 24 * 3600,
+                command, stdin: stdin, timeout: request.timeout ?? 24 * 3600, template: template,
                 onStart: state.started, onStdout: stdout.take, onStderr: stderr.take)
         } catch where state.cancelled {
             // Killed on purpose before the guest started: a cancelled run, not a failure.

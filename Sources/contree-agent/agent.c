@@ -14,7 +14,8 @@
 // The spec is NUL-terminated fields, each a one-letter kind then its text: 'D' a read-only
 // layer disk to stack, by its virtio serial (bottom first, e.g. "Dlayer0"), 'P' the upper
 // disk (ext4 holding upper/ and work/; without it the upper is a tmpfs), 'W' the working
-// directory, 'U' uid:gid, 'H' the hostname, 'E' KEY=VALUE, 'A' an argument of the command (the
+// directory, 'U' uid:gid, 'H' the hostname, 'T' the host's time, 'Z' host entropy (hex),
+// 'E' KEY=VALUE, 'A' an argument of the command (the
 // first is the program, looked up on PATH). The agent mounts the layers (erofs) under an
 // overlay, chroots into it, runs the command with stdin/stdout/stderr on pipes it relays,
 // reports, unmounts (so the upper disk is clean for the host) and powers the guest off.
@@ -34,6 +35,10 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <grp.h>
+#include <linux/fs.h>
+#include <linux/random.h>
+#include <sys/ioctl.h>
+#include <time.h>
 #include <unistd.h>
 
 static int port = -1;
@@ -134,6 +139,12 @@ static int find_disk(const char *serial, char *device, size_t size) {
             if (n > 0) text[strcspn(text, "\n")] = 0;
             if (n > 0 && strcmp(text, serial) == 0) {
                 snprintf(device, size, "/dev/vd%c", letter);
+                // A restored guest probed the template's disks: drop what it cached of them.
+                int disk = open(device, O_RDONLY | O_CLOEXEC);
+                if (disk >= 0) {
+                    ioctl(disk, BLKFLSBUF, 0);
+                    close(disk);
+                }
                 return 0;
             }
         }
@@ -141,6 +152,34 @@ static int find_disk(const char *serial, char *device, size_t size) {
     }
     errno = ENODEV;
     return -1;
+}
+
+// The host's time ("SECONDS.NANOSECONDS"): a restored guest wakes with the template's clock.
+static void set_clock(const char *text) {
+    long long seconds = 0, nanoseconds = 0;
+    if (sscanf(text, "%lld.%lld", &seconds, &nanoseconds) < 1) return;
+    struct timespec now = {.tv_sec = seconds, .tv_nsec = nanoseconds};
+    clock_settime(CLOCK_REALTIME, &now);
+}
+
+// Fresh host entropy (hex), credited and made the kernel's random state at once: clones of
+// one template must never share random numbers.
+static void add_entropy(const char *hex) {
+    struct {
+        int entropy_count;
+        int buf_size;
+        unsigned char buf[256];
+    } pool = {0, 0, {0}};
+    size_t n = strlen(hex) / 2;
+    if (n > sizeof pool.buf) n = sizeof pool.buf;
+    for (size_t i = 0; i < n; i++) sscanf(hex + 2 * i, "%2hhx", &pool.buf[i]);
+    pool.buf_size = (int)n;
+    pool.entropy_count = (int)n * 8;
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    ioctl(fd, RNDADDENTROPY, &pool);
+    ioctl(fd, RNDRESEEDCRNG, 0);
+    close(fd);
 }
 
 #define MAX_FIELDS 4096
@@ -167,6 +206,8 @@ int main(void) {
         case 'W': workdir = field + 1; break;
         case 'U': sscanf(field + 1, "%u:%u", &uid, &gid); break;
         case 'H': hostname = field + 1; break;
+        case 'T': set_clock(field + 1); break;
+        case 'Z': add_entropy(field + 1); break;
         case 'E': if (envc < MAX_FIELDS) envp[envc++] = field + 1; break;
         case 'A': if (argc < MAX_FIELDS) argv[argc++] = field + 1; break;
         }

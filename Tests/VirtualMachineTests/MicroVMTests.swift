@@ -99,7 +99,7 @@ struct VMRunTests {
         #expect(String(decoding: miss.stderr, as: UTF8.self).contains("no-such-command: No such file or directory"))
         var slow = RunSpec(image: "busybox", command: ["sleep", "600"])
         slow.isolation = .vm
-        slow.timeout = 15
+        slow.timeout = 5
         let started = Date()
         let timed = try await engine.run(slow)
         #expect(timed.record.timedOut && timed.record.exitCode == nil)
@@ -107,6 +107,27 @@ struct VMRunTests {
         // No QEMU outlives its run.
         let left = try ChildProcess.run(["pgrep", "-f", "qemu-system-x86_64 -M microvm"])
         #expect(left.stdout.isEmpty)
+    }
+
+    @Test("two VMs restored from one template draw different random numbers and read the host's clock")
+    func clones() async throws {
+        let store = try vmStore()
+        let engine = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
+        var outputs: [String] = []
+        for _ in 0..<2 {
+            var spec = RunSpec(
+                image: "busybox", command: ["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1; date +%s"],
+                disposable: true)
+            spec.isolation = .vm
+            let run = try await engine.run(spec)
+            #expect(run.record.exitCode == 0, "\(String(decoding: run.stderr, as: UTF8.self))")
+            outputs.append(String(decoding: run.stdout, as: UTF8.self))
+        }
+        let lines = outputs.map { $0.split(separator: "\n").map(String.init) }
+        #expect(lines.count == 2 && lines[0].first != lines[1].first, "\(outputs)")
+        for clock in lines.compactMap({ $0.last.flatMap { Double($0.trimmingCharacters(in: .whitespaces)) } }) {
+            #expect(abs(clock - Date().timeIntervalSince1970) < 120)
+        }
     }
 
     @Test("the quickstart pipeline with isolation: vm passes, with the same outputs and artifacts")
