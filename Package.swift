@@ -75,7 +75,7 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
-            name: "contree-bench", dependencies: ["Sandbox", "ContreeServer", "Registry"],
+            name: "contree-bench", dependencies: ["Sandbox", "ContreeServer", "Registry", "VirtualMachine"],
             path: "bench/Sources/contree-bench"),
         // What several test targets need: a loopback registry, scratch directories.
         .target(name: "ContreeTestSupport", dependencies: ["Sandbox"], path: "Tests/ContreeTestSupport"),

@@ -15,7 +15,10 @@ public struct APIServer: Sendable {
 
     /// Opens (or creates, with one fresh token) the tokens file, prepares the API tables,
     /// and marks operations a previous server left running as FAILED.
-    public init(engine: SandboxEngine, tokensPath: String) throws {
+    public init(engine: SandboxEngine, tokensPath: String, isolation: IsolationKind = .container) throws {
+        guard engine.availableBackends.contains(isolation) else {
+            throw SandboxError(.unsupported, "the \(isolation.rawValue) backend is not available in this build")
+        }
         // One server per store: recovery marks every unfinished operation as failed.
         let lockPath = engine.store.root + "/serve.lock"
         let lock = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
@@ -32,7 +35,7 @@ public struct APIServer: Sendable {
         let (tokens, created) = try TokenFile.loadOrCreate(tokensPath)
         self.tokensPath = tokensPath
         self.createdTokens = created
-        state = try ServerState(tokens: tokens, engine: engine)
+        state = try ServerState(tokens: tokens, engine: engine, isolation: isolation)
         try state.operations.recover()
     }
 

@@ -13,10 +13,10 @@ final class ServerState: Sendable {
     static let maxTruncate = 10 << 20
     static let defaultTruncate = 1 << 20
 
-    init(tokens: TokenFile, engine: SandboxEngine) throws {
+    init(tokens: TokenFile, engine: SandboxEngine, isolation: IsolationKind = .container) throws {
         self.tokens = tokens
         self.api = try APIStore(store: engine.store, baseImages: engine.baseImages)
-        self.operations = OperationManager(api: api, engine: engine)
+        self.operations = OperationManager(api: api, engine: engine, isolation: isolation)
     }
 
     /// Decodes a JSON body. - Throws: 400 naming the bad field.

@@ -123,6 +123,27 @@ public struct MicroVM: Sendable {
         return arguments
     }
 
+    /// Whether a guest boots to its agent within `seconds` with this accelerator.
+    public func boots(within seconds: Double) -> Bool {
+        let work = "/tmp/contree-vm-" + UUID().uuidString.lowercased().prefix(12)
+        guard (try? FileSystem.makeDirectories(work)) != nil else { return false }
+        defer { try? FileSystem.removeTree(work) }
+        guard
+            let qemu = try? ChildProcess.spawn(
+                arguments(work: work, layers: [], upper: nil, ram: nil, restoring: false), captureStdout: false,
+                stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+        else { return false }
+        defer {
+            kill(qemu.pid, SIGKILL)
+            _ = try? ChildProcess.wait(qemu.pid, "qemu")
+            close(qemu.stderr)
+        }
+        guard let channel = try? connect(work + "/agent.sock", qemu: qemu.pid) else { return false }
+        defer { close(channel) }
+        var reader = FrameReader(fd: channel)
+        return (try? reader.next(until: monotonicSeconds() + seconds))??.type == UInt8(ascii: "R")
+    }
+
     /// Boots a guest to the agent's ready point and saves it as a template in `directory`
     /// (`layerSlots` layer disks and an upper disk, each `slotBytes` as the guest sees them).
     public func makeTemplate(in directory: String, layerSlots: Int, slotBytes: Int64) throws -> Template {
@@ -293,19 +314,7 @@ public struct MicroVM: Sendable {
     /// Connects to QEMU's socket once it listens (or fails when QEMU died).
     private func connect(_ path: String, qemu: pid_t) throws -> Int32 {
         for _ in 0..<1000 {
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            var address = sockaddr_un()
-            address.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &address.sun_path) { raw in
-                for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
-            }
-            let connected = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-                }
-            }
-            if connected == 0 { return fd }
-            close(fd)
+            if let fd = connectUnixSocket(path) { return fd }
             var status: Int32 = 0
             if waitpid(qemu, &status, WNOHANG) == qemu {
                 throw SandboxError(.sandboxSetup, "qemu-system-x86_64 exited before the VM started (status \(status))")
@@ -376,22 +385,10 @@ final class QMP {
     init(path: String) throws {
         var connected: Int32 = -1
         for _ in 0..<1000 {
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-            var address = sockaddr_un()
-            address.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &address.sun_path) { raw in
-                for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
-            }
-            let ok = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-                }
-            }
-            if ok == 0 {
+            if let fd = connectUnixSocket(path) {
                 connected = fd
                 break
             }
-            close(fd)
             usleep(5_000)
         }
         guard connected >= 0 else { throw SandboxError(.sandboxSetup, "QEMU's QMP socket did not open") }
@@ -430,4 +427,23 @@ final class QMP {
             }
         }
     }
+}
+
+/// One attempt to connect to a unix socket; nil when nothing listens there (yet).
+func connectUnixSocket(_ path: String) -> Int32? {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    guard fd >= 0 else { return nil }
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
+    }
+    let connected = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+            connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+        }
+    }
+    if connected == 0 { return fd }
+    close(fd)
+    return nil
 }

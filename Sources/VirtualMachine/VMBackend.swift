@@ -38,7 +38,7 @@ public final class VMBackend: IsolationBackend {
     private func template(for vm: MicroVM, root: String) throws -> MicroVM.Template {
         let key = OCI.sha256Hex(
             Array(
-                "\(vm.kit.kernel) \(vm.kit.initramfs) \(vm.memoryMiB) \(vm.accelerator) \(VMBackend.layerSlots) \(VMBackend.slotBytes)"
+                "\(vm.kit.release) \(vm.kit.initramfs.split(separator: "/").last ?? "") \(vm.memoryMiB) \(vm.accelerator) \(VMBackend.layerSlots) \(VMBackend.slotBytes)"
                     .utf8)
         ).prefix(16)
         if let known = templates.withLock({ $0[String(key)] }) { return known }
@@ -82,6 +82,32 @@ public final class VMBackend: IsolationBackend {
             }
         }
         var cancelled: Bool { state.withLock { $0.cancelled } }
+    }
+
+    private let accelerators = Mutex<[String: String]>([:])
+
+    /// `kvm` when the host's KVM runs the guest, found by trying a boot (a /dev/kvm that
+    /// cannot run Debian's kernel, such as a PVM host's, hangs it); `tcg` otherwise. The
+    /// answer is kept in the store per kernel.
+    func accelerator(kit: GuestKit, root: String) -> String {
+        if let known = accelerators.withLock({ $0[root] }) { return known }
+        let path = root + "/vm/accelerator-" + kit.release
+        var answer = (try? FileSystem.readFile(path)).map { String(decoding: $0, as: UTF8.self) } ?? ""
+        if answer != "kvm" && answer != "tcg" {
+            let fd = open("/dev/kvm", O_RDWR | O_CLOEXEC)
+            var usable = false
+            if fd >= 0 {
+                close(fd)
+                var probe = MicroVM(kit: kit)
+                probe.accelerator = "kvm"
+                progress?.report("vm", "checking whether KVM runs the guest (once per store)", elapsed: 0)
+                usable = probe.boots(within: 10)
+            }
+            answer = usable ? "kvm" : "tcg"
+            try? FileSystem.writeFile(path, Array(answer.utf8), mode: 0o644)
+        }
+        accelerators.withLock { $0[root] = answer }
+        return answer
     }
 
     private func kit(_ storeRoot: String) throws -> GuestKit {
@@ -150,6 +176,7 @@ public final class VMBackend: IsolationBackend {
         let stdout = Capture(request.stdout)
         let stderr = Capture(request.stderr)
         var vm = MicroVM(kit: kit)
+        vm.accelerator = ProcessInfo.processInfo.environment["CONTREE_VM_ACCEL"] ?? accelerator(kit: kit, root: root)
         if let memory = request.limits.memoryBytes { vm.memoryMiB = max(128, Int(memory >> 20)) }
         let template = useTemplates && layers.count <= VMBackend.layerSlots ? try self.template(for: vm, root: root) : nil
         let outcome: MicroVM.Outcome

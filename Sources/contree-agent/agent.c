@@ -257,7 +257,23 @@ int main(void) {
         dup2(in[0], 0);
         dup2(out[1], 1);
         dup2(err[1], 2);
-        if (chroot("/root") != 0 || chdir(workdir) != 0) {
+        // The working directory is made if missing, as the container backend does.
+        char path[4096];
+        snprintf(path, sizeof path, "%s", workdir);
+        if (chroot("/root") != 0) {
+            dprintf(2, "contree-agent: cannot enter the root: %s\n", strerror(errno));
+            _exit(125);
+        }
+        if (path[0] == '/') {
+            for (size_t i = 1; path[i - 1] != 0; i++) {
+                if (path[i] != '/' && path[i] != 0) continue;
+                char saved = path[i];
+                path[i] = 0;
+                mkdir(path, 0755);
+                path[i] = saved;
+            }
+        }
+        if (chdir(workdir) != 0) {
             dprintf(2, "contree-agent: cannot enter %s: %s\n", workdir, strerror(errno));
             _exit(125);
         }

@@ -18,6 +18,8 @@ struct ServeCommand: AsyncParsableCommand {
     @OptionGroup var storeOptions: StoreOptions
     @Option(help: "Address to listen on, HOST:PORT (port 0 picks a free one).") var listen = "127.0.0.1:8080"
     @Option(help: "The tokens file (default: serve-tokens in the store).") var tokens: String?
+    @Option(help: "Where instances run: container (default) or vm (QEMU microvms).")
+    var isolation: IsolationKind = .container
 
     func run() async throws {
         do {
@@ -28,9 +30,9 @@ struct ServeCommand: AsyncParsableCommand {
             }
             let host = String(listen[..<colon]).trimmingCharacters(in: ["[", "]"])
             let store = try storeOptions.open()
-            let engine = SandboxEngine(store: store, progress: ProgressReporter())
+            let engine = SandboxEngine.withAllBackends(store: store, progress: ProgressReporter())
             let path = tokens ?? APIServer.defaultTokensPath(store: store)
-            let server = try APIServer(engine: engine, tokensPath: path)
+            let server = try APIServer(engine: engine, tokensPath: path, isolation: isolation)
             if server.createdTokens {
                 printError("created the tokens file \(path) with one new token (namespace 'default'); read it from there")
             }

@@ -608,3 +608,34 @@ struct InspectTests {
         #expect(try await server.request("GET", "/v1/inspect/?tag=proj/x:1").status == 404)
     }
 }
+
+@Suite(
+    "serve --isolation vm: instances run in QEMU microvms", .requiresRoot,
+    .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64"), "needs qemu-system-x86"))
+struct VMServeTests {
+    @Test("a spawn runs in a VM (Debian's kernel answers uname), and its image is the next spawn's root")
+    func vm() async throws {
+        let home = "/tmp/contree-serve-test-" + UUID().uuidString.lowercased().prefix(12)
+        try FileSystem.makeDirectories(home)
+        // The guest kernel, KVM probe and templates the VM tests keep between runs.
+        try FileSystem.makeDirectories("/var/tmp/contree-vm-tests/vm")
+        guard symlink("/var/tmp/contree-vm-tests/vm", home + "/vm") == 0 else { throw SandboxError.system("symlink") }
+        let server = try await TestServer(home: home, arguments: ["--isolation", "vm"])
+        let first = try await server.spawn(
+            #"{"command":"uname -r; echo kept > /kept","image":"busybox","shell":true,"disposable":false,"timeout":120}"#)
+        let record = try await server.wait(first)
+        #expect(record["status"] as? String == "SUCCESS", "\(record)")
+        let stdout = record[path: "metadata.result.stdout.value"] as? String ?? ""
+        #expect(stdout.hasSuffix("-amd64\n") && !stdout.contains(hostKernelRelease()), "\(stdout)")
+        let image = try #require(record["result_image_uuid"] as? String)
+        let second = try await server.spawn(#"{"command":"cat /kept","image":"\#(image)","shell":true,"timeout":120}"#)
+        #expect(try await server.wait(second)[path: "metadata.result.stdout.value"] as? String == "kept\n")
+    }
+}
+
+/// The host kernel's release.
+private func hostKernelRelease() -> String {
+    var names = utsname()
+    uname(&names)
+    return withUnsafeBytes(of: &names.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+}

@@ -64,7 +64,11 @@ final class TestServer: @unchecked Sendable {
     private var process: ServeProcess?
     var port: Int { process?.port ?? 0 }
 
-    init(home: String? = nil) async throws {
+    /// Extra `serve` arguments (e.g. `--isolation vm`).
+    let arguments: [String]
+
+    init(home: String? = nil, arguments: [String] = []) async throws {
+        self.arguments = arguments
         self.home = home ?? "/tmp/contree-serve-test-" + UUID().uuidString.lowercased().prefix(12)
         tokensPath = self.home + "/tokens"
         try FileSystem.makeDirectories(self.home)
@@ -79,7 +83,8 @@ final class TestServer: @unchecked Sendable {
 
     func start() async throws {
         let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(home)"]
-        process = try await ServeProcess.start(binary: Paths.cli, tokens: tokensPath, environment: env)
+        process = try await ServeProcess.start(
+            binary: Paths.cli, tokens: tokensPath, environment: env, arguments: arguments)
     }
 
     /// Stops the server: SIGTERM (graceful) or SIGKILL (a crash).

@@ -82,9 +82,13 @@ final class OperationManager: Sendable {
     /// are letters, digits, '-', '_' and '.').
     static let buildSlot = "/builtin-build"
 
-    init(api: APIStore, engine: SandboxEngine) {
+    /// Where instances run: containers, or VMs (`serve --isolation vm`).
+    let isolation: IsolationKind
+
+    init(api: APIStore, engine: SandboxEngine, isolation: IsolationKind = .container) {
         self.api = api
         self.engine = engine
+        self.isolation = isolation
     }
 
     /// Operations left unfinished by a previous `serve` failed with it: record that, and end
@@ -362,6 +366,7 @@ final class OperationManager: Sendable {
             stdout: .capture(limit: limit, onChunk: { operation.output(spid: 1, 0, $0, limit: limit) }),
             stderr: .capture(limit: limit, onChunk: { operation.output(spid: 1, 1, $0, limit: limit) }))
         spec.inheritImageEnv = false
+        spec.isolation = isolation
         spec.resultConfig = resultConfig
         spec.control = operation.control
         spec.user = (UInt32(plan.uid), UInt32(plan.gid))

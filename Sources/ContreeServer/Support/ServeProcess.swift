@@ -16,9 +16,11 @@ public final class ServeProcess: Sendable {
     }
 
     /// Starts `binary serve` with the tokens file and environment given, and waits until it listens.
-    public static func start(binary: String, tokens: String, environment: [String]) async throws -> ServeProcess {
+    public static func start(
+        binary: String, tokens: String, environment: [String], arguments: [String] = []
+    ) async throws -> ServeProcess {
         let child = try ChildProcess.spawn(
-            [binary, "serve", "--listen", "127.0.0.1:0", "--tokens", tokens], environment: environment,
+            [binary, "serve", "--listen", "127.0.0.1:0", "--tokens", tokens] + arguments, environment: environment,
             captureStdout: true)
         let out = child.stdout!
         let line = try await DedicatedThread.run { () -> String in

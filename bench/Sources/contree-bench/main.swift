@@ -233,8 +233,8 @@ enum Format {
 
 let args = Array(CommandLine.arguments.dropFirst())
 let usage =
-    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]"
-guard let mode = args.first, ["sandbox", "pipeline", "api", "oci"].contains(mode) else {
+    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]"
+guard let mode = args.first, ["sandbox", "pipeline", "api", "oci", "vm"].contains(mode) else {
     print(usage)
     exit(2)
 }
@@ -244,6 +244,8 @@ do {
         .appendingPathComponent("contree-pipeline").path
     if mode == "sandbox" {
         try await sandboxBenchmark(options)
+    } else if mode == "vm" {
+        try await VMBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath).measure()
     } else if mode == "oci" {
         try await OCIBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath).measure()
     } else if mode == "api" {
