@@ -25,16 +25,25 @@ public struct GuestKit: Sendable {
     static func prepare(storeRoot: String, progress: ProgressReporter? = nil) throws -> GuestKit {
         let root = storeRoot + "/vm"
         try FileSystem.makeDirectories(root)
+        // What an earlier run prepared with this agent: asking apt and walking the modules
+        // costs most of a second, so the answer is kept.
+        let agent = try agentProgram()
+        let agentDigest = try OCI.sha256(file: agent).digest
+        let remembered = root + "/kit-" + agentDigest.dropFirst(7).prefix(16)
+        if let text = try? FileSystem.readFile(remembered) {
+            let lines = String(decoding: text, as: UTF8.self).split(separator: "\n").map(String.init)
+            if lines.count == 3, FileSystem.exists(lines[1]), FileSystem.exists(lines[2]) {
+                return GuestKit(kernel: lines[1], initramfs: lines[2], release: lines[0])
+            }
+        }
         let release = try kernelRelease()
         let kernelDirectory = root + "/kernel-" + release
         if !FileSystem.exists(kernelDirectory + "/vmlinux") {
             progress?.report("vm", "fetching Debian's kernel \(release)", elapsed: 0)
             try fetchKernel(release: release, into: kernelDirectory, scratch: root)
         }
-        let agent = try agentProgram()
         let modules = try moduleOrder(in: kernelDirectory + "/lib/modules/" + release)
         // Named by what goes in, so a new agent or module set makes a new initramfs.
-        let agentDigest = try OCI.sha256(file: agent).digest
         let name = OCI.sha256Hex(Array((agentDigest + modules.map(\.name).joined(separator: ",") + ",init2").utf8))
             .prefix(16)
         let initramfs = kernelDirectory + "/initramfs-\(name).cpio"
@@ -57,7 +66,10 @@ public struct GuestKit: Sendable {
             try FileSystem.writeFile(initramfs + ".partial", archive.finish(), mode: 0o644)
             try FileSystem.rename(initramfs + ".partial", initramfs)
         }
-        return GuestKit(kernel: kernelDirectory + "/vmlinux", initramfs: initramfs, release: release)
+        let kit = GuestKit(kernel: kernelDirectory + "/vmlinux", initramfs: initramfs, release: release)
+        try FileSystem.writeFile(
+            remembered, Array([release, kit.kernel, kit.initramfs].joined(separator: "\n").utf8), mode: 0o644)
+        return kit
     }
 
     /// The release `linux-image-amd64` depends on in the host's apt lists.
