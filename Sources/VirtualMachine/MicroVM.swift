@@ -28,6 +28,8 @@ public struct MicroVM: Sendable {
         public var uid: UInt32 = 0
         public var gid: UInt32 = 0
         public var hostname: String?
+        /// `lo` up in the guest (it never has another interface).
+        public var loopback = true
 
         public init(
             argv: [String], env: [String] = [], workdir: String = "/", layers: [String], upperDisk: String? = nil
@@ -69,6 +71,7 @@ public struct MicroVM: Sendable {
         fields.append("W" + command.workdir)
         fields.append("U\(command.uid):\(command.gid)")
         if let hostname = command.hostname { fields.append("H" + hostname) }
+        fields.append(command.loopback ? "Nloopback" : "Nnone")
         fields += command.env.map { "E" + $0 }
         fields += command.argv.map { "A" + $0 }
         return fields.flatMap { Array($0.utf8) + [0] }

@@ -169,6 +169,7 @@ public final class VMBackend: IsolationBackend {
         command.uid = request.uid
         command.gid = request.gid
         command.hostname = request.hostname
+        command.loopback = request.network == .loopback
         let stdin: [UInt8]
         switch request.stdin {
         case .null: stdin = []

@@ -14,7 +14,7 @@
 // The spec is NUL-terminated fields, each a one-letter kind then its text: 'D' a read-only
 // layer disk to stack, by its virtio serial (bottom first, e.g. "Dlayer0"), 'P' the upper
 // disk (ext4 holding upper/ and work/; without it the upper is a tmpfs), 'W' the working
-// directory, 'U' uid:gid, 'H' the hostname, 'T' the host's time, 'Z' host entropy (hex),
+// directory, 'U' uid:gid, 'H' the hostname, 'N' the network ("loopback": lo up), 'T' the host's time, 'Z' host entropy (hex),
 // 'E' KEY=VALUE, 'A' an argument of the command (the
 // first is the program, looked up on PATH). The agent mounts the layers (erofs) under an
 // overlay, chroots into it, runs the command with stdin/stdout/stderr on pipes it relays,
@@ -38,6 +38,8 @@
 #include <linux/fs.h>
 #include <linux/random.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <net/if.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -199,6 +201,7 @@ int main(void) {
     int argc = 0, envc = 0, diskc = 0;
     const char *workdir = "/", *upper_disk = NULL, *hostname = NULL;
     unsigned uid = 0, gid = 0;
+    int loopback = 0;
     for (char *field = spec; field < spec + spec_size; field += strlen(field) + 1) {
         switch (field[0]) {
         case 'D': if (diskc < 24) disks[diskc++] = field + 1; break;
@@ -206,6 +209,7 @@ int main(void) {
         case 'W': workdir = field + 1; break;
         case 'U': sscanf(field + 1, "%u:%u", &uid, &gid); break;
         case 'H': hostname = field + 1; break;
+        case 'N': loopback = strcmp(field + 1, "loopback") == 0; break;
         case 'T': set_clock(field + 1); break;
         case 'Z': add_entropy(field + 1); break;
         case 'E': if (envc < MAX_FIELDS) envp[envc++] = field + 1; break;
@@ -230,6 +234,17 @@ int main(void) {
     mkdir("/scratch/upper", 0755);
     mkdir("/scratch/work", 0755);
     if (hostname != NULL) sethostname(hostname, strlen(hostname));
+    if (loopback) {  // the guest has no network device; `lo` up, as the container backend does
+        int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        struct ifreq request;
+        memset(&request, 0, sizeof request);
+        strncpy(request.ifr_name, "lo", IFNAMSIZ - 1);
+        if (sock >= 0 && ioctl(sock, SIOCGIFFLAGS, &request) == 0) {
+            request.ifr_flags |= IFF_UP | IFF_RUNNING;
+            ioctl(sock, SIOCSIFFLAGS, &request);
+        }
+        if (sock >= 0) close(sock);
+    }
     char lower[4096] = "";
     for (int i = diskc - 1; i >= 0; i--) {  // overlay lists the top layer first
         char device[64], target[64];

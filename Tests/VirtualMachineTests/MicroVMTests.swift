@@ -130,6 +130,30 @@ struct VMRunTests {
         }
     }
 
+    @Test("two forks from one image in VMs are independent; loopback is up as in a container")
+    func forks() async throws {
+        let store = try vmStore()
+        let engine = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
+        let base = try await engine.run(RunSpec(image: "busybox", command: ["sh", "-c", "echo base > /b"]))
+        let baseImage = try #require(base.record.resultImage)
+        var results: [String] = []
+        for name in ["left", "right"] {
+            var spec = RunSpec(
+                image: baseImage,
+                command: ["sh", "-c", "echo \(name) > /side; cat /b; ip link show lo | grep -c UP; hostname"],
+                hostname: "vm-\(name)")
+            spec.isolation = .vm
+            let run = try await engine.run(spec)
+            #expect(String(decoding: run.stdout, as: UTF8.self) == "base\n1\nvm-\(name)\n", "\(String(decoding: run.stderr, as: UTF8.self))")
+            results.append(try #require(run.record.resultImage))
+        }
+        for (image, name) in zip(results, ["left", "right"]) {
+            let read = try await engine.run(RunSpec(image: image, command: ["cat", "/side", "/b"]))
+            #expect(String(decoding: read.stdout, as: UTF8.self) == "\(name)\nbase\n")
+            #expect(try store.image(image)?.parent != nil)
+        }
+    }
+
     @Test("the quickstart pipeline with isolation: vm passes, with the same outputs and artifacts")
     func quickstart() async throws {
         let root = "/tmp/contree-vm-pipeline-" + UUID().uuidString.prefix(8)
