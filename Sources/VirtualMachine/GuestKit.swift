@@ -36,6 +36,17 @@ public struct GuestKit: Sendable {
                 return GuestKit(kernel: lines[1], initramfs: lines[2], release: lines[0])
             }
         }
+        // One preparer at a time, across processes and threads (a flock per open).
+        let lock = open(root + "/kit.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        guard lock >= 0 else { throw SandboxError.system("open(\(root)/kit.lock)") }
+        defer { close(lock) }
+        while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
+        if let text = try? FileSystem.readFile(remembered) {  // made while this one waited
+            let lines = String(decoding: text, as: UTF8.self).split(separator: "\n").map(String.init)
+            if lines.count == 3, FileSystem.exists(lines[1]), FileSystem.exists(lines[2]) {
+                return GuestKit(kernel: lines[1], initramfs: lines[2], release: lines[0])
+            }
+        }
         let release = try kernelRelease()
         let kernelDirectory = root + "/kernel-" + release
         if !FileSystem.exists(kernelDirectory + "/vmlinux") {

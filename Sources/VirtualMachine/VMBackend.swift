@@ -101,7 +101,7 @@ public final class VMBackend: IsolationBackend {
                 var probe = MicroVM(kit: kit)
                 probe.accelerator = "kvm"
                 progress?.report("vm", "checking whether KVM runs the guest (once per store)", elapsed: 0)
-                usable = probe.boots(within: 10)
+                usable = probe.boots(within: 6)  // under KVM the agent is up in a second or two
             }
             answer = usable ? "kvm" : "tcg"
             try? FileSystem.writeFile(path, Array(answer.utf8), mode: 0o644)

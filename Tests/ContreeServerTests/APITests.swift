@@ -323,7 +323,8 @@ struct InstanceTests {
     func subprocesses() async throws {
         let server = try await TestServer()
         let op = try await server.spawn(
-            #"{"command":"echo shared > /tmp/s && mv /tmp/s /shared; sleep 20","image":"busybox","shell":true,"hostname":"inst"}"#)
+            // Lives until the test cancels it (a loaded machine may take long to get there).
+            #"{"command":"echo shared > /tmp/s && mv /tmp/s /shared; sleep 300","image":"busybox","shell":true,"hostname":"inst","timeout":600}"#)
         var spid: Int?
         for _ in 0..<200 {
             let reply = try await server.request(
@@ -345,7 +346,7 @@ struct InstanceTests {
             try await Task.sleep(for: .milliseconds(20))
         }
         let out = result[path: "stdout.value"] as? String ?? ""
-        #expect(out.hasPrefix("shared\ninst\ny\n") && out.contains("sleep 20"), "\(out)")
+        #expect(out.hasPrefix("shared\ninst\ny\n") && out.contains("sleep 300"), "\(out)")
 
         // stdin kept open, then closed; a signal to a started process.
         let cat = try await server.request(
