@@ -34,6 +34,36 @@ struct StoreTests {
         leases.forEach { $0.release() }
     }
 
+    @Test("a new store opened by many at once: every opener gets it (none meets 'database is locked')")
+    func concurrentFirstOpen() async throws {
+        for _ in 0..<3 {
+            try await firstOpenRace()
+        }
+    }
+
+    private func firstOpenRace() async throws {
+        let root = "/tmp/contree-test-" + UUID().uuidString.lowercased().prefix(12)
+        defer { try? FileSystem.removeTree(root) }
+        let failures = try await withThrowingTaskGroup(of: String?.self) { group in
+            for _ in 0..<16 {
+                group.addTask {
+                    try await DedicatedThread.run {
+                        do {
+                            _ = try Store(root: root)
+                            return nil
+                        } catch {
+                            return "\(error)"
+                        }
+                    }
+                }
+            }
+            return try await group.reduce(into: [String]()) { list, failure in
+                if let failure { list.append(failure) }
+            }
+        }
+        #expect(failures.isEmpty, "\(failures)")
+    }
+
     @Test("tags point at images, move, and can be removed; bad names are refused")
     func tags() throws {
         let t = try TemporaryStore()

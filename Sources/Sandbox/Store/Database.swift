@@ -1,4 +1,5 @@
 import CSQLite
+import Glibc
 import Synchronization
 
 /// A value bound to or read from an SQLite statement.
@@ -68,7 +69,18 @@ public final class Database: Sendable {
         sqlite3_busy_timeout(db, 60_000)
         self.handle = Mutex(db)
         self.path = path
-        try execute("PRAGMA journal_mode=WAL")
+        // Switching a new database to WAL takes an exclusive lock, and SQLite answers BUSY at
+        // once (no busy handler) while another connection opens the same new store: retry.
+        var attempts = 0
+        while true {
+            do {
+                try execute("PRAGMA journal_mode=WAL")
+                break
+            } catch let error as SandboxError where error.message.contains("locked") && attempts < 500 {
+                attempts += 1
+                usleep(20_000)
+            }
+        }
         try execute("PRAGMA synchronous=NORMAL")
         try execute("PRAGMA foreign_keys=ON")
     }
