@@ -201,10 +201,17 @@ public struct MicroVM: Sendable {
         return Template(ram: directory + "/ram", state: directory + "/state", layerSlots: layerSlots)
     }
 
+    /// The command's stdin: bytes, or a host descriptor read as the command runs (a pipe or a
+    /// terminal: what arrives is passed on at once, and its end closes the command's stdin).
+    public enum Input: Sendable {
+        case bytes([UInt8])
+        case fileDescriptor(Int32)
+    }
+
     /// Runs `command` in a fresh guest (booted, or restored from `template`); `onStdout` and
     /// `onStderr` see the output as it arrives.
     public func run(
-        _ command: Command, stdin: [UInt8] = [], timeout: Double = 600, template: Template? = nil,
+        _ command: Command, stdin: Input = .bytes([]), timeout: Double = 600, template: Template? = nil,
         onStart: @Sendable (pid_t) -> Void = { _ in },
         onStdout: @escaping @Sendable ([UInt8]) -> Void = { _ in },
         onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in }
@@ -242,11 +249,19 @@ public struct MicroVM: Sendable {
         var outcome = Outcome(
             exitCode: nil, signal: nil, timedOut: false, userSeconds: 0, systemSeconds: 0, peakMemoryBytes: 0,
             bootSeconds: 0, wallSeconds: 0, console: nil)
+        let pump = InputPump()
+        defer { pump.stop() }
         func start() throws {
             outcome.bootSeconds = monotonicSeconds() - started
             try send(channel, "S", MicroVM.spec(command, fresh: true))
-            if !stdin.isEmpty { try send(channel, "I", stdin) }
-            try send(channel, "I", [])
+            switch stdin {
+            case .bytes(let bytes):
+                if !bytes.isEmpty { try send(channel, "I", bytes) }
+                try send(channel, "I", [])
+            case .fileDescriptor(let fd):
+                // From here on only the pump writes to the channel.
+                pump.start(from: fd) { [self] chunk in try? self.send(channel, "I", chunk) }
+            }
         }
         if let template {
             let qmp = try QMP(path: work + "/qmp.sock")
@@ -440,4 +455,44 @@ func connectUnixSocket(_ path: String) -> Int32? {
     if connected == 0 { return fd }
     close(fd)
     return nil
+}
+
+/// Passes a host descriptor's bytes to the guest as they arrive, on a thread of its own, until
+/// the descriptor ends (then an empty frame closes the command's stdin) or the run ends.
+final class InputPump: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stopped = false
+    private var thread: Thread?
+    private let finished = DispatchSemaphore(value: 0)
+
+    func start(from fd: Int32, send: @escaping @Sendable ([UInt8]) -> Void) {
+        let thread = Thread { [self] in
+            defer { finished.signal() }
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while !lock.withLock({ stopped }) {
+                var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                let ready = poll(&poller, 1, 100)
+                if ready < 0 && errno == EINTR { continue }
+                if ready == 0 { continue }
+                let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+                if n <= 0 {
+                    send([])  // the end of the input: the command's stdin closes
+                    return
+                }
+                send(Array(buffer[0..<n]))
+            }
+        }
+        lock.withLock { self.thread = thread }
+        thread.start()
+    }
+
+    /// Stops reading and waits for the thread (the channel closes after this).
+    func stop() {
+        let running = lock.withLock { () -> Bool in
+            stopped = true
+            return thread != nil
+        }
+        if running { finished.wait() }
+    }
 }

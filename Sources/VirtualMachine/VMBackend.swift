@@ -170,11 +170,11 @@ public final class VMBackend: IsolationBackend {
         command.gid = request.gid
         command.hostname = request.hostname
         command.loopback = request.network == .loopback
-        let stdin: [UInt8]
+        let stdin: MicroVM.Input
         switch request.stdin {
-        case .null: stdin = []
-        case .bytes(let bytes): stdin = bytes
-        case .fileDescriptor(let fd): stdin = try FileSystem.readAll(fd: fd, path: "stdin")
+        case .null: stdin = .bytes([])
+        case .bytes(let bytes): stdin = .bytes(bytes)
+        case .fileDescriptor(let fd): stdin = .fileDescriptor(fd)
         }
         let stdout = Capture(request.stdout)
         let stderr = Capture(request.stderr)

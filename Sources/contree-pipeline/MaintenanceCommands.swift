@@ -16,7 +16,7 @@ struct GarbageCollectCommand: ParsableCommand {
             let report = try storeOptions.open().collectGarbage(pruneUntaggedOlderThan: pruneUntagged)
             if json { return try printJSON(report) }
             print(
-                "removed \(report.layersRemoved) layers (\(Format.bytes(report.bytesFreed))), \(report.imagesRemoved) images, \(report.abandonedWork) abandoned work directories"
+                "removed \(report.layersRemoved) layers, \(report.derivedRemoved) VM disk images of removed layers (\(Format.bytes(report.bytesFreed)) in all), \(report.imagesRemoved) images, \(report.abandonedWork) abandoned work directories"
             )
         }
     }

@@ -64,6 +64,21 @@ struct StoreTests {
         #expect(failures.isEmpty, "\(failures)")
     }
 
+    @Test("gc removes the VM backend's erofs copy of a layer with the layer, and keeps those of live layers")
+    func derivedFiles() async throws {
+        let t = try TemporaryStore()
+        let busybox = try t.busybox()
+        let live = Store.hex(busybox.layers[0])
+        try FileSystem.makeDirectories(t.root + "/vm/erofs")
+        let dead = String(repeating: "ab", count: 32)
+        for name in [live + ".erofs", dead + ".erofs", dead + ".erofs.123.abcd.partial"] {
+            try FileSystem.writeFile(t.root + "/vm/erofs/" + name, [1, 2, 3], mode: 0o644)
+        }
+        let report = try t.store.collectGarbage()
+        #expect(report.derivedRemoved == 2)
+        #expect(try FileSystem.list(t.root + "/vm/erofs") == [live + ".erofs"])
+    }
+
     @Test("tags point at images, move, and can be removed; bad names are refused")
     func tags() throws {
         let t = try TemporaryStore()

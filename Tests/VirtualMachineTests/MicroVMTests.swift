@@ -42,7 +42,7 @@ struct MicroVMTests {
                 .init(
                     argv: ["sh", "-c", "echo hello from $(uname -r); echo oops >&2; cat; cd /tmp && pwd; exit 3"],
                     env: ["GREETING=hi"], layers: layers),
-                stdin: Array("piped in\n".utf8), timeout: 120,
+                stdin: .bytes(Array("piped in\n".utf8)), timeout: 120,
                 onStdout: { bytes in out.withLock { $0 += bytes } }, onStderr: { bytes in err.withLock { $0 += bytes } })
         }
         #expect(outcome.exitCode == 3, "\(outcome.console ?? "")")
@@ -128,6 +128,36 @@ struct VMRunTests {
         for clock in lines.compactMap({ $0.last.flatMap { Double($0.trimmingCharacters(in: .whitespaces)) } }) {
             #expect(abs(clock - Date().timeIntervalSince1970) < 120)
         }
+    }
+
+    @Test("stdin from a pipe reaches the command as it is written, not at its end")
+    func streamedStdin() async throws {
+        let store = try vmStore()
+        let engine = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        defer { close(fds[0]) }
+        let writer = fds[1]
+        let seen = Mutex("")
+        var spec = RunSpec(
+            image: "busybox", command: ["sh", "-c", "read a; echo got $a; read b; echo got $b"], disposable: true,
+            stdin: .fileDescriptor(fds[0]),
+            stdout: .capture(limit: 1 << 16, onChunk: { bytes in seen.withLock { $0 += String(decoding: bytes, as: UTF8.self) } }))
+        spec.isolation = .vm
+        spec.timeout = 120
+        let run = Task { try await engine.run(spec) }
+        _ = write(writer, "first\n", 6)
+        // The answer to the first line comes while the pipe is still open.
+        let started = Date()
+        while !seen.withLock({ $0.contains("got first") }) && Date().timeIntervalSince(started) < 60 {
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(seen.withLock { $0 } == "got first\n")
+        _ = write(writer, "second\n", 7)
+        close(writer)
+        let result = try await run.value
+        #expect(result.record.exitCode == 0)
+        #expect(String(decoding: result.stdout, as: UTF8.self) == "got first\ngot second\n")
     }
 
     @Test("two forks from one image in VMs are independent; loopback is up as in a container")

@@ -12,8 +12,11 @@ public struct GarbageReport: Sendable, Codable {
     public var bytesFreed: Int64 = 0
     public var abandonedWork: Int = 0
     public var imagesRemoved: Int = 0
+    /// Files derived from layers that are gone (the VM backend's erofs images).
+    public var derivedRemoved: Int = 0
 
     enum CodingKeys: String, CodingKey {
+        case derivedRemoved = "derived_removed"
         case layersRemoved = "layers_removed"
         case bytesFreed = "bytes_freed"
         case abandonedWork = "abandoned_work"
@@ -74,6 +77,17 @@ extension Store {
             for name in try FileSystem.list(layersPath) where !known.contains(name) {
                 try FileSystem.removeTree(layersPath + "/" + name)
                 report.layersRemoved += 1
+            }
+            // Files derived from a layer (`vm/erofs/<hex>.erofs…`) go with it.
+            let derived = root + "/vm/erofs"
+            if FileSystem.isDirectory(derived) {
+                for name in try FileSystem.list(derived) {
+                    let layer = String(name.prefix { $0 != "." })
+                    guard !known.contains(layer) else { continue }
+                    report.bytesFreed += Int64((try? FileSystem.status(derived + "/" + name))??.st_blocks ?? 0) * 512
+                    try FileSystem.removeTree(derived + "/" + name)
+                    report.derivedRemoved += 1
+                }
             }
             return report
         }
