@@ -10,6 +10,12 @@ struct StoreTests {
     func importTree(_ store: Store, _ files: [String: String]) throws -> ImageRecord {
         let scratch = try ScratchDirectory()
         for (path, content) in files { try scratch.write(path, content) }
+        // Same content means same times too: two trees written across a second boundary
+        // (a loaded machine) would otherwise differ in their mtimes.
+        var times = [timespec(tv_sec: 1_000_000_000, tv_nsec: 0), timespec(tv_sec: 1_000_000_000, tv_nsec: 0)]
+        for path in files.keys.map({ scratch.path + "/" + $0 }) + [scratch.path] {
+            utimensat(AT_FDCWD, path, &times, AT_SYMLINK_NOFOLLOW)
+        }
         return try ImageImporter(store: store).importRootfs(from: scratch.path)
     }
 
