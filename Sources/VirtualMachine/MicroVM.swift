@@ -49,6 +49,10 @@ public struct MicroVM: Sendable {
         public var userSeconds: Double
         public var systemSeconds: Double
         public var peakMemoryBytes: Int64
+        /// Processes the command created (itself included) and the disks' block I/O.
+        public var processes: Int64 = 0
+        public var bytesRead: Int64 = 0
+        public var bytesWritten: Int64 = 0
         /// Wall time from starting QEMU to the agent's ready frame.
         public var bootSeconds: Double
         public var wallSeconds: Double
@@ -302,6 +306,9 @@ public struct MicroVM: Sendable {
                 outcome.userSeconds = Double(values["utime_us"] ?? 0) / 1e6
                 outcome.systemSeconds = Double(values["stime_us"] ?? 0) / 1e6
                 outcome.peakMemoryBytes = (values["maxrss_kb"] ?? 0) * 1024
+                outcome.processes = values["processes"] ?? 0
+                outcome.bytesRead = values["read_bytes"] ?? 0
+                outcome.bytesWritten = values["write_bytes"] ?? 0
                 break loop
             default: continue
             }

@@ -206,6 +206,9 @@ public final class VMBackend: IsolationBackend {
         result.metrics.cpuUserSeconds = outcome.userSeconds
         result.metrics.cpuSystemSeconds = outcome.systemSeconds
         result.metrics.peakMemoryBytes = outcome.peakMemoryBytes
+        result.metrics.processes = outcome.processes
+        result.metrics.bytesRead = outcome.bytesRead
+        result.metrics.bytesWritten = outcome.bytesWritten
         (result.stdout, result.stdoutDropped) = stdout.result()
         (result.stderr, result.stderrDropped) = stderr.result()
         if outcome.exitCode == nil && outcome.signal == nil && !outcome.timedOut && !result.cancelled {

@@ -9,7 +9,8 @@
 //                  'O' stdout bytes                             'I' stdin bytes ('I' empty: EOF)
 //                  'E' stderr bytes
 //                  'L' a line about a failure of the agent itself
-//                  'X' "status=N signal=N utime_us=N stime_us=N maxrss_kb=N"
+//                  'X' "status=N signal=N utime_us=N stime_us=N maxrss_kb=N processes=N
+//                       read_bytes=N write_bytes=N"
 //
 // The spec is NUL-terminated fields, each a one-letter kind then its text: 'D' a read-only
 // layer disk to stack, by its virtio serial (bottom first, e.g. "Dlayer0"), 'P' the upper
@@ -184,6 +185,37 @@ static void add_entropy(const char *hex) {
     close(fd);
 }
 
+// Processes created since boot (/proc/stat's "processes").
+static long long processes_created(void) {
+    FILE *stat = fopen("/proc/stat", "r");
+    if (stat == NULL) return 0;
+    char line[256];
+    long long count = 0;
+    while (fgets(line, sizeof line, stat) != NULL) {
+        if (sscanf(line, "processes %lld", &count) == 1) break;
+    }
+    fclose(stat);
+    return count;
+}
+
+// Bytes read from and written to the virtio disks since boot (/proc/diskstats sectors).
+static void disk_bytes(long long *read_bytes, long long *written_bytes) {
+    *read_bytes = *written_bytes = 0;
+    FILE *stats = fopen("/proc/diskstats", "r");
+    if (stats == NULL) return;
+    char line[512], name[64];
+    unsigned long long v[11];
+    while (fgets(line, sizeof line, stats) != NULL) {
+        int fields = sscanf(
+            line, "%*u %*u %63s %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu", name, &v[0], &v[1], &v[2],
+            &v[3], &v[4], &v[5], &v[6], &v[7], &v[8], &v[9], &v[10]);
+        if (fields < 8 || strncmp(name, "vd", 2) != 0 || strlen(name) != 3) continue;  // whole disks only
+        *read_bytes += (long long)v[2] * 512;
+        *written_bytes += (long long)v[6] * 512;
+    }
+    fclose(stats);
+}
+
 #define MAX_FIELDS 4096
 
 int main(void) {
@@ -264,6 +296,8 @@ int main(void) {
     mount("proc", "/root/proc", "proc", 0, NULL);
     mount("devtmpfs", "/root/dev", "devtmpfs", 0, NULL);
 
+    long long processes_before = processes_created(), read_before, written_before;
+    disk_bytes(&read_before, &written_before);
     int out[2], err[2], in[2];
     if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0 || pipe2(in, O_CLOEXEC) != 0) fail("pipe");
     pid_t child = fork();
@@ -347,12 +381,7 @@ int main(void) {
     int status = 0;
     struct rusage usage;
     while (wait4(child, &status, 0, &usage) < 0 && errno == EINTR) {}
-    char report[256];
-    int n = snprintf(
-        report, sizeof report, "status=%d signal=%d utime_us=%lld stime_us=%lld maxrss_kb=%ld",
-        WIFEXITED(status) ? WEXITSTATUS(status) : -1, WIFSIGNALED(status) ? WTERMSIG(status) : 0,
-        (long long)usage.ru_utime.tv_sec * 1000000 + usage.ru_utime.tv_usec,
-        (long long)usage.ru_stime.tv_sec * 1000000 + usage.ru_stime.tv_usec, usage.ru_maxrss);
+    long long processes = processes_created() - processes_before;
     // What the command left running dies; the upper disk is unmounted clean for the host.
     kill(-1, SIGKILL);
     while (wait(NULL) > 0 || errno == EINTR) {}
@@ -361,6 +390,17 @@ int main(void) {
     umount2("/root", 0);
     sync();
     umount2("/scratch", 0);
+    // Block I/O counted once the command's writes reached the disk.
+    long long read_after, written_after;
+    disk_bytes(&read_after, &written_after);
+    char report[384];
+    int n = snprintf(
+        report, sizeof report,
+        "status=%d signal=%d utime_us=%lld stime_us=%lld maxrss_kb=%ld processes=%lld read_bytes=%lld write_bytes=%lld",
+        WIFEXITED(status) ? WEXITSTATUS(status) : -1, WIFSIGNALED(status) ? WTERMSIG(status) : 0,
+        (long long)usage.ru_utime.tv_sec * 1000000 + usage.ru_utime.tv_usec,
+        (long long)usage.ru_stime.tv_sec * 1000000 + usage.ru_stime.tv_usec, usage.ru_maxrss, processes,
+        read_after - read_before, written_after - written_before);
     send_frame('X', report, (uint32_t)n);
     power_off();
 }

@@ -85,6 +85,10 @@ extension VMTests {
             #expect(vm.record.exitCode == 0, "\(String(decoding: vm.stderr, as: UTF8.self))")
             #expect(String(decoding: vm.stdout, as: UTF8.self) == "from-container\nno-vi\n0\n")
             #expect(vm.record.backend == .vm && vm.record.acceleration == "tcg")
+        // The metrics a container run has: CPU, memory, processes, block I/O.
+        let metrics = vm.record.metrics
+        #expect(metrics.processes >= 3 && metrics.bytesWritten > 0 && metrics.peakMemoryBytes > 0, "\(metrics)")
+        #expect(metrics.cpuUserSeconds + metrics.cpuSystemSeconds > 0)
             let vmImage = try #require(vm.record.resultImage)
             // The container reads what the VM wrote and deleted.
             let read = try await engine.run(
