@@ -39,12 +39,13 @@ public struct RegistryImporter: Sendable {
     /// Makes `docker://` references usable wherever an image is named (see `ImageSources`),
     /// with credentials from CONTREE_REGISTRY_USER / CONTREE_REGISTRY_PASSWORD.
     public static func registerAsImageSource() {
-        ImageSources.register("docker://") { store, reference in
+        ImageSources.register("docker://") { store, reference, cancellation in
             let env = ProcessInfo.processInfo.environment
             let credentials = env["CONTREE_REGISTRY_USER"].map {
                 RegistryCredentials(username: $0, password: env["CONTREE_REGISTRY_PASSWORD"] ?? "")
             }
-            return try RegistryImporter(store: store, credentials: credentials).importImage(reference)
+            return try RegistryImporter(store: store, credentials: credentials, cancellation: cancellation)
+                .importImage(reference)
         }
     }
 

@@ -90,6 +90,9 @@ struct ExecCommand: AsyncParsableCommand {
         let result: RunResult
         do {
             result = try await task.value
+        } catch let error as SandboxError where error.code == .cancelled {
+            printError("contree: \(error.message)")
+            throw ExitCode(130)
         } catch {
             _ = fail(error)
             throw ExitCode(125)

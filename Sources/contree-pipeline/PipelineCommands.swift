@@ -92,6 +92,9 @@ struct RunCommand: AsyncParsableCommand {
         } catch let error as PipelineValidationError {
             printError(error.description)
             throw ExitCode(2)
+        } catch is CancellationError {
+            printError("contree: the run was cancelled before any step started (its image was being imported); nothing was imported")
+            throw ExitCode(130)
         } catch {
             throw fail(error)
         }

@@ -252,3 +252,24 @@ final class TokenService: @unchecked Sendable {
         server = try PythonServer("the token service", TokenService.script, [directory, user.name, user.password])
     }
 }
+
+/// Waits (up to 30 s) until an import into the store at `storeRoot` has bytes of a blob in
+/// flight (a `.partial` file in its work directory), then interrupts `pid` with SIGINT; returns
+/// its exit status, its stderr, and how long it took to end after the signal.
+public func interruptDuringDownload(
+    pid: pid_t, stderr: Int32, storeRoot: String
+) async throws -> (downloading: Bool, status: Int32, stderr: String, seconds: Double) {
+    let started = Date()
+    var downloading = false
+    while !downloading && Date().timeIntervalSince(started) < 30 {
+        try await Task.sleep(for: .milliseconds(50))
+        let partials = try? ChildProcess.run(["find", storeRoot + "/tmp", "-name", "*.partial", "-size", "+0"])
+        downloading = !(partials?.stdout.isEmpty ?? true)
+    }
+    let interrupted = Date()
+    kill(pid, SIGINT)
+    let status = try await DedicatedThread.run { try ChildProcess.wait(pid, "contree-pipeline") }
+    let text = String(decoding: try FileSystem.readAll(fd: stderr, path: "stderr"), as: UTF8.self)
+    close(stderr)
+    return (downloading, status, text, Date().timeIntervalSince(interrupted))
+}

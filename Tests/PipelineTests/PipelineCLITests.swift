@@ -30,10 +30,10 @@ enum CLI {
         defer { try? FileManager.default.removeItem(atPath: input) }
         let fd = open(input, O_RDONLY)
         defer { close(fd) }
-        let previous = FileManager.default.currentDirectoryPath
-        FileManager.default.changeCurrentDirectoryPath(directory)
-        defer { FileManager.default.changeCurrentDirectoryPath(previous) }
-        let result = try ChildProcess.run([binary] + arguments, environment: env, stdinFD: fd)
+        // The child changes directory itself: the test process's working directory is shared by
+        // every test running at the same time (a child spawned elsewhere would inherit it).
+        let result = try ChildProcess.run(
+            ["sh", "-c", "cd \"$0\" && exec \"$@\"", directory, binary] + arguments, environment: env, stdinFD: fd)
         return (result.status, String(decoding: result.stdout, as: UTF8.self), result.stderrText)
     }
 }

@@ -156,4 +156,28 @@ struct SharedCacheCLITests {
             ["run", "p.yaml", "--cache-to", location + ":latest"], home: w.root + "/b", in: w.project)
         #expect(tagged.status == 2 && tagged.err.contains("name the repository alone"))
     }
+
+    @Test("Ctrl-C while a run imports its image from a registry stops the download and exits 130, leaving nothing")
+    func interruptedImport() async throws {
+        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let w = try Workspace()
+        // busybox from another store, pushed; every large blob then stalls behind the proxy.
+        let exported = try await CLI.run(
+            ["image", "export", "busybox", "oci:\(w.root)/layout:v1"], home: w.root + "/other", in: w.project)
+        #expect(exported.status == 0, "\(exported.err)")
+        _ = try skopeo(["copy", "--dest-tls-verify=false", "oci:\(w.root)/layout:v1", "docker://127.0.0.1:\(registry.port)/lib/box:1"])
+        let proxy = try await DedicatedThread.run { try StallingProxy(upstreamPort: registry.port) }
+        try w.write("p.yaml", "image: docker://127.0.0.1:\(proxy.port)/lib/box:1\nsteps:\n  - id: a\n    run: echo never\n")
+        var env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
+        env.append("CONTREE_HOME=\(w.root)/fresh")
+        let child = try ChildProcess.spawn(
+            [CLI.binary, "run", w.project + "/p.yaml", "--out", w.root + "/out"], environment: env,
+            captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+        let ended = try await interruptDuringDownload(pid: child.pid, stderr: child.stderr, storeRoot: w.root + "/fresh")
+        #expect(ended.downloading)
+        #expect(ended.status == 130, "\(ended.stderr)")
+        #expect(ended.stderr.contains("nothing was imported"), "\(ended.stderr)")
+        #expect(ended.seconds < 20)  // not the proxy's minute
+        #expect(try Store(root: w.root + "/fresh").listImages().isEmpty)
+    }
 }

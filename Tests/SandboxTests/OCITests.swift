@@ -29,7 +29,9 @@ struct OCITests {
         for source in ["oci:\(root)/layout:v1", "docker-archive:\(root)/d.tar"] {
             // vfs storage and cgroupfs: no daemon, no systemd; this host's hard limits for nofile/nproc.
             let result = try await DedicatedThread.run {
+                // From `/`: conmon needs a working directory that exists.
                 try ChildProcess.run([
+                    "sh", "-c", "cd / && exec \"$@\"", "sh",
                     "podman", "--root", root + "/podman", "--runroot", root + "/podman-run",
                     "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "none", "--runtime",
                     "runc", "run", "--rm", "--network", "none", "--ulimit", "nofile=1024:1024", "--ulimit",
@@ -364,23 +366,11 @@ struct RegistryTests {
         let child = try ChildProcess.spawn(
             [Paths.cli, "image", "import", "docker://127.0.0.1:\(proxy.port)/team/slow:v1"], environment: env,
             captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
-        // The download has begun once the layer's first bytes are in the import's work directory.
-        let started = Date()
-        var downloading = false
-        while !downloading && Date().timeIntervalSince(started) < 30 {
-            try await Task.sleep(for: .milliseconds(50))
-            let partials = try? ChildProcess.run(["find", home + "/tmp", "-name", "*.partial", "-size", "+0"])
-            downloading = !(partials?.stdout.isEmpty ?? true)
-        }
-        #expect(downloading)
-        let interrupted = Date()
-        kill(child.pid, SIGINT)
-        let status = try await DedicatedThread.run { try ChildProcess.wait(child.pid, "contree-pipeline") }
-        let stderr = String(decoding: try FileSystem.readAll(fd: child.stderr, path: "stderr"), as: UTF8.self)
-        close(child.stderr)
-        #expect(status == 130, "\(stderr)")
-        #expect(stderr.contains("the import was interrupted; nothing was imported"))
-        #expect(Date().timeIntervalSince(interrupted) < 20)  // not the proxy's minute
+        let ended = try await interruptDuringDownload(pid: child.pid, stderr: child.stderr, storeRoot: home)
+        #expect(ended.downloading)
+        #expect(ended.status == 130, "\(ended.stderr)")
+        #expect(ended.stderr.contains("the import was interrupted; nothing was imported"))
+        #expect(ended.seconds < 20)  // not the proxy's minute
         let store = try Store(root: home)
         #expect(try store.listImages().isEmpty)
         #expect(try store.checkConsistency(verifyContent: false).isConsistent)

@@ -102,7 +102,7 @@ public final class PipelineRunner: Sendable {
 
     /// Checks what can only be checked on this host before anything runs: inputs exist,
     /// secrets are set, the backends exist, the base image resolves.
-    func preflight() throws -> (image: ImageRecord, secrets: [String: String]) {
+    func preflight(_ cancellation: Cancellation? = nil) throws -> (image: ImageRecord, secrets: [String: String]) {
         var problems: [PipelineError] = []
         let definition = plan.definition
         for step in definition.steps {
@@ -128,7 +128,9 @@ public final class PipelineRunner: Sendable {
         problems += secretProblems
         if !problems.isEmpty { throw PipelineValidationError(problems) }
         do {
-            return (try engine.baseImages.resolve(definition.image.value), secrets)
+            return (try engine.baseImages.resolve(definition.image.value, cancellation: cancellation), secrets)
+        } catch let error as SandboxError where error.code == .cancelled {
+            throw CancellationError()
         } catch let error as SandboxError {
             throw PipelineValidationError([PipelineError(.invalid, error.description, at: definition.image.location)])
         }
@@ -140,8 +142,14 @@ public final class PipelineRunner: Sendable {
     /// reports. Throws only for invalid input (nothing ran) or a failure to write reports.
     public func run() async throws -> RunReport {
         let started = Date()  // building a base image on first use is part of the run
-        // Building a base image takes a while and blocks: never on the cooperative pool.
-        let (baseImage, secrets) = try await DedicatedThread.run { try self.preflight() }
+        // Building or importing a base image takes a while and blocks: never on the cooperative
+        // pool; cancelling the run stops an import (which removes what it made).
+        let cancellation = Cancellation()
+        let (baseImage, secrets) = try await withTaskCancellationHandler {
+            try await DedicatedThread.run { try self.preflight(cancellation) }
+        } onCancel: {
+            cancellation.cancel("the run was cancelled while its image was imported; nothing was imported")
+        }
         let secretKey = secrets.isEmpty ? [] : try engine.store.secretKey()
         try FileManager.default.createDirectory(atPath: outDir + "/logs", withIntermediateDirectories: true)
         try cache.beginRun(id: runID, pipeline: plan.definition.name, file: plan.definition.file, outDir: outDir)

@@ -23,8 +23,8 @@ public struct BaseImages: Sendable {
     /// Resolves a reference, building a built-in image the first time it is named.
     /// `debian:bookworm+gcc,make` is debian:bookworm with extra packages (`debootstrap --include`).
     /// An external reference (`oci:…`, `docker://…`, see `ImageSources`) is imported on first use.
-    public func resolve(_ reference: String) throws -> ImageRecord {
-        if let external = ImageSources.resolver(for: reference) { return try external(store, reference) }
+    public func resolve(_ reference: String, cancellation: Cancellation? = nil) throws -> ImageRecord {
+        if let external = ImageSources.resolver(for: reference) { return try external(store, reference, cancellation) }
         let name = try BaseImages.canonical(reference) ?? reference
         if let record = try store.findImage(name) { return record }
         guard BaseImages.isBuiltin(name) else { return try store.resolveImage(reference) }

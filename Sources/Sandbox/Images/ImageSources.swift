@@ -5,13 +5,19 @@ import Synchronization
 /// pipeline's `image:` and the API's spawn) asks the source whose prefix matches. Layouts and
 /// archives are built in; the registry source is registered by the program that links it.
 public enum ImageSources {
-    public typealias Resolver = @Sendable (Store, String) throws -> ImageRecord
+    /// Imports the image `reference` names into the store; a cancelled `Cancellation` stops
+    /// the import (which removes what it made).
+    public typealias Resolver = @Sendable (Store, String, Cancellation?) throws -> ImageRecord
 
     private static let resolvers = Mutex<[(prefix: String, resolve: Resolver)]>([
-        ("oci:", { store, reference in try OCIImporter(store: store).importImage(reference) }),
-        ("oci-archive:", { store, reference in try OCIImporter(store: store).importImage(reference) }),
-        ("docker-archive:", { store, reference in try OCIImporter(store: store).importImage(reference) }),
+        ("oci:", importLayout), ("oci-archive:", importLayout), ("docker-archive:", importLayout),
     ])
+
+    private static let importLayout: Resolver = { store, reference, cancellation in
+        var importer = try OCIImporter(store: store)
+        importer.cancellation = cancellation
+        return try importer.importImage(reference)
+    }
 
     /// Adds (or replaces) the source for references starting with `prefix`.
     public static func register(_ prefix: String, _ resolve: @escaping Resolver) {

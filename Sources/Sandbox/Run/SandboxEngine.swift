@@ -47,7 +47,13 @@ public final class SandboxEngine: Sendable {
         }
         // Store work (building a base image, hashing a large change) blocks: it runs on threads
         // of its own, never on the cooperative pool.
-        let prepared = try await DedicatedThread.run { try self.prepare(spec) }
+        // Cancelling stops an image import on first use (which removes what it made).
+        let cancellation = Cancellation()
+        let prepared = try await withTaskCancellationHandler {
+            try await DedicatedThread.run { try self.prepare(spec, cancellation: cancellation) }
+        } onCancel: {
+            cancellation.cancel("cancelled while the image was imported; nothing was imported")
+        }
         defer { prepared.close() }
         Trace.mark("launch")
         let outcome = try await backend.run(prepared.request)
@@ -81,7 +87,7 @@ public final class SandboxEngine: Sendable {
     }
 
     /// Opens the host files, resolves the image, takes the lease, prepares the upper.
-    private func prepare(_ spec: RunSpec) throws -> Prepared {
+    private func prepare(_ spec: RunSpec, cancellation: Cancellation? = nil) throws -> Prepared {
         // Open host files first: a missing one must fail before anything else happens.
         var opened: [(fd: Int32, mapping: FileMapping)] = []
         var handedOver = false
@@ -106,7 +112,7 @@ public final class SandboxEngine: Sendable {
         }
 
         Trace.mark("validated")
-        let image = try baseImages.resolve(spec.image)
+        let image = try baseImages.resolve(spec.image, cancellation: cancellation)
         Trace.mark("image resolved")
         let lease = try store.acquireLease(layers: image.layers, image: image.uuid)
         var leaseHandedOver = false
