@@ -218,7 +218,8 @@ public struct MicroVM: Sendable {
         _ command: Command, stdin: Input = .bytes([]), timeout: Double = 600, template: Template? = nil,
         onStart: @Sendable (pid_t) -> Void = { _ in },
         onStdout: @escaping @Sendable ([UInt8]) -> Void = { _ in },
-        onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in }
+        onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in },
+        onChanges: ([UInt8]) throws -> Void = { _ in }
     ) throws -> Outcome {
         guard command.layers.count <= (template?.layerSlots ?? 20) else {
             throw SandboxError(.unsupported, "a VM takes at most 20 layer disks; flatten the image first")
@@ -294,6 +295,7 @@ public struct MicroVM: Sendable {
             case UInt8(ascii: "O"): onStdout(frame.payload)
             case UInt8(ascii: "E"): onStderr(frame.payload)
             case UInt8(ascii: "L"): onStderr(frame.payload + [10])
+            case UInt8(ascii: "T"): try onChanges(frame.payload)
             case UInt8(ascii: "X"):
                 let report = String(decoding: frame.payload, as: UTF8.self)
                 var values: [String: Int64] = [:]

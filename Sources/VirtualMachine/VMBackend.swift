@@ -141,10 +141,7 @@ public final class VMBackend: IsolationBackend {
         let staging = upper + "-vm"
         try? FileSystem.removeTree(staging)
         try FileSystem.makeDirectories(staging + "/disk/work")
-        defer {
-            _ = try? ChildProcess.run(["umount", staging + "/mnt"])
-            try? FileSystem.removeTree(staging)
-        }
+        defer { try? FileSystem.removeTree(staging) }
         // The upper as the engine prepared it (mount points, the output file), and the files
         // to copy in.
         try run(["cp", "-a", upper, staging + "/disk/upper"], "copy the upper directory")
@@ -182,11 +179,17 @@ public final class VMBackend: IsolationBackend {
         vm.accelerator = ProcessInfo.processInfo.environment["CONTREE_VM_ACCEL"] ?? accelerator(kit: kit, root: root)
         if let memory = request.limits.memoryBytes { vm.memoryMiB = max(128, Int(memory >> 20)) }
         let template = useTemplates && layers.count <= VMBackend.layerSlots ? try self.template(for: vm, root: root) : nil
+        // The guest sends its changes as a layer tar; the host never mounts what it wrote.
+        let changesPath = staging + "/changes.tar"
+        let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard changes >= 0 else { throw SandboxError.system("open(\(changesPath))") }
+        defer { close(changes) }
         let outcome: MicroVM.Outcome
         do {
             outcome = try vm.run(
                 command, stdin: stdin, timeout: request.timeout ?? 24 * 3600, template: template,
-                onStart: state.started, onStdout: stdout.take, onStderr: stderr.take)
+                onStart: state.started, onStdout: stdout.take, onStderr: stderr.take,
+                onChanges: { try FileSystem.writeAll(fd: changes, $0, path: changesPath) })
         } catch where state.cancelled {
             // Killed on purpose before the guest started: a cancelled run, not a failure.
             var result = LaunchOutcome()
@@ -216,13 +219,17 @@ public final class VMBackend: IsolationBackend {
                 .sandboxSetup,
                 "the VM ended without the command's report; its console ended with:\n\(outcome.console ?? "(nothing)")")
         }
-        // The changes: the upper disk's upper/ replaces the engine's upper directory.
+        // The changes: unpacked (paths that would escape refused, as for any layer) into a
+        // fresh directory that replaces the engine's upper.
         if outcome.exitCode != nil || outcome.signal != nil {
-            try FileSystem.makeDirectories(staging + "/mnt")
-            try run(["mount", "-o", "loop,ro", disk, staging + "/mnt"], "mount the upper disk")
+            let unpacked = staging + "/upper"
+            try FileSystem.makeDirectory(unpacked, mode: 0o755)
+            guard lseek(changes, 0, SEEK_SET) == 0 else { throw SandboxError.system("lseek(\(changesPath))") }
+            var reader = TarReader(fd: changes, name: "the VM's changes")
+            var extractor = LayerExtractor(root: unpacked)
+            try extractor.extract(&reader, source: "the VM's changes")
             try FileSystem.removeTree(upper)
-            try run(["cp", "-a", staging + "/mnt/upper", upper], "copy the changes out of the upper disk")
-            try run(["umount", staging + "/mnt"], "unmount the upper disk")
+            try FileSystem.rename(unpacked, upper)
         }
         Trace.mark("vm: changes copied out")
         return result

@@ -9,6 +9,7 @@
 //                  'O' stdout bytes                             'I' stdin bytes ('I' empty: EOF)
 //                  'E' stderr bytes
 //                  'L' a line about a failure of the agent itself
+//                  'T' the run's changes: a piece of an OCI layer tar (with an upper disk)
 //                  'X' "status=N signal=N utime_us=N stime_us=N maxrss_kb=N processes=N
 //                       read_bytes=N write_bytes=N"
 //
@@ -38,8 +39,11 @@
 #include <grp.h>
 #include <linux/fs.h>
 #include <linux/random.h>
+#include <dirent.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/sysmacros.h>
+#include <sys/xattr.h>
 #include <net/if.h>
 #include <time.h>
 #include <unistd.h>
@@ -185,6 +189,144 @@ static void add_entropy(const char *hex) {
     close(fd);
 }
 
+// The run's changes go to the host as an OCI layer tar in 'T' frames: the host unpacks it with
+// the same extractor it uses for registry layers (refusing paths that escape), so it never
+// mounts a file system the guest wrote. Overlay whiteouts become `.wh.` entries, opaque
+// directories `.wh..wh..opq`.
+static char tar_buffer[65536];
+static size_t tar_length;
+
+static void tar_flush(void) {
+    if (tar_length > 0) send_frame('T', tar_buffer, (uint32_t)tar_length);
+    tar_length = 0;
+}
+
+static void tar_out(const void *data, size_t size) {
+    const char *p = data;
+    while (size > 0) {
+        size_t room = sizeof tar_buffer - tar_length, n = size < room ? size : room;
+        memcpy(tar_buffer + tar_length, p, n);
+        tar_length += n;
+        p += n;
+        size -= n;
+        if (tar_length == sizeof tar_buffer) tar_flush();
+    }
+}
+
+static void tar_pad(unsigned long long size) {
+    static const char zeros[512];
+    if (size % 512 != 0) tar_out(zeros, 512 - size % 512);
+}
+
+static void octal(char *field, int width, unsigned long long value) {
+    char text[32];
+    snprintf(text, sizeof text, "%0*llo", width - 1, value);
+    memcpy(field, text, (size_t)width - 1);
+}
+
+// One PAX record, "LENGTH KEY=VALUE\n", whose length counts its own digits.
+static size_t pax_record(char *out, size_t room, const char *key, const char *value) {
+    size_t body = strlen(key) + strlen(value) + 3, total = body + 1;
+    while (snprintf(NULL, 0, "%zu", total) + body != total) total++;
+    return (size_t)snprintf(out, room, "%zu %s=%s\n", total, key, value);
+}
+
+static void tar_header(
+    const char *name, char type, const struct stat *st, unsigned long long size, const char *link) {
+    if (strlen(name) > 99 || (link != NULL && strlen(link) > 99)) {
+        char records[9000];
+        size_t length = pax_record(records, sizeof records, "path", name);
+        if (link != NULL) length += pax_record(records + length, sizeof records - length, "linkpath", link);
+        struct stat plain = {0};
+        tar_header("PaxHeader", 'x', &plain, length, NULL);
+        tar_out(records, length);
+        tar_pad(length);
+    }
+    char h[512];
+    memset(h, 0, sizeof h);
+    strncpy(h, name, 99);
+    octal(h + 100, 8, st->st_mode & 07777);
+    octal(h + 108, 8, st->st_uid);
+    octal(h + 116, 8, st->st_gid);
+    octal(h + 124, 12, size);
+    octal(h + 136, 12, st->st_mtime > 0 ? (unsigned long long)st->st_mtime : 0);
+    h[156] = type;
+    if (link != NULL) strncpy(h + 157, link, 99);
+    memcpy(h + 257, "ustar", 6);
+    memcpy(h + 263, "00", 2);
+    if (type == '3' || type == '4') {
+        octal(h + 329, 8, major(st->st_rdev));
+        octal(h + 337, 8, minor(st->st_rdev));
+    }
+    memset(h + 148, ' ', 8);
+    unsigned sum = 0;
+    for (int i = 0; i < 512; i++) sum += (unsigned char)h[i];
+    snprintf(h + 148, 8, "%06o", sum);
+    h[155] = ' ';
+    tar_out(h, 512);
+}
+
+static void tar_tree(const char *base, const char *relative) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s%s%s", base, relative[0] ? "/" : "", relative);
+    DIR *directory = opendir(path);
+    if (directory == NULL) return;
+    struct dirent *entry;
+    while ((entry = readdir(directory)) != NULL) {
+        if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0) continue;
+        char name[4096], full[4096];
+        snprintf(name, sizeof name, "%s%s%s", relative, relative[0] ? "/" : "", entry->d_name);
+        snprintf(full, sizeof full, "%s/%s", base, name);
+        struct stat st;
+        if (lstat(full, &st) != 0) continue;
+        if (S_ISCHR(st.st_mode) && st.st_rdev == 0) {  // an overlay whiteout
+            char whiteout[4200];
+            snprintf(whiteout, sizeof whiteout, "%s%s.wh.%s", relative, relative[0] ? "/" : "", entry->d_name);
+            struct stat plain = st;
+            plain.st_mode = S_IFREG | 0644;
+            tar_header(whiteout, '0', &plain, 0, NULL);
+        } else if (S_ISDIR(st.st_mode)) {
+            tar_header(name, '5', &st, 0, NULL);
+            char value[8];
+            ssize_t n = lgetxattr(full, "trusted.overlay.opaque", value, sizeof value);
+            if (n == 1 && value[0] == 'y') {
+                char opaque[4200];
+                snprintf(opaque, sizeof opaque, "%s/.wh..wh..opq", name);
+                struct stat plain = st;
+                plain.st_mode = S_IFREG | 0644;
+                tar_header(opaque, '0', &plain, 0, NULL);
+            }
+            tar_tree(base, name);
+        } else if (S_ISREG(st.st_mode)) {
+            int fd = open(full, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+            if (fd < 0) continue;
+            tar_header(name, '0', &st, (unsigned long long)st.st_size, NULL);
+            unsigned long long left = (unsigned long long)st.st_size;
+            char chunk[65536];
+            while (left > 0) {
+                ssize_t n = read(fd, chunk, left < sizeof chunk ? left : sizeof chunk);
+                if (n <= 0) {  // shorter than it said: pad with zeros so the stream stays whole
+                    memset(chunk, 0, sizeof chunk);
+                    n = (ssize_t)(left < sizeof chunk ? left : sizeof chunk);
+                }
+                tar_out(chunk, (size_t)n);
+                left -= (unsigned long long)n;
+            }
+            close(fd);
+            tar_pad((unsigned long long)st.st_size);
+        } else if (S_ISLNK(st.st_mode)) {
+            char target[4096];
+            ssize_t n = readlink(full, target, sizeof target - 1);
+            if (n < 0) continue;
+            target[n] = 0;
+            tar_header(name, '2', &st, 0, target);
+        } else if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) || S_ISFIFO(st.st_mode)) {
+            tar_header(name, S_ISCHR(st.st_mode) ? '3' : S_ISBLK(st.st_mode) ? '4' : '6', &st, 0, NULL);
+        }
+    }
+    closedir(directory);
+}
+
 // Processes created since boot (/proc/stat's "processes").
 static long long processes_created(void) {
     FILE *stat = fopen("/proc/stat", "r");
@@ -294,7 +436,27 @@ int main(void) {
     mkdir("/root/dev", 0755);
     mkdir("/root/tmp", 01777);
     mount("proc", "/root/proc", "proc", 0, NULL);
-    mount("devtmpfs", "/root/dev", "devtmpfs", 0, NULL);
+    // A /dev like the container backend's: the command sees no disk and not the agent's port.
+    if (mount("tmpfs", "/root/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=1m") == 0) {
+        static const struct { const char *name; unsigned major, minor; } nodes[] = {
+            {"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7}, {"random", 1, 8}, {"urandom", 1, 9}, {"tty", 5, 0},
+        };
+        for (size_t i = 0; i < sizeof nodes / sizeof nodes[0]; i++) {
+            char node[64];
+            snprintf(node, sizeof node, "/root/dev/%s", nodes[i].name);
+            mknod(node, S_IFCHR | 0666, makedev(nodes[i].major, nodes[i].minor));
+            chmod(node, 0666);
+        }
+        symlink("/proc/self/fd", "/root/dev/fd");
+        symlink("/proc/self/fd/0", "/root/dev/stdin");
+        symlink("/proc/self/fd/1", "/root/dev/stdout");
+        symlink("/proc/self/fd/2", "/root/dev/stderr");
+        mkdir("/root/dev/pts", 0755);
+        mount("devpts", "/root/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620");
+        symlink("pts/ptmx", "/root/dev/ptmx");
+        mkdir("/root/dev/shm", 01777);
+        mount("shm", "/root/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    }
 
     long long processes_before = processes_created(), read_before, written_before;
     disk_bytes(&read_before, &written_before);
@@ -386,8 +548,16 @@ int main(void) {
     kill(-1, SIGKILL);
     while (wait(NULL) > 0 || errno == EINTR) {}
     umount2("/root/proc", MNT_DETACH);
+    umount2("/root/dev/pts", MNT_DETACH);
+    umount2("/root/dev/shm", MNT_DETACH);
     umount2("/root/dev", MNT_DETACH);
     umount2("/root", 0);
+    if (upper_disk != NULL) {  // the changes, then the end of the archive
+        tar_tree("/scratch/upper", "");
+        static const char end[1024];
+        tar_out(end, sizeof end);
+        tar_flush();
+    }
     sync();
     umount2("/scratch", 0);
     // Block I/O counted once the command's writes reached the disk.
