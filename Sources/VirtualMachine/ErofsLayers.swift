@@ -19,7 +19,7 @@ public enum ErofsLayers {
         if FileSystem.exists(path) { return path }
         // Unique per builder: concurrent runs in one process may build the same layer.
         let partial = path + ".\(getpid()).\(UUID().uuidString.prefix(8)).partial"
-        let result = try ChildProcess.run(["mkfs.erofs", "-T0", partial, layerDirectory])
+        let result = try ChildProcess.run(["mkfs.erofs", partial, layerDirectory])
         guard result.succeeded else {
             unlink(partial)
             throw SandboxError(.childProcess, "mkfs.erofs for layer \(layer): \(result.stderrText)")

@@ -90,6 +90,21 @@ public struct MicroVM: Sendable {
         public var layerSlots: Int
     }
 
+    /// Starts QEMU with `arguments`, its stdout on /dev/null (the descriptor closed again).
+    private func spawnQEMU(_ arguments: [String]) throws -> ChildProcess.Spawned {
+        let devNull = open("/dev/null", O_WRONLY | O_CLOEXEC)
+        defer { if devNull >= 0 { close(devNull) } }
+        return try ChildProcess.spawn(arguments, captureStdout: false, stdoutFD: devNull)
+    }
+
+    /// A path inside a QEMU option (commas doubled) or a shell word (single-quoted).
+    static func option(_ path: String) -> String { path.replacingOccurrences(of: ",", with: ",,") }
+    static func shellWord(_ path: String) -> String { "'" + path.replacingOccurrences(of: "'", with: #"'\''"#) + "'" }
+    /// A string as a JSON string literal's contents.
+    static func json(_ text: String) -> String {
+        text.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+    }
+
     /// QEMU's arguments: the machine, the agent's port, the disks.
     func arguments(
         work: String, layers: [String], upper: String?, ram: (path: String, shared: Bool)?, restoring: Bool
@@ -99,31 +114,32 @@ public struct MicroVM: Sendable {
         var arguments = [
             "qemu-system-x86_64", "-M", machine, "-accel", accelerator, "-cpu", "max", "-m", String(memoryMiB),
             "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-serial", "file:" + work + "/console.log", "-kernel", kit.kernel, "-initrd", kit.initramfs,
+            "-serial", "file:" + MicroVM.option(work + "/console.log"), "-kernel", kit.kernel, "-initrd", kit.initramfs,
             "-append", "console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2000000 lpj=8000000 no_timer_check",
             "-device", "virtio-serial-device",
             // QEMU waits for this process to connect before the guest starts: nothing is lost.
-            "-chardev", "socket,id=agent,path=\(work)/agent.sock,server=on,wait=on",
+            "-chardev", "socket,id=agent,path=\(MicroVM.option(work + "/agent.sock")),server=on,wait=on",
             "-device", "virtserialport,chardev=agent,nr=1,name=contree",
-            "-qmp", "unix:\(work)/qmp.sock,server=on,wait=off",
+            "-qmp", "unix:\(MicroVM.option(work + "/qmp.sock")),server=on,wait=off",
         ]
         if let ram {
             // Shared while a template is made (the RAM lands in the file); private (copy on
             // write) in a restored run, so clones of one template never see each other.
             arguments += [
-                "-object", "memory-backend-file,id=ram,size=\(memoryMiB)M,mem-path=\(ram.path),share=\(ram.shared ? "on" : "off")",
+                "-object",
+                "memory-backend-file,id=ram,size=\(memoryMiB)M,mem-path=\(MicroVM.option(ram.path)),share=\(ram.shared ? "on" : "off")",
             ]
         }
         if restoring { arguments += ["-incoming", "defer"] }
         for (index, layer) in layers.enumerated() {
             arguments += [
-                "-drive", "id=layer\(index),file=\(layer),format=raw,if=none,readonly=on",
+                "-drive", "id=layer\(index),file=\(MicroVM.option(layer)),format=raw,if=none,readonly=on",
                 "-device", "virtio-blk-device,drive=layer\(index),serial=layer\(index)",
             ]
         }
         if let upper {
             arguments += [
-                "-drive", "id=upper,file=\(upper),format=raw,if=none,cache=unsafe",
+                "-drive", "id=upper,file=\(MicroVM.option(upper)),format=raw,if=none,cache=unsafe",
                 "-device", "virtio-blk-device,drive=upper,serial=upper",
             ]
         }
@@ -136,9 +152,7 @@ public struct MicroVM: Sendable {
         guard (try? FileSystem.makeDirectories(work)) != nil else { return false }
         defer { try? FileSystem.removeTree(work) }
         guard
-            let qemu = try? ChildProcess.spawn(
-                arguments(work: work, layers: [], upper: nil, ram: nil, restoring: false), captureStdout: false,
-                stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+            let qemu = try? spawnQEMU(arguments(work: work, layers: [], upper: nil, ram: nil, restoring: false))
         else { return false }
         defer {
             kill(qemu.pid, SIGKILL)
@@ -166,11 +180,10 @@ public struct MicroVM: Sendable {
         }
         let ram = directory + "/ram.partial"
         let state = directory + "/state.partial"
-        let qemu = try ChildProcess.spawn(
+        let qemu = try spawnQEMU(
             arguments(
                 work: work, layers: Array(repeating: placeholder, count: layerSlots), upper: upperPlaceholder,
-                ram: (ram, true), restoring: false),
-            captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+                ram: (ram, true), restoring: false))
         defer {
             kill(qemu.pid, SIGKILL)
             _ = try? ChildProcess.wait(qemu.pid, "qemu")
@@ -180,7 +193,7 @@ public struct MicroVM: Sendable {
         defer { close(channel) }
         var reader = FrameReader(fd: channel)
         guard let ready = try reader.next(until: monotonicSeconds() + 300), ready.type == UInt8(ascii: "R") else {
-            let console = (try? FileSystem.readFile(work + "/console.log")).map { String(decoding: $0.suffix(3000), as: UTF8.self) }
+            let console = MicroVM.tail(work + "/console.log", 3000)
             kill(qemu.pid, SIGKILL)
             let errors = String(decoding: (try? FileSystem.readAll(fd: qemu.stderr, path: "qemu stderr")) ?? [], as: UTF8.self)
             throw SandboxError(
@@ -189,7 +202,7 @@ public struct MicroVM: Sendable {
         let qmp = try QMP(path: work + "/qmp.sock")
         try qmp.execute("stop")
         try qmp.execute("migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
-        try qmp.execute("migrate", #"{"uri":"exec:cat > \#(state)"}"#)
+        try qmp.execute("migrate", #"{"uri":"exec:cat > \#(MicroVM.json(MicroVM.shellWord(state)))"}"#)
         let deadline = monotonicSeconds() + 120
         while true {
             let answer = try qmp.execute("query-migrate")
@@ -234,11 +247,10 @@ public struct MicroVM: Sendable {
             layers += Array(repeating: work + "/empty.img", count: template.layerSlots - layers.count)
         }
         let started = monotonicSeconds()
-        let qemu = try ChildProcess.spawn(
+        let qemu = try spawnQEMU(
             arguments(
                 work: work, layers: layers, upper: command.upperDisk,
-                ram: template.map { ($0.ram, false) }, restoring: template != nil),
-            captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+                ram: template.map { ($0.ram, false) }, restoring: template != nil))
         onStart(qemu.pid)
         var reaped = false
         defer {
@@ -256,7 +268,10 @@ public struct MicroVM: Sendable {
             bootSeconds: 0, wallSeconds: 0, console: nil)
         let pump = InputPump()
         defer { pump.stop() }
+        var specSent = false
         func start() throws {
+            guard !specSent else { return }  // a second ready frame is not the agent's
+            specSent = true
             outcome.bootSeconds = monotonicSeconds() - started
             try send(channel, "S", MicroVM.spec(command, fresh: true))
             switch stdin {
@@ -271,7 +286,8 @@ public struct MicroVM: Sendable {
         if let template {
             let qmp = try QMP(path: work + "/qmp.sock")
             try qmp.execute("migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
-            try qmp.execute("migrate-incoming", #"{"uri":"exec:cat \#(template.state)"}"#)
+            try qmp.execute(
+                "migrate-incoming", #"{"uri":"exec:cat \#(MicroVM.json(MicroVM.shellWord(template.state)))"}"#)
             while true {
                 let status = try qmp.execute("query-status")
                 if status.contains(#""status": "paused""#) || status.contains(#""status":"paused""#) { break }
@@ -303,11 +319,12 @@ public struct MicroVM: Sendable {
                     let parts = pair.split(separator: "=")
                     if parts.count == 2 { values[String(parts[0])] = Int64(parts[1]) }
                 }
-                if let status = values["status"], status >= 0 { outcome.exitCode = Int32(status) }
-                if let signal = values["signal"], signal > 0 { outcome.signal = Int32(signal) }
-                outcome.userSeconds = Double(values["utime_us"] ?? 0) / 1e6
-                outcome.systemSeconds = Double(values["stime_us"] ?? 0) / 1e6
-                outcome.peakMemoryBytes = (values["maxrss_kb"] ?? 0) * 1024
+                // The guest is not trusted: numbers out of range are dropped, never trapped on.
+                if let status = values["status"], (0...255).contains(status) { outcome.exitCode = Int32(status) }
+                if let signal = values["signal"], (1...64).contains(signal) { outcome.signal = Int32(signal) }
+                outcome.userSeconds = Double(max(0, values["utime_us"] ?? 0)) / 1e6
+                outcome.systemSeconds = Double(max(0, values["stime_us"] ?? 0)) / 1e6
+                outcome.peakMemoryBytes = min(max(0, values["maxrss_kb"] ?? 0), Int64.max / 1024) * 1024
                 outcome.processes = values["processes"] ?? 0
                 outcome.bytesRead = values["read_bytes"] ?? 0
                 outcome.bytesWritten = values["write_bytes"] ?? 0
@@ -322,11 +339,21 @@ public struct MicroVM: Sendable {
         reaped = true
         outcome.wallSeconds = monotonicSeconds() - started
         if outcome.exitCode == nil && outcome.signal == nil {
-            outcome.console = (try? FileSystem.readFile(work + "/console.log")).map {
-                String(decoding: $0.suffix(4000), as: UTF8.self)
-            }
+            outcome.console = MicroVM.tail(work + "/console.log", 4000)
         }
         return outcome
+    }
+
+    /// The last `count` bytes of a file (a console the guest may have filled), read alone.
+    static func tail(_ path: String, _ count: Int) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        let end = lseek(fd, 0, SEEK_END)
+        guard end >= 0 else { return nil }
+        var bytes = [UInt8](repeating: 0, count: Int(min(off_t(count), end)))
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, end - off_t($0.count)) }
+        return n > 0 ? String(decoding: bytes[0..<n], as: UTF8.self) : nil
     }
 
     /// Connects to QEMU's socket once it listens (or fails when QEMU died).
@@ -366,6 +393,10 @@ struct FrameReader {
         while true {
             if buffer.count >= 5 {
                 let size = Int(buffer[1]) | Int(buffer[2]) << 8 | Int(buffer[3]) << 16 | Int(buffer[4]) << 24
+                // The agent sends at most 64 KiB a frame; anything larger is not the agent.
+                guard size <= 1 << 20 else {
+                    throw SandboxError(.sandboxSetup, "the VM sent a frame of \(size) bytes; the guest is not trusted further")
+                }
                 if buffer.count >= 5 + size {
                     let frame = (buffer[0], Array(buffer[5..<(5 + size)]))
                     buffer.removeFirst(5 + size)

@@ -82,6 +82,8 @@ public final class VMBackend: IsolationBackend {
             }
         }
         var cancelled: Bool { state.withLock { $0.cancelled } }
+        /// QEMU has been reaped: its pid may be reused, and is not to be signalled.
+        func finished() { state.withLock { $0.pid = nil } }
     }
 
     private let accelerators = Mutex<[String: String]>([:])
@@ -130,6 +132,7 @@ public final class VMBackend: IsolationBackend {
     }
 
     private func runBlocking(_ request: LaunchRequest, state: RunState) throws -> LaunchOutcome {
+        defer { state.finished() }
         let root = request.storeRoot
         let kit = try kit(root)
         // Lowers come top-most first; the guest stacks its disks bottom first.
@@ -184,13 +187,23 @@ public final class VMBackend: IsolationBackend {
         let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard changes >= 0 else { throw SandboxError.system("open(\(changesPath))") }
         defer { close(changes) }
+        var changesBytes: Int64 = 0
         let outcome: MicroVM.Outcome
         do {
             outcome = try vm.run(
                 command, stdin: stdin, timeout: request.timeout ?? 24 * 3600, template: template,
                 onStart: state.started, onStdout: stdout.take, onStderr: stderr.take,
-                onChanges: { try FileSystem.writeAll(fd: changes, $0, path: changesPath) })
+                onChanges: { chunk in
+                    // No more than the upper disk could hold (plus tar headers): the guest is not trusted.
+                    changesBytes += Int64(chunk.count)
+                    guard changesBytes <= self.upperDiskBytes + (256 << 20) else {
+                        throw SandboxError(.sandboxSetup, "the VM sent more changes than its upper disk holds")
+                    }
+                    try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
+                })
+            state.finished()
         } catch where state.cancelled {
+            state.finished()
             // Killed on purpose before the guest started: a cancelled run, not a failure.
             var result = LaunchOutcome()
             result.cancelled = true

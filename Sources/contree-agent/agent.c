@@ -233,10 +233,18 @@ static size_t pax_record(char *out, size_t room, const char *key, const char *va
 
 static void tar_header(
     const char *name, char type, const struct stat *st, unsigned long long size, const char *link) {
-    if (strlen(name) > 99 || (link != NULL && strlen(link) > 99)) {
-        char records[9000];
+    // ustar's fields hold 11 octal digits of size (8 GiB) and 7 of ids: PAX carries the rest.
+    int large = size >= 077777777777ULL || st->st_uid > 07777777 || st->st_gid > 07777777;
+    if (strlen(name) > 99 || (link != NULL && strlen(link) > 99) || large) {
+        char records[9000], number[32];
         size_t length = pax_record(records, sizeof records, "path", name);
         if (link != NULL) length += pax_record(records + length, sizeof records - length, "linkpath", link);
+        snprintf(number, sizeof number, "%llu", size);
+        length += pax_record(records + length, sizeof records - length, "size", number);
+        snprintf(number, sizeof number, "%u", (unsigned)st->st_uid);
+        length += pax_record(records + length, sizeof records - length, "uid", number);
+        snprintf(number, sizeof number, "%u", (unsigned)st->st_gid);
+        length += pax_record(records + length, sizeof records - length, "gid", number);
         struct stat plain = {0};
         tar_header("PaxHeader", 'x', &plain, length, NULL);
         tar_out(records, length);
@@ -246,9 +254,9 @@ static void tar_header(
     memset(h, 0, sizeof h);
     strncpy(h, name, 99);
     octal(h + 100, 8, st->st_mode & 07777);
-    octal(h + 108, 8, st->st_uid);
-    octal(h + 116, 8, st->st_gid);
-    octal(h + 124, 12, size);
+    octal(h + 108, 8, st->st_uid > 07777777 ? 0 : st->st_uid);
+    octal(h + 116, 8, st->st_gid > 07777777 ? 0 : st->st_gid);
+    octal(h + 124, 12, size >= 077777777777ULL ? 0 : size);
     octal(h + 136, 12, st->st_mtime > 0 ? (unsigned long long)st->st_mtime : 0);
     h[156] = type;
     if (link != NULL) strncpy(h + 157, link, 99);
@@ -434,7 +442,7 @@ int main(void) {
     if (diskc == 0 || mount("overlay", "/root", "overlay", 0, options) != 0) fail("mount the root overlay");
     mkdir("/root/proc", 0555);
     mkdir("/root/dev", 0755);
-    mkdir("/root/tmp", 01777);
+    if (mkdir("/root/tmp", 01777) == 0) chmod("/root/tmp", 01777);  // not the umask's 01755
     mount("proc", "/root/proc", "proc", 0, NULL);
     // A /dev like the container backend's: the command sees no disk and not the agent's port.
     if (mount("tmpfs", "/root/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755,size=1m") == 0) {
@@ -502,14 +510,36 @@ int main(void) {
     close(err[1]);
     close(in[0]);
 
-    // Relay: the command's output to the host, the host's stdin frames to the command.
-    struct pollfd fds[3] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}, {port, POLLIN, 0}};
-    int open_outputs = 2, stdin_fd = in[1];
+    // Relay: the command's output to the host, the host's stdin frames to the command (never
+    // blocking on the command's stdin: what it has not read yet waits here), 'K' frames as
+    // signals to it. When the command exits, what it left running is killed, so a background
+    // child holding the pipes cannot keep the run alive.
+    int exit_fd = (int)syscall(SYS_pidfd_open, child, 0);  // readable once the command exits
+    struct pollfd fds[5] = {
+        {out[0], POLLIN, 0}, {err[0], POLLIN, 0}, {port, POLLIN, 0}, {-1, POLLOUT, 0}, {exit_fd, POLLIN, 0}};
+    int open_outputs = 2, stdin_fd = in[1], stdin_closing = 0, status = 0, exited = 0;
+    struct rusage usage;
+    memset(&usage, 0, sizeof usage);
+    fcntl(stdin_fd, F_SETFL, fcntl(stdin_fd, F_GETFL) | O_NONBLOCK);
+    char *pending = NULL;
+    size_t pending_size = 0, pending_done = 0;
     char buffer[65536];
     while (open_outputs > 0) {
-        if (poll(fds, 3, -1) < 0) {
+        fds[3].fd = pending_size > pending_done ? stdin_fd : -1;
+        // Stop reading frames while stdin is backed up: the host waits, nothing piles up here.
+        fds[2].events = pending_size > pending_done ? 0 : POLLIN;
+        int ready = poll(fds, 5, exited || exit_fd >= 0 ? -1 : 100);
+        if (ready < 0) {
             if (errno == EINTR) continue;
             fail("poll");
+        }
+        if (!exited && (exit_fd < 0 || fds[4].revents != 0)) {
+            pid_t done = wait4(child, &status, WNOHANG, &usage);
+            if (done == child) {
+                exited = 1;
+                fds[4].fd = -1;
+                kill(-1, SIGKILL);  // everything but pid 1: the pipes close and the loop ends
+            }
         }
         for (int i = 0; i < 2; i++) {
             if (fds[i].fd < 0 || fds[i].revents == 0) continue;
@@ -522,27 +552,50 @@ int main(void) {
                 open_outputs--;
             }
         }
-        if (fds[2].fd >= 0 && fds[2].revents != 0) {
+        if (fds[3].fd >= 0 && fds[3].revents != 0) {
+            ssize_t n = write(stdin_fd, pending + pending_done, pending_size - pending_done);
+            if (n > 0) pending_done += (size_t)n;
+            if (n < 0 && errno != EAGAIN && errno != EINTR) pending_done = pending_size;  // the reader is gone
+        }
+        if (pending_size > 0 && pending_done == pending_size) {
+            free(pending);
+            pending = NULL;
+            pending_size = pending_done = 0;
+        }
+        if (stdin_closing && pending_size == 0 && stdin_fd >= 0) {
+            close(stdin_fd);
+            stdin_fd = -1;
+        }
+        if (fds[2].fd >= 0 && (fds[2].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
             char *data;
             uint32_t size;
             int type = read_frame(&data, &size);
             if (type < 0) {
                 fds[2].fd = -1;
-            } else if (type == 'I' && stdin_fd >= 0) {
+            } else if (type == 'I' && stdin_fd >= 0 && !stdin_closing) {
                 if (size == 0) {
-                    close(stdin_fd);
-                    stdin_fd = -1;
+                    stdin_closing = 1;
+                    if (pending_size == 0) {
+                        close(stdin_fd);
+                        stdin_fd = -1;
+                    }
                 } else {
-                    write_all(stdin_fd, data, size);
+                    pending = data;  // taken over: freed once written
+                    pending_size = size;
+                    pending_done = 0;
+                    data = NULL;
                 }
+            } else if (type == 'K' && size > 0 && !exited) {
+                int signal_number = atoi(data);
+                if (signal_number > 0 && signal_number < 65) kill(child, signal_number);
             }
-            if (type >= 0) free(data);
+            free(data);
         }
     }
+    free(pending);
+    if (exit_fd >= 0) close(exit_fd);
     if (stdin_fd >= 0) close(stdin_fd);
-    int status = 0;
-    struct rusage usage;
-    while (wait4(child, &status, 0, &usage) < 0 && errno == EINTR) {}
+    while (!exited && wait4(child, &status, 0, &usage) < 0 && errno == EINTR) {}
     long long processes = processes_created() - processes_before;
     // What the command left running dies; the upper disk is unmounted clean for the host.
     kill(-1, SIGKILL);

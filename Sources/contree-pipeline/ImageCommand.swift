@@ -149,11 +149,13 @@ struct ImageCommand: ParsableCommand {
         func run() throws {
             try reportingErrors {
                 let store = try storeOptions.open()
-                // Ctrl-C (or SIGTERM) stops the import, which removes what it made.
+                // Ctrl-C (or SIGTERM) stops a registry or layout import, which removes what it
+                // made; a root file system import stops the default way.
                 let cancellation = Cancellation()
-                let signals = Termination.onSignal {
-                    cancellation.cancel("the import was interrupted; nothing was imported")
-                }
+                let cancellable = RegistryImporter.handles(path) || OCIImporter.handles(path)
+                let signals =
+                    cancellable
+                    ? Termination.onSignal { cancellation.cancel("the import was interrupted; nothing was imported") } : []
                 defer { signals.forEach { $0.cancel() } }
                 if RegistryImporter.handles(path) {
                     let credentials = registryCredentials(username, password)

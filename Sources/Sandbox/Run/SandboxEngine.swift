@@ -273,6 +273,10 @@ public final class SandboxEngine: Sendable {
         for key in spec.env.keys where key.isEmpty || key.contains("=") || key.contains("\0") {
             throw SandboxError(.invalidArgument, "invalid environment variable name '\(key)'")
         }
+        // No program can receive a NUL inside an argument or a value; refuse rather than cut.
+        if spec.command.contains(where: { $0.contains("\0") }) || spec.env.values.contains(where: { $0.contains("\0") }) {
+            throw SandboxError(.invalidArgument, "an argument or environment value contains a NUL byte; remove it")
+        }
         if let timeout = spec.timeout, !(timeout > 0) {
             throw SandboxError(.invalidArgument, "timeout must be a positive number of seconds, got \(timeout)")
         }

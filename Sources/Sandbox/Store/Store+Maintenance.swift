@@ -79,8 +79,9 @@ extension Store {
                 report.layersRemoved += 1
             }
             // Files derived from a layer (`vm/erofs/<hex>.erofs…`) go with it.
+            // Not when vm/ is shared with other stores (a symlink): their layers are not known here.
             let derived = root + "/vm/erofs"
-            if FileSystem.isDirectory(derived) {
+            if FileSystem.isDirectory(derived), !((try? FileSystem.status(root + "/vm"))??.isSymlink ?? false) {
                 for name in try FileSystem.list(derived) {
                     let layer = String(name.prefix { $0 != "." })
                     guard !known.contains(layer) else { continue }
