@@ -232,7 +232,8 @@ public struct MicroVM: Sendable {
         onStart: @Sendable (pid_t) -> Void = { _ in },
         onStdout: @escaping @Sendable ([UInt8]) -> Void = { _ in },
         onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in },
-        onChanges: ([UInt8]) throws -> Void = { _ in }
+        onChanges: ([UInt8]) throws -> Void = { _ in },
+        onRunning: (Channel) -> Void = { _ in }
     ) throws -> Outcome {
         guard command.layers.count <= (template?.layerSlots ?? 20) else {
             throw SandboxError(.unsupported, "a VM takes at most 20 layer disks; flatten the image first")
@@ -260,8 +261,9 @@ public struct MicroVM: Sendable {
             }
             close(qemu.stderr)
         }
-        let channel = try connect(work + "/agent.sock", qemu: qemu.pid)
-        defer { close(channel) }
+        let socket = try connect(work + "/agent.sock", qemu: qemu.pid)
+        let channel = Channel(fd: socket)
+        defer { channel.close() }
         let deadline = started + timeout
         var outcome = Outcome(
             exitCode: nil, signal: nil, timedOut: false, userSeconds: 0, systemSeconds: 0, peakMemoryBytes: 0,
@@ -273,15 +275,15 @@ public struct MicroVM: Sendable {
             guard !specSent else { return }  // a second ready frame is not the agent's
             specSent = true
             outcome.bootSeconds = monotonicSeconds() - started
-            try send(channel, "S", MicroVM.spec(command, fresh: true))
+            try channel.send("S", MicroVM.spec(command, fresh: true))
             switch stdin {
             case .bytes(let bytes):
-                if !bytes.isEmpty { try send(channel, "I", bytes) }
-                try send(channel, "I", [])
+                if !bytes.isEmpty { try channel.send("I", bytes) }
+                try channel.send("I", [])
             case .fileDescriptor(let fd):
-                // From here on only the pump writes to the channel.
-                pump.start(from: fd) { [self] chunk in try? self.send(channel, "I", chunk) }
+                pump.start(from: fd) { chunk in try? channel.send("I", chunk) }
             }
+            onRunning(channel)
         }
         if let template {
             let qmp = try QMP(path: work + "/qmp.sock")
@@ -299,7 +301,7 @@ public struct MicroVM: Sendable {
             try qmp.execute("cont")
             try start()
         }
-        var reader = FrameReader(fd: channel)
+        var reader = FrameReader(fd: socket)
         loop: while true {
             guard let frame = try reader.next(until: deadline) else {
                 outcome.timedOut = monotonicSeconds() >= deadline
@@ -369,14 +371,6 @@ public struct MicroVM: Sendable {
         throw SandboxError(.sandboxSetup, "qemu-system-x86_64 did not open the agent's socket within 5 s")
     }
 
-    private func send(_ fd: Int32, _ type: Character, _ payload: [UInt8]) throws {
-        let size = UInt32(payload.count)
-        let header: [UInt8] = [
-            type.asciiValue!, UInt8(size & 0xff), UInt8((size >> 8) & 0xff), UInt8((size >> 16) & 0xff),
-            UInt8(size >> 24),
-        ]
-        try FileSystem.writeAll(fd: fd, header + payload, path: "the agent's socket")
-    }
 }
 
 /// Frames from the agent: a type byte, a 4-byte little-endian length, the payload.
@@ -534,5 +528,39 @@ final class InputPump: @unchecked Sendable {
             return thread != nil
         }
         if running { finished.wait() }
+    }
+}
+
+/// The host's end of the agent's port: frames written whole, one writer at a time (the stdin
+/// pump and signals share it).
+public final class Channel: @unchecked Sendable {
+    let fd: Int32
+    private let lock = NSLock()
+    private var closed = false
+
+    init(fd: Int32) {
+        self.fd = fd
+    }
+
+    func send(_ type: Character, _ payload: [UInt8]) throws {
+        let size = UInt32(payload.count)
+        let header: [UInt8] = [
+            type.asciiValue!, UInt8(size & 0xff), UInt8((size >> 8) & 0xff), UInt8((size >> 16) & 0xff),
+            UInt8(size >> 24),
+        ]
+        try lock.withLock {
+            guard !closed else { throw SandboxError(.conflict, "the VM has ended") }
+            try FileSystem.writeAll(fd: fd, header + payload, path: "the agent's socket")
+        }
+    }
+
+    /// Asks the agent to send `signal` to the command.
+    public func signal(_ signal: Int32) { try? send("K", Array(String(signal).utf8)) }
+
+    func close() {
+        lock.withLock {
+            if !closed { Glibc.close(fd) }
+            closed = true
+        }
     }
 }

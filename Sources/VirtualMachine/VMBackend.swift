@@ -132,7 +132,10 @@ public final class VMBackend: IsolationBackend {
     }
 
     private func runBlocking(_ request: LaunchRequest, state: RunState) throws -> LaunchOutcome {
-        defer { state.finished() }
+        defer {
+            state.finished()
+            request.control?.detach()
+        }
         let root = request.storeRoot
         let kit = try kit(root)
         // Lowers come top-most first; the guest stacks its disks bottom first.
@@ -200,7 +203,7 @@ public final class VMBackend: IsolationBackend {
                         throw SandboxError(.sandboxSetup, "the VM sent more changes than its upper disk holds")
                     }
                     try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
-                })
+                }, onRunning: { channel in request.control?.attach(VMSandbox(channel: channel)) })
             state.finished()
         } catch where state.cancelled {
             state.finished()
@@ -283,5 +286,18 @@ public final class VMBackend: IsolationBackend {
         }
 
         func result() -> ([UInt8], Int) { lock.withLock { (kept, dropped) } }
+    }
+}
+
+/// A running VM as `RunControl` sees it: signals go to the command through the agent; more
+/// commands cannot be started in a VM yet.
+struct VMSandbox: RunningSandbox {
+    let channel: Channel
+
+    func signal(_ signal: Int32) { channel.signal(signal) }
+
+    func exec(_ spec: ExecSpec) async throws -> ExecOutcome {
+        throw SandboxError(
+            .conflict, "starting more processes in a running VM is not supported yet; use isolation: container for that")
     }
 }

@@ -631,6 +631,16 @@ struct VMServeTests {
         let image = try #require(record["result_image_uuid"] as? String)
         let second = try await server.spawn(#"{"command":"cat /kept","image":"\#(image)","shell":true,"timeout":120}"#)
         #expect(try await server.wait(second)[path: "metadata.result.stdout.value"] as? String == "kept\n")
+        // A running VM instance is EXECUTING and takes signals.
+        let sleeper = try await server.spawn(
+            #"{"command":"trap 'echo got TERM; exit 5' TERM; echo ready >&2; while :; do sleep 0.1; done","image":"busybox","shell":true,"timeout":120}"#
+        )
+        try await server.waitForOutput(sleeper, spid: 1, "ready")
+        #expect(try await server.request("GET", "/v1/operations/\(sleeper)").json()["status"] as? String == "EXECUTING")
+        #expect(try await server.request("DELETE", "/v1/operations/\(sleeper)/subprocesses/1?signal=SIGTERM").status == 204)
+        let ended = try await server.wait(sleeper)
+        #expect(ended[path: "metadata.result.state.exit_code"] as? Int == 5, "\(ended)")
+        #expect(ended[path: "metadata.result.stdout.value"] as? String == "got TERM\n")
     }
 }
 

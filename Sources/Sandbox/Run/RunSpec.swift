@@ -116,7 +116,8 @@ public struct ExecOutcome: Sendable {
 }
 
 /// What a running sandbox offers its control: signals to its command, and more commands.
-protocol RunningSandbox: Sendable {
+/// What a backend hands `RunControl` while its command runs.
+public protocol RunningSandbox: Sendable {
     func signal(_ signal: Int32)
     func exec(_ spec: ExecSpec) async throws -> ExecOutcome
 }
@@ -160,7 +161,7 @@ public final class RunControl: Sendable {
     }
 
     /// Called by the backend once the command runs.
-    func attach(_ sandbox: any RunningSandbox) {
+    public func attach(_ sandbox: any RunningSandbox) {
         let pending = state.withLock { state in
             state.sandbox = sandbox
             defer { state.pending = [] }
@@ -171,7 +172,7 @@ public final class RunControl: Sendable {
     }
 
     /// Called by the backend when the sandbox ends (before its resources go).
-    func detach() {
+    public func detach() {
         state.withLock {
             $0.sandbox = nil
             $0.ended = true
