@@ -105,6 +105,11 @@ public struct MicroVM: Sendable {
         text.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
     }
 
+    /// A template that could not be restored (another QEMU, a damaged file): nothing ran yet.
+    public struct RestoreFailed: Error, CustomStringConvertible {
+        public var description: String
+    }
+
     /// QEMU's arguments: the machine, the agent's port, the disks.
     func arguments(
         work: String, layers: [String], upper: String?, ram: (path: String, shared: Bool)?, restoring: Bool
@@ -286,19 +291,11 @@ public struct MicroVM: Sendable {
             onRunning(channel)
         }
         if let template {
-            let qmp = try QMP(path: work + "/qmp.sock")
-            try qmp.execute("migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
-            try qmp.execute(
-                "migrate-incoming", #"{"uri":"exec:cat \#(MicroVM.json(MicroVM.shellWord(template.state)))"}"#)
-            while true {
-                let status = try qmp.execute("query-status")
-                if status.contains(#""status": "paused""#) || status.contains(#""status":"paused""#) { break }
-                if monotonicSeconds() > deadline {
-                    throw SandboxError(.sandboxSetup, "the VM was not restored from its template: \(status)")
-                }
-                usleep(2_000)
+            do {
+                try restore(template, work: work, deadline: deadline)
+            } catch {
+                throw RestoreFailed(description: "\(error)")
             }
-            try qmp.execute("cont")
             try start()
         }
         var reader = FrameReader(fd: socket)
@@ -344,6 +341,25 @@ public struct MicroVM: Sendable {
             outcome.console = MicroVM.tail(work + "/console.log", 4000)
         }
         return outcome
+    }
+
+    /// Loads `template`'s state into the paused QEMU listening on `work`'s QMP socket and
+    /// lets the guest go on.
+    private func restore(_ template: Template, work: String, deadline: Double) throws {
+        let qmp = try QMP(path: work + "/qmp.sock")
+        try qmp.execute("migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
+        try qmp.execute(
+            "migrate-incoming", #"{"uri":"exec:cat \#(MicroVM.json(MicroVM.shellWord(template.state)))"}"#)
+        while true {
+            let status = try qmp.execute("query-status")
+            if status.contains(#""status": "paused""#) || status.contains(#""status":"paused""#) { break }
+            let migration = try qmp.execute("query-migrate")
+            if migration.contains("failed") || monotonicSeconds() > deadline {
+                throw SandboxError(.sandboxSetup, "the VM was not restored from its template: \(migration)")
+            }
+            usleep(2_000)
+        }
+        try qmp.execute("cont")
     }
 
     /// The last `count` bytes of a file (a console the guest may have filled), read alone.

@@ -35,13 +35,31 @@ public final class VMBackend: IsolationBackend {
 
     /// The template for `vm` in the store at `root`: made once (under a lock, so concurrent
     /// runs make it once) and kept in the store.
+    /// QEMU's version: a template saved by one QEMU may not restore in another.
+    static let qemuVersion: String = {
+        let result = try? ChildProcess.run(["qemu-system-x86_64", "--version"])
+        return result.map { String(decoding: $0.stdout, as: UTF8.self).split(separator: "\n").first.map(String.init) ?? "" } ?? ""
+    }()
+
+    private func templateKey(_ vm: MicroVM) -> String {
+        String(
+            OCI.sha256Hex(
+                Array(
+                    "\(vm.kit.release) \(vm.kit.initramfs.split(separator: "/").last ?? "") \(vm.memoryMiB) \(vm.accelerator) \(VMBackend.layerSlots) \(VMBackend.slotBytes) \(VMBackend.qemuVersion)"
+                        .utf8)
+            ).prefix(16))
+    }
+
+    /// Drops a template that would not restore: the next run makes it again.
+    private func forgetTemplate(for vm: MicroVM, root: String) {
+        let key = templateKey(vm)
+        templates.withLock { _ = $0.removeValue(forKey: key) }
+        try? FileSystem.removeTree(root + "/vm/templates/" + key)
+    }
+
     private func template(for vm: MicroVM, root: String) throws -> MicroVM.Template {
-        let key = OCI.sha256Hex(
-            Array(
-                "\(vm.kit.release) \(vm.kit.initramfs.split(separator: "/").last ?? "") \(vm.memoryMiB) \(vm.accelerator) \(VMBackend.layerSlots) \(VMBackend.slotBytes)"
-                    .utf8)
-        ).prefix(16)
-        if let known = templates.withLock({ $0[String(key)] }) { return known }
+        let key = templateKey(vm)
+        if let known = templates.withLock({ $0[key] }) { return known }
         let directory = root + "/vm/templates/" + key
         try FileSystem.makeDirectories(directory)
         let lock = open(directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
@@ -57,7 +75,7 @@ public final class VMBackend: IsolationBackend {
             template = try vm.makeTemplate(
                 in: directory, layerSlots: VMBackend.layerSlots, slotBytes: VMBackend.slotBytes)
         }
-        templates.withLock { $0[String(key)] = template }
+        templates.withLock { $0[key] = template }
         return template
     }
 
@@ -184,15 +202,16 @@ public final class VMBackend: IsolationBackend {
         var vm = MicroVM(kit: kit)
         vm.accelerator = ProcessInfo.processInfo.environment["CONTREE_VM_ACCEL"] ?? accelerator(kit: kit, root: root)
         if let memory = request.limits.memoryBytes { vm.memoryMiB = max(128, Int(memory >> 20)) }
-        let template = useTemplates && layers.count <= VMBackend.layerSlots ? try self.template(for: vm, root: root) : nil
+        var template = useTemplates && layers.count <= VMBackend.layerSlots ? try self.template(for: vm, root: root) : nil
         // The guest sends its changes as a layer tar; the host never mounts what it wrote.
         let changesPath = staging + "/changes.tar"
         let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
         guard changes >= 0 else { throw SandboxError.system("open(\(changesPath))") }
         defer { close(changes) }
         var changesBytes: Int64 = 0
-        let outcome: MicroVM.Outcome
-        do {
+        var outcome: MicroVM.Outcome? = nil
+        while outcome == nil {
+          do {
             outcome = try vm.run(
                 command, stdin: stdin, timeout: request.timeout ?? 24 * 3600, template: template,
                 onStart: state.started, onStdout: stdout.take, onStderr: stderr.take,
@@ -205,14 +224,21 @@ public final class VMBackend: IsolationBackend {
                     try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
                 }, onRunning: { channel in request.control?.attach(VMSandbox(channel: channel)) })
             state.finished()
-        } catch where state.cancelled {
+          } catch let failure as MicroVM.RestoreFailed where template != nil && !state.cancelled {
+            // Nothing ran: the template is dropped (made again next time) and this run boots.
+            progress?.report("vm", "the VM template could not be restored (\(failure)); booting instead", elapsed: 0)
+            forgetTemplate(for: vm, root: root)
+            template = nil
+          } catch where state.cancelled {
             state.finished()
             // Killed on purpose before the guest started: a cancelled run, not a failure.
             var result = LaunchOutcome()
             result.cancelled = true
             result.acceleration = vm.accelerator
             return result
+          }
         }
+        guard let outcome else { throw SandboxError(.sandboxSetup, "the VM did not run") }
 
         Trace.mark("vm: guest done (restored in \(Int(outcome.bootSeconds * 1000)) ms)")
         var result = LaunchOutcome()

@@ -207,6 +207,26 @@ extension VMTests {
             }
         }
 
+        @Test("a template that will not restore is dropped: the run boots instead, and the next run has a new template")
+        func damagedTemplate() async throws {
+            let store = try vmStore()
+            let engine = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
+            var spec = RunSpec(image: "busybox", command: ["echo", "still runs"], disposable: true)
+            spec.isolation = .vm
+            _ = try await engine.run(spec)  // the template exists
+            let templates = store.root + "/vm/templates"
+            let states = try FileSystem.list(templates).map { templates + "/" + $0 + "/state" }.filter(FileSystem.exists)
+            #expect(!states.isEmpty)
+            for state in states { try FileSystem.writeFile(state, Array("not a migration stream".utf8), mode: 0o644) }
+            let fresh = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
+            let run = try await fresh.run(spec)
+            #expect(run.record.exitCode == 0 && String(decoding: run.stdout, as: UTF8.self) == "still runs\n")
+            let again = try await fresh.run(spec)
+            #expect(again.record.exitCode == 0)
+            let rebuilt = try FileSystem.list(templates).map { templates + "/" + $0 + "/state" }.filter(FileSystem.exists)
+            #expect(try rebuilt.contains { try FileSystem.readFile($0).count > 1000 })  // the current one, made again
+        }
+
         @Test("the quickstart pipeline with isolation: vm passes, with the same outputs and artifacts")
         func quickstart() async throws {
             let root = "/tmp/contree-vm-pipeline-" + UUID().uuidString.prefix(8)
