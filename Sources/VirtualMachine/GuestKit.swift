@@ -30,23 +30,13 @@ public struct GuestKit: Sendable {
         let agent = try agentProgram()
         let agentDigest = try OCI.sha256(file: agent).digest
         let remembered = root + "/kit-" + agentDigest.dropFirst(7).prefix(16)
-        if let text = try? FileSystem.readFile(remembered) {
-            let lines = String(decoding: text, as: UTF8.self).split(separator: "\n").map(String.init)
-            if lines.count == 3, FileSystem.exists(lines[1]), FileSystem.exists(lines[2]) {
-                return GuestKit(kernel: lines[1], initramfs: lines[2], release: lines[0])
-            }
-        }
+        if let kit = recalled(remembered) { return kit }
         // One preparer at a time, across processes and threads (a flock per open).
         let lock = open(root + "/kit.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
         guard lock >= 0 else { throw SandboxError.system("open(\(root)/kit.lock)") }
         defer { close(lock) }
         while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
-        if let text = try? FileSystem.readFile(remembered) {  // made while this one waited
-            let lines = String(decoding: text, as: UTF8.self).split(separator: "\n").map(String.init)
-            if lines.count == 3, FileSystem.exists(lines[1]), FileSystem.exists(lines[2]) {
-                return GuestKit(kernel: lines[1], initramfs: lines[2], release: lines[0])
-            }
-        }
+        if let kit = recalled(remembered) { return kit }  // made while this one waited
         let release = try kernelRelease()
         let kernelDirectory = root + "/kernel-" + release
         if !FileSystem.exists(kernelDirectory + "/vmlinux") {
@@ -81,6 +71,14 @@ public struct GuestKit: Sendable {
         try FileSystem.writeFile(
             remembered, Array([release, kit.kernel, kit.initramfs].joined(separator: "\n").utf8), mode: 0o644)
         return kit
+    }
+
+    /// A kit written down by `prepare`, if its files are still there.
+    static func recalled(_ path: String) -> GuestKit? {
+        guard let text = try? FileSystem.readFile(path) else { return nil }
+        let lines = String(decoding: text, as: UTF8.self).split(separator: "\n").map(String.init)
+        guard lines.count == 3, FileSystem.exists(lines[1]), FileSystem.exists(lines[2]) else { return nil }
+        return GuestKit(kernel: lines[1], initramfs: lines[2], release: lines[0])
     }
 
     /// The release `linux-image-amd64` depends on in the host's apt lists.
@@ -192,17 +190,7 @@ public struct GuestKit: Sendable {
 
     /// The guest agent: `$CONTREE_AGENT`, or next to the running binary.
     static func agentProgram() throws -> String {
-        if let explicit = getenv("CONTREE_AGENT"), explicit.pointee != 0 { return String(cString: explicit) }
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        if n > 0 {
-            let exe = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            let candidate = String(exe[..<(exe.lastIndex(of: "/") ?? exe.endIndex)]) + "/contree-agent"
-            if access(candidate, X_OK) == 0 { return candidate }
-        }
-        throw SandboxError(
-            .unsupported,
-            "contree-agent was not found next to this program; build the package (`swift build`) or set CONTREE_AGENT")
+        try ContainerBackend.companionProgram("contree-agent", override: "CONTREE_AGENT")
     }
 }
 

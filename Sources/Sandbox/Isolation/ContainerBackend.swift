@@ -27,20 +27,24 @@ public struct ContainerBackend: IsolationBackend {
 
     private static let warmedUp = Mutex(false)
 
-    /// The contree-init program: `$CONTREE_INIT`, or next to the running binary (SwiftPM puts
-    /// every product of the package in one directory).
+    /// The contree-init program: `$CONTREE_INIT`, or next to the running binary.
     static func initProgram() throws -> String {
-        if let explicit = getenv("CONTREE_INIT"), explicit.pointee != 0 { return String(cString: explicit) }
+        try ContainerBackend.companionProgram("contree-init", override: "CONTREE_INIT")
+    }
+
+    /// A program built with this one (`contree-init`, `contree-agent`): `$OVERRIDE`, or next to
+    /// the running binary (SwiftPM puts every product of the package in one directory).
+    public static func companionProgram(_ name: String, override: String) throws -> String {
+        if let explicit = getenv(override), explicit.pointee != 0 { return String(cString: explicit) }
         var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
         let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
         if n > 0 {
             let exe = String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-            let candidate = String(exe[..<(exe.lastIndex(of: "/") ?? exe.endIndex)]) + "/contree-init"
+            let candidate = String(exe[..<(exe.lastIndex(of: "/") ?? exe.endIndex)]) + "/" + name
             if access(candidate, X_OK) == 0 { return candidate }
         }
         throw SandboxError(
-            .unsupported,
-            "contree-init was not found next to this program; build the package (`swift build`) or set CONTREE_INIT")
+            .unsupported, "\(name) was not found next to this program; build the package (`swift build`) or set \(override)")
     }
 
     public func run(_ request: LaunchRequest) async throws -> LaunchOutcome {
