@@ -100,7 +100,7 @@ struct ImageCommand: ParsableCommand {
                 let changes = try ImageDiff.changes(
                     from: try store.resolveImage(from), to: try store.resolveImage(to), store: store)
                 if json { return try printJSON(changes) }
-                for change in changes { print("\(change.kind.rawValue) \(change.path)") }
+                for change in changes { print("\(change.kind.rawValue) \(change.path.description)") }
             }
         }
     }

@@ -46,8 +46,7 @@ struct InspectCommand: ParsableCommand {
             try reportingErrors {
                 let (_, fs, node) = try target.open()
                 let children =
-                    node.isDirectory
-                    ? try fs.list(node) : [(String(target.path.split(separator: "/").last ?? "/"), node)]
+                    node.isDirectory ? try fs.list(node) : [(node.path.isEmpty ? "/" : node.path.lastComponent, node)]
                 let entries = try children.map { name, child -> Entry in
                     let st = child.status
                     let type: String
@@ -60,11 +59,11 @@ struct InspectCommand: ParsableCommand {
                     case S_IFIFO: type = "fifo"
                     default: type = "other"
                     }
-                    let link = child.isSymlink ? try readTarget(fs, child) : nil
+                    let link = child.isSymlink ? try fs.readLink(child) : nil
                     return Entry(
-                        name: name, type: type, mode: String(st.st_mode & 0o7777, radix: 8), uid: st.st_uid,
+                        name: json ? name.text : name.description, type: type, mode: String(st.st_mode & 0o7777, radix: 8), uid: st.st_uid,
                         gid: st.st_gid,
-                        size: Int64(st.st_size), mtime: st.st_mtim.tv_sec, target: link)
+                        size: Int64(st.st_size), mtime: st.st_mtim.tv_sec, target: link.map { json ? $0.text : $0.description })
                 }
                 if json { return try printJSON(entries) }
                 for e in entries {
@@ -81,12 +80,6 @@ struct InspectCommand: ParsableCommand {
                 }
             }
         }
-
-        private func readTarget(_ fs: ImageFilesystem, _ node: ImageFilesystem.Node) throws -> String {
-            var buffer = [CChar](repeating: 0, count: 4097)
-            let n = readlink(fs.physicalPath(node), &buffer, 4096)
-            return n < 0 ? "?" : String(decoding: buffer[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        }
     }
 
     struct Cat: ParsableCommand {
@@ -99,8 +92,7 @@ struct InspectCommand: ParsableCommand {
                 guard node.isRegular else {
                     throw SandboxError(.invalidArgument, "\(target.path) is not a regular file in the image")
                 }
-                let fd = open(fs.physicalPath(node), O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-                guard fd >= 0 else { throw SandboxError(.systemCall, "open(\(target.path))", errno: errno) }
+                let fd = try fs.openFile(node)
                 defer { close(fd) }
                 var buffer = [UInt8](repeating: 0, count: 1 << 16)
                 while true {

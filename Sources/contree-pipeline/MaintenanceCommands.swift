@@ -14,10 +14,16 @@ struct GarbageCollectCommand: ParsableCommand {
     func run() throws {
         try reportingErrors {
             let report = try storeOptions.open().collectGarbage(pruneUntaggedOlderThan: pruneUntagged)
-            if json { return try printJSON(report) }
-            print(
-                "removed \(report.layersRemoved) layers, \(report.derivedRemoved) VM disk images of removed layers (\(Format.bytes(report.bytesFreed)) in all), \(report.imagesRemoved) images, \(report.abandonedWork) abandoned work directories"
-            )
+            if json {
+                try printJSON(report)
+            } else {
+                for failure in report.failures { printError("gc: \(failure)") }
+                print(
+                    "removed \(report.layersRemoved) layers, \(report.derivedRemoved) VM disk images of removed layers (\(Format.bytes(report.bytesFreed)) in all), \(report.imagesRemoved) images, \(report.abandonedWork) abandoned work directories"
+                )
+            }
+            // What would not go is reported and the rest went; the exit status says so.
+            if !report.failures.isEmpty { throw ExitCode(1) }
         }
     }
 }

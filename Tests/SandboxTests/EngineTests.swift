@@ -81,7 +81,7 @@ struct EngineTests {
             #expect(image.parent == base.uuid)
             let fs = ImageFilesystem(layersTopFirst: image.layers.reversed().map(t.store.layerPath))
             let node = try #require(try fs.lookup("/branch"))
-            #expect(try FileSystem.readFile(fs.physicalPath(node)) == Array(result.out.utf8))
+            #expect(try fs.readFile(node) == Array(result.out.utf8))
         }
         #expect(try t.store.checkConsistency().isConsistent)
     }

@@ -41,7 +41,7 @@ struct ImageFilesystemTests {
         let (lower, upper, fs) = try layers()
         defer { withExtendedLifetime((lower, upper)) {} }
         let viaAbsolute = try #require(try fs.lookup("/abs"))
-        #expect(try FileSystem.readFile(fs.physicalPath(viaAbsolute)) == Array("root\n".utf8))
+        #expect(try fs.readFile(viaAbsolute) == Array("root\n".utf8))
         #expect(try fs.lookup("/rel/passwd") != nil)
         #expect(try fs.lookup("/abs", followFinal: false)?.isSymlink == true)
     }

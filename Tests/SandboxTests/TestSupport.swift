@@ -26,6 +26,12 @@ final class TemporaryStore {
     /// The built-in busybox image (built on first use).
     func busybox() throws -> ImageRecord { try BaseImages(store: store).resolve("busybox") }
 
+    /// The image a run produced (fails the test when it produced none).
+    func image(of result: RunResult, sourceLocation: SourceLocation = #_sourceLocation) throws -> ImageRecord {
+        let uuid = try #require(result.record.resultImage, sourceLocation: sourceLocation)
+        return try #require(try store.image(uuid), sourceLocation: sourceLocation)
+    }
+
     /// Runs a shell script in a sandbox and returns the result.
     func sh(
         _ script: String, image: String = "busybox", configure: (inout RunSpec) -> Void = { _ in }

@@ -51,9 +51,11 @@ extension ServerState {
             for node in nodes {
                 try fs.walk(node) { file in
                     guard !state.truncated, file.isRegular else { return }
-                    let path = file.path.isEmpty ? "/" : file.path
+                    let path = file.path.isEmpty ? "/" : file.path.text
                     guard GrepSearch.globsAllow(globs, path: path) else { return }
-                    search.scan(fs.physicalPath(file), path: path, limits: limits, progress: &state)
+                    guard let fd = try? fs.openFile(file) else { return }
+                    defer { close(fd) }
+                    search.scan(fd, path: path, limits: limits, progress: &state)
                 }
             }
             return .object([
@@ -162,10 +164,7 @@ final class GrepSearch: @unchecked Sendable {
 
     /// Searches one file line by line, reading it in chunks; a file with a NUL byte is binary
     /// and contributes nothing.
-    func scan(_ physical: String, path: String, limits: Limits, progress: inout Progress) {
-        let fd = open(physical, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-        guard fd >= 0 else { return }
-        defer { close(fd) }
+    func scan(_ fd: Int32, path: String, limits: Limits, progress: inout Progress) {
         var found: [JSON] = []
         var count = 0
         var recent: [Line] = []  // up to `before` lines before the current one

@@ -52,8 +52,7 @@ extension ServerState {
         headers[.contentType] = "application/octet-stream"
         headers[.contentLength] = String(node.status.st_size)
         if call.request.method == .head { return Response(status: .ok, headers: headers) }
-        let fd = open(fs.physicalPath(node), O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
+        let fd = try fs.openFile(node)
         return Response(status: .ok, headers: headers, body: ServerState.streamFile(fd: fd, unlinkPath: nil))
     }
 
@@ -104,11 +103,9 @@ extension ServerState {
     /// as `DirectoryList` JSON or ls-like text.
     func list(_ call: APICall, _ uuid: String) throws -> Response {
         let (fs, node, path) = try lookup(call, uuid)
-        let children: [(name: String, node: ImageFilesystem.Node)]
+        let children: [(name: RawPath, node: ImageFilesystem.Node)]
         do {
-            children =
-                node.isDirectory
-                ? try fs.list(node) : [(String(path.split(separator: "/").last ?? "/"), node)]
+            children = node.isDirectory ? try fs.list(node) : [(node.path.isEmpty ? "/" : node.path.lastComponent, node)]
         } catch {
             throw APIError(.unprocessableContent, "\(path) cannot be listed: \(error)")
         }
@@ -118,9 +115,9 @@ extension ServerState {
             for (name, child) in children {
                 let st = child.status
                 total += Int64(st.st_size)
-                let target = child.isSymlink ? " -> " + ServerState.linkTarget(fs, child) : ""
+                let target = child.isSymlink ? " -> " + ((try? fs.readLink(child).description) ?? "") : ""
                 lines.append(
-                    "\(ServerState.modeString(st.st_mode)) \(st.st_nlink) \(st.st_uid) \(st.st_gid) \(String(st.st_size).leftPadded(10)) \(ServerState.lsTime(st.st_mtim.tv_sec)) \(name)\(target)"
+                    "\(ServerState.modeString(st.st_mode)) \(st.st_nlink) \(st.st_uid) \(st.st_gid) \(String(st.st_size).leftPadded(10)) \(ServerState.lsTime(st.st_mtim.tv_sec)) \(name.description)\(target)"
                 )
             }
             var headers = HTTPFields()
@@ -132,7 +129,7 @@ extension ServerState {
             let st = child.status
             let kind = st.st_mode & S_IFMT
             return .object([
-                ("size", .int(Int64(st.st_size))), ("path", .string(name)),
+                ("size", .int(Int64(st.st_size))), ("path", .string(name.text)),
                 ("owner", st.st_uid == 0 ? .string("root") : .null), ("group", st.st_gid == 0 ? .string("root") : .null),
                 ("uid", .int(Int64(st.st_uid))), ("gid", .int(Int64(st.st_gid))), ("mode", .int(Int64(st.st_mode))),
                 ("mtime", .int(Int64(st.st_mtim.tv_sec))), ("nlink", .int(Int64(st.st_nlink))),
@@ -146,7 +143,7 @@ extension ServerState {
     }
 
     static func linkTarget(_ fs: ImageFilesystem, _ node: ImageFilesystem.Node) -> String {
-        (try? FileSystem.readLink(fs.physicalPath(node))) ?? ""
+        (try? fs.readLink(node).text) ?? ""
     }
 
     static func modeString(_ mode: mode_t) -> String {

@@ -72,7 +72,7 @@ struct ArtifactCollector {
             }
             return
         }
-        for (name, child) in try fs.list(current) where fnmatch(first, name, FNM_PERIOD) == 0 {
+        for (name, child) in try fs.list(current) where name.withCString({ fnmatch(first, $0, FNM_PERIOD) }) == 0 {
             try expand(rest, from: child, in: fs, into: &matches)
         }
     }
@@ -82,12 +82,12 @@ struct ArtifactCollector {
     ) throws
         -> ArtifactRecord
     {
-        let relative = directory + node.path
+        // A name that is not UTF-8 is written (and listed) escaped: the manifest is JSON.
+        let relative = directory + node.path.description
         let destination = outDir + "/" + relative
         try FileManager.default.createDirectory(
             atPath: (destination as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-        let input = open(fs.physicalPath(node), O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
-        guard input >= 0 else { throw PipelineError(.failed, "cannot read artifact \(node.path) from the snapshot") }
+        let input = try fs.openFile(node)
         defer { close(input) }
         let output = open(destination, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_t(node.status.st_mode & 0o777))
         guard output >= 0 else { throw PipelineError(.failed, "cannot write artifact \(destination)") }
@@ -108,7 +108,7 @@ struct ArtifactCollector {
             size += Int64(n)
         }
         return ArtifactRecord(
-            node: "", path: node.path, file: relative,
+            node: "", path: node.path.description, file: relative,
             sha256: hasher.finalize().map { String(format: "%02x", $0) }.joined(),
             size: size)
     }

@@ -250,24 +250,19 @@ public struct OCIImporter: Sendable {
         try FileSystem.makeDirectory(root, mode: 0o700)
         var reader = TarReader(fd: fd, name: path)
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var tree = DirectoryTree(root: root)
         while let entry = try reader.next() {
             guard entry.kind == .regular else { continue }
             let parts = try LayerExtractor.components(entry.path, source: path)
-            guard !parts.isEmpty else { continue }
-            var directory = root
-            for part in parts.dropLast() {
-                directory += "/" + part
-                if !FileSystem.isDirectory(directory) { try FileSystem.makeDirectory(directory, mode: 0o700) }
-            }
-            let target = directory + "/" + parts[parts.count - 1]
-            let out = open(target, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0o600)
-            guard out >= 0 else { throw SandboxError.system("open(\(target))") }
+            guard let name = parts.last else { continue }
+            let directory = try tree.directory(parts.dropLast(), member: entry.path, source: path)
+            let out = try directory.openFile(name, flags: O_WRONLY | O_CREAT | O_TRUNC)
             defer { close(out) }
             while true {
                 let n = try buffer.withUnsafeMutableBytes { try reader.readContent(into: $0) }
                 if n == 0 { break }
                 try buffer.withUnsafeBytes {
-                    try FileSystem.writeAll(fd: out, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: target)
+                    try FileSystem.writeAll(fd: out, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: directory.label(name))
                 }
             }
         }

@@ -1,15 +1,25 @@
 import Glibc
 
 /// One changed path between two images.
-public struct ImageChange: Sendable, Equatable, Codable {
-    public enum Kind: String, Sendable, Codable {
+public struct ImageChange: Sendable, Equatable, Encodable {
+    public enum Kind: String, Sendable, Encodable {
         case added = "A"
         case deleted = "D"
         case modified = "M"
     }
 
     public var kind: Kind
-    public var path: String
+    /// The path in the image, as bytes (`description` escapes it for a terminal).
+    public var path: RawPath
+
+    enum CodingKeys: String, CodingKey { case kind, path }
+
+    /// `{"kind": "A", "path": "/x"}`; a path that is not UTF-8 is escaped.
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.container(keyedBy: CodingKeys.self)
+        try container.encode(kind, forKey: .kind)
+        try container.encode(path.text, forKey: .path)
+    }
 }
 
 /// Computes which paths differ between two images. Only the layers the two chains do not
@@ -21,12 +31,12 @@ public enum ImageDiff {
         while common < min(a.layers.count, b.layers.count) && a.layers[common] == b.layers[common] { common += 1 }
         let fsA = ImageFilesystem(layersTopFirst: a.layers.reversed().map(store.layerPath))
         let fsB = ImageFilesystem(layersTopFirst: b.layers.reversed().map(store.layerPath))
-        var touched = Set<String>()
+        var touched = Set<RawPath>()
         for layer in a.layers[common...] + b.layers[common...] {
-            try collect(store.layerPath(layer), relative: "", into: &touched, fsA: fsA, fsB: fsB)
+            try collect(RawPath(store.layerPath(layer)), relative: "", into: &touched, fsA: fsA, fsB: fsB)
         }
         var changes: [ImageChange] = []
-        for path in touched.sorted(by: { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }) {
+        for path in touched.sorted() {
             let left = try node(fsA, path)
             let right = try node(fsB, path)
             switch (left, right) {
@@ -42,20 +52,21 @@ public enum ImageDiff {
 
     /// The node at `path` without following symlinks anywhere on the way (paths come from
     /// layer walks, so every parent is a real directory where the node exists).
-    private static func node(_ fs: ImageFilesystem, _ path: String) throws -> ImageFilesystem.Node? {
+    private static func node(_ fs: ImageFilesystem, _ path: RawPath) throws -> ImageFilesystem.Node? {
         var current = fs.root
-        for part in path.split(separator: "/") {
-            guard current.isDirectory, let next = try fs.child(of: current, named: String(part)) else { return nil }
+        for part in path.components {
+            guard current.isDirectory, let next = try fs.child(of: current, named: part) else { return nil }
             current = next
         }
         return current
     }
 
     private static func collect(
-        _ layer: String, relative: String, into touched: inout Set<String>, fsA: ImageFilesystem, fsB: ImageFilesystem
+        _ layer: RawPath, relative: RawPath, into touched: inout Set<RawPath>, fsA: ImageFilesystem,
+        fsB: ImageFilesystem
     ) throws {
         let directory = layer + relative
-        if !relative.isEmpty && LayerArchiver.isOpaque(directory) {
+        if !relative.isEmpty, try FileSystem.isOpaque(directory) {
             // Everything below an opaque directory may have changed on either side.
             for fs in [fsA, fsB] {
                 if let n = try node(fs, relative), n.isDirectory { try fs.walk(n) { touched.insert($0.path) } }
@@ -84,23 +95,20 @@ public enum ImageDiff {
         if a.isDirectory { return false }
         if a.st_dev == b.st_dev && a.st_ino == b.st_ino { return false }
         if a.isSymlink {
-            return try FileSystem.readLink(fsA.physicalPath(l)) != FileSystem.readLink(fsB.physicalPath(r))
+            return try fsA.readLink(l) != fsB.readLink(r)
         }
         if a.isRegular {
             if a.st_size != b.st_size { return true }
-            return try !sameContent(fsA.physicalPath(l), fsB.physicalPath(r))
+            let fx = try fsA.openFile(l)
+            defer { close(fx) }
+            let fy = try fsB.openFile(r)
+            defer { close(fy) }
+            return try !sameContent(fx, fy, name: l.displayPath)
         }
         return a.st_rdev != b.st_rdev
     }
 
-    private static func sameContent(_ x: String, _ y: String) throws -> Bool {
-        let fx = open(x, O_RDONLY | O_CLOEXEC)
-        let fy = open(y, O_RDONLY | O_CLOEXEC)
-        defer {
-            if fx >= 0 { close(fx) }
-            if fy >= 0 { close(fy) }
-        }
-        guard fx >= 0, fy >= 0 else { throw SandboxError.system("open(\(fx < 0 ? x : y))") }
+    private static func sameContent(_ fx: Int32, _ fy: Int32, name: String) throws -> Bool {
         var bx = [UInt8](repeating: 0, count: 65536)
         var by = [UInt8](repeating: 0, count: 65536)
         while true {
@@ -111,7 +119,7 @@ public enum ImageDiff {
                 if n <= 0 { break }
                 ny += n
             }
-            if nx < 0 { throw SandboxError.system("read(\(x))") }
+            if nx < 0 { throw SandboxError.system("read(\(name))") }
             if nx != ny || bx[0..<nx] != by[0..<ny] { return false }
             if nx == 0 { return true }
         }

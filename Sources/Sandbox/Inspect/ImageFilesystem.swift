@@ -14,8 +14,8 @@ public struct ImageFilesystem: Sendable {
 
     /// A node of the merged tree.
     public struct Node: Sendable {
-        /// The node's path inside the image (absolute, normalized).
-        public var path: String
+        /// The node's path inside the image (absolute, normalized; empty for the root), as bytes.
+        public var path: RawPath
         /// For a directory: the layers where it exists as a directory (top first). For any
         /// other node: the single layer that provides it.
         public var layerIndexes: [Int]
@@ -24,10 +24,27 @@ public struct ImageFilesystem: Sendable {
         public var isDirectory: Bool { status.isDirectory }
         public var isSymlink: Bool { status.isSymlink }
         public var isRegular: Bool { status.isRegular }
+        /// The path for people (`/` for the root; odd bytes escaped).
+        public var displayPath: String { path.isEmpty ? "/" : path.description }
     }
 
     /// Where a node's top-most copy lives on the host.
-    public func physicalPath(_ node: Node) -> String { layers[node.layerIndexes[0]] + node.path }
+    public func physicalPath(_ node: Node) -> RawPath { RawPath(layers[node.layerIndexes[0]]) + node.path }
+
+    /// Opens a node's top-most copy for reading (never following a symlink). The caller closes it.
+    public func openFile(_ node: Node) throws -> Int32 {
+        try FileSystem.openFile(physicalPath(node), flags: O_RDONLY)
+    }
+
+    /// A regular file node's bytes.
+    public func readFile(_ node: Node) throws -> [UInt8] {
+        let fd = try openFile(node)
+        defer { close(fd) }
+        return try FileSystem.readAll(fd: fd, path: node.displayPath)
+    }
+
+    /// The target of a symlink node.
+    public func readLink(_ node: Node) throws -> RawPath { try FileSystem.readLink(physicalPath(node)) }
 
     public var root: Node {
         var st = stat()
@@ -39,12 +56,16 @@ public struct ImageFilesystem: Sendable {
     /// - Parameter followFinal: resolve a symlink in the last component too.
     /// - Throws: `pathEscapes` when the path or a symlink on the way leaves the image.
     public func lookup(_ path: String, followFinal: Bool = true) throws -> Node? {
+        try lookup(RawPath(path), followFinal: followFinal)
+    }
+
+    public func lookup(_ path: RawPath, followFinal: Bool = true) throws -> Node? {
         var stack: [Node] = [root]
-        var pending = Array(path.split(separator: "/").map(String.init).reversed())
+        var pending = Array(path.components.reversed())
         var hops = 0
         while let name = pending.popLast() {
-            if name == "." || name.isEmpty { continue }
-            if name == ".." {
+            if name.bytes == [0x2e] { continue }
+            if name.bytes == [0x2e, 0x2e] {
                 guard stack.count > 1 else {
                     throw SandboxError(
                         .pathEscapes, "\(path) climbs above the image's root with '..'; use a path inside the image")
@@ -54,7 +75,7 @@ public struct ImageFilesystem: Sendable {
             }
             let current = stack[stack.count - 1]
             guard current.isDirectory else {
-                throw SandboxError(.notFound, "\(current.path) is not a directory (while resolving \(path))")
+                throw SandboxError(.notFound, "\(current.displayPath) is not a directory (while resolving \(path))")
             }
             guard let child = try child(of: current, named: name) else { return nil }
             if child.isSymlink && (!pending.isEmpty || followFinal) {
@@ -63,17 +84,17 @@ public struct ImageFilesystem: Sendable {
                     throw SandboxError(
                         .invalidArgument, "too many levels of symbolic links resolving \(path) in the image")
                 }
-                let target = try FileSystem.readLink(physicalPath(child))
-                if target.hasPrefix("/") { stack = [root] }
-                let parts = target.split(separator: "/").map(String.init)
+                let target = try readLink(child)
+                if target.bytes.first == UInt8(ascii: "/") { stack = [root] }
+                let parts = target.components
                 // A relative target climbing above the root points out of the image.
                 var depth = stack.count - 1
                 for part in parts {
-                    if part == ".." { depth -= 1 } else if part != "." { depth += 1 }
+                    if part.bytes == [0x2e, 0x2e] { depth -= 1 } else if part.bytes != [0x2e] { depth += 1 }
                     if depth < 0 {
                         throw SandboxError(
                             .pathEscapes,
-                            "the symlink \(child.path) -> \(target) points outside the image; it cannot be followed")
+                            "the symlink \(child.displayPath) -> \(target) points outside the image; it cannot be followed")
                     }
                 }
                 pending.append(contentsOf: parts.reversed())
@@ -85,17 +106,18 @@ public struct ImageFilesystem: Sendable {
     }
 
     /// The merged entry `name` inside directory `directory`, or nil.
-    public func child(of directory: Node, named name: String) throws -> Node? {
+    public func child(of directory: Node, named name: RawPath) throws -> Node? {
         let logical = directory.path + "/" + name
         var directoryLayers: [Int] = []
         var top: stat?
         for index in directory.layerIndexes {
-            guard let st = try FileSystem.status(layers[index] + logical) else { continue }
+            let physical = RawPath(layers[index]) + logical
+            guard let st = try FileSystem.status(physical) else { continue }
             if st.isWhiteout { break }
             if st.isDirectory {
                 if top == nil { top = st }
                 directoryLayers.append(index)
-                if LayerArchiver.isOpaque(layers[index] + logical) { break }
+                if try FileSystem.isOpaque(physical) { break }
                 continue
             }
             if directoryLayers.isEmpty { return Node(path: logical, layerIndexes: [index], status: st) }
@@ -105,17 +127,21 @@ public struct ImageFilesystem: Sendable {
         return Node(path: logical, layerIndexes: directoryLayers, status: top)
     }
 
+    public func child(of directory: Node, named name: String) throws -> Node? {
+        try child(of: directory, named: RawPath(name))
+    }
+
     /// The merged entries of a directory, sorted by name.
-    public func list(_ directory: Node) throws -> [(name: String, node: Node)] {
-        var seen = Set<String>()
-        var result: [(String, Node)] = []
+    public func list(_ directory: Node) throws -> [(name: RawPath, node: Node)] {
+        var seen = Set<RawPath>()
+        var result: [(RawPath, Node)] = []
         for index in directory.layerIndexes {
-            for name in try FileSystem.list(layers[index] + directory.path) where !seen.contains(name) {
+            for name in try FileSystem.list(RawPath(layers[index]) + directory.path) where !seen.contains(name) {
                 seen.insert(name)
                 if let node = try child(of: directory, named: name) { result.append((name, node)) }
             }
         }
-        return result.sorted { Array($0.0.utf8).lexicographicallyPrecedes(Array($1.0.utf8)) }
+        return result.sorted { $0.0 < $1.0 }
     }
 
     /// Calls `visit` for `node` and, for a directory, everything below it (parents first).
@@ -129,19 +155,19 @@ public struct ImageFilesystem: Sendable {
     /// the node's parent directory (or to the root when the node is the root).
     public func export(_ node: Node, to sink: @escaping (UnsafeRawBufferPointer) throws -> Void) throws {
         let tar = TarWriter(sink: sink)
-        let base = node.path.isEmpty ? "" : String(node.path[..<(node.path.lastIndex(of: "/") ?? node.path.startIndex)])
-        var hardlinks: [LayerArchiver.HardlinkKey: String] = [:]
+        let base = node.path.isEmpty ? 1 : node.path.bytes.count - node.path.lastComponent.bytes.count
+        var hardlinks: [LayerArchiver.HardlinkKey: RawPath] = [:]
         try walk(node) { n in
             guard !n.path.isEmpty else { return }
-            let member = String(n.path.dropFirst(base.count + 1))
+            let member = RawPath(n.path.bytes.dropFirst(base))
             let st = n.status
             let physical = physicalPath(n)
             var entry = TarEntry(
                 path: member, kind: .regular, mode: UInt32(st.st_mode & 0o7777), uid: st.st_uid, gid: st.st_gid,
-                mtime: Int64(st.st_mtim.tv_sec), xattrs: LayerArchiver.xattrs(of: physical))
+                mtime: Int64(st.st_mtim.tv_sec), xattrs: try LayerArchiver.xattrs(of: physical))
             switch st.st_mode & S_IFMT {
             case S_IFDIR: entry.kind = .directory
-            case S_IFLNK: entry.kind = .symlink(target: try FileSystem.readLink(physical))
+            case S_IFLNK: entry.kind = .symlink(target: try readLink(n))
             case S_IFCHR: entry.kind = .characterDevice(major: deviceMajor(st.st_rdev), minor: deviceMinor(st.st_rdev))
             case S_IFBLK: entry.kind = .blockDevice(major: deviceMajor(st.st_rdev), minor: deviceMinor(st.st_rdev))
             case S_IFIFO: entry.kind = .fifo
@@ -153,8 +179,10 @@ public struct ImageFilesystem: Sendable {
                 } else {
                     if st.st_nlink > 1 { hardlinks[key] = member }
                     entry.size = Int64(st.st_size)
+                    let fd = try openFile(n)
+                    defer { close(fd) }
                     try tar.append(entry) { emit in
-                        try LayerArchiver.streamFile(physical, size: entry.size, emit: emit)
+                        try LayerArchiver.streamFile(fd, size: entry.size, name: physical.description, emit: emit)
                     }
                     return
                 }

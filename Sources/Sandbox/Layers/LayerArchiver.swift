@@ -17,12 +17,23 @@ public struct LayerSummary: Sendable, Equatable {
 /// byte order, parents first, whiteouts as `.wh.NAME`, opaque directories as `.wh..wh..opq`,
 /// overlay's private xattrs left out, times in whole seconds. The same tree always gives the
 /// same bytes, so the stream's sha256 identifies the layer.
+///
+/// The stream covers every entry of the directory, byte for byte (names are bytes, not text,
+/// and the walk goes through directory descriptors, so no name is lost or too long); what
+/// cannot be represented is refused. A layer directory is shared by every image whose change
+/// has its digest, so a file the digest did not cover would appear in all of them.
 public enum LayerArchiver {
     static let opaqueXattrs = ["trusted.overlay.opaque", "user.overlay.opaque"]
+    /// Recorded with each layer this archiver named. 2: names as bytes, every entry covered.
+    static let format = 2
 
     /// Computes the layer's summary; if `writer` is given, also writes the stream to it.
+    /// - Parameter removingSockets: unlink sockets instead of refusing them (an upper being
+    ///   committed: a socket dies with the run that bound it, and a tar cannot hold one).
+    /// - Throws: `invalidArgument` for an entry the stream cannot represent (a socket, an
+    ///   xattr whose name is not UTF-8), `corrupt` when a file changes while it is read.
     public static func archive(
-        directory: String, to writer: ((UnsafeRawBufferPointer) throws -> Void)? = nil
+        directory: String, removingSockets: Bool = false, to writer: ((UnsafeRawBufferPointer) throws -> Void)? = nil
     )
         throws -> LayerSummary
     {
@@ -32,8 +43,71 @@ public enum LayerArchiver {
             hasher.update(bufferPointer: chunk)
             try writer?(chunk)
         }
-        var hardlinks: [HardlinkKey: String] = [:]
-        try walk(root: directory, relative: "", tar: tar, summary: &summary, hardlinks: &hardlinks)
+        var hardlinks: [HardlinkKey: RawPath] = [:]
+        func add(_ entry: TarEntry, isFile: Bool = true, content: ((UnsafeRawBufferPointer) throws -> Void) throws -> Void = { _ in }) throws {
+            try tar.append(entry, content: content)
+            summary.entries += 1
+            if isFile { summary.files += 1 }
+        }
+        try TreeWalker.walk(
+            try DirectoryHandle(path: directory),
+            visit: { item in
+                let st = item.status
+                let parentPrefix = item.path.bytes.dropLast(item.name.bytes.count)
+                if st.isWhiteout {
+                    try add(TarEntry(path: RawPath(parentPrefix) + ".wh." + item.name, kind: .regular, mode: 0))
+                    return false
+                }
+                let type = st.st_mode & S_IFMT
+                if type == S_IFSOCK {
+                    guard removingSockets else {
+                        throw SandboxError(
+                            .invalidArgument,
+                            "\(item.parent.label(item.name)) is a socket, which a layer cannot hold; remove it")
+                    }
+                    try item.parent.remove(item.name, directory: false)
+                    return false
+                }
+                var entry = TarEntry(
+                    path: item.path, kind: .regular, mode: UInt32(st.st_mode & 0o7777), uid: st.st_uid, gid: st.st_gid,
+                    mtime: Int64(st.st_mtim.tv_sec), xattrs: try xattrs(of: item.name, in: item.parent))
+                switch type {
+                case S_IFDIR:
+                    entry.kind = .directory
+                    try add(entry, isFile: false)
+                    return true
+                case S_IFLNK: entry.kind = .symlink(target: try item.parent.readLink(item.name))
+                case S_IFCHR: entry.kind = .characterDevice(major: deviceMajor(st.st_rdev), minor: deviceMinor(st.st_rdev))
+                case S_IFBLK: entry.kind = .blockDevice(major: deviceMajor(st.st_rdev), minor: deviceMinor(st.st_rdev))
+                case S_IFIFO: entry.kind = .fifo
+                default:
+                    if st.st_nlink > 1 {
+                        let key = HardlinkKey(device: st.st_dev, inode: st.st_ino)
+                        if let first = hardlinks[key] {
+                            entry.kind = .hardlink(target: first)
+                            entry.xattrs = []
+                            try add(entry)
+                            return false
+                        }
+                        hardlinks[key] = item.path
+                    }
+                    entry.size = Int64(st.st_size)
+                    summary.bytes += entry.size
+                    let fd = try item.parent.openFile(item.name, flags: O_RDONLY)
+                    defer { close(fd) }
+                    try add(entry) { emit in
+                        try streamFile(fd, size: entry.size, name: item.parent.label(item.name), emit: emit)
+                    }
+                    return false
+                }
+                try add(entry)
+                return false
+            },
+            enter: { item, directory in
+                if try isOpaque(directory) {
+                    try add(TarEntry(path: item.path + "/.wh..wh..opq", kind: .regular, mode: 0))
+                }
+            })
         try tar.finish()
         summary.digest = "sha256:" + hasher.finalize().hexString
         return summary
@@ -44,81 +118,31 @@ public enum LayerArchiver {
         var inode: UInt
     }
 
-    private static func walk(
-        root: String, relative: String, tar: TarWriter, summary: inout LayerSummary,
-        hardlinks: inout [HardlinkKey: String]
-    ) throws {
-        let directory = relative.isEmpty ? root : root + "/" + relative
-        if !relative.isEmpty && isOpaque(directory) {
-            try tar.append(TarEntry(path: relative + "/.wh..wh..opq", kind: .regular, mode: 0))
-            summary.entries += 1
-            summary.files += 1
-        }
-        for name in try FileSystem.list(directory) {
-            let path = directory + "/" + name
-            let member = relative.isEmpty ? name : relative + "/" + name
-            guard let st = try FileSystem.status(path) else { continue }
-            if st.isWhiteout {
-                let parent = relative.isEmpty ? "" : relative + "/"
-                try tar.append(TarEntry(path: parent + ".wh." + name, kind: .regular, mode: 0))
-                summary.entries += 1
-                summary.files += 1
-                continue
-            }
-            let type = st.st_mode & S_IFMT
-            if type == S_IFSOCK { continue }  // sockets cannot be archived; they die with the run
-            var entry = TarEntry(
-                path: member, kind: .regular, mode: UInt32(st.st_mode & 0o7777), uid: st.st_uid, gid: st.st_gid,
-                mtime: Int64(st.st_mtim.tv_sec), xattrs: xattrs(of: path))
-            switch type {
-            case S_IFDIR:
-                entry.kind = .directory
-                try tar.append(entry)
-                summary.entries += 1
-                try walk(root: root, relative: member, tar: tar, summary: &summary, hardlinks: &hardlinks)
-                continue
-            case S_IFLNK:
-                entry.kind = .symlink(target: try FileSystem.readLink(path))
-            case S_IFCHR:
-                entry.kind = .characterDevice(major: deviceMajor(st.st_rdev), minor: deviceMinor(st.st_rdev))
-            case S_IFBLK:
-                entry.kind = .blockDevice(major: deviceMajor(st.st_rdev), minor: deviceMinor(st.st_rdev))
-            case S_IFIFO:
-                entry.kind = .fifo
-            default:
-                if st.st_nlink > 1 {
-                    let key = HardlinkKey(device: st.st_dev, inode: st.st_ino)
-                    if let first = hardlinks[key] {
-                        entry.kind = .hardlink(target: first)
-                        entry.xattrs = []
-                        try tar.append(entry)
-                        summary.entries += 1
-                        summary.files += 1
-                        continue
-                    }
-                    hardlinks[key] = member
-                }
-                entry.size = Int64(st.st_size)
-                summary.bytes += entry.size
-                try tar.append(entry) { emit in try streamFile(path, size: entry.size, emit: emit) }
-                summary.entries += 1
-                summary.files += 1
-                continue
-            }
-            try tar.append(entry)
-            summary.entries += 1
-            summary.files += 1
+    static func isOpaque(_ directory: DirectoryHandle) throws -> Bool {
+        try opaqueXattrs.contains { try directory.xattr(nil, $0) == Array("y".utf8) }
+    }
+
+    static func isOpaque(_ directory: String) throws -> Bool {
+        try FileSystem.isOpaque(RawPath(directory))
+    }
+
+    /// Whether an xattr belongs in a layer: everything but overlayfs's own bookkeeping.
+    static func isLayerXattr(_ name: String) -> Bool {
+        !name.hasPrefix("trusted.overlay.") && !name.hasPrefix("user.overlay.")
+    }
+
+    /// The xattrs of `name` in `directory` that belong in a layer, sorted by name.
+    static func xattrs(of name: RawPath, in directory: DirectoryHandle) throws -> [(String, [UInt8])] {
+        try directory.xattrNames(name).filter(isLayerXattr).sorted().compactMap { attribute in
+            try directory.xattr(name, attribute).map { (attribute, $0) }
         }
     }
 
-    static func isOpaque(_ directory: String) -> Bool {
-        opaqueXattrs.contains { FileSystem.xattr(directory, $0) == Array("y".utf8) }
-    }
-
-    /// The xattrs that belong in a layer: everything but overlayfs's own bookkeeping.
-    static func xattrs(of path: String) -> [(String, [UInt8])] {
-        FileSystem.xattrNames(path).filter { !$0.hasPrefix("trusted.overlay.") && !$0.hasPrefix("user.overlay.") }
-            .sorted().compactMap { name in FileSystem.xattr(path, name).map { (name, $0) } }
+    /// The xattrs that belong in a layer, of a path (not following a final symlink).
+    static func xattrs(of path: RawPath) throws -> [(String, [UInt8])] {
+        let parent = RawPath(path.bytes.dropLast(path.lastComponent.bytes.count))
+        let fd = try FileSystem.openFile(parent.isEmpty ? "." : parent, flags: O_RDONLY | O_DIRECTORY)
+        return try xattrs(of: path.lastComponent, in: DirectoryHandle(fd: fd, label: "", relative: parent))
     }
 
     /// Streams a regular file's bytes in chunks.
@@ -126,6 +150,13 @@ public enum LayerArchiver {
         let fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW)
         guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
         defer { close(fd) }
+        try streamFile(fd, size: size, name: path, emit: emit)
+    }
+
+    /// Streams `size` bytes of an open regular file in chunks.
+    static func streamFile(
+        _ fd: Int32, size: Int64, name: @autoclosure () -> String, emit: (UnsafeRawBufferPointer) throws -> Void
+    ) throws {
         let capacity = Int(min(max(size, 4096), 1 << 20))
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: capacity, alignment: 16)
         defer { buffer.deallocate() }
@@ -133,9 +164,9 @@ public enum LayerArchiver {
         while remaining > 0 {
             let n = read(fd, buffer.baseAddress, Int(min(Int64(capacity), remaining)))
             if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else { throw SandboxError.system("read(\(path))") }
+            guard n >= 0 else { throw SandboxError.system("read(\(name()))") }
             if n == 0 {
-                throw SandboxError(.corrupt, "\(path) shrank while it was read; nothing may write to a layer")
+                throw SandboxError(.corrupt, "\(name()) shrank while it was read; nothing may write to a layer")
             }
             try emit(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
             remaining -= Int64(n)

@@ -3,13 +3,19 @@ import Glibc
 /// Writes a tar stream into a fresh layer directory, refusing members that would land outside
 /// it: `..` components, paths through symlinks, hard links to targets outside. OCI whiteouts
 /// (`.wh.NAME`, `.wh..wh..opq`) become overlayfs whiteouts and opaque directories.
+///
+/// Names are bytes from the tar header to the file system, and every file is created through
+/// a descriptor of its parent directory (`mkdirat`, `openat`, `symlinkat`, …), so no name is
+/// changed and no path is too long.
 public struct LayerExtractor {
     public let root: String
-    private var directoryTimes: [(String, Int64)] = []
+    private var tree: DirectoryTree
+    private var directoryTimes: [RawPath: Int64] = [:]
 
     /// - Parameter root: an empty directory owned by the caller (under the store's `tmp/`).
     public init(root: String) {
         self.root = root
+        self.tree = DirectoryTree(root: root)
     }
 
     /// Extracts every entry of `reader` and then fixes directory times.
@@ -21,27 +27,139 @@ public struct LayerExtractor {
     }
 
     /// Normalizes a member name to components, or throws when it escapes.
-    static func components(_ path: String, source: String) throws -> [String] {
-        var parts: [String] = []
-        for part in path.split(separator: "/", omittingEmptySubsequences: true) {
-            if part == "." { continue }
-            if part == ".." {
+    static func components(_ path: RawPath, source: String) throws -> [RawPath] {
+        var parts: [RawPath] = []
+        for part in path.components {
+            if part.bytes == [0x2e] { continue }
+            if part.bytes == [0x2e, 0x2e] {
                 throw SandboxError(
                     .pathEscapes,
                     "\(source): member \(path) contains '..' and would escape the image; the archive is refused")
             }
-            parts.append(String(part))
+            parts.append(part)
+        }
+        guard !path.containsNUL else {
+            throw SandboxError(.invalidArgument, "\(source): member \(path) has a NUL byte in its name; the archive is refused")
         }
         return parts
     }
 
-    /// Makes sure every parent of `parts` is a real directory inside the root, creating
-    /// missing ones.
-    private func parentDirectory(_ parts: [String], member: String, source: String) throws -> String {
-        var path = root
-        for part in parts.dropLast() {
-            path += "/" + part
-            if let st = try FileSystem.status(path) {
+    mutating func add(
+        _ entry: TarEntry, source: String, content: (UnsafeMutableRawBufferPointer) throws -> Int
+    ) throws {
+        let parts = try LayerExtractor.components(entry.path, source: source)
+        guard let name = parts.last else { return }  // the root itself: nothing to create
+        let parent = try tree.directory(parts.dropLast(), member: entry.path, source: source)
+
+        if name.bytes == Array(".wh..wh..opq".utf8) {
+            try parent.setXattr(nil, "trusted.overlay.opaque", Array("y".utf8))
+            return
+        }
+        if name.hasPrefix(".wh..wh.") { return }  // other AUFS bookkeeping (.wh..wh.plnk): nothing to make
+        if name.hasPrefix(".wh.") {
+            let hidden = name.dropFirst(4)
+            guard !hidden.isEmpty, hidden.bytes != [0x2e], hidden.bytes != [0x2e, 0x2e] else {
+                throw SandboxError(
+                    .invalidArgument,
+                    "\(source): member \(entry.path) is a whiteout of '\(hidden)', which names no file; the archive is refused")
+            }
+            try FileSystem.removeTree(in: parent, hidden)
+            if hidden.withCString({ mknodat(parent.fd, $0, S_IFCHR | 0o000, 0) }) != 0 {
+                throw SandboxError.system("mknodat(whiteout \(parent.label(hidden)))")
+            }
+            return
+        }
+        // A later member replaces an earlier one, except directory over directory (merged).
+        if let existing = try parent.status(name), !(existing.isDirectory && entry.kind == .directory) {
+            try FileSystem.removeTree(in: parent, name)
+        }
+        let created: Int32
+        switch entry.kind {
+        case .directory:
+            if !(try parent.status(name)?.isDirectory ?? false) { try parent.makeDirectory(name, mode: 0o700) }
+            directoryTimes[RawPath(parts.map(\.bytes).joined(separator: [0x2f]))] = entry.mtime
+            created = 0
+        case .regular:
+            let fd = try parent.openFile(name, flags: O_WRONLY | O_CREAT | O_EXCL)
+            defer { close(fd) }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
+            defer { buffer.deallocate() }
+            while true {
+                let n = try content(buffer)
+                if n == 0 { break }
+                try FileSystem.writeAll(fd: fd, UnsafeRawBufferPointer(rebasing: buffer[0..<n]), path: parent.label(name))
+            }
+            created = 0
+        case .symlink(let target):
+            guard !target.containsNUL else {
+                throw SandboxError(.invalidArgument, "\(source): symlink \(entry.path) has a NUL byte in its target")
+            }
+            created = target.withCString { t in name.withCString { symlinkat(t, parent.fd, $0) } }
+        case .hardlink(let target):
+            let targetParts = try LayerExtractor.components(target, source: source)
+            let targetParent = try tree.directory(targetParts.dropLast(), member: target, source: source)
+            let targetName = targetParts.last ?? "."
+            guard let st = try targetParent.status(targetName), !st.isDirectory else {
+                throw SandboxError(
+                    .invalidArgument,
+                    "\(source): hard link \(entry.path) points to \(target), which is not in the archive before it")
+            }
+            let rc = targetName.withCString { t in name.withCString { linkat(targetParent.fd, t, parent.fd, $0, 0) } }
+            if rc != 0 { throw SandboxError.system("linkat(\(parent.label(name)))") }
+            return  // a hard link shares the target's metadata
+        case .characterDevice(let major, let minor):
+            created = name.withCString { mknodat(parent.fd, $0, S_IFCHR | 0o600, makeDevice(major, minor)) }
+        case .blockDevice(let major, let minor):
+            created = name.withCString { mknodat(parent.fd, $0, S_IFBLK | 0o600, makeDevice(major, minor)) }
+        case .fifo:
+            created = name.withCString { mkfifoat(parent.fd, $0, 0o600) }
+        }
+        if created != 0 { throw SandboxError.system("creating \(parent.label(name))") }
+        try Metadata.apply(
+            in: parent, name, isSymlink: { if case .symlink = entry.kind { return true } else { return false } }(),
+            mode: entry.mode, uid: entry.uid, gid: entry.gid, mtime: entry.kind == .directory ? nil : entry.mtime,
+            // overlayfs's own attributes (redirects, metacopy, opaque) never come from an archive.
+            xattrs: entry.xattrs.filter { LayerArchiver.isLayerXattr($0.0) })
+    }
+
+    /// Directory times last: creating children changes them. One walk, children first.
+    mutating func finish() throws {
+        guard !directoryTimes.isEmpty else { return }
+        let times = directoryTimes
+        try TreeWalker.walk(
+            try DirectoryHandle(path: root), visit: { $0.status.isDirectory },
+            leave: { directory in
+                if let mtime = times[directory.path] { try Metadata.setTime(in: directory.parent, directory.name, mtime) }
+            })
+        directoryTimes.removeAll()
+    }
+}
+
+/// Opens directories below a root by their components, creating missing ones and refusing
+/// symlinks and non-directories on the way. Archives list a directory's members together, so
+/// the last directory opened is kept and a member below it costs one `openat`, not one per level.
+struct DirectoryTree {
+    let rootPath: String
+    private var root: DirectoryHandle?
+    private var last: (parts: [RawPath], handle: DirectoryHandle)?
+
+    init(root: String) {
+        self.rootPath = root
+    }
+
+    mutating func directory(_ parts: ArraySlice<RawPath>, member: RawPath, source: String) throws -> DirectoryHandle {
+        let parts = Array(parts)
+        var current: DirectoryHandle
+        var start = 0
+        if let last, parts.starts(with: last.parts) {
+            current = last.handle
+            start = last.parts.count
+        } else {
+            if root == nil { root = try DirectoryHandle(path: rootPath) }
+            current = root!
+        }
+        for part in parts[start...] {
+            if let st = try current.status(part) {
                 if st.isSymlink {
                     throw SandboxError(
                         .pathEscapes,
@@ -53,97 +171,37 @@ public struct LayerExtractor {
                         "\(source): member \(member) needs \(part) to be a directory, but it is a file")
                 }
             } else {
-                try FileSystem.makeDirectory(path, mode: 0o755)
+                try current.makeDirectory(part, mode: 0o755)
             }
+            current = try current.directory(part)
         }
-        return path
-    }
-
-    mutating func add(
-        _ entry: TarEntry, source: String, content: (UnsafeMutableRawBufferPointer) throws -> Int
-    ) throws {
-        let parts = try LayerExtractor.components(entry.path, source: source)
-        guard let name = parts.last else { return }  // the root itself: nothing to create
-        let parent = try parentDirectory(parts, member: entry.path, source: source)
-        let path = parent + "/" + name
-
-        if name == ".wh..wh..opq" {
-            try FileSystem.setXattr(parent, "trusted.overlay.opaque", Array("y".utf8))
-            return
-        }
-        if name.hasPrefix(".wh.") {
-            let hidden = parent + "/" + name.dropFirst(4)
-            try FileSystem.removeTree(hidden)
-            if mknod(hidden, S_IFCHR | 0o000, 0) != 0 { throw SandboxError.system("mknod(whiteout \(hidden))") }
-            return
-        }
-        // A later member replaces an earlier one, except directory over directory (merged).
-        if let existing = try FileSystem.status(path), !(existing.isDirectory && entry.kind == .directory) {
-            try FileSystem.removeTree(path)
-        }
-        switch entry.kind {
-        case .directory:
-            if !FileSystem.isDirectory(path) { try FileSystem.makeDirectory(path, mode: 0o700) }
-            directoryTimes.append((path, entry.mtime))
-        case .regular:
-            let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
-            guard fd >= 0 else { throw SandboxError.system("open(\(path), O_CREAT)") }
-            defer { close(fd) }
-            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 16)
-            defer { buffer.deallocate() }
-            while true {
-                let n = try content(buffer)
-                if n == 0 { break }
-                try FileSystem.writeAll(fd: fd, UnsafeRawBufferPointer(rebasing: buffer[0..<n]), path: path)
-            }
-        case .symlink(let target):
-            if symlink(target, path) != 0 { throw SandboxError.system("symlink(\(path))") }
-        case .hardlink(let target):
-            let targetParts = try LayerExtractor.components(target, source: source)
-            let targetParent = try parentDirectory(targetParts, member: target, source: source)
-            let targetPath = targetParent + "/" + (targetParts.last ?? "")
-            guard let st = try FileSystem.status(targetPath), !st.isDirectory else {
-                throw SandboxError(
-                    .invalidArgument,
-                    "\(source): hard link \(entry.path) points to \(target), which is not in the archive before it")
-            }
-            if link(targetPath, path) != 0 { throw SandboxError.system("link(\(path))") }
-            return  // a hard link shares the target's metadata
-        case .characterDevice(let major, let minor):
-            if mknod(path, S_IFCHR | 0o600, makeDevice(major, minor)) != 0 {
-                throw SandboxError.system("mknod(\(path))")
-            }
-        case .blockDevice(let major, let minor):
-            if mknod(path, S_IFBLK | 0o600, makeDevice(major, minor)) != 0 {
-                throw SandboxError.system("mknod(\(path))")
-            }
-        case .fifo:
-            if mkfifo(path, 0o600) != 0 { throw SandboxError.system("mkfifo(\(path))") }
-        }
-        try Metadata.apply(
-            to: path, isSymlink: { if case .symlink = entry.kind { return true } else { return false } }(),
-            mode: entry.mode, uid: entry.uid, gid: entry.gid, mtime: entry.kind == .directory ? nil : entry.mtime,
-            // overlayfs's own attributes (redirects, metacopy, opaque) never come from an archive.
-            xattrs: entry.xattrs.filter { !$0.0.hasPrefix("trusted.overlay.") && !$0.0.hasPrefix("user.overlay.") })
-    }
-
-    /// Directory times last: creating children changes them.
-    mutating func finish() throws {
-        for (path, mtime) in directoryTimes.reversed() { try Metadata.setTime(path, mtime) }
-        directoryTimes.removeAll()
+        last = (parts, current)
+        return current
     }
 }
 
-/// Ownership, permissions, times and xattrs of one path (never following a final symlink).
+/// Ownership, permissions, times and xattrs of one entry (never following a final symlink).
 enum Metadata {
     static func apply(
-        to path: String, isSymlink: Bool, mode: UInt32, uid: UInt32, gid: UInt32, mtime: Int64?,
-        xattrs: [(String, [UInt8])]
+        in directory: DirectoryHandle, _ name: RawPath, isSymlink: Bool, mode: UInt32, uid: UInt32, gid: UInt32,
+        mtime: Int64?, xattrs: [(String, [UInt8])]
     ) throws {
-        if lchown(path, uid, gid) != 0 { throw SandboxError.system("lchown(\(path))") }
-        if !isSymlink && chmod(path, mode_t(mode & 0o7777)) != 0 { throw SandboxError.system("chmod(\(path))") }
-        for (name, value) in xattrs { try FileSystem.setXattr(path, name, value) }
-        if let mtime { try setTime(path, mtime) }
+        if name.withCString({ fchownat(directory.fd, $0, uid, gid, AT_SYMLINK_NOFOLLOW) }) != 0 {
+            throw SandboxError.system("fchownat(\(directory.label(name)))")
+        }
+        // Not a symlink (checked by the caller, who just made it): fchmodat cannot follow one here.
+        if !isSymlink && name.withCString({ fchmodat(directory.fd, $0, mode_t(mode & 0o7777), 0) }) != 0 {
+            throw SandboxError.system("fchmodat(\(directory.label(name)))")
+        }
+        for (attribute, value) in xattrs { try directory.setXattr(name, attribute, value) }
+        if let mtime { try setTime(in: directory, name, mtime) }
+    }
+
+    static func setTime(in directory: DirectoryHandle, _ name: RawPath, _ mtime: Int64) throws {
+        var times = [timespec(tv_sec: Int(mtime), tv_nsec: 0), timespec(tv_sec: Int(mtime), tv_nsec: 0)]
+        if name.withCString({ utimensat(directory.fd, $0, &times, AT_SYMLINK_NOFOLLOW) }) != 0 {
+            throw SandboxError.system("utimensat(\(directory.label(name)))")
+        }
     }
 
     static func setTime(_ path: String, _ mtime: Int64) throws {

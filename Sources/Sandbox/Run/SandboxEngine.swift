@@ -321,7 +321,7 @@ public final class SandboxEngine: Sendable {
             guard let filesystem, let node = try filesystem.lookup(file), node.isRegular else {
                 throw SandboxError(.invalidArgument, "image user '\(user)': the image has no \(file) to look '\(name)' up in")
             }
-            let text = String(decoding: try FileSystem.readFile(filesystem.physicalPath(node)), as: UTF8.self)
+            let text = String(decoding: try filesystem.readFile(node), as: UTF8.self)
             for line in text.split(separator: "\n") {
                 let fields = line.split(separator: ":", omittingEmptySubsequences: false)
                 if fields.count >= 4, fields[0] == name, let id = UInt32(fields[2]) {

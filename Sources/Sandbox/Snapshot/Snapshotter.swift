@@ -47,12 +47,12 @@ public struct Snapshotter: Sendable {
                 uuid: UUID().uuidString.lowercased(), parent: base.uuid, layers: base.layers, config: config,
                 size: base.size, created: Date(), origin: origin, tags: [])
             return try store.database.transaction { tx in
-                try store.insertImage(tx, image, newLayers: [])
+                try store.insertImage(tx, image)
                 try record(tx, image, nil)
                 return CommitResult(image: image, layer: nil, flattened: false)
             }
         }
-        let summary = try LayerArchiver.archive(directory: directory)
+        let summary = try LayerArchiver.archive(directory: directory, removingSockets: true)
         try FileSystem.syncFileSystem(directory)
         return try store.withStoreLock(exclusive: false) {
             try place(directory, digest: summary.digest)
@@ -70,20 +70,13 @@ public struct Snapshotter: Sendable {
                 size: 0, created: Date(), origin: origin, tags: [])
             return try store.database.transaction { tx in
                 var sized = image
-                for layer in newLayers {
-                    try tx.query(
-                        "INSERT OR IGNORE INTO layers(digest, size, files, entries, created) VALUES(?, ?, ?, ?, ?)",
-                        [
-                            .text(layer.digest), .integer(layer.bytes), .integer(Int64(layer.files)),
-                            .integer(Int64(layer.entries)), .real(Store.now),
-                        ])
-                }
+                for layer in newLayers { try store.recordLayer(tx, layer) }
                 sized.size = try layers.reduce(Int64(0)) { total, digest in
                     total
                         + (try tx.query("SELECT size FROM layers WHERE digest = ?", [.text(digest)]).first?["size"].int
                             ?? 0)
                 }
-                try store.insertImage(tx, sized, newLayers: [])
+                try store.insertImage(tx, sized)
                 try record(tx, sized, summary)
                 return CommitResult(image: sized, layer: summary, flattened: flattened)
             }
@@ -107,7 +100,7 @@ public struct Snapshotter: Sendable {
                     }
                     image.size += row["size"].int ?? 0
                 }
-                try store.insertImage(tx, image, newLayers: [])
+                try store.insertImage(tx, image)
                 return image
             }
         }
@@ -115,10 +108,25 @@ public struct Snapshotter: Sendable {
 
     /// Moves a synced directory into `layers/`, or drops it when the layer already exists.
     /// Must run under the shared store lock.
+    ///
+    /// Identical changes share one directory, so an existing directory is trusted only when it
+    /// provably holds what its name says: its row says this archiver named it, or archiving it
+    /// again gives its name. Otherwise (a directory an older version named while it skipped
+    /// names that are not UTF-8) it is replaced by this one, which has just been archived.
     private func place(_ directory: String, digest: String) throws {
         let destination = store.layerPath(digest)
         if FileSystem.exists(destination) {
-            try FileSystem.removeTree(directory)
+            if try store.isProven(digest) { return try FileSystem.removeTree(directory) }
+            let kept = try store.withLock(store.root + "/layers.prove.lock") { () throws -> Bool in
+                if (try? LayerArchiver.archive(directory: destination).digest) == digest { return true }
+                Trace.mark("commit: layer \(digest) holds more than its digest covers; replacing it")
+                try FileSystem.rename(destination, directory + ".unproven")
+                try FileSystem.rename(directory, destination)
+                return false
+            }
+            if kept { try FileSystem.removeTree(directory) }
+            try? FileSystem.removeTree(directory + ".unproven")
+            try FileSystem.sync(store.layersPath)
             return
         }
         // Two runs that made the same change commit the same digest at the same time: the
@@ -142,7 +150,7 @@ public struct Snapshotter: Sendable {
         let rootStatus = fs.root.status
         try LayerFlattener.materialize(fs, into: directory)
         chmod(directory, rootStatus.st_mode & 0o7777)
-        let summary = try LayerArchiver.archive(directory: directory)
+        let summary = try LayerArchiver.archive(directory: directory, removingSockets: true)
         try FileSystem.syncFileSystem(directory)
         try place(directory, digest: summary.digest)
         return summary

@@ -96,21 +96,30 @@ extension Store {
         return true
     }
 
-    /// Removes leases, work directories and cgroups that dead processes left behind.
-    /// - Returns: the ids of the abandoned leases that were cleaned up.
+    /// Removes leases, work directories and cgroups that dead processes left behind. It
+    /// carries on past what it cannot remove and reports it.
+    /// - Returns: the ids of the abandoned leases that were cleaned up, and what failed.
     @discardableResult
-    public func recoverAbandonedWork() throws -> [String] {
+    public func recoverAbandonedWork() throws -> (removed: [String], failures: [String]) {
         var removed: [String] = []
+        var failures: [String] = []
+        func removeWork(_ id: String) {
+            do {
+                try FileSystem.removeTree(tmpPath + "/" + id)
+            } catch {
+                failures.append("abandoned work tmp/\(id) could not be removed: \(error)")
+            }
+        }
         // Work dirs first: one whose lease file is gone or unlocked is abandoned.
         for name in (try? FileSystem.list(tmpPath)) ?? [] where !isLeaseAlive(name) {
-            try? FileSystem.removeTree(tmpPath + "/" + name)
+            removeWork(name)
             removed.append(name)
         }
         for name in (try? FileSystem.list(leasesPath)) ?? [] {
             if name.hasSuffix(".lock") {
                 let id = String(name.dropLast(5))
                 if !isLeaseAlive(id) {
-                    try? FileSystem.removeTree(tmpPath + "/" + id)
+                    removeWork(id)
                     _ = try database.query("DELETE FROM leases WHERE id = ?", [.text(id)])
                     unlink(leasesPath + "/" + name)
                     if !removed.contains(id) { removed.append(id) }
@@ -135,6 +144,6 @@ extension Store {
         }
         // A run's cgroup lives inside its lease's lifetime: only a dead lease can leave one.
         if !removed.isEmpty { Cgroup.removeAbandoned(storeRoot: root, isAlive: { self.isLeaseAlive($0) }) }
-        return removed
+        return (removed, failures)
     }
 }

@@ -75,15 +75,28 @@ extension Store {
     }
 
     /// Inserts a new image and any new layer rows inside a transaction.
-    func insertImage(_ tx: Database.Transaction, _ record: ImageRecord, newLayers: [LayerSummary]) throws {
-        for layer in newLayers {
-            try tx.query(
-                "INSERT OR IGNORE INTO layers(digest, size, files, entries, created) VALUES(?, ?, ?, ?, ?)",
-                [
-                    .text(layer.digest), .integer(layer.bytes), .integer(Int64(layer.files)),
-                    .integer(Int64(layer.entries)), .real(Store.now),
-                ])
-        }
+    /// Records a layer whose directory is in place and proven (named by this archiver), or
+    /// marks an existing row proven.
+    func recordLayer(_ tx: Database.Transaction, _ layer: LayerSummary) throws {
+        try tx.query(
+            """
+            INSERT INTO layers(digest, size, files, entries, created, archive_format) VALUES(?, ?, ?, ?, ?, ?)
+            ON CONFLICT(digest) DO UPDATE SET archive_format = excluded.archive_format
+            """,
+            [
+                .text(layer.digest), .integer(layer.bytes), .integer(Int64(layer.files)),
+                .integer(Int64(layer.entries)), .real(Store.now), .integer(Int64(LayerArchiver.format)),
+            ])
+    }
+
+    /// Whether a layer's row says this archiver named its directory.
+    func isProven(_ digest: String) throws -> Bool {
+        try database.query("SELECT archive_format FROM layers WHERE digest = ?", [.text(digest)]).first?[
+            "archive_format"
+        ].int == Int64(LayerArchiver.format)
+    }
+
+    func insertImage(_ tx: Database.Transaction, _ record: ImageRecord) throws {
         let config = String(decoding: try JSONEncoder().encode(record.config), as: UTF8.self)
         try tx.query(
             "INSERT INTO images(uuid, parent, config, size, created, origin) VALUES(?, ?, ?, ?, ?, ?)",

@@ -14,6 +14,8 @@ public struct GarbageReport: Sendable, Codable {
     public var imagesRemoved: Int = 0
     /// Files derived from layers that are gone (the VM backend's erofs images).
     public var derivedRemoved: Int = 0
+    /// What could not be removed (gc carried on past it); empty when all went.
+    public var failures: [String] = []
 
     enum CodingKeys: String, CodingKey {
         case derivedRemoved = "derived_removed"
@@ -21,6 +23,7 @@ public struct GarbageReport: Sendable, Codable {
         case bytesFreed = "bytes_freed"
         case abandonedWork = "abandoned_work"
         case imagesRemoved = "images_removed"
+        case failures
     }
 }
 
@@ -48,7 +51,9 @@ extension Store {
     public func collectGarbage(pruneUntaggedOlderThan: Double? = nil) throws -> GarbageReport {
         var report = GarbageReport()
         return try withStoreLock(exclusive: true) {
-            report.abandonedWork = try recoverAbandonedWork().count
+            let abandoned = try recoverAbandonedWork()
+            report.abandonedWork = abandoned.removed.count
+            report.failures += abandoned.failures
             if let age = pruneUntaggedOlderThan { report.imagesRemoved = try pruneUntagged(olderThan: age) }
             let doomed: [(String, Int64)] = try database.transaction { tx in
                 var live = Set(
@@ -66,8 +71,18 @@ extension Store {
                 for (digest, _) in dead { try tx.query("DELETE FROM layers WHERE digest = ?", [.text(digest)]) }
                 return dead
             }
-            for (digest, size) in doomed {
-                try FileSystem.removeTree(layerPath(digest))
+            // A directory that will not go is reported, and the rest still go: its row is gone,
+            // so the next gc finds it as a directory without a row and tries again.
+            func remove(_ path: String, what: String) -> Bool {
+                do {
+                    try FileSystem.removeTree(path)
+                    return true
+                } catch {
+                    report.failures.append("\(what) could not be removed: \(error)")
+                    return false
+                }
+            }
+            for (digest, size) in doomed where remove(layerPath(digest), what: "layer \(digest)") {
                 report.layersRemoved += 1
                 report.bytesFreed += size
             }
@@ -75,8 +90,7 @@ extension Store {
             let known = Set(
                 try database.query("SELECT digest FROM layers").compactMap { $0["digest"].string.map(Store.hex) })
             for name in try FileSystem.list(layersPath) where !known.contains(name) {
-                try FileSystem.removeTree(layersPath + "/" + name)
-                report.layersRemoved += 1
+                if remove(layersPath + "/" + name, what: "layer directory \(name)") { report.layersRemoved += 1 }
             }
             // Files derived from a layer (`vm/erofs/<hex>.erofs…`) go with it.
             // Not when vm/ is shared with other stores (a symlink): their layers are not known here.
@@ -85,8 +99,9 @@ extension Store {
                 for name in try FileSystem.list(derived) {
                     let layer = String(name.prefix { $0 != "." })
                     guard !known.contains(layer) else { continue }
-                    report.bytesFreed += Int64((try? FileSystem.status(derived + "/" + name))??.st_blocks ?? 0) * 512
-                    try FileSystem.removeTree(derived + "/" + name)
+                    let blocks = Int64((try? FileSystem.status(derived + "/" + name))??.st_blocks ?? 0)
+                    guard remove(derived + "/" + name, what: "vm/erofs/\(name)") else { continue }
+                    report.bytesFreed += blocks * 512
                     report.derivedRemoved += 1
                 }
             }

@@ -31,7 +31,7 @@ public final class Store: Sendable {
     /// Images whose chain grows past this many layers are flattened into one.
     public let flattenThreshold: Int
 
-    static let schemaVersion = 2
+    static let schemaVersion = 3
 
     /// `$CONTREE_HOME`, or `~/.local/share/contree`.
     public static var defaultRoot: String {
@@ -69,7 +69,7 @@ public final class Store: Sendable {
             CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
             CREATE TABLE IF NOT EXISTS layers(
                 digest TEXT PRIMARY KEY, size INTEGER NOT NULL, files INTEGER NOT NULL,
-                entries INTEGER NOT NULL, created REAL NOT NULL);
+                entries INTEGER NOT NULL, created REAL NOT NULL, archive_format INTEGER);
             CREATE TABLE IF NOT EXISTS images(
                 uuid TEXT PRIMARY KEY, parent TEXT, config TEXT NOT NULL, size INTEGER NOT NULL,
                 created REAL NOT NULL, origin TEXT NOT NULL);
@@ -94,17 +94,28 @@ public final class Store: Sendable {
                 owner TEXT NOT NULL, image TEXT NOT NULL REFERENCES images(uuid) ON DELETE CASCADE,
                 created REAL NOT NULL, PRIMARY KEY(owner, image));
             CREATE INDEX IF NOT EXISTS pins_image ON pins(image);
-            INSERT OR REPLACE INTO meta(key, value) VALUES('schema', '\(Store.schemaVersion)');
             """)
+        try database.transaction { tx in
+            // Version 3: which archiver named a layer (NULL: one from before names were archived
+            // as bytes, whose directory may hold what its digest does not cover).
+            let columns = try tx.query("PRAGMA table_info(layers)").compactMap { $0["name"].string }
+            if !columns.contains("archive_format") { try tx.query("ALTER TABLE layers ADD COLUMN archive_format INTEGER") }
+            try tx.query("INSERT OR REPLACE INTO meta(key, value) VALUES('schema', ?)", [.text(String(Store.schemaVersion))])
+        }
     }
 
     /// Runs `body` holding `store.lock` (shared for commits, exclusive for gc).
     func withStoreLock<T>(exclusive: Bool, _ body: () throws -> T) throws -> T {
-        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SandboxError.system("open(\(lockPath))") }
+        try withLock(lockPath, exclusive: exclusive, body)
+    }
+
+    /// Runs `body` holding an `flock` on `path` (created if needed).
+    func withLock<T>(_ path: String, exclusive: Bool = true, _ body: () throws -> T) throws -> T {
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
         defer { close(fd) }
         while flock(fd, exclusive ? LOCK_EX : LOCK_SH) != 0 {
-            guard errno == EINTR else { throw SandboxError.system("flock(\(lockPath))") }
+            guard errno == EINTR else { throw SandboxError.system("flock(\(path))") }
         }
         return try body()
     }

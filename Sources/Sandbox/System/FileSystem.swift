@@ -26,6 +26,43 @@ public enum FileSystem {
         throw SandboxError.system("lstat(\(path))")
     }
 
+    /// `lstat` of a path given as bytes, or nil when it does not exist.
+    public static func status(_ path: RawPath) throws -> stat? {
+        var st = stat()
+        if path.withCString({ lstat($0, &st) }) == 0 { return st }
+        if errno == ENOENT || errno == ENOTDIR { return nil }
+        throw SandboxError.system("lstat(\(path))")
+    }
+
+    /// Names in a directory given as bytes (without `.` and `..`), sorted by their bytes.
+    public static func list(_ path: RawPath) throws -> [RawPath] {
+        let fd = path.withCString { open($0, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+        guard fd >= 0 else { throw SandboxError.system("open(\(path), O_DIRECTORY)") }
+        return try DirectoryHandle(fd: fd, label: "", relative: path).entries()
+    }
+
+    /// Opens a path given as bytes, never following a final symlink. The caller closes it.
+    public static func openFile(_ path: RawPath, flags: Int32, mode: mode_t = 0o600) throws -> Int32 {
+        let fd = path.withCString { Glibc.open($0, flags | O_NOFOLLOW | O_CLOEXEC, mode) }
+        guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
+        return fd
+    }
+
+    public static func readLink(_ path: RawPath) throws -> RawPath {
+        var buffer = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
+        let n = path.withCString { p in
+            buffer.withUnsafeMutableBytes { readlink(p, $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count) }
+        }
+        guard n >= 0 else { throw SandboxError.system("readlink(\(path))") }
+        return RawPath(buffer[0..<n])
+    }
+
+    /// Whether a directory given as bytes is opaque (overlayfs hides everything below it).
+    static func isOpaque(_ path: RawPath) throws -> Bool {
+        let fd = try openFile(path, flags: O_RDONLY | O_DIRECTORY)
+        return try LayerArchiver.isOpaque(DirectoryHandle(fd: fd, label: "", relative: path))
+    }
+
     public static func exists(_ path: String) -> Bool {
         var st = stat()
         return lstat(path, &st) == 0
@@ -50,18 +87,11 @@ public enum FileSystem {
         }
     }
 
-    /// Names in a directory (without `.` and `..`), sorted by their bytes.
+    /// Names in a directory the store made (without `.` and `..`), sorted by their bytes. For
+    /// names a sandbox or an archive chose, use `list(_: RawPath)`: a name that is not UTF-8
+    /// appears here escaped, as no file is named.
     public static func list(_ path: String) throws -> [String] {
-        guard let dir = opendir(path) else { throw SandboxError.system("opendir(\(path))") }
-        defer { closedir(dir) }
-        var names: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafePointer(to: entry.pointee.d_name) {
-                $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) }
-            }
-            if name != "." && name != ".." { names.append(name) }
-        }
-        return names.sorted { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }
+        try list(RawPath(path)).map { $0.string ?? $0.description }
     }
 
     public static func readLink(_ path: String) throws -> String {
@@ -78,13 +108,13 @@ public enum FileSystem {
         return try readAll(fd: fd, path: path)
     }
 
-    public static func readAll(fd: Int32, path: String) throws -> [UInt8] {
+    public static func readAll(fd: Int32, path: @autoclosure () -> String) throws -> [UInt8] {
         var out: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
             let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else { throw SandboxError.system("read(\(path))") }
+            guard n >= 0 else { throw SandboxError.system("read(\(path()))") }
             if n == 0 { break }
             out.append(contentsOf: buffer[0..<n])
         }
@@ -100,16 +130,17 @@ public enum FileSystem {
         if sync && fsync(fd) != 0 { throw SandboxError.system("fsync(\(path))") }
     }
 
-    public static func writeAll(fd: Int32, _ bytes: [UInt8], path: String) throws {
-        try bytes.withUnsafeBytes { try writeAll(fd: fd, $0, path: path) }
+    public static func writeAll(fd: Int32, _ bytes: [UInt8], path: @autoclosure () -> String) throws {
+        try bytes.withUnsafeBytes { try writeAll(fd: fd, $0, path: path()) }
     }
 
-    public static func writeAll(fd: Int32, _ bytes: UnsafeRawBufferPointer, path: String) throws {
+    /// Writes every byte, retrying short writes and EINTR; `path` names the file in an error.
+    public static func writeAll(fd: Int32, _ bytes: UnsafeRawBufferPointer, path: @autoclosure () -> String) throws {
         var done = 0
         while done < bytes.count {
             let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
             if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw SandboxError.system("write(\(path))") }
+            guard n > 0 else { throw SandboxError.system("write(\(path()))") }
             done += n
         }
     }
@@ -134,42 +165,52 @@ public enum FileSystem {
         if Glibc.rename(from, to) != 0 { throw SandboxError.system("rename(\(from), \(to))") }
     }
 
-    /// Removes a tree without following symlinks. Missing paths are fine.
+    /// Removes a tree without following symlinks. Missing paths are fine. Any name and any
+    /// depth: the tree is walked through directory descriptors (see `removeTree(in:_:)`).
     public static func removeTree(_ path: String) throws {
-        var st = stat()
-        if lstat(path, &st) != 0 {
-            if errno == ENOENT { return }
-            throw SandboxError.system("lstat(\(path))")
+        var trimmed = path
+        while trimmed.count > 1 && trimmed.hasSuffix("/") { trimmed.removeLast() }
+        let slash = trimmed.lastIndex(of: "/")
+        let parentPath = slash.map { $0 == trimmed.startIndex ? "/" : String(trimmed[..<$0]) } ?? "."
+        let name = slash.map { String(trimmed[trimmed.index(after: $0)...]) } ?? trimmed
+        let parent: DirectoryHandle
+        do {
+            parent = try DirectoryHandle(path: parentPath)
+        } catch let error as SandboxError where error.errno == ENOENT {
+            return
         }
-        if (st.st_mode & S_IFMT) == S_IFDIR {
-            // An immutable-looking tree may have dirs without write permission; we are root,
-            // but a later chmod-less rmdir of a dir with 0 mode still works for root.
-            for name in try list(path) { try removeTree(path + "/" + name) }
-            if rmdir(path) != 0 && errno != ENOENT { throw SandboxError.system("rmdir(\(path))") }
-        } else if unlink(path) != 0 && errno != ENOENT {
-            throw SandboxError.system("unlink(\(path))")
-        }
+        try removeTree(in: parent, RawPath(name))
     }
 
-    /// Extended attribute names of a path (not following symlinks).
-    public static func xattrNames(_ path: String) -> [String] {
-        let size = llistxattr(path, nil, 0)
-        guard size > 0 else { return [] }
-        var buffer = [CChar](repeating: 0, count: size)
-        let n = llistxattr(path, &buffer, size)
-        guard n > 0 else { return [] }
-        return buffer[0..<n].split(separator: 0).map {
-            String(decoding: $0.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    /// Removes `name` in `directory` and everything below it, without following symlinks,
+    /// holding two descriptors whatever the depth. It carries on past an entry it cannot
+    /// remove and then throws the first failure with the count.
+    public static func removeTree(in directory: DirectoryHandle, _ name: RawPath) throws {
+        guard let st = try directory.status(name) else { return }
+        guard st.isDirectory else { return try directory.remove(name, directory: false) }
+        var failures: [SandboxError] = []
+        func attempt(_ body: () throws -> Void) {
+            do { try body() } catch let error as SandboxError { failures.append(error) } catch {
+                failures.append(SandboxError(.systemCall, "\(error)"))
+            }
         }
-    }
-
-    public static func xattr(_ path: String, _ name: String) -> [UInt8]? {
-        let size = lgetxattr(path, name, nil, 0)
-        guard size >= 0 else { return nil }
-        var buffer = [UInt8](repeating: 0, count: max(size, 1))
-        let n = lgetxattr(path, name, &buffer, buffer.count)
-        guard n >= 0 else { return nil }
-        return Array(buffer[0..<n])
+        attempt {
+            try TreeWalker.walk(
+                try directory.directory(name),
+                visit: { entry in
+                    if entry.status.isDirectory { return true }
+                    attempt { try entry.parent.remove(entry.name, directory: false) }
+                    return false
+                },
+                leave: { entry in attempt { try entry.parent.remove(entry.name, directory: true) } })
+        }
+        attempt { try directory.remove(name, directory: true) }
+        guard let first = failures.first else { return }
+        throw failures.count == 1
+            ? first
+            : SandboxError(
+                first.code, "\(first.message) (and \(failures.count - 1) more entries could not be removed)",
+                errno: first.errno)
     }
 
     public static func setXattr(_ path: String, _ name: String, _ value: [UInt8]) throws {
@@ -185,15 +226,20 @@ public enum FileSystem {
         let output = open(destination, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
         guard output >= 0 else { throw SandboxError.system("open(\(destination), O_CREAT)") }
         defer { close(output) }
+        try copyContents(from: input, to: output, name: destination)
+    }
+
+    /// Copies the rest of `input` to `output` (in the kernel where it can).
+    public static func copyContents(from input: Int32, to output: Int32, name: @autoclosure () -> String) throws {
         while true {
             let n = csb_copy_file_range(input, output, 1 << 30)
             if n < 0 && errno == EINTR { continue }
             if n < 0 && (errno == EXDEV || errno == EINVAL || errno == ENOSYS) {
-                let bytes = try readAll(fd: input, path: source)
-                try writeAll(fd: output, bytes, path: destination)
+                let bytes = try readAll(fd: input, path: name())
+                try writeAll(fd: output, bytes, path: name())
                 break
             }
-            guard n >= 0 else { throw SandboxError.system("copy_file_range(\(source))") }
+            guard n >= 0 else { throw SandboxError.system("copy_file_range(\(name()))") }
             if n == 0 { break }
         }
     }

@@ -69,7 +69,7 @@ public struct TarReader {
             let headerGID = try number(header, 116, 8, field: "gid")
             let headerMtime = try number(header, 136, 12, field: "mtime")
             var entry = TarEntry(
-                path: String(decoding: path, as: UTF8.self), kind: .regular,
+                path: RawPath(path), kind: .regular,
                 mode: UInt32(truncatingIfNeeded: try number(header, 100, 8, field: "mode")),
                 uid: UInt32(truncatingIfNeeded: merged["uid"].flatMap(decimal) ?? headerUID),
                 gid: UInt32(truncatingIfNeeded: merged["gid"].flatMap(decimal) ?? headerGID),
@@ -79,7 +79,7 @@ public struct TarReader {
                 .map { (String($0.key.dropFirst("SCHILY.xattr.".count)), $0.value) }.sorted { $0.0 < $1.0 }
             let major = UInt32(truncatingIfNeeded: (try? number(header, 329, 8, field: "devmajor")) ?? 0)
             let minor = UInt32(truncatingIfNeeded: (try? number(header, 337, 8, field: "devminor")) ?? 0)
-            let linkString = String(decoding: link, as: UTF8.self)
+            let linkString = RawPath(link)
             switch typeflag {
             case UInt8(ascii: "0"), 0, UInt8(ascii: "7"): entry.kind = .regular
             case UInt8(ascii: "1"): entry.kind = .hardlink(target: linkString)
@@ -93,7 +93,7 @@ public struct TarReader {
                     .invalidArgument,
                     "\(name): entry \(entry.path) has unsupported tar type '\(Character(Unicode.Scalar(typeflag)))'")
             }
-            if entry.kind == .directory, entry.path.hasSuffix("/") { entry.path.removeLast() }
+            while entry.kind == .directory, entry.path.bytes.last == UInt8(ascii: "/") { entry.path.bytes.removeLast() }
             let contentSize = entry.kind == .regular ? entry.size : 0
             pending = contentSize
             padding = (512 - contentSize % 512) % 512
@@ -170,7 +170,14 @@ public struct TarReader {
             }
             let record = body[(space + 1)..<(i + length - 1)]
             if let eq = record.firstIndex(of: UInt8(ascii: "=")) {
-                records[String(decoding: record[record.startIndex..<eq], as: UTF8.self)] = Array(record[(eq + 1)...])
+                let key = record[record.startIndex..<eq]
+                // A key that is not UTF-8 (an xattr's name) is refused, not repaired into another.
+                guard let text = String(validating: key, as: UTF8.self) else {
+                    throw SandboxError(
+                        .invalidArgument,
+                        "\(name): a PAX record's key is not UTF-8 (\(RawPath.escape(Array(key)))); the archive is refused")
+                }
+                records[text] = Array(record[(eq + 1)...])
             }
             i += length
         }

@@ -5,15 +5,16 @@ public struct TarEntry: Sendable {
     public enum Kind: Sendable, Equatable {
         case regular
         case directory
-        case symlink(target: String)
-        case hardlink(target: String)
+        case symlink(target: RawPath)
+        case hardlink(target: RawPath)
         case characterDevice(major: UInt32, minor: UInt32)
         case blockDevice(major: UInt32, minor: UInt32)
         case fifo
     }
 
     /// Relative path without a leading `./` or `/`; directories without a trailing slash.
-    public var path: String
+    /// Bytes, as the file system has them (not necessarily UTF-8).
+    public var path: RawPath
     public var kind: Kind
     public var mode: UInt32
     public var uid: UInt32
@@ -24,7 +25,7 @@ public struct TarEntry: Sendable {
     public var xattrs: [(String, [UInt8])]
 
     public init(
-        path: String, kind: Kind, mode: UInt32, uid: UInt32 = 0, gid: UInt32 = 0, size: Int64 = 0,
+        path: RawPath, kind: Kind, mode: UInt32, uid: UInt32 = 0, gid: UInt32 = 0, size: Int64 = 0,
         mtime: Int64 = 0, xattrs: [(String, [UInt8])] = []
     ) {
         self.path = path
@@ -54,7 +55,7 @@ public struct TarWriter {
     public func append(
         _ entry: TarEntry, content: ((UnsafeRawBufferPointer) throws -> Void) throws -> Void = { _ in }
     ) throws {
-        var name = Array(entry.path.utf8)
+        var name = entry.path.bytes
         if entry.kind == .directory && name.last != UInt8(ascii: "/") { name.append(UInt8(ascii: "/")) }
         var pax: [(String, [UInt8])] = []
         var linkName: [UInt8] = []
@@ -64,10 +65,10 @@ public struct TarWriter {
         case .directory: typeflag = UInt8(ascii: "5")
         case .symlink(let target):
             typeflag = UInt8(ascii: "2")
-            linkName = Array(target.utf8)
+            linkName = target.bytes
         case .hardlink(let target):
             typeflag = UInt8(ascii: "1")
-            linkName = Array(target.utf8)
+            linkName = target.bytes
         case .characterDevice: typeflag = UInt8(ascii: "3")
         case .blockDevice: typeflag = UInt8(ascii: "4")
         case .fifo: typeflag = UInt8(ascii: "6")
