@@ -304,6 +304,23 @@ int csb_open_path_dir(const char *path) { return open(path, O_PATH | O_DIRECTORY
 
 int csb_syncfs(int fd) { return syncfs(fd); }
 
+#include <linux/openat2.h>
+#include <sys/statfs.h>
+
+int csb_open_beneath(int dirfd, const char *path, int flags) {
+    struct open_how how = {
+        .flags = (uint64_t)(flags | O_CLOEXEC | O_NOCTTY),
+        .mode = 0,
+        .resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+    };
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+}
+
+long csb_fs_type(int fd) {
+    struct statfs fs;
+    return fstatfs(fd, &fs) == 0 ? (long)fs.f_type : -1;
+}
+
 ssize_t csb_copy_file_range(int in, int out, size_t length) {
     return copy_file_range(in, NULL, out, NULL, length, 0);
 }

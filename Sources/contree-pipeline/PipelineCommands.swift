@@ -52,6 +52,11 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Registry user for --cache-from/--cache-to (or $CONTREE_REGISTRY_USER).") var registryUser: String?
     @Option(help: "Registry password (or $CONTREE_REGISTRY_PASSWORD).") var registryPassword: String?
     @Flag(help: "Allow plain http to a cache registry that is not on this machine.") var allowHTTP = false
+    @Flag(
+        help:
+            "Let secret files and local image paths (oci:, oci-archive:, docker-archive:) lie anywhere on this host; by default they must be inside the pipeline's directory, as inputs always are."
+    )
+    var allowHostPaths = false
 
     func run() async throws {
         let plan = try loadPipeline(pipeline)
@@ -78,7 +83,7 @@ struct RunCommand: AsyncParsableCommand {
         }
         let options = RunOptions(
             jobs: jobs, keepGoing: keepGoing, forceSteps: fromSteps, noCache: noCache, failOnCacheMiss: failOnCacheMiss,
-            outDir: out, junitPath: junit, cacheFrom: sources, cacheTo: destination)
+            outDir: out, junitPath: junit, cacheFrom: sources, cacheTo: destination, allowHostPaths: allowHostPaths)
         let observer: any RunObserver = json ? RunViews.make(output: ViewOutput(fd: 2)) : RunViews.make()
         let runner = try reportingErrors {
             try PipelineRunner(plan: plan, engine: engine, options: options, observer: observer)
@@ -153,6 +158,8 @@ struct ExplainCommand: ParsableCommand {
     @OptionGroup var storeOptions: StoreOptions
     @Argument(help: "The pipeline file.") var pipeline: String
     @Argument(help: "The step.") var step: String
+    @Flag(help: "As `run --allow-host-paths`: secret files and local image paths may lie anywhere on this host.")
+    var allowHostPaths = false
 
     func run() throws {
         let plan = try loadPipeline(pipeline)
@@ -160,9 +167,13 @@ struct ExplainCommand: ParsableCommand {
             let engine = SandboxEngine.withAllBackends(store: try storeOptions.open(), progress: ProgressReporter())
             let explanations: [StepExplanation]
             do {
-                explanations = try KeyExplainer(plan: plan, engine: engine).explain(step: step)
+                explanations = try KeyExplainer(plan: plan, engine: engine, allowHostPaths: allowHostPaths).explain(
+                    step: step)
             } catch let error as PipelineError {
                 printError("error: \(error.message)")
+                throw ExitCode(2)
+            } catch let error as PipelineValidationError {
+                printError(error.description)
                 throw ExitCode(2)
             }
             for e in explanations {

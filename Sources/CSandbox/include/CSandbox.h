@@ -147,6 +147,12 @@ int csb_pipe_cloexec(int fds[2]);
 int csb_eventfd_cloexec(void);
 int csb_open_path_dir(const char *path);
 int csb_syncfs(int fd);
+/// openat2 with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS (and O_CLOEXEC | O_NOCTTY): `path`
+/// must not leave `dirfd` by `..`, an absolute path or symlink, or a magic link. -1 with
+/// errno (ENOSYS before Linux 5.6; EXDEV or ELOOP when the path would leave).
+int csb_open_beneath(int dirfd, const char *path, int flags);
+/// fstatfs's f_type, or -1.
+long csb_fs_type(int fd);
 ssize_t csb_copy_file_range(int in, int out, size_t length);
 /// A new pseudo-terminal pair (both close-on-exec), sized like `like_fd` if it is a terminal.
 int csb_openpty(int *primary, int *secondary, int like_fd);

@@ -5,6 +5,8 @@ import Sandbox
 
 /// A host file a step copies in.
 public struct ResolvedInput: Sendable, Equatable {
+    /// Relative to the pipeline's directory, and opened beneath it (never through a symlink
+    /// that leads out).
     public var hostPath: String
     public var sandboxPath: String
     public var mode: UInt32
@@ -12,7 +14,9 @@ public struct ResolvedInput: Sendable, Equatable {
 }
 
 /// Expands input paths and globs (`*`, `?`, `[...]`, `**`) relative to the pipeline's
-/// directory and hashes each file's content.
+/// directory and hashes each file's content. Every file is opened beneath the directory
+/// (`HostPaths.beneath`): a symlink in a repository cannot hand a step `/proc/self/environ`
+/// or any file of the host's.
 enum InputResolver {
     /// The files of one input; relative paths below its static prefix are kept.
     /// - Parameter workdir: where inputs without `to` land (each file's path as written).
@@ -37,8 +41,8 @@ enum InputResolver {
                 .invalid, "input '\(input.pattern.value)' matches no file under \(directory)",
                 at: input.pattern.location)
         }
+        let root = HostPaths.beneath(directory)
         return try files.map { relative in
-            let host = directory + "/" + relative
             let target: String
             if let destination = input.destination {
                 let below = relative.split(separator: "/").dropFirst(prefix.count).joined(separator: "/")
@@ -46,11 +50,18 @@ enum InputResolver {
             } else {
                 target = (workdir.hasSuffix("/") ? workdir : workdir + "/") + relative
             }
+            let fd: Int32
+            do {
+                fd = try root.open(relative, what: "input '\(input.pattern.value)'")
+            } catch let error as SandboxError {
+                throw PipelineError(.invalid, error.message, at: input.pattern.location)
+            }
+            defer { close(fd) }
             var st = stat()
-            stat(host, &st)
+            fstat(fd, &st)
             return ResolvedInput(
-                hostPath: host, sandboxPath: normalize(target), mode: UInt32(st.st_mode & 0o7777),
-                sha256: try sha256(of: host))
+                hostPath: relative, sandboxPath: normalize(target), mode: UInt32(st.st_mode & 0o7777),
+                sha256: try sha256(of: fd, name: relative))
         }
     }
 
@@ -118,16 +129,15 @@ enum InputResolver {
         "/" + path.split(separator: "/").filter { $0 != "." && !$0.isEmpty }.joined(separator: "/")
     }
 
-    static func sha256(of path: String) throws -> String {
-        guard let handle = FileHandle(forReadingAtPath: path) else {
-            throw PipelineError(.failed, "cannot read input \(path)")
-        }
-        defer { try? handle.close() }
+    static func sha256(of fd: Int32, name: String) throws -> String {
         var hasher = SHA256()
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
         while true {
-            let chunk = handle.readData(ofLength: 1 << 20)
-            if chunk.isEmpty { break }
-            hasher.update(data: chunk)
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else { throw PipelineError(.failed, "cannot read input \(name): \(String(cString: strerror(errno)))") }
+            if n == 0 { break }
+            hasher.update(data: buffer[0..<n])
         }
         return hasher.finalize().map { String(format: "%02x", $0) }.joined()
     }

@@ -112,7 +112,11 @@ extension PipelineRunner {
             if attempt > 1 { log.note("attempt \(attempt) of \(attempts)") }
             let spec = RunSpec(
                 image: parent.uuid, command: command, env: env.merging(secretEnv) { $1 }, cwd: workdir,
-                files: inputs.map { FileMapping(hostPath: $0.hostPath, sandboxPath: $0.sandboxPath, mode: $0.mode) },
+                files: inputs.map {
+                    FileMapping(
+                        hostPath: $0.hostPath, sandboxPath: $0.sandboxPath, mode: $0.mode,
+                        hostPaths: .beneath(plan.definition.directory))
+                },
                 timeout: node.settings.timeout,
                 limits: ResourceLimits(
                     memoryBytes: node.settings.limits.memoryBytes, cpus: node.settings.limits.cpus,

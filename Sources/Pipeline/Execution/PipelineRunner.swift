@@ -19,6 +19,9 @@ public struct RunOptions: Sendable {
     public var junitPath: String?
     /// The host environment secrets are read from.
     public var environment: [String: String]
+    /// Read secret files and local image paths wherever they are (`--allow-host-paths`); by
+    /// default they must lie beneath the pipeline's directory, as inputs always do.
+    public var allowHostPaths: Bool
     /// Shared caches asked, in order, for the steps the store's cache lacks (`--cache-from`).
     public var cacheFrom: [any SharedStepCache]
     /// Where the run's passed steps and scores are published at its end (`--cache-to`).
@@ -28,8 +31,9 @@ public struct RunOptions: Sendable {
         jobs: Int = ProcessInfo.processInfo.activeProcessorCount, keepGoing: Bool = false, forceSteps: [String] = [],
         noCache: Bool = false, failOnCacheMiss: Bool = false, outDir: String? = nil, junitPath: String? = nil,
         environment: [String: String] = ProcessInfo.processInfo.environment, cacheFrom: [any SharedStepCache] = [],
-        cacheTo: (any SharedStepCache)? = nil
+        cacheTo: (any SharedStepCache)? = nil, allowHostPaths: Bool = false
     ) {
+        self.allowHostPaths = allowHostPaths
         self.cacheFrom = cacheFrom
         self.cacheTo = cacheTo
         self.jobs = max(1, jobs)
@@ -122,13 +126,16 @@ public final class PipelineRunner: Sendable {
             }
         }
         let used = Set(definition.steps.flatMap { $0.secrets.map(\.value) })
+        let hostPaths = definition.hostPaths(allowingAnywhere: options.allowHostPaths)
         let (secrets, secretProblems) = SecretLoader.load(
             definition.secrets.filter { used.contains($0.name.value) }, directory: definition.directory,
+            hostPaths: hostPaths,
             environment: options.environment)
         problems += secretProblems
         if !problems.isEmpty { throw PipelineValidationError(problems) }
         do {
-            return (try engine.baseImages.resolve(definition.image.value, cancellation: cancellation), secrets)
+            let image = try definition.imageReference(hostPaths: hostPaths)
+            return (try engine.baseImages.resolve(image, cancellation: cancellation), secrets)
         } catch let error as SandboxError where error.code == .cancelled {
             throw CancellationError()
         } catch let error as SandboxError {

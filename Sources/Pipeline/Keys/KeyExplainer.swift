@@ -23,13 +23,17 @@ public struct KeyExplainer {
     public let plan: PipelinePlan
     public let engine: SandboxEngine
     public let environment: [String: String]
+    /// As `run --allow-host-paths`: secret files and local images may be anywhere on the host.
+    public let allowHostPaths: Bool
 
     public init(
-        plan: PipelinePlan, engine: SandboxEngine, environment: [String: String] = ProcessInfo.processInfo.environment
+        plan: PipelinePlan, engine: SandboxEngine, environment: [String: String] = ProcessInfo.processInfo.environment,
+        allowHostPaths: Bool = false
     ) {
         self.plan = plan
         self.engine = engine
         self.environment = environment
+        self.allowHostPaths = allowHostPaths
     }
 
     public func explain(step: String) throws -> [StepExplanation] {
@@ -41,11 +45,12 @@ public struct KeyExplainer {
             throw PipelineError(.invalid, message)
         }
         let cache = try StepCache(store: engine.store)
-        let base = try engine.baseImages.resolve(plan.definition.image.value)
+        let hostPaths = plan.definition.hostPaths(allowingAnywhere: allowHostPaths)
+        let base = try engine.baseImages.resolve(try plan.definition.imageReference(hostPaths: hostPaths))
         let secrets = SecretLoader.load(
-            plan.definition.secrets, directory: plan.definition.directory, environment: environment
+            plan.definition.secrets, directory: plan.definition.directory, hostPaths: hostPaths, environment: environment
         )
-        .values
+            .values
         let secretKey = secrets.isEmpty ? [] : try engine.store.secretKey()
         let preparer = StepPreparer(plan: plan)
         var known: [String: NodeResult] = [:]

@@ -1,10 +1,13 @@
 import Foundation
+import Glibc
+import Sandbox
 
 /// Reads secrets on the host, the same way for `run` and `explain`: from an environment
-/// variable, or from a file (relative to the pipeline) without its trailing newlines.
+/// variable, or from a file (relative to the pipeline, and beneath its directory unless the
+/// run allows any host path) without its trailing newlines.
 enum SecretLoader {
     static func load(
-        _ secrets: [SecretDefinition], directory: String, environment: [String: String]
+        _ secrets: [SecretDefinition], directory: String, hostPaths: HostPaths, environment: [String: String]
     )
         -> (values: [String: String], problems: [PipelineError])
     {
@@ -22,15 +25,17 @@ enum SecretLoader {
                             at: secret.name.location))
                 }
             case .file(let path):
-                let absolute = path.hasPrefix("/") ? path : directory + "/" + path
-                if let data = FileManager.default.contents(atPath: absolute) {
-                    var text = String(decoding: data, as: UTF8.self)
+                do {
+                    let fd = try hostPaths.open(hostPaths.absolute(path, directory: directory), what: "secret \(secret.name.value)")
+                    defer { close(fd) }
+                    var text = String(decoding: try FileSystem.readAll(fd: fd, path: path), as: UTF8.self)
                     while text.hasSuffix("\n") || text.hasSuffix("\r") { text.removeLast() }
                     values[secret.name.value] = text
-                } else {
+                } catch let error as SandboxError {
+                    problems.append(PipelineError(.invalid, error.description, at: secret.name.location))
+                } catch {
                     problems.append(
-                        PipelineError(
-                            .invalid, "secret \(secret.name.value): cannot read \(absolute)", at: secret.name.location))
+                        PipelineError(.invalid, "secret \(secret.name.value): \(error)", at: secret.name.location))
                 }
             }
         }

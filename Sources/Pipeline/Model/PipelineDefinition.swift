@@ -191,3 +191,24 @@ public struct StepDefinition: Sendable {
     public var cache: Bool
     public var secrets: [Located<String>]
 }
+
+extension PipelineDefinition {
+    /// Where the host files this pipeline names may be read: beneath its directory, or
+    /// anywhere (`--allow-host-paths`).
+    func hostPaths(allowingAnywhere: Bool) -> HostPaths {
+        allowingAnywhere ? .anywhere : .beneath(directory)
+    }
+
+    /// The pipeline's `image:`, with a local path (`oci:DIR`, `oci-archive:FILE`,
+    /// `docker-archive:FILE`) taken from the pipeline's directory and checked under `hostPaths`.
+    /// - Throws: `PipelineValidationError` naming the `image:` line when the path may not be read.
+    func imageReference(hostPaths: HostPaths) throws -> String {
+        guard let (path, rebuild) = OCIImporter.localPath(image.value) else { return image.value }
+        let absolute = path.hasPrefix("/") ? path : directory + "/" + path
+        do {
+            return rebuild(try hostPaths.check(absolute, what: "image \(image.value)"))
+        } catch let error as SandboxError {
+            throw PipelineValidationError([PipelineError(.invalid, error.description, at: image.location)])
+        }
+    }
+}

@@ -56,6 +56,18 @@ public struct OCIImporter: Sendable {
         ["oci:", "oci-archive:", "docker-archive:"].contains { reference.hasPrefix($0) }
     }
 
+    /// The host path a local reference (`oci:DIR[:TAG]`, `oci-archive:FILE[:TAG]`,
+    /// `docker-archive:FILE`) names, and the same reference around another path; nil for
+    /// other references.
+    public static func localPath(_ reference: String) -> (path: String, rebuild: @Sendable (String) -> String)? {
+        for prefix in ["oci:", "oci-archive:"] where reference.hasPrefix(prefix) {
+            let (path, tag) = splitTag(String(reference.dropFirst(prefix.count)))
+            return (path, { prefix + $0 + (tag.map { ":" + $0 } ?? "") })
+        }
+        guard reference.hasPrefix("docker-archive:") else { return nil }
+        return (String(reference.dropFirst("docker-archive:".count)), { "docker-archive:" + $0 })
+    }
+
     /// `PATH[:TAG]`, where a last `:` part without `/` is the tag.
     static func splitTag(_ text: String) -> (path: String, tag: String?) {
         guard let colon = text.lastIndex(of: ":"), !text[text.index(after: colon)...].contains("/") else {

@@ -25,13 +25,19 @@ public struct FileMapping: Sendable, Equatable {
     public var mode: UInt32?
     public var uid: UInt32
     public var gid: UInt32
+    /// How `hostPath` is opened: `.beneath(root)` for a path a pipeline named (see `HostPaths`).
+    public var hostPaths: HostPaths
 
-    public init(hostPath: String, sandboxPath: String, mode: UInt32? = nil, uid: UInt32 = 0, gid: UInt32 = 0) {
+    public init(
+        hostPath: String, sandboxPath: String, mode: UInt32? = nil, uid: UInt32 = 0, gid: UInt32 = 0,
+        hostPaths: HostPaths = .anywhere
+    ) {
         self.hostPath = hostPath
         self.sandboxPath = sandboxPath
         self.mode = mode
         self.uid = uid
         self.gid = gid
+        self.hostPaths = hostPaths
     }
 }
 

@@ -93,19 +93,9 @@ public final class SandboxEngine: Sendable {
         var handedOver = false
         defer { if !handedOver { for file in opened { close(file.fd) } } }
         for mapping in spec.files {
-            let fd = open(mapping.hostPath, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else {
-                let e = errno
-                throw SandboxError(
-                    e == ENOENT ? .notFound : .invalidArgument,
-                    "host file \(mapping.hostPath) (for \(mapping.sandboxPath)) cannot be read", errno: e)
-            }
+            let fd = try mapping.hostPaths.open(mapping.hostPath, what: "host file for \(mapping.sandboxPath)")
             var st = stat()
             fstat(fd, &st)
-            guard st.isRegular else {
-                close(fd)
-                throw SandboxError(.invalidArgument, "host file \(mapping.hostPath) is not a regular file")
-            }
             var mapping = mapping
             if mapping.mode == nil { mapping.mode = UInt32(st.st_mode & 0o7777) }
             opened.append((fd, mapping))
