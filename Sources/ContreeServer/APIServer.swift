@@ -15,7 +15,11 @@ public struct APIServer: Sendable {
 
     /// Opens (or creates, with one fresh token) the tokens file, prepares the API tables,
     /// and marks operations a previous server left running as FAILED.
-    public init(engine: SandboxEngine, tokensPath: String, isolation: IsolationKind = .container) throws {
+    /// - Parameter registries: what imports may reach (`serve --registry`); none by default.
+    public init(
+        engine: SandboxEngine, tokensPath: String, isolation: IsolationKind = .container,
+        registries: RegistryAccess = .allowlistClosed
+    ) throws {
         guard engine.availableBackends.contains(isolation) else {
             throw SandboxError(.unsupported, "the \(isolation.rawValue) backend is not available in this build")
         }
@@ -31,11 +35,10 @@ public struct APIServer: Sendable {
             )
         }
         // Held (and the descriptor kept open) until the process ends.
-        RegistryImporter.registerAsImageSource()
         let (tokens, created) = try TokenFile.loadOrCreate(tokensPath)
         self.tokensPath = tokensPath
         self.createdTokens = created
-        state = try ServerState(tokens: tokens, engine: engine, isolation: isolation)
+        state = try ServerState(tokens: tokens, engine: engine, isolation: isolation, registries: registries)
         try state.operations.recover()
     }
 

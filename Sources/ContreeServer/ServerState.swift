@@ -1,5 +1,6 @@
 import FoundationEssentials
 import Hummingbird
+import Registry
 import Sandbox
 
 /// What the handlers share: the tokens, the store's API tables, the operations.
@@ -13,10 +14,29 @@ final class ServerState: Sendable {
     static let maxTruncate = 10 << 20
     static let defaultTruncate = 1 << 20
 
-    init(tokens: TokenFile, engine: SandboxEngine, isolation: IsolationKind = .container) throws {
+    init(
+        tokens: TokenFile, engine: SandboxEngine, isolation: IsolationKind = .container,
+        registries: RegistryAccess = .allowlistClosed
+    ) throws {
         self.tokens = tokens
         self.api = try APIStore(store: engine.store, baseImages: engine.baseImages)
-        self.operations = OperationManager(api: api, engine: engine, isolation: isolation)
+        self.operations = OperationManager(api: api, engine: engine, isolation: isolation, registries: registries)
+    }
+
+    /// Refuses an import (or a spawn naming a registry image) the token may not make, or from a
+    /// registry the operator did not allow: 403 before any operation exists.
+    func checkImport(_ reference: String, token: Token) throws {
+        guard token.canImport else {
+            throw APIError(
+                .forbidden,
+                "this token may not import images (whoami: permissions.import is false); its operator grants it with import=1 in the tokens file"
+            )
+        }
+        do {
+            try operations.registries.check(try RegistryReference(parsing: reference))
+        } catch let error as SandboxError {
+            throw APIError(.forbidden, error.message)
+        }
     }
 
     /// Decodes a JSON body. - Throws: 400 naming the bad field.
@@ -47,7 +67,7 @@ final class ServerState: Sendable {
         return .json(
             .object([
                 ("token_uuid", .string(token.uuid)), ("token_expiration", .null), ("name", .string(token.name)),
-                ("permissions", .object(permissions.map { ($0, .bool($0 != "import")) })),
+                ("permissions", .object(permissions.map { ($0, .bool($0 != "import" || token.canImport)) })),
                 (
                     "limits",
                     .object([

@@ -58,12 +58,6 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
         "docker://\(host)/\(repository)"
             + (reference.isEmpty ? "" : (reference.hasPrefix("sha256:") ? "@" : ":") + reference)
     }
-
-    /// Whether the host is this machine (plain http is allowed there).
-    var isLoopback: Bool {
-        let name = host.split(separator: ":").first.map(String.init) ?? host
-        return name == "localhost" || name == "127.0.0.1" || name == "[::1]" || name.hasPrefix("127.")
-    }
 }
 
 /// Credentials for a registry: `user:password` for basic auth, or to ask a token service.
@@ -81,9 +75,12 @@ public struct RegistryCredentials: Sendable {
 
 /// A client of the OCI distribution API: answers 401 challenges (Basic, and Bearer through the
 /// token service the challenge names), talks https, or plain http to loopback or when allowed.
+/// Every request, token realm and redirect stays within `access`; a registry's answer bodies
+/// never reach an error message (only the OCI error codes in them).
 final class RegistryClient: @unchecked Sendable {
     let reference: RegistryReference
     let credentials: RegistryCredentials?
+    let access: RegistryAccess
     let scheme: String
     private let session: URLSession
     /// The header the last challenge earned; shared by the requests of concurrent imports.
@@ -97,17 +94,21 @@ final class RegistryClient: @unchecked Sendable {
     /// Stops requests in flight when cancelled (an interrupted import).
     let cancellation: Cancellation?
 
+    /// - Throws: when `access` does not reach the reference's registry.
     init(
-        reference: RegistryReference, credentials: RegistryCredentials?, allowHTTP: Bool, pushing: Bool = false,
+        reference: RegistryReference, credentials: RegistryCredentials?, access: RegistryAccess, pushing: Bool = false,
         cancellation: Cancellation? = nil
-    ) {
+    ) throws {
+        try access.check(reference)
         self.reference = reference
         self.cancellation = cancellation
         self.pushing = pushing
         self.credentials = credentials
-        scheme = reference.isLoopback || allowHTTP ? "http" : "https"
+        self.access = access
+        scheme = access.scheme(for: reference.host)
         let configuration = URLSessionConfiguration.ephemeral
         configuration.timeoutIntervalForRequest = 60
+        delegate = SessionDelegate(access: access, registryHost: reference.host)
         session = URLSession(configuration: configuration, delegate: delegate, delegateQueue: nil)
     }
 
@@ -119,6 +120,37 @@ final class RegistryClient: @unchecked Sendable {
         private let lock = NSLock()
         private var responses: [Int: HTTPURLResponse] = [:]
         private var sinks: [Int: BlobSink] = [:]
+        /// Redirects refused (the target is not allowed), by task: why.
+        private var refusedRedirects: [Int: String] = [:]
+        let access: RegistryAccess
+        let registryHost: String
+
+        init(access: RegistryAccess, registryHost: String) {
+            self.access = access
+            self.registryHost = registryHost
+        }
+
+        /// A redirect is followed only within `access`, without the registry's authorization
+        /// when it leaves the registry's host (blob storage signs its own URLs).
+        func urlSession(
+            _ session: URLSession, task: URLSessionTask, willPerformHTTPRedirection response: HTTPURLResponse,
+            newRequest request: URLRequest, completionHandler: @escaping (URLRequest?) -> Void
+        ) {
+            guard let url = request.url else { return completionHandler(nil) }
+            if let why = access.refusal(of: url, from: registryHost) {
+                lock.withLock { refusedRedirects[task.taskIdentifier] = why }
+                return completionHandler(nil)
+            }
+            var next = request
+            let sameHost = url.host?.lowercased() == task.originalRequest?.url?.host?.lowercased()
+                && url.port == task.originalRequest?.url?.port
+            if !sameHost { next.setValue(nil, forHTTPHeaderField: "Authorization") }
+            completionHandler(next)
+        }
+
+        func refusedRedirect(_ task: Int) -> String? {
+            lock.withLock { refusedRedirects.removeValue(forKey: task) }
+        }
 
         func urlSession(
             _ session: URLSession, task: URLSessionTask, didReceive challenge: URLAuthenticationChallenge,
@@ -155,7 +187,7 @@ final class RegistryClient: @unchecked Sendable {
             sink.done.signal()
         }
     }
-    private let delegate = SessionDelegate()
+    private let delegate: SessionDelegate
 
     /// Where a blob download goes: a file, hashed as the bytes arrive (only the delegate's
     /// serial queue touches it until `done`).
@@ -167,7 +199,7 @@ final class RegistryClient: @unchecked Sendable {
         var status = 0
         var failure: (any Error)?
         var writeError: (any Error)?
-        /// The start of an error answer's body, for the message.
+        /// The start of an error answer's body, for its OCI error codes.
         var errorBody = Data()
         let onBytes: (@Sendable (Int64) -> Void)?
         let done = DispatchSemaphore(value: 0)
@@ -224,7 +256,7 @@ final class RegistryClient: @unchecked Sendable {
                 continue
             }
             guard (200..<300).contains(response.statusCode) || allow.contains(response.statusCode) else {
-                throw failure(response.statusCode, url: url, body: data)
+                throw failure(response.statusCode, url: url, body: data, redirect: redirectRefusal)
             }
             return (data, response)
         }
@@ -263,7 +295,10 @@ final class RegistryClient: @unchecked Sendable {
                 .childProcess, "\(reference): downloading \(digest) failed: \(error.localizedDescription)")
         }
         if let error = sink.writeError { throw error }
-        guard (200..<300).contains(sink.status) else { throw failure(sink.status, url: url, body: sink.errorBody) }
+        guard (200..<300).contains(sink.status) else {
+            throw failure(
+                sink.status, url: url, body: sink.errorBody, redirect: delegate.refusedRedirect(task.taskIdentifier))
+        }
         let actual = "sha256:" + sink.hasher.finalize().map { String(format: "%02x", $0) }.joined()
         guard actual == digest else {
             throw SandboxError(
@@ -281,8 +316,29 @@ final class RegistryClient: @unchecked Sendable {
         cancellation.whileRunning(onCancel: { task.cancel() }, body)
     }
 
-    private func failure(_ status: Int, url: String, body: Data) -> SandboxError {
-        let detail = String(decoding: body.prefix(300), as: UTF8.self)
+    /// Why the last `send` did not follow a redirect, if it did not.
+    private var redirectRefusal: String? {
+        get { authorizationLock.withLock { storedRedirectRefusal } }
+        set { authorizationLock.withLock { storedRedirectRefusal = newValue } }
+    }
+    private var storedRedirectRefusal: String?
+
+    /// The error for an answer that is not a success. It names the status and the OCI error
+    /// codes of the body (`MANIFEST_UNKNOWN`), never the body itself: what a registry (or
+    /// whatever answered) wrote is not repeated to whoever asked for the import.
+    private func failure(_ status: Int, url: String, body: Data, redirect: String? = nil) -> SandboxError {
+        if let redirect {
+            return SandboxError(
+                .invalidArgument, "\(reference): the registry redirected to an address this client may not follow: \(redirect)")
+        }
+        struct ErrorAnswer: Decodable {
+            struct Entry: Decodable { var code: String? }
+            var errors: [Entry]?
+        }
+        let codes = ((try? JSONDecoder().decode(ErrorAnswer.self, from: body))?.errors ?? []).compactMap(\.code)
+            .filter { code in !code.isEmpty && code.count <= 64 && code.allSatisfy { $0.isUppercase || $0 == "_" } }
+        let detail = codes.isEmpty ? "" : " (\(codes.joined(separator: ", ")))"
+        let path = URL(string: url)?.path ?? ""
         switch status {
         case 401, 403:
             if let credentials {
@@ -296,9 +352,9 @@ final class RegistryClient: @unchecked Sendable {
                 "\(reference): the registry refused access (\(status)); give credentials (--username/--password or CONTREE_REGISTRY_USER/CONTREE_REGISTRY_PASSWORD)"
             )
         case 404:
-            return SandboxError(.notFound, "\(reference): not found in the registry (\(url)): \(detail)")
+            return SandboxError(.notFound, "\(reference): not found in the registry (\(path))\(detail)")
         default:
-            return SandboxError(.childProcess, "\(reference): the registry answered \(status) for \(url): \(detail)")
+            return SandboxError(.childProcess, "\(reference): the registry answered \(status) for \(path)\(detail)")
         }
     }
 
@@ -319,6 +375,7 @@ final class RegistryClient: @unchecked Sendable {
             semaphore.wait()
         }
         try cancellation?.check()
+        redirectRefusal = delegate.refusedRedirect(task.taskIdentifier)
         // A challenge URLSession raised and this client cancelled: answer it as the 401 it was.
         if case .failure = result, let challenged = delegate.take(task.taskIdentifier) {
             return (Data(), challenged)
@@ -351,8 +408,12 @@ final class RegistryClient: @unchecked Sendable {
         var parameters: [String: String] = [:]
         let pattern = /([a-zA-Z_]+)="([^"]*)"/
         for match in challenge.matches(of: pattern) { parameters[String(match.1).lowercased()] = String(match.2) }
-        guard let realm = parameters["realm"], var components = URLComponents(string: realm) else {
+        guard let realm = parameters["realm"], var components = URLComponents(string: realm), let realmURL = components.url
+        else {
             throw SandboxError(.invalidArgument, "\(reference): the registry's bearer challenge names no token realm")
+        }
+        if let why = access.refusal(of: realmURL, from: reference.host) {
+            throw SandboxError(.invalidArgument, "\(reference): the registry's token service may not be asked: \(why)")
         }
         var items = components.queryItems ?? []
         if let service = parameters["service"] { items.append(URLQueryItem(name: "service", value: service)) }
@@ -364,7 +425,9 @@ final class RegistryClient: @unchecked Sendable {
         var request = URLRequest(url: components.url!)
         if let credentials { request.setValue(credentials.basic, forHTTPHeaderField: "Authorization") }
         let (data, response) = try send(request)
-        guard response.statusCode == 200 else { throw failure(response.statusCode, url: realm, body: data) }
+        guard response.statusCode == 200 else {
+            throw failure(response.statusCode, url: realm, body: data, redirect: redirectRefusal)
+        }
         struct TokenAnswer: Decodable {
             var token: String?
             var access_token: String?

@@ -15,8 +15,8 @@ public struct RegistryImport: Sendable {
 public struct RegistryImporter: Sendable {
     public let store: Store
     public let credentials: RegistryCredentials?
-    /// Plain http to hosts other than loopback.
-    public let allowHTTP: Bool
+    /// The registries it may reach (`serve`: the operator's allowlist).
+    public let access: RegistryAccess
     /// Where the layers fetched so far are reported (bytes and count).
     public let progress: ProgressReporter?
     /// Stops the downloads in flight and the unpacking between layers; a cancelled import
@@ -24,12 +24,12 @@ public struct RegistryImporter: Sendable {
     public let cancellation: Cancellation?
 
     public init(
-        store: Store, credentials: RegistryCredentials? = nil, allowHTTP: Bool = false, progress: ProgressReporter? = nil,
-        cancellation: Cancellation? = nil
+        store: Store, credentials: RegistryCredentials? = nil, access: RegistryAccess = .any(),
+        progress: ProgressReporter? = nil, cancellation: Cancellation? = nil
     ) {
         self.store = store
         self.credentials = credentials
-        self.allowHTTP = allowHTTP
+        self.access = access
         self.progress = progress
         self.cancellation = cancellation
     }
@@ -55,8 +55,8 @@ public struct RegistryImporter: Sendable {
         _ text: String, platform: OCI.Platform = OCI.Platform(architecture: "amd64", os: "linux")
     ) throws -> ImageRecord {
         let reference = try RegistryReference(parsing: text)
-        let client = RegistryClient(
-            reference: reference, credentials: credentials, allowHTTP: allowHTTP, cancellation: cancellation)
+        let client = try RegistryClient(
+            reference: reference, credentials: credentials, access: access, cancellation: cancellation)
         guard let imported = try importImage(reference.reference, client: client, name: text, platform: platform) else {
             throw SandboxError(
                 .notFound, "\(text): not found in the registry (no such repository, tag or digest at \(client.base)/manifests/\(reference.reference))")

@@ -24,7 +24,8 @@ public struct RegistryPusher: Sendable {
         guard !reference.reference.hasPrefix("sha256:") else {
             throw SandboxError(.invalidArgument, "push to a tag (docker://HOST/REPO:TAG), not to a digest")
         }
-        let client = RegistryClient(reference: reference, credentials: credentials, allowHTTP: allowHTTP, pushing: true)
+        let client = try RegistryClient(
+            reference: reference, credentials: credentials, access: .any(allowHTTP: allowHTTP), pushing: true)
         return try push(image, tag: reference.reference, annotations: [:], client: client, known: BlobSizes())
     }
 

@@ -19,13 +19,14 @@ public final class RegistryRepository: Sendable {
         self.store = store
         self.location = reference.description
         self.allowHTTP = allowHTTP
-        client = RegistryClient(reference: reference, credentials: credentials, allowHTTP: allowHTTP, pushing: pushing)
+        client = try RegistryClient(
+            reference: reference, credentials: credentials, access: .any(allowHTTP: allowHTTP), pushing: pushing)
     }
 
     /// Imports the image under `tag`, with its manifest's annotations; nil when there is no
     /// such tag (or no such repository yet).
     public func importImage(tag: String) throws -> RegistryImport? {
-        try RegistryImporter(store: store, credentials: client.credentials, allowHTTP: allowHTTP)
+        try RegistryImporter(store: store, credentials: client.credentials, access: client.access)
             .importImage(tag, client: client, name: "\(location):\(tag)")
     }
 

@@ -161,7 +161,7 @@ struct ImageCommand: ParsableCommand {
                     let credentials = registryCredentials(username, password)
                     let image = try interruptible {
                         try RegistryImporter(
-                            store: store, credentials: credentials, allowHTTP: allowHTTP, progress: ProgressReporter(),
+                            store: store, credentials: credentials, access: .any(allowHTTP: allowHTTP), progress: ProgressReporter(),
                             cancellation: cancellation
                         ).importImage(path, platform: try OCI.Platform(parsing: platform))
                     }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import ContreeServer
 import Glibc
+import Registry
 import Sandbox
 
 struct ServeCommand: AsyncParsableCommand {
@@ -11,8 +12,9 @@ struct ServeCommand: AsyncParsableCommand {
             The official ConTree clients (Python SDK, `contree` CLI, MCP server) work against it \
             unchanged: point them at http://HOST:PORT with a token from the tokens file. Each \
             token is its own namespace of images, files and operations; built-in images are \
-            shared. The tokens file holds one `NAME TOKEN [max_concurrency=N] [max_timeout=S]` \
-            per line; `serve` creates it with one random token on first start.
+            shared. The tokens file holds one `NAME TOKEN [max_concurrency=N] [max_timeout=S] \
+            [max_layer_bytes=N] [import=1]` per line; `serve` creates it with one random token on \
+            first start. Imports reach only the registries named with --registry.
             """)
 
     @OptionGroup var storeOptions: StoreOptions
@@ -20,6 +22,13 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "The tokens file (default: serve-tokens in the store).") var tokens: String?
     @Option(help: "Where instances run: container (default) or vm (QEMU microvms).")
     var isolation: IsolationKind = .container
+    @Option(
+        name: .customLong("registry"),
+        help: """
+            A registry imports may reach, HOST[:PORT] (https; http on loopback) or http://HOST[:PORT] \
+            (repeatable; none by default). Tokens import only with import=1 in the tokens file.
+            """)
+    var registries: [String] = []
 
     func run() async throws {
         do {
@@ -32,7 +41,8 @@ struct ServeCommand: AsyncParsableCommand {
             let store = try storeOptions.open()
             let engine = SandboxEngine.withAllBackends(store: store, progress: ProgressReporter())
             let path = tokens ?? APIServer.defaultTokensPath(store: store)
-            let server = try APIServer(engine: engine, tokensPath: path, isolation: isolation)
+            let server = try APIServer(
+                engine: engine, tokensPath: path, isolation: isolation, registries: try RegistryAccess.allowlist(registries))
             if server.createdTokens {
                 printError("created the tokens file \(path) with one new token (namespace 'default'); read it from there")
             }

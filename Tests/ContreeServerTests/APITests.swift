@@ -156,11 +156,11 @@ struct BadInputTests {
         let malformed = try await server.request("POST", "/v1/images/import", json: #"{"registry":{"url":"docker://x"}}"#)
         #expect(malformed.status == 400)
         #expect(try malformed.errorMessage().contains("host"))
+        // No registry is reachable until the operator names one (serve --registry).
         let importing = try await server.request(
             "POST", "/v1/images/import", json: #"{"registry":{"url":"docker://127.0.0.1:1/x/y:z"},"tag":null}"#)
-        #expect(importing.status == 202)
-        let failed = try await server.wait(try #require(try importing.json()["uuid"] as? String))
-        #expect(failed["status"] as? String == "FAILED" && (failed["error"] as? String ?? "").contains("cannot reach"))
+        #expect(importing.status == 403)
+        #expect(try importing.errorMessage().contains("serve --registry"))
     }
 }
 
@@ -488,8 +488,8 @@ struct InstanceTests {
 struct ImportTests {
     @Test("POST /images/import pulls from a registry on loopback into the namespace, tagged, and runs it")
     func importFromRegistry() async throws {
-        let server = try await TestServer()
         let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let server = try await TestServer(arguments: ["--registry", "127.0.0.1:\(registry.port)"])
         let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(server.home)"]
         let layout = server.home + "/layout"
         let export = try await DedicatedThread.run {
@@ -527,10 +527,10 @@ struct ImportTests {
 
     @Test("cancelling an import stops its download at once; the operation is CANCELLED and nothing is left")
     func cancelImport() async throws {
-        let server = try await TestServer()
         let registry = try await DedicatedThread.run { try LocalRegistry() }
         // An image with a layer the server's store lacks (it holds busybox's): 256 KiB of noise.
-        let home = server.home + "/elsewhere"
+        let home = "/tmp/contree-elsewhere-" + UUID().uuidString.lowercased().prefix(12)
+        defer { try? FileSystem.removeTree(home) }
         let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(home)"]
         let layout = home + "/layout"
         let pushed = try await DedicatedThread.run {
@@ -545,6 +545,7 @@ struct ImportTests {
         }
         #expect(pushed)
         let proxy = try await DedicatedThread.run { try StallingProxy(upstreamPort: registry.port) }
+        let server = try await TestServer(arguments: ["--registry", "127.0.0.1:\(proxy.port)"])
         let reply = try await server.request(
             "POST", "/v1/images/import",
             json: #"{"registry":{"url":"docker://127.0.0.1:\#(proxy.port)/lib/box:1"},"tag":"box:1","timeout":600}"#)
@@ -649,4 +650,93 @@ private func hostKernelRelease() -> String {
     var names = utsname()
     uname(&names)
     return withUnsafeBytes(of: &names.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+}
+
+/// A tenant names the reference; the server must not become a way to reach what this machine
+/// can reach (issue: SSRF through imports, token realms and redirects).
+@Suite("serve: imports reach only the operator's registries", .requiresRoot)
+struct RegistryAllowlistTests {
+    /// A "registry" that answers everything with `status`, extra headers and a body that must
+    /// never reach a client.
+    static let script = """
+        import http.server, sys
+        port, status, header = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+        class Answer(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(status)
+                if header:
+                    name, value = header.split(": ", 1)
+                    self.send_header(name, value)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                self.wfile.write(b"INTERNAL-SECRET-BODY root:x:0:0")
+            def log_message(self, *args):
+                pass
+        http.server.ThreadingHTTPServer(("127.0.0.1", port), Answer).serve_forever()
+        """
+
+    /// Imports from the fake registry on a server that allows only it; returns the error.
+    func importError(status: Int, header: String, token: String = TestServer.alice) async throws -> String {
+        let upstream = try PythonServer("the fake registry", Self.script, [String(status), header])
+        let server = try await TestServer(arguments: ["--registry", "127.0.0.1:\(upstream.port)"])
+        let reply = try await server.request(
+            "POST", "/v1/images/import", token: token,
+            json: #"{"registry":{"url":"docker://127.0.0.1:\#(upstream.port)/lib/box:1"}}"#)
+        guard reply.status == 202 else { return try reply.errorMessage() }
+        let record = try await server.wait(try #require(try reply.json()["uuid"] as? String))
+        #expect(record["status"] as? String == "FAILED")
+        return record["error"] as? String ?? ""
+    }
+
+    @Test("a registry not on the allowlist is refused before anything is fetched, for imports and spawns")
+    func notAllowed() async throws {
+        let upstream = try PythonServer("the fake registry", Self.script, ["500", ""])
+        let other = freeLoopbackPort()
+        let server = try await TestServer(arguments: ["--registry", "127.0.0.1:\(other)"])
+        let reply = try await server.request(
+            "POST", "/v1/images/import", json: #"{"registry":{"url":"docker://127.0.0.1:\#(upstream.port)/lib/box:1"}}"#)
+        #expect(reply.status == 403)
+        #expect(try reply.errorMessage().contains("127.0.0.1:\(other)"))
+        let spawn = try await server.request(
+            "POST", "/v1/instances", json: #"{"command":"true","image":"docker://127.0.0.1:\#(upstream.port)/lib/box:1"}"#)
+        #expect(spawn.status == 403)
+        _ = upstream
+    }
+
+    @Test("a token without the import permission may not import, and whoami says so")
+    func permission() async throws {
+        let server = try await TestServer(arguments: ["--registry", "127.0.0.1:1"])
+        let whoami = try await server.request("GET", "/v1/whoami", token: TestServer.carol).json()
+        #expect(whoami[path: "permissions.import"] as? Bool == false)
+        #expect(try await server.request("GET", "/v1/whoami").json()[path: "permissions.import"] as? Bool == true)
+        for (path, json) in [
+            ("/v1/images/import", #"{"registry":{"url":"docker://127.0.0.1:1/lib/box:1"}}"#),
+            ("/v1/instances", #"{"command":"true","image":"docker://127.0.0.1:1/lib/box:1"}"#),
+        ] {
+            let reply = try await server.request("POST", path, token: TestServer.carol, json: json)
+            let message = try reply.errorMessage()
+            #expect(reply.status == 403 && message.contains("import=1"), "\(path): \(reply.text)")
+        }
+    }
+
+    @Test("a token realm on another host is not asked")
+    func realmElsewhere() async throws {
+        let elsewhere = try PythonServer("the token service", Self.script, ["200", ""])
+        let error = try await importError(
+            status: 401, header: #"WWW-Authenticate: Bearer realm="http://127.0.0.1:\#(elsewhere.port)/token",service="x""#)
+        #expect(error.contains("token service may not be asked") && error.contains("127.0.0.1:\(elsewhere.port)"), "\(error)")
+    }
+
+    @Test("a redirect to another host is not followed")
+    func redirectElsewhere() async throws {
+        let elsewhere = try PythonServer("the redirect target", Self.script, ["200", ""])
+        let error = try await importError(status: 302, header: "Location: http://127.0.0.1:\(elsewhere.port)/x")
+        #expect(error.contains("redirected") && error.contains("127.0.0.1:\(elsewhere.port)"), "\(error)")
+    }
+
+    @Test("what the upstream wrote never reaches the client")
+    func noUpstreamBody() async throws {
+        let error = try await importError(status: 500, header: "")
+        #expect(error.contains("500") && !error.contains("INTERNAL-SECRET-BODY"), "\(error)")
+    }
 }

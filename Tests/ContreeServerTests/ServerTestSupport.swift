@@ -54,11 +54,13 @@ struct TestFailure: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
-/// `contree-pipeline serve` on a free loopback port, over a fresh store, with two tokens:
-/// alice (defaults) and bob (max_concurrency=1, max_timeout=30). Stopped when released.
+/// `contree-pipeline serve` on a free loopback port, over a fresh store, with three tokens:
+/// alice (defaults, import=1), bob (max_concurrency=1, max_timeout=30, import=1) and carol
+/// (defaults, no import). Stopped when released.
 final class TestServer: @unchecked Sendable {
     static let alice = "alice-0123456789abcdef0123456789abcdef"
     static let bob = "bob-0123456789abcdef0123456789abcdef0"
+    static let carol = "carol-0123456789abcdef0123456789abcdef"
     let home: String
     let tokensPath: String
     private var process: ServeProcess?
@@ -75,7 +77,13 @@ final class TestServer: @unchecked Sendable {
         if !FileSystem.exists(tokensPath) {
             try FileSystem.writeFile(
                 tokensPath,
-                Array("alice \(TestServer.alice)\nbob \(TestServer.bob) max_concurrency=1 max_timeout=30\n".utf8),
+                Array(
+                    """
+                    alice \(TestServer.alice) import=1
+                    bob \(TestServer.bob) max_concurrency=1 max_timeout=30 import=1
+                    carol \(TestServer.carol)
+
+                    """.utf8),
                 mode: 0o600)
         }
         try await start()

@@ -172,12 +172,12 @@ public final class StallingProxy: @unchecked Sendable {
 }
 
 /// A Python program serving on a free loopback port (its first argument), killed when released.
-final class PythonServer: @unchecked Sendable {
-    let port = freeLoopbackPort()
+public final class PythonServer: @unchecked Sendable {
+    public let port = freeLoopbackPort()
     private let pid: pid_t
     private let stderrFD: Int32
 
-    init(_ name: String, _ script: String, _ arguments: [String]) throws {
+    public init(_ name: String, _ script: String, _ arguments: [String]) throws {
         let child = try ChildProcess.spawn(
             ["python3", "-c", script, String(port)] + arguments, captureStdout: false,
             stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))

@@ -85,10 +85,14 @@ final class OperationManager: Sendable {
     /// Where instances run: containers, or VMs (`serve --isolation vm`).
     let isolation: IsolationKind
 
-    init(api: APIStore, engine: SandboxEngine, isolation: IsolationKind = .container) {
+    /// The registries imports may reach: the operator's allowlist.
+    let registries: RegistryAccess
+
+    init(api: APIStore, engine: SandboxEngine, isolation: IsolationKind = .container, registries: RegistryAccess) {
         self.api = api
         self.engine = engine
         self.isolation = isolation
+        self.registries = registries
     }
 
     /// Operations left unfinished by a previous `serve` failed with it: record that, and end
@@ -176,7 +180,8 @@ final class OperationManager: Sendable {
             // A cancel or the timeout stops the downloads and unpacking; the import removes
             // what it made before the operation ends.
             let cancellation = Cancellation()
-            let importer = RegistryImporter(store: api.store, credentials: credentials, cancellation: cancellation)
+            let importer = RegistryImporter(
+                store: api.store, credentials: credentials, access: registries, cancellation: cancellation)
             let work = Task { try await DedicatedThread.run { try importer.importImage(url) } }
             let deadline = Task {
                 try await Task.sleep(for: .seconds(timeout))
@@ -299,8 +304,8 @@ final class OperationManager: Sendable {
                 defer { slots.release(OperationManager.buildSlot) }
                 image = try await DedicatedThread.run { try base.resolve(name) }
             case .external(let reference):
-                let base = api.baseImages
-                image = try await DedicatedThread.run { try base.resolve(reference) }
+                let importer = RegistryImporter(store: api.store, access: registries)
+                image = try await DedicatedThread.run { try importer.importImage(reference) }
                 try api.database.transaction { tx in
                     try api.adopt(image.uuid, namespace: namespace, operation: nil, tx: tx)
                 }

@@ -102,6 +102,7 @@ extension ServerState {
         var url = body.registry.url.trimmingCharacters(in: .whitespaces)
         if !url.contains("://") { url = "docker://" + url }
         _ = try RegistryReference(parsing: url)  // a malformed reference is a 400 now, not a failed operation
+        try checkImport(url, token: call.token)
         let timeout = body.timeout ?? call.token.maxTimeout
         guard timeout > 0, timeout <= call.token.maxTimeout else {
             throw APIError(.badRequest, "timeout must be from 1 to this token's \(call.token.maxTimeout) s")

@@ -24,7 +24,7 @@ extension ServerState {
         let process = try ProcessFields(
             command: body.command, truncate: body.truncateOutputAt, uid: body.uid, gid: body.gid, cwd: body.cwd,
             stdin: body.stdin, env: body.env)
-        let image = try resolveSpawnImage(body.image, namespace: call.namespace)
+        let image = try resolveSpawnImage(body.image, token: call.token)
 
         let timeout = body.timeout ?? token.maxTimeout
         guard timeout > 0 else { throw APIError(.badRequest, "timeout must be a positive number of seconds") }
@@ -81,13 +81,15 @@ extension ServerState {
     }
 
     /// A spawn's image: an image of the namespace or a built-in one, by UUID, `tag:NAME` or tag.
-    private func resolveSpawnImage(_ reference: String, namespace: String) throws -> SpawnPlan.ImageTarget {
+    private func resolveSpawnImage(_ reference: String, token: Token) throws -> SpawnPlan.ImageTarget {
+        let namespace = token.name
         var ref = reference.trimmingCharacters(in: .whitespaces)
         guard !ref.isEmpty else { throw APIError(.badRequest, "image is empty; send an image UUID or tag:NAME") }
         if APIStore.isUUID(ref.lowercased()) { return .record(try api.visibleImage(ref, namespace: namespace)) }
         // Registry references only: a path on this machine (oci:DIR) is not the API's to read.
         if ref.hasPrefix("docker://") {
             _ = try RegistryReference(parsing: ref)
+            try checkImport(ref, token: token)
             return .external(ref)
         }
         if ref.hasPrefix("tag:") { ref.removeFirst(4) }

@@ -12,6 +12,9 @@ struct Token: Sendable, Equatable {
     /// Seconds.
     var maxTimeout: Int
     var maxLayerBytes: Int64
+    /// May import images from registries (`/images/import`, a spawn naming `docker://…`); the
+    /// registries themselves are the operator's allowlist (`serve --registry`).
+    var canImport = false
 
     static let defaultMaxConcurrency = 8
     static let defaultMaxTimeout = 3600
@@ -31,7 +34,7 @@ extension String {
 }
 
 /// The tokens file: one token per line, `NAME TOKEN [max_concurrency=N] [max_timeout=SECONDS]
-/// [max_layer_bytes=N]`; `#` starts a comment.
+/// [max_layer_bytes=N] [import=1]`; `#` starts a comment.
 struct TokenFile: Sendable {
     let path: String
     let tokens: [Token]
@@ -45,7 +48,8 @@ struct TokenFile: Sendable {
             let secret = bytes.map { String($0, radix: 16).leftPadded2 }.joined()
             let text = """
                 # contree-pipeline serve tokens: one per line, NAME TOKEN [max_concurrency=N] [max_timeout=SECONDS]
-                # [max_layer_bytes=N]. Each NAME is its own namespace of images, files and operations.
+                # [max_layer_bytes=N] [import=1]. Each NAME is its own namespace of images, files and operations;
+                # import=1 lets it import from the registries `serve --registry` names.
                 default \(secret)
 
                 """
@@ -78,6 +82,11 @@ struct TokenFile: Sendable {
                 maxTimeout: Token.defaultMaxTimeout, maxLayerBytes: Token.defaultMaxLayerBytes)
             for option in fields.dropFirst(2) {
                 let parts = option.split(separator: "=", maxSplits: 1).map(String.init)
+                if parts.first == "import" {
+                    guard parts.count == 2, parts[1] == "0" || parts[1] == "1" else { throw fail("write import=1 or import=0") }
+                    token.canImport = parts[1] == "1"
+                    continue
+                }
                 guard parts.count == 2, let value = Int64(parts[1]), value > 0 else {
                     throw fail("'\(option)' is not key=positive-integer")
                 }
@@ -85,7 +94,7 @@ struct TokenFile: Sendable {
                 case "max_concurrency": token.maxConcurrency = Int(value)
                 case "max_timeout": token.maxTimeout = Int(value)
                 case "max_layer_bytes": token.maxLayerBytes = value
-                default: throw fail("unknown option '\(parts[0])' (max_concurrency, max_timeout, max_layer_bytes)")
+                default: throw fail("unknown option '\(parts[0])' (max_concurrency, max_timeout, max_layer_bytes, import)")
                 }
             }
             guard !tokens.contains(where: { $0.name == name || $0.secret == token.secret }) else {
