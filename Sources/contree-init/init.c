@@ -485,9 +485,20 @@ __attribute__((noreturn)) static void csb_command(const csb_launch *l, const voi
     }
     umask(022);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) csb_fail(l->report_fd, "prctl(PR_SET_NO_NEW_PRIVS)", "", errno, NULL);
-    struct sock_fprog prog = {(unsigned short)(filter_len / sizeof(struct sock_filter)), (struct sock_filter *)filter};
-    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) != 0)
-        csb_fail(l->report_fd, "seccomp(SECCOMP_SET_MODE_FILTER)", "", errno, NULL);
+    // Two programs (see seccomp.c): a count of the first one's instructions, the allowlist,
+    // then the refinements. The refinements go first: the allowlist then need not allow seccomp.
+    uint64_t first = 0;
+    memcpy(&first, filter, sizeof first);
+    struct sock_filter *programs = (struct sock_filter *)((const char *)filter + sizeof first);
+    size_t total = (filter_len - sizeof first) / sizeof(struct sock_filter);
+    if (filter_len < sizeof first || first == 0 || first >= total || total - first > BPF_MAXINSNS)
+        csb_fail(l->report_fd, "seccomp programs", "malformed", EINVAL, NULL);
+    struct sock_fprog allowlist = {(unsigned short)first, programs};
+    struct sock_fprog refinements = {(unsigned short)(total - first), programs + first};
+    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &refinements) != 0)
+        csb_fail(l->report_fd, "seccomp(SECCOMP_SET_MODE_FILTER, refinements)", "", errno, NULL);
+    if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &allowlist) != 0)
+        csb_fail(l->report_fd, "seccomp(SECCOMP_SET_MODE_FILTER, allowlist)", "", errno, NULL);
     csb_reset_signals();
     sigset_t none;
     sigemptyset(&none);

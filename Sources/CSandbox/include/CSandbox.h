@@ -90,8 +90,9 @@ int csb_exec_start(const csb_launch *launch, int target_pidfd, int *pidfd, pid_t
 /// for it (O_CLOEXEC), or -errno. The helper process that created it is gone on return.
 int csb_userns_create(uint32_t id_base, uint32_t count);
 
-/// The seccomp deny list compiled to a BPF program (built once per process, then cached).
-/// Returns 0 and the program's bytes, or -errno.
+/// The seccomp policy compiled to BPF (built once per process, then cached): a uint64 count of
+/// the allowlist's instructions, the allowlist, then the argument refinements (seccomp.c).
+/// Returns 0 and the bytes, or -errno.
 int csb_seccomp_program(const void **bytes, size_t *length);
 
 /// Send a signal through a pidfd. Returns 0 or -errno.

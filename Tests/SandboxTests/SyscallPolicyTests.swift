@@ -1,0 +1,44 @@
+import Foundation
+import Glibc
+import Testing
+
+@testable import Sandbox
+
+/// The seccomp policy is an allowlist: what it does not name is refused, and socket() opens only
+/// UNIX, INET, INET6 and NETLINK sockets (AF_VSOCK reaches the host VM's vsock from any network
+/// namespace).
+@Suite("The system call policy: default deny", .requiresRoot)
+struct SyscallPolicyTests {
+    @Test("a static probe sees vsock, unknown and new system calls refused, and ordinary ones work")
+    func probe() async throws {
+        let scratch = try ScratchDirectory()
+        let source = Paths.packageRoot + "/Tests/Fixtures/syscall-probe.c"
+        let binary = scratch.path + "/probe"
+        let build = try await DedicatedThread.run {
+            try ChildProcess.run(["cc", "-static", "-O1", "-o", binary, source])
+        }
+        try #require(build.succeeded, "cc: \(build.stderrText)")
+        let t = try TemporaryStore()
+        let run = try await t.sh("/probe") {
+            $0.files = [FileMapping(hostPath: binary, sandboxPath: "/probe", mode: 0o755)]
+            $0.disposable = true
+        }
+        var results: [String: String] = [:]
+        for line in run.out.split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            if parts.count == 2 { results[String(parts[0])] = String(parts[1]) }
+        }
+        #expect(results["socket-vsock"] == "EAFNOSUPPORT", "\(run.out)")
+        #expect(results["socket-vsock-high-bits"] == "EAFNOSUPPORT")
+        #expect(results["socket-packet"] == "EAFNOSUPPORT")
+        #expect(results["socket-unix"] == "ok" && results["socket-inet6"] == "ok")
+        #expect(results["modify_ldt"] == "EPERM")
+        #expect(["EPERM", "ENOSYS"].contains(results["memfd_secret"]))
+        #expect(results["open_tree_attr"] == "ENOSYS")
+        #expect(results["unknown-1000"] == "ENOSYS")
+        #expect(results["io_uring_setup"] == "EPERM")
+        #expect(results["ioctl-tiocsti-high-bits"] == "EPERM")
+        #expect(results["unshare-user"] == "EPERM")
+        #expect(results["getpid"] == "ok")
+    }
+}
