@@ -61,6 +61,7 @@ static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter
     w->loopback_up = l->loopback_up;
     w->filter_length = (uint32_t)filter_len;
     w->terminal = l->terminal ? 1 : 0;
+    w->file_size_limit = l->file_size_limit;
     size_t offset = sizeof *w;
     for (size_t i = 0; i < l->file_count; i++) {
         csb_wire_file *f = (csb_wire_file *)(buf + offset);

@@ -32,6 +32,8 @@ public struct SandboxError: Error, CustomStringConvertible, Sendable {
         case corrupt
         /// The operation was cancelled.
         case cancelled
+        /// Something is larger than a limit allows (a run's change, a sparse file).
+        case limitExceeded
     }
 
     public var code: Code

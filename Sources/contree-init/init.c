@@ -484,6 +484,12 @@ __attribute__((noreturn)) static void csb_command(const csb_launch *l, const voi
         csb_drop_caps(l);
     }
     umask(022);
+    // No file may grow past the change the run may keep (a sparse `truncate -s 200G` included):
+    // writes beyond it fail (SIGXFSZ, or EFBIG where ignored). Hard and soft: no raising it.
+    if (l->file_size_limit > 0) {
+        struct rlimit fsize = {(rlim_t)l->file_size_limit, (rlim_t)l->file_size_limit};
+        if (setrlimit(RLIMIT_FSIZE, &fsize) != 0) csb_fail(l->report_fd, "setrlimit(RLIMIT_FSIZE)", "", errno, NULL);
+    }
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) csb_fail(l->report_fd, "prctl(PR_SET_NO_NEW_PRIVS)", "", errno, NULL);
     // Two programs (see seccomp.c): a count of the first one's instructions, the allowlist,
     // then the refinements. The refinements go first: the allowlist then need not allow seccomp.
@@ -642,6 +648,7 @@ static void csb_read_spec(csb_launch *l, const void **filter, size_t *filter_len
     l->gid = w->gid;
     l->loopback_up = w->loopback_up;
     l->terminal = (int)w->terminal;
+    l->file_size_limit = w->file_size_limit;
     l->userns_fd = CSB_FD_USERNS;
     l->stdin_fd = CSB_FD_STDIN;
     l->stdout_fd = CSB_FD_STDOUT;

@@ -48,6 +48,7 @@ typedef struct csb_launch {
     const csb_file_copy *files;
     size_t file_count;
     int terminal;    ///< 1: stdin is a pty slave the command makes its controlling terminal
+    uint64_t file_size_limit;  ///< RLIMIT_FSIZE of the command in bytes; 0 for none
     int go_fd;       ///< read end: the child waits for one byte (cgroups are joined by then)
     int report_fd;   ///< write end: the child reports a setup failure or the final status
 } csb_launch;
@@ -134,6 +135,8 @@ typedef struct csb_wire {
     int32_t loopback_up;
     uint32_t filter_length;
     uint32_t terminal;        ///< 1: stdio is a terminal the command takes as its controlling tty
+    uint32_t reserved;
+    uint64_t file_size_limit; ///< RLIMIT_FSIZE of the command; 0 for none
 } csb_wire;
 
 typedef struct csb_wire_file {

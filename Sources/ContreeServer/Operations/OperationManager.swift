@@ -371,6 +371,8 @@ final class OperationManager: Sendable {
             stdout: .capture(limit: limit, onChunk: { operation.output(spid: 1, 0, $0, limit: limit) }),
             stderr: .capture(limit: limit, onChunk: { operation.output(spid: 1, 1, $0, limit: limit) }))
         spec.inheritImageEnv = false
+        // No file grows past the layer limit while the run goes; a larger change is not kept.
+        spec.limits.layerBytes = plan.maxLayerBytes
         spec.isolation = isolation
         spec.resultConfig = resultConfig
         spec.control = operation.control
@@ -467,10 +469,9 @@ final class OperationManager: Sendable {
             // Like a non-zero exit, a timeout is the command's outcome (state.timed_out, the
             // exit event): the operation succeeded, and nothing of the run is kept.
             resultImage = nil
-        } else if !plan.disposable, metrics.diffBytes > plan.maxLayerBytes {
+        } else if let discarded = record.discarded {
             status = "FAILED"
-            error =
-                "the run's changes (\(metrics.diffBytes) bytes) exceed resources_limits.max_layer_bytes (\(plan.maxLayerBytes)); nothing was kept"
+            error = discarded
             resultImage = nil
         }
         if status != "SUCCESS" { resultImage = nil }

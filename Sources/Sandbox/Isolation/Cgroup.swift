@@ -10,15 +10,21 @@ public struct ResourceLimits: Sendable, Equatable, Codable {
     public var cpus: Double?
     /// Maximum number of tasks (processes and threads) at once.
     public var pids: Int?
+    /// The most bytes the run's change may hold: no file grows past it while the run goes
+    /// (RLIMIT_FSIZE), and a change that sums to more is not kept (nothing of it is hashed
+    /// beyond the limit, and its upper is removed).
+    public var layerBytes: Int64?
 
-    public init(memoryBytes: Int64? = nil, cpus: Double? = nil, pids: Int? = 4096) {
+    public init(memoryBytes: Int64? = nil, cpus: Double? = nil, pids: Int? = 4096, layerBytes: Int64? = nil) {
         self.memoryBytes = memoryBytes
         self.cpus = cpus
         self.pids = pids
+        self.layerBytes = layerBytes
     }
 
     enum CodingKeys: String, CodingKey {
         case memoryBytes = "memory_bytes"
+        case layerBytes = "layer_bytes"
         case cpus, pids
     }
 }

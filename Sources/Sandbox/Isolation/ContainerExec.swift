@@ -10,8 +10,11 @@ final class RunningContainer: RunningSandbox {
     let storeRoot: String
     let runID: String
     let network: NetworkMode
+    /// The run's RLIMIT_FSIZE, which a process started in it later gets too (0: none).
+    let fileSizeLimit: UInt64
 
-    init(pidfd: Int32, cgroup: Cgroup, storeRoot: String, runID: String, network: NetworkMode) {
+    init(pidfd: Int32, cgroup: Cgroup, storeRoot: String, runID: String, network: NetworkMode, fileSizeLimit: UInt64) {
+        self.fileSizeLimit = fileSizeLimit
         self.pidfd = Mutex(fcntl(pidfd, F_DUPFD_CLOEXEC, 3))
         self.cgroup = cgroup
         self.storeRoot = storeRoot
@@ -89,6 +92,7 @@ struct ContainerExec {
         launch.argv = UnsafePointer(argv.pointer)
         launch.envp = UnsafePointer(envp.pointer)
         launch.uid = spec.uid
+        launch.file_size_limit = container.fileSizeLimit
         launch.gid = spec.gid
         launch.stdin_fd = stdinChild
         launch.stdout_fd = out.child

@@ -128,6 +128,7 @@ struct ContainerLaunch {
         launch.go_fd = go.read
         launch.report_fd = report.write
         launch.terminal = terminal == nil ? 0 : 1
+        launch.file_size_limit = UInt64(max(0, request.limits.layerBytes ?? 0))
 
         let started = Clock.monotonic
         var pidfd: Int32 = -1
@@ -162,7 +163,8 @@ struct ContainerLaunch {
         var byte: UInt8 = 1
         _ = Glibc.write(go.write, &byte, 1)
         let running = RunningContainer(
-            pidfd: pidfd, cgroup: cgroup, storeRoot: request.storeRoot, runID: request.id, network: request.network)
+            pidfd: pidfd, cgroup: cgroup, storeRoot: request.storeRoot, runID: request.id, network: request.network,
+            fileSizeLimit: launch.file_size_limit)
         request.control?.attach(running)
         defer {
             request.control?.detach()
@@ -208,6 +210,7 @@ struct ContainerLaunch {
         (outcome.exitCode, outcome.signal) = Supervisor.decode(status: commandStatus)
         outcome.timedOut = supervisor.timedOut
         outcome.cancelled = supervisor.cancelled
+        outcome.changeTooLarge = supervisor.upperWatch?.exceeded ?? false
         let cg = cgroup.metrics()
         outcome.oomKilled = cg.oomKills > 0
         outcome.metrics.wallSeconds = wall

@@ -38,6 +38,8 @@ public struct LaunchOutcome: Sendable {
     public var timedOut = false
     public var cancelled = false
     public var oomKilled = false
+    /// The run was stopped because its change grew past `ResourceLimits.layerBytes`.
+    public var changeTooLarge = false
     public var metrics = RunMetrics()
     public var stdout: [UInt8] = []
     public var stderr: [UInt8] = []

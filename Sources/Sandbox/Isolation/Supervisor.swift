@@ -44,6 +44,8 @@ struct Supervisor {
     var cancelled = false
     var exited = false
     var stdinOffset = 0
+    /// Measures the run's upper now and then when the run has a layer limit.
+    var upperWatch: UpperWatch?
     /// The pty's primary side and the caller's terminal, relayed both ways.
     var terminalPrimary: Int32?
     var terminalInput: Int32?
@@ -67,6 +69,9 @@ struct Supervisor {
         self.closer = closer
         self.stdout = Capture(request.stdout)
         self.stderr = Capture(request.stderr)
+        if let limit = request.limits.layerBytes, !request.upper.isEmpty {
+            upperWatch = UpperWatch(path: request.storeRoot + "/" + request.upper, limit: limit)
+        }
         if stdinFeed?.bytes.isEmpty == true {
             closer.close(stdinFeed!.fd)
             self.stdinFeed = nil
@@ -125,7 +130,8 @@ struct Supervisor {
             add(terminalPrimary, POLLIN, 6)
             if !exited { add(terminalInput, POLLIN, 7) }
             var timeoutMs: Int32 = -1
-            if let next = forceKillAt ?? (killed ? nil : deadline), !exited {
+            let wake = [forceKillAt ?? (killed ? nil : deadline), killed ? nil : upperWatch?.nextCheck].compactMap { $0 }
+            if let next = wake.min(), !exited {
                 timeoutMs = Int32(max(0, min(Double(Int32.max), (next - Clock.monotonic) * 1000).rounded(.up)))
             }
             let rc = poll(&polls, nfds_t(polls.count), timeoutMs)
@@ -134,6 +140,12 @@ struct Supervisor {
                 throw SandboxError.system("poll(sandbox)")
             }
             if rc == 0 {
+                if !killed, !exited, var watch = upperWatch, Clock.monotonic >= watch.nextCheck {
+                    watch.check()
+                    upperWatch = watch
+                    if watch.exceeded { stop() }
+                    continue
+                }
                 if let forceAt = forceKillAt, Clock.monotonic >= forceAt {
                     _ = csb_pidfd_kill(pidfd, SIGKILL)  // pid 1 did not stop in time
                     forceKillAt = nil
@@ -223,5 +235,33 @@ struct Supervisor {
                 }
             }
         }
+    }
+}
+
+/// Keeps a run's change under its layer limit while the run goes: the upper's allocated bytes
+/// are summed now and then (no file system quota needs to be configured on the host), and the
+/// run is stopped once they pass the limit. A measure costs a walk of the upper, so the next
+/// one waits at least twenty times as long as this one took (at most 5% of a core).
+struct UpperWatch {
+    let path: String
+    let limit: Int64
+    var nextCheck = Clock.monotonic + 1
+    var exceeded = false
+
+    init(path: String, limit: Int64) {
+        self.path = path
+        self.limit = limit
+    }
+
+    mutating func check() {
+        let started = Clock.monotonic
+        var total: Int64 = 0
+        // The upper changes while it is walked: a sample that trips over that is skipped.
+        try? TreeWalker.walk(try DirectoryHandle(path: path)) { entry in
+            total += Int64(entry.status.st_blocks) * 512
+            return entry.status.isDirectory && total <= limit
+        }
+        exceeded = total > limit
+        nextCheck = Clock.monotonic + max(1, 20 * (Clock.monotonic - started))
     }
 }

@@ -13,6 +13,29 @@ public struct LayerSummary: Sendable, Equatable {
     public var bytes: Int64
 }
 
+/// What an archive may cost before it stops: checked before a file's bytes are read, and
+/// between chunks, so that a change past the limit costs no more than the limit.
+public struct ArchiveBudget: Sendable {
+    /// The most bytes of file content the layer may hold.
+    public var maxBytes: Int64?
+    /// The most bytes of holes one file may have: a layer holds a file whole, so a sparse
+    /// `truncate -s 200G` would cost 200 GiB of hashing and storage.
+    public var maxHoleBytes: Int64?
+    /// Stops the archive (a timeout, a cancelled run).
+    public var cancellation: Cancellation?
+
+    public init(maxBytes: Int64? = nil, maxHoleBytes: Int64? = nil, cancellation: Cancellation? = nil) {
+        self.maxBytes = maxBytes
+        self.maxHoleBytes = maxHoleBytes
+        self.cancellation = cancellation
+    }
+
+    /// For a run's change: its limit, at most 1 GiB of holes per file.
+    public static func commit(maxBytes: Int64?, cancellation: Cancellation?) -> ArchiveBudget {
+        ArchiveBudget(maxBytes: maxBytes, maxHoleBytes: 1 << 30, cancellation: cancellation)
+    }
+}
+
 /// Turns a layer directory (overlayfs upper form) into its canonical tar stream: entries in
 /// byte order, parents first, whiteouts as `.wh.NAME`, opaque directories as `.wh..wh..opq`,
 /// overlay's private xattrs left out, times in whole seconds. The same tree always gives the
@@ -33,7 +56,8 @@ public enum LayerArchiver {
     /// - Throws: `invalidArgument` for an entry the stream cannot represent (a socket, an
     ///   xattr whose name is not UTF-8), `corrupt` when a file changes while it is read.
     public static func archive(
-        directory: String, removingSockets: Bool = false, to writer: ((UnsafeRawBufferPointer) throws -> Void)? = nil
+        directory: String, removingSockets: Bool = false, budget: ArchiveBudget = ArchiveBudget(),
+        to writer: ((UnsafeRawBufferPointer) throws -> Void)? = nil
     )
         throws -> LayerSummary
     {
@@ -52,6 +76,7 @@ public enum LayerArchiver {
         try TreeWalker.walk(
             try DirectoryHandle(path: directory),
             visit: { item in
+                try budget.cancellation?.check()
                 let st = item.status
                 let parentPrefix = item.path.bytes.dropLast(item.name.bytes.count)
                 if st.isWhiteout {
@@ -92,11 +117,15 @@ public enum LayerArchiver {
                         hardlinks[key] = item.path
                     }
                     entry.size = Int64(st.st_size)
+                    try check(st, name: item.path, total: summary.bytes, against: budget)
                     summary.bytes += entry.size
                     let fd = try item.parent.openFile(item.name, flags: O_RDONLY)
                     defer { close(fd) }
                     try add(entry) { emit in
-                        try streamFile(fd, size: entry.size, name: item.parent.label(item.name), emit: emit)
+                        try streamFile(fd, size: entry.size, name: item.parent.label(item.name)) { chunk in
+                            try budget.cancellation?.check()
+                            try emit(chunk)
+                        }
                     }
                     return false
                 }
@@ -111,6 +140,24 @@ public enum LayerArchiver {
         try tar.finish()
         summary.digest = "sha256:" + hasher.finalize().hexString
         return summary
+    }
+
+    /// Refuses a file before its bytes are read: past the change's limit, or mostly holes.
+    private static func check(_ st: stat, name: RawPath, total: Int64, against budget: ArchiveBudget) throws {
+        let size = Int64(st.st_size)
+        if let limit = budget.maxBytes, total + size > limit {
+            throw SandboxError(
+                .limitExceeded,
+                "the change holds more than \(ByteCount.format(limit)), the most this run may keep (max_layer_bytes; /\(name) alone is \(ByteCount.format(size))); nothing was kept"
+            )
+        }
+        let allocated = Int64(st.st_blocks) * 512
+        if let holes = budget.maxHoleBytes, size - allocated > holes {
+            throw SandboxError(
+                .limitExceeded,
+                "/\(name) is a sparse file of \(ByteCount.format(size)) with \(ByteCount.format(allocated)) written; a layer holds files whole, so nothing was kept: remove it before the run ends, or run with --disposable"
+            )
+        }
     }
 
     struct HardlinkKey: Hashable {

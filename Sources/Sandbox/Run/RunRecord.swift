@@ -62,6 +62,9 @@ public struct RunRecord: Codable, Sendable, Equatable {
     public var acceleration: String?
     public var startedAt: Date
     public var metrics: RunMetrics
+    /// Why the run's change was not kept although the run ended (a limit, a timeout or a
+    /// cancel during the commit); nil otherwise.
+    public var discarded: String? = nil
 
     /// The exit status a shell would report: the code, 128+signal, or 124 for a timeout.
     public var shellStatus: Int32 {
@@ -81,7 +84,7 @@ public struct RunRecord: Codable, Sendable, Equatable {
         case oomKilled = "oom_killed"
         case cancelled, disposable, backend, acceleration
         case startedAt = "started_at"
-        case metrics
+        case metrics, discarded
     }
 }
 

@@ -58,10 +58,26 @@ public final class SandboxEngine: Sendable {
         Trace.mark("launch")
         let outcome = try await backend.run(prepared.request)
         Trace.mark("sandbox ended")
-        return try await DedicatedThread.run {
-            try self.finish(prepared, spec: spec, outcome: outcome, backend: backend.kind)
+        // The commit is part of the run: its timeout and a cancel (Ctrl-C, SIGTERM) stop it too.
+        let commit = Cancellation()
+        let deadline = spec.timeout.map { timeout in
+            Task {
+                let left = timeout - (Date().timeIntervalSince(prepared.startedAt))
+                try await Task.sleep(for: .seconds(max(0, left)))
+                commit.cancel(SandboxEngine.commitTimedOut)
+            }
+        }
+        defer { deadline?.cancel() }
+        return try await withTaskCancellationHandler {
+            try await DedicatedThread.run {
+                try self.finish(prepared, spec: spec, outcome: outcome, backend: backend.kind, cancellation: commit)
+            }
+        } onCancel: {
+            commit.cancel("the run was cancelled while its change was committed; nothing was kept")
         }
     }
+
+    static let commitTimedOut = "the run's timeout passed while its change was committed; nothing was kept"
 
     /// What a run holds between its preparation and its commit.
     final class Prepared: Sendable {
@@ -154,7 +170,8 @@ public final class SandboxEngine: Sendable {
 
     /// Commits the changes (unless disposable or killed) and records the run.
     private func finish(
-        _ prepared: Prepared, spec: RunSpec, outcome: LaunchOutcome, backend: IsolationKind
+        _ prepared: Prepared, spec: RunSpec, outcome: LaunchOutcome, backend: IsolationKind,
+        cancellation: Cancellation
     ) throws
         -> RunResult
     {
@@ -178,22 +195,36 @@ public final class SandboxEngine: Sendable {
             acceleration: outcome.acceleration, startedAt: prepared.startedAt, metrics: outcome.metrics)
 
         // A killed run leaves no image; a disposable one never makes one.
-        if spec.disposable || outcome.timedOut || outcome.cancelled {
+        if outcome.changeTooLarge {
+            record.discarded =
+                "the run's change grew past \(ByteCount.format(spec.limits.layerBytes ?? 0)), the most it may keep (max_layer_bytes): the run was stopped and nothing was kept"
+        }
+        if spec.disposable || outcome.timedOut || outcome.cancelled || outcome.changeTooLarge {
             try insert(record)
         } else {
             for path in prepared.addedMountPoints { rmdir(upper + path) }  // only if still empty
             let commitStarted = Clock.monotonic
             var committed = record
-            _ = try Snapshotter(store: store).commit(
-                upper, base: image, config: spec.resultConfig ?? image.config, origin: "run:\(lease.id)", lease: lease
-            ) { tx, result, layer in
-                committed.resultImage = result.uuid
-                committed.metrics.commitSeconds = Clock.monotonic - commitStarted
-                committed.metrics.diffFiles = layer?.files ?? 0
-                committed.metrics.diffBytes = layer?.bytes ?? 0
-                try SandboxEngine.insert(committed, tx: tx)
+            do {
+                _ = try Snapshotter(store: store).commit(
+                    upper, base: image, config: spec.resultConfig ?? image.config, origin: "run:\(lease.id)",
+                    lease: lease, budget: .commit(maxBytes: spec.limits.layerBytes, cancellation: cancellation)
+                ) { tx, result, layer in
+                    committed.resultImage = result.uuid
+                    committed.metrics.commitSeconds = Clock.monotonic - commitStarted
+                    committed.metrics.diffFiles = layer?.files ?? 0
+                    committed.metrics.diffBytes = layer?.bytes ?? 0
+                    try SandboxEngine.insert(committed, tx: tx)
+                }
+                record = committed
+            } catch let error as SandboxError where error.code == .limitExceeded || error.code == .cancelled {
+                // Nothing was placed: the upper goes with the lease.
+                record.discarded = error.message
+                record.timedOut = error.message == SandboxEngine.commitTimedOut
+                record.cancelled = error.code == .cancelled && !record.timedOut
+                record.metrics.commitSeconds = Clock.monotonic - commitStarted
+                try insert(record)
             }
-            record = committed
         }
         Trace.mark("committed and recorded")
         return RunResult(

@@ -31,10 +31,13 @@ public struct Snapshotter: Sendable {
     /// Commits `directory` (inside `lease`'s work directory) as a new image on top of `base`.
     /// - Parameters:
     ///   - base: the image the changes apply to; nil for a root image.
+    ///   - budget: what the archive may cost (a run's limit, its remaining time).
     ///   - record: extra rows written in the same transaction as the image (a run record).
     /// - Returns: the base image unchanged when `directory` is empty and `base` is given.
+    /// - Throws: `limitExceeded` or `cancelled` from the budget, before anything is placed.
     public func commit(
         _ directory: String, base: ImageRecord?, config: ImageConfig, origin: String, lease: Lease,
+        budget: ArchiveBudget = ArchiveBudget(),
         record: (Database.Transaction, ImageRecord, LayerSummary?) throws -> Void = { _, _, _ in }
     ) throws -> CommitResult {
         if let base, try FileSystem.list(directory).isEmpty {
@@ -52,7 +55,7 @@ public struct Snapshotter: Sendable {
                 return CommitResult(image: image, layer: nil, flattened: false)
             }
         }
-        let summary = try LayerArchiver.archive(directory: directory, removingSockets: true)
+        let summary = try LayerArchiver.archive(directory: directory, removingSockets: true, budget: budget)
         try FileSystem.syncFileSystem(directory)
         return try store.withStoreLock(exclusive: false) {
             try place(directory, digest: summary.digest)
