@@ -42,6 +42,9 @@ public struct APIServer: Sendable {
         try state.operations.recover()
     }
 
+    /// How long a connection may send nothing (CONTREE_SERVE_IDLE_SECONDS, for tests).
+    static let idleSeconds = Int64(ProcessInfo.processInfo.environment["CONTREE_SERVE_IDLE_SECONDS"] ?? "") ?? 10
+
     /// The tokens file's default place: beside the store.
     public static func defaultTokensPath(store: Store) -> String { store.root + "/serve-tokens" }
 
@@ -57,6 +60,10 @@ public struct APIServer: Sendable {
         logger.logLevel = .warning
         let app = Application(
             responder: APIResponder(server: state),
+            // A connection that sends no complete request part for this long is closed: half-open
+            // and trickling clients do not hold the server's connections. A response being written
+            // (an event stream) is not idle.
+            server: .http1(configuration: .init(idleTimeout: .seconds(APIServer.idleSeconds))),
             configuration: ApplicationConfiguration(address: .hostname(host, port: port), serverName: "contree-pipeline"),
             onServerRunning: { channel in await onReady(channel.localAddress?.port ?? port) },
             logger: logger)

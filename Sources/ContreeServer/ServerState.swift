@@ -8,6 +8,8 @@ final class ServerState: Sendable {
     let tokens: TokenFile
     let api: APIStore
     let operations: OperationManager
+    /// Event streams open per namespace.
+    let streams = StreamSlots(perNamespace: 32)
     /// Largest accepted JSON body (a spawn's stdin travels in it).
     static let maxJSONBody = 64 << 20
     /// Largest output cap a spawn may ask for.
@@ -75,6 +77,10 @@ final class ServerState: Sendable {
                         ("instance_max_timeout", .int(token.maxTimeout)),
                         ("instance_max_layer_bytes", .int(token.maxLayerBytes)),
                         ("instance_max_truncate_output_at", .int(ServerState.maxTruncate)),
+                        ("instance_memory_bytes", .int(token.memoryBytes)), ("instance_cpus", .double(token.cpus)),
+                        ("instance_pids", .int(Int64(token.pids))),
+                        ("files_max_upload_bytes", .int(token.maxUploadBytes)),
+                        ("files_quota_bytes", .int(token.uploadQuotaBytes)),
                         ("images_import_max_concurrency", .int(0)), ("images_import_max_timeout", .int(0)),
                     ])
                 ),

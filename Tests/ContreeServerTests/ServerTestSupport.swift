@@ -65,16 +65,22 @@ final class TestServer: @unchecked Sendable {
     let tokensPath: String
     private var process: ServeProcess?
     var port: Int { process?.port ?? 0 }
+    var pid: pid_t { process?.pid ?? 0 }
 
-    /// Extra `serve` arguments (e.g. `--isolation vm`).
+    /// Extra `serve` arguments (e.g. `--isolation vm`) and environment.
     let arguments: [String]
+    let environment: [String]
 
-    init(home: String? = nil, arguments: [String] = []) async throws {
+    /// - Parameter tokens: the tokens file's lines, instead of alice, bob and carol.
+    init(home: String? = nil, arguments: [String] = [], environment: [String] = [], tokens: String? = nil) async throws {
         self.arguments = arguments
+        self.environment = environment
         self.home = home ?? "/tmp/contree-serve-test-" + UUID().uuidString.lowercased().prefix(12)
         tokensPath = self.home + "/tokens"
         try FileSystem.makeDirectories(self.home)
-        if !FileSystem.exists(tokensPath) {
+        if let tokens {
+            try FileSystem.writeFile(tokensPath, Array(tokens.utf8), mode: 0o600)
+        } else if !FileSystem.exists(tokensPath) {
             try FileSystem.writeFile(
                 tokensPath,
                 Array(
@@ -90,7 +96,9 @@ final class TestServer: @unchecked Sendable {
     }
 
     func start() async throws {
-        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(home)"]
+        let env =
+            ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(home)"]
+            + environment
         process = try await ServeProcess.start(
             binary: Paths.cli, tokens: tokensPath, environment: env, arguments: arguments)
     }

@@ -3,8 +3,16 @@ import Glibc
 import Sandbox
 import Synchronization
 
-/// The event log of one operation: every event is stored in the database as it happens and
-/// handed to the streams following it live.
+/// What wakes a stream following an operation: new events, or 15 s of silence.
+enum EventWake: Sendable {
+    case events
+    case keepalive
+}
+
+/// The event log of one operation: every event is stored in the database as it happens, and
+/// the streams following it live are woken to read it from there. A stream holds at most one
+/// pending wake-up and reads the events a page at a time, so a client that does not read
+/// costs the server nothing but its connection (the database is the buffer).
 final class LiveOperation: Sendable {
     let uuid: String
     let namespace: String
@@ -13,7 +21,7 @@ final class LiveOperation: Sendable {
 
     private struct State {
         var nextID: Int64 = 0
-        var subscribers: [UInt64: (spid: Int?, continuation: AsyncStream<String>.Continuation)] = [:]
+        var subscribers: [UInt64: AsyncStream<EventWake>.Continuation] = [:]
         var nextSubscriber: UInt64 = 0
         var finished = false
         var task: Task<Void, Never>?
@@ -90,10 +98,7 @@ final class LiveOperation: Sendable {
                 _ = try? database.query(insert, values)
             }
             s.nextID += 1
-            let frame = LiveOperation.frame(id: id, type: type, body: body)
-            for (_, subscriber) in s.subscribers where subscriber.spid == nil || subscriber.spid == spid {
-                subscriber.continuation.yield(frame)
-            }
+            for subscriber in s.subscribers.values { subscriber.yield(.events) }
         }
     }
 
@@ -186,45 +191,38 @@ final class LiveOperation: Sendable {
 
     /// Ends the log: the live streams end after the events they have.
     func finish() {
-        let subscribers = state.withLock { s -> [AsyncStream<String>.Continuation] in
+        let subscribers = state.withLock { s -> [AsyncStream<EventWake>.Continuation] in
             s.finished = true
             defer { s.subscribers = [:] }
-            return s.subscribers.values.map(\.continuation)
+            return Array(s.subscribers.values)
         }
         for continuation in subscribers { continuation.finish() }
         closeAllStdin()
     }
 
-    /// Streams the events after `since` (matching `spid`); with `follow`, goes on until the log
-    /// ends, with a keepalive comment every 15 s of silence.
-    func subscribe(since: Int64, spid: Int?, follow: Bool) -> AsyncStream<String> {
-        let (stream, continuation) = AsyncStream<String>.makeStream()
-        // Register first, then read what is stored, under the lock that orders events: nothing
-        // is lost or sent twice.
-        let key = state.withLock { s -> UInt64 in
+    /// Wake-ups for a stream that follows the log until it ends (nil once it has ended): one
+    /// after each event (coalesced: at most one waits), and a keepalive after 15 s of silence.
+    /// Register before reading what is stored, so that nothing recorded in between is missed.
+    func follow() -> AsyncStream<EventWake>? {
+        let (stream, continuation) = AsyncStream<EventWake>.makeStream(bufferingPolicy: .bufferingNewest(1))
+        let registered = state.withLock { s -> UInt64? in
+            guard !s.finished else { return nil }
             s.nextSubscriber += 1
+            s.subscribers[s.nextSubscriber] = continuation
             return s.nextSubscriber
         }
+        guard let key = registered else { return nil }
         let keepalive = Task {
             while !Task.isCancelled {
                 try? await Task.sleep(for: .seconds(15))
                 if Task.isCancelled { break }
-                continuation.yield(": keepalive\n\n")
+                continuation.yield(.keepalive)
             }
         }
-        // Set before the stream can end, so that the keepalive always stops with it.
         continuation.onTermination = { [weak self] _ in
             keepalive.cancel()
             _ = self?.state.withLock { $0.subscribers.removeValue(forKey: key) }
         }
-        let following = state.withLock { s -> Bool in
-            let frames = (try? LiveOperation.storedFrames(database, operation: uuid, since: since, spid: spid)) ?? []
-            for frame in frames { continuation.yield(frame) }
-            guard follow && !s.finished else { return false }
-            s.subscribers[key] = (spid, continuation)
-            return true
-        }
-        if !following { continuation.finish() }
         return stream
     }
 
@@ -232,16 +230,19 @@ final class LiveOperation: Sendable {
         "id: \(id)\nevent: \(type)\ndata: \(body)\n\n"
     }
 
-    /// The stored events of an operation after `since`, as SSE frames.
-    static func storedFrames(_ database: Database, operation: String, since: Int64, spid: Int?) throws -> [String] {
+    /// Up to `limit` stored events of an operation after `since`, as SSE frames with their ids.
+    static func storedFrames(
+        _ database: Database, operation: String, since: Int64, spid: Int?, limit: Int = 256
+    ) throws -> [(id: Int64, frame: String)] {
         var sql = "SELECT id, type, body FROM api_events WHERE operation = ? AND id > ?"
         var bindings: [SQLValue] = [.text(operation), .integer(since)]
         if let spid {
             sql += " AND spid = ?"
             bindings.append(.integer(Int64(spid)))
         }
-        return try database.query(sql + " ORDER BY id", bindings).map { row in
-            frame(id: row["id"].int ?? 0, type: row["type"].string ?? "message", body: row["body"].string ?? "{}")
+        return try database.query(sql + " ORDER BY id LIMIT \(limit)", bindings).map { row in
+            let id = row["id"].int ?? 0
+            return (id, frame(id: id, type: row["type"].string ?? "message", body: row["body"].string ?? "{}"))
         }
     }
 

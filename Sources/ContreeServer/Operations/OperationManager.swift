@@ -371,8 +371,11 @@ final class OperationManager: Sendable {
             stdout: .capture(limit: limit, onChunk: { operation.output(spid: 1, 0, $0, limit: limit) }),
             stderr: .capture(limit: limit, onChunk: { operation.output(spid: 1, 1, $0, limit: limit) }))
         spec.inheritImageEnv = false
-        // No file grows past the layer limit while the run goes; a larger change is not kept.
-        spec.limits.layerBytes = plan.maxLayerBytes
+        // The token's limits (the tokens file, or its defaults); no file grows past the layer
+        // limit while the run goes, and a larger change is not kept.
+        spec.limits = ResourceLimits(
+            memoryBytes: plan.token.memoryBytes, cpus: plan.token.cpus, pids: plan.token.pids,
+            layerBytes: plan.maxLayerBytes)
         spec.isolation = isolation
         spec.resultConfig = resultConfig
         spec.control = operation.control
@@ -510,8 +513,8 @@ final class OperationManager: Sendable {
                 .tooEarly, "the instance is not running yet (or has just ended); retry shortly", retryAfter: 1)
         }
         let process = try ProcessFields(
-            command: body.command, truncate: body.truncateOutputAt, uid: body.uid, gid: body.gid, cwd: body.cwd,
-            stdin: body.stdin, env: body.env)
+            command: body.command, args: body.args ?? [], truncate: body.truncateOutputAt, uid: body.uid,
+            gid: body.gid, cwd: body.cwd, stdin: body.stdin, env: body.env)
         let (truncate, uid, gid, stdinPayload, stdin) = (
             process.truncate, process.uid, process.gid, process.stdinPayload, process.stdin
         )

@@ -68,3 +68,41 @@ final class Slots: Sendable {
 
     func held(_ namespace: String) -> Int { state.withLock { $0.held[namespace, default: 0] } }
 }
+
+/// Counts the event streams each namespace holds open: one token cannot hold the server's
+/// connections and threads with streams it never reads.
+final class StreamSlots: Sendable {
+    let perNamespace: Int
+    private let open = Mutex<[String: Int]>([:])
+
+    init(perNamespace: Int) {
+        self.perNamespace = perNamespace
+    }
+
+    /// One stream of a namespace, released by `close` (once).
+    final class Slot: Sendable {
+        private let release: Mutex<(@Sendable () -> Void)?>
+        init(_ release: @escaping @Sendable () -> Void) { self.release = Mutex(release) }
+        func close() { release.withLock { $0.take() }?() }
+        deinit { close() }
+    }
+
+    /// - Throws: 429 when the namespace already holds `perNamespace` streams.
+    func open(_ namespace: String) throws -> Slot {
+        try open.withLock { counts in
+            guard counts[namespace, default: 0] < perNamespace else {
+                throw APIError(
+                    .tooManyRequests,
+                    "this token already holds \(perNamespace) open event streams; close one (or read it to its end) first",
+                    retryAfter: 1)
+            }
+            counts[namespace, default: 0] += 1
+        }
+        return Slot { [weak self] in
+            self?.open.withLock { counts in
+                counts[namespace, default: 1] -= 1
+                if counts[namespace] == 0 { counts[namespace] = nil }
+            }
+        }
+    }
+}

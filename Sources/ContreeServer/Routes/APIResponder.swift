@@ -97,6 +97,7 @@ struct APIResponder: HTTPResponder {
         case ("files", 1) where method == .post: return try await server.upload(call)
         case ("files", 1) where method == .get: return try server.listFiles(call)
         case ("files", 2) where method == .get || method == .head: return try server.file(call, sha256: s[1])
+        case ("files", 2) where method == .delete: return try server.deleteFile(call, s[1])
         case ("instances", 1) where method == .post: return try await server.spawn(call)
         case ("operations", 1) where method == .get: return try server.listOperations(call)
         case ("operations", 2) where method == .get: return try server.operation(call, s[1])

@@ -22,8 +22,8 @@ extension ServerState {
     func makePlan(_ body: SpawnRequest, call: APICall) throws -> SpawnPlan {
         let token = call.token
         let process = try ProcessFields(
-            command: body.command, truncate: body.truncateOutputAt, uid: body.uid, gid: body.gid, cwd: body.cwd,
-            stdin: body.stdin, env: body.env)
+            command: body.command, args: body.args ?? [], truncate: body.truncateOutputAt, uid: body.uid,
+            gid: body.gid, cwd: body.cwd, stdin: body.stdin, env: body.env)
         let image = try resolveSpawnImage(body.image, token: call.token)
 
         let timeout = body.timeout ?? token.maxTimeout
@@ -132,10 +132,26 @@ struct ProcessFields {
     var stdin: [UInt8]
     var env: [String: String?]
 
+    /// The most bytes a command, its arguments and environment may take together (the kernel
+    /// allows 2 MiB for a command line and environment; what is stored with the operation is
+    /// bounded too), the most environment variables, and the most stdin a request may carry.
+    static let maxCommandLineBytes = 1 << 20
+    static let maxEnvironmentEntries = 4096
+    static let maxStdinBytes = 16 << 20
+
     init(
-        command: String, truncate: Int?, uid: Int?, gid: Int?, cwd: String?, stdin: StdinPayload?,
-        env: [String: String?]?
+        command: String, args: [String] = [], truncate: Int?, uid: Int?, gid: Int?, cwd: String?,
+        stdin: StdinPayload?, env: [String: String?]?
     ) throws {
+        let envBytes = (env ?? [:]).reduce(0) { $0 + $1.key.utf8.count + ($1.value?.utf8.count ?? 0) + 2 }
+        let commandLine = command.utf8.count + args.reduce(0) { $0 + $1.utf8.count + 1 } + envBytes
+        guard commandLine <= ProcessFields.maxCommandLineBytes, (env?.count ?? 0) <= ProcessFields.maxEnvironmentEntries
+        else {
+            throw APIError(
+                .badRequest,
+                "command, args and env take \(commandLine) bytes in \(env?.count ?? 0) variables; at most \(ProcessFields.maxCommandLineBytes) bytes and \(ProcessFields.maxEnvironmentEntries) variables: pass large data as a file or on stdin"
+            )
+        }
         guard !command.trimmingCharacters(in: .whitespaces).isEmpty else {
             throw APIError(.badRequest, "command is empty; send the command to run")
         }
@@ -152,6 +168,12 @@ struct ProcessFields {
         if let cwd, !cwd.isEmpty { self.cwd = try ServerState.sandboxPath(cwd, field: "cwd") }
         stdinPayload = stdin ?? StdinPayload(value: "", encoding: "ascii", close: true)
         self.stdin = try stdinPayload.bytes()
+        guard self.stdin.count <= ProcessFields.maxStdinBytes else {
+            throw APIError(
+                .contentTooLarge,
+                "stdin holds \(self.stdin.count) bytes, more than \(ProcessFields.maxStdinBytes); upload it (POST /v1/files) and map it in with files"
+            )
+        }
         self.env = [:]
         for (key, value) in env ?? [:] {
             guard !key.isEmpty, !key.contains("="), !key.contains("\0"), !(value?.contains("\0") ?? false) else {

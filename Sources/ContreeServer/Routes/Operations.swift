@@ -105,24 +105,39 @@ extension ServerState {
             ?? integer(call.param("since"), "since") ?? -1
         let spid = try integer(call.param("spid"), "spid").map(Int.init)
         let follow = call.flag("follow")
-        let stream: AsyncStream<String>
-        if let live = operations.liveOperation(id) {
-            stream = live.subscribe(since: since, spid: spid, follow: follow)
-        } else {
-            let frames = try LiveOperation.storedFrames(api.database, operation: id, since: since, spid: spid)
-            stream = AsyncStream { continuation in
-                for frame in frames { continuation.yield(frame) }
-                continuation.finish()
-            }
-        }
+        let slot = try streams.open(call.namespace)
+        // Registered before anything stored is read: an event recorded in between wakes it.
+        let wakeups = follow ? operations.liveOperation(id)?.follow() : nil
+        let database = api.database
         var headers = HTTPFields()
         headers[.contentType] = "text/event-stream"
         headers[.cacheControl] = "no-cache"
         return Response(
             status: .ok, headers: headers,
             body: ResponseBody { writer in
-                for await frame in stream {
-                    try await writer.write(ByteBuffer(string: frame))
+                defer { slot.close() }
+                // The database is the buffer: a page at a time, each write waiting for the
+                // client, whatever the operation has logged meanwhile.
+                var last = since
+                func drain() async throws -> Bool {
+                    var wrote = false
+                    while true {
+                        let page = try LiveOperation.storedFrames(database, operation: id, since: last, spid: spid)
+                        for (eventID, frame) in page {
+                            try await writer.write(ByteBuffer(string: frame))
+                            last = eventID
+                        }
+                        wrote = wrote || !page.isEmpty
+                        if page.count < 256 { return wrote }
+                    }
+                }
+                _ = try await drain()
+                if let wakeups {
+                    for await wake in wakeups {
+                        let wrote = try await drain()
+                        if case .keepalive = wake, !wrote { try await writer.write(ByteBuffer(string: ": keepalive\n\n")) }
+                    }
+                    _ = try await drain()  // what was logged as the log ended
                 }
                 try await writer.finish(nil)
             })

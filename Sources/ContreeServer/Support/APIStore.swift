@@ -1,6 +1,7 @@
 import FoundationEssentials
 import Glibc
 import Sandbox
+import Synchronization
 
 /// The server's tables in the store's database, and its uploaded files. Every row belongs to
 /// one namespace (one token); built-in base images are the only thing shared.
@@ -148,6 +149,15 @@ struct APIStore: Sendable {
         }
     }
 
+    /// Serializes placing and removing blobs in `files/` (a blob is shared by namespaces).
+    let blobs = BlobLock()
+
+    /// The bytes of the namespace's uploads.
+    func uploadedBytes(namespace: String) throws -> Int64 {
+        try database.query("SELECT COALESCE(SUM(size), 0) AS n FROM api_files WHERE namespace = ?", [.text(namespace)])
+            .first?["n"].int ?? 0
+    }
+
     func file(sha256: String, namespace: String) throws -> SQLRow? {
         try database.query(
             "SELECT * FROM api_files WHERE namespace = ? AND sha256 = ?", [.text(namespace), .text(sha256.lowercased())]
@@ -175,5 +185,14 @@ struct APIStore: Sendable {
     static func isUUID(_ s: String) -> Bool {
         let parts = s.split(separator: "-", omittingEmptySubsequences: false)
         return parts.map(\.count) == [8, 4, 4, 4, 12] && parts.allSatisfy { $0.allSatisfy(\.isHexDigit) }
+    }
+}
+
+/// A lock shared by the copies of an `APIStore` (a struct).
+final class BlobLock: Sendable {
+    private let mutex = Mutex(())
+
+    func withLock<T>(_ body: (inout ()) throws -> T) rethrows -> T {
+        try mutex.withLock { try body(&$0) }
     }
 }

@@ -19,13 +19,10 @@ public enum LoopbackHTTP {
         public init(_ description: String) { self.description = description }
     }
 
-    public static func exchange(
-        port: Int, method: String, path: String, token: String? = nil, body: [UInt8]? = nil,
-        headers: [String: String] = [:], chunked: Bool = false, onReceive: (([UInt8]) -> Void)? = nil
-    ) throws -> HTTPReply {
+    /// A connected socket to 127.0.0.1:`port` (the caller closes it).
+    public static func connection(port: Int) throws -> Int32 {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         guard fd >= 0 else { throw Failure("socket: \(errno)") }
-        defer { close(fd) }
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
         address.sin_port = in_port_t(UInt16(port).bigEndian)
@@ -35,7 +32,19 @@ public enum LoopbackHTTP {
                 connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
             }
         }
-        guard connected == 0 else { throw Failure("connect to 127.0.0.1:\(port): \(errno)") }
+        guard connected == 0 else {
+            close(fd)
+            throw Failure("connect to 127.0.0.1:\(port): \(errno)")
+        }
+        return fd
+    }
+
+    public static func exchange(
+        port: Int, method: String, path: String, token: String? = nil, body: [UInt8]? = nil,
+        headers: [String: String] = [:], chunked: Bool = false, onReceive: (([UInt8]) -> Void)? = nil
+    ) throws -> HTTPReply {
+        let fd = try connection(port: port)
+        defer { close(fd) }
         var head = "\(method) \(path) HTTP/1.1\r\nHost: 127.0.0.1:\(port)\r\nConnection: close\r\n"
         if let token { head += "Authorization: Bearer \(token)\r\n" }
         for (key, value) in headers { head += "\(key): \(value)\r\n" }
