@@ -261,24 +261,13 @@ struct ArtifactsCommand: ParsableCommand {
             guard let summary = try StepCache(store: try storeOptions.open()).run(runID) else {
                 throw SandboxError(.notFound, "no run \(runID); `contree-pipeline runs` lists them")
             }
-            let manifest = summary.outDir + "/artifacts/manifest.json"
-            let entries =
-                (FileManager.default.contents(atPath: manifest)).flatMap {
-                    try? JSONDecoder().decode([Entry].self, from: $0)
-                } ?? []
+            let manifest = try ArtifactManifest(outDir: summary.outDir)
+            let entries = manifest.entries.map {
+                Entry(node: $0.node, path: $0.path, file: $0.file, sha256: $0.sha256, size: $0.size)
+            }
             if let copy {
-                try FileManager.default.createDirectory(atPath: copy, withIntermediateDirectories: true)
-                for entry in entries {
-                    let target = copy + "/" + entry.file.dropFirst("artifacts/".count)
-                    try FileManager.default.createDirectory(
-                        atPath: (target as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
-                    try? FileManager.default.removeItem(atPath: target)
-                    try FileManager.default.copyItem(atPath: summary.outDir + "/" + entry.file, toPath: target)
-                }
-                if !entries.isEmpty {
-                    try? FileManager.default.copyItem(atPath: manifest, toPath: copy + "/manifest.json")
-                }
-                print("copied \(entries.count) artifacts to \(copy)")
+                let copied = try manifest.copy(to: copy)
+                print("copied \(copied) artifacts to \(copy)")
                 return
             }
             if json { return try printJSON(entries) }

@@ -158,7 +158,24 @@ public final class PipelineRunner: Sendable {
             cancellation.cancel("the run was cancelled while its image was imported; nothing was imported")
         }
         let secretKey = secrets.isEmpty ? [] : try engine.store.secretKey()
-        try FileManager.default.createDirectory(atPath: outDir + "/logs", withIntermediateDirectories: true)
+        if options.outDir == nil {
+            // .contree/runs/<id> comes from the repository's directory: a `.contree` symlink
+            // committed there must not send the reports elsewhere.
+            var tree = DirectoryTree(root: plan.definition.directory)
+            do {
+                _ = try tree.directory(
+                    [".contree", "runs", RawPath(runID), "logs"], member: ".contree/runs", source: plan.definition.directory)
+            } catch let error as SandboxError {
+                throw PipelineValidationError([
+                    PipelineError(
+                        .invalid,
+                        "the run's reports go to .contree/runs/ in \(plan.definition.directory): \(error.message) (a symlink there is refused; remove it, or give --out)"
+                    )
+                ])
+            }
+        } else {
+            try FileManager.default.createDirectory(atPath: outDir + "/logs", withIntermediateDirectories: true)
+        }
         try cache.beginRun(id: runID, pipeline: plan.definition.name, file: plan.definition.file, outDir: outDir)
         observer?.handle(.started(runID: runID, plan: plan, outDir: outDir))
 

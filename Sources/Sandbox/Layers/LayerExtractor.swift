@@ -138,16 +138,20 @@ public struct LayerExtractor {
 /// Opens directories below a root by their components, creating missing ones and refusing
 /// symlinks and non-directories on the way. Archives list a directory's members together, so
 /// the last directory opened is kept and a member below it costs one `openat`, not one per level.
-struct DirectoryTree {
-    let rootPath: String
+public struct DirectoryTree {
+    public let rootPath: String
     private var root: DirectoryHandle?
     private var last: (parts: [RawPath], handle: DirectoryHandle)?
 
-    init(root: String) {
+    public init(root: String) {
         self.rootPath = root
     }
 
-    mutating func directory(_ parts: ArraySlice<RawPath>, member: RawPath, source: String) throws -> DirectoryHandle {
+    /// The directory `parts` below the root, made where missing.
+    /// - Parameters: `member` and `source` name what is being written, in errors.
+    public mutating func directory(_ parts: ArraySlice<RawPath>, member: RawPath, source: String) throws
+        -> DirectoryHandle
+    {
         let parts = Array(parts)
         var current: DirectoryHandle
         var start = 0
@@ -163,7 +167,7 @@ struct DirectoryTree {
                 if st.isSymlink {
                     throw SandboxError(
                         .pathEscapes,
-                        "\(source): member \(member) goes through the symlink \(part); the archive is refused")
+                        "\(source): member \(member) goes through the symlink \(part), which is refused")
                 }
                 guard st.isDirectory else {
                     throw SandboxError(

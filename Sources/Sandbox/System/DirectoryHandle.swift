@@ -34,7 +34,8 @@ public final class DirectoryHandle: Sendable {
         relative.isEmpty ? base : base.isEmpty ? relative.description : base + "/" + relative.description
     }
 
-    func label(_ name: RawPath) -> String { label + "/" + name.description }
+    /// How errors name `name` inside this directory.
+    public func label(_ name: RawPath) -> String { label + "/" + name.description }
 
     /// A handle for `fd`, the directory `name` inside this one.
     func child(fd: Int32, _ name: RawPath) -> DirectoryHandle {

@@ -246,9 +246,9 @@ public enum FileSystem {
 }
 
 extension stat {
-    var isDirectory: Bool { (st_mode & S_IFMT) == S_IFDIR }
-    var isRegular: Bool { (st_mode & S_IFMT) == S_IFREG }
-    var isSymlink: Bool { (st_mode & S_IFMT) == S_IFLNK }
+    public var isDirectory: Bool { (st_mode & S_IFMT) == S_IFDIR }
+    public var isRegular: Bool { (st_mode & S_IFMT) == S_IFREG }
+    public var isSymlink: Bool { (st_mode & S_IFMT) == S_IFLNK }
     /// An overlayfs whiteout: a character device with device number 0/0.
     var isWhiteout: Bool { (st_mode & S_IFMT) == S_IFCHR && st_rdev == 0 }
 }
