@@ -590,7 +590,15 @@ public struct PipelineParser {
             }
         }
         let matrix = MatrixDefinition(axes: axes, include: include, exclude: exclude, location: at(node))
-        if matrix.combinations.isEmpty { fail("the matrix has no combinations left", at: node) }
+        // Expanded only when small: the validator refuses (without expanding) one too large.
+        var product = 1
+        for axis in axes {
+            let (next, overflow) = product.multipliedReportingOverflow(by: axis.1.count)
+            product = overflow ? Int.max : next
+        }
+        if product <= PipelineValidator.maxCombinations && matrix.combinations.isEmpty {
+            fail("the matrix has no combinations left", at: node)
+        }
         return matrix
     }
 

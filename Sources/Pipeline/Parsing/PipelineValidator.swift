@@ -1,3 +1,5 @@
+import Glibc
+
 /// Checks what only the whole file can tell: ids, references, cycles, expressions.
 struct PipelineValidator {
     let definition: PipelineDefinition
@@ -77,6 +79,8 @@ struct PipelineValidator {
                     at: location))
             return errors
         }
+        checkSize()
+        guard errors.isEmpty else { return errors }
         let ancestors = self.ancestors()
         let axes = matrixAxes()
         for step in steps {
@@ -119,6 +123,68 @@ struct PipelineValidator {
             }
         }
         return errors
+    }
+
+    /// The most combinations one step's matrix may have, and the most nodes a plan may have
+    /// (`CONTREE_MAX_MATRIX`, `CONTREE_MAX_NODES`): a file must not cost gigabytes to plan.
+    static var maxCombinations: Int { limit("CONTREE_MAX_MATRIX", 256) }
+    static var maxNodes: Int { limit("CONTREE_MAX_NODES", 10_000) }
+
+    private static func limit(_ variable: String, _ standard: Int) -> Int {
+        guard let text = getenv(variable).map({ String(cString: $0) }), let value = Int(text), value > 0 else {
+            return standard
+        }
+        return value
+    }
+
+    /// Counts, without expanding anything, the combinations of each matrix and the nodes of the
+    /// plan (combinations multiply along `from` chains), and refuses a file past the limits.
+    private mutating func checkSize() {
+        let parents = PipelineValidator.parents(of: definition.steps)
+        var exports: [String: Int] = [:]
+        var nodes = 0
+        for stepID in PipelinePlan.order(definition) {
+            guard let step = definition.step(stepID) else { continue }
+            var combos = 1
+            if let matrix = step.matrix {
+                var product = matrix.axes.isEmpty ? 0 : 1
+                for axis in matrix.axes { product = PipelineValidator.times(product, axis.values.count) }
+                combos = PipelineValidator.plus(product, matrix.include.count)
+                guard combos <= PipelineValidator.maxCombinations else {
+                    errors.append(
+                        PipelineError(
+                            .invalid,
+                            "step \(stepID)'s matrix has \(combos == Int.max ? "too many" : String(combos)) combinations, more than \(PipelineValidator.maxCombinations); split it (or raise CONTREE_MAX_MATRIX)",
+                            at: matrix.location))
+                    return
+                }
+            }
+            let starts = parents[stepID].flatMap { $0 }.flatMap { exports[$0] } ?? 1
+            let runs = PipelineValidator.times(starts, combos)
+            let variants = step.fork.count
+            let keepAll = step.select == nil || step.select?.keep == .all
+            let made = variants == 0 ? runs : PipelineValidator.times(runs, variants + (step.select == nil ? 0 : 1))
+            exports[stepID] = variants == 0 || !keepAll ? runs : PipelineValidator.times(runs, variants)
+            nodes = PipelineValidator.plus(nodes, made)
+            guard nodes <= PipelineValidator.maxNodes else {
+                errors.append(
+                    PipelineError(
+                        .invalid,
+                        "the plan reaches more than \(PipelineValidator.maxNodes) nodes at step \(stepID) (matrices multiply along `from`); make it smaller (or raise CONTREE_MAX_NODES)",
+                        at: step.matrix?.location ?? step.location))
+                return
+            }
+        }
+    }
+
+    private static func times(_ a: Int, _ b: Int) -> Int {
+        let (product, overflow) = a.multipliedReportingOverflow(by: b)
+        return overflow ? Int.max : product
+    }
+
+    private static func plus(_ a: Int, _ b: Int) -> Int {
+        let (sum, overflow) = a.addingReportingOverflow(b)
+        return overflow ? Int.max : sum
     }
 
     /// Checks one reference: `matrix.NAME`, `steps.ID.outputs.KEY|outcome|image`, `env.NAME`.
