@@ -52,6 +52,9 @@ final class ServerState: Sendable {
         }
         let bytes = Array(buffer.readableBytesView)
         guard !bytes.isEmpty else { throw APIError(.badRequest, "the request body is empty; send a JSON object") }
+        if let key = JSONDuplicateKeys.first(in: bytes) {
+            throw APIError(.badRequest, "the request body names '\(key)' twice; send each key once")
+        }
         do {
             return try JSONDecoder().decode(T.self, from: Data(bytes))
         } catch let error as DecodingError {

@@ -98,9 +98,6 @@ struct ExecCommand: AsyncParsableCommand {
             throw ExitCode(125)
         }
         let record = result.record
-        if let tag, let image = record.resultImage {
-            try reportingErrors { try store.tag(tag, image: image) }
-        }
         if json {
             try printJSON(record)
         } else if record.timedOut {
@@ -136,11 +133,13 @@ struct ExecCommand: AsyncParsableCommand {
         limits.cpus = cpus
         if let pids { limits.pids = pids }
         let output: OutputSink = .fileDescriptor(json ? 2 : 1)
-        return RunSpec(
+        var spec = RunSpec(
             image: image, command: argv, env: environment, cwd: cwd, files: try files.map(ExecCommand.parseMapping),
             timeout: timeout, limits: limits, network: network, hostname: hostname, disposable: disposable,
             stdin: interactive ? .fileDescriptor(0) : .null, stdout: output, stderr: .fileDescriptor(2),
             isolation: isolation)
+        spec.tag = tag
+        return spec
     }
 
     /// HOST:SANDBOX[:MODE], SANDBOX absolute.

@@ -136,3 +136,17 @@ struct ServerLimitTests {
         return (Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0) * 1024
     }
 }
+
+@Suite("serve: request bodies mean one thing", .requiresRoot)
+struct DuplicateKeyTests {
+    @Test("a body that names a key twice, escaped or not, is refused", arguments: [
+        #"{"command":"true","image":"busybox","command":"id"}"#,
+        #"{"command":"true","image":"busybox","env":{"A":"1","\u0041":"2"}}"#,
+    ])
+    func duplicates(_ body: String) async throws {
+        let server = try await TestServer()
+        let reply = try await server.request("POST", "/v1/instances", json: body)
+        #expect(reply.status == 400)
+        #expect(try reply.errorMessage().contains("twice"))
+    }
+}

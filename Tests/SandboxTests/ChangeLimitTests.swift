@@ -75,3 +75,40 @@ struct ChangeLimitTests {
         #expect(error.code == .cancelled && error.message.contains("timeout"))
     }
 }
+
+@Suite("Tags and gc", .requiresRoot)
+struct TagRaceTests {
+    @Test("a run's tag is written with its image: gc --prune-untagged running meanwhile never takes it")
+    func tagInTheCommit() async throws {
+        let t = try TemporaryStore()
+        _ = try t.busybox()
+        let engine = t.engine
+        let store = t.store
+        let pruning = Task.detached {
+            while !Task.isCancelled { _ = try? store.collectGarbage(pruneUntaggedOlderThan: 0) }
+        }
+        let results = try await withThrowingTaskGroup(of: RunResult.self) { group in
+            for i in 0..<12 {
+                group.addTask {
+                    var spec = RunSpec(image: "busybox", command: ["sh", "-c", "echo \(i) > /n"])
+                    spec.tag = "run-\(i)"
+                    return try await engine.run(spec)
+                }
+            }
+            return try await group.reduce(into: []) { $0.append($1) }
+        }
+        pruning.cancel()
+        _ = await pruning.result
+        for i in 0..<12 {
+            let image = try #require(try t.store.findImage("run-\(i)"), "tag run-\(i) is gone")
+            #expect(results.contains { $0.record.resultImage == image.uuid })
+        }
+    }
+
+    @Test("tags refuse '..' parts, control characters, NUL and direction overrides", arguments: [
+        "../../x", "a/../b", "a\u{0}b", "a\u{202e}b", "a\nb", "",
+    ])
+    func badTags(_ name: String) throws {
+        #expect(throws: SandboxError.self) { try Store.validateTag(name) }
+    }
+}

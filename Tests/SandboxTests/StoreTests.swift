@@ -256,3 +256,19 @@ struct StoreTests {
         #expect(try fs.readFile(node) == Array("welcome\n".utf8))
     }
 }
+
+@Suite("The store is its owner's alone")
+struct StorePermissionTests {
+    @Test("a new store is 0700 and its database 0600; an older, open store is tightened")
+    func modes() throws {
+        let t = try TemporaryStore()
+        var st = stat()
+        #expect(stat(t.root, &st) == 0 && st.st_mode & 0o777 == 0o700)
+        #expect(stat(t.root + "/db.sqlite", &st) == 0 && st.st_mode & 0o777 == 0o600)
+        chmod(t.root, 0o755)
+        chmod(t.root + "/db.sqlite", 0o644)
+        _ = try Store(root: t.root)
+        #expect(stat(t.root, &st) == 0 && st.st_mode & 0o777 == 0o700)
+        #expect(stat(t.root + "/db.sqlite", &st) == 0 && st.st_mode & 0o777 == 0o600)
+    }
+}

@@ -42,3 +42,30 @@ struct SyscallPolicyTests {
         #expect(results["getpid"] == "ok")
     }
 }
+
+@Suite("The command's output reaches the caller through a pipe", .requiresRoot)
+struct OutputRelayTests {
+    @Test("a command cannot reopen the caller's log file through /proc/self/fd/1 and read what it held")
+    func noLogFileReopen() async throws {
+        let t = try TemporaryStore()
+        let scratch = try ScratchDirectory()
+        let log = try scratch.write("ci.log", "SECRET-PRIOR-LOG\n")
+        let script = "readlink /proc/self/fd/1; dd if=/proc/self/fd/1 bs=1 count=16 2>/dev/null & sleep 0.5; kill $! 2>/dev/null; echo done"
+        let home = t.root
+        let status = try await DedicatedThread.run { () -> Int32 in
+            let out = open(log, O_WRONLY | O_APPEND | O_CLOEXEC)
+            defer { close(out) }
+            var env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
+            env.append("CONTREE_HOME=\(home)")
+            let child = try ChildProcess.spawn(
+                [Paths.cli, "exec", "--disposable", "--", "sh", "-c", script], environment: env, captureStdout: false,
+                stdoutFD: out)
+            close(child.stderr)
+            return try ChildProcess.wait(child.pid, "contree-pipeline exec")
+        }
+        #expect(status == 0)
+        let written = try String(contentsOfFile: log, encoding: .utf8)
+        #expect(written.components(separatedBy: "SECRET-PRIOR-LOG").count == 2, "\(written)")
+        #expect(written.contains("pipe:[") && written.hasSuffix("done\n"), "\(written)")
+    }
+}

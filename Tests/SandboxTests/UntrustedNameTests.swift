@@ -169,3 +169,19 @@ struct WhiteoutNameTests {
         #expect(FileSystem.isDirectory(target.path))
     }
 }
+
+@Suite("Odd names print escaped", .requiresRoot)
+struct EscapedNameTests {
+    @Test("inspect ls and image diff escape a newline, a bad byte and a direction override in a name")
+    func escaped() async throws {
+        let t = try TemporaryStore()
+        let made = try await runCLI(
+            ["exec", "--tag", "v1", "--", "sh", "-c", "mkdir /d; touch \"/d/$(printf 'x\\ny')\" \"/d/$(printf '\\377')\" \"/d/a$(printf '\\342\\200\\256')b\""],
+            home: t.root)
+        #expect(made.status == 0, "\(made.err)")
+        let ls = try await runCLI(["inspect", "ls", "v1", "/d"], home: t.root)
+        #expect(ls.out.split(separator: "\n").sorted() == ["\\xff", "a\\u{202e}b", "x\\ny"], "\(ls.out)")
+        let diff = try await runCLI(["image", "diff", "busybox", "v1"], home: t.root)
+        #expect(diff.out.contains("A /d/x\\ny\n") && diff.out.contains("A /d/\\xff\n"), "\(diff.out)")
+    }
+}

@@ -57,12 +57,7 @@ extension ServerState {
         let record = try api.visibleImage(image, namespace: call.namespace)
         let body = try await decode(TagBody.self, from: call)
         let tag = body.tag.trimmingCharacters(in: .whitespaces)
-        guard !tag.isEmpty, tag.count <= 256, !tag.contains(where: { $0.isWhitespace || $0.isNewline }) else {
-            throw APIError(.badRequest, "tag '\(body.tag)' must be 1 to 256 characters without spaces")
-        }
-        guard !APIStore.isUUID(tag.lowercased()) else {
-            throw APIError(.badRequest, "tag '\(tag)' looks like a UUID, which would shadow an image; choose another")
-        }
+        try Store.validateTag(tag)
         guard !tag.hasPrefix("tag:") else { throw APIError(.badRequest, "a tag may not start with 'tag:'") }
         try api.database.transaction { tx in
             try api.adopt(record.uuid, namespace: call.namespace, operation: nil, tx: tx)
@@ -108,8 +103,8 @@ extension ServerState {
             throw APIError(.badRequest, "timeout must be from 1 to this token's \(call.token.maxTimeout) s")
         }
         if let tag = body.tag {
-            guard !tag.isEmpty, tag.count <= 256, !tag.contains(where: \.isWhitespace), !APIStore.isUUID(tag.lowercased())
-            else { throw APIError(.badRequest, "tag '\(tag)' must be 1 to 256 characters without spaces, not a UUID") }
+            try Store.validateTag(tag)
+            guard !tag.hasPrefix("tag:") else { throw APIError(.badRequest, "a tag may not start with 'tag:'") }
         }
         let uuid = try operations.startImport(
             url: url, tag: body.tag, timeout: timeout,

@@ -199,3 +199,106 @@ enum Timestamp {
         return Double(base) + second - Double(offset)
     }
 }
+
+/// Finds a key that appears twice in one object of a JSON text. JSON parsers disagree on which
+/// one counts (Foundation's takes one, a proxy's validator another), so the API refuses such a
+/// body rather than guess. Keys compare after their escapes are decoded (`"\u0061"` is `"a"`).
+enum JSONDuplicateKeys {
+    /// The dotted path of the first duplicated key, or nil (also for malformed text: the
+    /// decoder then says what is wrong).
+    static func first(in bytes: [UInt8]) -> String? {
+        enum Frame {
+            case object(keys: Set<[UInt8]>, path: String, expectingKey: Bool, current: String)
+            case array(path: String)
+        }
+        var stack: [Frame] = []
+        var i = 0
+        func path(_ key: String) -> String {
+            guard let top = stack.last else { return key }
+            switch top {
+            case .object(_, let p, _, _), .array(let p): return p.isEmpty ? key : p + "." + key
+            }
+        }
+        /// Where a value that starts now sits.
+        func childPath() -> String {
+            switch stack.last {
+            case .object(_, _, _, let current)?: return path(current)
+            case .array(let p)?: return p
+            case nil: return ""
+            }
+        }
+        while i < bytes.count {
+            let c = bytes[i]
+            switch c {
+            case UInt8(ascii: "{"):
+                stack.append(.object(keys: [], path: childPath(), expectingKey: true, current: ""))
+                i += 1
+            case UInt8(ascii: "["):
+                stack.append(.array(path: childPath()))
+                i += 1
+            case UInt8(ascii: "}"), UInt8(ascii: "]"):
+                guard !stack.isEmpty else { return nil }
+                stack.removeLast()
+                i += 1
+            case UInt8(ascii: ","):
+                if case .object(let keys, let p, _, let current)? = stack.last {
+                    stack[stack.count - 1] = .object(keys: keys, path: p, expectingKey: true, current: current)
+                }
+                i += 1
+            case UInt8(ascii: "\""):
+                guard let (value, end) = string(bytes, from: i) else { return nil }
+                i = end
+                if case .object(var keys, let p, true, _)? = stack.last {
+                    let key = String(decoding: value, as: UTF8.self)
+                    guard keys.insert(value).inserted else { return p.isEmpty ? key : p + "." + key }
+                    stack[stack.count - 1] = .object(keys: keys, path: p, expectingKey: false, current: key)
+                }
+            default:
+                i += 1
+            }
+        }
+        return nil
+    }
+
+    /// A string literal's decoded bytes and the index after its closing quote.
+    private static func string(_ bytes: [UInt8], from start: Int) -> ([UInt8], Int)? {
+        var out: [UInt8] = []
+        var i = start + 1
+        var pendingHigh: UInt32?
+        while i < bytes.count {
+            let c = bytes[i]
+            if c == UInt8(ascii: "\"") { return (out, i + 1) }
+            guard c == UInt8(ascii: "\\") else {
+                out.append(c)
+                i += 1
+                continue
+            }
+            guard i + 1 < bytes.count else { return nil }
+            let e = bytes[i + 1]
+            i += 2
+            switch e {
+            case UInt8(ascii: "n"): out.append(10)
+            case UInt8(ascii: "t"): out.append(9)
+            case UInt8(ascii: "r"): out.append(13)
+            case UInt8(ascii: "b"): out.append(8)
+            case UInt8(ascii: "f"): out.append(12)
+            case UInt8(ascii: "u"):
+                guard i + 4 <= bytes.count, let unit = UInt32(String(decoding: bytes[i..<(i + 4)], as: UTF8.self), radix: 16)
+                else { return nil }
+                i += 4
+                var scalar = unit
+                if (0xd800..<0xdc00).contains(unit) {
+                    pendingHigh = unit
+                    continue
+                }
+                if (0xdc00..<0xe000).contains(unit), let high = pendingHigh {
+                    scalar = 0x10000 + ((high - 0xd800) << 10) + (unit - 0xdc00)
+                }
+                pendingHigh = nil
+                out += Array(String(Unicode.Scalar(scalar).map(Character.init) ?? "\u{fffd}").utf8)
+            default: out.append(e)
+            }
+        }
+        return nil
+    }
+}

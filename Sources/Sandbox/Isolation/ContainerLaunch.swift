@@ -48,11 +48,13 @@ struct ContainerLaunch {
             _ = fcntl(p.write, F_SETFL, O_NONBLOCK)
             stdinFeed = (p.write, bytes)
         }
+        // Output always goes through a pipe the supervisor drains: handing the command the
+        // caller's own descriptor would let it reopen /proc/self/fd/1 (a log file, and what the
+        // host wrote to it before) with the access the file's mode gives.
         func outputEnd(_ sink: OutputSink) throws -> (child: Int32, drain: Int32?) {
             switch sink {
-            case .fileDescriptor(let fd): return (fd, nil)
             case .discard: return (try devNull(O_WRONLY), nil)
-            case .capture:
+            case .fileDescriptor, .capture:
                 let p = try closer.pipe()
                 return (p.write, p.read)
             }

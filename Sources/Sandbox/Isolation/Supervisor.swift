@@ -1,24 +1,29 @@
 import CSandbox
 import Glibc
 
-/// Captured output of one stream.
+/// Captured output of one stream, or output relayed to a host descriptor.
 struct Capture {
     var kept: [UInt8] = []
     var dropped = 0
     let limit: Int
     let onChunk: (@Sendable ([UInt8]) -> Void)?
+    /// Where a relayed stream goes (the caller's stdout, a log file).
+    let relay: Int32?
 
     init(_ sink: OutputSink) {
-        if case .capture(let limit, let onChunk) = sink {
-            self.limit = limit
-            self.onChunk = onChunk
-        } else {
-            self.limit = 0
-            self.onChunk = nil
+        switch sink {
+        case .capture(let limit, let onChunk): (self.limit, self.onChunk, relay) = (limit, onChunk, nil)
+        case .fileDescriptor(let fd): (limit, onChunk, relay) = (0, nil, fd)
+        case .discard: (limit, onChunk, relay) = (0, nil, nil)
         }
     }
 
     mutating func add(_ chunk: ArraySlice<UInt8>) {
+        if let relay {
+            // A reader that went away (a closed pipe) stops the relay, not the run.
+            _ = chunk.withUnsafeBytes { try? FileSystem.writeAll(fd: relay, $0, path: "the command's output") }
+            return
+        }
         let room = max(0, limit - kept.count)
         kept.append(contentsOf: chunk.prefix(room))
         dropped += max(0, chunk.count - room)

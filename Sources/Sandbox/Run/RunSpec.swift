@@ -220,6 +220,9 @@ public struct RunSpec: Sendable {
     /// The config of the image the run commits; nil keeps the base image's. An image is made
     /// even when only the config changed.
     public var resultConfig: ImageConfig?
+    /// A tag the result image gets in the transaction that records it: there is no instant
+    /// at which `gc --prune-untagged` could take it for an untagged image.
+    public var tag: String?
     /// Signals the running command and learns when it starts.
     public var control: RunControl?
     /// The uid and gid the command runs as; nil uses the image's user.

@@ -210,6 +210,7 @@ public final class SandboxEngine: Sendable {
                     upper, base: image, config: spec.resultConfig ?? image.config, origin: "run:\(lease.id)",
                     lease: lease, budget: .commit(maxBytes: spec.limits.layerBytes, cancellation: cancellation)
                 ) { tx, result, layer in
+                    if let tag = spec.tag { try self.store.tag(tx, tag, image: result.uuid) }
                     committed.resultImage = result.uuid
                     committed.metrics.commitSeconds = Clock.monotonic - commitStarted
                     committed.metrics.diffFiles = layer?.files ?? 0
@@ -290,6 +291,7 @@ public final class SandboxEngine: Sendable {
             throw SandboxError(.invalidArgument, "no command given; pass the command after `--`")
         }
         if let cwd = spec.cwd { try validateSandboxPath(cwd, what: "working directory") }
+        if let tag = spec.tag { try Store.validateTag(tag) }
         for mapping in spec.files { try validateSandboxPath(mapping.sandboxPath, what: "file mapping target") }
         for key in spec.env.keys where key.isEmpty || key.contains("=") || key.contains("\0") {
             throw SandboxError(.invalidArgument, "invalid environment variable name '\(key)'")

@@ -123,14 +123,18 @@ extension Store {
 
     // MARK: Tags
 
-    /// Validates a tag name: letters, digits and `._:/-`, not shaped like a UUID.
-    static func validateTag(_ name: String) throws {
+    /// Validates a tag name (the CLI's and the API's): ASCII letters, digits and `._:/-@+,`,
+    /// starting with a letter or digit, at most 256 characters, no `..` segment, not shaped like
+    /// a UUID. No control character, NUL or direction override can hide in one.
+    public static func validateTag(_ name: String) throws {
         let allowed = name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "._:/-@+,".contains($0)) }
-        guard !name.isEmpty, name.count <= 200, allowed, name.first?.isLetter == true || name.first?.isNumber == true
+        guard !name.isEmpty, name.utf8.count <= 256, allowed, name.first?.isLetter == true || name.first?.isNumber == true,
+            !name.split(separator: "/", omittingEmptySubsequences: false).contains("..")
         else {
             throw SandboxError(
                 .invalidArgument,
-                "invalid tag '\(name)': use letters, digits and . _ : / - @ (starting with a letter or digit)")
+                "invalid tag '\(RawPath(name))': use letters, digits and . _ : / - @ + , (starting with a letter or digit, at most 256, no '..' part)"
+            )
         }
         guard !isUUID(name.lowercased()) else {
             throw SandboxError(.invalidArgument, "invalid tag '\(name)': a tag may not look like an image UUID")
@@ -140,14 +144,17 @@ extension Store {
     /// Points `name` at `uuid`, moving the tag if it exists.
     public func tag(_ name: String, image uuid: String) throws {
         try Store.validateTag(name)
-        try database.transaction { tx in
-            guard try !tx.query("SELECT 1 FROM images WHERE uuid = ?", [.text(uuid)]).isEmpty else {
-                throw SandboxError(.notFound, "unknown image \(uuid); `contree-pipeline image ls` lists images")
-            }
-            try tx.query(
-                "INSERT INTO tags(name, image, updated) VALUES(?, ?, ?) ON CONFLICT(name) DO UPDATE SET image = excluded.image, updated = excluded.updated",
-                [.text(name), .text(uuid), .real(Store.now)])
+        try database.transaction { tx in try tag(tx, name, image: uuid) }
+    }
+
+    /// `tag(_:image:)` inside a transaction (one that may have just inserted the image).
+    func tag(_ tx: Database.Transaction, _ name: String, image uuid: String) throws {
+        guard try !tx.query("SELECT 1 FROM images WHERE uuid = ?", [.text(uuid)]).isEmpty else {
+            throw SandboxError(.notFound, "unknown image \(uuid); `contree-pipeline image ls` lists images")
         }
+        try tx.query(
+            "INSERT INTO tags(name, image, updated) VALUES(?, ?, ?) ON CONFLICT(name) DO UPDATE SET image = excluded.image, updated = excluded.updated",
+            [.text(name), .text(uuid), .real(Store.now)])
     }
 
     /// Removes a tag (the image stays).

@@ -47,8 +47,18 @@ public final class Store: Sendable {
         self.root = absolute
         self.flattenThreshold = flattenThreshold
         try FileSystem.makeDirectories(absolute, mode: 0o755)
+        // The store holds every run's command, environment and files: its owner's alone (a
+        // store made by an older version is tightened too).
+        if chmod(absolute, 0o700) != 0 { throw SandboxError.system("chmod(\(absolute), 0700)") }
         for dir in ["layers", "tmp", "leases"] { try FileSystem.makeDirectory(absolute + "/" + dir, mode: 0o700) }
-        self.database = try Database(path: absolute + "/db.sqlite")
+        // SQLite gives its -wal and -shm files the database file's mode.
+        let databasePath = absolute + "/db.sqlite"
+        let databaseFD = open(databasePath, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0o600)
+        guard databaseFD >= 0 else { throw SandboxError.system("open(\(databasePath))") }
+        fchmod(databaseFD, 0o600)
+        close(databaseFD)
+        for suffix in ["-wal", "-shm"] { chmod(databasePath + suffix, 0o600) }
+        self.database = try Database(path: databasePath)
         try migrate()
         try recoverAbandonedWork()
     }
