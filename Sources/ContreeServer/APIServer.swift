@@ -64,7 +64,8 @@ public struct APIServer: Sendable {
             // and trickling clients do not hold the server's connections. A response being written
             // (an event stream) is not idle.
             server: .http1(configuration: .init(idleTimeout: .seconds(APIServer.idleSeconds))),
-            configuration: ApplicationConfiguration(address: .hostname(host, port: port), serverName: "contree-pipeline"),
+            configuration: ApplicationConfiguration(
+                address: .hostname(host, port: port), serverName: "contree-pipeline"),
             onServerRunning: { channel in await onReady(channel.localAddress?.port ?? port) },
             logger: logger)
         // Shutdown runs backwards: first the operations end (recorded as cancelled, their event

@@ -46,7 +46,8 @@ public struct RegistryAccess: Sendable, Equatable {
                 && host.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || ".-:[]".contains($0)) }
             guard valid else {
                 throw SandboxError(
-                    .invalidArgument, "--registry \(entry) is not HOST[:PORT] or http://HOST[:PORT], e.g. registry.example.com")
+                    .invalidArgument,
+                    "--registry \(entry) is not HOST[:PORT] or http://HOST[:PORT], e.g. registry.example.com")
             }
             access.hosts?.insert(host)
             if http { access.httpHosts.insert(host) }

@@ -1,7 +1,7 @@
-import Foundation
-import Glibc
-import FoundationNetworking
 import Crypto
+import Foundation
+import FoundationNetworking
+import Glibc
 import Sandbox
 
 /// `docker://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]`.
@@ -17,7 +17,8 @@ public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {
         }
         let rest = String(text.dropFirst("docker://".count))
         guard let slash = rest.firstIndex(of: "/"), slash != rest.startIndex else {
-            throw SandboxError(.invalidArgument, "'\(text)' names no registry host: write docker://HOST[:PORT]/REPO:TAG")
+            throw SandboxError(
+                .invalidArgument, "'\(text)' names no registry host: write docker://HOST[:PORT]/REPO:TAG")
         }
         host = String(rest[..<slash])
         var path = String(rest[rest.index(after: slash)...])
@@ -142,7 +143,8 @@ final class RegistryClient: @unchecked Sendable {
                 return completionHandler(nil)
             }
             var next = request
-            let sameHost = url.host?.lowercased() == task.originalRequest?.url?.host?.lowercased()
+            let sameHost =
+                url.host?.lowercased() == task.originalRequest?.url?.host?.lowercased()
                 && url.port == task.originalRequest?.url?.port
             if !sameHost { next.setValue(nil, forHTTPHeaderField: "Authorization") }
             completionHandler(next)
@@ -329,7 +331,8 @@ final class RegistryClient: @unchecked Sendable {
     private func failure(_ status: Int, url: String, body: Data, redirect: String? = nil) -> SandboxError {
         if let redirect {
             return SandboxError(
-                .invalidArgument, "\(reference): the registry redirected to an address this client may not follow: \(redirect)")
+                .invalidArgument,
+                "\(reference): the registry redirected to an address this client may not follow: \(redirect)")
         }
         struct ErrorAnswer: Decodable {
             struct Entry: Decodable { var code: String? }
@@ -403,12 +406,14 @@ final class RegistryClient: @unchecked Sendable {
             return
         }
         guard lower.hasPrefix("bearer") else {
-            throw SandboxError(.unsupported, "\(reference): the registry asks for '\(challenge)', which is not supported")
+            throw SandboxError(
+                .unsupported, "\(reference): the registry asks for '\(challenge)', which is not supported")
         }
         var parameters: [String: String] = [:]
         let pattern = /([a-zA-Z_]+)="([^"]*)"/
         for match in challenge.matches(of: pattern) { parameters[String(match.1).lowercased()] = String(match.2) }
-        guard let realm = parameters["realm"], var components = URLComponents(string: realm), let realmURL = components.url
+        guard let realm = parameters["realm"], var components = URLComponents(string: realm),
+            let realmURL = components.url
         else {
             throw SandboxError(.invalidArgument, "\(reference): the registry's bearer challenge names no token realm")
         }

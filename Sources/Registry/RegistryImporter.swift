@@ -59,7 +59,9 @@ public struct RegistryImporter: Sendable {
             reference: reference, credentials: credentials, access: access, cancellation: cancellation)
         guard let imported = try importImage(reference.reference, client: client, name: text, platform: platform) else {
             throw SandboxError(
-                .notFound, "\(text): not found in the registry (no such repository, tag or digest at \(client.base)/manifests/\(reference.reference))")
+                .notFound,
+                "\(text): not found in the registry (no such repository, tag or digest at \(client.base)/manifests/\(reference.reference))"
+            )
         }
         return imported.image
     }
@@ -97,10 +99,12 @@ public struct RegistryImporter: Sendable {
         Trace.mark("import: manifest")
         let configPath = try blobPath(config.digest, root: root, what: "image config")
         try client.download("\(client.base)/blobs/\(config.digest)", digest: config.digest, to: configPath)
-        let configuration = try JSONDecoder().decode(OCI.ImageConfiguration.self, from: Data(try FileSystem.readFile(configPath)))
+        let configuration = try JSONDecoder().decode(
+            OCI.ImageConfiguration.self, from: Data(try FileSystem.readFile(configPath)))
         guard configuration.rootfs.diff_ids.count == layers.count else {
             throw SandboxError(
-                .corrupt, "\(text): the config lists \(configuration.rootfs.diff_ids.count) layers, the manifest \(layers.count)")
+                .corrupt,
+                "\(text): the config lists \(configuration.rootfs.diff_ids.count) layers, the manifest \(layers.count)")
         }
         let started = Date()
         var fetched: Int64 = 0
@@ -110,7 +114,8 @@ public struct RegistryImporter: Sendable {
         var wanted: [(index: Int, digest: String, size: Int64, path: String)] = []
         for (index, layer) in layers.enumerated() {
             if try importer.knows(diffID: configuration.rootfs.diff_ids[index]) { continue }  // not fetched again
-            wanted.append((index, layer.digest, layer.size, try blobPath(layer.digest, root: root, what: "layer \(index + 1)")))
+            wanted.append(
+                (index, layer.digest, layer.size, try blobPath(layer.digest, root: root, what: "layer \(index + 1)")))
         }
         /// Progress and the first failure, shared by the download lanes.
         final class Tally: @unchecked Sendable {
@@ -186,10 +191,12 @@ public struct RegistryImporter: Sendable {
         if response.statusCode == 404 { return nil }
         let bytes = Array(data)
         let actual = "sha256:" + OCI.sha256Hex(bytes)
-        let expected = reference.hasPrefix("sha256:") ? reference : response.value(forHTTPHeaderField: "Docker-Content-Digest")
+        let expected =
+            reference.hasPrefix("sha256:") ? reference : response.value(forHTTPHeaderField: "Docker-Content-Digest")
         if let expected, expected != actual {
             throw SandboxError(
-                .corrupt, "\(client.reference): the manifest hashes to \(actual), not \(expected); nothing was imported")
+                .corrupt, "\(client.reference): the manifest hashes to \(actual), not \(expected); nothing was imported"
+            )
         }
         let document: OCI.Document
         do {
@@ -199,6 +206,8 @@ public struct RegistryImporter: Sendable {
         }
         try FileSystem.writeFile(try blobPath(actual, root: root, what: "manifest"), bytes, mode: 0o644)
         let type = response.value(forHTTPHeaderField: "Content-Type").map { String($0.split(separator: ";")[0]) }
-        return (OCI.Descriptor(mediaType: document.mediaType ?? type, digest: actual, size: Int64(bytes.count)), document)
+        return (
+            OCI.Descriptor(mediaType: document.mediaType ?? type, digest: actual, size: Int64(bytes.count)), document
+        )
     }
 }

@@ -89,7 +89,8 @@ public struct RegistryPusher: Sendable {
     private func remoteSize(_ digest: String, client: RegistryClient) throws -> Int64? {
         let (_, head) = try client.call("HEAD", "\(client.base)/blobs/\(digest)", allow: [404])
         guard head.statusCode == 200 else { return nil }
-        return head.value(forHTTPHeaderField: "Content-Length").flatMap { Int64($0) } ?? max(0, head.expectedContentLength)
+        return head.value(forHTTPHeaderField: "Content-Length").flatMap { Int64($0) }
+            ?? max(0, head.expectedContentLength)
     }
 
     /// One blob: POST an upload session, PUT the bytes with the digest.

@@ -54,7 +54,8 @@ struct ExecCommand: AsyncParsableCommand {
     @Option(help: "The sandbox's hostname.")
     var hostname = "sandbox"
 
-    @Option(help: "container (namespaces, the default) or vm (a QEMU microvm; under emulation where KVM cannot run it).")
+    @Option(
+        help: "container (namespaces, the default) or vm (a QEMU microvm; under emulation where KVM cannot run it).")
     var isolation: IsolationKind = .container
 
     @Option(help: "Tag the resulting image.")

@@ -143,7 +143,8 @@ struct ImageCommand: ParsableCommand {
         @Option(help: "Registry user (or $CONTREE_REGISTRY_USER).") var username: String?
         @Option(help: "Registry password (or $CONTREE_REGISTRY_PASSWORD).") var password: String?
         @Flag(help: "Allow plain http to a registry that is not on this machine.") var allowHTTP = false
-        @Option(name: .customLong("env"), help: "KEY=VALUE for a root file system's environment.") var env: [String] = []
+        @Option(name: .customLong("env"), help: "KEY=VALUE for a root file system's environment.") var env: [String] =
+            []
         @Option(help: "A root file system's working directory.") var workdir = "/"
 
         func run() throws {
@@ -155,13 +156,15 @@ struct ImageCommand: ParsableCommand {
                 let cancellable = RegistryImporter.handles(path) || OCIImporter.handles(path)
                 let signals =
                     cancellable
-                    ? Termination.onSignal { cancellation.cancel("the import was interrupted; nothing was imported") } : []
+                    ? Termination.onSignal { cancellation.cancel("the import was interrupted; nothing was imported") }
+                    : []
                 defer { signals.forEach { $0.cancel() } }
                 if RegistryImporter.handles(path) {
                     let credentials = registryCredentials(username, password)
                     let image = try interruptible {
                         try RegistryImporter(
-                            store: store, credentials: credentials, access: .any(allowHTTP: allowHTTP), progress: ProgressReporter(),
+                            store: store, credentials: credentials, access: .any(allowHTTP: allowHTTP),
+                            progress: ProgressReporter(),
                             cancellation: cancellation
                         ).importImage(path, platform: try OCI.Platform(parsing: platform))
                     }
@@ -227,7 +230,9 @@ struct ImageCommand: ParsableCommand {
                 let store = try storeOptions.open()
                 let record = try BaseImages(store: store, progress: ProgressReporter()).resolve(image)
                 let credentials = registryCredentials(username, password)
-                print(try RegistryPusher(store: store, credentials: credentials, allowHTTP: allowHTTP).push(record, to: destination))
+                print(
+                    try RegistryPusher(store: store, credentials: credentials, allowHTTP: allowHTTP).push(
+                        record, to: destination))
             }
         }
     }

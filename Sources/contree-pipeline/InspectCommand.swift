@@ -61,9 +61,11 @@ struct InspectCommand: ParsableCommand {
                     }
                     let link = child.isSymlink ? try fs.readLink(child) : nil
                     return Entry(
-                        name: json ? name.text : name.description, type: type, mode: String(st.st_mode & 0o7777, radix: 8), uid: st.st_uid,
+                        name: json ? name.text : name.description, type: type,
+                        mode: String(st.st_mode & 0o7777, radix: 8), uid: st.st_uid,
                         gid: st.st_gid,
-                        size: Int64(st.st_size), mtime: st.st_mtim.tv_sec, target: link.map { json ? $0.text : $0.description })
+                        size: Int64(st.st_size), mtime: st.st_mtim.tv_sec,
+                        target: link.map { json ? $0.text : $0.description })
                 }
                 if json { return try printJSON(entries) }
                 for e in entries {

@@ -46,7 +46,8 @@ struct RunCommand: AsyncParsableCommand {
     var cacheFrom: [String] = []
     @Option(
         name: .customLong("cache-to"),
-        help: "At the end, push the passed steps to a registry repository (docker://HOST[:PORT]/REPO) for --cache-from elsewhere."
+        help:
+            "At the end, push the passed steps to a registry repository (docker://HOST[:PORT]/REPO) for --cache-from elsewhere."
     )
     var cacheTo: String?
     @Option(help: "Registry user for --cache-from/--cache-to (or $CONTREE_REGISTRY_USER).") var registryUser: String?
@@ -98,7 +99,9 @@ struct RunCommand: AsyncParsableCommand {
             printError(error.description)
             throw ExitCode(2)
         } catch is CancellationError {
-            printError("contree: the run was cancelled before any step started (its image was being imported); nothing was imported")
+            printError(
+                "contree: the run was cancelled before any step started (its image was being imported); nothing was imported"
+            )
             throw ExitCode(130)
         } catch {
             throw fail(error)

@@ -42,10 +42,12 @@ struct ServeCommand: AsyncParsableCommand {
             let engine = SandboxEngine.withAllBackends(store: store, progress: ProgressReporter())
             let path = tokens ?? APIServer.defaultTokensPath(store: store)
             let server = try APIServer(
-                engine: engine, tokensPath: path, isolation: isolation, registries: try RegistryAccess.allowlist(registries))
+                engine: engine, tokensPath: path, isolation: isolation,
+                registries: try RegistryAccess.allowlist(registries))
             var st = stat()
             if server.createdTokens {
-                printError("created the tokens file \(path) with one new token (namespace 'default'); read it from there")
+                printError(
+                    "created the tokens file \(path) with one new token (namespace 'default'); read it from there")
             } else if stat(path, &st) == 0, st.st_mode & 0o077 != 0 {
                 printError(
                     "warning: the tokens file \(path) can be read by other users (mode \(String(st.st_mode & 0o777, radix: 8))); run `chmod 600 \(path)`"

@@ -1,6 +1,6 @@
-import Foundation
 import ContreeServer
 import ContreeTestSupport
+import Foundation
 import Glibc
 import Sandbox
 import Testing
@@ -153,7 +153,8 @@ struct BadInputTests {
         #expect(try await server.request("GET", "/v1/operations/\(op)").json()["status"] as? String == "SUCCESS")
         #expect(try await server.request("GET", "/v1/operations/not-a-uuid").status == 404)
         #expect(try await server.request("GET", "/v1/nowhere").status == 404)
-        let malformed = try await server.request("POST", "/v1/images/import", json: #"{"registry":{"url":"docker://x"}}"#)
+        let malformed = try await server.request(
+            "POST", "/v1/images/import", json: #"{"registry":{"url":"docker://x"}}"#)
         #expect(malformed.status == 400)
         #expect(try malformed.errorMessage().contains("host"))
         // No registry is reachable until the operator names one (serve --registry).
@@ -236,9 +237,10 @@ struct RobustnessTests {
         #expect(lookup.status == 404)
         // No build began: a build of a built-in image takes its lock file first.
         #expect(!FileSystem.exists(server.home + "/builtin-debian_bookworm+hello.lock"))
-        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + [
-            "CONTREE_HOME=\(server.home)"
-        ]
+        let env =
+            ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + [
+                "CONTREE_HOME=\(server.home)"
+            ]
         await #expect(throws: (any Error).self) {
             _ = try await ServeProcess.start(binary: Paths.cli, tokens: server.tokensPath, environment: env)
         }
@@ -260,7 +262,9 @@ struct InstanceTests {
         #expect(events.allSatisfy { $0["ts"] is String && $0["id"] is Int && $0["data"] != nil })
         let exit = try #require(events.first { $0["type"] as? String == "exit" })
         #expect(exit["spid"] as? Int == 1 && exit[path: "data.code"] as? Int == 3)
-        let streamed = events.filter { $0["type"] as? String == "stdout" }.compactMap { $0[path: "data.value"] as? String }
+        let streamed = events.filter { $0["type"] as? String == "stdout" }.compactMap {
+            $0[path: "data.value"] as? String
+        }
         #expect(streamed.joined() == "ou")  // capped at truncate_output_at
 
         let ids = events.map { $0["id"] as! Int }
@@ -293,7 +297,8 @@ struct InstanceTests {
         var written = 0
         for _ in 0..<200 {
             let reply = try await server.request(
-                "POST", "/v1/operations/\(op)/subprocesses/1/stdin", json: #"{"value":"c2Vjb25k","encoding":"base64","close":true}"#)
+                "POST", "/v1/operations/\(op)/subprocesses/1/stdin",
+                json: #"{"value":"c2Vjb25k","encoding":"base64","close":true}"#)
             if reply.status == 204 {
                 written += 1
                 break
@@ -316,7 +321,8 @@ struct InstanceTests {
         let ended = try await server.wait(sleeper)
         #expect(ended[path: "metadata.result.state.exit_code"] as? Int == 5)
         #expect(ended[path: "metadata.result.stdout.value"] as? String == "got TERM\n")
-        #expect(try await server.request("DELETE", "/v1/operations/\(sleeper)/subprocesses/1?signal=BOGUS").status == 400)
+        #expect(
+            try await server.request("DELETE", "/v1/operations/\(sleeper)/subprocesses/1?signal=BOGUS").status == 400)
     }
 
     @Test("more processes start in a running instance, share its files and pid namespace, take stdin and signals")
@@ -324,12 +330,15 @@ struct InstanceTests {
         let server = try await TestServer()
         let op = try await server.spawn(
             // Lives until the test cancels it (a loaded machine may take long to get there).
-            #"{"command":"echo shared > /tmp/s && mv /tmp/s /shared; sleep 300","image":"busybox","shell":true,"hostname":"inst","timeout":600}"#)
+            #"{"command":"echo shared > /tmp/s && mv /tmp/s /shared; sleep 300","image":"busybox","shell":true,"hostname":"inst","timeout":600}"#
+        )
         var spid: Int?
         for _ in 0..<200 {
             let reply = try await server.request(
                 "POST", "/v1/operations/\(op)/subprocesses",
-                json: #"{"command":"while [ ! -e /shared ]; do sleep 0.01; done; cat /shared; hostname; echo $X; ps","shell":true,"env":{"X":"y"}}"#)
+                json:
+                    #"{"command":"while [ ! -e /shared ]; do sleep 0.01; done; cat /shared; hostname; echo $X; ps","shell":true,"env":{"X":"y"}}"#
+            )
             if reply.status == 201 {
                 spid = try reply.json()["spid"] as? Int
                 #expect(reply.headers["location"] == "/v1/operations/\(op)/subprocesses/\(spid ?? 0)")
@@ -350,14 +359,17 @@ struct InstanceTests {
 
         // stdin kept open, then closed; a signal to a started process.
         let cat = try await server.request(
-            "POST", "/v1/operations/\(op)/subprocesses", json: #"{"command":"cat","stdin":{"value":"a","close":false}}"#)
+            "POST", "/v1/operations/\(op)/subprocesses", json: #"{"command":"cat","stdin":{"value":"a","close":false}}"#
+        )
         let catSpid = try #require(try cat.json()["spid"] as? Int)
         let write = try await server.request(
             "POST", "/v1/operations/\(op)/subprocesses/\(catSpid)/stdin", json: #"{"value":"b","close":true}"#)
         #expect(write.status == 204)
         let looper = try await server.request(
             "POST", "/v1/operations/\(op)/subprocesses",
-            json: #"{"command":"trap 'echo bye; exit 4' TERM; echo ready >&2; while :; do sleep 0.1; done","shell":true}"#)
+            json:
+                #"{"command":"trap 'echo bye; exit 4' TERM; echo ready >&2; while :; do sleep 0.1; done","shell":true}"#
+        )
         let looperSpid = try #require(try looper.json()["spid"] as? Int)
         try await server.waitForOutput(op, spid: looperSpid, "ready")
         let kill = try await server.request("DELETE", "/v1/operations/\(op)/subprocesses/\(looperSpid)?signal=TERM")
@@ -374,7 +386,9 @@ struct InstanceTests {
         }
         let events = try await server.events(op, query: "spid=\(catSpid)")
         let types = events.map { $0["type"] as! String }
-        #expect(types.first == "spawn" && types.last == "exit" && types.dropFirst().dropLast().allSatisfy { $0 == "stdout" })
+        #expect(
+            types.first == "spawn" && types.last == "exit" && types.dropFirst().dropLast().allSatisfy { $0 == "stdout" }
+        )
         #expect(try await server.request("GET", "/v1/operations/\(op)/subprocesses/99").status == 404)
         #expect(try await server.request("DELETE", "/v1/operations/\(op)/subprocesses/99").status == 404)
 
@@ -398,7 +412,9 @@ struct InstanceTests {
         }
         let second = try await server.spawn(#"{"command":"echo second","image":"busybox","shell":true}"#, token: bob)
         try await Task.sleep(for: .milliseconds(500))
-        #expect(try await server.request("GET", "/v1/operations/\(second)", token: bob).json()["status"] as? String == "PENDING")
+        #expect(
+            try await server.request("GET", "/v1/operations/\(second)", token: bob).json()["status"] as? String
+                == "PENDING")
         let who = try await server.request("GET", "/v1/whoami", token: bob).json()
         #expect(who[path: "limits.instance_max_concurrency"] as? Int == 1)
         #expect(who[path: "limits.instance_max_timeout"] as? Int == 30)
@@ -476,9 +492,10 @@ struct InstanceTests {
         let events = try await server.events(running)
         #expect(events.last?["type"] as? String == "completion")
         // The store is consistent after the crash.
-        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + [
-            "CONTREE_HOME=\(server.home)"
-        ]
+        let env =
+            ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + [
+                "CONTREE_HOME=\(server.home)"
+            ]
         let fsck = try await DedicatedThread.run { try ChildProcess.run([Paths.cli, "fsck"], environment: env) }
         #expect(fsck.status == 0, "\(fsck.stderrText)")
     }
@@ -490,7 +507,8 @@ struct ImportTests {
     func importFromRegistry() async throws {
         let registry = try await DedicatedThread.run { try LocalRegistry() }
         let server = try await TestServer(arguments: ["--registry", "127.0.0.1:\(registry.port)"])
-        let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(server.home)"]
+        let env =
+            ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(server.home)"]
         let layout = server.home + "/layout"
         let export = try await DedicatedThread.run {
             try ChildProcess.run([Paths.cli, "image", "export", "busybox", "oci:\(layout):v1"], environment: env)
@@ -498,7 +516,8 @@ struct ImportTests {
         #expect(export.status == 0, "\(export.stderrText)")
         let push = try await DedicatedThread.run {
             try ChildProcess.run([
-                "skopeo", "copy", "--dest-tls-verify=false", "oci:\(layout):v1", "docker://127.0.0.1:\(registry.port)/lib/box:1",
+                "skopeo", "copy", "--dest-tls-verify=false", "oci:\(layout):v1",
+                "docker://127.0.0.1:\(registry.port)/lib/box:1",
             ])
         }
         #expect(push.status == 0, "\(push.stderrText)")
@@ -512,14 +531,18 @@ struct ImportTests {
         #expect(record[path: "result.tag"] as? String == "box:1")
         #expect(record[path: "metadata.registry.url"] as? String == "docker://127.0.0.1:\(registry.port)/lib/box:1")
         let image = try #require(record[path: "result.image"] as? String)
-        #expect(try await server.request("GET", "/v1/inspect/?tag=box:1").headers["location"] == "/v1/inspect/\(image)/")
+        #expect(
+            try await server.request("GET", "/v1/inspect/?tag=box:1").headers["location"] == "/v1/inspect/\(image)/")
         #expect(try await server.request("GET", "/v1/inspect/?tag=box:1", token: TestServer.bob).status == 404)
         let run = try await server.spawn(#"{"command":"echo from the registry","image":"tag:box:1","shell":true}"#)
         #expect(try await server.wait(run)[path: "metadata.result.stdout.value"] as? String == "from the registry\n")
         // A spawn may name the registry image itself (imported on first use); a host path may not.
         let direct = try await server.spawn(
-            #"{"command":"echo direct","image":"docker://127.0.0.1:\#(registry.port)/lib/box:1","shell":true}"#, token: TestServer.bob)
-        #expect(try await server.wait(direct, token: TestServer.bob)[path: "metadata.result.stdout.value"] as? String == "direct\n")
+            #"{"command":"echo direct","image":"docker://127.0.0.1:\#(registry.port)/lib/box:1","shell":true}"#,
+            token: TestServer.bob)
+        #expect(
+            try await server.wait(direct, token: TestServer.bob)[path: "metadata.result.stdout.value"] as? String
+                == "direct\n")
         let local = try await server.request(
             "POST", "/v1/instances", json: #"{"command":"true","image":"oci:\#(layout):v1"}"#)
         #expect(local.status == 404)
@@ -535,11 +558,16 @@ struct ImportTests {
         let layout = home + "/layout"
         let pushed = try await DedicatedThread.run {
             _ = try ChildProcess.run(
-                [Paths.cli, "exec", "--tag", "noise", "--", "dd", "if=/dev/urandom", "of=/noise", "bs=1k", "count=256"],
+                [
+                    Paths.cli, "exec", "--tag", "noise", "--", "dd", "if=/dev/urandom", "of=/noise", "bs=1k",
+                    "count=256",
+                ],
                 environment: env)
-            let export = try ChildProcess.run([Paths.cli, "image", "export", "noise", "oci:\(layout):v1"], environment: env)
+            let export = try ChildProcess.run(
+                [Paths.cli, "image", "export", "noise", "oci:\(layout):v1"], environment: env)
             let push = try ChildProcess.run([
-                "skopeo", "copy", "--dest-tls-verify=false", "oci:\(layout):v1", "docker://127.0.0.1:\(registry.port)/lib/box:1",
+                "skopeo", "copy", "--dest-tls-verify=false", "oci:\(layout):v1",
+                "docker://127.0.0.1:\(registry.port)/lib/box:1",
             ])
             return export.succeeded && push.succeeded
         }
@@ -589,7 +617,8 @@ struct InspectTests {
         let text = try await server.request("GET", "/v1/inspect/\(image)/list?path=/d&text")
         #expect(text.status == 200 && text.text.contains("a.txt") && text.text.hasPrefix("total"))
         #expect(try await server.request("GET", "/v1/inspect/\(image)/download?path=/d").status == 422)
-        #expect(try await server.request("GET", "/v1/inspect/\(image)/download?path=/d/l").text == "alpha\nbeta\ngamma\n")
+        #expect(
+            try await server.request("GET", "/v1/inspect/\(image)/download?path=/d/l").text == "alpha\nbeta\ngamma\n")
         let archive = try await server.request("GET", "/v1/inspect/\(image)/archive?path=/d")
         #expect(archive.status == 200 && archive.body.count % 512 == 0 && archive.text.contains("d/sub/b.conf"))
         let grep = try await server.request("GET", "/v1/inspect/\(image)/grep?pattern=bet.&path=/d&after=1")
@@ -600,11 +629,13 @@ struct InspectTests {
             "GET", "/v1/inspect/\(image)/grep?pattern=BETA&case=insensitive&glob=*.conf&path=/d")
         #expect((try globbed.json()["matches"] as? [[String: Any]])?.count == 1)
         // Tags: set, find (302), move, remove.
-        #expect(try await server.request("PATCH", "/v1/images/\(image)/tag", json: #"{"tag":"proj/x:1"}"#).status == 200)
+        #expect(
+            try await server.request("PATCH", "/v1/images/\(image)/tag", json: #"{"tag":"proj/x:1"}"#).status == 200)
         let found = try await server.request("GET", "/v1/inspect/?tag=proj%2Fx%3A1")
         #expect(found.status == 302 && found.headers["location"] == "/v1/inspect/\(image)/")
         #expect(try await server.request("GET", "/v1/inspect/\(image)").status == 307)
-        let listed = try await server.request("GET", "/v1/images?tag=proj/&until=\(Int(Date().timeIntervalSince1970) + 60)")
+        let listed = try await server.request(
+            "GET", "/v1/images?tag=proj/&until=\(Int(Date().timeIntervalSince1970) + 60)")
         #expect(listed.text.contains(image))
         #expect(try await server.request("DELETE", "/v1/images/\(image)/tag?tag=proj/x:1").status == 200)
         #expect(try await server.request("GET", "/v1/inspect/?tag=proj/x:1").status == 404)
@@ -624,7 +655,8 @@ struct VMServeTests {
         guard symlink("/var/tmp/contree-vm-tests/vm", home + "/vm") == 0 else { throw SandboxError.system("symlink") }
         let server = try await TestServer(home: home, arguments: ["--isolation", "vm"])
         let first = try await server.spawn(
-            #"{"command":"uname -r; echo kept > /kept","image":"busybox","shell":true,"disposable":false,"timeout":120}"#)
+            #"{"command":"uname -r; echo kept > /kept","image":"busybox","shell":true,"disposable":false,"timeout":120}"#
+        )
         let record = try await server.wait(first)
         #expect(record["status"] as? String == "SUCCESS", "\(record)")
         let stdout = record[path: "metadata.result.stdout.value"] as? String ?? ""
@@ -638,7 +670,8 @@ struct VMServeTests {
         )
         try await server.waitForOutput(sleeper, spid: 1, "ready")
         #expect(try await server.request("GET", "/v1/operations/\(sleeper)").json()["status"] as? String == "EXECUTING")
-        #expect(try await server.request("DELETE", "/v1/operations/\(sleeper)/subprocesses/1?signal=SIGTERM").status == 204)
+        #expect(
+            try await server.request("DELETE", "/v1/operations/\(sleeper)/subprocesses/1?signal=SIGTERM").status == 204)
         let ended = try await server.wait(sleeper)
         #expect(ended[path: "metadata.result.state.exit_code"] as? Int == 5, "\(ended)")
         #expect(ended[path: "metadata.result.stdout.value"] as? String == "got TERM\n")
@@ -694,11 +727,13 @@ struct RegistryAllowlistTests {
         let other = freeLoopbackPort()
         let server = try await TestServer(arguments: ["--registry", "127.0.0.1:\(other)"])
         let reply = try await server.request(
-            "POST", "/v1/images/import", json: #"{"registry":{"url":"docker://127.0.0.1:\#(upstream.port)/lib/box:1"}}"#)
+            "POST", "/v1/images/import", json: #"{"registry":{"url":"docker://127.0.0.1:\#(upstream.port)/lib/box:1"}}"#
+        )
         #expect(reply.status == 403)
         #expect(try reply.errorMessage().contains("127.0.0.1:\(other)"))
         let spawn = try await server.request(
-            "POST", "/v1/instances", json: #"{"command":"true","image":"docker://127.0.0.1:\#(upstream.port)/lib/box:1"}"#)
+            "POST", "/v1/instances",
+            json: #"{"command":"true","image":"docker://127.0.0.1:\#(upstream.port)/lib/box:1"}"#)
         #expect(spawn.status == 403)
         _ = upstream
     }
@@ -723,8 +758,11 @@ struct RegistryAllowlistTests {
     func realmElsewhere() async throws {
         let elsewhere = try PythonServer("the token service", Self.script, ["200", ""])
         let error = try await importError(
-            status: 401, header: #"WWW-Authenticate: Bearer realm="http://127.0.0.1:\#(elsewhere.port)/token",service="x""#)
-        #expect(error.contains("token service may not be asked") && error.contains("127.0.0.1:\(elsewhere.port)"), "\(error)")
+            status: 401,
+            header: #"WWW-Authenticate: Bearer realm="http://127.0.0.1:\#(elsewhere.port)/token",service="x""#)
+        #expect(
+            error.contains("token service may not be asked") && error.contains("127.0.0.1:\(elsewhere.port)"),
+            "\(error)")
     }
 
     @Test("a redirect to another host is not followed")

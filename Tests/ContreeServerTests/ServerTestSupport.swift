@@ -1,6 +1,6 @@
+import ContreeServer
 import Foundation
 import Glibc
-import ContreeServer
 import Sandbox
 import Testing
 
@@ -72,7 +72,8 @@ final class TestServer: @unchecked Sendable {
     let environment: [String]
 
     /// - Parameter tokens: the tokens file's lines, instead of alice, bob and carol.
-    init(home: String? = nil, arguments: [String] = [], environment: [String] = [], tokens: String? = nil) async throws {
+    init(home: String? = nil, arguments: [String] = [], environment: [String] = [], tokens: String? = nil) async throws
+    {
         self.arguments = arguments
         self.environment = environment
         self.home = home ?? "/tmp/contree-serve-test-" + UUID().uuidString.lowercased().prefix(12)
@@ -143,7 +144,9 @@ final class TestServer: @unchecked Sendable {
     }
 
     /// Follows the event stream to its end; returns the events' JSON objects.
-    func events(_ operation: String, query: String = "follow=1", headers: [String: String] = [:]) async throws
+    func events(
+        _ operation: String, query: String = "follow=1", headers: [String: String] = [:]
+    ) async throws
         -> [[String: Any]]
     {
         let reply = try await request("GET", "/v1/operations/\(operation)/events?\(query)", headers: headers)

@@ -38,7 +38,8 @@ public final class LocalRegistry: @unchecked Sendable {
         } else if let user {
             let hash = try ChildProcess.run([
                 "python3", "-W", "ignore", "-c",
-                "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))", user.password,
+                "import crypt, sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
+                user.password,
             ])
             guard hash.succeeded else { throw SandboxError(.childProcess, "bcrypt: \(hash.stderrText)") }
             let line = user.name + ":" + String(decoding: hash.stdout, as: UTF8.self)

@@ -77,10 +77,12 @@ struct HostPathTests {
     @Test("a local image path outside the directory, or a layout with a symlink in it, is refused")
     func localImageOutside() async throws {
         let w = try Workspace()
-        try FileManager.default.createDirectory(atPath: w.root + "/layout/blobs/sha256", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(
+            atPath: w.root + "/layout/blobs/sha256", withIntermediateDirectories: true)
         let outside = try await refusal(w, "image: oci:../layout\nsteps: [{id: a, run: 'true'}]")
         #expect(outside.contains("pipeline.yaml:1:") && outside.contains("outside"), "\(outside)")
-        try FileManager.default.createDirectory(atPath: w.project + "/layout/blobs/sha256", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(
+            atPath: w.project + "/layout/blobs/sha256", withIntermediateDirectories: true)
         #expect(symlink("/etc/shadow", w.project + "/layout/blobs/sha256/" + String(repeating: "a", count: 64)) == 0)
         let planted = try await refusal(w, "image: oci:layout\nsteps: [{id: a, run: 'true'}]")
         #expect(planted.contains("symlink"), "\(planted)")
@@ -133,7 +135,8 @@ struct RunFilesTests {
         try FileManager.default.createDirectory(atPath: w.root + "/elsewhere", withIntermediateDirectories: true)
         #expect(symlink(w.root + "/elsewhere", w.project + "/.contree") == 0)
         let error = await #expect(throws: PipelineValidationError.self) {
-            let plan = PipelinePlan(try PipelineParser.parse(Self.yaml, file: w.project + "/p.yaml", directory: w.project))
+            let plan = PipelinePlan(
+                try PipelineParser.parse(Self.yaml, file: w.project + "/p.yaml", directory: w.project))
             _ = try await PipelineRunner(plan: plan, engine: w.engine).run()
         }
         #expect(error?.description.contains("symlink") == true, "\(String(describing: error))")

@@ -53,7 +53,9 @@ struct ChangeLimitTests {
         let t = try TemporaryStore()
         _ = try t.busybox()
         // Files under the per-file cap, endlessly: only the watch on the upper stops it.
-        let run = try await t.sh("i=0; while true; do dd if=/dev/zero of=/f$i bs=1k count=512 2>/dev/null; i=$((i+1)); done") {
+        let run = try await t.sh(
+            "i=0; while true; do dd if=/dev/zero of=/f$i bs=1k count=512 2>/dev/null; i=$((i+1)); done"
+        ) {
             $0.limits.layerBytes = 4 << 20
             $0.timeout = 60
         }
@@ -105,9 +107,11 @@ struct TagRaceTests {
         }
     }
 
-    @Test("tags refuse '..' parts, control characters, NUL and direction overrides", arguments: [
-        "../../x", "a/../b", "a\u{0}b", "a\u{202e}b", "a\nb", "",
-    ])
+    @Test(
+        "tags refuse '..' parts, control characters, NUL and direction overrides",
+        arguments: [
+            "../../x", "a/../b", "a\u{0}b", "a\u{202e}b", "a\nb", "",
+        ])
     func badTags(_ name: String) throws {
         #expect(throws: SandboxError.self) { try Store.validateTag(name) }
     }

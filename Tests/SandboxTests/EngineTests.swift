@@ -328,7 +328,10 @@ struct EngineTests {
         for await _ in started.stream { break }
         let exec = try await control.exec(
             ExecSpec(
-                command: ["sh", "-c", "while [ ! -e /made ]; do sleep 0.01; done; cat /made; hostname; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; mount -t tmpfs x /mnt || echo refused"],
+                command: [
+                    "sh", "-c",
+                    "while [ ! -e /made ]; do sleep 0.01; done; cat /made; hostname; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status; mount -t tmpfs x /mnt || echo refused",
+                ],
                 environment: ["PATH=/bin"]))
         let out = String(decoding: exec.stdout, as: UTF8.self)
         #expect(exec.exitCode == 0)
@@ -336,7 +339,9 @@ struct EngineTests {
         control.signal(SIGTERM)
         let result = try await main.value
         #expect(result.record.exitCode == 9 && result.out == "term\n")
-        await #expect(throws: SandboxError.self) { try await control.exec(ExecSpec(command: ["true"], environment: [])) }
+        await #expect(throws: SandboxError.self) {
+            try await control.exec(ExecSpec(command: ["true"], environment: []))
+        }
     }
 
     @Test("the command holds no descriptor but its stdio")

@@ -75,7 +75,8 @@ struct LayerTests {
         let target = try ScratchDirectory()
         var extractor = LayerExtractor(root: target.path)
         let error = try #require(throws: SandboxError.self) {
-            try extractor.add(TarEntry(path: RawPath(member), kind: .regular, mode: 0o644), source: "test.tar") { _ in 0 }
+            try extractor.add(TarEntry(path: RawPath(member), kind: .regular, mode: 0o644), source: "test.tar") { _ in 0
+            }
         }
         #expect(error.code == .pathEscapes)
         #expect(error.message.contains(member))
@@ -86,7 +87,9 @@ struct LayerTests {
         let target = try ScratchDirectory()
         let outside = try ScratchDirectory()
         var extractor = LayerExtractor(root: target.path)
-        try extractor.add(TarEntry(path: "link", kind: .symlink(target: RawPath(outside.path)), mode: 0o777), source: "t.tar") {
+        try extractor.add(
+            TarEntry(path: "link", kind: .symlink(target: RawPath(outside.path)), mode: 0o777), source: "t.tar"
+        ) {
             _ in 0
         }
         let error = try #require(throws: SandboxError.self) {

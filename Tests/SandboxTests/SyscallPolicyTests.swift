@@ -50,7 +50,8 @@ struct OutputRelayTests {
         let t = try TemporaryStore()
         let scratch = try ScratchDirectory()
         let log = try scratch.write("ci.log", "SECRET-PRIOR-LOG\n")
-        let script = "readlink /proc/self/fd/1; dd if=/proc/self/fd/1 bs=1 count=16 2>/dev/null & sleep 0.5; kill $! 2>/dev/null; echo done"
+        let script =
+            "readlink /proc/self/fd/1; dd if=/proc/self/fd/1 bs=1 count=16 2>/dev/null & sleep 0.5; kill $! 2>/dev/null; echo done"
         let home = t.root
         let status = try await DedicatedThread.run { () -> Int32 in
             let out = open(log, O_WRONLY | O_APPEND | O_CLOEXEC)

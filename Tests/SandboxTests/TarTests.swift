@@ -25,7 +25,8 @@ struct TarTests {
         (TarEntry(path: "etc/link", kind: .symlink(target: "/etc/hello"), mode: 0o777), []),
         (
             TarEntry(
-                path: RawPath(String(repeating: "d", count: 120) + "/" + String(repeating: "f", count: 150)), kind: .regular,
+                path: RawPath(String(repeating: "d", count: 120) + "/" + String(repeating: "f", count: 150)),
+                kind: .regular,
                 mode: 0o600, uid: 3_000_000, size: 3, xattrs: [("user.note", Array("x".utf8))]), Array("abc".utf8)
         ),
     ]

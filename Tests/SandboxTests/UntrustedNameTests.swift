@@ -121,7 +121,9 @@ struct DeepTreeTests {
         #expect(summary.entries == 801)
         let tarPath = scratch.path + "/deep.tar"
         let out = open(tarPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        _ = try LayerArchiver.archive(directory: scratch.path + "/deep") { try FileSystem.writeAll(fd: out, $0, path: tarPath) }
+        _ = try LayerArchiver.archive(directory: scratch.path + "/deep") {
+            try FileSystem.writeAll(fd: out, $0, path: tarPath)
+        }
         close(out)
         let input = open(tarPath, O_RDONLY | O_CLOEXEC)
         defer { close(input) }
@@ -135,7 +137,8 @@ struct DeepTreeTests {
     @Test("runs that leave such trees commit them or leave nothing, and gc keeps working", .requiresRoot)
     func runsLeavingDeepTrees() async throws {
         let t = try TemporaryStore()
-        let deep = "i=0; while [ $i -lt 700 ]; do mkdir dddddd && cd -P dddddd || exit 9; i=$((i+1)); done; echo x > \"$(printf '\\377')\""
+        let deep =
+            "i=0; while [ $i -lt 700 ]; do mkdir dddddd && cd -P dddddd || exit 9; i=$((i+1)); done; echo x > \"$(printf '\\377')\""
         let kept = try await t.sh("cd /tmp && " + deep)
         #expect(kept.record.exitCode == 0, "\(kept.err)")
         let image = try t.image(of: kept)
@@ -162,7 +165,9 @@ struct WhiteoutNameTests {
         try FileSystem.makeDirectory(target.path + "/layer/keep")
         var extractor = LayerExtractor(root: target.path + "/layer")
         let error = try #require(throws: SandboxError.self) {
-            try extractor.add(TarEntry(path: RawPath("keep/" + name), kind: .regular, mode: 0), source: "t.tar") { _ in 0 }
+            try extractor.add(TarEntry(path: RawPath("keep/" + name), kind: .regular, mode: 0), source: "t.tar") { _ in
+                0
+            }
         }
         #expect(error.code == .invalidArgument && error.message.contains("names no file"))
         #expect(FileSystem.isDirectory(target.path + "/layer/keep"))
@@ -176,7 +181,10 @@ struct EscapedNameTests {
     func escaped() async throws {
         let t = try TemporaryStore()
         let made = try await runCLI(
-            ["exec", "--tag", "v1", "--", "sh", "-c", "mkdir /d; touch \"/d/$(printf 'x\\ny')\" \"/d/$(printf '\\377')\" \"/d/a$(printf '\\342\\200\\256')b\""],
+            [
+                "exec", "--tag", "v1", "--", "sh", "-c",
+                "mkdir /d; touch \"/d/$(printf 'x\\ny')\" \"/d/$(printf '\\377')\" \"/d/a$(printf '\\342\\200\\256')b\"",
+            ],
             home: t.root)
         #expect(made.status == 0, "\(made.err)")
         let ls = try await runCLI(["inspect", "ls", "v1", "/d"], home: t.root)

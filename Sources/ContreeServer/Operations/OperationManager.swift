@@ -102,9 +102,10 @@ final class OperationManager: Sendable {
             "SELECT uuid, namespace FROM api_operations WHERE status NOT IN ('SUCCESS', 'FAILED', 'CANCELLED')")
         for row in rows {
             guard let uuid = row["uuid"].string, let namespace = row["namespace"].string else { continue }
-            let next = (try api.database.query(
-                "SELECT MAX(id) AS m FROM api_events WHERE operation = ?", [.text(uuid)]
-            ).first?["m"].int ?? -1) + 1
+            let next =
+                (try api.database.query(
+                    "SELECT MAX(id) AS m FROM api_events WHERE operation = ?", [.text(uuid)]
+                ).first?["m"].int ?? -1) + 1
             let error = "the server (contree-pipeline serve) stopped while this operation ran; run it again"
             let now = Timestamp.now
             try api.database.query(
@@ -112,7 +113,9 @@ final class OperationManager: Sendable {
                 [.text(error), .real(now), .text(uuid)])
             let log = LiveOperation(
                 uuid: uuid, namespace: namespace, database: api.database, control: RunControl(), firstEventID: next)
-            log.emit("shutdown", spid: 0, .object([("stopped_at", .string(Timestamp.iso(now))), ("reason", .string("signal"))]))
+            log.emit(
+                "shutdown", spid: 0,
+                .object([("stopped_at", .string(Timestamp.iso(now))), ("reason", .string("signal"))]))
             log.emit(
                 "completion", spid: 0,
                 .object([
@@ -171,8 +174,10 @@ final class OperationManager: Sendable {
             do {
                 try await slots.acquire(namespace, limit: token.maxConcurrency)
             } catch {
-                complete(operation, status: "CANCELLED", error: operation.cancelReason ?? "cancelled", resultImage: nil,
-                    duration: 0, imageSize: 0) { tx in try self.endImport(tx, uuid, "CANCELLED", operation.cancelReason, nil) }
+                complete(
+                    operation, status: "CANCELLED", error: operation.cancelReason ?? "cancelled", resultImage: nil,
+                    duration: 0, imageSize: 0
+                ) { tx in try self.endImport(tx, uuid, "CANCELLED", operation.cancelReason, nil) }
                 return
             }
             defer { slots.release(namespace) }
@@ -197,15 +202,19 @@ final class OperationManager: Sendable {
             // An import that finished as the cancel came is a success all the same.
             if case .failure = outcome, Task.isCancelled || operation.cancelReason != nil {
                 let reason = operation.cancelReason ?? "cancelled"
-                complete(operation, status: "CANCELLED", error: reason, resultImage: nil, duration: duration, imageSize: 0) {
+                complete(
+                    operation, status: "CANCELLED", error: reason, resultImage: nil, duration: duration, imageSize: 0
+                ) {
                     tx in try self.endImport(tx, uuid, "CANCELLED", reason, nil)
                 }
                 return
             }
             switch outcome {
             case .success(let image):
-                complete(operation, status: "SUCCESS", error: nil, resultImage: image.uuid, duration: duration,
-                    imageSize: image.size) { tx in
+                complete(
+                    operation, status: "SUCCESS", error: nil, resultImage: image.uuid, duration: duration,
+                    imageSize: image.size
+                ) { tx in
                     try self.api.adopt(image.uuid, namespace: namespace, operation: uuid, tx: tx)
                     if let tag {
                         _ = try tx.query(
@@ -217,7 +226,9 @@ final class OperationManager: Sendable {
                 }
             case .failure(let error):
                 let message = APIError.from(error).message
-                complete(operation, status: "FAILED", error: message, resultImage: nil, duration: duration, imageSize: 0) {
+                complete(
+                    operation, status: "FAILED", error: message, resultImage: nil, duration: duration, imageSize: 0
+                ) {
                     tx in try self.endImport(tx, uuid, "FAILED", message, nil)
                 }
             }
@@ -311,7 +322,8 @@ final class OperationManager: Sendable {
                 }
             }
         } catch {
-            finishWithoutRun(plan, operation, status: "FAILED", error: "\(APIError.from(error).message)", created: created)
+            finishWithoutRun(
+                plan, operation, status: "FAILED", error: "\(APIError.from(error).message)", created: created)
             return
         }
 
@@ -440,8 +452,9 @@ final class OperationManager: Sendable {
         operation.finish()
     }
 
-    private func finish(_ plan: SpawnPlan, _ operation: LiveOperation, result: RunResult, image: ImageRecord, created: Double)
-    {
+    private func finish(
+        _ plan: SpawnPlan, _ operation: LiveOperation, result: RunResult, image: ImageRecord, created: Double
+    ) {
         let record = result.record
         let metrics = record.metrics
         operation.emitTruncation(spid: 1)
@@ -603,7 +616,8 @@ final class OperationManager: Sendable {
 
     static func eventResources(_ m: RunMetrics) -> JSON {
         .object([
-            ("user_time_us", .int(Int64(m.cpuUserSeconds * 1e6))), ("sys_time_us", .int(Int64(m.cpuSystemSeconds * 1e6))),
+            ("user_time_us", .int(Int64(m.cpuUserSeconds * 1e6))),
+            ("sys_time_us", .int(Int64(m.cpuSystemSeconds * 1e6))),
             ("max_rss_kb", .int(m.peakMemoryBytes / 1024)), ("shared_memory", .int(0)), ("unshared_memory", .int(0)),
             ("swaps", .int(0)), ("minor_faults", .int(0)), ("major_faults", .int(0)),
             ("voluntary_ctx_switches", .int(0)), ("involuntary_ctx_switches", .int(0)),

@@ -23,7 +23,8 @@ struct APICall: Sendable {
     func intParam(_ name: String, default value: Int, range: ClosedRange<Int>) throws -> Int {
         guard let raw = query[name], !raw.isEmpty else { return value }
         guard let number = Int(raw), range.contains(number) else {
-            throw APIError(.badRequest, "\(name)=\(raw) must be an integer from \(range.lowerBound) to \(range.upperBound)")
+            throw APIError(
+                .badRequest, "\(name)=\(raw) must be an integer from \(range.lowerBound) to \(range.upperBound)")
         }
         return number
     }
@@ -113,7 +114,8 @@ struct APIResponder: HTTPResponder {
             return try await server.stdin(call, s[1], spid: s[3])
         case ("inspect", 1) where method == .get:
             if !call.trailingSlash {
-                return APIResponder.redirect(.temporaryRedirect, "/v1/inspect/" + (request.uri.query.map { "?" + $0 } ?? ""))
+                return APIResponder.redirect(
+                    .temporaryRedirect, "/v1/inspect/" + (request.uri.query.map { "?" + $0 } ?? ""))
             }
             return try server.findByTag(call)
         case ("inspect", 2) where method == .get:
@@ -166,10 +168,13 @@ struct APIResponder: HTTPResponder {
 }
 
 extension Response {
-    static func json(_ value: JSON, status: HTTPResponse.Status = .ok, headers extra: HTTPFields = HTTPFields()) -> Response {
+    static func json(
+        _ value: JSON, status: HTTPResponse.Status = .ok, headers extra: HTTPFields = HTTPFields()
+    ) -> Response {
         var headers = extra
         headers[.contentType] = "application/json"
-        return Response(status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(string: value.serialized())))
+        return Response(
+            status: status, headers: headers, body: .init(byteBuffer: ByteBuffer(string: value.serialized())))
     }
 
     static func noContent() -> Response { Response(status: .noContent) }

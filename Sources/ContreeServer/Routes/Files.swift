@@ -18,7 +18,8 @@ extension ServerState {
             size > token.maxUploadBytes
                 ? APIError(
                     .contentTooLarge,
-                    "the upload is larger than this token's max_upload_bytes (\(token.maxUploadBytes)); nothing was stored")
+                    "the upload is larger than this token's max_upload_bytes (\(token.maxUploadBytes)); nothing was stored"
+                )
                 : APIError(
                     .contentTooLarge,
                     "this token's uploads would hold more than its upload_quota_bytes (\(token.uploadQuotaBytes), \(used) in use); remove files with DELETE /v1/files/{uuid}; nothing was stored"
@@ -52,7 +53,9 @@ extension ServerState {
             }
             guard fsync(fd) == 0 else { throw SandboxError.system("fsync(\(temporary))") }
         }
-        let sha256 = hasher.finalize().map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+        let sha256 = hasher.finalize().map {
+            String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16)
+        }.joined()
         if let claimed, claimed != sha256 {
             throw APIError(
                 .badRequest,
@@ -78,7 +81,8 @@ extension ServerState {
     /// `GET`/`HEAD /v1/files/{sha256}`: 404 when this namespace has not uploaded it.
     func file(_ call: APICall, sha256: String) throws -> Response {
         guard let row = try api.file(sha256: sha256, namespace: call.namespace) else {
-            throw APIError.notFound("no file with sha256 \(sha256) was uploaded with this token; upload it with POST /v1/files")
+            throw APIError.notFound(
+                "no file with sha256 \(sha256) was uploaded with this token; upload it with POST /v1/files")
         }
         if call.request.method == .head { return Response(status: .ok) }
         return .json(APIStore.fileJSON(row, full: true))
@@ -87,7 +91,8 @@ extension ServerState {
     /// `DELETE /v1/files/{uuid}` (or `{sha256}`): forgets the namespace's upload; the blob goes
     /// when no namespace holds it any more. Instances already given the file keep their copy.
     func deleteFile(_ call: APICall, _ id: String) throws -> Response {
-        let row = try (APIStore.isUUID(id.lowercased()) ? api.file(uuid: id, namespace: call.namespace) : nil)
+        let row =
+            try (APIStore.isUUID(id.lowercased()) ? api.file(uuid: id, namespace: call.namespace) : nil)
             ?? api.file(sha256: id, namespace: call.namespace)
         guard let row, let sha256 = row["sha256"].string else {
             throw APIError.notFound("no file \(id) was uploaded with this token")

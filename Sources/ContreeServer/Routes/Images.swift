@@ -108,7 +108,9 @@ extension ServerState {
         }
         let uuid = try operations.startImport(
             url: url, tag: body.tag, timeout: timeout,
-            credentials: body.registry.credentials.map { RegistryCredentials(username: $0.username, password: $0.password) },
+            credentials: body.registry.credentials.map {
+                RegistryCredentials(username: $0.username, password: $0.password)
+            },
             token: call.token)
         var headers = HTTPFields()
         headers[.location] = "/v1/operations/\(uuid)"

@@ -25,7 +25,9 @@ extension ServerState {
 
     /// Opens an image's merged view and resolves `path` in it (no symlink leaves the image;
     /// `..` cannot climb above its root). - Throws: 404 when missing, 400 when it escapes.
-    private func lookup(_ call: APICall, _ uuid: String, followFinal: Bool = true) throws -> (
+    private func lookup(
+        _ call: APICall, _ uuid: String, followFinal: Bool = true
+    ) throws -> (
         ImageFilesystem, ImageFilesystem.Node, String
     ) {
         let record = try api.visibleImage(uuid, namespace: call.namespace)
@@ -105,7 +107,8 @@ extension ServerState {
         let (fs, node, path) = try lookup(call, uuid)
         let children: [(name: RawPath, node: ImageFilesystem.Node)]
         do {
-            children = node.isDirectory ? try fs.list(node) : [(node.path.isEmpty ? "/" : node.path.lastComponent, node)]
+            children =
+                node.isDirectory ? try fs.list(node) : [(node.path.isEmpty ? "/" : node.path.lastComponent, node)]
         } catch {
             throw APIError(.unprocessableContent, "\(path) cannot be listed: \(error)")
         }
@@ -130,7 +133,8 @@ extension ServerState {
             let kind = st.st_mode & S_IFMT
             return .object([
                 ("size", .int(Int64(st.st_size))), ("path", .string(name.text)),
-                ("owner", st.st_uid == 0 ? .string("root") : .null), ("group", st.st_gid == 0 ? .string("root") : .null),
+                ("owner", st.st_uid == 0 ? .string("root") : .null),
+                ("group", st.st_gid == 0 ? .string("root") : .null),
                 ("uid", .int(Int64(st.st_uid))), ("gid", .int(Int64(st.st_gid))), ("mode", .int(Int64(st.st_mode))),
                 ("mtime", .int(Int64(st.st_mtim.tv_sec))), ("nlink", .int(Int64(st.st_nlink))),
                 ("is_dir", .bool(kind == S_IFDIR)), ("is_regular", .bool(kind == S_IFREG)),

@@ -31,7 +31,8 @@ extension ServerState {
         guard timeout <= token.maxTimeout else {
             throw APIError(
                 .badRequest,
-                "timeout \(timeout) s is beyond this token's limit of \(token.maxTimeout) s (GET /v1/whoami shows the limits)")
+                "timeout \(timeout) s is beyond this token's limit of \(token.maxTimeout) s (GET /v1/whoami shows the limits)"
+            )
         }
         let hostname = body.hostname ?? "linuxkit"
         guard (1...64).contains(hostname.utf8.count),

@@ -46,7 +46,9 @@ extension ServerState {
                 (
                     "result",
                     terminal
-                        ? .object([("image", .optional(row["result_image"].string)), ("tag", .optional(row["tag"].string))])
+                        ? .object([
+                            ("image", .optional(row["result_image"].string)), ("tag", .optional(row["tag"].string)),
+                        ])
                         : .null
                 ))
         }
@@ -85,7 +87,9 @@ extension ServerState {
     func cancel(_ call: APICall, _ uuid: String) throws -> Response {
         let row = try operationRow(call, uuid)
         try operations.cancel(row["uuid"].string ?? uuid, status: row["status"].string ?? "")
-        return .json(.object([("uuid", .string(row["uuid"].string ?? uuid)), ("status", .string("CANCELLING"))]), status: .accepted)
+        return .json(
+            .object([("uuid", .string(row["uuid"].string ?? uuid)), ("status", .string("CANCELLING"))]),
+            status: .accepted)
     }
 
     /// `GET /v1/operations/{id}/events`: Server-Sent Events, resumable with `Last-Event-Id`
@@ -135,7 +139,9 @@ extension ServerState {
                 if let wakeups {
                     for await wake in wakeups {
                         let wrote = try await drain()
-                        if case .keepalive = wake, !wrote { try await writer.write(ByteBuffer(string: ": keepalive\n\n")) }
+                        if case .keepalive = wake, !wrote {
+                            try await writer.write(ByteBuffer(string: ": keepalive\n\n"))
+                        }
                     }
                     _ = try await drain()  // what was logged as the log ended
                 }
@@ -179,12 +185,15 @@ extension ServerState {
 
     /// The live operation behind a running instance. - Throws: `ended` (the spec: 410 for
     /// stdin, 409 for signals and new processes) when it has ended.
-    private func running(_ call: APICall, _ uuid: String, ended: HTTPResponse.Status = .conflict) throws
+    private func running(
+        _ call: APICall, _ uuid: String, ended: HTTPResponse.Status = .conflict
+    ) throws
         -> LiveOperation
     {
         let row = try operationRow(call, uuid)
         let status = row["status"].string ?? ""
-        guard !OperationManager.terminal.contains(status), let live = operations.liveOperation(row["uuid"].string ?? uuid)
+        guard !OperationManager.terminal.contains(status),
+            let live = operations.liveOperation(row["uuid"].string ?? uuid)
         else {
             throw APIError(ended, "operation \(uuid) is not a running instance (\(status)); there is no live process")
         }
@@ -242,7 +251,8 @@ extension ServerState {
     static func requestedSignal(_ raw: String?) throws -> Int32 {
         let signal = try parseSignal(raw)
         guard signal != SIGSTOP else {
-            throw APIError(.badRequest, "SIGSTOP cannot be sent here (it would freeze the supervising process); send TSTP")
+            throw APIError(
+                .badRequest, "SIGSTOP cannot be sent here (it would freeze the supervising process); send TSTP")
         }
         return signal
     }

@@ -160,7 +160,8 @@ struct APIStore: Sendable {
 
     func file(sha256: String, namespace: String) throws -> SQLRow? {
         try database.query(
-            "SELECT * FROM api_files WHERE namespace = ? AND sha256 = ?", [.text(namespace), .text(sha256.lowercased())]
+            "SELECT * FROM api_files WHERE namespace = ? AND sha256 = ?",
+            [.text(namespace), .text(sha256.lowercased())]
         ).first
     }
 

@@ -124,7 +124,8 @@ enum Timestamp {
         if let seconds = parseISO(text) { return seconds }
         throw APIError(
             .badRequest,
-            "\(name)=\(raw) is not a time: use a Unix timestamp, an interval such as 15m or 2h, or an ISO 8601 date-time")
+            "\(name)=\(raw) is not a time: use a Unix timestamp, an interval such as 15m or 2h, or an ISO 8601 date-time"
+        )
     }
 
     /// `YYYY-MM-DD[T| ]HH:MM[:SS[.frac]][Z|±HH:MM|±HHMM]`, or a bare date.
@@ -283,7 +284,8 @@ enum JSONDuplicateKeys {
             case UInt8(ascii: "b"): out.append(8)
             case UInt8(ascii: "f"): out.append(12)
             case UInt8(ascii: "u"):
-                guard i + 4 <= bytes.count, let unit = UInt32(String(decoding: bytes[i..<(i + 4)], as: UTF8.self), radix: 16)
+                guard i + 4 <= bytes.count,
+                    let unit = UInt32(String(decoding: bytes[i..<(i + 4)], as: UTF8.self), radix: 16)
                 else { return nil }
                 i += 4
                 var scalar = unit

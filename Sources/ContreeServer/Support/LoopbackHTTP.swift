@@ -93,15 +93,19 @@ public enum LoopbackHTTP {
         var headers: [String: String] = [:]
         for line in lines.dropFirst() {
             guard let colon = line.firstIndex(of: ":") else { continue }
-            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)
+            headers[line[..<colon].lowercased()] = line[line.index(after: colon)...].trimmingCharacters(
+                in: .whitespaces)
         }
         var body = Array(raw[(end + 4)...])
         if headers["transfer-encoding"]?.lowercased() == "chunked" {
             var decoded: [UInt8] = []
             var i = 0
             while i < body.count {
-                guard let lineEnd = body[i...].indices.first(where: { body[$0...].starts(with: [13, 10]) }) else { break }
-                let size = Int(String(decoding: body[i..<lineEnd], as: UTF8.self).split(separator: ";")[0], radix: 16) ?? 0
+                guard let lineEnd = body[i...].indices.first(where: { body[$0...].starts(with: [13, 10]) }) else {
+                    break
+                }
+                let size =
+                    Int(String(decoding: body[i..<lineEnd], as: UTF8.self).split(separator: ";")[0], radix: 16) ?? 0
                 if size == 0 { break }
                 decoded += body[(lineEnd + 2)..<min(body.count, lineEnd + 2 + size)]
                 i = lineEnd + 2 + size + 2

@@ -101,7 +101,9 @@ struct TokenFile: Sendable {
             for option in fields.dropFirst(2) {
                 let parts = option.split(separator: "=", maxSplits: 1).map(String.init)
                 if parts.first == "import" {
-                    guard parts.count == 2, parts[1] == "0" || parts[1] == "1" else { throw fail("write import=1 or import=0") }
+                    guard parts.count == 2, parts[1] == "0" || parts[1] == "1" else {
+                        throw fail("write import=1 or import=0")
+                    }
                     token.canImport = parts[1] == "1"
                     continue
                 }
@@ -121,7 +123,9 @@ struct TokenFile: Sendable {
                 case "max_timeout": token.maxTimeout = Int(value)
                 case "max_layer_bytes": token.maxLayerBytes = value
                 case "memory":
-                    guard value >= 16 << 20 else { throw fail("memory=\(value) is below 16 MiB; no instance would start") }
+                    guard value >= 16 << 20 else {
+                        throw fail("memory=\(value) is below 16 MiB; no instance would start")
+                    }
                     token.memoryBytes = value
                 case "pids":
                     guard value >= 8 else { throw fail("pids=\(value) is below 8; no shell would start") }

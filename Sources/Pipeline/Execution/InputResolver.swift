@@ -135,7 +135,9 @@ enum InputResolver {
         while true {
             let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else { throw PipelineError(.failed, "cannot read input \(name): \(String(cString: strerror(errno)))") }
+            guard n >= 0 else {
+                throw PipelineError(.failed, "cannot read input \(name): \(String(cString: strerror(errno)))")
+            }
             if n == 0 { break }
             hasher.update(data: buffer[0..<n])
         }

@@ -164,7 +164,8 @@ public final class PipelineRunner: Sendable {
             var tree = DirectoryTree(root: plan.definition.directory)
             do {
                 _ = try tree.directory(
-                    [".contree", "runs", RawPath(runID), "logs"], member: ".contree/runs", source: plan.definition.directory)
+                    [".contree", "runs", RawPath(runID), "logs"], member: ".contree/runs",
+                    source: plan.definition.directory)
             } catch let error as SandboxError {
                 throw PipelineValidationError([
                     PipelineError(

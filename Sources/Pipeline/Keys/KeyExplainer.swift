@@ -48,9 +48,10 @@ public struct KeyExplainer {
         let hostPaths = plan.definition.hostPaths(allowingAnywhere: allowHostPaths)
         let base = try engine.baseImages.resolve(try plan.definition.imageReference(hostPaths: hostPaths))
         let secrets = SecretLoader.load(
-            plan.definition.secrets, directory: plan.definition.directory, hostPaths: hostPaths, environment: environment
+            plan.definition.secrets, directory: plan.definition.directory, hostPaths: hostPaths,
+            environment: environment
         )
-            .values
+        .values
         let secretKey = secrets.isEmpty ? [] : try engine.store.secretKey()
         let preparer = StepPreparer(plan: plan)
         var known: [String: NodeResult] = [:]

@@ -26,7 +26,8 @@ enum SecretLoader {
                 }
             case .file(let path):
                 do {
-                    let fd = try hostPaths.open(hostPaths.absolute(path, directory: directory), what: "secret \(secret.name.value)")
+                    let fd = try hostPaths.open(
+                        hostPaths.absolute(path, directory: directory), what: "secret \(secret.name.value)")
                     defer { close(fd) }
                     var text = String(decoding: try FileSystem.readAll(fd: fd, path: path), as: UTF8.self)
                     while text.hasSuffix("\n") || text.hasSuffix("\r") { text.removeLast() }

@@ -29,7 +29,8 @@ public struct ArtifactManifest: Sendable {
         defer { close(fd) }
         bytes = try FileSystem.readAll(fd: fd, path: outDir + "/artifacts/manifest.json")
         guard let decoded = try? JSONDecoder().decode([ArtifactRecord].self, from: Data(bytes)) else {
-            throw PipelineError(.invalid, "\(outDir)/artifacts/manifest.json is not a list of artifacts; it was changed by hand")
+            throw PipelineError(
+                .invalid, "\(outDir)/artifacts/manifest.json is not a list of artifacts; it was changed by hand")
         }
         for entry in decoded { _ = try ArtifactManifest.relative(entry.file, manifest: outDir) }
         entries = decoded
@@ -100,7 +101,9 @@ public struct ArtifactManifest: Sendable {
         if let existing = try directory.status(name) {
             guard existing.isRegular else {
                 throw PipelineError(
-                    .failed, "\(directory.label(name)) exists and is not a regular file; it was left alone, nothing more was copied")
+                    .failed,
+                    "\(directory.label(name)) exists and is not a regular file; it was left alone, nothing more was copied"
+                )
             }
             try directory.remove(name, directory: false)
         }

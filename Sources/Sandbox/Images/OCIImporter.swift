@@ -186,7 +186,8 @@ public struct OCIImporter: Sendable {
                 guard config.rootfs.diff_ids.count == entry.Layers.count else {
                     throw SandboxError(
                         .corrupt,
-                        "\(name): the config lists \(config.rootfs.diff_ids.count) layers, manifest.json \(entry.Layers.count)")
+                        "\(name): the config lists \(config.rootfs.diff_ids.count) layers, manifest.json \(entry.Layers.count)"
+                    )
                 }
                 let layers = try entry.Layers.enumerated().map { i, relative in
                     (try member(relative), "", String?.none, config.rootfs.diff_ids[i])
@@ -211,14 +212,17 @@ public struct OCIImporter: Sendable {
                     let tags = (index.manifests ?? []).compactMap { $0.annotations?[OCI.refName] }
                     throw SandboxError(
                         .invalidArgument,
-                        "\(name) holds \(candidates.count) images; name one with :TAG (tags: \(tags.joined(separator: ", ")))")
+                        "\(name) holds \(candidates.count) images; name one with :TAG (tags: \(tags.joined(separator: ", ")))"
+                    )
                 }
                 return try manifest(descriptor, platform: platform, depth: 0)
             }
         }
 
         /// Follows an index to the platform's manifest, then reads the manifest and config.
-        private func manifest(_ descriptor: OCI.Descriptor, platform: OCI.Platform, depth: Int) throws
+        private func manifest(
+            _ descriptor: OCI.Descriptor, platform: OCI.Platform, depth: Int
+        ) throws
             -> ResolvedImage
         {
             let bytes = try document(descriptor.digest, what: "manifest")
@@ -226,12 +230,14 @@ public struct OCIImporter: Sendable {
             let type = document.mediaType ?? descriptor.mediaType ?? ""
             if type == OCI.indexType || type == OCI.dockerManifestList || document.manifests != nil {
                 guard depth < 4 else { throw SandboxError(.invalidArgument, "\(name): image indexes nest too deep") }
-                return try manifest(OCI.choose(platform, from: document, name: name), platform: platform, depth: depth + 1)
+                return try manifest(
+                    OCI.choose(platform, from: document, name: name), platform: platform, depth: depth + 1)
             }
             guard type == OCI.manifestType || type == OCI.dockerManifest || (type.isEmpty && document.layers != nil)
             else {
                 throw SandboxError(
-                    .unsupported, "\(name): manifest media type '\(type)' is not supported (OCI or Docker schema 2 only)")
+                    .unsupported,
+                    "\(name): manifest media type '\(type)' is not supported (OCI or Docker schema 2 only)")
             }
             guard let configDescriptor = document.config, let layers = document.layers else {
                 throw SandboxError(.corrupt, "\(name): manifest \(descriptor.digest) has no config or layers")
@@ -244,8 +250,10 @@ public struct OCIImporter: Sendable {
                     "\(name): the config lists \(config.rootfs.diff_ids.count) layers, the manifest \(layers.count)")
             }
             let resolved = try layers.enumerated().map { i, layer in
-                (try blobPath(layer.digest, what: "layer \(i + 1)"), layer.mediaType ?? OCI.layerTar,
-                 Optional(layer.digest), config.rootfs.diff_ids[i])
+                (
+                    try blobPath(layer.digest, what: "layer \(i + 1)"), layer.mediaType ?? OCI.layerTar,
+                    Optional(layer.digest), config.rootfs.diff_ids[i]
+                )
             }
             return ResolvedImage(manifestDigest: descriptor.digest, config: config, layers: resolved)
         }
@@ -274,7 +282,8 @@ public struct OCIImporter: Sendable {
                 let n = try buffer.withUnsafeMutableBytes { try reader.readContent(into: $0) }
                 if n == 0 { break }
                 try buffer.withUnsafeBytes {
-                    try FileSystem.writeAll(fd: out, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: directory.label(name))
+                    try FileSystem.writeAll(
+                        fd: out, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: directory.label(name))
                 }
             }
         }
@@ -289,7 +298,8 @@ public struct OCIImporter: Sendable {
             _ = try OCI.checkDigest(layer.diffID, what: "layer \(index + 1)'s diff_id")
             if try knows(diffID: layer.diffID) { continue }
             guard FileSystem.exists(layer.path) else {
-                throw SandboxError(.notFound, "\(source.name): layer \(index + 1) (\(layer.digest ?? layer.path)) is missing")
+                throw SandboxError(
+                    .notFound, "\(source.name): layer \(index + 1) (\(layer.digest ?? layer.path)) is missing")
             }
             if let digest = layer.digest, !blobsVerified {
                 let (actual, _) = try OCI.sha256(file: layer.path)

@@ -94,7 +94,8 @@ public struct ImageFilesystem: Sendable {
                     if depth < 0 {
                         throw SandboxError(
                             .pathEscapes,
-                            "the symlink \(child.displayPath) -> \(target) points outside the image; it cannot be followed")
+                            "the symlink \(child.displayPath) -> \(target) points outside the image; it cannot be followed"
+                        )
                     }
                 }
                 pending.append(contentsOf: parts.reversed())

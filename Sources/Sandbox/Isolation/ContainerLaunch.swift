@@ -28,7 +28,9 @@ struct ContainerLaunch {
     }
 
     /// The command's stdio: what the child gets, and what the supervisor keeps to feed or drain.
-    static func stdio(_ input: InputSource, _ output: OutputSink, _ errors: OutputSink, closer: Closer) throws -> (
+    static func stdio(
+        _ input: InputSource, _ output: OutputSink, _ errors: OutputSink, closer: Closer
+    ) throws -> (
         stdinChild: Int32, stdinFeed: (fd: Int32, bytes: [UInt8])?, out: (child: Int32, drain: Int32?),
         err: (child: Int32, drain: Int32?)
     ) {

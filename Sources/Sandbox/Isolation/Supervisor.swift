@@ -135,7 +135,9 @@ struct Supervisor {
             add(terminalPrimary, POLLIN, 6)
             if !exited { add(terminalInput, POLLIN, 7) }
             var timeoutMs: Int32 = -1
-            let wake = [forceKillAt ?? (killed ? nil : deadline), killed ? nil : upperWatch?.nextCheck].compactMap { $0 }
+            let wake = [forceKillAt ?? (killed ? nil : deadline), killed ? nil : upperWatch?.nextCheck].compactMap {
+                $0
+            }
             if let next = wake.min(), !exited {
                 timeoutMs = Int32(max(0, min(Double(Int32.max), (next - Clock.monotonic) * 1000).rounded(.up)))
             }

@@ -68,7 +68,10 @@ public enum LayerArchiver {
             try writer?(chunk)
         }
         var hardlinks: [HardlinkKey: RawPath] = [:]
-        func add(_ entry: TarEntry, isFile: Bool = true, content: ((UnsafeRawBufferPointer) throws -> Void) throws -> Void = { _ in }) throws {
+        func add(
+            _ entry: TarEntry, isFile: Bool = true,
+            content: ((UnsafeRawBufferPointer) throws -> Void) throws -> Void = { _ in }
+        ) throws {
             try tar.append(entry, content: content)
             summary.entries += 1
             if isFile { summary.files += 1 }
@@ -102,7 +105,8 @@ public enum LayerArchiver {
                     try add(entry, isFile: false)
                     return true
                 case S_IFLNK: entry.kind = .symlink(target: try item.parent.readLink(item.name))
-                case S_IFCHR: entry.kind = .characterDevice(major: deviceMajor(st.st_rdev), minor: deviceMinor(st.st_rdev))
+                case S_IFCHR:
+                    entry.kind = .characterDevice(major: deviceMajor(st.st_rdev), minor: deviceMinor(st.st_rdev))
                 case S_IFBLK: entry.kind = .blockDevice(major: deviceMajor(st.st_rdev), minor: deviceMinor(st.st_rdev))
                 case S_IFIFO: entry.kind = .fifo
                 default:

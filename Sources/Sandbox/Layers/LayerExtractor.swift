@@ -39,7 +39,8 @@ public struct LayerExtractor {
             parts.append(part)
         }
         guard !path.containsNUL else {
-            throw SandboxError(.invalidArgument, "\(source): member \(path) has a NUL byte in its name; the archive is refused")
+            throw SandboxError(
+                .invalidArgument, "\(source): member \(path) has a NUL byte in its name; the archive is refused")
         }
         return parts
     }
@@ -61,7 +62,8 @@ public struct LayerExtractor {
             guard !hidden.isEmpty, hidden.bytes != [0x2e], hidden.bytes != [0x2e, 0x2e] else {
                 throw SandboxError(
                     .invalidArgument,
-                    "\(source): member \(entry.path) is a whiteout of '\(hidden)', which names no file; the archive is refused")
+                    "\(source): member \(entry.path) is a whiteout of '\(hidden)', which names no file; the archive is refused"
+                )
             }
             try FileSystem.removeTree(in: parent, hidden)
             if hidden.withCString({ mknodat(parent.fd, $0, S_IFCHR | 0o000, 0) }) != 0 {
@@ -87,7 +89,8 @@ public struct LayerExtractor {
             while true {
                 let n = try content(buffer)
                 if n == 0 { break }
-                try FileSystem.writeAll(fd: fd, UnsafeRawBufferPointer(rebasing: buffer[0..<n]), path: parent.label(name))
+                try FileSystem.writeAll(
+                    fd: fd, UnsafeRawBufferPointer(rebasing: buffer[0..<n]), path: parent.label(name))
             }
             created = 0
         case .symlink(let target):
@@ -129,7 +132,9 @@ public struct LayerExtractor {
         try TreeWalker.walk(
             try DirectoryHandle(path: root), visit: { $0.status.isDirectory },
             leave: { directory in
-                if let mtime = times[directory.path] { try Metadata.setTime(in: directory.parent, directory.name, mtime) }
+                if let mtime = times[directory.path] {
+                    try Metadata.setTime(in: directory.parent, directory.name, mtime)
+                }
             })
         directoryTimes.removeAll()
     }
@@ -149,7 +154,9 @@ public struct DirectoryTree {
 
     /// The directory `parts` below the root, made where missing.
     /// - Parameters: `member` and `source` name what is being written, in errors.
-    public mutating func directory(_ parts: ArraySlice<RawPath>, member: RawPath, source: String) throws
+    public mutating func directory(
+        _ parts: ArraySlice<RawPath>, member: RawPath, source: String
+    ) throws
         -> DirectoryHandle
     {
         let parts = Array(parts)

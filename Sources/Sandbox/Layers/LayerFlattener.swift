@@ -44,7 +44,8 @@ enum LayerFlattener {
                     throw SandboxError.system("symlink(\(target.label(name)))")
                 }
                 try Metadata.apply(
-                    in: target, name, isSymlink: true, mode: 0, uid: st.st_uid, gid: st.st_gid, mtime: mtime, xattrs: [])
+                    in: target, name, isSymlink: true, mode: 0, uid: st.st_uid, gid: st.st_gid, mtime: mtime, xattrs: []
+                )
             default:
                 if name.withCString({ mknodat(target.fd, $0, st.st_mode, st.st_rdev) }) != 0 {
                     throw SandboxError.system("mknod(\(target.label(name)))")
@@ -57,7 +58,8 @@ enum LayerFlattener {
         for (path, mtime) in directoryTimes.reversed() {
             let parts = path.components
             try Metadata.setTime(
-                in: try tree.directory(parts.dropLast(), member: path, source: destination), parts[parts.count - 1], mtime)
+                in: try tree.directory(parts.dropLast(), member: path, source: destination), parts[parts.count - 1],
+                mtime)
         }
     }
 }

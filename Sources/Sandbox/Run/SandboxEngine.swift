@@ -297,7 +297,8 @@ public final class SandboxEngine: Sendable {
             throw SandboxError(.invalidArgument, "invalid environment variable name '\(key)'")
         }
         // No program can receive a NUL inside an argument or a value; refuse rather than cut.
-        if spec.command.contains(where: { $0.contains("\0") }) || spec.env.values.contains(where: { $0.contains("\0") }) {
+        if spec.command.contains(where: { $0.contains("\0") }) || spec.env.values.contains(where: { $0.contains("\0") })
+        {
             throw SandboxError(.invalidArgument, "an argument or environment value contains a NUL byte; remove it")
         }
         if let timeout = spec.timeout, !(timeout > 0) {
@@ -338,11 +339,14 @@ public final class SandboxEngine: Sendable {
     static func parseUser(_ user: String?, filesystem: ImageFilesystem? = nil) throws -> (UInt32, UInt32) {
         guard let user, !user.isEmpty else { return (0, 0) }
         let parts = user.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
-        guard parts.count <= 2 else { throw SandboxError(.invalidArgument, "image user '\(user)' must be user[:group]") }
+        guard parts.count <= 2 else {
+            throw SandboxError(.invalidArgument, "image user '\(user)' must be user[:group]")
+        }
         func lookup(_ file: String, _ name: String) throws -> (UInt32, UInt32?) {
             if let number = UInt32(name) { return (number, nil) }
             guard let filesystem, let node = try filesystem.lookup(file), node.isRegular else {
-                throw SandboxError(.invalidArgument, "image user '\(user)': the image has no \(file) to look '\(name)' up in")
+                throw SandboxError(
+                    .invalidArgument, "image user '\(user)': the image has no \(file) to look '\(name)' up in")
             }
             let text = String(decoding: try filesystem.readFile(node), as: UTF8.self)
             for line in text.split(separator: "\n") {

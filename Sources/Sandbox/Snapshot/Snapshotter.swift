@@ -88,7 +88,9 @@ public struct Snapshotter: Sendable {
 
     /// A new image over `base` with one layer already in the store on top (or none: a new
     /// config only). Used by imports that find a layer they already hold.
-    public func stack(_ layer: String?, on base: ImageRecord?, config: ImageConfig, origin: String) throws
+    public func stack(
+        _ layer: String?, on base: ImageRecord?, config: ImageConfig, origin: String
+    ) throws
         -> ImageRecord
     {
         let layers = (base?.layers ?? []) + (layer.map { [$0] } ?? [])
@@ -98,7 +100,8 @@ public struct Snapshotter: Sendable {
                     uuid: UUID().uuidString.lowercased(), parent: base?.uuid, layers: layers, config: config, size: 0,
                     created: Date(), origin: origin, tags: [])
                 for digest in layers {
-                    guard let row = try tx.query("SELECT size FROM layers WHERE digest = ?", [.text(digest)]).first else {
+                    guard let row = try tx.query("SELECT size FROM layers WHERE digest = ?", [.text(digest)]).first
+                    else {
                         throw SandboxError(.notFound, "layer \(digest) is not in the store")
                     }
                     image.size += row["size"].int ?? 0

@@ -128,7 +128,8 @@ extension Store {
     /// a UUID. No control character, NUL or direction override can hide in one.
     public static func validateTag(_ name: String) throws {
         let allowed = name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "._:/-@+,".contains($0)) }
-        guard !name.isEmpty, name.utf8.count <= 256, allowed, name.first?.isLetter == true || name.first?.isNumber == true,
+        guard !name.isEmpty, name.utf8.count <= 256, allowed,
+            name.first?.isLetter == true || name.first?.isNumber == true,
             !name.split(separator: "/", omittingEmptySubsequences: false).contains("..")
         else {
             throw SandboxError(

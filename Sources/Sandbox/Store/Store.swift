@@ -109,8 +109,11 @@ public final class Store: Sendable {
             // Version 3: which archiver named a layer (NULL: one from before names were archived
             // as bytes, whose directory may hold what its digest does not cover).
             let columns = try tx.query("PRAGMA table_info(layers)").compactMap { $0["name"].string }
-            if !columns.contains("archive_format") { try tx.query("ALTER TABLE layers ADD COLUMN archive_format INTEGER") }
-            try tx.query("INSERT OR REPLACE INTO meta(key, value) VALUES('schema', ?)", [.text(String(Store.schemaVersion))])
+            if !columns.contains("archive_format") {
+                try tx.query("ALTER TABLE layers ADD COLUMN archive_format INTEGER")
+            }
+            try tx.query(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES('schema', ?)", [.text(String(Store.schemaVersion))])
         }
     }
 

@@ -112,7 +112,9 @@ public final class DirectoryHandle: Sendable {
     public func readLink(_ name: RawPath) throws -> RawPath {
         var buffer = [UInt8](repeating: 0, count: Int(PATH_MAX) + 1)
         let n = name.withCString { path in
-            buffer.withUnsafeMutableBytes { readlinkat(fd, path, $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count) }
+            buffer.withUnsafeMutableBytes {
+                readlinkat(fd, path, $0.baseAddress!.assumingMemoryBound(to: CChar.self), $0.count)
+            }
         }
         guard n >= 0 else { throw SandboxError.system("readlinkat(\(label(name)))") }
         return RawPath(buffer[0..<n])
@@ -148,7 +150,8 @@ public final class DirectoryHandle: Sendable {
             guard let text = String(validating: raw, as: UTF8.self) else {
                 throw SandboxError(
                     .invalidArgument,
-                    "\(name.map(label) ?? label) has an extended attribute whose name is not UTF-8 (\(RawPath.escape(Array(raw)))); remove it")
+                    "\(name.map(label) ?? label) has an extended attribute whose name is not UTF-8 (\(RawPath.escape(Array(raw)))); remove it"
+                )
             }
             return text
         }

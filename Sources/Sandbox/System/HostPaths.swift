@@ -36,7 +36,8 @@ public enum HostPaths: Sendable, Equatable {
         guard case .beneath(let root) = self else {
             let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY)
             guard fd >= 0 else {
-                throw SandboxError(errno == ENOENT ? .notFound : .systemCall, "\(what): cannot open \(path)", errno: errno)
+                throw SandboxError(
+                    errno == ENOENT ? .notFound : .systemCall, "\(what): cannot open \(path)", errno: errno)
             }
             return try HostPaths.checked(fd, path: path, what: what)
         }
@@ -46,8 +47,9 @@ public enum HostPaths: Sendable, Equatable {
         if fd < 0 && errno == ENOSYS {
             // Before Linux 5.6: walk it a component at a time and follow no symlink at all.
             let parts = relative.split(separator: "/").map { RawPath(String($0)) }
-            fd = (try? directory.directory(atPath: RawPath(parts.dropLast().map(\.bytes).joined(separator: [0x2f])))
-                .openFile(parts.last ?? ".", flags: O_RDONLY)) ?? -1
+            fd =
+                (try? directory.directory(atPath: RawPath(parts.dropLast().map(\.bytes).joined(separator: [0x2f])))
+                    .openFile(parts.last ?? ".", flags: O_RDONLY)) ?? -1
             if fd < 0 { errno = ELOOP }
         }
         guard fd >= 0 else {

@@ -34,7 +34,8 @@ public struct RawPath: Hashable, Comparable, Sendable, ExpressibleByStringLitera
         var i = 0
         while i < bytes.count {
             let length = RawPath.scalarLength(bytes, at: i)
-            guard length > 0, let scalar = String(validating: bytes[i..<(i + length)], as: UTF8.self)?.unicodeScalars.first
+            guard length > 0,
+                let scalar = String(validating: bytes[i..<(i + length)], as: UTF8.self)?.unicodeScalars.first
             else {
                 out += "\\x" + hex(bytes[i])
                 i += 1

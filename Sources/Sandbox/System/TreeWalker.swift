@@ -51,7 +51,8 @@ public enum TreeWalker {
                 frames[top].next += 1
                 guard let st = try current.status(name) else { continue }  // gone meanwhile
                 let entry = Entry(
-                    parent: current, name: name, path: frames[top].path.appending(name), status: st, depth: frames.count)
+                    parent: current, name: name, path: frames[top].path.appending(name), status: st, depth: frames.count
+                )
                 guard try visit(entry), st.isDirectory else { continue }
                 let child = try current.directory(name)
                 let opened = try child.status()

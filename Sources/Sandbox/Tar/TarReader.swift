@@ -175,7 +175,8 @@ public struct TarReader {
                 guard let text = String(validating: key, as: UTF8.self) else {
                     throw SandboxError(
                         .invalidArgument,
-                        "\(name): a PAX record's key is not UTF-8 (\(RawPath.escape(Array(key)))); the archive is refused")
+                        "\(name): a PAX record's key is not UTF-8 (\(RawPath.escape(Array(key)))); the archive is refused"
+                    )
                 }
                 records[text] = Array(record[(eq + 1)...])
             }
