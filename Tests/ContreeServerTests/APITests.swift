@@ -404,8 +404,10 @@ struct InstanceTests {
         let bob = TestServer.bob  // max_concurrency=1
         let first = try await server.spawn(
             #"{"command":"echo started >&2; sleep 30","image":"busybox","shell":true}"#, token: bob)
-        // The first holds bob's only slot before the second is asked for.
-        for _ in 0..<500 {
+        // The first holds bob's only slot before the second is asked for (a loaded machine may
+        // take a while to start it; it runs for bob's 30 s at most).
+        let asked = Date()
+        while Date().timeIntervalSince(asked) < 20 {
             let events = try await server.request("GET", "/v1/operations/\(first)/events?spid=1", token: bob)
             if events.text.contains("started") { break }
             try await Task.sleep(for: .milliseconds(20))
