@@ -86,8 +86,12 @@ struct TagRaceTests {
         _ = try t.busybox()
         let engine = t.engine
         let store = t.store
-        let pruning = Task.detached {
-            while !Task.isCancelled { _ = try? store.collectGarbage(pruneUntaggedOlderThan: 0) }
+        // gc blocks: on a thread of its own, not the cooperative pool the other tests share.
+        let stop = Cancellation()
+        let pruning = Task {
+            try await DedicatedThread.run {
+                while stop.reason == nil { _ = try? store.collectGarbage(pruneUntaggedOlderThan: 0) }
+            }
         }
         let results = try await withThrowingTaskGroup(of: RunResult.self) { group in
             for i in 0..<12 {
@@ -99,7 +103,7 @@ struct TagRaceTests {
             }
             return try await group.reduce(into: []) { $0.append($1) }
         }
-        pruning.cancel()
+        stop.cancel("done")
         _ = await pruning.result
         for i in 0..<12 {
             let image = try #require(try t.store.findImage("run-\(i)"), "tag run-\(i) is gone")
