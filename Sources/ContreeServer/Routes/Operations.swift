@@ -120,19 +120,21 @@ extension ServerState {
             status: .ok, headers: headers,
             body: ResponseBody { writer in
                 defer { slot.close() }
-                // The database is the buffer: a page at a time, each write waiting for the
-                // client, whatever the operation has logged meanwhile.
+                // The database is the buffer: a page at a time (16 events of at most 64 KiB of
+                // output each), each write waiting for the client, whatever the operation has
+                // logged meanwhile.
                 var last = since
                 func drain() async throws -> Bool {
                     var wrote = false
                     while true {
-                        let page = try LiveOperation.storedFrames(database, operation: id, since: last, spid: spid)
+                        let page = try LiveOperation.storedFrames(
+                            database, operation: id, since: last, spid: spid, limit: 16)
                         for (eventID, frame) in page {
                             try await writer.write(ByteBuffer(string: frame))
                             last = eventID
                         }
                         wrote = wrote || !page.isEmpty
-                        if page.count < 256 { return wrote }
+                        if page.count < 16 { return wrote }
                     }
                 }
                 _ = try await drain()
