@@ -116,25 +116,42 @@ struct CommandLineTests {
         var environment = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
         environment.append("CONTREE_HOME=\(t.root)")
         // Runs that write many files and some megabytes make the commit (digest, sync, rename,
-        // insert) long enough for kills to land anywhere in it. One unkilled run measures how
-        // long the whole thing takes; the kills spread uniformly over that span.
+        // insert) long enough for kills to land anywhere in it. Kills spread uniformly over how
+        // long a whole run takes: the median of the runs seen to end by themselves (three
+        // unkilled ones first, then any that ends before its kill: a loaded machine changes it).
         let script =
             "dd if=/dev/urandom of=/blob bs=1M count=24 2>/dev/null; i=0; while [ $i -lt 300 ]; do echo $i > /f$i; i=$((i+1)); done"
-        let measured = Date()
-        #expect(try await runCLI(["exec", "--", "sh", "-c", script], home: t.root).status == 0)
-        let span = Date().timeIntervalSince(measured)
+        var spans: [Double] = []
+        for _ in 0..<3 {
+            let measured = Date()
+            #expect(try await runCLI(["exec", "--", "sh", "-c", script], home: t.root).status == 0)
+            spans.append(Date().timeIntervalSince(measured))
+        }
         let imagesBefore = try t.store.listImages().count
         let kills = 24
         let env = environment
-        try await DedicatedThread.run {
+        try await DedicatedThread.run { [spans] in
+            var spans = spans
             var generator = SystemRandomNumberGenerator()
             for _ in 0..<kills {
+                let span = spans.sorted()[spans.count / 2]
+                let started = Date()
                 let child = try ChildProcess.spawn(
                     [Paths.cli, "exec", "--", "sh", "-c", script], environment: env, captureStdout: false,
                     stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
-                usleep(UInt32(Double.random(in: 0.01...(span * 1.05), using: &generator) * 1_000_000))
-                kill(child.pid, SIGKILL)
-                _ = try ChildProcess.wait(child.pid, "contree-pipeline")
+                let killAt = Double.random(in: 0.01...(span * 1.05), using: &generator)
+                var status: Int32 = 0
+                var ended = false
+                while !ended && Date().timeIntervalSince(started) < killAt {
+                    ended = waitpid(child.pid, &status, WNOHANG) == child.pid
+                    if !ended { usleep(2_000) }
+                }
+                if ended {
+                    spans.append(Date().timeIntervalSince(started))
+                } else {
+                    kill(child.pid, SIGKILL)
+                    _ = try ChildProcess.wait(child.pid, "contree-pipeline")
+                }
                 close(child.stderr)
             }
         }

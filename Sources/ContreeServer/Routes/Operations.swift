@@ -5,6 +5,9 @@ import Hummingbird
 import Sandbox
 
 extension ServerState {
+    /// Events an event stream reads from the database at a time.
+    static let eventPage = 4
+
     /// The operation row of this namespace. - Throws: 404 (also for another token's operation).
     func operationRow(_ call: APICall, _ uuid: String) throws -> SQLRow {
         guard APIStore.isUUID(uuid.lowercased()),
@@ -120,21 +123,22 @@ extension ServerState {
             status: .ok, headers: headers,
             body: ResponseBody { writer in
                 defer { slot.close() }
-                // The database is the buffer: a page at a time (16 events of at most 64 KiB of
-                // output each), each write waiting for the client, whatever the operation has
-                // logged meanwhile.
+                // The database is the buffer: a page at a time (4 events of at most 64 KiB of
+                // output each, so a stream nobody reads holds at most 256 KiB of this server's
+                // memory), each write waiting for the client, whatever the operation has logged
+                // meanwhile.
                 var last = since
                 func drain() async throws -> Bool {
                     var wrote = false
                     while true {
                         let page = try LiveOperation.storedFrames(
-                            database, operation: id, since: last, spid: spid, limit: 16)
+                            database, operation: id, since: last, spid: spid, limit: Self.eventPage)
                         for (eventID, frame) in page {
                             try await writer.write(ByteBuffer(string: frame))
                             last = eventID
                         }
                         wrote = wrote || !page.isEmpty
-                        if page.count < 16 { return wrote }
+                        if page.count < Self.eventPage { return wrote }
                     }
                 }
                 _ = try await drain()
