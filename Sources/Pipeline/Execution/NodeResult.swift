@@ -65,8 +65,14 @@ public struct NodeResult: Sendable, Codable {
     public var variants: [VariantOutcome]?
     public var matrix: [String: String]
 
-    /// Passed (or failed with `continue-on-error`): dependents go on.
-    public var succeeded: Bool { status == .passed || toleratedFailure }
+    /// Skipped by its own condition while what it depends on succeeded: like a skipped step of
+    /// a GitHub Actions job, it leaves the workspace as it was, so it carries its parent's
+    /// snapshot (and no outputs) to the steps after it.
+    public var passedThrough: Bool { status == .skipped && resultImage != nil }
+
+    /// Passed (or failed with `continue-on-error`, or passed its parent's snapshot through):
+    /// dependents go on.
+    public var succeeded: Bool { status == .passed || toleratedFailure || passedThrough }
 
     /// A failure that fails the pipeline.
     public var failsPipeline: Bool {

@@ -49,26 +49,29 @@ extension PipelineRunner {
         return result
     }
 
-    /// The image a node starts from, if its parent left one.
-    func parentImage(_ node: PlanNode, results: [String: NodeResult], context: ExecutionContext) throws -> ImageRecord {
-        switch node.parent {
-        case .image: return context.baseImage
-        case .node(let id):
-            guard let uuid = results[id]?.resultImage, let image = try engine.store.image(uuid) else {
-                throw PipelineError(
-                    .failed,
-                    "the snapshot of \(id) is gone (removed by image rm or gc?); rerun with --from \(plan.node(id)?.step ?? id)"
-                )
-            }
-            return image
+    /// The image a node starts from (see `startingPoint`).
+    func parentImage(
+        _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext, log: StepLog
+    ) throws -> ImageRecord {
+        let start = startingPoint(node, results: results, base: context.baseImage.uuid)
+        if case .node(let parent) = node.parent, start.from != parent {
+            log.note("\(parent) left no snapshot; this step starts from \(start.from.map { "the snapshot of \($0)" } ?? "the pipeline's image")")
         }
+        guard let image = start.from == nil ? context.baseImage : try engine.store.image(start.image) else {
+            let from = start.from ?? ""
+            throw PipelineError(
+                .failed,
+                "the snapshot of \(from) is gone (removed by image rm or gc?); rerun with --from \(plan.node(from)?.step ?? from)"
+            )
+        }
+        return image
     }
 
     private func executeRun(
         _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext, log: StepLog,
         into result: inout NodeResult
     ) async throws {
-        let parent = try parentImage(node, results: results, context: context)
+        let parent = try parentImage(node, results: results, context: context, log: log)
         result.parentImage = parent.uuid
 
         let prepared = try StepPreparer(plan: plan).prepare(

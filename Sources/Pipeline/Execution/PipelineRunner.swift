@@ -245,15 +245,21 @@ public final class PipelineRunner: Sendable {
                             verdict = NodeResult(node: node, status: status, reason: "none of its variants ran")
                         }
                     } else if !PipelineRunner.conditionHolds(node, in: scope) {
-                        let why =
-                            node.condition == nil
-                            ? "a step it depends on did not succeed"
-                            : "its condition is false: \(plan.definition.step(node.step)?.conditionText ?? "")"
-                        verdict = NodeResult(node: node, status: .skipped, reason: why)
-                    } else if case .node(let parent) = node.parent, results[parent]?.resultImage == nil {
-                        verdict = NodeResult(
-                            node: node, status: .skipped, reason: "the step it starts from (\(parent)) left no snapshot"
-                        )
+                        if node.condition == nil {
+                            verdict = NodeResult(
+                                node: node, status: .skipped, reason: "a step it depends on did not succeed")
+                        } else {
+                            var skipped = NodeResult(
+                                node: node, status: .skipped,
+                                reason:
+                                    "its condition is false: \(plan.definition.step(node.step)?.conditionText ?? "")")
+                            if scope.status("success") {
+                                let start = startingPoint(node, results: results, base: context.baseImage.uuid)
+                                skipped.parentImage = start.image
+                                skipped.resultImage = start.image
+                            }
+                            verdict = skipped
+                        }
                     }
                     if let verdict {
                         pending.remove(at: index)
@@ -311,6 +317,20 @@ public final class PipelineRunner: Sendable {
             record(verdict)
         }
         return results
+    }
+
+    /// The snapshot a node starts from: its parent's or, when the parent left none (cancelled,
+    /// killed, or failed before it ran), the nearest one along the chain of `from` steps, down
+    /// to the pipeline's image. `from` names the node whose snapshot it is (nil: the image).
+    func startingPoint(_ node: PlanNode, results: [String: NodeResult], base: String) -> (
+        image: String, from: String?
+    ) {
+        var parent = node.parent
+        while case .node(let id) = parent {
+            if let image = results[id]?.resultImage { return (image, id) }
+            parent = plan.node(id)?.parent ?? .image
+        }
+        return (base, nil)
     }
 
     static let failFastReason =
