@@ -19,6 +19,18 @@ struct StoreTests {
         return try ImageImporter(store: store).importRootfs(from: scratch.path)
     }
 
+    @Test("text goes into the database and comes out whole, a NUL inside it included")
+    func textWithNUL() throws {
+        let scratch = try ScratchDirectory()
+        let database = try Database(path: scratch.path + "/db.sqlite")
+        try database.execute("CREATE TABLE t(k TEXT PRIMARY KEY, v TEXT)")
+        try database.query("INSERT INTO t VALUES(?, ?)", [.text("a\u{0}b"), .text("one\u{0}two")])
+        try database.query("INSERT INTO t VALUES(?, ?)", [.text("a\u{0}c"), .text("")])
+        #expect(try database.query("SELECT v FROM t WHERE k = ?", [.text("a\u{0}b")]).first?["v"].string == "one\u{0}two")
+        #expect(try database.query("SELECT v FROM t WHERE k = ?", [.text("a\u{0}c")]).first?["v"].string == "")
+        #expect(try database.query("SELECT v FROM t WHERE k = ?", [.text("a")]).isEmpty)
+    }
+
     @Test("recovery leaves a lease another process is still creating, and removes one it abandoned")
     func leaseCreationRace() throws {
         let t = try TemporaryStore()

@@ -237,12 +237,10 @@ extension PipelineRunner {
                 let workdir = InputResolver.normalize(
                     variantNode.settings.workdir?.render(in: scope) ?? PipelineRunner.defaultWorkdir)
                 let isolation = variantNode.settings.isolation ?? .container
-                let scoreKey =
-                    "score:" + (image.map(StepKeyComponents.imageDigest) ?? "") + ":" + workdir + ":"
-                    + isolation.rawValue
-                    + ":" + command.joined(separator: "\u{0}") + ":"
-                    + env.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
-                    .joined(separator: "\u{0}")
+                let scoreKey = ScoreKeyComponents(
+                    image: image.map(StepKeyComponents.imageDigest) ?? "", command: command, env: env,
+                    workdir: workdir, isolation: isolation.rawValue
+                ).key
                 let text: String
                 let reuse = !options.noCache && !context.forced.contains(node.id)
                 if reuse, let cached = try cache.score(scoreKey) {

@@ -149,7 +149,10 @@ public final class Database: Sendable {
             case .null: sqlite3_bind_null(stmt, index)
             case .integer(let v): sqlite3_bind_int64(stmt, index, v)
             case .real(let v): sqlite3_bind_double(stmt, index, v)
-            case .text(let s): sqlite3_bind_text(stmt, index, s, -1, csq_transient())
+            case .text(let s):
+                // With its length: a NUL inside the text is part of it (a key that held the
+                // rest of a command after one was cut there once).
+                _ = s.withCString { sqlite3_bind_text(stmt, index, $0, Int32(s.utf8.count), csq_transient()) }
             case .blob(let b):
                 _ = b.withUnsafeBytes {
                     sqlite3_bind_blob(stmt, index, $0.baseAddress, Int32($0.count), csq_transient())
@@ -169,7 +172,10 @@ public final class Database: Sendable {
                 switch sqlite3_column_type(stmt, c) {
                 case SQLITE_INTEGER: columns[name] = .integer(sqlite3_column_int64(stmt, c))
                 case SQLITE_FLOAT: columns[name] = .real(sqlite3_column_double(stmt, c))
-                case SQLITE_TEXT: columns[name] = .text(String(cString: sqlite3_column_text(stmt, c)))
+                case SQLITE_TEXT:
+                    let bytes = UnsafeRawBufferPointer(
+                        start: sqlite3_column_text(stmt, c), count: Int(sqlite3_column_bytes(stmt, c)))
+                    columns[name] = .text(String(decoding: bytes, as: UTF8.self))
                 case SQLITE_BLOB:
                     let n = Int(sqlite3_column_bytes(stmt, c))
                     let p = sqlite3_column_blob(stmt, c)
