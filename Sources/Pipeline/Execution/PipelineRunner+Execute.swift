@@ -86,8 +86,12 @@ extension PipelineRunner {
 
         let forced = options.noCache || context.forced.contains(node.id) || !node.cache
         var hit = forced ? nil : try cache.lookup(key)
-        if hit != nil {
-            log.note("cache hit \(key): reusing \(hit!.resultImage) without running")
+        if let hit {
+            log.note("cache hit \(key): reusing \(hit.resultImage) without running")
+            if let replayed = hit.log, !replayed.isEmpty {
+                log.note("the output it had when it ran:")
+                log.replay(replayed)
+            }
         } else if !forced, let (shared, source) = await sharedStep(key, components: components, log: log) {
             hit = shared
             result.cachedFrom = source
@@ -155,7 +159,8 @@ extension PipelineRunner {
         if passed, let image = record.resultImage {
             // Only successes are served as hits; a failure's snapshot stays for `shell`.
             try cache.remember(
-                key: key, components: components, resultImage: image, outputs: result.outputs, record: record)
+                key: key, components: components, resultImage: image, outputs: result.outputs, record: record,
+                log: log.written(last: StepCache.logLimit))
         }
         if let image = record.resultImage {
             try collectArtifacts(node, image: image, workdir: workdir, passed: passed, log: log, into: &result)

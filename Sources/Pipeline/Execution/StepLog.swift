@@ -1,4 +1,5 @@
 import Foundation
+import Sandbox
 import Synchronization
 
 /// A step's log file. Output is written line by line with every secret value replaced by
@@ -61,6 +62,21 @@ final class StepLog: Sendable {
             try? state.handle?.close()
             state.handle = nil
         }
+    }
+
+    /// What the file holds so far, the line being written included: its last `limit` bytes.
+    func written(last limit: Int) -> [UInt8] {
+        state.withLock { state in
+            var bytes = (try? FileSystem.readFile(path)) ?? []
+            if !state.partial.isEmpty { bytes += Array(mask(String(decoding: state.partial, as: UTF8.self)).utf8) }
+            return Array(bytes.suffix(limit))
+        }
+    }
+
+    /// Output a cache hit had when it ran, written again (masked again: the secrets may differ).
+    func replay(_ bytes: [UInt8]) {
+        append(bytes)
+        if bytes.last != UInt8(ascii: "\n") { append([UInt8(ascii: "\n")]) }
     }
 
     /// The last lines written (for failure summaries).

@@ -7,6 +7,8 @@ public struct CachedStep: Sendable {
     public var resultImage: String
     public var outputs: [String: String]
     public var record: RunRecord?
+    /// The step's log when it ran (its last `StepCache.logLimit` bytes), replayed on a hit.
+    public var log: [UInt8]? = nil
 }
 
 /// A past pipeline run.
@@ -67,7 +69,14 @@ public struct StepCache: Sendable {
         {
             try store.database.execute("ALTER TABLE pipeline_steps ADD COLUMN outputs TEXT")
         }
+        if try store.database.query("SELECT 1 FROM pragma_table_info('step_cache') WHERE name = 'log'").isEmpty {
+            try store.database.execute("ALTER TABLE step_cache ADD COLUMN log BLOB")
+        }
     }
+
+    /// The most of a step's log kept with its cache entry: its end, where a failure or the
+    /// result shows.
+    public static let logLimit = 1 << 20
 
     static let encoder: JSONEncoder = {
         let e = JSONEncoder()
@@ -94,13 +103,13 @@ public struct StepCache: Sendable {
     public func lookup(_ key: String) throws -> CachedStep? {
         guard
             let row = try store.database.query(
-                "SELECT c.result_image, c.outputs, c.record FROM step_cache c JOIN images i ON i.uuid = c.result_image WHERE c.key = ?",
+                "SELECT c.result_image, c.outputs, c.record, c.log FROM step_cache c JOIN images i ON i.uuid = c.result_image WHERE c.key = ?",
                 [.text(key)]
             ).first, let image = row["result_image"].string
         else { return nil }
         return CachedStep(
             key: key, resultImage: image, outputs: decode([String: String].self, row["outputs"].string) ?? [:],
-            record: decode(RunRecord.self, row["record"].string))
+            record: decode(RunRecord.self, row["record"].string), log: row["log"].bytes)
     }
 
     /// The latest row of `node` that passed: its snapshot and outputs.
@@ -120,13 +129,15 @@ public struct StepCache: Sendable {
 
     /// Remembers a successful step (and pins its snapshot against pruning).
     public func remember(
-        key: String, components: StepKeyComponents, resultImage: String, outputs: [String: String], record: RunRecord?
+        key: String, components: StepKeyComponents, resultImage: String, outputs: [String: String], record: RunRecord?,
+        log: [UInt8]? = nil
     ) throws {
         try store.database.query(
-            "INSERT OR REPLACE INTO step_cache(key, result_image, outputs, record, components, created) VALUES(?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO step_cache(key, result_image, outputs, record, components, created, log) VALUES(?, ?, ?, ?, ?, ?, ?)",
             [
                 .text(key), .text(resultImage), .text(json(outputs)), record.map { .text(json($0)) } ?? .null,
                 .text(json(components)), .real(Date().timeIntervalSince1970),
+                log.map { .blob(Array($0.suffix(StepCache.logLimit))) } ?? .null,
             ])
         try store.pin(resultImage, owner: StepCache.owner)
     }

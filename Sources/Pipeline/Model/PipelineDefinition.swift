@@ -188,7 +188,8 @@ public struct StepDefinition: Sendable {
     public var condition: Expression?
     public var conditionText: String?
     public var continueOnError: Bool
-    public var cache: Bool
+    /// `cache:` as written; nil when it is not (see `PlanNode.cache` for the default).
+    public var cache: Bool?
     public var secrets: [Located<String>]
 }
 

@@ -409,7 +409,7 @@ public struct PipelineParser {
             id: id, location: at(node), run: nil, env: [], settings: StepSettings(), from: nil, needs: [], inputs: [],
             artifacts: [], matrix: nil, fork: [], select: nil, condition: nil, conditionText: nil,
             continueOnError: false,
-            cache: true, secrets: [])
+            cache: nil, secrets: [])
         for (key, _, value) in fields where key != "id" {
             if setting(key, value, into: &step.settings) { continue }
             switch key {
@@ -439,7 +439,7 @@ public struct PipelineParser {
                     } catch {}
                 }
             case "continue-on-error": step.continueOnError = bool(value, what: "continue-on-error") ?? false
-            case "cache": step.cache = bool(value, what: "cache") ?? true
+            case "cache": step.cache = bool(value, what: "cache")
             case "secrets": step.secrets = stringList(value, what: "secrets")
             default: break
             }

@@ -38,13 +38,18 @@ public struct PlanNode: Sendable {
     public var artifacts: [ArtifactDefinition]
     public var condition: Expression?
     public var continueOnError: Bool
+    /// Whether a cached result may stand in for running it: `cache:` as written, else true,
+    /// except for steps that react to failures (notifiers, cleanup, reports), which exist for
+    /// their side effects and run every time.
     public var cache: Bool
     public var secrets: [String]
     public var select: SelectDefinition?
 
     /// Whether its condition asks about other steps' status (`always()`, `failure()`,
     /// `cancelled()`): such steps still run after a failure and are not cancelled by it.
-    public var reactsToFailure: Bool {
+    public var reactsToFailure: Bool { PlanNode.reactsToFailure(condition) }
+
+    static func reactsToFailure(_ condition: Expression?) -> Bool {
         condition?.calls.contains { ["always", "failure", "cancelled"].contains($0.0) } ?? false
     }
 
@@ -122,7 +127,7 @@ public struct PipelinePlan: Sendable {
                         id: stepID + suffix, step: stepID, kind: .run, values: values, variant: nil, parent: parent,
                         dependencies: parentDeps + needed, variantNodes: [], run: step.run, env: step.env,
                         settings: settings, inputs: step.inputs, artifacts: step.artifacts, condition: step.condition,
-                        continueOnError: step.continueOnError, cache: step.cache, secrets: step.secrets.map(\.value),
+                        continueOnError: step.continueOnError, cache: step.cache ?? !PlanNode.reactsToFailure(step.condition), secrets: step.secrets.map(\.value),
                         select: nil)
                     if step.fork.isEmpty {
                         add(base)

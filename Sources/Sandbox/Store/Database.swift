@@ -23,6 +23,15 @@ public enum SQLValue: Sendable, Equatable {
         }
     }
 
+    /// Bytes: a blob's, or a text's UTF-8.
+    public var bytes: [UInt8]? {
+        switch self {
+        case .blob(let b): return b
+        case .text(let s): return Array(s.utf8)
+        default: return nil
+        }
+    }
+
     public var double: Double? {
         switch self {
         case .real(let v): return v
