@@ -103,6 +103,32 @@ struct SharedCacheTests {
         #expect(report.log("c").contains("a\nB\n"))
     }
 
+    @Test("after fail-fast stopped a running step, what passed is pushed and the rest is listed with why")
+    func pushAfterFailFast() async throws {
+        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let location = "docker://127.0.0.1:\(registry.port)/ci/cache"
+        let w = try Workspace()
+        let report = try await w.run(
+            """
+            image: busybox
+            steps:
+              - id: setup
+                run: echo ready > /ready
+              - id: unit
+                run: sleep 0.5; exit 1
+              - id: slow
+                from: setup
+                run: sleep 120
+            """,
+            options: RunOptions(cacheTo: try RegistryStepCache(location, store: w.store, pushing: true)))
+        #expect(report.status == .failed)
+        #expect(report.node("slow")?.status == .cancelled)
+        let export = try #require(report.cacheExport)
+        #expect(export.error == nil && export.pushed == 1, "\(export)")
+        #expect(export.notPushed["unit"]?.hasPrefix("failed") == true)
+        #expect(export.notPushed["slow"]?.contains("fail-fast") == true)
+    }
+
     @Test("an unreachable cache costs a note and a run, never the result; a tag that is not a cache entry is not trusted")
     func unreachableAndForeign() async throws {
         let w = try Workspace()

@@ -49,7 +49,10 @@ extension PipelineRunner {
         }
         let scores = scoresUsed.withLock { $0 }
         let store = engine.store
-        var export = CacheExport(destination: destination.location, pushed: 0, present: 0, seconds: 0, error: nil)
+        var export = CacheExport(destination: destination.location)
+        for node in nodes where node.status != .passed {
+            export.notPushed[node.node] = node.status.rawValue + (node.reason.map { ": " + $0 } ?? "")
+        }
         do {
             export = try await DedicatedThread.run { [export] in
                 var export = export

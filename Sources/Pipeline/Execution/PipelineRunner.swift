@@ -192,10 +192,20 @@ public final class PipelineRunner: Sendable {
         let cancelled = Task.isCancelled || ordered.contains { $0.status == .cancelled }
         let failed = ordered.contains(where: \.failsPipeline)
         let status: RunReport.Status = failed ? .failed : cancelled ? .cancelled : .passed
-        // Whatever passed is worth sharing, even when a later step failed; not after Ctrl-C.
+        // Whatever passed is worth sharing, even when a later step failed or fail-fast stopped
+        // the others; not after Ctrl-C (the user asked to stop).
         var export: CacheExport?
-        if let destination = options.cacheTo, !cancelled {
-            export = await publish(ordered, to: destination)
+        if let destination = options.cacheTo {
+            let interrupted =
+                Task.isCancelled
+                || ordered.contains { $0.status == .cancelled && $0.reason != PipelineRunner.failFastReason }
+            if interrupted {
+                export = CacheExport(
+                    destination: destination.location,
+                    error: "the run was cancelled; nothing was pushed (a run that ends by itself pushes what passed)")
+            } else {
+                export = await publish(ordered, to: destination)
+            }
         }
         var report = RunReport(
             runID: runID, pipeline: plan.definition.name, file: plan.definition.file, status: status, started: started,
