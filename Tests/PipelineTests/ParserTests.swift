@@ -273,6 +273,32 @@ struct PlanTests {
         #expect(Set(reports[0].dependencies).isSuperset(of: tests.map(\.id)))
     }
 
+    @Test("keys only matrix.include adds are read as matrix.NAME (empty where a combination lacks them)")
+    func matrixIncludeKeys() throws {
+        let plan = PipelinePlan(
+            try parse(
+                """
+                steps:
+                  - id: build
+                    matrix:
+                      opt: ["-O0"]
+                      include: [{opt: "-O2", extra: -DNDEBUG}]
+                    run: cc ${{ matrix.opt }} ${{ matrix.extra }}
+                  - id: test
+                    run: echo ${{ matrix.extra }}
+                """))
+        func rendered(_ id: String) throws -> String {
+            let node = try #require(plan.node(id))
+            let scope = NodeScope(node: node, plan: plan, results: [:], env: [:], pipelineName: "p", cancelled: false)
+            return try #require(node.run).render(in: scope)
+        }
+        #expect(plan.nodes(of: "build").map(\.id) == ["build[opt=-O0]", "build[opt=-O2,extra=-DNDEBUG]"])
+        #expect(try rendered("build[opt=-O2,extra=-DNDEBUG]") == "cc -O2 -DNDEBUG")
+        #expect(try rendered("build[opt=-O0]") == "cc -O0 ")
+        #expect(try rendered("test[opt=-O2,extra=-DNDEBUG]") == "echo -DNDEBUG")
+        #expect(problems("steps:\n  - id: a\n    matrix: {x: [1]}\n    run: echo ${{ matrix.extra }}\n").count == 1)
+    }
+
     @Test("fork variants run from one checkpoint; a select node keeps one for what follows")
     func fork() throws {
         let plan = PipelinePlan(

@@ -108,6 +108,13 @@ public struct MatrixDefinition: Sendable {
     public var exclude: [[String: String]]
     public var location: SourceLocation
 
+    /// The names `matrix.NAME` may read: the axes, then keys only an `include` adds (empty in
+    /// the combinations that lack them).
+    public var names: [String] {
+        let axisNames = axes.map(\.name)
+        return axisNames + Set(include.flatMap(\.keys)).subtracting(axisNames).sorted()
+    }
+
     /// Every combination, in axis order: the product, minus the excluded, plus the included.
     public var combinations: [[String: String]] {
         var result: [[String: String]] = [[:]]

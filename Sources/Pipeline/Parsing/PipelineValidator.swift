@@ -329,7 +329,7 @@ struct PipelineValidator {
                 // Below a fork that keeps every variant, each variant is a branch of its own.
                 if PipelineValidator.keepsAllVariants(definition.step(parent)) { inherited.append("fork:" + parent) }
             }
-            let own = step.matrix?.axes.map(\.name) ?? []
+            let own = step.matrix?.names ?? []
             let clash = own.first { inherited.contains($0) }
             let result = (inherited + own.filter { !inherited.contains($0) }, clash)
             memo[id] = result
