@@ -234,10 +234,10 @@ struct RunsCommand: ParsableCommand {
             if json { return try printJSON(runs) }
             print(
                 Format.table(
-                    ["RUN", "PIPELINE", "STATUS", "STARTED", "DURATION", "REPORTS"],
+                    ["RUN", "PIPELINE", "FILE", "STATUS", "STARTED", "DURATION", "REPORTS"],
                     runs.map { run in
                         [
-                            run.id, run.pipeline, run.status, Format.date(run.started),
+                            run.id, run.pipeline, run.file, run.status, Format.date(run.started),
                             run.ended.map { String(format: "%.1f s", $0.timeIntervalSince(run.started)) } ?? "",
                             run.outDir,
                         ]
@@ -318,8 +318,10 @@ struct ShellCommand: AsyncParsableCommand {
                 }
                 return run
             }
-            guard let run = try cache.lastRun(pipeline: plan.definition.name) else {
-                throw SandboxError(.notFound, "\(plan.definition.name) has not run yet; run it first")
+            guard let run = try cache.lastRun(pipeline: plan.definition.name, file: plan.definition.absolutePath)
+            else {
+                throw SandboxError(
+                    .notFound, "\(plan.definition.name) (\(plan.definition.absolutePath)) has not run yet; run it first")
             }
             return run
         }

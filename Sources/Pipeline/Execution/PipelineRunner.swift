@@ -177,7 +177,9 @@ public final class PipelineRunner: Sendable {
         } else {
             try FileManager.default.createDirectory(atPath: outDir + "/logs", withIntermediateDirectories: true)
         }
-        try cache.beginRun(id: runID, pipeline: plan.definition.name, file: plan.definition.file, outDir: outDir)
+        try cache.beginRun(
+            id: runID, pipeline: plan.definition.name, file: plan.definition.absolutePath, started: started,
+            outDir: outDir)
         observer?.handle(.started(runID: runID, plan: plan, outDir: outDir))
 
         var forced = Set<String>()
@@ -356,7 +358,7 @@ public final class PipelineRunner: Sendable {
 
     func record(_ result: NodeResult) {
         try? cache.recordStep(
-            runID: runID, pipeline: plan.definition.name,
+            runID: runID, pipeline: plan.definition.name, file: plan.definition.absolutePath,
             row: PipelineStepRow(
                 node: result.node, step: result.step, status: result.status.rawValue, cached: result.cached,
                 key: result.key, components: result.components, parentImage: result.parentImage,

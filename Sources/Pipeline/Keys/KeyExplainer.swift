@@ -65,7 +65,8 @@ public struct KeyExplainer {
             if node.kind == .select {
                 // The kept variant (and its outputs) is known from the latest run that passed
                 // this selection.
-                if let row = try cache.lastPassedRow(pipeline: plan.definition.name, node: node.id),
+                if let row = try cache.lastPassedRow(
+                    pipeline: plan.definition.name, file: plan.definition.absolutePath, node: node.id),
                     let image = row.resultImage
                 {
                     var result = NodeResult(node: node, status: .passed)
@@ -101,7 +102,8 @@ public struct KeyExplainer {
                 explanation.key = prepared.components.key
                 explanation.hit = try cache.lookup(prepared.components.key)
             }
-            if let previous = try cache.lastPassed(pipeline: plan.definition.name, node: node.id) {
+            if let previous = try cache.lastPassed(
+                pipeline: plan.definition.name, file: plan.definition.absolutePath, node: node.id) {
                 explanation.previous = previous.components
                 explanation.previousRun = previous.runID
                 if let components = explanation.components {

@@ -69,6 +69,14 @@ public struct StepCache: Sendable {
         {
             try store.database.execute("ALTER TABLE pipeline_steps ADD COLUMN outputs TEXT")
         }
+        // The history is kept by file as well as name (two files may share a name).
+        if try store.database.query("SELECT 1 FROM pragma_table_info('pipeline_steps') WHERE name = 'file'").isEmpty {
+            try store.database.execute(
+                """
+                ALTER TABLE pipeline_steps ADD COLUMN file TEXT;
+                CREATE INDEX IF NOT EXISTS pipeline_steps_file ON pipeline_steps(file, pipeline, node, ended);
+                """)
+        }
         if try store.database.query("SELECT 1 FROM pragma_table_info('step_cache') WHERE name = 'log'").isEmpty {
             try store.database.execute("ALTER TABLE step_cache ADD COLUMN log BLOB")
         }
@@ -112,11 +120,12 @@ public struct StepCache: Sendable {
             record: decode(RunRecord.self, row["record"].string), log: row["log"].bytes)
     }
 
-    /// The latest row of `node` that passed: its snapshot and outputs.
-    public func lastPassedRow(pipeline: String, node: String) throws -> PipelineStepRow? {
+    /// The latest row of `node` of the pipeline `pipeline` in `file` that passed: its snapshot
+    /// and outputs.
+    public func lastPassedRow(pipeline: String, file: String, node: String) throws -> PipelineStepRow? {
         try store.database.query(
-            "SELECT * FROM pipeline_steps WHERE pipeline = ? AND node = ? AND status = 'passed' ORDER BY ended DESC LIMIT 1",
-            [.text(pipeline), .text(node)]
+            "SELECT * FROM pipeline_steps WHERE file = ? AND pipeline = ? AND node = ? AND status = 'passed' ORDER BY ended DESC LIMIT 1",
+            [.text(file), .text(pipeline), .text(node)]
         ).first.map {
             PipelineStepRow(
                 node: $0["node"].string ?? "", step: $0["step"].string ?? "", status: $0["status"].string ?? "",
@@ -154,10 +163,11 @@ public struct StepCache: Sendable {
 
     // MARK: History
 
-    public func beginRun(id: String, pipeline: String, file: String, outDir: String) throws {
+    /// Records a run that began at `started` (building its base image included).
+    public func beginRun(id: String, pipeline: String, file: String, started: Date, outDir: String) throws {
         try store.database.query(
             "INSERT INTO pipeline_runs(id, pipeline, file, started, status, out_dir) VALUES(?, ?, ?, ?, 'running', ?)",
-            [.text(id), .text(pipeline), .text(file), .real(Date().timeIntervalSince1970), .text(outDir)])
+            [.text(id), .text(pipeline), .text(file), .real(started.timeIntervalSince1970), .text(outDir)])
     }
 
     public func finishRun(id: String, status: String) throws {
@@ -166,27 +176,29 @@ public struct StepCache: Sendable {
             [.real(Date().timeIntervalSince1970), .text(status), .text(id)])
     }
 
-    public func recordStep(runID: String, pipeline: String, row: PipelineStepRow) throws {
+    public func recordStep(runID: String, pipeline: String, file: String, row: PipelineStepRow) throws {
         try store.database.query(
             """
-            INSERT OR REPLACE INTO pipeline_steps(run_id, node, step, pipeline, key, components, status, cached,
-                parent_image, result_image, ended, outputs) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            INSERT OR REPLACE INTO pipeline_steps(run_id, node, step, pipeline, file, key, components, status, cached,
+                parent_image, result_image, ended, outputs) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """,
             [
-                .text(runID), .text(row.node), .text(row.step), .text(pipeline), row.key.sql,
+                .text(runID), .text(row.node), .text(row.step), .text(pipeline), .text(file), row.key.sql,
                 row.components.map { .text(json($0)) } ?? .null, .text(row.status), .integer(row.cached ? 1 : 0),
                 row.parentImage.sql, row.resultImage.sql, .real(Date().timeIntervalSince1970), .text(json(row.outputs)),
             ])
     }
 
     /// The components of the latest run of `node` that passed (from the cache or not).
-    public func lastPassed(pipeline: String, node: String) throws -> (components: StepKeyComponents, runID: String)? {
+    public func lastPassed(pipeline: String, file: String, node: String) throws -> (
+        components: StepKeyComponents, runID: String
+    )? {
         guard
             let row = try store.database.query(
                 """
-                SELECT components, run_id FROM pipeline_steps WHERE pipeline = ? AND node = ? AND status = 'passed'
-                  AND components IS NOT NULL ORDER BY ended DESC LIMIT 1
-                """, [.text(pipeline), .text(node)]
+                SELECT components, run_id FROM pipeline_steps WHERE file = ? AND pipeline = ? AND node = ?
+                  AND status = 'passed' AND components IS NOT NULL ORDER BY ended DESC LIMIT 1
+                """, [.text(file), .text(pipeline), .text(node)]
             ).first, let components = decode(StepKeyComponents.self, row["components"].string),
             let run = row["run_id"].string
         else { return nil }
@@ -205,9 +217,11 @@ public struct StepCache: Sendable {
         return rows.count == 1 ? summary(rows[0]) : rows.first { $0["id"].string == idOrPrefix }.map(summary)
     }
 
-    public func lastRun(pipeline: String) throws -> PipelineRunSummary? {
+    /// The latest run of the pipeline `pipeline` in `file` (an absolute path).
+    public func lastRun(pipeline: String, file: String) throws -> PipelineRunSummary? {
         try store.database.query(
-            "SELECT * FROM pipeline_runs WHERE pipeline = ? ORDER BY started DESC LIMIT 1", [.text(pipeline)]
+            "SELECT * FROM pipeline_runs WHERE file = ? AND pipeline = ? ORDER BY started DESC LIMIT 1",
+            [.text(file), .text(pipeline)]
         ).first.map(summary)
     }
 

@@ -4,6 +4,9 @@ import Sandbox
 public struct PipelineDefinition: Sendable {
     /// The file as given on the command line.
     public var file: String
+    /// The file's absolute path: with the name, what the run history is kept by (two files
+    /// that share a name are two histories).
+    public var absolutePath: String { directory + "/" + (file.split(separator: "/").last.map(String.init) ?? file) }
     /// Absolute directory of the file: input paths are relative to it.
     public var directory: String
     public var name: String
