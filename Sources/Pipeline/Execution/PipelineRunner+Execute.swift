@@ -13,7 +13,7 @@ struct ExecutionContext: Sendable {
 
 extension PipelineRunner {
     func execute(_ node: PlanNode, results: [String: NodeResult], context: ExecutionContext) async -> NodeResult {
-        let log = StepLog(path: outDir + "/logs/" + node.fileName + ".log", secrets: Array(context.secrets.values))
+        let log = StepLog(path: outDir + "/logs/" + node.fileName + ".log", secrets: context.secrets)
         defer { log.close() }
         var result = NodeResult(node: node, status: .running)
         result.started = Date()
@@ -152,7 +152,16 @@ extension PipelineRunner {
         result.metrics = record.metrics
         result.resultImage = record.resultImage
         // Outputs feed reports, the cache and later keys: no secret may travel through them.
-        result.outputs = PipelineRunner.parseOutputs(run.output ?? [], log: log).mapValues(log.mask)
+        result.outputs = PipelineRunner.parseOutputs(run.output ?? [], log: log)
+        if let (name, secret) = result.outputs.sorted(by: { $0.key < $1.key }).lazy
+            .compactMap({ output in log.mask.secret(in: output.value).map { (output.key, $0) } }).first
+        {
+            result.outputs = [:]
+            throw PipelineError(
+                .failed,
+                "output \(name) holds the secret \(secret) (or a line of it); outputs are kept in reports, the cache and later steps' keys, so none of this step's outputs were stored: pass the secret to the steps that need it with their own `secrets:`"
+            )
+        }
         let passed = record.exitCode == 0
         result.status = passed ? .passed : .failed
         if !passed { result.reason = describe(record) }

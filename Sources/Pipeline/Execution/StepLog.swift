@@ -2,8 +2,9 @@ import Foundation
 import Sandbox
 import Synchronization
 
-/// A step's log file. Output is written line by line with every secret value replaced by
-/// `***`, so that no secret reaches a log even when the command prints it.
+/// A step's log file. Output is written line by line with every secret value (and every line
+/// of a multi-line one) replaced by `***`, so that no secret reaches a log even when the
+/// command prints it.
 final class StepLog: Sendable {
     let path: String
     private struct State {
@@ -13,21 +14,16 @@ final class StepLog: Sendable {
         var tail: [String] = []
     }
     private let state: Mutex<State>
-    private let secrets: [String]
+    let mask: SecretMask
     /// Logs past this size keep only their tail line buffer growing; the file stops.
     static let limit: Int64 = 64 << 20
 
-    init(path: String, secrets: [String]) {
+    /// - Parameter secrets: the step's secrets by name.
+    init(path: String, secrets: [String: String]) {
         self.path = path
-        self.secrets = secrets.filter { $0.count >= 3 }.sorted { $0.count > $1.count }
+        self.mask = SecretMask(secrets)
         FileManager.default.createFile(atPath: path, contents: nil)
         state = Mutex(State(handle: FileHandle(forWritingAtPath: path)))
-    }
-
-    func mask(_ line: String) -> String {
-        var masked = line
-        for secret in secrets where masked.contains(secret) { masked = masked.replacing(secret, with: "***") }
-        return masked
     }
 
     /// Appends raw output; complete lines are masked and written.
