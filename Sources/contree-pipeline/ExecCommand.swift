@@ -70,6 +70,16 @@ struct ExecCommand: AsyncParsableCommand {
     @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).")
     var command: [String] = []
 
+    /// The command is captured as it is, options and all; `--help` (or `-h`, `--version`) before
+    /// a `--` is a question to this tool, not a command to run (`exec -- --help` runs one).
+    func validate() throws {
+        switch command.first {
+        case "--help", "-h", "-help": throw CleanExit.helpRequest(self)
+        case "--version": throw CleanExit.message(ContreePipeline.version)
+        default: break
+        }
+    }
+
     func run() async throws {
         Trace.mark("exec: arguments parsed")
         ContainerBackend.warmUp()

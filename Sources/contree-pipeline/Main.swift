@@ -4,6 +4,9 @@ import Sandbox
 /// contree-pipeline: sandboxes that branch like Git, and CI pipelines on top of them.
 @main
 struct ContreePipeline: AsyncParsableCommand {
+    /// What `--version` prints.
+    static let version = "0.11.0"
+
     static let configuration = CommandConfiguration(
         commandName: "contree-pipeline",
         abstract: "Run code in sandboxes that branch like Git.",
@@ -12,6 +15,7 @@ struct ContreePipeline: AsyncParsableCommand {
             a new image whose parent is the one it started from. The store lives in \
             $CONTREE_HOME (default ~/.local/share/contree).
             """,
+        version: version,
         subcommands: [
             RunCommand.self, ValidateCommand.self, GraphCommand.self, ExplainCommand.self, ShellCommand.self,
             RunsCommand.self,

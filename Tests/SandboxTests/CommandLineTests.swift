@@ -100,6 +100,37 @@ struct CommandLineTests {
         #expect(try sleepers() == 0, "the sandbox outlived its CLI")
     }
 
+    @Test("every subcommand answers --help without running anything; --version prints the version")
+    func helpEverywhere() async throws {
+        let t = try TemporaryStore()
+        func subcommands(_ path: [String]) async throws -> [[String]] {
+            let help = try await runCLI(path + ["--help"], home: t.root)
+            #expect(help.status == 0, "\(path) --help: \(help.err)")
+            #expect(help.out.contains("USAGE:"), "\(path) --help printed no usage")
+            guard let section = help.out.components(separatedBy: "SUBCOMMANDS:").last, help.out.contains("SUBCOMMANDS:")
+            else { return [path] }
+            let names = section.split(separator: "\n").compactMap { line -> String? in
+                guard line.hasPrefix("  "), !line.hasPrefix("   "), let word = line.split(separator: " ").first else {
+                    return nil
+                }
+                return String(word)
+            }
+            var all = [path]
+            for name in names where name != "See" && name != "help" { all += try await subcommands(path + [name]) }
+            return all
+        }
+        let all = try await subcommands([])
+        #expect(all.count > 20, "\(all)")
+        let version = try await runCLI(["--version"], home: t.root)
+        #expect(version.status == 0 && version.out.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ".").count == 3)
+        // exec's command is captured as it is: --help before any command is for exec, after -- for the command.
+        let execHelp = try await runCLI(["exec", "--image", "busybox", "--help"], home: t.root)
+        #expect(execHelp.status == 0 && execHelp.out.contains("USAGE:"))
+        #expect(try t.store.listImages().isEmpty, "exec --help ran nothing")
+        let passed = try await runCLI(["exec", "--", "--help"], home: t.root)
+        #expect(passed.status == 127)
+    }
+
     @Test("fsck exits non-zero on a damaged store")
     func fsckFails() async throws {
         let t = try TemporaryStore()
