@@ -66,6 +66,16 @@ enum Format {
         date.formatted(.iso8601)
     }
 
+    /// Parses an age: `90s`, `30m`, `12h`, `7d`, `2w`, or a number of seconds.
+    static func parseAge(_ text: String) -> Double? {
+        let units: [Character: Double] = ["s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800]
+        let trimmed = text.trimmingCharacters(in: .whitespaces)
+        if let unit = trimmed.last.flatMap({ units[$0] }), let value = Double(trimmed.dropLast()), value >= 0 {
+            return value * unit
+        }
+        return Double(trimmed).flatMap { $0 >= 0 ? $0 : nil }
+    }
+
     /// Parses `512m`, `1g`, `2GiB`, `1048576`.
     static func parseBytes(_ text: String) -> Int64? { ByteCount.parse(text) }
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Glibc
 import Sandbox
 
 /// contree-pipeline: sandboxes that branch like Git, and CI pipelines on top of them.
@@ -22,4 +23,23 @@ struct ContreePipeline: AsyncParsableCommand {
             ArtifactsCommand.self, ExecCommand.self, ImageCommand.self, InspectCommand.self,
             GarbageCollectCommand.self, CheckCommand.self, ServeCommand.self,
         ])
+
+    /// As ArgumentParser's, except that a command line it cannot use exits 2 (invalid input,
+    /// as every command documents) rather than 64.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var asynchronous = command as? any AsyncParsableCommand {
+                try await asynchronous.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            if exitCode(for: error) == .validationFailure {
+                printError(fullMessage(for: error))
+                Glibc.exit(2)
+            }
+            exit(withError: error)
+        }
+    }
 }

@@ -1,4 +1,6 @@
 import ArgumentParser
+import FoundationEssentials
+import Pipeline
 import Sandbox
 
 struct GarbageCollectCommand: ParsableCommand {
@@ -9,14 +11,36 @@ struct GarbageCollectCommand: ParsableCommand {
     @OptionGroup var storeOptions: StoreOptions
     @Option(help: "Also remove untagged images older than this many seconds that no tagged image descends from.")
     var pruneUntagged: Double?
+    @Option(
+        help: ArgumentHelp(
+            "Also drop pipeline step-cache entries older than AGE (90s, 30m, 12h, 7d, 2w) and the snapshots only they kept.",
+            valueName: "AGE"))
+    var pruneCache: String?
     @Flag(help: "Print JSON.") var json = false
+
+    func validate() throws {
+        if let pruneCache, Format.parseAge(pruneCache) == nil {
+            throw ValidationError("--prune-cache takes an age such as 7d, 12h, 30m or a number of seconds, not '\(pruneCache)'")
+        }
+    }
 
     func run() throws {
         try reportingErrors {
-            let report = try storeOptions.open().collectGarbage(pruneUntaggedOlderThan: pruneUntagged)
+            let store = try storeOptions.open()
+            var pruned: (entries: Int, scores: Int, images: Int)?
+            if let age = pruneCache.flatMap(Format.parseAge) {
+                pruned = try StepCache(store: store).prune(createdBefore: Date().addingTimeInterval(-age))
+            }
+            var report = try store.collectGarbage(pruneUntaggedOlderThan: pruneUntagged)
+            report.imagesRemoved += pruned?.images ?? 0
             if json {
                 try printJSON(report)
             } else {
+                if let pruned {
+                    print(
+                        "step cache: dropped \(pruned.entries) entries and \(pruned.scores) scores older than \(pruneCache ?? ""), removed \(pruned.images) snapshots only they kept"
+                    )
+                }
                 for failure in report.failures { printError("gc: \(failure)") }
                 print(
                     "removed \(report.layersRemoved) layers, \(report.derivedRemoved) VM disk images of removed layers (\(Format.bytes(report.bytesFreed)) in all), \(report.imagesRemoved) images, \(report.abandonedWork) abandoned work directories"

@@ -223,7 +223,81 @@ struct ExplainCommand: ParsableCommand {
 
 struct RunsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "runs", abstract: "List past pipeline runs, newest first.")
+        commandName: "runs", abstract: "List past pipeline runs, newest first; prune old ones.",
+        subcommands: [RunsListCommand.self, RunsPruneCommand.self], defaultSubcommand: RunsListCommand.self)
+}
+
+struct RunsPruneCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "prune",
+        abstract: "Forget old runs and remove their report folders.",
+        discussion: """
+            Keeps the newest N runs of each pipeline (file and name) with --keep, and/or the runs \
+            younger than --older-than. Folders under .contree/runs/ are removed; a folder given \
+            with --out is left where it is (and named). A run that has not ended and began in \
+            the last day may still be going: it stays.
+            """)
+    @OptionGroup var storeOptions: StoreOptions
+    @Option(help: "Keep the newest N runs of each pipeline.") var keep: Int?
+    @Option(help: ArgumentHelp("Forget runs that started longer ago than AGE (30m, 12h, 7d, 2w).", valueName: "AGE"))
+    var olderThan: String?
+    @Flag(help: "Print JSON.") var json = false
+
+    func validate() throws {
+        if keep == nil && olderThan == nil { throw ValidationError("say what to prune: --keep N, --older-than AGE, or both") }
+        if let keep, keep < 0 { throw ValidationError("--keep takes a number of runs (0 or more), not \(keep)") }
+        if let olderThan, Format.parseAge(olderThan) == nil {
+            throw ValidationError("--older-than takes an age such as 7d, 12h, 30m or a number of seconds, not '\(olderThan)'")
+        }
+    }
+
+    struct Pruned: Codable {
+        var run: String
+        var folder: String
+        var removed: Bool
+        var note: String?
+    }
+
+    func run() throws {
+        try reportingErrors {
+            let cache = try StepCache(store: try storeOptions.open())
+            let cutoff = olderThan.flatMap(Format.parseAge).map { Date().addingTimeInterval(-$0) }
+            var pruned: [Pruned] = []
+            var failed = false
+            for run in try cache.forgetRuns(keep: keep, startedBefore: cutoff) {
+                var entry = Pruned(run: run.id, folder: run.outDir, removed: false)
+                if !run.outDir.hasSuffix("/.contree/runs/" + run.id) {
+                    entry.note = "given with --out: left in place"
+                } else if FileSystem.exists(run.outDir) {
+                    do {
+                        try FileSystem.removeTree(run.outDir)
+                        entry.removed = true
+                    } catch {
+                        entry.note = "could not be removed: \(error)"
+                        failed = true
+                    }
+                } else {
+                    entry.note = "already gone"
+                }
+                pruned.append(entry)
+            }
+            if json {
+                try printJSON(pruned)
+            } else {
+                for entry in pruned where entry.note != nil && !entry.removed {
+                    print("\(entry.run): \(entry.folder) \(entry.note!)")
+                }
+                let removed = pruned.filter(\.removed).count
+                print("forgot \(pruned.count) \(pruned.count == 1 ? "run" : "runs"), removed \(removed) \(removed == 1 ? "folder" : "folders")")
+            }
+            if failed { throw ExitCode(1) }
+        }
+    }
+}
+
+struct RunsListCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "list", abstract: "List past pipeline runs, newest first (the default).")
     @OptionGroup var storeOptions: StoreOptions
     @Option(help: "How many.") var limit = 20
     @Flag(help: "Print JSON.") var json = false

@@ -129,6 +129,9 @@ struct CommandLineTests {
         #expect(try t.store.listImages().isEmpty, "exec --help ran nothing")
         let passed = try await runCLI(["exec", "--", "--help"], home: t.root)
         #expect(passed.status == 127)
+        // A command line the tool cannot use is invalid input: exit 2, as documented.
+        #expect(try await runCLI(["image", "ls", "--bogus"], home: t.root).status == 2)
+        #expect(try await runCLI(["nonsense"], home: t.root).status == 2)
     }
 
     @Test("fsck exits non-zero on a damaged store")

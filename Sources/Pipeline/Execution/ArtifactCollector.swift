@@ -4,11 +4,15 @@ import Glibc
 import Sandbox
 
 /// Copies paths or globs out of a step's snapshot (read from its layers, no sandbox) into the
-/// run's output directory, hashing each file for the manifest.
+/// run's output directory, hashing each file for the manifest. An artifact an earlier run
+/// already copied out of the same snapshot is hard-linked from that copy instead, when the
+/// copy is unchanged since (a cached step's 200 MiB artifact costs no new 200 MiB per run).
 struct ArtifactCollector {
     let store: Store
     /// The run's output directory.
     let outDir: String
+    /// Where earlier copies are remembered (nil: always copy).
+    var cache: StepCache? = nil
 
     /// Exports what `patterns` match in `image`; returns the records and the patterns that
     /// matched nothing.
@@ -21,6 +25,7 @@ struct ArtifactCollector {
         let fs = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
         var records: [ArtifactRecord] = []
         var missing: [String] = []
+        var seen = Set<String>()  // a file matched twice (two patterns) is exported once
         for pattern in patterns {
             let absolute =
                 pattern.hasPrefix("/") ? pattern : (workdir.hasSuffix("/") ? workdir : workdir + "/") + pattern
@@ -34,14 +39,13 @@ struct ArtifactCollector {
             if matches.isEmpty { missing.append(pattern) }
             for match in matches {
                 try fs.walk(match) { node in
-                    guard node.isRegular else { return }
-                    records.append(try copy(node, from: fs, into: "artifacts/" + plan.fileName))
+                    guard node.isRegular, seen.insert(node.path.description).inserted else { return }
+                    records.append(
+                        try export(node, of: imageUUID, from: fs, into: "artifacts/" + plan.fileName))
                 }
             }
         }
-        // A file matched twice (two patterns) is listed once.
-        var seen = Set<String>()
-        records = records.filter { seen.insert($0.path).inserted }.map {
+        records = records.map {
             var record = $0
             record.node = plan.id
             return record
@@ -77,20 +81,52 @@ struct ArtifactCollector {
         }
     }
 
-    private func copy(
-        _ node: ImageFilesystem.Node, from fs: ImageFilesystem, into directory: String
+    private func export(
+        _ node: ImageFilesystem.Node, of image: String, from fs: ImageFilesystem, into directory: String
     ) throws
         -> ArtifactRecord
     {
         // A name that is not UTF-8 is written (and listed) escaped: the manifest is JSON.
-        let relative = directory + node.path.description
+        let path = node.path.description
+        let relative = directory + path
         let destination = outDir + "/" + relative
         try FileManager.default.createDirectory(
             atPath: (destination as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+        // Never write through a name that is there already: it may be a link to another run's copy.
+        unlink(destination)
+        if let cache, let previous = try? cache.artifactCopy(image: image, path: path),
+            previous.size == Int64(node.status.st_size)
+        {
+            var status = stat()
+            if lstat(previous.file, &status) == 0, previous.isUnchanged(status), link(previous.file, destination) == 0 {
+                try? cache.rememberArtifactCopy(
+                    image: image, path: path, ArtifactCopy(file: destination, sha256: previous.sha256, status: status))
+                return ArtifactRecord(
+                    node: "", path: path, file: relative, sha256: previous.sha256, size: previous.size)
+            }
+        }
+        let record = try copy(node, from: fs, to: destination, relative: relative)
+        var status = stat()
+        if let cache, lstat(destination, &status) == 0 {
+            try? cache.rememberArtifactCopy(
+                image: image, path: path, ArtifactCopy(file: destination, sha256: record.sha256, status: status))
+        }
+        return record
+    }
+
+    private func copy(
+        _ node: ImageFilesystem.Node, from fs: ImageFilesystem, to destination: String, relative: String
+    ) throws
+        -> ArtifactRecord
+    {
         let input = try fs.openFile(node)
         defer { close(input) }
-        let output = open(destination, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode_t(node.status.st_mode & 0o777))
-        guard output >= 0 else { throw PipelineError(.failed, "cannot write artifact \(destination)") }
+        let output = open(
+            destination, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode_t(node.status.st_mode & 0o777))
+        guard output >= 0 else {
+            throw PipelineError(
+                .failed, "cannot write artifact \(destination): \(String(cString: strerror(errno)))")
+        }
         defer { close(output) }
         var hasher = SHA256()
         var size: Int64 = 0

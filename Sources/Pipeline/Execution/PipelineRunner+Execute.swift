@@ -208,7 +208,7 @@ extension PipelineRunner {
             $0.when == .always || ($0.when == .success && passed) || ($0.when == .failure && !passed)
         }
         guard !wanted.isEmpty else { return }
-        let collector = ArtifactCollector(store: engine.store, outDir: outDir)
+        let collector = ArtifactCollector(store: engine.store, outDir: outDir, cache: cache)
         let (records, missing) = try collector.collect(
             wanted.map(\.pattern.value), from: image, workdir: workdir, node: node)
         result.artifacts = records

@@ -167,15 +167,26 @@ public final class PipelineRunner: Sendable {
                     [".contree", "runs", RawPath(runID), "logs"], member: ".contree/runs",
                     source: plan.definition.directory)
             } catch let error as SandboxError {
+                let symlink = error.code == .pathEscapes || error.errno == ELOOP || error.errno == ENOTDIR
                 throw PipelineValidationError([
                     PipelineError(
                         .invalid,
-                        "the run's reports go to .contree/runs/ in \(plan.definition.directory): \(error.message) (a symlink there is refused; remove it, or give --out)"
+                        "the run's reports go to .contree/runs/ beside the pipeline, in \(plan.definition.directory), which cannot be written: \(error.description); "
+                            + (symlink
+                                ? "a symlink there is refused: remove it, or give --out DIR"
+                                : "give --out DIR (a writable directory) for the reports")
                     )
                 ])
             }
         } else {
-            try FileManager.default.createDirectory(atPath: outDir + "/logs", withIntermediateDirectories: true)
+            do {
+                try FileSystem.makeDirectories(outDir + "/logs")
+            } catch let error as SandboxError {
+                throw PipelineValidationError([
+                    PipelineError(
+                        .invalid, "--out \(outDir) cannot be written: \(error.description); give a writable directory")
+                ])
+            }
         }
         try cache.beginRun(
             id: runID, pipeline: plan.definition.name, file: plan.definition.absolutePath, started: started,

@@ -77,6 +77,15 @@ public struct StepCache: Sendable {
                 CREATE INDEX IF NOT EXISTS pipeline_steps_file ON pipeline_steps(file, pipeline, node, ended);
                 """)
         }
+        // Where each artifact of a snapshot was last copied to, and the file as it was then: a
+        // later run of the same snapshot links that file instead of copying it again.
+        try store.database.execute(
+            """
+            CREATE TABLE IF NOT EXISTS artifact_copies(
+                image TEXT NOT NULL, path TEXT NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL,
+                size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, device INTEGER NOT NULL, inode INTEGER NOT NULL,
+                PRIMARY KEY(image, path));
+            """)
         if try store.database.query("SELECT 1 FROM pragma_table_info('step_cache') WHERE name = 'log'").isEmpty {
             try store.database.execute("ALTER TABLE step_cache ADD COLUMN log BLOB")
         }
@@ -149,6 +158,76 @@ public struct StepCache: Sendable {
                 log.map { .blob(Array($0.suffix(StepCache.logLimit))) } ?? .null,
             ])
         try store.pin(resultImage, owner: StepCache.owner)
+    }
+
+    /// The file an artifact of `image` was last copied to, as it was then.
+    func artifactCopy(image: String, path: String) throws -> ArtifactCopy? {
+        try store.database.query(
+            "SELECT * FROM artifact_copies WHERE image = ? AND path = ?", [.text(image), .text(path)]
+        ).first.map {
+            ArtifactCopy(
+                file: $0["file"].string ?? "", sha256: $0["sha256"].string ?? "", size: $0["size"].int ?? -1,
+                mtimeNanoseconds: $0["mtime_ns"].int ?? -1, device: $0["device"].int ?? -1, inode: $0["inode"].int ?? -1)
+        }
+    }
+
+    func rememberArtifactCopy(image: String, path: String, _ copy: ArtifactCopy) throws {
+        try store.database.query(
+            "INSERT OR REPLACE INTO artifact_copies(image, path, file, sha256, size, mtime_ns, device, inode) VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                .text(image), .text(path), .text(copy.file), .text(copy.sha256), .integer(copy.size),
+                .integer(copy.mtimeNanoseconds), .integer(copy.device), .integer(copy.inode),
+            ])
+    }
+
+    /// Drops cache entries (and scores) made before `cutoff` and unpins their snapshots; the
+    /// snapshots nothing else keeps are removed (their layers go with the next `gc`).
+    /// - Returns: the entries dropped and the snapshots removed.
+    public func prune(createdBefore cutoff: Date) throws -> (entries: Int, scores: Int, images: Int) {
+        let time = SQLValue.real(cutoff.timeIntervalSince1970)
+        let (entries, scores, dropped) = try store.database.transaction { tx -> (Int, Int, Set<String>) in
+            let old = Set(
+                try tx.query("SELECT result_image FROM step_cache WHERE created < ?", [time]).compactMap {
+                    $0["result_image"].string
+                })
+            try tx.query("DELETE FROM step_cache WHERE created < ?", [time])
+            let entries = tx.changes
+            try tx.query("DELETE FROM score_cache WHERE created < ?", [time])
+            let scores = tx.changes
+            var dropped = Set<String>()
+            for image in old
+            where try tx.query("SELECT 1 FROM step_cache WHERE result_image = ?", [.text(image)]).isEmpty {
+                try tx.query(
+                    "DELETE FROM pins WHERE owner = ? AND image = ?", [.text(StepCache.owner), .text(image)])
+                try tx.query("DELETE FROM artifact_copies WHERE image = ?", [.text(image)])
+                dropped.insert(image)
+            }
+            return (entries, scores, dropped)
+        }
+        return (entries, scores, try store.removeUnreferenced(dropped))
+    }
+
+    /// Forgets past runs: all but the newest `keep` of each pipeline (file and name), and those
+    /// that started before `startedBefore`. A run that has not ended and began in the last day
+    /// may still be going: it stays.
+    /// - Returns: the runs forgotten; removing their folders is the caller's choice.
+    public func forgetRuns(keep: Int?, startedBefore: Date?) throws -> [PipelineRunSummary] {
+        let runs = try store.database.query("SELECT * FROM pipeline_runs ORDER BY started DESC").map(summary)
+        var seen: [String: Int] = [:]
+        let recent = Date().addingTimeInterval(-86_400)
+        let doomed = runs.filter { run in
+            let rank = seen[run.file + "\n" + run.pipeline, default: 0]
+            seen[run.file + "\n" + run.pipeline] = rank + 1
+            if run.ended == nil && run.started > recent { return false }
+            return (keep.map { rank >= $0 } ?? false) || (startedBefore.map { run.started < $0 } ?? false)
+        }
+        try store.database.transaction { tx in
+            for run in doomed {
+                try tx.query("DELETE FROM pipeline_steps WHERE run_id = ?", [.text(run.id)])
+                try tx.query("DELETE FROM pipeline_runs WHERE id = ?", [.text(run.id)])
+            }
+        }
+        return doomed
     }
 
     public func score(_ key: String) throws -> String? {
@@ -242,5 +321,39 @@ public struct StepCache: Sendable {
             started: Date(timeIntervalSince1970: row["started"].double ?? 0),
             ended: row["ended"].double.map { Date(timeIntervalSince1970: $0) }, status: row["status"].string ?? "",
             outDir: row["out_dir"].string ?? "")
+    }
+}
+
+/// An artifact file a run wrote, as it was when written: unchanged (same size, time, device
+/// and inode), it can stand for the same artifact of a later run.
+struct ArtifactCopy: Sendable {
+    var file: String
+    var sha256: String
+    var size: Int64
+    var mtimeNanoseconds: Int64
+    var device: Int64
+    var inode: Int64
+
+    init(file: String, sha256: String, size: Int64, mtimeNanoseconds: Int64, device: Int64, inode: Int64) {
+        self.file = file
+        self.sha256 = sha256
+        self.size = size
+        self.mtimeNanoseconds = mtimeNanoseconds
+        self.device = device
+        self.inode = inode
+    }
+
+    init(file: String, sha256: String, status: stat) {
+        self.init(
+            file: file, sha256: sha256, size: Int64(status.st_size),
+            mtimeNanoseconds: Int64(status.st_mtim.tv_sec) * 1_000_000_000 + Int64(status.st_mtim.tv_nsec),
+            device: Int64(bitPattern: UInt64(status.st_dev)), inode: Int64(bitPattern: UInt64(status.st_ino)))
+    }
+
+    /// Whether `status` (an lstat of `file` now) is the file as it was written.
+    func isUnchanged(_ status: stat) -> Bool {
+        let now = ArtifactCopy(file: file, sha256: sha256, status: status)
+        return (status.st_mode & S_IFMT) == S_IFREG && now.size == size && now.mtimeNanoseconds == mtimeNanoseconds
+            && now.device == device && now.inode == inode
     }
 }

@@ -109,6 +109,33 @@ extension Store {
         }
     }
 
+    /// Removes those of `uuids` that nothing keeps: no tag, no pin, no child image. Leaves go
+    /// first, so a chain of them goes whole; an image something keeps keeps its ancestors.
+    /// - Returns: how many images were removed (their layers go with the next `gc`).
+    public func removeUnreferenced(_ uuids: Set<String>) throws -> Int {
+        try database.transaction { tx in
+            var left = uuids
+            var removed = 0
+            var progressed = true
+            while progressed {
+                progressed = false
+                for uuid in left.sorted() {
+                    let kept = try tx.query(
+                        """
+                        SELECT 1 FROM tags WHERE image = ?1 UNION ALL SELECT 1 FROM pins WHERE image = ?1
+                        UNION ALL SELECT 1 FROM images WHERE parent = ?1 LIMIT 1
+                        """, [.text(uuid)])
+                    guard kept.isEmpty else { continue }
+                    try tx.query("DELETE FROM images WHERE uuid = ?", [.text(uuid)])
+                    removed += tx.changes
+                    left.remove(uuid)
+                    progressed = true
+                }
+            }
+            return removed
+        }
+    }
+
     private func pruneUntagged(olderThan age: Double) throws -> Int {
         try database.transaction { tx in
             let cutoff = Store.now - age
