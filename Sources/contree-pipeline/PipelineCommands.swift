@@ -32,6 +32,8 @@ struct RunCommand: AsyncParsableCommand {
     @Option(name: [.short, .long], help: "Steps running at once (default: the number of cores).")
     var jobs: Int = ProcessInfo.processInfo.activeProcessorCount
     @Flag(help: "After a failure, still run every branch that does not depend on it.") var keepGoing = false
+    @Flag(help: "Fail a passing step whose artifacts: pattern matches nothing (otherwise the summary warns).")
+    var strictArtifacts = false
     @Option(name: .customLong("from"), help: "Run this step and everything after it even if cached (repeatable).")
     var fromSteps: [String] = []
     @Flag(help: "Run every step, ignoring the cache.") var noCache = false
@@ -84,7 +86,8 @@ struct RunCommand: AsyncParsableCommand {
         }
         let options = RunOptions(
             jobs: jobs, keepGoing: keepGoing, forceSteps: fromSteps, noCache: noCache, failOnCacheMiss: failOnCacheMiss,
-            outDir: out, junitPath: junit, cacheFrom: sources, cacheTo: destination, allowHostPaths: allowHostPaths)
+            outDir: out, junitPath: junit, cacheFrom: sources, cacheTo: destination, allowHostPaths: allowHostPaths,
+            strictArtifacts: strictArtifacts)
         let observer: any RunObserver = json ? RunViews.make(output: ViewOutput(fd: 2)) : RunViews.make()
         let runner = try reportingErrors {
             try PipelineRunner(plan: plan, engine: engine, options: options, observer: observer)

@@ -61,6 +61,22 @@ struct RunFolderTests {
         #expect(try status(third, "big.bin").st_ino == a.st_ino)
     }
 
+    @Test("an artifacts: pattern that matches nothing is a warning in the summary, and a failure with --strict-artifacts")
+    func missingArtifacts() async throws {
+        let w = try Workspace()
+        try w.write("ci.yaml", "steps:\n  - id: build\n    run: echo built > /workspace/app\n    artifacts: [app, dist/*.whl]\n")
+        let home = w.root + "/store"
+        let lenient = try await CLI.run(["run", "ci.yaml"], home: home, in: w.project)
+        #expect(lenient.status == 0, "\(lenient.err)")
+        #expect(lenient.out.contains("warning: build: artifact 'dist/*.whl' matched nothing in its snapshot"), "\(lenient.out)")
+        let strict = try await CLI.run(["run", "ci.yaml", "--strict-artifacts", "--json"], home: home, in: w.project)
+        #expect(strict.status == 1)
+        let report = try JSONSerialization.jsonObject(with: Data(strict.out.utf8)) as? [String: Any]
+        let node = (report?["steps"] as? [[String: Any]])?.first
+        #expect(node?["missing_artifacts"] as? [String] == ["dist/*.whl"])
+        #expect((node?["reason"] as? String)?.contains("--strict-artifacts") == true)
+    }
+
     @Test("runs prune --keep and --older-than forget runs and remove their folders; gc --prune-cache drops old cache entries")
     func pruning() async throws {
         let w = try Workspace()

@@ -60,6 +60,8 @@ public struct NodeResult: Sendable, Codable {
     /// Relative to the run's output directory.
     public var log: String?
     public var artifacts: [ArtifactRecord]
+    /// `artifacts:` patterns that matched nothing in the snapshot (nil: none).
+    public var missingArtifacts: [String]?
     /// Why the node was skipped, failed before running, or was cancelled.
     public var reason: String?
     public var variants: [VariantOutcome]?
@@ -97,6 +99,7 @@ public struct NodeResult: Sendable, Codable {
         case signal
         case timedOut = "timed_out"
         case attempts, started, ended, metrics, outputs, log, artifacts, reason, variants, matrix
+        case missingArtifacts = "missing_artifacts"
     }
 
     init(node: PlanNode, status: NodeStatus, reason: String? = nil) {

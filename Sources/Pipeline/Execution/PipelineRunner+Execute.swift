@@ -212,7 +212,15 @@ extension PipelineRunner {
         let (records, missing) = try collector.collect(
             wanted.map(\.pattern.value), from: image, workdir: workdir, node: node)
         result.artifacts = records
+        guard !missing.isEmpty else { return }
+        result.missingArtifacts = missing
         for pattern in missing { log.note("artifact '\(pattern)' matched nothing in the snapshot") }
+        if passed && options.strictArtifacts {
+            throw PipelineError(
+                .failed,
+                "artifact \(missing.map { "'\($0)'" }.joined(separator: ", ")) matched nothing in the snapshot of \(node.id), and --strict-artifacts is set"
+            )
+        }
     }
 
     // MARK: Selection among fork variants

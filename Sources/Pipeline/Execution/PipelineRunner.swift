@@ -26,13 +26,17 @@ public struct RunOptions: Sendable {
     public var cacheFrom: [any SharedStepCache]
     /// Where the run's passed steps and scores are published at its end (`--cache-to`).
     public var cacheTo: (any SharedStepCache)?
+    /// A passing step whose `artifacts:` pattern matched nothing fails (`--strict-artifacts`);
+    /// otherwise the summary warns.
+    public var strictArtifacts: Bool
 
     public init(
         jobs: Int = ProcessInfo.processInfo.activeProcessorCount, keepGoing: Bool = false, forceSteps: [String] = [],
         noCache: Bool = false, failOnCacheMiss: Bool = false, outDir: String? = nil, junitPath: String? = nil,
         environment: [String: String] = ProcessInfo.processInfo.environment, cacheFrom: [any SharedStepCache] = [],
-        cacheTo: (any SharedStepCache)? = nil, allowHostPaths: Bool = false
+        cacheTo: (any SharedStepCache)? = nil, allowHostPaths: Bool = false, strictArtifacts: Bool = false
     ) {
+        self.strictArtifacts = strictArtifacts
         self.allowHostPaths = allowHostPaths
         self.cacheFrom = cacheFrom
         self.cacheTo = cacheTo

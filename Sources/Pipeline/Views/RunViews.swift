@@ -82,6 +82,13 @@ public enum RunViews {
             .trimmingWhitespace
         }
         var text = "\n" + line(header) + "\n" + rows.map(line).joined(separator: "\n") + "\n"
+        var warnings = ""
+        for n in report.nodes where n.status == .passed {
+            for pattern in n.missingArtifacts ?? [] {
+                warnings += "warning: \(n.node): artifact '\(pattern)' matched nothing in its snapshot\n"
+            }
+        }
+        if !warnings.isEmpty { text += "\n" + warnings }
         for n in report.nodes where n.status == .failed {
             text += "\n── \(n.node): \(n.reason ?? "failed") ──\n"
             if let log = n.log, let data = FileManager.default.contents(atPath: report.outDir + "/" + log) {
