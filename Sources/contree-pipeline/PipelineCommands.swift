@@ -135,11 +135,24 @@ struct RunCommand: AsyncParsableCommand {
 
 struct ValidateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "validate", abstract: "Check a pipeline file without running it (exit 2 when it is invalid).")
+        commandName: "validate", abstract: "Check a pipeline file without running it (exit 2 when it is invalid).",
+        discussion: """
+            Everything run checks before anything runs: the file itself, then on this host the \
+            inputs (each must match files beneath the pipeline's directory), the secrets the steps \
+            use (each variable set, each file there) and a local image path. The base image is \
+            not built or imported.
+            """)
     @Argument(help: "The pipeline file.") var pipeline: String
+    @Flag(help: "As `run --allow-host-paths`: secret files and local image paths may lie anywhere on this host.")
+    var allowHostPaths = false
 
     func run() throws {
         let plan = try loadPipeline(pipeline)
+        let problems = Preflight(plan.definition, allowHostPaths: allowHostPaths).check().problems
+        if !problems.isEmpty {
+            printError(PipelineValidationError(problems).description)
+            throw ExitCode(2)
+        }
         let steps = plan.definition.steps.count
         print(
             "\(pipeline): valid — \(steps) step\(steps == 1 ? "" : "s"), \(plan.nodes.count) node\(plan.nodes.count == 1 ? "" : "s") after expansion"

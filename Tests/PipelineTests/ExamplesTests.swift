@@ -33,19 +33,7 @@ struct ExamplesSchemaTests {
             _ = PipelinePlan(try PipelineParser.parse(file: path))
         }
     }
-
-    @Test("every example validates against the JSON Schema, which rejects a bad file")
-    func schema() throws {
-        let script = Repository.root + "/scripts/validate-examples.py"
-        let good = try ChildProcess.run(["python3", script])
-        #expect(good.succeeded, "\(String(decoding: good.stdout, as: UTF8.self)) \(good.stderrText)")
-        let bad = "/tmp/contree-bad-\(getpid()).yaml"
-        try "steps:\n  - id: a\n    rnu: echo\n".write(toFile: bad, atomically: true, encoding: .utf8)
-        defer { try? FileManager.default.removeItem(atPath: bad) }
-        let rejected = try ChildProcess.run(["python3", script, bad])
-        #expect(!rejected.succeeded)
-        #expect(String(decoding: rejected.stdout, as: UTF8.self).contains("rnu"))
-    }
+    // The JSON Schema's verdict on every example: SchemaAgreementTests.
 }
 
 @Suite("The examples run", .requiresRoot)

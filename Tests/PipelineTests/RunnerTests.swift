@@ -233,7 +233,7 @@ struct RunnerTests {
         try w.write("pipeline.yaml", "steps:\n  - id: long\n    run: sleep 30\n")
         let started = StartWatcher(node: "long")
         let task = Task { try await w.run(observer: started) }
-        while !started.seen { try await Task.sleep(for: .milliseconds(50)) }
+        try await started.wait()
         try await Task.sleep(for: .milliseconds(300))
         task.cancel()
         let report = try await task.value
@@ -394,7 +394,7 @@ struct RunnerTests {
             """)
         let started = StartWatcher(node: "long")
         let task = Task { try await w.run(observer: started) }
-        while !started.seen { try await Task.sleep(for: .milliseconds(50)) }
+        try await started.wait()
         try await Task.sleep(for: .milliseconds(300))
         task.cancel()
         let report = try await task.value
@@ -488,5 +488,12 @@ final class StartWatcher: RunObserver {
     var seen: Bool { started.withLock { $0 } }
     func handle(_ event: RunEvent) {
         if case .nodeStarted(let id) = event, id == node { started.withLock { $0 = true } }
+        if case .finished = event { started.withLock { $0 = true } }  // never wait past the end
+    }
+
+    /// Waits (a minute at most) until the node started or the run ended.
+    func wait() async throws {
+        let deadline = Date().addingTimeInterval(60)
+        while !seen && Date() < deadline { try await Task.sleep(for: .milliseconds(50)) }
     }
 }

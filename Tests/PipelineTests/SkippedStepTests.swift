@@ -86,7 +86,7 @@ struct SkippedStepTests {
             """)
         let started = StartWatcher(node: "long")
         let task = Task { try await w.run(observer: started) }
-        while !started.seen { try await Task.sleep(for: .milliseconds(50)) }
+        try await started.wait()
         try await Task.sleep(for: .milliseconds(300))
         task.cancel()
         let report = try await task.value

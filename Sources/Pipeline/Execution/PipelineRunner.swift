@@ -108,35 +108,16 @@ public final class PipelineRunner: Sendable {
 
     // MARK: Preflight
 
-    /// Checks what can only be checked on this host before anything runs: inputs exist,
-    /// secrets are set, the backends exist, the base image resolves.
+    /// Checks what can only be checked on this host before anything runs (see `Preflight`),
+    /// then resolves the base image (building or importing it on first use).
     func preflight(_ cancellation: Cancellation? = nil) throws -> (image: ImageRecord, secrets: [String: String]) {
-        var problems: [PipelineError] = []
         let definition = plan.definition
-        for step in definition.steps {
-            for input in step.inputs {
-                do {
-                    _ = try InputResolver.resolve(input, directory: definition.directory, workdir: "/")
-                } catch let error as PipelineError {
-                    problems.append(error)
-                }
-            }
-            let isolation = step.settings.over(definition.defaults).isolation ?? .container
-            if !engine.supports(isolation) {
-                problems.append(
-                    PipelineError(
-                        .invalid, "isolation: \(isolation.rawValue) is not available in this build; use container",
-                        at: step.location))
-            }
-        }
-        let used = Set(definition.steps.flatMap { $0.secrets.map(\.value) })
-        let hostPaths = definition.hostPaths(allowingAnywhere: options.allowHostPaths)
-        let (secrets, secretProblems) = SecretLoader.load(
-            definition.secrets.filter { used.contains($0.name.value) }, directory: definition.directory,
-            hostPaths: hostPaths,
-            environment: options.environment)
-        problems += secretProblems
+        let (secrets, problems) = Preflight(
+            definition, environment: options.environment, allowHostPaths: options.allowHostPaths,
+            isolations: Set(engine.availableBackends)
+        ).check()
         if !problems.isEmpty { throw PipelineValidationError(problems) }
+        let hostPaths = definition.hostPaths(allowingAnywhere: options.allowHostPaths)
         do {
             let image = try definition.imageReference(hostPaths: hostPaths)
             return (try engine.baseImages.resolve(image, cancellation: cancellation), secrets)

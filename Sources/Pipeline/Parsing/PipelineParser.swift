@@ -186,8 +186,27 @@ public struct PipelineParser {
         return Located(scalar.string, at: at(node))
     }
 
-    mutating func template(_ node: Node, what: String) -> Template? {
-        guard let text = string(node, what: what) else { return nil }
+    /// A value that must be text: a number or a boolean YAML reads as such (`name: 5`,
+    /// `image: 123`) is refused with the quoted form to write, as the JSON Schema refuses it.
+    mutating func text(_ node: Node, what: String, allowingBoolean: Bool = false) -> Located<String>? {
+        if case .scalar(let scalar) = node, scalar.style == .plain {
+            let kind: String? =
+                switch Resolver.default.resolveTag(of: node) {
+                case .int, .float: "a number"
+                case .bool: allowingBoolean ? nil : "a boolean"
+                case .timestamp: "a date"
+                default: nil
+                }
+            if let kind {
+                fail("\(what) must be text, not \(kind); quote it: \"\(scalar.string)\"", at: node)
+                return nil
+            }
+        }
+        return string(node, what: what)
+    }
+
+    mutating func template(_ node: Node, what: String, textOnly: Bool = false) -> Template? {
+        guard let text = textOnly ? text(node, what: what) : string(node, what: what) else { return nil }
         do {
             return try Template.parse(text.value, at: text.location, locate: locator(for: node))
         } catch let error as PipelineError {
@@ -221,7 +240,8 @@ public struct PipelineParser {
 
     mutating func integer(_ node: Node, what: String, minimum: Int) -> Int? {
         guard let text = string(node, what: what) else { return nil }
-        guard let n = Int(text.value), n >= minimum else {
+        guard text.value.allSatisfy(\.isASCII), text.value.allSatisfy(\.isNumber), let n = Int(text.value), n >= minimum
+        else {
             fail("\(what) must be a whole number of at least \(minimum), not '\(text.value)'", at: node)
             return nil
         }
@@ -230,7 +250,7 @@ public struct PipelineParser {
 
     mutating func number(_ node: Node, what: String) -> Double? {
         guard let text = string(node, what: what) else { return nil }
-        guard let n = Double(text.value), n > 0 else {
+        guard Units.isDecimal(text.value), let n = Double(text.value), n > 0 else {
             fail("\(what) must be a positive number, not '\(text.value)'", at: node)
             return nil
         }
@@ -303,11 +323,12 @@ public struct PipelineParser {
     mutating func setting(_ key: String, _ value: Node, into settings: inout StepSettings) -> Bool {
         switch key {
         case "shell":
-            let words = string(value, what: "shell").map { $0.value.split(separator: " ").map(String.init) } ?? []
+            let words =
+                text(value, what: "shell").map { $0.value.split(whereSeparator: \.isWhitespace).map(String.init) } ?? []
             if words.isEmpty { fail("shell must name an interpreter such as sh, bash or python3", at: value) }
             settings.shell = words.isEmpty ? nil : words
         case "workdir":
-            if let t = template(value, what: "workdir") {
+            if let t = template(value, what: "workdir", textOnly: true) {
                 if let literal = t.literal, !literal.hasPrefix("/") {
                     fail("workdir must be an absolute path in the sandbox, not '\(literal)'", at: value)
                 } else {
@@ -336,8 +357,8 @@ public struct PipelineParser {
         var sawSteps = false
         for (key, _, value) in entries(root, allowed: PipelineParser.topKeys, what: "the pipeline") {
             switch key {
-            case "name": name = string(value, what: "name")?.value
-            case "image": image = string(value, what: "image")
+            case "name": name = text(value, what: "name")?.value
+            case "image": image = text(value, what: "image")
             case "env": env = environment(value, what: "env")
             case "defaults":
                 for (k, _, v) in entries(value, allowed: PipelineParser.defaultsKeys, what: "defaults") {
@@ -415,7 +436,7 @@ public struct PipelineParser {
             switch key {
             case "run": step.run = script(value)
             case "env": step.env = environment(value, what: "env of step \(id.value)")
-            case "from": step.from = string(value, what: "from")
+            case "from": step.from = text(value, what: "from")
             case "needs": step.needs = stringList(value, what: "needs")
             case "inputs": step.inputs = readInputs(value)
             case "artifacts": step.artifacts = readArtifacts(value)
@@ -423,7 +444,7 @@ public struct PipelineParser {
             case "fork": step.fork = readFork(value)
             case "select": step.select = readSelect(value)
             case "if":
-                if let text = string(value, what: "if") {
+                if let text = text(value, what: "if", allowingBoolean: true) {
                     var expression = text.value.trimmingWhitespace
                     var shift = 0
                     if expression.hasPrefix("${{") && expression.hasSuffix("}}") {
@@ -467,6 +488,7 @@ public struct PipelineParser {
             }
             return Template(parts: joined, location: at(node))
         }
+        // `run: true` is the command true: a script is its text, whatever YAML takes it for.
         return template(node, what: "run")
     }
 
@@ -705,28 +727,30 @@ enum Suggestion {
 
 /// Durations and sizes as people write them.
 enum Units {
+    /// `90`, `1.5`: digits with an optional fraction (no sign, exponent or `inf`), as the
+    /// JSON Schema's patterns say.
+    static func isDecimal<S: StringProtocol>(_ text: S) -> Bool {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        return (1...2).contains(parts.count)
+            && parts.allSatisfy { !$0.isEmpty && $0.allSatisfy { $0.isASCII && $0.isNumber } }
+    }
+
+    /// `90` (seconds), or hours, minutes and seconds in that order, each at most once: `90s`,
+    /// `10m`, `1h30m`, `1.5h`.
     static func seconds(_ text: String) -> Double? {
-        if let n = Double(text) { return n }
+        if isDecimal(text) { return Double(text) }
+        var rest = Substring(text)
         var total = 0.0
-        var number = ""
         var sawUnit = false
-        for c in text.lowercased() {
-            if c.isNumber || c == "." {
-                number.append(c)
-                continue
-            }
-            guard let n = Double(number) else { return nil }
-            switch c {
-            case "h": total += n * 3600
-            case "m": total += n * 60
-            case "s": total += n
-            default: return nil
-            }
-            number = ""
+        for (unit, factor) in [("h", 3600.0), ("m", 60.0), ("s", 1.0)] {
+            let digits = rest.prefix { $0.isASCII && ($0.isNumber || $0 == ".") }
+            guard !digits.isEmpty, rest.dropFirst(digits.count).first == Character(unit) else { continue }
+            guard isDecimal(digits), let n = Double(digits) else { return nil }
+            total += n * factor
+            rest = rest.dropFirst(digits.count + 1)
             sawUnit = true
         }
-        guard number.isEmpty, sawUnit else { return nil }
-        return total
+        return rest.isEmpty && sawUnit ? total : nil
     }
 
     static func bytes(_ text: String) -> Int64? { ByteCount.parse(text) }

@@ -1,0 +1,63 @@
+import Foundation
+import Sandbox
+
+/// What can only be checked on this host, before anything runs: every input matches files
+/// beneath the pipeline's directory, every secret a step uses has its source, each step's
+/// isolation is available, a local image path may be read. `run` checks it (then resolves the
+/// image); `validate` checks it and runs nothing.
+public struct Preflight: Sendable {
+    public let definition: PipelineDefinition
+    /// The host environment secrets are read from.
+    public var environment: [String: String]
+    /// As `--allow-host-paths`: secret files and local image paths may lie anywhere.
+    public var allowHostPaths: Bool
+    /// The isolation kinds this build can run.
+    public var isolations: Set<IsolationKind>
+
+    public init(
+        _ definition: PipelineDefinition, environment: [String: String] = ProcessInfo.processInfo.environment,
+        allowHostPaths: Bool = false, isolations: Set<IsolationKind> = Set(IsolationKind.allCases)
+    ) {
+        self.definition = definition
+        self.environment = environment
+        self.allowHostPaths = allowHostPaths
+        self.isolations = isolations
+    }
+
+    /// The secrets the steps use, read, and every problem found (each naming its line).
+    public func check() -> (secrets: [String: String], problems: [PipelineError]) {
+        var problems: [PipelineError] = []
+        for step in definition.steps {
+            for input in step.inputs {
+                do {
+                    _ = try InputResolver.resolve(input, directory: definition.directory, workdir: "/")
+                } catch let error as PipelineError {
+                    problems.append(error)
+                } catch {
+                    problems.append(PipelineError(.invalid, "\(error)", at: step.location))
+                }
+            }
+            let isolation = step.settings.over(definition.defaults).isolation ?? .container
+            if !isolations.contains(isolation) {
+                problems.append(
+                    PipelineError(
+                        .invalid, "isolation: \(isolation.rawValue) is not available in this build; use container",
+                        at: step.location))
+            }
+        }
+        let used = Set(definition.steps.flatMap { $0.secrets.map(\.value) })
+        let hostPaths = definition.hostPaths(allowingAnywhere: allowHostPaths)
+        let (secrets, secretProblems) = SecretLoader.load(
+            definition.secrets.filter { used.contains($0.name.value) }, directory: definition.directory,
+            hostPaths: hostPaths, environment: environment)
+        problems += secretProblems
+        do {
+            _ = try definition.imageReference(hostPaths: hostPaths)
+        } catch let error as PipelineValidationError {
+            problems += error.errors
+        } catch {
+            problems.append(PipelineError(.invalid, "\(error)", at: definition.image.location))
+        }
+        return (secrets, problems)
+    }
+}
