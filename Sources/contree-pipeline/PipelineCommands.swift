@@ -179,7 +179,7 @@ struct ExplainCommand: ParsableCommand {
         abstract: "Show a step's key components and, on a miss, what changed since it last passed.")
     @OptionGroup var storeOptions: StoreOptions
     @Argument(help: "The pipeline file.") var pipeline: String
-    @Argument(help: "The step.") var step: String
+    @Argument(help: "The step, or one node of it: 'test[opt=-O2]', 'solve.fast'.") var step: String
     @Flag(help: "As `run --allow-host-paths`: secret files and local image paths may lie anywhere on this host.")
     var allowHostPaths = false
 
@@ -218,6 +218,14 @@ struct ExplainCommand: ParsableCommand {
                 for item in c.env { print("    env:          \(item)") }
                 for item in c.inputs { print("    input:        \(item)") }
                 for item in c.secrets { print("    secret:       \(item)") }
+                if let failed = e.failedRun {
+                    if e.changesSinceFailure.isEmpty {
+                        print("  unchanged since run \(failed), where it failed: it would fail the same way unless what it reads outside its key changed")
+                    } else {
+                        print("  changed since run \(failed), where it failed:")
+                        for d in e.changesSinceFailure { print("    - \(d)") }
+                    }
+                }
                 if e.hit == nil {
                     if let run = e.previousRun {
                         if e.differences.isEmpty {

@@ -32,4 +32,37 @@ struct HistoryTests {
         #expect(abs(summary.started.timeIntervalSince(report.started)) < 0.001)
         #expect(try #require(summary.ended).timeIntervalSince(summary.started) >= report.nodes[0].duration ?? 0)
     }
+
+    @Test("explain names one matrix instance, and after a failure and a fix says what changed since the failure")
+    func explainInstancesAndFailures() async throws {
+        let w = try Workspace()
+        let yaml = """
+            steps:
+              - id: test
+                matrix: {opt: ["-O0", "-O2"]}
+                run: test "${{ matrix.opt }}" = "-O0"
+            """
+        let failed = try await w.run(yaml, options: RunOptions(keepGoing: true))
+        #expect(failed.node("test[opt=-O2]")?.status == .failed)
+        try w.write("pipeline.yaml", yaml.replacingOccurrences(of: "= \"-O0\"", with: "!= x"))
+        let plan = PipelinePlan(try PipelineParser.parse(file: w.project + "/pipeline.yaml"))
+        let explained = try KeyExplainer(plan: plan, engine: w.engine).explain(step: "test[opt=-O2]")
+        #expect(explained.map(\.node) == ["test[opt=-O2]"])
+        #expect(explained.first?.failedRun == failed.runID)
+        #expect(explained.first?.changesSinceFailure == ["command: the script or shell changed"])
+        #expect(try KeyExplainer(plan: plan, engine: w.engine).explain(step: "test").count == 2)
+        #expect(throws: PipelineError.self) { try KeyExplainer(plan: plan, engine: w.engine).explain(step: "test[opt=-O3]") }
+    }
+
+    @Test("a fork variant that fails by design does not fail --fail-on-cache-miss once its failure is known")
+    func knownVariantFailure() async throws {
+        let w = try Workspace()
+        try Repository.copyExamples(to: w)
+        let first = try await w.run(file: "tree-search.yaml")
+        #expect(first.status == .passed)
+        #expect(first.nodes.contains { $0.node.contains("broken") && $0.status == .failed })
+        let strict = try await w.run(options: RunOptions(failOnCacheMiss: true), file: "tree-search.yaml")
+        #expect(strict.status == .passed, "\(strict.nodes.map { ($0.node, $0.status, $0.reason ?? "") })")
+        #expect(strict.ran.isEmpty)
+    }
 }

@@ -107,8 +107,15 @@ extension PipelineRunner {
             return
         }
         if options.failOnCacheMiss {
+            // A fork variant that failed with this very key before is a known outcome of the
+            // search (tree-search.yaml's `broken`): it fails again without running.
+            if node.variant != nil, let run = try cache.lastFailure(key: key) {
+                log.note("failed with this key in run \(run); not run again (--fail-on-cache-miss)")
+                result.cached = true  // an outcome from the history, like a hit
+                throw PipelineError(.failed, "failed with this key in run \(run) (not run again: --fail-on-cache-miss)")
+            }
             throw CacheMissError(
-                "step \(node.id) would run (no cached result for key \(key)) and --fail-on-cache-miss is set; `explain \(node.step)` says what changed"
+                "step \(node.id) would run (no cached result for key \(key)) and --fail-on-cache-miss is set; `explain \(node.id)` says what changed"
             )
         }
 

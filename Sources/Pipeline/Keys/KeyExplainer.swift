@@ -11,6 +11,10 @@ public struct StepExplanation: Sendable {
     /// The components of the latest run of this node that passed.
     public var previous: StepKeyComponents?
     public var previousRun: String?
+    /// The latest attempt, when it failed after the last pass (or with none): its run and what
+    /// changed since.
+    public var failedRun: String?
+    public var changesSinceFailure: [String] = []
     /// What changed between `previous` and `components`.
     public var differences: [String]
     /// Why the key cannot be computed yet, if it cannot.
@@ -36,14 +40,21 @@ public struct KeyExplainer {
         self.allowHostPaths = allowHostPaths
     }
 
+    /// Explains every node of `step`, or the one node `step` names (`test[opt=-O2]`).
     public func explain(step: String) throws -> [StepExplanation] {
-        guard plan.definition.step(step) != nil else {
+        let target = plan.node(step)
+        guard plan.definition.step(step) != nil || target != nil else {
             var message = "no step '\(step)' in \(plan.definition.file)"
             if let s = Suggestion.closest(to: step, in: plan.definition.steps.map(\.id.value)) {
                 message += "; did you mean '\(s)'?"
             }
+            if plan.definition.step(String(step.prefix { $0 != "[" })) != nil {
+                message = "no node '\(step)' in \(plan.definition.file); its nodes: "
+                    + plan.nodes(of: String(step.prefix { $0 != "[" })).map(\.id).joined(separator: ", ")
+            }
             throw PipelineError(.invalid, message)
         }
+        let stepID = target?.step ?? step
         let cache = try StepCache(store: engine.store)
         let hostPaths = plan.definition.hostPaths(allowingAnywhere: allowHostPaths)
         let base = try engine.baseImages.resolve(try plan.definition.imageReference(hostPaths: hostPaths))
@@ -57,7 +68,7 @@ public struct KeyExplainer {
         var known: [String: NodeResult] = [:]
         var unknown: [String: String] = [:]  // node -> why its snapshot is not known
         var explanations: [StepExplanation] = []
-        let last = plan.nodes.lastIndex { $0.step == step } ?? 0
+        let last = target.flatMap { t in plan.nodes.firstIndex { $0.id == t.id } } ?? plan.nodes.lastIndex { $0.step == stepID } ?? 0
         for node in plan.nodes[...last] {
             var explanation = StepExplanation(
                 node: node.id, components: nil, key: nil, hit: nil, previous: nil, previousRun: nil, differences: [],
@@ -110,6 +121,15 @@ public struct KeyExplainer {
                     explanation.differences = components.differences(from: previous.components)
                 }
             }
+            if let latest = try cache.lastRecorded(
+                pipeline: plan.definition.name, file: plan.definition.absolutePath, node: node.id),
+                latest.status == "failed", latest.runID != explanation.previousRun
+            {
+                explanation.failedRun = latest.runID
+                if let components = explanation.components {
+                    explanation.changesSinceFailure = components.differences(from: latest.components)
+                }
+            }
             if let hit = explanation.hit, node.cache {
                 var result = NodeResult(node: node, status: .passed)
                 result.resultImage = hit.resultImage
@@ -119,7 +139,7 @@ public struct KeyExplainer {
                 unknown[node.id] =
                     explanation.note ?? (node.cache ? "\(node.id) is not cached" : "\(node.id) has cache: false")
             }
-            if node.step == step { explanations.append(explanation) }
+            if target.map({ $0.id == node.id }) ?? (node.step == stepID) { explanations.append(explanation) }
         }
         return explanations
     }

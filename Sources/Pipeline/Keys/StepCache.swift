@@ -268,6 +268,32 @@ public struct StepCache: Sendable {
             ])
     }
 
+    /// The latest recorded attempt of `node` (any status) with its components: after a failed
+    /// run and a fix, what changed since the failure.
+    public func lastRecorded(pipeline: String, file: String, node: String) throws -> (
+        components: StepKeyComponents, runID: String, status: String
+    )? {
+        guard
+            let row = try store.database.query(
+                """
+                SELECT components, run_id, status FROM pipeline_steps WHERE file = ? AND pipeline = ? AND node = ?
+                  AND components IS NOT NULL ORDER BY ended DESC LIMIT 1
+                """, [.text(file), .text(pipeline), .text(node)]
+            ).first, let components = decode(StepKeyComponents.self, row["components"].string),
+            let run = row["run_id"].string
+        else { return nil }
+        return (components, run, row["status"].string ?? "")
+    }
+
+    /// The run in which a step with `key` last failed, if it did: a fork variant that fails by
+    /// design is a known outcome, not a cache miss.
+    public func lastFailure(key: String) throws -> String? {
+        try store.database.query(
+            "SELECT run_id FROM pipeline_steps WHERE key = ? AND status = 'failed' ORDER BY ended DESC LIMIT 1",
+            [.text(key)]
+        ).first?["run_id"].string
+    }
+
     /// The components of the latest run of `node` that passed (from the cache or not).
     public func lastPassed(pipeline: String, file: String, node: String) throws -> (
         components: StepKeyComponents, runID: String

@@ -42,7 +42,8 @@ public struct RunReport: Sendable, Codable {
         Dictionary(grouping: nodes, by: \.status).mapValues(\.count)
     }
 
-    public var cachedCount: Int { nodes.filter(\.cached).count }
+    /// Passed steps reused from the cache.
+    public var cachedCount: Int { nodes.filter { $0.cached && $0.status == .passed }.count }
 
     enum CodingKeys: String, CodingKey {
         case runID = "run_id"
