@@ -69,10 +69,12 @@ final class ServerState: Sendable {
             [.text(token.name)])
         let stats = JSON.object(rows.map { ($0["status"].string ?? "", .int($0["n"].int ?? 0)) })
         let permissions = ["import", "spawn", "spawn_disposable", "list", "cancel", "set_image_tag", "upload"]
+        // Imports are accepted when the token may import and the operator allowed a registry.
+        let imports = token.canImport && !operations.registries.isClosed
         return .json(
             .object([
                 ("token_uuid", .string(token.uuid)), ("token_expiration", .null), ("name", .string(token.name)),
-                ("permissions", .object(permissions.map { ($0, .bool($0 != "import" || token.canImport)) })),
+                ("permissions", .object(permissions.map { ($0, .bool($0 != "import" || imports)) })),
                 (
                     "limits",
                     .object([

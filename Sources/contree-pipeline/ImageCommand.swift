@@ -58,7 +58,10 @@ struct ImageCommand: ParsableCommand {
         @Argument(help: "The tag.") var name: String
 
         func run() throws {
-            try reportingErrors { try storeOptions.open().untag(name) }
+            try reportingErrors {
+                let image = try storeOptions.open().untag(name)
+                print("untagged \(name) (image \(image) stays)")
+            }
         }
     }
 

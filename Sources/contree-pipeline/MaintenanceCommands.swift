@@ -38,12 +38,12 @@ struct GarbageCollectCommand: ParsableCommand {
             } else {
                 if let pruned {
                     print(
-                        "step cache: dropped \(pruned.entries) entries and \(pruned.scores) scores older than \(pruneCache ?? ""), removed \(pruned.images) snapshots only they kept"
+                        "step cache: dropped \(Plural.count(pruned.entries, "entry", plural: "entries")) and \(Plural.count(pruned.scores, "score")) older than \(pruneCache ?? ""), removed \(Plural.count(pruned.images, "snapshot")) only they kept"
                     )
                 }
                 for failure in report.failures { printError("gc: \(failure)") }
                 print(
-                    "removed \(report.layersRemoved) layers, \(report.derivedRemoved) VM disk images of removed layers (\(Format.bytes(report.bytesFreed)) in all), \(report.imagesRemoved) images, \(report.abandonedWork) abandoned work directories"
+                    "removed \(Plural.count(report.layersRemoved, "layer")), \(Plural.count(report.derivedRemoved, "VM disk image")) of removed layers (\(Format.bytes(report.bytesFreed)) in all), \(Plural.count(report.imagesRemoved, "image")), \(Plural.count(report.abandonedWork, "abandoned work directory", plural: "abandoned work directories"))"
                 )
             }
             // What would not go is reported and the rest went; the exit status says so.
@@ -69,7 +69,7 @@ struct CheckCommand: ParsableCommand {
             for problem in report.problems { print("PROBLEM: \(problem)") }
             for item in report.garbage { print("garbage: \(item)") }
             print(
-                "\(report.isConsistent ? "consistent" : "INCONSISTENT"): \(report.imagesChecked) images, \(report.layersChecked) layers checked, \(report.problems.count) problems, \(report.garbage.count) garbage items"
+                "\(report.isConsistent ? "consistent" : "INCONSISTENT"): \(Plural.count(report.imagesChecked, "image")), \(Plural.count(report.layersChecked, "layer")) checked, \(Plural.count(report.problems.count, "problem")), \(Plural.count(report.garbage.count, "garbage item"))"
             )
         }
         if !report.isConsistent { throw ExitCode(1) }

@@ -34,6 +34,10 @@ struct RunCommand: AsyncParsableCommand {
     @Flag(help: "After a failure, still run every branch that does not depend on it.") var keepGoing = false
     @Flag(help: "Fail a passing step whose artifacts: pattern matches nothing (otherwise the summary warns).")
     var strictArtifacts = false
+
+    func validate() throws {
+        if jobs < 1 { throw ValidationError("--jobs must be at least 1, not \(jobs)") }
+    }
     @Option(name: .customLong("from"), help: "Run this step and everything after it even if cached (repeatable).")
     var fromSteps: [String] = []
     @Flag(help: "Run every step, ignoring the cache.") var noCache = false
@@ -112,7 +116,7 @@ struct RunCommand: AsyncParsableCommand {
         if let export = report.cacheExport {
             if let problem = export.error {
                 printError(
-                    "warning: pushing the cache to \(export.destination) stopped after \(export.pushed) entries: \(problem); the run's result stands"
+                    "warning: pushing the cache to \(export.destination) stopped after \(Plural.count(export.pushed, "entry", plural: "entries")): \(problem); the run's result stands"
                 )
             } else {
                 printError(
@@ -312,7 +316,7 @@ struct RunsPruneCommand: ParsableCommand {
                     print("\(entry.run): \(entry.folder) \(entry.note!)")
                 }
                 let removed = pruned.filter(\.removed).count
-                print("forgot \(pruned.count) \(pruned.count == 1 ? "run" : "runs"), removed \(removed) \(removed == 1 ? "folder" : "folders")")
+                print("forgot \(Plural.count(pruned.count, "run")), removed \(Plural.count(removed, "folder"))")
             }
             if failed { throw ExitCode(1) }
         }

@@ -746,6 +746,9 @@ struct RegistryAllowlistTests {
         let whoami = try await server.request("GET", "/v1/whoami", token: TestServer.carol).json()
         #expect(whoami[path: "permissions.import"] as? Bool == false)
         #expect(try await server.request("GET", "/v1/whoami").json()[path: "permissions.import"] as? Bool == true)
+        // A server that allows no registry accepts no import, whatever the token says.
+        let closed = try await TestServer()
+        #expect(try await closed.request("GET", "/v1/whoami").json()[path: "permissions.import"] as? Bool == false)
         for (path, json) in [
             ("/v1/images/import", #"{"registry":{"url":"docker://127.0.0.1:1/lib/box:1"}}"#),
             ("/v1/instances", #"{"command":"true","image":"docker://127.0.0.1:1/lib/box:1"}"#),

@@ -96,6 +96,35 @@ struct PipelineCLITests {
         #expect(graph.out.contains("digraph") && graph.out.contains("->"))
     }
 
+    @Test("small things: ambiguous run ids, --jobs 0, JSON with plain slashes, counts in the singular, untag confirms")
+    func smallThings() async throws {
+        let w = try Workspace()
+        let home = w.root + "/store"
+        try w.write("ci.yaml", "steps:\n  - id: a\n    run: echo /x > /y\n")
+        var ids: [String] = []
+        for _ in 0..<2 {
+            let run = try await CLI.run(["run", "ci.yaml", "--json"], home: home, in: w.project)
+            #expect(run.status == 0 && !run.out.contains("\\/"), "JSON escapes no slash: \(run.out.prefix(300))")
+            let report = try JSONSerialization.jsonObject(with: Data(run.out.utf8)) as? [String: Any]
+            ids.append(try #require(report?["run_id"] as? String))
+        }
+        let common = String(zip(ids[0], ids[1]).prefix { $0 == $1 }.map(\.0))
+        let ambiguous = try await CLI.run(["artifacts", common], home: home, in: w.project)
+        #expect(ambiguous.status == 2 && ambiguous.err.contains("ambiguous"), "\(ambiguous.err)")
+        #expect(try await CLI.run(["artifacts", ids[0]], home: home, in: w.project).status == 0)
+        let jobs = try await CLI.run(["run", "ci.yaml", "--jobs", "0"], home: home, in: w.project)
+        #expect(jobs.status == 2 && jobs.err.contains("--jobs must be at least 1"))
+        let validated = try await CLI.run(["validate", "ci.yaml"], home: home, in: w.project)
+        #expect(validated.out.contains("1 step, 1 node"), "\(validated.out)")
+        let fsck = try await CLI.run(["fsck", "--quick"], home: home, in: w.project)
+        #expect(fsck.out.contains("0 problems") && !fsck.out.contains(" 1 problems"), "\(fsck.out)")
+        let image = try #require((try JSONSerialization.jsonObject(
+            with: Data(try await CLI.run(["image", "ls", "--json"], home: home, in: w.project).out.utf8)) as? [[String: Any]])?.first?["uuid"] as? String)
+        #expect(try await CLI.run(["image", "tag", image, "keep"], home: home, in: w.project).status == 0)
+        let untag = try await CLI.run(["image", "untag", "keep"], home: home, in: w.project)
+        #expect(untag.status == 0 && untag.out.contains("untagged keep (image \(image) stays)"), "\(untag.out)")
+    }
+
     @Test("shell opens in the failed step's snapshot, where it ran, as a new branch")
     func shell() async throws {
         let w = try Workspace()

@@ -316,10 +316,24 @@ public struct StepCache: Sendable {
         ).map(summary)
     }
 
+    /// The run with this id, or the one run whose id starts with it.
+    /// - Throws: `SandboxError.invalidArgument` when several runs start with it.
     public func run(_ idOrPrefix: String) throws -> PipelineRunSummary? {
+        if let exact = try store.database.query("SELECT * FROM pipeline_runs WHERE id = ?", [.text(idOrPrefix)]).first {
+            return summary(exact)
+        }
+        // substr, not LIKE: a prefix holding % or _ means itself.
         let rows = try store.database.query(
-            "SELECT * FROM pipeline_runs WHERE id LIKE ? ORDER BY started DESC LIMIT 2", [.text(idOrPrefix + "%")])
-        return rows.count == 1 ? summary(rows[0]) : rows.first { $0["id"].string == idOrPrefix }.map(summary)
+            "SELECT * FROM pipeline_runs WHERE substr(id, 1, ?) = ? ORDER BY started DESC LIMIT 6",
+            [.integer(Int64(idOrPrefix.utf8.count)), .text(idOrPrefix)])
+        guard rows.count <= 1 else {
+            let ids = rows.prefix(5).compactMap { $0["id"].string }
+            throw SandboxError(
+                .invalidArgument,
+                "run id '\(idOrPrefix)' is ambiguous: \(rows.count > 5 ? "more than 5" : String(rows.count)) runs start with it (\(ids.joined(separator: ", "))\(rows.count > 5 ? ", …" : "")); give more of it"
+            )
+        }
+        return rows.first.map(summary)
     }
 
     /// The latest run of the pipeline `pipeline` in `file` (an absolute path).

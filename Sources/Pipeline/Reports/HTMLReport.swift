@@ -34,7 +34,7 @@ struct HTMLReport {
             svg text{font:12px system-ui,sans-serif}
             </style></head><body>
             <h1>\(escape(report.pipeline)) <span class="badge" style="background:\(HTMLReport.colors[report.status == .passed ? "passed" : report.status == .failed ? "failed" : "cancelled"]!)">\(report.status.rawValue)</span></h1>
-            <div class="muted">run <code>\(escape(report.runID))</code> · \(escape(report.file)) · \(String(format: "%.2f", report.duration)) s · \(report.nodes.count) steps: \(summary()) · jobs \(report.jobs)</div>
+            <div class="muted">run <code>\(escape(report.runID))</code> · \(escape(report.file)) · \(String(format: "%.2f", report.duration)) s · \(Plural.count(report.nodes.count, "step")): \(summary()) · jobs \(report.jobs)</div>
 
             """
         html += "<h2>Graph</h2>\n" + graph(results) + "\n"

@@ -1,4 +1,5 @@
 import Foundation
+import Sandbox
 import Synchronization
 
 /// Where a view writes (stdout by default; tests capture it).
@@ -138,7 +139,7 @@ final class LineView: RunObserver {
         switch event {
         case .started(let runID, let plan, let dir):
             outDir.withLock { $0 = dir }
-            output.write("\(LineView.timestamp()) run \(runID) of \(plan.definition.name): \(plan.nodes.count) steps\n")
+            output.write("\(LineView.timestamp()) run \(runID) of \(plan.definition.name): \(Plural.count(plan.nodes.count, "step"))\n")
         case .nodeStarted(let id):
             output.write("\(LineView.timestamp()) ▶ \(id) started\n")
         case .nodeFinished(let result):

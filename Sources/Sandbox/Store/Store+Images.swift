@@ -159,12 +159,17 @@ extension Store {
     }
 
     /// Removes a tag (the image stays).
-    public func untag(_ name: String) throws {
+    /// Removes a tag. - Returns: the image it pointed at (which stays).
+    @discardableResult
+    public func untag(_ name: String) throws -> String {
         try database.transaction { tx in
-            try tx.query("DELETE FROM tags WHERE name = ?", [.text(name)])
-            if tx.changes == 0 {
+            guard
+                let image = try tx.query("SELECT image FROM tags WHERE name = ?", [.text(name)]).first?["image"].string
+            else {
                 throw SandboxError(.notFound, "no tag named '\(name)'; `contree-pipeline image ls` lists tags")
             }
+            try tx.query("DELETE FROM tags WHERE name = ?", [.text(name)])
+            return image
         }
     }
 
