@@ -244,15 +244,17 @@ struct ImageCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Build a built-in base image now (normally built on first use).")
         @OptionGroup var storeOptions: StoreOptions
-        @Argument(help: "busybox or debian:bookworm.") var name: String
+        @Argument(help: "busybox, debian:bookworm, or debian:bookworm+PKG,... (one apt layer over debian:bookworm).")
+        var name: String
 
         func run() throws {
             try reportingErrors {
                 let store = try storeOptions.open()
-                guard BaseImages.names.contains(name) else {
+                guard BaseImages.isBuiltin(try BaseImages.canonical(name) ?? name) else {
                     throw SandboxError(
                         .invalidArgument,
-                        "no built-in image \(name); choose one of \(BaseImages.names.joined(separator: ", "))")
+                        "no built-in image \(name); choose one of \(BaseImages.names.joined(separator: ", ")), or debian:bookworm+PKG,PKG"
+                    )
                 }
                 print(try BaseImages(store: store, progress: ProgressReporter()).resolve(name).uuid)
             }

@@ -85,5 +85,10 @@ struct ExamplesRunTests {
         let binaries = report.nodes.flatMap(\.artifacts).filter { $0.path == "/src/wordcount" }
         #expect(binaries.count == 4)
         #expect(binaries.allSatisfy { $0.size > 1000 })
+        // The image with packages is one apt layer over debian:bookworm, not a second debootstrap.
+        let debian = try #require(try w.store.findImage("debian:bookworm"))
+        let tools = try #require(try w.store.findImage("debian:bookworm+gcc,libc6-dev,make"))
+        #expect(tools.parent == debian.uuid && tools.layers.count == debian.layers.count + 1)
+        #expect(tools.layers.starts(with: debian.layers))
     }
 }

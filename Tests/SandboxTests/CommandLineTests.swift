@@ -129,6 +129,9 @@ struct CommandLineTests {
         #expect(try t.store.listImages().isEmpty, "exec --help ran nothing")
         let passed = try await runCLI(["exec", "--", "--help"], home: t.root)
         #expect(passed.status == 127)
+        // image build takes the names an image: line takes; a malformed package list is refused.
+        let build = try await runCLI(["image", "build", "debian:bookworm+Not_A_Package"], home: t.root)
+        #expect(build.status == 2 && build.err.contains("is not a Debian package name"), "\(build.err)")
         // A command line the tool cannot use is invalid input: exit 2, as documented.
         #expect(try await runCLI(["image", "ls", "--bogus"], home: t.root).status == 2)
         #expect(try await runCLI(["nonsense"], home: t.root).status == 2)

@@ -21,7 +21,8 @@ public struct BaseImages: Sendable {
     }
 
     /// Resolves a reference, building a built-in image the first time it is named.
-    /// `debian:bookworm+gcc,make` is debian:bookworm with extra packages (`debootstrap --include`).
+    /// `debian:bookworm+gcc,make` is debian:bookworm with extra packages: one layer over it (see
+    /// `DebianPackageLayer`), or a debootstrap `--include` where the host has no apt.
     /// An external reference (`oci:…`, `docker://…`, see `ImageSources`) is imported on first use.
     public func resolve(_ reference: String, cancellation: Cancellation? = nil) throws -> ImageRecord {
         if let external = ImageSources.resolver(for: reference) { return try external(store, reference, cancellation) }
@@ -75,7 +76,13 @@ public struct BaseImages: Sendable {
         case "debian:bookworm": image = try buildDebian(lease: lease, suite: "bookworm", packages: [])
         case let other where other.hasPrefix("debian:bookworm+"):
             let packages = other.dropFirst("debian:bookworm+".count).split(separator: ",").map(String.init)
-            image = try buildDebian(lease: lease, suite: "bookworm", packages: packages)
+            if DebianPackageLayer.isAvailable {
+                let parent = try resolve("debian:bookworm")
+                image = try DebianPackageLayer(store: store, progress: progress).build(
+                    packages, over: parent, task: other, suite: "bookworm")
+            } else {
+                image = try buildDebian(lease: lease, suite: "bookworm", packages: packages)
+            }
         default:
             throw SandboxError(
                 .notFound, "no built-in image named \(name); built-ins: \(BaseImages.names.joined(separator: ", "))")
