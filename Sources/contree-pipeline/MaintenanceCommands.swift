@@ -20,7 +20,8 @@ struct GarbageCollectCommand: ParsableCommand {
 
     func validate() throws {
         if let pruneCache, Format.parseAge(pruneCache) == nil {
-            throw ValidationError("--prune-cache takes an age such as 7d, 12h, 30m or a number of seconds, not '\(pruneCache)'")
+            throw ValidationError(
+                "--prune-cache takes an age such as 7d, 12h, 30m or a number of seconds, not '\(pruneCache)'")
         }
     }
 

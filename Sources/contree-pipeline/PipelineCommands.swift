@@ -224,7 +224,9 @@ struct ExplainCommand: ParsableCommand {
                 for item in c.secrets { print("    secret:       \(item)") }
                 if let failed = e.failedRun {
                     if e.changesSinceFailure.isEmpty {
-                        print("  unchanged since run \(failed), where it failed: it would fail the same way unless what it reads outside its key changed")
+                        print(
+                            "  unchanged since run \(failed), where it failed: it would fail the same way unless what it reads outside its key changed"
+                        )
                     } else {
                         print("  changed since run \(failed), where it failed:")
                         for d in e.changesSinceFailure { print("    - \(d)") }
@@ -272,10 +274,13 @@ struct RunsPruneCommand: ParsableCommand {
     @Flag(help: "Print JSON.") var json = false
 
     func validate() throws {
-        if keep == nil && olderThan == nil { throw ValidationError("say what to prune: --keep N, --older-than AGE, or both") }
+        if keep == nil && olderThan == nil {
+            throw ValidationError("say what to prune: --keep N, --older-than AGE, or both")
+        }
         if let keep, keep < 0 { throw ValidationError("--keep takes a number of runs (0 or more), not \(keep)") }
         if let olderThan, Format.parseAge(olderThan) == nil {
-            throw ValidationError("--older-than takes an age such as 7d, 12h, 30m or a number of seconds, not '\(olderThan)'")
+            throw ValidationError(
+                "--older-than takes an age such as 7d, 12h, 30m or a number of seconds, not '\(olderThan)'")
         }
     }
 
@@ -423,7 +428,8 @@ struct ShellCommand: AsyncParsableCommand {
             guard let run = try cache.lastRun(pipeline: plan.definition.name, file: plan.definition.absolutePath)
             else {
                 throw SandboxError(
-                    .notFound, "\(plan.definition.name) (\(plan.definition.absolutePath)) has not run yet; run it first")
+                    .notFound, "\(plan.definition.name) (\(plan.definition.absolutePath)) has not run yet; run it first"
+                )
             }
             return run
         }

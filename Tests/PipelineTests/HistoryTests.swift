@@ -51,7 +51,9 @@ struct HistoryTests {
         #expect(explained.first?.failedRun == failed.runID)
         #expect(explained.first?.changesSinceFailure == ["command: the script or shell changed"])
         #expect(try KeyExplainer(plan: plan, engine: w.engine).explain(step: "test").count == 2)
-        #expect(throws: PipelineError.self) { try KeyExplainer(plan: plan, engine: w.engine).explain(step: "test[opt=-O3]") }
+        #expect(throws: PipelineError.self) {
+            try KeyExplainer(plan: plan, engine: w.engine).explain(step: "test[opt=-O3]")
+        }
     }
 
     @Test("a fork variant that fails by design does not fail --fail-on-cache-miss once its failure is known")

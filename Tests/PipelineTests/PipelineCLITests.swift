@@ -118,8 +118,10 @@ struct PipelineCLITests {
         #expect(validated.out.contains("1 step, 1 node"), "\(validated.out)")
         let fsck = try await CLI.run(["fsck", "--quick"], home: home, in: w.project)
         #expect(fsck.out.contains("0 problems") && !fsck.out.contains(" 1 problems"), "\(fsck.out)")
-        let image = try #require((try JSONSerialization.jsonObject(
-            with: Data(try await CLI.run(["image", "ls", "--json"], home: home, in: w.project).out.utf8)) as? [[String: Any]])?.first?["uuid"] as? String)
+        let image = try #require(
+            (try JSONSerialization.jsonObject(
+                with: Data(try await CLI.run(["image", "ls", "--json"], home: home, in: w.project).out.utf8))
+                as? [[String: Any]])?.first?["uuid"] as? String)
         #expect(try await CLI.run(["image", "tag", image, "keep"], home: home, in: w.project).status == 0)
         let untag = try await CLI.run(["image", "untag", "keep"], home: home, in: w.project)
         #expect(untag.status == 0 && untag.out.contains("untagged keep (image \(image) stays)"), "\(untag.out)")

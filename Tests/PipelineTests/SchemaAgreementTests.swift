@@ -21,9 +21,13 @@ struct SchemaAgreementTests {
     /// The schema's verdict on each file (Debian's python3-jsonschema, from scripts/setup).
     static func schemaVerdicts(_ files: [String]) throws -> [String: String] {
         let result = try ChildProcess.run(
-            ["/usr/bin/python3", Repository.root + "/Tests/Fixtures/schema-check.py",
-             Repository.root + "/schemas/pipeline.schema.json"] + files)
-        #expect(result.status == 0, "the schema check did not run (scripts/setup installs python3-jsonschema): \(result.stderrText)")
+            [
+                "/usr/bin/python3", Repository.root + "/Tests/Fixtures/schema-check.py",
+                Repository.root + "/schemas/pipeline.schema.json",
+            ] + files)
+        #expect(
+            result.status == 0,
+            "the schema check did not run (scripts/setup installs python3-jsonschema): \(result.stderrText)")
         var verdicts: [String: String] = [:]
         for line in String(decoding: result.stdout, as: UTF8.self).split(separator: "\n") {
             let fields = line.split(separator: "\t", omittingEmptySubsequences: false).map(String.init)
@@ -69,7 +73,9 @@ struct SchemaAgreementTests {
         let result = try await CLI.run(["validate", "ci.yaml"], home: w.root + "/unused-store", in: w.project)
         #expect(result.status == 2)
         #expect(result.err.contains("ci.yaml:2:3: error: secret KEY"), "\(result.err)")
-        #expect(result.err.contains("ci.yaml:3:3: error: secret TOKEN: the host variable CONTREE_TEST_UNSET_VARIABLE is not set"))
+        #expect(
+            result.err.contains(
+                "ci.yaml:3:3: error: secret TOKEN: the host variable CONTREE_TEST_UNSET_VARIABLE is not set"))
         #expect(result.err.contains("ci.yaml:6:14: error: input 'src/*.c' matches no file"))
         #expect(!FileManager.default.fileExists(atPath: w.root + "/unused-store"), "validate opened no store")
     }

@@ -76,6 +76,7 @@ struct SecretTests {
             """, options: RunOptions(environment: ["TEST_TOKEN": "hunter2-secret"]))
         #expect(token.node("token")?.status == .failed)
         #expect(token.node("token")?.reason?.contains("output token holds the secret TOKEN") == true)
-        #expect(!(try String(contentsOfFile: token.outDir + "/report.json", encoding: .utf8)).contains("hunter2-secret"))
+        #expect(
+            !(try String(contentsOfFile: token.outDir + "/report.json", encoding: .utf8)).contains("hunter2-secret"))
     }
 }

@@ -70,7 +70,8 @@ struct SharedCacheTests {
         let original = try #require(pushed.node("report")?.artifacts.first)
         let copy = try #require(pulled.node("report")?.artifacts.first)
         #expect(original.sha256 == copy.sha256)
-        #expect(try String(contentsOfFile: pulled.outDir + "/" + copy.file, encoding: .utf8).hasPrefix("size 2, guess 1"))
+        #expect(
+            try String(contentsOfFile: pulled.outDir + "/" + copy.file, encoding: .utf8).hasPrefix("size 2, guess 1"))
         // The hits are this store's now: a rerun needs no registry.
         let local = try await second.run(searchPipeline, options: RunOptions(failOnCacheMiss: true))
         #expect(local.status == .passed && local.nodes.allSatisfy { $0.cachedFrom == nil })
@@ -83,11 +84,13 @@ struct SharedCacheTests {
         #expect(again.cacheExport?.pushed == 0 && again.cacheExport?.present == 6)
     }
 
-    @Test("a change on the second machine runs from the first changed step on; what is before it comes from the registry")
+    @Test(
+        "a change on the second machine runs from the first changed step on; what is before it comes from the registry")
     func partialHit() async throws {
         let registry = try await DedicatedThread.run { try LocalRegistry() }
         let location = "docker://127.0.0.1:\(registry.port)/ci/cache"
-        let pipeline = "image: busybox\nsteps:\n  - id: a\n    run: echo a > /a\n  - id: b\n    run: echo b > /b\n  - id: c\n    run: cat /a /b\n"
+        let pipeline =
+            "image: busybox\nsteps:\n  - id: a\n    run: echo a > /a\n  - id: b\n    run: echo b > /b\n  - id: c\n    run: cat /a /b\n"
         let first = try Workspace()
         // A failing last step: what passed before it is still pushed, and the run still fails.
         let failed = try await first.run(
@@ -129,7 +132,8 @@ struct SharedCacheTests {
         #expect(export.notPushed["slow"]?.contains("fail-fast") == true)
     }
 
-    @Test("an unreachable cache costs a note and a run, never the result; a tag that is not a cache entry is not trusted")
+    @Test(
+        "an unreachable cache costs a note and a run, never the result; a tag that is not a cache entry is not trusted")
     func unreachableAndForeign() async throws {
         let w = try Workspace()
         // Nothing listens on port 9 of loopback.
@@ -140,7 +144,8 @@ struct SharedCacheTests {
                 cacheFrom: [try RegistryStepCache(dead, store: w.store)],
                 cacheTo: try RegistryStepCache(dead, store: w.store, pushing: true)))
         #expect(report.status == .passed && report.ran == ["a"])
-        #expect(report.log("a").contains("could not give step") && report.log("a").contains("cannot reach the registry"))
+        #expect(
+            report.log("a").contains("could not give step") && report.log("a").contains("cannot reach the registry"))
         #expect(report.cacheExport?.error?.contains("cannot reach the registry") == true)
 
         // An ordinary image pushed under a step's tag is refused (its key annotation is missing).
@@ -170,7 +175,8 @@ struct SharedCacheCLITests {
         let registry = try await DedicatedThread.run { try LocalRegistry() }
         let location = "docker://127.0.0.1:\(registry.port)/team/cache"
         let w = try Workspace()
-        try w.write("p.yaml", "image: busybox\nsteps:\n  - id: a\n    run: echo one > /one\n  - id: b\n    run: cat /one\n")
+        try w.write(
+            "p.yaml", "image: busybox\nsteps:\n  - id: a\n    run: echo one > /one\n  - id: b\n    run: cat /one\n")
         let push = try await CLI.run(["run", "p.yaml", "--cache-to", location], home: w.root + "/a", in: w.project)
         #expect(push.status == 0, "\(push.err)")
         #expect(push.err.contains("cache: 2 pushed to \(location), 0 already there"))
@@ -191,15 +197,20 @@ struct SharedCacheCLITests {
         let exported = try await CLI.run(
             ["image", "export", "busybox", "oci:\(w.root)/layout:v1"], home: w.root + "/other", in: w.project)
         #expect(exported.status == 0, "\(exported.err)")
-        _ = try skopeo(["copy", "--dest-tls-verify=false", "oci:\(w.root)/layout:v1", "docker://127.0.0.1:\(registry.port)/lib/box:1"])
+        _ = try skopeo([
+            "copy", "--dest-tls-verify=false", "oci:\(w.root)/layout:v1",
+            "docker://127.0.0.1:\(registry.port)/lib/box:1",
+        ])
         let proxy = try await DedicatedThread.run { try StallingProxy(upstreamPort: registry.port) }
-        try w.write("p.yaml", "image: docker://127.0.0.1:\(proxy.port)/lib/box:1\nsteps:\n  - id: a\n    run: echo never\n")
+        try w.write(
+            "p.yaml", "image: docker://127.0.0.1:\(proxy.port)/lib/box:1\nsteps:\n  - id: a\n    run: echo never\n")
         var env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }
         env.append("CONTREE_HOME=\(w.root)/fresh")
         let child = try ChildProcess.spawn(
             [CLI.binary, "run", w.project + "/p.yaml", "--out", w.root + "/out"], environment: env,
             captureStdout: false, stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
-        let ended = try await interruptDuringDownload(pid: child.pid, stderr: child.stderr, storeRoot: w.root + "/fresh")
+        let ended = try await interruptDuringDownload(
+            pid: child.pid, stderr: child.stderr, storeRoot: w.root + "/fresh")
         #expect(ended.downloading)
         #expect(ended.status == 130, "\(ended.stderr)")
         #expect(ended.stderr.contains("nothing was imported"), "\(ended.stderr)")

@@ -122,7 +122,9 @@ struct CommandLineTests {
         let all = try await subcommands([])
         #expect(all.count > 20, "\(all)")
         let version = try await runCLI(["--version"], home: t.root)
-        #expect(version.status == 0 && version.out.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ".").count == 3)
+        #expect(
+            version.status == 0
+                && version.out.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ".").count == 3)
         // exec's command is captured as it is: --help before any command is for exec, after -- for the command.
         let execHelp = try await runCLI(["exec", "--image", "busybox", "--help"], home: t.root)
         #expect(execHelp.status == 0 && execHelp.out.contains("USAGE:"))

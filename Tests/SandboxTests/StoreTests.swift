@@ -26,7 +26,8 @@ struct StoreTests {
         try database.execute("CREATE TABLE t(k TEXT PRIMARY KEY, v TEXT)")
         try database.query("INSERT INTO t VALUES(?, ?)", [.text("a\u{0}b"), .text("one\u{0}two")])
         try database.query("INSERT INTO t VALUES(?, ?)", [.text("a\u{0}c"), .text("")])
-        #expect(try database.query("SELECT v FROM t WHERE k = ?", [.text("a\u{0}b")]).first?["v"].string == "one\u{0}two")
+        #expect(
+            try database.query("SELECT v FROM t WHERE k = ?", [.text("a\u{0}b")]).first?["v"].string == "one\u{0}two")
         #expect(try database.query("SELECT v FROM t WHERE k = ?", [.text("a\u{0}c")]).first?["v"].string == "")
         #expect(try database.query("SELECT v FROM t WHERE k = ?", [.text("a")]).isEmpty)
     }

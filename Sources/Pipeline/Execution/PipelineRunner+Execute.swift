@@ -55,7 +55,9 @@ extension PipelineRunner {
     ) throws -> ImageRecord {
         let start = startingPoint(node, results: results, base: context.baseImage.uuid)
         if case .node(let parent) = node.parent, start.from != parent {
-            log.note("\(parent) left no snapshot; this step starts from \(start.from.map { "the snapshot of \($0)" } ?? "the pipeline's image")")
+            log.note(
+                "\(parent) left no snapshot; this step starts from \(start.from.map { "the snapshot of \($0)" } ?? "the pipeline's image")"
+            )
         }
         guard let image = start.from == nil ? context.baseImage : try engine.store.image(start.image) else {
             let from = start.from ?? ""

@@ -330,7 +330,9 @@ public final class PipelineRunner: Sendable {
     /// The snapshot a node starts from: its parent's or, when the parent left none (cancelled,
     /// killed, or failed before it ran), the nearest one along the chain of `from` steps, down
     /// to the pipeline's image. `from` names the node whose snapshot it is (nil: the image).
-    func startingPoint(_ node: PlanNode, results: [String: NodeResult], base: String) -> (
+    func startingPoint(
+        _ node: PlanNode, results: [String: NodeResult], base: String
+    ) -> (
         image: String, from: String?
     ) {
         var parent = node.parent
@@ -387,8 +389,4 @@ final class TaskRegistry: Sendable {
     }
 
     func stoppedByFailFast(_ id: String) -> Bool { state.withLock { $0.stopped.contains(id) } }
-}
-
-extension SandboxEngine {
-    func supports(_ isolation: IsolationKind) -> Bool { availableBackends.contains(isolation) }
 }

@@ -49,7 +49,8 @@ public struct KeyExplainer {
                 message += "; did you mean '\(s)'?"
             }
             if plan.definition.step(String(step.prefix { $0 != "[" })) != nil {
-                message = "no node '\(step)' in \(plan.definition.file); its nodes: "
+                message =
+                    "no node '\(step)' in \(plan.definition.file); its nodes: "
                     + plan.nodes(of: String(step.prefix { $0 != "[" })).map(\.id).joined(separator: ", ")
             }
             throw PipelineError(.invalid, message)
@@ -68,7 +69,10 @@ public struct KeyExplainer {
         var known: [String: NodeResult] = [:]
         var unknown: [String: String] = [:]  // node -> why its snapshot is not known
         var explanations: [StepExplanation] = []
-        let last = target.flatMap { t in plan.nodes.firstIndex { $0.id == t.id } } ?? plan.nodes.lastIndex { $0.step == stepID } ?? 0
+        let last =
+            target.flatMap { t in plan.nodes.firstIndex { $0.id == t.id } } ?? plan.nodes.lastIndex {
+                $0.step == stepID
+            } ?? 0
         for node in plan.nodes[...last] {
             var explanation = StepExplanation(
                 node: node.id, components: nil, key: nil, hit: nil, previous: nil, previousRun: nil, differences: [],
@@ -114,7 +118,8 @@ public struct KeyExplainer {
                 explanation.hit = try cache.lookup(prepared.components.key)
             }
             if let previous = try cache.lastPassed(
-                pipeline: plan.definition.name, file: plan.definition.absolutePath, node: node.id) {
+                pipeline: plan.definition.name, file: plan.definition.absolutePath, node: node.id)
+            {
                 explanation.previous = previous.components
                 explanation.previousRun = previous.runID
                 if let components = explanation.components {

@@ -64,19 +64,6 @@ public struct StepCache: Sendable {
                 parent_image TEXT, result_image TEXT, ended REAL NOT NULL, PRIMARY KEY(run_id, node));
             CREATE INDEX IF NOT EXISTS pipeline_steps_history ON pipeline_steps(pipeline, node, ended);
             """)
-        // Added after the first layout of the table: stores made before it get the column now.
-        if try store.database.query("SELECT 1 FROM pragma_table_info('pipeline_steps') WHERE name = 'outputs'").isEmpty
-        {
-            try store.database.execute("ALTER TABLE pipeline_steps ADD COLUMN outputs TEXT")
-        }
-        // The history is kept by file as well as name (two files may share a name).
-        if try store.database.query("SELECT 1 FROM pragma_table_info('pipeline_steps') WHERE name = 'file'").isEmpty {
-            try store.database.execute(
-                """
-                ALTER TABLE pipeline_steps ADD COLUMN file TEXT;
-                CREATE INDEX IF NOT EXISTS pipeline_steps_file ON pipeline_steps(file, pipeline, node, ended);
-                """)
-        }
         // Where each artifact of a snapshot was last copied to, and the file as it was then: a
         // later run of the same snapshot links that file instead of copying it again.
         try store.database.execute(
@@ -86,8 +73,26 @@ public struct StepCache: Sendable {
                 size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, device INTEGER NOT NULL, inode INTEGER NOT NULL,
                 PRIMARY KEY(image, path));
             """)
-        if try store.database.query("SELECT 1 FROM pragma_table_info('step_cache') WHERE name = 'log'").isEmpty {
-            try store.database.execute("ALTER TABLE step_cache ADD COLUMN log BLOB")
+        // Columns added after the first layout of the tables: stores made before get them now.
+        try addColumn("pipeline_steps", "outputs TEXT")
+        // The history is kept by file as well as name (two files may share a name).
+        try addColumn("pipeline_steps", "file TEXT")
+        try addColumn("step_cache", "log BLOB")
+        try store.database.execute(
+            """
+            CREATE INDEX IF NOT EXISTS pipeline_steps_file ON pipeline_steps(file, pipeline, node, ended);
+            CREATE INDEX IF NOT EXISTS pipeline_steps_key ON pipeline_steps(key);
+            """)
+    }
+
+    /// Adds a column unless the table has it, in one transaction: processes opening an older
+    /// store at once add it once.
+    private func addColumn(_ table: String, _ definition: String) throws {
+        let name = String(definition.prefix { $0 != " " })
+        try store.database.transaction { tx in
+            if try tx.query("SELECT 1 FROM pragma_table_info('\(table)') WHERE name = ?", [.text(name)]).isEmpty {
+                try tx.query("ALTER TABLE \(table) ADD COLUMN \(definition)")
+            }
         }
     }
 
@@ -167,7 +172,8 @@ public struct StepCache: Sendable {
         ).first.map {
             ArtifactCopy(
                 file: $0["file"].string ?? "", sha256: $0["sha256"].string ?? "", size: $0["size"].int ?? -1,
-                mtimeNanoseconds: $0["mtime_ns"].int ?? -1, device: $0["device"].int ?? -1, inode: $0["inode"].int ?? -1)
+                mtimeNanoseconds: $0["mtime_ns"].int ?? -1, device: $0["device"].int ?? -1, inode: $0["inode"].int ?? -1
+            )
         }
     }
 
@@ -270,7 +276,9 @@ public struct StepCache: Sendable {
 
     /// The latest recorded attempt of `node` (any status) with its components: after a failed
     /// run and a fix, what changed since the failure.
-    public func lastRecorded(pipeline: String, file: String, node: String) throws -> (
+    public func lastRecorded(
+        pipeline: String, file: String, node: String
+    ) throws -> (
         components: StepKeyComponents, runID: String, status: String
     )? {
         guard
@@ -295,7 +303,9 @@ public struct StepCache: Sendable {
     }
 
     /// The components of the latest run of `node` that passed (from the cache or not).
-    public func lastPassed(pipeline: String, file: String, node: String) throws -> (
+    public func lastPassed(
+        pipeline: String, file: String, node: String
+    ) throws -> (
         components: StepKeyComponents, runID: String
     )? {
         guard

@@ -127,7 +127,9 @@ public struct PipelinePlan: Sendable {
                         id: stepID + suffix, step: stepID, kind: .run, values: values, variant: nil, parent: parent,
                         dependencies: parentDeps + needed, variantNodes: [], run: step.run, env: step.env,
                         settings: settings, inputs: step.inputs, artifacts: step.artifacts, condition: step.condition,
-                        continueOnError: step.continueOnError, cache: step.cache ?? !PlanNode.reactsToFailure(step.condition), secrets: step.secrets.map(\.value),
+                        continueOnError: step.continueOnError,
+                        cache: step.cache ?? !PlanNode.reactsToFailure(step.condition),
+                        secrets: step.secrets.map(\.value),
                         select: nil)
                     if step.fork.isEmpty {
                         add(base)

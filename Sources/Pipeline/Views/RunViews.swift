@@ -139,7 +139,9 @@ final class LineView: RunObserver {
         switch event {
         case .started(let runID, let plan, let dir):
             outDir.withLock { $0 = dir }
-            output.write("\(LineView.timestamp()) run \(runID) of \(plan.definition.name): \(Plural.count(plan.nodes.count, "step"))\n")
+            output.write(
+                "\(LineView.timestamp()) run \(runID) of \(plan.definition.name): \(Plural.count(plan.nodes.count, "step"))\n"
+            )
         case .nodeStarted(let id):
             output.write("\(LineView.timestamp()) ▶ \(id) started\n")
         case .nodeFinished(let result):
