@@ -46,27 +46,42 @@ public final class LocalRegistry: @unchecked Sendable {
             try FileSystem.writeFile(root + "/htpasswd", Array(line.utf8))
             auth = "auth: {htpasswd: {realm: test, path: \(root)/htpasswd}}\n"
         }
-        port = freeLoopbackPort()
-        try FileSystem.writeFile(
-            root + "/config.yml",
-            Array(
-                """
-                version: 0.1
-                log: {level: error}
-                storage: {filesystem: {rootdirectory: \(root)/data}}
-                http: {addr: 127.0.0.1:\(port)}
-                \(auth)
-                """.utf8))
-        let child = try ChildProcess.spawn(
-            // Its log goes to a file: a pipe nobody reads would fill and stall the registry.
-            ["sh", "-c", "exec docker-registry serve \"$0/config.yml\" 2>>\"$0/registry.log\"", root],
-            captureStdout: false,
-            stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
-        stderrFD = child.stderr
-        pid = child.pid
-        guard waitForLoopbackPort(port) else {
-            throw SandboxError(.childProcess, "docker-registry did not start on 127.0.0.1:\(port)")
+        // A port picked free can be taken before the registry binds it: then it exits, and the
+        // next attempt takes another.
+        var attempt = 0
+        var started: (port: Int, pid: pid_t, stderr: Int32)
+        while true {
+            attempt += 1
+            let port = freeLoopbackPort()
+            try FileSystem.writeFile(
+                root + "/config.yml",
+                Array(
+                    """
+                    version: 0.1
+                    log: {level: error}
+                    storage: {filesystem: {rootdirectory: \(root)/data}}
+                    http: {addr: 127.0.0.1:\(port)}
+                    \(auth)
+                    """.utf8))
+            let child = try ChildProcess.spawn(
+                // Its log goes to a file: a pipe nobody reads would fill and stall the registry.
+                ["sh", "-c", "exec docker-registry serve \"$0/config.yml\" 2>>\"$0/registry.log\"", root],
+                captureStdout: false,
+                stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
+            started = (port, child.pid, child.stderr)
+            if waitForLoopbackPort(port, process: child.pid) { break }
+            kill(child.pid, SIGKILL)
+            _ = try? ChildProcess.wait(child.pid, "docker-registry")
+            close(child.stderr)
+            let log = String(decoding: (try? FileSystem.readFile(root + "/registry.log")) ?? [], as: UTF8.self)
+            guard attempt < 3, log.contains("address already in use") else {
+                throw SandboxError(
+                    .childProcess,
+                    "docker-registry did not start on 127.0.0.1:\(port) (attempt \(attempt)); its log: \(log.suffix(500))"
+                )
+            }
         }
+        (port, pid, stderrFD) = started
     }
 
     deinit {
@@ -99,13 +114,15 @@ public func freeLoopbackPort() -> Int {
     return Int(UInt16(bigEndian: address.sin_port))
 }
 
-/// Waits (up to 4 s) until something accepts connections on the loopback port.
-public func waitForLoopbackPort(_ port: Int) -> Bool {
+/// Waits until something accepts connections on the loopback port: up to `seconds` (a loaded
+/// machine starts a server slowly), and no longer than `process` (when given) lives.
+public func waitForLoopbackPort(_ port: Int, process: pid_t? = nil, seconds: Double = 30) -> Bool {
     var address = sockaddr_in()
     address.sin_family = sa_family_t(AF_INET)
     address.sin_addr.s_addr = inet_addr("127.0.0.1")
     address.sin_port = UInt16(port).bigEndian
-    for _ in 0..<200 {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         let connected = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
@@ -114,9 +131,18 @@ public func waitForLoopbackPort(_ port: Int) -> Bool {
         }
         close(fd)
         if connected == 0 { return true }
+        if let process, !isRunning(process) { return false }
         usleep(20_000)
     }
     return false
+}
+
+/// Whether `pid` runs (not gone, not a zombie waiting to be reaped).
+func isRunning(_ pid: pid_t) -> Bool {
+    guard let stat = try? FileSystem.readFile("/proc/\(pid)/stat") else { return false }
+    let text = String(decoding: stat, as: UTF8.self)
+    guard let close = text.lastIndex(of: ")") else { return false }
+    return text[text.index(after: close)...].trimmingCharacters(in: .whitespaces).first != "Z"
 }
 
 /// A proxy in front of a registry that passes everything through at once, except the body of
@@ -184,7 +210,7 @@ public final class PythonServer: @unchecked Sendable {
             stdoutFD: open("/dev/null", O_WRONLY | O_CLOEXEC))
         pid = child.pid
         stderrFD = child.stderr
-        guard waitForLoopbackPort(port) else {
+        guard waitForLoopbackPort(port, process: pid) else {
             kill(pid, SIGKILL)
             _ = try? ChildProcess.wait(pid, "python3")
             close(stderrFD)

@@ -231,12 +231,7 @@ struct RunnerTests {
     func cancellation() async throws {
         let w = try Workspace()
         try w.write("pipeline.yaml", "steps:\n  - id: long\n    run: sleep 30\n")
-        let started = StartWatcher(node: "long")
-        let task = Task { try await w.run(observer: started) }
-        try await started.wait()
-        try await Task.sleep(for: .milliseconds(300))
-        task.cancel()
-        let report = try await task.value
+        let report = try await w.runCancelled(once: "long")
         #expect(report.status == .cancelled && report.exitStatus == 130)
         #expect(report.node("long")?.status == .cancelled)
         #expect(try w.store.checkConsistency(verifyContent: false).isConsistent)
@@ -392,12 +387,7 @@ struct RunnerTests {
                 if: cancelled() || always()
                 run: echo cleaning up
             """)
-        let started = StartWatcher(node: "long")
-        let task = Task { try await w.run(observer: started) }
-        try await started.wait()
-        try await Task.sleep(for: .milliseconds(300))
-        task.cancel()
-        let report = try await task.value
+        let report = try await w.runCancelled(once: "long")
         #expect(report.node("long")?.status == .cancelled)
         #expect(report.node("cleanup")?.status == .passed)
         #expect(report.log("cleanup").contains("cleaning up"))
@@ -481,6 +471,18 @@ extension JSONDecoder {
 }
 
 /// Notes when a node starts.
+extension Workspace {
+    /// Runs `pipeline.yaml` and cancels the run (as Ctrl-C does) once `node` has run a moment.
+    func runCancelled(once node: String) async throws -> RunReport {
+        let started = StartWatcher(node: node)
+        let task = Task { try await run(observer: started) }
+        try await started.wait()
+        try await Task.sleep(for: .milliseconds(300))
+        task.cancel()
+        return try await task.value
+    }
+}
+
 final class StartWatcher: RunObserver {
     let node: String
     private let started = Mutex(false)

@@ -84,12 +84,7 @@ struct SkippedStepTests {
                 if: always()
                 run: cat /ready
             """)
-        let started = StartWatcher(node: "long")
-        let task = Task { try await w.run(observer: started) }
-        try await started.wait()
-        try await Task.sleep(for: .milliseconds(300))
-        task.cancel()
-        let report = try await task.value
+        let report = try await w.runCancelled(once: "long")
         #expect(report.node("long")?.status == .cancelled)
         #expect(report.node("cleanup")?.status == .passed)
         #expect(report.node("cleanup")?.parentImage == report.node("setup")?.resultImage)
