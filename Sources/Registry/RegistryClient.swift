@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import FoundationNetworking
 import Glibc
@@ -196,7 +195,7 @@ final class RegistryClient: @unchecked Sendable {
     private final class BlobSink: @unchecked Sendable {
         let fd: Int32
         let path: String
-        var hasher = SHA256()
+        var hasher = Digest.Hasher()
         var size: Int64 = 0
         var status = 0
         var failure: (any Error)?
@@ -218,7 +217,7 @@ final class RegistryClient: @unchecked Sendable {
                 return
             }
             guard writeError == nil else { return }
-            data.withUnsafeBytes { hasher.update(bufferPointer: $0) }
+            data.withUnsafeBytes { hasher.update($0) }
             do {
                 try data.withUnsafeBytes { try FileSystem.writeAll(fd: fd, $0, path: path) }
             } catch {
@@ -301,7 +300,7 @@ final class RegistryClient: @unchecked Sendable {
             throw failure(
                 sink.status, url: url, body: sink.errorBody, redirect: delegate.refusedRedirect(task.taskIdentifier))
         }
-        let actual = "sha256:" + sink.hasher.finalize().map { String(format: "%02x", $0) }.joined()
+        let actual = sink.hasher.finalize().description
         guard actual == digest else {
             throw SandboxError(
                 .corrupt,

@@ -190,7 +190,7 @@ public struct RegistryImporter: Sendable {
             allow: missingIsNil ? [404] : [])
         if response.statusCode == 404 { return nil }
         let bytes = Array(data)
-        let actual = "sha256:" + OCI.sha256Hex(bytes)
+        let actual = Digest.sha256(bytes).description
         let expected =
             reference.hasPrefix("sha256:") ? reference : response.value(forHTTPHeaderField: "Docker-Content-Digest")
         if let expected, expected != actual {

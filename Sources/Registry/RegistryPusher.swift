@@ -71,7 +71,7 @@ public struct RegistryPusher: Sendable {
             try image.map { try OCI.encode(exporter.configuration($0)) }
             ?? Array(#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.utf8)
         let config = OCI.Descriptor(
-            mediaType: OCI.configType, digest: "sha256:" + OCI.sha256Hex(configBytes), size: Int64(configBytes.count))
+            mediaType: OCI.configType, digest: Digest.sha256(configBytes).description, size: Int64(configBytes.count))
         if known[config.digest] == nil, try remoteSize(config.digest, client: client) == nil {
             try upload(config.digest, bytes: configBytes, client: client)
         }
@@ -82,7 +82,7 @@ public struct RegistryPusher: Sendable {
                 annotations: annotations.isEmpty ? nil : annotations))
         _ = try client.call(
             "PUT", "\(client.base)/manifests/\(tag)", headers: ["Content-Type": OCI.manifestType], body: Data(manifest))
-        return "sha256:" + OCI.sha256Hex(manifest)
+        return Digest.sha256(manifest).description
     }
 
     /// The size of a blob the repository holds; nil when it does not.

@@ -45,7 +45,7 @@ public struct GuestKit: Sendable {
         }
         let modules = try moduleOrder(in: kernelDirectory + "/lib/modules/" + release)
         // Named by what goes in, so a new agent or module set makes a new initramfs.
-        let name = OCI.sha256Hex(Array((agentDigest + modules.map(\.name).joined(separator: ",") + ",init2").utf8))
+        let name = Digest.sha256(Array((agentDigest + modules.map(\.name).joined(separator: ",") + ",init2").utf8)).hex
             .prefix(16)
         let initramfs = kernelDirectory + "/initramfs-\(name).cpio"
         if !FileSystem.exists(initramfs) {
@@ -139,7 +139,9 @@ public struct GuestKit: Sendable {
                 "sh", "-c", "tail -c +\"$1\" \"$2\" | \(format.command) > \"$3\" 2>/dev/null; true", "sh",
                 String(offset + 1), bzImage, output,
             ])
-            if result.succeeded, let elf = try? FileSystem.readFile(output).prefix(4), elf.elementsEqual([0x7F, 0x45, 0x4C, 0x46]) {
+            if result.succeeded, let elf = try? FileSystem.readFile(output).prefix(4),
+                elf.elementsEqual([0x7F, 0x45, 0x4C, 0x46])
+            {
                 return
             }
         }
@@ -201,7 +203,9 @@ struct CPIOWriter {
 
     mutating func directory(_ path: String) { entry(path, mode: 0o040755, data: []) }
 
-    mutating func file(_ path: String, bytes data: [UInt8], mode: UInt32) { entry(path, mode: 0o100000 | mode, data: data) }
+    mutating func file(_ path: String, bytes data: [UInt8], mode: UInt32) {
+        entry(path, mode: 0o100000 | mode, data: data)
+    }
 
     private mutating func entry(_ name: String, mode: UInt32, data: [UInt8]) {
         func hex(_ value: Int) -> String {

@@ -69,7 +69,7 @@ public struct MicroVM: Sendable {
             clock_gettime(CLOCK_REALTIME, &now)
             fields.append("T\(now.tv_sec).\(now.tv_nsec)")
             var generator = SystemRandomNumberGenerator()
-            fields.append("Z" + (0..<64).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &generator)) }.joined())
+            fields.append("Z" + Hex.encode((0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) }))
         }
         if command.upperDisk != nil { fields.append("Pupper") }
         fields.append("W" + command.workdir)
@@ -200,13 +200,15 @@ public struct MicroVM: Sendable {
         guard let ready = try reader.next(until: monotonicSeconds() + 300), ready.type == UInt8(ascii: "R") else {
             let console = MicroVM.tail(work + "/console.log", 3000)
             kill(qemu.pid, SIGKILL)
-            let errors = String(decoding: (try? FileSystem.readAll(fd: qemu.stderr, path: "qemu stderr")) ?? [], as: UTF8.self)
+            let errors = String(
+                decoding: (try? FileSystem.readAll(fd: qemu.stderr, path: "qemu stderr")) ?? [], as: UTF8.self)
             throw SandboxError(
                 .sandboxSetup, "the template VM never reached its agent: \(errors)\nconsole:\n\(console ?? "")")
         }
         let qmp = try QMP(path: work + "/qmp.sock")
         try qmp.execute("stop")
-        try qmp.execute("migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
+        try qmp.execute(
+            "migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
         try qmp.execute("migrate", #"{"uri":"exec:cat > \#(MicroVM.json(MicroVM.shellWord(state)))"}"#)
         let deadline = monotonicSeconds() + 120
         while true {
@@ -347,7 +349,8 @@ public struct MicroVM: Sendable {
     /// lets the guest go on.
     private func restore(_ template: Template, work: String, deadline: Double) throws {
         let qmp = try QMP(path: work + "/qmp.sock")
-        try qmp.execute("migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
+        try qmp.execute(
+            "migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
         try qmp.execute(
             "migrate-incoming", #"{"uri":"exec:cat \#(MicroVM.json(MicroVM.shellWord(template.state)))"}"#)
         while true {
@@ -405,7 +408,8 @@ struct FrameReader {
                 let size = Int(buffer[1]) | Int(buffer[2]) << 8 | Int(buffer[3]) << 16 | Int(buffer[4]) << 24
                 // The agent sends at most 64 KiB a frame; anything larger is not the agent.
                 guard size <= 1 << 20 else {
-                    throw SandboxError(.sandboxSetup, "the VM sent a frame of \(size) bytes; the guest is not trusted further")
+                    throw SandboxError(
+                        .sandboxSetup, "the VM sent a frame of \(size) bytes; the guest is not trusted further")
                 }
                 if buffer.count >= 5 + size {
                     let frame = (buffer[0], Array(buffer[5..<(5 + size)]))

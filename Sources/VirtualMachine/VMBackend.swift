@@ -38,16 +38,18 @@ public final class VMBackend: IsolationBackend {
     /// QEMU's version: a template saved by one QEMU may not restore in another.
     static let qemuVersion: String = {
         let result = try? ChildProcess.run(["qemu-system-x86_64", "--version"])
-        return result.map { String(decoding: $0.stdout, as: UTF8.self).split(separator: "\n").first.map(String.init) ?? "" } ?? ""
+        return result.map {
+            String(decoding: $0.stdout, as: UTF8.self).split(separator: "\n").first.map(String.init) ?? ""
+        } ?? ""
     }()
 
     private func templateKey(_ vm: MicroVM) -> String {
         String(
-            OCI.sha256Hex(
+            Digest.sha256(
                 Array(
                     "\(vm.kit.release) \(vm.kit.initramfs.split(separator: "/").last ?? "") \(vm.memoryMiB) \(vm.accelerator) \(VMBackend.layerSlots) \(VMBackend.slotBytes) \(VMBackend.qemuVersion)"
                         .utf8)
-            ).prefix(16))
+            ).hex.prefix(16))
     }
 
     /// Drops a template that would not restore: the next run makes it again.
@@ -139,7 +141,8 @@ public final class VMBackend: IsolationBackend {
 
     public func run(_ request: LaunchRequest) async throws -> LaunchOutcome {
         guard request.terminal == nil else {
-            throw SandboxError(.unsupported, "terminal sessions are not available with isolation: vm yet; use container")
+            throw SandboxError(
+                .unsupported, "terminal sessions are not available with isolation: vm yet; use container")
         }
         let state = RunState()
         return try await withTaskCancellationHandler {
@@ -180,7 +183,8 @@ public final class VMBackend: IsolationBackend {
         let disk = staging + "/upper.ext4"
         try run(
             [
-                "mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "root_owner=0:0", "-d", staging + "/disk", disk,
+                "mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "root_owner=0:0", "-d",
+                staging + "/disk", disk,
                 String(upperDiskBytes / 1024) + "k",
             ], "make the upper disk")
 
@@ -202,7 +206,8 @@ public final class VMBackend: IsolationBackend {
         var vm = MicroVM(kit: kit)
         vm.accelerator = ProcessInfo.processInfo.environment["CONTREE_VM_ACCEL"] ?? accelerator(kit: kit, root: root)
         if let memory = request.limits.memoryBytes { vm.memoryMiB = max(128, Int(memory >> 20)) }
-        var template = useTemplates && layers.count <= VMBackend.layerSlots ? try self.template(for: vm, root: root) : nil
+        var template =
+            useTemplates && layers.count <= VMBackend.layerSlots ? try self.template(for: vm, root: root) : nil
         // The guest sends its changes as a layer tar; the host never mounts what it wrote.
         let changesPath = staging + "/changes.tar"
         let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
@@ -211,32 +216,33 @@ public final class VMBackend: IsolationBackend {
         var changesBytes: Int64 = 0
         var outcome: MicroVM.Outcome? = nil
         while outcome == nil {
-          do {
-            outcome = try vm.run(
-                command, stdin: stdin, timeout: request.timeout ?? 24 * 3600, template: template,
-                onStart: state.started, onStdout: stdout.take, onStderr: stderr.take,
-                onChanges: { chunk in
-                    // No more than the upper disk could hold (plus tar headers): the guest is not trusted.
-                    changesBytes += Int64(chunk.count)
-                    guard changesBytes <= self.upperDiskBytes + (256 << 20) else {
-                        throw SandboxError(.sandboxSetup, "the VM sent more changes than its upper disk holds")
-                    }
-                    try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
-                }, onRunning: { channel in request.control?.attach(VMSandbox(channel: channel)) })
-            state.finished()
-          } catch let failure as MicroVM.RestoreFailed where template != nil && !state.cancelled {
-            // Nothing ran: the template is dropped (made again next time) and this run boots.
-            progress?.report("vm", "the VM template could not be restored (\(failure)); booting instead", elapsed: 0)
-            forgetTemplate(for: vm, root: root)
-            template = nil
-          } catch where state.cancelled {
-            state.finished()
-            // Killed on purpose before the guest started: a cancelled run, not a failure.
-            var result = LaunchOutcome()
-            result.cancelled = true
-            result.acceleration = vm.accelerator
-            return result
-          }
+            do {
+                outcome = try vm.run(
+                    command, stdin: stdin, timeout: request.timeout ?? 24 * 3600, template: template,
+                    onStart: state.started, onStdout: stdout.take, onStderr: stderr.take,
+                    onChanges: { chunk in
+                        // No more than the upper disk could hold (plus tar headers): the guest is not trusted.
+                        changesBytes += Int64(chunk.count)
+                        guard changesBytes <= self.upperDiskBytes + (256 << 20) else {
+                            throw SandboxError(.sandboxSetup, "the VM sent more changes than its upper disk holds")
+                        }
+                        try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
+                    }, onRunning: { channel in request.control?.attach(VMSandbox(channel: channel)) })
+                state.finished()
+            } catch let failure as MicroVM.RestoreFailed where template != nil && !state.cancelled {
+                // Nothing ran: the template is dropped (made again next time) and this run boots.
+                progress?.report(
+                    "vm", "the VM template could not be restored (\(failure)); booting instead", elapsed: 0)
+                forgetTemplate(for: vm, root: root)
+                template = nil
+            } catch  where state.cancelled {
+                state.finished()
+                // Killed on purpose before the guest started: a cancelled run, not a failure.
+                var result = LaunchOutcome()
+                result.cancelled = true
+                result.acceleration = vm.accelerator
+                return result
+            }
         }
         guard let outcome else { throw SandboxError(.sandboxSetup, "the VM did not run") }
 
@@ -324,6 +330,7 @@ struct VMSandbox: RunningSandbox {
 
     func exec(_ spec: ExecSpec) async throws -> ExecOutcome {
         throw SandboxError(
-            .conflict, "starting more processes in a running VM is not supported yet; use isolation: container for that")
+            .conflict, "starting more processes in a running VM is not supported yet; use isolation: container for that"
+        )
     }
 }

@@ -49,19 +49,6 @@ func printJSON<T: Encodable>(_ value: T) throws {
 }
 
 enum Format {
-    static func bytes(_ n: Int64) -> String {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-        var value = Double(n)
-        var unit = 0
-        while value >= 1024 && unit < units.count - 1 {
-            value /= 1024
-            unit += 1
-        }
-        if unit == 0 { return "\(n) B" }
-        let tenths = Int((value * 10).rounded())
-        return "\(tenths / 10).\(tenths % 10) \(units[unit])"
-    }
-
     static func date(_ date: Date) -> String {
         date.formatted(.iso8601)
     }
@@ -75,9 +62,6 @@ enum Format {
         }
         return Double(trimmed).flatMap { $0 >= 0 ? $0 : nil }
     }
-
-    /// Parses `512m`, `1g`, `2GiB`, `1048576`.
-    static func parseBytes(_ text: String) -> Int64? { ByteCount.parse(text) }
 
     /// Renders rows as aligned columns.
     static func table(_ header: [String], _ rows: [[String]]) -> String {

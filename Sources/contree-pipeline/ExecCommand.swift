@@ -136,7 +136,7 @@ struct ExecCommand: AsyncParsableCommand {
         }
         var limits = ResourceLimits()
         if let memory {
-            guard let bytes = Format.parseBytes(memory) else {
+            guard let bytes = ByteCount.parse(memory) else {
                 throw SandboxError(.invalidArgument, "--memory \(memory): give bytes or a number with k, m or g")
             }
             limits.memoryBytes = bytes

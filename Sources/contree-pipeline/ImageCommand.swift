@@ -29,7 +29,7 @@ struct ImageCommand: ParsableCommand {
                         images.map {
                             [
                                 $0.uuid, $0.tags.joined(separator: ","), $0.parent.map { String($0.prefix(8)) } ?? "-",
-                                String($0.layers.count), Format.bytes($0.size), Format.date($0.created), $0.origin,
+                                String($0.layers.count), ByteCount.format($0.size), Format.date($0.created), $0.origin,
                             ]
                         }))
             }
@@ -81,7 +81,7 @@ struct ImageCommand: ParsableCommand {
                     let tags = item.tags.isEmpty ? "" : " (\(item.tags.joined(separator: ", ")))"
                     print("image \(item.uuid)\(tags)")
                     print(
-                        "  created \(Format.date(item.created))  \(item.origin)  \(item.layers.count) layer\(item.layers.count == 1 ? "" : "s")  \(Format.bytes(item.size))"
+                        "  created \(Format.date(item.created))  \(item.origin)  \(Plural.count(item.layers.count, "layer"))  \(ByteCount.format(item.size))"
                     )
                 }
                 if let missing { print("image \(missing) (removed)") }

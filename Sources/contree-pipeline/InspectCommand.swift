@@ -99,13 +99,15 @@ struct InspectCommand: ParsableCommand {
                 var buffer = [UInt8](repeating: 0, count: 1 << 16)
                 while true {
                     let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-                    if n <= 0 { break }
-                    var done = 0
-                    while done < n {
-                        let w = buffer.withUnsafeBytes { write(1, $0.baseAddress! + done, n - done) }
-                        if w <= 0 { return }
-                        done += w
-                    }
+                    if n < 0 && errno == EINTR { continue }
+                    guard n >= 0 else { throw SandboxError.system("read(\(target.path))") }
+                    if n == 0 { break }
+                    // A reader that went away (`| head`) ends the output, not with an error.
+                    do {
+                        try buffer.withUnsafeBytes {
+                            try FileSystem.writeAll(fd: 1, UnsafeRawBufferPointer(rebasing: $0[0..<n]), path: "stdout")
+                        }
+                    } catch { return }
                 }
             }
         }
@@ -125,14 +127,7 @@ struct InspectCommand: ParsableCommand {
                 let fd = toStdout ? 1 : open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
                 guard fd >= 0 else { throw SandboxError(.systemCall, "open(\(destination))", errno: errno) }
                 do {
-                    try fs.export(node) { chunk in
-                        var done = 0
-                        while done < chunk.count {
-                            let w = write(fd, chunk.baseAddress! + done, chunk.count - done)
-                            guard w > 0 else { throw SandboxError(.systemCall, "write(\(destination))", errno: errno) }
-                            done += w
-                        }
-                    }
+                    try fs.export(node) { chunk in try FileSystem.writeAll(fd: fd, chunk, path: destination) }
                 } catch {
                     if !toStdout {
                         close(fd)

@@ -44,7 +44,7 @@ struct GarbageCollectCommand: ParsableCommand {
                 }
                 for failure in report.failures { printError("gc: \(failure)") }
                 print(
-                    "removed \(Plural.count(report.layersRemoved, "layer")), \(Plural.count(report.derivedRemoved, "VM disk image")) of removed layers (\(Format.bytes(report.bytesFreed)) in all), \(Plural.count(report.imagesRemoved, "image")), \(Plural.count(report.abandonedWork, "abandoned work directory", plural: "abandoned work directories"))"
+                    "removed \(Plural.count(report.layersRemoved, "layer")), \(Plural.count(report.derivedRemoved, "VM disk image")) of removed layers (\(ByteCount.format(report.bytesFreed)) in all), \(Plural.count(report.imagesRemoved, "image")), \(Plural.count(report.abandonedWork, "abandoned work directory", plural: "abandoned work directories"))"
                 )
             }
             // What would not go is reported and the rest went; the exit status says so.

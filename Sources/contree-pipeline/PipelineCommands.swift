@@ -390,7 +390,7 @@ struct ArtifactsCommand: ParsableCommand {
                     ["STEP", "PATH", "SIZE", "SHA256", "FILE"],
                     entries.map {
                         [
-                            $0.node, $0.path, Format.bytes($0.size), String($0.sha256.prefix(16)),
+                            $0.node, $0.path, ByteCount.format($0.size), String($0.sha256.prefix(16)),
                             summary.outDir + "/" + $0.file,
                         ]
                     }))

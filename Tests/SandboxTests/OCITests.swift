@@ -1,9 +1,9 @@
+import ContreeTestSupport
 import Foundation
 import Glibc
+import Registry
 import Testing
 
-import ContreeTestSupport
-import Registry
 @testable import Sandbox
 
 @Suite("OCI images: export, import, round trips with skopeo", .requiresRoot)
@@ -50,8 +50,9 @@ struct OCITests {
         let image = try await sample(t)
         let exporter = OCIExporter(store: t.store)
         try exporter.export(image, to: "oci:\(scratch.path)/layout:v1")
-        let inspected = try JSONSerialization.jsonObject(
-            with: Data(try skopeo(["inspect", "oci:\(scratch.path)/layout:v1"]).utf8)) as! [String: Any]
+        let inspected =
+            try JSONSerialization.jsonObject(
+                with: Data(try skopeo(["inspect", "oci:\(scratch.path)/layout:v1"]).utf8)) as! [String: Any]
         #expect(inspected["Layers"] as? [String] == image.layers)
 
         _ = try skopeo(["copy", "oci:\(scratch.path)/layout:v1", "docker-archive:\(scratch.path)/d.tar:x/y:1"])
@@ -83,7 +84,9 @@ struct OCITests {
         let rows = try shared.store.database.query("SELECT COUNT(*) AS n FROM oci_layers")
         #expect(rows.first?["n"].int == Int64(image.layers.count))
         // Our own layout again: the image it made before.
-        #expect(try importer.importImage("oci:\(scratch.path)/layout:v1").uuid == importer.importImage("oci:\(scratch.path)/layout:v1").uuid)
+        #expect(
+            try importer.importImage("oci:\(scratch.path)/layout:v1").uuid
+                == importer.importImage("oci:\(scratch.path)/layout:v1").uuid)
         // The exporting store imports its own export without unpacking: it holds every layer.
         let own = try OCIImporter(store: t.store).importImage("oci:\(scratch.path)/layout:v1")
         #expect(try ImageDiff.changes(from: image, to: own, store: t.store).isEmpty && own.layers == image.layers)
@@ -100,7 +103,8 @@ struct OCITests {
         try OCIExporter(store: t.store).export(image, to: "oci:\(layout)")
         let imported = try OCIImporter(store: t.store).importImage("oci:\(layout)")
         #expect(imported.config.env.contains("GREETING=hi") && imported.config.workingDir == "/app")
-        let run = try await t.engine.run(RunSpec(image: imported.uuid, command: ["sh", "-c", "echo $GREETING $(pwd) $(id -u)"]))
+        let run = try await t.engine.run(
+            RunSpec(image: imported.uuid, command: ["sh", "-c", "echo $GREETING $(pwd) $(id -u)"]))
         #expect(run.out == "hi /app 65534\n")
     }
 
@@ -141,7 +145,8 @@ struct OCITests {
         // Into another store: the exporting one holds these layers and would not read the blobs.
         let other = try TemporaryStore()
         let importer = try OCIImporter(store: other.store)
-        func expectRefused(_ source: String, _ words: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        func expectRefused(_ source: String, _ words: String, sourceLocation: SourceLocation = #_sourceLocation) throws
+        {
             let before = try other.store.listImages().count
             #expect(sourceLocation: sourceLocation) {
                 try importer.importImage(source)
@@ -178,10 +183,11 @@ struct OCITests {
         try FileSystem.makeDirectories(evil + "/blobs/sha256")
         var tar: [UInt8] = []
         let writer = TarWriter { tar.append(contentsOf: $0) }
-        try writer.append(TarEntry(path: "../../escaped", kind: .regular, mode: 0o644, uid: 0, gid: 0, size: 0, mtime: 0))
+        try writer.append(
+            TarEntry(path: "../../escaped", kind: .regular, mode: 0o644, uid: 0, gid: 0, size: 0, mtime: 0))
         try writer.finish()
         func blob(_ data: [UInt8]) throws -> String {
-            let digest = "sha256:" + SHA256Digest(data)
+            let digest = Digest.sha256(data).description
             try FileSystem.writeFile(evil + "/blobs/sha256/" + digest.dropFirst(7), data)
             return digest
         }
@@ -194,11 +200,15 @@ struct OCITests {
         try FileSystem.writeFile(evil + "/oci-layout", Array(#"{"imageLayoutVersion":"1.0.0"}"#.utf8))
         try FileSystem.writeFile(
             evil + "/index.json",
-            Array(#"{"schemaVersion":2,"manifests":[{"mediaType":"\#(OCI.manifestType)","digest":"\#(manifest)","size":1}]}"#.utf8))
+            Array(
+                #"{"schemaVersion":2,"manifests":[{"mediaType":"\#(OCI.manifestType)","digest":"\#(manifest)","size":1}]}"#
+                    .utf8))
         try expectRefused("oci:\(evil)", "..")
-        #expect(!FileSystem.exists(other.store.root + "/escaped") && !FileSystem.exists(other.store.tmpPath + "/escaped"))
+        #expect(
+            !FileSystem.exists(other.store.root + "/escaped") && !FileSystem.exists(other.store.tmpPath + "/escaped"))
         // An unsupported manifest type.
-        let odd = try blob(Array(#"{"schemaVersion":1,"mediaType":"application/vnd.docker.distribution.manifest.v1+json"}"#.utf8))
+        let odd = try blob(
+            Array(#"{"schemaVersion":1,"mediaType":"application/vnd.docker.distribution.manifest.v1+json"}"#.utf8))
         try FileSystem.writeFile(
             evil + "/index.json", Array(#"{"schemaVersion":2,"manifests":[{"digest":"\#(odd)","size":1}]}"#.utf8))
         try expectRefused("oci:\(evil)", "not supported")
@@ -225,8 +235,11 @@ struct RegistryTests {
         #expect(try fs.lookup("/app/a") != nil && fs.lookup("/bin/vi") == nil)
         let again = try importer.importImage("docker://127.0.0.1:\(registry.port)/team/app:v1")
         #expect(again.uuid == pulled.uuid)
-        let digest = try skopeo(["inspect", "--tls-verify=false", "--format", "{{.Digest}}", "docker://127.0.0.1:\(registry.port)/team/app:v1"])
-            .trimmingCharacters(in: .whitespacesAndNewlines)
+        let digest = try skopeo([
+            "inspect", "--tls-verify=false", "--format", "{{.Digest}}",
+            "docker://127.0.0.1:\(registry.port)/team/app:v1",
+        ])
+        .trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(try importer.importImage("docker://127.0.0.1:\(registry.port)/team/app@\(digest)").uuid == pulled.uuid)
         let result = try await other.engine.run(RunSpec(image: pulled.uuid, command: ["cat", "/app/a"]))
         #expect(result.out == "one\n")
@@ -243,7 +256,9 @@ struct RegistryTests {
         #expect(try third.store.image(layout.record.image)?.layers == third.store.image(named.record.image)?.layers)
     }
 
-    @Test("a pushed snapshot is a standard image: skopeo reads it, another store imports it, a second push uploads nothing new")
+    @Test(
+        "a pushed snapshot is a standard image: skopeo reads it, another store imports it, a second push uploads nothing new"
+    )
     func push() async throws {
         let t = try TemporaryStore()
         let registry = try LocalRegistry()
@@ -252,8 +267,11 @@ struct RegistryTests {
         let image = try #require(try t.store.image(resultUUID))
         let destination = "docker://127.0.0.1:\(registry.port)/team/pushed:v1"
         let digest = try RegistryPusher(store: t.store).push(image, to: destination)
-        let inspected = try JSONSerialization.jsonObject(
-            with: Data(try skopeo(["inspect", "--tls-verify=false", "docker://127.0.0.1:\(registry.port)/team/pushed:v1"]).utf8))
+        let inspected =
+            try JSONSerialization.jsonObject(
+                with: Data(
+                    try skopeo(["inspect", "--tls-verify=false", "docker://127.0.0.1:\(registry.port)/team/pushed:v1"])
+                        .utf8))
             as! [String: Any]
         #expect(inspected["Digest"] as? String == digest && inspected["Layers"] as? [String] == image.layers)
         #expect(try RegistryPusher(store: t.store).push(image, to: destination) == digest)
@@ -297,7 +315,9 @@ struct RegistryTests {
         #expect(pulled.layers == image.layers)
     }
 
-    @Test("an altered blob, a truncated download, a missing tag or repository, and a registry that is not there are clear errors that import nothing")
+    @Test(
+        "an altered blob, a truncated download, a missing tag or repository, and a registry that is not there are clear errors that import nothing"
+    )
     func failures() async throws {
         let t = try TemporaryStore()
         let scratch = try ScratchDirectory()
@@ -312,7 +332,8 @@ struct RegistryTests {
         let base = "docker://127.0.0.1:\(registry.port)"
         for (reference, words) in [
             ("\(base)/team/app:nope", "not found"), ("\(base)/team/none:v1", "not found"),
-            ("docker://127.0.0.1:1/team/app:v1", "cannot reach"), ("docker://127.0.0.1:\(registry.port)/Bad/Name", "lower-case"),
+            ("docker://127.0.0.1:1/team/app:v1", "cannot reach"),
+            ("docker://127.0.0.1:\(registry.port)/Bad/Name", "lower-case"),
         ] {
             #expect {
                 try importer.importImage(reference)

@@ -285,3 +285,19 @@ struct StorePermissionTests {
         #expect(stat(t.root + "/db.sqlite", &st) == 0 && st.st_mode & 0o777 == 0o600)
     }
 }
+
+@Suite("Digests")
+struct DigestTests {
+    @Test("sha256 of known inputs, whole or streamed, in the OCI form and as hex")
+    func knownVectors() {
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        #expect(Digest.sha256("abc").hex == abc)
+        #expect(Digest.sha256("abc").description == "sha256:" + abc)
+        var hasher = Digest.Hasher()
+        hasher.update(Array("a".utf8))
+        Array("bc".utf8).withUnsafeBytes { hasher.update($0) }
+        #expect(hasher.finalize() == Digest.sha256("abc"))
+        #expect(Digest.sha256([UInt8]()).hex == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        #expect(Hex.encode([0x00, 0x0f, 0xa0, 0xff]) == "000fa0ff")
+    }
+}

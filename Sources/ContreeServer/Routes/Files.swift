@@ -1,4 +1,3 @@
-import Crypto
 import FoundationEssentials
 import Glibc
 import HTTPTypes
@@ -39,7 +38,7 @@ extension ServerState {
         defer {
             if !placed { unlink(temporary) }
         }
-        var hasher = SHA256()
+        var hasher = Digest.Hasher()
         var size: Int64 = 0
         do {
             defer { close(fd) }
@@ -47,15 +46,13 @@ extension ServerState {
                 size += Int64(buffer.readableBytes)
                 guard size <= room else { throw tooLarge(size) }
                 try buffer.withUnsafeReadableBytes { raw in
-                    hasher.update(bufferPointer: raw)
+                    hasher.update(raw)
                     try FileSystem.writeAll(fd: fd, raw, path: temporary)
                 }
             }
             guard fsync(fd) == 0 else { throw SandboxError.system("fsync(\(temporary))") }
         }
-        let sha256 = hasher.finalize().map {
-            String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16)
-        }.joined()
+        let sha256 = hasher.finalize().hex
         if let claimed, claimed != sha256 {
             throw APIError(
                 .badRequest,

@@ -1,4 +1,3 @@
-import Crypto
 import FoundationEssentials
 import Glibc
 import Sandbox
@@ -32,15 +31,10 @@ struct Token: Sendable, Equatable {
 
     /// A stable UUID for `whoami`, derived from the secret (never the secret itself).
     var uuid: String {
-        let digest = Array(SHA256.hash(data: Array(secret.utf8)))
-        let hex = digest.prefix(16).map { String($0, radix: 16).leftPadded2 }.joined()
+        let hex = Hex.encode(Digest.sha256(secret).bytes.prefix(16))
         let c = Array(hex)
         return [c[0..<8], c[8..<12], c[12..<16], c[16..<20], c[20..<32]].map { String($0) }.joined(separator: "-")
     }
-}
-
-extension String {
-    fileprivate var leftPadded2: String { count < 2 ? "0" + self : self }
 }
 
 /// The tokens file: one token per line, `NAME TOKEN [max_concurrency=N] [max_timeout=SECONDS]
@@ -61,7 +55,7 @@ struct TokenFile: Sendable {
         if !FileSystem.exists(path) {
             var generator = SystemRandomNumberGenerator()  // getrandom(2)
             let bytes = (0..<24).map { _ in UInt8.random(in: 0...255, using: &generator) }
-            let secret = bytes.map { String($0, radix: 16).leftPadded2 }.joined()
+            let secret = Hex.encode(bytes)
             let text = """
                 # contree-pipeline serve tokens: one per line, NAME TOKEN [max_concurrency=N] [max_timeout=SECONDS]
                 # [max_layer_bytes=N] [memory=BYTES] [cpus=N] [pids=N] [max_upload_bytes=N] [upload_quota_bytes=N]

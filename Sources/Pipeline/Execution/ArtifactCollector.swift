@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import Glibc
 import Sandbox
@@ -128,24 +127,24 @@ struct ArtifactCollector {
                 .failed, "cannot write artifact \(destination): \(String(cString: strerror(errno)))")
         }
         defer { close(output) }
-        var hasher = SHA256()
+        var hasher = Digest.Hasher()
         var size: Int64 = 0
         var buffer = [UInt8](repeating: 0, count: 1 << 16)
         while true {
             let n = buffer.withUnsafeMutableBytes { read(input, $0.baseAddress, $0.count) }
-            if n <= 0 { break }
-            hasher.update(data: buffer[0..<n])
-            var done = 0
-            while done < n {
-                let w = buffer.withUnsafeBytes { write(output, $0.baseAddress! + done, n - done) }
-                guard w > 0 else { throw PipelineError(.failed, "cannot write artifact \(destination)") }
-                done += w
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else { throw SandboxError.system("read(artifact \(node.path))") }
+            if n == 0 { break }
+            try buffer.withUnsafeBytes {
+                let chunk = UnsafeRawBufferPointer(rebasing: $0[0..<n])
+                hasher.update(chunk)
+                try FileSystem.writeAll(fd: output, chunk, path: destination)
             }
             size += Int64(n)
         }
         return ArtifactRecord(
             node: "", path: node.path.description, file: relative,
-            sha256: hasher.finalize().map { String(format: "%02x", $0) }.joined(),
+            sha256: hasher.finalize().hex,
             size: size)
     }
 }

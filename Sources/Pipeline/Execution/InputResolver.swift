@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import Glibc
 import Sandbox
@@ -130,7 +129,7 @@ enum InputResolver {
     }
 
     static func sha256(of fd: Int32, name: String) throws -> String {
-        var hasher = SHA256()
+        var hasher = Digest.Hasher()
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
         while true {
             let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
@@ -139,8 +138,8 @@ enum InputResolver {
                 throw PipelineError(.failed, "cannot read input \(name): \(String(cString: strerror(errno)))")
             }
             if n == 0 { break }
-            hasher.update(data: buffer[0..<n])
+            buffer.withUnsafeBytes { hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
         }
-        return hasher.finalize().map { String(format: "%02x", $0) }.joined()
+        return hasher.finalize().hex
     }
 }

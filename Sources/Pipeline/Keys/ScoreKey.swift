@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import Sandbox
 
@@ -33,6 +32,6 @@ struct ScoreKeyComponents: Codable, Sendable, Equatable {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         let data = (try? encoder.encode(self)) ?? Data()
-        return "score:sha256:" + SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+        return "score:" + Digest.sha256(data).description
     }
 }

@@ -34,7 +34,7 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         let data = (try? encoder.encode(self)) ?? Data()
-        return "sha256:" + SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+        return Digest.sha256(data).description
     }
 
     /// Names of the components that differ from `other`, with a short description.
@@ -74,16 +74,16 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         let config = (try? encoder.encode(image.config)) ?? Data()
-        var hasher = SHA256()
-        for layer in image.layers { hasher.update(data: Data((layer + "\n").utf8)) }
-        hasher.update(data: config)
-        return "sha256:" + hasher.finalize().map { String(format: "%02x", $0) }.joined()
+        var hasher = Digest.Hasher()
+        for layer in image.layers { hasher.update(Array((layer + "\n").utf8)) }
+        hasher.update(Array(config))
+        return hasher.finalize().description
     }
 
     /// A keyed fingerprint of a secret's value: equal values give equal fingerprints in this
     /// store, and nothing about the value can be learned from it.
     public static func fingerprint(_ value: String, key: [UInt8]) -> String {
         let mac = HMAC<SHA256>.authenticationCode(for: Data(value.utf8), using: SymmetricKey(data: key))
-        return "hmac-sha256:" + mac.map { String(format: "%02x", $0) }.joined()
+        return "hmac-sha256:" + Hex.encode(mac)
     }
 }

@@ -306,7 +306,7 @@ public struct PipelineParser {
             switch key {
             case "memory":
                 if let text = string(value, what: "memory") {
-                    if let bytes = Units.bytes(text.value), bytes >= 1 << 20 {
+                    if let bytes = ByteCount.parse(text.value), bytes >= 1 << 20 {
                         limits.memoryBytes = bytes
                     } else {
                         fail("memory must be a size of at least 1m such as 512m or 2g, not '\(text.value)'", at: value)
@@ -753,5 +753,4 @@ enum Units {
         return rest.isEmpty && sawUnit ? total : nil
     }
 
-    static func bytes(_ text: String) -> Int64? { ByteCount.parse(text) }
 }

@@ -1,4 +1,3 @@
-import Crypto
 import Foundation
 import Glibc
 import Sandbox
@@ -69,17 +68,17 @@ public struct ArtifactManifest: Sendable {
             let name = RawPath(parts[parts.count - 1])
             let output = try create(name, in: directory)
             defer { close(output) }
-            var hasher = SHA256()
+            var hasher = Digest.Hasher()
             var buffer = [UInt8](repeating: 0, count: 1 << 16)
             while true {
                 let n = buffer.withUnsafeMutableBytes { read(input, $0.baseAddress, $0.count) }
                 if n < 0 && errno == EINTR { continue }
                 guard n >= 0 else { throw SandboxError.system("read(artifact \(entry.path))") }
                 if n == 0 { break }
-                hasher.update(data: buffer[0..<n])
+                buffer.withUnsafeBytes { hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
                 try FileSystem.writeAll(fd: output, Array(buffer[0..<n]), path: directory.label(name))
             }
-            let digest = hasher.finalize().map { String(format: "%02x", $0) }.joined()
+            let digest = hasher.finalize().hex
             guard digest == entry.sha256 else {
                 try? directory.remove(name, directory: false)
                 throw PipelineError(

@@ -57,8 +57,8 @@ struct HTMLReport {
         for n in report.nodes {
             let m = n.metrics
             let cpu = m.map { String(format: "%.2f s", $0.cpuUserSeconds + $0.cpuSystemSeconds) } ?? ""
-            let memory = m.map { HTMLReport.bytes($0.peakMemoryBytes) } ?? ""
-            let change = m.map { "\($0.diffFiles) files, \(HTMLReport.bytes($0.diffBytes))" } ?? ""
+            let memory = m.map { ByteCount.format($0.peakMemoryBytes) } ?? ""
+            let change = m.map { "\($0.diffFiles) files, \(ByteCount.format($0.diffBytes))" } ?? ""
             let artifacts = n.artifacts.map { "<a href=\"\(escape($0.file))\">\(escape($0.path))</a>" }.joined(
                 separator: "<br>")
             html +=
@@ -84,8 +84,6 @@ struct HTMLReport {
     func badge(_ state: String) -> String {
         "<span class=\"badge\" style=\"background:\(HTMLReport.colors[state] ?? "#999")\">\(escape(state))</span>"
     }
-
-    static func bytes(_ n: Int64) -> String { ByteCount.format(n) }
 
     /// The DAG as layered boxes: a node's column is one more than its deepest dependency's.
     func graph(_ results: [String: NodeResult]) -> String {
@@ -152,7 +150,7 @@ struct HTMLReport {
                 m.map {
                     String(
                         format: "%.2f s wall, %.2f s CPU, %@", n.duration ?? 0, $0.cpuUserSeconds + $0.cpuSystemSeconds,
-                        HTMLReport.bytes($0.peakMemoryBytes))
+                        ByteCount.format($0.peakMemoryBytes))
                 } ?? String(format: "%.2f s", n.duration ?? 0)
             svg += "<text x=\"0\" y=\"\(y + 14)\">\(escape(String(n.node.prefix(30))))</text>"
             svg +=

@@ -12,15 +12,8 @@ public final class ViewOutput: Sendable {
     }
 
     public func write(_ text: String) {
-        lock.withLock { _ in
-            let bytes = Array(text.utf8)
-            var done = 0
-            while done < bytes.count {
-                let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, bytes.count - done) }
-                if n <= 0 { break }
-                done += n
-            }
-        }
+        // A view that cannot write (a closed terminal) shows nothing more; the run goes on.
+        lock.withLock { _ in try? FileSystem.writeAll(fd: fd, Array(text.utf8), path: "the run's view") }
     }
 
     public var isTerminal: Bool { isatty(fd) == 1 }
@@ -71,7 +64,7 @@ public enum RunViews {
             return [
                 n.node, state(n), seconds(n.duration), n.exitCode.map(String.init) ?? "",
                 m.map { seconds($0.cpuUserSeconds + $0.cpuSystemSeconds) } ?? "",
-                m.map { HTMLReport.bytes($0.peakMemoryBytes) } ?? "", String(n.resultImage?.prefix(8) ?? ""),
+                m.map { ByteCount.format($0.peakMemoryBytes) } ?? "", String(n.resultImage?.prefix(8) ?? ""),
             ]
         }
         var widths = header.map(\.count)

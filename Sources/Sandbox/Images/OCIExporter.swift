@@ -88,7 +88,7 @@ public struct OCIExporter: Sendable {
     }
 
     private func writeBlob(_ bytes: [UInt8], root: String) throws -> OCI.Descriptor {
-        let digest = "sha256:" + SHA256Digest(bytes)
+        let digest = Digest.sha256(bytes).description
         let path = root + "/blobs/sha256/" + digest.dropFirst(7)
         if !FileSystem.exists(path) { try FileSystem.writeFile(path, bytes, mode: 0o644) }
         return OCI.Descriptor(mediaType: nil, digest: digest, size: Int64(bytes.count))
@@ -98,7 +98,8 @@ public struct OCIExporter: Sendable {
     private func writeLayout(_ image: ImageRecord, into root: String, tag: String) throws -> String {
         try FileSystem.makeDirectories(root + "/blobs/sha256")
         if FileSystem.exists(root + "/index.json") && !FileSystem.exists(root + "/oci-layout") {
-            throw SandboxError(.invalidArgument, "\(root) holds an index.json but is not an OCI layout; pick another directory")
+            throw SandboxError(
+                .invalidArgument, "\(root) holds an index.json but is not an OCI layout; pick another directory")
         }
         var layers: [OCI.Descriptor] = []
         for digest in image.layers {
@@ -116,7 +117,8 @@ public struct OCIExporter: Sendable {
         var index = OCI.Document(
             schemaVersion: 2, mediaType: OCI.indexType, manifests: [], config: nil, layers: nil, annotations: nil)
         if FileSystem.exists(root + "/index.json") {
-            index = try OCI.decode(OCI.Document.self, try FileSystem.readFile(root + "/index.json"), what: "\(root)/index.json")
+            index = try OCI.decode(
+                OCI.Document.self, try FileSystem.readFile(root + "/index.json"), what: "\(root)/index.json")
         }
         index.manifests = (index.manifests ?? []).filter { $0.annotations?[OCI.refName] != tag } + [manifestDescriptor]
         try FileSystem.writeFile(root + "/index.json", try OCI.encode(index), mode: 0o644)
@@ -135,12 +137,14 @@ public struct OCIExporter: Sendable {
             layerPaths.append(directory + "/layer.tar")
         }
         let configBytes = try OCI.encode(configuration(image))
-        let configName = SHA256Digest(configBytes) + ".json"
+        let configName = Digest.sha256(configBytes).hex + ".json"
         try FileSystem.writeFile(root + "/" + configName, configBytes, mode: 0o644)
         let repoTag = reference.contains(":") ? reference : reference + ":latest"
-        let manifest = try OCI.encode([OCI.DockerArchiveEntry(Config: configName, RepoTags: [repoTag], Layers: layerPaths)])
+        let manifest = try OCI.encode([
+            OCI.DockerArchiveEntry(Config: configName, RepoTags: [repoTag], Layers: layerPaths)
+        ])
         try FileSystem.writeFile(root + "/manifest.json", manifest, mode: 0o644)
-        return "sha256:" + SHA256Digest(manifest)
+        return Digest.sha256(manifest).description
     }
 
     /// A tar of `directory`'s contents (GNU tar), written atomically.
@@ -162,5 +166,6 @@ func Timestamp(_ date: Date) -> String {
     var parts = tm()
     gmtime_r(&seconds, &parts)
     func pad(_ v: Int32) -> String { v < 10 ? "0\(v)" : "\(v)" }
-    return "\(parts.tm_year + 1900)-\(pad(parts.tm_mon + 1))-\(pad(parts.tm_mday))T\(pad(parts.tm_hour)):\(pad(parts.tm_min)):\(pad(parts.tm_sec))Z"
+    return
+        "\(parts.tm_year + 1900)-\(pad(parts.tm_mon + 1))-\(pad(parts.tm_mday))T\(pad(parts.tm_hour)):\(pad(parts.tm_min)):\(pad(parts.tm_sec))Z"
 }

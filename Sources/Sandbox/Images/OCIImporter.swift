@@ -1,4 +1,3 @@
-import Crypto
 import Glibc
 
 #if canImport(FoundationEssentials)
@@ -148,7 +147,7 @@ public struct OCIImporter: Sendable {
         func document(_ digest: String, what: String) throws -> [UInt8] {
             let path = try blob(digest, what: what)
             let bytes = try FileSystem.readFile(path)
-            let actual = "sha256:" + SHA256Digest(bytes)
+            let actual = Digest.sha256(bytes).description
             guard actual == digest else {
                 throw SandboxError(
                     .corrupt, "\(name): \(what) does not match its digest (\(digest), the bytes hash to \(actual))")
@@ -193,7 +192,7 @@ public struct OCIImporter: Sendable {
                     (try member(relative), "", String?.none, config.rootfs.diff_ids[i])
                 }
                 return ResolvedImage(
-                    manifestDigest: "sha256:" + SHA256Digest(bytes + configBytes), config: config, layers: layers)
+                    manifestDigest: Digest.sha256(bytes + configBytes).description, config: config, layers: layers)
             case .oci(let tag):
                 guard FileSystem.exists(root + "/oci-layout"), FileSystem.exists(root + "/index.json") else {
                     throw SandboxError(
@@ -433,9 +432,4 @@ public struct OCIImporter: Sendable {
         let user = (run?.User).flatMap { $0.isEmpty ? nil : $0 }
         return ImageConfig(env: env, workingDir: workingDir, user: user)
     }
-}
-
-/// Lower-case hex sha256 of bytes.
-func SHA256Digest(_ bytes: [UInt8]) -> String {
-    SHA256.hash(data: bytes).hexString
 }

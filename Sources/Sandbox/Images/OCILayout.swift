@@ -1,4 +1,3 @@
-import Crypto
 import Glibc
 
 #if canImport(FoundationEssentials)
@@ -120,7 +119,8 @@ public enum OCI {
         else {
             let offered = choices.compactMap { $0.platform?.description }.joined(separator: ", ")
             throw SandboxError(
-                .notFound, "\(name) has no image for \(platform.description) (it has: \(offered)); pick one with --platform")
+                .notFound,
+                "\(name) has no image for \(platform.description) (it has: \(offered)); pick one with --platform")
         }
         return chosen
     }
@@ -135,15 +135,12 @@ public enum OCI {
         return hex
     }
 
-    /// Lower-case hex sha256 of bytes.
-    public static func sha256Hex(_ bytes: [UInt8]) -> String { SHA256Digest(bytes) }
-
     /// sha256 of a file, streamed.
     public static func sha256(file path: String) throws -> (digest: String, size: Int64) {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
         defer { close(fd) }
-        var hasher = SHA256()
+        var hasher = Digest.Hasher()
         var size: Int64 = 0
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
         while true {
@@ -151,10 +148,10 @@ public enum OCI {
             if n < 0 && errno == EINTR { continue }
             guard n >= 0 else { throw SandboxError.system("read(\(path))") }
             if n == 0 { break }
-            buffer.withUnsafeBytes { hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            buffer.withUnsafeBytes { hasher.update(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
             size += Int64(n)
         }
-        return ("sha256:" + hasher.finalize().hexString, size)
+        return (hasher.finalize().description, size)
     }
 
     static func decode<T: Decodable>(_ type: T.Type, _ bytes: [UInt8], what: String) throws -> T {

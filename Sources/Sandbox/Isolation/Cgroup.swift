@@ -1,4 +1,3 @@
-import Crypto
 import Glibc
 import Synchronization
 
@@ -194,7 +193,7 @@ struct Cgroup {
     /// Run cgroups are named `contree-<scope>-<lease id>`; the scope ties them to one store, so
     /// that a store only ever cleans up its own.
     static func scope(storeRoot: String) -> String {
-        String(SHA256.hash(data: Array(storeRoot.utf8)).hexString.prefix(10))
+        String(Digest.sha256(storeRoot).hex.prefix(10))
     }
 
     /// Creates the run's cgroup and applies the limits.

@@ -1,4 +1,3 @@
-import Crypto
 import Glibc
 
 /// What a layer holds, computed from its canonical tar stream.
@@ -61,10 +60,10 @@ public enum LayerArchiver {
     )
         throws -> LayerSummary
     {
-        var hasher = SHA256()
+        var hasher = Digest.Hasher()
         var summary = LayerSummary(digest: "", files: 0, entries: 0, bytes: 0)
         let tar = TarWriter { chunk in
-            hasher.update(bufferPointer: chunk)
+            hasher.update(chunk)
             try writer?(chunk)
         }
         var hardlinks: [HardlinkKey: RawPath] = [:]
@@ -142,7 +141,7 @@ public enum LayerArchiver {
                 }
             })
         try tar.finish()
-        summary.digest = "sha256:" + hasher.finalize().hexString
+        summary.digest = hasher.finalize().description
         return summary
     }
 
@@ -223,20 +222,6 @@ public enum LayerArchiver {
             remaining -= Int64(n)
         }
     }
-}
-
-extension Sequence where Element == UInt8 {
-    var hexString: String {
-        var s = ""
-        for byte in self {
-            s += String(byte >> 4, radix: 16) + String(byte & 0xf, radix: 16)
-        }
-        return s
-    }
-}
-
-extension SHA256.Digest {
-    var hexString: String { Array(self).hexString }
 }
 
 func deviceMajor(_ dev: UInt) -> UInt32 {
