@@ -53,7 +53,7 @@ extension PipelineRunner {
     func parentImage(
         _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext, log: StepLog
     ) throws -> ImageRecord {
-        let start = startingPoint(node, results: results, base: context.baseImage.uuid)
+        let start = plan.startingPoint(node, results: results, base: context.baseImage.uuid)
         if case .node(let parent) = node.parent, start.from != parent {
             log.note(
                 "\(parent) left no snapshot; this step starts from \(start.from.map { "the snapshot of \($0)" } ?? "the pipeline's image")"

@@ -215,75 +215,37 @@ public final class PipelineRunner: Sendable {
         return report
     }
 
-    /// Starts nodes as their dependencies end, `jobs` at a time.
+    /// Runs the plan's nodes on the snapshot engine (see `drive`).
     private func schedule(_ context: ExecutionContext) async -> [String: NodeResult] {
-        var results: [String: NodeResult] = [:]
-        var pending = plan.nodes
-        var stopping = false
+        var schedule = Schedule(
+            plan: plan, jobs: options.jobs, keepGoing: options.keepGoing, baseImage: context.baseImage.uuid)
+        await PipelineRunner.drive(
+            &schedule, executor: EngineNodeExecutor(runner: self, context: context), observer: observer,
+            record: record)
+        return schedule.results
+    }
+
+    /// Carries out a schedule's decisions: starts nodes on `executor` as their dependencies
+    /// end, `jobs` at a time; on fail-fast cancels the running nodes that do not react to
+    /// failures; reports each node to `record` and the observer as it ends.
+    static func drive(
+        _ schedule: inout Schedule, executor: some NodeExecutor, observer: (any RunObserver)?,
+        record: (NodeResult) -> Void
+    ) async {
         let registry = TaskRegistry()
-        let preparer = StepPreparer(plan: plan)
         await withTaskGroup(of: NodeResult.self) { group in
-            var running = 0
-            func decide() {
-                var index = 0
-                while index < pending.count {
-                    let node = pending[index]
-                    guard node.dependencies.allSatisfy({ results[$0] != nil }) else {
-                        index += 1
-                        continue
-                    }
-                    let cancelled = Task.isCancelled
-                    let scope = NodeScope(
-                        node: node, plan: plan, results: results, env: preparer.environment(node, results: results),
-                        pipelineName: plan.definition.name, cancelled: cancelled)
-                    // Steps whose condition asks about failures (cleanup, reports) still run
-                    // after a failure or a cancellation, and are not cancelled themselves.
+            func apply() {
+                let (start, settled) = schedule.advance(cancelled: Task.isCancelled)
+                for verdict in settled {
+                    record(verdict)
+                    observer?.handle(.nodeFinished(verdict))
+                }
+                for node in start {
+                    let snapshot = schedule.results
                     let exempt = node.reactsToFailure
-                    var verdict: NodeResult?
-                    if cancelled && !exempt {
-                        verdict = NodeResult(node: node, status: .cancelled, reason: "the run was cancelled")
-                    } else if stopping && !exempt {
-                        verdict = NodeResult(node: node, status: .skipped, reason: PipelineRunner.failFastReason)
-                    } else if node.kind == .select {
-                        // A selection runs once its variants ended, unless none of them ran.
-                        let variants = node.variantNodes.compactMap { results[$0] }
-                        if variants.allSatisfy({ $0.status == .skipped || $0.status == .cancelled }) {
-                            let status: NodeStatus =
-                                variants.contains { $0.status == .cancelled } ? .cancelled : .skipped
-                            verdict = NodeResult(node: node, status: status, reason: "none of its variants ran")
-                        }
-                    } else if !PipelineRunner.conditionHolds(node, in: scope) {
-                        if node.condition == nil {
-                            verdict = NodeResult(
-                                node: node, status: .skipped, reason: "a step it depends on did not succeed")
-                        } else {
-                            var skipped = NodeResult(
-                                node: node, status: .skipped,
-                                reason:
-                                    "its condition is false: \(plan.definition.step(node.step)?.conditionText ?? "")")
-                            if scope.status("success") {
-                                let start = startingPoint(node, results: results, base: context.baseImage.uuid)
-                                skipped.parentImage = start.image
-                                skipped.resultImage = start.image
-                            }
-                            verdict = skipped
-                        }
-                    }
-                    if let verdict {
-                        pending.remove(at: index)
-                        results[node.id] = verdict
-                        record(verdict)
-                        observer?.handle(.nodeFinished(verdict))
-                        index = 0  // a decision may unblock earlier nodes
-                        continue
-                    }
-                    guard running < options.jobs else { return }
-                    pending.remove(at: index)
-                    running += 1
-                    let snapshot = results
                     observer?.handle(.nodeStarted(node.id))
                     // Registered before it can run, so that a fail-fast right after reaches it.
-                    let inner = Task { await self.execute(node, results: snapshot, context: context) }
+                    let inner = Task { await executor.execute(node, results: snapshot) }
                     registry.add(node.id, inner, exempt: exempt)
                     group.addTask {
                         var result: NodeResult
@@ -304,43 +266,18 @@ public final class PipelineRunner: Sendable {
                     }
                 }
             }
-            decide()
-            while running > 0 {
+            apply()
+            while !schedule.isIdle {
                 guard let result = await group.next() else { break }
-                running -= 1
-                results[result.node] = result
                 record(result)
                 observer?.handle(.nodeFinished(result))
-                if result.failsPipeline && !options.keepGoing && !stopping {
-                    stopping = true
+                if schedule.finish(result) {
                     registry.failFast()  // running siblings stop, their sandboxes die
                 }
-                decide()
+                apply()
             }
         }
-        for node in pending where results[node.id] == nil {
-            let verdict = NodeResult(
-                node: node, status: Task.isCancelled ? .cancelled : .skipped, reason: "not reached")
-            results[node.id] = verdict
-            record(verdict)
-        }
-        return results
-    }
-
-    /// The snapshot a node starts from: its parent's or, when the parent left none (cancelled,
-    /// killed, or failed before it ran), the nearest one along the chain of `from` steps, down
-    /// to the pipeline's image. `from` names the node whose snapshot it is (nil: the image).
-    func startingPoint(
-        _ node: PlanNode, results: [String: NodeResult], base: String
-    ) -> (
-        image: String, from: String?
-    ) {
-        var parent = node.parent
-        while case .node(let id) = parent {
-            if let image = results[id]?.resultImage { return (image, id) }
-            parent = plan.node(id)?.parent ?? .image
-        }
-        return (base, nil)
+        for verdict in schedule.unreached(cancelled: Task.isCancelled) { record(verdict) }
     }
 
     static let failFastReason =
@@ -361,6 +298,16 @@ public final class PipelineRunner: Sendable {
                 node: result.node, step: result.step, status: result.status.rawValue, cached: result.cached,
                 key: result.key, components: result.components, parentImage: result.parentImage,
                 resultImage: result.resultImage, outputs: result.outputs))
+    }
+}
+
+/// Runs nodes on this runner's snapshot engine.
+struct EngineNodeExecutor: NodeExecutor {
+    let runner: PipelineRunner
+    let context: ExecutionContext
+
+    func execute(_ node: PlanNode, results: [String: NodeResult]) async -> NodeResult {
+        await runner.execute(node, results: results, context: context)
     }
 }
 

@@ -1,0 +1,145 @@
+/// The scheduler as a state machine: given the plan and the results so far, it says which
+/// nodes start, which are settled without running (skipped, cancelled), and when fail-fast
+/// must stop the running ones. It runs nothing and keeps no clock: `PipelineRunner.drive`
+/// carries its decisions out with a `NodeExecutor`, and tests drive it by hand.
+struct Schedule {
+    let plan: PipelinePlan
+    /// Nodes running at once.
+    let jobs: Int
+    /// After a failure, run every branch that does not depend on it.
+    let keepGoing: Bool
+    /// The pipeline's image: what a skipped first step passes on.
+    let baseImage: String
+    private let preparer: StepPreparer
+
+    private(set) var results: [String: NodeResult] = [:]
+    /// Not started and not settled, in plan order.
+    private(set) var pending: [PlanNode]
+    private(set) var running: Set<String> = []
+    /// A failure stopped the run (fail-fast): what has not started is skipped.
+    private(set) var stopping = false
+
+    init(plan: PipelinePlan, jobs: Int, keepGoing: Bool, baseImage: String) {
+        self.plan = plan
+        self.jobs = max(1, jobs)
+        self.keepGoing = keepGoing
+        self.baseImage = baseImage
+        self.preparer = StepPreparer(plan: plan)
+        self.pending = plan.nodes
+    }
+
+    /// Nothing runs.
+    var isIdle: Bool { running.isEmpty }
+
+    /// Decides what can be decided now: nodes settled without running (in the order decided)
+    /// and nodes to start (at most `jobs` running in all). Call it after every `finish`.
+    /// - Parameter cancelled: the run was cancelled (Ctrl-C): what has not started is cancelled,
+    ///   except steps that react to failures.
+    mutating func advance(cancelled: Bool) -> (start: [PlanNode], settled: [NodeResult]) {
+        var start: [PlanNode] = []
+        var settled: [NodeResult] = []
+        var index = 0
+        while index < pending.count {
+            let node = pending[index]
+            guard node.dependencies.allSatisfy({ results[$0] != nil }) else {
+                index += 1
+                continue
+            }
+            if let verdict = verdict(node, cancelled: cancelled) {
+                pending.remove(at: index)
+                results[node.id] = verdict
+                settled.append(verdict)
+                index = 0  // a decision may unblock earlier nodes
+                continue
+            }
+            guard running.count < jobs else { break }
+            pending.remove(at: index)
+            running.insert(node.id)
+            start.append(node)
+        }
+        return (start, settled)
+    }
+
+    /// Records a node that ran. - Returns: whether fail-fast must stop the nodes running now
+    /// (those that do not react to failures).
+    mutating func finish(_ result: NodeResult) -> Bool {
+        running.remove(result.node)
+        results[result.node] = result
+        guard result.failsPipeline && !keepGoing && !stopping else { return false }
+        stopping = true
+        return true
+    }
+
+    /// Once nothing runs: the nodes never reached (cancelled when the run was).
+    mutating func unreached(cancelled: Bool) -> [NodeResult] {
+        let left = pending.filter { results[$0.id] == nil }
+        pending = []
+        return left.map { node in
+            let verdict = NodeResult(node: node, status: cancelled ? .cancelled : .skipped, reason: "not reached")
+            results[node.id] = verdict
+            return verdict
+        }
+    }
+
+    /// The result of a node that does not run, or nil when it should.
+    private func verdict(_ node: PlanNode, cancelled: Bool) -> NodeResult? {
+        // Steps whose condition asks about failures (cleanup, reports) still run after a
+        // failure or a cancellation, and are not cancelled themselves.
+        let exempt = node.reactsToFailure
+        if cancelled && !exempt {
+            return NodeResult(node: node, status: .cancelled, reason: "the run was cancelled")
+        }
+        if stopping && !exempt {
+            return NodeResult(node: node, status: .skipped, reason: PipelineRunner.failFastReason)
+        }
+        if node.kind == .select {
+            // A selection runs once its variants ended, unless none of them ran.
+            let variants = node.variantNodes.compactMap { results[$0] }
+            guard variants.allSatisfy({ $0.status == .skipped || $0.status == .cancelled }) else { return nil }
+            let status: NodeStatus = variants.contains { $0.status == .cancelled } ? .cancelled : .skipped
+            return NodeResult(node: node, status: status, reason: "none of its variants ran")
+        }
+        let scope = NodeScope(
+            node: node, plan: plan, results: results, env: preparer.environment(node, results: results),
+            pipelineName: plan.definition.name, cancelled: cancelled)
+        guard !PipelineRunner.conditionHolds(node, in: scope) else { return nil }
+        if node.condition == nil {
+            return NodeResult(node: node, status: .skipped, reason: "a step it depends on did not succeed")
+        }
+        var skipped = NodeResult(
+            node: node, status: .skipped,
+            reason: "its condition is false: \(plan.definition.step(node.step)?.conditionText ?? "")")
+        // Skipped by its own condition while what it depends on succeeded: it leaves the
+        // workspace as it was, passing its parent's snapshot on.
+        if scope.status("success") {
+            let start = plan.startingPoint(node, results: results, base: baseImage)
+            skipped.parentImage = start.image
+            skipped.resultImage = start.image
+        }
+        return skipped
+    }
+}
+
+extension PipelinePlan {
+    /// The snapshot a node starts from: its parent's or, when the parent left none (cancelled,
+    /// killed, or failed before it ran), the nearest one along the chain of `from` steps, down
+    /// to the pipeline's image. `from` names the node whose snapshot it is (nil: the image).
+    func startingPoint(
+        _ node: PlanNode, results: [String: NodeResult], base: String
+    ) -> (
+        image: String, from: String?
+    ) {
+        var parent = node.parent
+        while case .node(let id) = parent {
+            if let image = results[id]?.resultImage { return (image, id) }
+            parent = self.node(id)?.parent ?? .image
+        }
+        return (base, nil)
+    }
+}
+
+/// What runs one node of a plan: the snapshot engine today, other machines next. It is handed
+/// the node and the results it may read, and returns everything the runner records.
+protocol NodeExecutor: Sendable {
+    func execute(_ node: PlanNode, results: [String: NodeResult]) async -> NodeResult
+}
