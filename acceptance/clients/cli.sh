@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Acceptance test: drive `contree-pipeline serve` with contree-cli 0.9.4 (the `contree` command).
 #
-# Environment (set by tests/clients/run):
+# Environment (set by acceptance/clients/run):
 #   CONTREE_TEST_URL, CONTREE_TEST_TOKEN (alice), CONTREE_TEST_TOKEN_B (bob), CONTREE_TEST_SCRATCH
 #   CONTREE_CLI              the contree binary (default: `contree` on PATH)
 #   CONTREE_TEST_KEEP_GOING=1  report failed checks and carry on (exit status is still 1)
