@@ -81,7 +81,8 @@ let package = Package(
         .target(name: "ContreeTestSupport", dependencies: ["Sandbox"], path: "Tests/ContreeTestSupport"),
         .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "Registry", "ContreeTestSupport"]),
         .testTarget(
-            name: "PipelineTests", dependencies: ["Pipeline", "Sandbox", "Registry", "RegistryCache", "ContreeTestSupport"]),
+            name: "PipelineTests",
+            dependencies: ["Pipeline", "Sandbox", "Registry", "RegistryCache", "ContreeTestSupport"]),
         .testTarget(name: "ContreeServerTests", dependencies: ["ContreeServer", "Sandbox", "ContreeTestSupport"]),
         .testTarget(name: "VirtualMachineTests", dependencies: ["VirtualMachine", "Sandbox", "Pipeline"]),
     ],

@@ -434,10 +434,15 @@ final class RegistryClient: @unchecked Sendable {
         }
         struct TokenAnswer: Decodable {
             var token: String?
-            var access_token: String?
+            var accessToken: String?
+
+            enum CodingKeys: String, CodingKey {
+                case token
+                case accessToken = "access_token"
+            }
         }
         guard let answer = try? JSONDecoder().decode(TokenAnswer.self, from: data),
-            let token = answer.token ?? answer.access_token
+            let token = answer.token ?? answer.accessToken
         else {
             throw SandboxError(.invalidArgument, "\(reference): the token service at \(realm) gave no token")
         }

@@ -101,10 +101,10 @@ public struct RegistryImporter: Sendable {
         try client.download("\(client.base)/blobs/\(config.digest)", digest: config.digest, to: configPath)
         let configuration = try JSONDecoder().decode(
             OCI.ImageConfiguration.self, from: Data(try FileSystem.readFile(configPath)))
-        guard configuration.rootfs.diff_ids.count == layers.count else {
+        guard configuration.rootfs.diffIDs.count == layers.count else {
             throw SandboxError(
                 .corrupt,
-                "\(text): the config lists \(configuration.rootfs.diff_ids.count) layers, the manifest \(layers.count)")
+                "\(text): the config lists \(configuration.rootfs.diffIDs.count) layers, the manifest \(layers.count)")
         }
         let started = Date()
         var fetched: Int64 = 0
@@ -113,7 +113,7 @@ public struct RegistryImporter: Sendable {
         // The layers the store lacks, a few at a time (as registry clients do).
         var wanted: [(index: Int, digest: String, size: Int64, path: String)] = []
         for (index, layer) in layers.enumerated() {
-            if try importer.knows(diffID: configuration.rootfs.diff_ids[index]) { continue }  // not fetched again
+            if try importer.knows(diffID: configuration.rootfs.diffIDs[index]) { continue }  // not fetched again
             wanted.append(
                 (index, layer.digest, layer.size, try blobPath(layer.digest, root: root, what: "layer \(index + 1)")))
         }

@@ -1,9 +1,9 @@
 import Foundation
 import Glibc
+import Pipeline
 import Sandbox
 import Synchronization
 import Testing
-import Pipeline
 
 @testable import VirtualMachine
 
@@ -22,15 +22,18 @@ extension VMTests {
     @Suite(
         "VM backend: one command in a QEMU microvm (TCG here: each boot costs seconds)", .serialized,
         .enabled(if: geteuid() == 0, "needs root"),
-        .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64"), "needs qemu-system-x86"))
+        .enabled(
+            if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64"), "needs qemu-system-x86"))
     struct MicroVMTests {
         @Test("the kit: Debian's kernel decompressed to an ELF, modules after their dependencies")
         func kit() async throws {
             let store = try vmStore()
             let kit = try await DedicatedThread.run { try GuestKit.prepare(store: store) }
             #expect(try FileSystem.readFile(kit.kernel).prefix(4).elementsEqual([0x7F, 0x45, 0x4C, 0x46]))
-            let order = try GuestKit.moduleOrder(in: store.root + "/vm/kernel-\(kit.release)/lib/modules/\(kit.release)")
-                .map(\.name)
+            let order = try GuestKit.moduleOrder(
+                in: store.root + "/vm/kernel-\(kit.release)/lib/modules/\(kit.release)"
+            )
+            .map(\.name)
             for (module, dependency) in [("ext4", "jbd2"), ("virtio_blk", "virtio_ring"), ("erofs", "libcrc32c")] {
                 let a = try #require(order.firstIndex(of: module))
                 let b = try #require(order.firstIndex(of: dependency))
@@ -52,10 +55,12 @@ extension VMTests {
                         argv: ["sh", "-c", "echo hello from $(uname -r); echo oops >&2; cat; cd /tmp && pwd; exit 3"],
                         env: ["GREETING=hi"], layers: layers),
                     stdin: .bytes(Array("piped in\n".utf8)), timeout: 120,
-                    onStdout: { bytes in out.withLock { $0 += bytes } }, onStderr: { bytes in err.withLock { $0 += bytes } })
+                    onStdout: { bytes in out.withLock { $0 += bytes } },
+                    onStderr: { bytes in err.withLock { $0 += bytes } })
             }
             #expect(outcome.exitCode == 3, "\(outcome.console ?? "")")
-            #expect(String(decoding: out.withLock { $0 }, as: UTF8.self) == "hello from \(kit.release)\npiped in\n/tmp\n")
+            #expect(
+                String(decoding: out.withLock { $0 }, as: UTF8.self) == "hello from \(kit.release)\npiped in\n/tmp\n")
             #expect(String(decoding: err.withLock { $0 }, as: UTF8.self) == "oops\n")
             #expect(outcome.bootSeconds > 0 && outcome.wallSeconds >= outcome.bootSeconds)
         }
@@ -66,9 +71,12 @@ extension VMTests {
     @Suite(
         "VM backend through the engine: images made in a VM and in a container are interchangeable", .serialized,
         .enabled(if: geteuid() == 0, "needs root"),
-        .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64"), "needs qemu-system-x86"))
+        .enabled(
+            if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64"), "needs qemu-system-x86"))
     struct VMBackendTests {
-        @Test("a VM run's changes (a new file, a deleted one) become an image the container backend reads, and the other way round")
+        @Test(
+            "a VM run's changes (a new file, a deleted one) become an image the container backend reads, and the other way round"
+        )
         func interchangeable() async throws {
             let store = try vmStore()
             let engine = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
@@ -85,10 +93,10 @@ extension VMTests {
             #expect(vm.record.exitCode == 0, "\(String(decoding: vm.stderr, as: UTF8.self))")
             #expect(String(decoding: vm.stdout, as: UTF8.self) == "from-container\nno-vi\n0\n")
             #expect(vm.record.backend == .vm && vm.record.acceleration == "tcg")
-        // The metrics a container run has: CPU, memory, processes, block I/O.
-        let metrics = vm.record.metrics
-        #expect(metrics.processes >= 3 && metrics.bytesWritten > 0 && metrics.peakMemoryBytes > 0, "\(metrics)")
-        #expect(metrics.cpuUserSeconds + metrics.cpuSystemSeconds > 0)
+            // The metrics a container run has: CPU, memory, processes, block I/O.
+            let metrics = vm.record.metrics
+            #expect(metrics.processes >= 3 && metrics.bytesWritten > 0 && metrics.peakMemoryBytes > 0, "\(metrics)")
+            #expect(metrics.cpuUserSeconds + metrics.cpuSystemSeconds > 0)
             let vmImage = try #require(vm.record.resultImage)
             // The container reads what the VM wrote and deleted.
             let read = try await engine.run(
@@ -103,7 +111,8 @@ extension VMTests {
     @Suite(
         "VM backend: limits, bad commands, pipelines", .serialized,
         .enabled(if: geteuid() == 0, "needs root"),
-        .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64"), "needs qemu-system-x86"))
+        .enabled(
+            if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64"), "needs qemu-system-x86"))
     struct VMRunTests {
         @Test("a command that does not exist exits 127 with the reason; a timeout kills the VM and says so")
         func failures() async throws {
@@ -159,7 +168,9 @@ extension VMTests {
             var spec = RunSpec(
                 image: "busybox", command: ["sh", "-c", "read a; echo got $a; read b; echo got $b"], disposable: true,
                 stdin: .fileDescriptor(fds[0]),
-                stdout: .capture(limit: 1 << 16, onChunk: { bytes in seen.withLock { $0 += String(decoding: bytes, as: UTF8.self) } }))
+                stdout: .capture(
+                    limit: 1 << 16, onChunk: { bytes in seen.withLock { $0 += String(decoding: bytes, as: UTF8.self) } }
+                ))
             spec.isolation = .vm
             spec.timeout = 120
             let run = Task { try await engine.run(spec) }
@@ -215,7 +226,8 @@ extension VMTests {
             spec.isolation = .vm
             _ = try await engine.run(spec)  // the template exists
             let templates = store.root + "/vm/templates"
-            let states = try FileSystem.list(templates).map { templates + "/" + $0 + "/state" }.filter(FileSystem.exists)
+            let states = try FileSystem.list(templates).map { templates + "/" + $0 + "/state" }.filter(
+                FileSystem.exists)
             #expect(!states.isEmpty)
             for state in states { try FileSystem.writeFile(state, Array("not a migration stream".utf8), mode: 0o644) }
             let fresh = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
@@ -223,7 +235,8 @@ extension VMTests {
             #expect(run.record.exitCode == 0 && String(decoding: run.stdout, as: UTF8.self) == "still runs\n")
             let again = try await fresh.run(spec)
             #expect(again.record.exitCode == 0)
-            let rebuilt = try FileSystem.list(templates).map { templates + "/" + $0 + "/state" }.filter(FileSystem.exists)
+            let rebuilt = try FileSystem.list(templates).map { templates + "/" + $0 + "/state" }.filter(
+                FileSystem.exists)
             #expect(try rebuilt.contains { try FileSystem.readFile($0).count > 1000 })  // the current one, made again
         }
 

@@ -77,9 +77,13 @@ struct APIError: Error, HTTPResponseError, CustomStringConvertible {
         case is Int.Type, is Int64.Type, is UInt32.Type, is Int32.Type: "an integer"
         case is Double.Type: "a number"
         default:
-            if "\(type)".hasPrefix("Array") { "an array" } else if "\(type)".hasPrefix("Dictionary") {
+            if "\(type)".hasPrefix("Array") {
+                "an array"
+            } else if "\(type)".hasPrefix("Dictionary") {
                 "an object"
-            } else { "an object" }
+            } else {
+                "an object"
+            }
         }
     }
 }

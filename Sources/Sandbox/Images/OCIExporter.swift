@@ -54,11 +54,11 @@ public struct OCIExporter: Sendable {
     /// The config document of an image.
     public func configuration(_ image: ImageRecord) -> OCI.ImageConfiguration {
         OCI.ImageConfiguration(
-            architecture: "amd64", os: "linux", created: Timestamp(image.created),
+            architecture: "amd64", os: "linux", created: rfc3339(image.created),
             config: OCI.ImageConfiguration.RunConfig(
-                Env: image.config.env, WorkingDir: image.config.workingDir, User: image.config.user, Cmd: ["/bin/sh"],
-                Entrypoint: nil),
-            rootfs: OCI.ImageConfiguration.RootFS(type: "layers", diff_ids: image.layers))
+                env: image.config.env, workingDir: image.config.workingDir, user: image.config.user, cmd: ["/bin/sh"],
+                entrypoint: nil),
+            rootfs: OCI.ImageConfiguration.RootFS(type: "layers", diffIDs: image.layers))
     }
 
     /// Writes one layer's tar stream into `path` unless it is there, checking its digest;
@@ -141,7 +141,7 @@ public struct OCIExporter: Sendable {
         try FileSystem.writeFile(root + "/" + configName, configBytes, mode: 0o644)
         let repoTag = reference.contains(":") ? reference : reference + ":latest"
         let manifest = try OCI.encode([
-            OCI.DockerArchiveEntry(Config: configName, RepoTags: [repoTag], Layers: layerPaths)
+            OCI.DockerArchiveEntry(config: configName, repoTags: [repoTag], layers: layerPaths)
         ])
         try FileSystem.writeFile(root + "/manifest.json", manifest, mode: 0o644)
         return Digest.sha256(manifest).description
@@ -161,7 +161,7 @@ public struct OCIExporter: Sendable {
 }
 
 /// RFC 3339 in UTC, as image configs write `created`.
-func Timestamp(_ date: Date) -> String {
+func rfc3339(_ date: Date) -> String {
     var seconds = time_t(date.timeIntervalSince1970)
     var parts = tm()
     gmtime_r(&seconds, &parts)

@@ -180,16 +180,16 @@ public struct OCIImporter: Sendable {
                     throw SandboxError(
                         .invalidArgument, "\(name) holds \(entries.count) images; import archives of exactly one")
                 }
-                let configBytes = try FileSystem.readFile(try member(entry.Config))
+                let configBytes = try FileSystem.readFile(try member(entry.config))
                 let config = try OCI.decode(OCI.ImageConfiguration.self, configBytes, what: "\(name): the image config")
-                guard config.rootfs.diff_ids.count == entry.Layers.count else {
+                guard config.rootfs.diffIDs.count == entry.layers.count else {
                     throw SandboxError(
                         .corrupt,
-                        "\(name): the config lists \(config.rootfs.diff_ids.count) layers, manifest.json \(entry.Layers.count)"
+                        "\(name): the config lists \(config.rootfs.diffIDs.count) layers, manifest.json \(entry.layers.count)"
                     )
                 }
-                let layers = try entry.Layers.enumerated().map { i, relative in
-                    (try member(relative), "", String?.none, config.rootfs.diff_ids[i])
+                let layers = try entry.layers.enumerated().map { i, relative in
+                    (try member(relative), "", String?.none, config.rootfs.diffIDs[i])
                 }
                 return ResolvedImage(
                     manifestDigest: Digest.sha256(bytes + configBytes).description, config: config, layers: layers)
@@ -243,15 +243,15 @@ public struct OCIImporter: Sendable {
             }
             let configBytes = try self.document(configDescriptor.digest, what: "image config")
             let config = try OCI.decode(OCI.ImageConfiguration.self, configBytes, what: "\(name): the image config")
-            guard config.rootfs.diff_ids.count == layers.count else {
+            guard config.rootfs.diffIDs.count == layers.count else {
                 throw SandboxError(
                     .corrupt,
-                    "\(name): the config lists \(config.rootfs.diff_ids.count) layers, the manifest \(layers.count)")
+                    "\(name): the config lists \(config.rootfs.diffIDs.count) layers, the manifest \(layers.count)")
             }
             let resolved = try layers.enumerated().map { i, layer in
                 (
                     try blobPath(layer.digest, what: "layer \(i + 1)"), layer.mediaType ?? OCI.layerTar,
-                    Optional(layer.digest), config.rootfs.diff_ids[i]
+                    Optional(layer.digest), config.rootfs.diffIDs[i]
                 )
             }
             return ResolvedImage(manifestDigest: descriptor.digest, config: config, layers: resolved)
@@ -427,9 +427,9 @@ public struct OCIImporter: Sendable {
     /// numbers (names are looked up at run time from the image's /etc/passwd).
     private func imageConfig(_ config: OCI.ImageConfiguration) throws -> ImageConfig {
         let run = config.config
-        let env = run?.Env ?? ImageConfig.defaultEnv
-        let workingDir = (run?.WorkingDir).flatMap { $0.isEmpty ? nil : $0 } ?? "/"
-        let user = (run?.User).flatMap { $0.isEmpty ? nil : $0 }
+        let env = run?.env ?? ImageConfig.defaultEnv
+        let workingDir = (run?.workingDir).flatMap { $0.isEmpty ? nil : $0 } ?? "/"
+        let user = (run?.user).flatMap { $0.isEmpty ? nil : $0 }
         return ImageConfig(env: env, workingDir: workingDir, user: user)
     }
 }

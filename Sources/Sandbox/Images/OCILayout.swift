@@ -84,15 +84,24 @@ public enum OCI {
     /// The image configuration: what runs, and the layers' diff_ids.
     public struct ImageConfiguration: Codable, Sendable {
         public struct RunConfig: Codable, Sendable {
-            public var Env: [String]?
-            public var WorkingDir: String?
-            public var User: String?
-            public var Cmd: [String]?
-            public var Entrypoint: [String]?
+            public var env: [String]?
+            public var workingDir: String?
+            public var user: String?
+            public var cmd: [String]?
+            public var entrypoint: [String]?
+
+            enum CodingKeys: String, CodingKey {
+                case env = "Env", workingDir = "WorkingDir", user = "User", cmd = "Cmd", entrypoint = "Entrypoint"
+            }
         }
         public struct RootFS: Codable, Sendable {
             public var type: String
-            public var diff_ids: [String]
+            public var diffIDs: [String]
+
+            enum CodingKeys: String, CodingKey {
+                case type
+                case diffIDs = "diff_ids"
+            }
         }
         public var architecture: String?
         public var os: String?
@@ -103,9 +112,13 @@ public enum OCI {
 
     /// `docker save`'s manifest.json entry.
     public struct DockerArchiveEntry: Codable, Sendable {
-        public var Config: String
-        public var RepoTags: [String]?
-        public var Layers: [String]
+        public var config: String
+        public var repoTags: [String]?
+        public var layers: [String]
+
+        enum CodingKeys: String, CodingKey {
+            case config = "Config", repoTags = "RepoTags", layers = "Layers"
+        }
     }
 
     /// The manifest an image index offers for `platform`. - Throws: `notFound` naming what it offers.

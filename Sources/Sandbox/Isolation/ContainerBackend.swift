@@ -44,7 +44,8 @@ public struct ContainerBackend: IsolationBackend {
             if access(candidate, X_OK) == 0 { return candidate }
         }
         throw SandboxError(
-            .unsupported, "\(name) was not found next to this program; build the package (`swift build`) or set \(override)")
+            .unsupported,
+            "\(name) was not found next to this program; build the package (`swift build`) or set \(override)")
     }
 
     public func run(_ request: LaunchRequest) async throws -> LaunchOutcome {

@@ -36,7 +36,8 @@ struct APIBench {
     }
 
     func measure(port: Int, env: [String]) async throws {
-        print("API: \(concurrency) concurrent spawns of `true` on busybox, \(rounds) rounds (serve on 127.0.0.1:\(port))")
+        print(
+            "API: \(concurrency) concurrent spawns of `true` on busybox, \(rounds) rounds (serve on 127.0.0.1:\(port))")
 
         let body = Array(#"{"command":"true","image":"busybox","disposable":true,"timeout":60}"#.utf8)
         let token = self.token
@@ -53,7 +54,8 @@ struct APIBench {
             let events = try LoopbackHTTP.exchange(
                 port: port, method: "GET", path: "/v1/operations/\(uuid)/events?follow=1", token: token)
             guard events.text.contains(#""type":"completion""#), events.text.contains(#""status":"SUCCESS""#) else {
-                FileHandle.standardError.write(Data("events of \(uuid): \(events.status) \(events.text.suffix(600))\n".utf8))
+                FileHandle.standardError.write(
+                    Data("events of \(uuid): \(events.status) \(events.text.suffix(600))\n".utf8))
                 return (now() - start, nil)
             }
             return (now() - start, uuid)
@@ -139,7 +141,8 @@ struct APIBench {
         let execRate = total / execWalls.reduce(0, +)
         let engineRate = total / engineWalls.reduce(0, +)
         print(
-            pad("spawn to completion, API", 34) + "p50 \(ms(median(apiLatencies)))  p99 \(ms(percentile(apiLatencies, 0.99)))  "
+            pad("spawn to completion, API", 34)
+                + "p50 \(ms(median(apiLatencies)))  p99 \(ms(percentile(apiLatencies, 0.99)))  "
                 + String(format: "%.1f runs/s", apiRate))
         print(
             pad("same runs, contree-pipeline exec", 34)

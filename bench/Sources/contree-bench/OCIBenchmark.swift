@@ -42,12 +42,15 @@ struct OCIBench {
         var pushed = false
         for _ in 0..<100 where !pushed {
             usleep(50_000)
-            pushed = (try? ChildProcess.run([
-                "skopeo", "copy", "--dest-tls-verify=false", "oci:\(work)/layout:bookworm", reference,
-            ]))?.succeeded ?? false
+            pushed =
+                (try? ChildProcess.run([
+                    "skopeo", "copy", "--dest-tls-verify=false", "oci:\(work)/layout:bookworm", reference,
+                ]))?.succeeded ?? false
         }
         guard pushed else { throw SandboxError(.childProcess, "could not push debian:bookworm to the local registry") }
-        print("OCI import of debian:bookworm (\(Format.size(debian.size)), gzip layers) from a registry on loopback, \(rounds) rounds")
+        print(
+            "OCI import of debian:bookworm (\(Format.size(debian.size)), gzip layers) from a registry on loopback, \(rounds) rounds"
+        )
 
         var coldOurs: [Double] = []
         var warmOurs: [Double] = []
@@ -78,7 +81,9 @@ struct OCIBench {
             try? FileSystem.removeTree(layout + "-bundle")
         }
         print(pad("", 30) + pad("contree-pipeline", 18) + pad("skopeo + umoci", 18) + "ratio")
-        for (name, ours, peer) in [("cold (empty store)", coldOurs, coldPeer), ("warm (image known)", warmOurs, warmPeer)] {
+        for (name, ours, peer) in [
+            ("cold (empty store)", coldOurs, coldPeer), ("warm (image known)", warmOurs, warmPeer),
+        ] {
             print(
                 pad(name, 30) + pad(ms(median(ours)), 18) + pad(ms(median(peer)), 18)
                     + String(format: "%.2f", median(ours) / median(peer)))
@@ -146,7 +151,9 @@ struct OCIBench {
         try FileSystem.makeDirectories(context)
         let store = try Store(root: home)
         let busybox = try BaseImages(store: store).resolve("busybox")
-        let tar = try ChildProcess.run(["tar", "-C", store.layerPath(busybox.layers[0]), "-cf", context + "/rootfs.tar", "."])
+        let tar = try ChildProcess.run([
+            "tar", "-C", store.layerPath(busybox.layers[0]), "-cf", context + "/rootfs.tar", ".",
+        ])
         guard tar.succeeded else { throw SandboxError(.childProcess, "tar failed: \(tar.stderrText)") }
         var rows: [String: [Double]] = [:]
         for round in 0..<rounds {
@@ -164,7 +171,8 @@ struct OCIBench {
                 pushed.err.contains("cache: 10 pushed")
             else {
                 throw SandboxError(
-                    .childProcess, "unexpected cache behaviour: \(cold.hits)/\(pushed.hits)/\(pulled.hits) hits; \(pushed.err)")
+                    .childProcess,
+                    "unexpected cache behaviour: \(cold.hits)/\(pushed.hits)/\(pulled.hits) hits; \(pushed.err)")
             }
             rows["cold", default: []].append(cold.seconds)
             rows["cold + push", default: []].append(pushed.seconds)

@@ -22,7 +22,8 @@ struct VMBench {
             + ["CONTREE_HOME=\(home)"]
         // The first VM run probes the accelerator and saves the template: not measured.
         _ = try timed([cli, "exec", "--isolation", "vm", "--disposable", "--", "true"], env: env)
-        let accelerator = (try? FileSystem.readFile(home + "/vm/accelerator-" + kit.release))
+        let accelerator =
+            (try? FileSystem.readFile(home + "/vm/accelerator-" + kit.release))
             .map { String(decoding: $0, as: UTF8.self) } ?? "?"
         var floor: [Double] = []
         var cold: [Double] = []
@@ -41,7 +42,8 @@ struct VMBench {
                     [cli, "exec", "--isolation", "vm", "--disposable", "--", "true"], env: env + ["CONTREE_VM_COLD=1"]))
             restored.append(try timed([cli, "exec", "--isolation", "vm", "--disposable", "--", "true"], env: env))
         }
-        var yaml = "name: bench-vm\nimage: busybox\nenv: {SALT: \(UUID().uuidString.prefix(8))}\ndefaults:\n  isolation: vm\nsteps:\n"
+        var yaml =
+            "name: bench-vm\nimage: busybox\nenv: {SALT: \(UUID().uuidString.prefix(8))}\ndefaults:\n  isolation: vm\nsteps:\n"
         for i in 1...10 { yaml += "  - id: s\(i)\n    run: echo \(i) > f\(i)\n" }
         let file = home + "/vm-bench.yaml"
         try yaml.write(toFile: file, atomically: true, encoding: .utf8)
@@ -54,6 +56,9 @@ struct VMBench {
         print(pad("10-step pipeline, isolation: vm", 44) + ms(pipeline))
         print(String(format: "cold run / floor: %.2f (target <= 1.3)", median(cold) / median(floor)))
         print(String(format: "template run / cold run: %.2f (target <= 0.2)", median(restored) / median(cold)))
-        print(String(format: "10-step pipeline / one cold run: %.2f (target <= 1: at most one cold boot)", pipeline / median(cold)))
+        print(
+            String(
+                format: "10-step pipeline / one cold run: %.2f (target <= 1: at most one cold boot)",
+                pipeline / median(cold)))
     }
 }

@@ -245,9 +245,11 @@ do {
     if mode == "sandbox" {
         try await sandboxBenchmark(options)
     } else if mode == "vm" {
-        try await VMBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath).measure()
+        try await VMBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath)
+            .measure()
     } else if mode == "oci" {
-        try await OCIBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath).measure()
+        try await OCIBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath)
+            .measure()
     } else if mode == "api" {
         try await APIBench(
             home: options.home, cli: cliPath, concurrency: 50, rounds: args.contains("--runs") ? options.runs : 3
