@@ -54,7 +54,7 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
         // OCI distribution: images from registries (FoundationNetworking, the toolchain's URLSession).
-        .target(name: "Registry", dependencies: ["Sandbox", .product(name: "Crypto", package: "swift-crypto")]),
+        .target(name: "Registry", dependencies: ["Sandbox"]),
         // A registry repository as a pipeline step cache shared by many stores (`run --cache-to/--cache-from`).
         .target(name: "RegistryCache", dependencies: ["Pipeline", "Registry"]),
         // The ConTree /v1 REST API over the engine (Hummingbird), so the official clients work.
@@ -66,7 +66,6 @@ let package = Package(
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
-                .product(name: "Crypto", package: "swift-crypto"),
             ]),
         .executableTarget(
             name: "contree-pipeline",

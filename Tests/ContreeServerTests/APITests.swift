@@ -407,12 +407,15 @@ struct InstanceTests {
         // The first holds bob's only slot before the second is asked for (a loaded machine may
         // take a while to start it; it runs for bob's 30 s at most).
         let asked = Date()
-        while Date().timeIntervalSince(asked) < 20 {
+        var running = false
+        while !running && Date().timeIntervalSince(asked) < 20 {
             let events = try await server.request("GET", "/v1/operations/\(first)/events?spid=1", token: bob)
-            if events.text.contains("started") { break }
-            try await Task.sleep(for: .milliseconds(20))
+            running = events.text.contains("started")
+            if !running { try await Task.sleep(for: .milliseconds(20)) }
         }
+        try #require(running, "the first instance started")
         let second = try await server.spawn(#"{"command":"echo second","image":"busybox","shell":true}"#, token: bob)
+        // Not a synchronisation: the window in which a second instance, wrongly, could start.
         try await Task.sleep(for: .milliseconds(500))
         #expect(
             try await server.request("GET", "/v1/operations/\(second)", token: bob).json()["status"] as? String
@@ -587,6 +590,7 @@ struct ImportTests {
             try await Task.sleep(for: .milliseconds(100))
             status = try await server.request("GET", "/v1/operations/\(op)").json()["status"] as? String ?? ""
         }
+        try #require(status == "EXECUTING", "the import started")
         try await Task.sleep(for: .milliseconds(500))
         let cancelled = Date()
         #expect(try await server.request("DELETE", "/v1/operations/\(op)").status < 300)

@@ -214,10 +214,13 @@ struct RunOutputTests {
     @Test("SIGINT cancels the running sandbox, writes the reports and exits 130")
     func interrupt() async throws {
         let w = try Workspace()
-        try w.write("p.yaml", "steps:\n  - id: long\n    run: sleep 60\n")
+        // A duration no other test sleeps: its process says the sandbox runs.
+        try w.write("p.yaml", "steps:\n  - id: long\n    run: sleep 61.25\n")
         let status = try await DedicatedThread.run { () -> Int32 in
             let child = try spawn(w, env: [], stdout: nil)
-            usleep(1_500_000)
+            let deadline = Date().addingTimeInterval(60)
+            while !sandboxRuns("sleep\u{0}61.25\u{0}") && Date() < deadline { usleep(20_000) }
+            #expect(sandboxRuns("sleep\u{0}61.25\u{0}"), "the step's sandbox started")
             kill(child.pid, SIGINT)
             _ = readAll(child.stdout!)
             return try ChildProcess.wait(child.pid, "run")
@@ -229,5 +232,15 @@ struct RunOutputTests {
             from: Data(contentsOf: URL(fileURLWithPath: w.project + "/.contree/runs/\(runs[0])/report.json")))
         #expect(report.status == .cancelled)
         #expect(try Store(root: w.root + "/store").checkConsistency(verifyContent: false).isConsistent)
+    }
+}
+
+/// Whether a process with this command line (arguments joined by NUL, NUL-terminated) runs.
+func sandboxRuns(_ cmdline: String) -> Bool {
+    let processes = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+    return processes.contains { pid in
+        pid.allSatisfy(\.isNumber)
+            && (FileManager.default.contents(atPath: "/proc/\(pid)/cmdline").map { String(decoding: $0, as: UTF8.self) }
+                == cmdline)
     }
 }
