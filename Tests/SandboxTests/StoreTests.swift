@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Synchronization
 import Testing
 
 @testable import Sandbox
@@ -299,5 +300,34 @@ struct DigestTests {
         #expect(hasher.finalize() == Digest.sha256("abc"))
         #expect(Digest.sha256([UInt8]()).hex == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
         #expect(Hex.encode([0x00, 0x0f, 0xa0, 0xff]) == "000fa0ff")
+    }
+}
+
+@Suite("Module schemas")
+struct SchemaTests {
+    @Test("each migration runs once, in order; a module written by a newer build is refused")
+    func migrations() throws {
+        let t = try TemporaryStore()
+        let ran = Mutex<[Int]>([])
+        let steps: [SchemaMigration] = [
+            { tx in
+                ran.withLock { $0.append(1) }
+                try tx.execute("CREATE TABLE probe_things(id TEXT PRIMARY KEY)")
+            },
+            { tx in
+                ran.withLock { $0.append(2) }
+                try tx.addColumn("probe_things", "size INTEGER")
+                try tx.addColumn("probe_things", "size INTEGER")  // idempotent
+            },
+        ]
+        try t.store.migrate("probe", Array(steps.prefix(1)))
+        try t.store.migrate("probe", steps)
+        try t.store.migrate("probe", steps)
+        #expect(ran.withLock { $0 } == [1, 2])
+        try t.store.database.query("INSERT INTO probe_things(id, size) VALUES('a', 1)")
+        #expect(throws: SandboxError.self) { try t.store.migrate("probe", Array(steps.prefix(1))) }
+        // Another store process opening it sees the same version: nothing runs again.
+        try Store(root: t.root).migrate("probe", steps)
+        #expect(ran.withLock { $0 } == [1, 2])
     }
 }

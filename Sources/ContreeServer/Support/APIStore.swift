@@ -14,34 +14,42 @@ struct APIStore: Sendable {
     init(store: Store, baseImages: BaseImages) throws {
         self.store = store
         self.baseImages = baseImages
-        try store.database.execute(
-            """
-            CREATE TABLE IF NOT EXISTS api_images(
-                namespace TEXT NOT NULL, image TEXT NOT NULL, operation TEXT, created REAL NOT NULL,
-                PRIMARY KEY(namespace, image));
-            CREATE TABLE IF NOT EXISTS api_tags(
-                namespace TEXT NOT NULL, tag TEXT NOT NULL, image TEXT NOT NULL, updated REAL NOT NULL,
-                PRIMARY KEY(namespace, tag));
-            CREATE INDEX IF NOT EXISTS api_tags_image ON api_tags(namespace, image);
-            CREATE TABLE IF NOT EXISTS api_files(
-                namespace TEXT NOT NULL, sha256 TEXT NOT NULL, uuid TEXT NOT NULL UNIQUE, size INTEGER NOT NULL,
-                created REAL NOT NULL, updated REAL NOT NULL, PRIMARY KEY(namespace, sha256));
-            CREATE TABLE IF NOT EXISTS api_operations(
-                uuid TEXT PRIMARY KEY, namespace TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
-                created REAL NOT NULL, started REAL, ended REAL, image TEXT, result_image TEXT,
-                metadata TEXT NOT NULL, result TEXT, error TEXT, cpu REAL NOT NULL DEFAULT 0,
-                memory INTEGER NOT NULL DEFAULT 0, image_size INTEGER NOT NULL DEFAULT 0,
-                tag TEXT, session_key TEXT);
-            CREATE INDEX IF NOT EXISTS api_operations_ns ON api_operations(namespace, created);
-            CREATE TABLE IF NOT EXISTS api_subprocesses(
-                operation TEXT NOT NULL, spid INTEGER NOT NULL, request TEXT NOT NULL, result TEXT,
-                PRIMARY KEY(operation, spid));
-            CREATE TABLE IF NOT EXISTS api_events(
-                operation TEXT NOT NULL, id INTEGER NOT NULL, spid INTEGER, type TEXT NOT NULL, body TEXT NOT NULL,
-                PRIMARY KEY(operation, id));
-            """)
+        try store.migrate("api", APIStore.migrations)
         try FileSystem.makeDirectory(filesPath, mode: 0o700)
     }
+
+    /// The API's tables, version by version (see `Store.migrate`); version 1 is idempotent, as
+    /// stores made before the tables had versions hold them already.
+    static let migrations: [SchemaMigration] = [
+        { tx in
+            try tx.execute(
+                """
+                CREATE TABLE IF NOT EXISTS api_images(
+                    namespace TEXT NOT NULL, image TEXT NOT NULL, operation TEXT, created REAL NOT NULL,
+                    PRIMARY KEY(namespace, image));
+                CREATE TABLE IF NOT EXISTS api_tags(
+                    namespace TEXT NOT NULL, tag TEXT NOT NULL, image TEXT NOT NULL, updated REAL NOT NULL,
+                    PRIMARY KEY(namespace, tag));
+                CREATE INDEX IF NOT EXISTS api_tags_image ON api_tags(namespace, image);
+                CREATE TABLE IF NOT EXISTS api_files(
+                    namespace TEXT NOT NULL, sha256 TEXT NOT NULL, uuid TEXT NOT NULL UNIQUE, size INTEGER NOT NULL,
+                    created REAL NOT NULL, updated REAL NOT NULL, PRIMARY KEY(namespace, sha256));
+                CREATE TABLE IF NOT EXISTS api_operations(
+                    uuid TEXT PRIMARY KEY, namespace TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
+                    created REAL NOT NULL, started REAL, ended REAL, image TEXT, result_image TEXT,
+                    metadata TEXT NOT NULL, result TEXT, error TEXT, cpu REAL NOT NULL DEFAULT 0,
+                    memory INTEGER NOT NULL DEFAULT 0, image_size INTEGER NOT NULL DEFAULT 0,
+                    tag TEXT, session_key TEXT);
+                CREATE INDEX IF NOT EXISTS api_operations_ns ON api_operations(namespace, created);
+                CREATE TABLE IF NOT EXISTS api_subprocesses(
+                    operation TEXT NOT NULL, spid INTEGER NOT NULL, request TEXT NOT NULL, result TEXT,
+                    PRIMARY KEY(operation, spid));
+                CREATE TABLE IF NOT EXISTS api_events(
+                    operation TEXT NOT NULL, id INTEGER NOT NULL, spid INTEGER, type TEXT NOT NULL, body TEXT NOT NULL,
+                    PRIMARY KEY(operation, id));
+                """)
+        }
+    ]
 
     static func pinOwner(_ namespace: String) -> String { "api:" + namespace }
 
@@ -90,9 +98,7 @@ struct APIStore: Sendable {
         _ = try tx.query(
             "INSERT OR IGNORE INTO api_images(namespace, image, operation, created) VALUES(?, ?, ?, ?)",
             [.text(namespace), .text(image), operation.sql, .real(Timestamp.now)])
-        _ = try tx.query(
-            "INSERT OR IGNORE INTO pins(owner, image, created) VALUES(?, ?, ?)",
-            [.text(APIStore.pinOwner(namespace)), .text(image), .real(Timestamp.now)])
+        try store.pin(tx, image, owner: APIStore.pinOwner(namespace))
     }
 
     /// The tags of an image in a namespace (built-in images carry their name).

@@ -48,53 +48,47 @@ public struct StepCache: Sendable {
 
     public init(store: Store) throws {
         self.store = store
-        try store.database.execute(
-            """
-            CREATE TABLE IF NOT EXISTS step_cache(
-                key TEXT PRIMARY KEY, result_image TEXT NOT NULL, outputs TEXT NOT NULL, record TEXT,
-                components TEXT NOT NULL, created REAL NOT NULL);
-            CREATE TABLE IF NOT EXISTS score_cache(key TEXT PRIMARY KEY, score TEXT NOT NULL, created REAL NOT NULL);
-            CREATE TABLE IF NOT EXISTS pipeline_runs(
-                id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, file TEXT NOT NULL, started REAL NOT NULL,
-                ended REAL, status TEXT NOT NULL, out_dir TEXT NOT NULL);
-            CREATE INDEX IF NOT EXISTS pipeline_runs_started ON pipeline_runs(started);
-            CREATE TABLE IF NOT EXISTS pipeline_steps(
-                run_id TEXT NOT NULL, node TEXT NOT NULL, step TEXT NOT NULL, pipeline TEXT NOT NULL,
-                key TEXT, components TEXT, status TEXT NOT NULL, cached INTEGER NOT NULL,
-                parent_image TEXT, result_image TEXT, ended REAL NOT NULL, PRIMARY KEY(run_id, node));
-            CREATE INDEX IF NOT EXISTS pipeline_steps_history ON pipeline_steps(pipeline, node, ended);
-            """)
-        // Where each artifact of a snapshot was last copied to, and the file as it was then: a
-        // later run of the same snapshot links that file instead of copying it again.
-        try store.database.execute(
-            """
-            CREATE TABLE IF NOT EXISTS artifact_copies(
-                image TEXT NOT NULL, path TEXT NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL,
-                size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, device INTEGER NOT NULL, inode INTEGER NOT NULL,
-                PRIMARY KEY(image, path));
-            """)
-        // Columns added after the first layout of the tables: stores made before get them now.
-        try addColumn("pipeline_steps", "outputs TEXT")
-        // The history is kept by file as well as name (two files may share a name).
-        try addColumn("pipeline_steps", "file TEXT")
-        try addColumn("step_cache", "log BLOB")
-        try store.database.execute(
-            """
-            CREATE INDEX IF NOT EXISTS pipeline_steps_file ON pipeline_steps(file, pipeline, node, ended);
-            CREATE INDEX IF NOT EXISTS pipeline_steps_key ON pipeline_steps(key);
-            """)
+        try store.migrate("pipeline", StepCache.migrations)
     }
 
-    /// Adds a column unless the table has it, in one transaction: processes opening an older
-    /// store at once add it once.
-    private func addColumn(_ table: String, _ definition: String) throws {
-        let name = String(definition.prefix { $0 != " " })
-        try store.database.transaction { tx in
-            if try tx.query("SELECT 1 FROM pragma_table_info('\(table)') WHERE name = ?", [.text(name)]).isEmpty {
-                try tx.query("ALTER TABLE \(table) ADD COLUMN \(definition)")
-            }
-        }
-    }
+    /// The pipeline tables, version by version (see `Store.migrate`). Stores made before the
+    /// tables had versions ran the statements of version 1 piecemeal: each is idempotent.
+    static let migrations: [SchemaMigration] = [
+        { tx in
+            try tx.execute(
+                """
+                CREATE TABLE IF NOT EXISTS step_cache(
+                    key TEXT PRIMARY KEY, result_image TEXT NOT NULL, outputs TEXT NOT NULL, record TEXT,
+                    components TEXT NOT NULL, created REAL NOT NULL);
+                CREATE TABLE IF NOT EXISTS score_cache(key TEXT PRIMARY KEY, score TEXT NOT NULL, created REAL NOT NULL);
+                CREATE TABLE IF NOT EXISTS pipeline_runs(
+                    id TEXT PRIMARY KEY, pipeline TEXT NOT NULL, file TEXT NOT NULL, started REAL NOT NULL,
+                    ended REAL, status TEXT NOT NULL, out_dir TEXT NOT NULL);
+                CREATE INDEX IF NOT EXISTS pipeline_runs_started ON pipeline_runs(started);
+                CREATE TABLE IF NOT EXISTS pipeline_steps(
+                    run_id TEXT NOT NULL, node TEXT NOT NULL, step TEXT NOT NULL, pipeline TEXT NOT NULL,
+                    key TEXT, components TEXT, status TEXT NOT NULL, cached INTEGER NOT NULL,
+                    parent_image TEXT, result_image TEXT, ended REAL NOT NULL, PRIMARY KEY(run_id, node));
+                CREATE INDEX IF NOT EXISTS pipeline_steps_history ON pipeline_steps(pipeline, node, ended);
+                """)
+            try tx.addColumn("pipeline_steps", "outputs TEXT")
+        },
+        // 2: the history kept by file as well as name; cache entries keep their step's log;
+        // where artifacts were last copied (a rerun links them).
+        { tx in
+            try tx.addColumn("pipeline_steps", "file TEXT")
+            try tx.addColumn("step_cache", "log BLOB")
+            try tx.execute(
+                """
+                CREATE INDEX IF NOT EXISTS pipeline_steps_file ON pipeline_steps(file, pipeline, node, ended);
+                CREATE INDEX IF NOT EXISTS pipeline_steps_key ON pipeline_steps(key);
+                CREATE TABLE IF NOT EXISTS artifact_copies(
+                    image TEXT NOT NULL, path TEXT NOT NULL, file TEXT NOT NULL, sha256 TEXT NOT NULL,
+                    size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, device INTEGER NOT NULL,
+                    inode INTEGER NOT NULL, PRIMARY KEY(image, path));
+                """)
+        },
+    ]
 
     /// The most of a step's log kept with its cache entry: its end, where a failure or the
     /// result shows.
@@ -125,9 +119,8 @@ public struct StepCache: Sendable {
     public func lookup(_ key: String) throws -> CachedStep? {
         guard
             let row = try store.database.query(
-                "SELECT c.result_image, c.outputs, c.record, c.log FROM step_cache c JOIN images i ON i.uuid = c.result_image WHERE c.key = ?",
-                [.text(key)]
-            ).first, let image = row["result_image"].string
+                "SELECT result_image, outputs, record, log FROM step_cache WHERE key = ?", [.text(key)]
+            ).first, let image = row["result_image"].string, try store.image(image) != nil
         else { return nil }
         return CachedStep(
             key: key, resultImage: image, outputs: decode([String: String].self, row["outputs"].string) ?? [:],
@@ -203,8 +196,7 @@ public struct StepCache: Sendable {
             var dropped = Set<String>()
             for image in old
             where try tx.query("SELECT 1 FROM step_cache WHERE result_image = ?", [.text(image)]).isEmpty {
-                try tx.query(
-                    "DELETE FROM pins WHERE owner = ? AND image = ?", [.text(StepCache.owner), .text(image)])
+                try store.unpin(tx, image, owner: StepCache.owner)
                 try tx.query("DELETE FROM artifact_copies WHERE image = ?", [.text(image)])
                 dropped.insert(image)
             }

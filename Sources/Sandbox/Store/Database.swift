@@ -144,6 +144,24 @@ public final class Database: Sendable {
         }
 
         public var changes: Int { Int(sqlite3_changes(db)) }
+
+        /// Runs one or more statements that return no rows.
+        public func execute(_ sql: String) throws {
+            var err: UnsafeMutablePointer<CChar>?
+            if sqlite3_exec(db, sql, nil, nil, &err) != SQLITE_OK {
+                let message = err.map { String(cString: $0) } ?? "unknown error"
+                sqlite3_free(err)
+                throw SandboxError(.database, "SQLite: \(message) (in: \(sql.prefix(80)))")
+            }
+        }
+
+        /// Adds a column unless `table` has it (`definition`: `NAME TYPE`).
+        public func addColumn(_ table: String, _ definition: String) throws {
+            let name = String(definition.prefix { $0 != " " })
+            if try query("SELECT 1 FROM pragma_table_info(?) WHERE name = ?", [.text(table), .text(name)]).isEmpty {
+                try query("ALTER TABLE \(table) ADD COLUMN \(definition)")
+            }
+        }
     }
 
     private static func run(_ db: OpaquePointer?, _ sql: String, _ bindings: [SQLValue]) throws -> [SQLRow] {

@@ -15,8 +15,19 @@ extension Store {
             [.text(owner), .real(Store.now), .text(image)])
     }
 
+    /// `pin` inside a transaction of the caller's (with the rows that make the image theirs).
+    public func pin(_ tx: Database.Transaction, _ image: String, owner: String) throws {
+        try tx.query(
+            "INSERT OR IGNORE INTO pins(owner, image, created) SELECT ?, uuid, ? FROM images WHERE uuid = ?",
+            [.text(owner), .real(Store.now), .text(image)])
+    }
+
     public func unpin(_ image: String, owner: String) throws {
-        try database.query("DELETE FROM pins WHERE owner = ? AND image = ?", [.text(owner), .text(image)])
+        try database.transaction { tx in try unpin(tx, image, owner: owner) }
+    }
+
+    public func unpin(_ tx: Database.Transaction, _ image: String, owner: String) throws {
+        try tx.query("DELETE FROM pins WHERE owner = ? AND image = ?", [.text(owner), .text(image)])
     }
 
     /// A random 32-byte key private to this store (created on first use, mode 0600): what
