@@ -3,6 +3,7 @@ import FoundationEssentials
 import Glibc
 import Registry
 import Sandbox
+import VirtualMachine
 
 struct ImageCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -123,7 +124,7 @@ struct ImageCommand: ParsableCommand {
                     try store.removeImage(record.uuid, force: force)
                     print("removed \(record.uuid)")
                 }
-                _ = try store.collectGarbage()
+                _ = try store.collectGarbage(derived: [ErofsLayers.Files()])
             }
         }
     }

@@ -2,6 +2,7 @@ import ArgumentParser
 import FoundationEssentials
 import Pipeline
 import Sandbox
+import VirtualMachine
 
 struct GarbageCollectCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -32,7 +33,8 @@ struct GarbageCollectCommand: ParsableCommand {
             if let age = pruneCache.flatMap(Format.parseAge) {
                 pruned = try StepCache(store: store).prune(createdBefore: Date().addingTimeInterval(-age))
             }
-            var report = try store.collectGarbage(pruneUntaggedOlderThan: pruneUntagged)
+            var report = try store.collectGarbage(
+                pruneUntaggedOlderThan: pruneUntagged, derived: [ErofsLayers.Files()])
             report.imagesRemoved += pruned?.images ?? 0
             if json {
                 try printJSON(report)

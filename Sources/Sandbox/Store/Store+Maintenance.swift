@@ -46,9 +46,14 @@ public struct ConsistencyReport: Sendable, Codable {
 extension Store {
     /// Removes what nothing references: layers no image or live lease uses, layer directories
     /// without a row (a commit that died before its transaction), abandoned work.
-    /// - Parameter pruneUntaggedOlderThan: also remove untagged images older than this many
-    ///   seconds that no tagged image descends from and no lease uses.
-    public func collectGarbage(pruneUntaggedOlderThan: Double? = nil) throws -> GarbageReport {
+    /// - Parameters:
+    ///   - pruneUntaggedOlderThan: also remove untagged images older than this many seconds that
+    ///     no tagged image descends from and no lease uses.
+    ///   - derived: files other modules derive from layers (the VM backend's erofs images): those
+    ///     whose layer is gone go too.
+    public func collectGarbage(
+        pruneUntaggedOlderThan: Double? = nil, derived: [any DerivedLayerFiles] = []
+    ) throws -> GarbageReport {
         var report = GarbageReport()
         return try withStoreLock(exclusive: true) {
             let abandoned = try recoverAbandonedWork()
@@ -92,15 +97,15 @@ extension Store {
             for name in try FileSystem.list(layersPath) where !known.contains(name) {
                 if remove(layersPath + "/" + name, what: "layer directory \(name)") { report.layersRemoved += 1 }
             }
-            // Files derived from a layer (`vm/erofs/<hex>.erofs…`) go with it.
-            // Not when vm/ is shared with other stores (a symlink): their layers are not known here.
-            let derived = root + "/vm/erofs"
-            if FileSystem.isDirectory(derived), !((try? FileSystem.status(root + "/vm"))??.isSymlink ?? false) {
-                for name in try FileSystem.list(derived) {
-                    let layer = String(name.prefix { $0 != "." })
-                    guard !known.contains(layer) else { continue }
-                    let blocks = Int64((try? FileSystem.status(derived + "/" + name))??.st_blocks ?? 0)
-                    guard remove(derived + "/" + name, what: "vm/erofs/\(name)") else { continue }
+            // Files derived from a layer go with it. Not from a directory shared with other
+            // stores (reached through a symlink): their layers are not known here.
+            for provider in derived {
+                let directory = root + "/" + provider.directory
+                guard FileSystem.isDirectory(directory), !isShared(provider.directory) else { continue }
+                for name in try FileSystem.list(directory) {
+                    guard let layer = provider.layer(ofFile: name), !known.contains(layer) else { continue }
+                    let blocks = Int64((try? FileSystem.status(directory + "/" + name))??.st_blocks ?? 0)
+                    guard remove(directory + "/" + name, what: provider.directory + "/" + name) else { continue }
                     report.bytesFreed += blocks * 512
                     report.derivedRemoved += 1
                 }
@@ -134,6 +139,16 @@ extension Store {
             }
             return removed
         }
+    }
+
+    /// Whether a directory under the root is reached through a symlink (shared with others).
+    private func isShared(_ relative: String) -> Bool {
+        var path = root
+        for part in relative.split(separator: "/") {
+            path += "/" + part
+            if (try? FileSystem.status(path))??.isSymlink ?? false { return true }
+        }
+        return false
     }
 
     private func pruneUntagged(olderThan age: Double) throws -> Int {
