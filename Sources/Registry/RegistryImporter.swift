@@ -36,10 +36,10 @@ public struct RegistryImporter: Sendable {
 
     public static func handles(_ reference: String) -> Bool { reference.hasPrefix("docker://") }
 
-    /// Makes `docker://` references usable wherever an image is named (see `ImageSources`),
+    /// `sources` with `docker://` references imported from registries (see `ImageSources`),
     /// with credentials from CONTREE_REGISTRY_USER / CONTREE_REGISTRY_PASSWORD.
-    public static func registerAsImageSource() {
-        ImageSources.register("docker://") { store, reference, cancellation in
+    public static func imageSource(adding sources: ImageSources = .builtIn) -> ImageSources {
+        sources.adding("docker://") { store, reference, cancellation in
             let env = ProcessInfo.processInfo.environment
             let credentials = env["CONTREE_REGISTRY_USER"].map {
                 RegistryCredentials(username: $0, password: env["CONTREE_REGISTRY_PASSWORD"] ?? "")

@@ -11,10 +11,14 @@ struct StoreOptions: ParsableArguments {
     var home: String?
 
     func open() throws -> Store {
-        // Registry references (docker://…) work wherever an image is named.
-        RegistryImporter.registerAsImageSource()
-        return try Store(root: home ?? Store.defaultRoot)
+        try Store(root: home ?? Store.defaultRoot)
     }
+}
+
+extension ImageSources {
+    /// What the commands import from: layouts and archives, and registry references
+    /// (docker://…) wherever an image is named.
+    static let commands = RegistryImporter.imageSource()
 }
 
 /// Prints an error the way every command does and picks the exit code: 2 for input the user
@@ -85,7 +89,11 @@ func printError(_ message: String) {
 extension SandboxEngine {
     /// The engine with both isolation backends: containers, and QEMU microvms (whose guest kit
     /// is prepared on first use).
-    static func withAllBackends(store: Store, progress: ProgressReporter? = nil) -> SandboxEngine {
-        SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend(progress: progress)], progress: progress)
+    static func withAllBackends(
+        store: Store, progress: ProgressReporter? = nil, sources: ImageSources = .commands
+    ) -> SandboxEngine {
+        SandboxEngine(
+            store: store, backends: [ContainerBackend(), VMBackend(progress: progress)], progress: progress,
+            sources: sources)
     }
 }

@@ -46,7 +46,8 @@ struct ImageCommand: ParsableCommand {
         func run() throws {
             try reportingErrors {
                 let store = try storeOptions.open()
-                let record = try BaseImages(store: store, progress: ProgressReporter()).resolve(image)
+                let record = try BaseImages(store: store, progress: ProgressReporter(), sources: .commands).resolve(
+                    image)
                 try store.tag(name, image: record.uuid)
                 print("\(name) -> \(record.uuid)")
             }
@@ -213,7 +214,8 @@ struct ImageCommand: ParsableCommand {
         func run() throws {
             try reportingErrors {
                 let store = try storeOptions.open()
-                let record = try BaseImages(store: store, progress: ProgressReporter()).resolve(image)
+                let record = try BaseImages(store: store, progress: ProgressReporter(), sources: .commands).resolve(
+                    image)
                 print(try OCIExporter(store: store).export(record, to: destination))
             }
         }
@@ -232,7 +234,8 @@ struct ImageCommand: ParsableCommand {
         func run() throws {
             try reportingErrors {
                 let store = try storeOptions.open()
-                let record = try BaseImages(store: store, progress: ProgressReporter()).resolve(image)
+                let record = try BaseImages(store: store, progress: ProgressReporter(), sources: .commands).resolve(
+                    image)
                 let credentials = registryCredentials(username, password)
                 print(
                     try RegistryPusher(store: store, credentials: credentials, allowHTTP: allowHTTP).push(
@@ -257,7 +260,7 @@ struct ImageCommand: ParsableCommand {
                         "no built-in image \(name); choose one of \(BaseImages.names.joined(separator: ", ")), or debian:bookworm+PKG,PKG"
                     )
                 }
-                print(try BaseImages(store: store, progress: ProgressReporter()).resolve(name).uuid)
+                print(try BaseImages(store: store, progress: ProgressReporter(), sources: .commands).resolve(name).uuid)
             }
         }
     }

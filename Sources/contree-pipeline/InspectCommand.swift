@@ -16,7 +16,7 @@ struct InspectCommand: ParsableCommand {
 
         func open() throws -> (Store, ImageFilesystem, ImageFilesystem.Node) {
             let store = try storeOptions.open()
-            let record = try BaseImages(store: store, progress: ProgressReporter()).resolve(image)
+            let record = try BaseImages(store: store, progress: ProgressReporter(), sources: .commands).resolve(image)
             let fs = ImageFilesystem(layersTopFirst: record.layers.reversed().map(store.layerPath))
             guard let node = try fs.lookup(path) else {
                 throw SandboxError(.notFound, "\(path) does not exist in image \(record.uuid)")

@@ -461,7 +461,7 @@ struct ShellCommand: AsyncParsableCommand {
             image: image, command: [shell], env: env, cwd: row.components?.workdir, stdin: .fileDescriptor(0),
             stdout: .fileDescriptor(1), stderr: .fileDescriptor(2),
             terminal: interactive ? TerminalSession(inputFD: 0, outputFD: 1) : nil)
-        let engine = SandboxEngine(store: store)
+        let engine = SandboxEngine(store: store, sources: .commands)
         let raw = interactive ? TerminalMode.makeRaw(0) : nil
         let result: RunResult
         do {

@@ -39,7 +39,9 @@ struct ServeCommand: AsyncParsableCommand {
             }
             let host = String(listen[..<colon]).trimmingCharacters(in: ["[", "]"])
             let store = try storeOptions.open()
-            let engine = SandboxEngine.withAllBackends(store: store, progress: ProgressReporter())
+            // Registry references only through the server's own path (the operator's allowlist,
+            // import=1 tokens), never the commands' open registry source.
+            let engine = SandboxEngine.withAllBackends(store: store, progress: ProgressReporter(), sources: .builtIn)
             let path = tokens ?? APIServer.defaultTokensPath(store: store)
             let server = try APIServer(
                 engine: engine, tokensPath: path, isolation: isolation,

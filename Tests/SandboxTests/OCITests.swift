@@ -244,12 +244,12 @@ struct RegistryTests {
         let result = try await other.engine.run(RunSpec(image: pulled.uuid, command: ["cat", "/app/a"]))
         #expect(result.out == "one\n")
         // Wherever an image is named, a registry reference is imported on first use.
-        RegistryImporter.registerAsImageSource()
         let third = try TemporaryStore()
-        let named = try await third.engine.run(
+        let engine = SandboxEngine(store: third.store, sources: RegistryImporter.imageSource())
+        let named = try await engine.run(
             RunSpec(image: "docker://127.0.0.1:\(registry.port)/team/app:v1", command: ["cat", "/app/a"]))
         #expect(named.out == "one\n")
-        let layout = try await third.engine.run(
+        let layout = try await engine.run(
             RunSpec(image: "oci:\(scratch.path)/layout:v1", command: ["cat", "/app/a"]))
         #expect(layout.out == "one\n")
         // Two manifests (skopeo compressed the pushed layers), one set of layers in the store.

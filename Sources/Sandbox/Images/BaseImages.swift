@@ -14,10 +14,13 @@ public struct BaseImages: Sendable {
 
     public let store: Store
     public let progress: ProgressReporter?
+    /// Where references to images outside the store are imported from.
+    public let sources: ImageSources
 
-    public init(store: Store, progress: ProgressReporter? = nil) {
+    public init(store: Store, progress: ProgressReporter? = nil, sources: ImageSources = .builtIn) {
         self.store = store
         self.progress = progress
+        self.sources = sources
     }
 
     /// Resolves a reference, building a built-in image the first time it is named.
@@ -25,7 +28,7 @@ public struct BaseImages: Sendable {
     /// `DebianPackageLayer`), or a debootstrap `--include` where the host has no apt.
     /// An external reference (`oci:…`, `docker://…`, see `ImageSources`) is imported on first use.
     public func resolve(_ reference: String, cancellation: Cancellation? = nil) throws -> ImageRecord {
-        if let external = ImageSources.resolver(for: reference) { return try external(store, reference, cancellation) }
+        if let external = sources.resolver(for: reference) { return try external(store, reference, cancellation) }
         let name = try BaseImages.canonical(reference) ?? reference
         if let record = try store.findImage(name) { return record }
         guard BaseImages.isBuiltin(name) else { return try store.resolveImage(reference) }

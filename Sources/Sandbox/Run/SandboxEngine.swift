@@ -17,11 +17,13 @@ public final class SandboxEngine: Sendable {
     /// The isolation kinds this engine can run.
     public var availableBackends: [IsolationKind] { Array(backends.keys) }
 
+    /// - Parameter sources: where image references outside the store are imported from.
     public init(
-        store: Store, backends: [any IsolationBackend] = [ContainerBackend()], progress: ProgressReporter? = nil
+        store: Store, backends: [any IsolationBackend] = [ContainerBackend()], progress: ProgressReporter? = nil,
+        sources: ImageSources = .builtIn
     ) {
         self.store = store
-        self.baseImages = BaseImages(store: store, progress: progress)
+        self.baseImages = BaseImages(store: store, progress: progress, sources: sources)
         var map: [IsolationKind: any IsolationBackend] = [:]
         for backend in backends { map[backend.kind] = backend }
         self.backends = map
