@@ -77,7 +77,6 @@ final class OperationManager: Sendable {
     private let slots = Slots()
     private let live = Mutex<[String: LiveOperation]>([:])
 
-    static let terminal: Set<String> = ["SUCCESS", "FAILED", "CANCELLED"]
     /// The slot key that serializes builds of built-in images (not a namespace name: those
     /// are letters, digits, '-', '_' and '.').
     static let buildSlot = "/builtin-build"
@@ -99,7 +98,7 @@ final class OperationManager: Sendable {
     /// their event logs.
     func recover() throws {
         let rows = try api.database.query(
-            "SELECT uuid, namespace FROM api_operations WHERE status NOT IN ('SUCCESS', 'FAILED', 'CANCELLED')")
+            "SELECT uuid, namespace FROM api_operations WHERE status NOT IN (\(OperationStatus.terminalSQL))")
         for row in rows {
             guard let uuid = row["uuid"].string, let namespace = row["namespace"].string else { continue }
             let next =
@@ -109,8 +108,8 @@ final class OperationManager: Sendable {
             let error = "the server (contree-pipeline serve) stopped while this operation ran; run it again"
             let now = Timestamp.now
             try api.database.query(
-                "UPDATE api_operations SET status = 'FAILED', error = ?, ended = ? WHERE uuid = ?",
-                [.text(error), .real(now), .text(uuid)])
+                "UPDATE api_operations SET status = ?, error = ?, ended = ? WHERE uuid = ?",
+                [.text(OperationStatus.failed.rawValue), .text(error), .real(now), .text(uuid)])
             let log = LiveOperation(
                 uuid: uuid, namespace: namespace, database: api.database, control: RunControl(), firstEventID: next)
             log.emit(
@@ -119,7 +118,8 @@ final class OperationManager: Sendable {
             log.emit(
                 "completion", spid: 0,
                 .object([
-                    ("status", .string("FAILED")), ("result_image_uuid", .null), ("error", .string(error)),
+                    ("status", .string(OperationStatus.failed.rawValue)), ("result_image_uuid", .null),
+                    ("error", .string(error)),
                     ("duration_ms", .int(0)), ("image_size_bytes", .int(0)),
                 ]))
         }
@@ -138,10 +138,11 @@ final class OperationManager: Sendable {
         try api.database.query(
             """
             INSERT INTO api_operations(uuid, namespace, kind, status, created, image, metadata)
-            VALUES(?, ?, 'instance', 'PENDING', ?, ?, ?)
+            VALUES(?, ?, 'instance', ?, ?, ?, ?)
             """,
             [
-                .text(plan.uuid), .text(namespace), .real(Timestamp.now), .text(plan.imageLabel),
+                .text(plan.uuid), .text(namespace), .text(OperationStatus.pending.rawValue), .real(Timestamp.now),
+                .text(plan.imageLabel),
                 .text(plan.metadata(image: plan.imageLabel).serialized()),
             ])
         live.withLock { $0[plan.uuid] = operation }
@@ -164,8 +165,12 @@ final class OperationManager: Sendable {
         try api.database.query(
             """
             INSERT INTO api_operations(uuid, namespace, kind, status, created, metadata)
-            VALUES(?, ?, 'image_import', 'PENDING', ?, ?)
-            """, [.text(uuid), .text(namespace), .real(Timestamp.now), .text(metadata.serialized())])
+            VALUES(?, ?, 'image_import', ?, ?, ?)
+            """,
+            [
+                .text(uuid), .text(namespace), .text(OperationStatus.pending.rawValue), .real(Timestamp.now),
+                .text(metadata.serialized()),
+            ])
         let operation = LiveOperation(uuid: uuid, namespace: namespace, database: api.database, control: RunControl())
         live.withLock { $0[uuid] = operation }
         let task = Task { [self] in
@@ -175,13 +180,13 @@ final class OperationManager: Sendable {
                 try await slots.acquire(namespace, limit: token.maxConcurrency)
             } catch {
                 complete(
-                    operation, status: "CANCELLED", error: operation.cancelReason ?? "cancelled", resultImage: nil,
+                    operation, status: .cancelled, error: operation.cancelReason ?? "cancelled", resultImage: nil,
                     duration: 0, imageSize: 0
-                ) { tx in try self.endImport(tx, uuid, "CANCELLED", operation.cancelReason, nil) }
+                ) { tx in try self.endImport(tx, uuid, .cancelled, operation.cancelReason, nil) }
                 return
             }
             defer { slots.release(namespace) }
-            setStatus(uuid, "EXECUTING", started: true)
+            setStatus(uuid, .executing, started: true)
             // A cancel or the timeout stops the downloads and unpacking; the import removes
             // what it made before the operation ends.
             let cancellation = Cancellation()
@@ -203,16 +208,16 @@ final class OperationManager: Sendable {
             if case .failure = outcome, Task.isCancelled || operation.cancelReason != nil {
                 let reason = operation.cancelReason ?? "cancelled"
                 complete(
-                    operation, status: "CANCELLED", error: reason, resultImage: nil, duration: duration, imageSize: 0
+                    operation, status: .cancelled, error: reason, resultImage: nil, duration: duration, imageSize: 0
                 ) {
-                    tx in try self.endImport(tx, uuid, "CANCELLED", reason, nil)
+                    tx in try self.endImport(tx, uuid, .cancelled, reason, nil)
                 }
                 return
             }
             switch outcome {
             case .success(let image):
                 complete(
-                    operation, status: "SUCCESS", error: nil, resultImage: image.uuid, duration: duration,
+                    operation, status: .success, error: nil, resultImage: image.uuid, duration: duration,
                     imageSize: image.size
                 ) { tx in
                     try self.api.adopt(image.uuid, namespace: namespace, operation: uuid, tx: tx)
@@ -221,15 +226,15 @@ final class OperationManager: Sendable {
                             "INSERT OR REPLACE INTO api_tags(namespace, tag, image, updated) VALUES(?, ?, ?, ?)",
                             [.text(namespace), .text(tag), .text(image.uuid), .real(Timestamp.now)])
                     }
-                    try self.endImport(tx, uuid, "SUCCESS", nil, image, size: image.size)
+                    try self.endImport(tx, uuid, .success, nil, image, size: image.size)
                     _ = try tx.query("UPDATE api_operations SET tag = ? WHERE uuid = ?", [tag.sql, .text(uuid)])
                 }
             case .failure(let error):
                 let message = APIError.from(error).message
                 complete(
-                    operation, status: "FAILED", error: message, resultImage: nil, duration: duration, imageSize: 0
+                    operation, status: .failed, error: message, resultImage: nil, duration: duration, imageSize: 0
                 ) {
-                    tx in try self.endImport(tx, uuid, "FAILED", message, nil)
+                    tx in try self.endImport(tx, uuid, .failed, message, nil)
                 }
             }
         }
@@ -238,12 +243,12 @@ final class OperationManager: Sendable {
     }
 
     private func endImport(
-        _ tx: Database.Transaction, _ uuid: String, _ status: String, _ error: String?, _ image: ImageRecord?,
+        _ tx: Database.Transaction, _ uuid: String, _ status: OperationStatus, _ error: String?, _ image: ImageRecord?,
         size: Int64 = 0
     ) throws {
         _ = try tx.query(
             "UPDATE api_operations SET status = ?, error = ?, ended = ?, result_image = ?, image_size = ? WHERE uuid = ?",
-            [.text(status), error.sql, .real(Timestamp.now), (image?.uuid).sql, .integer(size), .text(uuid)])
+            [.text(status.rawValue), error.sql, .real(Timestamp.now), (image?.uuid).sql, .integer(size), .text(uuid)])
     }
 
     /// Cancels every live operation and waits (up to 10 s) until each has recorded its end.
@@ -257,19 +262,20 @@ final class OperationManager: Sendable {
     }
 
     /// Cancels a PENDING or running operation. - Throws: 409 when it has ended.
-    func cancel(_ uuid: String, status: String) throws {
-        guard !OperationManager.terminal.contains(status), let operation = liveOperation(uuid) else {
+    func cancel(_ uuid: String, status: OperationStatus) throws {
+        guard !status.isTerminal, let operation = liveOperation(uuid) else {
             throw APIError(.conflict, "operation \(uuid) has already ended (\(status)); there is nothing to cancel")
         }
         operation.cancel()
     }
 
-    func setStatus(_ uuid: String, _ status: String, started: Bool = false) {
+    func setStatus(_ uuid: String, _ status: OperationStatus, started: Bool = false) {
         _ = try? api.database.query(
             started
                 ? "UPDATE api_operations SET status = ?, started = ? WHERE uuid = ?"
                 : "UPDATE api_operations SET status = ? WHERE uuid = ?",
-            started ? [.text(status), .real(Timestamp.now), .text(uuid)] : [.text(status), .text(uuid)])
+            started
+                ? [.text(status.rawValue), .real(Timestamp.now), .text(uuid)] : [.text(status.rawValue), .text(uuid)])
     }
 
     private func execute(_ plan: SpawnPlan, _ operation: LiveOperation) async {
@@ -279,12 +285,12 @@ final class OperationManager: Sendable {
             try await slots.acquire(namespace, limit: plan.token.maxConcurrency)
         } catch {
             finishWithoutRun(
-                plan, operation, status: "CANCELLED", error: operation.cancelReason ?? "cancelled before it started",
+                plan, operation, status: .cancelled, error: operation.cancelReason ?? "cancelled before it started",
                 created: created)
             return
         }
         defer { slots.release(namespace) }
-        setStatus(plan.uuid, "ASSIGNED")
+        setStatus(plan.uuid, .assigned)
 
         // stdin: all of it now, or a pipe that POST .../subprocesses/1/stdin writes to.
         var input = InputSource.null
@@ -323,7 +329,7 @@ final class OperationManager: Sendable {
             }
         } catch {
             finishWithoutRun(
-                plan, operation, status: "FAILED", error: "\(APIError.from(error).message)", created: created)
+                plan, operation, status: .failed, error: "\(APIError.from(error).message)", created: created)
             return
         }
 
@@ -364,7 +370,7 @@ final class OperationManager: Sendable {
         }
 
         operation.control.whenStarted { [self] in
-            setStatus(plan.uuid, "EXECUTING", started: true)
+            setStatus(plan.uuid, .executing, started: true)
             operation.setRunning(true)
             operation.emit(
                 "spawn", spid: 1,
@@ -399,7 +405,7 @@ final class OperationManager: Sendable {
             operation.setRunning(false)
             await operation.awaitSubprocesses()
             finishWithoutRun(
-                plan, operation, status: Task.isCancelled ? "CANCELLED" : "FAILED",
+                plan, operation, status: Task.isCancelled ? .cancelled : .failed,
                 error: Task.isCancelled ? operation.cancelReason ?? "cancelled" : APIError.from(error).message,
                 created: created, image: image.uuid)
             return
@@ -411,7 +417,7 @@ final class OperationManager: Sendable {
 
     /// Ends an operation that never ran its command.
     private func finishWithoutRun(
-        _ plan: SpawnPlan, _ operation: LiveOperation, status: String, error: String, created: Double,
+        _ plan: SpawnPlan, _ operation: LiveOperation, status: OperationStatus, error: String, created: Double,
         image: String? = nil
     ) {
         let now = Timestamp.now
@@ -423,19 +429,20 @@ final class OperationManager: Sendable {
         ) { tx in
             _ = try tx.query(
                 "UPDATE api_operations SET status = ?, error = ?, ended = ?, image = COALESCE(?, image) WHERE uuid = ?",
-                [.text(status), .text(error), .real(now), image.sql, .text(plan.uuid)])
+                [.text(status.rawValue), .text(error), .real(now), image.sql, .text(plan.uuid)])
         }
     }
 
     /// Writes the operation's final record and its `completion` event in one transaction, so
     /// neither is ever seen without the other; ends the log. If that fails, records FAILED.
     func complete(
-        _ operation: LiveOperation, status: String, error: String?, resultImage: String?, duration: Double,
+        _ operation: LiveOperation, status: OperationStatus, error: String?, resultImage: String?, duration: Double,
         imageSize: Int64, record: (Database.Transaction) throws -> Void
     ) {
-        func data(_ status: String, _ error: String?, _ image: String?) -> JSON {
+        func data(_ status: OperationStatus, _ error: String?, _ image: String?) -> JSON {
             .object([
-                ("status", .string(status)), ("result_image_uuid", .optional(image)), ("error", .optional(error)),
+                ("status", .string(status.rawValue)), ("result_image_uuid", .optional(image)),
+                ("error", .optional(error)),
                 ("duration_ms", .int(Int64(duration * 1000))), ("image_size_bytes", .int(image == nil ? 0 : imageSize)),
             ])
         }
@@ -443,10 +450,13 @@ final class OperationManager: Sendable {
             try operation.emit("completion", spid: 0, data(status, error, resultImage), alongside: record)
         } catch {
             let message = "the operation's result could not be recorded (\(error)); run it again"
-            try? operation.emit("completion", spid: 0, data("FAILED", message, nil)) { tx in
+            try? operation.emit("completion", spid: 0, data(.failed, message, nil)) { tx in
                 _ = try tx.query(
-                    "UPDATE api_operations SET status = 'FAILED', error = ?, ended = ? WHERE uuid = ?",
-                    [.text(message), .real(Timestamp.now), .text(operation.uuid)])
+                    "UPDATE api_operations SET status = ?, error = ?, ended = ? WHERE uuid = ?",
+                    [
+                        .text(OperationStatus.failed.rawValue), .text(message), .real(Timestamp.now),
+                        .text(operation.uuid),
+                    ])
             }
         }
         operation.finish()
@@ -475,22 +485,22 @@ final class OperationManager: Sendable {
                 ("reason", .string(record.timedOut ? "timeout" : record.cancelled ? "signal" : "job_complete")),
             ]))
 
-        var status = "SUCCESS"
+        var status = OperationStatus.success
         var error: String?
         var resultImage = record.resultImage
         if record.cancelled {
-            status = "CANCELLED"
+            status = .cancelled
             error = operation.cancelReason ?? "cancelled"
         } else if record.timedOut {
             // Like a non-zero exit, a timeout is the command's outcome (state.timed_out, the
             // exit event): the operation succeeded, and nothing of the run is kept.
             resultImage = nil
         } else if let discarded = record.discarded {
-            status = "FAILED"
+            status = .failed
             error = discarded
             resultImage = nil
         }
-        if status != "SUCCESS" { resultImage = nil }
+        if status != .success { resultImage = nil }
         let instanceResult = OperationManager.instanceResult(
             exitCode: exitCode, signal: signal, timedOut: record.timedOut, metrics: metrics,
             stdout: result.stdout, stdoutTruncated: result.stdoutDropped > 0, stderr: result.stderr,
@@ -511,7 +521,7 @@ final class OperationManager: Sendable {
                     result = ?, cpu = ?, memory = ?, image_size = ? WHERE uuid = ?
                 """,
                 [
-                    .text(status), error.sql, .real(now), .text(image.uuid), resultImage.sql,
+                    .text(status.rawValue), error.sql, .real(now), .text(image.uuid), resultImage.sql,
                     .text(plan.metadata(image: image.uuid).serialized()), .text(instanceResult.serialized()),
                     .real(metrics.cpuUserSeconds + metrics.cpuSystemSeconds), .integer(metrics.peakMemoryBytes),
                     .integer(imageSize), .text(plan.uuid),

@@ -22,7 +22,7 @@ extension ServerState {
     }
 
     static func operationJSON(_ row: SQLRow, full: Bool) -> JSON {
-        let status = row["status"].string ?? "FAILED"
+        let status = OperationStatus(row: row["status"].string)
         let created = row["created"].double ?? 0
         let started = row["started"].double
         let ended = row["ended"].double
@@ -30,7 +30,7 @@ extension ServerState {
         let image = row["image"].string.flatMap { APIStore.isUUID($0) ? $0 : nil }
         var members: [(String, JSON)] = [
             ("uuid", .string(row["uuid"].string ?? "")), ("kind", .string(row["kind"].string ?? "instance")),
-            ("status", .string(status)), ("error", .optional(row["error"].string)),
+            ("status", .string(status.rawValue)), ("error", .optional(row["error"].string)),
             ("created_at", .string(Timestamp.iso(created))), ("duration", .double(max(0, duration))),
             ("image_size", .int(row["image_size"].int ?? 0)), ("consumed_cpu", .double(row["cpu"].double ?? 0)),
             ("consumed_memory", .int(row["memory"].int ?? 0)), ("image_uuid", .optional(image)),
@@ -44,7 +44,7 @@ extension ServerState {
                 row["kind"].string == "instance" && metadata.count > 2
                 ? String(metadata.dropLast()) + ",\"result\":" + result + "}" : metadata
             members.append(("metadata", .raw(merged)))
-            let terminal = OperationManager.terminal.contains(status)
+            let terminal = status.isTerminal
             members.append(
                 (
                     "result",
@@ -63,8 +63,8 @@ extension ServerState {
         var sql = "SELECT * FROM api_operations WHERE namespace = ?"
         var bindings: [SQLValue] = [.text(call.namespace)]
         if let status = call.param("status"), !status.isEmpty {
-            let valid = ["PENDING", "ASSIGNED", "EXECUTING", "SUCCESS", "FAILED", "CANCELLED"]
-            guard valid.contains(status.uppercased()) else {
+            guard OperationStatus(rawValue: status.uppercased()) != nil else {
+                let valid = OperationStatus.allCases.map(\.rawValue)
                 throw APIError(.badRequest, "status=\(status) is not one of \(valid.joined(separator: ", "))")
             }
             sql += " AND status = ?"
@@ -89,7 +89,7 @@ extension ServerState {
     /// `DELETE /v1/operations/{id}`. - Throws: 409 when it has ended.
     func cancel(_ call: APICall, _ uuid: String) throws -> Response {
         let row = try operationRow(call, uuid)
-        try operations.cancel(row["uuid"].string ?? uuid, status: row["status"].string ?? "")
+        try operations.cancel(row["uuid"].string ?? uuid, status: OperationStatus(row: row["status"].string))
         return .json(
             .object([("uuid", .string(row["uuid"].string ?? uuid)), ("status", .string("CANCELLING"))]),
             status: .accepted)
@@ -197,8 +197,8 @@ extension ServerState {
         -> LiveOperation
     {
         let row = try operationRow(call, uuid)
-        let status = row["status"].string ?? ""
-        guard !OperationManager.terminal.contains(status),
+        let status = OperationStatus(row: row["status"].string)
+        guard !status.isTerminal,
             let live = operations.liveOperation(row["uuid"].string ?? uuid)
         else {
             throw APIError(ended, "operation \(uuid) is not a running instance (\(status)); there is no live process")
