@@ -35,19 +35,27 @@ public struct PipelineError: Error, CustomStringConvertible, Sendable {
         case invalid
         /// A step failed or could not run (exit status 1).
         case failed
-        /// The run was interrupted.
-        case cancelled
+    }
+
+    /// Problems other checks reason about (which to leave out as consequences of others).
+    public enum Problem: Sendable, Equatable {
+        /// `from` or `needs` names a step the file does not have.
+        case unknownStep(String)
+        /// The steps depend on each other in a cycle.
+        case cycle
     }
 
     public var kind: Kind
     /// What is wrong and what to do about it.
     public var message: String
     public var location: SourceLocation?
+    public var problem: Problem?
 
-    public init(_ kind: Kind, _ message: String, at location: SourceLocation? = nil) {
+    public init(_ kind: Kind, _ message: String, at location: SourceLocation? = nil, problem: Problem? = nil) {
         self.kind = kind
         self.message = message
         self.location = location
+        self.problem = problem
     }
 
     public var description: String {

@@ -57,12 +57,11 @@ public struct PipelineParser {
         // The whole-file checks run even after local problems, so that one pass reports as
         // much as possible; references to steps that failed to parse are not repeated.
         var validator = PipelineValidator(definition: definition)
-        let problems = validator.validate().filter { problem in
-            !parser.brokenSteps.contains {
-                problem.message.contains("'\($0)'") && problem.message.contains("not a step")
-            }
+        let problems = validator.validate().filter { error in
+            guard case .unknownStep(let name) = error.problem else { return true }
+            return !parser.brokenSteps.contains(name)
         }
-        let all = parser.errors + (parser.errors.isEmpty ? problems : problems.filter { !$0.message.contains("cycle") })
+        let all = parser.errors + (parser.errors.isEmpty ? problems : problems.filter { $0.problem != .cycle })
         if !all.isEmpty { throw PipelineValidationError(all) }
         return definition
     }

@@ -45,7 +45,9 @@ struct PipelineValidator {
                     if let s = Suggestion.closest(to: reference.value, in: Array(ids)) {
                         message += "; did you mean '\(s)'?"
                     }
-                    errors.append(PipelineError(.invalid, message, at: reference.location))
+                    errors.append(
+                        PipelineError(.invalid, message, at: reference.location, problem: .unknownStep(reference.value))
+                    )
                 }
             }
             for secret in step.secrets where !secretNames.contains(secret.value) {
@@ -76,7 +78,7 @@ struct PipelineValidator {
                 PipelineError(
                     .invalid,
                     "steps form a cycle: \(cycle.joined(separator: " -> ")); break it by changing `from` or `needs`",
-                    at: location))
+                    at: location, problem: .cycle))
             return errors
         }
         checkSize()
