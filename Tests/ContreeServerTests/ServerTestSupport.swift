@@ -1,28 +1,9 @@
 import ContreeServer
+import ContreeTestSupport
 import Foundation
 import Glibc
 import Sandbox
 import Testing
-
-extension Trait where Self == ConditionTrait {
-    static var requiresRoot: Self { .enabled(if: geteuid() == 0, "needs root: namespaces, mounts and cgroups") }
-}
-
-enum Paths {
-    static let packageRoot: String = {
-        var parts = #filePath.split(separator: "/").map(String.init)
-        parts.removeLast(3)
-        return "/" + parts.joined(separator: "/")
-    }()
-
-    static var cli: String {
-        for configuration in ["debug", "release"] {
-            let path = packageRoot + "/.build/\(configuration)/contree-pipeline"
-            if FileSystem.exists(path) { return path }
-        }
-        return packageRoot + "/.build/debug/contree-pipeline"
-    }
-}
 
 typealias Reply = HTTPReply
 

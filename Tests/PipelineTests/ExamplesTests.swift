@@ -1,3 +1,4 @@
+import ContreeTestSupport
 import Foundation
 import Sandbox
 import Testing
@@ -5,11 +6,7 @@ import Testing
 @testable import Pipeline
 
 enum Repository {
-    static let root: String = {
-        var parts = #filePath.split(separator: "/").map(String.init)
-        parts.removeLast(3)
-        return "/" + parts.joined(separator: "/")
-    }()
+    static var root: String { Paths.packageRoot }
 
     static var examples: [String] {
         ((try? FileManager.default.contentsOfDirectory(atPath: root + "/examples")) ?? [])

@@ -1,3 +1,4 @@
+import ContreeTestSupport
 import Foundation
 import Sandbox
 import Testing
@@ -5,7 +6,7 @@ import Testing
 @testable import Pipeline
 
 enum CLI {
-    static var binary: String { Repository.root + "/.build/debug/contree-pipeline" }
+    static var binary: String { Paths.cli }
 
     /// Runs the CLI in `directory` with the store at `home`; `stdin` is fed as input.
     static func run(

@@ -1,3 +1,4 @@
+import ContreeTestSupport
 import Foundation
 import Glibc
 import Sandbox
@@ -5,10 +6,6 @@ import Synchronization
 import Testing
 
 @testable import Pipeline
-
-extension Trait where Self == ConditionTrait {
-    static var requiresRoot: Self { .enabled(if: geteuid() == 0, "needs root: namespaces, mounts and cgroups") }
-}
 
 /// A store and a directory holding a pipeline file, removed when the test ends.
 final class Workspace: Sendable {

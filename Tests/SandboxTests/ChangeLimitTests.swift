@@ -1,3 +1,4 @@
+import ContreeTestSupport
 import Foundation
 import Glibc
 import Testing

@@ -1,3 +1,4 @@
+import ContreeTestSupport
 import Crypto
 import Foundation
 import Glibc

@@ -1,3 +1,4 @@
+import ContreeTestSupport
 import Foundation
 import Glibc
 import Testing
@@ -5,9 +6,6 @@ import Testing
 @testable import Sandbox
 
 /// Tests that create namespaces, mounts and cgroups need root (CI runs as root).
-extension Trait where Self == ConditionTrait {
-    static var requiresRoot: Self { .enabled(if: geteuid() == 0, "needs root: namespaces, mounts and cgroups") }
-}
 
 /// A store in a fresh temporary directory, removed when the test ends.
 final class TemporaryStore {
@@ -67,24 +65,6 @@ final class ScratchDirectory {
 extension RunResult {
     var out: String { String(decoding: stdout, as: UTF8.self) }
     var err: String { String(decoding: stderr, as: UTF8.self) }
-}
-
-enum Paths {
-    /// The package root, from this file's path.
-    static let packageRoot: String = {
-        var parts = #filePath.split(separator: "/").map(String.init)
-        parts.removeLast(3)
-        return "/" + parts.joined(separator: "/")
-    }()
-
-    /// The CLI binary built next to the tests.
-    static var cli: String {
-        for configuration in ["debug", "release"] {
-            let path = packageRoot + "/.build/\(configuration)/contree-pipeline"
-            if FileSystem.exists(path) { return path }
-        }
-        return packageRoot + "/.build/debug/contree-pipeline"
-    }
 }
 
 /// Runs the CLI and returns its exit status and output.
