@@ -1,13 +1,17 @@
 import Glibc
 import Sandbox
-import Testing
 
-extension Trait where Self == ConditionTrait {
-    /// A test that needs root: namespaces, mounts, cgroups (CI runs as root).
-    public static var requiresRoot: Self {
-        .enabled(if: geteuid() == 0, "needs root: namespaces, mounts and cgroups")
+// Built for the test targets; a plain `swift build` builds this target too, without Testing.
+#if canImport(Testing)
+    import Testing
+
+    extension Trait where Self == ConditionTrait {
+        /// A test that needs root: namespaces, mounts, cgroups (CI runs as root).
+        public static var requiresRoot: Self {
+            .enabled(if: geteuid() == 0, "needs root: namespaces, mounts and cgroups")
+        }
     }
-}
+#endif
 
 /// Where the package and its built binaries are.
 public enum Paths {
