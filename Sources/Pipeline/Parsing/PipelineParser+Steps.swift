@@ -1,0 +1,341 @@
+import Foundation
+import Sandbox
+import Yams
+
+extension PipelineParser {
+    // MARK: The pipeline
+
+    mutating func readPipeline(_ root: Node, directory: String) -> PipelineDefinition? {
+        var name: String?
+        var image: Located<String>?
+        var env: [EnvironmentEntry] = []
+        var defaults = StepSettings()
+        var secrets: [SecretDefinition] = []
+        var steps: [StepDefinition] = []
+        var sawSteps = false
+        for (key, _, value) in entries(root, allowed: PipelineParser.topKeys, what: "the pipeline") {
+            switch key {
+            case "name": name = text(value, what: "name")?.value
+            case "image": image = text(value, what: "image")
+            case "env": env = environment(value, what: "env")
+            case "defaults":
+                for (k, _, v) in entries(value, allowed: PipelineParser.defaultsKeys, what: "defaults") {
+                    _ = setting(k, v, into: &defaults)
+                }
+            case "secrets": secrets = readSecrets(value)
+            default:
+                sawSteps = true
+                guard case .sequence(let sequence) = value else {
+                    fail(
+                        "steps must be a list of steps (each starting with '- id: ...'), not \(describe(value))",
+                        at: value)
+                    continue
+                }
+                for (index, stepNode) in sequence.enumerated() {
+                    if let step = readStep(stepNode, index: index) { steps.append(step) }
+                }
+            }
+        }
+        if !sawSteps {
+            fail("the pipeline has no `steps:`; add at least one step", at: root)
+        } else if steps.isEmpty && errors.isEmpty {
+            fail("`steps:` is empty; add at least one step", at: root)
+        }
+        let fileName = URL(fileURLWithPath: file).deletingPathExtension().lastPathComponent
+        return PipelineDefinition(
+            file: file, directory: directory, name: name ?? fileName,
+            image: image ?? Located(BaseImages.defaultImage, at: at(root)), env: env, defaults: defaults,
+            secrets: secrets, steps: steps)
+    }
+
+    mutating func readSecrets(_ node: Node) -> [SecretDefinition] {
+        var result: [SecretDefinition] = []
+        for (key, keyNode, value) in entries(node, allowed: nil, what: "secrets") {
+            guard Identifiers.isEnvironmentName(key) else {
+                fail("secret name '\(key)' must be a valid environment variable name", at: keyNode)
+                continue
+            }
+            let fields = entries(value, allowed: ["env", "file"], what: "secret \(key)")
+            guard fields.count == 1, let field = fields.first, let text = string(field.value, what: field.key) else {
+                if fields.count != 1 {
+                    fail("secret \(key) needs exactly one source: `env: HOST_VARIABLE` or `file: PATH`", at: value)
+                }
+                continue
+            }
+            result.append(
+                SecretDefinition(
+                    name: Located(key, at: at(keyNode)),
+                    source: field.key == "env" ? .environment(text.value) : .file(text.value)))
+        }
+        return result
+    }
+
+    mutating func readStep(_ node: Node, index: Int) -> StepDefinition? {
+        let errorsBefore = errors.count
+        let fields = entries(node, allowed: PipelineParser.stepKeys, what: "step \(index + 1)")
+        guard case .mapping = node else { return nil }
+        guard let idField = fields.first(where: { $0.key == "id" }), let id = string(idField.value, what: "id") else {
+            if !fields.contains(where: { $0.key == "id" }) {
+                fail("step \(index + 1) has no id; give it `id: NAME`", at: node)
+            }
+            return nil
+        }
+        guard Identifiers.isStepID(id.value) else {
+            fail("step id '\(id.value)' must start with a letter and use letters, digits, _ and -", at: idField.value)
+            return nil
+        }
+        var step = StepDefinition(
+            id: id, location: at(node), run: nil, env: [], settings: StepSettings(), from: nil, needs: [], inputs: [],
+            artifacts: [], matrix: nil, fork: [], select: nil, condition: nil, conditionText: nil,
+            continueOnError: false,
+            cache: nil, secrets: [])
+        for (key, _, value) in fields where key != "id" {
+            if setting(key, value, into: &step.settings) { continue }
+            switch key {
+            case "run": step.run = script(value)
+            case "env": step.env = environment(value, what: "env of step \(id.value)")
+            case "from": step.from = text(value, what: "from")
+            case "needs": step.needs = stringList(value, what: "needs")
+            case "inputs": step.inputs = readInputs(value)
+            case "artifacts": step.artifacts = readArtifacts(value)
+            case "matrix": step.matrix = readMatrix(value)
+            case "fork": step.fork = readFork(value)
+            case "select": step.select = readSelect(value)
+            case "if":
+                if let text = text(value, what: "if", allowingBoolean: true) {
+                    var expression = text.value.trimmingWhitespace
+                    var shift = 0
+                    if expression.hasPrefix("${{") && expression.hasSuffix("}}") {
+                        expression = String(expression.dropFirst(3).dropLast(2))
+                        shift = 3
+                    }
+                    let locate = locator(for: value)
+                    do {
+                        step.condition = try ExpressionParser.parse(expression) { locate($0 + shift) }
+                        step.conditionText = text.value
+                    } catch let error as PipelineError {
+                        fail(error)
+                    } catch {}
+                }
+            case "continue-on-error": step.continueOnError = bool(value, what: "continue-on-error") ?? false
+            case "cache": step.cache = bool(value, what: "cache")
+            case "secrets": step.secrets = stringList(value, what: "secrets")
+            default: break
+            }
+        }
+        // Only when nothing else went wrong here: a misspelt or broken `run` was reported already.
+        if step.run == nil && step.fork.isEmpty && errors.count == errorsBefore {
+            fail("step \(id.value) has nothing to run; give it `run:` (or `fork:` variants)", at: node)
+        }
+        if errors.count > errorsBefore {
+            brokenSteps.append(id.value)
+            return nil
+        }
+        return step
+    }
+
+    /// `run:` as one string or a list of lines.
+    mutating func script(_ node: Node) -> Template? {
+        if case .sequence(let sequence) = node {
+            let parts = sequence.compactMap { template($0, what: "a line of run") }
+            guard parts.count == sequence.count else { return nil }
+            var joined: [Template.Part] = []
+            for (i, part) in parts.enumerated() {
+                if i > 0 { joined.append(.text("\n")) }
+                joined.append(contentsOf: part.parts)
+            }
+            return Template(parts: joined, location: at(node))
+        }
+        // `run: true` is the command true: a script is its text, whatever YAML takes it for.
+        return template(node, what: "run")
+    }
+
+    mutating func readInputs(_ node: Node) -> [InputDefinition] {
+        guard case .sequence(let sequence) = node else {
+            fail("inputs must be a list of paths or globs (or {from: GLOB, to: DIR}), not \(describe(node))", at: node)
+            return []
+        }
+        var result: [InputDefinition] = []
+        for entry in sequence {
+            if case .mapping = entry {
+                var from: Located<String>?
+                var to: String?
+                for (key, _, value) in entries(entry, allowed: ["from", "to"], what: "an input") {
+                    if key == "from" {
+                        from = string(value, what: "from")
+                    } else if let t = string(value, what: "to") {
+                        if t.value.hasPrefix("/") {
+                            to = t.value
+                        } else {
+                            fail("`to` must be an absolute directory in the sandbox, not '\(t.value)'", at: value)
+                        }
+                    }
+                }
+                guard let from else {
+                    fail("an input mapping needs `from: PATH-OR-GLOB`", at: entry)
+                    continue
+                }
+                result.append(InputDefinition(pattern: from, destination: to))
+            } else if let pattern = string(entry, what: "an input") {
+                result.append(InputDefinition(pattern: pattern, destination: nil))
+            }
+        }
+        for input in result
+        where input.pattern.value.hasPrefix("/") || input.pattern.value.split(separator: "/").contains("..") {
+            fail(
+                PipelineError(
+                    .invalid,
+                    "input '\(input.pattern.value)' must be relative to the pipeline's directory and stay inside it",
+                    at: input.pattern.location))
+        }
+        return result
+    }
+
+    mutating func readArtifacts(_ node: Node) -> [ArtifactDefinition] {
+        var when = ArtifactCondition.success
+        var items: [Node] = []
+        switch node {
+        case .sequence(let sequence): items = Array(sequence)
+        case .mapping:
+            for (key, _, value) in entries(node, allowed: ["paths", "when"], what: "artifacts") {
+                if key == "when" {
+                    when = enumeration(value, what: "when", as: ArtifactCondition.self) ?? .success
+                } else if case .sequence(let sequence) = value {
+                    items = Array(sequence)
+                } else {
+                    items = [value]
+                }
+            }
+        default: items = [node]
+        }
+        var result: [ArtifactDefinition] = []
+        for item in items {
+            if case .mapping = item {
+                var path: Located<String>?
+                var itemWhen = when
+                for (key, _, value) in entries(item, allowed: ["path", "when"], what: "an artifact") {
+                    if key == "path" {
+                        path = string(value, what: "path")
+                    } else {
+                        itemWhen = enumeration(value, what: "when", as: ArtifactCondition.self) ?? when
+                    }
+                }
+                guard let path else {
+                    fail("an artifact mapping needs `path: PATH-OR-GLOB`", at: item)
+                    continue
+                }
+                result.append(ArtifactDefinition(pattern: path, when: itemWhen))
+            } else if let path = string(item, what: "an artifact") {
+                result.append(ArtifactDefinition(pattern: path, when: when))
+            }
+        }
+        return result
+    }
+
+    mutating func readMatrix(_ node: Node) -> MatrixDefinition? {
+        var axes: [(String, [String])] = []
+        var include: [[String: String]] = []
+        var exclude: [[String: String]] = []
+        for (key, keyNode, value) in entries(node, allowed: nil, what: "matrix") {
+            if key == "include" || key == "exclude" {
+                guard case .sequence(let sequence) = value else {
+                    fail("\(key) must be a list of combinations (mappings)", at: value)
+                    continue
+                }
+                for combo in sequence {
+                    var values: [String: String] = [:]
+                    for (k, _, v) in entries(combo, allowed: nil, what: "a combination of \(key)") {
+                        if let s = string(v, what: k) { values[k] = s.value }
+                    }
+                    if key == "include" { include.append(values) } else { exclude.append(values) }
+                }
+                continue
+            }
+            guard Identifiers.isStepID(key) else {
+                fail("matrix axis '\(key)' must start with a letter and use letters, digits, _ and -", at: keyNode)
+                continue
+            }
+            guard case .sequence(let sequence) = value, !sequence.isEmpty else {
+                fail("matrix axis '\(key)' must be a non-empty list of values", at: value)
+                continue
+            }
+            axes.append((key, sequence.compactMap { string($0, what: "a value of \(key)")?.value }))
+        }
+        let names = Set(axes.map(\.0))
+        for ex in exclude {
+            for key in ex.keys where !names.contains(key) {
+                fail(
+                    "exclude names '\(key)', which is not an axis of the matrix (\(names.sorted().joined(separator: ", ")))",
+                    at: node)
+            }
+        }
+        let matrix = MatrixDefinition(axes: axes, include: include, exclude: exclude, location: at(node))
+        // Expanded only when small: the validator refuses (without expanding) one too large.
+        var product = 1
+        for axis in axes {
+            let (next, overflow) = product.multipliedReportingOverflow(by: axis.1.count)
+            product = overflow ? Int.max : next
+        }
+        if product <= PipelineValidator.maxCombinations && matrix.combinations.isEmpty {
+            fail("the matrix has no combinations left", at: node)
+        }
+        return matrix
+    }
+
+    mutating func readFork(_ node: Node) -> [ForkVariant] {
+        var variants: [ForkVariant] = []
+        for (name, keyNode, value) in entries(node, allowed: nil, what: "fork") {
+            guard Identifiers.isStepID(name) else {
+                fail("variant name '\(name)' must start with a letter and use letters, digits, _ and -", at: keyNode)
+                continue
+            }
+            var variant = ForkVariant(name: Located(name, at: at(keyNode)), run: nil, env: [], settings: StepSettings())
+            for (key, _, v) in entries(value, allowed: PipelineParser.variantKeys, what: "variant \(name)") {
+                if setting(key, v, into: &variant.settings) { continue }
+                if key == "run" {
+                    variant.run = script(v)
+                } else {
+                    variant.env = environment(v, what: "env of variant \(name)")
+                }
+            }
+            variants.append(variant)
+        }
+        if variants.isEmpty { fail("fork needs at least one named variant", at: node) }
+        return variants
+    }
+
+    mutating func readSelect(_ node: Node) -> SelectDefinition? {
+        var score: Template?
+        var keep = SelectDefinition.Keep.best
+        var higher = true
+        for (key, _, value) in entries(node, allowed: PipelineParser.selectKeys, what: "select") {
+            switch key {
+            case "score": score = script(value)
+            case "keep":
+                if let text = string(value, what: "keep") {
+                    if let k = SelectDefinition.Keep(rawValue: text.value) {
+                        keep = k
+                    } else {
+                        var message = "keep must be best, all or first-success, not '\(text.value)'"
+                        if let s = Suggestion.closest(to: text.value, in: ["best", "all", "first-success"]) {
+                            message += "; did you mean '\(s)'?"
+                        }
+                        fail(message, at: value)
+                    }
+                }
+            default:
+                if let text = string(value, what: "order") {
+                    switch text.value {
+                    case "highest": higher = true
+                    case "lowest": higher = false
+                    default: fail("order must be highest or lowest, not '\(text.value)'", at: value)
+                    }
+                }
+            }
+        }
+        if keep == .best && score == nil {
+            fail("`keep: best` needs a `score:` command to compare the variants", at: node)
+        }
+        return SelectDefinition(score: score, keep: keep, higherIsBetter: higher, location: at(node))
+    }
+}
