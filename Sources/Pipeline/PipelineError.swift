@@ -43,6 +43,8 @@ public struct PipelineError: Error, CustomStringConvertible, Sendable {
         case unknownStep(String)
         /// The steps depend on each other in a cycle.
         case cycle
+        /// A key the mapping does not take, and the one it was likely meant to be.
+        case unknownKey(suggestion: String?)
     }
 
     public var kind: Kind

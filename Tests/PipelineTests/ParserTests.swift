@@ -27,7 +27,7 @@ struct ParserTests {
         sourceLocation: Testing.SourceLocation = #_sourceLocation
     ) {
         let found = problems(yaml)
-        #expect(found.count >= 1, "no error for:\n\(yaml)", sourceLocation: sourceLocation)
+        #expect(found.count == 1, "one problem for:\n\(yaml)\nfound: \(found)", sourceLocation: sourceLocation)
         guard let first = found.first else { return }
         #expect(first.location?.file == "test.yaml", sourceLocation: sourceLocation)
         #expect(first.location?.line == line, "\(first)", sourceLocation: sourceLocation)

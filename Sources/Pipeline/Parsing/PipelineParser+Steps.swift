@@ -36,7 +36,8 @@ extension PipelineParser {
                 }
             }
         }
-        if !sawSteps {
+        // A misspelt `steps:` was reported as an unknown key with the suggestion already.
+        if !sawSteps && !errors.contains(where: { $0.problem == .unknownKey(suggestion: "steps") }) {
             fail("the pipeline has no `steps:`; add at least one step", at: root)
         } else if steps.isEmpty && errors.isEmpty {
             fail("`steps:` is empty; add at least one step", at: root)

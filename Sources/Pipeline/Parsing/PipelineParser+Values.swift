@@ -20,11 +20,10 @@ extension PipelineParser {
             }
             if let allowed, !allowed.contains(key) {
                 var message = "unknown key '\(key)' in \(what)"
-                if let suggestion = Suggestion.closest(to: key, in: allowed) {
-                    message += "; did you mean '\(suggestion)'?"
-                }
+                let suggestion = Suggestion.closest(to: key, in: allowed)
+                if let suggestion { message += "; did you mean '\(suggestion)'?" }
                 message += " (allowed: \(allowed.joined(separator: ", ")))"
-                fail(message, at: keyNode)
+                fail(PipelineError(.invalid, message, at: at(keyNode), problem: .unknownKey(suggestion: suggestion)))
                 continue
             }
             result.append((key, keyNode, value))
