@@ -76,8 +76,12 @@ extension PipelineRunner {
         let parent = try parentImage(node, results: results, context: context, log: log)
         result.parentImage = parent.uuid
 
-        let prepared = try StepPreparer(plan: plan).prepare(
-            node, parent: parent, results: results, secrets: context.secrets, secretKey: context.secretKey)
+        // Rendering hashes the step's input files: blocking reads, off the cooperative pool.
+        let plan = self.plan
+        let prepared = try await DedicatedThread.run {
+            try StepPreparer(plan: plan).prepare(
+                node, parent: parent, results: results, secrets: context.secrets, secretKey: context.secretKey)
+        }
         let (components, command, env, secretEnv, workdir, inputs, isolation) = (
             prepared.components, prepared.command, prepared.env, prepared.secretEnv, prepared.workdir, prepared.inputs,
             prepared.isolation
@@ -105,7 +109,8 @@ extension PipelineRunner {
             result.outputs = hit.outputs
             result.exitCode = hit.record?.exitCode ?? 0
             result.metrics = hit.record?.metrics
-            try collectArtifacts(node, image: hit.resultImage, workdir: workdir, passed: true, log: log, into: &result)
+            try await collectArtifacts(
+                node, image: hit.resultImage, workdir: workdir, passed: true, log: log, into: &result)
             return
         }
         if options.failOnCacheMiss {
@@ -181,7 +186,7 @@ extension PipelineRunner {
                 log: log.written(last: StepCache.logLimit))
         }
         if let image = record.resultImage {
-            try collectArtifacts(node, image: image, workdir: workdir, passed: passed, log: log, into: &result)
+            try await collectArtifacts(node, image: image, workdir: workdir, passed: passed, log: log, into: &result)
         }
     }
 
@@ -212,14 +217,16 @@ extension PipelineRunner {
 
     private func collectArtifacts(
         _ node: PlanNode, image: String, workdir: String, passed: Bool, log: StepLog, into result: inout NodeResult
-    ) throws {
+    ) async throws {
         let wanted = node.artifacts.filter {
             $0.when == .always || ($0.when == .success && passed) || ($0.when == .failure && !passed)
         }
         guard !wanted.isEmpty else { return }
+        // Copying (or linking) files out of the snapshot blocks: off the cooperative pool.
         let collector = ArtifactCollector(store: engine.store, outDir: outDir, cache: cache)
-        let (records, missing) = try collector.collect(
-            wanted.map(\.pattern.value), from: image, workdir: workdir, node: node)
+        let (records, missing) = try await DedicatedThread.run {
+            try collector.collect(wanted.map(\.pattern.value), from: image, workdir: workdir, node: node)
+        }
         result.artifacts = records
         guard !missing.isEmpty else { return }
         result.missingArtifacts = missing
