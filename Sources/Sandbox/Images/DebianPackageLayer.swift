@@ -48,14 +48,23 @@ struct DebianPackageLayer {
             "-o", "Dir::Cache=\(aptRoot)/cache", "-o", "Dir::Cache::archives=\(work)/archives",
             "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root", "-o", "APT::Install-Recommends=0",
         ]
+        // One apt at a time on the store's lists (two package sets may be built at once).
+        let lockPath = aptRoot + "/lock"
+        let lock = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard lock >= 0 else { throw SandboxError.system("open(\(lockPath))") }
+        defer { close(lock) }
+        while flock(lock, LOCK_EX) != 0 {
+            guard errno == EINTR else { throw SandboxError.system("flock(\(lockPath))") }
+        }
         progress?.report(task, "apt-get update (\(suite) main)", elapsed: 0)
         try apt(["update"] + options, task: task, started: started)
         progress?.report(task, "downloading \(packages.joined(separator: ", ")) and what they need", elapsed: 0)
         try apt(["install", "--download-only", "-y"] + options + packages, task: task, started: started)
+        flock(lock, LOCK_UN)
         let debs = try FileSystem.list(work + "/archives").filter { $0.hasSuffix(".deb") }
         guard !debs.isEmpty else { return parent }
         progress?.report(
-            task, "installing \(debs.count) packages over \(parent.tags.first ?? parent.uuid)",
+            task, "installing \(Plural.count(debs.count, "package")) over \(parent.tags.first ?? parent.uuid)",
             elapsed: Clock.monotonic - started)
         let directory = "/var/cache/contree-packages"
         let spec = RunSpec(
