@@ -330,12 +330,13 @@ struct Cgroup {
                 // Its owner is dead; a sandbox still dying in it (pdeathsig is asynchronous)
                 // is an orphan: finish it.
                 let dir = parent + "/" + name
-                for attempt in 0..<100 {
+                // A killed process writing to disk may take a moment to go: up to a second.
+                for attempt in 0..<500 {
                     if rmdir(dir) == 0 || errno != EBUSY { break }
                     for pid in (read(dir + "/cgroup.procs") ?? "").split(separator: "\n").compactMap({ Int32($0) }) {
                         kill(pid, SIGKILL)
                     }
-                    if attempt < 99 { usleep(2000) }
+                    if attempt < 499 { usleep(2000) }
                 }
             }
         }

@@ -142,8 +142,9 @@ extension Store {
             guard let id = row["id"].string, !isLeaseAlive(id) else { continue }
             _ = try database.query("DELETE FROM leases WHERE id = ?", [.text(id)])
         }
-        // A run's cgroup lives inside its lease's lifetime: only a dead lease can leave one.
-        if !removed.isEmpty { Cgroup.removeAbandoned(storeRoot: root, isAlive: { self.isLeaseAlive($0) }) }
+        // A run's cgroup lives inside its lease's lifetime: only a dead lease can leave one,
+        // but a sandbox slow to die may have kept it past the recovery that removed the lease.
+        Cgroup.removeAbandoned(storeRoot: root, isAlive: { self.isLeaseAlive($0) })
         return (removed, failures)
     }
 }
