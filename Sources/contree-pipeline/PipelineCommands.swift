@@ -123,7 +123,7 @@ struct RunCommand: AsyncParsableCommand {
                     "cache: \(export.pushed) pushed to \(export.destination), \(export.present) already there (\(String(format: "%.1f", export.seconds)) s)"
                 )
             }
-            for (node, why) in export.notPushed.sorted(by: { $0.key < $1.key }) {
+            for (node, why) in (export.notPushed ?? [:]).sorted(by: { $0.key < $1.key }) {
                 printError("cache: \(node) not pushed (\(why))")
             }
         }

@@ -220,8 +220,8 @@ struct RunOutputTests {
         let status = try await DedicatedThread.run { () -> Int32 in
             let child = try spawn(w, env: [], stdout: nil)
             let deadline = Date().addingTimeInterval(60)
-            while !sandboxRuns("sleep\u{0}61.25\u{0}") && Date() < deadline { usleep(20_000) }
-            #expect(sandboxRuns("sleep\u{0}61.25\u{0}"), "the step's sandbox started")
+            while try processCount(commandLine: ["sleep", "61.25"]) == 0 && Date() < deadline { usleep(20_000) }
+            #expect(try processCount(commandLine: ["sleep", "61.25"]) == 1, "the step's sandbox started")
             kill(child.pid, SIGINT)
             _ = readAll(child.stdout!)
             return try ChildProcess.wait(child.pid, "run")
@@ -233,15 +233,5 @@ struct RunOutputTests {
             from: Data(contentsOf: URL(fileURLWithPath: w.project + "/.contree/runs/\(runs[0])/report.json")))
         #expect(report.status == .cancelled)
         #expect(try Store(root: w.root + "/store").checkConsistency(verifyContent: false).isConsistent)
-    }
-}
-
-/// Whether a process with this command line (arguments joined by NUL, NUL-terminated) runs.
-func sandboxRuns(_ cmdline: String) -> Bool {
-    let processes = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
-    return processes.contains { pid in
-        pid.allSatisfy(\.isNumber)
-            && (FileManager.default.contents(atPath: "/proc/\(pid)/cmdline").map { String(decoding: $0, as: UTF8.self) }
-                == cmdline)
     }
 }

@@ -77,12 +77,7 @@ struct CommandLineTests {
         let marker = "\(Int.random(in: 40_000...49_999))"
         let child = try ChildProcess.spawn(
             [Paths.cli, "exec", "--", "sleep", marker], environment: environment, captureStdout: true)
-        func sleepers() throws -> Int {
-            try FileSystem.list("/proc").filter { $0.allSatisfy(\.isNumber) }.filter { pid in
-                let cmdline = (try? FileSystem.readFile("/proc/\(pid)/cmdline")) ?? []
-                return String(decoding: cmdline, as: UTF8.self) == "sleep\0\(marker)\0"
-            }.count
-        }
+        func sleepers() throws -> Int { try processCount(commandLine: ["sleep", marker]) }
         var waited = 0
         while try sleepers() == 0 && waited < 100 {
             usleep(50_000)

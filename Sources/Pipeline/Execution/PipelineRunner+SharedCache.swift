@@ -49,10 +49,12 @@ extension PipelineRunner {
         }
         let scores = scoresUsed.withLock { $0 }
         let store = engine.store
-        var export = CacheExport(destination: destination.location)
-        for node in nodes where node.status != .passed {
-            export.notPushed[node.node] = node.status.rawValue + (node.reason.map { ": " + $0 } ?? "")
-        }
+        let notPushed = Dictionary(
+            nodes.filter { $0.status != .passed }.map {
+                ($0.node, $0.status.rawValue + ($0.reason.map { ": " + $0 } ?? ""))
+            },
+            uniquingKeysWith: { $1 })
+        var export = CacheExport(destination: destination.location, notPushed: notPushed)
         do {
             export = try await DedicatedThread.run { [export] in
                 var export = export

@@ -63,9 +63,20 @@ final class StepLog: Sendable {
     /// What the file holds so far, the line being written included: its last `limit` bytes.
     func written(last limit: Int) -> [UInt8] {
         state.withLock { state in
-            var bytes = (try? FileSystem.readFile(path)) ?? []
-            if !state.partial.isEmpty { bytes += Array(mask(String(decoding: state.partial, as: UTF8.self)).utf8) }
-            return Array(bytes.suffix(limit))
+            // Only the tail is read: the file holds `state.bytes` (a log may be 64 MiB).
+            var tail = [UInt8](repeating: 0, count: Int(min(Int64(limit), state.bytes)))
+            let fd = open(path, O_RDONLY | O_CLOEXEC)
+            if fd >= 0 {
+                let n = tail.withUnsafeMutableBytes {
+                    pread(fd, $0.baseAddress, $0.count, off_t(state.bytes) - off_t($0.count))
+                }
+                tail.removeLast(tail.count - max(0, n))
+                Glibc.close(fd)
+            } else {
+                tail = []
+            }
+            if !state.partial.isEmpty { tail += Array(mask(String(decoding: state.partial, as: UTF8.self)).utf8) }
+            return Array(tail.suffix(limit))
         }
     }
 

@@ -42,28 +42,22 @@ public struct CacheExport: Sendable, Codable {
     /// Why the export stopped, if it did (the run's own status is not changed by it).
     public var error: String?
     /// Steps that had nothing to push, with why (failed, stopped by fail-fast, skipped).
-    public var notPushed: [String: String] = [:]
+    public var notPushed: [String: String]?
 
     enum CodingKeys: String, CodingKey {
         case destination, pushed, present, seconds, error
         case notPushed = "not_pushed"
     }
 
-    public init(destination: String, pushed: Int = 0, present: Int = 0, seconds: Double = 0, error: String? = nil) {
+    public init(
+        destination: String, pushed: Int = 0, present: Int = 0, seconds: Double = 0, error: String? = nil,
+        notPushed: [String: String]? = nil
+    ) {
         self.destination = destination
         self.pushed = pushed
         self.present = present
         self.seconds = seconds
         self.error = error
-    }
-
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        destination = try c.decode(String.self, forKey: .destination)
-        pushed = try c.decode(Int.self, forKey: .pushed)
-        present = try c.decode(Int.self, forKey: .present)
-        seconds = try c.decode(Double.self, forKey: .seconds)
-        error = try c.decodeIfPresent(String.self, forKey: .error)
-        notPushed = try c.decodeIfPresent([String: String].self, forKey: .notPushed) ?? [:]
+        self.notPushed = notPushed
     }
 }

@@ -375,16 +375,9 @@ struct ArtifactCopy: Sendable {
     var mtimeNanoseconds: Int64
     var device: Int64
     var inode: Int64
+}
 
-    init(file: String, sha256: String, size: Int64, mtimeNanoseconds: Int64, device: Int64, inode: Int64) {
-        self.file = file
-        self.sha256 = sha256
-        self.size = size
-        self.mtimeNanoseconds = mtimeNanoseconds
-        self.device = device
-        self.inode = inode
-    }
-
+extension ArtifactCopy {
     init(file: String, sha256: String, status: stat) {
         self.init(
             file: file, sha256: sha256, size: Int64(status.st_size),

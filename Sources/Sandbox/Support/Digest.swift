@@ -10,9 +10,7 @@ public struct Digest: Hashable, Sendable, CustomStringConvertible {
 
     /// The digest of `bytes`.
     public static func sha256<Bytes: Sequence>(_ bytes: Bytes) -> Digest where Bytes.Element == UInt8 {
-        var hasher = Hasher()
-        hasher.update(Array(bytes))
-        return hasher.finalize()
+        Digest(SHA256.hash(data: Array(bytes)))
     }
 
     /// The digest of a string's UTF-8.
