@@ -35,33 +35,46 @@ let package = Package(
         .executableTarget(
             name: "contree-agent", path: "Sources/contree-agent",
             linkerSettings: [.unsafeFlags(["-static-executable"])]),
+        // The layers of the engine, each depending only on those above it here.
+        // System basics: calls by descriptor, child processes, cgroups, digests, the blocking
+        // pool, cancellation, tracing, the one error type.
+        .target(
+            name: "SystemSupport",
+            dependencies: ["CSandbox", .product(name: "Crypto", package: "swift-crypto")]),
+        // Image formats: the tar stream, layers (archive, extract, flatten, read a stack), OCI JSON.
+        .target(name: "ImageFormats", dependencies: ["SystemSupport"]),
+        // The store: SQLite, images, layers, tags, runs, leases, pins, snapshots, gc, fsck,
+        // OCI layout import and export.
+        .target(name: "ImageStore", dependencies: ["SystemSupport", "ImageFormats", "CSQLite"]),
+        // The sandbox: run specs, the engine, the isolation protocol, the container backend,
+        // the built-in images.
         .target(
             name: "Sandbox",
-            dependencies: [
-                "CSandbox", "CSQLite", "contree-init",
-                .product(name: "Crypto", package: "swift-crypto"),
-            ]),
+            dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "CSandbox", "contree-init"]),
         // The VM backend: QEMU microvm guests over the same store (Debian's kernel, an initramfs
         // with the agent, layers as erofs disks).
-        .target(name: "VirtualMachine", dependencies: ["Sandbox", "contree-agent"]),
+        .target(
+            name: "VirtualMachine",
+            dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "contree-agent"]),
         // YAML pipelines: model with source positions, validation, planning, step keys, the
         // scheduler, artifacts and reports. Knows nothing of HTTP.
         .target(
             name: "Pipeline",
             dependencies: [
-                "Sandbox",
+                "SystemSupport", "ImageFormats", "ImageStore", "Sandbox",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
         // OCI distribution: images from registries (FoundationNetworking, the toolchain's URLSession).
-        .target(name: "Registry", dependencies: ["Sandbox"]),
+        .target(name: "Registry", dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "Sandbox"]),
         // A registry repository as a pipeline step cache shared by many stores (`run --cache-to/--cache-from`).
-        .target(name: "RegistryCache", dependencies: ["Pipeline", "Registry"]),
+        .target(
+            name: "RegistryCache", dependencies: ["SystemSupport", "ImageStore", "Sandbox", "Pipeline", "Registry"]),
         // The ConTree /v1 REST API over the engine (Hummingbird), so the official clients work.
         .target(
             name: "ContreeServer",
             dependencies: [
-                "Sandbox", "Registry",
+                "SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "Registry",
                 .product(name: "Hummingbird", package: "hummingbird"),
                 .product(name: "HTTPTypes", package: "swift-http-types"),
                 .product(name: "Logging", package: "swift-log"),
@@ -70,20 +83,30 @@ let package = Package(
         .executableTarget(
             name: "contree-pipeline",
             dependencies: [
-                "Sandbox", "Pipeline", "ContreeServer", "Registry", "RegistryCache", "VirtualMachine",
+                "SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "Pipeline", "ContreeServer", "Registry",
+                "RegistryCache", "VirtualMachine",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
-            name: "contree-bench", dependencies: ["Sandbox", "ContreeServer", "Registry", "VirtualMachine"],
+            name: "contree-bench",
+            dependencies: ["SystemSupport", "ImageStore", "Sandbox", "ContreeServer", "Registry", "VirtualMachine"],
             path: "bench/Sources/contree-bench"),
         // What several test targets need: a loopback registry, scratch directories.
-        .target(name: "ContreeTestSupport", dependencies: ["Sandbox"], path: "Tests/ContreeTestSupport"),
-        .testTarget(name: "SandboxTests", dependencies: ["Sandbox", "Registry", "ContreeTestSupport"]),
+        .target(name: "ContreeTestSupport", dependencies: ["SystemSupport"], path: "Tests/ContreeTestSupport"),
+        .testTarget(
+            name: "SandboxTests",
+            dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "Registry", "ContreeTestSupport"]),
         .testTarget(
             name: "PipelineTests",
-            dependencies: ["Pipeline", "Sandbox", "Registry", "RegistryCache", "ContreeTestSupport"]),
-        .testTarget(name: "ContreeServerTests", dependencies: ["ContreeServer", "Sandbox", "ContreeTestSupport"]),
-        .testTarget(name: "VirtualMachineTests", dependencies: ["VirtualMachine", "Sandbox", "Pipeline"]),
+            dependencies: [
+                "SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "Pipeline", "Registry", "RegistryCache",
+                "ContreeTestSupport",
+            ]),
+        .testTarget(
+            name: "ContreeServerTests", dependencies: ["ContreeServer", "SystemSupport", "ContreeTestSupport"]),
+        .testTarget(
+            name: "VirtualMachineTests",
+            dependencies: ["SystemSupport", "ImageStore", "Sandbox", "VirtualMachine", "Pipeline"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,10 +1,12 @@
 import FoundationEssentials
 import Glibc
 import Hummingbird
+import ImageStore
 import Logging
 import Registry
 import Sandbox
 import ServiceLifecycle
+import SystemSupport
 
 /// `contree-pipeline serve`: the ConTree REST API over the local engine.
 public struct APIServer: Sendable {

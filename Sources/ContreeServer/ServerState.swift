@@ -2,6 +2,7 @@ import FoundationEssentials
 import Hummingbird
 import Registry
 import Sandbox
+import SystemSupport
 
 /// What the handlers share: the tokens, the store's API tables, the operations.
 final class ServerState: Sendable {

@@ -1,5 +1,5 @@
 import Foundation
-import Sandbox
+import SystemSupport
 
 /// Which hosts a registry client may reach, and over which scheme.
 ///

@@ -1,7 +1,8 @@
 import Foundation
 import FoundationNetworking
 import Glibc
-import Sandbox
+import ImageFormats
+import SystemSupport
 
 /// `docker://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]`.
 public struct RegistryReference: Sendable, Equatable, CustomStringConvertible {

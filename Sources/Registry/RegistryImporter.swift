@@ -1,6 +1,9 @@
 import Foundation
 import Glibc
+import ImageFormats
+import ImageStore
 import Sandbox
+import SystemSupport
 
 /// An image imported from a registry, with its manifest's digest and annotations.
 public struct RegistryImport: Sendable {

@@ -1,7 +1,9 @@
 import Foundation
 import Glibc
-import Sandbox
+import ImageFormats
+import ImageStore
 import Synchronization
+import SystemSupport
 
 /// Pushes an image to a registry: each layer (the store's canonical tar, so its digest is its
 /// name) and the config as blobs, skipping those the registry has, then the manifest under the

@@ -1,5 +1,6 @@
 import Foundation
-import Sandbox
+import ImageFormats
+import ImageStore
 
 /// One repository of a registry (`docker://HOST[:PORT]/REPO`) used tag by tag through one
 /// client: one authorization, and blobs pushed once are not asked about again. The shared

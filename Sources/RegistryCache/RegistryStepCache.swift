@@ -1,7 +1,9 @@
 import Foundation
+import ImageStore
 import Pipeline
 import Registry
 import Sandbox
+import SystemSupport
 
 /// A pipeline step cache kept in a registry repository, so that a fleet of machines shares
 /// one cache through infrastructure it already runs. Each step is an ordinary image tagged

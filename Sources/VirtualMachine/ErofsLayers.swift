@@ -1,5 +1,6 @@
 import Foundation
-import Sandbox
+import ImageStore
+import SystemSupport
 
 /// The VM's view of a layer: a read-only erofs image of its directory (overlay whiteouts and
 /// opaque markers included, so the guest's overlayfs reads it as the host's does), built with

@@ -1,6 +1,9 @@
 import Foundation
 import Glibc
+import ImageFormats
+import ImageStore
 import Sandbox
+import SystemSupport
 
 /// What a contree VM boots: Debian's kernel, uncompressed (QEMU's microvm enters it through
 /// PVH), and an initramfs holding the kernel modules the guest needs and the guest agent as

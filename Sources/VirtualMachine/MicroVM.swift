@@ -1,6 +1,6 @@
 import Foundation
 import Glibc
-import Sandbox
+import SystemSupport
 
 /// One command in a fresh QEMU `microvm`: the image's layers as read-only erofs disks under an
 /// overlay in the guest, the command's output streamed back over a virtio-serial port (see

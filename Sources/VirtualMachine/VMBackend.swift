@@ -1,7 +1,9 @@
 import Foundation
 import Glibc
+import ImageFormats
 import Sandbox
 import Synchronization
+import SystemSupport
 
 /// The VM isolation backend: each run is a fresh QEMU microvm (see `MicroVM`) over the same
 /// store as the container backend. The image's layers become read-only erofs disks; the

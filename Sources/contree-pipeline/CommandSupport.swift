@@ -1,8 +1,10 @@
 import ArgumentParser
 import FoundationEssentials
 import Glibc
+import ImageStore
 import Registry
 import Sandbox
+import SystemSupport
 import VirtualMachine
 
 /// Options every command that touches the store shares.

@@ -2,8 +2,10 @@ import ArgumentParser
 import Dispatch
 import FoundationEssentials
 import Glibc
+import ImageStore
 import Sandbox
 import Synchronization
+import SystemSupport
 
 extension NetworkMode: ExpressibleByArgument {}
 extension IsolationKind: ExpressibleByArgument {}

@@ -1,8 +1,11 @@
 import ArgumentParser
 import FoundationEssentials
 import Glibc
+import ImageFormats
+import ImageStore
 import Registry
 import Sandbox
+import SystemSupport
 import VirtualMachine
 
 struct ImageCommand: ParsableCommand {

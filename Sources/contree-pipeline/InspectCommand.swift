@@ -1,7 +1,10 @@
 import ArgumentParser
 import FoundationEssentials
 import Glibc
+import ImageFormats
+import ImageStore
 import Sandbox
+import SystemSupport
 
 struct InspectCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -1,6 +1,5 @@
 import ArgumentParser
 import Glibc
-import Sandbox
 
 /// contree-pipeline: sandboxes that branch like Git, and CI pipelines on top of them.
 @main

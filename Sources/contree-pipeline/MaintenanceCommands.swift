@@ -1,7 +1,7 @@
 import ArgumentParser
 import FoundationEssentials
 import Pipeline
-import Sandbox
+import SystemSupport
 import VirtualMachine
 
 struct GarbageCollectCommand: ParsableCommand {

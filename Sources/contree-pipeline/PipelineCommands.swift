@@ -5,6 +5,7 @@ import Pipeline
 import Registry
 import RegistryCache
 import Sandbox
+import SystemSupport
 
 /// Parses and validates a pipeline file, printing every problem with its place (exit 2).
 func loadPipeline(_ path: String) throws -> PipelinePlan {

@@ -3,6 +3,7 @@ import ContreeServer
 import Glibc
 import Registry
 import Sandbox
+import SystemSupport
 
 struct ServeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(

@@ -2,7 +2,7 @@ import ContreeServer
 import ContreeTestSupport
 import Foundation
 import Glibc
-import Sandbox
+import SystemSupport
 import Testing
 
 @Suite("serve: bad input gets the spec's error and the server keeps serving", .requiresRoot)

@@ -2,7 +2,7 @@ import ContreeServer
 import ContreeTestSupport
 import Foundation
 import Glibc
-import Sandbox
+import SystemSupport
 import Testing
 
 /// One token's instances, uploads, requests and streams stay within limits the operator can

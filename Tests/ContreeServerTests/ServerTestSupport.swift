@@ -2,7 +2,7 @@ import ContreeServer
 import ContreeTestSupport
 import Foundation
 import Glibc
-import Sandbox
+import SystemSupport
 import Testing
 
 typealias Reply = HTTPReply

@@ -1,5 +1,5 @@
 import Glibc
-import Sandbox
+import SystemSupport
 import Testing
 
 @testable import ContreeServer

@@ -1,6 +1,6 @@
 import Foundation
 import Glibc
-import Sandbox
+import SystemSupport
 
 /// Runs skopeo (Debian's; `scripts/setup` installs it) and fails the test when it fails.
 public func skopeo(_ arguments: [String]) throws -> String {

@@ -1,4 +1,4 @@
-import Sandbox
+import SystemSupport
 
 /// How many processes run with this command line (arguments each followed by a NUL, as
 /// /proc/PID/cmdline holds them): a sandbox's command, seen from the host.

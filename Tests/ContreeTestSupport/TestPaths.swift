@@ -1,5 +1,5 @@
 import Glibc
-import Sandbox
+import SystemSupport
 
 // Built for the test targets; a plain `swift build` builds this target too, without Testing.
 #if canImport(Testing)

@@ -1,6 +1,5 @@
 import ContreeTestSupport
 import Foundation
-import Sandbox
 import Testing
 
 @testable import Pipeline

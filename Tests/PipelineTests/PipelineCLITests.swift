@@ -1,6 +1,7 @@
 import ContreeTestSupport
 import Foundation
-import Sandbox
+import ImageStore
+import SystemSupport
 import Testing
 
 @testable import Pipeline

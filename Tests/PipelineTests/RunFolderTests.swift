@@ -1,7 +1,7 @@
 import ContreeTestSupport
 import Foundation
 import Glibc
-import Sandbox
+import ImageStore
 import Testing
 
 @testable import Pipeline

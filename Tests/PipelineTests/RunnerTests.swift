@@ -1,6 +1,8 @@
 import ContreeTestSupport
 import Foundation
 import Glibc
+import ImageFormats
+import ImageStore
 import Sandbox
 import Synchronization
 import Testing

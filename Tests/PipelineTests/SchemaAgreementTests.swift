@@ -1,5 +1,5 @@
 import Foundation
-import Sandbox
+import SystemSupport
 import Testing
 
 @testable import Pipeline

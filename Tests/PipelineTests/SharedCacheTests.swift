@@ -1,8 +1,9 @@
 import ContreeTestSupport
 import Foundation
+import ImageStore
 import Registry
 import RegistryCache
-import Sandbox
+import SystemSupport
 import Testing
 
 @testable import Pipeline

@@ -3,7 +3,10 @@ import Foundation
 import Glibc
 import Testing
 
+@testable import ImageFormats
+@testable import ImageStore
 @testable import Sandbox
+@testable import SystemSupport
 
 /// A run's change costs what it holds: a sparse file or a change past the run's limit is
 /// refused before its bytes are hashed, and nothing of it stays on disk.

@@ -3,7 +3,10 @@ import Foundation
 import Glibc
 import Testing
 
+@testable import ImageFormats
+@testable import ImageStore
 @testable import Sandbox
+@testable import SystemSupport
 
 /// The CLI end to end: the binary users run, against a temporary store.
 @Suite("The command line", .requiresRoot, .enabled(if: FileSystem.exists(Paths.cli), "needs `swift build` first"))

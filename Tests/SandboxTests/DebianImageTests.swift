@@ -4,6 +4,7 @@ import Glibc
 import Testing
 
 @testable import Sandbox
+@testable import SystemSupport
 
 /// The slow path: debootstrap takes about a minute, so one focused test covers it.
 @Suite("The debian:bookworm built-in image", .requiresRoot, .timeLimit(.minutes(10)))

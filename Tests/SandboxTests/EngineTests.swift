@@ -3,7 +3,10 @@ import Foundation
 import Glibc
 import Testing
 
+@testable import ImageFormats
+@testable import ImageStore
 @testable import Sandbox
+@testable import SystemSupport
 
 @Suite("Runs: images that branch", .requiresRoot)
 struct EngineTests {

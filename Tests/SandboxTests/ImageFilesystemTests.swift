@@ -3,7 +3,8 @@ import Foundation
 import Glibc
 import Testing
 
-@testable import Sandbox
+@testable import ImageFormats
+@testable import SystemSupport
 
 @Suite("Reading images without a sandbox", .requiresRoot)
 struct ImageFilesystemTests {

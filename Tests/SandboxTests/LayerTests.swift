@@ -4,7 +4,9 @@ import Foundation
 import Glibc
 import Testing
 
+@testable import ImageFormats
 @testable import Sandbox
+@testable import SystemSupport
 
 @Suite("Layers: canonical digests and safe extraction")
 struct LayerTests {

@@ -4,7 +4,10 @@ import Glibc
 import Registry
 import Testing
 
+@testable import ImageFormats
+@testable import ImageStore
 @testable import Sandbox
+@testable import SystemSupport
 
 @Suite("OCI images: export, import, round trips with skopeo", .requiresRoot)
 struct OCITests {

@@ -2,7 +2,7 @@ import Foundation
 import Glibc
 import Testing
 
-@testable import Sandbox
+@testable import SystemSupport
 
 @Suite("Progress of long work")
 struct ProgressTests {

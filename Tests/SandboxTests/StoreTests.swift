@@ -3,7 +3,9 @@ import Glibc
 import Synchronization
 import Testing
 
-@testable import Sandbox
+@testable import ImageFormats
+@testable import ImageStore
+@testable import SystemSupport
 
 @Suite("The image store")
 struct StoreTests {

@@ -4,6 +4,7 @@ import Glibc
 import Testing
 
 @testable import Sandbox
+@testable import SystemSupport
 
 /// The seccomp policy is an allowlist: what it does not name is refused, and socket() opens only
 /// UNIX, INET, INET6 and NETLINK sockets (AF_VSOCK reaches the host VM's vsock from any network

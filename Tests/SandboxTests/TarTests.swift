@@ -2,7 +2,8 @@ import Foundation
 import Glibc
 import Testing
 
-@testable import Sandbox
+@testable import ImageFormats
+@testable import SystemSupport
 
 @Suite("Tar streams")
 struct TarTests {

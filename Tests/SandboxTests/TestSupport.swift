@@ -3,7 +3,9 @@ import Foundation
 import Glibc
 import Testing
 
+@testable import ImageStore
 @testable import Sandbox
+@testable import SystemSupport
 
 /// Tests that create namespaces, mounts and cgroups need root (CI runs as root).
 

@@ -3,7 +3,8 @@ import Foundation
 import Glibc
 import Testing
 
-@testable import Sandbox
+@testable import ImageFormats
+@testable import SystemSupport
 
 /// File names from a sandbox are bytes: any byte but `/` and NUL, UTF-8 or not. The layer
 /// digest must cover every one of them, or layers that look identical share a directory.

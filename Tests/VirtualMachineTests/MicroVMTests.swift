@@ -1,8 +1,10 @@
 import Foundation
 import Glibc
+import ImageStore
 import Pipeline
 import Sandbox
 import Synchronization
+import SystemSupport
 import Testing
 
 @testable import VirtualMachine

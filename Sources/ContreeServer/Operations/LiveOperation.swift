@@ -1,5 +1,6 @@
 import FoundationEssentials
 import Glibc
+import ImageStore
 import Sandbox
 import Synchronization
 

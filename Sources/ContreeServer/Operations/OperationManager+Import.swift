@@ -1,8 +1,10 @@
 import FoundationEssentials
 import Glibc
+import ImageStore
 import Registry
 import Sandbox
 import Synchronization
+import SystemSupport
 
 extension OperationManager {
     /// Records an `image_import` operation and starts it.

@@ -1,8 +1,10 @@
 import FoundationEssentials
 import Glibc
+import ImageStore
 import Registry
 import Sandbox
 import Synchronization
+import SystemSupport
 
 extension OperationManager {
     func execute(_ plan: SpawnPlan, _ operation: LiveOperation) async {

@@ -1,8 +1,10 @@
 import FoundationEssentials
 import Glibc
+import ImageStore
 import Registry
 import Sandbox
 import Synchronization
+import SystemSupport
 
 extension OperationManager {
     /// Starts one more process in a running instance (`POST .../subprocesses`); returns its spid.

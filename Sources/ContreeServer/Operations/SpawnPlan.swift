@@ -1,5 +1,6 @@
 import FoundationEssentials
 import Glibc
+import ImageStore
 import Registry
 import Sandbox
 import Synchronization

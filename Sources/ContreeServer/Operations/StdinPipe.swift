@@ -1,6 +1,6 @@
 import Glibc
-import Sandbox
 import Synchronization
+import SystemSupport
 
 /// The write end of a process's stdin pipe. Writes happen one at a time in the order they
 /// were asked for, the first carrying what the spawn itself sent; each uses a copy of the

@@ -1,7 +1,7 @@
 import FoundationEssentials
 import HTTPTypes
 import Hummingbird
-import Sandbox
+import ImageStore
 
 /// One request, authenticated: its token, path segments after `/v1`, and query.
 struct APICall: Sendable {

@@ -2,7 +2,8 @@ import FoundationEssentials
 import Glibc
 import HTTPTypes
 import Hummingbird
-import Sandbox
+import ImageStore
+import SystemSupport
 
 extension ServerState {
     /// `POST /v1/files`: the raw body (chunked or not) becomes a blob named by its sha256,

@@ -1,7 +1,8 @@
 import FoundationEssentials
 import Glibc
 import Hummingbird
-import Sandbox
+import ImageFormats
+import SystemSupport
 
 extension ServerState {
     /// `GET /v1/inspect/{uuid}/grep`: searches file contents with POSIX extended regular

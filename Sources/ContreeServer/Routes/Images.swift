@@ -1,5 +1,6 @@
 import FoundationEssentials
 import Hummingbird
+import ImageStore
 import Registry
 import Sandbox
 

@@ -2,7 +2,8 @@ import FoundationEssentials
 import Glibc
 import HTTPTypes
 import Hummingbird
-import Sandbox
+import ImageFormats
+import SystemSupport
 
 extension ServerState {
     /// `GET /v1/inspect/?tag=NAME`: 302 to the image (the clients read only `Location`).

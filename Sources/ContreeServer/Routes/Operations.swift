@@ -2,6 +2,7 @@ import FoundationEssentials
 import Glibc
 import HTTPTypes
 import Hummingbird
+import ImageStore
 import Sandbox
 
 extension ServerState {

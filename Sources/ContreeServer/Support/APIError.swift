@@ -1,7 +1,7 @@
 import FoundationEssentials
 import HTTPTypes
 import Hummingbird
-import Sandbox
+import SystemSupport
 
 /// An error answered in the spec's shape: `{"error": "...", "status": N}` with that status.
 struct APIError: Error, HTTPResponseError, CustomStringConvertible {

@@ -1,7 +1,9 @@
 import FoundationEssentials
 import Glibc
+import ImageStore
 import Sandbox
 import Synchronization
+import SystemSupport
 
 /// The server's tables in the store's database, and its uploaded files. Every row belongs to
 /// one namespace (one token); built-in base images are the only thing shared.

@@ -1,6 +1,6 @@
 import FoundationEssentials
 import Glibc
-import Sandbox
+import SystemSupport
 
 /// `contree-pipeline serve` as a child process on a free loopback port, for the tests and the
 /// benchmark: started with `--listen 127.0.0.1:0`, its port read from the line it prints.

@@ -1,6 +1,6 @@
 import FoundationEssentials
 import Glibc
-import Sandbox
+import SystemSupport
 
 /// One API token: its namespace and its limits.
 struct Token: Sendable, Equatable {

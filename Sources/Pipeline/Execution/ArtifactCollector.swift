@@ -1,6 +1,8 @@
 import Foundation
 import Glibc
-import Sandbox
+import ImageFormats
+import ImageStore
+import SystemSupport
 
 /// Copies paths or globs out of a step's snapshot (read from its layers, no sandbox) into the
 /// run's output directory, hashing each file for the manifest. An artifact an earlier run

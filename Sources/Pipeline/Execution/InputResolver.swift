@@ -1,6 +1,6 @@
 import Foundation
 import Glibc
-import Sandbox
+import SystemSupport
 
 /// A host file a step copies in.
 public struct ResolvedInput: Sendable, Equatable {

@@ -1,5 +1,7 @@
 import Foundation
+import ImageStore
 import Sandbox
+import SystemSupport
 
 /// What every node of one run shares.
 struct ExecutionContext: Sendable {

@@ -1,5 +1,5 @@
 import Foundation
-import Sandbox
+import SystemSupport
 
 /// `--cache-from` and `--cache-to`: steps and scores through shared caches. A shared cache
 /// that cannot be reached costs a note in the log and a step that runs, never a failed run.

@@ -1,6 +1,9 @@
 import Foundation
+import ImageFormats
+import ImageStore
 import Sandbox
 import Synchronization
+import SystemSupport
 
 /// How a run behaves.
 public struct RunOptions: Sendable {

@@ -1,5 +1,4 @@
 import Foundation
-import Sandbox
 import Synchronization
 
 /// A step's log file. Output is written line by line with every secret value (and every line

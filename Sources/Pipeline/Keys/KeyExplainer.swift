@@ -1,4 +1,5 @@
 import Foundation
+import ImageStore
 import Sandbox
 
 /// Why a step would (or would not) be reused.

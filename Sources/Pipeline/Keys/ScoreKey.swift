@@ -1,5 +1,5 @@
 import Foundation
-import Sandbox
+import SystemSupport
 
 /// Everything that determines a fork variant's score: the variant's snapshot, and the score
 /// command as it runs there (shell, script, env, working directory, isolation). Two pipelines

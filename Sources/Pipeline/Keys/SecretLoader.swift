@@ -1,6 +1,6 @@
 import Foundation
 import Glibc
-import Sandbox
+import SystemSupport
 
 /// Reads secrets on the host, the same way for `run` and `explain`: from an environment
 /// variable, or from a file (relative to the pipeline, and beneath its directory unless the

@@ -1,4 +1,5 @@
 import Foundation
+import ImageStore
 import Sandbox
 
 /// A step brought from a shared cache: its snapshot, now in this store, and what the step

@@ -1,5 +1,7 @@
 import Foundation
+import ImageStore
 import Sandbox
+import SystemSupport
 
 /// A cache entry: what a successful step produced.
 public struct CachedStep: Sendable {

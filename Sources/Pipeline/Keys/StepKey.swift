@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
-import Sandbox
+import ImageStore
+import SystemSupport
 
 /// Everything that determines a step's result, in a canonical form. The step key is the
 /// sha256 of its JSON encoding (sorted keys): equal keys mean the step can be reused.

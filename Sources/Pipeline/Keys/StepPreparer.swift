@@ -1,3 +1,4 @@
+import ImageStore
 import Sandbox
 
 /// A step rendered for one node: the exact command, env, inputs and key it runs with.

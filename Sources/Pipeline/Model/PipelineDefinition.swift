@@ -1,4 +1,6 @@
+import ImageStore
 import Sandbox
+import SystemSupport
 
 /// A pipeline file as written: parsed and checked, not yet expanded into runs.
 public struct PipelineDefinition: Sendable {

@@ -1,5 +1,6 @@
 import Foundation
 import Sandbox
+import SystemSupport
 import Yams
 
 extension PipelineParser {

@@ -1,5 +1,4 @@
 import Foundation
-import Sandbox
 import Yams
 
 /// Reads a pipeline file into a `PipelineDefinition`, checking every key, type and expression

@@ -1,5 +1,3 @@
-import Sandbox
-
 /// One unit of work of a planned pipeline: a step (or one matrix combination or fork variant
 /// of it) that runs a command, or the selection among a fork's variants.
 public struct PlanNode: Sendable {

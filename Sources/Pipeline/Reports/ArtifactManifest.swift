@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
-import Sandbox
+import ImageFormats
+import SystemSupport
 
 /// A past run's `artifacts/manifest.json`, read as untrusted input: anyone who can write the
 /// run's directory can edit it, so an entry is used only when its file is a normalized relative

@@ -1,5 +1,5 @@
 import Foundation
-import Sandbox
+import SystemSupport
 
 /// `report.html`: one self-contained page (inline CSS and SVG, no scripts, no network) with
 /// the DAG and each step's state, a timeline with CPU and memory, the forks' selections and

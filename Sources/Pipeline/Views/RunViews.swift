@@ -1,6 +1,6 @@
 import Foundation
-import Sandbox
 import Synchronization
+import SystemSupport
 
 /// Where a view writes (stdout by default; tests capture it).
 public final class ViewOutput: Sendable {

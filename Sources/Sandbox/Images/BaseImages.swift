@@ -1,4 +1,7 @@
 import Glibc
+import ImageFormats
+import ImageStore
+import SystemSupport
 
 #if canImport(FoundationEssentials)
     import FoundationEssentials
@@ -178,7 +181,7 @@ public struct BaseImages: Sendable {
         }
         let root = lease.workPath + "/rootfs"
         let mirror = BaseImages.debianMirror()
-        let started = Clock.monotonic
+        let started = Monotonic.now
         progress?.report(task, "debootstrap --variant=minbase \(suite) from \(mirror)", elapsed: 0)
         var lastLines: [String] = []
         let result = try ChildProcess.run(
@@ -191,7 +194,7 @@ public struct BaseImages: Sendable {
         ) { line in
             lastLines = Array((lastLines + [line]).suffix(8))
             if line.hasPrefix("I: ") || line.hasPrefix("W: ") || line.hasPrefix("E: ") {
-                self.progress?.report(task, String(line.dropFirst(3)), elapsed: Clock.monotonic - started)
+                self.progress?.report(task, String(line.dropFirst(3)), elapsed: Monotonic.now - started)
             }
         }
         guard result.succeeded else {
@@ -207,11 +210,11 @@ public struct BaseImages: Sendable {
         }
         try FileSystem.removeTree(root + "/var/log/bootstrap.log")
         chmod(root, 0o755)
-        progress?.report(task, "committing the image", elapsed: Clock.monotonic - started)
+        progress?.report(task, "committing the image", elapsed: Monotonic.now - started)
         let image = try Snapshotter(store: store).importRoot(
             root, config: ImageConfig(env: ImageConfig.defaultEnv + ["LANG=C.UTF-8"]),
             origin: "builtin:\(task)", lease: lease)
-        progress?.finish(task, "built \(image.uuid) in \(Int(Clock.monotonic - started)) s")
+        progress?.finish(task, "built \(image.uuid) in \(Int(Monotonic.now - started)) s")
         return image
     }
 

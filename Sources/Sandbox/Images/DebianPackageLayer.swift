@@ -1,6 +1,9 @@
 import Dispatch
 import Glibc
+import ImageFormats
+import ImageStore
 import Synchronization
+import SystemSupport
 
 #if canImport(FoundationEssentials)
     import FoundationEssentials
@@ -29,7 +32,7 @@ struct DebianPackageLayer {
     /// has them all). - Throws: `invalidArgument` for a package the archive does not have,
     /// `childProcess` when apt or dpkg fail (with their last lines).
     func build(_ packages: [String], over parent: ImageRecord, task: String, suite: String) throws -> ImageRecord {
-        let started = Clock.monotonic
+        let started = Monotonic.now
         let work = store.tmpPath + "/packages-" + UUID().uuidString.lowercased()
         try FileSystem.makeDirectories(work + "/archives/partial")
         defer { try? FileSystem.removeTree(work) }
@@ -65,7 +68,7 @@ struct DebianPackageLayer {
         guard !debs.isEmpty else { return parent }
         progress?.report(
             task, "installing \(Plural.count(debs.count, "package")) over \(parent.tags.first ?? parent.uuid)",
-            elapsed: Clock.monotonic - started)
+            elapsed: Monotonic.now - started)
         let directory = "/var/cache/contree-packages"
         let spec = RunSpec(
             image: parent.uuid,

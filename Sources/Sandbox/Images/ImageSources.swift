@@ -1,3 +1,6 @@
+import ImageStore
+import SystemSupport
+
 /// References that name images outside the store (`oci:DIR`, `docker://HOST/REPO:TAG`, …),
 /// imported the first time they are used: `BaseImages.resolve` (so `exec --image`, a
 /// pipeline's `image:` and the API's spawn) asks the source whose prefix matches. A value

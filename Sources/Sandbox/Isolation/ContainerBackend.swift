@@ -1,6 +1,7 @@
 import CSandbox
 import Glibc
 import Synchronization
+import SystemSupport
 
 /// The container backend: Linux namespaces (user, mount, pid, net, uts, ipc, cgroup), an
 /// overlayfs root over an idmapped view of the store, pivot_root, a masked /proc, a minimal

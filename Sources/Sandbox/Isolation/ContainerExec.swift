@@ -1,6 +1,7 @@
 import CSandbox
 import Glibc
 import Synchronization
+import SystemSupport
 
 /// A running container sandbox as its `RunControl` sees it: its pid 1 (a pidfd of our own,
 /// closed when the run ends) and its cgroup.
@@ -101,7 +102,7 @@ struct ContainerExec {
         launch.go_fd = go.read
         launch.report_fd = report.write
 
-        let started = Clock.monotonic
+        let started = Monotonic.now
         var pidfd: Int32 = -1
         var pid: pid_t = 0
         let rc = csb_exec_start(&launch, target, &pidfd, &pid)
@@ -153,7 +154,7 @@ struct ContainerExec {
         outcome.stderr = supervisor.stderr.kept
         outcome.stdoutDropped = supervisor.stdout.dropped
         outcome.stderrDropped = supervisor.stderr.dropped
-        outcome.wallSeconds = Clock.monotonic - started
+        outcome.wallSeconds = Monotonic.now - started
         return outcome
     }
 }

@@ -1,5 +1,6 @@
 import CSandbox
 import Glibc
+import SystemSupport
 
 /// One run of the container backend, on its dedicated thread.
 struct ContainerLaunch {
@@ -134,7 +135,7 @@ struct ContainerLaunch {
         launch.terminal = terminal == nil ? 0 : 1
         launch.file_size_limit = UInt64(max(0, request.limits.layerBytes ?? 0))
 
-        let started = Clock.monotonic
+        let started = Monotonic.now
         var pidfd: Int32 = -1
         var pid: pid_t = 0
         let rc = csb_launch_start(&launch, &pidfd, &pid)
@@ -186,7 +187,7 @@ struct ContainerLaunch {
         var usage = [Int64](repeating: 0, count: 6)
         let waited = csb_wait(pid, &status, &usage)
         guard waited == 0 else { throw SandboxError(.sandboxSetup, "wait4(sandbox)", errno: -waited) }
-        let wall = Clock.monotonic - started
+        let wall = Monotonic.now - started
         Trace.mark("reaped")
 
         if let failure = supervisor.setupFailure { throw Supervisor.setupError(failure) }

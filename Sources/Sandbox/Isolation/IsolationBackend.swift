@@ -1,3 +1,5 @@
+import SystemSupport
+
 /// Everything a backend needs to run one command over an overlay of layers. The engine has
 /// resolved the image, taken a lease and prepared the upper; the backend only isolates, runs
 /// and measures.

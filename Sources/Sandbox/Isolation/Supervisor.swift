@@ -1,5 +1,6 @@
 import CSandbox
 import Glibc
+import SystemSupport
 
 /// Captured output of one stream, or output relayed to a host descriptor.
 struct Capture {
@@ -115,7 +116,7 @@ struct Supervisor {
         func stop() {
             killed = true
             _ = csb_pidfd_kill(pidfd, CSB_SIGNAL_STOP)
-            forceKillAt = Clock.monotonic + 2
+            forceKillAt = Monotonic.now + 2
         }
         while true {
             if exited && stdoutFD == nil && stderrFD == nil && reportFD == nil && terminalPrimary == nil { return }
@@ -139,7 +140,7 @@ struct Supervisor {
                 $0
             }
             if let next = wake.min(), !exited {
-                timeoutMs = Int32(max(0, min(Double(Int32.max), (next - Clock.monotonic) * 1000).rounded(.up)))
+                timeoutMs = Int32(max(0, min(Double(Int32.max), (next - Monotonic.now) * 1000).rounded(.up)))
             }
             let rc = poll(&polls, nfds_t(polls.count), timeoutMs)
             if rc < 0 {
@@ -147,16 +148,16 @@ struct Supervisor {
                 throw SandboxError.system("poll(sandbox)")
             }
             if rc == 0 {
-                if !killed, !exited, var watch = upperWatch, Clock.monotonic >= watch.nextCheck {
+                if !killed, !exited, var watch = upperWatch, Monotonic.now >= watch.nextCheck {
                     watch.check()
                     upperWatch = watch
                     if watch.exceeded { stop() }
                     continue
                 }
-                if let forceAt = forceKillAt, Clock.monotonic >= forceAt {
+                if let forceAt = forceKillAt, Monotonic.now >= forceAt {
                     _ = csb_pidfd_kill(pidfd, SIGKILL)  // pid 1 did not stop in time
                     forceKillAt = nil
-                } else if let deadline, !killed, Clock.monotonic >= deadline {
+                } else if let deadline, !killed, Monotonic.now >= deadline {
                     timedOut = true
                     stop()
                 }
@@ -252,7 +253,7 @@ struct Supervisor {
 struct UpperWatch {
     let path: String
     let limit: Int64
-    var nextCheck = Clock.monotonic + 1
+    var nextCheck = Monotonic.now + 1
     var exceeded = false
 
     init(path: String, limit: Int64) {
@@ -261,7 +262,7 @@ struct UpperWatch {
     }
 
     mutating func check() {
-        let started = Clock.monotonic
+        let started = Monotonic.now
         var total: Int64 = 0
         // The upper changes while it is walked: a sample that trips over that is skipped.
         try? TreeWalker.walk(try DirectoryHandle(path: path)) { entry in
@@ -269,6 +270,6 @@ struct UpperWatch {
             return entry.status.isDirectory && total <= limit
         }
         exceeded = total > limit
-        nextCheck = Clock.monotonic + max(1, 20 * (Clock.monotonic - started))
+        nextCheck = Monotonic.now + max(1, 20 * (Monotonic.now - started))
     }
 }

@@ -1,6 +1,8 @@
 import CSandbox
 import Glibc
+import ImageStore
 import Synchronization
+import SystemSupport
 
 /// Which isolation backend runs a sandbox.
 public enum IsolationKind: String, Codable, Sendable, CaseIterable {

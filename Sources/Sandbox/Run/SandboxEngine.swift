@@ -1,4 +1,7 @@
 import Glibc
+import ImageFormats
+import ImageStore
+import SystemSupport
 
 #if canImport(FoundationEssentials)
     import FoundationEssentials
@@ -205,7 +208,7 @@ public final class SandboxEngine: Sendable {
             try insert(record)
         } else {
             for path in prepared.addedMountPoints { rmdir(upper + path) }  // only if still empty
-            let commitStarted = Clock.monotonic
+            let commitStarted = Monotonic.now
             var committed = record
             do {
                 _ = try Snapshotter(store: store).commit(
@@ -214,7 +217,7 @@ public final class SandboxEngine: Sendable {
                 ) { tx, result, layer in
                     if let tag = spec.tag { try self.store.tag(tx, tag, image: result.uuid) }
                     committed.resultImage = result.uuid
-                    committed.metrics.commitSeconds = Clock.monotonic - commitStarted
+                    committed.metrics.commitSeconds = Monotonic.now - commitStarted
                     committed.metrics.diffFiles = layer?.files ?? 0
                     committed.metrics.diffBytes = layer?.bytes ?? 0
                     try SandboxEngine.insert(committed, tx: tx)
@@ -225,7 +228,7 @@ public final class SandboxEngine: Sendable {
                 record.discarded = error.message
                 record.timedOut = error.message == SandboxEngine.commitTimedOut
                 record.cancelled = error.code == .cancelled && !record.timedOut
-                record.metrics.commitSeconds = Clock.monotonic - commitStarted
+                record.metrics.commitSeconds = Monotonic.now - commitStarted
                 try insert(record)
             }
         }

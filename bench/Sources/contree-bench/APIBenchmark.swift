@@ -6,7 +6,9 @@
 import ContreeServer
 import Foundation
 import Glibc
+import ImageStore
 import Sandbox
+import SystemSupport
 
 struct APIBench {
     let home: String

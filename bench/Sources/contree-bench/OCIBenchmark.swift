@@ -5,8 +5,10 @@
 // run cold in one store, pushed with --cache-to, and run in a fresh store with --cache-from.
 import Foundation
 import Glibc
+import ImageStore
 import Registry
 import Sandbox
+import SystemSupport
 
 struct OCIBench {
     let home: String

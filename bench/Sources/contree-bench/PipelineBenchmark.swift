@@ -3,7 +3,9 @@
 // (--layers, overlay, chroot isolation), cold and cached, in the same run.
 import Foundation
 import Glibc
+import ImageStore
 import Sandbox
+import SystemSupport
 
 struct PipelineBench {
     let home: String

@@ -5,7 +5,9 @@
 // kernel, so every figure is under TCG emulation.
 import Foundation
 import Glibc
+import ImageStore
 import Sandbox
+import SystemSupport
 import VirtualMachine
 
 struct VMBench {

@@ -9,7 +9,9 @@
 // count. Needs root, bubblewrap, and crun or runc (scripts/setup installs them).
 import Foundation
 import Glibc
+import ImageStore
 import Sandbox
+import SystemSupport
 
 struct Options {
     var runs = 30
