@@ -89,9 +89,12 @@ let package = Package(
             ]),
         .executableTarget(
             name: "contree-bench",
-            dependencies: ["SystemSupport", "ImageStore", "Sandbox", "ContreeServer", "Registry", "VirtualMachine"],
+            dependencies: [
+                "SystemSupport", "ImageStore", "Sandbox", "Registry", "VirtualMachine", "ContreeTestSupport",
+            ],
             path: "bench/Sources/contree-bench"),
-        // What several test targets need: a loopback registry, scratch directories.
+        // What the tests and the benchmarks share: paths, the root trait, a serve child process,
+        // a loopback HTTP client. Not part of the product.
         .target(name: "ContreeTestSupport", dependencies: ["SystemSupport"], path: "Tests/ContreeTestSupport"),
         .testTarget(
             name: "SandboxTests",

@@ -57,7 +57,7 @@ public struct APIServer: Sendable {
     public func run(host: String, port: Int, onReady: @escaping @Sendable (Int) async -> Void) async throws {
         // The default image is listed from the first request on.
         let base = state.api.baseImages
-        _ = try await DedicatedThread.run { try base.resolve(BaseImages.defaultImage) }
+        _ = try await BlockingPool.shared.run { try base.resolve(BaseImages.defaultImage) }
         var logger = Logger(label: "contree-serve")
         logger.logLevel = .warning
         let app = Application(

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Sandbox
 import SystemSupport
 
 /// One command in a fresh QEMU `microvm`: the image's layers as read-only erofs disks under an
@@ -43,19 +44,13 @@ public struct MicroVM: Sendable {
     }
 
     public struct Outcome: Sendable {
-        public var exitCode: Int32?
-        public var signal: Int32?
-        public var timedOut: Bool
-        public var userSeconds: Double
-        public var systemSeconds: Double
-        public var peakMemoryBytes: Int64
-        /// Processes the command created (itself included) and the disks' block I/O.
-        public var processes: Int64 = 0
-        public var bytesRead: Int64 = 0
-        public var bytesWritten: Int64 = 0
+        /// How the command ended (exit code, signal, timeout), as every backend says it.
+        public var termination = Termination()
+        /// What the agent measured: CPU time, peak memory, processes the command created
+        /// (itself included), the disks' block I/O; and the wall time from starting QEMU.
+        public var metrics = RunMetrics()
         /// Wall time from starting QEMU to the agent's ready frame.
-        public var bootSeconds: Double
-        public var wallSeconds: Double
+        public var bootSeconds = 0.0
         /// The guest console (kernel messages), kept when the run failed.
         public var console: String?
     }
@@ -272,9 +267,7 @@ public struct MicroVM: Sendable {
         let channel = Channel(fd: socket)
         defer { channel.close() }
         let deadline = started + timeout
-        var outcome = Outcome(
-            exitCode: nil, signal: nil, timedOut: false, userSeconds: 0, systemSeconds: 0, peakMemoryBytes: 0,
-            bootSeconds: 0, wallSeconds: 0, console: nil)
+        var outcome = Outcome()
         let pump = InputPump()
         defer { pump.stop() }
         var specSent = false
@@ -303,7 +296,7 @@ public struct MicroVM: Sendable {
         var reader = FrameReader(fd: socket)
         loop: while true {
             guard let frame = try reader.next(until: deadline) else {
-                outcome.timedOut = monotonicSeconds() >= deadline
+                outcome.termination.timedOut = monotonicSeconds() >= deadline
                 break
             }
             switch frame.type {
@@ -321,14 +314,18 @@ public struct MicroVM: Sendable {
                     if parts.count == 2 { values[String(parts[0])] = Int64(parts[1]) }
                 }
                 // The guest is not trusted: numbers out of range are dropped, never trapped on.
-                if let status = values["status"], (0...255).contains(status) { outcome.exitCode = Int32(status) }
-                if let signal = values["signal"], (1...64).contains(signal) { outcome.signal = Int32(signal) }
-                outcome.userSeconds = Double(max(0, values["utime_us"] ?? 0)) / 1e6
-                outcome.systemSeconds = Double(max(0, values["stime_us"] ?? 0)) / 1e6
-                outcome.peakMemoryBytes = min(max(0, values["maxrss_kb"] ?? 0), Int64.max / 1024) * 1024
-                outcome.processes = values["processes"] ?? 0
-                outcome.bytesRead = values["read_bytes"] ?? 0
-                outcome.bytesWritten = values["write_bytes"] ?? 0
+                if let status = values["status"], (0...255).contains(status) {
+                    outcome.termination.exitCode = Int32(status)
+                }
+                if let signal = values["signal"], (1...64).contains(signal) {
+                    outcome.termination.signal = Int32(signal)
+                }
+                outcome.metrics.cpuUserSeconds = Double(max(0, values["utime_us"] ?? 0)) / 1e6
+                outcome.metrics.cpuSystemSeconds = Double(max(0, values["stime_us"] ?? 0)) / 1e6
+                outcome.metrics.peakMemoryBytes = min(max(0, values["maxrss_kb"] ?? 0), Int64.max / 1024) * 1024
+                outcome.metrics.processes = values["processes"] ?? 0
+                outcome.metrics.bytesRead = values["read_bytes"] ?? 0
+                outcome.metrics.bytesWritten = values["write_bytes"] ?? 0
                 break loop
             default: continue
             }
@@ -338,8 +335,8 @@ public struct MicroVM: Sendable {
         kill(qemu.pid, SIGKILL)
         _ = try? ChildProcess.wait(qemu.pid, "qemu")
         reaped = true
-        outcome.wallSeconds = monotonicSeconds() - started
-        if outcome.exitCode == nil && outcome.signal == nil {
+        outcome.metrics.wallSeconds = monotonicSeconds() - started
+        if outcome.termination.exitCode == nil && outcome.termination.signal == nil {
             outcome.console = MicroVM.tail(work + "/console.log", 4000)
         }
         return outcome

@@ -141,20 +141,20 @@ public final class VMBackend: IsolationBackend {
         return kit
     }
 
-    public func run(_ request: LaunchRequest) async throws -> LaunchOutcome {
+    public func run(_ request: LaunchRequest) async throws -> CommandOutcome {
         guard request.terminal == nil else {
             throw SandboxError(
                 .unsupported, "terminal sessions are not available with isolation: vm yet; use container")
         }
         let state = RunState()
         return try await withTaskCancellationHandler {
-            try await DedicatedThread.run { try self.runBlocking(request, state: state) }
+            try await BlockingPool.shared.run { try self.runBlocking(request, state: state) }
         } onCancel: {
             state.cancel()
         }
     }
 
-    private func runBlocking(_ request: LaunchRequest, state: RunState) throws -> LaunchOutcome {
+    private func runBlocking(_ request: LaunchRequest, state: RunState) throws -> CommandOutcome {
         defer {
             state.finished()
             request.control?.detach()
@@ -240,8 +240,8 @@ public final class VMBackend: IsolationBackend {
             } catch  where state.cancelled {
                 state.finished()
                 // Killed on purpose before the guest started: a cancelled run, not a failure.
-                var result = LaunchOutcome()
-                result.cancelled = true
+                var result = CommandOutcome()
+                result.termination.cancelled = true
                 result.acceleration = vm.accelerator
                 return result
             }
@@ -249,29 +249,22 @@ public final class VMBackend: IsolationBackend {
         guard let outcome else { throw SandboxError(.sandboxSetup, "the VM did not run") }
 
         Trace.mark("vm: guest done (restored in \(Int(outcome.bootSeconds * 1000)) ms)")
-        var result = LaunchOutcome()
-        result.exitCode = outcome.exitCode
-        result.signal = outcome.signal
-        result.timedOut = outcome.timedOut
-        result.cancelled = state.cancelled
+        var result = CommandOutcome()
+        result.termination = outcome.termination
+        result.termination.cancelled = state.cancelled
         result.acceleration = vm.accelerator
-        result.metrics.wallSeconds = outcome.wallSeconds
-        result.metrics.cpuUserSeconds = outcome.userSeconds
-        result.metrics.cpuSystemSeconds = outcome.systemSeconds
-        result.metrics.peakMemoryBytes = outcome.peakMemoryBytes
-        result.metrics.processes = outcome.processes
-        result.metrics.bytesRead = outcome.bytesRead
-        result.metrics.bytesWritten = outcome.bytesWritten
+        result.metrics = outcome.metrics
         (result.stdout, result.stdoutDropped) = stdout.result()
         (result.stderr, result.stderrDropped) = stderr.result()
-        if outcome.exitCode == nil && outcome.signal == nil && !outcome.timedOut && !result.cancelled {
+        let ended = outcome.termination
+        if ended.exitCode == nil && ended.signal == nil && !ended.timedOut && !state.cancelled {
             throw SandboxError(
                 .sandboxSetup,
                 "the VM ended without the command's report; its console ended with:\n\(outcome.console ?? "(nothing)")")
         }
         // The changes: unpacked (paths that would escape refused, as for any layer) into a
         // fresh directory that replaces the engine's upper.
-        if outcome.exitCode != nil || outcome.signal != nil {
+        if ended.exitCode != nil || ended.signal != nil {
             let unpacked = staging + "/upper"
             try FileSystem.makeDirectory(unpacked, mode: 0o755)
             guard lseek(changes, 0, SEEK_SET) == 0 else { throw SandboxError.system("lseek(\(changesPath))") }
@@ -330,7 +323,7 @@ struct VMSandbox: RunningSandbox {
 
     func signal(_ signal: Int32) { channel.signal(signal) }
 
-    func exec(_ spec: ExecSpec) async throws -> ExecOutcome {
+    func exec(_ spec: ExecSpec) async throws -> CommandOutcome {
         throw SandboxError(
             .conflict, "starting more processes in a running VM is not supported yet; use isolation: container for that"
         )

@@ -453,7 +453,7 @@ struct InstanceTests {
         let port = server.port
         let stream = Task {
             defer { seen.finish() }  // never leaves the wait below hanging
-            return try await DedicatedThread.run {
+            return try await BlockingPool.shared.run {
                 var received = ""
                 return try LoopbackHTTP.exchange(
                     port: port, method: "GET", path: "/v1/operations/\(op)/events?follow=1", token: TestServer.alice
@@ -501,7 +501,7 @@ struct InstanceTests {
             ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + [
                 "CONTREE_HOME=\(server.home)"
             ]
-        let fsck = try await DedicatedThread.run { try ChildProcess.run([Paths.cli, "fsck"], environment: env) }
+        let fsck = try await BlockingPool.shared.run { try ChildProcess.run([Paths.cli, "fsck"], environment: env) }
         #expect(fsck.status == 0, "\(fsck.stderrText)")
     }
 }
@@ -510,16 +510,16 @@ struct InstanceTests {
 struct ImportTests {
     @Test("POST /images/import pulls from a registry on loopback into the namespace, tagged, and runs it")
     func importFromRegistry() async throws {
-        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let registry = try await BlockingPool.shared.run { try LocalRegistry() }
         let server = try await TestServer(arguments: ["--registry", "127.0.0.1:\(registry.port)"])
         let env =
             ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(server.home)"]
         let layout = server.home + "/layout"
-        let export = try await DedicatedThread.run {
+        let export = try await BlockingPool.shared.run {
             try ChildProcess.run([Paths.cli, "image", "export", "busybox", "oci:\(layout):v1"], environment: env)
         }
         #expect(export.status == 0, "\(export.stderrText)")
-        let push = try await DedicatedThread.run {
+        let push = try await BlockingPool.shared.run {
             try ChildProcess.run([
                 "skopeo", "copy", "--dest-tls-verify=false", "oci:\(layout):v1",
                 "docker://127.0.0.1:\(registry.port)/lib/box:1",
@@ -555,13 +555,13 @@ struct ImportTests {
 
     @Test("cancelling an import stops its download at once; the operation is CANCELLED and nothing is left")
     func cancelImport() async throws {
-        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let registry = try await BlockingPool.shared.run { try LocalRegistry() }
         // An image with a layer the server's store lacks (it holds busybox's): 256 KiB of noise.
         let home = "/tmp/contree-elsewhere-" + UUID().uuidString.lowercased().prefix(12)
         defer { try? FileSystem.removeTree(home) }
         let env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") } + ["CONTREE_HOME=\(home)"]
         let layout = home + "/layout"
-        let pushed = try await DedicatedThread.run {
+        let pushed = try await BlockingPool.shared.run {
             _ = try ChildProcess.run(
                 [
                     Paths.cli, "exec", "--tag", "noise", "--", "dd", "if=/dev/urandom", "of=/noise", "bs=1k",
@@ -577,7 +577,7 @@ struct ImportTests {
             return export.succeeded && push.succeeded
         }
         #expect(pushed)
-        let proxy = try await DedicatedThread.run { try StallingProxy(upstreamPort: registry.port) }
+        let proxy = try await BlockingPool.shared.run { try StallingProxy(upstreamPort: registry.port) }
         let server = try await TestServer(arguments: ["--registry", "127.0.0.1:\(proxy.port)"])
         let reply = try await server.request(
             "POST", "/v1/images/import",
@@ -599,7 +599,7 @@ struct ImportTests {
         #expect(Date().timeIntervalSince(cancelled) < 20)  // not the proxy's minute
         #expect(try await server.request("GET", "/v1/inspect/?tag=box:1").status == 404)
         // The import's lease and its download directory are gone by the time the operation ended.
-        let leftovers = try await DedicatedThread.run {
+        let leftovers = try await BlockingPool.shared.run {
             try ChildProcess.run(["find", server.home + "/tmp", "-name", "pull"]).stdout
         }
         #expect(leftovers.isEmpty, "\(String(decoding: leftovers, as: UTF8.self))")

@@ -125,7 +125,7 @@ struct ServerLimitTests {
         for _ in 0..<10 where answered != "HTTP/1.1 200" {
             if !answered.isEmpty { close(sockets.removeLast()) }
             try follow()
-            answered = try await DedicatedThread.run { [fd = sockets[sockets.count - 1]] () -> String in
+            answered = try await BlockingPool.shared.run { [fd = sockets[sockets.count - 1]] () -> String in
                 var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
                 guard poll(&poller, 1, 60_000) == 1 else { return "" }
                 var head = [UInt8](repeating: 0, count: 12)
@@ -158,7 +158,7 @@ struct ServerLimitTests {
         let fd = try LoopbackHTTP.connection(port: server.port)
         defer { close(fd) }
         _ = "GET /v1/whoami HTTP/1.1\r\nHost: x\r\n".withCString { write(fd, $0, strlen($0)) }
-        let closed = try await DedicatedThread.run { () -> Bool in
+        let closed = try await BlockingPool.shared.run { () -> Bool in
             var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             guard poll(&poller, 1, 10_000) == 1 else { return false }
             var byte: UInt8 = 0

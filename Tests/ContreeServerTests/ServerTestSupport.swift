@@ -107,7 +107,7 @@ final class TestServer: @unchecked Sendable {
     ) async throws -> Reply {
         let port = self.port
         let payload = json.map { Array($0.utf8) } ?? body
-        return try await DedicatedThread.run {
+        return try await BlockingPool.shared.run {
             try LoopbackHTTP.exchange(
                 port: port, method: method, path: path, token: token, body: payload,
                 headers: headers.merging(json != nil ? ["Content-Type": "application/json"] : [:]) { a, _ in a },

@@ -295,7 +295,7 @@ public func interruptDuringDownload(
     }
     let interrupted = Date()
     kill(pid, SIGINT)
-    let status = try await DedicatedThread.run { try ChildProcess.wait(pid, "contree-pipeline") }
+    let status = try await BlockingPool.shared.run { try ChildProcess.wait(pid, "contree-pipeline") }
     let text = String(decoding: try FileSystem.readAll(fd: stderr, path: "stderr"), as: UTF8.self)
     close(stderr)
     return (downloading, status, text, Date().timeIntervalSince(interrupted))

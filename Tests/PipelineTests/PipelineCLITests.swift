@@ -15,7 +15,7 @@ enum CLI {
     ) async throws
         -> (status: Int32, out: String, err: String)
     {
-        try await DedicatedThread.run { try blocking(arguments, home: home, in: directory, stdin: stdin) }
+        try await BlockingPool.shared.run { try blocking(arguments, home: home, in: directory, stdin: stdin) }
     }
 
     static func blocking(
@@ -181,7 +181,7 @@ struct RunOutputTests {
     func ciGroups() async throws {
         let w = try Workspace()
         try w.write("p.yaml", RunOutputTests.yaml)
-        let (github, gitlab) = try await DedicatedThread.run { () -> (String, String) in
+        let (github, gitlab) = try await BlockingPool.shared.run { () -> (String, String) in
             let a = try spawn(w, env: ["GITHUB_ACTIONS=true"], stdout: nil)
             let githubOut = readAll(a.stdout!)
             _ = try ChildProcess.wait(a.pid, "run")
@@ -198,7 +198,7 @@ struct RunOutputTests {
     func terminal() async throws {
         let w = try Workspace()
         try w.write("p.yaml", RunOutputTests.yaml)
-        let text = try await DedicatedThread.run { () -> String in
+        let text = try await BlockingPool.shared.run { () -> String in
             var primary: Int32 = -1
             var secondary: Int32 = -1
             guard openpty(&primary, &secondary, nil, nil, nil) == 0 else { return "" }
@@ -218,7 +218,7 @@ struct RunOutputTests {
         let w = try Workspace()
         // A duration no other test sleeps: its process says the sandbox runs.
         try w.write("p.yaml", "steps:\n  - id: long\n    run: sleep 61.25\n")
-        let status = try await DedicatedThread.run { () -> Int32 in
+        let status = try await BlockingPool.shared.run { () -> Int32 in
             let child = try spawn(w, env: [], stdout: nil)
             let deadline = Date().addingTimeInterval(60)
             while try processCount(commandLine: ["sleep", "61.25"]) == 0 && Date() < deadline { usleep(20_000) }

@@ -37,7 +37,7 @@ private let searchPipeline = """
 struct SharedCacheTests {
     @Test("another store turns a pushed run into hits: same snapshots, outputs, scores and artifacts, nothing executed")
     func roundTrip() async throws {
-        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let registry = try await BlockingPool.shared.run { try LocalRegistry() }
         let location = "docker://127.0.0.1:\(registry.port)/ci/cache"
         let first = try Workspace()
         let pushed = try await first.run(
@@ -88,7 +88,7 @@ struct SharedCacheTests {
     @Test(
         "a change on the second machine runs from the first changed step on; what is before it comes from the registry")
     func partialHit() async throws {
-        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let registry = try await BlockingPool.shared.run { try LocalRegistry() }
         let location = "docker://127.0.0.1:\(registry.port)/ci/cache"
         let pipeline =
             "image: busybox\nsteps:\n  - id: a\n    run: echo a > /a\n  - id: b\n    run: echo b > /b\n  - id: c\n    run: cat /a /b\n"
@@ -109,7 +109,7 @@ struct SharedCacheTests {
 
     @Test("after fail-fast stopped a running step, what passed is pushed and the rest is listed with why")
     func pushAfterFailFast() async throws {
-        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let registry = try await BlockingPool.shared.run { try LocalRegistry() }
         let location = "docker://127.0.0.1:\(registry.port)/ci/cache"
         let w = try Workspace()
         let report = try await w.run(
@@ -150,7 +150,7 @@ struct SharedCacheTests {
         #expect(report.cacheExport?.error?.contains("cannot reach the registry") == true)
 
         // An ordinary image pushed under a step's tag is refused (its key annotation is missing).
-        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let registry = try await BlockingPool.shared.run { try LocalRegistry() }
         let location = "docker://127.0.0.1:\(registry.port)/ci/cache"
         let key = try #require(report.node("a")?.key)
         let busybox = try w.engine.baseImages.resolve("busybox")
@@ -173,7 +173,7 @@ struct SharedCacheTests {
 struct SharedCacheCLITests {
     @Test("the flags push and pull through a registry; a reference with a tag is refused before anything runs")
     func flags() async throws {
-        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let registry = try await BlockingPool.shared.run { try LocalRegistry() }
         let location = "docker://127.0.0.1:\(registry.port)/team/cache"
         let w = try Workspace()
         try w.write(
@@ -192,7 +192,7 @@ struct SharedCacheCLITests {
 
     @Test("Ctrl-C while a run imports its image from a registry stops the download and exits 130, leaving nothing")
     func interruptedImport() async throws {
-        let registry = try await DedicatedThread.run { try LocalRegistry() }
+        let registry = try await BlockingPool.shared.run { try LocalRegistry() }
         let w = try Workspace()
         // busybox from another store, pushed; every large blob then stalls behind the proxy.
         let exported = try await CLI.run(
@@ -202,7 +202,7 @@ struct SharedCacheCLITests {
             "copy", "--dest-tls-verify=false", "oci:\(w.root)/layout:v1",
             "docker://127.0.0.1:\(registry.port)/lib/box:1",
         ])
-        let proxy = try await DedicatedThread.run { try StallingProxy(upstreamPort: registry.port) }
+        let proxy = try await BlockingPool.shared.run { try StallingProxy(upstreamPort: registry.port) }
         try w.write(
             "p.yaml", "image: docker://127.0.0.1:\(proxy.port)/lib/box:1\nsteps:\n  - id: a\n    run: echo never\n")
         var env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }

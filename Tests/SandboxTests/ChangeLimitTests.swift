@@ -93,7 +93,7 @@ struct TagRaceTests {
         // gc blocks: on a thread of its own, not the cooperative pool the other tests share.
         let stop = Cancellation()
         let pruning = Task {
-            try await DedicatedThread.run {
+            try await BlockingPool.shared.run {
                 while stop.reason == nil { _ = try? store.collectGarbage(pruneUntaggedOlderThan: 0) }
             }
         }

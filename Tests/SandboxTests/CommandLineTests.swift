@@ -168,7 +168,7 @@ struct CommandLineTests {
         let imagesBefore = try t.store.listImages().count
         let kills = 24
         let env = environment
-        try await DedicatedThread.run { [spans] in
+        try await BlockingPool.shared.run { [spans] in
             var spans = spans
             var generator = SystemRandomNumberGenerator()
             for _ in 0..<kills {

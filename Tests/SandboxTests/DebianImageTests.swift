@@ -13,7 +13,7 @@ struct DebianImageTests {
     func buildAndRun() async throws {
         let t = try TemporaryStore()
         let engine = t.engine
-        let base = try await DedicatedThread.run { try engine.baseImages.resolve("debian:bookworm") }
+        let base = try await BlockingPool.shared.run { try engine.baseImages.resolve("debian:bookworm") }
         #expect(base.tags == ["debian:bookworm"])
         #expect(base.size > 50 << 20)
         let info = try await engine.run(
@@ -34,6 +34,7 @@ struct DebianImageTests {
         #expect(check.out.contains("uid=1000(builder)") && check.out.hasSuffix("builder\n"))
         #expect(try t.store.checkConsistency(verifyContent: false).isConsistent)
         // Built once: a second resolve is the same image.
-        #expect(try await DedicatedThread.run { try engine.baseImages.resolve("debian:bookworm") }.uuid == base.uuid)
+        #expect(
+            try await BlockingPool.shared.run { try engine.baseImages.resolve("debian:bookworm") }.uuid == base.uuid)
     }
 }

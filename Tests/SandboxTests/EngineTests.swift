@@ -338,7 +338,7 @@ struct EngineTests {
                 ],
                 environment: ["PATH=/bin"]))
         let out = String(decoding: exec.stdout, as: UTF8.self)
-        #expect(exec.exitCode == 0)
+        #expect(exec.termination.exitCode == 0)
         #expect(out.hasPrefix("in\nexecbox\n") && out.contains("Seccomp:\t2") && out.contains("refused"), "\(out)")
         control.signal(SIGTERM)
         let result = try await main.value

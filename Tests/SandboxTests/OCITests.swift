@@ -31,7 +31,7 @@ struct OCITests {
         let root = scratch.path
         for source in ["oci:\(root)/layout:v1", "docker-archive:\(root)/d.tar"] {
             // vfs storage and cgroupfs: no daemon, no systemd; this host's hard limits for nofile/nproc.
-            let result = try await DedicatedThread.run {
+            let result = try await BlockingPool.shared.run {
                 // From `/`: conmon needs a working directory that exists.
                 try ChildProcess.run([
                     "sh", "-c", "cd / && exec \"$@\"", "sh",
@@ -128,7 +128,9 @@ struct OCITests {
         let store = other.store
         let images = try await withThrowingTaskGroup(of: ImageRecord.self) { group in
             for layout in layouts + layouts {
-                group.addTask { try await DedicatedThread.run { try OCIImporter(store: store).importImage(layout) } }
+                group.addTask {
+                    try await BlockingPool.shared.run { try OCIImporter(store: store).importImage(layout) }
+                }
             }
             var all: [ImageRecord] = []
             for try await image in group { all.append(image) }

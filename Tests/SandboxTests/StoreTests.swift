@@ -69,7 +69,7 @@ struct StoreTests {
         let failures = try await withThrowingTaskGroup(of: String?.self) { group in
             for _ in 0..<16 {
                 group.addTask {
-                    try await DedicatedThread.run {
+                    try await BlockingPool.shared.run {
                         do {
                             _ = try Store(root: root)
                             return nil

@@ -16,7 +16,7 @@ struct SyscallPolicyTests {
         let scratch = try ScratchDirectory()
         let source = Paths.packageRoot + "/Tests/Fixtures/syscall-probe.c"
         let binary = scratch.path + "/probe"
-        let build = try await DedicatedThread.run {
+        let build = try await BlockingPool.shared.run {
             try ChildProcess.run(["cc", "-static", "-O1", "-o", binary, source])
         }
         try #require(build.succeeded, "cc: \(build.stderrText)")
@@ -55,7 +55,7 @@ struct OutputRelayTests {
         let script =
             "readlink /proc/self/fd/1; dd if=/proc/self/fd/1 bs=1 count=16 2>/dev/null & sleep 0.5; kill $! 2>/dev/null; echo done"
         let home = t.root
-        let status = try await DedicatedThread.run { () -> Int32 in
+        let status = try await BlockingPool.shared.run { () -> Int32 in
             let out = open(log, O_WRONLY | O_APPEND | O_CLOEXEC)
             defer { close(out) }
             var env = ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") }

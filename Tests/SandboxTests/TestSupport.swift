@@ -74,7 +74,7 @@ extension RunResult {
 func runCLI(
     _ arguments: [String], home: String, stdin: String? = nil
 ) async throws -> (status: Int32, out: String, err: String) {
-    try await DedicatedThread.run { try runCLIBlocking(arguments, home: home) }
+    try await BlockingPool.shared.run { try runCLIBlocking(arguments, home: home) }
 }
 
 func runCLIBlocking(_ arguments: [String], home: String) throws -> (status: Int32, out: String, err: String) {

@@ -30,7 +30,7 @@ extension VMTests {
         @Test("the kit: Debian's kernel decompressed to an ELF, modules after their dependencies")
         func kit() async throws {
             let store = try vmStore()
-            let kit = try await DedicatedThread.run { try GuestKit.prepare(store: store) }
+            let kit = try await BlockingPool.shared.run { try GuestKit.prepare(store: store) }
             #expect(try FileSystem.readFile(kit.kernel).prefix(4).elementsEqual([0x7F, 0x45, 0x4C, 0x46]))
             let order = try GuestKit.moduleOrder(
                 in: store.root + "/vm/kernel-\(kit.release)/lib/modules/\(kit.release)"
@@ -46,12 +46,12 @@ extension VMTests {
         @Test("a command runs over the image's layers: stdout and stderr apart, stdin in, the exit status out")
         func command() async throws {
             let store = try vmStore()
-            let kit = try await DedicatedThread.run { try GuestKit.prepare(store: store) }
+            let kit = try await BlockingPool.shared.run { try GuestKit.prepare(store: store) }
             let busybox = try BaseImages(store: store).resolve("busybox")
             let layers = try busybox.layers.map { try ErofsLayers.image(of: $0, store: store) }
             let out = Mutex<[UInt8]>([])
             let err = Mutex<[UInt8]>([])
-            let outcome = try await DedicatedThread.run {
+            let outcome = try await BlockingPool.shared.run {
                 try MicroVM(kit: kit).run(
                     .init(
                         argv: ["sh", "-c", "echo hello from $(uname -r); echo oops >&2; cat; cd /tmp && pwd; exit 3"],
@@ -60,11 +60,11 @@ extension VMTests {
                     onStdout: { bytes in out.withLock { $0 += bytes } },
                     onStderr: { bytes in err.withLock { $0 += bytes } })
             }
-            #expect(outcome.exitCode == 3, "\(outcome.console ?? "")")
+            #expect(outcome.termination.exitCode == 3, "\(outcome.console ?? "")")
             #expect(
                 String(decoding: out.withLock { $0 }, as: UTF8.self) == "hello from \(kit.release)\npiped in\n/tmp\n")
             #expect(String(decoding: err.withLock { $0 }, as: UTF8.self) == "oops\n")
-            #expect(outcome.bootSeconds > 0 && outcome.wallSeconds >= outcome.bootSeconds)
+            #expect(outcome.bootSeconds > 0 && outcome.metrics.wallSeconds >= outcome.bootSeconds)
         }
     }
 }

@@ -46,7 +46,7 @@ extension OperationManager {
             let cancellation = Cancellation()
             let importer = RegistryImporter(
                 store: api.store, credentials: credentials, access: registries, cancellation: cancellation)
-            let work = Task { try await DedicatedThread.run { try importer.importImage(url) } }
+            let work = Task { try await BlockingPool.shared.run { try importer.importImage(url) } }
             let deadline = Task {
                 try await Task.sleep(for: .seconds(timeout))
                 operation.cancel(reason: "the import did not finish within its timeout of \(timeout) s")

@@ -48,10 +48,10 @@ extension OperationManager {
                 let base = api.baseImages
                 try await slots.acquire(OperationManager.buildSlot, limit: 1)
                 defer { slots.release(OperationManager.buildSlot) }
-                image = try await DedicatedThread.run { try base.resolve(name) }
+                image = try await BlockingPool.shared.run { try base.resolve(name) }
             case .external(let reference):
                 let importer = RegistryImporter(store: api.store, access: registries)
-                image = try await DedicatedThread.run { try importer.importImage(reference) }
+                image = try await BlockingPool.shared.run { try importer.importImage(reference) }
                 try api.database.transaction { tx in
                     try api.adopt(image.uuid, namespace: namespace, operation: nil, tx: tx)
                 }

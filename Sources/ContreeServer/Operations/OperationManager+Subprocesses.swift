@@ -66,22 +66,20 @@ extension OperationManager {
                 if pipeRead >= 0 { close(pipeRead) }
                 operation.subprocessEnded(spid)
             }
-            let outcome: ExecOutcome
+            let outcome: CommandOutcome
             do {
                 outcome = try await operation.control.exec(controlled)
             } catch {
-                var failed = ExecOutcome()
-                failed.exitCode = nil
+                var failed = CommandOutcome()
                 failed.stderr = Array("contree: \(APIError.from(error).message)\n".utf8)
                 outcome = failed
             }
             operation.emitTruncation(spid: spid)
-            let exitCode = outcome.exitCode.map(Int.init) ?? -1
-            let signal = outcome.signal.map(Int.init) ?? 0
-            var metrics = RunMetrics()
-            metrics.wallSeconds = outcome.wallSeconds
+            let exitCode = outcome.termination.exitCode.map(Int.init) ?? -1
+            let signal = outcome.termination.signal.map(Int.init) ?? 0
+            let metrics = outcome.metrics  // a command started in a sandbox measures its wall time
             let result = OperationManager.instanceResult(
-                exitCode: exitCode, signal: signal, timedOut: outcome.timedOut, metrics: metrics,
+                exitCode: exitCode, signal: signal, timedOut: outcome.termination.timedOut, metrics: metrics,
                 stdout: outcome.stdout, stdoutTruncated: outcome.stdoutDropped > 0, stderr: outcome.stderr,
                 stderrTruncated: outcome.stderrDropped > 0)
             // The result is recorded with the exit event: a GET after `exit` sees it.
@@ -89,7 +87,8 @@ extension OperationManager {
                 "exit", spid: spid,
                 .object([
                     ("pid", .int(0)), ("code", .int(exitCode)), ("signal", .int(signal)), ("core_dump", .bool(false)),
-                    ("timed_out", .bool(outcome.timedOut)), ("duration_ms", .int(Int64(outcome.wallSeconds * 1000))),
+                    ("timed_out", .bool(outcome.termination.timedOut)),
+                    ("duration_ms", .int(Int64(outcome.metrics.wallSeconds * 1000))),
                     ("resources", OperationManager.eventResources(metrics)),
                 ])
             ) { tx in

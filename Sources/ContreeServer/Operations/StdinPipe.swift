@@ -33,7 +33,7 @@ final class StdinPipe: Sendable {
         let all = initial + bytes
         if !all.isEmpty {
             do {
-                try await DedicatedThread.run { try FileSystem.writeAll(fd: copy, all, path: "stdin") }
+                try await BlockingPool.shared.run { try FileSystem.writeAll(fd: copy, all, path: "stdin") }
             } catch {
                 throw APIError(.conflict, "process \(spid) no longer reads its stdin (it may have ended)")
             }

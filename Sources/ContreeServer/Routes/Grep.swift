@@ -46,7 +46,7 @@ extension ServerState {
         }
         let nodes = found
         // Compiling and searching block: a thread of their own, not the server's pool.
-        let result = try await DedicatedThread.run { () -> JSON in
+        let result = try await BlockingPool.shared.run { () -> JSON in
             let search = try GrepSearch(patterns: patterns, ignoreCase: ignoreCase)
             var state = GrepSearch.Progress()
             for node in nodes {

@@ -88,7 +88,7 @@ extension ServerState {
         let fd = open(scratch, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw SandboxError.system("open(\(scratch))") }
         do {
-            try await DedicatedThread.run {
+            try await BlockingPool.shared.run {
                 try fs.export(node) { chunk in try FileSystem.writeAll(fd: fd, chunk, path: scratch) }
             }
         } catch {

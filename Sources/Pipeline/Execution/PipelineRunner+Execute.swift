@@ -78,9 +78,9 @@ extension PipelineRunner {
         let parent = try parentImage(node, results: results, context: context, log: log)
         result.parentImage = parent.uuid
 
-        // Rendering hashes the step's input files: blocking reads, off the cooperative pool.
+        // Rendering hashes the step's input files: blocking reads, on the pool for disk work.
         let plan = self.plan
-        let prepared = try await DedicatedThread.run {
+        let prepared = try await BlockingPool.files.run {
             try StepPreparer(plan: plan).prepare(
                 node, parent: parent, results: results, secrets: context.secrets, secretKey: context.secretKey)
         }
@@ -224,9 +224,9 @@ extension PipelineRunner {
             $0.when == .always || ($0.when == .success && passed) || ($0.when == .failure && !passed)
         }
         guard !wanted.isEmpty else { return }
-        // Copying (or linking) files out of the snapshot blocks: off the cooperative pool.
+        // Copying (or linking) files out of the snapshot blocks: on the pool for disk work.
         let collector = ArtifactCollector(store: engine.store, outDir: outDir, cache: cache)
-        let (records, missing) = try await DedicatedThread.run {
+        let (records, missing) = try await BlockingPool.files.run {
             try collector.collect(wanted.map(\.pattern.value), from: image, workdir: workdir, node: node)
         }
         result.artifacts = records

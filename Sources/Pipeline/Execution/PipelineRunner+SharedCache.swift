@@ -9,7 +9,7 @@ extension PipelineRunner {
     func sharedStep(_ key: String, components: StepKeyComponents, log: StepLog) async -> (CachedStep, String)? {
         for source in options.cacheFrom {
             do {
-                guard let step = try await DedicatedThread.run({ try source.fetchStep(key: key) }) else { continue }
+                guard let step = try await BlockingPool.shared.run({ try source.fetchStep(key: key) }) else { continue }
                 try cache.remember(
                     key: key, components: components, resultImage: step.image.uuid, outputs: step.outputs,
                     record: step.record)
@@ -29,7 +29,9 @@ extension PipelineRunner {
     func sharedScore(_ key: String, log: StepLog) async -> String? {
         for source in options.cacheFrom {
             do {
-                guard let text = try await DedicatedThread.run({ try source.fetchScore(key: key) }) else { continue }
+                guard let text = try await BlockingPool.shared.run({ try source.fetchScore(key: key) }) else {
+                    continue
+                }
                 try cache.rememberScore(key, text)
                 return text
             } catch {
@@ -56,7 +58,7 @@ extension PipelineRunner {
             uniquingKeysWith: { $1 })
         var export = CacheExport(destination: destination.location, notPushed: notPushed)
         do {
-            export = try await DedicatedThread.run { [export] in
+            export = try await BlockingPool.shared.run { [export] in
                 var export = export
                 for step in steps {
                     if try destination.containsStep(key: step.key) {

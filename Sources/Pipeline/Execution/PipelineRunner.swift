@@ -141,7 +141,7 @@ public final class PipelineRunner: Sendable {
         // pool; cancelling the run stops an import (which removes what it made).
         let cancellation = Cancellation()
         let (baseImage, secrets) = try await withTaskCancellationHandler {
-            try await DedicatedThread.run { try self.preflight(cancellation) }
+            try await BlockingPool.shared.run { try self.preflight(cancellation) }
         } onCancel: {
             cancellation.cancel("the run was cancelled while its image was imported; nothing was imported")
         }

@@ -70,8 +70,11 @@ public struct BaseImages: Sendable {
         let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw SandboxError.system("open(\(lockPath))") }
         defer { close(fd) }
-        while flock(fd, LOCK_EX) != 0 {
-            guard errno == EINTR else { throw SandboxError.system("flock(\(lockPath))") }
+        // Its holder may need this pool's threads to finish (a package set is built in a run).
+        try BlockingPool.whileBlocked {
+            while flock(fd, LOCK_EX) != 0 {
+                guard errno == EINTR else { throw SandboxError.system("flock(\(lockPath))") }
+            }
         }
         if let record = try store.findImage(name) { return record }
         let lease = try store.acquireLease(layers: [])

@@ -56,8 +56,11 @@ struct DebianPackageLayer {
         let lock = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard lock >= 0 else { throw SandboxError.system("open(\(lockPath))") }
         defer { close(lock) }
-        while flock(lock, LOCK_EX) != 0 {
-            guard errno == EINTR else { throw SandboxError.system("flock(\(lockPath))") }
+        // Its holder may need this pool's threads to finish (a package set is built in a run).
+        try BlockingPool.whileBlocked {
+            while flock(lock, LOCK_EX) != 0 {
+                guard errno == EINTR else { throw SandboxError.system("flock(\(lockPath))") }
+            }
         }
         progress?.report(task, "apt-get update (\(suite) main)", elapsed: 0)
         try apt(["update"] + options, task: task, started: started)
@@ -121,7 +124,8 @@ struct DebianPackageLayer {
             box.withLock { $0 = result }
             done.signal()
         }
-        done.wait()
+        // The run needs threads of the pool this one may be on: lend it this place meanwhile.
+        BlockingPool.whileBlocked { done.wait() }
         return try box.withLock { $0! }.get()
     }
 }

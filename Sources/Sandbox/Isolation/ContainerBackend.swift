@@ -49,13 +49,13 @@ public struct ContainerBackend: IsolationBackend {
             "\(name) was not found next to this program; build the package (`swift build`) or set \(override)")
     }
 
-    public func run(_ request: LaunchRequest) async throws -> LaunchOutcome {
+    public func run(_ request: LaunchRequest) async throws -> CommandOutcome {
         let cancel = csb_eventfd_cloexec()
         guard cancel >= 0 else { throw SandboxError.system("eventfd") }
         let signal = CancelSignal(fd: cancel)
         defer { signal.close() }
         return try await withTaskCancellationHandler {
-            try await DedicatedThread.run { try ContainerLaunch(request: request, cancelFD: cancel).execute() }
+            try await BlockingPool.shared.run { try ContainerLaunch(request: request, cancelFD: cancel).execute() }
         } onCancel: {
             signal.fire()
         }

@@ -29,7 +29,7 @@ final class RunningContainer: RunningSandbox {
         }
     }
 
-    func exec(_ spec: ExecSpec) async throws -> ExecOutcome {
+    func exec(_ spec: ExecSpec) async throws -> CommandOutcome {
         // A copy of the pidfd of its own: the run may end (and close ours) meanwhile.
         guard let target = pidfd.withLock({ fd in fd.map { fcntl($0, F_DUPFD_CLOEXEC, 3) } }), target >= 0 else {
             throw SandboxError(.conflict, "the sandbox has ended, so nothing can be started in it")
@@ -40,7 +40,7 @@ final class RunningContainer: RunningSandbox {
         let signal = CancelSignal(fd: cancel)
         defer { signal.close() }
         return try await withTaskCancellationHandler {
-            try await DedicatedThread.run {
+            try await BlockingPool.shared.run {
                 try ContainerExec(target: target, container: self, spec: spec, cancelFD: cancel).execute()
             }
         } onCancel: {
@@ -64,7 +64,7 @@ struct ContainerExec {
     let spec: ExecSpec
     let cancelFD: Int32
 
-    func execute() throws -> ExecOutcome {
+    func execute() throws -> CommandOutcome {
         let initProgram = try ContainerBackend.initProgram()
         let userns = try ContainerBackend.userNamespace()
         let closer = ContainerLaunch.Closer()
@@ -131,7 +131,7 @@ struct ContainerExec {
 
         // The supervisor of a run serves an exec as well: same report, output and timeout.
         let request = LaunchRequest(
-            id: container.runID, storeRoot: container.storeRoot, lowers: [], upper: "", work: "", rootMount: "",
+            id: container.runID, storeRoot: container.storeRoot, lowers: [], directory: "",
             argv: spec.command, environment: spec.environment, cwd: spec.cwd, uid: spec.uid, gid: spec.gid,
             hostname: "", network: container.network, limits: ResourceLimits(), timeout: spec.timeout, files: [],
             stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr, terminal: nil, control: nil)
@@ -145,16 +145,16 @@ struct ContainerExec {
         guard waited == 0 else { throw SandboxError(.sandboxSetup, "wait4(exec)", errno: -waited) }
         if let failure = supervisor.setupFailure { throw Supervisor.setupError(failure) }
 
-        var outcome = ExecOutcome()
+        var outcome = CommandOutcome()
         let commandStatus = supervisor.exitReport?.status ?? status
-        (outcome.exitCode, outcome.signal) = Supervisor.decode(status: commandStatus)
-        outcome.timedOut = supervisor.timedOut
-        outcome.cancelled = supervisor.cancelled
+        (outcome.termination.exitCode, outcome.termination.signal) = Supervisor.decode(status: commandStatus)
+        outcome.termination.timedOut = supervisor.timedOut
+        outcome.termination.cancelled = supervisor.cancelled
         outcome.stdout = supervisor.stdout.kept
         outcome.stderr = supervisor.stderr.kept
         outcome.stdoutDropped = supervisor.stdout.dropped
         outcome.stderrDropped = supervisor.stderr.dropped
-        outcome.wallSeconds = Monotonic.now - started
+        outcome.metrics.wallSeconds = Monotonic.now - started
         return outcome
     }
 }
@@ -172,7 +172,7 @@ final class ExecProcess: RunningSandbox {
         }
     }
 
-    func exec(_ spec: ExecSpec) async throws -> ExecOutcome {
+    func exec(_ spec: ExecSpec) async throws -> CommandOutcome {
         throw SandboxError(.unsupported, "start more commands through the sandbox's control, not an exec's")
     }
 

@@ -65,7 +65,7 @@ struct ContainerLaunch {
         return (stdinChild, stdinFeed, try outputEnd(output), try outputEnd(errors))
     }
 
-    func execute() throws -> LaunchOutcome {
+    func execute() throws -> CommandOutcome {
         let initProgram = try ContainerBackend.initProgram()
         let userns = try ContainerBackend.userNamespace()
         Trace.mark("user namespace")
@@ -89,6 +89,8 @@ struct ContainerLaunch {
         let go = try pipePair()
         let report = try pipePair()
 
+        let directory = request.storeRoot + "/" + request.directory
+        for name in ["work", "root"] { try FileSystem.makeDirectory(directory + "/" + name, mode: 0o755) }
         let cgroup = try Cgroup.create(storeRoot: request.storeRoot, id: request.id, limits: request.limits)
         Trace.mark("cgroup created")
         defer { cgroup.remove() }
@@ -98,7 +100,9 @@ struct ContainerLaunch {
         let envp = CStringArray(request.environment)
         let paths = CStringArray(request.files.map(\.mapping.sandboxPath))
         let strings = CStringArray([
-            request.upper, request.work, request.rootMount, request.hostname, request.cwd, request.storeRoot,
+            // The overlay's work directory and the root's mount point live in the run's directory.
+            request.upper, request.directory + "/work", directory + "/root",
+            request.hostname, request.cwd, request.storeRoot,
             initProgram,
         ])
         let files = UnsafeMutablePointer<csb_file_copy>.allocate(capacity: max(1, request.files.count))
@@ -192,7 +196,7 @@ struct ContainerLaunch {
 
         if let failure = supervisor.setupFailure { throw Supervisor.setupError(failure) }
 
-        var outcome = LaunchOutcome()
+        var outcome = CommandOutcome()
         let commandStatus: Int32
         if let exited = supervisor.exitReport {
             if Trace.enabled {
@@ -212,12 +216,12 @@ struct ContainerLaunch {
         } else {
             commandStatus = status  // pid 1 itself was killed (timeout, cancel, OOM)
         }
-        (outcome.exitCode, outcome.signal) = Supervisor.decode(status: commandStatus)
-        outcome.timedOut = supervisor.timedOut
-        outcome.cancelled = supervisor.cancelled
-        outcome.changeTooLarge = supervisor.upperWatch?.exceeded ?? false
+        (outcome.termination.exitCode, outcome.termination.signal) = Supervisor.decode(status: commandStatus)
+        outcome.termination.timedOut = supervisor.timedOut
+        outcome.termination.cancelled = supervisor.cancelled
+        outcome.termination.changeTooLarge = supervisor.upperWatch?.exceeded ?? false
         let cg = cgroup.metrics()
-        outcome.oomKilled = cg.oomKills > 0
+        outcome.termination.oomKilled = cg.oomKills > 0
         outcome.metrics.wallSeconds = wall
         outcome.metrics.cpuUserSeconds = Double(cg.cpuUserMicros ?? usage[0]) / 1e6
         outcome.metrics.cpuSystemSeconds = Double(cg.cpuSystemMicros ?? usage[1]) / 1e6

@@ -9,11 +9,10 @@ public struct LaunchRequest: Sendable {
     public var storeRoot: String
     /// Layer directories relative to the store root, top-most first.
     public var lowers: [String]
-    /// Upper and work directories relative to the store root; `rootMount` is an absolute
-    /// empty directory the root is mounted on.
-    public var upper: String
-    public var work: String
-    public var rootMount: String
+    /// The run's own directory, relative to the store root: the backend leaves the run's
+    /// change in `upper` inside it and may keep what else it needs there (the container
+    /// backend its overlay's work directory and the mount point of the root).
+    public var directory: String
     public var argv: [String]
     /// `KEY=VALUE`, the image's environment merged with the run's.
     public var environment: [String]
@@ -33,24 +32,9 @@ public struct LaunchRequest: Sendable {
     public var control: RunControl?
 }
 
-/// How a launched sandbox ended.
-public struct LaunchOutcome: Sendable {
-    public var exitCode: Int32?
-    public var signal: Int32?
-    public var timedOut = false
-    public var cancelled = false
-    public var oomKilled = false
-    /// The run was stopped because its change grew past `ResourceLimits.layerBytes`.
-    public var changeTooLarge = false
-    public var metrics = RunMetrics()
-    public var stdout: [UInt8] = []
-    public var stderr: [UInt8] = []
-    public var stdoutDropped = 0
-    public var stderrDropped = 0
-    /// For the VM backend: `kvm` or `tcg`.
-    public var acceleration: String?
-
-    public init() {}
+extension LaunchRequest {
+    /// Where the change goes, relative to the store root: what the engine commits.
+    public var upper: String { directory + "/upper" }
 }
 
 /// An isolation technology: the container backend (namespaces, overlayfs, seccomp, cgroups)
@@ -60,5 +44,5 @@ public protocol IsolationBackend: Sendable {
     var kind: IsolationKind { get }
     /// Runs the request to completion. Cancelling the calling task kills the sandbox.
     /// - Throws: `sandboxSetup` when the sandbox could not be started.
-    func run(_ request: LaunchRequest) async throws -> LaunchOutcome
+    func run(_ request: LaunchRequest) async throws -> CommandOutcome
 }

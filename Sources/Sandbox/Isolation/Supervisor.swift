@@ -75,7 +75,7 @@ struct Supervisor {
         self.closer = closer
         self.stdout = Capture(request.stdout)
         self.stderr = Capture(request.stderr)
-        if let limit = request.limits.layerBytes, !request.upper.isEmpty {
+        if let limit = request.limits.layerBytes, !request.directory.isEmpty {
             upperWatch = UpperWatch(path: request.storeRoot + "/" + request.upper, limit: limit)
         }
         if stdinFeed?.bytes.isEmpty == true {

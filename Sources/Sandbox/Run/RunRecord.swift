@@ -66,13 +66,17 @@ public struct RunRecord: Codable, Sendable, Equatable {
     /// cancel during the commit); nil otherwise.
     public var discarded: String? = nil
 
-    /// The exit status a shell would report: the code, 128+signal, or 124 for a timeout.
-    public var shellStatus: Int32 {
-        if timedOut { return 124 }
-        if let exitCode { return exitCode }
-        if let signal { return 128 + signal }
-        return 125
+    /// How the run's command ended (the record keeps its fields flat: they are its JSON).
+    public var termination: Termination {
+        var termination = Termination(exitCode: exitCode, signal: signal)
+        termination.timedOut = timedOut
+        termination.oomKilled = oomKilled
+        termination.cancelled = cancelled
+        return termination
     }
+
+    /// The exit status a shell would report: the code, 128+signal, or 124 for a timeout.
+    public var shellStatus: Int32 { termination.shellStatus }
 
     enum CodingKeys: String, CodingKey {
         case id, image

@@ -108,26 +108,11 @@ public struct ExecSpec: Sendable {
     }
 }
 
-/// How an exec'd command ended.
-public struct ExecOutcome: Sendable {
-    public var exitCode: Int32?
-    public var signal: Int32?
-    public var timedOut = false
-    public var cancelled = false
-    public var stdout: [UInt8] = []
-    public var stderr: [UInt8] = []
-    public var stdoutDropped = 0
-    public var stderrDropped = 0
-    public var wallSeconds = 0.0
-
-    public init() {}
-}
-
 /// What a running sandbox offers its control: signals to its command, and more commands.
 /// What a backend hands `RunControl` while its command runs.
 public protocol RunningSandbox: Sendable {
     func signal(_ signal: Int32)
-    func exec(_ spec: ExecSpec) async throws -> ExecOutcome
+    func exec(_ spec: ExecSpec) async throws -> CommandOutcome
 }
 
 /// A handle on a running sandbox: signal its command, start more commands in it, and learn
@@ -161,7 +146,7 @@ public final class RunControl: Sendable {
 
     /// Starts `spec` in the running sandbox and waits for it. Cancelling the task kills it.
     /// - Throws: `conflict` when the sandbox is not running (not yet, or no more).
-    public func exec(_ spec: ExecSpec) async throws -> ExecOutcome {
+    public func exec(_ spec: ExecSpec) async throws -> CommandOutcome {
         guard let sandbox = state.withLock({ $0.sandbox }) else {
             throw SandboxError(.conflict, "the sandbox is not running, so nothing can be started in it")
         }

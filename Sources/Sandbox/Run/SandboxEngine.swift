@@ -55,7 +55,7 @@ public final class SandboxEngine: Sendable {
         // Cancelling stops an image import on first use (which removes what it made).
         let cancellation = Cancellation()
         let prepared = try await withTaskCancellationHandler {
-            try await DedicatedThread.run { try self.prepare(spec, cancellation: cancellation) }
+            try await BlockingPool.shared.run { try self.prepare(spec, cancellation: cancellation) }
         } onCancel: {
             cancellation.cancel("cancelled while the image was imported; nothing was imported")
         }
@@ -74,7 +74,7 @@ public final class SandboxEngine: Sendable {
         }
         defer { deadline?.cancel() }
         return try await withTaskCancellationHandler {
-            try await DedicatedThread.run {
+            try await BlockingPool.shared.run {
                 try self.finish(prepared, spec: spec, outcome: outcome, backend: backend.kind, cancellation: commit)
             }
         } onCancel: {
@@ -130,8 +130,8 @@ public final class SandboxEngine: Sendable {
         defer { if !leaseHandedOver { lease.release() } }
         let runID = lease.id
         let upper = lease.workPath + "/upper"
-        for dir in ["upper", "work", "root"] { try FileSystem.makeDirectory(lease.workPath + "/" + dir, mode: 0o755) }
-        Trace.mark("lease and work dirs")
+        try FileSystem.makeDirectory(upper, mode: 0o755)
+        Trace.mark("lease and upper")
         let filesystem = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
         let addedMountPoints = try prepareMountPoints(filesystem, upper: upper)
         if let output = spec.outputPath {
@@ -163,7 +163,7 @@ public final class SandboxEngine: Sendable {
 
         let request = LaunchRequest(
             id: runID, storeRoot: store.root, lowers: image.layers.reversed().map { "layers/" + Store.hex($0) },
-            upper: "tmp/\(runID)/upper", work: "tmp/\(runID)/work", rootMount: lease.workPath + "/root",
+            directory: "tmp/\(runID)",
             argv: spec.command, environment: environment, cwd: spec.cwd ?? image.config.workingDir, uid: uid, gid: gid,
             hostname: spec.hostname, network: spec.network, limits: spec.limits, timeout: spec.timeout,
             files: opened, stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr, terminal: spec.terminal,
@@ -175,7 +175,7 @@ public final class SandboxEngine: Sendable {
 
     /// Commits the changes (unless disposable or killed) and records the run.
     private func finish(
-        _ prepared: Prepared, spec: RunSpec, outcome: LaunchOutcome, backend: IsolationKind,
+        _ prepared: Prepared, spec: RunSpec, outcome: CommandOutcome, backend: IsolationKind,
         cancellation: Cancellation
     ) throws
         -> RunResult
@@ -194,17 +194,21 @@ public final class SandboxEngine: Sendable {
             try FileSystem.removeTree(upper + "/" + String(path.split(separator: "/")[0]))
         }
         var record = RunRecord(
-            id: lease.id, image: image.uuid, resultImage: nil, command: spec.command, exitCode: outcome.exitCode,
-            signal: outcome.signal, timedOut: outcome.timedOut, oomKilled: outcome.oomKilled,
-            cancelled: outcome.cancelled, disposable: spec.disposable, backend: backend,
+            id: lease.id, image: image.uuid, resultImage: nil, command: spec.command,
+            exitCode: outcome.termination.exitCode,
+            signal: outcome.termination.signal, timedOut: outcome.termination.timedOut,
+            oomKilled: outcome.termination.oomKilled,
+            cancelled: outcome.termination.cancelled, disposable: spec.disposable, backend: backend,
             acceleration: outcome.acceleration, startedAt: prepared.startedAt, metrics: outcome.metrics)
 
         // A killed run leaves no image; a disposable one never makes one.
-        if outcome.changeTooLarge {
+        if outcome.termination.changeTooLarge {
             record.discarded =
                 "the run's change grew past \(ByteCount.format(spec.limits.layerBytes ?? 0)), the most it may keep (max_layer_bytes): the run was stopped and nothing was kept"
         }
-        if spec.disposable || outcome.timedOut || outcome.cancelled || outcome.changeTooLarge {
+        if spec.disposable || outcome.termination.timedOut || outcome.termination.cancelled
+            || outcome.termination.changeTooLarge
+        {
             try insert(record)
         } else {
             for path in prepared.addedMountPoints { rmdir(upper + path) }  // only if still empty

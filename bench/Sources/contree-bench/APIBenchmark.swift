@@ -3,7 +3,7 @@
 // GET /v1/operations/{id}; next to the same 50 runs made with `contree-pipeline exec`, in the
 // same run, so the API's overhead is a ratio; and the engine in this process, for what HTTP,
 // the event log and the operation records add.
-import ContreeServer
+import ContreeTestSupport
 import Foundation
 import Glibc
 import ImageStore
@@ -62,7 +62,7 @@ struct APIBench {
             }
             return (now() - start, uuid)
         }
-        _ = try await DedicatedThread.run { try spawnAndWait() }  // warm-up
+        _ = try await BlockingPool.shared.run { try spawnAndWait() }  // warm-up
 
         var apiLatencies: [Double] = []
         var apiWalls: [Double] = []
@@ -177,7 +177,7 @@ struct APIBench {
     /// Runs `count` copies of `body` at once, each on a thread of its own.
     func concurrently<T: Sendable>(_ count: Int, _ body: @escaping @Sendable (Int) throws -> T) async throws -> [T] {
         try await withThrowingTaskGroup(of: T.self) { group in
-            for i in 0..<count { group.addTask { try await DedicatedThread.run { try body(i) } } }
+            for i in 0..<count { group.addTask { try await BlockingPool.shared.run { try body(i) } } }
             var results: [T] = []
             for try await result in group { results.append(result) }
             return results

@@ -23,7 +23,7 @@ public final class ServeProcess: Sendable {
             [binary, "serve", "--listen", "127.0.0.1:0", "--tokens", tokens] + arguments, environment: environment,
             captureStdout: true)
         let out = child.stdout!
-        let line = try await DedicatedThread.run { () -> String in
+        let line = try await BlockingPool.shared.run { () -> String in
             var bytes: [UInt8] = []
             var byte: UInt8 = 0
             while read(out, &byte, 1) == 1 && byte != 10 { bytes.append(byte) }
@@ -46,7 +46,7 @@ public final class ServeProcess: Sendable {
     public func stop(signal: Int32 = SIGTERM) async throws {
         kill(pid, signal)
         let pid = self.pid
-        _ = try await DedicatedThread.run { try ChildProcess.wait(pid, "serve") }
+        _ = try await BlockingPool.shared.run { try ChildProcess.wait(pid, "serve") }
         close(stderrFD)
     }
 }
