@@ -52,12 +52,19 @@ public struct PipelineError: Error, CustomStringConvertible, Sendable {
     public var message: String
     public var location: SourceLocation?
     public var problem: Problem?
+    /// The error behind this one (the engine's, the registry's), for callers that look deeper
+    /// than the message.
+    public var cause: (any Error)?
 
-    public init(_ kind: Kind, _ message: String, at location: SourceLocation? = nil, problem: Problem? = nil) {
+    public init(
+        _ kind: Kind, _ message: String, at location: SourceLocation? = nil, problem: Problem? = nil,
+        cause: (any Error)? = nil
+    ) {
         self.kind = kind
         self.message = message
         self.location = location
         self.problem = problem
+        self.cause = cause
     }
 
     public var description: String {

@@ -294,7 +294,8 @@ final class RegistryClient: @unchecked Sendable {
         }
         if let error = sink.failure {
             throw SandboxError(
-                .childProcess, "\(reference): downloading \(digest) failed: \(error.localizedDescription)")
+                .remote, "\(reference): downloading \(digest) failed: \(error.localizedDescription)",
+                cause: RegistryError(.transport, path: URL(string: url)?.path ?? "", underlying: error))
         }
         if let error = sink.writeError { throw error }
         guard (200..<300).contains(sink.status) else {
@@ -329,10 +330,12 @@ final class RegistryClient: @unchecked Sendable {
     /// codes of the body (`MANIFEST_UNKNOWN`), never the body itself: what a registry (or
     /// whatever answered) wrote is not repeated to whoever asked for the import.
     private func failure(_ status: Int, url: String, body: Data, redirect: String? = nil) -> SandboxError {
+        let path = URL(string: url)?.path ?? ""
         if let redirect {
             return SandboxError(
                 .invalidArgument,
-                "\(reference): the registry redirected to an address this client may not follow: \(redirect)")
+                "\(reference): the registry redirected to an address this client may not follow: \(redirect)",
+                cause: RegistryError(.redirectRefused, path: path))
         }
         struct ErrorAnswer: Decodable {
             struct Entry: Decodable { var code: String? }
@@ -341,23 +344,24 @@ final class RegistryClient: @unchecked Sendable {
         let codes = ((try? JSONDecoder().decode(ErrorAnswer.self, from: body))?.errors ?? []).compactMap(\.code)
             .filter { code in !code.isEmpty && code.count <= 64 && code.allSatisfy { $0.isUppercase || $0 == "_" } }
         let detail = codes.isEmpty ? "" : " (\(codes.joined(separator: ", ")))"
-        let path = URL(string: url)?.path ?? ""
+        let cause = RegistryError(.status(status), path: path, codes: codes)
         switch status {
         case 401, 403:
             if let credentials {
                 return SandboxError(
                     .invalidArgument,
-                    "\(reference): the registry refused the credentials of '\(credentials.username)' (\(status)); check the user and password"
-                )
+                    "\(reference): the registry refused the credentials of '\(credentials.username)' (\(status)); check the user and password",
+                    cause: cause)
             }
             return SandboxError(
                 .invalidArgument,
-                "\(reference): the registry refused access (\(status)); give credentials (--username/--password or CONTREE_REGISTRY_USER/CONTREE_REGISTRY_PASSWORD)"
-            )
+                "\(reference): the registry refused access (\(status)); give credentials (--username/--password or CONTREE_REGISTRY_USER/CONTREE_REGISTRY_PASSWORD)",
+                cause: cause)
         case 404:
-            return SandboxError(.notFound, "\(reference): not found in the registry (\(path))\(detail)")
+            return SandboxError(.notFound, "\(reference): not found in the registry (\(path))\(detail)", cause: cause)
         default:
-            return SandboxError(.childProcess, "\(reference): the registry answered \(status) for \(path)\(detail)")
+            return SandboxError(
+                .remote, "\(reference): the registry answered \(status) for \(path)\(detail)", cause: cause)
         }
     }
 
@@ -387,9 +391,9 @@ final class RegistryClient: @unchecked Sendable {
             return try result.get()
         } catch {
             throw SandboxError(
-                .childProcess,
-                "\(reference): cannot reach the registry at \(scheme)://\(reference.host) (\(error.localizedDescription)); is it running, and is the address right?"
-            )
+                .remote,
+                "\(reference): cannot reach the registry at \(scheme)://\(reference.host) (\(error.localizedDescription)); is it running, and is the address right?",
+                cause: RegistryError(.transport, path: request.url?.path ?? "", underlying: error))
         }
     }
 

@@ -61,10 +61,10 @@ public struct RegistryImporter: Sendable {
         let client = try RegistryClient(
             reference: reference, credentials: credentials, access: access, cancellation: cancellation)
         guard let imported = try importImage(reference.reference, client: client, name: text, platform: platform) else {
+            let url = "\(client.base)/manifests/\(reference.reference)"
             throw SandboxError(
-                .notFound,
-                "\(text): not found in the registry (no such repository, tag or digest at \(client.base)/manifests/\(reference.reference))"
-            )
+                .notFound, "\(text): not found in the registry (no such repository, tag or digest at \(url))",
+                cause: RegistryError(.status(404), path: URL(string: url)?.path ?? url))
         }
         return imported.image
     }

@@ -99,7 +99,7 @@ public struct RegistryPusher: Sendable {
     private func upload(_ digest: String, bytes: [UInt8], client: RegistryClient) throws {
         let (_, started) = try client.call("POST", "\(client.base)/blobs/uploads/", allow: [])
         guard var location = started.value(forHTTPHeaderField: "Location") else {
-            throw SandboxError(.childProcess, "\(client.reference): the registry opened an upload without a Location")
+            throw SandboxError(.remote, "\(client.reference): the registry opened an upload without a Location")
         }
         if location.hasPrefix("/") { location = "\(client.scheme)://\(client.reference.host)" + location }
         location += (location.contains("?") ? "&" : "?") + "digest=" + digest

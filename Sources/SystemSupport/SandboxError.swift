@@ -6,8 +6,9 @@ import Glibc
     import Foundation
 #endif
 
-/// The one error type of the `Sandbox` module: what failed, what to do about it, and the
-/// underlying cause (an errno, an SQLite message, a child process's output).
+/// The error type of the engine's layers: what failed, what to do about it, and the
+/// underlying cause (an errno; another error, such as a registry's answer or a network
+/// failure, in `cause`).
 public struct SandboxError: Error, CustomStringConvertible, Sendable {
     public enum Code: String, Sendable {
         /// An image, tag, layer or file that does not exist.
@@ -26,6 +27,9 @@ public struct SandboxError: Error, CustomStringConvertible, Sendable {
         case sandboxSetup
         /// A helper program (tar, debootstrap, cp) failed.
         case childProcess
+        /// A remote service (a registry) could not be reached, refused, or answered something
+        /// unusable; the cause says which.
+        case remote
         /// The host lacks something the request needs (a package, a kernel feature).
         case unsupported
         /// The store is inconsistent.
@@ -41,11 +45,15 @@ public struct SandboxError: Error, CustomStringConvertible, Sendable {
     public var message: String
     /// The errno behind a failed system call, if any.
     public var errno: Int32?
+    /// The error behind this one, kept for callers that look deeper than the message (a
+    /// `RegistryError` with the HTTP status, a transport error).
+    public var cause: (any Error)?
 
-    public init(_ code: Code, _ message: String, errno: Int32? = nil) {
+    public init(_ code: Code, _ message: String, errno: Int32? = nil, cause: (any Error)? = nil) {
         self.code = code
         self.message = message
         self.errno = errno
+        self.cause = cause
     }
 
     public var description: String {

@@ -335,15 +335,17 @@ struct RegistryTests {
         let other = try TemporaryStore()
         let importer = RegistryImporter(store: other.store)
         let base = "docker://127.0.0.1:\(registry.port)"
-        for (reference, words) in [
-            ("\(base)/team/app:nope", "not found"), ("\(base)/team/none:v1", "not found"),
-            ("docker://127.0.0.1:1/team/app:v1", "cannot reach"),
-            ("docker://127.0.0.1:\(registry.port)/Bad/Name", "lower-case"),
+        // The message says what to do; the cause says what the registry did.
+        for (reference, words, cause) in [
+            ("\(base)/team/app:nope", "not found", RegistryError.Kind.status(404)),
+            ("\(base)/team/none:v1", "not found", .status(404)),
+            ("docker://127.0.0.1:1/team/app:v1", "cannot reach", .transport),
+            ("docker://127.0.0.1:\(registry.port)/Bad/Name", "lower-case", nil),
         ] {
             #expect {
                 try importer.importImage(reference)
             } throws: { error in
-                "\(error)".contains(words)
+                "\(error)".contains(words) && ((error as? SandboxError)?.cause as? RegistryError)?.kind == cause
             }
         }
         // A connection that closes in the middle of a layer.

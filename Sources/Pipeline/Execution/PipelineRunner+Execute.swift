@@ -128,39 +128,16 @@ extension PipelineRunner {
             )
         }
 
-        let attempts = 1 + (node.settings.retries ?? 0)
-        var last: RunResult?
-        for attempt in 1...attempts {
-            try Task.checkCancellation()
-            if attempt > 1 { log.note("attempt \(attempt) of \(attempts)") }
-            let spec = RunSpec(
-                image: parent.uuid, command: command, env: env.merging(secretEnv) { $1 }, cwd: workdir,
-                files: inputs.map {
-                    FileMapping(
-                        hostPath: $0.hostPath, sandboxPath: $0.sandboxPath, mode: $0.mode,
-                        hostPaths: .beneath(plan.definition.directory))
-                },
-                timeout: node.settings.timeout,
-                limits: ResourceLimits(
-                    memoryBytes: node.settings.limits.memoryBytes, cpus: node.settings.limits.cpus,
-                    pids: node.settings.limits.pids ?? 4096),
-                network: node.settings.network ?? .loopback, hostname: "contree", disposable: false,
-                stdout: .capture(limit: 0, onChunk: { log.append($0) }),
-                stderr: .capture(limit: 0, onChunk: { log.append($0) }), isolation: isolation,
-                outputPath: PipelineRunner.outputPath)
-            let run: RunResult
-            do {
-                run = try await engine.run(spec)
-            } catch let error as SandboxError {
-                throw PipelineError(.failed, "step \(node.id) could not run: \(error)")
-            }
-            last = run
-            result.attempts = attempt
-            if run.record.cancelled { throw CancellationError() }
-            if run.record.exitCode == 0 { break }
-            log.note(describe(run.record))
-        }
-        guard let run = last else { throw CancellationError() }
+        let request = StepRequest(
+            node: node.id, key: key, parent: parent.uuid, command: command, environment: env, secrets: secretEnv,
+            workdir: workdir, inputs: inputs, inputRoot: plan.definition.directory, timeout: node.settings.timeout,
+            limits: ResourceLimits(
+                memoryBytes: node.settings.limits.memoryBytes, cpus: node.settings.limits.cpus,
+                pids: node.settings.limits.pids ?? 4096),
+            network: node.settings.network ?? .loopback, isolation: isolation,
+            attempts: 1 + (node.settings.retries ?? 0), outputPath: PipelineRunner.outputPath)
+        let run = try await steps.run(request, log: log)
+        result.attempts = run.attempts
         let record = run.record
         result.exitCode = record.exitCode
         result.signal = record.signal
@@ -168,7 +145,7 @@ extension PipelineRunner {
         result.metrics = record.metrics
         result.resultImage = record.resultImage
         // Outputs feed reports, the cache and later keys: no secret may travel through them.
-        result.outputs = PipelineRunner.parseOutputs(run.output ?? [], log: log)
+        result.outputs = PipelineRunner.parseOutputs(run.output, log: log)
         if let (name, secret) = result.outputs.sorted(by: { $0.key < $1.key }).lazy
             .compactMap({ output in log.mask.secret(in: output.value).map { (output.key, $0) } }).first
         {
@@ -180,7 +157,7 @@ extension PipelineRunner {
         }
         let passed = record.exitCode == 0
         result.status = passed ? .passed : .failed
-        if !passed { result.reason = describe(record) }
+        if !passed { result.reason = PipelineRunner.describe(record) }
         if passed, let image = record.resultImage {
             // Only successes are served as hits; a failure's snapshot stays for `shell`.
             try cache.remember(
@@ -192,7 +169,7 @@ extension PipelineRunner {
         }
     }
 
-    func describe(_ record: RunRecord) -> String {
+    static func describe(_ record: RunRecord) -> String {
         if record.timedOut { return "timed out after \(record.metrics.wallSeconds.formatted(digits: 1)) s" }
         if record.oomKilled { return "ran out of memory and was killed" }
         if let signal = record.signal { return "killed by signal \(signal)" }
@@ -300,7 +277,7 @@ extension PipelineRunner {
                             stderr: .capture(limit: 0, onChunk: { log.append($0) }), isolation: isolation))
                     if run.record.cancelled { throw CancellationError() }
                     guard run.record.exitCode == 0 else {
-                        outcome.note = "the score command \(describe(run.record))"
+                        outcome.note = "the score command \(PipelineRunner.describe(run.record))"
                         log.note("\(outcome.variant): \(outcome.note!)")
                         outcomes.append(outcome)
                         continue

@@ -77,6 +77,8 @@ public final class PipelineRunner: Sendable {
     let observer: (any RunObserver)?
     public let runID: String
     public let outDir: String
+    /// What runs the steps that miss the cache.
+    let steps: any StepExecutor
     /// The score keys this run used, with their text (published by `--cache-to`).
     let scoresUsed = Mutex<[String: String]>([:])
 
@@ -84,12 +86,21 @@ public final class PipelineRunner: Sendable {
     static let defaultShell = ["sh", "-e"]
     static let defaultWorkdir = "/workspace"
 
-    public init(
+    public convenience init(
         plan: PipelinePlan, engine: SandboxEngine, options: RunOptions = RunOptions(),
+        observer: (any RunObserver)? = nil
+    ) throws {
+        try self.init(
+            plan: plan, engine: engine, steps: EngineStepExecutor(engine: engine), options: options, observer: observer)
+    }
+
+    init(
+        plan: PipelinePlan, engine: SandboxEngine, steps: any StepExecutor, options: RunOptions = RunOptions(),
         observer: (any RunObserver)? = nil
     ) throws {
         self.plan = plan
         self.engine = engine
+        self.steps = SharedKeyExecutor(steps)
         self.cache = try StepCache(store: engine.store)
         self.options = options
         self.observer = observer
@@ -127,7 +138,9 @@ public final class PipelineRunner: Sendable {
         } catch let error as SandboxError where error.code == .cancelled {
             throw CancellationError()
         } catch let error as SandboxError {
-            throw PipelineValidationError([PipelineError(.invalid, error.description, at: definition.image.location)])
+            throw PipelineValidationError([
+                PipelineError(.invalid, error.description, at: definition.image.location, cause: error)
+            ])
         }
     }
 

@@ -34,7 +34,7 @@ public struct Preflight: Sendable {
                 } catch let error as PipelineError {
                     problems.append(error)
                 } catch {
-                    problems.append(PipelineError(.invalid, "\(error)", at: step.location))
+                    problems.append(PipelineError(.invalid, "\(error)", at: step.location, cause: error))
                 }
             }
             let isolation = step.settings.over(definition.defaults).isolation ?? .container
@@ -56,7 +56,7 @@ public struct Preflight: Sendable {
         } catch let error as PipelineValidationError {
             problems += error.errors
         } catch {
-            problems.append(PipelineError(.invalid, "\(error)", at: definition.image.location))
+            problems.append(PipelineError(.invalid, "\(error)", at: definition.image.location, cause: error))
         }
         return (secrets, problems)
     }

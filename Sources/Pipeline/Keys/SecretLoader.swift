@@ -36,7 +36,8 @@ enum SecretLoader {
                     problems.append(PipelineError(.invalid, error.description, at: secret.name.location))
                 } catch {
                     problems.append(
-                        PipelineError(.invalid, "secret \(secret.name.value): \(error)", at: secret.name.location))
+                        PipelineError(
+                            .invalid, "secret \(secret.name.value): \(error)", at: secret.name.location, cause: error))
                 }
             }
         }

@@ -66,6 +66,27 @@ public struct RunRecord: Codable, Sendable, Equatable {
     /// cancel during the commit); nil otherwise.
     public var discarded: String? = nil
 
+    public init(
+        id: String, image: String, resultImage: String?, command: [String], termination: Termination,
+        disposable: Bool, backend: IsolationKind, acceleration: String? = nil, startedAt: Date,
+        metrics: RunMetrics = RunMetrics()
+    ) {
+        self.id = id
+        self.image = image
+        self.resultImage = resultImage
+        self.command = command
+        self.exitCode = termination.exitCode
+        self.signal = termination.signal
+        self.timedOut = termination.timedOut
+        self.oomKilled = termination.oomKilled
+        self.cancelled = termination.cancelled
+        self.disposable = disposable
+        self.backend = backend
+        self.acceleration = acceleration
+        self.startedAt = startedAt
+        self.metrics = metrics
+    }
+
     /// How the run's command ended (the record keeps its fields flat: they are its JSON).
     public var termination: Termination {
         var termination = Termination(exitCode: exitCode, signal: signal)

@@ -195,10 +195,7 @@ public final class SandboxEngine: Sendable {
         }
         var record = RunRecord(
             id: lease.id, image: image.uuid, resultImage: nil, command: spec.command,
-            exitCode: outcome.termination.exitCode,
-            signal: outcome.termination.signal, timedOut: outcome.termination.timedOut,
-            oomKilled: outcome.termination.oomKilled,
-            cancelled: outcome.termination.cancelled, disposable: spec.disposable, backend: backend,
+            termination: outcome.termination, disposable: spec.disposable, backend: backend,
             acceleration: outcome.acceleration, startedAt: prepared.startedAt, metrics: outcome.metrics)
 
         // A killed run leaves no image; a disposable one never makes one.

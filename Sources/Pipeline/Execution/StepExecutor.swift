@@ -1,0 +1,118 @@
+import ImageStore
+import Sandbox
+import Synchronization
+import SystemSupport
+
+/// One step that missed the cache, rendered on the coordinator: everything a machine needs to
+/// run it, and nothing of the pipeline file. Its key is already computed (a hit needs no
+/// executor at all).
+struct StepRequest: Sendable {
+    /// The node's id: names the step in messages.
+    var node: String
+    var key: String
+    /// The snapshot the step starts from (an image of the coordinator's store).
+    var parent: String
+    var command: [String]
+    /// Everything but secrets (what the key saw).
+    var environment: [String: String]
+    /// Added to the environment when the step runs; never in its key, a report or the cache.
+    var secrets: [String: String]
+    var workdir: String
+    /// Host files copied in, with their digests; paths relative to `inputRoot`, opened beneath it.
+    var inputs: [ResolvedInput]
+    var inputRoot: String
+    var timeout: Double?
+    var limits: ResourceLimits
+    var network: NetworkMode
+    var isolation: IsolationKind
+    /// 1 + the step's `retries`: each attempt starts from `parent` again.
+    var attempts: Int
+    /// Where in the sandbox the step writes its outputs (`$CONTREE_OUTPUT`).
+    var outputPath: String
+}
+
+/// What running a step gave: its last attempt's record (exit, metrics, the snapshot it left),
+/// what it wrote to `$CONTREE_OUTPUT`, and how many attempts it took.
+struct StepOutcome: Sendable {
+    var record: RunRecord
+    var output: [UInt8]
+    var attempts: Int
+}
+
+/// Runs steps that missed the cache: this machine's snapshot engine today, other machines
+/// next. Output goes to `log` as it comes; cancelling the calling task stops the step.
+protocol StepExecutor: Sendable {
+    /// - Throws: `CancellationError` when cancelled, `PipelineError` when the step could not run.
+    func run(_ request: StepRequest, log: StepLog) async throws -> StepOutcome
+}
+
+/// Runs steps on this machine's snapshot engine, retrying failed attempts from the same parent.
+struct EngineStepExecutor: StepExecutor {
+    let engine: SandboxEngine
+
+    func run(_ request: StepRequest, log: StepLog) async throws -> StepOutcome {
+        var last: StepOutcome?
+        for attempt in 1...max(1, request.attempts) {
+            try Task.checkCancellation()
+            if attempt > 1 { log.note("attempt \(attempt) of \(request.attempts)") }
+            let spec = RunSpec(
+                image: request.parent, command: request.command,
+                env: request.environment.merging(request.secrets) { $1 }, cwd: request.workdir,
+                files: request.inputs.map {
+                    FileMapping(
+                        hostPath: $0.hostPath, sandboxPath: $0.sandboxPath, mode: $0.mode,
+                        hostPaths: .beneath(request.inputRoot))
+                },
+                timeout: request.timeout, limits: request.limits, network: request.network, hostname: "contree",
+                disposable: false, stdout: .capture(limit: 0, onChunk: { log.append($0) }),
+                stderr: .capture(limit: 0, onChunk: { log.append($0) }), isolation: request.isolation,
+                outputPath: request.outputPath)
+            let run: RunResult
+            do {
+                run = try await engine.run(spec)
+            } catch let error as SandboxError {
+                throw PipelineError(.failed, "step \(request.node) could not run: \(error)", cause: error)
+            }
+            last = StepOutcome(record: run.record, output: run.output ?? [], attempts: attempt)
+            if run.record.cancelled { throw CancellationError() }
+            if run.record.exitCode == 0 { break }
+            log.note(PipelineRunner.describe(run.record))
+        }
+        guard let last else { throw CancellationError() }
+        return last
+    }
+}
+
+/// Runs a key at most once at a time: a request whose key is already running (in this run)
+/// waits for that run and shares its outcome, as BuildKit and Dagger de-duplicate vertices.
+/// Keys name the node (`CONTREE_STEP` is in every step's environment), so two nodes of one
+/// pipeline never share one today; a step executed again while it runs does.
+final class SharedKeyExecutor: StepExecutor {
+    private let inner: any StepExecutor
+    private let running = Mutex<[String: (node: String, task: Task<StepOutcome, any Error>)]>([:])
+
+    /// Requests that joined one already running (for the tests).
+    let joined = Mutex(0)
+
+    init(_ inner: any StepExecutor) { self.inner = inner }
+
+    func run(_ request: StepRequest, log: StepLog) async throws -> StepOutcome {
+        let (task, first) = running.withLock { running -> (Task<StepOutcome, any Error>, String?) in
+            if let (node, task) = running[request.key] {
+                joined.withLock { $0 += 1 }
+                return (task, node)
+            }
+            let task = Task { [inner] in try await inner.run(request, log: log) }
+            running[request.key] = (request.node, task)
+            return (task, nil)
+        }
+        let owner = first == nil
+        if let first { log.note("\(first) is running with the same key: this step shares its result") }
+        defer { if owner { running.withLock { _ = $0.removeValue(forKey: request.key) } } }
+        return try await withTaskCancellationHandler {
+            try await task.value
+        } onCancel: {
+            if owner { task.cancel() }
+        }
+    }
+}
