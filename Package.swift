@@ -31,9 +31,11 @@ let package = Package(
             // Static: the linker driver adds the Swift runtime, and loading it dynamically costs
             // 1.4 ms per exec; linked statically the exec costs what a static C program does.
             linkerSettings: [.unsafeFlags(["-static-executable"])]),
+        // The frames between the VM host and its agent: one C header both sides include.
+        .target(name: "CAgentProtocol"),
         // Pid 1 of every VM guest (its initramfs's /init): a small static C program.
         .executableTarget(
-            name: "contree-agent", path: "Sources/contree-agent",
+            name: "contree-agent", dependencies: ["CAgentProtocol"], path: "Sources/contree-agent",
             linkerSettings: [.unsafeFlags(["-static-executable"])]),
         // The layers of the engine, each depending only on those above it here.
         // System basics: calls by descriptor, child processes, cgroups, digests, the blocking
@@ -55,7 +57,7 @@ let package = Package(
         // with the agent, layers as erofs disks).
         .target(
             name: "VirtualMachine",
-            dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "contree-agent"]),
+            dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "CAgentProtocol", "contree-agent"]),
         // YAML pipelines: model with source positions, validation, planning, step keys, the
         // scheduler, artifacts and reports. Knows nothing of HTTP.
         .target(

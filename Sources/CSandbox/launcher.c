@@ -277,19 +277,19 @@ int csb_pidfd_kill(int pidfd, int sig) {
     return syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0) == 0 ? 0 : -errno;
 }
 
-int csb_wait(pid_t pid, int *status, int64_t usage[6]) {
+int csb_wait(pid_t pid, int *status, struct csb_usage *usage) {
     struct rusage ru;
     memset(&ru, 0, sizeof ru);
     pid_t r;
     while ((r = wait4(pid, status, __WALL, &ru)) < 0 && errno == EINTR) {
     }
     if (r < 0) return -errno;
-    usage[0] = (int64_t)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
-    usage[1] = (int64_t)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
-    usage[2] = ru.ru_maxrss;
-    usage[3] = ru.ru_inblock;
-    usage[4] = ru.ru_oublock;
-    usage[5] = ru.ru_minflt + ru.ru_majflt;
+    usage->user_us = (int64_t)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
+    usage->system_us = (int64_t)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
+    usage->max_rss_kb = ru.ru_maxrss;
+    usage->in_blocks = ru.ru_inblock;
+    usage->out_blocks = ru.ru_oublock;
+    usage->faults = ru.ru_minflt + ru.ru_majflt;
     return 0;
 }
 

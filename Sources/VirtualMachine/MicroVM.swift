@@ -55,25 +55,26 @@ public struct MicroVM: Sendable {
         public var console: String?
     }
 
-    /// The agent's spec: NUL-terminated fields, a kind letter then its text. `fresh` adds the
-    /// host's time and 64 bytes of its entropy (a restored guest has the template's).
+    /// The agent's spec: NUL-terminated fields, a kind (`SpecField`) then its text. `fresh`
+    /// adds the host's time and 64 bytes of its entropy (a restored guest has the template's).
     static func spec(_ command: Command, fresh: Bool = false) -> [UInt8] {
-        var fields: [String] = command.layers.indices.map { "Dlayer\($0)" }
+        var fields: [(Character, String)] = command.layers.indices.map { (SpecField.layer, "layer\($0)") }
         if fresh {
             var now = timespec()
             clock_gettime(CLOCK_REALTIME, &now)
-            fields.append("T\(now.tv_sec).\(now.tv_nsec)")
+            fields.append((SpecField.time, "\(now.tv_sec).\(now.tv_nsec)"))
             var generator = SystemRandomNumberGenerator()
-            fields.append("Z" + Hex.encode((0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) }))
+            let entropy = (0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            fields.append((SpecField.entropy, Hex.encode(entropy)))
         }
-        if command.upperDisk != nil { fields.append("Pupper") }
-        fields.append("W" + command.workdir)
-        fields.append("U\(command.uid):\(command.gid)")
-        if let hostname = command.hostname { fields.append("H" + hostname) }
-        fields.append(command.loopback ? "Nloopback" : "Nnone")
-        fields += command.env.map { "E" + $0 }
-        fields += command.argv.map { "A" + $0 }
-        return fields.flatMap { Array($0.utf8) + [0] }
+        if command.upperDisk != nil { fields.append((SpecField.upper, "upper")) }
+        fields.append((SpecField.workdir, command.workdir))
+        fields.append((SpecField.user, "\(command.uid):\(command.gid)"))
+        if let hostname = command.hostname { fields.append((SpecField.hostname, hostname)) }
+        fields.append((SpecField.network, command.loopback ? "loopback" : "none"))
+        fields += command.env.map { (SpecField.env, $0) }
+        fields += command.argv.map { (SpecField.argument, $0) }
+        return fields.flatMap { Array(String($0.0).utf8) + Array($0.1.utf8) + [0] }
     }
 
     /// A saved guest, stopped at the agent's ready point: its RAM in a file every run maps
@@ -162,7 +163,7 @@ public struct MicroVM: Sendable {
         guard let channel = try? connect(work + "/agent.sock", qemu: qemu.pid) else { return false }
         defer { close(channel) }
         var reader = FrameReader(fd: channel)
-        return (try? reader.next(until: monotonicSeconds() + seconds))??.type == UInt8(ascii: "R")
+        return (try? reader.next(until: Monotonic.now + seconds))??.type == Frame.ready
     }
 
     /// Boots a guest to the agent's ready point and saves it as a template in `directory`
@@ -192,7 +193,7 @@ public struct MicroVM: Sendable {
         let channel = try connect(work + "/agent.sock", qemu: qemu.pid)
         defer { close(channel) }
         var reader = FrameReader(fd: channel)
-        guard let ready = try reader.next(until: monotonicSeconds() + 300), ready.type == UInt8(ascii: "R") else {
+        guard let ready = try reader.next(until: Monotonic.now + 300), ready.type == Frame.ready else {
             let console = MicroVM.tail(work + "/console.log", 3000)
             kill(qemu.pid, SIGKILL)
             let errors = String(
@@ -205,11 +206,11 @@ public struct MicroVM: Sendable {
         try qmp.execute(
             "migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
         try qmp.execute("migrate", #"{"uri":"exec:cat > \#(MicroVM.json(MicroVM.shellWord(state)))"}"#)
-        let deadline = monotonicSeconds() + 120
+        let deadline = Monotonic.now + 120
         while true {
             let answer = try qmp.execute("query-migrate")
             if answer.contains(#""status": "completed""#) || answer.contains(#""status":"completed""#) { break }
-            if answer.contains("failed") || monotonicSeconds() > deadline {
+            if answer.contains("failed") || Monotonic.now > deadline {
                 throw SandboxError(.sandboxSetup, "saving the template VM failed: \(answer)")
             }
             usleep(10_000)
@@ -249,7 +250,7 @@ public struct MicroVM: Sendable {
             try FileSystem.writeFile(work + "/empty.img", [], mode: 0o644)
             layers += Array(repeating: work + "/empty.img", count: template.layerSlots - layers.count)
         }
-        let started = monotonicSeconds()
+        let started = Monotonic.now
         let qemu = try spawnQEMU(
             arguments(
                 work: work, layers: layers, upper: command.upperDisk,
@@ -274,14 +275,14 @@ public struct MicroVM: Sendable {
         func start() throws {
             guard !specSent else { return }  // a second ready frame is not the agent's
             specSent = true
-            outcome.bootSeconds = monotonicSeconds() - started
-            try channel.send("S", MicroVM.spec(command, fresh: true))
+            outcome.bootSeconds = Monotonic.now - started
+            try channel.send(Frame.spec, MicroVM.spec(command, fresh: true))
             switch stdin {
             case .bytes(let bytes):
-                if !bytes.isEmpty { try channel.send("I", bytes) }
-                try channel.send("I", [])
+                if !bytes.isEmpty { try channel.send(Frame.stdin, bytes) }
+                try channel.send(Frame.stdin, [])
             case .fileDescriptor(let fd):
-                pump.start(from: fd) { chunk in try? channel.send("I", chunk) }
+                pump.start(from: fd) { chunk in try? channel.send(Frame.stdin, chunk) }
             }
             onRunning(channel)
         }
@@ -296,17 +297,17 @@ public struct MicroVM: Sendable {
         var reader = FrameReader(fd: socket)
         loop: while true {
             guard let frame = try reader.next(until: deadline) else {
-                outcome.termination.timedOut = monotonicSeconds() >= deadline
+                outcome.termination.timedOut = Monotonic.now >= deadline
                 break
             }
             switch frame.type {
-            case UInt8(ascii: "R"):
+            case Frame.ready:
                 try start()
-            case UInt8(ascii: "O"): onStdout(frame.payload)
-            case UInt8(ascii: "E"): onStderr(frame.payload)
-            case UInt8(ascii: "L"): onStderr(frame.payload + [10])
-            case UInt8(ascii: "T"): try onChanges(frame.payload)
-            case UInt8(ascii: "X"):
+            case Frame.stdout: onStdout(frame.payload)
+            case Frame.stderr: onStderr(frame.payload)
+            case Frame.log: onStderr(frame.payload + [10])
+            case Frame.changes: try onChanges(frame.payload)
+            case Frame.exit:
                 let report = String(decoding: frame.payload, as: UTF8.self)
                 var values: [String: Int64] = [:]
                 for pair in report.split(separator: " ") {
@@ -335,7 +336,7 @@ public struct MicroVM: Sendable {
         kill(qemu.pid, SIGKILL)
         _ = try? ChildProcess.wait(qemu.pid, "qemu")
         reaped = true
-        outcome.metrics.wallSeconds = monotonicSeconds() - started
+        outcome.metrics.wallSeconds = Monotonic.now - started
         if outcome.termination.exitCode == nil && outcome.termination.signal == nil {
             outcome.console = MicroVM.tail(work + "/console.log", 4000)
         }
@@ -354,7 +355,7 @@ public struct MicroVM: Sendable {
             let status = try qmp.execute("query-status")
             if status.contains(#""status": "paused""#) || status.contains(#""status":"paused""#) { break }
             let migration = try qmp.execute("query-migrate")
-            if migration.contains("failed") || monotonicSeconds() > deadline {
+            if migration.contains("failed") || Monotonic.now > deadline {
                 throw SandboxError(.sandboxSetup, "the VM was not restored from its template: \(migration)")
             }
             usleep(2_000)
@@ -387,197 +388,4 @@ public struct MicroVM: Sendable {
         throw SandboxError(.sandboxSetup, "qemu-system-x86_64 did not open the agent's socket within 5 s")
     }
 
-}
-
-/// Frames from the agent: a type byte, a 4-byte little-endian length, the payload.
-struct FrameReader {
-    let fd: Int32
-    private var buffer: [UInt8] = []
-
-    init(fd: Int32) {
-        self.fd = fd
-    }
-
-    /// The next frame; nil when the guest closed the channel or the deadline passed.
-    mutating func next(until deadline: Double) throws -> (type: UInt8, payload: [UInt8])? {
-        while true {
-            if buffer.count >= 5 {
-                let size = Int(buffer[1]) | Int(buffer[2]) << 8 | Int(buffer[3]) << 16 | Int(buffer[4]) << 24
-                // The agent sends at most 64 KiB a frame; anything larger is not the agent.
-                guard size <= 1 << 20 else {
-                    throw SandboxError(
-                        .sandboxSetup, "the VM sent a frame of \(size) bytes; the guest is not trusted further")
-                }
-                if buffer.count >= 5 + size {
-                    let frame = (buffer[0], Array(buffer[5..<(5 + size)]))
-                    buffer.removeFirst(5 + size)
-                    return frame
-                }
-            }
-            let remaining = deadline - monotonicSeconds()
-            guard remaining > 0 else { return nil }
-            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&poller, 1, Int32(min(remaining, 1) * 1000))
-            if ready < 0 && errno == EINTR { continue }
-            if ready <= 0 { continue }
-            var chunk = [UInt8](repeating: 0, count: 65536)
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            if n <= 0 { return nil }
-            buffer += chunk[0..<n]
-        }
-    }
-}
-
-/// CLOCK_MONOTONIC in seconds.
-func monotonicSeconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
-
-/// QEMU's machine protocol (QMP) over its unix socket: one command at a time, answers read
-/// past the events QEMU sends in between.
-final class QMP {
-    private let fd: Int32
-    private var buffer: [UInt8] = []
-
-    init(path: String) throws {
-        var connected: Int32 = -1
-        for _ in 0..<1000 {
-            if let fd = connectUnixSocket(path) {
-                connected = fd
-                break
-            }
-            usleep(5_000)
-        }
-        guard connected >= 0 else { throw SandboxError(.sandboxSetup, "QEMU's QMP socket did not open") }
-        fd = connected
-        _ = try line()  // the greeting
-        try execute("qmp_capabilities")
-    }
-
-    deinit { close(fd) }
-
-    private func line() throws -> String {
-        while true {
-            if let newline = buffer.firstIndex(of: 10) {
-                let text = String(decoding: buffer[..<newline], as: UTF8.self)
-                buffer.removeFirst(newline + 1)
-                return text
-            }
-            var chunk = [UInt8](repeating: 0, count: 4096)
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { throw SandboxError(.sandboxSetup, "QEMU closed its QMP socket") }
-            buffer += chunk[0..<n]
-        }
-    }
-
-    /// Runs a command; returns its answer (JSON text). - Throws: when QEMU answers an error.
-    @discardableResult
-    func execute(_ command: String, _ arguments: String? = nil) throws -> String {
-        let request = #"{"execute":"\#(command)""# + (arguments.map { #","arguments":\#($0)"# } ?? "") + "}\n"
-        try FileSystem.writeAll(fd: fd, Array(request.utf8), path: "QMP")
-        while true {
-            let answer = try line()
-            if answer.contains(#""return""#) { return answer }
-            if answer.contains(#""error""#) {
-                throw SandboxError(.sandboxSetup, "QEMU refused \(command): \(answer)")
-            }
-        }
-    }
-}
-
-/// One attempt to connect to a unix socket; nil when nothing listens there (yet).
-func connectUnixSocket(_ path: String) -> Int32? {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    guard fd >= 0 else { return nil }
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-        for (i, byte) in path.utf8.prefix(raw.count - 1).enumerated() { raw[i] = byte }
-    }
-    let connected = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-            connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-        }
-    }
-    if connected == 0 { return fd }
-    close(fd)
-    return nil
-}
-
-/// Passes a host descriptor's bytes to the guest as they arrive, on a thread of its own, until
-/// the descriptor ends (then an empty frame closes the command's stdin) or the run ends.
-final class InputPump: @unchecked Sendable {
-    private let lock = NSLock()
-    private var stopped = false
-    private var thread: Thread?
-    private let finished = DispatchSemaphore(value: 0)
-
-    func start(from fd: Int32, send: @escaping @Sendable ([UInt8]) -> Void) {
-        let thread = Thread { [self] in
-            defer { finished.signal() }
-            var buffer = [UInt8](repeating: 0, count: 65536)
-            while !lock.withLock({ stopped }) {
-                var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-                let ready = poll(&poller, 1, 100)
-                if ready < 0 && errno == EINTR { continue }
-                if ready == 0 { continue }
-                let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-                if n < 0 && (errno == EINTR || errno == EAGAIN) { continue }
-                if n <= 0 {
-                    send([])  // the end of the input: the command's stdin closes
-                    return
-                }
-                send(Array(buffer[0..<n]))
-            }
-        }
-        lock.withLock { self.thread = thread }
-        thread.start()
-    }
-
-    /// Stops reading and waits for the thread (the channel closes after this).
-    func stop() {
-        let running = lock.withLock { () -> Bool in
-            stopped = true
-            return thread != nil
-        }
-        if running { finished.wait() }
-    }
-}
-
-/// The host's end of the agent's port: frames written whole, one writer at a time (the stdin
-/// pump and signals share it).
-public final class Channel: @unchecked Sendable {
-    let fd: Int32
-    private let lock = NSLock()
-    private var closed = false
-
-    init(fd: Int32) {
-        self.fd = fd
-    }
-
-    func send(_ type: Character, _ payload: [UInt8]) throws {
-        let size = UInt32(payload.count)
-        let header: [UInt8] = [
-            type.asciiValue!, UInt8(size & 0xff), UInt8((size >> 8) & 0xff), UInt8((size >> 16) & 0xff),
-            UInt8(size >> 24),
-        ]
-        try lock.withLock {
-            guard !closed else { throw SandboxError(.conflict, "the VM has ended") }
-            try FileSystem.writeAll(fd: fd, header + payload, path: "the agent's socket")
-        }
-    }
-
-    /// Asks the agent to send `signal` to the command.
-    public func signal(_ signal: Int32) { try? send("K", Array(String(signal).utf8)) }
-
-    func close() {
-        lock.withLock {
-            if !closed { Glibc.close(fd) }
-            closed = true
-        }
-    }
 }

@@ -3,25 +3,13 @@
 //
 // It mounts /dev, /proc and /sys, loads the kernel modules the initramfs carries (in the order
 // of /lib/modules/order), and talks to the host over the first virtio-serial port
-// (/dev/vport0p1) in frames: one type byte, a 4-byte little-endian length, the payload.
-//
-//   guest -> host  'R' ready (empty)             host -> guest  'S' spec
-//                  'O' stdout bytes                             'I' stdin bytes ('I' empty: EOF)
-//                  'E' stderr bytes
-//                  'L' a line about a failure of the agent itself
-//                  'T' the run's changes: a piece of an OCI layer tar (with an upper disk)
-//                  'X' "status=N signal=N utime_us=N stime_us=N maxrss_kb=N processes=N
-//                       read_bytes=N write_bytes=N"
-//
-// The spec is NUL-terminated fields, each a one-letter kind then its text: 'D' a read-only
-// layer disk to stack, by its virtio serial (bottom first, e.g. "Dlayer0"), 'P' the upper
-// disk (ext4 holding upper/ and work/; without it the upper is a tmpfs), 'W' the working
-// directory, 'U' uid:gid, 'H' the hostname, 'N' the network ("loopback": lo up), 'T' the host's time, 'Z' host entropy (hex),
-// 'E' KEY=VALUE, 'A' an argument of the command (the
-// first is the program, looked up on PATH). The agent mounts the layers (erofs) under an
+// (/dev/vport0p1) in frames whose types, and the spec's fields, are defined once in
+// agent_protocol.h (shared with the host's Swift). Without an upper disk the upper is a
+// tmpfs; the command's program is looked up on PATH. The agent mounts the layers (erofs) under an
 // overlay, chroots into it, runs the command with stdin/stdout/stderr on pipes it relays,
 // reports, unmounts (so the upper disk is clean for the host) and powers the guest off.
 #define _GNU_SOURCE
+#include "agent_protocol.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -77,7 +65,7 @@ static void power_off(void) {
 static void fail(const char *what) {
     char line[512];
     int n = snprintf(line, sizeof line, "contree-agent: %s: %s", what, strerror(errno));
-    if (port >= 0) send_frame('L', line, (uint32_t)n);
+    if (port >= 0) send_frame(AGENT_FRAME_LOG, line, (uint32_t)n);
     fprintf(stderr, "%s\n", line);
     power_off();
 }
@@ -189,7 +177,7 @@ static void add_entropy(const char *hex) {
     close(fd);
 }
 
-// The run's changes go to the host as an OCI layer tar in 'T' frames: the host unpacks it with
+// The run's changes go to the host as an OCI layer tar in AGENT_FRAME_CHANGES frames: the host unpacks it with
 // the same extractor it uses for registry layers (refusing paths that escape), so it never
 // mounts a file system the guest wrote. Overlay whiteouts become `.wh.` entries, opaque
 // directories `.wh..wh..opq`.
@@ -197,7 +185,7 @@ static char tar_buffer[65536];
 static size_t tar_length;
 
 static void tar_flush(void) {
-    if (tar_length > 0) send_frame('T', tar_buffer, (uint32_t)tar_length);
+    if (tar_length > 0) send_frame(AGENT_FRAME_CHANGES, tar_buffer, (uint32_t)tar_length);
     tar_length = 0;
 }
 
@@ -374,11 +362,11 @@ int main(void) {
     mount("sysfs", "/sys", "sysfs", 0, NULL);
     load_modules();
     open_port();
-    send_frame('R', NULL, 0);
+    send_frame(AGENT_FRAME_READY, NULL, 0);
 
     char *spec;
     uint32_t spec_size;
-    if (read_frame(&spec, &spec_size) != 'S') fail("the host sent no spec");
+    if (read_frame(&spec, &spec_size) != AGENT_FRAME_SPEC) fail("the host sent no spec");
     char *argv[MAX_FIELDS + 1], *envp[MAX_FIELDS + 1], *disks[24];
     int argc = 0, envc = 0, diskc = 0;
     const char *workdir = "/", *upper_disk = NULL, *hostname = NULL;
@@ -386,16 +374,16 @@ int main(void) {
     int loopback = 0;
     for (char *field = spec; field < spec + spec_size; field += strlen(field) + 1) {
         switch (field[0]) {
-        case 'D': if (diskc < 24) disks[diskc++] = field + 1; break;
-        case 'P': upper_disk = field + 1; break;
-        case 'W': workdir = field + 1; break;
-        case 'U': sscanf(field + 1, "%u:%u", &uid, &gid); break;
-        case 'H': hostname = field + 1; break;
-        case 'N': loopback = strcmp(field + 1, "loopback") == 0; break;
-        case 'T': set_clock(field + 1); break;
-        case 'Z': add_entropy(field + 1); break;
-        case 'E': if (envc < MAX_FIELDS) envp[envc++] = field + 1; break;
-        case 'A': if (argc < MAX_FIELDS) argv[argc++] = field + 1; break;
+        case AGENT_SPEC_LAYER: if (diskc < 24) disks[diskc++] = field + 1; break;
+        case AGENT_SPEC_UPPER: upper_disk = field + 1; break;
+        case AGENT_SPEC_WORKDIR: workdir = field + 1; break;
+        case AGENT_SPEC_USER: sscanf(field + 1, "%u:%u", &uid, &gid); break;
+        case AGENT_SPEC_HOSTNAME: hostname = field + 1; break;
+        case AGENT_SPEC_NETWORK: loopback = strcmp(field + 1, "loopback") == 0; break;
+        case AGENT_SPEC_TIME: set_clock(field + 1); break;
+        case AGENT_SPEC_ENTROPY: add_entropy(field + 1); break;
+        case AGENT_SPEC_ENV: if (envc < MAX_FIELDS) envp[envc++] = field + 1; break;
+        case AGENT_SPEC_ARGUMENT: if (argc < MAX_FIELDS) argv[argc++] = field + 1; break;
         }
     }
     argv[argc] = NULL;
@@ -511,7 +499,7 @@ int main(void) {
     close(in[0]);
 
     // Relay: the command's output to the host, the host's stdin frames to the command (never
-    // blocking on the command's stdin: what it has not read yet waits here), 'K' frames as
+    // blocking on the command's stdin: what it has not read yet waits here), AGENT_FRAME_KILL frames as
     // signals to it. When the command exits, what it left running is killed, so a background
     // child holding the pipes cannot keep the run alive.
     int exit_fd = (int)syscall(SYS_pidfd_open, child, 0);  // readable once the command exits
@@ -545,7 +533,7 @@ int main(void) {
             if (fds[i].fd < 0 || fds[i].revents == 0) continue;
             ssize_t n = read(fds[i].fd, buffer, sizeof buffer);
             if (n > 0) {
-                send_frame(i == 0 ? 'O' : 'E', buffer, (uint32_t)n);
+                send_frame(i == 0 ? AGENT_FRAME_STDOUT : AGENT_FRAME_STDERR, buffer, (uint32_t)n);
             } else if (n == 0 || errno != EINTR) {
                 close(fds[i].fd);
                 fds[i].fd = -1;
@@ -572,7 +560,7 @@ int main(void) {
             int type = read_frame(&data, &size);
             if (type < 0) {
                 fds[2].fd = -1;
-            } else if (type == 'I' && stdin_fd >= 0 && !stdin_closing) {
+            } else if (type == AGENT_FRAME_STDIN && stdin_fd >= 0 && !stdin_closing) {
                 if (size == 0) {
                     stdin_closing = 1;
                     if (pending_size == 0) {
@@ -585,7 +573,7 @@ int main(void) {
                     pending_done = 0;
                     data = NULL;
                 }
-            } else if (type == 'K' && size > 0 && !exited) {
+            } else if (type == AGENT_FRAME_KILL && size > 0 && !exited) {
                 int signal_number = atoi(data);
                 if (signal_number > 0 && signal_number < 65) kill(child, signal_number);
             }
@@ -624,6 +612,6 @@ int main(void) {
         (long long)usage.ru_utime.tv_sec * 1000000 + usage.ru_utime.tv_usec,
         (long long)usage.ru_stime.tv_sec * 1000000 + usage.ru_stime.tv_usec, usage.ru_maxrss, processes,
         read_after - read_before, written_after - written_before);
-    send_frame('X', report, (uint32_t)n);
+    send_frame(AGENT_FRAME_EXIT, report, (uint32_t)n);
     power_off();
 }

@@ -99,8 +99,18 @@ int csb_seccomp_program(const void **bytes, size_t *length);
 /// Send a signal through a pidfd. Returns 0 or -errno.
 int csb_pidfd_kill(int pidfd, int sig);
 
+/// What a waited-for child used (its rusage).
+struct csb_usage {
+    int64_t user_us;
+    int64_t system_us;
+    int64_t max_rss_kb;
+    int64_t in_blocks;   // 512-byte blocks read
+    int64_t out_blocks;  // 512-byte blocks written
+    int64_t faults;      // minor and major page faults
+};
+
 /// rusage-carrying wait for one child. Returns 0 or -errno.
-int csb_wait(pid_t pid, int *status, int64_t usage[6]);
+int csb_wait(pid_t pid, int *status, struct csb_usage *usage);
 
 // ---- the wire format between csb_launch_start and contree-init ----------------------------
 

@@ -73,19 +73,19 @@ struct ContainerExec {
         let go = try closer.pipe()
         let report = try closer.pipe()
 
-        let empty = ""
         let argv = CStringArray(spec.command)
         let envp = CStringArray(spec.environment)
         let lowers = CStringArray([])
-        let strings = CStringArray([empty, spec.cwd, initProgram])
+        // An exec joins the sandbox's mounts: no store, layers or root of its own.
+        let strings = LaunchStrings([.cwd: spec.cwd, .initPath: initProgram])
         var launch = csb_launch()
-        launch.store = strings.pointer[0]
-        launch.upper = strings.pointer[0]
-        launch.work = strings.pointer[0]
-        launch.root = strings.pointer[0]
-        launch.hostname = strings.pointer[0]
-        launch.cwd = strings.pointer[1]
-        launch.init_path = strings.pointer[2]
+        launch.store = strings[.store]
+        launch.upper = strings[.upper]
+        launch.work = strings[.work]
+        launch.root = strings[.root]
+        launch.hostname = strings[.hostname]
+        launch.cwd = strings[.cwd]
+        launch.init_path = strings[.initPath]
         launch.lowers = UnsafePointer(lowers.pointer)
         launch.lower_count = 0
         launch.userns_fd = userns
@@ -105,7 +105,7 @@ struct ContainerExec {
         let started = Monotonic.now
         var pidfd: Int32 = -1
         var pid: pid_t = 0
-        let rc = csb_exec_start(&launch, target, &pidfd, &pid)
+        let rc = withExtendedLifetime((strings, lowers, argv, envp)) { csb_exec_start(&launch, target, &pidfd, &pid) }
         guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot start the exec helper", errno: -rc) }
         _ = closer.add(pidfd)
         closer.close(go.read)
@@ -140,7 +140,7 @@ struct ContainerExec {
             stdinFeed: stdinFeed, request: request, closer: closer)
         try supervisor.loop(started: started)
         var status: Int32 = 0
-        var usage = [Int64](repeating: 0, count: 6)
+        var usage = csb_usage()
         let waited = csb_wait(pid, &status, &usage)
         guard waited == 0 else { throw SandboxError(.sandboxSetup, "wait4(exec)", errno: -waited) }
         if let failure = supervisor.setupFailure { throw Supervisor.setupError(failure) }

@@ -3,6 +3,19 @@ import Glibc
 import SystemSupport
 
 /// One run of the container backend, on its dedicated thread.
+/// The strings a launch points to, by name; they live as long as this value.
+struct LaunchStrings {
+    enum Name: Int, CaseIterable {
+        case upper, work, root, hostname, cwd, store, initPath
+    }
+    private let storage: CStringArray
+
+    /// Names not given are empty strings.
+    init(_ values: [Name: String]) { storage = CStringArray(Name.allCases.map { values[$0] ?? "" }) }
+
+    subscript(_ name: Name) -> UnsafePointer<CChar>? { storage.pointer[name.rawValue] }
+}
+
 struct ContainerLaunch {
     let request: LaunchRequest
     let cancelFD: Int32
@@ -99,11 +112,10 @@ struct ContainerLaunch {
         let argv = CStringArray(request.argv)
         let envp = CStringArray(request.environment)
         let paths = CStringArray(request.files.map(\.mapping.sandboxPath))
-        let strings = CStringArray([
+        let strings = LaunchStrings([
             // The overlay's work directory and the root's mount point live in the run's directory.
-            request.upper, request.directory + "/work", directory + "/root",
-            request.hostname, request.cwd, request.storeRoot,
-            initProgram,
+            .upper: request.upper, .work: request.directory + "/work", .root: directory + "/root",
+            .hostname: request.hostname, .cwd: request.cwd, .store: request.storeRoot, .initPath: initProgram,
         ])
         let files = UnsafeMutablePointer<csb_file_copy>.allocate(capacity: max(1, request.files.count))
         defer { files.deallocate() }
@@ -113,20 +125,20 @@ struct ContainerLaunch {
                 gid: file.mapping.gid)
         }
         var launch = csb_launch()
-        launch.store = strings.pointer[5]
-        launch.init_path = strings.pointer[6]
+        launch.store = strings[.store]
+        launch.init_path = strings[.initPath]
         launch.lowers = UnsafePointer(lowers.pointer)
         launch.lower_count = request.lowers.count
-        launch.upper = strings.pointer[0]
-        launch.work = strings.pointer[1]
-        launch.root = strings.pointer[2]
+        launch.upper = strings[.upper]
+        launch.work = strings[.work]
+        launch.root = strings[.root]
         launch.userns_fd = userns
         launch.id_base = ContainerBackend.idBase
-        launch.hostname = strings.pointer[3]
+        launch.hostname = strings[.hostname]
         launch.loopback_up = request.network == .loopback ? 1 : 0
         launch.argv = UnsafePointer(argv.pointer)
         launch.envp = UnsafePointer(envp.pointer)
-        launch.cwd = strings.pointer[4]
+        launch.cwd = strings[.cwd]
         launch.uid = request.uid
         launch.gid = request.gid
         launch.stdin_fd = stdinChild
@@ -142,7 +154,8 @@ struct ContainerLaunch {
         let started = Monotonic.now
         var pidfd: Int32 = -1
         var pid: pid_t = 0
-        let rc = csb_launch_start(&launch, &pidfd, &pid)
+        // The strings and arrays the launch points into live until the clone has copied them.
+        let rc = withExtendedLifetime((strings, lowers, argv, envp, paths)) { csb_launch_start(&launch, &pidfd, &pid) }
         guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot clone the sandbox", errno: -rc) }
         _ = closer.add(pidfd)
         Trace.mark("cloned")
@@ -159,7 +172,7 @@ struct ContainerLaunch {
         } catch {
             _ = csb_pidfd_kill(pidfd, SIGKILL)
             var status: Int32 = 0
-            var usage = [Int64](repeating: 0, count: 6)
+            var usage = csb_usage()
             _ = csb_wait(pid, &status, &usage)
             // Pid 1 prepares the root while we attach: if it failed first, that is the cause.
             let bytes = (try? FileSystem.readAll(fd: report.read, path: "sandbox report")) ?? []
@@ -188,7 +201,7 @@ struct ContainerLaunch {
         try supervisor.loop(started: started)
 
         var status: Int32 = 0
-        var usage = [Int64](repeating: 0, count: 6)
+        var usage = csb_usage()
         let waited = csb_wait(pid, &status, &usage)
         guard waited == 0 else { throw SandboxError(.sandboxSetup, "wait4(sandbox)", errno: -waited) }
         let wall = Monotonic.now - started
@@ -223,11 +236,11 @@ struct ContainerLaunch {
         let cg = cgroup.metrics()
         outcome.termination.oomKilled = cg.oomKills > 0
         outcome.metrics.wallSeconds = wall
-        outcome.metrics.cpuUserSeconds = Double(cg.cpuUserMicros ?? usage[0]) / 1e6
-        outcome.metrics.cpuSystemSeconds = Double(cg.cpuSystemMicros ?? usage[1]) / 1e6
-        outcome.metrics.peakMemoryBytes = cg.peakMemoryBytes ?? usage[2] * 1024
-        outcome.metrics.bytesRead = cg.bytesRead ?? usage[3] * 512
-        outcome.metrics.bytesWritten = cg.bytesWritten ?? usage[4] * 512
+        outcome.metrics.cpuUserSeconds = Double(cg.cpuUserMicros ?? usage.user_us) / 1e6
+        outcome.metrics.cpuSystemSeconds = Double(cg.cpuSystemMicros ?? usage.system_us) / 1e6
+        outcome.metrics.peakMemoryBytes = cg.peakMemoryBytes ?? usage.max_rss_kb * 1024
+        outcome.metrics.bytesRead = cg.bytesRead ?? usage.in_blocks * 512
+        outcome.metrics.bytesWritten = cg.bytesWritten ?? usage.out_blocks * 512
         outcome.metrics.peakProcesses = cg.peakTasks.map { max(0, $0 - 1) }
         outcome.stdout = supervisor.stdout.kept
         outcome.stderr = supervisor.stderr.kept

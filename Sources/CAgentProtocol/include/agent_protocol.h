@@ -1,0 +1,39 @@
+// The wire protocol between the host (VirtualMachine's AgentChannel) and contree-agent, pid 1
+// of every VM guest: the one definition of its frame and spec-field types, included by the
+// agent's C and imported by Swift.
+//
+// The channel is the guest's first virtio-serial port. A frame is one type byte, a 4-byte
+// little-endian payload length, then the payload (the agent sends at most 64 KiB a frame).
+#ifndef CONTREE_AGENT_PROTOCOL_H
+#define CONTREE_AGENT_PROTOCOL_H
+
+// Constants of an anonymous enum: case labels in C, `Int` constants in Swift.
+enum {
+    // Guest -> host.
+    AGENT_FRAME_READY = 'R',    // empty: the agent waits for a spec
+    AGENT_FRAME_STDOUT = 'O',   // the command's stdout bytes
+    AGENT_FRAME_STDERR = 'E',   // the command's stderr bytes
+    AGENT_FRAME_LOG = 'L',      // a line about a failure of the agent itself
+    AGENT_FRAME_CHANGES = 'T',  // a piece of the run's changes (an OCI layer tar)
+    // "status=N signal=N utime_us=N stime_us=N maxrss_kb=N processes=N read_bytes=N write_bytes=N"
+    AGENT_FRAME_EXIT = 'X',
+
+    // Host -> guest.
+    AGENT_FRAME_SPEC = 'S',     // what to run: NUL-terminated spec fields
+    AGENT_FRAME_STDIN = 'I',    // stdin bytes; empty: the end of stdin
+    AGENT_FRAME_KILL = 'K',     // a signal number (text) for the command
+
+    // Spec fields: each a kind byte then its text, NUL-terminated.
+    AGENT_SPEC_LAYER = 'D',     // a read-only layer disk by its serial, bottom first
+    AGENT_SPEC_UPPER = 'P',     // the upper disk (ext4 with upper/ and work/)
+    AGENT_SPEC_WORKDIR = 'W',
+    AGENT_SPEC_USER = 'U',      // uid:gid
+    AGENT_SPEC_HOSTNAME = 'H',
+    AGENT_SPEC_NETWORK = 'N',   // "loopback": lo up
+    AGENT_SPEC_TIME = 'T',      // the host's CLOCK_REALTIME, seconds.nanoseconds
+    AGENT_SPEC_ENTROPY = 'Z',   // host entropy, hex
+    AGENT_SPEC_ENV = 'E',       // KEY=VALUE
+    AGENT_SPEC_ARGUMENT = 'A',  // the command's arguments, the program first
+};
+
+#endif
