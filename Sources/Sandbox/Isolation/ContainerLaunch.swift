@@ -209,6 +209,18 @@ struct ContainerLaunch {
 
         if let failure = supervisor.setupFailure { throw Supervisor.setupError(failure) }
 
+        let outcome = ContainerLaunch.outcome(
+            of: supervisor, status: status, usage: usage, wallSeconds: wall, cgroup: cgroup.metrics())
+        Trace.mark("metrics read")
+        return outcome
+    }
+
+    /// How the sandbox ended and what it used: pid 1's report of the command (or pid 1's own
+    /// status when it was killed), the supervisor's verdicts, the cgroup's figures (the
+    /// rusage of pid 1's wait where the host has no such controller).
+    static func outcome(
+        of supervisor: Supervisor, status: Int32, usage: csb_usage, wallSeconds: Double, cgroup cg: CgroupMetrics
+    ) -> CommandOutcome {
         var outcome = CommandOutcome()
         let commandStatus: Int32
         if let exited = supervisor.exitReport {
@@ -233,9 +245,8 @@ struct ContainerLaunch {
         outcome.termination.timedOut = supervisor.timedOut
         outcome.termination.cancelled = supervisor.cancelled
         outcome.termination.changeTooLarge = supervisor.upperWatch?.exceeded ?? false
-        let cg = cgroup.metrics()
         outcome.termination.oomKilled = cg.oomKills > 0
-        outcome.metrics.wallSeconds = wall
+        outcome.metrics.wallSeconds = wallSeconds
         outcome.metrics.cpuUserSeconds = Double(cg.cpuUserMicros ?? usage.user_us) / 1e6
         outcome.metrics.cpuSystemSeconds = Double(cg.cpuSystemMicros ?? usage.system_us) / 1e6
         outcome.metrics.peakMemoryBytes = cg.peakMemoryBytes ?? usage.max_rss_kb * 1024
@@ -246,7 +257,6 @@ struct ContainerLaunch {
         outcome.stderr = supervisor.stderr.kept
         outcome.stdoutDropped = supervisor.stdout.dropped
         outcome.stderrDropped = supervisor.stderr.dropped
-        Trace.mark("metrics read")
         return outcome
     }
 }
