@@ -37,7 +37,7 @@ public final class RegistryStepCache: SharedStepCache {
     /// `sha256:<hex>` → `step-<hex>` (a tag: at most 128 of [A-Za-z0-9_.-]).
     static func stepTag(_ key: String) -> String { "step-" + key.replacingOccurrences(of: "sha256:", with: "") }
 
-    static func scoreTag(_ key: String) -> String { "score-" + Digest.sha256(Array(key.utf8)).hex }
+    static func scoreTag(_ key: String) -> String { "score-" + Digest.sha256(key).hex }
 
     static let encoder: JSONEncoder = {
         let e = JSONEncoder()

@@ -35,45 +35,45 @@ public struct GuestKit: Sendable {
         let remembered = root + "/kit-" + agentDigest.dropFirst(7).prefix(16)
         if let kit = recalled(remembered) { return kit }
         // One preparer at a time, across processes and threads (a flock per open).
-        let lock = open(root + "/kit.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard lock >= 0 else { throw SandboxError.system("open(\(root)/kit.lock)") }
-        defer { close(lock) }
-        while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
-        if let kit = recalled(remembered) { return kit }  // made while this one waited
-        let release = try kernelRelease()
-        let kernelDirectory = root + "/kernel-" + release
-        if !FileSystem.exists(kernelDirectory + "/vmlinux") {
-            progress?.report("vm", "fetching Debian's kernel \(release)", elapsed: 0)
-            try fetchKernel(release: release, into: kernelDirectory, scratch: root)
-        }
-        let modules = try moduleOrder(in: kernelDirectory + "/lib/modules/" + release)
-        // Named by what goes in, so a new agent or module set makes a new initramfs.
-        let name = Digest.sha256(Array((agentDigest + modules.map(\.name).joined(separator: ",") + ",init2").utf8)).hex
-            .prefix(16)
-        let initramfs = kernelDirectory + "/initramfs-\(name).cpio"
-        if !FileSystem.exists(initramfs) {
-            var archive = CPIOWriter()
-            for directory in ["bin", "dev", "proc", "sys", "lib", "lib/modules"] { archive.directory(directory) }
-            // The agent links the Swift runtime statically, which reads /proc before main:
-            // /init (busybox sh) mounts /proc first.
-            archive.file("bin/busybox", bytes: try FileSystem.readFile("/bin/busybox"), mode: 0o755)
-            archive.file(
-                "init",
-                bytes: Array("#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\nexec /contree-agent\n".utf8),
-                mode: 0o755)
-            archive.file("contree-agent", bytes: try FileSystem.readFile(agent), mode: 0o755)
-            for module in modules {
-                archive.file("lib/modules/\(module.name).ko", bytes: try FileSystem.readFile(module.path), mode: 0o644)
+        return try FileSystem.withLock(root + "/kit.lock", mode: 0o644) {
+            if let kit = recalled(remembered) { return kit }  // made while this one waited
+            let release = try kernelRelease()
+            let kernelDirectory = root + "/kernel-" + release
+            if !FileSystem.exists(kernelDirectory + "/vmlinux") {
+                progress?.report("vm", "fetching Debian's kernel \(release)", elapsed: 0)
+                try fetchKernel(release: release, into: kernelDirectory, scratch: root)
             }
-            archive.file(
-                "lib/modules/order", bytes: Array(modules.map(\.name).joined(separator: "\n").utf8), mode: 0o644)
-            try FileSystem.writeFile(initramfs + ".partial", archive.finish(), mode: 0o644)
-            try FileSystem.rename(initramfs + ".partial", initramfs)
+            let modules = try moduleOrder(in: kernelDirectory + "/lib/modules/" + release)
+            // Named by what goes in, so a new agent or module set makes a new initramfs.
+            let name = Digest.sha256(agentDigest + modules.map(\.name).joined(separator: ",") + ",init2").hex
+                .prefix(16)
+            let initramfs = kernelDirectory + "/initramfs-\(name).cpio"
+            if !FileSystem.exists(initramfs) {
+                var archive = CPIOWriter()
+                for directory in ["bin", "dev", "proc", "sys", "lib", "lib/modules"] { archive.directory(directory) }
+                // The agent links the Swift runtime statically, which reads /proc before main:
+                // /init (busybox sh) mounts /proc first.
+                archive.file("bin/busybox", bytes: try FileSystem.readFile("/bin/busybox"), mode: 0o755)
+                archive.file(
+                    "init",
+                    bytes: Array(
+                        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\nexec /contree-agent\n".utf8),
+                    mode: 0o755)
+                archive.file("contree-agent", bytes: try FileSystem.readFile(agent), mode: 0o755)
+                for module in modules {
+                    archive.file(
+                        "lib/modules/\(module.name).ko", bytes: try FileSystem.readFile(module.path), mode: 0o644)
+                }
+                archive.file(
+                    "lib/modules/order", bytes: Array(modules.map(\.name).joined(separator: "\n").utf8), mode: 0o644)
+                try FileSystem.writeFile(initramfs + ".partial", archive.finish(), mode: 0o644)
+                try FileSystem.rename(initramfs + ".partial", initramfs)
+            }
+            let kit = GuestKit(kernel: kernelDirectory + "/vmlinux", initramfs: initramfs, release: release)
+            try FileSystem.writeFile(
+                remembered, Array([release, kit.kernel, kit.initramfs].joined(separator: "\n").utf8), mode: 0o644)
+            return kit
         }
-        let kit = GuestKit(kernel: kernelDirectory + "/vmlinux", initramfs: initramfs, release: release)
-        try FileSystem.writeFile(
-            remembered, Array([release, kit.kernel, kit.initramfs].joined(separator: "\n").utf8), mode: 0o644)
-        return kit
     }
 
     /// A kit written down by `prepare`, if its files are still there.

@@ -48,9 +48,7 @@ public final class VMBackend: IsolationBackend {
     private func templateKey(_ vm: MicroVM) -> String {
         String(
             Digest.sha256(
-                Array(
-                    "\(vm.kit.release) \(vm.kit.initramfs.split(separator: "/").last ?? "") \(vm.memoryMiB) \(vm.accelerator) \(VMBackend.layerSlots) \(VMBackend.slotBytes) \(VMBackend.qemuVersion)"
-                        .utf8)
+                "\(vm.kit.release) \(vm.kit.initramfs.split(separator: "/").last ?? "") \(vm.memoryMiB) \(vm.accelerator) \(VMBackend.layerSlots) \(VMBackend.slotBytes) \(VMBackend.qemuVersion)"
             ).hex.prefix(16))
     }
 
@@ -66,18 +64,13 @@ public final class VMBackend: IsolationBackend {
         if let known = templates.withLock({ $0[key] }) { return known }
         let directory = root + "/vm/templates/" + key
         try FileSystem.makeDirectories(directory)
-        let lock = open(directory + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard lock >= 0 else { throw SandboxError.system("open(\(directory)/lock)") }
-        defer { close(lock) }
-        while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
-        let template: MicroVM.Template
-        if FileSystem.exists(directory + "/state") {
-            template = MicroVM.Template(
-                ram: directory + "/ram", state: directory + "/state", layerSlots: VMBackend.layerSlots)
-        } else {
+        let template = try FileSystem.withLock(directory + "/lock", mode: 0o644) {
+            if FileSystem.exists(directory + "/state") {
+                return MicroVM.Template(
+                    ram: directory + "/ram", state: directory + "/state", layerSlots: VMBackend.layerSlots)
+            }
             progress?.report("vm", "booting a template VM (once per store and memory size)", elapsed: 0)
-            template = try vm.makeTemplate(
-                in: directory, layerSlots: VMBackend.layerSlots, slotBytes: VMBackend.slotBytes)
+            return try vm.makeTemplate(in: directory, layerSlots: VMBackend.layerSlots, slotBytes: VMBackend.slotBytes)
         }
         templates.withLock { $0[key] = template }
         return template

@@ -59,14 +59,9 @@ enum Format {
         date.formatted(.iso8601)
     }
 
-    /// Parses an age: `90s`, `30m`, `12h`, `7d`, `2w`, or a number of seconds.
+    /// Parses an age: `90s`, `30m`, `12h`, `7d`, `2w`, `1d12h`, or a number of seconds.
     static func parseAge(_ text: String) -> Double? {
-        let units: [Character: Double] = ["s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800]
-        let trimmed = text.trimmingCharacters(in: .whitespaces)
-        if let unit = trimmed.last.flatMap({ units[$0] }), let value = Double(trimmed.dropLast()), value >= 0 {
-            return value * unit
-        }
-        return Double(trimmed).flatMap { $0 >= 0 ? $0 : nil }
+        Units.seconds(text.trimmingCharacters(in: .whitespaces), days: true)
     }
 
     /// Renders rows as aligned columns.

@@ -362,23 +362,13 @@ struct ArtifactsCommand: ParsableCommand {
     @Option(help: "Copy the artifacts (and manifest.json) here.") var copy: String?
     @Flag(help: "Print JSON.") var json = false
 
-    struct Entry: Codable {
-        var node: String
-        var path: String
-        var file: String
-        var sha256: String
-        var size: Int64
-    }
-
     func run() throws {
         try reportingErrors {
             guard let summary = try StepCache(store: try storeOptions.open()).run(runID) else {
                 throw SandboxError(.notFound, "no run \(runID); `contree-pipeline runs` lists them")
             }
             let manifest = try ArtifactManifest(outDir: summary.outDir)
-            let entries = manifest.entries.map {
-                Entry(node: $0.node, path: $0.path, file: $0.file, sha256: $0.sha256, size: $0.size)
-            }
+            let entries = manifest.entries
             if let copy {
                 let copied = try manifest.copy(to: copy)
                 print("copied \(copied) artifacts to \(copy)")

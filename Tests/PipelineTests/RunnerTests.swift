@@ -229,8 +229,8 @@ struct RunnerTests {
     @Test("cancelling a run stops its sandboxes and records the run as cancelled")
     func cancellation() async throws {
         let w = try Workspace()
-        try w.write("pipeline.yaml", "steps:\n  - id: long\n    run: sleep 30\n")
-        let report = try await w.runCancelled(once: "long")
+        try w.write("pipeline.yaml", "steps:\n  - id: long\n    run: sleep 30.11\n")
+        let report = try await w.runCancelled(once: ["sleep", "30.11"])
         #expect(report.status == .cancelled && report.exitStatus == 130)
         #expect(report.node("long")?.status == .cancelled)
         #expect(try w.store.checkConsistency(verifyContent: false).isConsistent)
@@ -379,14 +379,14 @@ struct RunnerTests {
               - id: setup
                 run: true
               - id: long
-                run: sleep 30
+                run: sleep 30.13
               - id: cleanup
                 from: setup
                 needs: [long]
                 if: cancelled() || always()
                 run: echo cleaning up
             """)
-        let report = try await w.runCancelled(once: "long")
+        let report = try await w.runCancelled(once: ["sleep", "30.13"])
         #expect(report.node("long")?.status == .cancelled)
         #expect(report.node("cleanup")?.status == .passed)
         #expect(report.log("cleanup").contains("cleaning up"))
@@ -469,32 +469,36 @@ extension JSONDecoder {
     }
 }
 
-/// Notes when a node starts.
 extension Workspace {
-    /// Runs `pipeline.yaml` and cancels the run (as Ctrl-C does) once `node` has run a moment.
-    func runCancelled(once node: String) async throws -> RunReport {
-        let started = StartWatcher(node: node)
-        let task = Task { try await run(observer: started) }
-        try await started.wait()
-        try await Task.sleep(for: .milliseconds(300))
+    /// Runs `pipeline.yaml` and cancels the run (as Ctrl-C does) once a sandbox runs `command`
+    /// (a command line no other test runs at the same time).
+    func runCancelled(once command: [String]) async throws -> RunReport {
+        let ended = EndWatcher()
+        let task = Task { try await run(observer: ended) }
+        let deadline = Date().addingTimeInterval(60)
+        while try processCount(commandLine: command) == 0 {
+            guard !ended.seen, Date() < deadline else {
+                task.cancel()
+                throw TestTimeout("no sandbox ran \(command.joined(separator: " ")) (the run ended or a minute passed)")
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
         task.cancel()
         return try await task.value
     }
 }
 
-final class StartWatcher: RunObserver {
-    let node: String
-    private let started = Mutex(false)
-    init(node: String) { self.node = node }
-    var seen: Bool { started.withLock { $0 } }
+/// Notes when a run ends.
+final class EndWatcher: RunObserver {
+    private let ended = Mutex(false)
+    var seen: Bool { ended.withLock { $0 } }
     func handle(_ event: RunEvent) {
-        if case .nodeStarted(let id) = event, id == node { started.withLock { $0 = true } }
-        if case .finished = event { started.withLock { $0 = true } }  // never wait past the end
+        if case .finished = event { ended.withLock { $0 = true } }
     }
+}
 
-    /// Waits (a minute at most) until the node started or the run ended.
-    func wait() async throws {
-        let deadline = Date().addingTimeInterval(60)
-        while !seen && Date() < deadline { try await Task.sleep(for: .milliseconds(50)) }
-    }
+/// A wait that gave up.
+struct TestTimeout: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
 }

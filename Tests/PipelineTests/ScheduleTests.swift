@@ -6,7 +6,7 @@ import Testing
 
 /// Runs nodes without sandboxes: each node's outcome comes from `outcomes` (by step id; passed
 /// by default), each passed node "makes" the snapshot `image-of-NODE`, and every start is logged.
-final class FakeExecutor: NodeExecutor {
+final class FakeExecutor: Sendable {
     let outcomes: [String: NodeStatus]
     /// Steps that wait until they are cancelled (a long step fail-fast or Ctrl-C stops).
     let hanging: Set<String>
@@ -43,7 +43,7 @@ final class FakeExecutor: NodeExecutor {
 }
 
 /// The scheduler's semantics without root, sandboxes or a store: milliseconds each.
-@Suite("The scheduler, with a fake executor")
+@Suite("The scheduler, with a fake executor", .timeLimit(.minutes(1)))
 struct ScheduleTests {
     static func plan(_ yaml: String) throws -> PipelinePlan {
         PipelinePlan(try PipelineParser.parse(yaml, file: "pipeline.yaml", directory: "/nonexistent"))
@@ -55,7 +55,7 @@ struct ScheduleTests {
     ) async throws -> (results: [String: NodeResult], recorded: [String]) {
         var schedule = Schedule(plan: try plan(yaml), jobs: jobs, keepGoing: keepGoing, baseImage: "base")
         var recorded: [String] = []
-        await PipelineRunner.drive(&schedule, executor: executor, observer: nil) { recorded.append($0.node) }
+        await PipelineRunner.drive(&schedule, execute: executor.execute, observer: nil) { recorded.append($0.node) }
         return (schedule.results, recorded)
     }
 

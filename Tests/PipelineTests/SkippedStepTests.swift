@@ -79,12 +79,12 @@ struct SkippedStepTests {
               - id: setup
                 run: echo ready > /ready
               - id: long
-                run: sleep 60
+                run: sleep 60.17
               - id: cleanup
                 if: always()
                 run: cat /ready
             """)
-        let report = try await w.runCancelled(once: "long")
+        let report = try await w.runCancelled(once: ["sleep", "60.17"])
         #expect(report.node("long")?.status == .cancelled)
         #expect(report.node("cleanup")?.status == .passed)
         #expect(report.node("cleanup")?.parentImage == report.node("setup")?.resultImage)

@@ -339,3 +339,30 @@ struct SchemaTests {
         #expect(ran.withLock { $0 } == [1, 2])
     }
 }
+
+@Suite("Abandoned run cgroups", .requiresRoot)
+struct AbandonedCgroupTests {
+    @Test(
+        "starting a command with no dead work reads no cgroup; one left behind goes with the next recovery that knows of it, and with gc"
+    )
+    func lazyRecovery() throws {
+        let t = try TemporaryStore()
+        let marker = t.store.leasesPath + "/cgroups-left"
+        // A run cgroup of this store whose lease is gone: abandoned.
+        func abandoned(_ id: String) throws -> (exists: () -> Bool, group: Cgroup) {
+            let group = try Cgroup.create(storeRoot: t.root, id: id, limits: ResourceLimits())
+            return ({ group.directories.values.contains { FileSystem.exists($0) } }, group)
+        }
+        let first = try abandoned("gone-1")
+        defer { first.group.remove() }
+        _ = try Store(root: t.root)  // no dead work, no marker
+        #expect(first.exists())
+        try FileSystem.writeFile(marker, [], mode: 0o600)  // an earlier recovery left one
+        _ = try Store(root: t.root)
+        #expect(!first.exists() && !FileSystem.exists(marker))
+        let second = try abandoned("gone-2")
+        defer { second.group.remove() }
+        _ = try t.store.collectGarbage()
+        #expect(!second.exists())
+    }
+}

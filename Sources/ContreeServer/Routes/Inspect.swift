@@ -56,16 +56,13 @@ extension ServerState {
         headers[.contentLength] = String(node.status.st_size)
         if call.request.method == .head { return Response(status: .ok, headers: headers) }
         let fd = try fs.openFile(node)
-        return Response(status: .ok, headers: headers, body: ServerState.streamFile(fd: fd, unlinkPath: nil))
+        return Response(status: .ok, headers: headers, body: ServerState.streamFile(fd: fd))
     }
 
-    /// A body that streams a file descriptor and closes it (removing `unlinkPath` after).
-    static func streamFile(fd: Int32, unlinkPath: String?) -> ResponseBody {
+    /// A body that streams a file descriptor and closes it.
+    static func streamFile(fd: Int32) -> ResponseBody {
         ResponseBody { writer in
-            defer {
-                close(fd)
-                if let unlinkPath { unlink(unlinkPath) }
-            }
+            defer { close(fd) }
             var buffer = [UInt8](repeating: 0, count: 1 << 18)
             while true {
                 let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
@@ -83,23 +80,24 @@ extension ServerState {
         var headers = HTTPFields()
         headers[.contentType] = "application/x-tar"
         if call.request.method == .head { return Response(status: .ok, headers: headers) }
-        // Written to a scratch file first: the tar writer is synchronous and the body async.
+        // Written to a scratch file first: the tar writer is synchronous and the body async. The
+        // file has no name once open (tmp/ holds only leases' work; nothing else may clean it up).
         let scratch = api.store.tmpPath + "/archive-" + UUID().uuidString.lowercased() + ".tar"
         let fd = open(scratch, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw SandboxError.system("open(\(scratch))") }
+        unlink(scratch)
         do {
             try await BlockingPool.shared.run {
                 try fs.export(node) { chunk in try FileSystem.writeAll(fd: fd, chunk, path: scratch) }
             }
         } catch {
             close(fd)
-            unlink(scratch)
             throw error
         }
         lseek(fd, 0, SEEK_SET)
         headers[.contentLength] = String(lseek(fd, 0, SEEK_END))
         lseek(fd, 0, SEEK_SET)
-        return Response(status: .ok, headers: headers, body: ServerState.streamFile(fd: fd, unlinkPath: scratch))
+        return Response(status: .ok, headers: headers, body: ServerState.streamFile(fd: fd))
     }
 
     /// `GET /v1/inspect/{uuid}/list?path=[&text]`: a directory's entries (or the file itself),

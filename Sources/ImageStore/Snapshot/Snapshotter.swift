@@ -125,7 +125,7 @@ public struct Snapshotter: Sendable {
         let destination = store.layerPath(digest)
         if FileSystem.exists(destination) {
             if try store.isProven(digest) { return try FileSystem.removeTree(directory) }
-            let kept = try store.withLock(store.root + "/layers.prove.lock") { () throws -> Bool in
+            let kept = try FileSystem.withLock(store.root + "/layers.prove.lock") { () throws -> Bool in
                 if (try? LayerArchiver.archive(directory: destination).digest) == digest { return true }
                 Trace.mark("commit: layer \(digest) holds more than its digest covers; replacing it")
                 try FileSystem.rename(destination, directory + ".unproven")

@@ -99,9 +99,13 @@ extension Store {
 
     /// Removes leases, work directories and cgroups that dead processes left behind. It
     /// carries on past what it cannot remove and reports it.
+    /// - Parameter scanningCgroups: look for this store's abandoned cgroups even when no dead
+    ///   work was found (gc); otherwise only then, or when an earlier recovery left one.
     /// - Returns: the ids of the abandoned leases that were cleaned up, and what failed.
     @discardableResult
-    public func recoverAbandonedWork() throws -> (removed: [String], failures: [String]) {
+    public func recoverAbandonedWork(
+        scanningCgroups: Bool = false
+    ) throws -> (removed: [String], failures: [String]) {
         var removed: [String] = []
         var failures: [String] = []
         func removeWork(_ id: String) {
@@ -143,9 +147,18 @@ extension Store {
             guard let id = row["id"].string, !isLeaseAlive(id) else { continue }
             _ = try database.query("DELETE FROM leases WHERE id = ?", [.text(id)])
         }
-        // A run's cgroup lives inside its lease's lifetime: only a dead lease can leave one,
-        // but a sandbox slow to die may have kept it past the recovery that removed the lease.
-        Cgroup.removeAbandoned(storeRoot: root, isAlive: { self.isLeaseAlive($0) })
+        // A run's cgroup lives inside its lease's lifetime: only a dead lease can leave one. A
+        // sandbox slow to die may keep it past the recovery that removed the lease: a marker
+        // brings the next recovery back, so that starting a command with no dead work reads
+        // no cgroup directory.
+        let marker = leasesPath + "/cgroups-left"
+        if scanningCgroups || !removed.isEmpty || FileSystem.exists(marker) {
+            if Cgroup.removeAbandoned(storeRoot: root, isAlive: { self.isLeaseAlive($0) }) {
+                unlink(marker)
+            } else {
+                try? FileSystem.writeFile(marker, [], mode: 0o600)
+            }
+        }
         return (removed, failures)
     }
 }

@@ -13,6 +13,11 @@ extension Store {
         try images(where: "i.uuid = ?", [.text(uuid.lowercased())]).first
     }
 
+    /// Whether the image `uuid` exists (without reading its record).
+    public func hasImage(_ uuid: String) throws -> Bool {
+        try !database.query("SELECT 1 FROM images WHERE uuid = ?", [.text(uuid.lowercased())]).isEmpty
+    }
+
     /// Every image, oldest first.
     public func listImages() throws -> [ImageRecord] {
         try images(where: "1", [])

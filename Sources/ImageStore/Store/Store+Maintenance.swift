@@ -58,7 +58,7 @@ extension Store {
     ) throws -> GarbageReport {
         var report = GarbageReport()
         return try withStoreLock(exclusive: true) {
-            let abandoned = try recoverAbandonedWork()
+            let abandoned = try recoverAbandonedWork(scanningCgroups: true)
             report.abandonedWork = abandoned.removed.count
             report.failures += abandoned.failures
             if let age = pruneUntaggedOlderThan { report.imagesRemoved = try pruneUntagged(olderThan: age) }

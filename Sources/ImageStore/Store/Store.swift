@@ -120,18 +120,7 @@ public final class Store: Sendable {
 
     /// Runs `body` holding `store.lock` (shared for commits, exclusive for gc).
     func withStoreLock<T>(exclusive: Bool, _ body: () throws -> T) throws -> T {
-        try withLock(lockPath, exclusive: exclusive, body)
-    }
-
-    /// Runs `body` holding an `flock` on `path` (created if needed).
-    func withLock<T>(_ path: String, exclusive: Bool = true, _ body: () throws -> T) throws -> T {
-        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
-        defer { close(fd) }
-        while flock(fd, exclusive ? LOCK_EX : LOCK_SH) != 0 {
-            guard errno == EINTR else { throw SandboxError.system("flock(\(path))") }
-        }
-        return try body()
+        try FileSystem.withLock(lockPath, exclusive: exclusive, body)
     }
 
     /// The physical directory of a layer.

@@ -231,22 +231,24 @@ public final class PipelineRunner: Sendable {
         return report
     }
 
-    /// Runs the plan's nodes on the snapshot engine (see `drive`).
+    /// Runs the plan's nodes (see `drive`; `execute` runs each, its steps on `steps`).
     private func schedule(_ context: ExecutionContext) async -> [String: NodeResult] {
         var schedule = Schedule(
             plan: plan, jobs: options.jobs, keepGoing: options.keepGoing, baseImage: context.baseImage.uuid)
         await PipelineRunner.drive(
-            &schedule, executor: EngineNodeExecutor(runner: self, context: context), observer: observer,
-            record: record)
+            &schedule, execute: { node, results in await self.execute(node, results: results, context: context) },
+            observer: observer, record: record)
         return schedule.results
     }
 
-    /// Carries out a schedule's decisions: starts nodes on `executor` as their dependencies
-    /// end, `jobs` at a time; on fail-fast cancels the running nodes that do not react to
-    /// failures; reports each node to `record` and the observer as it ends.
+    /// Carries out a schedule's decisions: starts nodes with `execute` (handed the node and
+    /// the results it may read) as their dependencies end, `jobs` at a time; on fail-fast
+    /// cancels the running nodes that do not react to failures; reports each node to `record`
+    /// and the observer as it ends.
     static func drive(
-        _ schedule: inout Schedule, executor: some NodeExecutor, observer: (any RunObserver)?,
-        record: (NodeResult) -> Void
+        _ schedule: inout Schedule,
+        execute: @escaping @Sendable (PlanNode, [String: NodeResult]) async -> NodeResult,
+        observer: (any RunObserver)?, record: (NodeResult) -> Void
     ) async {
         let registry = TaskRegistry()
         await withTaskGroup(of: NodeResult.self) { group in
@@ -261,7 +263,7 @@ public final class PipelineRunner: Sendable {
                     let exempt = node.reactsToFailure
                     observer?.handle(.nodeStarted(node.id))
                     // Registered before it can run, so that a fail-fast right after reaches it.
-                    let inner = Task { await executor.execute(node, results: snapshot) }
+                    let inner = Task { await execute(node, snapshot) }
                     registry.add(node.id, inner, exempt: exempt)
                     group.addTask {
                         var result: NodeResult
@@ -314,16 +316,6 @@ public final class PipelineRunner: Sendable {
                 node: result.node, step: result.step, status: result.status.rawValue, cached: result.cached,
                 key: result.key, components: result.components, parentImage: result.parentImage,
                 resultImage: result.resultImage, outputs: result.outputs))
-    }
-}
-
-/// Runs nodes on this runner's snapshot engine.
-struct EngineNodeExecutor: NodeExecutor {
-    let runner: PipelineRunner
-    let context: ExecutionContext
-
-    func execute(_ node: PlanNode, results: [String: NodeResult]) async -> NodeResult {
-        await runner.execute(node, results: results, context: context)
     }
 }
 

@@ -1,7 +1,8 @@
 /// The scheduler as a state machine: given the plan and the results so far, it says which
 /// nodes start, which are settled without running (skipped, cancelled), and when fail-fast
 /// must stop the running ones. It runs nothing and keeps no clock: `PipelineRunner.drive`
-/// carries its decisions out with a `NodeExecutor`, and tests drive it by hand.
+/// carries its decisions out, running each started node with the function it is given, and
+/// tests drive it by hand.
 struct Schedule {
     let plan: PipelinePlan
     /// Nodes running at once.
@@ -136,10 +137,4 @@ extension PipelinePlan {
         }
         return (base, nil)
     }
-}
-
-/// What runs one node of a plan: the snapshot engine today, other machines next. It is handed
-/// the node and the results it may read, and returns everything the runner records.
-protocol NodeExecutor: Sendable {
-    func execute(_ node: PlanNode, results: [String: NodeResult]) async -> NodeResult
 }

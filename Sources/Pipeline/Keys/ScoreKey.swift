@@ -28,10 +28,5 @@ struct ScoreKeyComponents: Codable, Sendable, Equatable {
     }
 
     /// `score:sha256:…` of the JSON encoding with sorted keys.
-    var key: String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        let data = (try? encoder.encode(self)) ?? Data()
-        return "score:" + Digest.sha256(data).description
-    }
+    var key: String { "score:" + Digest.ofCanonicalJSON(self).description }
 }

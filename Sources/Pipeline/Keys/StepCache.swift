@@ -122,7 +122,7 @@ public struct StepCache: Sendable {
         guard
             let row = try store.database.query(
                 "SELECT result_image, outputs, record, log FROM step_cache WHERE key = ?", [.text(key)]
-            ).first, let image = row["result_image"].string, try store.image(image) != nil
+            ).first, let image = row["result_image"].string, try store.hasImage(image)
         else { return nil }
         return CachedStep(
             key: key, resultImage: image, outputs: decode([String: String].self, row["outputs"].string) ?? [:],

@@ -3,6 +3,16 @@ import Foundation
 import ImageStore
 import SystemSupport
 
+extension SystemSupport.Digest {
+    /// The digest of a value's JSON with sorted keys and slashes as they are: what step and
+    /// score keys are (equal values, equal keys; any change, another key).
+    static func ofCanonicalJSON<T: Encodable>(_ value: T) -> SystemSupport.Digest {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return sha256((try? encoder.encode(value)) ?? Data())
+    }
+}
+
 /// Everything that determines a step's result, in a canonical form. The step key is the
 /// sha256 of its JSON encoding (sorted keys): equal keys mean the step can be reused.
 public struct StepKeyComponents: Codable, Sendable, Equatable {
@@ -31,12 +41,7 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
         case command, env, workdir, user, inputs, secrets, isolation, network
     }
 
-    public var key: String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        let data = (try? encoder.encode(self)) ?? Data()
-        return Digest.sha256(data).description
-    }
+    public var key: String { Digest.ofCanonicalJSON(self).description }
 
     /// Names of the components that differ from `other`, with a short description.
     public func differences(from other: StepKeyComponents) -> [String] {

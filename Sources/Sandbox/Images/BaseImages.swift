@@ -67,37 +67,31 @@ public struct BaseImages: Sendable {
     /// Concurrent callers wait for one build.
     public func build(_ name: String) throws -> ImageRecord {
         let lockPath = store.root + "/builtin-" + name.replacing(":", with: "_") + ".lock"
-        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SandboxError.system("open(\(lockPath))") }
-        defer { close(fd) }
-        // Its holder may need this pool's threads to finish (a package set is built in a run).
-        try BlockingPool.whileBlocked {
-            while flock(fd, LOCK_EX) != 0 {
-                guard errno == EINTR else { throw SandboxError.system("flock(\(lockPath))") }
+        return try FileSystem.withLock(lockPath) {
+            if let record = try store.findImage(name) { return record }
+            let lease = try store.acquireLease(layers: [])
+            defer { lease.release() }
+            let image: ImageRecord
+            switch name {
+            case "busybox": image = try buildBusybox(lease: lease)
+            case "debian:bookworm": image = try buildDebian(lease: lease, suite: "bookworm", packages: [])
+            case let other where other.hasPrefix("debian:bookworm+"):
+                let packages = other.dropFirst("debian:bookworm+".count).split(separator: ",").map(String.init)
+                if DebianPackageLayer.isAvailable {
+                    let parent = try resolve("debian:bookworm")
+                    image = try DebianPackageLayer(store: store, progress: progress).build(
+                        packages, over: parent, in: lease.workPath + "/packages", task: other, suite: "bookworm")
+                } else {
+                    image = try buildDebian(lease: lease, suite: "bookworm", packages: packages)
+                }
+            default:
+                throw SandboxError(
+                    .notFound, "no built-in image named \(name); built-ins: \(BaseImages.names.joined(separator: ", "))"
+                )
             }
+            try store.tag(name, image: image.uuid)
+            return try store.image(image.uuid) ?? image
         }
-        if let record = try store.findImage(name) { return record }
-        let lease = try store.acquireLease(layers: [])
-        defer { lease.release() }
-        let image: ImageRecord
-        switch name {
-        case "busybox": image = try buildBusybox(lease: lease)
-        case "debian:bookworm": image = try buildDebian(lease: lease, suite: "bookworm", packages: [])
-        case let other where other.hasPrefix("debian:bookworm+"):
-            let packages = other.dropFirst("debian:bookworm+".count).split(separator: ",").map(String.init)
-            if DebianPackageLayer.isAvailable {
-                let parent = try resolve("debian:bookworm")
-                image = try DebianPackageLayer(store: store, progress: progress).build(
-                    packages, over: parent, task: other, suite: "bookworm")
-            } else {
-                image = try buildDebian(lease: lease, suite: "bookworm", packages: packages)
-            }
-        default:
-            throw SandboxError(
-                .notFound, "no built-in image named \(name); built-ins: \(BaseImages.names.joined(separator: ", "))")
-        }
-        try store.tag(name, image: image.uuid)
-        return try store.image(image.uuid) ?? image
     }
 
     // MARK: busybox

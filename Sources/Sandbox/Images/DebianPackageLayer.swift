@@ -28,12 +28,15 @@ struct DebianPackageLayer {
 
     static let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
-    /// Installs `packages` over `parent`. - Returns: the new image (the parent itself when it
-    /// has them all). - Throws: `invalidArgument` for a package the archive does not have,
-    /// `childProcess` when apt or dpkg fail (with their last lines).
-    func build(_ packages: [String], over parent: ImageRecord, task: String, suite: String) throws -> ImageRecord {
+    /// Installs `packages` over `parent`, downloading into `work` (a directory of the caller's
+    /// lease, so that no other process's recovery takes it for abandoned work).
+    /// - Returns: the new image (the parent itself when it has them all). - Throws:
+    /// `invalidArgument` for a package the archive does not have, `childProcess` when apt or
+    /// dpkg fail (with their last lines).
+    func build(
+        _ packages: [String], over parent: ImageRecord, in work: String, task: String, suite: String
+    ) throws -> ImageRecord {
         let started = Monotonic.now
-        let work = store.tmpPath + "/packages-" + UUID().uuidString.lowercased()
         try FileSystem.makeDirectories(work + "/archives/partial")
         defer { try? FileSystem.removeTree(work) }
         for dir in ["lists/partial", "cache"] { try FileSystem.makeDirectories(aptRoot + "/" + dir) }
@@ -52,21 +55,12 @@ struct DebianPackageLayer {
             "-o", "Debug::NoLocking=1", "-o", "APT::Sandbox::User=root", "-o", "APT::Install-Recommends=0",
         ]
         // One apt at a time on the store's lists (two package sets may be built at once).
-        let lockPath = aptRoot + "/lock"
-        let lock = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard lock >= 0 else { throw SandboxError.system("open(\(lockPath))") }
-        defer { close(lock) }
-        // Its holder may need this pool's threads to finish (a package set is built in a run).
-        try BlockingPool.whileBlocked {
-            while flock(lock, LOCK_EX) != 0 {
-                guard errno == EINTR else { throw SandboxError.system("flock(\(lockPath))") }
-            }
+        try FileSystem.withLock(aptRoot + "/lock") {
+            progress?.report(task, "apt-get update (\(suite) main)", elapsed: 0)
+            try apt(["update"] + options, task: task, started: started)
+            progress?.report(task, "downloading \(packages.joined(separator: ", ")) and what they need", elapsed: 0)
+            try apt(["install", "--download-only", "-y"] + options + packages, task: task, started: started)
         }
-        progress?.report(task, "apt-get update (\(suite) main)", elapsed: 0)
-        try apt(["update"] + options, task: task, started: started)
-        progress?.report(task, "downloading \(packages.joined(separator: ", ")) and what they need", elapsed: 0)
-        try apt(["install", "--download-only", "-y"] + options + packages, task: task, started: started)
-        flock(lock, LOCK_UN)
         let debs = try FileSystem.list(work + "/archives").filter { $0.hasSuffix(".deb") }
         guard !debs.isEmpty else { return parent }
         progress?.report(

@@ -130,14 +130,9 @@ struct ContainerExec {
         }
 
         // The supervisor of a run serves an exec as well: same report, output and timeout.
-        let request = LaunchRequest(
-            id: container.runID, storeRoot: container.storeRoot, lowers: [], directory: "",
-            argv: spec.command, environment: spec.environment, cwd: spec.cwd, uid: spec.uid, gid: spec.gid,
-            hostname: "", network: container.network, limits: ResourceLimits(), timeout: spec.timeout, files: [],
-            stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr, terminal: nil, control: nil)
         var supervisor = Supervisor(
             pidfd: pidfd, reportFD: report.read, cancelFD: cancelFD, stdoutFD: out.drain, stderrFD: err.drain,
-            stdinFeed: stdinFeed, request: request, closer: closer)
+            stdinFeed: stdinFeed, stdout: spec.stdout, stderr: spec.stderr, timeout: spec.timeout, closer: closer)
         try supervisor.loop(started: started)
         var status: Int32 = 0
         var usage = csb_usage()

@@ -196,8 +196,11 @@ struct ContainerLaunch {
 
         var supervisor = Supervisor(
             pidfd: pidfd, reportFD: report.read, cancelFD: cancelFD, stdoutFD: out.drain, stderrFD: err.drain,
-            stdinFeed: stdinFeed, request: request, closer: closer,
-            terminal: terminal.map { (primary: $0.primary, session: request.terminal!) })
+            stdinFeed: stdinFeed, stdout: request.stdout, stderr: request.stderr, timeout: request.timeout,
+            upperWatch: request.limits.layerBytes.map {
+                UpperWatch(path: request.storeRoot + "/" + request.upper, limit: $0)
+            },
+            closer: closer, terminal: terminal.map { (primary: $0.primary, session: request.terminal!) })
         try supervisor.loop(started: started)
 
         var status: Int32 = 0

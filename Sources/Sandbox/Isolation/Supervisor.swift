@@ -40,7 +40,8 @@ struct Supervisor {
     var stdoutFD: Int32?
     var stderrFD: Int32?
     var stdinFeed: (fd: Int32, bytes: [UInt8])?
-    let request: LaunchRequest
+    /// Seconds from the start after which the command is killed, if any.
+    let timeout: Double?
     let closer: ContainerLaunch.Closer
 
     var stdout: Capture
@@ -59,7 +60,8 @@ struct Supervisor {
 
     init(
         pidfd: Int32, reportFD: Int32, cancelFD: Int32, stdoutFD: Int32?, stderrFD: Int32?,
-        stdinFeed: (fd: Int32, bytes: [UInt8])?, request: LaunchRequest, closer: ContainerLaunch.Closer,
+        stdinFeed: (fd: Int32, bytes: [UInt8])?, stdout: OutputSink, stderr: OutputSink, timeout: Double?,
+        upperWatch: UpperWatch? = nil, closer: ContainerLaunch.Closer,
         terminal: (primary: Int32, session: TerminalSession)? = nil
     ) {
         self.terminalPrimary = terminal?.primary
@@ -71,13 +73,11 @@ struct Supervisor {
         self.stdoutFD = stdoutFD
         self.stderrFD = stderrFD
         self.stdinFeed = stdinFeed
-        self.request = request
+        self.timeout = timeout
+        self.upperWatch = upperWatch
         self.closer = closer
-        self.stdout = Capture(request.stdout)
-        self.stderr = Capture(request.stderr)
-        if let limit = request.limits.layerBytes, !request.directory.isEmpty {
-            upperWatch = UpperWatch(path: request.storeRoot + "/" + request.upper, limit: limit)
-        }
+        self.stdout = Capture(stdout)
+        self.stderr = Capture(stderr)
         if stdinFeed?.bytes.isEmpty == true {
             closer.close(stdinFeed!.fd)
             self.stdinFeed = nil
@@ -108,7 +108,7 @@ struct Supervisor {
     var exitReport: csb_report? { reports.first { $0.kind == Int32(CSB_REPORT_EXITED) } }
 
     mutating func loop(started: Double) throws {
-        let deadline = request.timeout.map { started + $0 }
+        let deadline = timeout.map { started + $0 }
         var buffer = [UInt8](repeating: 0, count: 65536)
         var killed = false
         var forceKillAt: Double?

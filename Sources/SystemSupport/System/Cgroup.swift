@@ -315,14 +315,17 @@ package struct Cgroup {
     }
 
     /// Removes this store's run cgroups whose lease is dead (their owner was killed).
-    package static func removeAbandoned(storeRoot: String, isAlive: (String) -> Bool) {
+    /// - Returns: whether none is left (false: one would not go within a second).
+    @discardableResult
+    package static func removeAbandoned(storeRoot: String, isAlive: (String) -> Bool) -> Bool {
         let mine = prefix + scope(storeRoot: storeRoot) + "-"
         let parents: [String]
         switch layout {
         case .v2(let parent): parents = [parent]
         case .v1(let p): parents = Array(Set(p.values))
-        case .unavailable: return
+        case .unavailable: return true
         }
+        var allGone = true
         for parent in parents {
             for name in (try? FileSystem.list(parent)) ?? [] where name.hasPrefix(mine) {
                 let id = String(name.dropFirst(mine.count))
@@ -331,14 +334,20 @@ package struct Cgroup {
                 // is an orphan: finish it.
                 let dir = parent + "/" + name
                 // A killed process writing to disk may take a moment to go: up to a second.
+                var gone = false
                 for attempt in 0..<500 {
-                    if rmdir(dir) == 0 || errno != EBUSY { break }
+                    if rmdir(dir) == 0 || errno != EBUSY {
+                        gone = true
+                        break
+                    }
                     for pid in (read(dir + "/cgroup.procs") ?? "").split(separator: "\n").compactMap({ Int32($0) }) {
                         kill(pid, SIGKILL)
                     }
                     if attempt < 499 { usleep(2000) }
                 }
+                allGone = allGone && gone
             }
         }
+        return allGone
     }
 }
