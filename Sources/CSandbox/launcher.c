@@ -21,6 +21,10 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <net/if.h>
+#include <pthread.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 
 #ifndef CLONE_PIDFD
 #define CLONE_PIDFD 0x00001000
@@ -45,7 +49,10 @@ static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter
     for (size_t i = 0; i < argc; i++) length += csb_strlen(l->argv[i]) + 1;
     for (size_t i = 0; i < envc; i++) length += csb_strlen(l->envp[i]) + 1;
     for (size_t i = 0; i < l->file_count; i++) length += csb_strlen(l->files[i].path) + 1;
-    if (length > UINT32_MAX) return -E2BIG;
+    length += l->bind_count * sizeof(uint32_t);
+    for (size_t i = 0; i < l->bind_count; i++)
+        length += csb_strlen(l->binds[i].source) + 1 + csb_strlen(l->binds[i].target) + 1;
+    if (length > UINT32_MAX || l->bind_count > 256) return -E2BIG;
     char *buf = calloc(length, 1);
     if (!buf) return -ENOMEM;
     csb_wire *w = (csb_wire *)buf;
@@ -62,6 +69,7 @@ static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter
     w->filter_length = (uint32_t)filter_len;
     w->terminal = l->terminal ? 1 : 0;
     w->file_size_limit = l->file_size_limit;
+    w->bind_count = (uint32_t)l->bind_count;
     size_t offset = sizeof *w;
     for (size_t i = 0; i < l->file_count; i++) {
         csb_wire_file *f = (csb_wire_file *)(buf + offset);
@@ -70,6 +78,10 @@ static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter
         f->gid = l->files[i].gid;
         offset += sizeof *f;
     }
+    for (size_t i = 0; i < l->bind_count; i++) {
+        memcpy(buf + offset, &l->binds[i].flags, sizeof(uint32_t));
+        offset += sizeof(uint32_t);
+    }
     memcpy(buf + offset, filter, filter_len);
     offset += filter_len;
     for (size_t i = 0; i < 6; i++) csb_put_string(buf, &offset, fixed[i]);
@@ -77,6 +89,10 @@ static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter
     for (size_t i = 0; i < argc; i++) csb_put_string(buf, &offset, l->argv[i]);
     for (size_t i = 0; i < envc; i++) csb_put_string(buf, &offset, l->envp[i]);
     for (size_t i = 0; i < l->file_count; i++) csb_put_string(buf, &offset, l->files[i].path);
+    for (size_t i = 0; i < l->bind_count; i++) {
+        csb_put_string(buf, &offset, l->binds[i].source);
+        csb_put_string(buf, &offset, l->binds[i].target);
+    }
     int fd = memfd_create("contree-spec", MFD_CLOEXEC | MFD_ALLOW_SEALING);
     int rc = fd < 0 ? -errno : 0;
     if (rc == 0 && csb_write_all(fd, buf, length) < 0) rc = -errno;
@@ -92,9 +108,12 @@ static int csb_write_spec(const csb_launch *l, const void *filter, size_t filter
 /// What the vfork-style child needs; it shares the parent's memory, so `err` comes back.
 struct csb_spawn {
     const char *path;
-    const char *mode;    ///< argv[1] of contree-init: NULL for pid 1, "exec" for a process joining a sandbox
-    const int *sources;  ///< fds to install as 3, 4, 5, ...
+    const char *const *argv;  ///< contree-init's: {"contree-init", mode, ...}
+    const int *sources;       ///< fds to install as 3, 4, 5, ...
     int count;
+    int netns_fd;             ///< >= 0: join this network namespace before the exec
+    int output_fd;            ///< >= 0: becomes stdout and stderr
+    int death_signal;         ///< a parent-death signal (of the calling thread), or 0
     volatile int err;
 };
 
@@ -102,6 +121,19 @@ struct csb_spawn {
 /// execs contree-init. Raw system calls only.
 static int csb_spawn_child(void *arg) {
     struct csb_spawn *s = arg;
+    // Set before the exec, while the parent is suspended: it cannot have died yet.
+    if (s->death_signal && syscall(SYS_prctl, PR_SET_PDEATHSIG, s->death_signal, 0, 0, 0) != 0) {
+        s->err = errno;
+        syscall(SYS_exit, 127);
+    }
+    if (s->netns_fd >= 0 && syscall(SYS_setns, s->netns_fd, CLONE_NEWNET) != 0) {
+        s->err = errno;
+        syscall(SYS_exit, 127);
+    }
+    if (s->output_fd >= 0 && (syscall(SYS_dup2, s->output_fd, 1) < 0 || syscall(SYS_dup2, s->output_fd, 2) < 0)) {
+        s->err = errno;
+        syscall(SYS_exit, 127);
+    }
     // Park every source above the target range first, so that no dup2 clobbers a source. The
     // parked copies are close-on-exec; dup2 clears it on the targets.
     int parked[4096];
@@ -121,11 +153,39 @@ static int csb_spawn_child(void *arg) {
     // Close the rest; where close_range is refused (an outer seccomp profile), everything the
     // host process opens is close-on-exec anyway.
     syscall(SYS_close_range, (unsigned)(3 + s->count), ~0U, 0);
-    char *argv[] = {(char *)"contree-init", (char *)s->mode, NULL};
     char *envp[] = {NULL};
-    syscall(SYS_execve, s->path, argv, envp);
+    syscall(SYS_execve, s->path, s->argv, envp);
     s->err = errno;
     syscall(SYS_exit, 127);
+    return 0;
+}
+
+/// Clones (with `namespaces` added to the posix_spawn-like flags) and execs as `s` says.
+/// Returns 0 with the child's pidfd and pid, or -errno.
+static int csb_clone_exec(struct csb_spawn *s, int namespaces, int *pidfd_out, pid_t *pid_out) {
+    const size_t stack_size = 64 * 1024;
+    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) return -errno;
+    // Every signal blocked across the clone: no handler of the host process may run in the
+    // child, and contree-init starts with all of them blocked (it waits for them explicitly).
+    uint64_t all = ~0ULL, old = 0;  // raw: glibc's sigfillset leaves its internal signals out
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, sizeof all);
+    int pidfd = -1;
+    int flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD | namespaces;
+    pid_t pid = clone(csb_spawn_child, stack + stack_size, flags, s, &pidfd);
+    int saved = errno;
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &old, NULL, sizeof old);
+    munmap(stack, stack_size);
+    if (pid < 0) return -saved;
+    if (s->err != 0) {
+        // The exec failed: reap the child and say why.
+        while (waitpid(pid, NULL, __WALL) < 0 && errno == EINTR) {
+        }
+        close(pidfd);
+        return -s->err;
+    }
+    *pidfd_out = pidfd;
+    *pid_out = pid;
     return 0;
 }
 
@@ -156,36 +216,14 @@ static int csb_start(const csb_launch *l, int target_pidfd, int *pidfd_out, pid_
         sources[count++] = target_pidfd;  // CSB_FD_TARGET
     }
 
-    const size_t stack_size = 64 * 1024;
-    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    if (stack == MAP_FAILED) {
-        close(spec);
-        return -errno;
-    }
-    struct csb_spawn s = {l->init_path, exec_mode ? "exec" : NULL, sources, count, 0};
-    // Every signal blocked across the clone: no handler of the host process may run in the
-    // child, and contree-init starts with all of them blocked (it waits for them explicitly).
-    uint64_t all = ~0ULL, old = 0;  // raw: glibc's sigfillset leaves its internal signals out
-    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, sizeof all);
-    int pidfd = -1;
-    int flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD;
-    if (!exec_mode) flags |= CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWIPC;
-    pid_t pid = clone(csb_spawn_child, stack + stack_size, flags, &s, &pidfd);
-    int saved = errno;
-    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &old, NULL, sizeof old);
-    munmap(stack, stack_size);
+    const char *argv[] = {"contree-init", exec_mode ? "exec" : NULL, NULL};
+    struct csb_spawn s = {l->init_path, argv, sources, count, exec_mode || l->netns_fd <= 0 ? -1 : l->netns_fd, -1, 0, 0};
+    int flags = 0;
+    if (!exec_mode) flags |= CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC;
+    if (!exec_mode && l->netns_fd <= 0) flags |= CLONE_NEWNET;
+    rc = csb_clone_exec(&s, flags, pidfd_out, pid_out);
     close(spec);
-    if (pid < 0) return -saved;
-    if (s.err != 0) {
-        // The exec failed: reap the child and say why.
-        while (waitpid(pid, NULL, __WALL) < 0 && errno == EINTR) {
-        }
-        close(pidfd);
-        return -s.err;
-    }
-    *pidfd_out = pidfd;
-    *pid_out = pid;
-    return 0;
+    return rc;
 }
 
 int csb_launch_start(const csb_launch *l, int *pidfd_out, pid_t *pid_out) {
@@ -195,6 +233,53 @@ int csb_launch_start(const csb_launch *l, int *pidfd_out, pid_t *pid_out) {
 int csb_exec_start(const csb_launch *l, int target_pidfd, int *pidfd_out, pid_t *pid_out) {
     if (target_pidfd < 0) return -EBADF;
     return csb_start(l, target_pidfd, pidfd_out, pid_out);
+}
+
+int csb_guard_start(const char *init_path, const char *const *argv, const int *fds, int fd_count, int output_fd,
+                    int *pidfd_out, pid_t *pid_out) {
+    size_t argc = 0;
+    while (argv[argc]) argc++;
+    if (argc == 0 || argc > 120 || fd_count < 0 || fd_count > 8) return -E2BIG;
+    const char *full[128] = {"contree-init", "guard"};
+    for (size_t i = 0; i <= argc; i++) full[2 + i] = argv[i];
+    struct csb_spawn s = {init_path, full, fds, fd_count, -1, output_fd, SIGKILL, 0};
+    return csb_clone_exec(&s, CLONE_NEWPID, pidfd_out, pid_out);
+}
+
+/// csb_netns_create's thread: a network namespace of its own, lo up, an fd for it; the
+/// thread's membership ends with the thread.
+static void *csb_netns_thread(void *arg) {
+    int *result = arg;
+    if (unshare(CLONE_NEWNET) != 0) {
+        *result = -errno;
+        return NULL;
+    }
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    memcpy(ifr.ifr_name, "lo", 3);
+    if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr) != 0) {
+        *result = -errno;
+    } else {
+        ifr.ifr_flags |= IFF_UP;
+        if (ioctl(s, SIOCSIFFLAGS, &ifr) != 0) {
+            *result = -errno;
+        } else {
+            int fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+            *result = fd < 0 ? -errno : fd;
+        }
+    }
+    if (s >= 0) close(s);
+    return NULL;
+}
+
+int csb_netns_create(void) {
+    int result = -EINVAL;
+    pthread_t thread;
+    int rc = pthread_create(&thread, NULL, csb_netns_thread, &result);
+    if (rc != 0) return -rc;
+    pthread_join(thread, NULL);
+    return result;
 }
 
 int csb_userns_create(uint32_t id_base, uint32_t count) {
@@ -300,6 +385,8 @@ int csb_wait(pid_t pid, int *status, struct csb_usage *usage) {
 int csb_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
 int csb_eventfd_cloexec(void) { return eventfd(0, EFD_CLOEXEC); }
+
+int csb_memfd_cloexec(const char *name) { return memfd_create(name, MFD_CLOEXEC); }
 
 int csb_open_path_dir(const char *path) { return open(path, O_PATH | O_DIRECTORY | O_CLOEXEC); }
 

@@ -18,9 +18,11 @@ public struct APIServer: Sendable {
     /// Opens (or creates, with one fresh token) the tokens file, prepares the API tables,
     /// and marks operations a previous server left running as FAILED.
     /// - Parameter registries: what imports may reach (`serve --registry`); none by default.
+    /// - Parameter allowEgress: every token's instances with networking enabled get egress
+    ///   (`serve --allow-egress`); otherwise only tokens whose line says `allow_egress=1`.
     public init(
         engine: SandboxEngine, tokensPath: String, isolation: IsolationKind = .container,
-        registries: RegistryAccess = .allowlistClosed
+        registries: RegistryAccess = .allowlistClosed, allowEgress: Bool = false
     ) throws {
         guard engine.availableBackends.contains(isolation) else {
             throw SandboxError(.unsupported, "the \(isolation.rawValue) backend is not available in this build")
@@ -37,7 +39,8 @@ public struct APIServer: Sendable {
             )
         }
         // Held (and the descriptor kept open) until the process ends.
-        let (tokens, created) = try TokenFile.loadOrCreate(tokensPath)
+        var (tokens, created) = try TokenFile.loadOrCreate(tokensPath)
+        if allowEgress { tokens = tokens.allowingEgress() }
         self.tokensPath = tokensPath
         self.createdTokens = created
         state = try ServerState(tokens: tokens, engine: engine, isolation: isolation, registries: registries)

@@ -152,6 +152,12 @@ public final class VMBackend: IsolationBackend {
             state.finished()
             request.control?.detach()
         }
+        if request.network.isEgress || request.sharedNetwork != nil || !request.mounts.isEmpty {
+            throw SandboxError(
+                .unsupported,
+                "the VM backend does not yet give a sandbox egress, services or cache mounts; run this with isolation container"
+            )
+        }
         let root = request.storeRoot
         let kit = try kit(root)
         // Lowers come top-most first; the guest stacks its disks bottom first.

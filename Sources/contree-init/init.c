@@ -21,6 +21,7 @@
 #include <linux/capability.h>
 #include <linux/filter.h>
 #include <linux/mount.h>
+#include <linux/openat2.h>
 #include <linux/seccomp.h>
 #include <net/if.h>
 #include <sched.h>
@@ -283,6 +284,76 @@ static void csb_loopback_up(const csb_launch *l) {
     ifr.ifr_flags |= IFF_UP;
     if (ioctl(s, SIOCSIFFLAGS, &ifr) != 0) csb_fail(l->report_fd, "ioctl(SIOCSIFFLAGS)", "lo", errno, NULL);
     close(s);
+}
+
+// ---- bind mounts (caches, resolv.conf) ---------------------------------------------------
+
+/// Clones each bind's source while the host's tree is still visible, idmapped like the store
+/// (what the sandbox's root writes is the host root's) and read-only where asked. The detached
+/// trees are attached after the pivot, where the targets resolve inside the sandbox's root.
+static int *csb_open_binds(const csb_launch *l) {
+    int *trees = calloc(l->bind_count + 1, sizeof(int));
+    if (!trees) csb_fail(l->report_fd, "calloc(binds)", "", ENOMEM, NULL);
+    for (size_t i = 0; i < l->bind_count; i++) {
+        const csb_bind *b = &l->binds[i];
+        trees[i] = sys_open_tree(AT_FDCWD, b->source, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+        if (trees[i] < 0) csb_fail(l->report_fd, "open_tree(bind source)", b->source, errno, NULL);
+        struct mount_attr attr;
+        memset(&attr, 0, sizeof attr);
+        attr.attr_set = MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID;
+        if (b->flags & CSB_BIND_READ_ONLY) attr.attr_set |= MOUNT_ATTR_RDONLY;
+        attr.userns_fd = (unsigned long long)l->userns_fd;
+        if (sys_mount_setattr(trees[i], "", AT_EMPTY_PATH, &attr) != 0)
+            csb_fail(l->report_fd, "mount_setattr(bind, MOUNT_ATTR_IDMAP)", b->source, errno, NULL);
+    }
+    return trees;
+}
+
+static int csb_make_parents(char *path, int include_last);
+
+/// openat2 inside the (pivoted) root: symlinks resolve within it, magic links not at all.
+static int csb_open_in_root(const char *path, int flags, mode_t mode) {
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = (uint64_t)(flags | O_CLOEXEC);
+    how.mode = mode;
+    how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS;
+    return (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+}
+
+/// Attaches the trees csb_open_binds cloned at their targets (after the pivot), creating a
+/// missing mount point as the sandbox's root would (it stays in the run's change, empty).
+static void csb_attach_binds(const csb_launch *l, const int *trees) {
+    for (size_t i = 0; i < l->bind_count; i++) {
+        const csb_bind *b = &l->binds[i];
+        int is_file = (b->flags & CSB_BIND_FILE) != 0;
+        int point = csb_open_in_root(b->target, O_PATH, 0);
+        if (point < 0 && errno == ENOENT) {
+            char target[4096];
+            size_t len = 0;
+            csb_append(target, sizeof target, &len, b->target);
+            setfsgid(l->id_base);
+            setfsuid(l->id_base);
+            csb_raise_effective();
+            if (csb_make_parents(target, !is_file) == 0)
+                point = is_file ? csb_open_in_root(b->target, O_WRONLY | O_CREAT, 0644)
+                                : csb_open_in_root(b->target, O_PATH | O_DIRECTORY, 0);
+            int saved = errno;
+            setfsuid(0);
+            setfsgid(0);
+            csb_raise_effective();
+            errno = saved;
+        }
+        if (point < 0) csb_fail(l->report_fd, "open(mount point)", b->target, errno, NULL);
+        struct stat st;
+        if (fstat(point, &st) != 0 || (is_file ? !S_ISREG(st.st_mode) : !S_ISDIR(st.st_mode)))
+            csb_fail(l->report_fd, is_file ? "mount point is not a file:" : "mount point is not a directory:",
+                     b->target, is_file ? EISDIR : ENOTDIR, NULL);
+        if (sys_move_mount(trees[i], "", point, "", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) != 0)
+            csb_fail(l->report_fd, "move_mount(bind) on", b->target, errno, NULL);
+        close(point);
+        close(trees[i]);
+    }
 }
 
 // ---- inside the sandbox ------------------------------------------------------------------
@@ -598,15 +669,17 @@ static void csb_read_spec(csb_launch *l, const void **filter, size_t *filter_len
         csb_fail(CSB_FD_REPORT, "contree-init: the spec is malformed (a different contree-pipeline build?)", "",
                  EINVAL, NULL);
     // Sizes first, so that no pointer below leaves the mapping.
-    uint64_t fixed = sizeof *w + (uint64_t)w->file_count * sizeof(csb_wire_file) + w->filter_length;
+    uint64_t fixed = sizeof *w + (uint64_t)w->file_count * sizeof(csb_wire_file) +
+                     (uint64_t)w->bind_count * sizeof(uint32_t) + w->filter_length;
     if (fixed > (uint64_t)st.st_size || w->argc == 0 || w->filter_length % sizeof(struct sock_filter) != 0 ||
-        w->filter_length / sizeof(struct sock_filter) > BPF_MAXINSNS || w->file_count > 4000)
+        w->filter_length / sizeof(struct sock_filter) > BPF_MAXINSNS || w->file_count > 4000 || w->bind_count > 256)
         csb_fail(CSB_FD_REPORT, "contree-init: the spec is inconsistent", "", EINVAL, NULL);
     const csb_wire_file *records = (const csb_wire_file *)(base + sizeof *w);
-    *filter = (const char *)(records + w->file_count);
+    const char *bind_flags = (const char *)(records + w->file_count);
+    *filter = bind_flags + w->bind_count * sizeof(uint32_t);
     *filter_len = w->filter_length;
     const char *p = (const char *)*filter + w->filter_length;
-    size_t count = 6 + (size_t)w->lower_count + w->argc + w->envc + w->file_count;
+    size_t count = 6 + (size_t)w->lower_count + w->argc + w->envc + w->file_count + 2 * (size_t)w->bind_count;
     const char **strings = calloc(count, sizeof(char *));
     if (!strings) csb_fail(CSB_FD_REPORT, "calloc(spec)", "", ENOMEM, NULL);
     for (size_t i = 0; i < count; i++) {
@@ -626,7 +699,8 @@ static void csb_read_spec(csb_launch *l, const void **filter, size_t *filter_len
     const char **argv = calloc(w->argc + 1, sizeof(char *));
     const char **envp = calloc(w->envc + 1, sizeof(char *));
     csb_file_copy *files = calloc(w->file_count + 1, sizeof(csb_file_copy));
-    if (!argv || !envp || !files) csb_fail(CSB_FD_REPORT, "calloc(spec)", "", ENOMEM, NULL);
+    csb_bind *binds = calloc(w->bind_count + 1, sizeof(csb_bind));
+    if (!argv || !envp || !files || !binds) csb_fail(CSB_FD_REPORT, "calloc(spec)", "", ENOMEM, NULL);
     memcpy(argv, lowers + w->lower_count, w->argc * sizeof(char *));
     memcpy(envp, lowers + w->lower_count + w->argc, w->envc * sizeof(char *));
     const char **paths = lowers + w->lower_count + w->argc + w->envc;
@@ -637,6 +711,14 @@ static void csb_read_spec(csb_launch *l, const void **filter, size_t *filter_len
         files[i].uid = records[i].uid;
         files[i].gid = records[i].gid;
     }
+    const char **bind_paths = paths + w->file_count;
+    for (uint32_t i = 0; i < w->bind_count; i++) {
+        memcpy(&binds[i].flags, bind_flags + i * sizeof(uint32_t), sizeof(uint32_t));
+        binds[i].source = bind_paths[2 * i];
+        binds[i].target = bind_paths[2 * i + 1];
+    }
+    l->binds = binds;
+    l->bind_count = w->bind_count;
     l->lowers = lowers;
     l->lower_count = w->lower_count;
     l->argv = argv;
@@ -755,8 +837,33 @@ __attribute__((noreturn)) static void csb_exec_main(void) {
     csb_exec_wait(l, command);
 }
 
+/// Guard mode (`contree-init guard PROGRAM ARGS...`, see csb_guard_start): pid 1 of a pid
+/// namespace of its own with the parent-death signal already set. Runs the program with fds 3
+/// and up as given and ends with its status; when the guard is killed (the host process died,
+/// or the run ended), the kernel kills the whole namespace, the program included.
+__attribute__((noreturn)) static void csb_guard_main(char **argv) {
+    csb_reset_signals();  // the host process ignores SIGPIPE; the program starts as from a shell
+    pid_t child = fork();
+    if (child < 0) _exit(126);
+    if (child == 0) {
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    csb_close_from(0);  // the program's pipes reach EOF when it ends, not when the guard does
+    for (;;) {
+        int status;
+        pid_t p = waitpid(-1, &status, 0);
+        if (p == child) _exit(WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+        if (p < 0 && errno != EINTR) _exit(126);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "exec") == 0) csb_exec_main();
+    if (argc > 2 && strcmp(argv[1], "guard") == 0) csb_guard_main(argv + 2);
     // Die with the supervising thread. If it died before this line, the go pipe reads EOF.
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
     csb_reset_signals();  // the host process may have ignored some; every signal stays blocked
@@ -777,6 +884,7 @@ int main(int argc, char **argv) {
         csb_fail(l->report_fd, "sethostname", l->hostname, errno, NULL);
     if (l->loopback_up) csb_loopback_up(l);
     csb_mount_overlay(l, csb_join_lowers(l));
+    int *bind_trees = csb_open_binds(l);
     csb_stage(1);
     if (chdir(l->root) != 0) csb_fail(l->report_fd, "chdir", l->root, errno, NULL);
     // Still the host's root here: mount points in the image must be plain directories, or a
@@ -791,6 +899,7 @@ int main(int argc, char **argv) {
     if (sys_pivot_root(".", ".") != 0) csb_fail(l->report_fd, "pivot_root", l->root, errno, NULL);
     if (umount2(".", MNT_DETACH) != 0) csb_fail(l->report_fd, "umount2(old root)", "", errno, NULL);
     if (chdir("/") != 0) csb_fail(l->report_fd, "chdir", "/", errno, NULL);
+    csb_attach_binds(l, bind_trees);
     csb_stage(3);
 
     char byte;

@@ -50,8 +50,14 @@ struct ExecCommand: AsyncParsableCommand {
     @Option(help: "Maximum number of processes and threads (default 4096).")
     var pids: Int?
 
-    @Option(help: "none: no interface up; loopback: lo only (default).")
+    @Option(
+        help:
+            "none: no interface up; loopback: lo only (default); egress: lo and a NAT uplink to the outside (pasta), never the host's own loopback; egress+host-loopback: egress, and the host's 127.0.0.1 reachable at $CONTREE_HOST (10.0.2.2)."
+    )
     var network: NetworkMode = .loopback
+
+    @Flag(help: "With --network egress: reach the host's loopback at $CONTREE_HOST.")
+    var hostLoopback = false
 
     @Option(help: "The sandbox's hostname.")
     var hostname = "sandbox"
@@ -80,7 +86,13 @@ struct ExecCommand: AsyncParsableCommand {
         case "--version": throw CleanExit.message(ContreePipeline.version)
         default: break
         }
+        if hostLoopback && !network.isEgress {
+            throw ValidationError("--host-loopback needs --network egress; add it, or drop --host-loopback")
+        }
     }
+
+    /// `--network egress --host-loopback` is `egress+host-loopback`.
+    var effectiveNetwork: NetworkMode { hostLoopback && network == .egress ? .egressHostLoopback : network }
 
     func run() async throws {
         Trace.mark("exec: arguments parsed")
@@ -148,7 +160,7 @@ struct ExecCommand: AsyncParsableCommand {
         let output: OutputSink = .fileDescriptor(json ? 2 : 1)
         var spec = RunSpec(
             image: image, command: argv, env: environment, cwd: cwd, files: try files.map(ExecCommand.parseMapping),
-            timeout: timeout, limits: limits, network: network, hostname: hostname, disposable: disposable,
+            timeout: timeout, limits: limits, network: effectiveNetwork, hostname: hostname, disposable: disposable,
             stdin: interactive ? .fileDescriptor(0) : .null, stdout: output, stderr: .fileDescriptor(2),
             isolation: isolation)
         spec.tag = tag

@@ -14,7 +14,7 @@ struct ServeCommand: AsyncParsableCommand {
             unchanged: point them at http://HOST:PORT with a token from the tokens file. Each \
             token is its own namespace of images, files and operations; built-in images are \
             shared. The tokens file holds one `NAME TOKEN [max_concurrency=N] [max_timeout=S] \
-            [max_layer_bytes=N] [import=1]` per line; `serve` creates it with one random token on \
+            [max_layer_bytes=N] [import=1] [allow_egress=1]` per line; `serve` creates it with one random token on \
             first start. Imports reach only the registries named with --registry.
             """)
 
@@ -30,6 +30,13 @@ struct ServeCommand: AsyncParsableCommand {
             (repeatable; none by default). Tokens import only with import=1 in the tokens file.
             """)
     var registries: [String] = []
+    @Flag(
+        help: """
+            Instances spawned with networking enabled (the API's default) get egress, a NAT uplink \
+            to the outside (pasta); without it, only tokens whose line says allow_egress=1 do, and \
+            the others get loopback only.
+            """)
+    var allowEgress = false
 
     func run() async throws {
         do {
@@ -46,7 +53,7 @@ struct ServeCommand: AsyncParsableCommand {
             let path = tokens ?? APIServer.defaultTokensPath(store: store)
             let server = try APIServer(
                 engine: engine, tokensPath: path, isolation: isolation,
-                registries: try RegistryAccess.allowlist(registries))
+                registries: try RegistryAccess.allowlist(registries), allowEgress: allowEgress)
             var st = stat()
             if server.createdTokens {
                 printError(

@@ -24,6 +24,20 @@ typedef struct csb_file_copy {
     uint32_t gid;
 } csb_file_copy;
 
+/// A host directory or file mounted into the sandbox (a dependency cache, the generated
+/// resolv.conf), idmapped like the store so that the sandbox's root owns what it writes as the
+/// host's root. The mount point is created when the image lacks it.
+typedef struct csb_bind {
+    const char *source;  ///< absolute host path
+    const char *target;  ///< absolute path inside the sandbox
+    uint32_t flags;      ///< CSB_BIND_*
+} csb_bind;
+
+enum {
+    CSB_BIND_READ_ONLY = 1,
+    CSB_BIND_FILE = 2,  ///< the source is a file: the mount point is a file
+};
+
 /// Everything the sandbox needs. Pointers must stay valid until csb_launch_start returns.
 typedef struct csb_launch {
     const char *init_path;        ///< the contree-init program
@@ -37,6 +51,9 @@ typedef struct csb_launch {
     uint32_t id_base;             ///< host uid/gid that the sandbox's root maps to
     const char *hostname;
     int loopback_up;              ///< 1: bring lo up; 0: no interface up at all
+    int netns_fd;                 ///< > 0: join this network namespace instead of a new one
+    const csb_bind *binds;
+    size_t bind_count;
     const char *const *argv;      ///< NULL-terminated; argv[0] is looked up in PATH from envp
     const char *const *envp;      ///< NULL-terminated
     const char *cwd;
@@ -87,6 +104,18 @@ int csb_launch_start(const csb_launch *launch, int *pidfd, pid_t *pid);
 /// and no files. Returns 0 or -errno.
 int csb_exec_start(const csb_launch *launch, int target_pidfd, int *pidfd, pid_t *pid);
 
+/// Creates a network namespace with `lo` up and returns an fd for it (O_CLOEXEC), or -errno.
+/// Sandboxes join it with csb_launch.netns_fd; it lives while an fd or a member does.
+int csb_netns_create(void);
+
+/// Starts a helper that must not outlive the calling thread (a NAT helper such as pasta):
+/// contree-init in guard mode, as pid 1 of a new pid namespace with a parent-death signal,
+/// forks and execs `argv` (argv[0] an absolute path) with `fds` as 3, 4, ... and stdout and
+/// stderr on `output_fd`. When the guard dies, the kernel kills everything in its namespace,
+/// whatever the helper did to its own credentials. Returns 0 or -errno.
+int csb_guard_start(const char *init_path, const char *const *argv, const int *fds, int fd_count, int output_fd,
+                    int *pidfd, pid_t *pid);
+
 /// Creates a user namespace mapping 0..count-1 to id_base..id_base+count-1 and returns an fd
 /// for it (O_CLOEXEC), or -errno. The helper process that created it is gone on return.
 int csb_userns_create(uint32_t id_base, uint32_t count);
@@ -127,11 +156,12 @@ enum {
     CSB_FD_TARGET = 10,  ///< exec mode (no files): a pidfd of the target sandbox's pid 1
 };
 
-#define CSB_WIRE_MAGIC 0x31425343u  // "CSB1"
+#define CSB_WIRE_MAGIC 0x32425343u  // "CSB2"
 
-/// The fixed part of the spec. It is followed by file_count csb_wire_file records, then the
-/// seccomp program (filter_length bytes), then NUL-terminated strings: store, upper, work,
-/// root, hostname, cwd, the lowers, argv, envp, the file paths.
+/// The fixed part of the spec. It is followed by file_count csb_wire_file records, bind_count
+/// uint32 bind flags, then the seccomp program (filter_length bytes), then NUL-terminated
+/// strings: store, upper, work, root, hostname, cwd, the lowers, argv, envp, the file paths,
+/// then each bind's source and target.
 typedef struct csb_wire {
     uint32_t magic;
     uint32_t length;          ///< of the whole spec
@@ -145,7 +175,7 @@ typedef struct csb_wire {
     int32_t loopback_up;
     uint32_t filter_length;
     uint32_t terminal;        ///< 1: stdio is a terminal the command takes as its controlling tty
-    uint32_t reserved;
+    uint32_t bind_count;
     uint64_t file_size_limit; ///< RLIMIT_FSIZE of the command; 0 for none
 } csb_wire;
 
@@ -159,6 +189,7 @@ typedef struct csb_wire_file {
 // GNU extensions that Swift's Glibc module does not expose.
 int csb_pipe_cloexec(int fds[2]);
 int csb_eventfd_cloexec(void);
+int csb_memfd_cloexec(const char *name);
 int csb_open_path_dir(const char *path);
 int csb_syncfs(int fd);
 /// openat2 with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS (and O_CLOEXEC | O_NOCTTY): `path`

@@ -56,7 +56,7 @@ struct SpawnPlan: Sendable {
             ("hostname", .string(hostname)), ("files", filesJSON), ("stdin", .object(stdinMembers)),
             ("disposable", .bool(disposable)), ("truncate_output_at", .int(truncateAt)), ("uid", .int(uid)),
             ("gid", .int(gid)), ("preserve_env", .bool(preserveEnv)), ("preserve_cwd", .bool(preserveCwd)),
-            ("networking", .object([("enabled", .bool(network == .loopback))])),
+            ("networking", .object([("enabled", .bool(network != .none))])),
             ("resources_limits", .object([("max_layer_bytes", .int(maxLayerBytes))])),
         ])
     }

@@ -14,6 +14,9 @@ struct Token: Sendable, Equatable {
     /// May import images from registries (`/images/import`, a spawn naming `docker://…`); the
     /// registries themselves are the operator's allowlist (`serve --registry`).
     var canImport = false
+    /// A spawn with networking enabled gets egress (a NAT uplink) rather than loopback only;
+    /// `allow_egress=1`, or `serve --allow-egress` for every token.
+    var allowEgress = false
     /// Each instance's memory (cgroup), CPU quota in cores and tasks at once.
     var memoryBytes: Int64 = 0
     var cpus: Double = 1
@@ -39,7 +42,7 @@ struct Token: Sendable, Equatable {
 
 /// The tokens file: one token per line, `NAME TOKEN [max_concurrency=N] [max_timeout=SECONDS]
 /// [max_layer_bytes=N] [memory=BYTES] [cpus=N] [pids=N] [max_upload_bytes=N]
-/// [upload_quota_bytes=N] [import=1]`; `#` starts a comment.
+/// [upload_quota_bytes=N] [import=1] [allow_egress=1]`; `#` starts a comment.
 ///
 /// Every instance runs under limits, stated or not: memory defaults to this machine's RAM over
 /// the token's concurrency, CPU to half its cores (at least one), and tasks so that all tokens'
@@ -48,6 +51,11 @@ struct Token: Sendable, Equatable {
 struct TokenFile: Sendable {
     let path: String
     let tokens: [Token]
+
+    /// Every token with `allow_egress=1` (`serve --allow-egress`).
+    func allowingEgress() -> TokenFile {
+        TokenFile(path: path, tokens: tokens.map { var token = $0; token.allowEgress = true; return token })
+    }
 
     /// Reads the file, creating it with one fresh random token when it does not exist.
     /// - Returns: the file and whether it was created.
@@ -59,8 +67,9 @@ struct TokenFile: Sendable {
             let text = """
                 # contree-pipeline serve tokens: one per line, NAME TOKEN [max_concurrency=N] [max_timeout=SECONDS]
                 # [max_layer_bytes=N] [memory=BYTES] [cpus=N] [pids=N] [max_upload_bytes=N] [upload_quota_bytes=N]
-                # [import=1]. Each NAME is its own namespace of images, files and operations; import=1 lets it
-                # import from the registries `serve --registry` names.
+                # [import=1] [allow_egress=1]. Each NAME is its own namespace of images, files and operations;
+                # import=1 lets it import from the registries `serve --registry` names; allow_egress=1 gives its
+                # instances with networking enabled a NAT uplink to the outside (otherwise loopback only).
                 default \(secret)
 
                 """
@@ -94,11 +103,11 @@ struct TokenFile: Sendable {
                 maxTimeout: Token.defaultMaxTimeout, maxLayerBytes: Token.defaultMaxLayerBytes)
             for option in fields.dropFirst(2) {
                 let parts = option.split(separator: "=", maxSplits: 1).map(String.init)
-                if parts.first == "import" {
+                if parts.first == "import" || parts.first == "allow_egress" {
                     guard parts.count == 2, parts[1] == "0" || parts[1] == "1" else {
-                        throw fail("write import=1 or import=0")
+                        throw fail("write \(parts[0])=1 or \(parts[0])=0")
                     }
-                    token.canImport = parts[1] == "1"
+                    if parts[0] == "import" { token.canImport = parts[1] == "1" } else { token.allowEgress = parts[1] == "1" }
                     continue
                 }
                 if parts.first == "cpus" {

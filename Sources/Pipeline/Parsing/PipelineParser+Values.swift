@@ -149,6 +149,30 @@ extension PipelineParser {
         return value
     }
 
+    /// `network: none | loopback | egress`, or `{mode: egress, host-loopback: true}`.
+    mutating func network(_ node: Node) -> NetworkMode? {
+        guard case .mapping = node else { return enumeration(node, what: "network", as: NetworkMode.self) }
+        var mode: NetworkMode?
+        var hostLoopback: (value: Bool, node: Node)?
+        var modeSeen = false
+        for (key, _, value) in entries(node, allowed: ["mode", "host-loopback"], what: "network") {
+            if key == "mode" {
+                modeSeen = true
+                mode = enumeration(value, what: "network mode", as: NetworkMode.self)
+            } else if let flag = bool(value, what: "host-loopback") {
+                hostLoopback = (flag, value)
+            }
+        }
+        if !modeSeen { fail("network needs a mode (none, loopback or egress)", at: node) }
+        guard let mode, let hostLoopback, hostLoopback.value else { return mode }
+        switch mode {
+        case .egress, .egressHostLoopback: return .egressHostLoopback
+        case .none, .loopback:
+            fail("host-loopback needs mode: egress (the host is reached through the NAT uplink)", at: hostLoopback.node)
+            return nil
+        }
+    }
+
     mutating func environment(_ node: Node, what: String) -> [EnvironmentEntry] {
         var result: [EnvironmentEntry] = []
         for (key, keyNode, value) in entries(node, allowed: nil, what: what) {
@@ -207,7 +231,7 @@ extension PipelineParser {
         case "timeout": settings.timeout = duration(value, what: "timeout")
         case "retries": settings.retries = integer(value, what: "retries", minimum: 0)
         case "limits": settings.limits = limits(value, what: "limits")
-        case "network": settings.network = enumeration(value, what: "network", as: NetworkMode.self)
+        case "network": settings.network = network(value)
         case "isolation": settings.isolation = enumeration(value, what: "isolation", as: IsolationKind.self)
         default: return false
         }

@@ -108,7 +108,25 @@ struct ContainerLaunch {
         Trace.mark("cgroup created")
         defer { cgroup.remove() }
 
+        // Egress needs a namespace with the NAT helper attached before the sandbox joins it;
+        // made here, on the thread that supervises the run, whose end the helper cannot outlive.
+        var ownNetwork: SandboxNetwork?
+        if request.sharedNetwork == nil && request.network.isEgress {
+            ownNetwork = try SandboxNetwork(mode: request.network)
+            Trace.mark("network")
+        }
+        defer { ownNetwork?.close() }
+        let network = request.sharedNetwork ?? ownNetwork
+
         let lowers = CStringArray(request.lowers)
+        let bindStrings = CStringArray(request.mounts.flatMap { [$0.source, $0.target] })
+        let binds = UnsafeMutablePointer<csb_bind>.allocate(capacity: max(1, request.mounts.count))
+        defer { binds.deallocate() }
+        for (i, mount) in request.mounts.enumerated() {
+            binds[i] = csb_bind(
+                source: bindStrings.pointer[2 * i], target: bindStrings.pointer[2 * i + 1],
+                flags: UInt32(mount.readOnly ? Int32(CSB_BIND_READ_ONLY) : 0) | UInt32(mount.isFile ? Int32(CSB_BIND_FILE) : 0))
+        }
         let argv = CStringArray(request.argv)
         let envp = CStringArray(request.environment)
         let paths = CStringArray(request.files.map(\.mapping.sandboxPath))
@@ -135,7 +153,10 @@ struct ContainerLaunch {
         launch.userns_fd = userns
         launch.id_base = ContainerBackend.idBase
         launch.hostname = strings[.hostname]
-        launch.loopback_up = request.network == .loopback ? 1 : 0
+        launch.loopback_up = network == nil && request.network == .loopback ? 1 : 0
+        launch.netns_fd = network?.namespaceFD ?? -1
+        launch.binds = UnsafePointer(binds)
+        launch.bind_count = request.mounts.count
         launch.argv = UnsafePointer(argv.pointer)
         launch.envp = UnsafePointer(envp.pointer)
         launch.cwd = strings[.cwd]
@@ -155,7 +176,7 @@ struct ContainerLaunch {
         var pidfd: Int32 = -1
         var pid: pid_t = 0
         // The strings and arrays the launch points into live until the clone has copied them.
-        let rc = withExtendedLifetime((strings, lowers, argv, envp, paths)) { csb_launch_start(&launch, &pidfd, &pid) }
+        let rc = withExtendedLifetime((strings, lowers, argv, envp, paths, bindStrings, network)) { csb_launch_start(&launch, &pidfd, &pid) }
         guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot clone the sandbox", errno: -rc) }
         _ = closer.add(pidfd)
         Trace.mark("cloned")

@@ -21,6 +21,10 @@ public struct LaunchRequest: Sendable {
     public var gid: UInt32
     public var hostname: String
     public var network: NetworkMode
+    /// A network to join (its mode wins over `network`); nil: the backend makes one for the run.
+    public var sharedNetwork: SandboxNetwork?
+    /// Host paths mounted for the run; what is written there is not part of the change.
+    public var mounts: [BindMount]
     public var limits: ResourceLimits
     public var timeout: Double?
     /// Host files to copy in, already opened (the fds stay owned by the caller).

@@ -16,6 +16,27 @@ public enum NetworkMode: String, Codable, Sendable, CaseIterable {
     case none
     /// A network namespace with only `lo`, up.
     case loopback
+    /// `lo` and a NAT uplink to the outside (see `SandboxNetwork`); the host's own loopback
+    /// stays out of reach.
+    case egress
+    /// Egress, and the host's loopback reachable at `SandboxNetwork.hostAddress` (`$CONTREE_HOST`).
+    case egressHostLoopback = "egress+host-loopback"
+}
+
+/// A host directory (or file) mounted read-write (or read-only) into the sandbox for the run;
+/// what is written there is not part of the run's change (a dependency cache).
+public struct BindMount: Sendable, Equatable {
+    public var source: String
+    public var target: String
+    public var readOnly: Bool
+    public var isFile: Bool
+
+    public init(source: String, target: String, readOnly: Bool = false, isFile: Bool = false) {
+        self.source = source
+        self.target = target
+        self.readOnly = readOnly
+        self.isFile = isFile
+    }
 }
 
 /// A host file copied into the sandbox before the command starts (it becomes part of the
@@ -188,6 +209,11 @@ public struct RunSpec: Sendable {
     public var timeout: Double?
     public var limits: ResourceLimits
     public var network: NetworkMode
+    /// A network to join instead of a new one (a step's services share the step's); its mode
+    /// then wins over `network`.
+    public var sharedNetwork: SandboxNetwork?
+    /// Host directories mounted for the run (dependency caches).
+    public var mounts: [BindMount] = []
     public var hostname: String
     /// Discard the changes instead of committing them as an image.
     public var disposable: Bool

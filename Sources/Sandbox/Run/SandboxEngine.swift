@@ -133,7 +133,7 @@ public final class SandboxEngine: Sendable {
         try FileSystem.makeDirectory(upper, mode: 0o755)
         Trace.mark("lease and upper")
         let filesystem = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
-        let addedMountPoints = try prepareMountPoints(filesystem, upper: upper)
+        var addedMountPoints = try prepareMountPoints(filesystem, upper: upper)
         if let output = spec.outputPath {
             let parts = output.split(separator: "/")
             guard parts.count == 2, try filesystem.child(of: filesystem.root, named: String(parts[0])) == nil else {
@@ -159,13 +159,24 @@ public final class SandboxEngine: Sendable {
         if !environment.contains(where: { $0.hasPrefix("PATH=") }) {
             environment.append("PATH=\(ImageConfig.defaultPath)")
         }
+        let network = spec.sharedNetwork?.mode ?? spec.network
+        var mounts = spec.mounts
+        if network.isEgress {
+            mounts.append(
+                BindMount(source: try resolvConf(), target: "/etc/resolv.conf", readOnly: true, isFile: true))
+        }
+        if network == .egressHostLoopback && !seen.contains("CONTREE_HOST") {
+            environment.append("CONTREE_HOST=\(SandboxNetwork.hostAddress)")
+        }
+        addedMountPoints += try missingMountPoints(mounts, in: filesystem)
         let (uid, gid) = try spec.user ?? SandboxEngine.parseUser(image.config.user, filesystem: filesystem)
 
         let request = LaunchRequest(
             id: runID, storeRoot: store.root, lowers: image.layers.reversed().map { "layers/" + Store.hex($0) },
             directory: "tmp/\(runID)",
             argv: spec.command, environment: environment, cwd: spec.cwd ?? image.config.workingDir, uid: uid, gid: gid,
-            hostname: spec.hostname, network: spec.network, limits: spec.limits, timeout: spec.timeout,
+            hostname: spec.hostname, network: network, sharedNetwork: spec.sharedNetwork, mounts: mounts,
+            limits: spec.limits, timeout: spec.timeout,
             files: opened, stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr, terminal: spec.terminal,
             control: spec.control)
         handedOver = true
@@ -208,7 +219,13 @@ public final class SandboxEngine: Sendable {
         {
             try insert(record)
         } else {
-            for path in prepared.addedMountPoints { rmdir(upper + path) }  // only if still empty
+            for path in prepared.addedMountPoints {  // only if still empty
+                if rmdir(upper + path) != 0 && errno == ENOTDIR, let st = try? FileSystem.status(upper + path),
+                    st.isRegular && st.st_size == 0
+                {
+                    unlink(upper + path)
+                }
+            }
             let commitStarted = Monotonic.now
             var committed = record
             do {
@@ -289,6 +306,37 @@ public final class SandboxEngine: Sendable {
             added.append("/" + name)
         }
         return added
+    }
+
+    /// The mount points of `mounts` that the image lacks, deepest first: contree-init creates
+    /// them, and they leave the change after the run (when still empty).
+    private func missingMountPoints(_ mounts: [BindMount], in fs: ImageFilesystem) throws -> [String] {
+        var missing: [String] = []
+        for mount in mounts {
+            var node = fs.root
+            var path = ""
+            for part in mount.target.split(separator: "/") {
+                path += "/" + part
+                if missing.contains(path) { continue }
+                if let child = try fs.child(of: node, named: String(part)) {
+                    node = child
+                } else {
+                    missing.append(path)
+                }
+            }
+        }
+        return missing.sorted { $0.count > $1.count }
+    }
+
+    /// The generated resolv.conf egress sandboxes see (a file of the store, written once).
+    private func resolvConf() throws -> String {
+        let path = store.root + "/network/resolv.conf"
+        let wanted = Array(SandboxNetwork.resolvConf.utf8)
+        if (try? FileSystem.readFile(path)) != wanted {
+            try FileSystem.makeDirectory(store.root + "/network", mode: 0o755)
+            try FileSystem.writeFile(path, wanted, mode: 0o644)
+        }
+        return path
     }
 
     /// Rejects specs that cannot run, before anything touches the store.

@@ -135,6 +135,16 @@ public enum ChildProcess {
         return 128 + (status & 0x7f)
     }
 
+    /// The absolute path of `name` as the host's PATH finds it (an executable file), or nil.
+    public static func lookup(_ name: String) -> String? {
+        let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/local/bin:/usr/bin:/bin"
+        for directory in path.split(separator: ":") where directory.hasPrefix("/") {
+            let candidate = directory + "/" + name
+            if access(candidate, X_OK) == 0 { return candidate }
+        }
+        return nil
+    }
+
     public static func hostEnvironment() -> [String] {
         var result: [String] = []
         var p = environ

@@ -1,0 +1,148 @@
+import CSandbox
+import Glibc
+import Synchronization
+import SystemSupport
+
+/// A network namespace that sandboxes join (a pipeline step and its services share one), with
+/// `lo` up and, for egress, a user-mode NAT uplink: pasta (Debian's `passt`) answers the
+/// namespace's tap device and turns its TCP, UDP and ICMP into ordinary sockets of the host. The
+/// sandbox sees `lo` and `eth0` (10.0.2.100/24, gateway 10.0.2.2), never the host's interfaces;
+/// DNS sent to 10.0.2.3 goes to the host's resolver. With host loopback, connections to the
+/// gateway reach the host's 127.0.0.1 (`$CONTREE_HOST`); without it they are refused.
+///
+/// pasta runs under a guard (contree-init in guard mode, pid 1 of a pid namespace of its own,
+/// with a parent-death signal tied to the creating thread): pasta drops its privileges, which
+/// clears a parent-death signal of its own, but cannot leave the guard's namespace, whose end
+/// kills it. So no NAT helper outlives the thread that runs the sandbox, even when the host
+/// process is killed. Create a network on the thread that supervises its sandboxes.
+public final class SandboxNetwork: Sendable {
+    /// The sandbox's own address, the gateway (the host's loopback when asked) and the DNS forwarder.
+    public static let sandboxAddress = "10.0.2.100"
+    public static let hostAddress = "10.0.2.2"
+    public static let dnsAddress = "10.0.2.3"
+
+    public let mode: NetworkMode
+    /// The namespace (O_CLOEXEC); sandboxes join it through `csb_launch.netns_fd`.
+    let namespaceFD: Int32
+    private let helper: Mutex<(pidfd: Int32, pid: pid_t)?>
+
+    /// A namespace with `lo` up; for an egress mode, with pasta attached and ready.
+    /// - Throws: `unsupported` when egress is asked and pasta is not installed; `sandboxSetup`
+    ///   when the namespace or the uplink cannot be made.
+    public init(mode: NetworkMode) throws {
+        self.mode = mode
+        var pasta: String?
+        if mode.isEgress {
+            guard let found = ChildProcess.lookup("pasta") else {
+                throw SandboxError(
+                    .unsupported,
+                    "network egress needs pasta, which is not installed; install Debian's passt package (apt-get install passt, as scripts/setup does) or run without egress"
+                )
+            }
+            pasta = found
+        }
+        let fd = csb_netns_create()
+        guard fd >= 0 else { throw SandboxError(.sandboxSetup, "cannot create a network namespace", errno: -fd) }
+        namespaceFD = fd
+        helper = Mutex(nil)
+        guard let pasta else { return }
+        do {
+            helper.withLock { $0 = nil }
+            let started = try SandboxNetwork.startPasta(pasta, namespaceFD: fd, hostLoopback: mode == .egressHostLoopback)
+            helper.withLock { $0 = started }
+        } catch {
+            Glibc.close(fd)
+            throw error
+        }
+    }
+
+    /// Stops the NAT helper (and waits until it is gone) and lets the namespace go once no
+    /// sandbox is in it. Idempotent.
+    public func close() {
+        let running = helper.withLock { state -> (pidfd: Int32, pid: pid_t)? in
+            defer { state = nil }
+            return state
+        }
+        if let running { SandboxNetwork.stop(running) }
+    }
+
+    deinit {
+        close()
+        Glibc.close(namespaceFD)
+    }
+
+    /// The resolv.conf the sandbox's /etc/resolv.conf is bound to (egress only).
+    public static let resolvConf = "nameserver \(dnsAddress)\noptions ndots:0\n"
+
+    private static func startPasta(_ path: String, namespaceFD: Int32, hostLoopback: Bool) throws -> (
+        pidfd: Int32, pid: pid_t
+    ) {
+        let initProgram = try ContainerBackend.initProgram()
+        var ready: [Int32] = [-1, -1]
+        guard csb_pipe_cloexec(&ready) == 0 else { throw SandboxError.system("pipe2") }
+        defer { Glibc.close(ready[0]) }
+        let output = csb_memfd_cloexec("pasta-output")
+        guard output >= 0 else {
+            Glibc.close(ready[1])
+            throw SandboxError.system("memfd_create")
+        }
+        defer { Glibc.close(output) }
+        // fd 3 is the namespace, fd 4 the ready pipe: pasta writes its pid "file" there once the
+        // interface is configured. No port is forwarded either way.
+        var argv = [
+            path, "--foreground", "--quiet", "--runas", "0", "--config-net", "--ns-ifname", "eth0", "--address", sandboxAddress,
+            "--netmask", "24", "--gateway", hostAddress, "--dns-forward", dnsAddress, "--tcp-ports", "none",
+            "--udp-ports", "none", "--tcp-ns", "none", "--udp-ns", "none", "--pid", "/proc/self/fd/4",
+            "--netns", "/proc/self/fd/3",
+        ]
+        if !hostLoopback { argv.append("--no-map-gw") }
+        let arguments = CStringArray(argv)
+        var fds: [Int32] = [namespaceFD, ready[1]]
+        var pidfd: Int32 = -1
+        var pid: pid_t = 0
+        let rc = withExtendedLifetime(arguments) {
+            csb_guard_start(initProgram, arguments.pointer, &fds, Int32(fds.count), output, &pidfd, &pid)
+        }
+        Glibc.close(ready[1])
+        guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot start pasta", errno: -rc) }
+        let started = (pidfd: pidfd, pid: pid)
+        // Ready when a line arrives; end of file first means pasta gave up.
+        var line: [UInt8] = []
+        var poller = pollfd(fd: ready[0], events: Int16(POLLIN), revents: 0)
+        let deadline = Monotonic.now + 10
+        while !line.contains(UInt8(ascii: "\n")) {
+            let left = Int32(max(0.0, (deadline - Monotonic.now) * 1000.0))
+            let polled = poll(&poller, 1, left)
+            if polled < 0 && errno == EINTR { continue }
+            var chunk = [UInt8](repeating: 0, count: 64)
+            let n = polled > 0 ? read(ready[0], &chunk, chunk.count) : -1
+            if n > 0 {
+                line += chunk[0..<n]
+                continue
+            }
+            if n < 0 && errno == EINTR { continue }
+            stop(started)
+            var said = [UInt8](repeating: 0, count: 4096)
+            let length = pread(output, &said, said.count, 0)
+            let message = String(decoding: said[0..<max(0, length)], as: UTF8.self)
+                .split(separator: "\n").filter { !$0.hasPrefix("Failed to send") }.suffix(3).joined(separator: "; ")
+            throw SandboxError(
+                .sandboxSetup,
+                polled == 0
+                    ? "pasta did not configure the sandbox's network within 10 s"
+                    : "pasta could not configure the sandbox's network\(message.isEmpty ? "" : ": " + message)")
+        }
+        return started
+    }
+
+    private static func stop(_ helper: (pidfd: Int32, pid: pid_t)) {
+        _ = csb_pidfd_kill(helper.pidfd, SIGKILL)
+        _ = try? ChildProcess.wait(helper.pid, "pasta's guard")
+        Glibc.close(helper.pidfd)
+    }
+}
+
+extension NetworkMode {
+    /// Whether the sandbox reaches beyond the host (through the NAT helper).
+    public var isEgress: Bool { self == .egress || self == .egressHostLoopback }
+}
