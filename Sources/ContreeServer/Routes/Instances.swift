@@ -76,7 +76,8 @@ extension ServerState {
             args: body.args ?? [], shell: body.shell ?? false, env: process.env, cwd: process.cwd, files: files,
             fileRequests: fileRequests, timeout: timeout, hostname: hostname, disposable: body.disposable ?? false,
             stdin: process.stdin, stdinText: process.stdinPayload, keepStdinOpen: process.stdinPayload.close == false,
-            truncateAt: process.truncate, network: body.networking?.enabled == false ? .none : (token.allowEgress ? .egress : .loopback),
+            truncateAt: process.truncate,
+            network: body.networking?.enabled == false ? .none : (token.allowEgress ? .egress : .loopback),
             uid: process.uid, gid: process.gid,
             preserveEnv: body.preserveEnv ?? false, preserveCwd: body.preserveCwd ?? false, maxLayerBytes: maxLayer)
     }

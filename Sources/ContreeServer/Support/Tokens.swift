@@ -54,7 +54,11 @@ struct TokenFile: Sendable {
 
     /// Every token with `allow_egress=1` (`serve --allow-egress`).
     func allowingEgress() -> TokenFile {
-        TokenFile(path: path, tokens: tokens.map { var token = $0; token.allowEgress = true; return token })
+        TokenFile(
+            path: path,
+            tokens: tokens.map {
+                var token = $0; token.allowEgress = true; return token
+            })
     }
 
     /// Reads the file, creating it with one fresh random token when it does not exist.
@@ -107,7 +111,11 @@ struct TokenFile: Sendable {
                     guard parts.count == 2, parts[1] == "0" || parts[1] == "1" else {
                         throw fail("write \(parts[0])=1 or \(parts[0])=0")
                     }
-                    if parts[0] == "import" { token.canImport = parts[1] == "1" } else { token.allowEgress = parts[1] == "1" }
+                    if parts[0] == "import" {
+                        token.canImport = parts[1] == "1"
+                    } else {
+                        token.allowEgress = parts[1] == "1"
+                    }
                     continue
                 }
                 if parts.first == "cpus" {

@@ -125,7 +125,8 @@ struct ContainerLaunch {
         for (i, mount) in request.mounts.enumerated() {
             binds[i] = csb_bind(
                 source: bindStrings.pointer[2 * i], target: bindStrings.pointer[2 * i + 1],
-                flags: UInt32(mount.readOnly ? Int32(CSB_BIND_READ_ONLY) : 0) | UInt32(mount.isFile ? Int32(CSB_BIND_FILE) : 0))
+                flags: UInt32(mount.readOnly ? Int32(CSB_BIND_READ_ONLY) : 0)
+                    | UInt32(mount.isFile ? Int32(CSB_BIND_FILE) : 0))
         }
         let argv = CStringArray(request.argv)
         let envp = CStringArray(request.environment)
@@ -176,7 +177,9 @@ struct ContainerLaunch {
         var pidfd: Int32 = -1
         var pid: pid_t = 0
         // The strings and arrays the launch points into live until the clone has copied them.
-        let rc = withExtendedLifetime((strings, lowers, argv, envp, paths, bindStrings, network)) { csb_launch_start(&launch, &pidfd, &pid) }
+        let rc = withExtendedLifetime((strings, lowers, argv, envp, paths, bindStrings, network)) {
+            csb_launch_start(&launch, &pidfd, &pid)
+        }
         guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot clone the sandbox", errno: -rc) }
         _ = closer.add(pidfd)
         Trace.mark("cloned")

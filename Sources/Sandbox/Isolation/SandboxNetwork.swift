@@ -48,7 +48,8 @@ public final class SandboxNetwork: Sendable {
         guard let pasta else { return }
         do {
             helper.withLock { $0 = nil }
-            let started = try SandboxNetwork.startPasta(pasta, namespaceFD: fd, hostLoopback: mode == .egressHostLoopback)
+            let started = try SandboxNetwork.startPasta(
+                pasta, namespaceFD: fd, hostLoopback: mode == .egressHostLoopback)
             helper.withLock { $0 = started }
         } catch {
             Glibc.close(fd)
@@ -74,7 +75,9 @@ public final class SandboxNetwork: Sendable {
     /// The resolv.conf the sandbox's /etc/resolv.conf is bound to (egress only).
     public static let resolvConf = "nameserver \(dnsAddress)\noptions ndots:0\n"
 
-    private static func startPasta(_ path: String, namespaceFD: Int32, hostLoopback: Bool) throws -> (
+    private static func startPasta(
+        _ path: String, namespaceFD: Int32, hostLoopback: Bool
+    ) throws -> (
         pidfd: Int32, pid: pid_t
     ) {
         let initProgram = try ContainerBackend.initProgram()
@@ -90,7 +93,8 @@ public final class SandboxNetwork: Sendable {
         // fd 3 is the namespace, fd 4 the ready pipe: pasta writes its pid "file" there once the
         // interface is configured. No port is forwarded either way.
         var argv = [
-            path, "--foreground", "--quiet", "--runas", "0", "--config-net", "--ns-ifname", "eth0", "--address", sandboxAddress,
+            path, "--foreground", "--quiet", "--runas", "0", "--config-net", "--ns-ifname", "eth0", "--address",
+            sandboxAddress,
             "--netmask", "24", "--gateway", hostAddress, "--dns-forward", dnsAddress, "--tcp-ports", "none",
             "--udp-ports", "none", "--tcp-ns", "none", "--udp-ns", "none", "--pid", "/proc/self/fd/4",
             "--netns", "/proc/self/fd/3",
