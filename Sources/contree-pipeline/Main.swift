@@ -20,7 +20,7 @@ struct ContreePipeline: AsyncParsableCommand {
             RunCommand.self, ValidateCommand.self, GraphCommand.self, ExplainCommand.self, ShellCommand.self,
             RunsCommand.self,
             ArtifactsCommand.self, ExecCommand.self, ImageCommand.self, InspectCommand.self,
-            GarbageCollectCommand.self, CheckCommand.self, ServeCommand.self,
+            CacheCommand.self, GarbageCollectCommand.self, CheckCommand.self, ServeCommand.self,
         ])
 
     /// As ArgumentParser's, except that a command line it cannot use exits 2 (invalid input,

@@ -42,4 +42,41 @@ struct RealProjectParserTests {
                 network: {host-loopback: true}
             """, at: 4, 14, mentions: ["network needs a mode"])
     }
+
+    @Test("caches: defined at the top, used by steps; unknown names and bad paths are named")
+    func caches() throws {
+        let definition = try parse(
+            """
+            caches:
+              pip: {path: /root/.cache/pip}
+              npm: {path: /root/.npm}
+            steps:
+              - {id: a, run: "true", caches: [pip, {name: npm, sharing: shared}]}
+            """)
+        #expect(definition.caches.map(\.name.value) == ["pip", "npm"])
+        #expect(definition.steps[0].caches.map(\.sharing) == [.locked, .shared])
+        shape.expectProblem(
+            """
+            caches:
+              pip: {path: /root/.cache/pip}
+            steps:
+              - id: a
+                run: "true"
+                caches: [pip, pipp]
+            """, at: 6, 19, mentions: ["cache 'pipp'", "not defined under `caches:`", "did you mean 'pip'"])
+        shape.expectProblem(
+            """
+            caches:
+              pip: {path: relative}
+            steps:
+              - {id: a, run: "true"}
+            """, at: 2, 15, mentions: ["absolute directory"])
+        shape.expectProblem(
+            """
+            caches:
+              pip: {path: /p}
+            steps:
+              - {id: a, run: "true", caches: [{name: pip, sharing: sometimes}]}
+            """, at: 4, 56, mentions: ["sharing must be one of locked, shared, private"])
+    }
 }

@@ -135,7 +135,12 @@ extension PipelineRunner {
                 memoryBytes: node.settings.limits.memoryBytes, cpus: node.settings.limits.cpus,
                 pids: node.settings.limits.pids ?? 4096),
             network: node.settings.network ?? .loopback, isolation: isolation,
-            attempts: 1 + (node.settings.retries ?? 0), outputPath: PipelineRunner.outputPath)
+            attempts: 1 + (node.settings.retries ?? 0), outputPath: PipelineRunner.outputPath,
+            caches: (plan.definition.step(node.step)?.caches ?? []).compactMap { use in
+                plan.definition.caches.first { $0.name.value == use.name.value }.map {
+                    StepRequest.Cache(name: use.name.value, path: $0.path, sharing: use.sharing)
+                }
+            })
         let run = try await steps.run(request, log: log)
         result.attempts = run.attempts
         let record = run.record

@@ -1,3 +1,4 @@
+import Glibc
 import ImageStore
 import Sandbox
 import Synchronization
@@ -29,6 +30,14 @@ struct StepRequest: Sendable {
     var attempts: Int
     /// Where in the sandbox the step writes its outputs (`$CONTREE_OUTPUT`).
     var outputPath: String
+    /// Dependency caches mounted while the step runs (never in its key).
+    var caches: [Cache] = []
+
+    struct Cache: Sendable {
+        var name: String
+        var path: String
+        var sharing: DependencyCaches.Sharing
+    }
 }
 
 /// What running a step gave: its last attempt's record (exit, metrics, the snapshot it left),
@@ -51,11 +60,32 @@ struct EngineStepExecutor: StepExecutor {
     let engine: SandboxEngine
 
     func run(_ request: StepRequest, log: StepLog) async throws -> StepOutcome {
+        // Caches are taken for all attempts, in name order (two steps never wait on each other).
+        let caches = DependencyCaches(store: engine.store)
+        let uses = try await BlockingPool.shared.run {
+            var taken: [DependencyCaches.Use] = []
+            do {
+                for cache in request.caches.sorted(by: { $0.name < $1.name }) {
+                    taken.append(
+                        try caches.use(cache.name, sharing: cache.sharing, scratchID: request.key.prefix(16) + "-" + String(getpid())) {
+                            log.note("waiting for cache \(cache.name): another step holds it (sharing: \(cache.sharing.rawValue))")
+                        })
+                }
+            } catch {
+                taken.forEach { $0.release() }
+                throw error
+            }
+            return taken
+        }
+        defer { uses.forEach { $0.release() } }
+        let mounts = zip(request.caches.sorted(by: { $0.name < $1.name }), uses).map {
+            BindMount(source: $1.path, target: $0.path)
+        }
         var last: StepOutcome?
         for attempt in 1...max(1, request.attempts) {
             try Task.checkCancellation()
             if attempt > 1 { log.note("attempt \(attempt) of \(request.attempts)") }
-            let spec = RunSpec(
+            var spec = RunSpec(
                 image: request.parent, command: request.command,
                 env: request.environment.merging(request.secrets) { $1 }, cwd: request.workdir,
                 files: request.inputs.map {
@@ -67,6 +97,7 @@ struct EngineStepExecutor: StepExecutor {
                 disposable: false, stdout: .capture(limit: 0, onChunk: { log.append($0) }),
                 stderr: .capture(limit: 0, onChunk: { log.append($0) }), isolation: request.isolation,
                 outputPath: request.outputPath)
+            spec.mounts = mounts
             let run: RunResult
             do {
                 run = try await engine.run(spec)

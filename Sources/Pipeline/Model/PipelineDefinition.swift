@@ -16,6 +16,8 @@ public struct PipelineDefinition: Sendable {
     public var env: [EnvironmentEntry]
     public var defaults: StepSettings
     public var secrets: [SecretDefinition]
+    /// `caches:`: dependency caches steps may mount (see `DependencyCaches`).
+    public var caches: [CacheDefinition] = []
     public var steps: [StepDefinition]
 
     public func step(_ id: String) -> StepDefinition? { steps.first { $0.id.value == id } }
@@ -37,6 +39,22 @@ public struct SecretDefinition: Sendable {
 
     public var name: Located<String>
     public var source: Source
+}
+
+/// A dependency cache: a directory of the store, `caches/NAME/`, mounted read-write at `path`
+/// in the steps that list it. It never enters a snapshot or a key.
+public struct CacheDefinition: Sendable {
+    public var name: Located<String>
+    /// Absolute path in the sandbox.
+    public var path: String
+}
+
+/// A step's use of a cache.
+public struct CacheUse: Sendable, Equatable {
+    public var name: Located<String>
+    public var sharing: DependencyCaches.Sharing
+
+    public static func == (a: CacheUse, b: CacheUse) -> Bool { a.name.value == b.name.value && a.sharing == b.sharing }
 }
 
 /// Resource limits of a step.
@@ -203,6 +221,8 @@ public struct StepDefinition: Sendable {
     /// `cache:` as written; nil when it is not (see `PlanNode.cache` for the default).
     public var cache: Bool?
     public var secrets: [Located<String>]
+    /// `caches:`: dependency caches mounted while the step runs.
+    public var caches: [CacheUse] = []
 }
 
 extension PipelineDefinition {

@@ -1,4 +1,5 @@
 import Foundation
+import ImageStore
 import Sandbox
 import Yams
 
@@ -11,6 +12,7 @@ extension PipelineParser {
         var env: [EnvironmentEntry] = []
         var defaults = StepSettings()
         var secrets: [SecretDefinition] = []
+        var caches: [CacheDefinition] = []
         var steps: [StepDefinition] = []
         var sawSteps = false
         for (key, _, value) in entries(root, allowed: PipelineParser.topKeys, what: "the pipeline") {
@@ -23,6 +25,7 @@ extension PipelineParser {
                     _ = setting(k, v, into: &defaults)
                 }
             case "secrets": secrets = readSecrets(value)
+            case "caches": caches = readCaches(value)
             default:
                 sawSteps = true
                 guard case .sequence(let sequence) = value else {
@@ -46,7 +49,67 @@ extension PipelineParser {
         return PipelineDefinition(
             file: file, directory: directory, name: name ?? fileName,
             image: image ?? Located(BaseImages.defaultImage, at: at(root)), env: env, defaults: defaults,
-            secrets: secrets, steps: steps)
+            secrets: secrets, caches: caches, steps: steps)
+    }
+
+    /// Top-level `caches: {NAME: {path: /ABSOLUTE}}`.
+    mutating func readCaches(_ node: Node) -> [CacheDefinition] {
+        var result: [CacheDefinition] = []
+        for (key, keyNode, value) in entries(node, allowed: nil, what: "caches") {
+            if (try? DependencyCaches.validate(key)) == nil {
+                fail(
+                    "cache name '\(key)' may only hold letters, digits, '-', '_' and '.', starting with a letter or digit",
+                    at: keyNode)
+                continue
+            }
+            var path: String?
+            for (field, _, fieldValue) in entries(value, allowed: ["path"], what: "cache \(key)") where field == "path" {
+                guard let text = string(fieldValue, what: "path") else { continue }
+                if !text.value.hasPrefix("/") || text.value == "/" || text.value.split(separator: "/").contains("..") {
+                    fail("the path of cache \(key) must be an absolute directory in the sandbox, not '\(text.value)'", at: fieldValue)
+                } else {
+                    path = text.value
+                }
+            }
+            guard let path else {
+                if case .mapping = value, !errors.contains(where: { $0.location?.line == value.mark?.line }) {
+                    fail("cache \(key) needs `path: /DIRECTORY` (where steps see it)", at: value)
+                }
+                continue
+            }
+            result.append(CacheDefinition(name: Located(key, at: at(keyNode)), path: path))
+        }
+        return result
+    }
+
+    /// A step's `caches: [NAME, {name: NAME, sharing: locked|shared|private}]`.
+    mutating func readCacheUses(_ node: Node) -> [CacheUse] {
+        guard case .sequence(let sequence) = node else {
+            fail("caches must be a list of cache names (or {name: NAME, sharing: locked|shared|private}), not \(describe(node))", at: node)
+            return []
+        }
+        var result: [CacheUse] = []
+        for entry in sequence {
+            if case .mapping = entry {
+                var name: Located<String>?
+                var sharing = DependencyCaches.Sharing.locked
+                for (key, _, value) in entries(entry, allowed: ["name", "sharing"], what: "a cache") {
+                    if key == "name" {
+                        name = string(value, what: "name")
+                    } else if let chosen = enumeration(value, what: "sharing", as: DependencyCaches.Sharing.self) {
+                        sharing = chosen
+                    }
+                }
+                guard let name else {
+                    fail("a cache entry needs `name: NAME`", at: entry)
+                    continue
+                }
+                result.append(CacheUse(name: name, sharing: sharing))
+            } else if let name = string(entry, what: "a cache") {
+                result.append(CacheUse(name: name, sharing: .locked))
+            }
+        }
+        return result
     }
 
     mutating func readSecrets(_ node: Node) -> [SecretDefinition] {
@@ -121,6 +184,7 @@ extension PipelineParser {
             case "continue-on-error": step.continueOnError = bool(value, what: "continue-on-error") ?? false
             case "cache": step.cache = bool(value, what: "cache")
             case "secrets": step.secrets = stringList(value, what: "secrets")
+            case "caches": step.caches = readCacheUses(value)
             default: break
             }
         }

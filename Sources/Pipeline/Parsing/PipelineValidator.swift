@@ -34,7 +34,23 @@ struct PipelineValidator {
         }
         let ids = Set(seen.keys)
         let secretNames = Set(definition.secrets.map(\.name.value))
+        let cacheNames = Set(definition.caches.map(\.name.value))
         for step in steps {
+            var usedCaches = Set<String>()
+            for cache in step.caches {
+                if !cacheNames.contains(cache.name.value) {
+                    var message =
+                        "step \(step.id.value) uses cache '\(cache.name.value)', which is not defined under `caches:`"
+                    if let s = Suggestion.closest(to: cache.name.value, in: Array(cacheNames)) {
+                        message += "; did you mean '\(s)'?"
+                    }
+                    errors.append(PipelineError(.invalid, message, at: cache.name.location))
+                } else if !usedCaches.insert(cache.name.value).inserted {
+                    errors.append(
+                        PipelineError(
+                            .invalid, "step \(step.id.value) lists cache '\(cache.name.value)' twice", at: cache.name.location))
+                }
+            }
             for reference in [step.from].compactMap({ $0 }) + step.needs {
                 if reference.value == step.id.value {
                     errors.append(
