@@ -68,7 +68,10 @@ struct DependencyCacheTests {
                 needs: []
                 caches: [{name: c, sharing: locked}]
                 run: echo three-start $(date +%s%N) >> /cache/log; sleep 0.4; echo three-end $(date +%s%N) >> /cache/log
-            """, options: { var o = RunOptions(); o.jobs = 4; return o }())
+            """,
+            options: {
+                var o = RunOptions(); o.jobs = 4; return o
+            }())
         #expect(report.failed.isEmpty, "\(report.nodes.map { ($0.node, $0.reason ?? "") })")
         let log = try String(contentsOfFile: w2.store.root + "/caches/c/log", encoding: .utf8)
         let events = log.split(separator: "\n").map { $0.split(separator: " ") }
@@ -115,7 +118,9 @@ struct CacheCommandTests {
         #expect(listed.status == 0)
         #expect(listed.out.contains("deps") && listed.out.contains("old"), "\(listed.out)")
         // Make `old` unused for two days.
-        var times = [timespec(tv_sec: time(nil) - 2 * 86_400, tv_nsec: 0), timespec(tv_sec: time(nil) - 2 * 86_400, tv_nsec: 0)]
+        var times = [
+            timespec(tv_sec: time(nil) - 2 * 86_400, tv_nsec: 0), timespec(tv_sec: time(nil) - 2 * 86_400, tv_nsec: 0),
+        ]
         #expect(utimensat(AT_FDCWD, home + "/caches/old.used", &times, 0) == 0)
         let pruned = try await CLI.run(["cache", "prune", "--older-than", "1d"], home: home, in: w.project)
         #expect(pruned.status == 0 && pruned.out.contains("removed 1 cache: old"), "\(pruned)")

@@ -79,4 +79,47 @@ struct RealProjectParserTests {
               - {id: a, run: "true", caches: [{name: pip, sharing: sometimes}]}
             """, at: 4, 56, mentions: ["sharing must be one of locked, shared, private"])
     }
+
+    @Test("image with from, copies from missing steps or axes, relative paths: named by line and column")
+    func imageAndCopy() throws {
+        let definition = try parse(
+            """
+            steps:
+              - {id: build, matrix: {os: [a, b]}, run: "true"}
+              - id: pack
+                image: debian:bookworm+zip
+                copy: [{from: build, path: /out, to: "/dist/${{ matrix.os }}/"}, {from: "build[os=a]", path: /x, to: /y}]
+                run: "true"
+            """)
+        #expect(definition.steps[1].image?.value == "debian:bookworm+zip")
+        #expect(definition.steps[1].copies.map(\.step) == ["build", "build"])
+        #expect(definition.steps[1].copies[1].instance == ["os": "a"])
+        let plan = PipelinePlan(definition)
+        #expect(plan.node("pack")?.copies.map(\.sources) == [["build[os=a]", "build[os=b]"], ["build[os=a]"]])
+        #expect(plan.node("pack")?.parent == .image)
+        shape.expectProblem(
+            """
+            steps:
+              - {id: a, run: "true"}
+              - {id: b, run: "true", from: a, image: busybox}
+            """, at: 3, 42, mentions: ["both `image:` and `from:`"])
+        shape.expectProblem(
+            """
+            steps:
+              - {id: build, run: "true"}
+              - {id: b, run: "true", copy: [{from: biuld, path: /o, to: /p}]}
+            """, at: 3, 40, mentions: ["copies from 'biuld'", "did you mean 'build'"])
+        shape.expectProblem(
+            """
+            steps:
+              - {id: build, run: "true"}
+              - {id: b, run: "true", copy: [{from: "build[os=x]", path: /o, to: /p}]}
+            """, at: 3, 40, mentions: ["no matrix axis 'os'"])
+        shape.expectProblem(
+            """
+            steps:
+              - {id: build, run: "true"}
+              - {id: b, run: "true", copy: [{from: build, path: o, to: /p}]}
+            """, at: 3, 53, mentions: ["must be absolute"])
+    }
 }

@@ -7,6 +7,8 @@ import SystemSupport
 struct ExecutionContext: Sendable {
     let runner: PipelineRunner
     let baseImage: ImageRecord
+    /// Steps' own `image:` references, resolved (before anything ran).
+    var stepImages: [String: ImageRecord] = [:]
     let secrets: [String: String]
     /// Nodes that execute even on a cache hit (`--from`).
     let forced: Set<String>
@@ -55,13 +57,15 @@ extension PipelineRunner {
     func parentImage(
         _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext, log: StepLog
     ) throws -> ImageRecord {
-        let start = plan.startingPoint(node, results: results, base: context.baseImage.uuid)
+        let start = plan.startingPoint(
+            node, results: results, base: context.baseImage.uuid, stepImages: context.stepImages.mapValues(\.uuid))
         if case .node(let parent) = node.parent, start.from != parent {
             log.note(
                 "\(parent) left no snapshot; this step starts from \(start.from.map { "the snapshot of \($0)" } ?? "the pipeline's image")"
             )
         }
-        guard let image = start.from == nil ? context.baseImage : try engine.store.image(start.image) else {
+        let known = [context.baseImage] + context.stepImages.values
+        guard let image = try known.first(where: { $0.uuid == start.image }) ?? engine.store.image(start.image) else {
             let from = start.from ?? ""
             throw PipelineError(
                 .failed,
@@ -78,11 +82,18 @@ extension PipelineRunner {
         let parent = try parentImage(node, results: results, context: context, log: log)
         result.parentImage = parent.uuid
 
-        // Rendering hashes the step's input files: blocking reads, on the pool for disk work.
+        // Rendering hashes the step's input files, staging copies reads snapshots: blocking
+        // work, on the pool for disk work.
         let plan = self.plan
+        let store = engine.store
+        let staged = try await BlockingPool.files.run {
+            try CopyStager(store: store, plan: plan).stage(node, results: results)
+        }
+        defer { staged?.lease.release() }
         let prepared = try await BlockingPool.files.run {
             try StepPreparer(plan: plan).prepare(
-                node, parent: parent, results: results, secrets: context.secrets, secretKey: context.secretKey)
+                node, parent: parent, results: results, secrets: context.secrets, secretKey: context.secretKey,
+                copies: staged?.keyComponent)
         }
         let (components, command, env, secretEnv, workdir, inputs, isolation) = (
             prepared.components, prepared.command, prepared.env, prepared.secretEnv, prepared.workdir, prepared.inputs,
@@ -128,8 +139,19 @@ extension PipelineRunner {
             )
         }
 
+        // The copies become a layer over the parent, and the step runs over that.
+        var start = parent
+        if let staged {
+            start = try await BlockingPool.files.run {
+                try Snapshotter(store: store).commit(
+                    staged.directory, base: parent, config: parent.config, origin: "copy:\(node.id)",
+                    lease: staged.lease
+                ).image
+            }
+            log.note("copied in: " + staged.entries.joined(separator: ", "))
+        }
         let request = StepRequest(
-            node: node.id, key: key, parent: parent.uuid, command: command, environment: env, secrets: secretEnv,
+            node: node.id, key: key, parent: start.uuid, command: command, environment: env, secrets: secretEnv,
             workdir: workdir, inputs: inputs, inputRoot: plan.definition.directory, timeout: node.settings.timeout,
             limits: ResourceLimits(
                 memoryBytes: node.settings.limits.memoryBytes, cpus: node.settings.limits.cpus,

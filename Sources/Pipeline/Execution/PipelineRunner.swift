@@ -124,7 +124,11 @@ public final class PipelineRunner: Sendable {
 
     /// Checks what can only be checked on this host before anything runs (see `Preflight`),
     /// then resolves the base image (building or importing it on first use).
-    func preflight(_ cancellation: Cancellation? = nil) throws -> (image: ImageRecord, secrets: [String: String]) {
+    func preflight(
+        _ cancellation: Cancellation? = nil
+    ) throws -> (
+        image: ImageRecord, stepImages: [String: ImageRecord], secrets: [String: String]
+    ) {
         let definition = plan.definition
         let (secrets, problems) = Preflight(
             definition, environment: options.environment, allowHostPaths: options.allowHostPaths,
@@ -132,16 +136,29 @@ public final class PipelineRunner: Sendable {
         ).check()
         if !problems.isEmpty { throw PipelineValidationError(problems) }
         let hostPaths = definition.hostPaths(allowingAnywhere: options.allowHostPaths)
-        do {
-            let image = try definition.imageReference(hostPaths: hostPaths)
-            return (try engine.baseImages.resolve(image, cancellation: cancellation), secrets)
-        } catch let error as SandboxError where error.code == .cancelled {
-            throw CancellationError()
-        } catch let error as SandboxError {
-            throw PipelineValidationError([
-                PipelineError(.invalid, error.description, at: definition.image.location, cause: error)
-            ])
+        // Steps' own images, only those a node of this plan starts from, each resolved once.
+        var references = [definition.image]
+        for node in plan.nodes {
+            if let image = node.image, !references.contains(where: { $0.value == image.value }) {
+                references.append(image)
+            }
         }
+        var resolved: [String: ImageRecord] = [:]
+        for reference in references {
+            do {
+                let image = try definition.imageReference(reference, hostPaths: hostPaths)
+                resolved[reference.value] = try engine.baseImages.resolve(image, cancellation: cancellation)
+            } catch let error as SandboxError where error.code == .cancelled {
+                throw CancellationError()
+            } catch let error as SandboxError {
+                throw PipelineValidationError([
+                    PipelineError(.invalid, error.description, at: reference.location, cause: error)
+                ])
+            }
+        }
+        let base = resolved[definition.image.value]!
+        resolved[definition.image.value] = nil
+        return (base, resolved, secrets)
     }
 
     // MARK: The run
@@ -153,7 +170,7 @@ public final class PipelineRunner: Sendable {
         // Building or importing a base image takes a while and blocks: never on the cooperative
         // pool; cancelling the run stops an import (which removes what it made).
         let cancellation = Cancellation()
-        let (baseImage, secrets) = try await withTaskCancellationHandler {
+        let (baseImage, stepImages, secrets) = try await withTaskCancellationHandler {
             try await BlockingPool.shared.run { try self.preflight(cancellation) }
         } onCancel: {
             cancellation.cancel("the run was cancelled while its image was imported; nothing was imported")
@@ -199,7 +216,8 @@ public final class PipelineRunner: Sendable {
             forced = plan.dependents(of: Set(plan.nodes.filter { options.forceSteps.contains($0.step) }.map(\.id)))
         }
         let context = ExecutionContext(
-            runner: self, baseImage: baseImage, secrets: secrets, forced: forced, secretKey: secretKey)
+            runner: self, baseImage: baseImage, stepImages: stepImages, secrets: secrets, forced: forced,
+            secretKey: secretKey)
         let results = await schedule(context)
 
         let ordered = plan.nodes.compactMap { results[$0.id] }
@@ -235,6 +253,7 @@ public final class PipelineRunner: Sendable {
     private func schedule(_ context: ExecutionContext) async -> [String: NodeResult] {
         var schedule = Schedule(
             plan: plan, jobs: options.jobs, keepGoing: options.keepGoing, baseImage: context.baseImage.uuid)
+        schedule.stepImages = context.stepImages.mapValues(\.uuid)
         await PipelineRunner.drive(
             &schedule, execute: { node, results in await self.execute(node, results: results, context: context) },
             observer: observer, record: record)

@@ -11,6 +11,8 @@ struct Schedule {
     let keepGoing: Bool
     /// The pipeline's image: what a skipped first step passes on.
     let baseImage: String
+    /// Steps' own `image:` references, resolved to image UUIDs.
+    var stepImages: [String: String] = [:]
     private let preparer: StepPreparer
 
     private(set) var results: [String: NodeResult] = [:]
@@ -113,7 +115,7 @@ struct Schedule {
         // Skipped by its own condition while what it depends on succeeded: it leaves the
         // workspace as it was, passing its parent's snapshot on.
         if scope.status("success") {
-            let start = plan.startingPoint(node, results: results, base: baseImage)
+            let start = plan.startingPoint(node, results: results, base: baseImage, stepImages: stepImages)
             skipped.parentImage = start.image
             skipped.resultImage = start.image
         }
@@ -125,16 +127,20 @@ extension PipelinePlan {
     /// The snapshot a node starts from: its parent's or, when the parent left none (cancelled,
     /// killed, or failed before it ran), the nearest one along the chain of `from` steps, down
     /// to the pipeline's image. `from` names the node whose snapshot it is (nil: the image).
+    ///
+    /// A chain that ends at a step with its own `image:` ends at that image (`stepImages` maps
+    /// the reference to a UUID).
     func startingPoint(
-        _ node: PlanNode, results: [String: NodeResult], base: String
+        _ node: PlanNode, results: [String: NodeResult], base: String, stepImages: [String: String] = [:]
     ) -> (
         image: String, from: String?
     ) {
-        var parent = node.parent
-        while case .node(let id) = parent {
+        var current = node
+        while case .node(let id) = current.parent {
             if let image = results[id]?.resultImage { return (image, id) }
-            parent = self.node(id)?.parent ?? .image
+            guard let next = self.node(id) else { return (base, nil) }
+            current = next
         }
-        return (base, nil)
+        return (current.image.flatMap { stepImages[$0.value] } ?? base, nil)
     }
 }

@@ -67,8 +67,13 @@ struct EngineStepExecutor: StepExecutor {
             do {
                 for cache in request.caches.sorted(by: { $0.name < $1.name }) {
                     taken.append(
-                        try caches.use(cache.name, sharing: cache.sharing, scratchID: request.key.prefix(16) + "-" + String(getpid())) {
-                            log.note("waiting for cache \(cache.name): another step holds it (sharing: \(cache.sharing.rawValue))")
+                        try caches.use(
+                            cache.name, sharing: cache.sharing,
+                            scratchID: request.key.prefix(16) + "-" + String(getpid())
+                        ) {
+                            log.note(
+                                "waiting for cache \(cache.name): another step holds it (sharing: \(cache.sharing.rawValue))"
+                            )
                         })
                 }
             } catch {

@@ -101,7 +101,11 @@ public struct KeyExplainer {
             }
             let parent: ImageRecord?
             switch node.parent {
-            case .image: parent = base
+            case .image:
+                parent =
+                    try node.image.map {
+                        try engine.baseImages.resolve(try plan.definition.imageReference($0, hostPaths: hostPaths))
+                    } ?? base
             case .node(let id):
                 if let why = unknown[id] {
                     parent = nil
@@ -111,9 +115,17 @@ public struct KeyExplainer {
                     if parent == nil { explanation.note = "the snapshot of \(id) is gone" }
                 }
             }
+            if let blocked = node.copies.flatMap(\.sources).first(where: { known[$0]?.resultImage == nil }),
+                explanation.note == nil
+            {
+                explanation.note = "it copies from \(blocked), whose snapshot is not known"
+            }
             if let parent, explanation.note == nil {
+                let staged = try CopyStager(store: engine.store, plan: plan).stage(node, results: known)
+                defer { staged?.lease.release() }
                 let prepared = try preparer.prepare(
-                    node, parent: parent, results: known, secrets: secrets, secretKey: secretKey)
+                    node, parent: parent, results: known, secrets: secrets, secretKey: secretKey,
+                    copies: staged?.keyComponent)
                 explanation.components = prepared.components
                 explanation.key = prepared.components.key
                 explanation.hit = try cache.lookup(prepared.components.key)

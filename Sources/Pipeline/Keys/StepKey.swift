@@ -32,13 +32,18 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
     /// `NAME=fingerprint` (HMAC-SHA256 with the store's key), sorted.
     public var secrets: [String]
     public var isolation: String
-    /// `none` or `loopback`: what the command could reach can change what it does.
+    /// `none`, `loopback`, `egress` or `egress+host-loopback`: what the command could reach
+    /// can change what it does.
     public var network: String
+    /// What `copy:` brought in: `TO <- NODE:PATH` entries and the staged layer's digest (the
+    /// copied subtrees, not the whole source snapshots). Absent (not empty) without `copy:`,
+    /// so keys of steps without copies are what they were.
+    public var copies: [String]? = nil
 
     enum CodingKeys: String, CodingKey {
         case format
         case parentImage = "parent_image"
-        case command, env, workdir, user, inputs, secrets, isolation, network
+        case command, env, workdir, user, inputs, secrets, isolation, network, copies
     }
 
     public var key: String { Digest.ofCanonicalJSON(self).description }
@@ -71,6 +76,11 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
         listDiff("secret", secrets, other.secrets) { String($0.prefix { $0 != "=" }) }
         if isolation != other.isolation { result.append("isolation: \(other.isolation) -> \(isolation)") }
         if network != other.network { result.append("network: \(other.network) -> \(network)") }
+        if copies != other.copies {
+            let changed = (copies ?? []).last != (other.copies ?? []).last
+            result.append(
+                changed ? "copies: the copied files changed" : "copies: what `copy:` brings in moved or was renamed")
+        }
         return result
     }
 

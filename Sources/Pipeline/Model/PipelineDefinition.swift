@@ -223,6 +223,26 @@ public struct StepDefinition: Sendable {
     public var secrets: [Located<String>]
     /// `caches:`: dependency caches mounted while the step runs.
     public var caches: [CacheUse] = []
+    /// `image:`: a new root (any image reference) instead of the previous step's snapshot.
+    public var image: Located<String>?
+    /// `copy:`: paths copied out of other steps' snapshots before `run`.
+    public var copies: [CopyDefinition] = []
+}
+
+/// `copy: [{from: STEP[k=v,...], path: /ABS, to: /ABS[/]}]`: `path` from the snapshot of
+/// `from` (every instance of a matrix step unless one is chosen, or the one of this node's
+/// branch) lands at `to` (inside it when `to` ends with `/`) before the step runs.
+public struct CopyDefinition: Sendable {
+    /// The step id, as written.
+    public var from: Located<String>
+    /// The step id without an instance.
+    public var step: String
+    /// A chosen instance's values (`build[os=debian]`), empty when none is chosen.
+    public var instance: [String: String]
+    public var path: String
+    /// Rendered in the scope of each source node (`${{ matrix.os }}` names its instance).
+    public var to: Template
+    public var location: SourceLocation
 }
 
 extension PipelineDefinition {
@@ -236,6 +256,11 @@ extension PipelineDefinition {
     /// `docker-archive:FILE`) taken from the pipeline's directory and checked under `hostPaths`.
     /// - Throws: `PipelineValidationError` naming the `image:` line when the path may not be read.
     func imageReference(hostPaths: HostPaths) throws -> String {
+        try imageReference(image, hostPaths: hostPaths)
+    }
+
+    /// The same for any image reference of the file (a step's `image:`).
+    func imageReference(_ image: Located<String>, hostPaths: HostPaths) throws -> String {
         guard let (path, rebuild) = OCIImporter.localPath(image.value) else { return image.value }
         let absolute = path.hasPrefix("/") ? path : directory + "/" + path
         do {

@@ -63,10 +63,13 @@ extension PipelineParser {
                 continue
             }
             var path: String?
-            for (field, _, fieldValue) in entries(value, allowed: ["path"], what: "cache \(key)") where field == "path" {
+            for (field, _, fieldValue) in entries(value, allowed: ["path"], what: "cache \(key)") where field == "path"
+            {
                 guard let text = string(fieldValue, what: "path") else { continue }
                 if !text.value.hasPrefix("/") || text.value == "/" || text.value.split(separator: "/").contains("..") {
-                    fail("the path of cache \(key) must be an absolute directory in the sandbox, not '\(text.value)'", at: fieldValue)
+                    fail(
+                        "the path of cache \(key) must be an absolute directory in the sandbox, not '\(text.value)'",
+                        at: fieldValue)
                 } else {
                     path = text.value
                 }
@@ -82,10 +85,76 @@ extension PipelineParser {
         return result
     }
 
+    /// A step's `copy: [{from: STEP, path: /ABS, to: /ABS}]`.
+    mutating func readCopies(_ node: Node) -> [CopyDefinition] {
+        guard case .sequence(let sequence) = node else {
+            fail("copy must be a list of {from: STEP, path: /PATH, to: /PATH}, not \(describe(node))", at: node)
+            return []
+        }
+        var result: [CopyDefinition] = []
+        for entry in sequence {
+            var from: Located<String>?
+            var path: String?
+            var to: Template?
+            for (key, _, value) in entries(entry, allowed: ["from", "path", "to"], what: "a copy") {
+                switch key {
+                case "from": from = string(value, what: "from")
+                case "path":
+                    if let text = string(value, what: "path") {
+                        if text.value.hasPrefix("/") && !text.value.split(separator: "/").contains("..") {
+                            path = text.value
+                        } else {
+                            fail(
+                                "the path of a copy must be absolute in the source snapshot, not '\(text.value)'",
+                                at: value)
+                        }
+                    }
+                default:
+                    if let t = template(value, what: "to", textOnly: true) {
+                        if let literal = t.literal,
+                            !literal.hasPrefix("/") || literal.split(separator: "/").contains("..")
+                        {
+                            fail("`to` must be an absolute path in the sandbox, not '\(literal)'", at: value)
+                        } else {
+                            to = t
+                        }
+                    }
+                }
+            }
+            guard case .mapping = entry else { continue }
+            guard let from, let path, let to else {
+                if from == nil || path == nil || to == nil, errors.last?.location?.line != entry.mark?.line {
+                    fail("a copy needs `from: STEP`, `path: /PATH` and `to: /PATH`", at: entry)
+                }
+                continue
+            }
+            // `build[os=debian,cc=gcc]` chooses one instance of a matrix step.
+            var step = from.value
+            var instance: [String: String] = [:]
+            if let open = from.value.firstIndex(of: "["), from.value.hasSuffix("]") {
+                step = String(from.value[..<open])
+                let inner = from.value[from.value.index(after: open)..<from.value.index(before: from.value.endIndex)]
+                for pair in inner.split(separator: ",") {
+                    let parts = pair.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+                    guard parts.count == 2, !parts[0].isEmpty else {
+                        fail("`from: \(from.value)` chooses an instance as STEP[NAME=VALUE,...]", at: entry)
+                        continue
+                    }
+                    instance[parts[0]] = parts[1]
+                }
+            }
+            result.append(
+                CopyDefinition(from: from, step: step, instance: instance, path: path, to: to, location: at(entry)))
+        }
+        return result
+    }
+
     /// A step's `caches: [NAME, {name: NAME, sharing: locked|shared|private}]`.
     mutating func readCacheUses(_ node: Node) -> [CacheUse] {
         guard case .sequence(let sequence) = node else {
-            fail("caches must be a list of cache names (or {name: NAME, sharing: locked|shared|private}), not \(describe(node))", at: node)
+            fail(
+                "caches must be a list of cache names (or {name: NAME, sharing: locked|shared|private}), not \(describe(node))",
+                at: node)
             return []
         }
         var result: [CacheUse] = []
@@ -185,6 +254,8 @@ extension PipelineParser {
             case "cache": step.cache = bool(value, what: "cache")
             case "secrets": step.secrets = stringList(value, what: "secrets")
             case "caches": step.caches = readCacheUses(value)
+            case "image": step.image = text(value, what: "image")
+            case "copy": step.copies = readCopies(value)
             default: break
             }
         }

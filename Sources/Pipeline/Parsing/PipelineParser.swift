@@ -16,7 +16,7 @@ public struct PipelineParser {
     static let stepKeys = [
         "id", "run", "shell", "env", "workdir", "from", "needs", "inputs", "artifacts", "matrix", "fork", "select",
         "timeout", "retries", "if", "continue-on-error", "cache", "limits", "network", "isolation", "secrets",
-        "caches",
+        "caches", "image", "copy",
     ]
     static let variantKeys = ["run", "env", "shell", "workdir", "timeout", "limits"]
     static let selectKeys = ["score", "keep", "order"]

@@ -13,7 +13,8 @@ struct PipelineValidator {
     static func parents(of steps: [StepDefinition]) -> [String: String?] {
         var result: [String: String?] = [:]
         for (i, step) in steps.enumerated() {
-            result[step.id.value] = step.from?.value ?? (i > 0 ? steps[i - 1].id.value : nil)
+            // A step with `image:` starts a new root there.
+            result[step.id.value] = step.image != nil ? nil : step.from?.value ?? (i > 0 ? steps[i - 1].id.value : nil)
         }
         return result
     }
@@ -48,7 +49,8 @@ struct PipelineValidator {
                 } else if !usedCaches.insert(cache.name.value).inserted {
                     errors.append(
                         PipelineError(
-                            .invalid, "step \(step.id.value) lists cache '\(cache.name.value)' twice", at: cache.name.location))
+                            .invalid, "step \(step.id.value) lists cache '\(cache.name.value)' twice",
+                            at: cache.name.location))
                 }
             }
             for reference in [step.from].compactMap({ $0 }) + step.needs {
@@ -64,6 +66,34 @@ struct PipelineValidator {
                     errors.append(
                         PipelineError(.invalid, message, at: reference.location, problem: .unknownStep(reference.value))
                     )
+                }
+            }
+            if let image = step.image, step.from != nil {
+                errors.append(
+                    PipelineError(
+                        .invalid,
+                        "step \(step.id.value) has both `image:` and `from:`; a step starts from one of them: drop one",
+                        at: image.location))
+            }
+            for copy in step.copies {
+                if copy.step == step.id.value {
+                    errors.append(
+                        PipelineError(.invalid, "step \(step.id.value) cannot copy from itself", at: copy.from.location)
+                    )
+                } else if !ids.contains(copy.step) {
+                    var message = "step \(step.id.value) copies from '\(copy.step)', which is not a step"
+                    if let s = Suggestion.closest(to: copy.step, in: Array(ids)) { message += "; did you mean '\(s)'?" }
+                    errors.append(
+                        PipelineError(.invalid, message, at: copy.from.location, problem: .unknownStep(copy.step)))
+                } else if let source = definition.step(copy.step), !copy.instance.isEmpty {
+                    let axes = Set(source.matrix?.names ?? [])
+                    for name in copy.instance.keys.sorted() where !axes.contains(name) {
+                        errors.append(
+                            PipelineError(
+                                .invalid,
+                                "step \(step.id.value) chooses \(name)=… of \(copy.step), which has no matrix axis '\(name)'",
+                                at: copy.from.location))
+                    }
                 }
             }
             for secret in step.secrets where !secretNames.contains(secret.value) {
@@ -277,7 +307,8 @@ struct PipelineValidator {
         let parents = PipelineValidator.parents(of: definition.steps)
         var result: [String: [String]] = [:]
         for step in definition.steps {
-            result[step.id.value] = ([parents[step.id.value] ?? nil].compactMap { $0 }) + step.needs.map(\.value)
+            result[step.id.value] =
+                ([parents[step.id.value] ?? nil].compactMap { $0 }) + step.needs.map(\.value) + step.copies.map(\.step)
         }
         return result
     }

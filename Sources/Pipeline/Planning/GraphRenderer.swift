@@ -1,5 +1,6 @@
 /// The plan's DAG as Mermaid or Graphviz DOT text. Solid edges start from a snapshot; dashed
-/// edges only wait (`needs`).
+/// edges only wait (`needs`); dashed edges labelled `copy` bring files in (`copy:`). A step
+/// with its own `image:` starts from a root of its own.
 public enum GraphRenderer {
     public enum Format: String, CaseIterable, Sendable {
         case mermaid, dot
@@ -17,13 +18,19 @@ public enum GraphRenderer {
         case .mermaid:
             var lines = ["flowchart LR"]
             lines.append("  base([\(plan.definition.image.value.replacing("\"", with: "'"))])")
+            let roots = Array(Set(plan.nodes.compactMap { $0.image?.value })).sorted()
+            for (i, root) in roots.enumerated() { lines.append("  image\(i)([\(root.replacing("\"", with: "'"))])") }
+            func root(_ node: PlanNode) -> String {
+                node.image.flatMap { roots.firstIndex(of: $0.value) }.map { "image\($0)" } ?? "base"
+            }
             for node in plan.nodes {
                 let shape = node.kind == .select ? "{{\"\(label(node))\"}}" : "[\"\(label(node))\"]"
                 lines.append("  \(ids[node.id]!)\(shape)")
             }
-            for node in plan.nodes where node.parent == .image { lines.append("  base --> \(ids[node.id]!)") }
+            for node in plan.nodes where node.parent == .image { lines.append("  \(root(node)) --> \(ids[node.id]!)") }
             for edge in edges {
-                lines.append("  \(ids[edge.from]!) \(edge.kind == "needs" ? "-.->" : "-->") \(ids[edge.to]!)")
+                let arrow = ["needs": "-.->", "copy": "-. copy .->"][edge.kind] ?? "-->"
+                lines.append("  \(ids[edge.from]!) \(arrow) \(ids[edge.to]!)")
             }
             return lines.joined(separator: "\n") + "\n"
         case .dot:
@@ -32,14 +39,21 @@ public enum GraphRenderer {
                 "  node [shape=box, style=rounded];",
             ]
             lines.append("  base [label=\"\(plan.definition.image.value.replacing("\"", with: "'"))\", shape=ellipse];")
+            let roots = Array(Set(plan.nodes.compactMap { $0.image?.value })).sorted()
+            for (i, root) in roots.enumerated() {
+                lines.append("  image\(i) [label=\"\(root.replacing("\"", with: "'"))\", shape=ellipse];")
+            }
+            func root(_ node: PlanNode) -> String {
+                node.image.flatMap { roots.firstIndex(of: $0.value) }.map { "image\($0)" } ?? "base"
+            }
             for node in plan.nodes {
                 lines.append(
                     "  \(ids[node.id]!) [label=\"\(label(node))\"\(node.kind == .select ? ", shape=hexagon" : "")];")
             }
-            for node in plan.nodes where node.parent == .image { lines.append("  base -> \(ids[node.id]!);") }
+            for node in plan.nodes where node.parent == .image { lines.append("  \(root(node)) -> \(ids[node.id]!);") }
             for edge in edges {
-                lines.append(
-                    "  \(ids[edge.from]!) -> \(ids[edge.to]!)\(edge.kind == "needs" ? " [style=dashed]" : "");")
+                let style = ["needs": " [style=dashed]", "copy": " [style=dashed, label=\"copy\"]"][edge.kind] ?? ""
+                lines.append("  \(ids[edge.from]!) -> \(ids[edge.to]!)\(style);")
             }
             lines.append("}")
             return lines.joined(separator: "\n") + "\n"

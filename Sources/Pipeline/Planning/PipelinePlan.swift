@@ -42,6 +42,10 @@ public struct PlanNode: Sendable {
     public var cache: Bool
     public var secrets: [String]
     public var select: SelectDefinition?
+    /// The step's own root image (`image:`), when its parent is `.image`; nil: the pipeline's.
+    public var image: Located<String>? = nil
+    /// What `copy:` brings in, with the nodes each copy reads (dependencies of this node).
+    public var copies: [PlanCopy] = []
 
     /// Whether its condition asks about other steps' status (`always()`, `failure()`,
     /// `cancelled()`): such steps still run after a failure and are not cancelled by it.
@@ -59,6 +63,12 @@ public struct PlanNode: Sendable {
     public var fileName: String {
         String(id.map { $0.isLetter || $0.isNumber || "-_.=,".contains($0) ? $0 : "_" })
     }
+}
+
+/// One `copy:` entry of a node and the nodes it copies from.
+public struct PlanCopy: Sendable {
+    public var definition: CopyDefinition
+    public var sources: [String]
 }
 
 /// A pipeline expanded into nodes (matrix combinations, fork variants, selections) in an order
@@ -121,7 +131,22 @@ public struct PipelinePlan: Sendable {
                         values.isEmpty ? "" : "[" + values.map { "\($0.name)=\($0.value)" }.joined(separator: ",") + "]"
                     let parent: PlanNode.Parent = start.node.isEmpty ? .image : .node(start.node)
                     let parentDeps = start.node.isEmpty ? [] : [start.node]
-                    let base = PlanNode(
+                    let copies = step.copies.map { copy in
+                        PlanCopy(
+                            definition: copy,
+                            sources: (exports[copy.step] ?? []).filter { source in
+                                if !copy.instance.isEmpty {
+                                    return copy.instance.allSatisfy { chosen in
+                                        source.values.contains { $0.name == chosen.key && $0.value == chosen.value }
+                                    }
+                                }
+                                // Within a branch of the source, its own instance; elsewhere, all.
+                                return source.values.allSatisfy { value in
+                                    values.allSatisfy { $0.name != value.name || $0.value == value.value }
+                                }
+                            }.map(\.node))
+                    }
+                    var base = PlanNode(
                         id: stepID + suffix, step: stepID, kind: .run, values: values, variant: nil, parent: parent,
                         dependencies: parentDeps + needed, variantNodes: [], run: step.run, env: step.env,
                         settings: settings, inputs: step.inputs, artifacts: step.artifacts, condition: step.condition,
@@ -129,6 +154,9 @@ public struct PipelinePlan: Sendable {
                         cache: step.cache ?? !PlanNode.reactsToFailure(step.condition),
                         secrets: step.secrets.map(\.value),
                         select: nil)
+                    base.image = step.image
+                    base.copies = copies
+                    base.dependencies += copies.flatMap(\.sources).filter { !base.dependencies.contains($0) }
                     if step.fork.isEmpty {
                         add(base)
                         mine.append(Export(node: base.id, values: values))

@@ -106,11 +106,12 @@ public struct RunReport: Sendable, Codable {
         var result: [Edge] = []
         for node in plan.nodes {
             let parent: String? = { if case .node(let p) = node.parent { return p } else { return nil } }()
+            let copied = Set(node.copies.flatMap(\.sources))
             for dependency in node.dependencies {
-                result.append(
-                    Edge(
-                        from: dependency, to: node.id,
-                        kind: dependency == parent || node.kind == .select ? "from" : "needs"))
+                let kind =
+                    dependency == parent || node.kind == .select
+                    ? "from" : copied.contains(dependency) ? "copy" : "needs"
+                result.append(Edge(from: dependency, to: node.id, kind: kind))
             }
         }
         return result
