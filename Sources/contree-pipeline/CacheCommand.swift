@@ -24,7 +24,12 @@ struct CacheCommand: ParsableCommand {
             var name: String
             var bytes: Int64
             var files: Int
-            var last_used: String
+            var lastUsed: String
+
+            enum CodingKeys: String, CodingKey {
+                case name, bytes, files
+                case lastUsed = "last_used"
+            }
         }
 
         func run() throws {
@@ -33,14 +38,14 @@ struct CacheCommand: ParsableCommand {
                 let rows = caches.map {
                     Row(
                         name: $0.name, bytes: $0.bytes, files: $0.files,
-                        last_used: Date(timeIntervalSince1970: $0.lastUsed).ISO8601Format())
+                        lastUsed: Date(timeIntervalSince1970: $0.lastUsed).ISO8601Format())
                 }
                 if json { return try printJSON(rows) }
                 if rows.isEmpty { return print("no caches") }
                 print(
                     Format.table(
                         ["NAME", "SIZE", "FILES", "LAST USED"],
-                        rows.map { [$0.name, ByteCount.format($0.bytes), String($0.files), $0.last_used] }))
+                        rows.map { [$0.name, ByteCount.format($0.bytes), String($0.files), $0.lastUsed] }))
             }
         }
     }
