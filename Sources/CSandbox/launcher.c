@@ -235,6 +235,36 @@ int csb_exec_start(const csb_launch *l, int target_pidfd, int *pidfd_out, pid_t 
     return csb_start(l, target_pidfd, pidfd_out, pid_out);
 }
 
+/// Guards are started by one thread that lives as long as the process: a parent-death signal
+/// follows the thread that cloned, and the caller's thread (a pool's) may end before the run.
+struct csb_guard_job {
+    struct csb_spawn *spawn;
+    int pidfd;
+    pid_t pid;
+    int rc;
+    int done;
+};
+static pthread_mutex_t csb_guard_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t csb_guard_changed = PTHREAD_COND_INITIALIZER;
+static struct csb_guard_job *csb_guard_pending;
+static int csb_guard_thread_started;
+
+static void *csb_guard_spawner(void *unused) {
+    (void)unused;
+    pthread_mutex_lock(&csb_guard_lock);
+    for (;;) {
+        while (!csb_guard_pending) pthread_cond_wait(&csb_guard_changed, &csb_guard_lock);
+        struct csb_guard_job *job = csb_guard_pending;
+        csb_guard_pending = NULL;
+        pthread_mutex_unlock(&csb_guard_lock);
+        job->rc = csb_clone_exec(job->spawn, CLONE_NEWPID, &job->pidfd, &job->pid);
+        pthread_mutex_lock(&csb_guard_lock);
+        job->done = 1;
+        pthread_cond_broadcast(&csb_guard_changed);
+    }
+    return NULL;
+}
+
 int csb_guard_start(const char *init_path, const char *const *argv, const int *fds, int fd_count, int output_fd,
                     int *pidfd_out, pid_t *pid_out) {
     size_t argc = 0;
@@ -243,7 +273,31 @@ int csb_guard_start(const char *init_path, const char *const *argv, const int *f
     const char *full[128] = {"contree-init", "guard"};
     for (size_t i = 0; i <= argc; i++) full[2 + i] = argv[i];
     struct csb_spawn s = {init_path, full, fds, fd_count, -1, output_fd, SIGKILL, 0};
-    return csb_clone_exec(&s, CLONE_NEWPID, pidfd_out, pid_out);
+    struct csb_guard_job job = {&s, -1, 0, 0, 0};
+    pthread_mutex_lock(&csb_guard_lock);
+    if (!csb_guard_thread_started) {
+        pthread_t thread;
+        pthread_attr_t attributes;
+        pthread_attr_init(&attributes);
+        pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&thread, &attributes, csb_guard_spawner, NULL);
+        pthread_attr_destroy(&attributes);
+        if (rc != 0) {
+            pthread_mutex_unlock(&csb_guard_lock);
+            return -rc;
+        }
+        csb_guard_thread_started = 1;
+    }
+    while (csb_guard_pending) pthread_cond_wait(&csb_guard_changed, &csb_guard_lock);
+    csb_guard_pending = &job;
+    pthread_cond_broadcast(&csb_guard_changed);
+    while (!job.done) pthread_cond_wait(&csb_guard_changed, &csb_guard_lock);
+    pthread_mutex_unlock(&csb_guard_lock);
+    if (job.rc == 0) {
+        *pidfd_out = job.pidfd;
+        *pid_out = job.pid;
+    }
+    return job.rc;
 }
 
 /// csb_netns_create's thread: a network namespace of its own, lo up, an fd for it; the

@@ -108,11 +108,12 @@ int csb_exec_start(const csb_launch *launch, int target_pidfd, int *pidfd, pid_t
 /// Sandboxes join it with csb_launch.netns_fd; it lives while an fd or a member does.
 int csb_netns_create(void);
 
-/// Starts a helper that must not outlive the calling thread (a NAT helper such as pasta):
-/// contree-init in guard mode, as pid 1 of a new pid namespace with a parent-death signal,
-/// forks and execs `argv` (argv[0] an absolute path) with `fds` as 3, 4, ... and stdout and
-/// stderr on `output_fd`. When the guard dies, the kernel kills everything in its namespace,
-/// whatever the helper did to its own credentials. Returns 0 or -errno.
+/// Starts a helper that must not outlive this process (a NAT helper such as pasta):
+/// contree-init in guard mode, as pid 1 of a new pid namespace with a parent-death signal (set
+/// by a thread that lives as long as the process), forks and execs `argv` (argv[0] an absolute
+/// path) with `fds` as 3, 4, ... and stdout and stderr on `output_fd`. When the guard dies, the
+/// kernel kills everything in its namespace, whatever the helper did to its own credentials.
+/// Returns 0 or -errno.
 int csb_guard_start(const char *init_path, const char *const *argv, const int *fds, int fd_count, int output_fd,
                     int *pidfd, pid_t *pid);
 

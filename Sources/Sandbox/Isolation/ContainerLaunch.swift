@@ -108,8 +108,7 @@ struct ContainerLaunch {
         Trace.mark("cgroup created")
         defer { cgroup.remove() }
 
-        // Egress needs a namespace with the NAT helper attached before the sandbox joins it;
-        // made here, on the thread that supervises the run, whose end the helper cannot outlive.
+        // Egress needs a namespace with the NAT helper attached before the sandbox joins it.
         var ownNetwork: SandboxNetwork?
         if request.sharedNetwork == nil && request.network.isEgress {
             ownNetwork = try SandboxNetwork(mode: request.network)

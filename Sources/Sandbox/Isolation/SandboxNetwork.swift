@@ -11,10 +11,9 @@ import SystemSupport
 /// gateway reach the host's 127.0.0.1 (`$CONTREE_HOST`); without it they are refused.
 ///
 /// pasta runs under a guard (contree-init in guard mode, pid 1 of a pid namespace of its own,
-/// with a parent-death signal tied to the creating thread): pasta drops its privileges, which
-/// clears a parent-death signal of its own, but cannot leave the guard's namespace, whose end
-/// kills it. So no NAT helper outlives the thread that runs the sandbox, even when the host
-/// process is killed. Create a network on the thread that supervises its sandboxes.
+/// with a parent-death signal): pasta drops its privileges, which clears a parent-death signal
+/// of its own, but cannot leave the guard's namespace, whose end kills it. So no NAT helper
+/// outlives its network (`close`), nor the host process when that is killed.
 public final class SandboxNetwork: Sendable {
     /// The sandbox's own address, the gateway (the host's loopback when asked) and the DNS forwarder.
     public static let sandboxAddress = "10.0.2.100"
