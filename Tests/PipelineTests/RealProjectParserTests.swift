@@ -122,4 +122,44 @@ struct RealProjectParserTests {
               - {id: b, run: "true", copy: [{from: build, path: o, to: /p}]}
             """, at: 3, 53, mentions: ["must be absolute"])
     }
+
+    @Test("services: defined at the top with image or from, run, ready and env; unknown names are named")
+    func services() throws {
+        let definition = try parse(
+            """
+            services:
+              db:
+                image: "debian:bookworm+redis-server"
+                run: redis-server --port 6379
+                ready: {run: redis-cli ping, timeout: 30s}
+                env: {A: "1"}
+            steps:
+              - {id: a, run: "true", services: [db]}
+            """)
+        let db = try #require(definition.services.first)
+        #expect(db.image?.value == "debian:bookworm+redis-server" && db.ready == "redis-cli ping")
+        #expect(db.readyTimeout == 30 && db.env.map(\.name) == ["A"])
+        #expect(definition.steps[0].services.map(\.value) == ["db"])
+        shape.expectProblem(
+            """
+            services:
+              db: {run: x}
+            steps:
+              - {id: a, run: "true", services: [bd]}
+            """, at: 4, 37, mentions: ["service 'bd'", "did you mean 'db'"])
+        shape.expectProblem(
+            """
+            services:
+              db: {run: x, from: nowhere}
+            steps:
+              - {id: a, run: "true"}
+            """, at: 2, 22, mentions: ["starts from 'nowhere'"])
+        shape.expectProblem(
+            """
+            services:
+              db: {image: busybox}
+            steps:
+              - {id: a, run: "true"}
+            """, at: 2, 7, mentions: ["needs `run:`"])
+    }
 }

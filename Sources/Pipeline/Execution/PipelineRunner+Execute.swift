@@ -90,10 +90,24 @@ extension PipelineRunner {
             try CopyStager(store: store, plan: plan).stage(node, results: results)
         }
         defer { staged?.lease.release() }
+        let services = try serviceRequests(node, results: results, context: context)
+        let serviceKey =
+            services.isEmpty
+            ? nil
+            : try services.map { service in
+                guard let image = try engine.store.image(service.image) else {
+                    throw PipelineError(.failed, "the image of service \(service.name) is gone")
+                }
+                let env = service.environment.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+                return
+                    ([service.name, StepKeyComponents.imageDigest(image)] + service.command + env
+                    + (service.ready ?? []))
+                    .joined(separator: " ")
+            }
         let prepared = try await BlockingPool.files.run {
             try StepPreparer(plan: plan).prepare(
                 node, parent: parent, results: results, secrets: context.secrets, secretKey: context.secretKey,
-                copies: staged?.keyComponent)
+                copies: staged?.keyComponent, services: serviceKey)
         }
         let (components, command, env, secretEnv, workdir, inputs, isolation) = (
             prepared.components, prepared.command, prepared.env, prepared.secretEnv, prepared.workdir, prepared.inputs,
@@ -162,7 +176,7 @@ extension PipelineRunner {
                 plan.definition.caches.first { $0.name.value == use.name.value }.map {
                     StepRequest.Cache(name: use.name.value, path: $0.path, sharing: use.sharing)
                 }
-            })
+            }, services: services)
         let run = try await steps.run(request, log: log)
         result.attempts = run.attempts
         let record = run.record
@@ -193,6 +207,33 @@ extension PipelineRunner {
         }
         if let image = record.resultImage {
             try await collectArtifacts(node, image: image, workdir: workdir, passed: passed, log: log, into: &result)
+        }
+    }
+
+    /// The node's services, rendered: each one's image (its own, the snapshot its `from` names,
+    /// or the pipeline's), command, environment and log.
+    func serviceRequests(
+        _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext
+    ) throws -> [ServiceRequest] {
+        try node.services.map { service in
+            let definition = service.definition
+            let image: String
+            if let source = service.source {
+                guard let uuid = results[source]?.resultImage else {
+                    throw PipelineError(
+                        .failed, "service \(definition.name.value) starts from \(source), which left no snapshot")
+                }
+                image = uuid
+            } else if let reference = definition.image {
+                image = context.stepImages[reference.value]?.uuid ?? context.baseImage.uuid
+            } else {
+                image = context.baseImage.uuid
+            }
+            return ServiceRequest(
+                name: definition.name.value, image: image, command: ["sh", "-c", definition.run],
+                environment: Dictionary(definition.env.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 }),
+                ready: definition.ready.map { ["sh", "-c", $0] }, readyTimeout: definition.readyTimeout,
+                logPath: outDir + "/logs/" + node.fileName + "." + definition.name.value + ".log")
         }
     }
 

@@ -139,8 +139,8 @@ public final class PipelineRunner: Sendable {
         // Steps' own images, only those a node of this plan starts from, each resolved once.
         var references = [definition.image]
         for node in plan.nodes {
-            if let image = node.image, !references.contains(where: { $0.value == image.value }) {
-                references.append(image)
+            for image in [node.image] + node.services.map(\.definition.image) {
+                if let image, !references.contains(where: { $0.value == image.value }) { references.append(image) }
             }
         }
         var resolved: [String: ImageRecord] = [:]

@@ -32,6 +32,8 @@ struct StepRequest: Sendable {
     var outputPath: String
     /// Dependency caches mounted while the step runs (never in its key).
     var caches: [Cache] = []
+    /// Services started before the step, in its network namespace, and stopped after it.
+    var services: [ServiceRequest] = []
 
     struct Cache: Sendable {
         var name: String
@@ -86,6 +88,25 @@ struct EngineStepExecutor: StepExecutor {
         let mounts = zip(request.caches.sorted(by: { $0.name < $1.name }), uses).map {
             BindMount(source: $1.path, target: $0.path)
         }
+        // Services start once for all attempts, in a network namespace the step joins.
+        let services =
+            request.services.isEmpty
+            ? nil
+            : try await ServiceGroup.start(
+                request.services, network: request.network, engine: engine, step: request.node, log: log)
+        do {
+            let outcome = try await attempts(request, mounts: mounts, network: services?.network, log: log)
+            await services?.stop()
+            return outcome
+        } catch {
+            await services?.stop()
+            throw error
+        }
+    }
+
+    private func attempts(
+        _ request: StepRequest, mounts: [BindMount], network: SandboxNetwork?, log: StepLog
+    ) async throws -> StepOutcome {
         var last: StepOutcome?
         for attempt in 1...max(1, request.attempts) {
             try Task.checkCancellation()
@@ -103,6 +124,7 @@ struct EngineStepExecutor: StepExecutor {
                 stderr: .capture(limit: 0, onChunk: { log.append($0) }), isolation: request.isolation,
                 outputPath: request.outputPath)
             spec.mounts = mounts
+            spec.sharedNetwork = network
             let run: RunResult
             do {
                 run = try await engine.run(spec)

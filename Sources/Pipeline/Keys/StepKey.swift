@@ -39,11 +39,13 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
     /// copied subtrees, not the whole source snapshots). Absent (not empty) without `copy:`,
     /// so keys of steps without copies are what they were.
     public var copies: [String]? = nil
+    /// The services the step runs beside: `NAME image-digest command env...`. Absent without.
+    public var services: [String]? = nil
 
     enum CodingKeys: String, CodingKey {
         case format
         case parentImage = "parent_image"
-        case command, env, workdir, user, inputs, secrets, isolation, network, copies
+        case command, env, workdir, user, inputs, secrets, isolation, network, copies, services
     }
 
     public var key: String { Digest.ofCanonicalJSON(self).description }
@@ -76,6 +78,7 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
         listDiff("secret", secrets, other.secrets) { String($0.prefix { $0 != "=" }) }
         if isolation != other.isolation { result.append("isolation: \(other.isolation) -> \(isolation)") }
         if network != other.network { result.append("network: \(other.network) -> \(network)") }
+        listDiff("service", services ?? [], other.services ?? []) { String($0.prefix { $0 != " " }) }
         if copies != other.copies {
             let changed = (copies ?? []).last != (other.copies ?? []).last
             result.append(

@@ -18,6 +18,8 @@ public struct PipelineDefinition: Sendable {
     public var secrets: [SecretDefinition]
     /// `caches:`: dependency caches steps may mount (see `DependencyCaches`).
     public var caches: [CacheDefinition] = []
+    /// `services:`: sidecars steps may start (see `ServiceDefinition`).
+    public var services: [ServiceDefinition] = []
     public var steps: [StepDefinition]
 
     public func step(_ id: String) -> StepDefinition? { steps.first { $0.id.value == id } }
@@ -47,6 +49,25 @@ public struct CacheDefinition: Sendable {
     public var name: Located<String>
     /// Absolute path in the sandbox.
     public var path: String
+}
+
+/// A service (sidecar): a disposable sandbox that shares a step's network namespace, so the
+/// step reaches it on 127.0.0.1. It starts before the step, must pass `ready`, and is killed with
+/// its whole tree when the step ends.
+public struct ServiceDefinition: Sendable {
+    public var name: Located<String>
+    /// Any image reference; nil with `from`, or the pipeline's image when neither is given.
+    public var image: Located<String>?
+    /// A step whose snapshot the service starts from.
+    public var from: Located<String>?
+    /// The command (run as `sh -c`).
+    public var run: String
+    public var env: [(name: String, value: String)]
+    /// Run in the service's sandbox until it exits 0.
+    public var ready: String?
+    /// Seconds `ready` may take in all (default 30).
+    public var readyTimeout: Double
+    public var location: SourceLocation
 }
 
 /// A step's use of a cache.
@@ -227,6 +248,8 @@ public struct StepDefinition: Sendable {
     public var image: Located<String>?
     /// `copy:`: paths copied out of other steps' snapshots before `run`.
     public var copies: [CopyDefinition] = []
+    /// `services:`: names of services started for the step.
+    public var services: [Located<String>] = []
 }
 
 /// `copy: [{from: STEP[k=v,...], path: /ABS, to: /ABS[/]}]`: `path` from the snapshot of

@@ -13,6 +13,7 @@ extension PipelineParser {
         var defaults = StepSettings()
         var secrets: [SecretDefinition] = []
         var caches: [CacheDefinition] = []
+        var services: [ServiceDefinition] = []
         var steps: [StepDefinition] = []
         var sawSteps = false
         for (key, _, value) in entries(root, allowed: PipelineParser.topKeys, what: "the pipeline") {
@@ -26,6 +27,7 @@ extension PipelineParser {
                 }
             case "secrets": secrets = readSecrets(value)
             case "caches": caches = readCaches(value)
+            case "services": services = readServices(value)
             default:
                 sawSteps = true
                 guard case .sequence(let sequence) = value else {
@@ -49,7 +51,64 @@ extension PipelineParser {
         return PipelineDefinition(
             file: file, directory: directory, name: name ?? fileName,
             image: image ?? Located(BaseImages.defaultImage, at: at(root)), env: env, defaults: defaults,
-            secrets: secrets, caches: caches, steps: steps)
+            secrets: secrets, caches: caches, services: services, steps: steps)
+    }
+
+    /// Top-level `services: {NAME: {image | from, run, ready: {run, timeout}, env}}`.
+    mutating func readServices(_ node: Node) -> [ServiceDefinition] {
+        var result: [ServiceDefinition] = []
+        for (key, keyNode, value) in entries(node, allowed: nil, what: "services") {
+            guard Identifiers.isStepID(key) else {
+                fail("service name '\(key)' must start with a letter and use letters, digits, _ and -", at: keyNode)
+                continue
+            }
+            let errorsBefore = errors.count
+            var service = ServiceDefinition(
+                name: Located(key, at: at(keyNode)), image: nil, from: nil, run: "", env: [], ready: nil,
+                readyTimeout: 30, location: at(value))
+            var sawRun = false
+            for (field, _, fieldValue) in entries(
+                value, allowed: ["image", "from", "run", "ready", "env"], what: "service \(key)")
+            {
+                switch field {
+                case "image": service.image = text(fieldValue, what: "image")
+                case "from": service.from = string(fieldValue, what: "from")
+                case "run":
+                    sawRun = true
+                    service.run = text(fieldValue, what: "run")?.value ?? ""
+                case "env":
+                    for (name, nameNode, v) in entries(fieldValue, allowed: nil, what: "env of service \(key)") {
+                        guard Identifiers.isEnvironmentName(name) else {
+                            fail("'\(name)' is not a valid environment variable name", at: nameNode)
+                            continue
+                        }
+                        if let t = text(v, what: name, allowingBoolean: true) { service.env.append((name, t.value)) }
+                    }
+                default:
+                    if case .mapping = fieldValue {
+                        for (r, _, rv) in entries(fieldValue, allowed: ["run", "timeout"], what: "ready") {
+                            if r == "run" {
+                                service.ready = text(rv, what: "ready.run")?.value
+                            } else if let seconds = duration(rv, what: "ready.timeout") {
+                                service.readyTimeout = seconds
+                            }
+                        }
+                    } else {
+                        service.ready = text(fieldValue, what: "ready")?.value
+                    }
+                }
+            }
+            if !sawRun && errors.count == errorsBefore {
+                fail("service \(key) needs `run:` (the command that serves)", at: value)
+            }
+            if let image = service.image, service.from != nil {
+                fail(
+                    PipelineError(
+                        .invalid, "service \(key) has both `image:` and `from:`; drop one", at: image.location))
+            }
+            if errors.count == errorsBefore { result.append(service) }
+        }
+        return result
     }
 
     /// Top-level `caches: {NAME: {path: /ABSOLUTE}}`.
@@ -256,6 +315,7 @@ extension PipelineParser {
             case "caches": step.caches = readCacheUses(value)
             case "image": step.image = text(value, what: "image")
             case "copy": step.copies = readCopies(value)
+            case "services": step.services = stringList(value, what: "services")
             default: break
             }
         }

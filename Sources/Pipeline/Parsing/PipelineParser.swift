@@ -11,12 +11,12 @@ public struct PipelineParser {
     /// Ids of steps that were rejected (so that references to them are not reported again).
     var brokenSteps: [String] = []
 
-    static let topKeys = ["name", "image", "env", "defaults", "secrets", "caches", "steps"]
+    static let topKeys = ["name", "image", "env", "defaults", "secrets", "caches", "services", "steps"]
     static let defaultsKeys = ["shell", "workdir", "timeout", "retries", "limits", "network", "isolation"]
     static let stepKeys = [
         "id", "run", "shell", "env", "workdir", "from", "needs", "inputs", "artifacts", "matrix", "fork", "select",
         "timeout", "retries", "if", "continue-on-error", "cache", "limits", "network", "isolation", "secrets",
-        "caches", "image", "copy",
+        "caches", "image", "copy", "services",
     ]
     static let variantKeys = ["run", "env", "shell", "workdir", "timeout", "limits"]
     static let selectKeys = ["score", "keep", "order"]

@@ -36,7 +36,34 @@ struct PipelineValidator {
         let ids = Set(seen.keys)
         let secretNames = Set(definition.secrets.map(\.name.value))
         let cacheNames = Set(definition.caches.map(\.name.value))
+        let serviceNames = Set(definition.services.map(\.name.value))
+        for service in definition.services {
+            if let from = service.from, !ids.contains(from.value) {
+                var message = "service \(service.name.value) starts from '\(from.value)', which is not a step"
+                if let s = Suggestion.closest(to: from.value, in: Array(ids)) { message += "; did you mean '\(s)'?" }
+                errors.append(PipelineError(.invalid, message, at: from.location, problem: .unknownStep(from.value)))
+            }
+        }
         for step in steps {
+            for name in step.services where !serviceNames.contains(name.value) {
+                var message =
+                    "step \(step.id.value) uses service '\(name.value)', which is not defined under `services:`"
+                if let s = Suggestion.closest(to: name.value, in: Array(serviceNames)) {
+                    message += "; did you mean '\(s)'?"
+                }
+                errors.append(PipelineError(.invalid, message, at: name.location))
+            }
+            for name in step.services {
+                if let from = definition.services.first(where: { $0.name.value == name.value })?.from,
+                    from.value == step.id.value
+                {
+                    errors.append(
+                        PipelineError(
+                            .invalid,
+                            "step \(step.id.value) uses service \(name.value), which starts from this very step",
+                            at: name.location))
+                }
+            }
             var usedCaches = Set<String>()
             for cache in step.caches {
                 if !cacheNames.contains(cache.name.value) {
@@ -309,6 +336,9 @@ struct PipelineValidator {
         for step in definition.steps {
             result[step.id.value] =
                 ([parents[step.id.value] ?? nil].compactMap { $0 }) + step.needs.map(\.value) + step.copies.map(\.step)
+                + step.services.compactMap { name in
+                    definition.services.first { $0.name.value == name.value }?.from?.value
+                }
         }
         return result
     }

@@ -46,6 +46,8 @@ public struct PlanNode: Sendable {
     public var image: Located<String>? = nil
     /// What `copy:` brings in, with the nodes each copy reads (dependencies of this node).
     public var copies: [PlanCopy] = []
+    /// The services started for it, each with the node its `from` names (a dependency).
+    public var services: [PlanService] = []
 
     /// Whether its condition asks about other steps' status (`always()`, `failure()`,
     /// `cancelled()`): such steps still run after a failure and are not cancelled by it.
@@ -63,6 +65,12 @@ public struct PlanNode: Sendable {
     public var fileName: String {
         String(id.map { $0.isLetter || $0.isNumber || "-_.=,".contains($0) ? $0 : "_" })
     }
+}
+
+/// A service of a node: its definition and, for `from: STEP`, the node of that step it starts from.
+public struct PlanService: Sendable {
+    public var definition: ServiceDefinition
+    public var source: String?
 }
 
 /// One `copy:` entry of a node and the nodes it copies from.
@@ -156,6 +164,19 @@ public struct PipelinePlan: Sendable {
                         select: nil)
                     base.image = step.image
                     base.copies = copies
+                    base.services = step.services.compactMap { name in
+                        definition.services.first { $0.name.value == name.value }
+                    }.map { service in
+                        // `from`: the instance of this node's branch (or the first).
+                        let candidates = service.from.map { exports[$0.value] ?? [] } ?? []
+                        let mine = candidates.first { source in
+                            source.values.allSatisfy { value in
+                                values.allSatisfy { $0.name != value.name || $0.value == value.value }
+                            }
+                        }
+                        return PlanService(definition: service, source: (mine ?? candidates.first)?.node)
+                    }
+                    base.dependencies += base.services.compactMap(\.source).filter { !base.dependencies.contains($0) }
                     base.dependencies += copies.flatMap(\.sources).filter { !base.dependencies.contains($0) }
                     if step.fork.isEmpty {
                         add(base)
