@@ -17,7 +17,8 @@ struct ContreePipeline: AsyncParsableCommand {
             """,
         version: version,
         subcommands: [
-            RunCommand.self, ValidateCommand.self, GraphCommand.self, ExplainCommand.self, ShellCommand.self,
+            RunCommand.self, PlanCommand.self, ValidateCommand.self, GraphCommand.self, ExplainCommand.self,
+            ShellCommand.self,
             RunsCommand.self,
             ArtifactsCommand.self, ExecCommand.self, ImageCommand.self, InspectCommand.self,
             CacheCommand.self, GarbageCollectCommand.self, CheckCommand.self, ServeCommand.self,

@@ -8,11 +8,14 @@ import Sandbox
 import SystemSupport
 
 /// Parses and validates a pipeline file, printing every problem with its place (exit 2).
-func loadPipeline(_ path: String) throws -> PipelinePlan {
+func loadPipeline(_ path: String, targets: [String] = []) throws -> PipelinePlan {
     do {
-        return PipelinePlan(try PipelineParser.parse(file: path))
+        return try PipelinePlan(try PipelineParser.parse(file: path)).restricted(to: targets)
     } catch let error as PipelineValidationError {
         printError(error.description)
+        throw ExitCode(2)
+    } catch let error as PipelineError {
+        printError("error: \(error.message)")
         throw ExitCode(2)
     }
 }
@@ -30,6 +33,10 @@ struct RunCommand: AsyncParsableCommand {
 
     @OptionGroup var storeOptions: StoreOptions
     @Argument(help: "The pipeline file.") var pipeline: String
+    @Argument(
+        help: ArgumentHelp(
+            "Run only these steps or nodes (build, 'build[os=debian]') and what they depend on.", valueName: "target"))
+    var targets: [String] = []
     @Option(name: [.short, .long], help: "Steps running at once (default: the number of cores).")
     var jobs: Int = ProcessInfo.processInfo.activeProcessorCount
     @Flag(help: "After a failure, still run every branch that does not depend on it.") var keepGoing = false
@@ -67,7 +74,7 @@ struct RunCommand: AsyncParsableCommand {
     var allowHostPaths = false
 
     func run() async throws {
-        let plan = try loadPipeline(pipeline)
+        let plan = try loadPipeline(pipeline, targets: targets)
         for step in fromSteps where plan.definition.step(step) == nil {
             printError("error: --from \(step): no such step in \(pipeline)")
             throw ExitCode(2)
@@ -223,6 +230,9 @@ struct ExplainCommand: ParsableCommand {
                 for item in c.env { print("    env:          \(item)") }
                 for item in c.inputs { print("    input:        \(item)") }
                 for item in c.secrets { print("    secret:       \(item)") }
+                print("    network:      \(c.network)")
+                for item in c.copies ?? [] { print("    copy:         \(item)") }
+                for item in c.services ?? [] { print("    service:      \(item)") }
                 if let failed = e.failedRun {
                     if e.changesSinceFailure.isEmpty {
                         print(

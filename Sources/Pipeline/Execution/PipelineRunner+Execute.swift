@@ -90,20 +90,11 @@ extension PipelineRunner {
             try CopyStager(store: store, plan: plan).stage(node, results: results)
         }
         defer { staged?.lease.release() }
-        let services = try serviceRequests(node, results: results, context: context)
-        let serviceKey =
-            services.isEmpty
-            ? nil
-            : try services.map { service in
-                guard let image = try engine.store.image(service.image) else {
-                    throw PipelineError(.failed, "the image of service \(service.name) is gone")
-                }
-                let env = service.environment.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
-                return
-                    ([service.name, StepKeyComponents.imageDigest(image)] + service.command + env
-                    + (service.ready ?? []))
-                    .joined(separator: " ")
-            }
+        let serviceImages = try PipelineRunner.serviceImages(
+            node, results: results, base: context.baseImage, store: engine.store
+        ) { context.stepImages[$0.value] ?? context.baseImage }
+        let services = serviceRequests(node, images: serviceImages)
+        let serviceKey = PipelineRunner.serviceKey(node, images: serviceImages)
         let prepared = try await BlockingPool.files.run {
             try StepPreparer(plan: plan).prepare(
                 node, parent: parent, results: results, secrets: context.secrets, secretKey: context.secretKey,
@@ -210,27 +201,43 @@ extension PipelineRunner {
         }
     }
 
-    /// The node's services, rendered: each one's image (its own, the snapshot its `from` names,
-    /// or the pipeline's), command, environment and log.
-    func serviceRequests(
-        _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext
-    ) throws -> [ServiceRequest] {
+    /// The image each of the node's services starts from: the snapshot its `from` names, its
+    /// own `image` (`resolve`), or the pipeline's.
+    static func serviceImages(
+        _ node: PlanNode, results: [String: NodeResult], base: ImageRecord, store: Store,
+        resolve: (Located<String>) throws -> ImageRecord
+    ) throws -> [ImageRecord] {
         try node.services.map { service in
-            let definition = service.definition
-            let image: String
             if let source = service.source {
-                guard let uuid = results[source]?.resultImage else {
+                guard let uuid = results[source]?.resultImage, let image = try store.image(uuid) else {
                     throw PipelineError(
-                        .failed, "service \(definition.name.value) starts from \(source), which left no snapshot")
+                        .failed,
+                        "service \(service.definition.name.value) starts from \(source), which left no snapshot")
                 }
-                image = uuid
-            } else if let reference = definition.image {
-                image = context.stepImages[reference.value]?.uuid ?? context.baseImage.uuid
-            } else {
-                image = context.baseImage.uuid
+                return image
             }
+            return try service.definition.image.map(resolve) ?? base
+        }
+    }
+
+    /// The services' part of the step key: name, image digest, command, environment, check.
+    static func serviceKey(_ node: PlanNode, images: [ImageRecord]) -> [String]? {
+        guard !node.services.isEmpty else { return nil }
+        return zip(node.services, images).map { service, image in
+            let definition = service.definition
+            let env = definition.env.sorted { $0.name < $1.name }.map { "\($0.name)=\($0.value)" }
+            return
+                ([definition.name.value, StepKeyComponents.imageDigest(image), "sh -c " + definition.run] + env
+                + (definition.ready.map { ["ready: " + $0] } ?? [])).joined(separator: " ")
+        }
+    }
+
+    /// The node's services, rendered: image, command, environment and log.
+    func serviceRequests(_ node: PlanNode, images: [ImageRecord]) -> [ServiceRequest] {
+        zip(node.services, images).map { service, image in
+            let definition = service.definition
             return ServiceRequest(
-                name: definition.name.value, image: image, command: ["sh", "-c", definition.run],
+                name: definition.name.value, image: image.uuid, command: ["sh", "-c", definition.run],
                 environment: Dictionary(definition.env.map { ($0.name, $0.value) }, uniquingKeysWith: { $1 }),
                 ready: definition.ready.map { ["sh", "-c", $0] }, readyTimeout: definition.readyTimeout,
                 logPath: outDir + "/logs/" + node.fileName + "." + definition.name.value + ".log")

@@ -334,7 +334,9 @@ public final class PipelineRunner: Sendable {
             row: PipelineStepRow(
                 node: result.node, step: result.step, status: result.status.rawValue, cached: result.cached,
                 key: result.key, components: result.components, parentImage: result.parentImage,
-                resultImage: result.resultImage, outputs: result.outputs))
+                resultImage: result.resultImage, outputs: result.outputs,
+                wallSeconds: result.cached ? nil : result.metrics?.wallSeconds,
+                peakMemoryBytes: result.cached ? nil : result.metrics?.peakMemoryBytes))
     }
 }
 

@@ -20,6 +20,8 @@ public struct StepExplanation: Sendable {
     public var differences: [String]
     /// Why the key cannot be computed yet, if it cannot.
     public var note: String?
+    /// Where a hit comes from: `local`, or the shared cache's location (`plan --cache-from`).
+    public var hitSource: String?
 }
 
 /// Computes a step's key without running anything: the steps before it must be cached (their
@@ -30,6 +32,9 @@ public struct KeyExplainer {
     public let environment: [String: String]
     /// As `run --allow-host-paths`: secret files and local images may be anywhere on the host.
     public let allowHostPaths: Bool
+    /// Shared caches a local miss is looked up in (`plan --cache-from`); a hit there is
+    /// imported, so that the keys after it can be computed.
+    public var sharedCaches: [any SharedStepCache] = []
 
     public init(
         plan: PipelinePlan, engine: SandboxEngine, environment: [String: String] = ProcessInfo.processInfo.environment,
@@ -57,6 +62,22 @@ public struct KeyExplainer {
             throw PipelineError(.invalid, message)
         }
         let stepID = target?.step ?? step
+        let last =
+            target.flatMap { t in plan.nodes.firstIndex { $0.id == t.id } } ?? plan.nodes.lastIndex {
+                $0.step == stepID
+            } ?? 0
+        return try walk(upTo: last) { node in target.map { $0.id == node.id } ?? (node.step == stepID) }
+    }
+
+    /// Explains every node of the plan, in order.
+    public func explainAll() throws -> [StepExplanation] {
+        guard !plan.nodes.isEmpty else { return [] }
+        return try walk(upTo: plan.nodes.count - 1) { _ in true }
+    }
+
+    /// Computes the keys of the nodes up to `last` (each needs those before it), explaining the
+    /// ones `include` picks.
+    private func walk(upTo last: Int, include: (PlanNode) -> Bool) throws -> [StepExplanation] {
         let cache = try StepCache(store: engine.store)
         let hostPaths = plan.definition.hostPaths(allowingAnywhere: allowHostPaths)
         let base = try engine.baseImages.resolve(try plan.definition.imageReference(hostPaths: hostPaths))
@@ -70,10 +91,14 @@ public struct KeyExplainer {
         var known: [String: NodeResult] = [:]
         var unknown: [String: String] = [:]  // node -> why its snapshot is not known
         var explanations: [StepExplanation] = []
-        let last =
-            target.flatMap { t in plan.nodes.firstIndex { $0.id == t.id } } ?? plan.nodes.lastIndex {
-                $0.step == stepID
-            } ?? 0
+        var images: [String: ImageRecord] = [:]
+        func resolve(_ reference: Located<String>) throws -> ImageRecord {
+            if let known = images[reference.value] { return known }
+            let image = try engine.baseImages.resolve(
+                try plan.definition.imageReference(reference, hostPaths: hostPaths))
+            images[reference.value] = image
+            return image
+        }
         for node in plan.nodes[...last] {
             var explanation = StepExplanation(
                 node: node.id, components: nil, key: nil, hit: nil, previous: nil, previousRun: nil, differences: [],
@@ -101,11 +126,7 @@ public struct KeyExplainer {
             }
             let parent: ImageRecord?
             switch node.parent {
-            case .image:
-                parent =
-                    try node.image.map {
-                        try engine.baseImages.resolve(try plan.definition.imageReference($0, hostPaths: hostPaths))
-                    } ?? base
+            case .image: parent = try node.image.map(resolve) ?? base
             case .node(let id):
                 if let why = unknown[id] {
                     parent = nil
@@ -115,20 +136,30 @@ public struct KeyExplainer {
                     if parent == nil { explanation.note = "the snapshot of \(id) is gone" }
                 }
             }
-            if let blocked = node.copies.flatMap(\.sources).first(where: { known[$0]?.resultImage == nil }),
-                explanation.note == nil
-            {
-                explanation.note = "it copies from \(blocked), whose snapshot is not known"
+            let reads = node.copies.flatMap(\.sources) + node.services.compactMap(\.source)
+            if let blocked = reads.first(where: { known[$0]?.resultImage == nil }), explanation.note == nil {
+                explanation.note = "it copies or starts a service from \(blocked), whose snapshot is not known"
             }
             if let parent, explanation.note == nil {
                 let staged = try CopyStager(store: engine.store, plan: plan).stage(node, results: known)
                 defer { staged?.lease.release() }
+                let serviceImages = try PipelineRunner.serviceImages(
+                    node, results: known, base: base, store: engine.store, resolve: resolve)
                 let prepared = try preparer.prepare(
                     node, parent: parent, results: known, secrets: secrets, secretKey: secretKey,
-                    copies: staged?.keyComponent)
+                    copies: staged?.keyComponent, services: PipelineRunner.serviceKey(node, images: serviceImages))
                 explanation.components = prepared.components
                 explanation.key = prepared.components.key
                 explanation.hit = try cache.lookup(prepared.components.key)
+                if explanation.hit != nil { explanation.hitSource = "local" }
+                for shared in sharedCaches where explanation.hit == nil && node.cache {
+                    if let step = try shared.fetchStep(key: prepared.components.key) {
+                        explanation.hit = CachedStep(
+                            key: prepared.components.key, resultImage: step.image.uuid, outputs: step.outputs,
+                            record: step.record)
+                        explanation.hitSource = shared.location
+                    }
+                }
             }
             if let previous = try cache.lastPassed(
                 pipeline: plan.definition.name, file: plan.definition.absolutePath, node: node.id)
@@ -157,7 +188,7 @@ public struct KeyExplainer {
                 unknown[node.id] =
                     explanation.note ?? (node.cache ? "\(node.id) is not cached" : "\(node.id) has cache: false")
             }
-            if target.map({ $0.id == node.id }) ?? (node.step == stepID) { explanations.append(explanation) }
+            if include(node) { explanations.append(explanation) }
         }
         return explanations
     }

@@ -40,6 +40,9 @@ public struct PipelineStepRow: Sendable, Codable {
     public var parentImage: String?
     public var resultImage: String?
     public var outputs: [String: String] = [:]
+    /// What running it cost (absent for hits): for `plan`'s estimate of a miss.
+    public var wallSeconds: Double?
+    public var peakMemoryBytes: Int64?
 }
 
 /// The pipeline tables in the store's database: the step cache (key -> snapshot and outputs),
@@ -89,6 +92,11 @@ public struct StepCache: Sendable {
                     size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, device INTEGER NOT NULL,
                     inode INTEGER NOT NULL, PRIMARY KEY(image, path));
                 """)
+        },
+        // 3: what each executed step cost, for `plan`.
+        { tx in
+            try tx.addColumn("pipeline_steps", "wall_seconds REAL")
+            try tx.addColumn("pipeline_steps", "peak_memory INTEGER")
         },
     ]
 
@@ -259,13 +267,32 @@ public struct StepCache: Sendable {
         try store.database.query(
             """
             INSERT OR REPLACE INTO pipeline_steps(run_id, node, step, pipeline, file, key, components, status, cached,
-                parent_image, result_image, ended, outputs) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                parent_image, result_image, ended, outputs, wall_seconds, peak_memory)
+                VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
             """,
             [
                 .text(runID), .text(row.node), .text(row.step), .text(pipeline), .text(file), row.key.sql,
                 row.components.map { .text(json($0)) } ?? .null, .text(row.status), .integer(row.cached ? 1 : 0),
                 row.parentImage.sql, row.resultImage.sql, .real(Date().timeIntervalSince1970), .text(json(row.outputs)),
+                row.wallSeconds.map { .real($0) } ?? .null, row.peakMemoryBytes.map { .integer($0) } ?? .null,
             ])
+    }
+
+    /// What `node` cost the last time it ran (not a hit): wall seconds and peak memory.
+    public func lastCost(
+        pipeline: String, file: String, node: String
+    ) throws -> (
+        wallSeconds: Double, peakMemoryBytes: Int64?
+    )? {
+        guard
+            let row = try store.database.query(
+                """
+                SELECT wall_seconds, peak_memory FROM pipeline_steps WHERE file = ? AND pipeline = ? AND node = ?
+                  AND cached = 0 AND wall_seconds IS NOT NULL ORDER BY ended DESC LIMIT 1
+                """, [.text(file), .text(pipeline), .text(node)]
+            ).first, let wall = row["wall_seconds"].double
+        else { return nil }
+        return (wall, row["peak_memory"].int)
     }
 
     /// The latest recorded attempt of `node` (any status) with its components: after a failed

@@ -218,6 +218,39 @@ public struct PipelinePlan: Sendable {
         }
     }
 
+    /// Only `targets` and what they depend on (through `from`, `needs`, `copy` and services'
+    /// `from`). A target names a step (all its nodes) or one node (`build[os=debian]`).
+    /// - Throws: `PipelineError` naming a target that is neither.
+    public func restricted(to targets: [String]) throws -> PipelinePlan {
+        guard !targets.isEmpty else { return self }
+        var wanted: [String] = []
+        for target in targets {
+            if let node = node(target) {
+                wanted.append(node.id)
+            } else if definition.step(target) != nil {
+                wanted += nodes(of: target).map(\.id)
+            } else {
+                let step = String(target.prefix { $0 != "[" })
+                var message = "no step or node '\(target)' in \(definition.file)"
+                if definition.step(step) != nil {
+                    message += "; the nodes of \(step): " + nodes(of: step).map(\.id).joined(separator: ", ")
+                } else if let s = Suggestion.closest(to: target, in: definition.steps.map(\.id.value)) {
+                    message += "; did you mean '\(s)'?"
+                }
+                throw PipelineError(.invalid, message)
+            }
+        }
+        var keep = Set<String>()
+        while let id = wanted.popLast() {
+            guard keep.insert(id).inserted, let node = node(id) else { continue }
+            wanted += node.dependencies + node.variantNodes
+        }
+        var result = self
+        result.nodes = nodes.filter { keep.contains($0.id) }
+        result.index = Dictionary(uniqueKeysWithValues: result.nodes.enumerated().map { ($1.id, $0) })
+        return result
+    }
+
     private mutating func add(_ node: PlanNode) {
         index[node.id] = nodes.count
         nodes.append(node)
