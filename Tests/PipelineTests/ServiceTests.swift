@@ -46,7 +46,7 @@ struct ServiceTests {
             services:
               db:
                 run: echo starting the database; exec sleep \(marker)
-                ready: {run: "false", timeout: 1s}
+                ready: {run: "false", timeout: 2s}
               gone:
                 run: echo about to fail; exit 3
                 ready: "true"
@@ -59,7 +59,7 @@ struct ServiceTests {
             }())
         let a = try #require(report.node("a"))
         #expect(a.status == .failed)
-        #expect(a.reason?.contains("service db was not ready within 1 s") == true, "\(a.reason ?? "")")
+        #expect(a.reason?.contains("service db was not ready within 2 s") == true, "\(a.reason ?? "")")
         #expect(a.reason?.contains("starting the database") == true)
         let b = try #require(report.node("b"))
         #expect(b.reason?.contains("service gone ended before it was ready") == true, "\(b.reason ?? "")")

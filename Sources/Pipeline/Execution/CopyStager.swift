@@ -4,9 +4,10 @@ import ImageStore
 import SystemSupport
 
 /// What a node's `copy:` brings in, staged as one layer directory in a lease's work directory:
-/// each source path copied out of its node's snapshot with modes, owners and times kept, so
-/// that the same subtrees give the same layer digest. The digest (not the source snapshots) is
-/// what the step's key takes: a change elsewhere in the source leaves the step cached.
+/// each source path copied out of its node's snapshot with modes and owners kept and every
+/// time set to the epoch, so that the same files give the same layer digest even when a rerun
+/// of the source wrote them again. The digest (not the source snapshots) is what the step's key
+/// takes: a change elsewhere in the source leaves the step cached.
 struct StagedCopies {
     let lease: Lease
     let directory: String
@@ -81,7 +82,7 @@ struct CopyStager {
                         "copy from \(source.id) to \(target): another copy of this step already put something there; give each its own `to` (e.g. with ${{ matrix.NAME }})",
                         at: copy.location)
                 }
-                try fs.copyTree(found, to: RawPath(directory + target))
+                try fs.copyTree(found, to: RawPath(directory + target), time: timespec(tv_sec: 0, tv_nsec: 0))
                 entries.append("\(target) <- \(source.id):\(copy.path)")
             }
             for path in madeParents.reversed() {

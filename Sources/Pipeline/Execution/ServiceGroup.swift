@@ -87,14 +87,21 @@ final class ServiceGroup: Sendable {
     /// Runs the service's `ready` command in its sandbox until it exits 0.
     private func waitUntilReady(_ service: Running, log: StepLog) async throws {
         let (request, control) = (service.request, service.control)
-        let started = Monotonic.now
-        let deadline = started + request.readyTimeout
+        // The check's time counts from the service's start (preparing its image does not).
+        var started = Monotonic.now
+        var deadline = started + request.readyTimeout + ServiceGroup.startAllowance
+        var running = false
         var environment = request.environment.map { "\($0.key)=\($0.value)" }
         if request.environment["PATH"] == nil { environment.append("PATH=" + ImageConfig.defaultPath) }
         var attempts = 0
         while true {
             try Task.checkCancellation()
             if control.isRunning {
+                if !running {
+                    running = true
+                    started = Monotonic.now
+                    deadline = started + request.readyTimeout
+                }
                 guard let ready = request.ready else { break }
                 attempts += 1
                 let left = deadline - Monotonic.now
@@ -119,6 +126,9 @@ final class ServiceGroup: Sendable {
         throw failure(
             request, "was not ready within \(request.readyTimeout.formatted(digits: 0)) s (`ready` never exited 0)")
     }
+
+    /// How long a service's sandbox may take to start, before its `ready` time counts.
+    static let startAllowance = 120.0
 
     private func failure(_ request: ServiceRequest, _ what: String) -> PipelineError {
         let text = String(decoding: (try? FileSystem.readFile(request.logPath)) ?? [], as: UTF8.self)

@@ -70,8 +70,18 @@ struct DebianPackageLayer {
         let spec = RunSpec(
             image: parent.uuid,
             command: [
+                // A package that pre-depends on another (python3 on python3-minimal) unpacks only
+                // once that one is configured: unpack what can be, configure it, and again.
                 "sh", "-ec",
-                "dpkg --unpack \(directory)/*.deb; dpkg --configure -a; rm -rf \(directory) /var/log/dpkg.log /var/log/apt",
+                """
+                for pass in 1 2 3 4 5 6 7 8; do
+                  if dpkg --unpack --skip-same-version \(directory)/*.deb >/tmp/.contree-unpack 2>&1; then break; fi
+                  if [ "$pass" = 8 ]; then cat /tmp/.contree-unpack >&2; exit 1; fi
+                  dpkg --configure -a >/dev/null 2>&1 || true
+                done
+                dpkg --configure -a
+                rm -rf \(directory) /tmp/.contree-unpack /var/log/dpkg.log /var/log/apt
+                """,
             ],
             env: ["DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"],
             files: debs.map { FileMapping(hostPath: work + "/archives/" + $0, sandboxPath: directory + "/" + $0) },
