@@ -1,5 +1,7 @@
 import ContreeTestSupport
 import Foundation
+import Glibc
+import SystemSupport
 import Testing
 
 @testable import Pipeline
@@ -7,9 +9,11 @@ import Testing
 enum Repository {
     static var root: String { Paths.packageRoot }
 
+    /// The examples' pipeline files: `examples/*.yaml` and `examples/*/pipeline.yaml`.
     static var examples: [String] {
-        ((try? FileManager.default.contentsOfDirectory(atPath: root + "/examples")) ?? [])
-            .filter { $0.hasSuffix(".yaml") }.sorted().map { root + "/examples/" + $0 }
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: root + "/examples")) ?? []).sorted()
+        return names.filter { $0.hasSuffix(".yaml") }.map { root + "/examples/" + $0 }
+            + names.map { root + "/examples/" + $0 + "/pipeline.yaml" }.filter { FileManager.default.fileExists(atPath: $0) }
     }
 
     /// Copies the examples directory into `workspace.project` (tests never change the repo).
@@ -86,5 +90,59 @@ struct ExamplesRunTests {
         let tools = try #require(try w.store.findImage("debian:bookworm+gcc,libc6-dev,make"))
         #expect(tools.parent == debian.uuid && tools.layers.count == debian.layers.count + 1)
         #expect(tools.layers.starts(with: debian.layers))
+    }
+}
+
+/// The slow path of the examples: a real project's CI on Debian images (debootstrap and three
+/// package layers on first use), so one focused test covers it.
+@Suite("The web-service example", .requiresRoot, .timeLimit(.minutes(10)))
+struct WebServiceExampleTests {
+    @Test(
+        "egress to a package index on the host, the pip cache kept, Redis beside the tests, lint on a second image, a matrix packed with copy; a rerun is all hits; an edit reruns only what depends on it"
+    )
+    func webService() async throws {
+        let w = try Workspace()
+        try Repository.copyExamples(to: w)
+        let project = w.project + "/web-service"
+        let index = try ChildProcess.spawn(
+            ["python3", "-u", project + "/serve_packages.py", "18631"], captureStdout: true)
+        defer {
+            kill(index.pid, SIGKILL)
+            _ = try? ChildProcess.wait(index.pid, "serve_packages.py")
+            close(index.stdout!)
+            close(index.stderr)
+        }
+        var line = [UInt8](repeating: 0, count: 64)
+        let n = read(index.stdout!, &line, line.count)
+        #expect(n > 0 && String(decoding: line[0..<max(0, n)], as: UTF8.self).hasPrefix("serving 18631"))
+
+        let first = try await w.run(file: "web-service/pipeline.yaml")
+        #expect(first.status == .passed, "\(first.nodes.map { ($0.node, $0.status, $0.reason ?? "") })")
+        #expect(first.ran.count == 7)
+        #expect(first.log("deps").contains("http://10.0.2.2:18631/packages/kvclient-1.0.0-py3-none-any.whl"))
+        #expect(first.log("integration").contains("Ran 2 tests") && first.log("integration").contains("\nOK"))
+        #expect(first.log("integration").contains("service redis ready"))
+        #expect(first.log("lint").contains("lint clean"))
+        #expect(first.log("package").contains("./cli/counter-cli.pyz\n./service/counter-service.pyz"))
+        #expect(first.nodes.flatMap(\.artifacts).contains { $0.path == "/release.tar.gz" })
+        #expect(FileManager.default.fileExists(atPath: w.store.root + "/caches/pip/http"), "pip filled its cache")
+
+        let second = try await w.run(file: "web-service/pipeline.yaml")
+        #expect(second.hits.count == 7 && second.ran.isEmpty)
+
+        // One source file edited: what reads it reruns, deps stays cached.
+        let source = project + "/app/counter.py"
+        try (try String(contentsOfFile: source, encoding: .utf8) + "# edited\n").write(
+            toFile: source, atomically: true, encoding: .utf8)
+        let third = try await w.run(file: "web-service/pipeline.yaml")
+        #expect(third.status == .passed)
+        #expect(third.hits == ["deps"])
+        #expect(Set(third.ran) == ["unit", "lint", "integration", "build[flavor=service]", "build[flavor=cli]", "package"])
+
+        // deps run again finds the wheel in the warm cache.
+        var options = RunOptions()
+        options.forceSteps = ["deps"]
+        let forced = try await w.run(options: options, file: "web-service/pipeline.yaml")
+        #expect(forced.log("deps").contains("Using cached"), "\(forced.log("deps"))")
     }
 }
