@@ -13,7 +13,9 @@ enum Repository {
     static var examples: [String] {
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: root + "/examples")) ?? []).sorted()
         return names.filter { $0.hasSuffix(".yaml") }.map { root + "/examples/" + $0 }
-            + names.map { root + "/examples/" + $0 + "/pipeline.yaml" }.filter { FileManager.default.fileExists(atPath: $0) }
+            + names.map { root + "/examples/" + $0 + "/pipeline.yaml" }.filter {
+                FileManager.default.fileExists(atPath: $0)
+            }
     }
 
     /// Copies the examples directory into `workspace.project` (tests never change the repo).
@@ -137,7 +139,8 @@ struct WebServiceExampleTests {
         let third = try await w.run(file: "web-service/pipeline.yaml")
         #expect(third.status == .passed)
         #expect(third.hits == ["deps"])
-        #expect(Set(third.ran) == ["unit", "lint", "integration", "build[flavor=service]", "build[flavor=cli]", "package"])
+        #expect(
+            Set(third.ran) == ["unit", "lint", "integration", "build[flavor=service]", "build[flavor=cli]", "package"])
 
         // deps run again finds the wheel in the warm cache.
         var options = RunOptions()
