@@ -1,5 +1,6 @@
 import ContreeTestSupport
 import Foundation
+import SystemSupport
 import Testing
 
 @testable import Pipeline
@@ -68,5 +69,28 @@ struct PlanCommandTests {
         let invalid = try await CLI.run(["plan", "missing.yaml"], home: home, in: w.project)
         #expect(invalid.status == 2)
         #expect(try await CLI.run(["image", "ls"], home: home, in: w.project).out == images.out, "nothing ran")
+    }
+
+    @Test("network: egress without pasta installed is invalid input naming the line; nothing runs")
+    func egressWithoutPasta() async throws {
+        let w = try Workspace()
+        try w.write(
+            "pipeline.yaml",
+            """
+            steps:
+              - id: fetch
+                network: {mode: egress}
+                run: echo should-not-run
+            """)
+        let environment =
+            ChildProcess.hostEnvironment().filter { !$0.hasPrefix("CONTREE_HOME=") && !$0.hasPrefix("PATH=") }
+            + ["CONTREE_HOME=\(w.root)/home", "PATH=/nonexistent"]
+        for command in ["validate", "run"] {
+            let result = try ChildProcess.run(
+                [CLI.binary, command, w.project + "/pipeline.yaml"], environment: environment)
+            #expect(result.status == 2, "\(command): \(result.stderrText)")
+            #expect(result.stderrText.contains("pipeline.yaml:3:14"), "\(result.stderrText)")
+            #expect(result.stderrText.contains("apt-get install passt"))
+        }
     }
 }

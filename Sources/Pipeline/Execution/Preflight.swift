@@ -1,5 +1,6 @@
 import Foundation
 import Sandbox
+import SystemSupport
 
 /// What can only be checked on this host, before anything runs: every input matches files
 /// beneath the pipeline's directory, every secret a step uses has its source, each step's
@@ -37,11 +38,27 @@ public struct Preflight: Sendable {
                     problems.append(PipelineError(.invalid, "\(error)", at: step.location, cause: error))
                 }
             }
-            let isolation = step.settings.over(definition.defaults).isolation ?? .container
+            let settings = step.settings.over(definition.defaults)
+            let isolation = settings.isolation ?? .container
             if !isolations.contains(isolation) {
                 problems.append(
                     PipelineError(
                         .invalid, "isolation: \(isolation.rawValue) is not available in this build; use container",
+                        at: step.location))
+            }
+            let egress = settings.network?.isEgress == true
+            if egress && ChildProcess.lookup("pasta") == nil {
+                problems.append(
+                    PipelineError(
+                        .invalid,
+                        "step \(step.id.value) asks for network egress, which needs pasta, and it is not installed: install Debian's passt package (apt-get install passt; scripts/setup does)",
+                        at: settings.networkLocation ?? step.location))
+            }
+            if isolation == .vm && (egress || !step.caches.isEmpty || !step.services.isEmpty) {
+                problems.append(
+                    PipelineError(
+                        .invalid,
+                        "step \(step.id.value) is a VM step with network egress, caches or services, which VM steps do not have yet; use isolation: container for it",
                         at: step.location))
             }
         }

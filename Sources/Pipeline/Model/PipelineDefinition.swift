@@ -107,6 +107,8 @@ public struct StepSettings: Sendable {
     public var retries: Int?
     public var limits = LimitsDefinition()
     public var network: NetworkMode?
+    /// Where `network` was written (for errors about it).
+    public var networkLocation: SourceLocation?
     public var isolation: IsolationKind?
 
     public init() {}
@@ -119,7 +121,10 @@ public struct StepSettings: Sendable {
         if let timeout { merged.timeout = timeout }
         if let retries { merged.retries = retries }
         merged.limits = limits.over(fallback.limits)
-        if let network { merged.network = network }
+        if let network {
+            merged.network = network
+            merged.networkLocation = networkLocation
+        }
         if let isolation { merged.isolation = isolation }
         return merged
     }

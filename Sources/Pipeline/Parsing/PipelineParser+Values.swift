@@ -231,7 +231,9 @@ extension PipelineParser {
         case "timeout": settings.timeout = duration(value, what: "timeout")
         case "retries": settings.retries = integer(value, what: "retries", minimum: 0)
         case "limits": settings.limits = limits(value, what: "limits")
-        case "network": settings.network = network(value)
+        case "network":
+            settings.network = network(value)
+            settings.networkLocation = at(value)
         case "isolation": settings.isolation = enumeration(value, what: "isolation", as: IsolationKind.self)
         default: return false
         }
