@@ -84,6 +84,18 @@ public final class RegistryStepCache: SharedStepCache {
         try repository.push(image, tag: RegistryStepCache.stepTag(key), annotations: annotations)
     }
 
+    /// A dependency cache's tag: `cache-NAME` (moved by every push; the newest wins).
+    static func cacheTag(_ name: String) -> String { "cache-" + name }
+
+    public func fetchDependencyCache(name: String) throws -> ImageRecord? {
+        try repository.importImage(tag: RegistryStepCache.cacheTag(name))?.image
+    }
+
+    public func publishDependencyCache(name: String, image: ImageRecord) throws {
+        _ = try repository.push(
+            image, tag: RegistryStepCache.cacheTag(name), annotations: ["org.contree.cache.name": name])
+    }
+
     public func fetchScore(key: String) throws -> String? {
         guard let annotations = try repository.annotations(tag: RegistryStepCache.scoreTag(key)),
             annotations[RegistryStepCache.keyAnnotation] == key

@@ -129,6 +129,7 @@ struct RunCommand: AsyncParsableCommand {
             } else {
                 printError(
                     "cache: \(export.pushed) pushed to \(export.destination), \(export.present) already there (\(String(format: "%.1f", export.seconds)) s)"
+                        + (export.caches.map { "; dependency caches pushed: " + $0.joined(separator: ", ") } ?? "")
                 )
             }
             for (node, why) in (export.notPushed ?? [:]).sorted(by: { $0.key < $1.key }) {

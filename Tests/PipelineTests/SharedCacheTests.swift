@@ -218,4 +218,38 @@ struct SharedCacheCLITests {
         #expect(ended.seconds < 20)  // not the proxy's minute
         #expect(try Store(root: w.root + "/fresh").listImages().isEmpty)
     }
+
+    @Test("--cache-to pushes each dependency cache as cache-NAME; --cache-from fills a fresh store's before steps run")
+    func dependencyCaches() async throws {
+        let registry = try await BlockingPool.shared.run { try LocalRegistry() }
+        let location = "docker://127.0.0.1:\(registry.port)/ci/cache"
+        let yaml = """
+            caches:
+              deps: {path: /deps}
+            steps:
+              - id: fill
+                caches: [deps]
+                cache: false
+                run: ls /deps; mkdir -p /deps/sub && echo "$(cat /deps/sub/n 2>/dev/null)x" > /deps/sub/n
+            """
+        let first = try Workspace()
+        let pushed = try await first.run(
+            yaml, options: RunOptions(cacheTo: try RegistryStepCache(location, store: first.store, pushing: true)))
+        #expect(pushed.status == .passed)
+        #expect(pushed.cacheExport?.caches == ["deps"], "\(String(describing: pushed.cacheExport))")
+
+        // A fresh CI machine starts warm.
+        let second = try Workspace()
+        let pulled = try await second.run(
+            yaml, options: RunOptions(cacheFrom: [try RegistryStepCache(location, store: second.store)]))
+        #expect(pulled.status == .passed)
+        #expect(pulled.notes.contains { $0.contains("cache deps: restored from") }, "\(pulled.notes)")
+        #expect(pulled.log("fill").contains("sub"))
+        #expect(try String(contentsOfFile: second.store.root + "/caches/deps/sub/n", encoding: .utf8) == "xx\n")
+        // A cache that has content here is never replaced.
+        let again = try await second.run(
+            yaml, options: RunOptions(cacheFrom: [try RegistryStepCache(location, store: second.store)]))
+        #expect(again.notes.isEmpty)
+        #expect(try String(contentsOfFile: second.store.root + "/caches/deps/sub/n", encoding: .utf8) == "xxx\n")
+    }
 }

@@ -1,4 +1,5 @@
 import Glibc
+import ImageFormats
 import SystemSupport
 
 /// Dependency caches (pip, npm, apt, go mod): directories of the store, `caches/NAME/`, that
@@ -153,6 +154,50 @@ public struct DependencyCaches: Sendable {
             }
         }
         return removed
+    }
+
+    /// The cache as a root image of one layer (origin `cache:NAME`), for `run --cache-to`;
+    /// nil when it is missing or empty. Taken under the cache's shared lock.
+    public func snapshot(_ name: String, store: Store) throws -> ImageRecord? {
+        try DependencyCaches.validate(name)
+        let source = path(of: name)
+        guard FileSystem.exists(source), !(try FileSystem.list(source)).isEmpty else { return nil }
+        return try FileSystem.withLock(root + "/" + name + ".lock", exclusive: false) {
+            let lease = try store.acquireLease(layers: [])
+            defer { lease.release() }
+            let copy = lease.workPath + "/cache"
+            let copied = try ChildProcess.run(["cp", "-a", "--reflink=auto", source, copy])
+            guard copied.succeeded else {
+                throw SandboxError(.childProcess, "cannot copy the cache \(name): \(copied.stderrText)")
+            }
+            return try Snapshotter(store: store).commit(
+                copy, base: nil, config: ImageConfig(), origin: "cache:\(name)", lease: lease
+            ).image
+        }
+    }
+
+    /// Fills a missing or empty cache from an image (`run --cache-from`); false when the cache
+    /// has content already (a local cache is never replaced) or another step holds it.
+    public func restore(_ name: String, from image: ImageRecord, store: Store) throws -> Bool {
+        try DependencyCaches.validate(name)
+        try FileSystem.makeDirectory(root, mode: 0o755)
+        let lockPath = root + "/" + name + ".lock"
+        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SandboxError.system("open(\(lockPath))") }
+        defer { close(fd) }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else { return false }
+        let target = path(of: name)
+        if FileSystem.exists(target) {
+            guard try FileSystem.list(target).isEmpty else { return false }
+            try FileSystem.removeTree(target)
+        }
+        let fs = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
+        let staging = root + "/" + name + ".restoring"
+        try? FileSystem.removeTree(staging)
+        try fs.copyTree(fs.root, to: RawPath(staging))
+        guard rename(staging, target) == 0 else { throw SandboxError.system("rename(\(staging))") }
+        try touch(name)
+        return true
     }
 
     /// Marks the cache used now.

@@ -1,4 +1,5 @@
 import Foundation
+import ImageStore
 import SystemSupport
 
 /// `--cache-from` and `--cache-to`: steps and scores through shared caches. A shared cache
@@ -39,6 +40,62 @@ extension PipelineRunner {
             }
         }
         return nil
+    }
+
+    /// The dependency caches the plan's steps use.
+    var dependencyCachesUsed: [String] {
+        let used = Set(plan.nodes.flatMap { plan.definition.step($0.step)?.caches.map(\.name.value) ?? [] })
+        return plan.definition.caches.map(\.name.value).filter(used.contains)
+    }
+
+    /// `--cache-from`: a dependency cache missing (or empty) here starts from the newest
+    /// `cache-NAME` of the first shared cache that has one. A failure is a warning: the steps
+    /// run with the cache as it is.
+    func restoreDependencyCaches() async {
+        guard !options.cacheFrom.isEmpty else { return }
+        let caches = DependencyCaches(store: engine.store)
+        let store = engine.store
+        for name in dependencyCachesUsed {
+            let local = caches.path(of: name)
+            if FileSystem.exists(local), (try? FileSystem.list(local).isEmpty) == false { continue }
+            for source in options.cacheFrom {
+                do {
+                    let restored = try await BlockingPool.shared.run { () -> Bool in
+                        guard let image = try source.fetchDependencyCache(name: name) else { return false }
+                        return try caches.restore(name, from: image, store: store)
+                    }
+                    if restored {
+                        notes.withLock { $0.append("cache \(name): restored from \(source.location)") }
+                        break
+                    }
+                } catch {
+                    notes.withLock {
+                        $0.append(
+                            "cache \(name): \(source.location) could not give it (\(error)); steps start with it empty")
+                    }
+                }
+            }
+        }
+    }
+
+    /// `--cache-to`: each dependency cache the run used, as a root image tagged `cache-NAME`.
+    func publishDependencyCaches(to destination: any SharedStepCache, export: inout CacheExport) async -> [String]? {
+        let caches = DependencyCaches(store: engine.store)
+        let store = engine.store
+        var pushed: [String] = []
+        for name in dependencyCachesUsed {
+            do {
+                let done = try await BlockingPool.shared.run { () -> Bool in
+                    guard let image = try caches.snapshot(name, store: store) else { return false }
+                    try destination.publishDependencyCache(name: name, image: image)
+                    return true
+                }
+                if done { pushed.append(name) }
+            } catch {
+                export.error = (export.error.map { $0 + "; " } ?? "") + "cache \(name): \(error)"
+            }
+        }
+        return pushed.isEmpty ? nil : pushed
     }
 
     /// Publishes every passed step the store's cache holds and every score used: the entries

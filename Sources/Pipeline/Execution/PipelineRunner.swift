@@ -81,6 +81,8 @@ public final class PipelineRunner: Sendable {
     let steps: any StepExecutor
     /// The score keys this run used, with their text (published by `--cache-to`).
     let scoresUsed = Mutex<[String: String]>([:])
+    /// The run's own notes (`RunReport.notes`).
+    let notes = Mutex<[String]>([])
 
     static let outputPath = "/.contree/output"
     static let defaultShell = ["sh", "-e"]
@@ -218,6 +220,7 @@ public final class PipelineRunner: Sendable {
         let context = ExecutionContext(
             runner: self, baseImage: baseImage, stepImages: stepImages, secrets: secrets, forced: forced,
             secretKey: secretKey)
+        await restoreDependencyCaches()
         let results = await schedule(context)
 
         let ordered = plan.nodes.compactMap { results[$0.id] }
@@ -236,13 +239,16 @@ public final class PipelineRunner: Sendable {
                     destination: destination.location,
                     error: "the run was cancelled; nothing was pushed (a run that ends by itself pushes what passed)")
             } else {
-                export = await publish(ordered, to: destination)
+                var published = await publish(ordered, to: destination)
+                published.caches = await publishDependencyCaches(to: destination, export: &published)
+                export = published
             }
         }
         var report = RunReport(
             runID: runID, pipeline: plan.definition.name, file: plan.definition.file, status: status, started: started,
             ended: Date(), outDir: outDir, nodes: ordered, edges: RunReport.edges(of: plan), jobs: options.jobs)
         report.cacheExport = export
+        report.notes = notes.withLock { $0 }
         try? cache.finishRun(id: runID, status: status.rawValue)
         try ReportWriter(report: report, plan: plan).write(junitPath: options.junitPath)
         observer?.handle(.finished(report))

@@ -30,6 +30,15 @@ public protocol SharedStepCache: Sendable {
     /// The score text stored under a score key; nil when absent.
     func fetchScore(key: String) throws -> String?
     func publishScore(key: String, score: String) throws
+    /// The latest snapshot of a dependency cache (`caches:`), imported; nil when absent.
+    func fetchDependencyCache(name: String) throws -> ImageRecord?
+    /// Replaces the stored snapshot of a dependency cache (the tag `cache-NAME` moves).
+    func publishDependencyCache(name: String, image: ImageRecord) throws
+}
+
+extension SharedStepCache {
+    public func fetchDependencyCache(name: String) throws -> ImageRecord? { nil }
+    public func publishDependencyCache(name: String, image: ImageRecord) throws {}
 }
 
 /// What `--cache-to` did at the end of a run.
@@ -44,10 +53,13 @@ public struct CacheExport: Sendable, Codable {
     public var error: String?
     /// Steps that had nothing to push, with why (failed, stopped by fail-fast, skipped).
     public var notPushed: [String: String]?
+    /// Dependency caches pushed (as `cache-NAME`).
+    public var caches: [String]?
 
     enum CodingKeys: String, CodingKey {
         case destination, pushed, present, seconds, error
         case notPushed = "not_pushed"
+        case caches
     }
 
     public init(

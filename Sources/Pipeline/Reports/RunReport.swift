@@ -26,6 +26,8 @@ public struct RunReport: Sendable, Codable {
     public var jobs: Int
     /// What `--cache-to` published, when it was given.
     public var cacheExport: CacheExport?
+    /// What the run itself says beside its steps (a dependency cache restored from a registry).
+    public var notes: [String] = []
 
     public var duration: Double { ended.timeIntervalSince(started) }
 
@@ -53,6 +55,7 @@ public struct RunReport: Sendable, Codable {
         case nodes = "steps"
         case edges, jobs
         case cacheExport = "cache_export"
+        case notes
     }
 
     public init(
@@ -84,6 +87,7 @@ public struct RunReport: Sendable, Codable {
         edges = try c.decode([Edge].self, forKey: .edges)
         jobs = try c.decode(Int.self, forKey: .jobs)
         cacheExport = try c.decodeIfPresent(CacheExport.self, forKey: .cacheExport)
+        notes = try c.decodeIfPresent([String].self, forKey: .notes) ?? []
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -100,6 +104,7 @@ public struct RunReport: Sendable, Codable {
         try c.encode(edges, forKey: .edges)
         try c.encode(jobs, forKey: .jobs)
         try c.encodeIfPresent(cacheExport, forKey: .cacheExport)
+        if !notes.isEmpty { try c.encode(notes, forKey: .notes) }
     }
 
     static func edges(of plan: PipelinePlan) -> [Edge] {

@@ -82,6 +82,7 @@ public enum RunViews {
                 warnings += "warning: \(n.node): artifact '\(pattern)' matched nothing in its snapshot\n"
             }
         }
+        for note in report.notes { warnings += "note: \(note)\n" }
         if !warnings.isEmpty { text += "\n" + warnings }
         for n in report.nodes where n.status == .failed {
             text += "\n── \(n.node): \(n.reason ?? "failed") ──\n"
