@@ -23,33 +23,24 @@ public final class SandboxNetwork: Sendable {
     public let mode: NetworkMode
     /// The namespace (O_CLOEXEC); sandboxes join it through `csb_launch.netns_fd`.
     let namespaceFD: Int32
-    private let helper: Mutex<(pidfd: Int32, pid: pid_t)?>
+    private let uplink: NATUplink?
 
     /// A namespace with `lo` up; for an egress mode, with pasta attached and ready.
     /// - Throws: `unsupported` when egress is asked and pasta is not installed; `sandboxSetup`
     ///   when the namespace or the uplink cannot be made.
     public init(mode: NetworkMode) throws {
         self.mode = mode
-        var pasta: String?
-        if mode.isEgress {
-            guard let found = ChildProcess.lookup("pasta") else {
-                throw SandboxError(
-                    .unsupported,
-                    "network egress needs pasta, which is not installed; install Debian's passt package (apt-get install passt, as scripts/setup does) or run without egress"
-                )
-            }
-            pasta = found
-        }
+        let program = mode.isEgress ? try NATUplink.program() : nil
         let fd = csb_netns_create()
         guard fd >= 0 else { throw SandboxError(.sandboxSetup, "cannot create a network namespace", errno: -fd) }
         namespaceFD = fd
-        helper = Mutex(nil)
-        guard let pasta else { return }
+        guard let program else {
+            uplink = nil
+            return
+        }
         do {
-            helper.withLock { $0 = nil }
-            let started = try SandboxNetwork.startPasta(
-                pasta, namespaceFD: fd, hostLoopback: mode == .egressHostLoopback)
-            helper.withLock { $0 = started }
+            uplink = try NATUplink(
+                program: program, mode: .pasta(namespaceFD: fd), hostLoopback: mode == .egressHostLoopback)
         } catch {
             Glibc.close(fd)
             throw error
@@ -58,13 +49,7 @@ public final class SandboxNetwork: Sendable {
 
     /// Stops the NAT helper (and waits until it is gone) and lets the namespace go once no
     /// sandbox is in it. Idempotent.
-    public func close() {
-        let running = helper.withLock { state -> (pidfd: Int32, pid: pid_t)? in
-            defer { state = nil }
-            return state
-        }
-        if let running { SandboxNetwork.stop(running) }
-    }
+    public func close() { uplink?.close() }
 
     deinit {
         close()
@@ -73,43 +58,91 @@ public final class SandboxNetwork: Sendable {
 
     /// The resolv.conf the sandbox's /etc/resolv.conf is bound to (egress only).
     public static let resolvConf = "nameserver \(dnsAddress)\noptions ndots:0\n"
+}
 
-    private static func startPasta(
-        _ path: String, namespaceFD: Int32, hostLoopback: Bool
-    ) throws -> (
-        pidfd: Int32, pid: pid_t
-    ) {
+/// The user-mode NAT behind egress: Debian's passt, as pasta (attached to a network namespace:
+/// containers) or as passt (a stream socket QEMU's virtio-net connects to: VMs). Either way the
+/// sandbox is 10.0.2.100/24 behind the gateway 10.0.2.2 (the host's loopback only when asked),
+/// DNS sent to 10.0.2.3 goes to the host's resolver, and no port is forwarded either way. It
+/// runs under a guard (see `SandboxNetwork`) and is ready when it says so on a pipe.
+public final class NATUplink: Sendable {
+    public enum Mode: Sendable {
+        case pasta(namespaceFD: Int32)
+        /// passt listening on a unix socket at this path, for QEMU's `-netdev stream`.
+        case passt(socketPath: String)
+    }
+
+    private let helper: Mutex<(pidfd: Int32, pid: pid_t)?>
+
+    /// The passt program (pasta is the same binary under another name).
+    /// - Throws: `unsupported` when Debian's passt package is not installed.
+    public static func program() throws -> String {
+        guard let found = ChildProcess.lookup("passt") ?? ChildProcess.lookup("pasta") else {
+            throw SandboxError(
+                .unsupported,
+                "network egress needs pasta, which is not installed; install Debian's passt package (apt-get install passt, as scripts/setup does) or run without egress"
+            )
+        }
+        return found
+    }
+
+    /// Starts the uplink and waits until it is ready.
+    public init(program: String, mode: Mode, hostLoopback: Bool) throws {
+        helper = Mutex(try NATUplink.start(program, mode: mode, hostLoopback: hostLoopback))
+    }
+
+    /// Stops it and waits until it is gone. Idempotent.
+    public func close() {
+        let running = helper.withLock { state -> (pidfd: Int32, pid: pid_t)? in
+            defer { state = nil }
+            return state
+        }
+        if let running { NATUplink.stop(running) }
+    }
+
+    deinit { close() }
+
+    private static func start(_ program: String, mode: Mode, hostLoopback: Bool) throws -> (pidfd: Int32, pid: pid_t) {
         let initProgram = try ContainerBackend.initProgram()
         var ready: [Int32] = [-1, -1]
         guard csb_pipe_cloexec(&ready) == 0 else { throw SandboxError.system("pipe2") }
         defer { Glibc.close(ready[0]) }
-        let output = csb_memfd_cloexec("pasta-output")
+        let output = csb_memfd_cloexec("nat-output")
         guard output >= 0 else {
             Glibc.close(ready[1])
             throw SandboxError.system("memfd_create")
         }
         defer { Glibc.close(output) }
-        // fd 3 is the namespace, fd 4 the ready pipe: pasta writes its pid "file" there once the
-        // interface is configured. No port is forwarded either way.
-        var argv = [
-            path, "--foreground", "--quiet", "--runas", "0", "--config-net", "--ns-ifname", "eth0", "--address",
-            sandboxAddress,
-            "--netmask", "24", "--gateway", hostAddress, "--dns-forward", dnsAddress, "--tcp-ports", "none",
-            "--udp-ports", "none", "--tcp-ns", "none", "--udp-ns", "none", "--pid", "/proc/self/fd/4",
-            "--netns", "/proc/self/fd/3",
+        // fd 3 is the ready pipe (its pid "file": written once the uplink is configured), fd 4
+        // pasta's namespace. The name (argv[0]) picks the mode.
+        var argv: [String]
+        var fds: [Int32] = [ready[1]]
+        switch mode {
+        case .pasta(let namespace):
+            argv = [program.hasSuffix("/pasta") ? program : program.replacing("/passt", with: "/pasta")]
+            argv += ["--config-net", "--ns-ifname", "eth0", "--netns", "/proc/self/fd/4"]
+            fds.append(namespace)
+        case .passt(let socketPath):
+            argv = [program.hasSuffix("/passt") ? program : program.replacing("/pasta", with: "/passt")]
+            argv += ["--socket", socketPath]
+        }
+        argv += [
+            "--foreground", "--quiet", "--runas", "0", "--address", SandboxNetwork.sandboxAddress, "--netmask", "24",
+            "--gateway", SandboxNetwork.hostAddress, "--dns-forward", SandboxNetwork.dnsAddress, "--tcp-ports",
+            "none", "--udp-ports", "none", "--pid", "/proc/self/fd/3",
         ]
+        if case .pasta = mode { argv += ["--tcp-ns", "none", "--udp-ns", "none"] }
         if !hostLoopback { argv.append("--no-map-gw") }
         let arguments = CStringArray(argv)
-        var fds: [Int32] = [namespaceFD, ready[1]]
         var pidfd: Int32 = -1
         var pid: pid_t = 0
         let rc = withExtendedLifetime(arguments) {
             csb_guard_start(initProgram, arguments.pointer, &fds, Int32(fds.count), output, &pidfd, &pid)
         }
         Glibc.close(ready[1])
-        guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot start pasta", errno: -rc) }
+        guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot start \(argv[0])", errno: -rc) }
         let started = (pidfd: pidfd, pid: pid)
-        // Ready when a line arrives; end of file first means pasta gave up.
+        // Ready when a line arrives; end of file first means it gave up.
         var line: [UInt8] = []
         var poller = pollfd(fd: ready[0], events: Int16(POLLIN), revents: 0)
         let deadline = Monotonic.now + 10
@@ -132,15 +165,15 @@ public final class SandboxNetwork: Sendable {
             throw SandboxError(
                 .sandboxSetup,
                 polled == 0
-                    ? "pasta did not configure the sandbox's network within 10 s"
-                    : "pasta could not configure the sandbox's network\(message.isEmpty ? "" : ": " + message)")
+                    ? "the NAT uplink (\(argv[0])) was not ready within 10 s"
+                    : "the NAT uplink (\(argv[0])) could not start\(message.isEmpty ? "" : ": " + message)")
         }
         return started
     }
 
     private static func stop(_ helper: (pidfd: Int32, pid: pid_t)) {
         _ = csb_pidfd_kill(helper.pidfd, SIGKILL)
-        _ = try? ChildProcess.wait(helper.pid, "pasta's guard")
+        _ = try? ChildProcess.wait(helper.pid, "the NAT uplink's guard")
         Glibc.close(helper.pidfd)
     }
 }
