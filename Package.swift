@@ -111,7 +111,9 @@ let package = Package(
             name: "ContreeServerTests", dependencies: ["ContreeServer", "SystemSupport", "ContreeTestSupport"]),
         .testTarget(
             name: "VirtualMachineTests",
-            dependencies: ["SystemSupport", "ImageStore", "Sandbox", "VirtualMachine", "Pipeline"]),
+            dependencies: [
+                "SystemSupport", "ImageStore", "Sandbox", "VirtualMachine", "Pipeline", "ContreeTestSupport",
+            ]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -18,7 +18,9 @@ public struct GuestKit: Sendable {
 
     /// Modules the agent needs (virtio-mmio transport, disks, the serial port, the file
     /// systems); their dependencies come from each module's `.modinfo`.
-    static let wanted = ["crc32c_generic", "virtio_mmio", "virtio_blk", "virtio_console", "erofs", "overlay", "ext4"]
+    static let wanted = [
+        "crc32c_generic", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "erofs", "overlay", "ext4",
+    ]
 
     /// The kit for `store`, building what is missing (the download needs Debian's mirror).
     public static func prepare(store: Store, progress: ProgressReporter? = nil) throws -> GuestKit {

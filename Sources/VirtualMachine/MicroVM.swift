@@ -29,8 +29,9 @@ public struct MicroVM: Sendable {
         public var uid: UInt32 = 0
         public var gid: UInt32 = 0
         public var hostname: String?
-        /// `lo` up in the guest (it never has another interface).
-        public var loopback = true
+        /// The guest's network: `loopback` (only `lo`, up; the default), `none`, or egress: a
+        /// virtio-net device behind passt, configured as pasta configures a container's.
+        public var network = NetworkMode.loopback
 
         public init(
             argv: [String], env: [String] = [], workdir: String = "/", layers: [String], upperDisk: String? = nil
@@ -71,7 +72,7 @@ public struct MicroVM: Sendable {
         fields.append((SpecField.workdir, command.workdir))
         fields.append((SpecField.user, "\(command.uid):\(command.gid)"))
         if let hostname = command.hostname { fields.append((SpecField.hostname, hostname)) }
-        fields.append((SpecField.network, command.loopback ? "loopback" : "none"))
+        fields.append((SpecField.network, command.network.rawValue))
         fields += command.env.map { (SpecField.env, $0) }
         fields += command.argv.map { (SpecField.argument, $0) }
         return fields.flatMap { Array(String($0.0).utf8) + Array($0.1.utf8) + [0] }
@@ -108,7 +109,8 @@ public struct MicroVM: Sendable {
 
     /// QEMU's arguments: the machine, the agent's port, the disks.
     func arguments(
-        work: String, layers: [String], upper: String?, ram: (path: String, shared: Bool)?, restoring: Bool
+        work: String, layers: [String], upper: String?, ram: (path: String, shared: Bool)?, restoring: Bool,
+        uplink: String? = nil
     ) -> [String] {
         var machine = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
         if ram != nil { machine += ",memory-backend=ram" }
@@ -142,6 +144,12 @@ public struct MicroVM: Sendable {
             arguments += [
                 "-drive", "id=upper,file=\(MicroVM.option(upper)),format=raw,if=none,cache=unsafe",
                 "-device", "virtio-blk-device,drive=upper,serial=upper",
+            ]
+        }
+        if let uplink {  // passt's socket: the guest's one network device
+            arguments += [
+                "-netdev", "stream,id=uplink,server=off,addr.type=unix,addr.path=\(MicroVM.option(uplink))",
+                "-device", "virtio-net-device,netdev=uplink",
             ]
         }
         return arguments
@@ -250,11 +258,23 @@ public struct MicroVM: Sendable {
             try FileSystem.writeFile(work + "/empty.img", [], mode: 0o644)
             layers += Array(repeating: work + "/empty.img", count: template.layerSlots - layers.count)
         }
+        // Egress: passt listens on a socket QEMU connects to (no template has that device).
+        var uplink: NATUplink?
+        if command.network.isEgress {
+            guard template == nil else {
+                throw SandboxError(.unsupported, "a VM with egress boots cold: it cannot restore a template")
+            }
+            uplink = try NATUplink(
+                program: try NATUplink.program(), mode: .passt(socketPath: work + "/uplink.sock"),
+                hostLoopback: command.network == .egressHostLoopback)
+        }
+        defer { uplink?.close() }
         let started = Monotonic.now
         let qemu = try spawnQEMU(
             arguments(
                 work: work, layers: layers, upper: command.upperDisk,
-                ram: template.map { ($0.ram, false) }, restoring: template != nil))
+                ram: template.map { ($0.ram, false) }, restoring: template != nil,
+                uplink: uplink == nil ? nil : work + "/uplink.sock"))
         onStart(qemu.pid)
         var reaped = false
         defer {

@@ -152,10 +152,11 @@ public final class VMBackend: IsolationBackend {
             state.finished()
             request.control?.detach()
         }
-        if request.network.isEgress || request.sharedNetwork != nil || !request.mounts.isEmpty {
+        // /etc/resolv.conf is the agent's to provide in a guest; other mounts are not yet.
+        if request.sharedNetwork != nil || request.mounts.contains(where: { $0.target != "/etc/resolv.conf" }) {
             throw SandboxError(
                 .unsupported,
-                "the VM backend does not yet give a sandbox egress, services or cache mounts; run this with isolation container"
+                "the VM backend does not yet give a sandbox services or cache mounts; run this with isolation container"
             )
         }
         let root = request.storeRoot
@@ -195,7 +196,7 @@ public final class VMBackend: IsolationBackend {
         command.uid = request.uid
         command.gid = request.gid
         command.hostname = request.hostname
-        command.loopback = request.network == .loopback
+        command.network = request.network
         let stdin: MicroVM.Input
         switch request.stdin {
         case .null: stdin = .bytes([])
@@ -208,7 +209,8 @@ public final class VMBackend: IsolationBackend {
         vm.accelerator = ProcessInfo.processInfo.environment["CONTREE_VM_ACCEL"] ?? accelerator(kit: kit, root: root)
         if let memory = request.limits.memoryBytes { vm.memoryMiB = max(128, Int(memory >> 20)) }
         var template =
-            useTemplates && layers.count <= VMBackend.layerSlots ? try self.template(for: vm, root: root) : nil
+            useTemplates && layers.count <= VMBackend.layerSlots && !request.network.isEgress
+            ? try self.template(for: vm, root: root) : nil
         // The guest sends its changes as a layer tar; the host never mounts what it wrote.
         let changesPath = staging + "/changes.tar"
         let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)

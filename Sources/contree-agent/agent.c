@@ -33,6 +33,9 @@
 #include <sys/sysmacros.h>
 #include <sys/xattr.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -91,6 +94,49 @@ static int read_frame(char **data, uint32_t *size) {
     if (*data == NULL || read_full(port, *data, *size) != 0) return -1;
     (*data)[*size] = 0;
     return header[0];
+}
+
+/// Egress: the first interface that is not `lo` (virtio-net, behind passt on the host) gets the
+/// address and route pasta gives containers: 10.0.2.100/24 via 10.0.2.2, MTU 65520.
+static void configure_uplink(void) {
+    char name[IFNAMSIZ] = "";
+    DIR *dir = opendir("/sys/class/net");
+    struct dirent *entry;
+    while (dir && (entry = readdir(dir)) != NULL) {
+        if (entry->d_name[0] != '.' && strcmp(entry->d_name, "lo") != 0) {
+            strncpy(name, entry->d_name, IFNAMSIZ - 1);
+            break;
+        }
+    }
+    if (dir) closedir(dir);
+    if (name[0] == 0) fail("egress: the guest has no network device");
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0) fail("egress: socket");
+    struct ifreq request;
+    memset(&request, 0, sizeof request);
+    strncpy(request.ifr_name, name, IFNAMSIZ - 1);
+    struct sockaddr_in *address = (struct sockaddr_in *)&request.ifr_addr;
+    address->sin_family = AF_INET;
+    inet_pton(AF_INET, "10.0.2.100", &address->sin_addr);
+    if (ioctl(sock, SIOCSIFADDR, &request) != 0) fail("egress: set the address");
+    inet_pton(AF_INET, "255.255.255.0", &address->sin_addr);
+    if (ioctl(sock, SIOCSIFNETMASK, &request) != 0) fail("egress: set the netmask");
+    request.ifr_mtu = 65520;
+    ioctl(sock, SIOCSIFMTU, &request);
+    if (ioctl(sock, SIOCGIFFLAGS, &request) != 0) fail("egress: read the flags");
+    request.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(sock, SIOCSIFFLAGS, &request) != 0) fail("egress: bring the interface up");
+    struct rtentry route;
+    memset(&route, 0, sizeof route);
+    struct sockaddr_in *gateway = (struct sockaddr_in *)&route.rt_gateway;
+    gateway->sin_family = AF_INET;
+    inet_pton(AF_INET, "10.0.2.2", &gateway->sin_addr);
+    ((struct sockaddr_in *)&route.rt_dst)->sin_family = AF_INET;
+    ((struct sockaddr_in *)&route.rt_genmask)->sin_family = AF_INET;
+    route.rt_flags = RTF_UP | RTF_GATEWAY;
+    route.rt_dev = name;
+    if (ioctl(sock, SIOCADDRT, &route) != 0) fail("egress: add the default route");
+    close(sock);
 }
 
 static void load_modules(void) {
@@ -371,7 +417,7 @@ int main(void) {
     int argc = 0, envc = 0, diskc = 0;
     const char *workdir = "/", *upper_disk = NULL, *hostname = NULL;
     unsigned uid = 0, gid = 0;
-    int loopback = 0;
+    int loopback = 0, egress = 0;
     for (char *field = spec; field < spec + spec_size; field += strlen(field) + 1) {
         switch (field[0]) {
         case AGENT_SPEC_LAYER: if (diskc < 24) disks[diskc++] = field + 1; break;
@@ -379,7 +425,10 @@ int main(void) {
         case AGENT_SPEC_WORKDIR: workdir = field + 1; break;
         case AGENT_SPEC_USER: sscanf(field + 1, "%u:%u", &uid, &gid); break;
         case AGENT_SPEC_HOSTNAME: hostname = field + 1; break;
-        case AGENT_SPEC_NETWORK: loopback = strcmp(field + 1, "loopback") == 0; break;
+        case AGENT_SPEC_NETWORK:
+            egress = strncmp(field + 1, "egress", 6) == 0;
+            loopback = egress || strcmp(field + 1, "loopback") == 0;
+            break;
         case AGENT_SPEC_TIME: set_clock(field + 1); break;
         case AGENT_SPEC_ENTROPY: add_entropy(field + 1); break;
         case AGENT_SPEC_ENV: if (envc < MAX_FIELDS) envp[envc++] = field + 1; break;
@@ -404,7 +453,8 @@ int main(void) {
     mkdir("/scratch/upper", 0755);
     mkdir("/scratch/work", 0755);
     if (hostname != NULL) sethostname(hostname, strlen(hostname));
-    if (loopback) {  // the guest has no network device; `lo` up, as the container backend does
+    if (egress) configure_uplink();
+    if (loopback) {  // `lo` up, as the container backend does
         int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
         struct ifreq request;
         memset(&request, 0, sizeof request);
@@ -452,6 +502,29 @@ int main(void) {
         symlink("pts/ptmx", "/root/dev/ptmx");
         mkdir("/root/dev/shm", 01777);
         mount("shm", "/root/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    }
+
+    // Egress: /etc/resolv.conf names the DNS forwarder, as a mount over the image's file (made
+    // empty when missing, and removed again): it never becomes part of the change.
+    int made_resolv = 0;
+    if (egress) {
+        int fd = open("/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            const char text[] = "nameserver 10.0.2.3\noptions ndots:0\n";
+            write_all(fd, text, sizeof text - 1);
+            close(fd);
+        }
+        struct stat st;
+        if (lstat("/root/etc/resolv.conf", &st) != 0) {
+            mkdir("/root/etc", 0755);
+            int created = open("/root/etc/resolv.conf", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+            if (created >= 0) {
+                close(created);
+                made_resolv = 1;
+            }
+        }
+        if (lstat("/root/etc/resolv.conf", &st) == 0 && S_ISREG(st.st_mode))
+            mount("/resolv.conf", "/root/etc/resolv.conf", NULL, MS_BIND, NULL);
     }
 
     long long processes_before = processes_created(), read_before, written_before;
@@ -592,6 +665,10 @@ int main(void) {
     umount2("/root/dev/pts", MNT_DETACH);
     umount2("/root/dev/shm", MNT_DETACH);
     umount2("/root/dev", MNT_DETACH);
+    if (egress) {
+        umount2("/root/etc/resolv.conf", MNT_DETACH);
+        if (made_resolv) unlink("/root/etc/resolv.conf");
+    }
     umount2("/root", 0);
     if (upper_disk != NULL) {  // the changes, then the end of the archive
         tar_tree("/scratch/upper", "");

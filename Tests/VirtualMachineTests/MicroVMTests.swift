@@ -1,3 +1,4 @@
+import ContreeTestSupport
 import Foundation
 import Glibc
 import ImageStore
@@ -188,6 +189,46 @@ extension VMTests {
             let result = try await run.value
             #expect(result.record.exitCode == 0)
             #expect(String(decoding: result.stdout, as: UTF8.self) == "got first\ngot second\n")
+        }
+
+        @Test(
+            "egress in a VM: virtio-net behind passt, the host's loopback at $CONTREE_HOST only when asked, resolv.conf not in the change, passt gone after"
+        )
+        func egress() async throws {
+            let store = try vmStore()
+            let engine = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
+            let served = "/tmp/contree-vm-egress-" + UUID().uuidString.prefix(8)
+            try FileSystem.makeDirectories(served)
+            defer { try? FileSystem.removeTree(served) }
+            try FileSystem.writeFile(served + "/hello.txt", Array("hello from the host\n".utf8))
+            let server = try HostHTTPServer(serving: served)
+            var spec = RunSpec(
+                image: "busybox",
+                command: [
+                    "sh", "-c",
+                    "echo host=${CONTREE_HOST:-unset}; wget -q -O- http://$CONTREE_HOST:\(server.port)/hello.txt; grep nameserver /etc/resolv.conf; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\\n' ' '",
+                ])
+            spec.isolation = .vm
+            spec.network = .egressHostLoopback
+            let run = try await engine.run(spec)
+            let out = String(decoding: run.stdout, as: UTF8.self)
+            #expect(
+                out == "host=10.0.2.2\nhello from the host\nnameserver 10.0.2.3\neth0 lo ",
+                "\(out) \(String(decoding: run.stderr, as: UTF8.self))")
+            let image = try #require(run.record.resultImage)
+            let check = try await engine.run(
+                RunSpec(image: image, command: ["sh", "-c", "test -e /etc/resolv.conf && echo present || echo absent"]))
+            #expect(String(decoding: check.stdout, as: UTF8.self) == "absent\n", "busybox has none, nor its child")
+            // Without host loopback: no $CONTREE_HOST, and 127.0.0.1 is the guest's own.
+            spec.network = .egress
+            spec.command = [
+                "sh", "-c",
+                "echo host=${CONTREE_HOST:-unset}; wget -q -T 5 -O- http://127.0.0.1:\(server.port)/hello.txt || echo refused",
+            ]
+            let closed = try await engine.run(spec)
+            #expect(String(decoding: closed.stdout, as: UTF8.self) == "host=unset\nrefused\n")
+            let left = try ChildProcess.run(["pgrep", "-f", "passt.*uplink.sock"])
+            #expect(left.stdout.isEmpty, "no passt outlives its VM")
         }
 
         @Test("two forks from one image in VMs are independent; loopback is up as in a container")
