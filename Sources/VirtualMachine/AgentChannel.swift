@@ -28,6 +28,7 @@ enum SpecField {
     static let user = Character(Unicode.Scalar(UInt8(AGENT_SPEC_USER)))
     static let hostname = Character(Unicode.Scalar(UInt8(AGENT_SPEC_HOSTNAME)))
     static let network = Character(Unicode.Scalar(UInt8(AGENT_SPEC_NETWORK)))
+    static let cache = Character(Unicode.Scalar(UInt8(AGENT_SPEC_CACHE)))
     static let time = Character(Unicode.Scalar(UInt8(AGENT_SPEC_TIME)))
     static let entropy = Character(Unicode.Scalar(UInt8(AGENT_SPEC_ENTROPY)))
     static let env = Character(Unicode.Scalar(UInt8(AGENT_SPEC_ENV)))

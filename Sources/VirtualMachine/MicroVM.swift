@@ -32,6 +32,9 @@ public struct MicroVM: Sendable {
         /// The guest's network: `loopback` (only `lo`, up; the default), `none`, or egress: a
         /// virtio-net device behind passt, configured as pasta configures a container's.
         public var network = NetworkMode.loopback
+        /// ext4 disks (host paths) the guest mounts read-write at paths in the root: dependency
+        /// caches. What the command writes there stays on the disk, not in the change.
+        public var caches: [(disk: String, target: String)] = []
 
         public init(
             argv: [String], env: [String] = [], workdir: String = "/", layers: [String], upperDisk: String? = nil
@@ -73,6 +76,7 @@ public struct MicroVM: Sendable {
         fields.append((SpecField.user, "\(command.uid):\(command.gid)"))
         if let hostname = command.hostname { fields.append((SpecField.hostname, hostname)) }
         fields.append((SpecField.network, command.network.rawValue))
+        fields += command.caches.enumerated().map { (SpecField.cache, "cache\($0.offset)\t\($0.element.target)") }
         fields += command.env.map { (SpecField.env, $0) }
         fields += command.argv.map { (SpecField.argument, $0) }
         return fields.flatMap { Array(String($0.0).utf8) + Array($0.1.utf8) + [0] }
@@ -110,7 +114,7 @@ public struct MicroVM: Sendable {
     /// QEMU's arguments: the machine, the agent's port, the disks.
     func arguments(
         work: String, layers: [String], upper: String?, ram: (path: String, shared: Bool)?, restoring: Bool,
-        uplink: String? = nil
+        uplink: String? = nil, caches: [String] = []
     ) -> [String] {
         var machine = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
         if ram != nil { machine += ",memory-backend=ram" }
@@ -144,6 +148,12 @@ public struct MicroVM: Sendable {
             arguments += [
                 "-drive", "id=upper,file=\(MicroVM.option(upper)),format=raw,if=none,cache=unsafe",
                 "-device", "virtio-blk-device,drive=upper,serial=upper",
+            ]
+        }
+        for (index, disk) in caches.enumerated() {
+            arguments += [
+                "-drive", "id=cache\(index),file=\(MicroVM.option(disk)),format=raw,if=none,cache=unsafe",
+                "-device", "virtio-blk-device,drive=cache\(index),serial=cache\(index)",
             ]
         }
         if let uplink {  // passt's socket: the guest's one network device
@@ -246,7 +256,10 @@ public struct MicroVM: Sendable {
         onChanges: ([UInt8]) throws -> Void = { _ in },
         onRunning: (Channel) -> Void = { _ in }
     ) throws -> Outcome {
-        guard command.layers.count <= (template?.layerSlots ?? 20) else {
+        guard template == nil || command.caches.isEmpty else {
+            throw SandboxError(.unsupported, "a VM with cache disks boots cold: it cannot restore a template")
+        }
+        guard command.layers.count + command.caches.count <= (template?.layerSlots ?? 20) else {
             throw SandboxError(.unsupported, "a VM takes at most 20 layer disks; flatten the image first")
         }
         let work = "/tmp/contree-vm-" + UUID().uuidString.lowercased().prefix(12)
@@ -274,7 +287,7 @@ public struct MicroVM: Sendable {
             arguments(
                 work: work, layers: layers, upper: command.upperDisk,
                 ram: template.map { ($0.ram, false) }, restoring: template != nil,
-                uplink: uplink == nil ? nil : work + "/uplink.sock"))
+                uplink: uplink == nil ? nil : work + "/uplink.sock", caches: command.caches.map(\.disk)))
         onStart(qemu.pid)
         var reaped = false
         defer {

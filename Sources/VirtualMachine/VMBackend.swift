@@ -152,12 +152,10 @@ public final class VMBackend: IsolationBackend {
             state.finished()
             request.control?.detach()
         }
-        // /etc/resolv.conf is the agent's to provide in a guest; other mounts are not yet.
-        if request.sharedNetwork != nil || request.mounts.contains(where: { $0.target != "/etc/resolv.conf" }) {
+        if request.sharedNetwork != nil {
             throw SandboxError(
                 .unsupported,
-                "the VM backend does not yet give a sandbox services or cache mounts; run this with isolation container"
-            )
+                "the VM backend does not yet run services beside a step; run this with isolation container")
         }
         let root = request.storeRoot
         let kit = try kit(root)
@@ -191,12 +189,31 @@ public final class VMBackend: IsolationBackend {
             ], "make the upper disk")
 
         Trace.mark("vm: upper disk made")
+        // Dependency caches: each an ext4 disk made from its directory (sparse, four times its
+        // size, at least 1 GiB), mounted by the agent, read back after the run. The guest's
+        // /etc/resolv.conf is the agent's to write (egress), not a disk.
+        var cacheDisks: [(mount: BindMount, disk: String)] = []
+        for (index, mount) in request.mounts.enumerated() where mount.target != "/etc/resolv.conf" {
+            let disk = staging + "/cache\(index).ext4"
+            let used =
+                Int64(
+                    String(decoding: try ChildProcess.run(["du", "-sb", mount.source]).stdout, as: UTF8.self)
+                        .prefix { $0.isNumber }) ?? 0
+            try run(
+                [
+                    "mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "root_owner=0:0", "-d",
+                    mount.source,
+                    disk, String(max(Int64(1) << 30, 4 * used) / 1024) + "k",
+                ], "make a cache disk")
+            cacheDisks.append((mount, disk))
+        }
         var command = MicroVM.Command(
             argv: request.argv, env: request.environment, workdir: request.cwd, layers: layers, upperDisk: disk)
         command.uid = request.uid
         command.gid = request.gid
         command.hostname = request.hostname
         command.network = request.network
+        command.caches = cacheDisks.map { ($0.disk, $0.mount.target) }
         let stdin: MicroVM.Input
         switch request.stdin {
         case .null: stdin = .bytes([])
@@ -209,7 +226,7 @@ public final class VMBackend: IsolationBackend {
         vm.accelerator = ProcessInfo.processInfo.environment["CONTREE_VM_ACCEL"] ?? accelerator(kit: kit, root: root)
         if let memory = request.limits.memoryBytes { vm.memoryMiB = max(128, Int(memory >> 20)) }
         var template =
-            useTemplates && layers.count <= VMBackend.layerSlots && !request.network.isEgress
+            useTemplates && layers.count <= VMBackend.layerSlots && !request.network.isEgress && cacheDisks.isEmpty
             ? try self.template(for: vm, root: root) : nil
         // The guest sends its changes as a layer tar; the host never mounts what it wrote.
         let changesPath = staging + "/changes.tar"
@@ -276,6 +293,22 @@ public final class VMBackend: IsolationBackend {
             try FileSystem.rename(unpacked, upper)
         }
         Trace.mark("vm: changes copied out")
+        // The caches as the guest left them, when it ended cleanly (a killed guest's disk may
+        // be half written): read with debugfs (the host never mounts what a guest wrote), then
+        // swapped in for the directory.
+        if ended.exitCode != nil || ended.signal != nil {
+            for (mount, disk) in cacheDisks {
+                let fresh = mount.source + ".vm-" + request.id
+                try? FileSystem.removeTree(fresh)
+                try FileSystem.makeDirectory(fresh, mode: 0o755)
+                try run(["debugfs", "-R", "rdump / " + fresh, disk], "read a cache disk back")
+                try? FileSystem.removeTree(fresh + "/lost+found")
+                let old = mount.source + ".old-" + request.id
+                try FileSystem.rename(mount.source, old)
+                try FileSystem.rename(fresh, mount.source)
+                try? FileSystem.removeTree(old)
+            }
+        }
         return result
     }
 

@@ -418,6 +418,8 @@ int main(void) {
     const char *workdir = "/", *upper_disk = NULL, *hostname = NULL;
     unsigned uid = 0, gid = 0;
     int loopback = 0, egress = 0;
+    char *caches[8];
+    int cachec = 0;
     for (char *field = spec; field < spec + spec_size; field += strlen(field) + 1) {
         switch (field[0]) {
         case AGENT_SPEC_LAYER: if (diskc < 24) disks[diskc++] = field + 1; break;
@@ -429,6 +431,7 @@ int main(void) {
             egress = strncmp(field + 1, "egress", 6) == 0;
             loopback = egress || strcmp(field + 1, "loopback") == 0;
             break;
+        case AGENT_SPEC_CACHE: if (cachec < 8) caches[cachec++] = field + 1; break;
         case AGENT_SPEC_TIME: set_clock(field + 1); break;
         case AGENT_SPEC_ENTROPY: add_entropy(field + 1); break;
         case AGENT_SPEC_ENV: if (envc < MAX_FIELDS) envp[envc++] = field + 1; break;
@@ -502,6 +505,33 @@ int main(void) {
         symlink("pts/ptmx", "/root/dev/ptmx");
         mkdir("/root/dev/shm", 01777);
         mount("shm", "/root/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    }
+
+    // Cache disks, read-write at their paths; mount points the image lacks are made here and
+    // removed again, so that only an empty directory could ever reach the change.
+    char made_points[8 * 8][512];
+    int made_count = 0;
+    char cache_targets[8][512];
+    for (int i = 0; i < cachec; i++) {
+        char *tab = strchr(caches[i], '\t');
+        if (tab == NULL) fail("a cache field without a path");
+        *tab = 0;
+        char device[64];
+        if (find_disk(caches[i], device, sizeof device) != 0) fail(caches[i]);
+        snprintf(cache_targets[i], sizeof cache_targets[i], "/root%s", tab + 1);
+        char path[512];
+        snprintf(path, sizeof path, "%s", cache_targets[i]);
+        for (char *p = path + 6; *p; p++) {  // mkdir -p below /root, noting what is new
+            if (*p != '/') continue;
+            *p = 0;
+            if (mkdir(path, 0755) == 0 && made_count < 64) snprintf(made_points[made_count++], 512, "%s", path);
+            *p = '/';
+        }
+        if (mkdir(path, 0755) == 0 && made_count < 64) snprintf(made_points[made_count++], 512, "%s", path);
+        if (mount(device, cache_targets[i], "ext4", MS_NOSUID | MS_NODEV, NULL) != 0) fail("mount a cache disk");
+        char lost[600];
+        snprintf(lost, sizeof lost, "%s/lost+found", cache_targets[i]);
+        rmdir(lost);  // mke2fs made it; the cache never had it
     }
 
     // Egress: /etc/resolv.conf names the DNS forwarder, as a mount over the image's file (made
@@ -669,6 +699,8 @@ int main(void) {
         umount2("/root/etc/resolv.conf", MNT_DETACH);
         if (made_resolv) unlink("/root/etc/resolv.conf");
     }
+    for (int i = cachec - 1; i >= 0; i--) umount2(cache_targets[i], 0);
+    for (int i = made_count - 1; i >= 0; i--) rmdir(made_points[i]);
     umount2("/root", 0);
     if (upper_disk != NULL) {  // the changes, then the end of the archive
         tar_tree("/scratch/upper", "");

@@ -231,6 +231,32 @@ extension VMTests {
             #expect(left.stdout.isEmpty, "no passt outlives its VM")
         }
 
+        @Test(
+            "a dependency cache in a VM: an ext4 disk of the directory, written by the guest, read back; not in the change"
+        )
+        func cacheDisk() async throws {
+            let store = try vmStore()
+            let engine = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
+            let cache = "/tmp/contree-vm-cache-" + UUID().uuidString.prefix(8)
+            try FileSystem.makeDirectories(cache + "/sub")
+            defer { try? FileSystem.removeTree(cache) }
+            try FileSystem.writeFile(cache + "/sub/runs", Array("host\n".utf8))
+            var spec = RunSpec(
+                image: "busybox",
+                command: ["sh", "-c", "cat /deps/sub/runs; echo vm >> /deps/sub/runs; ls -a /deps | tr '\\n' ' '"])
+            spec.isolation = .vm
+            spec.mounts = [BindMount(source: cache, target: "/deps")]
+            let run = try await engine.run(spec)
+            #expect(
+                String(decoding: run.stdout, as: UTF8.self) == "host\n. .. sub ",
+                "\(String(decoding: run.stderr, as: UTF8.self))")
+            #expect(try FileSystem.readFile(cache + "/sub/runs") == Array("host\nvm\n".utf8))
+            let image = try #require(run.record.resultImage)
+            let check = try await engine.run(
+                RunSpec(image: image, command: ["sh", "-c", "test -e /deps && echo present || echo absent"]))
+            #expect(String(decoding: check.stdout, as: UTF8.self) == "absent\n", "the mount point left the change")
+        }
+
         @Test("two forks from one image in VMs are independent; loopback is up as in a container")
         func forks() async throws {
             let store = try vmStore()

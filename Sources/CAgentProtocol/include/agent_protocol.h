@@ -29,7 +29,8 @@ enum {
     AGENT_SPEC_WORKDIR = 'W',
     AGENT_SPEC_USER = 'U',      // uid:gid
     AGENT_SPEC_HOSTNAME = 'H',
-    AGENT_SPEC_NETWORK = 'N',   // "loopback": lo up
+    AGENT_SPEC_NETWORK = 'N',   // "none", "loopback" (lo up), "egress", "egress+host-loopback"
+    AGENT_SPEC_CACHE = 'C',     // "SERIAL\tPATH": an ext4 cache disk mounted read-write at PATH
     AGENT_SPEC_TIME = 'T',      // the host's CLOCK_REALTIME, seconds.nanoseconds
     AGENT_SPEC_ENTROPY = 'Z',   // host entropy, hex
     AGENT_SPEC_ENV = 'E',       // KEY=VALUE

@@ -54,11 +54,11 @@ public struct Preflight: Sendable {
                         "step \(step.id.value) asks for network egress, which needs pasta, and it is not installed: install Debian's passt package (apt-get install passt; scripts/setup does)",
                         at: settings.networkLocation ?? step.location))
             }
-            if isolation == .vm && (!step.caches.isEmpty || !step.services.isEmpty) {
+            if isolation == .vm && !step.services.isEmpty {
                 problems.append(
                     PipelineError(
                         .invalid,
-                        "step \(step.id.value) is a VM step with caches or services, which VM steps do not have yet; use isolation: container for it",
+                        "step \(step.id.value) is a VM step with services, which VM steps do not have yet; use isolation: container for it",
                         at: step.location))
             }
         }
