@@ -8,7 +8,8 @@ import SystemSupport
 /// namespace's tap device and turns its TCP, UDP and ICMP into ordinary sockets of the host. The
 /// sandbox sees `lo` and `eth0` (10.0.2.100/24, gateway 10.0.2.2), never the host's interfaces;
 /// DNS sent to 10.0.2.3 goes to the host's resolver. With host loopback, connections to the
-/// gateway reach the host's 127.0.0.1 (`$CONTREE_HOST`); without it they are refused.
+/// gateway reach the host's 127.0.0.1 (`$CONTREE_HOST`); without it (pasta's `--no-map-gw`)
+/// 10.0.2.2 is just another outside address and nothing reaches the host's loopback.
 ///
 /// pasta runs under a guard (contree-init in guard mode, pid 1 of a pid namespace of its own,
 /// with a parent-death signal): pasta drops its privileges, which clears a parent-death signal
