@@ -14,6 +14,7 @@ enum Frame {
     static let stderr = UInt8(AGENT_FRAME_STDERR)
     static let log = UInt8(AGENT_FRAME_LOG)
     static let changes = UInt8(AGENT_FRAME_CHANGES)
+    static let cache = UInt8(AGENT_FRAME_CACHE)
     static let exit = UInt8(AGENT_FRAME_EXIT)
     static let spec = UInt8(AGENT_FRAME_SPEC)
     static let stdin = UInt8(AGENT_FRAME_STDIN)

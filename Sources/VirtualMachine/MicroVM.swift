@@ -254,6 +254,7 @@ public struct MicroVM: Sendable {
         onStdout: @escaping @Sendable ([UInt8]) -> Void = { _ in },
         onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in },
         onChanges: ([UInt8]) throws -> Void = { _ in },
+        onCache: (Int, ArraySlice<UInt8>) throws -> Void = { _, _ in },
         onRunning: (Channel) -> Void = { _ in }
     ) throws -> Outcome {
         guard template == nil || command.caches.isEmpty else {
@@ -340,6 +341,11 @@ public struct MicroVM: Sendable {
             case Frame.stderr: onStderr(frame.payload)
             case Frame.log: onStderr(frame.payload + [10])
             case Frame.changes: try onChanges(frame.payload)
+            case Frame.cache:
+                guard let index = frame.payload.first, Int(index) < command.caches.count else {
+                    throw SandboxError(.sandboxSetup, "the VM sent a cache that it was not given")
+                }
+                try onCache(Int(index), frame.payload.dropFirst())
             case Frame.exit:
                 let report = String(decoding: frame.payload, as: UTF8.self)
                 var values: [String: Int64] = [:]

@@ -190,9 +190,9 @@ public final class VMBackend: IsolationBackend {
 
         Trace.mark("vm: upper disk made")
         // Dependency caches: each an ext4 disk made from its directory (sparse, four times its
-        // size, at least 1 GiB), mounted by the agent, read back after the run. The guest's
-        // /etc/resolv.conf is the agent's to write (egress), not a disk.
-        var cacheDisks: [(mount: BindMount, disk: String)] = []
+        // size, at least 1 GiB), mounted by the agent, sent back as a tar after the run. The
+        // guest's /etc/resolv.conf is the agent's to write (egress), not a disk.
+        var cacheDisks: [(mount: BindMount, disk: String, bytes: Int64)] = []
         for (index, mount) in request.mounts.enumerated() where mount.target != "/etc/resolv.conf" {
             let disk = staging + "/cache\(index).ext4"
             let used =
@@ -205,7 +205,16 @@ public final class VMBackend: IsolationBackend {
                     mount.source,
                     disk, String(max(Int64(1) << 30, 4 * used) / 1024) + "k",
                 ], "make a cache disk")
-            cacheDisks.append((mount, disk))
+            cacheDisks.append((mount, disk, max(Int64(1) << 30, 4 * used)))
+        }
+        // What comes back of each cache: a tar file per disk, no larger than the disk.
+        var cacheTars: [(fd: Int32, path: String, bytes: Int64)] = []
+        defer { for tar in cacheTars { close(tar.fd) } }
+        for index in cacheDisks.indices {
+            let path = staging + "/cache\(index).tar"
+            let fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
+            cacheTars.append((fd, path, 0))
         }
         var command = MicroVM.Command(
             argv: request.argv, env: request.environment, workdir: request.cwd, layers: layers, upperDisk: disk)
@@ -247,6 +256,13 @@ public final class VMBackend: IsolationBackend {
                             throw SandboxError(.sandboxSetup, "the VM sent more changes than its upper disk holds")
                         }
                         try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
+                    },
+                    onCache: { index, chunk in
+                        cacheTars[index].bytes += Int64(chunk.count)
+                        guard cacheTars[index].bytes <= cacheDisks[index].bytes + (256 << 20) else {
+                            throw SandboxError(.sandboxSetup, "the VM sent more of a cache than its disk holds")
+                        }
+                        try FileSystem.writeAll(fd: cacheTars[index].fd, Array(chunk), path: cacheTars[index].path)
                     }, onRunning: { channel in request.control?.attach(VMSandbox(channel: channel)) })
                 state.finished()
             } catch let failure as MicroVM.RestoreFailed where template != nil && !state.cancelled {
@@ -293,16 +309,20 @@ public final class VMBackend: IsolationBackend {
             try FileSystem.rename(unpacked, upper)
         }
         Trace.mark("vm: changes copied out")
-        // The caches as the guest left them, when it ended cleanly (a killed guest's disk may
-        // be half written): read with debugfs (the host never mounts what a guest wrote), then
-        // swapped in for the directory.
+        // The caches as the guest left them, when it ended cleanly (a killed guest sends
+        // none): unpacked like the changes (paths that would escape refused) into a fresh
+        // directory swapped in for the cache's. The host never mounts or parses the disk.
         if ended.exitCode != nil || ended.signal != nil {
-            for (mount, disk) in cacheDisks {
+            for (index, (mount, _, _)) in cacheDisks.enumerated() where cacheTars[index].bytes > 0 {
                 let fresh = mount.source + ".vm-" + request.id
                 try? FileSystem.removeTree(fresh)
                 try FileSystem.makeDirectory(fresh, mode: 0o755)
-                try run(["debugfs", "-R", "rdump / " + fresh, disk], "read a cache disk back")
-                try? FileSystem.removeTree(fresh + "/lost+found")
+                guard lseek(cacheTars[index].fd, 0, SEEK_SET) == 0 else {
+                    throw SandboxError.system("lseek(cache tar)")
+                }
+                var reader = TarReader(fd: cacheTars[index].fd, name: "the VM's cache \(mount.target)")
+                var extractor = LayerExtractor(root: fresh)
+                try extractor.extract(&reader, source: "the VM's cache \(mount.target)")
                 let old = mount.source + ".old-" + request.id
                 try FileSystem.rename(mount.source, old)
                 try FileSystem.rename(fresh, mount.source)

@@ -229,9 +229,17 @@ static void add_entropy(const char *hex) {
 // directories `.wh..wh..opq`.
 static char tar_buffer[65536];
 static size_t tar_length;
+/// >= 0 while a cache disk's content is sent (AGENT_FRAME_CACHE frames, that index first).
+static int tar_cache = -1;
 
 static void tar_flush(void) {
-    if (tar_length > 0) send_frame(AGENT_FRAME_CHANGES, tar_buffer, (uint32_t)tar_length);
+    static char frame[sizeof tar_buffer + 1];
+    if (tar_length > 0 && tar_cache < 0) send_frame(AGENT_FRAME_CHANGES, tar_buffer, (uint32_t)tar_length);
+    if (tar_length > 0 && tar_cache >= 0) {
+        frame[0] = (char)tar_cache;
+        memcpy(frame + 1, tar_buffer, tar_length);
+        send_frame(AGENT_FRAME_CACHE, frame, (uint32_t)tar_length + 1);
+    }
     tar_length = 0;
 }
 
@@ -698,6 +706,16 @@ int main(void) {
     if (egress) {
         umount2("/root/etc/resolv.conf", MNT_DETACH);
         if (made_resolv) unlink("/root/etc/resolv.conf");
+    }
+    // Each cache's content goes back as a tar the host checks like the changes (it never
+    // mounts or parses the disk the guest wrote); only a clean end of the command gets here.
+    for (int i = 0; i < cachec; i++) {
+        tar_cache = i;
+        tar_tree(cache_targets[i], "");
+        static const char end_of_cache[1024];
+        tar_out(end_of_cache, sizeof end_of_cache);
+        tar_flush();
+        tar_cache = -1;
     }
     for (int i = cachec - 1; i >= 0; i--) umount2(cache_targets[i], 0);
     for (int i = made_count - 1; i >= 0; i--) rmdir(made_points[i]);

@@ -15,6 +15,7 @@ enum {
     AGENT_FRAME_STDERR = 'E',   // the command's stderr bytes
     AGENT_FRAME_LOG = 'L',      // a line about a failure of the agent itself
     AGENT_FRAME_CHANGES = 'T',  // a piece of the run's changes (an OCI layer tar)
+    AGENT_FRAME_CACHE = 'C',    // a piece of cache disk N's content as a tar: N as one byte, then the bytes
     // "status=N signal=N utime_us=N stime_us=N maxrss_kb=N processes=N read_bytes=N write_bytes=N"
     AGENT_FRAME_EXIT = 'X',
 
