@@ -140,7 +140,8 @@ struct SharedKeyTests {
     func shared() async throws {
         let gate = Gate()
         let executor = SharedKeyExecutor(gate)
-        let log = StepLog(path: "/dev/null", secrets: [:])
+        let log = StepLog(path: "/tmp/contree-shared-key-\(UUID().uuidString.prefix(8)).log", secrets: [:])
+        defer { unlink(log.path) }
         async let first = executor.run(request("a", key: "k"), log: log)
         // The second arrives while the first runs (the gate holds it until all have asked).
         while gate.calls.withLock({ $0 }) < 1 { try await Task.sleep(for: .milliseconds(1)) }

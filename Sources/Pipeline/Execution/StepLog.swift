@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import Synchronization
 
 /// A step's log file. Output is written line by line with every secret value (and every line
@@ -21,8 +22,10 @@ final class StepLog: Sendable {
     init(path: String, secrets: [String: String]) {
         self.path = path
         self.mask = SecretMask(secrets)
-        FileManager.default.createFile(atPath: path, contents: nil)
-        state = Mutex(State(handle: FileHandle(forWritingAtPath: path)))
+        // Truncated in place: FileManager.createFile writes a temporary file and renames it
+        // over the path, which would replace a device such as /dev/null with a regular file.
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        state = Mutex(State(handle: fd >= 0 ? FileHandle(fileDescriptor: fd, closeOnDealloc: true) : nil))
     }
 
     /// Appends raw output; complete lines are masked and written.
