@@ -16,7 +16,9 @@ public final class BlockingPool: @unchecked Sendable {
     public static let files = BlockingPool(limit: max(2, 2 * Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
 
     private struct Job {
-        let body: () -> Void
+        /// Runs the work and returns how to hand its result back, which the thread does once
+        /// it is free again: the caller's next job then finds it idle instead of starting one.
+        let body: () -> () -> Void
         /// Called instead of `body` if no thread can be started for it.
         let fail: (any Error) -> Void
     }
@@ -67,9 +69,8 @@ public final class BlockingPool: @unchecked Sendable {
             submit(
                 Job(
                     body: {
-                        do { continuation.resume(returning: try body()) } catch {
-                            continuation.resume(throwing: error)
-                        }
+                        let result = Result { try body() }
+                        return { continuation.resume(with: result) }
                     }, fail: { continuation.resume(throwing: $0) }))
         }
     }
@@ -163,26 +164,37 @@ public final class BlockingPool: @unchecked Sendable {
     }
 
     /// A thread's life: run the job it was handed, then the queue's while there is room;
-    /// idle, wait up to 10 s to be handed another, then end.
+    /// idle, wait up to 10 s to be handed another, then end. A job's result goes back only
+    /// once the thread counts as free (idle or on its next job).
     private func work(_ worker: Worker) {
-        while let job = worker.job {
-            worker.job = nil
-            job.body()
+        pthread_mutex_lock(mutex)
+        var next = worker.job
+        worker.job = nil
+        pthread_mutex_unlock(mutex)
+        while let job = next {
+            let finish = job.body()
             pthread_mutex_lock(mutex)
             running -= 1
             if !queue.isEmpty, running < capacity {
-                worker.job = queue.removeFirst()
+                next = queue.removeFirst()
                 running += 1
-            } else {
-                idle.append(worker)
-                var deadline = timespec()
-                clock_gettime(CLOCK_MONOTONIC, &deadline)
-                deadline.tv_sec += 10
-                while worker.job == nil {
-                    if pthread_cond_timedwait(worker.wake, mutex, &deadline) == ETIMEDOUT { break }
-                }
-                if worker.job == nil { idle.removeAll { $0 === worker } }
+                pthread_mutex_unlock(mutex)
+                finish()
+                continue
             }
+            idle.append(worker)
+            pthread_mutex_unlock(mutex)
+            finish()
+            pthread_mutex_lock(mutex)
+            var deadline = timespec()
+            clock_gettime(CLOCK_MONOTONIC, &deadline)
+            deadline.tv_sec += 10
+            while worker.job == nil {
+                if pthread_cond_timedwait(worker.wake, mutex, &deadline) == ETIMEDOUT { break }
+            }
+            next = worker.job
+            worker.job = nil
+            if next == nil { idle.removeAll { $0 === worker } }
             pthread_mutex_unlock(mutex)
         }
     }
