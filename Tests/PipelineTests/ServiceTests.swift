@@ -49,7 +49,7 @@ struct ServiceTests {
                 ready: {run: "false", timeout: 2s}
               gone:
                 run: echo about to fail; exit 3
-                ready: "true"
+                ready: {run: "test -e /never", timeout: 30s}
             steps:
               - {id: a, services: [db], run: "echo should-not-run"}
               - {id: b, image: busybox, services: [gone], run: "echo should-not-run"}
