@@ -67,7 +67,7 @@ struct NetworkTests {
         }
         // The CLI's children: the sandbox's pid 1 and the guard, whose child is pasta.
         var helper: pid_t?
-        for _ in 0..<200 where helper == nil {
+        for _ in 0..<800 where helper == nil {
             for guardProcess in childProcesses(of: child.pid) {
                 helper = childProcesses(of: guardProcess.pid).first { $0.name.hasPrefix("pas") }?.pid
                 if helper != nil { break }
