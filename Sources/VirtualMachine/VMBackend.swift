@@ -190,10 +190,9 @@ public final class VMBackend: IsolationBackend {
 
         Trace.mark("vm: upper disk made")
         // Dependency caches: each an ext4 disk made from its directory (sparse, four times its
-        // size, at least 1 GiB), mounted by the agent, sent back as a tar after the run. The
-        // guest's /etc/resolv.conf is the agent's to write (egress), not a disk.
+        // size, at least 1 GiB), mounted by the agent, sent back as a tar after the run.
         var cacheDisks: [(mount: BindMount, disk: String, bytes: Int64)] = []
-        for (index, mount) in request.mounts.enumerated() where mount.target != "/etc/resolv.conf" {
+        for (index, mount) in request.mounts.enumerated() {
             let disk = staging + "/cache\(index).ext4"
             let used =
                 Int64(

@@ -515,10 +515,8 @@ int main(void) {
         mount("shm", "/root/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
     }
 
-    // Cache disks, read-write at their paths; mount points the image lacks are made here and
-    // removed again, so that only an empty directory could ever reach the change.
-    char made_points[8 * 8][512];
-    int made_count = 0;
+    // Cache disks, read-write at their paths. Mount points the image lacks are made here; the
+    // host removes them from the change (as for a container).
     char cache_targets[8][512];
     for (int i = 0; i < cachec; i++) {
         char *tab = strchr(caches[i], '\t');
@@ -529,13 +527,13 @@ int main(void) {
         snprintf(cache_targets[i], sizeof cache_targets[i], "/root%s", tab + 1);
         char path[512];
         snprintf(path, sizeof path, "%s", cache_targets[i]);
-        for (char *p = path + 6; *p; p++) {  // mkdir -p below /root, noting what is new
+        for (char *p = path + 6; *p; p++) {  // mkdir -p below /root
             if (*p != '/') continue;
             *p = 0;
-            if (mkdir(path, 0755) == 0 && made_count < 64) snprintf(made_points[made_count++], 512, "%s", path);
+            mkdir(path, 0755);
             *p = '/';
         }
-        if (mkdir(path, 0755) == 0 && made_count < 64) snprintf(made_points[made_count++], 512, "%s", path);
+        mkdir(path, 0755);
         if (mount(device, cache_targets[i], "ext4", MS_NOSUID | MS_NODEV, NULL) != 0) fail("mount a cache disk");
         char lost[600];
         snprintf(lost, sizeof lost, "%s/lost+found", cache_targets[i]);
@@ -543,8 +541,7 @@ int main(void) {
     }
 
     // Egress: /etc/resolv.conf names the DNS forwarder, as a mount over the image's file (made
-    // empty when missing, and removed again): it never becomes part of the change.
-    int made_resolv = 0;
+    // empty when missing; the host removes it from the change): never part of the change.
     if (egress) {
         int fd = open("/resolv.conf", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
         if (fd >= 0) {
@@ -556,10 +553,7 @@ int main(void) {
         if (lstat("/root/etc/resolv.conf", &st) != 0) {
             mkdir("/root/etc", 0755);
             int created = open("/root/etc/resolv.conf", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-            if (created >= 0) {
-                close(created);
-                made_resolv = 1;
-            }
+            if (created >= 0) close(created);
         }
         if (lstat("/root/etc/resolv.conf", &st) == 0 && S_ISREG(st.st_mode))
             mount("/resolv.conf", "/root/etc/resolv.conf", NULL, MS_BIND, NULL);
@@ -703,10 +697,7 @@ int main(void) {
     umount2("/root/dev/pts", MNT_DETACH);
     umount2("/root/dev/shm", MNT_DETACH);
     umount2("/root/dev", MNT_DETACH);
-    if (egress) {
-        umount2("/root/etc/resolv.conf", MNT_DETACH);
-        if (made_resolv) unlink("/root/etc/resolv.conf");
-    }
+    if (egress) umount2("/root/etc/resolv.conf", MNT_DETACH);
     // Each cache's content goes back as a tar the host checks like the changes (it never
     // mounts or parses the disk the guest wrote); only a clean end of the command gets here.
     for (int i = 0; i < cachec; i++) {
@@ -718,7 +709,6 @@ int main(void) {
         tar_cache = -1;
     }
     for (int i = cachec - 1; i >= 0; i--) umount2(cache_targets[i], 0);
-    for (int i = made_count - 1; i >= 0; i--) rmdir(made_points[i]);
     umount2("/root", 0);
     if (upper_disk != NULL) {  // the changes, then the end of the archive
         tar_tree("/scratch/upper", "");

@@ -73,9 +73,7 @@ public struct DependencyCaches: Sendable {
     public func use(_ name: String, sharing: Sharing, scratchID: String, onWait: () -> Void = {}) throws -> Use {
         try DependencyCaches.validate(name)
         try FileSystem.makeDirectory(root, mode: 0o755)
-        let lockPath = root + "/" + name + ".lock"
-        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SandboxError.system("open(\(lockPath))") }
+        let (fd, lockPath) = try openLock(name)
         var scratch = false
         do {
             switch sharing {
@@ -131,9 +129,7 @@ public struct DependencyCaches: Sendable {
         guard FileSystem.exists(path(of: name)) else {
             throw SandboxError(.notFound, "there is no cache '\(name)'; `contree-pipeline cache ls` lists them")
         }
-        let lockPath = root + "/" + name + ".lock"
-        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SandboxError.system("open(\(lockPath))") }
+        let fd = try openLock(name).fd
         defer { close(fd) }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
             throw SandboxError(.conflict, "the cache '\(name)' is in use by a running step; try again when it ends")
@@ -181,9 +177,7 @@ public struct DependencyCaches: Sendable {
     public func restore(_ name: String, from image: ImageRecord, store: Store) throws -> Bool {
         try DependencyCaches.validate(name)
         try FileSystem.makeDirectory(root, mode: 0o755)
-        let lockPath = root + "/" + name + ".lock"
-        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw SandboxError.system("open(\(lockPath))") }
+        let fd = try openLock(name).fd
         defer { close(fd) }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else { return false }
         let target = path(of: name)
@@ -198,6 +192,14 @@ public struct DependencyCaches: Sendable {
         guard rename(staging, target) == 0 else { throw SandboxError.system("rename(\(staging))") }
         try touch(name)
         return true
+    }
+
+    /// The cache's lock file, open (the caller closes it).
+    private func openLock(_ name: String) throws -> (fd: Int32, path: String) {
+        let path = root + "/" + name + ".lock"
+        let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
+        return (fd, path)
     }
 
     /// Marks the cache used now.

@@ -82,24 +82,30 @@ extension PipelineRunner {
         let parent = try parentImage(node, results: results, context: context, log: log)
         result.parentImage = parent.uuid
 
-        // Rendering hashes the step's input files, staging copies reads snapshots: blocking
-        // work, on the pool for disk work.
-        let plan = self.plan
-        let store = engine.store
-        let staged = try await BlockingPool.files.run {
-            try CopyStager(store: store, plan: plan).stage(node, results: results)
-        }
-        defer { staged?.lease.release() }
         let serviceImages = try PipelineRunner.serviceImages(
             node, results: results, base: context.baseImage, store: engine.store
         ) { context.stepImages[$0.value] ?? context.baseImage }
         let services = serviceRequests(node, images: serviceImages)
         let serviceKey = PipelineRunner.serviceKey(node, images: serviceImages)
-        let prepared = try await BlockingPool.files.run {
-            try StepPreparer(plan: plan).prepare(
-                node, parent: parent, results: results, secrets: context.secrets, secretKey: context.secretKey,
-                copies: staged?.keyComponent, services: serviceKey)
+        // Staging copies reads snapshots and rendering hashes the step's input files: blocking
+        // work, in one trip to the pool for disk work.
+        let plan = self.plan
+        let store = engine.store
+        let (staged, prepared) = try await BlockingPool.files.run {
+            let staged = try CopyStager(store: store, plan: plan).stage(node, results: results)
+            do {
+                return (
+                    staged,
+                    try StepPreparer(plan: plan).prepare(
+                        node, parent: parent, results: results, secrets: context.secrets,
+                        secretKey: context.secretKey, copies: staged?.keyComponent, services: serviceKey)
+                )
+            } catch {
+                staged?.lease.release()
+                throw error
+            }
         }
+        defer { staged?.lease.release() }
         let (components, command, env, secretEnv, workdir, inputs, isolation) = (
             prepared.components, prepared.command, prepared.env, prepared.secretEnv, prepared.workdir, prepared.inputs,
             prepared.isolation

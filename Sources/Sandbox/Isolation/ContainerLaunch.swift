@@ -117,11 +117,15 @@ struct ContainerLaunch {
         defer { ownNetwork?.close() }
         let network = request.sharedNetwork ?? ownNetwork
 
+        var mounts = request.mounts
+        if network?.mode.isEgress == true {
+            mounts.append(try SandboxNetwork.resolvConfMount(storeRoot: request.storeRoot))
+        }
         let lowers = CStringArray(request.lowers)
-        let bindStrings = CStringArray(request.mounts.flatMap { [$0.source, $0.target] })
-        let binds = UnsafeMutablePointer<csb_bind>.allocate(capacity: max(1, request.mounts.count))
+        let bindStrings = CStringArray(mounts.flatMap { [$0.source, $0.target] })
+        let binds = UnsafeMutablePointer<csb_bind>.allocate(capacity: max(1, mounts.count))
         defer { binds.deallocate() }
-        for (i, mount) in request.mounts.enumerated() {
+        for (i, mount) in mounts.enumerated() {
             binds[i] = csb_bind(
                 source: bindStrings.pointer[2 * i], target: bindStrings.pointer[2 * i + 1],
                 flags: UInt32(mount.readOnly ? Int32(CSB_BIND_READ_ONLY) : 0)
@@ -156,7 +160,7 @@ struct ContainerLaunch {
         launch.loopback_up = network == nil && request.network == .loopback ? 1 : 0
         launch.netns_fd = network?.namespaceFD ?? -1
         launch.binds = UnsafePointer(binds)
-        launch.bind_count = request.mounts.count
+        launch.bind_count = mounts.count
         launch.argv = UnsafePointer(argv.pointer)
         launch.envp = UnsafePointer(envp.pointer)
         launch.cwd = strings[.cwd]

@@ -57,8 +57,21 @@ public final class SandboxNetwork: Sendable {
         Glibc.close(namespaceFD)
     }
 
-    /// The resolv.conf the sandbox's /etc/resolv.conf is bound to (egress only).
+    /// What an egress sandbox's /etc/resolv.conf says, and where.
     public static let resolvConf = "nameserver \(dnsAddress)\noptions ndots:0\n"
+    public static let resolvConfPath = "/etc/resolv.conf"
+
+    /// A container's resolv.conf for egress: a file of the store (written when missing or
+    /// different) mounted read-only at `resolvConfPath`.
+    static func resolvConfMount(storeRoot: String) throws -> BindMount {
+        let path = storeRoot + "/network/resolv.conf"
+        let wanted = Array(resolvConf.utf8)
+        if (try? FileSystem.readFile(path)) != wanted {
+            try FileSystem.makeDirectory(storeRoot + "/network", mode: 0o755)
+            try FileSystem.writeFile(path, wanted, mode: 0o644)
+        }
+        return BindMount(source: path, target: resolvConfPath, readOnly: true, isFile: true)
+    }
 }
 
 /// The user-mode NAT behind egress: Debian's passt, as pasta (attached to a network namespace:

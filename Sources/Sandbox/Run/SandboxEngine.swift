@@ -160,15 +160,14 @@ public final class SandboxEngine: Sendable {
             environment.append("PATH=\(ImageConfig.defaultPath)")
         }
         let network = spec.sharedNetwork?.mode ?? spec.network
-        var mounts = spec.mounts
-        if network.isEgress {
-            mounts.append(
-                BindMount(source: try resolvConf(), target: "/etc/resolv.conf", readOnly: true, isFile: true))
-        }
+        // Egress also puts a resolv.conf at /etc/resolv.conf (each backend its own way): a mount
+        // point the image may lack, removed like the others.
+        let mounts = spec.mounts
         if network == .egressHostLoopback && !seen.contains("CONTREE_HOST") {
             environment.append("CONTREE_HOST=\(SandboxNetwork.hostAddress)")
         }
-        addedMountPoints += try missingMountPoints(mounts, in: filesystem)
+        addedMountPoints += try missingMountPoints(
+            mounts.map(\.target) + (network.isEgress ? [SandboxNetwork.resolvConfPath] : []), in: filesystem)
         let (uid, gid) = try spec.user ?? SandboxEngine.parseUser(image.config.user, filesystem: filesystem)
 
         let request = LaunchRequest(
@@ -310,12 +309,12 @@ public final class SandboxEngine: Sendable {
 
     /// The mount points of `mounts` that the image lacks, deepest first: contree-init creates
     /// them, and they leave the change after the run (when still empty).
-    private func missingMountPoints(_ mounts: [BindMount], in fs: ImageFilesystem) throws -> [String] {
+    private func missingMountPoints(_ targets: [String], in fs: ImageFilesystem) throws -> [String] {
         var missing: [String] = []
-        for mount in mounts {
+        for target in targets {
             var node = fs.root
             var path = ""
-            for part in mount.target.split(separator: "/") {
+            for part in target.split(separator: "/") {
                 path += "/" + part
                 if missing.contains(path) { continue }
                 if let child = try fs.child(of: node, named: String(part)) {
@@ -326,17 +325,6 @@ public final class SandboxEngine: Sendable {
             }
         }
         return missing.sorted { $0.count > $1.count }
-    }
-
-    /// The generated resolv.conf egress sandboxes see (a file of the store, written once).
-    private func resolvConf() throws -> String {
-        let path = store.root + "/network/resolv.conf"
-        let wanted = Array(SandboxNetwork.resolvConf.utf8)
-        if (try? FileSystem.readFile(path)) != wanted {
-            try FileSystem.makeDirectory(store.root + "/network", mode: 0o755)
-            try FileSystem.writeFile(path, wanted, mode: 0o644)
-        }
-        return path
     }
 
     /// Rejects specs that cannot run, before anything touches the store.

@@ -77,6 +77,21 @@ struct NetworkBench {
                 format: "ratio sandbox / host: %.2f (goal >= 0.5: %@); slirp4netns / host: %.2f", ratio,
                 ratio >= 0.5 ? "met" : "MISSED", median(host) / median(slirp)))
 
+        // What egress adds to a sandbox's start: pasta, started and configured before the clone.
+        var loopbackStart: [Double] = []
+        var egressStart: [Double] = []
+        for _ in 0..<max(10, rounds * 4) {
+            for (mode, into) in [(NetworkMode.loopback, 0), (.egress, 1)] {
+                let started = now()
+                _ = try await engine.run(RunSpec(image: "busybox", command: ["true"], network: mode, disposable: true))
+                if into == 0 { loopbackStart.append(now() - started) } else { egressStart.append(now() - started) }
+            }
+        }
+        print("== a sandbox running `true`, in process: loopback vs egress (pasta), medians ==")
+        print(pad("loopback", 36) + ms(median(loopbackStart)))
+        print(pad("egress", 36) + ms(median(egressStart)))
+        print("egress adds \(ms(median(egressStart) - median(loopbackStart))) to a sandbox's start")
+
         try services()
         try await dependencyCache()
     }
