@@ -72,6 +72,13 @@ let package = Package(
         // A registry repository as a pipeline step cache shared by many stores (`run --cache-to/--cache-from`).
         .target(
             name: "RegistryCache", dependencies: ["SystemSupport", "ImageStore", "Sandbox", "Pipeline", "Registry"]),
+        // Steps on a cluster scheduler (Slurm): the coordinator's executor (one srun per missed
+        // step) and the node's `step --spec -`, with snapshots moving through a registry.
+        .target(
+            name: "Cluster",
+            dependencies: [
+                "SystemSupport", "CSandbox", "ImageStore", "Sandbox", "Pipeline", "Registry", "RegistryCache",
+            ]),
         // The ConTree /v1 REST API over the engine (Hummingbird), so the official clients work.
         .target(
             name: "ContreeServer",
@@ -86,7 +93,7 @@ let package = Package(
             name: "contree-pipeline",
             dependencies: [
                 "SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "Pipeline", "ContreeServer", "Registry",
-                "RegistryCache", "VirtualMachine",
+                "RegistryCache", "VirtualMachine", "Cluster",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
@@ -105,6 +112,12 @@ let package = Package(
             name: "PipelineTests",
             dependencies: [
                 "SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "Pipeline", "Registry", "RegistryCache",
+                "ContreeTestSupport",
+            ]),
+        .testTarget(
+            name: "ClusterTests",
+            dependencies: [
+                "SystemSupport", "ImageStore", "Sandbox", "Pipeline", "Registry", "RegistryCache", "Cluster",
                 "ContreeTestSupport",
             ]),
         .testTarget(

@@ -35,6 +35,9 @@ public struct PipelineError: Error, CustomStringConvertible, Sendable {
         case invalid
         /// A step failed or could not run (exit status 1).
         case failed
+        /// The machinery around a step failed, not the step: a cluster node or the registry
+        /// between machines (exit status 75, EX_TEMPFAIL: running again may pass).
+        case infrastructure
     }
 
     /// Problems other checks reason about (which to leave out as consequences of others).

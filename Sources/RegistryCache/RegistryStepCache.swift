@@ -35,7 +35,7 @@ public final class RegistryStepCache: SharedStepCache {
     }
 
     /// `sha256:<hex>` → `step-<hex>` (a tag: at most 128 of [A-Za-z0-9_.-]).
-    static func stepTag(_ key: String) -> String { "step-" + key.replacingOccurrences(of: "sha256:", with: "") }
+    public static func stepTag(_ key: String) -> String { "step-" + key.replacingOccurrences(of: "sha256:", with: "") }
 
     static func scoreTag(_ key: String) -> String { "score-" + Digest.sha256(key).hex }
 
@@ -72,6 +72,21 @@ public final class RegistryStepCache: SharedStepCache {
     }
 
     public func publishStep(key: String, image: ImageRecord, outputs: [String: String], record: RunRecord?) throws {
+        try pushStep(key: key, image: image, outputs: outputs, record: record, tag: RegistryStepCache.stepTag(key))
+    }
+
+    /// A failed step's snapshot, for `shell` on another machine: `failed-<key hex>` (moved by
+    /// each failure of that key; never served as a hit).
+    public static func failedTag(_ key: String) -> String {
+        "failed-" + key.replacingOccurrences(of: "sha256:", with: "")
+    }
+
+    /// Pushes a step's snapshot with its key, outputs and record under `tag`; returns the
+    /// manifest's digest.
+    @discardableResult
+    public func pushStep(
+        key: String, image: ImageRecord, outputs: [String: String], record: RunRecord?, tag: String
+    ) throws -> String {
         var annotations = [
             RegistryStepCache.keyAnnotation: key,
             RegistryStepCache.outputsAnnotation: String(
@@ -81,7 +96,7 @@ public final class RegistryStepCache: SharedStepCache {
             annotations[RegistryStepCache.recordAnnotation] = String(
                 decoding: try RegistryStepCache.encoder.encode(record), as: UTF8.self)
         }
-        try repository.push(image, tag: RegistryStepCache.stepTag(key), annotations: annotations)
+        return try repository.push(image, tag: tag, annotations: annotations)
     }
 
     /// A dependency cache's tag: `cache-NAME` (moved by every push; the newest wins).

@@ -21,7 +21,7 @@ struct ContreePipeline: AsyncParsableCommand {
             ShellCommand.self,
             RunsCommand.self,
             ArtifactsCommand.self, ExecCommand.self, ImageCommand.self, InspectCommand.self,
-            CacheCommand.self, GarbageCollectCommand.self, CheckCommand.self, ServeCommand.self,
+            CacheCommand.self, GarbageCollectCommand.self, CheckCommand.self, ServeCommand.self, StepCommand.self,
         ])
 
     /// As ArgumentParser's, except that a command line it cannot use exits 2 (invalid input,

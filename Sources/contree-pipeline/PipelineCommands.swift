@@ -1,6 +1,8 @@
 import ArgumentParser
+import Cluster
 import Dispatch
 import Foundation
+import ImageStore
 import Pipeline
 import Registry
 import RegistryCache
@@ -26,7 +28,10 @@ struct RunCommand: AsyncParsableCommand {
         abstract: "Run a pipeline: cached steps are reused, the rest run in sandboxes.",
         discussion: """
             Exit status: 0 when the pipeline passed, 1 when a step failed, 2 for invalid input \
-            (nothing ran), 130 when interrupted. Reports go to --out (default \
+            (nothing ran), 75 when the machinery failed (a cluster node, the registry between \
+            machines: running again may pass), 130 when interrupted. With --executor slurm the \
+            steps that miss the cache run on a Slurm cluster, one srun each, their snapshots \
+            moving through the --cache-to registry (docs/distributed.md). Reports go to --out (default \
             .contree/runs/RUN-ID next to the file): report.json, metrics.csv, report.html, logs/, \
             artifacts/.
             """)
@@ -37,14 +42,21 @@ struct RunCommand: AsyncParsableCommand {
         help: ArgumentHelp(
             "Run only these steps or nodes (build, 'build[os=debian]') and what they depend on.", valueName: "target"))
     var targets: [String] = []
-    @Option(name: [.short, .long], help: "Steps running at once (default: the number of cores).")
-    var jobs: Int = ProcessInfo.processInfo.activeProcessorCount
+    @Option(
+        name: [.short, .long],
+        help: "Steps running at once (default: the number of cores; with --executor slurm, the partition's CPUs).")
+    var jobs: Int?
     @Flag(help: "After a failure, still run every branch that does not depend on it.") var keepGoing = false
     @Flag(help: "Fail a passing step whose artifacts: pattern matches nothing (otherwise the summary warns).")
     var strictArtifacts = false
 
     func validate() throws {
-        if jobs < 1 { throw ValidationError("--jobs must be at least 1, not \(jobs)") }
+        if let jobs, jobs < 1 { throw ValidationError("--jobs must be at least 1, not \(jobs)") }
+        if let executor = executor ?? ProcessInfo.processInfo.environment["CONTREE_EXECUTOR"],
+            !["local", "slurm"].contains(executor)
+        {
+            throw ValidationError("--executor takes local or slurm, not '\(executor)'")
+        }
     }
     @Option(name: .customLong("from"), help: "Run this step and everything after it even if cached (repeatable).")
     var fromSteps: [String] = []
@@ -67,6 +79,21 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Registry user for --cache-from/--cache-to (or $CONTREE_REGISTRY_USER).") var registryUser: String?
     @Option(help: "Registry password (or $CONTREE_REGISTRY_PASSWORD).") var registryPassword: String?
     @Flag(help: "Allow plain http to a cache registry that is not on this machine.") var allowHTTP = false
+    @Option(
+        help: ArgumentHelp(
+            "Where steps that miss the cache run: local, or slurm (one srun each; needs --cache-to). Or $CONTREE_EXECUTOR.",
+            valueName: "local|slurm"))
+    var executor: String?
+    @Option(name: .customLong("slurm-partition"), help: "The Slurm partition (or $CONTREE_SLURM_PARTITION).")
+    var slurmPartition: String?
+    @Option(
+        name: .customLong("slurm-arg"), parsing: .unconditionalSingleValue,
+        help: "One more srun argument for every step, e.g. --slurm-arg --qos=ci (repeatable; or $CONTREE_SLURM_ARGS).")
+    var slurmArgs: [String] = []
+    @Option(
+        name: .customLong("slurm-command"),
+        help: "contree-pipeline on the nodes (default: this binary's path; every node needs the same version).")
+    var slurmCommand: String?
     @Flag(
         help:
             "Let secret files and local image paths (oci:, oci-archive:, docker-archive:) lie anywhere on this host; by default they must be inside the pipeline's directory, as inputs always are."
@@ -83,6 +110,16 @@ struct RunCommand: AsyncParsableCommand {
         let store = try reportingErrors { try storeOptions.open() }
         let engine = SandboxEngine.withAllBackends(store: store, progress: ProgressReporter())
         let credentials = registryCredentials(registryUser, registryPassword)
+        let environment = ProcessInfo.processInfo.environment
+        let cacheTo = self.cacheTo ?? environment["CONTREE_CACHE_TO"]
+        let slurm = (executor ?? environment["CONTREE_EXECUTOR"]) == "slurm"
+        var cacheFrom = self.cacheFrom
+        var slurmCPUs: Int?
+        if slurm {
+            slurmCPUs = try checkSlurm(plan, cacheTo: cacheTo, store: store, credentials: credentials)
+            // What the nodes pushed is this run's cache too.
+            if let cacheTo, !cacheFrom.contains(cacheTo) { cacheFrom.append(cacheTo) }
+        }
         let sources: [any SharedStepCache]
         let destination: (any SharedStepCache)?
         do {
@@ -97,12 +134,25 @@ struct RunCommand: AsyncParsableCommand {
             throw ExitCode(2)
         }
         let options = RunOptions(
-            jobs: jobs, keepGoing: keepGoing, forceSteps: fromSteps, noCache: noCache, failOnCacheMiss: failOnCacheMiss,
+            jobs: jobs ?? slurmCPUs ?? ProcessInfo.processInfo.activeProcessorCount, keepGoing: keepGoing,
+            forceSteps: fromSteps, noCache: noCache, failOnCacheMiss: failOnCacheMiss,
             outDir: out, junitPath: junit, cacheFrom: sources, cacheTo: destination, allowHostPaths: allowHostPaths,
             strictArtifacts: strictArtifacts)
         let observer: any RunObserver = json ? RunViews.make(output: ViewOutput(fd: 2)) : RunViews.make()
         let runner = try reportingErrors {
-            try PipelineRunner(plan: plan, engine: engine, options: options, observer: observer)
+            guard slurm, let cacheTo else {
+                return try PipelineRunner(plan: plan, engine: engine, options: options, observer: observer)
+            }
+            let nodes = try SlurmStepExecutor(
+                SlurmConfiguration(
+                    registry: cacheTo, credentials: credentials, allowHTTP: allowHTTP,
+                    partition: slurmPartition ?? environment["CONTREE_SLURM_PARTITION"],
+                    arguments: slurmArgs.isEmpty
+                        ? (environment["CONTREE_SLURM_ARGS"] ?? "").split(separator: " ").map(String.init) : slurmArgs,
+                    command: try slurmCommand ?? FileSystem.readLink("/proc/self/exe"),
+                    version: ContreePipeline.version),
+                store: store)
+            return try PipelineRunner(plan: plan, engine: engine, steps: nodes, options: options, observer: observer)
         }
         let task = Task { try await runner.run() }
         let signals = Termination.cancelOnSignal(task)
@@ -143,6 +193,47 @@ struct RunCommand: AsyncParsableCommand {
             print(String(decoding: try encoder.encode(report), as: UTF8.self))
         }
         if report.exitStatus != 0 { throw ExitCode(report.exitStatus) }
+    }
+}
+
+extension RunCommand {
+    /// Before anything runs with --executor slurm: a registry to move snapshots through, no
+    /// step with services, Slurm's tools, a controller that answers, the partition, the
+    /// registry reachable. Returns the partition's CPUs. Exits 2 (set-up) or 75 (unreachable).
+    func checkSlurm(
+        _ plan: PipelinePlan, cacheTo: String?, store: Store, credentials: RegistryCredentials?
+    ) throws -> Int {
+        guard let cacheTo else {
+            printError(
+                "error: --executor slurm moves snapshots between machines through a registry: add --cache-to docker://HOST[:PORT]/REPO (a registry every node reaches)"
+            )
+            throw ExitCode(2)
+        }
+        let withServices = plan.definition.steps.filter { !$0.services.isEmpty }
+        for step in withServices {
+            printError(
+                "\(step.location): error: step \(step.id.value) has services, which --executor slurm does not start yet; run this pipeline with --executor local"
+            )
+        }
+        if !withServices.isEmpty { throw ExitCode(2) }
+        let cpus: Int
+        do {
+            cpus = try SlurmCluster.cpus(
+                partition: slurmPartition ?? ProcessInfo.processInfo.environment["CONTREE_SLURM_PARTITION"])
+        } catch let problem as SlurmCluster.Problem {
+            printError("error: \(problem.description)")
+            throw ExitCode(problem.status)
+        }
+        do {
+            _ = try RegistryRepository(cacheTo, store: store, credentials: credentials, allowHTTP: allowHTTP)
+                .annotations(tag: "contree-reachable")
+        } catch {
+            printError(
+                "error: the registry \(cacheTo) cannot be reached from here (\(error)); every node and this machine must reach it: check the address and that it is up"
+            )
+            throw ExitCode(75)
+        }
+        return cpus
     }
 }
 

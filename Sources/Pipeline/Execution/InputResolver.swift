@@ -3,7 +3,7 @@ import Glibc
 import SystemSupport
 
 /// A host file a step copies in.
-public struct ResolvedInput: Sendable, Equatable {
+public struct ResolvedInput: Sendable, Equatable, Codable {
     /// Relative to the pipeline's directory, and opened beneath it (never through a symlink
     /// that leads out).
     public var hostPath: String

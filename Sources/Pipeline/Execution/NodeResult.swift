@@ -66,6 +66,13 @@ public struct NodeResult: Sendable, Codable {
     public var reason: String?
     public var variants: [VariantOutcome]?
     public var matrix: [String: String]
+    /// What ran the step when it was not this machine's engine (`slurm`), the machine it ran
+    /// on, and the scheduler's job; nil for cache hits and local steps.
+    public var executor: String?
+    public var executorNode: String?
+    public var slurmJobID: String?
+    /// It could not run because the machinery around it failed (a node, the registry).
+    public var infrastructureFailure: Bool?
 
     /// Skipped by its own condition while what it depends on succeeded: like a skipped step of
     /// a GitHub Actions job, it leaves the workspace as it was, so it carries its parent's
@@ -100,6 +107,10 @@ public struct NodeResult: Sendable, Codable {
         case timedOut = "timed_out"
         case attempts, started, ended, metrics, outputs, log, artifacts, reason, variants, matrix
         case missingArtifacts = "missing_artifacts"
+        case executor
+        case executorNode = "executor_node"
+        case slurmJobID = "slurm_job_id"
+        case infrastructureFailure = "infrastructure_failure"
     }
 
     init(node: PlanNode, status: NodeStatus, reason: String? = nil) {

@@ -38,6 +38,7 @@ extension PipelineRunner {
         } catch let error as PipelineError {
             result.status = .failed
             result.reason = error.message
+            if error.kind == .infrastructure { result.infrastructureFailure = true }
             log.note(error.message)
         } catch {
             result.status = Task.isCancelled ? .cancelled : .failed
@@ -176,6 +177,11 @@ extension PipelineRunner {
             }, services: services)
         let run = try await steps.run(request, log: log)
         result.attempts = run.attempts
+        if let placement = run.placement {
+            result.executor = placement.executor
+            result.executorNode = placement.node
+            result.slurmJobID = placement.jobID
+        }
         let record = run.record
         result.exitCode = record.exitCode
         result.signal = record.signal

@@ -96,7 +96,8 @@ public final class PipelineRunner: Sendable {
             plan: plan, engine: engine, steps: EngineStepExecutor(engine: engine), options: options, observer: observer)
     }
 
-    init(
+    /// A runner whose missed steps run on `steps` (another machine's engine, a cluster).
+    public init(
         plan: PipelinePlan, engine: SandboxEngine, steps: any StepExecutor, options: RunOptions = RunOptions(),
         observer: (any RunObserver)? = nil
     ) throws {

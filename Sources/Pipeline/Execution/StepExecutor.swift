@@ -7,61 +7,88 @@ import SystemSupport
 /// One step that missed the cache, rendered on the coordinator: everything a machine needs to
 /// run it, and nothing of the pipeline file. Its key is already computed (a hit needs no
 /// executor at all).
-struct StepRequest: Sendable {
+public struct StepRequest: Sendable {
     /// The node's id: names the step in messages.
-    var node: String
-    var key: String
+    public var node: String
+    public var key: String
     /// The snapshot the step starts from (an image of the coordinator's store).
-    var parent: String
-    var command: [String]
+    public var parent: String
+    public var command: [String]
     /// Everything but secrets (what the key saw).
-    var environment: [String: String]
+    public var environment: [String: String]
     /// Added to the environment when the step runs; never in its key, a report or the cache.
-    var secrets: [String: String]
-    var workdir: String
+    public var secrets: [String: String]
+    public var workdir: String
     /// Host files copied in, with their digests; paths relative to `inputRoot`, opened beneath it.
-    var inputs: [ResolvedInput]
-    var inputRoot: String
-    var timeout: Double?
-    var limits: ResourceLimits
-    var network: NetworkMode
-    var isolation: IsolationKind
+    public var inputs: [ResolvedInput]
+    public var inputRoot: String
+    public var timeout: Double?
+    public var limits: ResourceLimits
+    public var network: NetworkMode
+    public var isolation: IsolationKind
     /// 1 + the step's `retries`: each attempt starts from `parent` again.
-    var attempts: Int
+    public var attempts: Int
     /// Where in the sandbox the step writes its outputs (`$CONTREE_OUTPUT`).
-    var outputPath: String
+    public var outputPath: String
     /// Dependency caches mounted while the step runs (never in its key).
-    var caches: [Cache] = []
+    public var caches: [Cache] = []
     /// Services started before the step, in its network namespace, and stopped after it.
     var services: [ServiceRequest] = []
 
-    struct Cache: Sendable {
-        var name: String
-        var path: String
-        var sharing: DependencyCaches.Sharing
+    /// Whether services start with the step (they run where the step runs).
+    public var hasServices: Bool { !services.isEmpty }
+
+    public struct Cache: Sendable, Codable {
+        public var name: String
+        public var path: String
+        public var sharing: DependencyCaches.Sharing
     }
 }
 
 /// What running a step gave: its last attempt's record (exit, metrics, the snapshot it left),
 /// what it wrote to `$CONTREE_OUTPUT`, and how many attempts it took.
-struct StepOutcome: Sendable {
-    var record: RunRecord
-    var output: [UInt8]
-    var attempts: Int
+public struct StepOutcome: Sendable {
+    public var record: RunRecord
+    public var output: [UInt8]
+    public var attempts: Int
+    /// Where it ran, when not on this machine.
+    public var placement: Placement?
+
+    public init(record: RunRecord, output: [UInt8], attempts: Int, placement: Placement? = nil) {
+        self.record = record
+        self.output = output
+        self.attempts = attempts
+        self.placement = placement
+    }
+}
+
+/// Where a step ran: the executor (`slurm`), the machine, the scheduler's job.
+public struct Placement: Sendable, Equatable {
+    public var executor: String
+    public var node: String?
+    public var jobID: String?
+
+    public init(executor: String, node: String? = nil, jobID: String? = nil) {
+        self.executor = executor
+        self.node = node
+        self.jobID = jobID
+    }
 }
 
 /// Runs steps that missed the cache: this machine's snapshot engine today, other machines
 /// next. Output goes to `log` as it comes; cancelling the calling task stops the step.
-protocol StepExecutor: Sendable {
+public protocol StepExecutor: Sendable {
     /// - Throws: `CancellationError` when cancelled, `PipelineError` when the step could not run.
     func run(_ request: StepRequest, log: StepLog) async throws -> StepOutcome
 }
 
 /// Runs steps on this machine's snapshot engine, retrying failed attempts from the same parent.
-struct EngineStepExecutor: StepExecutor {
+public struct EngineStepExecutor: StepExecutor {
     let engine: SandboxEngine
 
-    func run(_ request: StepRequest, log: StepLog) async throws -> StepOutcome {
+    public init(engine: SandboxEngine) { self.engine = engine }
+
+    public func run(_ request: StepRequest, log: StepLog) async throws -> StepOutcome {
         // Caches are taken for all attempts, in name order (two steps never wait on each other).
         let caches = DependencyCaches(store: engine.store)
         let uses = try await BlockingPool.shared.run {

@@ -5,7 +5,7 @@ import Synchronization
 /// A step's log file. Output is written line by line with every secret value (and every line
 /// of a multi-line one) replaced by `***`, so that no secret reaches a log even when the
 /// command prints it.
-final class StepLog: Sendable {
+public final class StepLog: Sendable {
     let path: String
     private struct State {
         var handle: FileHandle?
@@ -19,7 +19,7 @@ final class StepLog: Sendable {
     static let limit: Int64 = 64 << 20
 
     /// - Parameter secrets: the step's secrets by name.
-    init(path: String, secrets: [String: String]) {
+    public init(path: String, secrets: [String: String]) {
         self.path = path
         self.mask = SecretMask(secrets)
         // Truncated in place: FileManager.createFile writes a temporary file and renames it
@@ -29,7 +29,7 @@ final class StepLog: Sendable {
     }
 
     /// Appends raw output; complete lines are masked and written.
-    func append(_ chunk: [UInt8]) {
+    public func append(_ chunk: [UInt8]) {
         state.withLock { state in
             state.partial += chunk
             while let newline = state.partial.firstIndex(of: UInt8(ascii: "\n")) {
@@ -47,11 +47,11 @@ final class StepLog: Sendable {
     }
 
     /// A line written by contree-pipeline itself.
-    func note(_ text: String) {
+    public func note(_ text: String) {
         state.withLock { state in write("[contree] " + mask(text) + "\n", &state) }
     }
 
-    func close() {
+    public func close() {
         state.withLock { state in
             if !state.partial.isEmpty {
                 write(mask(String(decoding: state.partial, as: UTF8.self)) + "\n", &state)

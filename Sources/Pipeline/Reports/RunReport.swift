@@ -35,7 +35,7 @@ public struct RunReport: Sendable, Codable {
     public var exitStatus: Int32 {
         switch status {
         case .passed: return 0
-        case .failed: return 1
+        case .failed: return nodes.contains { $0.failsPipeline && $0.infrastructureFailure == true } ? 75 : 1
         case .cancelled: return 130
         }
     }

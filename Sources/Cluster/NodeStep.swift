@@ -1,0 +1,148 @@
+import Foundation
+import Glibc
+import ImageStore
+import Pipeline
+import Registry
+import RegistryCache
+import Sandbox
+import SystemSupport
+
+/// `contree-pipeline step --spec -` on a cluster node: reads the step's `StepSpec` from stdin,
+/// imports the layers this node's store lacks, runs the step (with its retries) on this
+/// machine's engine, pushes its snapshot (`step-<key>`, write-once, or `failed-<key>` for
+/// `shell`), and tells the coordinator on stdout. The step's output and the node's own words
+/// go to stderr. Exit status: the step's, or 75 when the machinery failed (the registry, the
+/// store, a version mismatch, no root), with a line on stderr that says what to do.
+public enum NodeStep {
+    public static let infrastructureStatus: Int32 = 75
+    /// Begins the line on stderr that explains an exit 75.
+    public static let messagePrefix = "contree-pipeline step: "
+
+    /// Runs the spec in `input`; returns the exit status. Cancelling the calling task (SIGTERM
+    /// from `scancel`) stops the step.
+    public static func run(
+        input: [UInt8], version: String, openStore: () throws -> Store, engine makeEngine: (Store) -> SandboxEngine
+    ) async -> Int32 {
+        let environment = ProcessInfo.processInfo.environment
+        let host = environment["SLURMD_NODENAME"] ?? hostName()
+        let spec: StepSpec
+        do {
+            spec = try StepFrame.decoder.decode(StepSpec.self, from: Data(input))
+        } catch {
+            let other = (try? JSONSerialization.jsonObject(with: Data(input)) as? [String: Any])?["version"] as? String
+            return fail(
+                "the step spec on stdin could not be read (\(error)); node \(host) runs contree-pipeline \(version)"
+                    + (other.map { ", the coordinator \($0)" } ?? "") + ": install the same version on every node")
+        }
+        guard spec.version == version else {
+            return fail(
+                "node \(host) runs contree-pipeline \(version), the coordinator \(spec.version): install the same version on every node"
+            )
+        }
+        guard geteuid() == 0 else {
+            return fail(
+                "node \(host) runs steps as uid \(geteuid()); sandboxes need root: run the step command as root (or through sudo -n) on every node"
+            )
+        }
+        emit(StepFrame(event: .started, host: host, job: environment["SLURM_JOB_ID"]))
+        let store: Store
+        do {
+            store = try openStore()
+        } catch {
+            return fail("the store on node \(host) could not be opened: \(error)")
+        }
+        let credentials = spec.registryUser.map {
+            RegistryCredentials(username: $0, password: spec.registryPassword ?? "")
+        }
+        let importer = RegistryImporter(store: store, credentials: credentials, access: .any(allowHTTP: spec.allowHTTP))
+        let parent: ImageRecord
+        let inputs: ImageRecord?
+        do {
+            (parent, inputs) = try await BlockingPool.shared.run {
+                (try importer.importImage(spec.parent), try spec.inputs.map { try importer.importImage($0) })
+            }
+        } catch {
+            return fail("node \(host) could not fetch the step's snapshot from \(spec.registry): \(error)")
+        }
+        // The inputs' layer stays while the step maps files from it.
+        let lease: Lease?
+        do {
+            lease = try inputs.map { try store.acquireLease(layers: $0.layers) }
+        } catch {
+            return fail("the store on node \(host) could not hold the inputs: \(error)")
+        }
+        defer { lease?.release() }
+        let request = spec.request(parent: parent.uuid, inputRoot: inputs?.layers.first.map(store.layerPath))
+        let log = StepLog(path: "/dev/stderr", secrets: spec.secrets)
+        let outcome: StepOutcome
+        do {
+            outcome = try await EngineStepExecutor(engine: makeEngine(store)).run(request, log: log)
+            log.close()
+        } catch is CancellationError {
+            log.close()
+            emit(StepFrame(event: .finished, host: host, message: "cancelled on node \(host)"))
+            return 143
+        } catch {
+            log.close()
+            let message = (error as? PipelineError)?.message ?? "\(error)"
+            emit(StepFrame(event: .finished, host: host, message: message))
+            return 1
+        }
+        var result: String?
+        if let uuid = outcome.record.resultImage {
+            do {
+                result = try await BlockingPool.shared.run {
+                    try publish(uuid, outcome: outcome, spec: spec, store: store, credentials: credentials)
+                }
+            } catch {
+                return fail(
+                    "step \(spec.node) ran on node \(host) but its snapshot could not be pushed to \(spec.registry): \(error)"
+                )
+            }
+        }
+        emit(
+            StepFrame(
+                event: .finished, host: host, record: outcome.record,
+                output: String(decoding: outcome.output, as: UTF8.self), attempts: outcome.attempts, result: result))
+        if outcome.record.exitCode == 0 { return 0 }
+        return outcome.record.exitCode.map { $0 == 0 ? 1 : $0 } ?? 1
+    }
+
+    /// Pushes the snapshot: a passed step as its write-once cache entry (an entry already
+    /// there is kept and named), a failed one under `failed-<key>`. Returns its reference.
+    static func publish(
+        _ uuid: String, outcome: StepOutcome, spec: StepSpec, store: Store, credentials: RegistryCredentials?
+    ) throws -> String? {
+        guard let image = try store.image(uuid) else { return nil }
+        let cache = try RegistryStepCache(
+            spec.registry, store: store, credentials: credentials, allowHTTP: spec.allowHTTP, pushing: true)
+        if outcome.record.exitCode == 0, let outputs = spec.publishableOutputs(outcome.output) {
+            let tag = RegistryStepCache.stepTag(spec.key)
+            if try cache.containsStep(key: spec.key) { return spec.registry + ":" + tag }
+            let digest = try cache.pushStep(
+                key: spec.key, image: image, outputs: outputs, record: outcome.record, tag: tag)
+            return spec.registry + "@" + digest
+        }
+        let digest = try cache.pushStep(
+            key: spec.key, image: image, outputs: [:], record: outcome.record,
+            tag: RegistryStepCache.failedTag(spec.key))
+        return spec.registry + "@" + digest
+    }
+
+    static func emit(_ frame: StepFrame) {
+        let bytes = Array(frame.line.utf8)
+        try? FileSystem.writeAll(fd: 1, bytes, path: "stdout")
+    }
+
+    static func fail(_ message: String) -> Int32 {
+        let bytes = Array((messagePrefix + message + "\n").utf8)
+        try? FileSystem.writeAll(fd: 2, bytes, path: "stderr")
+        return infrastructureStatus
+    }
+
+    static func hostName() -> String {
+        var buffer = [CChar](repeating: 0, count: 256)
+        gethostname(&buffer, buffer.count)
+        return String(cString: buffer)
+    }
+}

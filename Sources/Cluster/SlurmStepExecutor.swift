@@ -1,0 +1,311 @@
+import CSandbox
+import Foundation
+import Glibc
+import ImageStore
+import Pipeline
+import Registry
+import RegistryCache
+import Sandbox
+import Synchronization
+import SystemSupport
+
+/// How a run reaches a Slurm cluster.
+public struct SlurmConfiguration: Sendable {
+    /// The registry repository snapshots move through (`docker://HOST[:PORT]/REPO`).
+    public var registry: String
+    public var credentials: RegistryCredentials?
+    public var allowHTTP: Bool
+    /// `--partition`, when not the cluster's default.
+    public var partition: String?
+    /// More `srun` arguments (`--slurm-arg`), after the ones the step's settings give.
+    public var arguments: [String]
+    /// contree-pipeline on the nodes (the same path and version on every node).
+    public var command: String
+    /// The coordinator's version: a node of another version refuses the step (exit 75).
+    public var version: String
+    /// How many times a step lost with its node is dispatched in all.
+    public var dispatches: Int
+    public var srun: String
+    public var scancel: String
+
+    public init(
+        registry: String, credentials: RegistryCredentials? = nil, allowHTTP: Bool = false, partition: String? = nil,
+        arguments: [String] = [], command: String, version: String, dispatches: Int = 3, srun: String = "srun",
+        scancel: String = "scancel"
+    ) {
+        self.registry = registry
+        self.credentials = credentials
+        self.allowHTTP = allowHTTP
+        self.partition = partition
+        self.arguments = arguments
+        self.command = command
+        self.version = version
+        self.dispatches = dispatches
+        self.srun = srun
+        self.scancel = scancel
+    }
+}
+
+/// Runs each step that missed the cache as one `srun` of `contree-pipeline step --spec -` on
+/// a Slurm cluster (measured: 22 ms from the call to the step's start; `sbatch` dependency
+/// chains cost seconds per edge, so the DAG stays here). The step's parent and inputs go to
+/// the registry first, by digest; the spec (with the secrets) goes on the job's stdin, never in
+/// its arguments or environment, which `scontrol show job` prints. The node's stderr is the
+/// step's log; its stdout carries `StepFrame`s. The snapshot it leaves is imported from the
+/// registry, so that dependents, artifacts and `shell` find it here.
+///
+/// Cancelling a step runs `scancel` for its job (again every half second until `srun` ends:
+/// the job may not be queued yet); `srun` itself is never signalled, since a signalled `srun`
+/// SIGKILLs the step before it can clean up. A step whose node is lost (no end frame) is
+/// dispatched again without that node: entries are write-once, so a duplicate that finishes
+/// later spoils nothing.
+public final class SlurmStepExecutor: StepExecutor {
+    let configuration: SlurmConfiguration
+    let store: Store
+    let repository: RegistryRepository
+    /// Every job of the run is named `contree-RANDOM-N` (`squeue --name`, `scancel --name`).
+    let jobPrefix: String
+    private let pushed = Mutex<[String: String]>([:])
+    private let sequence = Mutex(0)
+
+    public init(_ configuration: SlurmConfiguration, store: Store) throws {
+        self.configuration = configuration
+        self.store = store
+        repository = try RegistryRepository(
+            configuration.registry, store: store, credentials: configuration.credentials,
+            allowHTTP: configuration.allowHTTP, pushing: true)
+        jobPrefix = "contree-" + String(UInt32.random(in: .min ... .max), radix: 16)
+    }
+
+    public func run(_ request: StepRequest, log: StepLog) async throws -> StepOutcome {
+        if request.hasServices {
+            throw PipelineError(
+                .failed,
+                "step \(request.node) has services, which --executor slurm does not start yet; run this pipeline with --executor local"
+            )
+        }
+        let (parent, inputs) = try await BlockingPool.shared.run { [self] () throws -> (String, String?) in
+            do {
+                guard let image = try store.image(request.parent) else {
+                    throw PipelineError(.failed, "the snapshot step \(request.node) starts from is gone from the store")
+                }
+                return (try reference(image), try request.stageInputs(store: store).map(reference))
+            } catch let error as PipelineError {
+                throw error
+            } catch {
+                throw PipelineError(
+                    .infrastructure,
+                    "could not send the snapshot of step \(request.node) to \(configuration.registry): \(error); check that the registry is up and reachable from here",
+                    cause: error)
+            }
+        }
+        let credentials = configuration.credentials.map { (user: $0.username, password: $0.password) }
+        let spec = try StepFrame.encoder.encode(
+            StepSpec(
+                request, parent: parent, inputs: inputs, version: configuration.version,
+                registry: configuration.registry, allowHTTP: configuration.allowHTTP, credentials: credentials))
+        var lost: [String] = []
+        for _ in 1...max(1, configuration.dispatches) {
+            try Task.checkCancellation()
+            let job =
+                jobPrefix + "-"
+                + String(
+                    sequence.withLock {
+                        $0 += 1; return $0
+                    })
+            let dispatch = try await submit(Array(spec), request: request, job: job, excluding: lost, log: log)
+            switch dispatch {
+            case .finished(let frame, let host, let jobID):
+                return try await outcome(
+                    frame, request: request, placement: Placement(executor: "slurm", node: host, jobID: jobID))
+            case .lost(let host, let why):
+                lost.append(host)
+                log.note("node \(host) was lost while running this step (\(why)); dispatching it again without \(host)")
+            case .failed(let message):
+                throw PipelineError(.infrastructure, message)
+            }
+        }
+        throw PipelineError(
+            .infrastructure,
+            "step \(request.node) was lost with its node \(lost.count) times (\(lost.joined(separator: ", "))); check the nodes (sinfo -R)"
+        )
+    }
+
+    /// `docker://HOST/REPO@sha256:…` for a local image, pushed once per run (the registry
+    /// skips the blobs it has; the tag names the image's content).
+    private func reference(_ image: ImageRecord) throws -> String {
+        if let digest = pushed.withLock({ $0[image.uuid] }) { return configuration.registry + "@" + digest }
+        let tag = "image-" + StepKeyComponents.imageDigest(image).replacingOccurrences(of: "sha256:", with: "")
+        let digest = try repository.push(image, tag: tag, annotations: [:])
+        pushed.withLock { $0[image.uuid] = digest }
+        return configuration.registry + "@" + digest
+    }
+
+    enum Dispatch {
+        case finished(StepFrame, host: String?, job: String?)
+        /// Started on `host`, then nothing: the node (or the step's process on it) was lost.
+        case lost(host: String, why: String)
+        /// Could not run there (srun refused it, or the node said why: exit 75).
+        case failed(String)
+    }
+
+    /// `srun` arguments for one dispatch of the step.
+    func arguments(_ request: StepRequest, job: String, excluding: [String]) -> [String] {
+        var argv = [
+            configuration.srun, "--job-name=" + job, "--nodes=1", "--ntasks=1",
+            "--cpus-per-task=\(max(1, Int((request.limits.cpus ?? 1).rounded(.up))))",
+            // Nothing of this machine's environment goes to the job (the spec carries the step's).
+            "--export=NONE", "--chdir=/", "--kill-on-bad-exit=1",
+        ]
+        if let bytes = request.limits.memoryBytes { argv.append("--mem=\((bytes + (1 << 20) - 1) >> 20)M") }
+        if let partition = configuration.partition { argv.append("--partition=" + partition) }
+        if !excluding.isEmpty { argv.append("--exclude=" + excluding.joined(separator: ",")) }
+        if let timeout = request.timeout {
+            // contree enforces the timeout; Slurm's minute-granular limit is only an outer bound.
+            argv.append("--time=\(Int((timeout * Double(max(1, request.attempts)) / 60).rounded(.up)) + 2)")
+        }
+        if request.isolation == .vm { argv.append("--constraint=contree-vm") }
+        return argv + configuration.arguments + [configuration.command, "step", "--spec", "-"]
+    }
+
+    private func submit(
+        _ spec: [UInt8], request: StepRequest, job: String, excluding: [String], log: StepLog
+    ) async throws -> Dispatch {
+        let argv = arguments(request, job: job, excluding: excluding)
+        let cancel = CancelFlag()
+        let ended = try await withTaskCancellationHandler {
+            try await BlockingPool.shared.run { [configuration] in
+                try SrunProcess.run(argv, stdin: spec, log: log, cancel: cancel) {
+                    // Detached: the scancel must not wait behind anything.
+                    Thread.detachNewThread { _ = try? ChildProcess.run([configuration.scancel, "--name=" + job]) }
+                }
+            }
+        } onCancel: {
+            cancel.set()
+        }
+        if cancel.isSet { throw CancellationError() }
+        let started = ended.frames.first { $0.event == .started }
+        if let finished = ended.frames.first(where: { $0.event == .finished }) {
+            return .finished(finished, host: started?.host, job: started?.job)
+        }
+        let said = ended.stderrTail.last { $0.hasPrefix(NodeStep.messagePrefix) }
+        if ended.status == NodeStep.infrastructureStatus, let said {
+            return .failed(
+                "node \(started?.host ?? "?") could not run step \(request.node): "
+                    + said.dropFirst(NodeStep.messagePrefix.count))
+        }
+        let tail = ended.stderrTail.suffix(3).joined(separator: " | ")
+        if let host = started?.host {
+            return .lost(host: host, why: "srun exited \(ended.status)" + (tail.isEmpty ? "" : ": " + tail))
+        }
+        return .failed(
+            "srun could not run step \(request.node) (exit \(ended.status))" + (tail.isEmpty ? "" : ": " + tail)
+                + "; check the partition and the nodes (sinfo), and that \(configuration.command) exists on every node")
+    }
+
+    /// The step's outcome here: its snapshot imported from the registry.
+    private func outcome(_ frame: StepFrame, request: StepRequest, placement: Placement) async throws -> StepOutcome {
+        guard var record = frame.record else {
+            throw PipelineError(
+                .failed,
+                "step \(request.node) did not run on \(placement.node ?? "its node"): \(frame.message ?? "no reason given")"
+            )
+        }
+        record.image = request.parent
+        record.resultImage = nil
+        if let result = frame.result {
+            let importer = RegistryImporter(
+                store: store, credentials: configuration.credentials,
+                access: .any(allowHTTP: configuration.allowHTTP))
+            do {
+                record.resultImage = try await BlockingPool.shared.run { try importer.importImage(result).uuid }
+            } catch {
+                throw PipelineError(
+                    .infrastructure,
+                    "step \(request.node) ran on \(placement.node ?? "its node") but its snapshot \(result) could not be fetched: \(error)",
+                    cause: error)
+            }
+        }
+        return StepOutcome(
+            record: record, output: Array((frame.output ?? "").utf8), attempts: frame.attempts ?? 1,
+            placement: placement)
+    }
+}
+
+/// Set once, by a task's cancellation handler; read by the thread waiting for `srun`.
+final class CancelFlag: Sendable {
+    private let flag = Atomic<Bool>(false)
+    func set() { flag.store(true, ordering: .sequentiallyConsistent) }
+    var isSet: Bool { flag.load(ordering: .sequentiallyConsistent) }
+}
+
+/// One `srun`: the spec on its stdin (a memfd: never a file), its stdout read as frames and
+/// its stderr appended to the step's log as it comes.
+enum SrunProcess {
+    struct Ended {
+        var status: Int32
+        var frames: [StepFrame]
+        /// The last lines of its stderr (the node's last word, or srun's).
+        var stderrTail: [String]
+    }
+
+    static func run(
+        _ argv: [String], stdin: [UInt8], log: StepLog, cancel: CancelFlag, scancel: @escaping () -> Void
+    ) throws -> Ended {
+        let memfd = csb_memfd_cloexec("contree-step-spec")
+        guard memfd >= 0 else { throw SandboxError.system("memfd_create") }
+        defer { close(memfd) }
+        try FileSystem.writeAll(fd: memfd, stdin, path: "the step spec")
+        lseek(memfd, 0, SEEK_SET)
+        let spawned = try ChildProcess.spawn(argv, stdinFD: memfd, captureStdout: true)
+        var fds = [spawned.stdout!, spawned.stderr]
+        defer { for fd in fds where fd >= 0 { close(fd) } }
+        var frames: [StepFrame] = []
+        var pendingOut: [UInt8] = []
+        var pendingErr: [UInt8] = []
+        var tail: [String] = []
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        var lastScancel: Double?
+        while fds.contains(where: { $0 >= 0 }) {
+            if cancel.isSet, lastScancel.map({ Monotonic.now - $0 >= 0.5 }) ?? true {
+                lastScancel = Monotonic.now
+                scancel()
+            }
+            var polls = fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+            let rc = poll(&polls, nfds_t(polls.count), 100)
+            if rc < 0 && errno == EINTR { continue }
+            guard rc >= 0 else { throw SandboxError.system("poll(srun)") }
+            for i in polls.indices where polls[i].fd >= 0 && polls[i].revents != 0 {
+                let n = buffer.withUnsafeMutableBytes { read(polls[i].fd, $0.baseAddress, $0.count) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 {
+                    close(fds[i])
+                    fds[i] = -1
+                    continue
+                }
+                if i == 0 {
+                    pendingOut += buffer[0..<n]
+                    while let newline = pendingOut.firstIndex(of: UInt8(ascii: "\n")) {
+                        let line = Array(pendingOut[..<newline])
+                        pendingOut.removeSubrange(...newline)
+                        if let frame = try? StepFrame.decoder.decode(StepFrame.self, from: Data(line)) {
+                            frames.append(frame)
+                        } else {
+                            log.append(line + [UInt8(ascii: "\n")])
+                        }
+                    }
+                } else {
+                    log.append(Array(buffer[0..<n]))
+                    pendingErr += buffer[0..<n]
+                    while let newline = pendingErr.firstIndex(of: UInt8(ascii: "\n")) {
+                        tail.append(String(decoding: pendingErr[..<newline], as: UTF8.self))
+                        pendingErr.removeSubrange(...newline)
+                        if tail.count > 8 { tail.removeFirst() }
+                    }
+                }
+            }
+        }
+        if !pendingErr.isEmpty { tail.append(String(decoding: pendingErr, as: UTF8.self)) }
+        return Ended(status: try ChildProcess.wait(spawned.pid, argv[0]), frames: frames, stderrTail: tail)
+    }
+}
