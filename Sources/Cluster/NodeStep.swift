@@ -54,14 +54,25 @@ public enum NodeStep {
         let credentials = spec.registryUser.map {
             RegistryCredentials(username: $0, password: spec.registryPassword ?? "")
         }
-        let importer = RegistryImporter(store: store, credentials: credentials, access: .any(allowHTTP: spec.allowHTTP))
+        // A cancelled import (scancel) stops its downloads and removes what it made.
+        let cancellation = Cancellation()
+        let importer = RegistryImporter(
+            store: store, credentials: credentials, access: .any(allowHTTP: spec.allowHTTP), cancellation: cancellation)
         let parent: ImageRecord
         let inputs: ImageRecord?
         do {
-            (parent, inputs) = try await BlockingPool.shared.run {
-                (try importer.importImage(spec.parent), try spec.inputs.map { try importer.importImage($0) })
+            (parent, inputs) = try await withTaskCancellationHandler {
+                try await BlockingPool.shared.run {
+                    (try importer.importImage(spec.parent), try spec.inputs.map { try importer.importImage($0) })
+                }
+            } onCancel: {
+                cancellation.cancel("cancelled on node \(host)")
             }
         } catch {
+            if Task.isCancelled {
+                emit(StepFrame(event: .finished, host: host, message: "cancelled on node \(host)"))
+                return 143
+            }
             return fail("node \(host) could not fetch the step's snapshot from \(spec.registry): \(error)")
         }
         // The inputs' layer stays while the step maps files from it.

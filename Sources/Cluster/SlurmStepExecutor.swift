@@ -65,7 +65,11 @@ public final class SlurmStepExecutor: StepExecutor {
     let repository: RegistryRepository
     /// Every job of the run is named `contree-RANDOM-N` (`squeue --name`, `scancel --name`).
     let jobPrefix: String
+    /// Images pushed (UUID → manifest digest), and a lock per image being pushed: steps that
+    /// start from one image wait for one push (concurrent pushes of one image make the
+    /// registry refuse a manifest whose blob another upload is still writing).
     private let pushed = Mutex<[String: String]>([:])
+    private let pushing = Mutex<[String: NSLock]>([:])
     private let sequence = Mutex(0)
 
     public init(_ configuration: SlurmConfiguration, store: Store) throws {
@@ -134,6 +138,14 @@ public final class SlurmStepExecutor: StepExecutor {
     /// `docker://HOST/REPO@sha256:…` for a local image, pushed once per run (the registry
     /// skips the blobs it has; the tag names the image's content).
     private func reference(_ image: ImageRecord) throws -> String {
+        let lock = pushing.withLock { locks in
+            if let lock = locks[image.uuid] { return lock }
+            let lock = NSLock()
+            locks[image.uuid] = lock
+            return lock
+        }
+        lock.lock()
+        defer { lock.unlock() }
         if let digest = pushed.withLock({ $0[image.uuid] }) { return configuration.registry + "@" + digest }
         let tag = "image-" + StepKeyComponents.imageDigest(image).replacingOccurrences(of: "sha256:", with: "")
         let digest = try repository.push(image, tag: tag, annotations: [:])
@@ -177,10 +189,15 @@ public final class SlurmStepExecutor: StepExecutor {
             try await BlockingPool.shared.run { [configuration] in
                 try SrunProcess.run(argv, stdin: spec, log: log, cancel: cancel) {
                     // Detached: the scancel must not wait behind anything.
-                    Thread.detachNewThread { _ = try? ChildProcess.run([configuration.scancel, "--name=" + job]) }
+                    Thread.detachNewThread {
+                        Trace.mark("slurm: scancel --name=\(job) (monotonic \(Monotonic.now))")
+                        _ = try? ChildProcess.run([configuration.scancel, "--name=" + job])
+                        Trace.mark("slurm: scancel --name=\(job) done (monotonic \(Monotonic.now))")
+                    }
                 }
             }
         } onCancel: {
+            Trace.mark("slurm: \(job) cancelled (monotonic \(Monotonic.now))")
             cancel.set()
         }
         if cancel.isSet { throw CancellationError() }
@@ -257,7 +274,9 @@ enum SrunProcess {
         defer { close(memfd) }
         try FileSystem.writeAll(fd: memfd, stdin, path: "the step spec")
         lseek(memfd, 0, SEEK_SET)
-        let spawned = try ChildProcess.spawn(argv, stdinFD: memfd, captureStdout: true)
+        // In a group of its own: Ctrl-C in a terminal signals the whole foreground group, and a
+        // signalled srun kills its step; the coordinator cancels by scancel instead.
+        let spawned = try ChildProcess.spawn(argv, stdinFD: memfd, captureStdout: true, ownProcessGroup: true)
         var fds = [spawned.stdout!, spawned.stderr]
         defer { for fd in fds where fd >= 0 { close(fd) } }
         var frames: [StepFrame] = []

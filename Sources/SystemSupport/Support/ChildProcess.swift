@@ -64,9 +64,11 @@ public enum ChildProcess {
 
     /// Starts `argv` with stdout (when `captureStdout`) and stderr on pipes.
     /// - Parameter stdoutFD: where stdout goes when it is not captured.
+    /// - Parameter ownProcessGroup: start it in a process group of its own, so that a signal a
+    ///   terminal sends to this process's group (Ctrl-C) does not reach it.
     public static func spawn(
         _ argv: [String], environment: [String]? = nil, stdinFD: Int32? = nil, captureStdout: Bool,
-        stdoutFD: Int32? = nil
+        stdoutFD: Int32? = nil, ownProcessGroup: Bool = false
     ) throws -> Spawned {
         var outPipe: [Int32] = [-1, -1]
         var errPipe: [Int32] = [-1, -1]
@@ -101,7 +103,12 @@ public enum ChildProcess {
         sigemptyset(&none)
         posix_spawnattr_setsigdefault(&attributes, &defaults)
         posix_spawnattr_setsigmask(&attributes, &none)
-        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK))
+        var flags = POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETSIGMASK
+        if ownProcessGroup {
+            posix_spawnattr_setpgroup(&attributes, 0)
+            flags |= POSIX_SPAWN_SETPGROUP
+        }
+        posix_spawnattr_setflags(&attributes, Int16(flags))
 
         let env = environment ?? hostEnvironment()
         var pid = pid_t()
