@@ -309,6 +309,9 @@ enum SrunProcess {
                         pendingOut.removeSubrange(...newline)
                         if let frame = try? StepFrame.decoder.decode(StepFrame.self, from: Data(line)) {
                             frames.append(frame)
+                            if frame.event == .started {
+                                log.placed(Placement(executor: "slurm", node: frame.host, jobID: frame.job))
+                            }
                         } else {
                             log.append(line + [UInt8(ascii: "\n")])
                         }

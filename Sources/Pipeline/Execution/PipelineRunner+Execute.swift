@@ -19,6 +19,7 @@ extension PipelineRunner {
     func execute(_ node: PlanNode, results: [String: NodeResult], context: ExecutionContext) async -> NodeResult {
         let log = StepLog(path: outDir + "/logs/" + node.fileName + ".log", secrets: context.secrets)
         defer { log.close() }
+        log.onPlacement { [observer] in observer?.handle(.nodePlaced(node.id, $0)) }
         var result = NodeResult(node: node, status: .running)
         result.started = Date()
         result.log = "logs/" + node.fileName + ".log"

@@ -58,6 +58,8 @@ public struct RunOptions: Sendable {
 public enum RunEvent: Sendable {
     case started(runID: String, plan: PipelinePlan, outDir: String)
     case nodeStarted(String)
+    /// A step's executor placed it: the machine (and job) it runs on.
+    case nodePlaced(String, Placement)
     case nodeFinished(NodeResult)
     case finished(RunReport)
 }

@@ -15,6 +15,8 @@ public final class StepLog: Sendable {
     }
     private let state: Mutex<State>
     let mask: SecretMask
+    /// Told where the step runs (the runner passes it on to the views).
+    private let placement = Mutex<(@Sendable (Placement) -> Void)?>(nil)
     /// Logs past this size keep only their tail line buffer growing; the file stops.
     static let limit: Int64 = 64 << 20
 
@@ -44,6 +46,15 @@ public final class StepLog: Sendable {
                 state.partial.removeAll()
             }
         }
+    }
+
+    /// Called by an executor once it knows where the step runs.
+    public func placed(_ where: Placement) {
+        placement.withLock { $0 }?(`where`)
+    }
+
+    func onPlacement(_ body: @escaping @Sendable (Placement) -> Void) {
+        placement.withLock { $0 = body }
     }
 
     /// A line written by contree-pipeline itself.

@@ -51,6 +51,11 @@ public enum RunViews {
         return result.status.rawValue
     }
 
+    /// `on n2 (slurm job 41)`
+    static func describe(_ placement: Placement) -> String {
+        "on \(placement.node ?? "?")" + (placement.jobID.map { " (\(placement.executor) job \($0))" } ?? "")
+    }
+
     static func seconds(_ value: Double?) -> String {
         guard let value else { return "" }
         return value < 10 ? String(format: "%.2f s", value) : String(format: "%.1f s", value)
@@ -58,14 +63,17 @@ public enum RunViews {
 
     /// The table printed at the end of every run, then the tails of failed steps' logs.
     static func summary(_ report: RunReport) -> String {
-        let header = ["step", "state", "time", "exit", "cpu", "peak memory", "snapshot"]
+        // A column for the machine when any step ran elsewhere.
+        let placed = report.nodes.contains { $0.executorNode != nil }
+        let header = ["step", "state", "time", "exit", "cpu", "peak memory", "snapshot"] + (placed ? ["node"] : [])
         let rows = report.nodes.map { n -> [String] in
             let m = n.metrics
-            return [
+            let cells: [String] = [
                 n.node, state(n), seconds(n.duration), n.exitCode.map(String.init) ?? "",
                 m.map { seconds($0.cpuUserSeconds + $0.cpuSystemSeconds) } ?? "",
                 m.map { ByteCount.format($0.peakMemoryBytes) } ?? "", String(n.resultImage?.prefix(8) ?? ""),
             ]
+            return placed ? cells + [n.executorNode ?? ""] : cells
         }
         var widths = header.map(\.count)
         for row in rows { for (i, cell) in row.enumerated() { widths[i] = max(widths[i], cell.count) } }
@@ -138,9 +146,12 @@ final class LineView: RunObserver {
             )
         case .nodeStarted(let id):
             output.write("\(LineView.timestamp()) ▶ \(id) started\n")
+        case .nodePlaced(let id, let placement):
+            output.write("\(LineView.timestamp()) ▶ \(id) running \(RunViews.describe(placement))\n")
         case .nodeFinished(let result):
             var line = "\(LineView.timestamp()) \(RunViews.icon(result)) \(result.node) \(RunViews.state(result))"
             if let d = result.duration, result.status != .skipped { line += " in \(RunViews.seconds(d))" }
+            if let node = result.executorNode { line += " on \(node)" }
             if let reason = result.reason { line += ": \(reason)" }
             if let kept = result.variants?.filter(\.kept).map(\.variant), !kept.isEmpty {
                 line += " (kept \(kept.joined(separator: ", ")))"
@@ -179,6 +190,8 @@ final class TerminalView: RunObserver {
     private struct State {
         var order: [String] = []
         var started: [String: Date] = [:]
+        /// Where running steps run (`on n2 (slurm job 41)`).
+        var placed: [String: String] = [:]
         var results: [String: NodeResult] = [:]
         var drawnLines = 0
         var finished = false
@@ -207,6 +220,8 @@ final class TerminalView: RunObserver {
             ticker.withLock { $0 = task }
         case .nodeStarted(let id):
             state.withLock { $0.started[id] = Date() }
+        case .nodePlaced(let id, let placement):
+            state.withLock { $0.placed[id] = RunViews.describe(placement) }
         case .nodeFinished(let result):
             state.withLock { $0.results[result.node] = result }
         case .finished(let report):
@@ -227,9 +242,11 @@ final class TerminalView: RunObserver {
                 if let result = state.results[id] {
                     var line = "\(RunViews.icon(result)) \(id)  \(RunViews.state(result))"
                     if let d = result.duration, result.status != .skipped { line += "  \(RunViews.seconds(d))" }
+                    if let node = result.executorNode { line += "  on \(node)" }
                     lines.append(line)
                 } else if let started = state.started[id] {
-                    lines.append("▶ \(id)  running  \(RunViews.seconds(Date().timeIntervalSince(started)))")
+                    let placed = state.placed[id].map { " " + $0 } ?? ""
+                    lines.append("▶ \(id)  running\(placed)  \(RunViews.seconds(Date().timeIntervalSince(started)))")
                 } else {
                     lines.append("· \(id)  queued")
                 }
