@@ -45,6 +45,7 @@ public enum NodeStep {
             )
         }
         emit(StepFrame(event: .started, host: host, job: environment["SLURM_JOB_ID"]))
+        Trace.mark("step: started")
         let store: Store
         do {
             store = try openStore()
@@ -75,6 +76,7 @@ public enum NodeStep {
             }
             return fail("node \(host) could not fetch the step's snapshot from \(spec.registry): \(error)")
         }
+        Trace.mark("step: parent and inputs imported")
         // The inputs' layer stays while the step maps files from it.
         let lease: Lease?
         do {
@@ -99,6 +101,7 @@ public enum NodeStep {
             emit(StepFrame(event: .finished, host: host, message: message))
             return 1
         }
+        Trace.mark("step: ran")
         var result: String?
         if let uuid = outcome.record.resultImage {
             do {
@@ -111,6 +114,7 @@ public enum NodeStep {
                 )
             }
         }
+        Trace.mark("step: pushed")
         emit(
             StepFrame(
                 event: .finished, host: host, record: outcome.record,

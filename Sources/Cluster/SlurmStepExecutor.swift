@@ -103,6 +103,7 @@ public final class SlurmStepExecutor: StepExecutor {
                     cause: error)
             }
         }
+        Trace.mark("slurm \(request.node): parent and inputs pushed")
         let credentials = configuration.credentials.map { (user: $0.username, password: $0.password) }
         let spec = try StepFrame.encoder.encode(
             StepSpec(
@@ -118,6 +119,7 @@ public final class SlurmStepExecutor: StepExecutor {
                         $0 += 1; return $0
                     })
             let dispatch = try await submit(Array(spec), request: request, job: job, excluding: lost, log: log)
+            Trace.mark("slurm \(request.node): srun ended")
             switch dispatch {
             case .finished(let frame, let host, let jobID):
                 return try await outcome(
@@ -243,6 +245,7 @@ public final class SlurmStepExecutor: StepExecutor {
                     cause: error)
             }
         }
+        Trace.mark("slurm \(request.node): result imported")
         return StepOutcome(
             record: record, output: Array((frame.output ?? "").utf8), attempts: frame.attempts ?? 1,
             placement: placement)

@@ -5,6 +5,7 @@
 //   contree-bench api [--runs N] [--home DIR]
 //   contree-bench oci [--runs N] [--home DIR]
 //   contree-bench network [--runs N] [--home DIR]
+//   contree-bench slurm [--runs N] [--home DIR]
 //
 // Prints medians and ratios; the machines are shared and noisy, so ratios and medians are what
 // count. Needs root, bubblewrap, and crun or runc (scripts/setup installs them).
@@ -236,8 +237,8 @@ enum Format {
 
 let args = Array(CommandLine.arguments.dropFirst())
 let usage =
-    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]"
-guard let mode = args.first, ["sandbox", "pipeline", "api", "oci", "vm", "network"].contains(mode) else {
+    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]\n       contree-bench slurm [--runs N] [--home DIR]"
+guard let mode = args.first, ["sandbox", "pipeline", "api", "oci", "vm", "network", "slurm"].contains(mode) else {
     print(usage)
     exit(2)
 }
@@ -249,6 +250,9 @@ do {
         try await sandboxBenchmark(options)
     } else if mode == "network" {
         try await NetworkBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 5, cli: cliPath)
+            .measure()
+    } else if mode == "slurm" {
+        try await SlurmBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath)
             .measure()
     } else if mode == "vm" {
         try await VMBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath)
