@@ -57,14 +57,30 @@ public enum NodeStep {
         }
         // A cancelled import (scancel) stops its downloads and removes what it made.
         let cancellation = Cancellation()
-        let importer = RegistryImporter(
-            store: store, credentials: credentials, access: .any(allowHTTP: spec.allowHTTP), cancellation: cancellation)
+        let cache: RegistryStepCache
         let parent: ImageRecord
         let inputs: ImageRecord?
         do {
+            // One repository for the imports and the push: the blobs the parent brought are
+            // known to be there, so the push asks only about the step's own layer.
+            cache = try RegistryStepCache(
+                spec.registry, store: store, credentials: credentials, allowHTTP: spec.allowHTTP, pushing: true)
             (parent, inputs) = try await withTaskCancellationHandler {
                 try await BlockingPool.shared.run {
-                    (try importer.importImage(spec.parent), try spec.inputs.map { try importer.importImage($0) })
+                    func fetch(_ reference: String) throws -> ImageRecord {
+                        guard reference.hasPrefix(spec.registry), reference.count > spec.registry.count + 1 else {
+                            throw SandboxError(.invalidArgument, "\(reference) is not in \(spec.registry)")
+                        }
+                        guard
+                            let imported = try cache.repository.importImage(
+                                reference: String(reference.dropFirst(spec.registry.count + 1)),
+                                cancellation: cancellation)
+                        else {
+                            throw SandboxError(.notFound, "\(reference) is not in the registry")
+                        }
+                        return imported.image
+                    }
+                    return (try fetch(spec.parent), try spec.inputs.map(fetch))
                 }
             } onCancel: {
                 cancellation.cancel("cancelled on node \(host)")
@@ -106,7 +122,7 @@ public enum NodeStep {
         if let uuid = outcome.record.resultImage {
             do {
                 result = try await BlockingPool.shared.run {
-                    try publish(uuid, outcome: outcome, spec: spec, store: store, credentials: credentials)
+                    try publish(uuid, outcome: outcome, spec: spec, store: store, cache: cache)
                 }
             } catch {
                 return fail(
@@ -126,11 +142,9 @@ public enum NodeStep {
     /// Pushes the snapshot: a passed step as its write-once cache entry (an entry already
     /// there is kept and named), a failed one under `failed-<key>`. Returns its reference.
     static func publish(
-        _ uuid: String, outcome: StepOutcome, spec: StepSpec, store: Store, credentials: RegistryCredentials?
+        _ uuid: String, outcome: StepOutcome, spec: StepSpec, store: Store, cache: RegistryStepCache
     ) throws -> String? {
         guard let image = try store.image(uuid) else { return nil }
-        let cache = try RegistryStepCache(
-            spec.registry, store: store, credentials: credentials, allowHTTP: spec.allowHTTP, pushing: true)
         if outcome.record.exitCode == 0, let outputs = spec.publishableOutputs(outcome.output) {
             let tag = RegistryStepCache.stepTag(spec.key)
             if try cache.containsStep(key: spec.key) { return spec.registry + ":" + tag }

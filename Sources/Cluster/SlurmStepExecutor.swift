@@ -19,7 +19,8 @@ public struct SlurmConfiguration: Sendable {
     public var partition: String?
     /// More `srun` arguments (`--slurm-arg`), after the ones the step's settings give.
     public var arguments: [String]
-    /// contree-pipeline on the nodes (the same path and version on every node).
+    /// contree-pipeline on the nodes (the same path and version on every node), as words:
+    /// `sudo -n /usr/local/bin/contree-pipeline` where jobs do not run as root.
     public var command: String
     /// The coordinator's version: a node of another version refuses the step (exit 75).
     public var version: String
@@ -65,10 +66,11 @@ public final class SlurmStepExecutor: StepExecutor {
     let repository: RegistryRepository
     /// Every job of the run is named `contree-RANDOM-N` (`squeue --name`, `scancel --name`).
     let jobPrefix: String
-    /// Images pushed (UUID → manifest digest), and a lock per image being pushed: steps that
-    /// start from one image wait for one push (concurrent pushes of one image make the
-    /// registry refuse a manifest whose blob another upload is still writing).
-    private let pushed = Mutex<[String: String]>([:])
+    /// Images in the registry (UUID → `docker://…@sha256:…`: pushed, or a step's result
+    /// imported from there), and a lock per image being pushed: steps that start from one
+    /// image wait for one push (concurrent pushes of one image make the registry refuse a
+    /// manifest whose blob another upload is still writing).
+    private let inRegistry = Mutex<[String: String]>([:])
     private let pushing = Mutex<[String: NSLock]>([:])
     private let sequence = Mutex(0)
 
@@ -137,9 +139,11 @@ public final class SlurmStepExecutor: StepExecutor {
         )
     }
 
-    /// `docker://HOST/REPO@sha256:…` for a local image, pushed once per run (the registry
-    /// skips the blobs it has; the tag names the image's content).
+    /// `docker://HOST/REPO@sha256:…` for a local image: a step's result is referred to where
+    /// it came from; another image is pushed once per run (the registry skips the blobs it
+    /// has; the tag names the image's content).
     private func reference(_ image: ImageRecord) throws -> String {
+        if let reference = inRegistry.withLock({ $0[image.uuid] }) { return reference }
         let lock = pushing.withLock { locks in
             if let lock = locks[image.uuid] { return lock }
             let lock = NSLock()
@@ -148,11 +152,11 @@ public final class SlurmStepExecutor: StepExecutor {
         }
         lock.lock()
         defer { lock.unlock() }
-        if let digest = pushed.withLock({ $0[image.uuid] }) { return configuration.registry + "@" + digest }
+        if let reference = inRegistry.withLock({ $0[image.uuid] }) { return reference }
         let tag = "image-" + StepKeyComponents.imageDigest(image).replacingOccurrences(of: "sha256:", with: "")
-        let digest = try repository.push(image, tag: tag, annotations: [:])
-        pushed.withLock { $0[image.uuid] = digest }
-        return configuration.registry + "@" + digest
+        let reference = configuration.registry + "@" + (try repository.push(image, tag: tag, annotations: [:]))
+        inRegistry.withLock { $0[image.uuid] = reference }
+        return reference
     }
 
     enum Dispatch {
@@ -179,7 +183,9 @@ public final class SlurmStepExecutor: StepExecutor {
             argv.append("--time=\(Int((timeout * Double(max(1, request.attempts)) / 60).rounded(.up)) + 2)")
         }
         if request.isolation == .vm { argv.append("--constraint=contree-vm") }
-        return argv + configuration.arguments + [configuration.command, "step", "--spec", "-"]
+        return argv + configuration.arguments + configuration.command.split(separator: " ").map(String.init) + [
+            "step", "--spec", "-",
+        ]
     }
 
     private func submit(
@@ -187,20 +193,21 @@ public final class SlurmStepExecutor: StepExecutor {
     ) async throws -> Dispatch {
         let argv = arguments(request, job: job, excluding: excluding)
         let cancel = CancelFlag()
+        let scancel: @Sendable () -> Void = { [configuration] in
+            // On a thread of its own: the scancel must not wait behind anything.
+            Thread.detachNewThread {
+                Trace.mark("slurm: scancel --name=\(job)")
+                _ = try? ChildProcess.run([configuration.scancel, "--name=" + job])
+                Trace.mark("slurm: scancel --name=\(job) done")
+            }
+        }
         let ended = try await withTaskCancellationHandler {
-            try await BlockingPool.shared.run { [configuration] in
-                try SrunProcess.run(argv, stdin: spec, log: log, cancel: cancel) {
-                    // Detached: the scancel must not wait behind anything.
-                    Thread.detachNewThread {
-                        Trace.mark("slurm: scancel --name=\(job) (monotonic \(Monotonic.now))")
-                        _ = try? ChildProcess.run([configuration.scancel, "--name=" + job])
-                        Trace.mark("slurm: scancel --name=\(job) done (monotonic \(Monotonic.now))")
-                    }
-                }
+            try await BlockingPool.shared.run {
+                try SrunProcess.run(argv, stdin: spec, log: log, cancel: cancel, scancel: scancel)
             }
         } onCancel: {
-            Trace.mark("slurm: \(job) cancelled (monotonic \(Monotonic.now))")
             cancel.set()
+            scancel()
         }
         if cancel.isSet { throw CancellationError() }
         let started = ended.frames.first { $0.event == .started }
@@ -214,7 +221,12 @@ public final class SlurmStepExecutor: StepExecutor {
                     + said.dropFirst(NodeStep.messagePrefix.count))
         }
         let tail = ended.stderrTail.suffix(3).joined(separator: " | ")
-        if let host = started?.host {
+        // Started there (its first frame), or lost before that frame came: srun says so.
+        let failedNode = ended.stderrTail.lazy.compactMap { line -> String? in
+            guard let range = line.range(of: "Node failure on ") else { return nil }
+            return String(line[range.upperBound...].prefix { !$0.isWhitespace })
+        }.first
+        if let host = started?.host ?? failedNode {
             return .lost(host: host, why: "srun exited \(ended.status)" + (tail.isEmpty ? "" : ": " + tail))
         }
         return .failed(
@@ -233,11 +245,21 @@ public final class SlurmStepExecutor: StepExecutor {
         record.image = request.parent
         record.resultImage = nil
         if let result = frame.result {
-            let importer = RegistryImporter(
-                store: store, credentials: configuration.credentials,
-                access: .any(allowHTTP: configuration.allowHTTP))
+            let registry = configuration.registry
             do {
-                record.resultImage = try await BlockingPool.shared.run { try importer.importImage(result).uuid }
+                let imported = try await BlockingPool.shared.run { [repository] () throws -> RegistryImport in
+                    guard result.hasPrefix(registry), result.count > registry.count + 1,
+                        let imported = try repository.importImage(
+                            reference: String(result.dropFirst(registry.count + 1)))
+                    else {
+                        throw SandboxError(.notFound, "the node named \(result), which \(registry) does not have")
+                    }
+                    return imported
+                }
+                // Its dependents start from it where it is: no push.
+                let reference = registry + "@" + imported.manifestDigest
+                inRegistry.withLock { $0[imported.image.uuid] = reference }
+                record.resultImage = imported.image.uuid
             } catch {
                 throw PipelineError(
                     .infrastructure,
@@ -287,11 +309,17 @@ enum SrunProcess {
         var pendingErr: [UInt8] = []
         var tail: [String] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
+        // Cancelling runs scancel at once; again every half second until srun ends (the job
+        // may not have been queued yet at the first).
         var lastScancel: Double?
         while fds.contains(where: { $0 >= 0 }) {
-            if cancel.isSet, lastScancel.map({ Monotonic.now - $0 >= 0.5 }) ?? true {
-                lastScancel = Monotonic.now
-                scancel()
+            if cancel.isSet {
+                if let last = lastScancel, Monotonic.now - last >= 0.5 {
+                    lastScancel = Monotonic.now
+                    scancel()
+                } else if lastScancel == nil {
+                    lastScancel = Monotonic.now
+                }
             }
             var polls = fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
             let rc = poll(&polls, nfds_t(polls.count), 100)

@@ -10,6 +10,8 @@ public struct RegistryImport: Sendable {
     public var image: ImageRecord
     public var manifestDigest: String
     public var annotations: [String: String]
+    /// The blobs the manifest lists (layers and config), with their sizes: the registry holds them.
+    public var blobs: [String: Int64] = [:]
 }
 
 /// Imports an image from a registry (the OCI distribution API): fetches the manifest (through
@@ -100,6 +102,12 @@ public struct RegistryImporter: Sendable {
                 .unsupported, "\(text): manifest media type '\(type)' is not supported (OCI or Docker schema 2 only)")
         }
         Trace.mark("import: manifest")
+        let blobs = Dictionary(([config] + layers).map { ($0.digest, $0.size) }, uniquingKeysWith: { $1 })
+        // A manifest this store imported before: its image is here, nothing more to fetch.
+        if let known = try importer.imported(manifest: descriptor.digest) {
+            return RegistryImport(
+                image: known, manifestDigest: descriptor.digest, annotations: document.annotations ?? [:], blobs: blobs)
+        }
         let configPath = try blobPath(config.digest, root: root, what: "image config")
         try client.download("\(client.base)/blobs/\(config.digest)", digest: config.digest, to: configPath)
         let configuration = try JSONDecoder().decode(
@@ -175,7 +183,8 @@ public struct RegistryImporter: Sendable {
         try FileSystem.writeFile(root + "/index.json", Array(try JSONEncoder().encode(index)), mode: 0o644)
         try FileSystem.writeFile(root + "/oci-layout", Array(#"{"imageLayoutVersion":"1.0.0"}"#.utf8), mode: 0o644)
         let image = try importer.importImage("oci:\(root):pulled", platform: platform, name: text)
-        return RegistryImport(image: image, manifestDigest: descriptor.digest, annotations: document.annotations ?? [:])
+        return RegistryImport(
+            image: image, manifestDigest: descriptor.digest, annotations: document.annotations ?? [:], blobs: blobs)
     }
 
     private func blobPath(_ digest: String, root: String, what: String) throws -> String {

@@ -1,6 +1,7 @@
 import Foundation
 import ImageFormats
 import ImageStore
+import SystemSupport
 
 /// One repository of a registry (`docker://HOST[:PORT]/REPO`) used tag by tag through one
 /// client: one authorization, and blobs pushed once are not asked about again. The shared
@@ -27,8 +28,19 @@ public final class RegistryRepository: Sendable {
     /// Imports the image under `tag`, with its manifest's annotations; nil when there is no
     /// such tag (or no such repository yet).
     public func importImage(tag: String) throws -> RegistryImport? {
-        try RegistryImporter(store: store, credentials: client.credentials, access: client.access)
-            .importImage(tag, client: client, name: "\(location):\(tag)")
+        try importImage(reference: tag)
+    }
+
+    /// Imports the image a tag or a digest (`sha256:…`) names in this repository; nil when
+    /// there is none. Its blobs are remembered as present: a push through this repository
+    /// does not ask about them again.
+    public func importImage(reference: String, cancellation: Cancellation? = nil) throws -> RegistryImport? {
+        let name = location + (reference.hasPrefix("sha256:") ? "@" : ":") + reference
+        let imported = try RegistryImporter(
+            store: store, credentials: client.credentials, access: client.access, cancellation: cancellation
+        ).importImage(reference, client: client, name: name)
+        for (digest, size) in imported?.blobs ?? [:] { known[digest] = size }
+        return imported
     }
 
     /// The annotations of the manifest under `tag`, without importing anything; nil when

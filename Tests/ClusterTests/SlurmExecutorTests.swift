@@ -182,7 +182,7 @@ struct SlurmExecutorTests {
             let states = Dictionary(try cluster.jobs().map { ($0.id, $0.state) }, uniquingKeysWith: { $1 })
             left = running.filter { states[$0.id] != "CANCELLED" }
             polls.append(String(format: "%.3f-%.3f: %d left", asked - sent, Monotonic.now - sent, left.count))
-            if !left.isEmpty { try await Task.sleep(for: .milliseconds(20)) }
+            if !left.isEmpty { try await Task.sleep(for: .milliseconds(50)) }
         }
         // The moment the last poll was asked (its answer took the time the command took).
         let cancelled = Monotonic.now - sent
@@ -247,19 +247,12 @@ struct SlurmExecutorTests {
             try cluster.slurm(["squeue", "--noheader", "--format=%N", "--jobs=" + running[0].id])
                 .trimmingCharacters(in: .whitespacesAndNewlines).nilIfEmpty)
         try cluster.cut(node)
-        // Mended once Slurm has given up on the node (SlurmdTimeout=10: ~27 s) and the step has
-        // been dispatched again, while the cut-off duplicate still waits to push.
-        for _ in 0..<600 {
-            let logs = (try? FileSystem.list(out + "/logs")) ?? []
-            if logs.contains(where: {
-                ((try? String(contentsOfFile: out + "/logs/" + $0, encoding: .utf8)) ?? "").contains("was lost")
-            }) {
-                break
-            }
-            try await Task.sleep(for: .milliseconds(100))
-        }
-        try cluster.mend(node)
+        // The run goes on without the node: Slurm gives up on it (SlurmdTimeout=10: ~27 s) and
+        // the step is dispatched again elsewhere. Mended only after the run has passed: the
+        // duplicate on the cut-off node, its command long done, has been waiting to push its
+        // snapshot, and pushes it now, after the run (write-once: it finds the entry there).
         let (status, err) = try await run.value
+        try cluster.mend(node)
         #expect(status == 0, "\(err)")
         let report = try #require(SlurmTestCluster.report(out))
         let moved = report.steps.filter { step in

@@ -107,12 +107,17 @@ public struct OCIImporter: Sendable {
             )
         }
         let image = try source.resolve(platform: platform)
-        if let known = try store.database.query(
-            "SELECT image FROM oci_images WHERE manifest = ?", [.text(image.manifestDigest)]
-        ).first?["image"].string, let record = try store.image(known) {
-            return record
-        }
+        if let record = try imported(manifest: image.manifestDigest) { return record }
         return try importResolved(image, source: source, lease: lease)
+    }
+
+    /// The image an earlier import of the manifest with this digest made, if it is still here.
+    public func imported(manifest digest: String) throws -> ImageRecord? {
+        guard
+            let known = try store.database.query("SELECT image FROM oci_images WHERE manifest = ?", [.text(digest)])
+                .first?["image"].string
+        else { return nil }
+        return try store.image(known)
     }
 
     /// What `LayoutSource.resolve` finds: the config and the layers' blobs, bottom first.

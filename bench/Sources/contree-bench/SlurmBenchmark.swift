@@ -37,7 +37,9 @@ struct SlurmBench {
     }
 
     /// Runs the pipeline; returns its wall time, the steps' times above their own, and hits.
-    func run(_ file: String, home: String, extra: [String]) throws -> (
+    func run(
+        _ file: String, home: String, extra: [String]
+    ) throws -> (
         seconds: Double, overheads: [Double], hits: Int, steps: Int
     ) {
         let start = now()
@@ -122,7 +124,9 @@ struct SlurmBench {
                 _ = try ChildProcess.run(inCluster(["sh", "-c", srun]))
                 bareOverheads.append(now() - one - SlurmBench.stepSeconds)
             }
-            print("round \(round): cluster \(String(format: "%.2f", cold.seconds)) s, cached \(ms(rerun.seconds)), local \(String(format: "%.2f", here.seconds)) s, srun \(String(format: "%.2f", bare.last!)) s")
+            print(
+                "round \(round): cluster \(String(format: "%.2f", cold.seconds)) s, cached \(ms(rerun.seconds)), local \(String(format: "%.2f", here.seconds)) s, srun \(String(format: "%.2f", bare.last!)) s"
+            )
         }
         print(
             "\n\(SlurmBench.width)-step fan-out of \(SlurmBench.stepSeconds) s steps after one such step; 3 nodes, \(cpus) CPUs; ideal (critical path over \(cpus) CPUs): \(String(format: "%.1f", ideal)) s; medians of \(rounds) rounds"
