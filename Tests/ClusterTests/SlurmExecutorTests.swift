@@ -171,27 +171,46 @@ struct SlurmExecutorTests {
             try await Task.sleep(for: .milliseconds(100))
         }
         #expect(running.count == 6)
+        // The jobs' states, sampled by a loop inside the cluster's network (no process start per
+        // sample from here), each line stamped when its answer came: an upper bound.
+        let samples = project.root + "/samples"
+        let watcher = try ChildProcess.spawn(
+            cluster.command([
+                "sh", "-c",
+                "while :; do s=$(scontrol --oneliner show job | grep -o 'JobId=[0-9]*\\|JobState=[A-Z_]*' | paste -sd' '); echo \"$(date +%s.%N) $s\" >> \(samples); done",
+            ]), captureStdout: false, ownProcessGroup: true)
+        defer {
+            kill(-watcher.pid, SIGKILL)
+            _ = try? ChildProcess.wait(watcher.pid, "watcher")
+            close(watcher.stderr)
+        }
+        try await Task.sleep(for: .milliseconds(200))
         // As a terminal's Ctrl-C does: SIGINT to the whole process group (srun included, were
         // it in the coordinator's group; a signalled srun kills its step at once).
+        let sent = Date().timeIntervalSince1970
         #expect(kill(-spawned.pid, SIGINT) == 0)
-        let sent = Monotonic.now
-        var left = running
-        var polls: [String] = []
-        while !left.isEmpty, Monotonic.now - sent < 5 {
-            let asked = Monotonic.now
-            let states = Dictionary(try cluster.jobs().map { ($0.id, $0.state) }, uniquingKeysWith: { $1 })
-            left = running.filter { states[$0.id] != "CANCELLED" }
-            polls.append(String(format: "%.3f-%.3f: %d left", asked - sent, Monotonic.now - sent, left.count))
-            if !left.isEmpty { try await Task.sleep(for: .milliseconds(50)) }
+        var cancelledAt: [String: Double] = [:]
+        while cancelledAt.count < running.count, Date().timeIntervalSince1970 - sent < 10 {
+            try await Task.sleep(for: .milliseconds(100))
+            let lines = ((try? String(contentsOfFile: samples, encoding: .utf8)) ?? "").split(separator: "\n")
+            for line in lines {
+                let words = line.split(separator: " ")
+                guard let stamp = words.first.flatMap({ Double($0) }), stamp >= sent else { continue }
+                for (i, word) in words.enumerated() where word.hasPrefix("JobId=") && i + 1 < words.count {
+                    let id = String(word.dropFirst("JobId=".count))
+                    if words[i + 1] == "JobState=CANCELLED", cancelledAt[id] == nil { cancelledAt[id] = stamp - sent }
+                }
+            }
+            cancelledAt = cancelledAt.filter { id, _ in running.contains { $0.id == id } }
         }
-        // The moment the last poll was asked (its answer took the time the command took).
-        let cancelled = Monotonic.now - sent
-        #expect(left.isEmpty, "jobs not cancelled: \(left)")
+        #expect(
+            cancelledAt.count == running.count, "jobs not cancelled: \(running.filter { cancelledAt[$0.id] == nil })")
+        let cancelled = cancelledAt.values.max() ?? .infinity
         let status = try await BlockingPool.shared.run { try ChildProcess.wait(spawned.pid, "run") }
         let said = String(decoding: (try? FileSystem.readAll(fd: spawned.stderr, path: "stderr")) ?? [], as: UTF8.self)
         #expect(
             cancelled < 1,
-            "the jobs were cancelled \(cancelled) s after the interrupt (at \(sent)): \(polls) \(said.split(separator: "\n").filter { $0.contains("slurm:") })"
+            "the jobs were cancelled \(cancelledAt) s after the interrupt: \(said.split(separator: "\n").filter { $0.contains("slurm:") })"
         )
         #expect(
             status == 130,
