@@ -72,6 +72,7 @@ public final class SlurmStepExecutor: StepExecutor {
     /// manifest whose blob another upload is still writing).
     private let inRegistry = Mutex<[String: String]>([:])
     private let pushing = Mutex<[String: NSLock]>([:])
+    private let canceller: JobCanceller
     private let sequence = Mutex(0)
 
     public init(_ configuration: SlurmConfiguration, store: Store) throws {
@@ -81,6 +82,7 @@ public final class SlurmStepExecutor: StepExecutor {
             configuration.registry, store: store, credentials: configuration.credentials,
             allowHTTP: configuration.allowHTTP, pushing: true)
         jobPrefix = "contree-" + String(UInt32.random(in: .min ... .max), radix: 16)
+        canceller = JobCanceller(scancel: configuration.scancel)
     }
 
     public func run(_ request: StepRequest, log: StepLog) async throws -> StepOutcome {
@@ -193,14 +195,8 @@ public final class SlurmStepExecutor: StepExecutor {
     ) async throws -> Dispatch {
         let argv = arguments(request, job: job, excluding: excluding)
         let cancel = CancelFlag()
-        let scancel: @Sendable () -> Void = { [configuration] in
-            // On a thread of its own: the scancel must not wait behind anything.
-            Thread.detachNewThread {
-                Trace.mark("slurm: scancel --name=\(job)")
-                _ = try? ChildProcess.run([configuration.scancel, "--name=" + job])
-                Trace.mark("slurm: scancel --name=\(job) done")
-            }
-        }
+        // By the job's id once its first frame names it, by its name before that.
+        let scancel: @Sendable () -> Void = { [canceller] in canceller.cancel(name: job, id: cancel.jobID) }
         let ended = try await withTaskCancellationHandler {
             try await BlockingPool.shared.run {
                 try SrunProcess.run(argv, stdin: spec, log: log, cancel: cancel, scancel: scancel)
@@ -274,11 +270,58 @@ public final class SlurmStepExecutor: StepExecutor {
     }
 }
 
-/// Set once, by a task's cancellation handler; read by the thread waiting for `srun`.
+/// Set once, by a task's cancellation handler; read by the thread waiting for `srun`. With
+/// the job's id once the node named it.
 final class CancelFlag: Sendable {
     private let flag = Atomic<Bool>(false)
+    private let id = Mutex<String?>(nil)
     func set() { flag.store(true, ordering: .sequentiallyConsistent) }
     var isSet: Bool { flag.load(ordering: .sequentiallyConsistent) }
+    var jobID: String? {
+        get { id.withLock { $0 } }
+        set { id.withLock { $0 = newValue } }
+    }
+}
+
+/// Runs `scancel` for the jobs asked, on a thread of its own (it must not wait behind
+/// anything), as few times as it can: the jobs asked while one runs go together in the next,
+/// by id (`scancel 41 42 43`), so that Ctrl-C of a wide run is one or two calls, not one per
+/// step (under load each call costs hundreds of milliseconds).
+final class JobCanceller: Sendable {
+    private struct Pending {
+        var ids: Set<String> = []
+        var names: Set<String> = []
+        var draining = false
+    }
+    private let pending = Mutex(Pending())
+    let scancel: String
+
+    init(scancel: String) { self.scancel = scancel }
+
+    func cancel(name: String, id: String?) {
+        let start = pending.withLock { pending -> Bool in
+            if let id { pending.ids.insert(id) } else { pending.names.insert(name) }
+            defer { pending.draining = true }
+            return !pending.draining
+        }
+        if start { Thread.detachNewThread { self.drain() } }
+    }
+
+    private func drain() {
+        usleep(2000)  // the other steps of a cancelled run ask within microseconds
+        while true {
+            let (ids, names) = pending.withLock { pending -> (Set<String>, Set<String>) in
+                defer { pending.ids = []; pending.names = [] }
+                if pending.ids.isEmpty && pending.names.isEmpty { pending.draining = false }
+                return (pending.ids, pending.names)
+            }
+            if ids.isEmpty && names.isEmpty { return }
+            Trace.mark("slurm: scancel \(ids.sorted().joined(separator: " ")) \(names.sorted().joined(separator: " "))")
+            if !ids.isEmpty { _ = try? ChildProcess.run([scancel] + ids.sorted()) }
+            for name in names.sorted() { _ = try? ChildProcess.run([scancel, "--name=" + name]) }
+            Trace.mark("slurm: scancel done")
+        }
+    }
 }
 
 /// One `srun`: the spec on its stdin (a memfd: never a file), its stdout read as frames and
@@ -341,6 +384,7 @@ enum SrunProcess {
                         if let frame = try? StepFrame.decoder.decode(StepFrame.self, from: Data(line)) {
                             frames.append(frame)
                             if frame.event == .started {
+                                cancel.jobID = frame.job
                                 log.placed(Placement(executor: "slurm", node: frame.host, jobID: frame.job))
                             }
                         } else {
