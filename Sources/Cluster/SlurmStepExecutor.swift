@@ -202,6 +202,7 @@ public final class SlurmStepExecutor: StepExecutor {
                 try SrunProcess.run(argv, stdin: spec, log: log, cancel: cancel, scancel: scancel)
             }
         } onCancel: {
+            Trace.mark("slurm: \(job) cancelled")
             cancel.set()
             scancel()
         }
