@@ -25,6 +25,10 @@ public enum NodeStep {
     ) async -> Int32 {
         let environment = ProcessInfo.processInfo.environment
         let host = environment["SLURMD_NODENAME"] ?? hostName()
+        // First: where it runs and as which job (so a refusal below names this node, and the
+        // coordinator can leave it out of the next dispatch).
+        emit(StepFrame(event: .started, host: host, job: environment["SLURM_JOB_ID"]))
+        Trace.mark("step: started")
         let spec: StepSpec
         do {
             spec = try StepFrame.decoder.decode(StepSpec.self, from: Data(input))
@@ -44,8 +48,6 @@ public enum NodeStep {
                 "node \(host) runs steps as uid \(geteuid()); sandboxes need root: run the step command as root (or through sudo -n) on every node"
             )
         }
-        emit(StepFrame(event: .started, host: host, job: environment["SLURM_JOB_ID"]))
-        Trace.mark("step: started")
         let store: Store
         do {
             store = try openStore()
@@ -87,7 +89,7 @@ public enum NodeStep {
             }
         } catch {
             if Task.isCancelled {
-                emit(StepFrame(event: .finished, host: host, message: "cancelled on node \(host)"))
+                emit(StepFrame(event: .finished, host: host, message: "cancelled on node \(host)", cancelled: true))
                 return 143
             }
             return fail("node \(host) could not fetch the step's snapshot from \(spec.registry): \(error)")
@@ -102,14 +104,14 @@ public enum NodeStep {
         }
         defer { lease?.release() }
         let request = spec.request(parent: parent.uuid, inputRoot: inputs?.layers.first.map(store.layerPath))
-        let log = StepLog(path: "/dev/stderr", secrets: spec.secrets)
+        let log = StepLog(fileDescriptor: 2, secrets: spec.secrets)
         let outcome: StepOutcome
         do {
             outcome = try await EngineStepExecutor(engine: makeEngine(store)).run(request, log: log)
             log.close()
         } catch is CancellationError {
             log.close()
-            emit(StepFrame(event: .finished, host: host, message: "cancelled on node \(host)"))
+            emit(StepFrame(event: .finished, host: host, message: "cancelled on node \(host)", cancelled: true))
             return 143
         } catch {
             log.close()
@@ -146,8 +148,10 @@ public enum NodeStep {
     ) throws -> String? {
         guard let image = try store.image(uuid) else { return nil }
         if outcome.record.exitCode == 0, let outputs = spec.publishableOutputs(outcome.output) {
-            let tag = RegistryStepCache.stepTag(spec.key)
-            if try cache.containsStep(key: spec.key) { return spec.registry + ":" + tag }
+            // Write-once: an entry there (a duplicate of a lost node's, an earlier run's) is kept,
+            // and this snapshot goes by digest alone: the coordinator takes this run's result
+            // (a step forced to run must not get an earlier snapshot back).
+            let tag = try cache.containsStep(key: spec.key) ? nil : RegistryStepCache.stepTag(spec.key)
             let digest = try cache.pushStep(
                 key: spec.key, image: image, outputs: outputs, record: outcome.record, tag: tag)
             return spec.registry + "@" + digest

@@ -113,7 +113,9 @@ public final class SlurmStepExecutor: StepExecutor {
             StepSpec(
                 request, parent: parent, inputs: inputs, version: configuration.version,
                 registry: configuration.registry, allowHTTP: configuration.allowHTTP, credentials: credentials))
-        var lost: [String] = []
+        // Nodes this step could not run on, and why: each dispatch again leaves them out.
+        var excluded: [String] = []
+        var problems: [String] = []
         for _ in 1...max(1, configuration.dispatches) {
             try Task.checkCancellation()
             let job =
@@ -122,23 +124,29 @@ public final class SlurmStepExecutor: StepExecutor {
                     sequence.withLock {
                         $0 += 1; return $0
                     })
-            let dispatch = try await submit(Array(spec), request: request, job: job, excluding: lost, log: log)
+            let dispatch = try await submit(Array(spec), request: request, job: job, excluding: excluded, log: log)
             Trace.mark("slurm \(request.node): srun ended")
             switch dispatch {
             case .finished(let frame, let host, let jobID):
                 return try await outcome(
                     frame, request: request, placement: Placement(executor: "slurm", node: host, jobID: jobID))
             case .lost(let host, let why):
-                lost.append(host)
+                excluded.append(host)
+                problems.append("\(host) was lost (\(why))")
                 log.note("node \(host) was lost while running this step (\(why)); dispatching it again without \(host)")
+            case .refused(let host, let why):
+                excluded.append(host)
+                problems.append("\(host): \(why)")
+                log.note("node \(host) could not run this step: \(why); dispatching it again without \(host)")
             case .failed(let message):
-                throw PipelineError(.infrastructure, message)
+                throw PipelineError(
+                    .infrastructure, (problems.isEmpty ? "" : problems.joined(separator: "; ") + "; then ") + message)
             }
         }
         throw PipelineError(
             .infrastructure,
-            "step \(request.node) was lost with its node \(lost.count) times (\(lost.joined(separator: ", "))); check the nodes (sinfo -R)"
-        )
+            "step \(request.node) could not run on \(excluded.joined(separator: ", ")): "
+                + problems.joined(separator: "; ") + "; check those nodes (sinfo -R) and run again")
     }
 
     /// `docker://HOST/REPO@sha256:…` for a local image: a step's result is referred to where
@@ -146,26 +154,36 @@ public final class SlurmStepExecutor: StepExecutor {
     /// has; the tag names the image's content).
     private func reference(_ image: ImageRecord) throws -> String {
         if let reference = inRegistry.withLock({ $0[image.uuid] }) { return reference }
+        // Images of one content (a copy staged over one parent for each step of a matrix) are
+        // one push: locked and remembered by the content's tag, not the image's UUID.
+        let tag = "image-" + StepKeyComponents.imageDigest(image).replacingOccurrences(of: "sha256:", with: "")
         let lock = pushing.withLock { locks in
-            if let lock = locks[image.uuid] { return lock }
+            if let lock = locks[tag] { return lock }
             let lock = NSLock()
-            locks[image.uuid] = lock
+            locks[tag] = lock
             return lock
         }
         lock.lock()
         defer { lock.unlock() }
-        if let reference = inRegistry.withLock({ $0[image.uuid] }) { return reference }
-        let tag = "image-" + StepKeyComponents.imageDigest(image).replacingOccurrences(of: "sha256:", with: "")
+        if let reference = inRegistry.withLock({ $0[tag] }) {
+            inRegistry.withLock { $0[image.uuid] = reference }
+            return reference
+        }
         let reference = configuration.registry + "@" + (try repository.push(image, tag: tag, annotations: [:]))
-        inRegistry.withLock { $0[image.uuid] = reference }
+        inRegistry.withLock {
+            $0[image.uuid] = reference
+            $0[tag] = reference
+        }
         return reference
     }
 
     enum Dispatch {
         case finished(StepFrame, host: String?, job: String?)
-        /// Started on `host`, then nothing: the node (or the step's process on it) was lost.
+        /// srun says the node failed while the step ran there.
         case lost(host: String, why: String)
-        /// Could not run there (srun refused it, or the node said why: exit 75).
+        /// The node could not run it and said why (exit 75: its registry, store, version, root).
+        case refused(host: String, why: String)
+        /// srun could not run it, or the step command died without a word.
         case failed(String)
     }
 
@@ -177,12 +195,14 @@ public final class SlurmStepExecutor: StepExecutor {
             // Nothing of this machine's environment goes to the job (the spec carries the step's).
             "--export=NONE", "--chdir=/", "--kill-on-bad-exit=1",
         ]
-        if let bytes = request.limits.memoryBytes { argv.append("--mem=\((bytes + (1 << 20) - 1) >> 20)M") }
+        // The step command's own work (imports, the push) beside the sandbox: 512 MiB more.
+        if let bytes = request.limits.memoryBytes { argv.append("--mem=\((bytes + (1 << 20) - 1) >> 20 + 512)M") }
         if let partition = configuration.partition { argv.append("--partition=" + partition) }
         if !excluding.isEmpty { argv.append("--exclude=" + excluding.joined(separator: ",")) }
         if let timeout = request.timeout {
             // contree enforces the timeout; Slurm's minute-granular limit is only an outer bound.
-            argv.append("--time=\(Int((timeout * Double(max(1, request.attempts)) / 60).rounded(.up)) + 2)")
+            // Five minutes more for the imports and the push on a cold node.
+            argv.append("--time=\(Int((timeout * Double(max(1, request.attempts)) / 60).rounded(.up)) + 5)")
         }
         if request.isolation == .vm { argv.append("--constraint=contree-vm") }
         return argv + configuration.arguments + configuration.command.split(separator: " ").map(String.init) + [
@@ -197,14 +217,21 @@ public final class SlurmStepExecutor: StepExecutor {
         let cancel = CancelFlag()
         // By the job's id once its first frame names it, by its name before that.
         let scancel: @Sendable () -> Void = { [canceller] in canceller.cancel(name: job, id: cancel.jobID) }
-        let ended = try await withTaskCancellationHandler {
-            try await BlockingPool.shared.run {
-                try SrunProcess.run(argv, stdin: spec, log: log, cancel: cancel, scancel: scancel)
+        let ended: SrunProcess.Ended
+        do {
+            ended = try await withTaskCancellationHandler {
+                // A thread of its own for each srun (wide runs would take the shared pool's).
+                try await SrunProcess.onOwnThread {
+                    try SrunProcess.run(argv, stdin: spec, log: log, cancel: cancel, scancel: scancel)
+                }
+            } onCancel: {
+                Trace.mark("slurm: \(job) cancelled")
+                cancel.set()
+                scancel()
             }
-        } onCancel: {
-            Trace.mark("slurm: \(job) cancelled")
-            cancel.set()
-            scancel()
+        } catch let error as SandboxError {
+            throw PipelineError(
+                .infrastructure, "srun could not be started for step \(request.node): \(error)", cause: error)
         }
         if cancel.isSet { throw CancellationError() }
         let started = ended.frames.first { $0.event == .started }
@@ -212,19 +239,25 @@ public final class SlurmStepExecutor: StepExecutor {
             return .finished(finished, host: started?.host, job: started?.job)
         }
         let said = ended.stderrTail.last { $0.hasPrefix(NodeStep.messagePrefix) }
-        if ended.status == NodeStep.infrastructureStatus, let said {
-            return .failed(
-                "node \(started?.host ?? "?") could not run step \(request.node): "
-                    + said.dropFirst(NodeStep.messagePrefix.count))
+        if ended.status == NodeStep.infrastructureStatus, let said, let host = started?.host {
+            return .refused(host: host, why: String(said.dropFirst(NodeStep.messagePrefix.count)))
         }
         let tail = ended.stderrTail.suffix(3).joined(separator: " | ")
-        // Started there (its first frame), or lost before that frame came: srun says so.
+        // Only srun's word makes a node lost (a step command that died otherwise, say killed for
+        // memory, would die again elsewhere).
         let failedNode = ended.stderrTail.lazy.compactMap { line -> String? in
             guard let range = line.range(of: "Node failure on ") else { return nil }
             return String(line[range.upperBound...].prefix { !$0.isWhitespace })
         }.first
-        if let host = started?.host ?? failedNode {
+        if let host = failedNode {
             return .lost(host: host, why: "srun exited \(ended.status)" + (tail.isEmpty ? "" : ": " + tail))
+        }
+        if let host = started?.host {
+            return .failed(
+                "the step command on \(host) ended without saying how the step went (srun exited \(ended.status)"
+                    + (tail.isEmpty ? "" : ": " + tail)
+                    + "); its job's log is in the step's log above; `scontrol show job \(started?.job ?? "")` says why Slurm ended it"
+            )
         }
         return .failed(
             "srun could not run step \(request.node) (exit \(ended.status))" + (tail.isEmpty ? "" : ": " + tail)
@@ -234,6 +267,14 @@ public final class SlurmStepExecutor: StepExecutor {
     /// The step's outcome here: its snapshot imported from the registry.
     private func outcome(_ frame: StepFrame, request: StepRequest, placement: Placement) async throws -> StepOutcome {
         guard var record = frame.record else {
+            if frame.cancelled == true {
+                // Not this run's doing (its own cancel never reads a frame): Slurm's time limit,
+                // a preemption, an operator's scancel.
+                throw PipelineError(
+                    .infrastructure,
+                    "Slurm ended the job of step \(request.node) on \(placement.node ?? "its node") (a time limit, a preemption or a scancel); `scontrol show job \(placement.jobID ?? "")` says which"
+                )
+            }
             throw PipelineError(
                 .failed,
                 "step \(request.node) did not run on \(placement.node ?? "its node"): \(frame.message ?? "no reason given")"
@@ -335,17 +376,30 @@ enum SrunProcess {
         var stderrTail: [String]
     }
 
+    /// `body` on a thread of its own: an srun waits as long as its step runs, and a wide run
+    /// has as many at once as it has steps running.
+    static func onOwnThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await withCheckedThrowingContinuation { continuation in
+            Thread.detachNewThread { continuation.resume(with: Result { try body() }) }
+        }
+    }
+
     static func run(
         _ argv: [String], stdin: [UInt8], log: StepLog, cancel: CancelFlag, scancel: @escaping () -> Void
     ) throws -> Ended {
+        // Cancelled before it started: no job at all.
+        if cancel.isSet { return Ended(status: 130, frames: [], stderrTail: []) }
         let memfd = csb_memfd_cloexec("contree-step-spec")
         guard memfd >= 0 else { throw SandboxError.system("memfd_create") }
-        defer { close(memfd) }
-        try FileSystem.writeAll(fd: memfd, stdin, path: "the step spec")
-        lseek(memfd, 0, SEEK_SET)
-        // In a group of its own: Ctrl-C in a terminal signals the whole foreground group, and a
-        // signalled srun kills its step; the coordinator cancels by scancel instead.
-        let spawned = try ChildProcess.spawn(argv, stdinFD: memfd, captureStdout: true, ownProcessGroup: true)
+        let spawned: ChildProcess.Spawned
+        do {
+            defer { close(memfd) }  // srun has its own copy as stdin
+            try FileSystem.writeAll(fd: memfd, stdin, path: "the step spec")
+            lseek(memfd, 0, SEEK_SET)
+            // In a group of its own: Ctrl-C in a terminal signals the whole foreground group, and
+            // a signalled srun kills its step; the coordinator cancels by scancel instead.
+            spawned = try ChildProcess.spawn(argv, stdinFD: memfd, captureStdout: true, ownProcessGroup: true)
+        }
         var fds = [spawned.stdout!, spawned.stderr]
         defer { for fd in fds where fd >= 0 { close(fd) } }
         var frames: [StepFrame] = []
@@ -368,7 +422,13 @@ enum SrunProcess {
             var polls = fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
             let rc = poll(&polls, nfds_t(polls.count), 100)
             if rc < 0 && errno == EINTR { continue }
-            guard rc >= 0 else { throw SandboxError.system("poll(srun)") }
+            guard rc >= 0 else {
+                // Never leave the job behind: cancel it and wait for srun.
+                let error = SandboxError.system("poll(srun)")
+                scancel()
+                _ = try? ChildProcess.wait(spawned.pid, argv[0])
+                throw error
+            }
             for i in polls.indices where polls[i].fd >= 0 && polls[i].revents != 0 {
                 let n = buffer.withUnsafeMutableBytes { read(polls[i].fd, $0.baseAddress, $0.count) }
                 if n < 0 && errno == EINTR { continue }

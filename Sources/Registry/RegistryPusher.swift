@@ -42,9 +42,9 @@ public struct RegistryPusher: Sendable {
     }
 
     /// Pushes `image` (or, when nil, an image of no layers: a record for its annotations) under
-    /// `tag` in the client's repository.
+    /// `tag` in the client's repository; by its digest alone (no tag) when `tag` is nil.
     func push(
-        _ image: ImageRecord?, tag: String, annotations: [String: String], client: RegistryClient, known: BlobSizes
+        _ image: ImageRecord?, tag: String?, annotations: [String: String], client: RegistryClient, known: BlobSizes
     ) throws -> String {
         // Authenticate with a GET first: the HEADs below must not meet a challenge (libcurl
         // would wait for the body a HEAD answer announces but never sends).
@@ -82,9 +82,11 @@ public struct RegistryPusher: Sendable {
             OCI.Document(
                 schemaVersion: 2, mediaType: OCI.manifestType, manifests: nil, config: config, layers: layers,
                 annotations: annotations.isEmpty ? nil : annotations))
+        let digest = Digest.sha256(manifest).description
         _ = try client.call(
-            "PUT", "\(client.base)/manifests/\(tag)", headers: ["Content-Type": OCI.manifestType], body: Data(manifest))
-        return Digest.sha256(manifest).description
+            "PUT", "\(client.base)/manifests/\(tag ?? digest)", headers: ["Content-Type": OCI.manifestType],
+            body: Data(manifest))
+        return digest
     }
 
     /// The size of a blob the repository holds; nil when it does not.

@@ -1,4 +1,5 @@
 import Foundation
+import Glibc
 import ImageFormats
 import ImageStore
 import SystemSupport
@@ -52,11 +53,24 @@ public final class RegistryRepository: Sendable {
         return (try? JSONDecoder().decode(OCI.Document.self, from: data))?.annotations ?? [:]
     }
 
-    /// Pushes `image` (or a record of no layers, for its annotations alone) under `tag`;
-    /// returns the manifest's digest.
+    /// Pushes `image` (or a record of no layers, for its annotations alone) under `tag`, or
+    /// by digest alone when `tag` is nil; returns the manifest's digest.
+    ///
+    /// Two pushes of one blob at once (two machines whose steps made the same layer) can make
+    /// the registry refuse a manifest for a moment (MANIFEST_BLOB_UNKNOWN while the other
+    /// upload commits the blob): the push is tried again, asking about the blobs anew.
     @discardableResult
-    public func push(_ image: ImageRecord?, tag: String, annotations: [String: String]) throws -> String {
-        try RegistryPusher(store: store, credentials: client.credentials, allowHTTP: allowHTTP)
-            .push(image, tag: tag, annotations: annotations, client: client, known: known)
+    public func push(_ image: ImageRecord?, tag: String?, annotations: [String: String]) throws -> String {
+        var attempt = 0
+        while true {
+            do {
+                return try RegistryPusher(store: store, credentials: client.credentials, allowHTTP: allowHTTP)
+                    .push(image, tag: tag, annotations: annotations, client: client, known: known)
+            } catch  where attempt < 3 && "\(error)".contains("BLOB_UNKNOWN") {
+                attempt += 1
+                for digest in image?.layers ?? [] { known[digest] = nil }
+                usleep(UInt32(200_000 * attempt))
+            }
+        }
     }
 }

@@ -81,11 +81,11 @@ public final class RegistryStepCache: SharedStepCache {
         "failed-" + key.replacingOccurrences(of: "sha256:", with: "")
     }
 
-    /// Pushes a step's snapshot with its key, outputs and record under `tag`; returns the
-    /// manifest's digest.
+    /// Pushes a step's snapshot with its key, outputs and record under `tag` (by digest alone
+    /// when nil); returns the manifest's digest.
     @discardableResult
     public func pushStep(
-        key: String, image: ImageRecord, outputs: [String: String], record: RunRecord?, tag: String
+        key: String, image: ImageRecord, outputs: [String: String], record: RunRecord?, tag: String?
     ) throws -> String {
         var annotations = [
             RegistryStepCache.keyAnnotation: key,

@@ -197,8 +197,10 @@ enum Termination {
         onSignal { task.cancel() }
     }
 
-    /// The first SIGINT, SIGTERM or SIGHUP calls `cancel`; a second one ends the process.
-    static func onSignal(_ cancel: @escaping @Sendable () -> Void) -> [DispatchSourceSignal] {
+    /// The first SIGINT, SIGTERM or SIGHUP calls `cancel`; a second one ends the process, unless
+    /// `repeatEnds` is false (a cluster node's step: Slurm, or sudo relaying it, may send SIGTERM
+    /// twice, and the step must still clean up; Slurm's own SIGKILL is the hard stop).
+    static func onSignal(repeatEnds: Bool = true, _ cancel: @escaping @Sendable () -> Void) -> [DispatchSourceSignal] {
         let received = Mutex(0)
         return [SIGINT, SIGTERM, SIGHUP].map { sig in
             signal(sig, SIG_IGN)
@@ -209,6 +211,7 @@ enum Termination {
                     return n
                 }
                 if count > 1 {
+                    guard repeatEnds else { return }
                     printError("contree: interrupted again; stopping now")
                     exit(130)
                 }

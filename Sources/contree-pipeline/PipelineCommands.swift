@@ -134,7 +134,10 @@ struct RunCommand: AsyncParsableCommand {
             throw ExitCode(2)
         }
         let options = RunOptions(
-            jobs: jobs ?? slurmCPUs ?? ProcessInfo.processInfo.activeProcessorCount, keepGoing: keepGoing,
+            // On a cluster at most 256 by default: each running step holds an srun, a thread and
+            // a few descriptors here (--jobs sets more).
+            jobs: jobs ?? slurmCPUs.map { min($0, 256) } ?? ProcessInfo.processInfo.activeProcessorCount,
+            keepGoing: keepGoing,
             forceSteps: fromSteps, noCache: noCache, failOnCacheMiss: failOnCacheMiss,
             outDir: out, junitPath: junit, cacheFrom: sources, cacheTo: destination, allowHostPaths: allowHostPaths,
             strictArtifacts: strictArtifacts)
@@ -209,7 +212,8 @@ extension RunCommand {
             )
             throw ExitCode(2)
         }
-        let withServices = plan.definition.steps.filter { !$0.services.isEmpty }
+        let planned = Set(plan.nodes.map(\.step))
+        let withServices = plan.definition.steps.filter { planned.contains($0.id.value) && !$0.services.isEmpty }
         for step in withServices {
             printError(
                 "\(step.location): error: step \(step.id.value) has services, which --executor slurm does not start yet; run this pipeline with --executor local"
@@ -232,6 +236,13 @@ extension RunCommand {
                 "error: the registry \(cacheTo) cannot be reached from here (\(error)); every node and this machine must reach it: check the address and that it is up"
             )
             throw ExitCode(75)
+        }
+        // Each running step holds srun's pipes and its log here: the soft descriptor limit
+        // (1024 by default) goes up to the hard one.
+        var limit = rlimit()
+        if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
         }
         return cpus
     }

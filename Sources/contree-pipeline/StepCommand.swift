@@ -45,7 +45,7 @@ struct StepCommand: AsyncParsableCommand {
                 input: input, version: ContreePipeline.version, openStore: { try storeOptions.open() },
                 engine: { SandboxEngine.withAllBackends(store: $0) })
         }
-        let signals = Termination.onSignal { task.cancel() }
+        let signals = Termination.onSignal(repeatEnds: false) { task.cancel() }
         defer { signals.forEach { $0.cancel() } }
         let status = await task.value
         if status != 0 { throw ExitCode(status) }

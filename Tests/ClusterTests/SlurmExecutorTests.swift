@@ -131,6 +131,21 @@ struct SlurmExecutorTests {
             environment: cluster.environment(home: home), stdinFD: fd)
         #expect(shell.status == 0, "\(shell.stderrText)")
         #expect(String(decoding: shell.stdout, as: UTF8.self) == "/job\nstate\nhalf\nbroken\n")
+
+        // A step that always runs (cache: false) gets its own snapshot back each time, not the
+        // entry the registry holds for its key from the first run.
+        try project.write(
+            "always.yaml",
+            "image: busybox\nsteps:\n  - id: stamp\n    cache: false\n    run: cat /proc/sys/kernel/random/uuid > /stamp\n    artifacts: [/stamp]\n"
+        )
+        var stamps: [String] = []
+        for round in 1...2 {
+            let out = project.root + "/always-\(round)"
+            let run = try cluster.runPipeline(project.root + "/always.yaml", home: home, out: out)
+            #expect(run.status == 0, "\(run.err)")
+            stamps.append((try? String(contentsOfFile: out + "/artifacts/stamp/stamp", encoding: .utf8)) ?? "")
+        }
+        #expect(stamps.count == 2 && !stamps[0].isEmpty && stamps[0] != stamps[1], "\(stamps)")
     }
 
     @Test("Ctrl-C cancels every job within 1 s; every node's store stays consistent and no sandbox is left")

@@ -57,9 +57,9 @@ struct SrunArgumentsTests {
             ),
             job: "contree-x-2", excluding: ["n1", "n3"])
         #expect(argv.contains("--cpus-per-task=2"))
-        #expect(argv.contains("--mem=1025M"))
-        // 90 s × 3 attempts = 4.5 minutes, rounded up, plus 2: Slurm's limit is an outer bound.
-        #expect(argv.contains("--time=7"))
+        #expect(argv.contains("--mem=1537M"))  // 1025 MiB and 512 for the step command
+        // 90 s × 3 attempts = 4.5 minutes, rounded up, plus 5: Slurm's limit is an outer bound.
+        #expect(argv.contains("--time=10"))
         #expect(argv.contains("--constraint=contree-vm"))
         #expect(argv.contains("--exclude=n1,n3"))
         #expect(argv.contains("--partition=ci"))

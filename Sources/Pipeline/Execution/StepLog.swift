@@ -30,6 +30,15 @@ public final class StepLog: Sendable {
         state = Mutex(State(handle: fd >= 0 ? FileHandle(fileDescriptor: fd, closeOnDealloc: true) : nil))
     }
 
+    /// A log written to `descriptor` (a copy of it), not truncated: a cluster node's stderr,
+    /// which may be a file Slurm was told to append to.
+    public init(fileDescriptor descriptor: Int32, secrets: [String: String]) {
+        self.path = "/proc/self/fd/\(descriptor)"
+        self.mask = SecretMask(secrets)
+        let fd = fcntl(descriptor, F_DUPFD_CLOEXEC, 3)
+        state = Mutex(State(handle: fd >= 0 ? FileHandle(fileDescriptor: fd, closeOnDealloc: true) : nil))
+    }
+
     /// Appends raw output; complete lines are masked and written.
     public func append(_ chunk: [UInt8]) {
         state.withLock { state in

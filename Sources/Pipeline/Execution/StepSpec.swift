@@ -83,7 +83,8 @@ public struct StepSpec: Codable, Sendable {
     }
 
     /// What the step wrote to `$CONTREE_OUTPUT`, as the outputs a cache entry keeps; nil when
-    /// one holds a secret (such a step is never published: the coordinator fails it).
+    /// one holds a secret (such a step is no cache entry: the coordinator fails it, and its
+    /// snapshot goes where failed steps' go, `failed-<key>`, for `shell`).
     public func publishableOutputs(_ bytes: [UInt8]) -> [String: String]? {
         let log = StepLog(path: "/dev/null", secrets: [:])
         defer { log.close() }
@@ -111,12 +112,15 @@ public struct StepFrame: Codable, Sendable {
     public var result: String?
     /// Why there is no record (the step could not start there).
     public var message: String?
+    /// The step command was stopped (SIGTERM: a scancel, Slurm's time limit, a preemption).
+    public var cancelled: Bool?
 
     public init(
         event: Event, host: String? = nil, job: String? = nil, record: RunRecord? = nil, output: String? = nil,
-        attempts: Int? = nil, result: String? = nil, message: String? = nil
+        attempts: Int? = nil, result: String? = nil, message: String? = nil, cancelled: Bool? = nil
     ) {
         self.message = message
+        self.cancelled = cancelled
         self.event = event
         self.host = host
         self.job = job

@@ -35,7 +35,11 @@ public struct RunReport: Sendable, Codable {
     public var exitStatus: Int32 {
         switch status {
         case .passed: return 0
-        case .failed: return nodes.contains { $0.failsPipeline && $0.infrastructureFailure == true } ? 75 : 1
+        case .failed:
+            // 75 only when nothing but the machinery failed: a step's own failure is 1 (a retry
+            // of the whole run would not mend it).
+            let failures = nodes.filter(\.failsPipeline)
+            return !failures.isEmpty && failures.allSatisfy { $0.infrastructureFailure == true } ? 75 : 1
         case .cancelled: return 130
         }
     }
