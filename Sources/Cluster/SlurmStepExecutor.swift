@@ -57,19 +57,19 @@ public struct SlurmConfiguration: Sendable {
 ///
 /// Cancelling a step runs `scancel` for its job (again every half second until `srun` ends:
 /// the job may not be queued yet); `srun` itself is never signalled, since a signalled `srun`
-/// SIGKILLs the step before it can clean up. A step whose node is lost (no end frame) is
-/// dispatched again without that node: entries are write-once, so a duplicate that finishes
-/// later spoils nothing.
+/// SIGKILLs the step before it can clean up. A step whose node is lost (srun: "Node failure")
+/// or refuses it (exit 75) is dispatched again without that node: entries are write-once, so
+/// a duplicate that finishes later leaves them as they are.
 public final class SlurmStepExecutor: StepExecutor {
     let configuration: SlurmConfiguration
     let store: Store
     let repository: RegistryRepository
     /// Every job of the run is named `contree-RANDOM-N` (`squeue --name`, `scancel --name`).
     let jobPrefix: String
-    /// Images in the registry (UUID → `docker://…@sha256:…`: pushed, or a step's result
-    /// imported from there), and a lock per image being pushed: steps that start from one
-    /// image wait for one push (concurrent pushes of one image make the registry refuse a
-    /// manifest whose blob another upload is still writing).
+    /// Images in the registry (UUID or content tag → `docker://…@sha256:…`: pushed, or a
+    /// step's result imported from there), and a lock per content being pushed: steps that
+    /// start from one image wait for one push (concurrent pushes of one image make the
+    /// registry refuse a manifest whose blob another upload is still writing).
     private let inRegistry = Mutex<[String: String]>([:])
     private let pushing = Mutex<[String: NSLock]>([:])
     private let canceller: JobCanceller
@@ -118,12 +118,11 @@ public final class SlurmStepExecutor: StepExecutor {
         var problems: [String] = []
         for _ in 1...max(1, configuration.dispatches) {
             try Task.checkCancellation()
-            let job =
-                jobPrefix + "-"
-                + String(
-                    sequence.withLock {
-                        $0 += 1; return $0
-                    })
+            let number = sequence.withLock { n -> Int in
+                n += 1
+                return n
+            }
+            let job = jobPrefix + "-" + String(number)
             let dispatch = try await submit(Array(spec), request: request, job: job, excluding: excluded, log: log)
             Trace.mark("slurm \(request.node): srun ended")
             switch dispatch {

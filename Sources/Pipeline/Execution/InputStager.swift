@@ -28,15 +28,7 @@ extension StepRequest {
             }
             let fd = try HostPaths.beneath(inputRoot).open(input.hostPath, what: "input \(input.hostPath)")
             defer { close(fd) }
-            var bytes: [UInt8] = []
-            var buffer = [UInt8](repeating: 0, count: 1 << 16)
-            while true {
-                let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-                if n < 0 && errno == EINTR { continue }
-                guard n >= 0 else { throw SandboxError.system("read \(input.hostPath)") }
-                if n == 0 { break }
-                bytes += buffer[0..<n]
-            }
+            let bytes = try FileSystem.readAll(fd: fd, path: input.hostPath)
             try FileSystem.writeFile(target, bytes, mode: mode_t(input.mode & 0o7777))
             chmod(target, mode_t(input.mode & 0o7777))
             made.append(target)
