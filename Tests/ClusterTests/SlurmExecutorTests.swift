@@ -162,7 +162,7 @@ struct SlurmExecutorTests {
               - id: work
                 matrix:
                   n: [1, 2, 3, 4, 5, 6]
-                run: sleep 60
+                run: echo running; sleep 60
             """)
         let spawned = try ChildProcess.spawn(
             cluster.command(
@@ -178,11 +178,16 @@ struct SlurmExecutorTests {
             close(spawned.stdout!)
             close(spawned.stderr)
         }
-        // Every step running on the cluster.
+        // Every step's command running on the cluster (its output in its log here): a Ctrl-C
+        // in the middle of long steps. (A node still importing the step's snapshot stops at the
+        // import's next checkpoint, and Slurm shows the job COMPLETING until it has.)
         var running: [(id: String, name: String, state: String)] = []
         for _ in 0..<300 {
+            let logs = (1...6).map {
+                (try? String(contentsOfFile: project.root + "/out/logs/work_n=\($0)_.log", encoding: .utf8)) ?? ""
+            }
             running = try cluster.jobs().filter { $0.state == "RUNNING" }
-            if running.count == 6 { break }
+            if running.count == 6 && logs.allSatisfy({ $0.contains("running") }) { break }
             try await Task.sleep(for: .milliseconds(100))
         }
         #expect(running.count == 6)
