@@ -136,7 +136,8 @@ public enum NodeStep {
         emit(
             StepFrame(
                 event: .finished, host: host, record: outcome.record,
-                output: String(decoding: outcome.output, as: UTF8.self), attempts: outcome.attempts, result: result))
+                output: String(decoding: outcome.output, as: UTF8.self), attempts: outcome.attempts, result: result,
+                history: outcome.history.count > 1 ? outcome.history : nil))
         if outcome.record.exitCode == 0 { return 0 }
         return outcome.record.exitCode.map { $0 == 0 ? 1 : $0 } ?? 1
     }

@@ -305,9 +305,17 @@ public final class SlurmStepExecutor: StepExecutor {
             }
         }
         Trace.mark("slurm \(request.node): result imported")
+        // Earlier attempts' snapshots stay on the node: only the last one came back.
+        let history = frame.history.map { all in
+            all.dropLast().map { attempt -> RunRecord in
+                var attempt = attempt
+                attempt.resultImage = nil
+                return attempt
+            } + [record]
+        }
         return StepOutcome(
             record: record, output: Array((frame.output ?? "").utf8), attempts: frame.attempts ?? 1,
-            placement: placement)
+            placement: placement, history: history)
     }
 }
 

@@ -148,6 +148,13 @@ struct ParserTests {
         arguments: [
             ("    timeout: soon\n", "duration", 3),
             ("    retries: -1\n", "whole number", 3),
+            (
+                "    retries: {max: 2, when: [exit:1, segfault]}\n",
+                "exit:N (0 to 255), timeout or oom, not 'segfault'", 3
+            ),
+            ("    retries: {when: [timeout]}\n", "retries needs max", 3),
+            ("    retries: {max: 2, backoff: soon}\n", "retries.backoff must be a duration", 3),
+            ("    retries: {max: 2, every: 1}\n", "every", 3),
             ("    needs: {a: b}\n", "value or a list", 3),
             ("    cache: perhaps\n", "true or false", 3),
             ("    limits: {memory: lots}\n", "memory must be a size", 3),

@@ -159,6 +159,52 @@ struct RunnerTests {
         #expect(missing?.description.contains("TEST_TOKEN is not set") == true)
     }
 
+    @Test(
+        "a retry policy: only the failures it names are tried again, after a doubling backoff; every attempt is in the report"
+    )
+    func retryPolicy() async throws {
+        let w = try Workspace()
+        let yaml = """
+            steps:
+              - id: flaky
+                retries: {max: 3, when: [exit:1, timeout], backoff: 0.2s}
+                timeout: 5s
+                run: |
+                  n=$(cat /workspace/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /workspace/n
+                  echo "attempt $n"
+                  exit 1
+              - id: wrong-status
+                if: always()
+                retries: {max: 3, when: [exit:1]}
+                run: echo once; exit 2
+              - id: timed-out
+                if: always()
+                retries: {max: 1, when: [timeout]}
+                timeout: 1s
+                run: sleep 5
+            """
+        let started = Date()
+        let report = try await w.run(yaml, options: RunOptions(keepGoing: true))
+        let elapsed = Date().timeIntervalSince(started)
+        // Every attempt starts from the same parent: the count never passes 1, and all 4 fail.
+        #expect(report.node("flaky")?.attempts == 4)
+        #expect(report.node("flaky")?.attemptRecords?.count == 4)
+        #expect(report.node("flaky")?.attemptRecords?.allSatisfy { $0.exitCode == 1 } == true)
+        #expect(report.log("flaky").components(separatedBy: "attempt 1\n").count - 1 == 4)
+        #expect(report.log("flaky").contains("attempt 3 of 4 after 0.4 s (backoff)"))
+        // Backoff: 0.2 + 0.4 + 0.8 s at least.
+        #expect(elapsed >= 1.4)
+        // An exit status the policy does not name: one attempt.
+        #expect(report.node("wrong-status")?.attempts == 1)
+        #expect(report.node("wrong-status")?.attemptRecords == nil)
+        #expect(report.log("wrong-status").contains("not tried again: retries.when is exit:1"))
+        #expect(report.node("timed-out")?.attempts == 2)
+        #expect(report.node("timed-out")?.attemptRecords?.allSatisfy(\.timedOut) == true)
+        // The JSON names them.
+        let json = String(decoding: try JSONEncoder().encode(report), as: UTF8.self)
+        #expect(json.contains("\"attempt_records\""))
+    }
+
     @Test("conditions, retries and continue-on-error")
     func control() async throws {
         let w = try Workspace()

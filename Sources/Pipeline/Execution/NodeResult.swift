@@ -30,6 +30,38 @@ public struct ArtifactRecord: Sendable, Codable, Equatable {
     public var size: Int64
 }
 
+/// One attempt of a step that ran more than once (`retries`).
+public struct AttemptRecord: Sendable, Codable, Equatable {
+    public var exitCode: Int32?
+    public var signal: Int32?
+    public var timedOut: Bool
+    public var oomKilled: Bool
+    public var started: Date
+    public var wallSeconds: Double
+    /// The snapshot the attempt left (each attempt starts from the same parent).
+    public var snapshot: String?
+
+    enum CodingKeys: String, CodingKey {
+        case exitCode = "exit_code"
+        case signal
+        case timedOut = "timed_out"
+        case oomKilled = "oom_killed"
+        case started
+        case wallSeconds = "wall_seconds"
+        case snapshot
+    }
+
+    init(_ record: RunRecord) {
+        exitCode = record.exitCode
+        signal = record.signal
+        timedOut = record.timedOut
+        oomKilled = record.oomKilled
+        started = record.startedAt
+        wallSeconds = record.metrics.wallSeconds
+        snapshot = record.resultImage
+    }
+}
+
 /// How a node ended, with everything the reports show.
 public struct NodeResult: Sendable, Codable {
     public var node: String
@@ -73,6 +105,8 @@ public struct NodeResult: Sendable, Codable {
     public var slurmJobID: String?
     /// It could not run because the machinery around it failed (a node, the registry).
     public var infrastructureFailure: Bool?
+    /// Every attempt, when there was more than one (`retries`).
+    public var attemptRecords: [AttemptRecord]?
 
     /// Skipped by its own condition while what it depends on succeeded: like a skipped step of
     /// a GitHub Actions job, it leaves the workspace as it was, so it carries its parent's
@@ -111,6 +145,7 @@ public struct NodeResult: Sendable, Codable {
         case executorNode = "executor_node"
         case slurmJobID = "slurm_job_id"
         case infrastructureFailure = "infrastructure_failure"
+        case attemptRecords = "attempt_records"
     }
 
     init(node: PlanNode, status: NodeStatus, reason: String? = nil) {

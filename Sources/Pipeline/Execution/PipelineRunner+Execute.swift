@@ -163,21 +163,23 @@ extension PipelineRunner {
             }
             log.note("copied in: " + staged.entries.joined(separator: ", "))
         }
-        let request = StepRequest(
+        var request = StepRequest(
             node: node.id, key: key, parent: start.uuid, command: command, environment: env, secrets: secretEnv,
             workdir: workdir, inputs: inputs, inputRoot: plan.definition.directory, timeout: node.settings.timeout,
             limits: ResourceLimits(
                 memoryBytes: node.settings.limits.memoryBytes, cpus: node.settings.limits.cpus,
                 pids: node.settings.limits.pids ?? 4096),
             network: node.settings.network ?? .loopback, isolation: isolation,
-            attempts: 1 + (node.settings.retries ?? 0), outputPath: PipelineRunner.outputPath,
+            attempts: 1 + (node.settings.retries?.max ?? 0), outputPath: PipelineRunner.outputPath,
             caches: (plan.definition.step(node.step)?.caches ?? []).compactMap { use in
                 plan.definition.caches.first { $0.name.value == use.name.value }.map {
                     StepRequest.Cache(name: use.name.value, path: $0.path, sharing: use.sharing)
                 }
             }, services: services)
+        request.retry = node.settings.retries ?? RetryPolicy(max: 0)
         let run = try await steps.run(request, log: log)
         result.attempts = run.attempts
+        if run.history.count > 1 { result.attemptRecords = run.history.map(AttemptRecord.init) }
         if let placement = run.placement {
             result.executor = placement.executor
             result.executorNode = placement.node

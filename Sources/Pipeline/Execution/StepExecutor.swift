@@ -28,6 +28,8 @@ public struct StepRequest: Sendable {
     public var isolation: IsolationKind
     /// 1 + the step's `retries`: each attempt starts from `parent` again.
     public var attempts: Int
+    /// Which failures are tried again, and the wait before each attempt.
+    public var retry = RetryPolicy(max: 0)
     /// Where in the sandbox the step writes its outputs (`$CONTREE_OUTPUT`).
     public var outputPath: String
     /// Dependency caches mounted while the step runs (never in its key).
@@ -53,12 +55,17 @@ public struct StepOutcome: Sendable {
     public var attempts: Int
     /// Where it ran, when not on this machine.
     public var placement: Placement?
+    /// Every attempt's record, the last (`record`) included.
+    public var history: [RunRecord]
 
-    public init(record: RunRecord, output: [UInt8], attempts: Int, placement: Placement? = nil) {
+    public init(
+        record: RunRecord, output: [UInt8], attempts: Int, placement: Placement? = nil, history: [RunRecord]? = nil
+    ) {
         self.record = record
         self.output = output
         self.attempts = attempts
         self.placement = placement
+        self.history = history ?? [record]
     }
 }
 
@@ -135,9 +142,16 @@ public struct EngineStepExecutor: StepExecutor {
         _ request: StepRequest, mounts: [BindMount], network: SandboxNetwork?, log: StepLog
     ) async throws -> StepOutcome {
         var last: StepOutcome?
+        var history: [RunRecord] = []
         for attempt in 1...max(1, request.attempts) {
             try Task.checkCancellation()
-            if attempt > 1 { log.note("attempt \(attempt) of \(request.attempts)") }
+            if attempt > 1 {
+                let delay = request.retry.delay(before: attempt)
+                log.note(
+                    "attempt \(attempt) of \(request.attempts)"
+                        + (delay > 0 ? " after \(delay.formatted(digits: 1)) s (backoff)" : ""))
+                if delay > 0 { try await Task.sleep(for: .milliseconds(Int(delay * 1000))) }
+            }
             var spec = RunSpec(
                 image: request.parent, command: request.command,
                 env: request.environment.merging(request.secrets) { $1 }, cwd: request.workdir,
@@ -158,10 +172,17 @@ public struct EngineStepExecutor: StepExecutor {
             } catch let error as SandboxError {
                 throw PipelineError(.failed, "step \(request.node) could not run: \(error)", cause: error)
             }
-            last = StepOutcome(record: run.record, output: run.output ?? [], attempts: attempt)
+            history.append(run.record)
+            last = StepOutcome(record: run.record, output: run.output ?? [], attempts: attempt, history: history)
             if run.record.cancelled { throw CancellationError() }
             if run.record.exitCode == 0 { break }
             log.note(PipelineRunner.describe(run.record))
+            if attempt < request.attempts && !request.retry.retries(run.record) {
+                log.note(
+                    "not tried again: retries.when is \(request.retry.when?.map(\.description).joined(separator: ", ") ?? "")"
+                )
+                break
+            }
         }
         guard let last else { throw CancellationError() }
         return last

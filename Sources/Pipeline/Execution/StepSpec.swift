@@ -26,6 +26,8 @@ public struct StepSpec: Codable, Sendable {
     public var network: NetworkMode
     public var isolation: IsolationKind
     public var attempts: Int
+    /// Which failures are tried again and the backoff (absent: every failure).
+    public var retry: RetryPolicy?
     public var outputPath: String
     public var caches: [StepRequest.Cache]
     /// The registry repository results go to (`docker://HOST[:PORT]/REPO`), and how to reach it.
@@ -36,7 +38,7 @@ public struct StepSpec: Codable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case version, node, key, parent, command, environment, secrets, workdir, timeout, limits, network
-        case isolation, attempts, caches, registry, inputs
+        case isolation, attempts, caches, registry, inputs, retry
         case inputFiles = "input_files"
         case outputPath = "output_path"
         case allowHTTP = "allow_http"
@@ -64,6 +66,7 @@ public struct StepSpec: Codable, Sendable {
         network = request.network
         isolation = request.isolation
         attempts = request.attempts
+        retry = request.retry
         outputPath = request.outputPath
         caches = request.caches
         self.registry = registry
@@ -75,10 +78,11 @@ public struct StepSpec: Codable, Sendable {
     /// The request this node runs: from `image`, the parent imported into its store, with the
     /// input files mapped from `inputRoot` (the inputs' layer unpacked in this store).
     public func request(parent image: String, inputRoot: String?) -> StepRequest {
-        let request = StepRequest(
+        var request = StepRequest(
             node: node, key: key, parent: image, command: command, environment: environment, secrets: secrets,
             workdir: workdir, inputs: inputFiles, inputRoot: "/", timeout: timeout, limits: limits, network: network,
             isolation: isolation, attempts: attempts, outputPath: outputPath, caches: caches)
+        request.retry = retry ?? RetryPolicy(max: max(0, attempts - 1))
         return inputRoot.map(request.mappingInputs(from:)) ?? request
     }
 
@@ -114,11 +118,15 @@ public struct StepFrame: Codable, Sendable {
     public var message: String?
     /// The step command was stopped (SIGTERM: a scancel, Slurm's time limit, a preemption).
     public var cancelled: Bool?
+    /// Every attempt's record when there was more than one.
+    public var history: [RunRecord]?
 
     public init(
         event: Event, host: String? = nil, job: String? = nil, record: RunRecord? = nil, output: String? = nil,
-        attempts: Int? = nil, result: String? = nil, message: String? = nil, cancelled: Bool? = nil
+        attempts: Int? = nil, result: String? = nil, message: String? = nil, cancelled: Bool? = nil,
+        history: [RunRecord]? = nil
     ) {
+        self.history = history
         self.message = message
         self.cancelled = cancelled
         self.event = event

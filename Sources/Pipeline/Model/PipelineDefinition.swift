@@ -97,6 +97,68 @@ public struct LimitsDefinition: Sendable, Equatable {
     }
 }
 
+/// When a failed step runs again: `retries: 2`, or `retries: {max: 3, when: [exit:1, exit:137,
+/// timeout, oom], backoff: 2s}`. Each attempt starts from the same parent snapshot.
+public struct RetryPolicy: Sendable, Equatable, Codable {
+    /// A failure worth another attempt.
+    public enum Condition: Sendable, Equatable, Codable, CustomStringConvertible {
+        case exit(Int32)
+        case timeout
+        case oom
+
+        public var description: String {
+            switch self {
+            case .exit(let code): "exit:\(code)"
+            case .timeout: "timeout"
+            case .oom: "oom"
+            }
+        }
+
+        /// `exit:N`, `timeout`, `oom`.
+        public init?(_ text: String) {
+            switch text {
+            case "timeout": self = .timeout
+            case "oom": self = .oom
+            default:
+                guard text.hasPrefix("exit:"), let code = Int32(text.dropFirst(5)), (0...255).contains(code) else {
+                    return nil
+                }
+                self = .exit(code)
+            }
+        }
+    }
+
+    /// Attempts after the first.
+    public var max: Int
+    /// The failures that are tried again; nil: every failure (a killed or cancelled run never).
+    public var when: [Condition]?
+    /// Seconds before the second attempt, doubling for each after it; 0: none.
+    public var backoff: Double
+
+    public init(max: Int, when: [Condition]? = nil, backoff: Double = 0) {
+        self.max = max
+        self.when = when
+        self.backoff = backoff
+    }
+
+    /// Whether a failed attempt's record is one to try again.
+    public func retries(_ record: RunRecord) -> Bool {
+        guard let when else { return true }
+        return when.contains { condition in
+            switch condition {
+            case .exit(let code): !record.timedOut && !record.oomKilled && record.exitCode == code
+            case .timeout: record.timedOut
+            case .oom: record.oomKilled
+            }
+        }
+    }
+
+    /// The wait before attempt `attempt` (2 or more).
+    public func delay(before attempt: Int) -> Double {
+        backoff <= 0 || attempt < 2 ? 0 : backoff * Double(1 << Swift.min(attempt - 2, 10))
+    }
+}
+
 /// What a step sets and `defaults` presets.
 public struct StepSettings: Sendable {
     /// The interpreter, split in words; the script goes after `-c`. Default `sh -e`.
@@ -104,7 +166,7 @@ public struct StepSettings: Sendable {
     public var workdir: Template?
     /// Seconds.
     public var timeout: Double?
-    public var retries: Int?
+    public var retries: RetryPolicy?
     public var limits = LimitsDefinition()
     public var network: NetworkMode?
     /// Where `network` was written (for errors about it).

@@ -212,6 +212,38 @@ extension PipelineParser {
         return limits
     }
 
+    /// `retries: N` or `retries: {max: N, when: [exit:1, timeout, oom], backoff: 2s}`.
+    mutating func retryPolicy(_ node: Node) -> RetryPolicy? {
+        guard case .mapping = node else {
+            return integer(node, what: "retries", minimum: 0).map { RetryPolicy(max: $0) }
+        }
+        var policy = RetryPolicy(max: 0)
+        var sawMax = false
+        for (key, _, value) in entries(node, allowed: PipelineParser.retriesKeys, what: "retries") {
+            switch key {
+            case "max":
+                sawMax = true
+                policy.max = integer(value, what: "retries.max", minimum: 0) ?? 0
+            case "when":
+                policy.when = stringList(value, what: "retries.when").compactMap { entry in
+                    guard let condition = RetryPolicy.Condition(entry.value) else {
+                        fail(
+                            PipelineError(
+                                .invalid, "retries.when takes exit:N (0 to 255), timeout or oom, not '\(entry.value)'",
+                                at: entry.location))
+                        return nil
+                    }
+                    return condition
+                }
+            default: policy.backoff = duration(value, what: "retries.backoff") ?? 0
+            }
+        }
+        if !sawMax {
+            fail("retries needs max: the attempts after the first (retries: {max: 2, when: [...]})", at: node)
+        }
+        return policy
+    }
+
     /// Reads the keys shared by `defaults` and steps into `settings`; true if `key` was one.
     mutating func setting(_ key: String, _ value: Node, into settings: inout StepSettings) -> Bool {
         switch key {
@@ -229,7 +261,7 @@ extension PipelineParser {
                 }
             }
         case "timeout": settings.timeout = duration(value, what: "timeout")
-        case "retries": settings.retries = integer(value, what: "retries", minimum: 0)
+        case "retries": settings.retries = retryPolicy(value)
         case "limits": settings.limits = limits(value, what: "limits")
         case "network":
             settings.network = network(value)

@@ -21,6 +21,7 @@ public struct PipelineParser {
     static let variantKeys = ["run", "env", "shell", "workdir", "timeout", "limits"]
     static let selectKeys = ["score", "keep", "order"]
     static let limitsKeys = ["memory", "cpus", "pids"]
+    static let retriesKeys = ["max", "when", "backoff"]
 
     /// Parses the file at `path`.
     /// - Throws: `PipelineValidationError` with every problem found.
