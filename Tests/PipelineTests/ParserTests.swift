@@ -63,6 +63,44 @@ struct ParserTests {
         #expect(definition.steps[1].run?.literal == "echo two\necho three")
     }
 
+    @Test("anchors, aliases and merge keys; x- keys at the top are the file's own")
+    func anchorsAndMergeKeys() throws {
+        let definition = try parse(
+            """
+            x-limits: &small {memory: 256m, cpus: 1}
+            x-step: &step
+              timeout: 30s
+              retries: {max: 2, when: [exit:1]}
+              env: {MODE: shared}
+            steps:
+              - id: one
+                <<: *step
+                limits: *small
+                run: echo one
+              - id: two
+                <<: [*step, {timeout: 5m, workdir: /w}]
+                env: {MODE: own}
+                run: echo two
+            """)
+        #expect(definition.steps.map(\.id.value) == ["one", "two"])
+        #expect(definition.steps[0].settings.timeout == 30)
+        #expect(definition.steps[0].settings.retries == RetryPolicy(max: 2, when: [.exit(1)]))
+        #expect(definition.steps[0].settings.limits.memoryBytes == 256 << 20)
+        #expect(definition.steps[0].env.map(\.name) == ["MODE"])
+        // The first mapping of a merge list wins; the step's own keys win over both.
+        #expect(definition.steps[1].settings.timeout == 30)
+        #expect(definition.steps[1].settings.workdir?.literal == "/w")
+        #expect(definition.steps[1].env.first?.value.literal == "own")
+        // A bad value from an anchor is named where the anchor wrote it.
+        expectProblem(
+            "x-step: &step\n  timeout: soon\nsteps:\n  - id: a\n    <<: *step\n    run: x\n", at: 2, 12,
+            mentions: ["duration"])
+        // A merge key needs mappings.
+        expectProblem("steps:\n  - id: a\n    <<: 5\n    run: x\n", at: 3, 9, mentions: ["merge key (<<)"])
+        // Other top-level keys are still checked.
+        expectProblem("y-step: 1\nsteps:\n  - id: a\n    run: x\n", at: 1, 1, mentions: ["unknown key 'y-step'"])
+    }
+
     @Test("malformed YAML")
     func malformedYAML() {
         expectProblem("steps:\n  - id: a\n    run: [unclosed\n", at: 4, nil, mentions: ["malformed YAML"])

@@ -16,7 +16,9 @@ extension PipelineParser {
         var services: [ServiceDefinition] = []
         var steps: [StepDefinition] = []
         var sawSteps = false
-        for (key, _, value) in entries(root, allowed: PipelineParser.topKeys, what: "the pipeline") {
+        // Top-level keys that begin with `x-` are the file's own (a place for anchors, as in
+        // Compose files): not read.
+        for (key, _, value) in entries(root, allowed: PipelineParser.topKeys, what: "the pipeline", extensions: true) {
             switch key {
             case "name": name = text(value, what: "name")?.value
             case "image": image = text(value, what: "image")

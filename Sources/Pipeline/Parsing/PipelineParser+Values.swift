@@ -7,18 +7,24 @@ extension PipelineParser {
     // MARK: Typed readers
 
     /// The entries of a mapping, refusing keys that are not in `allowed` (with a suggestion).
-    mutating func entries(_ node: Node, allowed: [String]?, what: String) -> [(key: String, keyNode: Node, value: Node)]
-    {
-        guard case .mapping(let mapping) = node else {
+    /// YAML merge keys are applied: `<<: *anchor` (or a list of them) adds the entries of those
+    /// mappings that this one does not set itself, the first mapping of a list winning; their
+    /// values keep where they were written (errors point at the anchor's lines).
+    /// With `extensions`, keys that begin with `x-` are skipped.
+    mutating func entries(
+        _ node: Node, allowed: [String]?, what: String, extensions: Bool = false
+    ) -> [(key: String, keyNode: Node, value: Node)] {
+        guard case .mapping = node else {
             fail("\(what) must be a mapping (key: value), not \(describe(node))", at: node)
             return []
         }
         var result: [(String, Node, Node)] = []
-        for (keyNode, value) in mapping {
+        for (keyNode, value) in merged(node, what: what) {
             guard let key = keyNode.string else {
                 fail("keys of \(what) must be strings", at: keyNode)
                 continue
             }
+            if extensions && key.hasPrefix("x-") { continue }
             if let allowed, !allowed.contains(key) {
                 var message = "unknown key '\(key)' in \(what)"
                 let suggestion = Suggestion.closest(to: key, in: allowed)
@@ -30,6 +36,39 @@ extension PipelineParser {
             result.append((key, keyNode, value))
         }
         return result
+    }
+
+    /// A mapping's pairs with its merge keys (`<<`) applied, in order: its own pairs, then the
+    /// merged ones it does not override.
+    mutating func merged(_ node: Node, what: String, depth: Int = 0) -> [(Node, Node)] {
+        guard case .mapping(let mapping) = node else { return [] }
+        var own: [(Node, Node)] = []
+        var merges: [Node] = []
+        for (keyNode, value) in mapping {
+            if keyNode.string == "<<" && keyNode.scalar?.style == .plain {
+                switch value {
+                case .mapping: merges.append(value)
+                case .sequence(let list) where list.allSatisfy({ if case .mapping = $0 { true } else { false } }):
+                    merges += list
+                default:
+                    fail(
+                        "a merge key (<<) in \(what) takes a mapping or a list of mappings (*anchor), not \(describe(value))",
+                        at: value)
+                }
+            } else {
+                own.append((keyNode, value))
+            }
+        }
+        guard depth < 16 else { return own }
+        var seen = Set(own.compactMap { $0.0.string })
+        for source in merges {
+            for (keyNode, value) in merged(source, what: what, depth: depth + 1) {
+                guard let key = keyNode.string, !seen.contains(key) else { continue }
+                seen.insert(key)
+                own.append((keyNode, value))
+            }
+        }
+        return own
     }
 
     func describe(_ node: Node) -> String {
