@@ -101,6 +101,55 @@ struct ParserTests {
         expectProblem("y-step: 1\nsteps:\n  - id: a\n    run: x\n", at: 1, 1, mentions: ["unknown key 'y-step'"])
     }
 
+    @Test("templates and extends: deep-merged as GitLab merges them; chains, cycles and unknown names")
+    func templates() throws {
+        let definition = try parse(
+            """
+            templates:
+              base:
+                timeout: 30s
+                env: {A: "1", B: "2"}
+                limits: {memory: 256m}
+                inputs: [a.txt]
+              c-build:
+                extends: base
+                env: {B: "3"}
+            steps:
+              - id: one
+                extends: c-build
+                env: {C: "4"}
+                limits: {cpus: 1}
+                inputs: [b.txt]
+                run: echo one
+              - id: two
+                extends: [c-build, base]
+                run: echo two
+            """)
+        let one = definition.steps[0]
+        // Mappings merge key by key along the chain; the step's own keys last.
+        #expect(one.env.map { "\($0.name)=\($0.value.literal ?? "")" } == ["A=1", "B=3", "C=4"])
+        #expect(one.settings.timeout == 30)
+        #expect(one.settings.limits.memoryBytes == 256 << 20 && one.settings.limits.cpus == 1)
+        // Lists replace.
+        #expect(one.inputs.map(\.pattern.value) == ["b.txt"])
+        // A list of templates: later ones win.
+        #expect(definition.steps[1].env.map { "\($0.name)=\($0.value.literal ?? "")" } == ["A=1", "B=2"])
+        #expect(definition.steps[1].inputs.map(\.pattern.value) == ["a.txt"])
+
+        expectProblem(
+            "templates:\n  t: {timeout: 1s}\nsteps:\n  - id: a\n    extends: nope\n    run: x\n", at: 5, 14,
+            mentions: ["no template nope (templates: t)"])
+        expectProblem(
+            "templates:\n  a: {extends: b}\n  b: {extends: a}\nsteps:\n  - id: s\n    extends: a\n    run: x\n",
+            at: 3, 16, mentions: ["cycle: a → b → a"])
+        // A problem inside a template is named at the template's line.
+        expectProblem(
+            "templates:\n  t:\n    timeout: soon\nsteps:\n  - id: a\n    extends: t\n    run: x\n", at: 3, 14,
+            mentions: ["duration"])
+        expectProblem(
+            "templates:\n  t: {id: x}\nsteps:\n  - id: a\n    run: x\n", at: 2, 7, mentions: ["sets id"])
+    }
+
     @Test("malformed YAML")
     func malformedYAML() {
         expectProblem("steps:\n  - id: a\n    run: [unclosed\n", at: 4, nil, mentions: ["malformed YAML"])

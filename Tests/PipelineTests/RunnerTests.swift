@@ -205,6 +205,45 @@ struct RunnerTests {
         #expect(json.contains("\"attempt_records\""))
     }
 
+    @Test("moving YAML into templates, anchors and merge keys keeps every step cached: keys see the resolved step")
+    func compositionKeepsKeys() async throws {
+        let w = try Workspace()
+        let inline = """
+            steps:
+              - id: build
+                timeout: 60s
+                env: {CC: gcc, OPT: "-O2"}
+                limits: {memory: 256m}
+                run: echo "$CC $OPT" > /out
+              - id: test
+                from: build
+                timeout: 60s
+                env: {CC: gcc, OPT: "-O0"}
+                limits: {memory: 256m}
+                run: cat /out
+            """
+        let composed = """
+            x-limits: &limits {memory: 256m}
+            templates:
+              c: {timeout: 60s, env: {CC: gcc, OPT: "-O2"}, limits: *limits}
+            steps:
+              - id: build
+                extends: c
+                run: echo "$CC $OPT" > /out
+              - id: test
+                <<: {from: build}
+                extends: c
+                env: {OPT: "-O0"}
+                run: cat /out
+            """
+        let first = try await w.run(inline)
+        #expect(first.ran == ["build", "test"])
+        let again = try await w.run(composed)
+        #expect(again.status == .passed)
+        #expect(again.ran.isEmpty, "ran: \(again.ran)")
+        #expect(again.node("test")?.key == first.node("test")?.key)
+    }
+
     @Test("conditions, retries and continue-on-error")
     func control() async throws {
         let w = try Workspace()

@@ -16,6 +16,27 @@ extension PipelineParser {
         var services: [ServiceDefinition] = []
         var steps: [StepDefinition] = []
         var sawSteps = false
+        // Templates first: steps anywhere in the file extend them.
+        for (key, _, value) in entries(root, allowed: nil, what: "the pipeline", extensions: true)
+        where key == "templates" {
+            for (name, nameNode, template) in entries(value, allowed: nil, what: "templates") {
+                guard Identifiers.isStepID(name) else {
+                    fail(
+                        "template name '\(name)' must start with a letter and use letters, digits, _ and -",
+                        at: nameNode)
+                    continue
+                }
+                guard case .mapping = template else {
+                    fail("template \(name) must be a mapping of step keys, not \(describe(template))", at: template)
+                    continue
+                }
+                if let id = merged(template, what: "template \(name)").first(where: { $0.0.string == "id" }) {
+                    fail("template \(name) sets id; each step names itself", at: id.0)
+                    continue
+                }
+                templates[name] = template
+            }
+        }
         // Top-level keys that begin with `x-` are the file's own (a place for anchors, as in
         // Compose files): not read.
         for (key, _, value) in entries(root, allowed: PipelineParser.topKeys, what: "the pipeline", extensions: true) {
@@ -30,6 +51,7 @@ extension PipelineParser {
             case "secrets": secrets = readSecrets(value)
             case "caches": caches = readCaches(value)
             case "services": services = readServices(value)
+            case "templates": break  // read above
             default:
                 sawSteps = true
                 guard case .sequence(let sequence) = value else {
@@ -39,7 +61,8 @@ extension PipelineParser {
                     continue
                 }
                 for (index, stepNode) in sequence.enumerated() {
-                    if let step = readStep(stepNode, index: index) { steps.append(step) }
+                    let resolved = extending(stepNode, what: "step \(index + 1)")
+                    if let step = readStep(resolved, index: index) { steps.append(step) }
                 }
             }
         }
@@ -54,6 +77,67 @@ extension PipelineParser {
             file: file, directory: directory, name: name ?? fileName,
             image: image ?? Located(BaseImages.defaultImage, at: at(root)), env: env, defaults: defaults,
             secrets: secrets, caches: caches, services: services, steps: steps)
+    }
+
+    /// A step with its `extends:` applied, as GitLab applies it: each template named (in order;
+    /// a template may extend others) is deep-merged under the step (mappings merge key by key,
+    /// lists and single values replace), the step's own keys last. Values keep where they were
+    /// written, so an error in a template's value names the template's line.
+    mutating func extending(_ node: Node, what: String, chain: [String] = []) -> Node {
+        guard case .mapping(let mapping) = node else { return node }
+        let pairs = merged(node, what: what)
+        // Merge keys applied first, so that `extends` deep-merges what they brought too.
+        let own = Node.mapping(
+            Node.Mapping(pairs.filter { $0.0.string != "extends" }, mapping.tag, mapping.style, mapping.mark))
+        guard let extends = pairs.first(where: { $0.0.string == "extends" }) else { return own }
+        let names: [Located<String>]
+        if case .sequence = extends.1 {
+            names = stringList(extends.1, what: "extends")
+        } else {
+            names = string(extends.1, what: "extends").map { [$0] } ?? []
+        }
+        var base: Node?
+        for name in names {
+            if let cycle = chain.firstIndex(of: name.value) {
+                fail(
+                    PipelineError(
+                        .invalid,
+                        "templates extend each other in a cycle: \((chain[cycle...] + [name.value]).joined(separator: " → "))",
+                        at: name.location))
+                continue
+            }
+            guard let template = templates[name.value] else {
+                let known = templates.keys.sorted()
+                fail(
+                    PipelineError(
+                        .invalid,
+                        "extends: no template \(name.value)"
+                            + (known.isEmpty
+                                ? "; define it under `templates:`" : " (templates: \(known.joined(separator: ", ")))"),
+                        at: name.location))
+                continue
+            }
+            let resolved = extending(template, what: "template \(name.value)", chain: chain + [name.value])
+            base = base.map { PipelineParser.deepMerge($0, resolved) } ?? resolved
+        }
+        return base.map { PipelineParser.deepMerge($0, own) } ?? own
+    }
+
+    /// `over` laid on `base`: mappings merge key by key (recursively), anything else replaces.
+    static func deepMerge(_ base: Node, _ over: Node) -> Node {
+        guard case .mapping(let a) = base, case .mapping(let b) = over else { return over }
+        var pairs: [(Node, Node)] = []
+        var overridden = Set<String>()
+        for (key, value) in a {
+            if let name = key.string, let replacement = b.first(where: { $0.key.string == name }) {
+                pairs.append((replacement.key, deepMerge(value, replacement.value)))
+                overridden.insert(name)
+            } else {
+                pairs.append((key, value))
+            }
+        }
+        for (key, value) in b where !(key.string.map(overridden.contains) ?? false) { pairs.append((key, value)) }
+        return .mapping(Node.Mapping(pairs, b.tag, b.style, b.mark))
     }
 
     /// Top-level `services: {NAME: {image | from, run, ready: {run, timeout}, env}}`.

@@ -10,13 +10,15 @@ public struct PipelineParser {
     var errors: [PipelineError] = []
     /// Ids of steps that were rejected (so that references to them are not reported again).
     var brokenSteps: [String] = []
+    /// `templates:` by name: step keys that steps take with `extends:`.
+    var templates: [String: Node] = [:]
 
-    static let topKeys = ["name", "image", "env", "defaults", "secrets", "caches", "services", "steps"]
+    static let topKeys = ["name", "image", "env", "defaults", "secrets", "caches", "services", "templates", "steps"]
     static let defaultsKeys = ["shell", "workdir", "timeout", "retries", "limits", "network", "isolation"]
     static let stepKeys = [
         "id", "run", "shell", "env", "workdir", "from", "needs", "inputs", "artifacts", "matrix", "fork", "select",
         "timeout", "retries", "if", "continue-on-error", "cache", "limits", "network", "isolation", "secrets",
-        "caches", "image", "copy", "services",
+        "caches", "image", "copy", "services", "extends",
     ]
     static let variantKeys = ["run", "env", "shell", "workdir", "timeout", "limits"]
     static let selectKeys = ["score", "keep", "order"]
