@@ -150,6 +150,61 @@ struct ParserTests {
             "templates:\n  t: {id: x}\nsteps:\n  - id: a\n    run: x\n", at: 2, 7, mentions: ["sets id"])
     }
 
+    @Test("include: files merged in order, the including file's keys last; errors name the included file")
+    func include() throws {
+        let directory = "/tmp/contree-include-" + UUID().uuidString.prefix(8)
+        try FileManager.default.createDirectory(atPath: directory + "/ci", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        func write(_ name: String, _ text: String) throws {
+            try text.write(toFile: directory + "/" + name, atomically: true, encoding: .utf8)
+        }
+        func problems(_ main: String) -> [PipelineError] {
+            do {
+                _ = try PipelineParser.parse(file: directory + "/" + main)
+                return []
+            } catch let error as PipelineValidationError {
+                return error.errors
+            } catch {
+                return [PipelineError(.invalid, "\(error)")]
+            }
+        }
+        try write(
+            "ci/common.yaml",
+            "include: [more.yaml]\nenv: {CC: gcc, OPT: \"-O2\"}\ndefaults: {timeout: 30s}\ntemplates:\n  t: {retries: 1}\nsteps:\n  - id: setup\n    run: echo setup\n"
+        )
+        try write("ci/more.yaml", "env: {EXTRA: \"1\"}\nsteps:\n  - id: first\n    run: echo first\n")
+        try write(
+            "main.yaml",
+            "include: ci/common.yaml\nenv: {OPT: \"-O0\"}\nsteps:\n  - id: build\n    extends: t\n    run: echo build\n"
+        )
+        let definition = try PipelineParser.parse(file: directory + "/main.yaml")
+        #expect(definition.steps.map(\.id.value) == ["first", "setup", "build"])
+        #expect(Set(definition.env.map { "\($0.name)=\($0.value.literal ?? "")" }) == ["CC=gcc", "OPT=-O0", "EXTRA=1"])
+        #expect(definition.defaults.timeout == 30)
+        #expect(definition.steps[2].settings.retries == RetryPolicy(max: 1))
+        #expect(definition.steps[0].location.file == "ci/more.yaml")
+
+        // A problem in an included file names that file, line and column.
+        try write("ci/bad.yaml", "steps:\n  - id: b\n    timeout: soon\n    run: x\n")
+        try write("bad.yaml", "include: [ci/bad.yaml]\nsteps:\n  - id: a\n    run: y\n")
+        let bad = problems("bad.yaml")
+        #expect(bad.first?.location?.description == "ci/bad.yaml:3:14", "\(bad)")
+        // A step id in two files names both.
+        try write("ci/dup.yaml", "steps:\n  - id: a\n    run: x\n")
+        try write("dup.yaml", "include: [ci/dup.yaml]\nsteps:\n  - id: a\n    run: y\n")
+        let dup = problems("dup.yaml")
+        #expect(dup.first?.message.contains("first defined at ci/dup.yaml:2:") == true, "\(dup)")
+        #expect(dup.first?.location?.file.hasSuffix("dup.yaml") == true && dup.first?.location?.line == 3)
+        // A cycle names the chain; a missing file says what paths are relative to.
+        try write("ci/loop.yaml", "include: ../loop.yaml\nsteps:\n  - id: z\n    run: x\n")
+        try write("loop.yaml", "include: [ci/loop.yaml]\nsteps:\n  - id: a\n    run: y\n")
+        #expect(problems("loop.yaml").first?.message.contains("loop.yaml → ci/loop.yaml → loop.yaml") == true)
+        try write("missing.yaml", "include: [ci/nope.yaml]\nsteps:\n  - id: a\n    run: y\n")
+        let missing = problems("missing.yaml")
+        #expect(missing.first?.message.contains("relative to the file that includes them") == true)
+        #expect(missing.first?.location?.line == 1 && missing.first?.location?.column == 11)
+    }
+
     @Test("malformed YAML")
     func malformedYAML() {
         expectProblem("steps:\n  - id: a\n    run: [unclosed\n", at: 4, nil, mentions: ["malformed YAML"])

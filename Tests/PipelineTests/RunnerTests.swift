@@ -242,6 +242,29 @@ struct RunnerTests {
         #expect(again.status == .passed)
         #expect(again.ran.isEmpty, "ran: \(again.ran)")
         #expect(again.node("test")?.key == first.node("test")?.key)
+        // The same with the template and the first step in an included file.
+        try w.write(
+            "ci/common.yaml",
+            """
+            templates:
+              c: {timeout: 60s, env: {CC: gcc, OPT: "-O2"}, limits: {memory: 256m}}
+            steps:
+              - id: build
+                extends: c
+                run: echo "$CC $OPT" > /out
+            """)
+        let included = try await w.run(
+            """
+            include: [ci/common.yaml]
+            steps:
+              - id: test
+                from: build
+                extends: c
+                env: {OPT: "-O0"}
+                run: cat /out
+            """)
+        #expect(included.status == .passed)
+        #expect(included.ran.isEmpty, "ran: \(included.ran)")
     }
 
     @Test("conditions, retries and continue-on-error")

@@ -6,14 +6,20 @@ import Yams
 public struct PipelineParser {
     let file: String
     let source: String
-    let lines: [Substring]
+    /// The lines of every file read (the pipeline's, then each included one's): a node's mark
+    /// is a line in this sequence, which `place` maps back to its file.
+    var lines: [Substring]
+    /// Each file read and where its lines begin in `lines`.
+    var sources: [(file: String, base: Int, count: Int)]
     var errors: [PipelineError] = []
     /// Ids of steps that were rejected (so that references to them are not reported again).
     var brokenSteps: [String] = []
     /// `templates:` by name: step keys that steps take with `extends:`.
     var templates: [String: Node] = [:]
 
-    static let topKeys = ["name", "image", "env", "defaults", "secrets", "caches", "services", "templates", "steps"]
+    static let topKeys = [
+        "include", "name", "image", "env", "defaults", "secrets", "caches", "services", "templates", "steps",
+    ]
     static let defaultsKeys = ["shell", "workdir", "timeout", "retries", "limits", "network", "isolation"]
     static let stepKeys = [
         "id", "run", "shell", "env", "workdir", "from", "needs", "inputs", "artifacts", "matrix", "fork", "select",
@@ -44,17 +50,20 @@ public struct PipelineParser {
     /// `directory`.
     public static func parse(_ text: String, file: String, directory: String) throws -> PipelineDefinition {
         var parser = PipelineParser(file: file, source: text)
-        let root: Node?
+        let document: Node?
         do {
-            root = try Yams.compose(yaml: text)
+            document = try Yams.compose(yaml: text)
         } catch let error as YamlError {
             throw PipelineValidationError([parser.convert(error)])
         }
-        guard let root else {
+        guard let composed = document else {
             throw PipelineValidationError([
                 PipelineError(.invalid, "the file is empty; a pipeline needs at least `steps:`", at: parser.at(nil))
             ])
         }
+        let main = URL(fileURLWithPath: file.hasPrefix("/") ? file : directory + "/" + file).standardizedFileURL.path
+        let root = parser.including(composed, path: main, directory: directory, chain: [main])
+        if !parser.errors.isEmpty { throw PipelineValidationError(parser.errors) }
         let definition = parser.readPipeline(root, directory: directory)
         guard let definition else { throw PipelineValidationError(parser.errors) }
         // The whole-file checks run even after local problems, so that one pass reports as
@@ -73,13 +82,20 @@ public struct PipelineParser {
         self.file = file
         self.source = source
         self.lines = source.split(separator: "\n", omittingEmptySubsequences: false)
+        self.sources = [(file, 0, lines.count)]
+    }
+
+    /// Where a line of `lines` (1-based) is: its file and its line there.
+    func place(line: Int, column: Int) -> SourceLocation {
+        let source = sources.last { $0.base < line } ?? sources[0]
+        return SourceLocation(file: source.file, line: line - source.base, column: column)
     }
 
     // MARK: Errors and places
 
     func at(_ node: Node?) -> SourceLocation {
         guard let mark = node?.mark else { return SourceLocation(file: file, line: 1, column: 1) }
-        return SourceLocation(file: file, line: mark.line, column: mark.column)
+        return place(line: mark.line, column: mark.column)
     }
 
     mutating func fail(_ message: String, at node: Node?) {
@@ -97,12 +113,12 @@ public struct PipelineParser {
             let detail = context.map { "\($0.text) " } ?? ""
             return PipelineError(
                 .invalid, "malformed YAML: \(detail)\(problem)",
-                at: SourceLocation(file: file, line: mark.line, column: mark.column))
+                at: place(line: mark.line, column: mark.column))
         case .duplicatedKeysInMapping(let duplicates, let context):
             return PipelineError(
                 .invalid,
                 "duplicate key \(duplicates.map { "'\($0)'" }.joined(separator: ", ")) in a mapping; each key may appear once",
-                at: SourceLocation(file: file, line: context.mark.line, column: context.mark.column))
+                at: place(line: context.mark.line, column: context.mark.column))
         default:
             return PipelineError(
                 .invalid, "malformed YAML: \(error)", at: SourceLocation(file: file, line: 1, column: 1))
@@ -111,8 +127,11 @@ public struct PipelineParser {
 
     /// Maps an offset inside a scalar's value to its place in the file.
     func locator(for node: Node) -> (Int) -> SourceLocation {
-        let base = at(node)
-        guard case .scalar(let scalar) = node else { return { _ in base } }
+        // In the lines of every file read; mapped to a file at the end.
+        let base = node.mark.map { (line: $0.line, column: $0.column) } ?? (line: 1, column: 1)
+        guard case .scalar(let scalar) = node else {
+            return { [self] _ in place(line: base.line, column: base.column) }
+        }
         let value = scalar.string
         let block = scalar.style == .literal || scalar.style == .folded
         let quoted = scalar.style == .singleQuoted || scalar.style == .doubleQuoted
@@ -120,19 +139,17 @@ public struct PipelineParser {
         if block, base.line < lines.count {
             indent = lines[base.line].prefix { $0 == " " }.count
         }
-        let file = self.file
-        return { offset in
+        return { [self] offset in
             let prefix = value.prefix(offset)
             let newlines = prefix.filter { $0 == "\n" }.count
             let sinceNewline = prefix.reversed().prefix { $0 != "\n" }.count
             if block {
-                return SourceLocation(file: file, line: base.line + 1 + newlines, column: indent + sinceNewline + 1)
+                return place(line: base.line + 1 + newlines, column: indent + sinceNewline + 1)
             }
             if newlines == 0 {
-                return SourceLocation(
-                    file: file, line: base.line, column: base.column + (quoted ? 1 : 0) + sinceNewline)
+                return place(line: base.line, column: base.column + (quoted ? 1 : 0) + sinceNewline)
             }
-            return SourceLocation(file: file, line: base.line + newlines, column: sinceNewline + 1)
+            return place(line: base.line + newlines, column: sinceNewline + 1)
         }
     }
 }

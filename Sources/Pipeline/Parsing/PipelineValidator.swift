@@ -27,7 +27,7 @@ struct PipelineValidator {
                 errors.append(
                     PipelineError(
                         .invalid,
-                        "duplicate step id '\(step.id.value)' (first defined at \(first.line):\(first.column)); ids must be unique",
+                        "duplicate step id '\(step.id.value)' (first defined at \(first.file == step.id.location.file ? "" : first.file + ":")\(first.line):\(first.column)); ids must be unique",
                         at: step.id.location))
             } else {
                 seen[step.id.value] = step.id.location
