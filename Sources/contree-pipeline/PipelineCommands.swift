@@ -260,6 +260,11 @@ struct ValidateCommand: ParsableCommand {
     @Argument(help: "The pipeline file.") var pipeline: String
     @Flag(help: "As `run --allow-host-paths`: secret files and local image paths may lie anywhere on this host.")
     var allowHostPaths = false
+    @Flag(
+        help:
+            "Print the resolved pipeline (includes merged, templates and merge keys applied, x- keys dropped) as YAML."
+    )
+    var print = false
 
     func run() throws {
         let plan = try loadPipeline(pipeline)
@@ -268,8 +273,12 @@ struct ValidateCommand: ParsableCommand {
             printError(PipelineValidationError(problems).description)
             throw ExitCode(2)
         }
+        if self.print {
+            Swift.print(try reportingErrors { try PipelineParser.resolvedYAML(file: pipeline) }, terminator: "")
+            return
+        }
         let steps = plan.definition.steps.count
-        print(
+        Swift.print(
             "\(pipeline): valid — \(steps) step\(steps == 1 ? "" : "s"), \(plan.nodes.count) node\(plan.nodes.count == 1 ? "" : "s") after expansion"
         )
     }

@@ -129,6 +129,31 @@ struct PipelineCLITests {
         #expect(untag.status == 0 && untag.out.contains("untagged keep (image \(image) stays)"), "\(untag.out)")
     }
 
+    @Test("validate --print shows the resolved pipeline, itself a valid pipeline file")
+    func validatePrint() async throws {
+        let w = try Workspace()
+        try w.write(
+            "ci/common.yaml",
+            "templates:\n  c: {timeout: 30s, env: {CC: gcc}}\nsteps:\n  - id: setup\n    run: echo setup\n")
+        try w.write(
+            "p.yaml",
+            "include: [ci/common.yaml]\nx-more: &more {OPT: \"-O2\"}\nsteps:\n  - id: build\n    extends: c\n    env: *more\n    from: setup\n    run: echo build\n"
+        )
+        let home = w.root + "/store"
+        let printed = try await CLI.run(["validate", "--print", "p.yaml"], home: home, in: w.project)
+        #expect(printed.status == 0, "\(printed.err)")
+        for gone in ["include", "extends", "templates", "x-more"] {
+            #expect(!printed.out.contains(gone), "\(printed.out)")
+        }
+        for kept in ["- id: setup", "- id: build", "timeout: 30s", "CC: gcc", "OPT: \"-O2\""] {
+            #expect(printed.out.contains(kept), "\(printed.out)")
+        }
+        try w.write("resolved.yaml", printed.out)
+        let again = try await CLI.run(["validate", "resolved.yaml"], home: home, in: w.project)
+        #expect(again.status == 0, "\(again.err)")
+        #expect(again.out.contains("2 steps"))
+    }
+
     @Test("shell opens in the failed step's snapshot, where it ran, as a new branch")
     func shell() async throws {
         let w = try Workspace()

@@ -71,6 +71,34 @@ extension PipelineParser {
         return (parts + [own]).dropFirst().reduce(parts.first ?? own) { PipelineParser.combine($0, $1) }
     }
 
+    /// The pipeline at `path` as it is read: includes merged, each step's merge keys and
+    /// `extends` applied, `templates` and `x-` keys left out; as YAML. (The file must be valid:
+    /// `parse` first.)
+    public static func resolvedYAML(file path: String) throws -> String {
+        guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8)
+        else {
+            throw PipelineValidationError([PipelineError(.invalid, "cannot read the pipeline file \(path)")])
+        }
+        let absolute = URL(fileURLWithPath: path).standardizedFileURL
+        var parser = PipelineParser(file: path, source: text)
+        guard let document = try Yams.compose(yaml: text) else { return "" }
+        let root = parser.including(
+            document, path: absolute.path, directory: absolute.deletingLastPathComponent().path, chain: [absolute.path])
+        guard case .mapping(let mapping) = root else { return "" }
+        parser.readTemplates(root)
+        var pairs: [(Node, Node)] = []
+        for (key, value) in parser.merged(root, what: "the pipeline") {
+            guard let name = key.string, name != "templates", name != "include", !name.hasPrefix("x-") else { continue }
+            if name == "steps", case .sequence(let steps) = value {
+                let resolved = steps.enumerated().map { parser.extending($1, what: "step \($0 + 1)") }
+                pairs.append((key, .sequence(Node.Sequence(resolved, steps.tag, steps.style, steps.mark))))
+            } else {
+                pairs.append((key, value))
+            }
+        }
+        return try Yams.serialize(node: .mapping(Node.Mapping(pairs, mapping.tag, mapping.style, mapping.mark)))
+    }
+
     /// Two pipelines' roots as one: `steps` lists joined (`base`'s first), every other key
     /// deep-merged (`over` winning).
     static func combine(_ base: Node, _ over: Node) -> Node {

@@ -17,26 +17,7 @@ extension PipelineParser {
         var steps: [StepDefinition] = []
         var sawSteps = false
         // Templates first: steps anywhere in the file extend them.
-        for (key, _, value) in entries(root, allowed: nil, what: "the pipeline", extensions: true)
-        where key == "templates" {
-            for (name, nameNode, template) in entries(value, allowed: nil, what: "templates") {
-                guard Identifiers.isStepID(name) else {
-                    fail(
-                        "template name '\(name)' must start with a letter and use letters, digits, _ and -",
-                        at: nameNode)
-                    continue
-                }
-                guard case .mapping = template else {
-                    fail("template \(name) must be a mapping of step keys, not \(describe(template))", at: template)
-                    continue
-                }
-                if let id = merged(template, what: "template \(name)").first(where: { $0.0.string == "id" }) {
-                    fail("template \(name) sets id; each step names itself", at: id.0)
-                    continue
-                }
-                templates[name] = template
-            }
-        }
+        readTemplates(root)
         // Top-level keys that begin with `x-` are the file's own (a place for anchors, as in
         // Compose files): not read.
         for (key, _, value) in entries(root, allowed: PipelineParser.topKeys, what: "the pipeline", extensions: true) {
@@ -77,6 +58,29 @@ extension PipelineParser {
             file: file, directory: directory, name: name ?? fileName,
             image: image ?? Located(BaseImages.defaultImage, at: at(root)), env: env, defaults: defaults,
             secrets: secrets, caches: caches, services: services, steps: steps)
+    }
+
+    /// Reads top-level `templates:` (a mapping of step keys by name, no `id`) into `templates`.
+    mutating func readTemplates(_ root: Node) {
+        for (key, value) in merged(root, what: "the pipeline") where key.string == "templates" {
+            for (name, nameNode, template) in entries(value, allowed: nil, what: "templates") {
+                guard Identifiers.isStepID(name) else {
+                    fail(
+                        "template name '\(name)' must start with a letter and use letters, digits, _ and -",
+                        at: nameNode)
+                    continue
+                }
+                guard case .mapping = template else {
+                    fail("template \(name) must be a mapping of step keys, not \(describe(template))", at: template)
+                    continue
+                }
+                if let id = merged(template, what: "template \(name)").first(where: { $0.0.string == "id" }) {
+                    fail("template \(name) sets id; each step names itself", at: id.0)
+                    continue
+                }
+                templates[name] = template
+            }
+        }
     }
 
     /// A step with its `extends:` applied, as GitLab applies it: each template named (in order;
@@ -120,7 +124,10 @@ extension PipelineParser {
             let resolved = extending(template, what: "template \(name.value)", chain: chain + [name.value])
             base = base.map { PipelineParser.deepMerge($0, resolved) } ?? resolved
         }
-        return base.map { PipelineParser.deepMerge($0, own) } ?? own
+        guard let base, case .mapping(let result) = PipelineParser.deepMerge(base, own) else { return own }
+        // The step's id first, as it was written (the templates' keys come before its own).
+        let ordered = result.filter { $0.key.string == "id" } + result.filter { $0.key.string != "id" }
+        return .mapping(Node.Mapping(ordered.map { ($0.key, $0.value) }, result.tag, result.style, result.mark))
     }
 
     /// `over` laid on `base`: mappings merge key by key (recursively), anything else replaces.
