@@ -12,12 +12,7 @@ extension PipelineParser {
         guard case .mapping(let mapping) = root else { return root }
         let pairs = merged(root, what: "the pipeline")
         guard let include = pairs.first(where: { $0.0.string == "include" }) else { return root }
-        let names: [Located<String>]
-        if case .sequence = include.1 {
-            names = stringList(include.1, what: "include")
-        } else {
-            names = string(include.1, what: "include").map { [$0] } ?? []
-        }
+        let names = oneOrMore(include.1, what: "include")
         var parts: [Node] = []
         let here = URL(fileURLWithPath: path).deletingLastPathComponent().path
         for name in names {

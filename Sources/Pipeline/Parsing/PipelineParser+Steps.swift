@@ -94,12 +94,7 @@ extension PipelineParser {
         let own = Node.mapping(
             Node.Mapping(pairs.filter { $0.0.string != "extends" }, mapping.tag, mapping.style, mapping.mark))
         guard let extends = pairs.first(where: { $0.0.string == "extends" }) else { return own }
-        let names: [Located<String>]
-        if case .sequence = extends.1 {
-            names = stringList(extends.1, what: "extends")
-        } else {
-            names = string(extends.1, what: "extends").map { [$0] } ?? []
-        }
+        let names = oneOrMore(extends.1, what: "extends")
         var base: Node?
         for name in names {
             if let cycle = chain.firstIndex(of: name.value) {

@@ -125,6 +125,12 @@ extension PipelineParser {
         }
     }
 
+    /// One value or a list of them (`extends: a` or `extends: [a, b]`).
+    mutating func oneOrMore(_ node: Node, what: String) -> [Located<String>] {
+        if case .sequence = node { return stringList(node, what: what) }
+        return string(node, what: what).map { [$0] } ?? []
+    }
+
     mutating func stringList(_ node: Node, what: String) -> [Located<String>] {
         switch node {
         case .scalar: return string(node, what: what).map { [$0] } ?? []
