@@ -407,68 +407,53 @@ enum SrunProcess {
             // a signalled srun kills its step; the coordinator cancels by scancel instead.
             spawned = try ChildProcess.spawn(argv, stdinFD: memfd, captureStdout: true, ownProcessGroup: true)
         }
-        var fds = [spawned.stdout!, spawned.stderr]
-        defer { for fd in fds where fd >= 0 { close(fd) } }
         var frames: [StepFrame] = []
         var pendingOut: [UInt8] = []
         var pendingErr: [UInt8] = []
         var tail: [String] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
         // Cancelling runs scancel at once; again every half second until srun ends (the job
         // may not have been queued yet at the first).
         var lastScancel: Double?
-        while fds.contains(where: { $0 >= 0 }) {
-            if cancel.isSet {
+        do {
+            try ChildProcess.drain(spawned, every: 0.1) {
+                guard cancel.isSet else { return }
                 if let last = lastScancel, Monotonic.now - last >= 0.5 {
                     lastScancel = Monotonic.now
                     scancel()
                 } else if lastScancel == nil {
                     lastScancel = Monotonic.now
                 }
-            }
-            var polls = fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-            let rc = poll(&polls, nfds_t(polls.count), 100)
-            if rc < 0 && errno == EINTR { continue }
-            guard rc >= 0 else {
-                // Never leave the job behind: cancel it and wait for srun.
-                let error = SandboxError.system("poll(srun)")
-                scancel()
-                _ = try? ChildProcess.wait(spawned.pid, argv[0])
-                throw error
-            }
-            for i in polls.indices where polls[i].fd >= 0 && polls[i].revents != 0 {
-                let n = buffer.withUnsafeMutableBytes { read(polls[i].fd, $0.baseAddress, $0.count) }
-                if n < 0 && errno == EINTR { continue }
-                if n <= 0 {
-                    close(fds[i])
-                    fds[i] = -1
-                    continue
-                }
-                if i == 0 {
-                    pendingOut += buffer[0..<n]
-                    while let newline = pendingOut.firstIndex(of: UInt8(ascii: "\n")) {
-                        let line = Array(pendingOut[..<newline])
-                        pendingOut.removeSubrange(...newline)
-                        if let frame = try? StepFrame.decoder.decode(StepFrame.self, from: Data(line)) {
-                            frames.append(frame)
-                            if frame.event == .started {
-                                cancel.jobID = frame.job
-                                log.placed(Placement(executor: "slurm", node: frame.host, jobID: frame.job))
-                            }
-                        } else {
-                            log.append(line + [UInt8(ascii: "\n")])
-                        }
-                    }
-                } else {
-                    log.append(Array(buffer[0..<n]))
-                    pendingErr += buffer[0..<n]
+            } onChunk: { isStderr, chunk in
+                if isStderr {
+                    log.append(Array(chunk))
+                    pendingErr += chunk
                     while let newline = pendingErr.firstIndex(of: UInt8(ascii: "\n")) {
                         tail.append(String(decoding: pendingErr[..<newline], as: UTF8.self))
                         pendingErr.removeSubrange(...newline)
                         if tail.count > 8 { tail.removeFirst() }
                     }
+                    return
+                }
+                pendingOut += chunk
+                while let newline = pendingOut.firstIndex(of: UInt8(ascii: "\n")) {
+                    let line = Array(pendingOut[..<newline])
+                    pendingOut.removeSubrange(...newline)
+                    if let frame = try? StepFrame.decoder.decode(StepFrame.self, from: Data(line)) {
+                        frames.append(frame)
+                        if frame.event == .started {
+                            cancel.jobID = frame.job
+                            log.placed(Placement(executor: "slurm", node: frame.host, jobID: frame.job))
+                        }
+                    } else {
+                        log.append(line + [UInt8(ascii: "\n")])
+                    }
                 }
             }
+        } catch {
+            // Never leave the job behind: cancel it and wait for srun.
+            scancel()
+            _ = try? ChildProcess.wait(spawned.pid, argv[0])
+            throw error
         }
         if !pendingErr.isEmpty { tail.append(String(decoding: pendingErr, as: UTF8.self)) }
         return Ended(status: try ChildProcess.wait(spawned.pid, argv[0]), frames: frames, stderrTail: tail)

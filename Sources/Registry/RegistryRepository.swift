@@ -53,6 +53,12 @@ public final class RegistryRepository: Sendable {
         return (try? JSONDecoder().decode(OCI.Document.self, from: data))?.annotations ?? [:]
     }
 
+    /// The registry refused a manifest for a blob it does not hold (yet).
+    static func blobNotYetThere(_ error: any Error) -> Bool {
+        guard let cause = (error as? SandboxError)?.cause as? RegistryError else { return false }
+        return cause.codes.contains { $0 == "MANIFEST_BLOB_UNKNOWN" || $0 == "BLOB_UNKNOWN" }
+    }
+
     /// Pushes `image` (or a record of no layers, for its annotations alone) under `tag`, or
     /// by digest alone when `tag` is nil; returns the manifest's digest.
     ///
@@ -66,7 +72,7 @@ public final class RegistryRepository: Sendable {
             do {
                 return try RegistryPusher(store: store, credentials: client.credentials, allowHTTP: allowHTTP)
                     .push(image, tag: tag, annotations: annotations, client: client, known: known)
-            } catch  where attempt < 3 && "\(error)".contains("BLOB_UNKNOWN") {
+            } catch  where attempt < 3 && RegistryRepository.blobNotYetThere(error) {
                 attempt += 1
                 for digest in image?.layers ?? [] { known[digest] = nil }
                 usleep(UInt32(200_000 * attempt))

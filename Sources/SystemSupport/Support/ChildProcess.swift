@@ -22,15 +22,37 @@ public enum ChildProcess {
         let spawned = try spawn(argv, environment: environment, stdinFD: stdinFD, captureStdout: true)
         var out: [UInt8] = []
         var err: [UInt8] = []
-        var pending: [Int32: [UInt8]] = [:]
-        var fds = [spawned.stdout!, spawned.stderr]
+        var pending: [Bool: [UInt8]] = [:]
+        try drain(spawned) { isStderr, chunk in
+            if isStderr { err.append(contentsOf: chunk) } else { out.append(contentsOf: chunk) }
+            guard let onLine else { return }
+            var line = pending[isStderr, default: []] + chunk
+            while let newline = line.firstIndex(of: UInt8(ascii: "\n")) {
+                onLine(String(decoding: line[..<newline], as: UTF8.self))
+                line.removeSubrange(...newline)
+            }
+            pending[isStderr] = line
+        }
+        return Output(status: try wait(spawned.pid, argv[0]), stdout: out, stderr: err)
+    }
+
+    /// Reads a started child's captured stdout and stderr until both end, handing each chunk
+    /// to `onChunk` (true: stderr) as it comes, and calling `tick` at least every `interval`
+    /// seconds meanwhile (a caller's own deadlines). Closes the streams; the caller waits.
+    public static func drain(
+        _ spawned: Spawned, every interval: Double? = nil, tick: () -> Void = {},
+        onChunk: (_ isStderr: Bool, _ chunk: ArraySlice<UInt8>) -> Void
+    ) throws {
+        var fds = [spawned.stdout ?? -1, spawned.stderr]
         defer { for fd in fds where fd >= 0 { close(fd) } }
         var buffer = [UInt8](repeating: 0, count: 65536)
+        let timeout = interval.map { Int32(($0 * 1000).rounded(.up)) } ?? -1
         while fds.contains(where: { $0 >= 0 }) {
+            tick()
             var polls = fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-            let rc = poll(&polls, nfds_t(polls.count), -1)
+            let rc = poll(&polls, nfds_t(polls.count), timeout)
             if rc < 0 && errno == EINTR { continue }
-            guard rc >= 0 else { throw SandboxError.system("poll(\(argv[0]))") }
+            guard rc >= 0 else { throw SandboxError.system("poll(child \(spawned.pid))") }
             for i in polls.indices where polls[i].fd >= 0 && polls[i].revents != 0 {
                 let n = buffer.withUnsafeMutableBytes { read(polls[i].fd, $0.baseAddress, $0.count) }
                 if n < 0 && errno == EINTR { continue }
@@ -39,19 +61,9 @@ public enum ChildProcess {
                     fds[i] = -1
                     continue
                 }
-                let chunk = buffer[0..<n]
-                if i == 0 { out.append(contentsOf: chunk) } else { err.append(contentsOf: chunk) }
-                if let onLine {
-                    var line = pending[polls[i].fd, default: []] + chunk
-                    while let newline = line.firstIndex(of: UInt8(ascii: "\n")) {
-                        onLine(String(decoding: line[..<newline], as: UTF8.self))
-                        line.removeSubrange(...newline)
-                    }
-                    pending[polls[i].fd] = line
-                }
+                onChunk(i == 1, buffer[0..<n])
             }
         }
-        return Output(status: try wait(spawned.pid, argv[0]), stdout: out, stderr: err)
     }
 
     /// A started child: its pid and the read ends of its captured streams (the caller closes

@@ -17,10 +17,10 @@ struct SlurmBench {
     static let width = 64
     static let stepSeconds = 0.5
 
-    func pipeline(salt: String) -> String {
+    func pipeline(salt: String, width: Int = SlurmBench.width) -> String {
         var yaml = "name: bench-slurm\nimage: busybox\nenv: {SALT: \(salt)}\nsteps:\n"
         yaml += "  - id: base\n    run: sleep \(SlurmBench.stepSeconds); echo base > /base\n"
-        for i in 1...SlurmBench.width {
+        for i in 1...width {
             yaml += "  - id: s\(i)\n    from: base\n    run: sleep \(SlurmBench.stepSeconds); echo \(i) > /f\n"
         }
         return yaml
@@ -93,12 +93,17 @@ struct SlurmBench {
         var localOverheads: [Double] = []
         var bare: [Double] = []
         var bareOverheads: [Double] = []
+        var alone: [Double] = []
         for round in 1...rounds {
             let file = work + "/p\(round).yaml"
             try pipeline(salt: UUID().uuidString).write(toFile: file, atomically: true, encoding: .utf8)
             let cold = try run(file, home: work + "/coordinator", extra: slurm)
             cluster.append(cold.seconds)
             clusterOverheads += cold.overheads
+            // One step alone after its parent: the dispatch with nothing beside it.
+            let single = work + "/one\(round).yaml"
+            try pipeline(salt: UUID().uuidString, width: 1).write(toFile: single, atomically: true, encoding: .utf8)
+            alone += try run(single, home: work + "/coordinator", extra: slurm).overheads.suffix(1)
             let before = try jobCount()
             let rerun = try run(file, home: work + "/coordinator", extra: slurm)
             guard rerun.hits == rerun.steps else {
@@ -141,6 +146,9 @@ struct SlurmBench {
         row("contree run --executor slurm", cluster, clusterOverheads)
         row("contree run, local (--jobs \(cpus))", local, localOverheads)
         row("srun sleep (xargs -P \(cpus)), no contree", bare, bareOverheads)
+        print(
+            "one step alone after its parent, --executor slurm: \(ms(median(alone))) above its \(SlurmBench.stepSeconds) s; bare srun one at a time: \(ms(median(bareOverheads)))"
+        )
         print(
             String(
                 format: "cluster / local wall: %.2f; contree's dispatch above bare srun, per step: %@",
