@@ -221,7 +221,8 @@ struct RobustnessTests {
             #expect(closed)
             #expect(try await server.wait(op)[path: "metadata.result.stdout.value"] as? String == "piped\n")
         }
-        let op = try await server.spawn(#"{"command":"sleep 5","image":"busybox","shell":true}"#)
+        // Long enough that a loaded machine cannot end it before the cancel below.
+        let op = try await server.spawn(#"{"command":"sleep 300","image":"busybox","shell":true}"#)
         for signal in ["STOP", "SIGSTOP", "19"] {
             let reply = try await server.request("DELETE", "/v1/operations/\(op)/subprocesses/1?signal=\(signal)")
             #expect(reply.status == 400, "\(signal): \(reply.status)")
