@@ -278,8 +278,11 @@ struct ValidateCommand: ParsableCommand {
             return
         }
         let steps = plan.definition.steps.count
+        let dynamic = plan.nodes.filter { $0.kind == .dynamic }.count
         Swift.print(
             "\(pipeline): valid — \(steps) step\(steps == 1 ? "" : "s"), \(plan.nodes.count) node\(plan.nodes.count == 1 ? "" : "s") after expansion"
+                + (dynamic == 0
+                    ? "" : " (\(dynamic) of them dynamic: \(dynamic == 1 ? "a matrix that expands" : "matrices that expand") while it runs)")
         )
     }
 }

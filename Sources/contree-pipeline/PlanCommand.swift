@@ -91,7 +91,10 @@ struct PlanCommand: ParsableCommand {
             for e in explanations {
                 guard let node = plan.node(e.node) else { continue }
                 var entry = Entry(node: e.node, state: "miss", reason: "", key: e.key)
-                if node.kind == .select {
+                if node.kind == .dynamic {
+                    entry.state = "dynamic"
+                    entry.reason = e.note ?? "a dynamic matrix"
+                } else if node.kind == .select {
                     let variantsHit = node.variantNodes.allSatisfy { v in
                         entries.contains { $0.node == v && $0.state == "hit" }
                     }
@@ -115,7 +118,8 @@ struct PlanCommand: ParsableCommand {
                 }
                 entries.append(entry)
             }
-            let misses = entries.filter { $0.state == "miss" }
+            // What a dynamic matrix will run is not known: it counts as what would run.
+            let misses = entries.filter { $0.state == "miss" || $0.state == "dynamic" }
             return Summary(
                 pipeline: plan.definition.name, nodes: entries, hits: entries.count - misses.count,
                 misses: misses.count, estimatedSeconds: misses.compactMap(\.lastWallSeconds).reduce(0, +))

@@ -61,6 +61,33 @@ struct ExamplesRunTests {
         #expect(report.log("refine").contains("kept newton: 1.414213562373"))
     }
 
+    @Test("monorepo: include, templates, anchors and a dynamic matrix; one package more is one instance more")
+    func monorepo() async throws {
+        let w = try Workspace()
+        try Repository.copyExamples(to: w)
+        let file = "monorepo/pipeline.yaml"
+        let first = try await w.run(file: file)
+        #expect(first.status == .passed, "\(first.nodes.map { ($0.node, $0.status, $0.reason ?? "") })")
+        #expect(Set(first.ran) == ["discover", "tools", "test[pkg=cli]", "test[pkg=core]", "summary"])
+        #expect(first.log("summary").contains("tested cli, core"))
+        #expect(first.log("test[pkg=core]").contains("core: 2 tests, 0 failed"))
+        #expect(
+            Set(first.nodes.flatMap(\.artifacts).map(\.path)) == [
+                "/workspace/build/test-results/cli.xml", "/workspace/build/test-results/core.xml",
+            ])
+        #expect(try await w.run(file: file).ran.isEmpty)
+
+        // A new package: discover lists it, and only its instance (and the summary) run.
+        try w.write("monorepo/packages/web/test.sh", "echo web ok\n")
+        let grown = try await w.run(file: file)
+        #expect(Set(grown.ran) == ["discover", "test[pkg=web]", "summary"])
+        #expect(Set(grown.hits) == ["tools", "test[pkg=cli]", "test[pkg=core]"])
+        // A change in one package reruns its instance alone.
+        try w.write("monorepo/packages/cli/main.sh", "greet() { echo \"hello, $1\"; }\n")
+        let edited = try await w.run(file: file)
+        #expect(Set(edited.ran) == ["test[pkg=cli]"])
+    }
+
     @Test("fix-and-rerun fails, is fixed, and reruns only the failed step and what follows")
     func fixAndRerun() async throws {
         let w = try Workspace()

@@ -10,12 +10,17 @@ final class FakeExecutor: Sendable {
     let outcomes: [String: NodeStatus]
     /// Steps that wait until they are cancelled (a long step fail-fast or Ctrl-C stops).
     let hanging: Set<String>
+    /// What passed steps write to $CONTREE_OUTPUT, by step id.
+    let outputs: [String: [String: String]]
     private let log = Mutex<[String]>([])
     private let concurrent = Mutex((now: 0, most: 0))
 
-    init(_ outcomes: [String: NodeStatus] = [:], hanging: Set<String> = []) {
+    init(
+        _ outcomes: [String: NodeStatus] = [:], hanging: Set<String> = [], outputs: [String: [String: String]] = [:]
+    ) {
         self.outcomes = outcomes
         self.hanging = hanging
+        self.outputs = outputs
     }
 
     var started: [String] { log.withLock { $0 } }
@@ -36,7 +41,10 @@ final class FakeExecutor: Sendable {
             await Task.yield()
         }
         if case .node(let parent) = node.parent { result.parentImage = results[parent]?.resultImage }
-        if result.status == .passed { result.resultImage = "image-of-" + node.id }
+        if result.status == .passed {
+            result.resultImage = "image-of-" + node.id
+            result.outputs = outputs[node.step] ?? [:]
+        }
         if result.status == .failed, node.continueOnError { result.toleratedFailure = true }
         return result
     }

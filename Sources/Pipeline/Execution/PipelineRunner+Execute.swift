@@ -27,6 +27,7 @@ extension PipelineRunner {
             switch node.kind {
             case .run: try await executeRun(node, results: results, context: context, log: log, into: &result)
             case .select: try await executeSelect(node, results: results, context: context, log: log, into: &result)
+            case .dynamic: throw PipelineError(.invalid, "\(node.id) is a dynamic matrix the scheduler expands; it never runs")
             }
         } catch is CancellationError {
             result.status = .cancelled

@@ -61,6 +61,8 @@ public enum RunEvent: Sendable {
     /// A step's executor placed it: the machine (and job) it runs on.
     case nodePlaced(String, Placement)
     case nodeFinished(NodeResult)
+    /// A dynamic matrix expanded: the plan from now on.
+    case planExpanded(PipelinePlan)
     case finished(RunReport)
 }
 
@@ -72,7 +74,9 @@ public protocol RunObserver: Sendable {
 /// Runs a planned pipeline on the snapshot engine: a DAG scheduler with bounded parallelism
 /// that reuses cached steps by key, executes the rest, and writes the run's reports.
 public final class PipelineRunner: Sendable {
-    public let plan: PipelinePlan
+    /// The plan as it stands: it grows as dynamic matrices expand.
+    public var plan: PipelinePlan { current.withLock { $0 } }
+    private let current: Mutex<PipelinePlan>
     public let engine: SandboxEngine
     public let cache: StepCache
     public let options: RunOptions
@@ -103,7 +107,7 @@ public final class PipelineRunner: Sendable {
         plan: PipelinePlan, engine: SandboxEngine, steps: any StepExecutor, options: RunOptions = RunOptions(),
         observer: (any RunObserver)? = nil
     ) throws {
-        self.plan = plan
+        self.current = Mutex(plan)
         self.engine = engine
         self.steps = SharedKeyExecutor(steps)
         self.cache = try StepCache(store: engine.store)
@@ -265,7 +269,8 @@ public final class PipelineRunner: Sendable {
         schedule.stepImages = context.stepImages.mapValues(\.uuid)
         await PipelineRunner.drive(
             &schedule, execute: { node, results in await self.execute(node, results: results, context: context) },
-            observer: observer, record: record)
+            observer: observer, record: record, expanded: { plan in self.current.withLock { $0 = plan } })
+        notes.withLock { $0 += schedule.notes }
         return schedule.results
     }
 
@@ -276,12 +281,18 @@ public final class PipelineRunner: Sendable {
     static func drive(
         _ schedule: inout Schedule,
         execute: @escaping @Sendable (PlanNode, [String: NodeResult]) async -> NodeResult,
-        observer: (any RunObserver)?, record: (NodeResult) -> Void
+        observer: (any RunObserver)?, record: (NodeResult) -> Void,
+        expanded: (PipelinePlan) -> Void = { _ in }
     ) async {
         let registry = TaskRegistry()
         await withTaskGroup(of: NodeResult.self) { group in
             func apply() {
+                let expansions = schedule.plan.expansions.count
                 let (start, settled) = schedule.advance(cancelled: Task.isCancelled)
+                if schedule.plan.expansions.count != expansions {
+                    expanded(schedule.plan)
+                    observer?.handle(.planExpanded(schedule.plan))
+                }
                 for verdict in settled {
                     record(verdict)
                     observer?.handle(.nodeFinished(verdict))

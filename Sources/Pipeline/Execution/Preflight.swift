@@ -29,7 +29,8 @@ public struct Preflight: Sendable {
     public func check() -> (secrets: [String: String], problems: [PipelineError]) {
         var problems: [PipelineError] = []
         for step in definition.steps {
-            for input in step.inputs {
+            // A pattern with matrix values is checked for each instance as it runs.
+            for input in step.inputs where input.matrixNames.isEmpty {
                 do {
                     _ = try InputResolver.resolve(input, directory: definition.directory, workdir: "/")
                 } catch let error as PipelineError {

@@ -4,7 +4,8 @@
 /// carries its decisions out, running each started node with the function it is given, and
 /// tests drive it by hand.
 struct Schedule {
-    let plan: PipelinePlan
+    /// Grows as dynamic matrices expand (`expand`).
+    private(set) var plan: PipelinePlan
     /// Nodes running at once.
     let jobs: Int
     /// After a failure, run every branch that does not depend on it.
@@ -13,7 +14,9 @@ struct Schedule {
     let baseImage: String
     /// Steps' own `image:` references, resolved to image UUIDs.
     var stepImages: [String: String] = [:]
-    private let preparer: StepPreparer
+    private(set) var preparer: StepPreparer
+    /// What the run should say about its expansions (an empty matrix).
+    private(set) var notes: [String] = []
 
     private(set) var results: [String: NodeResult] = [:]
     /// Not started and not settled, in plan order.
@@ -55,12 +58,34 @@ struct Schedule {
                 index = 0  // a decision may unblock earlier nodes
                 continue
             }
+            if node.kind == .dynamic {
+                pending.remove(at: index)
+                if let failure = expand(node) {
+                    results[node.id] = failure
+                    settled.append(failure)
+                }
+                index = 0
+                continue
+            }
             guard running.count < jobs else { break }
             pending.remove(at: index)
             running.insert(node.id)
             start.append(node)
         }
         return (start, settled)
+    }
+
+    /// Goes on with `next`, a plan that holds every node of this one but a dynamic node it
+    /// expanded (and what came after that node): what has not started is what `next` has
+    /// and neither ran nor runs.
+    mutating func adopt(_ next: PipelinePlan) {
+        let before = Set(plan.nodes.map(\.step))
+        plan = next
+        preparer = StepPreparer(plan: next)
+        pending = next.nodes.filter { results[$0.id] == nil && !running.contains($0.id) }
+        for step in before.subtracting(next.nodes.map(\.step)).sorted() {
+            notes.append("\(step) has no instances: its dynamic matrix (or one it comes from) expanded to an empty list")
+        }
     }
 
     /// Records a node that ran. - Returns: whether fail-fast must stop the nodes running now

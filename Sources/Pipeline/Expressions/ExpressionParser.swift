@@ -14,6 +14,7 @@ struct ExpressionParser {
     static let functions: [String: ClosedRange<Int>] = [
         "success": 0...0, "failure": 0...0, "always": 0...0, "cancelled": 0...0,
         "contains": 2...2, "startsWith": 2...2, "endsWith": 2...2, "format": 1...20,
+        "fromJSON": 1...1, "toJSON": 1...1, "join": 1...2,
     ]
 
     private let text: [Character]
@@ -148,7 +149,7 @@ struct ExpressionParser {
             }
             guard arity.contains(args.count) else {
                 throw error(
-                    "\(name) takes \(arity.lowerBound == arity.upperBound ? "\(arity.lowerBound)" : "\(arity.lowerBound) to \(arity.upperBound)") arguments, got \(args.count)",
+                    "\(name) takes \(arity.lowerBound == arity.upperBound ? "\(arity.lowerBound)" : "\(arity.lowerBound) to \(arity.upperBound)") argument\(arity.upperBound == 1 ? "" : "s"), got \(args.count)",
                     at: start)
             }
             return .call(name, args, locate(start))

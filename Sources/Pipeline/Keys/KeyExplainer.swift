@@ -103,6 +103,15 @@ public struct KeyExplainer {
             var explanation = StepExplanation(
                 node: node.id, components: nil, key: nil, hit: nil, previous: nil, previousRun: nil, differences: [],
                 note: nil)
+            if node.kind == .dynamic {
+                let reads = plan.definition.step(node.step)?.matrix?.expressions.flatMap { $0.expression.references }
+                    .compactMap { $0.0.first == "steps" && $0.0.count > 1 ? $0.0[1] : nil } ?? []
+                explanation.note =
+                    "a dynamic matrix: its instances are known when \(Array(Set(reads)).sorted().joined(separator: ", ")) \(Set(reads).count == 1 ? "ends" : "end") in a run"
+                unknown[node.id] = "\(node.id) is a dynamic matrix, expanded only in a run"
+                if include(node) { explanations.append(explanation) }
+                continue
+            }
             if node.kind == .select {
                 // The kept variant (and its outputs) is known from the latest run that passed
                 // this selection.

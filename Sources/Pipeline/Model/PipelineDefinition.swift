@@ -194,11 +194,28 @@ public struct StepSettings: Sendable {
 
 /// Host files copied into the sandbox before a step runs, hashed by content.
 public struct InputDefinition: Sendable {
-    /// A path or glob (`*`, `?`, `**`) relative to the pipeline's directory.
+    /// A path or glob (`*`, `?`, `**`) relative to the pipeline's directory. It may name a
+    /// matrix value (`packages/${{ matrix.pkg }}/**`): each instance reads its own files.
     public var pattern: Located<String>
     /// Absolute directory in the sandbox; nil keeps each file's relative path under the
     /// step's working directory.
     public var destination: String?
+
+    /// `${{ matrix.NAME }}` in a pattern, with NAME.
+    static var matrixValue: Regex<(Substring, Substring)> { #/\$\{\{\s*matrix\.([A-Za-z][A-Za-z0-9_-]*)\s*\}\}/# }
+
+    /// The matrix values the pattern names.
+    var matrixNames: [String] { pattern.value.matches(of: InputDefinition.matrixValue).map { String($0.1) } }
+
+    /// The pattern with one instance's matrix values in place.
+    func rendered(_ values: [String: String]) -> InputDefinition {
+        guard pattern.value.contains("${{") else { return self }
+        var result = self
+        result.pattern.value = pattern.value.replacing(InputDefinition.matrixValue) { match in
+            values[String(match.1)] ?? ""
+        }
+        return result
+    }
 }
 
 /// When an artifact is collected.
@@ -212,12 +229,31 @@ public struct ArtifactDefinition: Sendable {
     public var when: ArtifactCondition
 }
 
+/// One axis of a matrix: its values, or (a dynamic axis) the expression that gives them once
+/// the steps it reads have ended (`${{ fromJSON(steps.discover.outputs.pkgs) }}`).
+public struct MatrixAxis: Sendable {
+    public var name: String
+    public var values: [String]
+    public var expression: Expression? = nil
+}
+
 /// `matrix:`: axes of values, with combinations added (`include`) or removed (`exclude`).
 public struct MatrixDefinition: Sendable {
-    public var axes: [(name: String, values: [String])]
+    public var axes: [MatrixAxis]
     public var include: [[String: String]]
     public var exclude: [[String: String]]
     public var location: SourceLocation
+    /// `include: ${{ ... }}`: a list of combinations (JSON objects) known once the steps it reads end.
+    public var includeExpression: Expression? = nil
+
+    /// Whether some values are known only while the pipeline runs.
+    public var isDynamic: Bool { includeExpression != nil || axes.contains { $0.expression != nil } }
+
+    /// The expressions of a dynamic matrix, with what each gives.
+    public var expressions: [(what: String, expression: Expression)] {
+        axes.compactMap { axis in axis.expression.map { ("matrix axis '\(axis.name)'", $0) } }
+            + (includeExpression.map { [("matrix include", $0)] } ?? [])
+    }
 
     /// The names `matrix.NAME` may read: the axes, then keys only an `include` adds (empty in
     /// the combinations that lack them).

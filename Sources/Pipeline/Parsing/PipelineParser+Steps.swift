@@ -516,11 +516,30 @@ extension PipelineParser {
         return result
     }
 
+    /// A dynamic matrix's list: one `${{ }}` expression and nothing else.
+    mutating func listExpression(_ node: Node, what: String) -> Expression? {
+        guard let template = template(node, what: what) else { return nil }
+        guard template.parts.count == 1, case .expression(let expression, _) = template.parts[0] else {
+            fail(
+                "\(what) must be a list, or one ${{ }} expression that gives a list when the pipeline runs, e.g. \"${{ fromJSON(steps.discover.outputs.pkgs) }}\"",
+                at: node)
+            return nil
+        }
+        return expression
+    }
+
     mutating func readMatrix(_ node: Node) -> MatrixDefinition? {
-        var axes: [(String, [String])] = []
+        var axes: [MatrixAxis] = []
         var include: [[String: String]] = []
         var exclude: [[String: String]] = []
+        var includeExpression: Expression?
+        var broken = false  // an expression refused: say that, not that nothing is left
         for (key, keyNode, value) in entries(node, allowed: nil, what: "matrix") {
+            if key == "include", case .scalar = value {
+                includeExpression = listExpression(value, what: "matrix include")
+                broken = broken || includeExpression == nil
+                continue
+            }
             if key == "include" || key == "exclude" {
                 guard case .sequence(let sequence) = value else {
                     fail("\(key) must be a list of combinations (mappings)", at: value)
@@ -539,13 +558,22 @@ extension PipelineParser {
                 fail("matrix axis '\(key)' must start with a letter and use letters, digits, _ and -", at: keyNode)
                 continue
             }
+            if case .scalar = value {
+                if let expression = listExpression(value, what: "matrix axis '\(key)'") {
+                    axes.append(MatrixAxis(name: key, values: [], expression: expression))
+                } else {
+                    broken = true
+                }
+                continue
+            }
             guard case .sequence(let sequence) = value, !sequence.isEmpty else {
                 fail("matrix axis '\(key)' must be a non-empty list of values", at: value)
                 continue
             }
-            axes.append((key, sequence.compactMap { string($0, what: "a value of \(key)")?.value }))
+            axes.append(
+                MatrixAxis(name: key, values: sequence.compactMap { string($0, what: "a value of \(key)")?.value }))
         }
-        let names = Set(axes.map(\.0))
+        let names = Set(axes.map(\.name))
         for ex in exclude {
             for key in ex.keys where !names.contains(key) {
                 fail(
@@ -553,14 +581,15 @@ extension PipelineParser {
                     at: node)
             }
         }
-        let matrix = MatrixDefinition(axes: axes, include: include, exclude: exclude, location: at(node))
+        var matrix = MatrixDefinition(axes: axes, include: include, exclude: exclude, location: at(node))
+        matrix.includeExpression = includeExpression
         // Expanded only when small: the validator refuses (without expanding) one too large.
         var product = 1
         for axis in axes {
-            let (next, overflow) = product.multipliedReportingOverflow(by: axis.1.count)
+            let (next, overflow) = product.multipliedReportingOverflow(by: axis.values.count)
             product = overflow ? Int.max : next
         }
-        if product <= PipelineValidator.maxCombinations && matrix.combinations.isEmpty {
+        if !broken && !matrix.isDynamic && product <= PipelineValidator.maxCombinations && matrix.combinations.isEmpty {
             fail("the matrix has no combinations left", at: node)
         }
         return matrix

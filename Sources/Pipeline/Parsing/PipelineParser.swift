@@ -61,7 +61,9 @@ public struct PipelineParser {
                 PipelineError(.invalid, "the file is empty; a pipeline needs at least `steps:`", at: parser.at(nil))
             ])
         }
-        let main = URL(fileURLWithPath: file.hasPrefix("/") ? file : directory + "/" + file).standardizedFileURL.path
+        // The file lives in `directory`, whatever `file` is relative to (the working directory).
+        let main = URL(fileURLWithPath: file.hasPrefix("/") ? file : directory + "/" + (file as NSString).lastPathComponent)
+            .standardizedFileURL.path
         let root = parser.including(composed, path: main, directory: directory, chain: [main])
         if !parser.errors.isEmpty { throw PipelineValidationError(parser.errors) }
         let definition = parser.readPipeline(root, directory: directory)

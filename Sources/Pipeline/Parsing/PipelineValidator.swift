@@ -183,6 +183,33 @@ struct PipelineValidator {
                 for (path, location) in expression.references {
                     check(
                         path, at: location, step: id, ancestors: ancestors[id] ?? [], axes: axes[id]?.names ?? [],
+                        env: envNames, allAxes: axes, openAxes: step.matrix?.includeExpression != nil)
+                }
+            }
+            for input in step.inputs where input.pattern.value.contains("${{") {
+                let names = input.matrixNames
+                let rest = input.pattern.value.replacing(InputDefinition.matrixValue, with: "")
+                if rest.contains("${{") || names.isEmpty {
+                    errors.append(
+                        PipelineError(
+                            .invalid,
+                            "an input pattern may name matrix values (${{ matrix.NAME }}) and nothing else: \(input.pattern.value)",
+                            at: input.pattern.location))
+                }
+                for name in names where !(axes[id]?.names.contains(name) ?? false) {
+                    errors.append(
+                        PipelineError(
+                            .invalid,
+                            "input \(input.pattern.value) names matrix.\(name), which is not an axis of step \(id)'s matrix",
+                            at: input.pattern.location))
+                }
+            }
+            // A dynamic matrix reads what comes before the step, never its own axes.
+            let inherited = (axes[id]?.names ?? []).filter { name in !(step.matrix?.names.contains(name) ?? false) }
+            for (_, expression) in step.matrix?.expressions ?? [] {
+                for (path, location) in expression.references {
+                    check(
+                        path, at: location, step: id, ancestors: ancestors[id] ?? [], axes: inherited,
                         env: envNames, allAxes: axes)
                 }
             }
@@ -222,9 +249,12 @@ struct PipelineValidator {
             guard let step = definition.step(stepID) else { continue }
             var combos = 1
             if let matrix = step.matrix {
+                // A dynamic axis counts once here; its size is checked when it expands.
                 var product = matrix.axes.isEmpty ? 0 : 1
-                for axis in matrix.axes { product = PipelineValidator.times(product, axis.values.count) }
-                combos = PipelineValidator.plus(product, matrix.include.count)
+                for axis in matrix.axes where axis.expression == nil {
+                    product = PipelineValidator.times(product, axis.values.count)
+                }
+                combos = PipelineValidator.plus(product, matrix.include.count + (matrix.includeExpression == nil ? 0 : 1))
                 guard combos <= PipelineValidator.maxCombinations else {
                     errors.append(
                         PipelineError(
@@ -265,13 +295,14 @@ struct PipelineValidator {
     /// Checks one reference: `matrix.NAME`, `steps.ID.outputs.KEY|outcome|image`, `env.NAME`.
     mutating func check(
         _ path: [String], at location: SourceLocation, step: String, ancestors: Set<String>, axes: [String],
-        env: Set<String>, allAxes: [String: (names: [String], clash: String?)]
+        env: Set<String>, allAxes: [String: (names: [String], clash: String?)], openAxes: Bool = false
     ) {
         func fail(_ message: String) { errors.append(PipelineError(.invalid, message, at: location)) }
         switch path[0] {
         case "matrix":
             guard path.count == 2 else { return fail("use matrix.NAME") }
-            if !axes.contains(path[1]) {
+            // `include: ${{ }}` names its keys only when it expands.
+            if !axes.contains(path[1]) && !openAxes {
                 var message = "matrix.\(path[1]) is not an axis of step \(step)'s matrix"
                 message += axes.isEmpty ? " (it has none)" : " (axes: \(axes.joined(separator: ", ")))"
                 if let s = Suggestion.closest(to: path[1], in: axes) { message += "; did you mean 'matrix.\(s)'?" }

@@ -11,7 +11,12 @@ public enum GraphRenderer {
         var ids: [String: String] = [:]
         for (i, node) in plan.nodes.enumerated() { ids[node.id] = "n\(i)" }
         func label(_ node: PlanNode) -> String {
-            let base = node.kind == .select ? "select \(node.id)" : node.id
+            let base =
+                switch node.kind {
+                case .select: "select \(node.id)"
+                case .dynamic: "\(node.id) dynamic"
+                case .run: node.id
+                }
             return base.replacing("\"", with: "'")
         }
         switch format {
@@ -24,7 +29,12 @@ public enum GraphRenderer {
                 node.image.flatMap { roots.firstIndex(of: $0.value) }.map { "image\($0)" } ?? "base"
             }
             for node in plan.nodes {
-                let shape = node.kind == .select ? "{{\"\(label(node))\"}}" : "[\"\(label(node))\"]"
+                let shape =
+                    switch node.kind {
+                    case .select: "{{\"\(label(node))\"}}"
+                    case .dynamic: "[/\"\(label(node))\"/]"
+                    case .run: "[\"\(label(node))\"]"
+                    }
                 lines.append("  \(ids[node.id]!)\(shape)")
             }
             for node in plan.nodes where node.parent == .image { lines.append("  \(root(node)) --> \(ids[node.id]!)") }
@@ -48,7 +58,8 @@ public enum GraphRenderer {
             }
             for node in plan.nodes {
                 lines.append(
-                    "  \(ids[node.id]!) [label=\"\(label(node))\"\(node.kind == .select ? ", shape=hexagon" : "")];")
+                    "  \(ids[node.id]!) [label=\"\(label(node))\"\(["select": ", shape=hexagon", "dynamic": ", style=\"rounded,dashed\""]["\(node.kind)"] ?? "")];"
+                )
             }
             for node in plan.nodes where node.parent == .image { lines.append("  \(root(node)) -> \(ids[node.id]!);") }
             for edge in edges {

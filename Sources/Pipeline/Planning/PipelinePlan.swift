@@ -4,6 +4,10 @@ public struct PlanNode: Sendable {
     public enum Kind: Sendable, Equatable {
         case run
         case select
+        /// A step whose matrix is known only when the steps it reads end (`fromJSON(...)`):
+        /// it stands for the step's instances until then, and the scheduler replaces it (and
+        /// what comes from it) by them.
+        case dynamic
     }
 
     /// Where a node's sandbox starts.
@@ -85,6 +89,19 @@ public struct PipelinePlan: Sendable {
     public let definition: PipelineDefinition
     public private(set) var nodes: [PlanNode] = []
     private var index: [String: Int] = [:]
+    /// The dynamic matrices known so far: a dynamic node's id -> its matrix with every value.
+    public private(set) var expansions: [String: MatrixDefinition] = [:]
+    /// What `restricted(to:)` kept, applied again after each expansion.
+    public private(set) var targets: [String] = []
+
+    /// Whether some nodes stand for matrices not expanded yet.
+    public var isDynamic: Bool { nodes.contains { $0.kind == .dynamic } }
+
+    /// The id of the node that stands for a dynamic matrix's instances in one branch:
+    /// `test[*]`, `test[os=linux,*]`.
+    static func dynamicID(_ step: String, _ values: [(name: String, value: String)]) -> String {
+        step + "[" + (values.map { "\($0.name)=\($0.value)" } + ["*"]).joined(separator: ",") + "]"
+    }
 
     public func node(_ id: String) -> PlanNode? { index[id].map { nodes[$0] } }
 
@@ -107,9 +124,11 @@ public struct PipelinePlan: Sendable {
         var values: [(name: String, value: String)]
     }
 
-    /// Expands a validated definition.
-    public init(_ definition: PipelineDefinition) {
+    /// Expands a validated definition; a dynamic matrix expands as `expansions` says, or
+    /// stays one `.dynamic` node.
+    public init(_ definition: PipelineDefinition, expansions: [String: MatrixDefinition] = [:]) {
         self.definition = definition
+        self.expansions = expansions
         let parents = PipelineValidator.parents(of: definition.steps)
         let order = PipelinePlan.order(definition)
         var exports: [String: [Export]] = [:]
@@ -125,10 +144,18 @@ public struct PipelinePlan: Sendable {
             let needed = step.needs.flatMap { exports[$0.value]?.map(\.node) ?? [] }
             var mine: [Export] = []
             for start in starts {
-                let combos = step.matrix?.combinations ?? [[:]]
+                var matrix = step.matrix
+                var combos = matrix?.combinations ?? [[:]]
+                var dynamicID: String?
+                if let dynamic = matrix, dynamic.isDynamic {
+                    let id = PipelinePlan.dynamicID(stepID, start.values)
+                    matrix = expansions[id]
+                    combos = expansions[id]?.combinations ?? [[:]]
+                    if matrix == nil { dynamicID = id }
+                }
                 for combo in combos {
                     var values = start.values
-                    for axis in step.matrix?.axes.map(\.name) ?? [] where combo[axis] != nil {
+                    for axis in matrix?.axes.map(\.name) ?? [] where combo[axis] != nil {
                         values.append((axis, combo[axis]!))
                     }
                     // Keys only an include added, in a stable order.
@@ -157,7 +184,8 @@ public struct PipelinePlan: Sendable {
                     var base = PlanNode(
                         id: stepID + suffix, step: stepID, kind: .run, values: values, variant: nil, parent: parent,
                         dependencies: parentDeps + needed, variantNodes: [], run: step.run, env: step.env,
-                        settings: settings, inputs: step.inputs, artifacts: step.artifacts, condition: step.condition,
+                        settings: settings, inputs: step.inputs.map { $0.rendered(Dictionary(values, uniquingKeysWith: { $1 })) },
+                        artifacts: step.artifacts, condition: step.condition,
                         continueOnError: step.continueOnError,
                         cache: step.cache ?? !PlanNode.reactsToFailure(step.condition),
                         secrets: step.secrets.map(\.value),
@@ -178,6 +206,13 @@ public struct PipelinePlan: Sendable {
                     }
                     base.dependencies += base.services.compactMap(\.source).filter { !base.dependencies.contains($0) }
                     base.dependencies += copies.flatMap(\.sources).filter { !base.dependencies.contains($0) }
+                    if let dynamicID {
+                        base.id = dynamicID
+                        base.kind = .dynamic
+                        add(base)
+                        mine.append(Export(node: base.id, values: values))
+                        continue
+                    }
                     if step.fork.isEmpty {
                         add(base)
                         mine.append(Export(node: base.id, values: values))
@@ -224,11 +259,18 @@ public struct PipelinePlan: Sendable {
     public func restricted(to targets: [String]) throws -> PipelinePlan {
         guard !targets.isEmpty else { return self }
         var wanted: [String] = []
+        // Nodes that stand for instances not known yet: dynamic nodes and what comes from them.
+        let unexpanded = dependents(of: Set(nodes.filter { $0.kind == .dynamic }.map(\.id)))
         for target in targets {
+            let step = String(target.prefix { $0 != "[" })
+            let dynamic = nodes(of: step).filter { unexpanded.contains($0.id) }
             if let node = node(target) {
                 wanted.append(node.id)
             } else if definition.step(target) != nil {
                 wanted += nodes(of: target).map(\.id)
+            } else if !dynamic.isEmpty {
+                // An instance of a matrix not expanded yet: kept until it is, then chosen.
+                wanted += dynamic.map(\.id)
             } else {
                 let step = String(target.prefix { $0 != "[" })
                 var message = "no step or node '\(target)' in \(definition.file)"
@@ -246,6 +288,7 @@ public struct PipelinePlan: Sendable {
             wanted += node.dependencies + node.variantNodes
         }
         var result = self
+        result.targets = targets
         result.nodes = nodes.filter { keep.contains($0.id) }
         result.index = Dictionary(uniqueKeysWithValues: result.nodes.enumerated().map { ($1.id, $0) })
         return result

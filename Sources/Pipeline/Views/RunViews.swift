@@ -146,6 +146,9 @@ final class LineView: RunObserver {
             )
         case .nodeStarted(let id):
             output.write("\(LineView.timestamp()) ▶ \(id) started\n")
+        case .planExpanded(let plan):
+            output.write(
+                "\(LineView.timestamp()) ◆ a dynamic matrix expanded: \(Plural.count(plan.nodes.count, "step")) in all\n")
         case .nodePlaced(let id, let placement):
             output.write("\(LineView.timestamp()) ▶ \(id) running \(RunViews.describe(placement))\n")
         case .nodeFinished(let result):
@@ -220,6 +223,9 @@ final class TerminalView: RunObserver {
             ticker.withLock { $0 = task }
         case .nodeStarted(let id):
             state.withLock { $0.started[id] = Date() }
+        case .planExpanded(let plan):
+            // A dynamic node gives way to its instances, in plan order.
+            state.withLock { $0.order = plan.nodes.map(\.id) }
         case .nodePlaced(let id, let placement):
             state.withLock { $0.placed[id] = RunViews.describe(placement) }
         case .nodeFinished(let result):
@@ -247,6 +253,8 @@ final class TerminalView: RunObserver {
                 } else if let started = state.started[id] {
                     let placed = state.placed[id].map { " " + $0 } ?? ""
                     lines.append("▶ \(id)  running\(placed)  \(RunViews.seconds(Date().timeIntervalSince(started)))")
+                } else if id.hasSuffix("*]") {
+                    lines.append("· \(id)  dynamic: expands when what it reads ends")
                 } else {
                     lines.append("· \(id)  queued")
                 }
