@@ -282,7 +282,8 @@ struct ValidateCommand: ParsableCommand {
         Swift.print(
             "\(pipeline): valid — \(steps) step\(steps == 1 ? "" : "s"), \(plan.nodes.count) node\(plan.nodes.count == 1 ? "" : "s") after expansion"
                 + (dynamic == 0
-                    ? "" : " (\(dynamic) of them dynamic: \(dynamic == 1 ? "a matrix that expands" : "matrices that expand") while it runs)")
+                    ? ""
+                    : " (\(dynamic) of them dynamic: \(dynamic == 1 ? "a matrix that expands" : "matrices that expand") while it runs)")
         )
     }
 }

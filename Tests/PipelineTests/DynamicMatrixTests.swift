@@ -164,7 +164,10 @@ struct DynamicMatrixTests {
             ("matrix:\n      pkg: ${{ fromJSON(matrix.pkg) }}", "6:25", "matrix.pkg is not an axis"),
             ("matrix:\n      pkg: ${{ fromJSON(1, 2) }}", "6:16", "fromJSON takes 1 argument, got 2"),
             ("matrix:\n      include: \"plain\"", "6:16", "matrix include must be a list"),
-            ("matrix: {pkg: [a]}\n    inputs: [\"p/${{ matrix.nope }}/*\"]", "6:14", "names matrix.nope, which is not an axis"),
+            (
+                "matrix: {pkg: [a]}\n    inputs: [\"p/${{ matrix.nope }}/*\"]", "6:14",
+                "names matrix.nope, which is not an axis"
+            ),
             ("matrix: {pkg: [a]}\n    inputs: [\"p/${{ env.X }}/*\"]", "6:14", "may name matrix values"),
         ])
     func refused(matrix: String, place: String, message: String) throws {

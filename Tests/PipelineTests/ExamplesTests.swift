@@ -71,6 +71,7 @@ struct ExamplesRunTests {
         #expect(Set(first.ran) == ["discover", "tools", "test[pkg=cli]", "test[pkg=core]", "summary"])
         #expect(first.log("summary").contains("tested cli, core"))
         #expect(first.log("test[pkg=core]").contains("core: 2 tests, 0 failed"))
+        #expect(first.node("test[pkg=core]")?.tests?.passed == 2, "reports: junit, from the template")
         #expect(
             Set(first.nodes.flatMap(\.artifacts).map(\.path)) == [
                 "/workspace/build/test-results/cli.xml", "/workspace/build/test-results/core.xml",

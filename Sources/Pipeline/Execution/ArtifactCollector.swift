@@ -25,8 +25,47 @@ struct ArtifactCollector {
         guard let image = try store.image(imageUUID) else { return ([], patterns) }
         let fs = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
         var records: [ArtifactRecord] = []
+        let missing = try files(patterns, in: fs, workdir: workdir) { node in
+            records.append(try export(node, of: imageUUID, from: fs, into: "artifacts/" + plan.fileName))
+        }
+        records = records.map {
+            var record = $0
+            record.node = plan.id
+            return record
+        }
+        return (records, missing)
+    }
+
+    /// Reads the regular files `patterns` match in `image` (no larger than `limit` bytes each;
+    /// `nil` contents for a larger one), in path order; returns them and the patterns that
+    /// matched nothing.
+    func readFiles(
+        _ patterns: [String], from imageUUID: String, workdir: String, limit: Int
+    ) throws -> (
+        files: [(path: String, contents: Data?)], missing: [String]
+    ) {
+        guard let image = try store.image(imageUUID) else { return ([], patterns) }
+        let fs = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
+        var found: [(path: String, contents: Data?)] = []
+        let missing = try files(patterns, in: fs, workdir: workdir) { node in
+            guard node.status.st_size <= limit else {
+                found.append((node.path.description, nil))
+                return
+            }
+            let fd = try fs.openFile(node)
+            defer { close(fd) }
+            found.append((node.path.description, Data(try FileSystem.readAll(fd: fd, path: node.path.description))))
+        }
+        return (found.sorted { $0.path < $1.path }, missing)
+    }
+
+    /// Calls `body` once for each regular file `patterns` match (under a matched directory:
+    /// each file in it); returns the patterns that matched nothing.
+    private func files(
+        _ patterns: [String], in fs: ImageFilesystem, workdir: String, _ body: (ImageFilesystem.Node) throws -> Void
+    ) throws -> [String] {
         var missing: [String] = []
-        var seen = Set<String>()  // a file matched twice (two patterns) is exported once
+        var seen = Set<String>()  // a file matched twice (two patterns) is taken once
         for pattern in patterns {
             let absolute =
                 pattern.hasPrefix("/") ? pattern : (workdir.hasSuffix("/") ? workdir : workdir + "/") + pattern
@@ -41,17 +80,11 @@ struct ArtifactCollector {
             for match in matches {
                 try fs.walk(match) { node in
                     guard node.isRegular, seen.insert(node.path.description).inserted else { return }
-                    records.append(
-                        try export(node, of: imageUUID, from: fs, into: "artifacts/" + plan.fileName))
+                    try body(node)
                 }
             }
         }
-        records = records.map {
-            var record = $0
-            record.node = plan.id
-            return record
-        }
-        return (records, missing)
+        return missing
     }
 
     private func expand(

@@ -52,7 +52,9 @@ extension MatrixDefinition {
         return result
     }
 
-    private static func list(_ expression: Expression, what: String, in scope: ExpressionScope) throws
+    private static func list(
+        _ expression: Expression, what: String, in scope: ExpressionScope
+    ) throws
         -> [ExpressionValue]
     {
         let value: ExpressionValue

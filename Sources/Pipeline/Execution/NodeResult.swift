@@ -30,6 +30,41 @@ public struct ArtifactRecord: Sendable, Codable, Equatable {
     public var size: Int64
 }
 
+/// What `flaky-check` found for a step that failed: its reruns from the same parent snapshot.
+public struct FlakeCheck: Sendable, Codable, Equatable {
+    public enum Verdict: String, Sendable, Codable {
+        /// Some reruns passed: the failure depends on something other than the inputs.
+        case flaky
+        /// Every rerun failed too.
+        case deterministic
+    }
+
+    public struct Run: Sendable, Codable, Equatable {
+        public var exitCode: Int32?
+        public var signal: Int32?
+        public var timedOut: Bool
+        public var wallSeconds: Double
+        public var snapshot: String?
+        /// Relative to the run's output directory.
+        public var log: String
+
+        enum CodingKeys: String, CodingKey {
+            case exitCode = "exit_code"
+            case signal
+            case timedOut = "timed_out"
+            case wallSeconds = "wall_seconds"
+            case snapshot, log
+        }
+    }
+
+    public var verdict: Verdict
+    public var reruns: Int
+    public var passed: Int
+    /// Flaky, and the step says `allow-flaky: true`: it passed.
+    public var allowed: Bool
+    public var runs: [Run]
+}
+
 /// One attempt of a step that ran more than once (`retries`).
 public struct AttemptRecord: Sendable, Codable, Equatable {
     public var exitCode: Int32?
@@ -107,6 +142,10 @@ public struct NodeResult: Sendable, Codable {
     public var infrastructureFailure: Bool?
     /// Every attempt, when there was more than one (`retries`).
     public var attemptRecords: [AttemptRecord]?
+    /// What the step's JUnit files said (`reports: {junit: ...}`).
+    public var tests: TestResults?
+    /// What `flaky-check` found, when the step failed and has one.
+    public var flakeCheck: FlakeCheck?
 
     /// Skipped by its own condition while what it depends on succeeded: like a skipped step of
     /// a GitHub Actions job, it leaves the workspace as it was, so it carries its parent's
@@ -146,6 +185,8 @@ public struct NodeResult: Sendable, Codable {
         case slurmJobID = "slurm_job_id"
         case infrastructureFailure = "infrastructure_failure"
         case attemptRecords = "attempt_records"
+        case tests
+        case flakeCheck = "flaky_check"
     }
 
     init(node: PlanNode, status: NodeStatus, reason: String? = nil) {

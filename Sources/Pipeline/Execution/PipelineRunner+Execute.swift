@@ -27,7 +27,8 @@ extension PipelineRunner {
             switch node.kind {
             case .run: try await executeRun(node, results: results, context: context, log: log, into: &result)
             case .select: try await executeSelect(node, results: results, context: context, log: log, into: &result)
-            case .dynamic: throw PipelineError(.invalid, "\(node.id) is a dynamic matrix the scheduler expands; it never runs")
+            case .dynamic:
+                throw PipelineError(.invalid, "\(node.id) is a dynamic matrix the scheduler expands; it never runs")
             }
         } catch is CancellationError {
             result.status = .cancelled
@@ -138,6 +139,7 @@ extension PipelineRunner {
             result.metrics = hit.record?.metrics
             try await collectArtifacts(
                 node, image: hit.resultImage, workdir: workdir, passed: true, log: log, into: &result)
+            await readTestReports(node, image: hit.resultImage, workdir: workdir, log: log, into: &result)
             return
         }
         if options.failOnCacheMiss {
@@ -178,7 +180,17 @@ extension PipelineRunner {
                 }
             }, services: services)
         request.retry = node.settings.retries ?? RetryPolicy(max: 0)
-        let run = try await steps.run(request, log: log)
+        var run = try await steps.run(request, log: log)
+        if run.record.exitCode != 0, let reruns = plan.definition.step(node.step)?.flakyCheck {
+            let (check, passing) = try await flakeCheck(
+                node, request, reruns: reruns, secrets: context.secrets, log: log)
+            result.flakeCheck = check
+            if let passing, check.allowed {
+                log.note(
+                    "allow-flaky: going on from a rerun that passed (\(passing.record.resultImage ?? "no snapshot"))")
+                run = passing
+            }
+        }
         result.attempts = run.attempts
         if run.history.count > 1 { result.attemptRecords = run.history.map(AttemptRecord.init) }
         if let placement = run.placement {
@@ -206,6 +218,14 @@ extension PipelineRunner {
         let passed = record.exitCode == 0
         result.status = passed ? .passed : .failed
         if !passed { result.reason = PipelineRunner.describe(record) }
+        if let check = result.flakeCheck {
+            let verdict = "\(check.verdict.rawValue): \(check.passed) of \(check.reruns) reruns passed"
+            result.reason =
+                passed
+                ? "flaky (allow-flaky): it failed, then \(check.passed) of \(check.reruns) reruns passed"
+                : (result.reason ?? "failed") + "; "
+                    + (check.verdict == .flaky ? verdict + " (allow-flaky: true lets a flaky step pass)" : verdict)
+        }
         if passed, let image = record.resultImage {
             // Only successes are served as hits; a failure's snapshot stays for `shell`.
             try cache.remember(
@@ -213,8 +233,87 @@ extension PipelineRunner {
                 log: log.written(last: StepCache.logLimit))
         }
         if let image = record.resultImage {
+            await readTestReports(node, image: image, workdir: workdir, log: log, into: &result)
             try await collectArtifacts(node, image: image, workdir: workdir, passed: passed, log: log, into: &result)
         }
+    }
+
+    /// `flaky-check: N`: runs a failed step N more times at once, each from the same parent
+    /// snapshot with a log of its own (`NODE.flaky-I.log`), and tells flaky (some passed) from
+    /// deterministic (none did). - Returns: the verdict, and the first rerun that passed.
+    private func flakeCheck(
+        _ node: PlanNode, _ failedRequest: StepRequest, reruns: Int, secrets: [String: String], log: StepLog
+    ) async throws -> (FlakeCheck, StepOutcome?) {
+        try Task.checkCancellation()
+        log.note("flaky-check: the step failed; running it \(reruns) more times from the same parent snapshot")
+        var single = failedRequest
+        single.attempts = 1
+        single.retry = RetryPolicy(max: 0)
+        let request = single
+        let outcomes = try await withThrowingTaskGroup(of: (Int, StepOutcome, String).self) { group in
+            for index in 1...reruns {
+                group.addTask { [steps, outDir] in
+                    let name = "logs/\(node.fileName).flaky-\(index).log"
+                    let rerunLog = StepLog(path: outDir + "/" + name, secrets: secrets)
+                    defer { rerunLog.close() }
+                    return (index, try await steps.runUnshared(request, log: rerunLog), name)
+                }
+            }
+            var all: [(Int, StepOutcome, String)] = []
+            for try await outcome in group { all.append(outcome) }
+            return all.sorted { $0.0 < $1.0 }
+        }
+        try Task.checkCancellation()
+        let passing = outcomes.first { $0.1.record.exitCode == 0 }?.1
+        let passed = outcomes.filter { $0.1.record.exitCode == 0 }.count
+        let check = FlakeCheck(
+            verdict: passed > 0 ? .flaky : .deterministic, reruns: reruns, passed: passed,
+            allowed: passed > 0 && plan.definition.step(node.step)?.allowFlaky == true,
+            runs: outcomes.map { _, outcome, name in
+                FlakeCheck.Run(
+                    exitCode: outcome.record.exitCode, signal: outcome.record.signal,
+                    timedOut: outcome.record.timedOut, wallSeconds: outcome.record.metrics.wallSeconds,
+                    snapshot: outcome.record.resultImage, log: name)
+            })
+        log.note(
+            "flaky-check: \(passed) of \(reruns) reruns passed: \(check.verdict.rawValue)"
+                + " (exit statuses: \(outcomes.map { $0.1.record.exitCode.map(String.init) ?? "killed" }.joined(separator: ", ")); logs: \(outcomes.map(\.2).joined(separator: ", ")))"
+        )
+        return (check, passing)
+    }
+
+    /// Reads the step's JUnit files (`reports: {junit: ...}`) out of its snapshot, passed or
+    /// failed. What cannot be read (no match, bad XML, too large) is a note in the log and the
+    /// report, never a failure.
+    private func readTestReports(
+        _ node: PlanNode, image: String, workdir: String, log: StepLog, into result: inout NodeResult
+    ) async {
+        let patterns = plan.definition.step(node.step)?.junitReports.map(\.value) ?? []
+        guard !patterns.isEmpty else { return }
+        let collector = ArtifactCollector(store: engine.store, outDir: outDir)
+        var tests = TestResults()
+        do {
+            let (files, missing) = try await BlockingPool.files.run {
+                try collector.readFiles(patterns, from: image, workdir: workdir, limit: TestResults.fileLimit)
+            }
+            for (path, contents) in files {
+                guard let contents else {
+                    tests.note("\(path) is larger than \(ByteCount.format(Int64(TestResults.fileLimit))); not read")
+                    continue
+                }
+                tests.read(contents, file: path)
+            }
+            for pattern in missing { tests.note("reports.junit '\(pattern)' matched nothing in the snapshot") }
+        } catch {
+            tests.note("the test reports could not be read: \(error)")
+        }
+        for note in tests.notes ?? [] { log.note(note) }
+        if tests.total > 0 {
+            log.note(
+                "tests: \(tests.total) in \(Plural.count(tests.files.count, "report")): \(tests.passed) passed, \(tests.failed) failed, \(tests.errors) errors, \(tests.skipped) skipped"
+            )
+        }
+        result.tests = tests
     }
 
     /// The image each of the node's services starts from: the snapshot its `from` names, its

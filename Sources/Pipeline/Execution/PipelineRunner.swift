@@ -84,7 +84,7 @@ public final class PipelineRunner: Sendable {
     public let runID: String
     public let outDir: String
     /// What runs the steps that miss the cache.
-    let steps: any StepExecutor
+    let steps: SharedKeyExecutor
     /// The score keys this run used, with their text (published by `--cache-to`).
     let scoresUsed = Mutex<[String: String]>([:])
     /// The run's own notes (`RunReport.notes`).

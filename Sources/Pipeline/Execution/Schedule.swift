@@ -84,7 +84,8 @@ struct Schedule {
         preparer = StepPreparer(plan: next)
         pending = next.nodes.filter { results[$0.id] == nil && !running.contains($0.id) }
         for step in before.subtracting(next.nodes.map(\.step)).sorted() {
-            notes.append("\(step) has no instances: its dynamic matrix (or one it comes from) expanded to an empty list")
+            notes.append(
+                "\(step) has no instances: its dynamic matrix (or one it comes from) expanded to an empty list")
         }
     }
 

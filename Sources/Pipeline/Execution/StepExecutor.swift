@@ -202,6 +202,12 @@ final class SharedKeyExecutor: StepExecutor {
 
     init(_ inner: any StepExecutor) { self.inner = inner }
 
+    /// Runs the request on its own, even while another with its key runs (`flaky-check`'s
+    /// reruns of one failed step).
+    func runUnshared(_ request: StepRequest, log: StepLog) async throws -> StepOutcome {
+        try await inner.run(request, log: log)
+    }
+
     func run(_ request: StepRequest, log: StepLog) async throws -> StepOutcome {
         let (task, first) = running.withLock { running -> (Task<StepOutcome, any Error>, String?) in
             if let (node, task) = running[request.key] {

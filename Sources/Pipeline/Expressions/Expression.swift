@@ -43,7 +43,8 @@ public enum ExpressionValue: Sendable, Equatable {
         case .null: return "null"
         case .array(let items): return "[" + items.map(\.json).joined(separator: ",") + "]"
         case .object(let fields):
-            return "{" + fields.keys.sorted().map { ExpressionValue.string($0).json + ":" + fields[$0]!.json }
+            return "{"
+                + fields.keys.sorted().map { ExpressionValue.string($0).json + ":" + fields[$0]!.json }
                 .joined(separator: ",") + "}"
         }
     }
@@ -69,7 +70,9 @@ public enum ExpressionValue: Sendable, Equatable {
         init(from decoder: Decoder) throws {
             if let container = try? decoder.container(keyedBy: AnyKey.self) {
                 var fields: [String: ExpressionValue] = [:]
-                for key in container.allKeys { fields[key.stringValue] = try container.decode(JSONValue.self, forKey: key).value }
+                for key in container.allKeys {
+                    fields[key.stringValue] = try container.decode(JSONValue.self, forKey: key).value
+                }
                 value = .object(fields)
             } else if var container = try? decoder.unkeyedContainer() {
                 var items: [ExpressionValue] = []

@@ -104,7 +104,8 @@ public struct KeyExplainer {
                 node: node.id, components: nil, key: nil, hit: nil, previous: nil, previousRun: nil, differences: [],
                 note: nil)
             if node.kind == .dynamic {
-                let reads = plan.definition.step(node.step)?.matrix?.expressions.flatMap { $0.expression.references }
+                let reads =
+                    plan.definition.step(node.step)?.matrix?.expressions.flatMap { $0.expression.references }
                     .compactMap { $0.0.first == "steps" && $0.0.count > 1 ? $0.0[1] : nil } ?? []
                 explanation.note =
                     "a dynamic matrix: its instances are known when \(Array(Set(reads)).sorted().joined(separator: ", ")) \(Set(reads).count == 1 ? "ends" : "end") in a run"

@@ -353,6 +353,14 @@ public struct StepDefinition: Sendable {
     public var copies: [CopyDefinition] = []
     /// `services:`: names of services started for the step.
     public var services: [Located<String>] = []
+    /// `reports: {junit: ...}`: paths or globs of JUnit XML files in the step's snapshot
+    /// (relative to its working directory, or absolute), read when it ends, passed or failed.
+    public var junitReports: [Located<String>] = []
+    /// `flaky-check: N`: when the step fails, run it N more times from the same parent
+    /// snapshot, at once, and call it flaky (some passed) or deterministic (none did).
+    public var flakyCheck: Int?
+    /// `allow-flaky: true`: a step found flaky passes, going on from a run that passed.
+    public var allowFlaky = false
 }
 
 /// `copy: [{from: STEP[k=v,...], path: /ABS, to: /ABS[/]}]`: `path` from the snapshot of

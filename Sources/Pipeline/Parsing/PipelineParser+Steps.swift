@@ -404,8 +404,29 @@ extension PipelineParser {
             case "image": step.image = text(value, what: "image")
             case "copy": step.copies = readCopies(value)
             case "services": step.services = stringList(value, what: "services")
+            case "flaky-check":
+                if let count = integer(value, what: "flaky-check", minimum: 1) {
+                    if count > PipelineParser.flakyCheckLimit {
+                        fail(
+                            "flaky-check runs a failed step again at most \(PipelineParser.flakyCheckLimit) times at once, not \(count)",
+                            at: value)
+                    } else {
+                        step.flakyCheck = count
+                    }
+                }
+            case "allow-flaky": step.allowFlaky = bool(value, what: "allow-flaky") ?? false
+            case "reports":
+                for (key, _, files) in entries(value, allowed: PipelineParser.reportsKeys, what: "reports")
+                where key == "junit" {
+                    step.junitReports = oneOrMore(files, what: "reports.junit")
+                }
             default: break
             }
+        }
+        if step.allowFlaky && step.flakyCheck == nil && errors.count == errorsBefore {
+            fail(
+                "step \(id.value) has allow-flaky but no flaky-check: N, so nothing can find it flaky; add flaky-check",
+                at: node)
         }
         // Only when nothing else went wrong here: a misspelt or broken `run` was reported already.
         if step.run == nil && step.fork.isEmpty && errors.count == errorsBefore {

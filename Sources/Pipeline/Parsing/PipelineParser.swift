@@ -24,8 +24,11 @@ public struct PipelineParser {
     static let stepKeys = [
         "id", "run", "shell", "env", "workdir", "from", "needs", "inputs", "artifacts", "matrix", "fork", "select",
         "timeout", "retries", "if", "continue-on-error", "cache", "limits", "network", "isolation", "secrets",
-        "caches", "image", "copy", "services", "extends",
+        "caches", "image", "copy", "services", "extends", "reports", "flaky-check", "allow-flaky",
     ]
+    static let reportsKeys = ["junit"]
+    /// The most runs `flaky-check` starts at once (each a sandbox).
+    static let flakyCheckLimit = 20
     static let variantKeys = ["run", "env", "shell", "workdir", "timeout", "limits"]
     static let selectKeys = ["score", "keep", "order"]
     static let limitsKeys = ["memory", "cpus", "pids"]
@@ -62,8 +65,10 @@ public struct PipelineParser {
             ])
         }
         // The file lives in `directory`, whatever `file` is relative to (the working directory).
-        let main = URL(fileURLWithPath: file.hasPrefix("/") ? file : directory + "/" + (file as NSString).lastPathComponent)
-            .standardizedFileURL.path
+        let main = URL(
+            fileURLWithPath: file.hasPrefix("/") ? file : directory + "/" + (file as NSString).lastPathComponent
+        )
+        .standardizedFileURL.path
         let root = parser.including(composed, path: main, directory: directory, chain: [main])
         if !parser.errors.isEmpty { throw PipelineValidationError(parser.errors) }
         let definition = parser.readPipeline(root, directory: directory)

@@ -254,7 +254,8 @@ struct PipelineValidator {
                 for axis in matrix.axes where axis.expression == nil {
                     product = PipelineValidator.times(product, axis.values.count)
                 }
-                combos = PipelineValidator.plus(product, matrix.include.count + (matrix.includeExpression == nil ? 0 : 1))
+                combos = PipelineValidator.plus(
+                    product, matrix.include.count + (matrix.includeExpression == nil ? 0 : 1))
                 guard combos <= PipelineValidator.maxCombinations else {
                     errors.append(
                         PipelineError(

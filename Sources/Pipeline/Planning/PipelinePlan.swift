@@ -184,7 +184,8 @@ public struct PipelinePlan: Sendable {
                     var base = PlanNode(
                         id: stepID + suffix, step: stepID, kind: .run, values: values, variant: nil, parent: parent,
                         dependencies: parentDeps + needed, variantNodes: [], run: step.run, env: step.env,
-                        settings: settings, inputs: step.inputs.map { $0.rendered(Dictionary(values, uniquingKeysWith: { $1 })) },
+                        settings: settings,
+                        inputs: step.inputs.map { $0.rendered(Dictionary(values, uniquingKeysWith: { $1 })) },
                         artifacts: step.artifacts, condition: step.condition,
                         continueOnError: step.continueOnError,
                         cache: step.cache ?? !PlanNode.reactsToFailure(step.condition),

@@ -10,7 +10,7 @@ struct HTMLReport {
 
     static let colors: [String: String] = [
         "passed": "#2e9d4f", "cached": "#2b7bb9", "failed": "#d0342c", "skipped": "#9aa0a6", "cancelled": "#e8890c",
-        "pending": "#c9ccd1", "running": "#f2c94c",
+        "pending": "#c9ccd1", "running": "#f2c94c", "flaky": "#b565c9",
     ]
 
     func state(_ node: NodeResult?) -> String {
@@ -52,6 +52,21 @@ struct HTMLReport {
                 html += "</table>\n"
             }
         }
+        html += tests()
+        let checked = report.nodes.filter { $0.flakeCheck != nil }
+        if !checked.isEmpty {
+            html +=
+                "<h2>Flake triage</h2>\n<table><tr><th>step</th><th>verdict</th><th>reruns passed</th><th>reruns</th></tr>\n"
+            for n in checked {
+                let check = n.flakeCheck!
+                let runs = check.runs.map { run in
+                    "<a href=\"\(escape(run.log))\">\(run.exitCode.map { "exit \($0)" } ?? "killed")</a>"
+                }.joined(separator: " · ")
+                html +=
+                    "<tr><td><code>\(escape(n.node))</code></td><td>\(badge(check.verdict == .flaky ? "flaky" : "failed")) \(escape(check.verdict.rawValue))\(check.allowed ? " (allowed)" : "")</td><td>\(check.passed) of \(check.reruns)</td><td>\(runs)</td></tr>\n"
+            }
+            html += "</table>\n"
+        }
         html +=
             "<h2>Steps</h2>\n<table><tr><th>step</th><th>state</th><th>time</th><th>exit</th><th>CPU</th><th>peak memory</th><th>change</th><th>key</th><th>snapshot</th><th>log</th><th>artifacts</th></tr>\n"
         for n in report.nodes {
@@ -65,6 +80,32 @@ struct HTMLReport {
                 "<tr><td><code>\(escape(n.node))</code>\(n.reason.map { "<div class=\"muted\">\(escape($0))</div>" } ?? "")</td><td>\(badge(state(n)))</td><td>\(n.duration.map { String(format: "%.2f s", $0) } ?? "")</td><td>\(n.exitCode.map(String.init) ?? "")</td><td>\(cpu)</td><td>\(memory)</td><td>\(change)</td><td><code>\(escape(String(n.key?.dropFirst(7).prefix(12) ?? "")))</code></td><td><code>\(escape(String(n.resultImage?.prefix(8) ?? "")))</code></td><td>\(n.log.map { "<a href=\"\(escape($0))\">log</a>" } ?? "")</td><td>\(artifacts)</td></tr>\n"
         }
         html += "</table>\n</body></html>\n"
+        return html
+    }
+
+    /// The steps' own test reports: counts per step, then every failing case with its message
+    /// and text; notes on files that could not be read.
+    func tests() -> String {
+        let tested = report.nodes.filter { $0.tests != nil }
+        guard !tested.isEmpty else { return "" }
+        var html =
+            "<h2>Tests</h2>\n<table><tr><th>step</th><th>tests</th><th>passed</th><th>failed</th><th>errors</th><th>skipped</th><th>reports</th></tr>\n"
+        for n in tested {
+            let t = n.tests!
+            html +=
+                "<tr><td><code>\(escape(n.node))</code></td><td>\(t.total)</td><td>\(t.passed)</td><td>\(t.failed > 0 ? badge("failed") + " " : "")\(t.failed)</td><td>\(t.errors)</td><td>\(t.skipped)</td><td class=\"muted\">\(t.files.map(escape).joined(separator: "<br>"))\((t.notes ?? []).map { "<div>\(escape($0))</div>" }.joined())</td></tr>\n"
+        }
+        html += "</table>\n"
+        let failing = tested.flatMap { n in n.tests!.failing.map { (n.node, $0) } }
+        if !failing.isEmpty {
+            html += "<p><b>Failing tests</b></p><table><tr><th>step</th><th>test</th><th>message</th></tr>\n"
+            for (node, c) in failing {
+                let name = [c.classname ?? c.suite, c.name].filter { !$0.isEmpty }.joined(separator: ".")
+                html +=
+                    "<tr><td><code>\(escape(node))</code></td><td><code>\(escape(name))</code> \(badge(c.outcome == .error ? "error" : "failed"))</td><td>\(escape(c.message ?? ""))\(c.detail.map { "<pre><code>\(escape($0))</code></pre>" } ?? "")</td></tr>\n"
+            }
+            html += "</table>\n"
+        }
         return html
     }
 

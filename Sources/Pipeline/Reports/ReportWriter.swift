@@ -49,13 +49,18 @@ struct ReportWriter {
         return lines.joined(separator: "\n") + "\n"
     }
 
+    /// The run as JUnit: a suite of the steps (each a case), then a suite per step that read
+    /// its tests' own reports (`reports: {junit: ...}`), named after the step, with its cases.
     func junit() -> String {
         let failures = report.nodes.filter { $0.failsPipeline }.count
         let skipped = report.nodes.filter { $0.status == .skipped || $0.status == .cancelled }.count
+        let tested = report.nodes.filter { !($0.tests?.cases.isEmpty ?? true) }
+        let cases = tested.map { $0.tests!.cases }
+        let all = cases.joined()
         var xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
         let time = String(format: "%.3f", report.duration)
         xml +=
-            "<testsuites name=\"\(escape(report.pipeline))\" tests=\"\(report.nodes.count)\" failures=\"\(failures)\" skipped=\"\(skipped)\" time=\"\(time)\">\n"
+            "<testsuites name=\"\(escape(report.pipeline))\" tests=\"\(report.nodes.count + all.count)\" failures=\"\(failures + all.filter { $0.outcome == .failed }.count)\" errors=\"\(all.filter { $0.outcome == .error }.count)\" skipped=\"\(skipped + all.filter { $0.outcome == .skipped }.count)\" time=\"\(time)\">\n"
         xml +=
             "  <testsuite name=\"\(escape(report.pipeline))\" tests=\"\(report.nodes.count)\" failures=\"\(failures)\" errors=\"0\" skipped=\"\(skipped)\" time=\"\(time)\" timestamp=\"\(ISO8601DateFormatter().string(from: report.started))\">\n"
         for n in report.nodes {
@@ -75,7 +80,28 @@ struct ReportWriter {
             }
             xml += "    </testcase>\n"
         }
-        xml += "  </testsuite>\n</testsuites>\n"
+        xml += "  </testsuite>\n"
+        for (node, cases) in zip(tested, cases) {
+            let count = { (outcome: TestCaseResult.Outcome) in cases.filter { $0.outcome == outcome }.count }
+            let seconds = String(format: "%.3f", cases.compactMap(\.seconds).reduce(0, +))
+            xml +=
+                "  <testsuite name=\"\(escape(node.node))\" tests=\"\(cases.count)\" failures=\"\(count(.failed))\" errors=\"\(count(.error))\" skipped=\"\(count(.skipped))\" time=\"\(seconds)\">\n"
+            for testCase in cases {
+                let t = testCase.seconds.map { " time=\"\(String(format: "%.3f", $0))\"" } ?? ""
+                xml +=
+                    "    <testcase classname=\"\(escape(testCase.classname ?? testCase.suite))\" name=\"\(escape(testCase.name))\"\(t)"
+                let message = testCase.message.map { " message=\"\(escape($0))\"" } ?? ""
+                let body = escape(testCase.detail ?? "")
+                switch testCase.outcome {
+                case .passed: xml += "/>\n"
+                case .failed: xml += ">\n      <failure\(message)>\(body)</failure>\n    </testcase>\n"
+                case .error: xml += ">\n      <error\(message)>\(body)</error>\n    </testcase>\n"
+                case .skipped: xml += ">\n      <skipped\(message)/>\n    </testcase>\n"
+                }
+            }
+            xml += "  </testsuite>\n"
+        }
+        xml += "</testsuites>\n"
         return xml
     }
 

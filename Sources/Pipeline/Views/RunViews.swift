@@ -91,7 +91,30 @@ public enum RunViews {
             }
         }
         for note in report.notes { warnings += "note: \(note)\n" }
+        for n in report.nodes { for note in n.tests?.notes ?? [] { warnings += "note: \(n.node): \(note)\n" } }
         if !warnings.isEmpty { text += "\n" + warnings }
+        for n in report.nodes {
+            guard let check = n.flakeCheck else { continue }
+            text +=
+                "\nflaky-check: \(n.node) is \(check.verdict.rawValue): \(check.passed) of \(check.reruns) reruns from the same snapshot passed"
+                + (check.allowed
+                    ? " (allow-flaky: it passes)"
+                    : check.verdict == .flaky ? " (it still fails: allow-flaky: true would let it pass)" : "")
+                + "\n"
+        }
+        let tested = report.nodes.compactMap { n in n.tests.map { (n.node, $0) } }.filter { $0.1.total > 0 }
+        if !tested.isEmpty {
+            let all = tested.map(\.1)
+            let sum = { (count: (TestResults) -> Int) in all.map(count).reduce(0, +) }
+            text +=
+                "\ntests: \(sum(\.total)) in \(Plural.count(tested.count, "step")): \(sum(\.passed)) passed, \(sum(\.failed)) failed, \(sum(\.errors)) errors, \(sum(\.skipped)) skipped\n"
+            let failing = tested.flatMap { node, tests in tests.failing.map { (node, $0) } }
+            for (node, c) in failing.prefix(20) {
+                let name = [c.classname ?? c.suite, c.name].filter { !$0.isEmpty }.joined(separator: ".")
+                text += "  ✘ \(node): \(name)\(c.message.map { ": " + $0 } ?? "")\n"
+            }
+            if failing.count > 20 { text += "  … \(failing.count - 20) more failing tests in report.html\n" }
+        }
         for n in report.nodes where n.status == .failed {
             text += "\n── \(n.node): \(n.reason ?? "failed") ──\n"
             if let log = n.log, let data = FileManager.default.contents(atPath: report.outDir + "/" + log) {
@@ -148,7 +171,8 @@ final class LineView: RunObserver {
             output.write("\(LineView.timestamp()) ▶ \(id) started\n")
         case .planExpanded(let plan):
             output.write(
-                "\(LineView.timestamp()) ◆ a dynamic matrix expanded: \(Plural.count(plan.nodes.count, "step")) in all\n")
+                "\(LineView.timestamp()) ◆ a dynamic matrix expanded: \(Plural.count(plan.nodes.count, "step")) in all\n"
+            )
         case .nodePlaced(let id, let placement):
             output.write("\(LineView.timestamp()) ▶ \(id) running \(RunViews.describe(placement))\n")
         case .nodeFinished(let result):
