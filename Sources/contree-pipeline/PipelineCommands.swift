@@ -63,6 +63,11 @@ struct RunCommand: AsyncParsableCommand {
     @Flag(help: "Run every step, ignoring the cache.") var noCache = false
     @Flag(help: "Fail instead of running any step that is not cached (reproducibility checks).")
     var failOnCacheMiss = false
+    @Flag(
+        help:
+            "Run cached steps again, each from its recorded parent, and compare the snapshots: a step whose files differ fails, listing them. With targets, only those steps are verified."
+    )
+    var verify = false
     @Option(help: "The run's report directory.") var out: String?
     @Option(help: "Also write JUnit XML here.") var junit: String?
     @Flag(help: "Print report.json on stdout instead of the live view.") var json = false
@@ -133,7 +138,7 @@ struct RunCommand: AsyncParsableCommand {
             printError("error: \(error)")
             throw ExitCode(2)
         }
-        let options = RunOptions(
+        var options = RunOptions(
             // On a cluster at most 256 by default: each running step holds an srun, a thread and
             // a few descriptors here (--jobs sets more).
             jobs: jobs ?? slurmCPUs.map { min($0, 256) } ?? ProcessInfo.processInfo.activeProcessorCount,
@@ -141,6 +146,7 @@ struct RunCommand: AsyncParsableCommand {
             forceSteps: fromSteps, noCache: noCache, failOnCacheMiss: failOnCacheMiss,
             outDir: out, junitPath: junit, cacheFrom: sources, cacheTo: destination, allowHostPaths: allowHostPaths,
             strictArtifacts: strictArtifacts)
+        options.verify = verify ? Set(targets) : nil
         let observer: any RunObserver = json ? RunViews.make(output: ViewOutput(fd: 2)) : RunViews.make()
         let runner = try reportingErrors {
             guard slurm, let cacheTo else {

@@ -65,6 +65,35 @@ public struct FlakeCheck: Sendable, Codable, Equatable {
     public var runs: [Run]
 }
 
+/// What `run --verify` found when it ran a cached step again from the same parent.
+public struct Verification: Sendable, Codable, Equatable {
+    public enum Verdict: String, Sendable, Codable {
+        /// The same layer, byte for byte.
+        case identical
+        /// The same files, modes and contents; only file times differ.
+        case sameFiles = "same-files"
+        /// Files differ (listed in `changes`).
+        case differs
+        /// The command failed when run again.
+        case failed
+    }
+
+    public var cachedImage: String
+    /// The snapshot of the run again, kept when it differs (for `image diff`).
+    public var verifiedImage: String?
+    public var verdict: Verdict
+    /// `M /path`, `A /path`, `D /path`: at most `changeLimit`.
+    public var changes: [String]?
+
+    static let changeLimit = 50
+
+    enum CodingKeys: String, CodingKey {
+        case cachedImage = "cached_image"
+        case verifiedImage = "verified_image"
+        case verdict, changes
+    }
+}
+
 /// One attempt of a step that ran more than once (`retries`).
 public struct AttemptRecord: Sendable, Codable, Equatable {
     public var exitCode: Int32?
@@ -146,6 +175,8 @@ public struct NodeResult: Sendable, Codable {
     public var tests: TestResults?
     /// What `flaky-check` found, when the step failed and has one.
     public var flakeCheck: FlakeCheck?
+    /// What `run --verify` found, for a cached step it ran again.
+    public var verification: Verification?
 
     /// Skipped by its own condition while what it depends on succeeded: like a skipped step of
     /// a GitHub Actions job, it leaves the workspace as it was, so it carries its parent's
@@ -187,6 +218,7 @@ public struct NodeResult: Sendable, Codable {
         case attemptRecords = "attempt_records"
         case tests
         case flakeCheck = "flaky_check"
+        case verification = "verify"
     }
 
     init(node: PlanNode, status: NodeStatus, reason: String? = nil) {

@@ -120,6 +120,7 @@ extension PipelineRunner {
 
         let forced = options.noCache || context.forced.contains(node.id) || !node.cache
         var hit = forced ? nil : try cache.lookup(key)
+        let verifying = options.verify.map { $0.isEmpty || $0.contains(node.step) || $0.contains(node.id) } ?? false
         if let hit {
             log.note("cache hit \(key): reusing \(hit.resultImage) without running")
             if let replayed = hit.log, !replayed.isEmpty {
@@ -130,7 +131,11 @@ extension PipelineRunner {
             hit = shared
             result.cachedFrom = source
         }
-        if let hit {
+        if let hit, verifying {
+            log.note("--verify: running it again from the same parent, to compare with the cached snapshot")
+            result.cached = true
+            result.outputs = hit.outputs
+        } else if let hit {
             result.status = .passed
             result.cached = true
             result.resultImage = hit.resultImage
@@ -142,7 +147,7 @@ extension PipelineRunner {
             await readTestReports(node, image: hit.resultImage, workdir: workdir, log: log, into: &result)
             return
         }
-        if options.failOnCacheMiss {
+        if options.failOnCacheMiss && !(verifying && hit != nil) {
             // A fork variant that failed with this very key before is a known outcome of the
             // search (tree-search.yaml's `broken`): it fails again without running.
             if node.variant != nil, let run = try cache.lastFailure(key: key) {
@@ -180,6 +185,10 @@ extension PipelineRunner {
                 }
             }, services: services)
         request.retry = node.settings.retries ?? RetryPolicy(max: 0)
+        if let hit, verifying {
+            try await verify(node, request, cached: hit, workdir: workdir, log: log, into: &result)
+            return
+        }
         var run = try await steps.run(request, log: log)
         if run.record.exitCode != 0, let reruns = plan.definition.step(node.step)?.flakyCheck {
             let (check, passing) = try await flakeCheck(
@@ -236,6 +245,68 @@ extension PipelineRunner {
             await readTestReports(node, image: image, workdir: workdir, log: log, into: &result)
             try await collectArtifacts(node, image: image, workdir: workdir, passed: passed, log: log, into: &result)
         }
+    }
+
+    /// `--verify`: runs a cached step again (never sharing a run, never caching the result)
+    /// and compares the snapshot it leaves with the cached one: the same layer, the same files
+    /// with other times (a note), or files that differ (the step fails, listing them and the
+    /// `image diff` that shows them). A verified step goes on as the hit it was.
+    private func verify(
+        _ node: PlanNode, _ request: StepRequest, cached hit: CachedStep, workdir: String, log: StepLog,
+        into result: inout NodeResult
+    ) async throws {
+        let run = try await steps.runUnshared(request, log: log)
+        result.attempts = run.attempts
+        result.metrics = run.record.metrics
+        result.exitCode = run.record.exitCode
+        var check = Verification(cachedImage: hit.resultImage, verifiedImage: run.record.resultImage, verdict: .identical)
+        defer { result.verification = check }
+        guard run.record.exitCode == 0 else {
+            check.verdict = .failed
+            throw PipelineError(
+                .failed,
+                "not reproducible: it passed when it was cached, and run again from the same parent it \(PipelineRunner.describe(run.record))"
+            )
+        }
+        let store = engine.store
+        guard let cachedImage = try store.image(hit.resultImage),
+            let verifiedImage = try run.record.resultImage.flatMap({ try store.image($0) })
+        else {
+            throw PipelineError(.failed, "--verify: a snapshot to compare is gone (removed by gc?); run again")
+        }
+        if cachedImage.layers == verifiedImage.layers && cachedImage.config == verifiedImage.config {
+            log.note("--verify: reproducible: the same layer (\(cachedImage.layers.last ?? "no layer"))")
+        } else {
+            let changes = try await BlockingPool.files.run {
+                try ImageDiff.changes(from: cachedImage, to: verifiedImage, store: store)
+            }
+            check.changes = changes.prefix(Verification.changeLimit).map { "\($0.kind.rawValue) \($0.path.text)" }
+            if changes.isEmpty && cachedImage.config == verifiedImage.config {
+                check.verdict = .sameFiles
+                log.note(
+                    "--verify: reproducible: the same files, modes and contents; only file times differ (layer \(cachedImage.layers.last ?? "") vs \(verifiedImage.layers.last ?? ""))"
+                )
+            } else {
+                check.verdict = .differs
+                let listed = check.changes!.joined(separator: ", ")
+                let more = changes.count > Verification.changeLimit ? " and \(changes.count - Verification.changeLimit) more" : ""
+                let what = changes.isEmpty ? "its image config differs" : "\(Plural.count(changes.count, "path")) \(changes.count == 1 ? "differs" : "differ"): \(listed)\(more)"
+                for change in changes.prefix(Verification.changeLimit) { log.note("--verify: \(change.kind.rawValue) \(change.path.text)") }
+                throw PipelineError(
+                    .failed,
+                    "not reproducible: run again from the same parent, \(what); `contree-pipeline image diff \(hit.resultImage) \(verifiedImage.uuid)` shows them"
+                )
+            }
+        }
+        // Reproducible: the verification's own snapshot is not kept.
+        if let verified = run.record.resultImage, verified != hit.resultImage {
+            try? store.removeImage(verified, force: false)
+            check.verifiedImage = nil
+        }
+        result.status = .passed
+        result.resultImage = hit.resultImage
+        try await collectArtifacts(node, image: hit.resultImage, workdir: workdir, passed: true, log: log, into: &result)
+        await readTestReports(node, image: hit.resultImage, workdir: workdir, log: log, into: &result)
     }
 
     /// `flaky-check: N`: runs a failed step N more times at once, each from the same parent

@@ -32,6 +32,10 @@ public struct RunOptions: Sendable {
     /// A passing step whose `artifacts:` pattern matched nothing fails (`--strict-artifacts`);
     /// otherwise the summary warns.
     public var strictArtifacts: Bool
+    /// `--verify`: cached steps run again, each in a fork of its recorded parent, and their new
+    /// snapshot is compared with the cached one. nil: no verification; empty: every cached
+    /// step; otherwise the steps (or nodes) named.
+    public var verify: Set<String>? = nil
 
     public init(
         jobs: Int = ProcessInfo.processInfo.activeProcessorCount, keepGoing: Bool = false, forceSteps: [String] = [],

@@ -93,6 +93,12 @@ public enum RunViews {
         for note in report.notes { warnings += "note: \(note)\n" }
         for n in report.nodes { for note in n.tests?.notes ?? [] { warnings += "note: \(n.node): \(note)\n" } }
         if !warnings.isEmpty { text += "\n" + warnings }
+        let verified = report.nodes.compactMap(\.verification)
+        if !verified.isEmpty {
+            let count = { (verdict: Verification.Verdict) in verified.filter { $0.verdict == verdict }.count }
+            text +=
+                "\nverify: \(Plural.count(verified.count, "cached step")) run again from the same parent: \(count(.identical)) identical, \(count(.sameFiles)) the same files (only times differ), \(count(.differs)) differ, \(count(.failed)) failed\n"
+        }
         for n in report.nodes {
             guard let check = n.flakeCheck else { continue }
             text +=
