@@ -19,7 +19,7 @@ struct ContreePipeline: AsyncParsableCommand {
         subcommands: [
             RunCommand.self, PlanCommand.self, ValidateCommand.self, GraphCommand.self, ExplainCommand.self,
             ShellCommand.self,
-            RunsCommand.self,
+            RunsCommand.self, DiffRunsCommand.self,
             ArtifactsCommand.self, ExecCommand.self, ImageCommand.self, InspectCommand.self,
             CacheCommand.self, GarbageCollectCommand.self, CheckCommand.self, ServeCommand.self, StepCommand.self,
         ])
