@@ -32,7 +32,8 @@ struct DiffRunsCommand: ParsableCommand {
     }
 
     func text(_ c: RunComparison) -> String {
-        var out = "A: run \(c.runA.id) of \(c.runA.pipeline) (\(c.runA.status))\nB: run \(c.runB.id) of \(c.runB.pipeline) (\(c.runB.status))\n"
+        var out =
+            "A: run \(c.runA.id) of \(c.runA.pipeline) (\(c.runA.status))\nB: run \(c.runB.id) of \(c.runB.pipeline) (\(c.runB.status))\n"
         if c.runA.file != c.runB.file || c.runA.pipeline != c.runB.pipeline {
             out += "note: the runs are of different pipelines (\(c.runA.file), \(c.runB.file))\n"
         }
@@ -52,8 +53,10 @@ struct DiffRunsCommand: ParsableCommand {
         }
         for step in c.steps where all || !step.sameKey || step.diverged {
             let status =
-                step.statusA == step.statusB ? (step.statusA ?? "") : "\(step.statusA ?? "absent") -> \(step.statusB ?? "absent")"
-            out += "\n\(step.node): \(status)\(step.sameKey ? ", same key" : "")\(step.sameFiles ? ", same files" : "")\n"
+                step.statusA == step.statusB
+                ? (step.statusA ?? "") : "\(step.statusA ?? "absent") -> \(step.statusB ?? "absent")"
+            out +=
+                "\n\(step.node): \(status)\(step.sameKey ? ", same key" : "")\(step.sameFiles ? ", same files" : "")\n"
             for change in step.keyChanges { out += "  key: \(change)\n" }
             for file in step.files ?? [] where !step.sameFiles { out += "  \(file)\n" }
             if let count = step.changedFiles, count > (step.files?.count ?? 0) {

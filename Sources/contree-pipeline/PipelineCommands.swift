@@ -1,5 +1,6 @@
 import ArgumentParser
 import Cluster
+import ContreeServer
 import Dispatch
 import Foundation
 import ImageStore
@@ -52,6 +53,11 @@ struct RunCommand: AsyncParsableCommand {
 
     func validate() throws {
         if let jobs, jobs < 1 { throw ValidationError("--jobs must be at least 1, not \(jobs)") }
+        if let publish, !NamespacePublication.isNamespace(publish) {
+            throw ValidationError(
+                "--publish takes a namespace: the name of a token in serve's tokens file (letters, digits, '-', '_', '.'), not '\(publish)'"
+            )
+        }
         if let executor = executor ?? ProcessInfo.processInfo.environment["CONTREE_EXECUTOR"],
             !["local", "slurm"].contains(executor)
         {
@@ -68,6 +74,11 @@ struct RunCommand: AsyncParsableCommand {
             "Run cached steps again, each from its recorded parent, and compare the snapshots: a step whose files differ fails, listing them. With targets, only those steps are verified."
     )
     var verify = false
+    @Option(
+        help: ArgumentHelp(
+            "Tag every step's snapshot run/RUN/STEP in this serve namespace (a token's name), for the ConTree clients (tag:run/RUN/STEP).",
+            valueName: "namespace"))
+    var publish: String?
     @Option(help: "The run's report directory.") var out: String?
     @Option(help: "Also write JUnit XML here.") var junit: String?
     @Flag(help: "Print report.json on stdout instead of the live view.") var json = false
@@ -147,6 +158,12 @@ struct RunCommand: AsyncParsableCommand {
             outDir: out, junitPath: junit, cacheFrom: sources, cacheTo: destination, allowHostPaths: allowHostPaths,
             strictArtifacts: strictArtifacts)
         options.verify = verify ? Set(targets) : nil
+        if let publish {
+            options.publishNamespace = publish
+            options.publisher = { namespace, tags in
+                try NamespacePublication.publish(tags, namespace: namespace, store: store)
+            }
+        }
         let observer: any RunObserver = json ? RunViews.make(output: ViewOutput(fd: 2)) : RunViews.make()
         let runner = try reportingErrors {
             guard slurm, let cacheTo else {
@@ -193,6 +210,19 @@ struct RunCommand: AsyncParsableCommand {
             }
             for (node, why) in (export.notPushed ?? [:]).sorted(by: { $0.key < $1.key }) {
                 printError("cache: \(node) not pushed (\(why))")
+            }
+        }
+        if let published = report.published {
+            if let problem = published.error {
+                printError("warning: --publish \(published.namespace): nothing was published: \(problem)")
+            } else {
+                let failed = report.nodes.filter { $0.status == .failed }.compactMap { published.tags[$0.node] }
+                printError(
+                    "published \(Plural.count(published.tags.count, "snapshot")) to namespace \(published.namespace) as run/\(report.runID)/STEP"
+                        + (failed.isEmpty
+                            ? ""
+                            : "; branch from the failure with the ConTree clients: "
+                                + failed.map { "tag:" + $0 }.joined(separator: ", ")))
             }
         }
         if json {

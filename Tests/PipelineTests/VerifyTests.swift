@@ -39,7 +39,9 @@ struct VerifyTests {
         #expect(random.verification?.changes == ["M /workspace/id"])
         let kept = try #require(random.verification?.verifiedImage)
         #expect(try w.store.image(kept) != nil, "kept for image diff")
-        #expect(random.reason?.contains("not reproducible: run again from the same parent, 1 path differs: M /workspace/id") == true)
+        #expect(
+            random.reason?.contains("not reproducible: run again from the same parent, 1 path differs: M /workspace/id")
+                == true)
         #expect(random.reason?.contains("image diff \(first.node("random")!.resultImage!) \(kept)") == true)
         #expect(checked.log("random").contains("--verify: M /workspace/id"))
         #expect(checked.node("after")?.status == .skipped)
@@ -101,6 +103,8 @@ struct DiffRunsTests {
         let same = try await CLI.run(["diff-runs", b.runID, b.runID], home: home, in: w.project)
         #expect(same.status == 0 && same.out.contains("no step diverged"))
         let missing = try await CLI.run(["diff-runs", b.runID, "19990101-000000-zzzzzz"], home: home, in: w.project)
-        #expect(missing.status == 2 && missing.err.contains("no run 19990101-000000-zzzzzz; `contree-pipeline runs` lists them"))
+        #expect(
+            missing.status == 2
+                && missing.err.contains("no run 19990101-000000-zzzzzz; `contree-pipeline runs` lists them"))
     }
 }

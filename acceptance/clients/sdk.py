@@ -233,6 +233,24 @@ def main() -> None:
     else:
         check(False, f"images.use({tag!r}, strict=True) after untag: expected NotFoundError, got {gone!r}")
 
+    step("a pipeline's failing step, published with run --publish, is a branch point")
+    published = os.environ.get("CONTREE_TEST_PUBLISHED_RUN", "")
+    check(published != "", "CONTREE_TEST_PUBLISHED_RUN is not set (acceptance/clients/run publishes a run)")
+    failing = c.images.use(f"run/{published}/check", strict=True)
+    eq(failing.read("/workspace/state.txt"), b"half done\nchecked\n", "state.txt in the failing step's snapshot")
+    fixed = failing.run(shell="cd /workspace && sed -i s/checked/fixed/ state.txt && cat state.txt",
+                        disposable=False).wait()
+    eq(fixed.stdout, "half done\nfixed\n", "stdout of a fix run in a branch of the failing state")
+    eq(failing.read("/workspace/state.txt"), b"half done\nchecked\n", "the published snapshot after the branch")
+    prepared = c.images.use(f"run/{published}/prepare", strict=True)
+    eq(prepared.read("/workspace/state.txt"), b"half done\n", "state.txt in the step before the failure")
+    try:
+        seen = bob.images.use(f"run/{published}/check", strict=True)
+    except NotFoundError:
+        pass
+    else:
+        check(False, f"bob: the tag published into alice's namespace: expected NotFoundError, got {seen!r}")
+
     step("env, cwd and stdin reach the command")
     r = base.run(shell="echo $A; pwd; cat", env={"A": "1"}, cwd="/tmp", stdin="in").wait()
     eq(r.stdout, "1\n/tmp\nin", "stdout of `echo $A; pwd; cat` with env A=1, cwd /tmp, stdin 'in'")

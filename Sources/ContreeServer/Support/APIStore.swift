@@ -97,6 +97,12 @@ struct APIStore: Sendable {
 
     /// Makes `image` part of `namespace` (a run's result) and keeps it from `gc`.
     func adopt(_ image: String, namespace: String, operation: String?, tx: Database.Transaction) throws {
+        try APIStore.adopt(image, namespace: namespace, operation: operation, store: store, tx: tx)
+    }
+
+    static func adopt(
+        _ image: String, namespace: String, operation: String?, store: Store, tx: Database.Transaction
+    ) throws {
         _ = try tx.query(
             "INSERT OR IGNORE INTO api_images(namespace, image, operation, created) VALUES(?, ?, ?, ?)",
             [.text(namespace), .text(image), operation.sql, .real(Timestamp.now)])

@@ -259,7 +259,8 @@ extension PipelineRunner {
         result.attempts = run.attempts
         result.metrics = run.record.metrics
         result.exitCode = run.record.exitCode
-        var check = Verification(cachedImage: hit.resultImage, verifiedImage: run.record.resultImage, verdict: .identical)
+        var check = Verification(
+            cachedImage: hit.resultImage, verifiedImage: run.record.resultImage, verdict: .identical)
         defer { result.verification = check }
         guard run.record.exitCode == 0 else {
             check.verdict = .failed
@@ -289,9 +290,16 @@ extension PipelineRunner {
             } else {
                 check.verdict = .differs
                 let listed = check.changes!.joined(separator: ", ")
-                let more = changes.count > Verification.changeLimit ? " and \(changes.count - Verification.changeLimit) more" : ""
-                let what = changes.isEmpty ? "its image config differs" : "\(Plural.count(changes.count, "path")) \(changes.count == 1 ? "differs" : "differ"): \(listed)\(more)"
-                for change in changes.prefix(Verification.changeLimit) { log.note("--verify: \(change.kind.rawValue) \(change.path.text)") }
+                let more =
+                    changes.count > Verification.changeLimit
+                    ? " and \(changes.count - Verification.changeLimit) more" : ""
+                let what =
+                    changes.isEmpty
+                    ? "its image config differs"
+                    : "\(Plural.count(changes.count, "path")) \(changes.count == 1 ? "differs" : "differ"): \(listed)\(more)"
+                for change in changes.prefix(Verification.changeLimit) {
+                    log.note("--verify: \(change.kind.rawValue) \(change.path.text)")
+                }
                 throw PipelineError(
                     .failed,
                     "not reproducible: run again from the same parent, \(what); `contree-pipeline image diff \(hit.resultImage) \(verifiedImage.uuid)` shows them"
@@ -305,7 +313,8 @@ extension PipelineRunner {
         }
         result.status = .passed
         result.resultImage = hit.resultImage
-        try await collectArtifacts(node, image: hit.resultImage, workdir: workdir, passed: true, log: log, into: &result)
+        try await collectArtifacts(
+            node, image: hit.resultImage, workdir: workdir, passed: true, log: log, into: &result)
         await readTestReports(node, image: hit.resultImage, workdir: workdir, log: log, into: &result)
     }
 

@@ -36,6 +36,11 @@ public struct RunOptions: Sendable {
     /// snapshot is compared with the cached one. nil: no verification; empty: every cached
     /// step; otherwise the steps (or nodes) named.
     public var verify: Set<String>? = nil
+    /// `--publish NAMESPACE`: at the end, every step's snapshot is handed to `publisher` with
+    /// the tag `run/RUN/STEP` (which writes it into that `serve` namespace).
+    public var publishNamespace: String? = nil
+    public var publisher: (@Sendable (_ namespace: String, _ tags: [(tag: String, image: String)]) throws -> Void)? =
+        nil
 
     public init(
         jobs: Int = ProcessInfo.processInfo.activeProcessorCount, keepGoing: Bool = false, forceSteps: [String] = [],
@@ -260,6 +265,9 @@ public final class PipelineRunner: Sendable {
             ended: Date(), outDir: outDir, nodes: ordered, edges: RunReport.edges(of: plan), jobs: options.jobs)
         report.cacheExport = export
         report.notes = notes.withLock { $0 }
+        if let namespace = options.publishNamespace, let publisher = options.publisher {
+            report.published = publish(ordered, namespace: namespace, with: publisher)
+        }
         try? cache.finishRun(id: runID, status: status.rawValue)
         try ReportWriter(report: report, plan: plan).write(junitPath: options.junitPath)
         observer?.handle(.finished(report))
@@ -350,6 +358,36 @@ public final class PipelineRunner: Sendable {
         guard let condition = node.condition else { return scope.status("success") }
         let asksStatus = condition.calls.contains { ["success", "failure", "always", "cancelled"].contains($0.0) }
         return (asksStatus || scope.status("success")) && condition.evaluate(in: scope).isTruthy
+    }
+
+    /// The tag of a node's snapshot under `--publish`: `run/RUN/STEP`, the node's matrix values
+    /// written as tags allow (`test[os=debian]` -> `run/RUN/test@os:debian`).
+    public static func publishedTag(runID: String, node: String) -> String {
+        let mapped = node.map { c -> String in
+            switch c {
+            case "[": return "@"
+            case "]": return ""
+            case "=": return ":"
+            default: return c.isASCII && (c.isLetter || c.isNumber || "._:/-@+,".contains(c)) ? String(c) : "-"
+            }
+        }.joined()
+        return "run/\(runID)/\(mapped)"
+    }
+
+    private func publish(
+        _ results: [NodeResult], namespace: String,
+        with publisher: (String, [(tag: String, image: String)]) throws -> Void
+    ) -> RunReport.Publication {
+        let tagged = results.compactMap { result in
+            result.resultImage.map { (result.node, PipelineRunner.publishedTag(runID: runID, node: result.node), $0) }
+        }
+        do {
+            try publisher(namespace, tagged.map { ($0.1, $0.2) })
+            return RunReport.Publication(
+                namespace: namespace, tags: Dictionary(tagged.map { ($0.0, $0.1) }, uniquingKeysWith: { $1 }))
+        } catch {
+            return RunReport.Publication(namespace: namespace, tags: [:], error: "\(error)")
+        }
     }
 
     func record(_ result: NodeResult) {

@@ -28,6 +28,18 @@ public struct RunReport: Sendable, Codable {
     public var cacheExport: CacheExport?
     /// What the run itself says beside its steps (a dependency cache restored from a registry).
     public var notes: [String] = []
+    /// What `--publish` tagged in a `serve` namespace.
+    public var published: Publication?
+
+    /// Every step's snapshot tagged in a `serve` namespace (`run --publish NAMESPACE`), so that
+    /// the ConTree clients branch from it: `tag:run/RUN/STEP`.
+    public struct Publication: Sendable, Codable {
+        public var namespace: String
+        /// Node id -> tag.
+        public var tags: [String: String]
+        /// Why nothing was published, when it failed.
+        public var error: String?
+    }
 
     public var duration: Double { ended.timeIntervalSince(started) }
 
@@ -59,7 +71,7 @@ public struct RunReport: Sendable, Codable {
         case nodes = "steps"
         case edges, jobs
         case cacheExport = "cache_export"
-        case notes
+        case notes, published
     }
 
     public init(
