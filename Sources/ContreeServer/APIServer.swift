@@ -22,7 +22,7 @@ public struct APIServer: Sendable {
     ///   (`serve --allow-egress`); otherwise only tokens whose line says `allow_egress=1`.
     public init(
         engine: SandboxEngine, tokensPath: String, isolation: IsolationKind = .container,
-        registries: RegistryAccess = .allowlistClosed, allowEgress: Bool = false
+        registries: RegistryAccess = .allowlistClosed, allowEgress: Bool = false, metrics: MetricsOptions? = nil
     ) throws {
         guard engine.availableBackends.contains(isolation) else {
             throw SandboxError(.unsupported, "the \(isolation.rawValue) backend is not available in this build")
@@ -43,7 +43,8 @@ public struct APIServer: Sendable {
         if allowEgress { tokens = tokens.allowingEgress() }
         self.tokensPath = tokensPath
         self.createdTokens = created
-        state = try ServerState(tokens: tokens, engine: engine, isolation: isolation, registries: registries)
+        state = try ServerState(
+            tokens: tokens, engine: engine, isolation: isolation, registries: registries, metrics: metrics)
         try state.operations.recover()
     }
 

@@ -9,6 +9,8 @@ final class ServerState: Sendable {
     let tokens: TokenFile
     let api: APIStore
     let operations: OperationManager
+    /// `GET /metrics`, when `serve --metrics` asked for it.
+    let metrics: MetricsEndpoint?
     /// Event streams open per namespace.
     let streams = StreamSlots(perNamespace: 32)
     /// Largest accepted JSON body (a spawn's stdin travels in it).
@@ -19,10 +21,13 @@ final class ServerState: Sendable {
 
     init(
         tokens: TokenFile, engine: SandboxEngine, isolation: IsolationKind = .container,
-        registries: RegistryAccess = .allowlistClosed
+        registries: RegistryAccess = .allowlistClosed, metrics: MetricsOptions? = nil
     ) throws {
         self.tokens = tokens
         self.api = try APIStore(store: engine.store, baseImages: engine.baseImages)
+        self.metrics = metrics.map { [api] in
+            MetricsEndpoint(options: $0, api: api, namespaces: tokens.tokens.map(\.name))
+        }
         self.operations = OperationManager(api: api, engine: engine, isolation: isolation, registries: registries)
     }
 

@@ -37,6 +37,15 @@ struct ServeCommand: AsyncParsableCommand {
             the others get loopback only.
             """)
     var allowEgress = false
+    @Flag(
+        help: """
+            Serve Prometheus metrics at /metrics beside the API (operations by status, instance \
+            durations, CPU and memory, images, store bytes, queues). Unauthenticated only when \
+            listening on loopback; elsewhere it needs --metrics-token.
+            """)
+    var metrics = false
+    @Option(help: "A scraper must send Authorization: Bearer TOKEN to /metrics (or $CONTREE_METRICS_TOKEN).")
+    var metricsToken: String?
 
     func run() async throws {
         do {
@@ -46,6 +55,22 @@ struct ServeCommand: AsyncParsableCommand {
                 throw SandboxError(.invalidArgument, "--listen \(listen) must be HOST:PORT, e.g. 127.0.0.1:8080")
             }
             let host = String(listen[..<colon]).trimmingCharacters(in: ["[", "]"])
+            var metricsOptions: MetricsOptions?
+            if metrics {
+                let token = metricsToken ?? getenv("CONTREE_METRICS_TOKEN").map { String(cString: $0) }
+                let loopback = ["127.0.0.1", "::1", "localhost"].contains(host) || host.hasPrefix("127.")
+                if token == nil && !loopback {
+                    printError(
+                        "error: serve --metrics on \(host), which is not loopback, needs --metrics-token TOKEN (or $CONTREE_METRICS_TOKEN): the metrics name every namespace"
+                    )
+                    throw ExitCode(2)
+                }
+                if let token, token.count < 16 {
+                    printError("error: --metrics-token is shorter than 16 characters; use a long random one")
+                    throw ExitCode(2)
+                }
+                metricsOptions = MetricsOptions(token: token, version: ContreePipeline.version)
+            }
             let store = try storeOptions.open()
             // Registry references only through the server's own path (the operator's allowlist,
             // import=1 tokens), never the commands' open registry source.
@@ -53,7 +78,8 @@ struct ServeCommand: AsyncParsableCommand {
             let path = tokens ?? APIServer.defaultTokensPath(store: store)
             let server = try APIServer(
                 engine: engine, tokensPath: path, isolation: isolation,
-                registries: try RegistryAccess.allowlist(registries), allowEgress: allowEgress)
+                registries: try RegistryAccess.allowlist(registries), allowEgress: allowEgress,
+                metrics: metricsOptions)
             var st = stat()
             if server.createdTokens {
                 printError(
@@ -63,8 +89,11 @@ struct ServeCommand: AsyncParsableCommand {
                     "warning: the tokens file \(path) can be read by other users (mode \(String(st.st_mode & 0o777, radix: 8))); run `chmod 600 \(path)`"
                 )
             }
+            let metricsServed = metricsOptions != nil
             try await server.run(host: host, port: port) { bound in
-                print("serving the ConTree API on http://\(host):\(bound) (tokens: \(path))")
+                print(
+                    "serving the ConTree API on http://\(host):\(bound) (tokens: \(path))"
+                        + (!metricsServed ? "" : "; Prometheus metrics at http://\(host):\(bound)/metrics"))
                 fflush(nil)
             }
         } catch {

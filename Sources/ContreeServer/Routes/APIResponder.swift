@@ -2,6 +2,7 @@ import FoundationEssentials
 import HTTPTypes
 import Hummingbird
 import ImageStore
+import SystemSupport
 
 /// One request, authenticated: its token, path segments after `/v1`, and query.
 struct APICall: Sendable {
@@ -77,6 +78,12 @@ struct APIResponder: HTTPResponder {
 
     private func dispatch(_ request: Request) async throws -> Response {
         let path = request.uri.path
+        if path == "/metrics", let metrics = server.metrics {
+            guard request.method == .get || request.method == .head else {
+                throw APIError(.methodNotAllowed, "/metrics answers GET")
+            }
+            return try await BlockingPool.shared.run { try metrics.respond(request) }
+        }
         guard path == "/v1" || path.hasPrefix("/v1/") else {
             throw APIError(.notFound, "no such endpoint \(path): the API lives under /v1")
         }
