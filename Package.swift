@@ -63,10 +63,13 @@ let package = Package(
         .target(
             name: "Pipeline",
             dependencies: [
-                "SystemSupport", "ImageFormats", "ImageStore", "Sandbox",
+                "SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "Telemetry",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "Crypto", package: "swift-crypto"),
             ]),
+        // OpenTelemetry traces of pipeline runs: OTLP over HTTP, protobuf written by hand (a
+        // handful of fields; swift-otel would bring NIO and gRPC into every build).
+        .target(name: "Telemetry"),
         // OCI distribution: images from registries (FoundationNetworking, the toolchain's URLSession).
         .target(name: "Registry", dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "Sandbox"]),
         // A registry repository as a pipeline step cache shared by many stores (`run --cache-to/--cache-from`).

@@ -158,6 +158,7 @@ struct RunCommand: AsyncParsableCommand {
             outDir: out, junitPath: junit, cacheFrom: sources, cacheTo: destination, allowHostPaths: allowHostPaths,
             strictArtifacts: strictArtifacts)
         options.verify = verify ? Set(targets) : nil
+        options.version = ContreePipeline.version
         if let publish {
             options.publishNamespace = publish
             options.publisher = { namespace, tags in

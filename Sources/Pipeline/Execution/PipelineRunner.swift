@@ -36,6 +36,8 @@ public struct RunOptions: Sendable {
     /// snapshot is compared with the cached one. nil: no verification; empty: every cached
     /// step; otherwise the steps (or nodes) named.
     public var verify: Set<String>? = nil
+    /// The binary's version (traces name it).
+    public var version = "unknown"
     /// `--publish NAMESPACE`: at the end, every step's snapshot is handed to `publisher` with
     /// the tag `run/RUN/STEP` (which writes it into that `serve` namespace).
     public var publishNamespace: String? = nil
@@ -268,6 +270,9 @@ public final class PipelineRunner: Sendable {
         if let namespace = options.publishNamespace, let publisher = options.publisher {
             report.published = publish(ordered, namespace: namespace, with: publisher)
         }
+        // Ctrl-C means stop now: no waiting on a collector.
+        if !Task.isCancelled { report.trace = await exportTrace(report) }
+        report.notes = notes.withLock { $0 }
         try? cache.finishRun(id: runID, status: status.rawValue)
         try ReportWriter(report: report, plan: plan).write(junitPath: options.junitPath)
         observer?.handle(.finished(report))

@@ -30,6 +30,8 @@ public struct RunReport: Sendable, Codable {
     public var notes: [String] = []
     /// What `--publish` tagged in a `serve` namespace.
     public var published: Publication?
+    /// Where the run's OpenTelemetry trace went, when the environment names a collector.
+    public var trace: TraceExport?
 
     /// Every step's snapshot tagged in a `serve` namespace (`run --publish NAMESPACE`), so that
     /// the ConTree clients branch from it: `tag:run/RUN/STEP`.
@@ -71,7 +73,7 @@ public struct RunReport: Sendable, Codable {
         case nodes = "steps"
         case edges, jobs
         case cacheExport = "cache_export"
-        case notes, published
+        case notes, published, trace
     }
 
     public init(
