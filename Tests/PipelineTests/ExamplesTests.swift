@@ -89,6 +89,24 @@ struct ExamplesRunTests {
         #expect(Set(edited.ran) == ["test[pkg=cli]"])
     }
 
+    @Test("triage: a flaky step is found flaky from one snapshot; --verify names what is not reproducible")
+    func triage() async throws {
+        let w = try Workspace()
+        try Repository.copyExamples(to: w)
+        let first = try await w.run(file: "triage.yaml")
+        #expect(first.status == .passed, "\(first.nodes.map { ($0.node, $0.status, $0.reason ?? "") })")
+        let check = try #require(first.node("integration")?.flakeCheck)
+        #expect(check.verdict == .flaky && check.passed == 2 && check.reruns == 3 && check.allowed)
+
+        var options = RunOptions(keepGoing: true)
+        options.verify = ["build", "stamp"]
+        let verified = try await w.run(options: options, file: "triage.yaml")
+        #expect(verified.status == .failed, "\(verified.nodes.map { ($0.node, $0.status, $0.cached, $0.reason ?? "") })")
+        #expect([.identical, .sameFiles].contains(verified.node("build")?.verification?.verdict), "\(verified.log("build"))")
+        #expect(verified.node("stamp")?.verification?.changes == ["M /workspace/out/build-id.txt"], "\(verified.log("stamp"))")
+        #expect(verified.node("integration")?.cached == true && verified.node("integration")?.verification == nil)
+    }
+
     @Test("fix-and-rerun fails, is fixed, and reruns only the failed step and what follows")
     func fixAndRerun() async throws {
         let w = try Workspace()
