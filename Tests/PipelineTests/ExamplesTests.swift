@@ -101,9 +101,14 @@ struct ExamplesRunTests {
         var options = RunOptions(keepGoing: true)
         options.verify = ["build", "stamp"]
         let verified = try await w.run(options: options, file: "triage.yaml")
-        #expect(verified.status == .failed, "\(verified.nodes.map { ($0.node, $0.status, $0.cached, $0.reason ?? "") })")
-        #expect([.identical, .sameFiles].contains(verified.node("build")?.verification?.verdict), "\(verified.log("build"))")
-        #expect(verified.node("stamp")?.verification?.changes == ["M /workspace/out/build-id.txt"], "\(verified.log("stamp"))")
+        #expect(
+            verified.status == .failed, "\(verified.nodes.map { ($0.node, $0.status, $0.cached, $0.reason ?? "") })")
+        #expect(
+            [.identical, .sameFiles].contains(verified.node("build")?.verification?.verdict), "\(verified.log("build"))"
+        )
+        #expect(
+            verified.node("stamp")?.verification?.changes == ["M /workspace/out/build-id.txt"],
+            "\(verified.log("stamp"))")
         #expect(verified.node("integration")?.cached == true && verified.node("integration")?.verification == nil)
     }
 

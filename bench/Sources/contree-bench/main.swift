@@ -6,6 +6,7 @@
 //   contree-bench oci [--runs N] [--home DIR]
 //   contree-bench network [--runs N] [--home DIR]
 //   contree-bench slurm [--runs N] [--home DIR]
+//   contree-bench loop [--runs N] [--home DIR]
 //
 // Prints medians and ratios; the machines are shared and noisy, so ratios and medians are what
 // count. Needs root, bubblewrap, and crun or runc (scripts/setup installs them).
@@ -237,8 +238,9 @@ enum Format {
 
 let args = Array(CommandLine.arguments.dropFirst())
 let usage =
-    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]\n       contree-bench slurm [--runs N] [--home DIR]"
-guard let mode = args.first, ["sandbox", "pipeline", "api", "oci", "vm", "network", "slurm"].contains(mode) else {
+    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]\n       contree-bench slurm [--runs N] [--home DIR]\n       contree-bench loop [--runs N] [--home DIR]"
+guard let mode = args.first, ["sandbox", "pipeline", "api", "oci", "vm", "network", "slurm", "loop"].contains(mode)
+else {
     print(usage)
     exit(2)
 }
@@ -260,6 +262,14 @@ do {
     } else if mode == "oci" {
         try await OCIBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath)
             .measure()
+    } else if mode == "loop" {
+        let env =
+            ProcessInfo.processInfo.environment.filter { $0.key != "CONTREE_HOME" }.map { "\($0.key)=\($0.value)" }
+            + ["CONTREE_HOME=\(options.home)"]
+        try await LoopBench(
+            home: options.home, rounds: args.contains("--runs") ? options.runs : 5, cli: cliPath, env: env
+        )
+        .measure()
     } else if mode == "api" {
         try await APIBench(
             home: options.home, cli: cliPath, concurrency: 50, rounds: args.contains("--runs") ? options.runs : 3
