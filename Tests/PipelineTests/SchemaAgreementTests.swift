@@ -50,7 +50,8 @@ struct SchemaAgreementTests {
             #expect(schema.hasPrefix(expected), "schema on \(file): \(schema)")
             #expect(binary.status == (expected == "valid" ? 0 : 2), "binary on \(file): \(binary.err)")
             if expected == "invalid" {
-                #expect(binary.err.contains(":"), "the binary names where: \(binary.err)")
+                #expect(
+                    binary.err.contains(#/\.yaml:\d+:\d+: error: /#), "the binary names file:line:col: \(binary.err)")
             }
         }
     }
