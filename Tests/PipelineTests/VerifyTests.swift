@@ -70,6 +70,7 @@ struct DiffRunsTests {
                 inputs: [data.txt]
                 run: cp data.txt copy.txt
               - id: stamp
+                image: busybox
                 run: cat /proc/sys/kernel/random/uuid > id.txt
               - id: last
                 run: echo done
