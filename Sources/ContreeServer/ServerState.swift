@@ -26,7 +26,7 @@ final class ServerState: Sendable {
         self.tokens = tokens
         self.api = try APIStore(store: engine.store, baseImages: engine.baseImages)
         self.metrics = metrics.map { [api] in
-            MetricsEndpoint(options: $0, api: api, namespaces: tokens.tokens.map(\.name))
+            MetricsEndpoint(options: $0, api: api, namespaces: Array(Set(tokens.tokens.map(\.name))).sorted())
         }
         self.operations = OperationManager(api: api, engine: engine, isolation: isolation, registries: registries)
     }

@@ -53,6 +53,10 @@ struct RunCommand: AsyncParsableCommand {
 
     func validate() throws {
         if let jobs, jobs < 1 { throw ValidationError("--jobs must be at least 1, not \(jobs)") }
+        if verify && noCache {
+            throw ValidationError(
+                "--verify compares cached steps with a new run of them, and --no-cache uses no cached step: drop one")
+        }
         if let publish, !NamespacePublication.isNamespace(publish) {
             throw ValidationError(
                 "--publish takes a namespace: the name of a token in serve's tokens file (letters, digits, '-', '_', '.'), not '\(publish)'"

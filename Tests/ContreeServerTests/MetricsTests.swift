@@ -21,7 +21,7 @@ struct MetricsTests {
         let text = page.text
         #expect(text.contains("# TYPE contree_instance_duration_seconds histogram"))
         #expect(
-            text.contains(#"contree_operations_total{kind="instance",namespace="alice",status="SUCCESS"} 2"#), "\(text)"
+            text.contains(#"contree_operations{kind="instance",namespace="alice",status="SUCCESS"} 2"#), "\(text)"
         )
         #expect(text.contains(#"contree_instance_duration_seconds_count{namespace="alice"} 2"#))
         #expect(text.contains(#"contree_instance_duration_seconds_bucket{le="+Inf",namespace="alice"} 2"#))
@@ -74,7 +74,7 @@ struct MetricsTests {
         let log = (try? String(contentsOfFile: dir + "/log", encoding: .utf8)) ?? ""
         #expect(up.first == "1", "prometheus never scraped serve: \(log.suffix(2000))")
         let succeeded = try await BlockingPool.shared.run {
-            try query(#"sum(contree_operations_total{namespace="alice",status="SUCCESS"})"#)
+            try query(#"sum(contree_operations{namespace="alice",status="SUCCESS"})"#)
         }
         #expect(succeeded.first == "2")
         let median = try await BlockingPool.shared.run {

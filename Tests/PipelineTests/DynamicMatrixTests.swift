@@ -149,6 +149,121 @@ struct DynamicMatrixTests {
         #expect(missing.results["test[*]"]?.reason?.contains("no step or node 'test[pkg=zz,opt=-O0]'") == true)
     }
 
+    @Test(
+        "values that would name two instances alike, and includes that set inherited values, fail the dynamic node",
+        arguments: [
+            (#"["a,b"]"#, "holds \",\"; a matrix value names its instance"),
+            (#"["x=1"]"#, "holds \"=\""),
+        ])
+    func unnameable(output: String, message: String) async throws {
+        let (results, _) = try await ScheduleTests.run(Self.yaml, FakeExecutor(outputs: ["discover": ["pkgs": output]]))
+        #expect(results["test[*]"]?.reason?.contains(message) == true, "\(results["test[*]"]?.reason ?? "")")
+    }
+
+    @Test("an include may not set a value the step inherits")
+    func includeInherited() async throws {
+        let yaml = """
+            steps:
+              - id: discover
+                matrix: {os: [linux]}
+                run: "true"
+              - id: test
+                matrix:
+                  include: ${{ fromJSON(steps.discover.outputs.combos) }}
+                run: "true"
+            """
+        let executor = FakeExecutor(outputs: ["discover": ["combos": #"[{"os": "a"}, {"os": "b"}]"#]])
+        let (results, _) = try await ScheduleTests.run(yaml, executor)
+        #expect(
+            results["test[os=linux,*]"]?.reason?.contains("sets 'os', which this step inherits") == true,
+            "\(results.mapValues { $0.reason ?? "" })")
+    }
+
+    @Test("a condition on matrix values is judged per instance, after the expansion")
+    func conditionPerInstance() async throws {
+        let yaml = """
+            steps:
+              - id: discover
+                run: "true"
+              - id: test
+                matrix:
+                  pkg: ${{ fromJSON(steps.discover.outputs.pkgs) }}
+                if: matrix.pkg == 'b'
+                run: "true"
+            """
+        let (results, recorded) = try await ScheduleTests.run(
+            yaml, FakeExecutor(outputs: ["discover": ["pkgs": #"["a", "b"]"#]]))
+        #expect(results["test[pkg=a]"]?.status == .skipped)
+        #expect(results["test[pkg=b]"]?.status == .passed)
+        #expect(!recorded.contains("test[*]"))
+    }
+
+    @Test("a dynamic node that cannot expand stops the others (fail-fast), or not with continue-on-error")
+    func failFast() async throws {
+        let yaml = """
+            steps:
+              - id: discover
+                run: "true"
+              - id: slow
+                needs: []
+                image: busybox
+                run: sleep 100
+              - id: test
+                from: discover
+                CONTINUE
+                matrix:
+                  pkg: ${{ fromJSON(steps.discover.outputs.pkgs) }}
+                run: "true"
+            """
+        let executor = FakeExecutor(hanging: ["slow"], outputs: ["discover": ["pkgs": "not json"]])
+        let (results, _) = try await ScheduleTests.run(yaml.replacing("CONTINUE", with: ""), executor)
+        #expect(results["test[*]"]?.status == .failed)
+        #expect(results["slow"]?.status == .cancelled, "fail-fast stopped it")
+
+        let tolerant = FakeExecutor(outputs: ["discover": ["pkgs": "not json"]])
+        let (tolerated, _) = try await ScheduleTests.run(
+            yaml.replacing("CONTINUE", with: "continue-on-error: true"), tolerant)
+        #expect(tolerated["test[*]"]?.toleratedFailure == true)
+        #expect(tolerated["test[*]"]?.failsPipeline == false)
+    }
+
+    @Test("copying one instance of a dynamic step waits for its expansion")
+    func copyFromDynamic() async throws {
+        let yaml = """
+            steps:
+              - id: discover
+                run: "true"
+              - id: build
+                matrix:
+                  pkg: ${{ fromJSON(steps.discover.outputs.pkgs) }}
+                run: "true"
+              - id: pack
+                image: busybox
+                copy: [{from: "build[pkg=b]", path: /out, to: /dist/}]
+                run: "true"
+            """
+        let plan = try ScheduleTests.plan(yaml)
+        #expect(plan.node("pack")?.dependencies.contains("build[*]") == true)
+        let executor = FakeExecutor(outputs: ["discover": ["pkgs": #"["a", "b"]"#]])
+        let (results, _) = try await ScheduleTests.run(yaml, executor)
+        #expect(results["pack"]?.status == .passed)
+        let packAt = try #require(executor.started.firstIndex(of: "pack"))
+        #expect(try #require(executor.started.firstIndex(of: "build[pkg=b]")) < packAt)
+    }
+
+    @Test("published tags: a node id maps to one tag, never another node's")
+    func publishedTags() {
+        #expect(PipelineRunner.publishedTag(runID: "R", node: "test[os=debian]") == "run/R/test@os:debian")
+        #expect(PipelineRunner.publishedTag(runID: "R", node: "unit_tests") == "run/R/unit+tests")
+        #expect(PipelineRunner.publishedTag(runID: "R", node: "unit-tests") == "run/R/unit-tests")
+        let odd = ["t[v=a b]", "t[v=a/b]", "t[v=a+b]", "t[v=a_b]"].map {
+            PipelineRunner.publishedTag(runID: "R", node: $0)
+        }
+        #expect(Set(odd).count == 4, "\(odd)")
+        let long = PipelineRunner.publishedTag(runID: "R", node: "t[v=" + String(repeating: "x", count: 400) + "]")
+        #expect(long.count < 256)
+    }
+
     @Test("a dynamic matrix that expands past the limit fails, naming the limit")
     func tooMany() async throws {
         let many = "[" + (0..<300).map { "\"p\($0)\"" }.joined(separator: ",") + "]"
@@ -244,6 +359,9 @@ struct DynamicMatrixRunTests {
 
         let again = try await w.run()
         #expect(again.ran.isEmpty && again.hits.count == 4)
+        // --from reaches instances that exist only once the matrix expands.
+        let forced = try await w.run(options: RunOptions(forceSteps: ["test"]))
+        #expect(Set(forced.ran) == ["test[pkg=a]", "test[pkg=b]"], "\(forced.ran)")
         // The same matrix written out: the same keys.
         let fixed = try await w.run(Self.pipeline("[a, b]"), file: "static.yaml")
         #expect(fixed.ran.isEmpty && fixed.hits.count == 4)

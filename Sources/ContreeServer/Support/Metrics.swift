@@ -60,13 +60,14 @@ struct MetricsEndpoint: Sendable {
         out.family("contree_build_info", "gauge", "The serving binary's version.")
         out.sample("contree_build_info", ["version": options.version], 1)
 
+        // A gauge: an operation moves from PENDING to EXECUTING to its end.
         out.family(
-            "contree_operations_total", "counter", "Operations the store records, by namespace, kind and status.")
+            "contree_operations", "gauge", "Operations the store records, by namespace, kind and status now.")
         for row in try db.query(
             "SELECT namespace, kind, status, COUNT(*) AS n FROM api_operations GROUP BY namespace, kind, status")
         {
             out.sample(
-                "contree_operations_total",
+                "contree_operations",
                 [
                     "namespace": row["namespace"].string ?? "", "kind": row["kind"].string ?? "",
                     "status": row["status"].string ?? "",
@@ -86,29 +87,31 @@ struct MetricsEndpoint: Sendable {
             out.sample("contree_instances_running", ["namespace": namespace], running[namespace] ?? 0)
         }
 
-        // Finished instances: wall time, CPU, peak memory.
-        var durations: [String: [Double]] = [:]
-        var cpu: [String: [Double]] = [:]
-        var memory: [String: [Double]] = [:]
-        for row in try db.query(
-            "SELECT namespace, started, ended, cpu, memory FROM api_operations WHERE kind = 'instance' AND ended IS NOT NULL AND started IS NOT NULL"
-        ) {
-            let namespace = row["namespace"].string ?? ""
-            if let started = row["started"].double, let ended = row["ended"].double {
-                durations[namespace, default: []].append(max(0, ended - started))
+        // Finished instances: wall time, CPU, peak memory, counted per bucket by SQLite (a
+        // scrape costs one pass over the table, not a copy of it).
+        for (name, help, value, bounds) in [
+            (
+                "contree_instance_duration_seconds", "Wall time of finished instances.", "MAX(0, ended - started)",
+                Self.durationBuckets
+            ),
+            (
+                "contree_instance_cpu_seconds", "CPU time (user and system) of finished instances.", "cpu",
+                Self.cpuBuckets
+            ),
+            ("contree_instance_peak_memory_bytes", "Peak memory of finished instances.", "memory", Self.memoryBuckets),
+        ] {
+            let columns = bounds.enumerated().map { "SUM(CASE WHEN \(value) <= \($1) THEN 1 ELSE 0 END) AS b\($0)" }
+            var histograms: [String: (buckets: [Double], sum: Double, count: Double)] = [:]
+            for row in try db.query(
+                "SELECT namespace, COUNT(*) AS n, COALESCE(SUM(\(value)), 0) AS total, \(columns.joined(separator: ", ")) FROM api_operations WHERE kind = 'instance' AND ended IS NOT NULL AND started IS NOT NULL GROUP BY namespace"
+            ) {
+                histograms[row["namespace"].string ?? ""] = (
+                    bounds.indices.map { Double(row["b\($0)"].int ?? 0) },
+                    row["total"].double ?? Double(row["total"].int ?? 0), Double(row["n"].int ?? 0)
+                )
             }
-            cpu[namespace, default: []].append(row["cpu"].double ?? 0)
-            memory[namespace, default: []].append(Double(row["memory"].int ?? 0))
+            out.histogram(name, help, histograms, bounds, namespaces: namespaces)
         }
-        out.histogram(
-            "contree_instance_duration_seconds", "Wall time of finished instances.", durations, Self.durationBuckets,
-            namespaces: namespaces)
-        out.histogram(
-            "contree_instance_cpu_seconds", "CPU time (user and system) of finished instances.", cpu, Self.cpuBuckets,
-            namespaces: namespaces)
-        out.histogram(
-            "contree_instance_peak_memory_bytes", "Peak memory of finished instances.", memory, Self.memoryBuckets,
-            namespaces: namespaces)
 
         let images = try counts("SELECT namespace, COUNT(*) AS n FROM api_images GROUP BY namespace")
         out.family("contree_namespace_images", "gauge", "Images a namespace holds (its runs' results, imports, tags).")
@@ -159,21 +162,21 @@ struct MetricsText {
         text += " " + MetricsText.format(value) + "\n"
     }
 
-    /// A histogram per namespace: cumulative `_bucket{le=...}`, `_sum`, `_count`.
+    /// A histogram per namespace: cumulative `_bucket{le=...}` (counts at or below each bound),
+    /// `_sum`, `_count`.
     mutating func histogram(
-        _ name: String, _ help: String, _ values: [String: [Double]], _ bounds: [Double], namespaces: [String]
+        _ name: String, _ help: String, _ values: [String: (buckets: [Double], sum: Double, count: Double)],
+        _ bounds: [Double], namespaces: [String]
     ) {
         family(name, "histogram", help)
         for namespace in Set(namespaces).union(values.keys).sorted() {
-            let seen = values[namespace] ?? []
-            for bound in bounds {
-                sample(
-                    name + "_bucket", ["namespace": namespace, "le": MetricsText.format(bound)],
-                    Double(seen.filter { $0 <= bound }.count))
+            let seen = values[namespace] ?? (bounds.map { _ in 0 }, 0, 0)
+            for (bound, count) in zip(bounds, seen.buckets) {
+                sample(name + "_bucket", ["namespace": namespace, "le": MetricsText.format(bound)], count)
             }
-            sample(name + "_bucket", ["namespace": namespace, "le": "+Inf"], Double(seen.count))
-            sample(name + "_sum", ["namespace": namespace], seen.reduce(0, +))
-            sample(name + "_count", ["namespace": namespace], Double(seen.count))
+            sample(name + "_bucket", ["namespace": namespace, "le": "+Inf"], seen.count)
+            sample(name + "_sum", ["namespace": namespace], seen.sum)
+            sample(name + "_count", ["namespace": namespace], seen.count)
         }
     }
 

@@ -3,7 +3,9 @@ extension MatrixDefinition {
     /// a static matrix whose combinations are the node's instances.
     /// - Throws: `ExpressionFailure` naming the axis when an expression does not give a list
     ///   of values (or, for `include`, of mappings), or reads text that is not JSON.
-    func resolved(in scope: ExpressionScope) throws -> MatrixDefinition {
+    /// - Parameter inherited: the names the node already has a value for (the axes of the step
+    ///   it starts from, a fork that keeps every variant): an include may not set them again.
+    func resolved(in scope: ExpressionScope, inherited: Set<String> = []) throws -> MatrixDefinition {
         var result = self
         result.includeExpression = nil
         for (index, axis) in axes.enumerated() {
@@ -18,6 +20,7 @@ extension MatrixDefinition {
                             "\(what): item \(position + 1) is \(MatrixDefinition.describe(item)); an axis takes strings, numbers or booleans"
                     )
                 }
+                try MatrixDefinition.checkNameable(text, what: "\(what): item \(position + 1)")
                 // The same value twice would be the same instance twice.
                 if !values.contains(text) { values.append(text) }
             }
@@ -40,6 +43,13 @@ extension MatrixDefinition {
                                 "matrix include: item \(position + 1) has '\(key)': \(MatrixDefinition.describe(value)); keys are names (letters, digits, _ and -) and values strings, numbers or booleans"
                         )
                     }
+                    if inherited.contains(key) || axes.contains(where: { $0.name == key && $0.expression != nil }) {
+                        throw ExpressionFailure(
+                            message:
+                                "matrix include: item \(position + 1) sets '\(key)', which \(inherited.contains(key) ? "this step inherits from the step it starts from" : "is a dynamic axis of this matrix"); give the key another name"
+                        )
+                    }
+                    try MatrixDefinition.checkNameable(text, what: "matrix include: item \(position + 1), '\(key)'")
                     combination[key] = text
                 }
                 if !result.include.contains(combination) { result.include.append(combination) }
@@ -72,6 +82,17 @@ extension MatrixDefinition {
         return items
     }
 
+    /// A value names its instance (`test[pkg=VALUE]`): characters that would make two instances
+    /// read alike are refused.
+    private static func checkNameable(_ text: String, what: String) throws {
+        if let bad = text.first(where: { "[],=".contains($0) || $0.isNewline }) {
+            throw ExpressionFailure(
+                message:
+                    "\(what) is \(text.prefix(60).debugDescription), which holds \(String(bad).debugDescription); a matrix value names its instance (step[name=value,...]), so it may not hold [ ] , = or a line break"
+            )
+        }
+    }
+
     private static func scalar(_ value: ExpressionValue) -> String? {
         switch value {
         case .string, .number, .bool: return value.text
@@ -102,11 +123,13 @@ extension Schedule {
             node: node, plan: plan, results: results, env: preparer.environment(node, results: results),
             pipelineName: plan.definition.name, cancelled: false)
         func failure(_ message: String) -> NodeResult {
-            NodeResult(node: node, status: .failed, reason: "step \(node.step): \(message)")
+            var result = NodeResult(node: node, status: .failed, reason: "step \(node.step): \(message)")
+            if node.continueOnError { result.toleratedFailure = true }
+            return result
         }
         let resolved: MatrixDefinition
         do {
-            resolved = try matrix.resolved(in: scope)
+            resolved = try matrix.resolved(in: scope, inherited: Set(node.values.map(\.name)))
         } catch let error as ExpressionFailure {
             return failure(error.message)
         } catch {
@@ -127,6 +150,9 @@ extension Schedule {
             return failure("its matrix expanded, and then \(error.message)")
         } catch {
             return failure("\(error)")
+        }
+        if let twice = Dictionary(grouping: next.nodes, by: \.id).first(where: { $0.value.count > 1 })?.key {
+            return failure("its matrix expanded to two instances named \(twice); make the values tell them apart")
         }
         guard next.nodes.count <= PipelineValidator.maxNodes else {
             return failure(

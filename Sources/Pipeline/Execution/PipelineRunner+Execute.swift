@@ -11,7 +11,6 @@ struct ExecutionContext: Sendable {
     var stepImages: [String: ImageRecord] = [:]
     let secrets: [String: String]
     /// Nodes that execute even on a cache hit (`--from`).
-    let forced: Set<String>
     let secretKey: [UInt8]
 }
 
@@ -118,7 +117,7 @@ extension PipelineRunner {
         result.key = key
         result.components = components
 
-        let forced = options.noCache || context.forced.contains(node.id) || !node.cache
+        let forced = options.noCache || forced.withLock { $0.contains(node.id) } || !node.cache
         var hit = forced ? nil : try cache.lookup(key)
         let verifying = options.verify.map { $0.isEmpty || $0.contains(node.step) || $0.contains(node.id) } ?? false
         if let hit {
@@ -190,14 +189,22 @@ extension PipelineRunner {
             return
         }
         var run = try await steps.run(request, log: log)
-        if run.record.exitCode != 0, let reruns = plan.definition.step(node.step)?.flakyCheck {
-            let (check, passing) = try await flakeCheck(
-                node, request, reruns: reruns, secrets: context.secrets, log: log)
-            result.flakeCheck = check
-            if let passing, check.allowed {
+        if run.record.exitCode != 0, let reruns = plan.definition.step(node.step)?.flakyCheck, !Task.isCancelled {
+            do {
+                let (check, passing) = try await flakeCheck(
+                    node, request, reruns: reruns, secrets: context.secrets, log: log)
+                result.flakeCheck = check
+                if let passing, check.allowed {
+                    log.note(
+                        "allow-flaky: going on from a rerun that passed (\(passing.record.resultImage ?? "no snapshot"))"
+                    )
+                    run = passing
+                }
+            } catch {
+                // The step's own failure stands, with its snapshot; the triage did not finish.
                 log.note(
-                    "allow-flaky: going on from a rerun that passed (\(passing.record.resultImage ?? "no snapshot"))")
-                run = passing
+                    "flaky-check did not finish (\(error is CancellationError ? "cancelled" : "\(error)")); the step's failure stands"
+                )
             }
         }
         result.attempts = run.attempts
@@ -306,11 +313,12 @@ extension PipelineRunner {
                 )
             }
         }
-        // Reproducible: the verification's own snapshot is not kept.
-        if let verified = run.record.resultImage, verified != hit.resultImage {
+        // Reproducible: the verification's own snapshot is not kept; but a run that changed
+        // nothing answers with its parent, which is not the verification's to remove.
+        if let verified = run.record.resultImage, verified != hit.resultImage, verified != request.parent {
             try? store.removeImage(verified, force: false)
-            check.verifiedImage = nil
         }
+        check.verifiedImage = nil
         result.status = .passed
         result.resultImage = hit.resultImage
         try await collectArtifacts(
@@ -529,7 +537,7 @@ extension PipelineRunner {
                     workdir: workdir, isolation: isolation.rawValue
                 ).key
                 let text: String
-                let reuse = !options.noCache && !context.forced.contains(node.id)
+                let reuse = !options.noCache && !forced.withLock { $0.contains(node.id) }
                 if reuse, let cached = try cache.score(scoreKey) {
                     text = cached
                 } else if reuse, let shared = await sharedScore(scoreKey, log: log) {

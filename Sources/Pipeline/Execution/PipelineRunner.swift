@@ -100,6 +100,15 @@ public final class PipelineRunner: Sendable {
     let scoresUsed = Mutex<[String: String]>([:])
     /// The run's own notes (`RunReport.notes`).
     let notes = Mutex<[String]>([])
+    /// Nodes `--from` forces (its steps' nodes and what depends on them), for the plan as it
+    /// stands: an expanded dynamic matrix brings new ones.
+    let forced = Mutex<Set<String>>([])
+
+    func forceNodes(of plan: PipelinePlan) {
+        guard !options.forceSteps.isEmpty else { return }
+        let nodes = plan.dependents(of: Set(plan.nodes.filter { options.forceSteps.contains($0.step) }.map(\.id)))
+        forced.withLock { $0 = nodes }
+    }
 
     static let outputPath = "/.contree/output"
     static let defaultShell = ["sh", "-e"]
@@ -231,13 +240,9 @@ public final class PipelineRunner: Sendable {
             outDir: outDir)
         observer?.handle(.started(runID: runID, plan: plan, outDir: outDir))
 
-        var forced = Set<String>()
-        if !options.forceSteps.isEmpty {
-            forced = plan.dependents(of: Set(plan.nodes.filter { options.forceSteps.contains($0.step) }.map(\.id)))
-        }
+        forceNodes(of: plan)
         let context = ExecutionContext(
-            runner: self, baseImage: baseImage, stepImages: stepImages, secrets: secrets, forced: forced,
-            secretKey: secretKey)
+            runner: self, baseImage: baseImage, stepImages: stepImages, secrets: secrets, secretKey: secretKey)
         await restoreDependencyCaches()
         let results = await schedule(context)
 
@@ -286,7 +291,11 @@ public final class PipelineRunner: Sendable {
         schedule.stepImages = context.stepImages.mapValues(\.uuid)
         await PipelineRunner.drive(
             &schedule, execute: { node, results in await self.execute(node, results: results, context: context) },
-            observer: observer, record: record, expanded: { plan in self.current.withLock { $0 = plan } })
+            observer: observer, record: record,
+            expanded: { plan in
+                self.current.withLock { $0 = plan }
+                self.forceNodes(of: plan)
+            })
         notes.withLock { $0 += schedule.notes }
         return schedule.results
     }
@@ -309,6 +318,10 @@ public final class PipelineRunner: Sendable {
                 if schedule.plan.expansions.count != expansions {
                     expanded(schedule.plan)
                     observer?.handle(.planExpanded(schedule.plan))
+                }
+                if schedule.failFastRequested {
+                    schedule.failFastRequested = false
+                    registry.failFast()
                 }
                 for verdict in settled {
                     record(verdict)
@@ -367,16 +380,27 @@ public final class PipelineRunner: Sendable {
 
     /// The tag of a node's snapshot under `--publish`: `run/RUN/STEP`, the node's matrix values
     /// written as tags allow (`test[os=debian]` -> `run/RUN/test@os:debian`).
+    /// `_` (which tags do not allow) is written `+`; any other character but letters, digits,
+    /// `.`, `,` and `-` (one a tag cannot hold, or one the mapping uses), or a tag
+    /// past 200 characters, makes the name lossy, and a digest of the node id is added so that
+    /// two nodes never share a tag.
     public static func publishedTag(runID: String, node: String) -> String {
+        var lossy = false
         let mapped = node.map { c -> String in
             switch c {
             case "[": return "@"
             case "]": return ""
             case "=": return ":"
-            default: return c.isASCII && (c.isLetter || c.isNumber || "._:/-@+,".contains(c)) ? String(c) : "-"
+            case "_": return "+"
+            default:
+                if c.isASCII && (c.isLetter || c.isNumber || ".,-".contains(c)) { return String(c) }
+                lossy = true
+                return "-"
             }
         }.joined()
-        return "run/\(runID)/\(mapped)"
+        guard lossy || mapped.count > 200 else { return "run/\(runID)/\(mapped)" }
+        let digest = Digest.sha256(Array(node.utf8)).hex.prefix(12)
+        return "run/\(runID)/\(mapped.prefix(180))-\(digest)"
     }
 
     private func publish(

@@ -24,6 +24,9 @@ struct Schedule {
     private(set) var running: Set<String> = []
     /// A failure stopped the run (fail-fast): what has not started is skipped.
     private(set) var stopping = false
+    /// `advance` settled a failure that stops the run: the running nodes must be stopped
+    /// (`PipelineRunner.drive` does it and clears this).
+    var failFastRequested = false
 
     init(plan: PipelinePlan, jobs: Int, keepGoing: Bool, baseImage: String) {
         self.plan = plan
@@ -63,6 +66,11 @@ struct Schedule {
                 if let failure = expand(node) {
                     results[node.id] = failure
                     settled.append(failure)
+                    // As a step that failed: fail-fast stops the others.
+                    if failure.failsPipeline && !keepGoing && !stopping {
+                        stopping = true
+                        failFastRequested = true
+                    }
                 }
                 index = 0
                 continue
@@ -131,7 +139,14 @@ struct Schedule {
         let scope = NodeScope(
             node: node, plan: plan, results: results, env: preparer.environment(node, results: results),
             pipelineName: plan.definition.name, cancelled: cancelled)
-        guard !PipelineRunner.conditionHolds(node, in: scope) else { return nil }
+        var judged = node
+        if node.kind == .dynamic, node.condition?.references.contains(where: { $0.0.first == "matrix" }) == true {
+            // A condition on matrix values is each instance's: the dynamic node only needs what
+            // it depends on to have succeeded (or, for always()/failure(), nothing).
+            if node.reactsToFailure { return nil }
+            judged.condition = nil
+        }
+        guard !PipelineRunner.conditionHolds(judged, in: scope) else { return nil }
         if node.condition == nil {
             return NodeResult(node: node, status: .skipped, reason: "a step it depends on did not succeed")
         }

@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import ImageStore
 import Sandbox
@@ -105,7 +106,9 @@ public struct EngineStepExecutor: StepExecutor {
                     taken.append(
                         try caches.use(
                             cache.name, sharing: cache.sharing,
-                            scratchID: request.key.prefix(16) + "-" + String(getpid())
+                            // Unique per use: flaky-check and --verify run one key several times at once.
+                            scratchID: request.key.prefix(16) + "-" + String(getpid()) + "-"
+                                + UUID().uuidString.prefix(8).lowercased()
                         ) {
                             log.note(
                                 "waiting for cache \(cache.name): another step holds it (sharing: \(cache.sharing.rawValue))"

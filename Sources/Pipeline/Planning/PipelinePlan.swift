@@ -132,6 +132,7 @@ public struct PipelinePlan: Sendable {
         let parents = PipelineValidator.parents(of: definition.steps)
         let order = PipelinePlan.order(definition)
         var exports: [String: [Export]] = [:]
+        var dynamicNodes = Set<String>()
         for stepID in order {
             guard let step = definition.step(stepID) else { continue }
             let settings = step.settings.over(definition.defaults)
@@ -170,6 +171,9 @@ public struct PipelinePlan: Sendable {
                         PlanCopy(
                             definition: copy,
                             sources: (exports[copy.step] ?? []).filter { source in
+                                // A matrix not expanded yet: wait for it (the plan is made
+                                // again when it expands, with its instances).
+                                if dynamicNodes.contains(source.node) { return true }
                                 if !copy.instance.isEmpty {
                                     return copy.instance.allSatisfy { chosen in
                                         source.values.contains { $0.name == chosen.key && $0.value == chosen.value }
@@ -210,6 +214,7 @@ public struct PipelinePlan: Sendable {
                     if let dynamicID {
                         base.id = dynamicID
                         base.kind = .dynamic
+                        dynamicNodes.insert(dynamicID)
                         add(base)
                         mine.append(Export(node: base.id, values: values))
                         continue
