@@ -38,6 +38,39 @@ struct JUnitReadingTests {
         #expect(results.failing.map(\.name) == ["overflows", "crashes"])
     }
 
+    @Test(
+        "what is not well-formed names its line",
+        arguments: [
+            ("<a>\n<b></a>", "line 2: not well-formed XML: </a> closes <b>"),
+            ("<a>&nope;</a>", "line 1: not well-formed XML: unknown entity &nope;"),
+            ("<a></a>\n<b/>", "line 2: not well-formed XML: a second root element <b>"),
+            ("<a x=1/>", "line 1: not well-formed XML: the value of x is not quoted"),
+            ("<a><!-- never closed", "line 1: not well-formed XML: --> is missing"),
+            ("<a x='1'", "it ends inside <a>: cut short?"),
+        ])
+    func malformed(xml: String, why: String) {
+        var results = TestResults()
+        results.read(Data(xml.utf8), file: "f.xml")
+        #expect(
+            results.notes == ["f.xml is not a JUnit report (\(why)); its tests are not counted"],
+            "\(results.notes ?? [])")
+    }
+
+    @Test("declarations, comments, a DOCTYPE, numeric entities and single quotes are read")
+    func wellFormed() {
+        let xml = """
+            <?xml version="1.0"?>
+            <!DOCTYPE testsuite [ <!ELEMENT testsuite ANY> ]>
+            <!-- made by a runner -->
+            <testsuite name='s&#x20;1'><testcase name="caf&#233;"><failure message="a &lt; b">x &gt; y</failure></testcase></testsuite>
+            """
+        var results = TestResults()
+        results.read(Data(xml.utf8), file: "f.xml")
+        #expect(results.notes == nil)
+        #expect(results.cases.first?.suite == "s 1" && results.cases.first?.name == "café")
+        #expect(results.cases.first?.message == "a < b" && results.cases.first?.detail == "x > y")
+    }
+
     @Test("bad XML, or XML that is not JUnit, is a note naming the file; the other files still count")
     func badFiles() {
         var results = TestResults()
@@ -58,7 +91,9 @@ struct JUnitReadingTests {
                 == "/w/coverage.xml is not a JUnit report (it has no <testsuite> or <testcase>); its tests are not counted"
         )
         #expect(
-            notes[2] == "/w/text.xml is not a JUnit report (line 1: not well-formed XML); its tests are not counted")
+            notes[2]
+                == "/w/text.xml is not a JUnit report (line 1: not well-formed XML: text outside the root element); its tests are not counted"
+        )
     }
 }
 

@@ -1,9 +1,5 @@
 import Foundation
 
-#if canImport(FoundationXML)
-    import FoundationXML
-#endif
-
 /// One test case a step's own test runner reported (`reports: {junit: ...}`).
 public struct TestCaseResult: Sendable, Codable, Equatable {
     public enum Outcome: String, Sendable, Codable {
@@ -74,20 +70,25 @@ public struct TestResults: Sendable, Codable, Equatable {
     mutating func read(_ data: Data, file: String) {
         files.append(file)
         let reader = JUnitReader(file: file)
-        let parser = XMLParser(data: data)
-        parser.delegate = reader
-        parser.shouldResolveExternalEntities = false
-        let parsed = parser.parse()
-        // libxml2 takes a file cut short (a runner killed mid-write) without complaint.
-        let cutShort = parsed && reader.depth > 0
-        guard parsed, !cutShort, reader.sawSuiteOrCase else {
-            let why =
-                cutShort
-                ? "it ends inside <\(reader.openElement)>: cut short?"
-                : !parsed
-                    ? "line \(parser.lineNumber): not well-formed XML"
-                    : "it has no <testsuite> or <testcase>"
-            note("\(file) is not a JUnit report (\(why)); its tests are not counted")
+        var scanner = XMLScanner(Array(data))
+        do {
+            try scanner.scan(start: reader.start, text: reader.text, end: reader.end)
+        } catch XMLScanner.Failure.cutShort(let element) {
+            note(
+                "\(file) is not a JUnit report (it ends inside \(element.isEmpty ? "a tag" : "<\(element)>"): cut short?); its tests are not counted"
+            )
+            return
+        } catch XMLScanner.Failure.malformed(let line, let reason) {
+            note(
+                "\(file) is not a JUnit report (line \(line): not well-formed XML: \(reason)); its tests are not counted"
+            )
+            return
+        } catch {
+            note("\(file) is not a JUnit report (\(error)); its tests are not counted")
+            return
+        }
+        guard reader.sawSuiteOrCase else {
+            note("\(file) is not a JUnit report (it has no <testsuite> or <testcase>); its tests are not counted")
             return
         }
         for testCase in reader.cases { add(testCase) }
@@ -95,28 +96,20 @@ public struct TestResults: Sendable, Codable, Equatable {
 }
 
 /// A SAX reader of JUnit XML: cases with their suite, outcome, message and text.
-private final class JUnitReader: NSObject, XMLParserDelegate {
+private final class JUnitReader {
     let file: String
     var cases: [TestCaseResult] = []
     var sawSuiteOrCase = false
     private var suites: [String] = []
-    /// Elements open at this point, and the innermost.
-    var depth = 0
-    var openElement = ""
     private var current: TestCaseResult?
     /// Inside a `<failure>`, `<error>` or `<skipped>` of the current case: its text.
-    private var text: String?
+    private var body: String?
 
     init(file: String) {
         self.file = file
     }
 
-    func parser(
-        _ parser: XMLParser, didStartElement element: String, namespaceURI: String?, qualifiedName: String?,
-        attributes: [String: String] = [:]
-    ) {
-        depth += 1
-        openElement = element
+    func start(_ element: String, _ attributes: [String: String]) {
         switch element {
         case "testsuite":
             sawSuiteOrCase = true
@@ -136,22 +129,17 @@ private final class JUnitReader: NSObject, XMLParserDelegate {
                 current!.outcome = outcome
                 current!.message = attributes["message"] ?? attributes["type"]
             }
-            text = ""
+            body = ""
         default:
             break
         }
     }
 
-    func parser(_ parser: XMLParser, foundCharacters string: String) {
-        if text != nil, text!.utf8.count < TestResults.detailLimit { text! += string }
+    func text(_ string: String) {
+        if body != nil, body!.utf8.count < TestResults.detailLimit { body! += string }
     }
 
-    func parser(_ parser: XMLParser, foundCDATA block: Data) {
-        if text != nil, text!.utf8.count < TestResults.detailLimit { text! += String(decoding: block, as: UTF8.self) }
-    }
-
-    func parser(_ parser: XMLParser, didEndElement element: String, namespaceURI: String?, qualifiedName: String?) {
-        depth -= 1
+    func end(_ element: String) {
         switch element {
         case "testsuite":
             _ = suites.popLast()
@@ -159,12 +147,12 @@ private final class JUnitReader: NSObject, XMLParserDelegate {
             if let done = current { cases.append(done) }
             current = nil
         case "failure", "error", "skipped":
-            if let body = text?.trimmingCharacters(in: .whitespacesAndNewlines), !body.isEmpty, current != nil,
+            if let trimmed = body?.trimmingCharacters(in: .whitespacesAndNewlines), !trimmed.isEmpty, current != nil,
                 current!.detail == nil
             {
-                current!.detail = String(body.utf8.prefix(TestResults.detailLimit)) ?? String(body.prefix(1024))
+                current!.detail = String(trimmed.utf8.prefix(TestResults.detailLimit)) ?? String(trimmed.prefix(1024))
             }
-            text = nil
+            body = nil
         default:
             break
         }
