@@ -1,4 +1,5 @@
 import Foundation
+import SystemSupport
 import Telemetry
 
 /// Where a run's trace went (`OTEL_EXPORTER_OTLP_ENDPOINT`): its id, and why it did not arrive.
@@ -88,7 +89,7 @@ extension PipelineRunner {
         let traceID = configuration.parent?.traceID ?? TraceSpan.newTraceID()
         let spans = report.spans(traceID: traceID, parentSpanID: configuration.parent?.spanID)
         var export = TraceExport(
-            traceID: traceID.map { String(format: "%02x", $0) }.joined(),
+            traceID: Hex.encode(traceID),
             endpoint: configuration.endpoint.absoluteString,
             spans: spans.count)
         do {

@@ -39,18 +39,9 @@ struct LoopBench {
         return yaml
     }
 
-    /// Runs the CLI on `yaml`; returns its wall time and the steps (and hits) the report lists.
     func run(_ yaml: String, name: String, extra: [String] = []) throws -> (seconds: Double, steps: Int, hits: Int) {
-        let file = work + "/" + name + ".yaml"
-        try yaml.write(toFile: file, atomically: true, encoding: .utf8)
-        let start = now()
-        let result = try ChildProcess.run(
-            [cli, "run", file, "--out", work + "/out-" + name, "--json"] + extra, environment: env)
-        let seconds = now() - start
-        guard result.succeeded else { throw SandboxError(.childProcess, "\(name) failed: \(result.stderrText)") }
-        let report = try JSONSerialization.jsonObject(with: Data(result.stdout)) as? [String: Any]
-        let steps = report?["steps"] as? [[String: Any]] ?? []
-        return (seconds, steps.count, steps.filter { $0["cached"] as? Bool == true }.count)
+        try runPipeline(
+            yaml, file: work + "/" + name + ".yaml", out: work + "/out-" + name, cli: cli, env: env, extra: extra)
     }
 
     func measure() async throws {

@@ -37,18 +37,9 @@ struct PipelineBench {
 
     /// Runs the pipeline CLI on `yaml`; returns its wall time and how many steps were cache hits.
     func run(_ yaml: String, name: String) throws -> (seconds: Double, hits: Int, steps: Int) {
-        let file = work + "/" + name + ".yaml"
-        try yaml.write(toFile: file, atomically: true, encoding: .utf8)
-        let out = work + "/out-" + name
-        let start = now()
-        let result = try ChildProcess.run([cli, "run", file, "--out", out, "--json"], environment: env)
-        let seconds = now() - start
-        guard result.succeeded else {
-            throw SandboxError(.childProcess, "pipeline \(name) failed: \(result.stderrText)")
-        }
-        let report = try JSONSerialization.jsonObject(with: Data(result.stdout)) as? [String: Any]
-        let steps = report?["steps"] as? [[String: Any]] ?? []
-        return (seconds, steps.filter { $0["cached"] as? Bool == true }.count, steps.count)
+        let r = try runPipeline(
+            yaml, file: work + "/" + name + ".yaml", out: work + "/out-" + name, cli: cli, env: env)
+        return (r.seconds, r.hits, r.steps)
     }
 
     func buildah(_ text: String, root: String) throws -> Double {

@@ -73,6 +73,21 @@ func timed(_ argv: [String], env: [String]? = nil) throws -> Double {
     return elapsed
 }
 
+/// Runs `contree-pipeline run FILE --out OUT --json EXTRA...` with `yaml` written to FILE; returns
+/// its wall time, the steps its report lists and how many were cache hits.
+func runPipeline(
+    _ yaml: String, file: String, out: String, cli: String, env: [String], extra: [String] = []
+) throws -> (seconds: Double, steps: Int, hits: Int) {
+    try yaml.write(toFile: file, atomically: true, encoding: .utf8)
+    let start = now()
+    let result = try ChildProcess.run([cli, "run", file, "--out", out, "--json"] + extra, environment: env)
+    let seconds = now() - start
+    guard result.succeeded else { throw SandboxError(.childProcess, "pipeline \(file) failed: \(result.stderrText)") }
+    let report = try JSONSerialization.jsonObject(with: Data(result.stdout)) as? [String: Any]
+    let steps = report?["steps"] as? [[String: Any]] ?? []
+    return (seconds, steps.count, steps.filter { $0["cached"] as? Bool == true }.count)
+}
+
 func which(_ name: String) -> String? {
     for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] where access(dir + "/" + name, X_OK) == 0 {
         return dir + "/" + name
