@@ -69,9 +69,16 @@ let package = Package(
             ]),
         // OpenTelemetry traces of pipeline runs: OTLP over HTTP, protobuf written by hand (a
         // handful of fields; swift-otel would bring NIO and gRPC into every build).
-        .target(name: "Telemetry"),
-        // OCI distribution: images from registries (FoundationNetworking, the toolchain's URLSession).
-        .target(name: "Registry", dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "Sandbox"]),
+        .target(name: "Telemetry", dependencies: ["HTTPClient"]),
+        // libcurl, loaded with dlopen when a request is first made: linked, it and the ~30
+        // libraries it needs cost every process of this program ~3 ms of dynamic linking.
+        .target(name: "CCurl", linkerSettings: [.linkedLibrary("dl")]),
+        // HTTP requests (the registry client, the trace exporter) over CCurl; redirects are
+        // answered, never followed, so each caller keeps its own policy.
+        .target(name: "HTTPClient", dependencies: ["CCurl"]),
+        // OCI distribution: images from registries and to them (HTTPClient).
+        .target(
+            name: "Registry", dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "HTTPClient"]),
         // A registry repository as a pipeline step cache shared by many stores (`run --cache-to/--cache-from`).
         .target(
             name: "RegistryCache", dependencies: ["SystemSupport", "ImageStore", "Sandbox", "Pipeline", "Registry"]),

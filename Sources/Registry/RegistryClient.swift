@@ -1,6 +1,6 @@
 import Foundation
-import FoundationNetworking
 import Glibc
+import HTTPClient
 import ImageFormats
 import SystemSupport
 
@@ -83,7 +83,6 @@ final class RegistryClient: @unchecked Sendable {
     let credentials: RegistryCredentials?
     let access: RegistryAccess
     let scheme: String
-    private let session: URLSession
     /// The header the last challenge earned; shared by the requests of concurrent imports.
     private let authorizationLock = NSLock()
     private var storedAuthorization: String?
@@ -107,104 +106,18 @@ final class RegistryClient: @unchecked Sendable {
         self.credentials = credentials
         self.access = access
         scheme = access.scheme(for: reference.host)
-        let configuration = URLSessionConfiguration.ephemeral
-        configuration.timeoutIntervalForRequest = 60
-        delegate = SessionDelegate(access: access, registryHost: reference.host)
-        session = URLSession(configuration: configuration, delegate: delegate, delegateQueue: nil)
     }
 
-    /// The session's delegate. It keeps URLSession's own 401 handling out of the way (it would
-    /// answer a Basic challenge from its credential store, or hang): the challenge is cancelled
-    /// and its response kept, so that this client answers it (`authenticate`). And it streams
-    /// blob downloads into their sinks.
-    private final class SessionDelegate: NSObject, URLSessionDataDelegate, @unchecked Sendable {
-        private let lock = NSLock()
-        private var responses: [Int: HTTPURLResponse] = [:]
-        private var sinks: [Int: BlobSink] = [:]
-        /// Redirects refused (the target is not allowed), by task: why.
-        private var refusedRedirects: [Int: String] = [:]
-        let access: RegistryAccess
-        let registryHost: String
-
-        init(access: RegistryAccess, registryHost: String) {
-            self.access = access
-            self.registryHost = registryHost
-        }
-
-        /// A redirect is followed only within `access`, without the registry's authorization
-        /// when it leaves the registry's host (blob storage signs its own URLs).
-        func urlSession(
-            _ session: URLSession, task: URLSessionTask, willPerformHTTPRedirection response: HTTPURLResponse,
-            newRequest request: URLRequest, completionHandler: @escaping (URLRequest?) -> Void
-        ) {
-            guard let url = request.url else { return completionHandler(nil) }
-            if let why = access.refusal(of: url, from: registryHost) {
-                lock.withLock { refusedRedirects[task.taskIdentifier] = why }
-                return completionHandler(nil)
-            }
-            var next = request
-            let sameHost =
-                url.host?.lowercased() == task.originalRequest?.url?.host?.lowercased()
-                && url.port == task.originalRequest?.url?.port
-            if !sameHost { next.setValue(nil, forHTTPHeaderField: "Authorization") }
-            completionHandler(next)
-        }
-
-        func refusedRedirect(_ task: Int) -> String? {
-            lock.withLock { refusedRedirects.removeValue(forKey: task) }
-        }
-
-        func urlSession(
-            _ session: URLSession, task: URLSessionTask, didReceive challenge: URLAuthenticationChallenge,
-            completionHandler: @escaping (URLSession.AuthChallengeDisposition, URLCredential?) -> Void
-        ) {
-            if let response = challenge.failureResponse as? HTTPURLResponse {
-                lock.withLock { responses[task.taskIdentifier] = response }
-            }
-            completionHandler(.cancelAuthenticationChallenge, nil)
-        }
-
-        func take(_ task: Int) -> HTTPURLResponse? {
-            lock.withLock { responses.removeValue(forKey: task) }
-        }
-
-        func attach(_ sink: BlobSink, to task: Int) { lock.withLock { sinks[task] = sink } }
-        private func sink(_ task: Int) -> BlobSink? { lock.withLock { sinks[task] } }
-
-        func urlSession(
-            _ session: URLSession, dataTask: URLSessionDataTask, didReceive response: URLResponse,
-            completionHandler: @escaping (URLSession.ResponseDisposition) -> Void
-        ) {
-            sink(dataTask.taskIdentifier)?.status = (response as? HTTPURLResponse)?.statusCode ?? 0
-            completionHandler(.allow)
-        }
-
-        func urlSession(_ session: URLSession, dataTask: URLSessionDataTask, didReceive data: Data) {
-            sink(dataTask.taskIdentifier)?.receive(data)
-        }
-
-        func urlSession(_ session: URLSession, task: URLSessionTask, didCompleteWithError error: (any Error)?) {
-            guard let sink = lock.withLock({ sinks.removeValue(forKey: task.taskIdentifier) }) else { return }
-            sink.failure = error
-            sink.done.signal()
-        }
-    }
-    private let delegate: SessionDelegate
-
-    /// Where a blob download goes: a file, hashed as the bytes arrive (only the delegate's
-    /// serial queue touches it until `done`).
-    private final class BlobSink: @unchecked Sendable {
+    /// Where a blob download goes: a file, hashed as the bytes arrive.
+    private final class BlobSink {
         let fd: Int32
         let path: String
         var hasher = Digest.Hasher()
         var size: Int64 = 0
-        var status = 0
-        var failure: (any Error)?
         var writeError: (any Error)?
         /// The start of an error answer's body, for its OCI error codes.
         var errorBody = Data()
         let onBytes: (@Sendable (Int64) -> Void)?
-        let done = DispatchSemaphore(value: 0)
 
         init(fd: Int32, path: String, onBytes: (@Sendable (Int64) -> Void)?) {
             self.fd = fd
@@ -212,27 +125,29 @@ final class RegistryClient: @unchecked Sendable {
             self.onBytes = onBytes
         }
 
-        func receive(_ data: Data) {
+        /// - Returns: false to stop the transfer (the file cannot be written).
+        func receive(_ bytes: UnsafeRawBufferPointer, status: Int) -> Bool {
             guard (200..<300).contains(status) else {
-                if errorBody.count < 300 { errorBody.append(data.prefix(300 - errorBody.count)) }
-                return
+                if errorBody.count < 300 { errorBody.append(contentsOf: bytes.prefix(300 - errorBody.count)) }
+                return true
             }
-            guard writeError == nil else { return }
-            data.withUnsafeBytes { hasher.update($0) }
+            hasher.update(bytes)
             do {
-                try data.withUnsafeBytes { try FileSystem.writeAll(fd: fd, $0, path: path) }
+                try FileSystem.writeAll(fd: fd, bytes, path: path)
             } catch {
                 writeError = error
+                return false
             }
-            size += Int64(data.count)
-            onBytes?(Int64(data.count))
+            size += Int64(bytes.count)
+            onBytes?(Int64(bytes.count))
+            return true
         }
     }
 
     var base: String { "\(scheme)://\(reference.host)/v2/\(reference.repository)" }
 
     /// GET with the auth dance; returns the body and the response.
-    func get(_ url: String, accept: [String] = []) throws -> (Data, HTTPURLResponse) {
+    func get(_ url: String, accept: [String] = []) throws -> (Data, HTTPResponse) {
         try call("GET", url, headers: accept.isEmpty ? [:] : ["Accept": accept.joined(separator: ", ")])
     }
 
@@ -240,27 +155,21 @@ final class RegistryClient: @unchecked Sendable {
     /// and `allow` lists other statuses the caller handles itself.
     func call(
         _ method: String, _ url: String, headers: [String: String] = [:], body: Data? = nil, allow: Set<Int> = []
-    ) throws -> (Data, HTTPURLResponse) {
+    ) throws -> (Data, HTTPResponse) {
         var attempt = 0
         while true {
-            guard let target = URL(string: url) else {
-                throw SandboxError(.invalidArgument, "\(reference): the registry gave the unusable address '\(url)'")
-            }
-            var request = URLRequest(url: target)
-            request.httpMethod = method
-            for (name, value) in headers { request.setValue(value, forHTTPHeaderField: name) }
-            if let authorization { request.setValue(authorization, forHTTPHeaderField: "Authorization") }
-            request.httpBody = body
-            let (data, response) = try send(request)
-            if response.statusCode == 401 && attempt == 0 {
+            var fields = headers.sorted { $0.key < $1.key }.map { (name: $0.key, value: $0.value) }
+            if let authorization { fields.append((name: "Authorization", value: authorization)) }
+            let (response, data) = try exchange(method, url, headers: fields, body: body)
+            if response.status == 401 && attempt == 0 {
                 attempt += 1
-                try authenticate(response.value(forHTTPHeaderField: "WWW-Authenticate") ?? "")
+                try authenticate(response.header("WWW-Authenticate") ?? "")
                 continue
             }
-            guard (200..<300).contains(response.statusCode) || allow.contains(response.statusCode) else {
-                throw failure(response.statusCode, url: url, body: data, redirect: redirectRefusal)
+            guard (200..<300).contains(response.status) || allow.contains(response.status) else {
+                throw failure(response.status, url: url, body: Data(data))
             }
-            return (data, response)
+            return (Data(data), response)
         }
     }
 
@@ -273,34 +182,25 @@ final class RegistryClient: @unchecked Sendable {
         _ url: String, digest: String, to path: String, onBytes: (@Sendable (Int64) -> Void)? = nil
     ) throws {
         try cancellation?.check()
-        var request = URLRequest(url: URL(string: url)!)
-        if let authorization { request.setValue(authorization, forHTTPHeaderField: "Authorization") }
         let partial = path + ".partial"
         let fd = open(partial, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw SandboxError.system("open(\(partial))") }
         let sink = BlobSink(fd: fd, path: partial, onBytes: onBytes)
-        let task = session.dataTask(with: request)
-        delegate.attach(sink, to: task.taskIdentifier)
-        withCancellation(of: task) {
-            task.resume()
-            sink.done.wait()
-        }
-        close(fd)
         var keep = false
         defer { if !keep { unlink(partial) } }
-        try cancellation?.check()
-        if delegate.take(task.taskIdentifier) != nil {
-            throw failure(401, url: url, body: Data())
+        let response: HTTPResponse
+        do {
+            defer { close(fd) }
+            let fields = authorization.map { [(name: "Authorization", value: $0)] } ?? []
+            (response, _) = try exchange("GET", url, headers: fields, body: nil, what: "downloading \(digest)") {
+                sink.receive($1, status: $0.status)
+            }
+        } catch {
+            if let writeError = sink.writeError { throw writeError }
+            throw error
         }
-        if let error = sink.failure {
-            throw SandboxError(
-                .remote, "\(reference): downloading \(digest) failed: \(error.localizedDescription)",
-                cause: RegistryError(.transport, path: URL(string: url)?.path ?? "", underlying: error))
-        }
-        if let error = sink.writeError { throw error }
-        guard (200..<300).contains(sink.status) else {
-            throw failure(
-                sink.status, url: url, body: sink.errorBody, redirect: delegate.refusedRedirect(task.taskIdentifier))
+        guard (200..<300).contains(response.status) else {
+            throw failure(response.status, url: url, body: sink.errorBody)
         }
         let actual = sink.hasher.finalize().description
         guard actual == digest else {
@@ -313,30 +213,92 @@ final class RegistryClient: @unchecked Sendable {
         keep = true
     }
 
-    /// Runs `body` (which waits for `task`) so that a cancellation cancels the task.
-    private func withCancellation(of task: URLSessionTask, _ body: () -> Void) {
-        guard let cancellation else { return body() }
-        cancellation.whileRunning(onCancel: { task.cancel() }, body)
+    /// One request, following redirects within `access`: without the registry's authorization
+    /// once it leaves the URL's host (blob storage signs its own URLs), never to an address
+    /// `access` refuses (that is an error naming why). `onData` sees the body of the final
+    /// answer only; without it the body is returned.
+    private func exchange(
+        _ method: String, _ url: String, headers: [(name: String, value: String)], body: Data?,
+        what: String? = nil, onData: ((HTTPResponse, UnsafeRawBufferPointer) -> Bool)? = nil
+    ) throws -> (HTTPResponse, [UInt8]) {
+        var target = url
+        var method = method
+        var headers = headers
+        var body = body.map { [UInt8]($0) }
+        for _ in 0..<10 {
+            try cancellation?.check()
+            var request = HTTPRequest(method, target, headers: headers, body: body)
+            request.idleTimeout = 60
+            let transfer = HTTPTransfer()
+            let result: Result<(response: HTTPResponse, body: [UInt8]), HTTPFailure> = withCancellation(of: transfer) {
+                do throws(HTTPFailure) {
+                    return .success(
+                        try transfer.perform(
+                            request,
+                            onData: onData.map { receive in
+                                { response, bytes in
+                                    RegistryClient.isRedirect(response.status) || receive(response, bytes)
+                                }
+                            }))
+                } catch {
+                    return .failure(error)
+                }
+            }
+            try cancellation?.check()
+            let response: HTTPResponse
+            let data: [UInt8]
+            switch result {
+            case .success(let answer): (response, data) = answer
+            case .failure(let error) where error.kind == .stopped: throw error
+            case .failure(let error):
+                let path = URL(string: target)?.path ?? ""
+                let cause = RegistryError(.transport, path: path, underlying: error)
+                if let what {
+                    throw SandboxError(.remote, "\(reference): \(what) failed: \(error.description)", cause: cause)
+                }
+                throw SandboxError(
+                    .remote,
+                    "\(reference): cannot reach the registry at \(scheme)://\(reference.host) (\(error.description)); is it running, and is the address right?",
+                    cause: cause)
+            }
+            guard RegistryClient.isRedirect(response.status), let location = response.header("Location") else {
+                return (response, data)
+            }
+            guard let from = URL(string: target), let next = URL(string: location, relativeTo: from)?.absoluteURL else {
+                throw SandboxError(
+                    .invalidArgument, "\(reference): the registry redirected to the unusable address '\(location)'")
+            }
+            if let why = access.refusal(of: next, from: reference.host) {
+                throw SandboxError(
+                    .invalidArgument,
+                    "\(reference): the registry redirected to an address this client may not follow: \(why)",
+                    cause: RegistryError(.redirectRefused, path: from.path))
+            }
+            if next.host?.lowercased() != from.host?.lowercased() || next.port != from.port {
+                headers.removeAll { $0.name.lowercased() == "authorization" }
+            }
+            if response.status == 303 || (response.status != 307 && response.status != 308 && method == "POST") {
+                method = "GET"
+                body = nil
+            }
+            target = next.absoluteString
+        }
+        throw SandboxError(.remote, "\(reference): the registry redirected more than 10 times from \(url)")
     }
 
-    /// Why the last `send` did not follow a redirect, if it did not.
-    private var redirectRefusal: String? {
-        get { authorizationLock.withLock { storedRedirectRefusal } }
-        set { authorizationLock.withLock { storedRedirectRefusal = newValue } }
+    private static func isRedirect(_ status: Int) -> Bool { [301, 302, 303, 307, 308].contains(status) }
+
+    /// Runs `body` (which performs a transfer) so that a cancellation stops the transfer.
+    private func withCancellation<T>(of transfer: HTTPTransfer, _ body: () -> T) -> T {
+        guard let cancellation else { return body() }
+        return cancellation.whileRunning(onCancel: { transfer.cancel() }, body)
     }
-    private var storedRedirectRefusal: String?
 
     /// The error for an answer that is not a success. It names the status and the OCI error
     /// codes of the body (`MANIFEST_UNKNOWN`), never the body itself: what a registry (or
     /// whatever answered) wrote is not repeated to whoever asked for the import.
-    private func failure(_ status: Int, url: String, body: Data, redirect: String? = nil) -> SandboxError {
+    private func failure(_ status: Int, url: String, body: Data) -> SandboxError {
         let path = URL(string: url)?.path ?? ""
-        if let redirect {
-            return SandboxError(
-                .invalidArgument,
-                "\(reference): the registry redirected to an address this client may not follow: \(redirect)",
-                cause: RegistryError(.redirectRefused, path: path))
-        }
         struct ErrorAnswer: Decodable {
             struct Entry: Decodable { var code: String? }
             var errors: [Entry]?
@@ -362,38 +324,6 @@ final class RegistryClient: @unchecked Sendable {
         default:
             return SandboxError(
                 .remote, "\(reference): the registry answered \(status) for \(path)\(detail)", cause: cause)
-        }
-    }
-
-    private func send(_ request: URLRequest) throws -> (Data, HTTPURLResponse) {
-        let semaphore = DispatchSemaphore(value: 0)
-        nonisolated(unsafe) var result: Result<(Data, HTTPURLResponse), any Error> = .failure(URLError(.unknown))
-        try cancellation?.check()
-        let task = session.dataTask(with: request) { data, response, error in
-            if let error {
-                result = .failure(error)
-            } else if let http = response as? HTTPURLResponse {
-                result = .success((data ?? Data(), http))
-            }
-            semaphore.signal()
-        }
-        withCancellation(of: task) {
-            task.resume()
-            semaphore.wait()
-        }
-        try cancellation?.check()
-        redirectRefusal = delegate.refusedRedirect(task.taskIdentifier)
-        // A challenge URLSession raised and this client cancelled: answer it as the 401 it was.
-        if case .failure = result, let challenged = delegate.take(task.taskIdentifier) {
-            return (Data(), challenged)
-        }
-        do {
-            return try result.get()
-        } catch {
-            throw SandboxError(
-                .remote,
-                "\(reference): cannot reach the registry at \(scheme)://\(reference.host) (\(error.localizedDescription)); is it running, and is the address right?",
-                cause: RegistryError(.transport, path: request.url?.path ?? "", underlying: error))
         }
     }
 
@@ -431,12 +361,9 @@ final class RegistryClient: @unchecked Sendable {
                 name: "scope",
                 value: parameters["scope"] ?? "repository:\(reference.repository):\(pushing ? "pull,push" : "pull")"))
         components.queryItems = items
-        var request = URLRequest(url: components.url!)
-        if let credentials { request.setValue(credentials.basic, forHTTPHeaderField: "Authorization") }
-        let (data, response) = try send(request)
-        guard response.statusCode == 200 else {
-            throw failure(response.statusCode, url: realm, body: data, redirect: redirectRefusal)
-        }
+        let fields = credentials.map { [(name: "Authorization", value: $0.basic)] } ?? []
+        let (response, data) = try exchange("GET", components.url!.absoluteString, headers: fields, body: nil)
+        guard response.status == 200 else { throw failure(response.status, url: realm, body: Data(data)) }
         struct TokenAnswer: Decodable {
             var token: String?
             var accessToken: String?
@@ -446,7 +373,7 @@ final class RegistryClient: @unchecked Sendable {
                 case accessToken = "access_token"
             }
         }
-        guard let answer = try? JSONDecoder().decode(TokenAnswer.self, from: data),
+        guard let answer = try? JSONDecoder().decode(TokenAnswer.self, from: Data(data)),
             let token = answer.token ?? answer.accessToken
         else {
             throw SandboxError(.invalidArgument, "\(reference): the token service at \(realm) gave no token")

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import HTTPClient
 import ImageFormats
 import ImageStore
 import Sandbox
@@ -200,11 +201,11 @@ public struct RegistryImporter: Sendable {
             "GET", "\(client.base)/manifests/\(reference)",
             headers: ["Accept": RegistryImporter.acceptedManifests.joined(separator: ", ")],
             allow: missingIsNil ? [404] : [])
-        if response.statusCode == 404 { return nil }
+        if response.status == 404 { return nil }
         let bytes = Array(data)
         let actual = Digest.sha256(bytes).description
         let expected =
-            reference.hasPrefix("sha256:") ? reference : response.value(forHTTPHeaderField: "Docker-Content-Digest")
+            reference.hasPrefix("sha256:") ? reference : response.header("Docker-Content-Digest")
         if let expected, expected != actual {
             throw SandboxError(
                 .corrupt, "\(client.reference): the manifest hashes to \(actual), not \(expected); nothing was imported"
@@ -217,7 +218,7 @@ public struct RegistryImporter: Sendable {
             throw SandboxError(.invalidArgument, "\(client.reference): the manifest is not valid JSON: \(error)")
         }
         try FileSystem.writeFile(try blobPath(actual, root: root, what: "manifest"), bytes, mode: 0o644)
-        let type = response.value(forHTTPHeaderField: "Content-Type").map { String($0.split(separator: ";")[0]) }
+        let type = response.header("Content-Type").map { String($0.split(separator: ";")[0]) }
         return (
             OCI.Descriptor(mediaType: document.mediaType ?? type, digest: actual, size: Int64(bytes.count)), document
         )

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import HTTPClient
 import ImageFormats
 import ImageStore
 import Synchronization
@@ -92,15 +93,14 @@ public struct RegistryPusher: Sendable {
     /// The size of a blob the repository holds; nil when it does not.
     private func remoteSize(_ digest: String, client: RegistryClient) throws -> Int64? {
         let (_, head) = try client.call("HEAD", "\(client.base)/blobs/\(digest)", allow: [404])
-        guard head.statusCode == 200 else { return nil }
-        return head.value(forHTTPHeaderField: "Content-Length").flatMap { Int64($0) }
-            ?? max(0, head.expectedContentLength)
+        guard head.status == 200 else { return nil }
+        return head.header("Content-Length").flatMap { Int64($0) } ?? 0
     }
 
     /// One blob: POST an upload session, PUT the bytes with the digest.
     private func upload(_ digest: String, bytes: [UInt8], client: RegistryClient) throws {
         let (_, started) = try client.call("POST", "\(client.base)/blobs/uploads/", allow: [])
-        guard var location = started.value(forHTTPHeaderField: "Location") else {
+        guard var location = started.header("Location") else {
             throw SandboxError(.remote, "\(client.reference): the registry opened an upload without a Location")
         }
         if location.hasPrefix("/") { location = "\(client.scheme)://\(client.reference.host)" + location }

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import HTTPClient
 import ImageFormats
 import ImageStore
 import SystemSupport
@@ -49,7 +50,7 @@ public final class RegistryRepository: Sendable {
     public func annotations(tag: String) throws -> [String: String]? {
         let (data, response) = try client.call(
             "GET", "\(client.base)/manifests/\(tag)", headers: ["Accept": OCI.manifestType], allow: [404])
-        guard response.statusCode != 404 else { return nil }
+        guard response.status != 404 else { return nil }
         return (try? JSONDecoder().decode(OCI.Document.self, from: data))?.annotations ?? [:]
     }
 

@@ -1,8 +1,5 @@
 import Foundation
-
-#if canImport(FoundationNetworking)
-    import FoundationNetworking
-#endif
+import HTTPClient
 
 /// A value of a span or resource attribute (OTLP's `AnyValue`, the scalar kinds).
 public enum AttributeValue: Sendable, Equatable {
@@ -164,22 +161,37 @@ public enum OTLPExporter {
     public static func export(
         _ spans: [TraceSpan], configuration: OTLPConfiguration, scope: (name: String, version: String)
     ) async throws {
-        var request = URLRequest(url: configuration.endpoint, timeoutInterval: configuration.timeout)
-        request.httpMethod = "POST"
-        request.setValue("application/x-protobuf", forHTTPHeaderField: "Content-Type")
-        for (name, value) in configuration.headers { request.setValue(value, forHTTPHeaderField: name) }
-        let body = Data(encode(spans, resource: configuration.resource, scope: scope))
-        let (data, response): (Data, URLResponse)
-        do {
-            (data, response) = try await URLSession.shared.upload(for: request, from: body)
-        } catch {
-            throw OTLPError("no answer from \(configuration.endpoint.absoluteString): \(error.localizedDescription)")
+        var request = HTTPRequest(
+            "POST", configuration.endpoint.absoluteString,
+            headers: [(name: "Content-Type", value: "application/x-protobuf")]
+                + configuration.headers.map { (name: $0.0, value: $0.1) },
+            body: encode(spans, resource: configuration.resource, scope: scope))
+        request.connectTimeout = configuration.timeout
+        request.totalTimeout = configuration.timeout
+        // A blocking exchange, on a thread of its own rather than one of the tasks' threads.
+        let exchange = request
+        let result: Result<(response: HTTPResponse, body: [UInt8]), HTTPFailure> = await withCheckedContinuation {
+            continuation in
+            Thread.detachNewThread {
+                do throws(HTTPFailure) {
+                    continuation.resume(returning: .success(try HTTPTransfer().perform(exchange)))
+                } catch {
+                    continuation.resume(returning: .failure(error))
+                }
+            }
         }
-        guard let http = response as? HTTPURLResponse, (200..<300).contains(http.statusCode) else {
-            let status = (response as? HTTPURLResponse)?.statusCode ?? 0
+        let response: HTTPResponse
+        let data: [UInt8]
+        switch result {
+        case .success(let answer): (response, data) = answer
+        case .failure(let error):
+            throw OTLPError("no answer from \(configuration.endpoint.absoluteString): \(error.description)")
+        }
+        guard (200..<300).contains(response.status) else {
             let text = String(decoding: data.prefix(300), as: UTF8.self)
             throw OTLPError(
-                "\(configuration.endpoint.absoluteString) answered \(status)\(text.isEmpty ? "" : ": " + text)")
+                "\(configuration.endpoint.absoluteString) answered \(response.status)\(text.isEmpty ? "" : ": " + text)"
+            )
         }
     }
 

@@ -41,7 +41,8 @@ struct ImageCommand: ParsableCommand {
     }
 
     struct Tag: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Point a tag at an image (moving it if it exists).")
+        static let configuration = CommandConfiguration(
+            commandName: "tag", abstract: "Point a tag at an image (moving it if it exists).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The image.") var image: String
         @Argument(help: "The tag.") var name: String
@@ -58,7 +59,8 @@ struct ImageCommand: ParsableCommand {
     }
 
     struct Untag: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Remove a tag (the image stays).")
+        static let configuration = CommandConfiguration(
+            commandName: "untag", abstract: "Remove a tag (the image stays).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The tag.") var name: String
 
@@ -71,7 +73,8 @@ struct ImageCommand: ParsableCommand {
     }
 
     struct Log: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show an image and its ancestors, newest first.")
+        static let configuration = CommandConfiguration(
+            commandName: "log", abstract: "Show an image and its ancestors, newest first.")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The image.") var image: String
         @Flag(help: "Print JSON.") var json = false
@@ -96,6 +99,7 @@ struct ImageCommand: ParsableCommand {
 
     struct Diff: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "diff",
             abstract: "List the paths that differ between two images (A added, D deleted, M modified).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The old image.") var from: String
@@ -135,6 +139,7 @@ struct ImageCommand: ParsableCommand {
 
     struct Import: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "import",
             abstract: "Import an OCI or Docker image, or a root file system.",
             discussion: """
                 SOURCE is docker://HOST[:PORT]/REPO[:TAG|@sha256:…] (a registry; anonymous, \
@@ -205,6 +210,7 @@ struct ImageCommand: ParsableCommand {
 
     struct Export: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "export",
             abstract: "Write an image as a standard image podman, skopeo and Docker use.",
             discussion: """
                 DEST is oci:DIR[:TAG] (an OCI image layout, added to what is there), \
@@ -226,6 +232,7 @@ struct ImageCommand: ParsableCommand {
 
     struct Push: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "push",
             abstract: "Push an image to a registry (docker://HOST[:PORT]/REPO:TAG).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "The image.") var image: String
@@ -249,6 +256,7 @@ struct ImageCommand: ParsableCommand {
 
     struct Build: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "build",
             abstract: "Build a built-in base image now (normally built on first use).")
         @OptionGroup var storeOptions: StoreOptions
         @Argument(help: "busybox, debian:bookworm, or debian:bookworm+PKG,... (one apt layer over debian:bookworm).")

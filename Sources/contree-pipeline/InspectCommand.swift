@@ -88,7 +88,8 @@ struct InspectCommand: ParsableCommand {
     }
 
     struct Cat: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print a file of an image.")
+        static let configuration = CommandConfiguration(
+            commandName: "cat", abstract: "Print a file of an image.")
         @OptionGroup var target: Target
 
         func run() throws {
@@ -118,6 +119,7 @@ struct InspectCommand: ParsableCommand {
 
     struct Export: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "export",
             abstract: "Write a path of an image (and everything below it) as a tar file.")
         @OptionGroup var target: Target
         @Argument(help: "The tar file to write, or - for stdout.") var destination: String
