@@ -649,6 +649,53 @@ struct InspectTests {
     }
 }
 
+@Suite("serve: the image list", .requiresRoot)
+struct ImageListTests {
+    @Test(
+        "one entry per tag or one untagged, newest first, the built-in images, filters, pages that add up; nothing of another token"
+    )
+    func list() async throws {
+        let server = try await TestServer()
+        var images: [String] = []
+        for i in 0..<4 {
+            let op = try await server.spawn(#"{"command":"echo \#(i) > /n","image":"busybox","shell":true}"#)
+            images.append(try #require(try await server.wait(op)["result_image_uuid"] as? String))
+        }
+        for (image, tag) in [(images[1], "proj/a"), (images[1], "proj/b"), (images[3], "other")] {
+            #expect(
+                try await server.request("PATCH", "/v1/images/\(image)/tag", json: #"{"tag":"\#(tag)"}"#).status == 200)
+        }
+        func entries(_ query: String, token: String = TestServer.alice) async throws -> [(uuid: String, tag: String?)] {
+            let reply = try await server.request("GET", "/v1/images" + query, token: token)
+            #expect(reply.status == 200, "\(query): \(reply.text)")
+            let list = try #require(try reply.json()["images"] as? [[String: Any]])
+            return list.map { ($0["uuid"] as? String ?? "", $0["tag"] as? String) }
+        }
+        let all = try await entries("")
+        // Newest first: the four runs' images, the tagged one once per tag, then busybox (built
+        // before them).
+        let ours = all.filter { images.contains($0.uuid) }
+        #expect(ours.map(\.uuid) == [images[3], images[2], images[1], images[1], images[0]])
+        #expect(Set(ours.filter { $0.uuid == images[1] }.compactMap(\.tag)) == ["proj/a", "proj/b"])
+        #expect(ours.first?.tag == "other" && ours[1].tag == nil)
+        #expect(all.contains { $0.tag == "busybox" })
+        // Pages of two add up to the whole list, in the same order.
+        var paged: [String] = []
+        for offset in stride(from: 0, to: all.count + 2, by: 2) {
+            paged += try await entries("?limit=2&offset=\(offset)").map { $0.uuid + ($0.tag ?? "") }
+        }
+        #expect(paged == all.map { $0.uuid + ($0.tag ?? "") })
+        #expect(Set(try await entries("?tagged=1").compactMap(\.tag)).isSuperset(of: ["proj/a", "proj/b", "other"]))
+        #expect(try await entries("?tagged=1").allSatisfy { $0.tag != nil })
+        #expect(Set(try await entries("?tag=proj/").compactMap(\.tag)) == ["proj/a", "proj/b"])
+        #expect(try await entries("?uuid=\(images[2])").map(\.uuid) == [images[2]])
+        #expect(try await entries("?since=2100-01-01T00:00:00Z").isEmpty)
+        // Another token sees the built-in images and nothing of alice's.
+        let bobs = try await entries("", token: TestServer.bob)
+        #expect(bobs.contains { $0.tag == "busybox" } && !bobs.contains { images.contains($0.uuid) })
+    }
+}
+
 @Suite(
     "serve --isolation vm: instances run in QEMU microvms", .requiresRoot,
     .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-system-x86_64"), "needs qemu-system-x86"))

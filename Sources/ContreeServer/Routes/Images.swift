@@ -18,34 +18,51 @@ extension ServerState {
         }
         let wantedUUID = call.param("uuid").flatMap { $0.isEmpty ? nil : $0.lowercased() }
 
-        // (image, tag) pairs: one per tag, or one untagged entry.
-        var entries: [(record: ImageRecord, tag: String?)] = []
-        let owned = try api.database.query(
-            "SELECT image FROM api_images WHERE namespace = ?", [.text(call.namespace)]
-        ).compactMap { $0["image"].string }
-        var records = try owned.compactMap { try api.store.image($0) }
-        // The built-in base images, without the package variants others' spawns built.
-        records += try api.store.listImages().filter {
-            $0.origin.hasPrefix("builtin:") && $0.tags.contains(where: BaseImages.names.contains)
+        // One entry per (image, tag), or one untagged entry for an image without tags, newest
+        // image first: paged by SQLite walking the images by creation (images_created), so a
+        // page costs what it shows, not what the store holds.
+        let builtinTags =
+            "(t.name IN (\(BaseImages.names.map { "'\($0)'" }.joined(separator: ", "))) OR t.name LIKE 'debian:bookworm+%')"
+        var sql = """
+            WITH entry_tags(image, tag) AS (
+                SELECT image, tag FROM api_tags WHERE namespace = ?1
+                UNION ALL
+                SELECT t.image, t.name FROM tags t JOIN images b ON b.uuid = t.image
+                WHERE b.origin LIKE 'builtin:%' AND \(builtinTags))
+            SELECT i.uuid AS uuid, i.created AS created, e.tag AS tag,
+                (SELECT operation FROM api_images WHERE namespace = ?1 AND image = i.uuid) AS operation
+            FROM images i LEFT JOIN entry_tags e ON e.image = i.uuid
+            WHERE (EXISTS (SELECT 1 FROM api_images WHERE namespace = ?1 AND image = i.uuid)
+                OR (i.origin LIKE 'builtin:%' AND EXISTS (
+                    SELECT 1 FROM tags t WHERE t.image = i.uuid AND t.name IN (\(BaseImages.names.map { "'\($0)'" }.joined(separator: ", "))))))
+            """
+        var bindings: [SQLValue] = [.text(call.namespace)]
+        if tagged { sql += " AND e.tag IS NOT NULL" }
+        if let prefix {
+            sql += " AND substr(e.tag, 1, length(?\(bindings.count + 1))) = ?\(bindings.count + 1)"
+            bindings.append(.text(prefix))
         }
-        for record in records {
-            let tags = try api.tags(of: record, namespace: call.namespace)
-            if tags.isEmpty {
-                if !tagged { entries.append((record, nil)) }
-            } else {
-                for tag in tags { entries.append((record, tag)) }
-            }
+        if let wantedUUID {
+            sql += " AND i.uuid = ?\(bindings.count + 1)"
+            bindings.append(.text(wantedUUID))
         }
-        let filtered = entries.filter { entry in
-            let created = entry.record.created.timeIntervalSince1970
-            if let prefix, !(entry.tag?.hasPrefix(prefix) ?? false) { return false }
-            if let wantedUUID, entry.record.uuid != wantedUUID { return false }
-            if let since, created < since { return false }
-            if let until, created > until { return false }
-            return true
-        }.sorted { $0.record.created > $1.record.created }
-        let page = filtered.dropFirst(offset).prefix(limit)
-        let images = try page.map { try api.imageJSON($0.record, namespace: call.namespace, tag: $0.tag) }
+        if let since {
+            sql += " AND i.created >= ?\(bindings.count + 1)"
+            bindings.append(.real(since))
+        }
+        if let until {
+            sql += " AND i.created <= ?\(bindings.count + 1)"
+            bindings.append(.real(until))
+        }
+        sql += " ORDER BY i.created DESC LIMIT ?\(bindings.count + 1) OFFSET ?\(bindings.count + 2)"
+        bindings += [.integer(Int64(limit)), .integer(Int64(offset))]
+        let images: [JSON] = try api.database.query(sql, bindings).map { row in
+            .object([
+                ("uuid", .string(row["uuid"].string ?? "")), ("tag", .optional(row["tag"].string)),
+                ("created_at", .string(Timestamp.iso(row["created"].double ?? 0))),
+                ("operation_uuid", .optional(row["operation"].string)),
+            ])
+        }
         return .json(.object([("images", .array(images))]))
     }
 

@@ -142,11 +142,8 @@ public final class PipelineRunner: Sendable {
 
     /// `20261126-170501-3f2a9c`: sortable, short, unique enough.
     static func newRunID() -> String {
-        let formatter = DateFormatter()
-        formatter.dateFormat = "yyyyMMdd-HHmmss"
-        formatter.timeZone = TimeZone(identifier: "UTC")
         let suffix = UUID().uuidString.lowercased().prefix(6)
-        return formatter.string(from: Date()) + "-" + suffix
+        return UTCTime.compact(secondsSince1970: UTCTime.now) + "-" + suffix
     }
 
     // MARK: Preflight

@@ -1,4 +1,5 @@
 import Foundation
+import SystemSupport
 
 /// Writes a run's files: `report.json`, `metrics.csv`, `artifacts/manifest.json`,
 /// `report.html` and, when asked, JUnit XML.
@@ -62,7 +63,7 @@ struct ReportWriter {
         xml +=
             "<testsuites name=\"\(escape(report.pipeline))\" tests=\"\(report.nodes.count + all.count)\" failures=\"\(failures + all.filter { $0.outcome == .failed }.count)\" errors=\"\(all.filter { $0.outcome == .error }.count)\" skipped=\"\(skipped + all.filter { $0.outcome == .skipped }.count)\" time=\"\(time)\">\n"
         xml +=
-            "  <testsuite name=\"\(escape(report.pipeline))\" tests=\"\(report.nodes.count)\" failures=\"\(failures)\" errors=\"0\" skipped=\"\(skipped)\" time=\"\(time)\" timestamp=\"\(ISO8601DateFormatter().string(from: report.started))\">\n"
+            "  <testsuite name=\"\(escape(report.pipeline))\" tests=\"\(report.nodes.count)\" failures=\"\(failures)\" errors=\"0\" skipped=\"\(skipped)\" time=\"\(time)\" timestamp=\"\(UTCTime.iso8601(secondsSince1970: report.started.timeIntervalSince1970))\">\n"
         for n in report.nodes {
             let t = String(format: "%.3f", n.duration ?? 0)
             xml += "    <testcase classname=\"\(escape(report.pipeline))\" name=\"\(escape(n.node))\" time=\"\(t)\">\n"

@@ -161,9 +161,7 @@ final class LineView: RunObserver {
     }
 
     static func timestamp() -> String {
-        let formatter = ISO8601DateFormatter()
-        formatter.formatOptions = [.withInternetDateTime]
-        return formatter.string(from: Date())
+        UTCTime.iso8601(secondsSince1970: UTCTime.now)
     }
 
     func handle(_ event: RunEvent) {

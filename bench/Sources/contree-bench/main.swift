@@ -7,6 +7,7 @@
 //   contree-bench network [--runs N] [--home DIR]
 //   contree-bench slurm [--runs N] [--home DIR]
 //   contree-bench loop [--runs N] [--home DIR]
+//   contree-bench scale [--runs N] [--home DIR] [--sizes ...] [--images ...] [--concurrency ...] [--only ...]
 //
 // Prints medians and ratios; the machines are shared and noisy, so ratios and medians are what
 // count. Needs root, bubblewrap, and crun or runc (scripts/setup installs them).
@@ -21,6 +22,10 @@ struct Options {
     var forks = 100
     var home = "/var/tmp/contree-bench"
     var skipDebian = false
+    var sizes = [10, 100, 1000, 5000]
+    var images = [1000, 10000, 100_000]
+    var concurrency = [1, 2, 4, 8, 16, 32, 64]
+    var parts: Set<String> = ["pipelines", "store", "concurrent"]
 
     init(_ args: [String]) {
         var i = 0
@@ -30,10 +35,22 @@ struct Options {
             case "--forks": forks = Int(args[i + 1]) ?? forks; i += 1
             case "--home": home = args[i + 1]; i += 1
             case "--skip-debian": skipDebian = true
+            case "--sizes": sizes = Options.list(args[i + 1]) ?? sizes; i += 1
+            case "--images": images = Options.list(args[i + 1]) ?? images; i += 1
+            case "--concurrency": concurrency = Options.list(args[i + 1]) ?? concurrency; i += 1
+            case "--only": parts = Set(args[i + 1].split(separator: ",").map(String.init)); i += 1
             default: break
             }
             i += 1
         }
+    }
+}
+
+extension Options {
+    /// `10,100,1000`.
+    static func list(_ text: String) -> [Int]? {
+        let values = text.split(separator: ",").compactMap { Int($0) }
+        return values.isEmpty ? nil : values
     }
 }
 
@@ -253,8 +270,9 @@ enum Format {
 
 let args = Array(CommandLine.arguments.dropFirst())
 let usage =
-    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]\n       contree-bench slurm [--runs N] [--home DIR]\n       contree-bench loop [--runs N] [--home DIR]"
-guard let mode = args.first, ["sandbox", "pipeline", "api", "oci", "vm", "network", "slurm", "loop"].contains(mode)
+    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]\n       contree-bench slurm [--runs N] [--home DIR]\n       contree-bench loop [--runs N] [--home DIR]\n       contree-bench scale [--runs N] [--home DIR] [--sizes 10,100,1000,5000] [--images 1000,10000,100000] [--concurrency 1,2,4,8,16,32,64] [--only pipelines,store,concurrent]"
+guard let mode = args.first,
+    ["sandbox", "pipeline", "api", "oci", "vm", "network", "slurm", "loop", "scale"].contains(mode)
 else {
     print(usage)
     exit(2)
@@ -285,6 +303,11 @@ do {
             home: options.home, rounds: args.contains("--runs") ? options.runs : 5, cli: cliPath, env: env
         )
         .measure()
+    } else if mode == "scale" {
+        try await ScaleBench(
+            home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath,
+            sizes: options.sizes, imageCounts: options.images, concurrency: options.concurrency, parts: options.parts
+        ).measure()
     } else if mode == "api" {
         try await APIBench(
             home: options.home, cli: cliPath, concurrency: 50, rounds: args.contains("--runs") ? options.runs : 3
