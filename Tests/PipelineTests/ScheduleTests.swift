@@ -26,7 +26,7 @@ final class FakeExecutor: Sendable {
     var started: [String] { log.withLock { $0 } }
     var mostAtOnce: Int { concurrent.withLock { $0.most } }
 
-    func execute(_ node: PlanNode, results: [String: NodeResult]) async -> NodeResult {
+    func execute(_ node: PlanNode, results: ResultTable) async -> NodeResult {
         log.withLock { $0.append(node.id) }
         concurrent.withLock {
             $0.now += 1

@@ -26,7 +26,7 @@ struct CopyStager {
 
     /// Stages `node`'s copies; nil when it has none.
     /// - Throws: `PipelineError` naming the copy when a source left no snapshot or lacks the path.
-    func stage(_ node: PlanNode, results: [String: NodeResult]) throws -> StagedCopies? {
+    func stage(_ node: PlanNode, results: ResultTable) throws -> StagedCopies? {
         guard !node.copies.isEmpty else { return nil }
         var sources: [(copy: CopyDefinition, source: PlanNode, image: ImageRecord)] = []
         for copy in node.copies {

@@ -120,7 +120,7 @@ extension Schedule {
     mutating func expand(_ node: PlanNode) -> NodeResult? {
         guard let matrix = plan.definition.step(node.step)?.matrix else { return nil }
         let scope = NodeScope(
-            node: node, plan: plan, results: results, env: preparer.environment(node, results: results),
+            node: node, plan: plan, results: table, env: preparer.environment(node, results: table),
             pipelineName: plan.definition.name, cancelled: false)
         func failure(_ message: String) -> NodeResult {
             var result = NodeResult(node: node, status: .failed, reason: "step \(node.step): \(message)")

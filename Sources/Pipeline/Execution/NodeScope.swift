@@ -2,7 +2,7 @@
 struct NodeScope: ExpressionScope {
     let node: PlanNode
     let plan: PipelinePlan
-    let results: [String: NodeResult]
+    let results: ResultTable
     let env: [String: String]
     let pipelineName: String
     let cancelled: Bool
@@ -63,11 +63,10 @@ struct NodeScope: ExpressionScope {
     }
 
     func status(_ function: String) -> Bool {
-        let finished = ancestors.compactMap { results[$0.id] }
         switch function {
         case "always": return true
         case "cancelled": return cancelled
-        case "failure": return finished.contains { $0.failsPipeline }
+        case "failure": return ancestors.contains { results[$0.id]?.failsPipeline == true }
         default:  // success
             return !cancelled && node.dependencies.allSatisfy { results[$0]?.succeeded == true }
         }

@@ -15,7 +15,7 @@ struct ExecutionContext: Sendable {
 }
 
 extension PipelineRunner {
-    func execute(_ node: PlanNode, results: [String: NodeResult], context: ExecutionContext) async -> NodeResult {
+    func execute(_ node: PlanNode, results: ResultTable, context: ExecutionContext) async -> NodeResult {
         let log = StepLog(path: outDir + "/logs/" + node.fileName + ".log", secrets: context.secrets)
         defer { log.close() }
         log.onPlacement { [observer] in observer?.handle(.nodePlaced(node.id, $0)) }
@@ -58,7 +58,7 @@ extension PipelineRunner {
 
     /// The image a node starts from (see `startingPoint`).
     func parentImage(
-        _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext, log: StepLog
+        _ node: PlanNode, results: ResultTable, context: ExecutionContext, log: StepLog
     ) throws -> ImageRecord {
         let start = plan.startingPoint(
             node, results: results, base: context.baseImage.uuid, stepImages: context.stepImages.mapValues(\.uuid))
@@ -79,7 +79,7 @@ extension PipelineRunner {
     }
 
     private func executeRun(
-        _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext, log: StepLog,
+        _ node: PlanNode, results: ResultTable, context: ExecutionContext, log: StepLog,
         into result: inout NodeResult
     ) async throws {
         let parent = try parentImage(node, results: results, context: context, log: log)
@@ -407,7 +407,7 @@ extension PipelineRunner {
     /// The image each of the node's services starts from: the snapshot its `from` names, its
     /// own `image` (`resolve`), or the pipeline's.
     static func serviceImages(
-        _ node: PlanNode, results: [String: NodeResult], base: ImageRecord, store: Store,
+        _ node: PlanNode, results: ResultTable, base: ImageRecord, store: Store,
         resolve: (Located<String>) throws -> ImageRecord
     ) throws -> [ImageRecord] {
         try node.services.map { service in
@@ -499,7 +499,7 @@ extension PipelineRunner {
     // MARK: Selection among fork variants
 
     private func executeSelect(
-        _ node: PlanNode, results: [String: NodeResult], context: ExecutionContext, log: StepLog,
+        _ node: PlanNode, results: ResultTable, context: ExecutionContext, log: StepLog,
         into result: inout NodeResult
     ) async throws {
         guard let select = node.select else { return }

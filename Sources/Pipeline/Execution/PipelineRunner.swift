@@ -303,7 +303,7 @@ public final class PipelineRunner: Sendable {
     /// and the observer as it ends.
     static func drive(
         _ schedule: inout Schedule,
-        execute: @escaping @Sendable (PlanNode, [String: NodeResult]) async -> NodeResult,
+        execute: @escaping @Sendable (PlanNode, ResultTable) async -> NodeResult,
         observer: (any RunObserver)?, record: (NodeResult) -> Void,
         expanded: (PipelinePlan) -> Void = { _ in }
     ) async {
@@ -325,7 +325,7 @@ public final class PipelineRunner: Sendable {
                     observer?.handle(.nodeFinished(verdict))
                 }
                 for node in start {
-                    let snapshot = schedule.results
+                    let snapshot = schedule.table
                     let exempt = node.reactsToFailure
                     observer?.handle(.nodeStarted(node.id))
                     // Registered before it can run, so that a fail-fast right after reaches it.

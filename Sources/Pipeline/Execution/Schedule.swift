@@ -18,10 +18,19 @@ struct Schedule {
     /// What the run should say about its expansions (an empty matrix).
     private(set) var notes: [String] = []
 
-    private(set) var results: [String: NodeResult] = [:]
-    /// Not started and not settled, in plan order.
-    private(set) var pending: [PlanNode]
+    /// Every result so far; `results` is a copy of it.
+    let table = ResultTable()
+    var results: [String: NodeResult] { table.all }
     private(set) var running: Set<String> = []
+    /// Not started nor settled, and waiting for these many of their dependencies (by id).
+    private var waiting: [String: Int] = [:]
+    /// The nodes waiting for a node (by the id of the node waited for).
+    private var waiters: [String: [String]] = [:]
+    /// Plan positions of nodes whose dependencies all ended and that neither started nor
+    /// were settled: the next to decide on is the first in plan order.
+    private var ready = PositionHeap()
+    /// Each node's position in the plan.
+    private var positions: [String: Int] = [:]
     /// A failure stopped the run (fail-fast): what has not started is skipped.
     private(set) var stopping = false
     /// `advance` settled a failure that stops the run: the running nodes must be stopped
@@ -34,7 +43,41 @@ struct Schedule {
         self.keepGoing = keepGoing
         self.baseImage = baseImage
         self.preparer = StepPreparer(plan: plan)
-        self.pending = plan.nodes
+        index()
+    }
+
+    /// Rebuilds what waits for what from the plan and the results so far (at the start, and
+    /// when an expansion adopts a new plan). Linear in the plan's nodes and edges.
+    private mutating func index() {
+        waiting = [:]
+        waiters = [:]
+        ready = PositionHeap()
+        positions = [:]
+        for (position, node) in plan.nodes.enumerated() {
+            positions[node.id] = position
+            guard table[node.id] == nil && !running.contains(node.id) else { continue }
+            let missing = Set(node.dependencies).filter { table[$0] == nil }
+            if missing.isEmpty {
+                ready.insert(position)
+            } else {
+                waiting[node.id] = missing.count
+                for dependency in missing { waiters[dependency, default: []].append(node.id) }
+            }
+        }
+    }
+
+    /// Records a result and readies the nodes that waited for it alone.
+    private mutating func settle(_ result: NodeResult) {
+        table.set(result)
+        for id in waiters.removeValue(forKey: result.node) ?? [] {
+            guard let count = waiting[id] else { continue }
+            if count > 1 {
+                waiting[id] = count - 1
+            } else {
+                waiting[id] = nil
+                if let position = positions[id] { ready.insert(position) }
+            }
+        }
     }
 
     /// Nothing runs.
@@ -47,24 +90,19 @@ struct Schedule {
     mutating func advance(cancelled: Bool) -> (start: [PlanNode], settled: [NodeResult]) {
         var start: [PlanNode] = []
         var settled: [NodeResult] = []
-        var index = 0
-        while index < pending.count {
-            let node = pending[index]
-            guard node.dependencies.allSatisfy({ results[$0] != nil }) else {
-                index += 1
-                continue
-            }
+        // The first ready node in plan order each time (a decision may ready earlier ones).
+        while let position = ready.first {
+            let node = plan.nodes[position]
             if let verdict = verdict(node, cancelled: cancelled) {
-                pending.remove(at: index)
-                results[node.id] = verdict
+                _ = ready.removeFirst()
+                settle(verdict)
                 settled.append(verdict)
-                index = 0  // a decision may unblock earlier nodes
                 continue
             }
             if node.kind == .dynamic {
-                pending.remove(at: index)
+                _ = ready.removeFirst()
                 if let failure = expand(node) {
-                    results[node.id] = failure
+                    settle(failure)
                     settled.append(failure)
                     // As a step that failed: fail-fast stops the others.
                     if failure.failsPipeline && !keepGoing && !stopping {
@@ -72,11 +110,10 @@ struct Schedule {
                         failFastRequested = true
                     }
                 }
-                index = 0
                 continue
             }
             guard running.count < jobs else { break }
-            pending.remove(at: index)
+            _ = ready.removeFirst()
             running.insert(node.id)
             start.append(node)
         }
@@ -90,7 +127,7 @@ struct Schedule {
         let before = Set(plan.nodes.map(\.step))
         plan = next
         preparer = StepPreparer(plan: next)
-        pending = next.nodes.filter { results[$0.id] == nil && !running.contains($0.id) }
+        index()
         for step in before.subtracting(next.nodes.map(\.step)).sorted() {
             notes.append(
                 "\(step) has no instances: its dynamic matrix (or one it comes from) expanded to an empty list")
@@ -101,7 +138,7 @@ struct Schedule {
     /// (those that do not react to failures).
     mutating func finish(_ result: NodeResult) -> Bool {
         running.remove(result.node)
-        results[result.node] = result
+        settle(result)
         guard result.failsPipeline && !keepGoing && !stopping else { return false }
         stopping = true
         return true
@@ -109,11 +146,13 @@ struct Schedule {
 
     /// Once nothing runs: the nodes never reached (cancelled when the run was).
     mutating func unreached(cancelled: Bool) -> [NodeResult] {
-        let left = pending.filter { results[$0.id] == nil }
-        pending = []
+        let left = plan.nodes.filter { table[$0.id] == nil && !running.contains($0.id) }
+        waiting = [:]
+        waiters = [:]
+        ready = PositionHeap()
         return left.map { node in
             let verdict = NodeResult(node: node, status: cancelled ? .cancelled : .skipped, reason: "not reached")
-            results[node.id] = verdict
+            table.set(verdict)
             return verdict
         }
     }
@@ -131,13 +170,13 @@ struct Schedule {
         }
         if node.kind == .select {
             // A selection runs once its variants ended, unless none of them ran.
-            let variants = node.variantNodes.compactMap { results[$0] }
+            let variants = node.variantNodes.compactMap { table[$0] }
             guard variants.allSatisfy({ $0.status == .skipped || $0.status == .cancelled }) else { return nil }
             let status: NodeStatus = variants.contains { $0.status == .cancelled } ? .cancelled : .skipped
             return NodeResult(node: node, status: status, reason: "none of its variants ran")
         }
         let scope = NodeScope(
-            node: node, plan: plan, results: results, env: preparer.environment(node, results: results),
+            node: node, plan: plan, results: table, env: preparer.environment(node, results: table),
             pipelineName: plan.definition.name, cancelled: cancelled)
         var judged = node
         if node.kind == .dynamic, node.condition?.references.contains(where: { $0.0.first == "matrix" }) == true {
@@ -156,7 +195,7 @@ struct Schedule {
         // Skipped by its own condition while what it depends on succeeded: it leaves the
         // workspace as it was, passing its parent's snapshot on.
         if scope.status("success") {
-            let start = plan.startingPoint(node, results: results, base: baseImage, stepImages: stepImages)
+            let start = plan.startingPoint(node, results: table, base: baseImage, stepImages: stepImages)
             skipped.parentImage = start.image
             skipped.resultImage = start.image
         }
@@ -172,7 +211,7 @@ extension PipelinePlan {
     /// A chain that ends at a step with its own `image:` ends at that image (`stepImages` maps
     /// the reference to a UUID).
     func startingPoint(
-        _ node: PlanNode, results: [String: NodeResult], base: String, stepImages: [String: String] = [:]
+        _ node: PlanNode, results: ResultTable, base: String, stepImages: [String: String] = [:]
     ) -> (
         image: String, from: String?
     ) {
@@ -183,5 +222,41 @@ extension PipelinePlan {
             current = next
         }
         return (current.image.flatMap { stepImages[$0.value] } ?? base, nil)
+    }
+}
+
+/// A min-heap of plan positions: the ready nodes, first in plan order on top.
+struct PositionHeap {
+    private var items: [Int] = []
+
+    var first: Int? { items.first }
+
+    mutating func insert(_ value: Int) {
+        items.append(value)
+        var child = items.count - 1
+        while child > 0 {
+            let parent = (child - 1) / 2
+            guard items[child] < items[parent] else { break }
+            items.swapAt(child, parent)
+            child = parent
+        }
+    }
+
+    mutating func removeFirst() -> Int? {
+        guard let top = items.first else { return nil }
+        let last = items.removeLast()
+        guard !items.isEmpty else { return top }
+        items[0] = last
+        var parent = 0
+        while true {
+            let left = 2 * parent + 1
+            let right = left + 1
+            var smallest = parent
+            if left < items.count && items[left] < items[smallest] { smallest = left }
+            if right < items.count && items[right] < items[smallest] { smallest = right }
+            guard smallest != parent else { return top }
+            items.swapAt(parent, smallest)
+            parent = smallest
+        }
     }
 }

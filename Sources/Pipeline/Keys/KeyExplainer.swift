@@ -88,7 +88,7 @@ public struct KeyExplainer {
         .values
         let secretKey = secrets.isEmpty ? [] : try engine.store.secretKey()
         let preparer = StepPreparer(plan: plan)
-        var known: [String: NodeResult] = [:]
+        let known = ResultTable()
         var unknown: [String: String] = [:]  // node -> why its snapshot is not known
         var explanations: [StepExplanation] = []
         var images: [String: ImageRecord] = [:]
@@ -123,7 +123,7 @@ public struct KeyExplainer {
                     var result = NodeResult(node: node, status: .passed)
                     result.resultImage = image
                     result.outputs = row.outputs
-                    known[node.id] = result
+                    known.set(result)
                 } else {
                     unknown[node.id] = "the selection \(node.id) has not passed yet"
                 }
@@ -193,7 +193,7 @@ public struct KeyExplainer {
                 var result = NodeResult(node: node, status: .passed)
                 result.resultImage = hit.resultImage
                 result.outputs = hit.outputs
-                known[node.id] = result
+                known.set(result)
             } else {
                 unknown[node.id] =
                     explanation.note ?? (node.cache ? "\(node.id) is not cached" : "\(node.id) has cache: false")

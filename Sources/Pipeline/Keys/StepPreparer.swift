@@ -19,7 +19,7 @@ struct StepPreparer {
     let plan: PipelinePlan
 
     /// The node's env (the pipeline's, then the step's), each entry rendered seeing those before it.
-    func environment(_ node: PlanNode, results: [String: NodeResult]) -> [String: String] {
+    func environment(_ node: PlanNode, results: ResultTable) -> [String: String] {
         var env: [String: String] = [:]
         for entry in plan.definition.env + node.env {
             let scope = NodeScope(
@@ -31,7 +31,7 @@ struct StepPreparer {
     }
 
     func prepare(
-        _ node: PlanNode, parent: ImageRecord, results: [String: NodeResult], secrets: [String: String],
+        _ node: PlanNode, parent: ImageRecord, results: ResultTable, secrets: [String: String],
         secretKey: [UInt8], copies: [String]? = nil, services: [String]? = nil
     ) throws -> PreparedStep {
         let definition = plan.definition

@@ -20,9 +20,36 @@ public struct PipelineDefinition: Sendable {
     public var caches: [CacheDefinition] = []
     /// `services:`: sidecars steps may start (see `ServiceDefinition`).
     public var services: [ServiceDefinition] = []
-    public var steps: [StepDefinition]
+    public var steps: [StepDefinition] { didSet { stepIndex = PipelineDefinition.index(steps) } }
+    /// Position of each step by id (the first of a repeated id): lookups stay constant in
+    /// pipelines of thousands of steps.
+    var stepIndex: [String: Int]
 
-    public func step(_ id: String) -> StepDefinition? { steps.first { $0.id.value == id } }
+    init(
+        file: String, directory: String, name: String, image: Located<String>, env: [EnvironmentEntry],
+        defaults: StepSettings, secrets: [SecretDefinition], caches: [CacheDefinition] = [],
+        services: [ServiceDefinition] = [], steps: [StepDefinition]
+    ) {
+        self.file = file
+        self.directory = directory
+        self.name = name
+        self.image = image
+        self.env = env
+        self.defaults = defaults
+        self.secrets = secrets
+        self.caches = caches
+        self.services = services
+        self.steps = steps
+        self.stepIndex = PipelineDefinition.index(steps)
+    }
+
+    private static func index(_ steps: [StepDefinition]) -> [String: Int] {
+        var index: [String: Int] = [:]
+        for (position, step) in steps.enumerated() where index[step.id.value] == nil { index[step.id.value] = position }
+        return index
+    }
+
+    public func step(_ id: String) -> StepDefinition? { stepIndex[id].map { steps[$0] } }
 }
 
 /// `NAME: value`, the value possibly holding `${{ }}` expressions.

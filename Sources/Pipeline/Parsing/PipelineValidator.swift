@@ -156,7 +156,7 @@ struct PipelineValidator {
         }
         checkSize()
         guard errors.isEmpty else { return errors }
-        let ancestors = self.ancestors()
+        let ancestors = Ancestry(dependencies())
         let axes = matrixAxes()
         for step in steps {
             let id = step.id.value
@@ -182,7 +182,8 @@ struct PipelineValidator {
             for (expression, _) in expressions {
                 for (path, location) in expression.references {
                     check(
-                        path, at: location, step: id, ancestors: ancestors[id] ?? [], axes: axes[id]?.names ?? [],
+                        path, at: location, step: id, isAncestor: { ancestors.reaches(id, $0) },
+                        axes: axes[id]?.names ?? [],
                         env: envNames, allAxes: axes, openAxes: step.matrix?.includeExpression != nil)
                 }
             }
@@ -209,7 +210,7 @@ struct PipelineValidator {
             for (_, expression) in step.matrix?.expressions ?? [] {
                 for (path, location) in expression.references {
                     check(
-                        path, at: location, step: id, ancestors: ancestors[id] ?? [], axes: inherited,
+                        path, at: location, step: id, isAncestor: { ancestors.reaches(id, $0) }, axes: inherited,
                         env: envNames, allAxes: axes)
                 }
             }
@@ -295,7 +296,7 @@ struct PipelineValidator {
 
     /// Checks one reference: `matrix.NAME`, `steps.ID.outputs.KEY|outcome|image`, `env.NAME`.
     mutating func check(
-        _ path: [String], at location: SourceLocation, step: String, ancestors: Set<String>, axes: [String],
+        _ path: [String], at location: SourceLocation, step: String, isAncestor: (String) -> Bool, axes: [String],
         env: Set<String>, allAxes: [String: (names: [String], clash: String?)], openAxes: Bool = false
     ) {
         func fail(_ message: String) { errors.append(PipelineError(.invalid, message, at: location)) }
@@ -319,7 +320,7 @@ struct PipelineValidator {
                 }
                 return fail(message)
             }
-            guard ancestors.contains(target) else {
+            guard isAncestor(target) else {
                 return fail(
                     "step \(step) reads steps.\(target), which is not one of the steps it comes after; add it to `needs`"
                 )
@@ -400,21 +401,24 @@ struct PipelineValidator {
         return nil
     }
 
-    func ancestors() -> [String: Set<String>] {
-        let deps = dependencies()
-        var memo: [String: Set<String>] = [:]
-        func compute(_ id: String) -> Set<String> {
-            if let known = memo[id] { return known }
-            var result = Set<String>()
-            for dep in deps[id] ?? [] {
-                result.insert(dep)
-                result.formUnion(compute(dep))
+    /// Whether one step comes after another, asked only for the references expressions make:
+    /// a search up the dependencies that stops where it finds the step (every step's full set
+    /// of ancestors would be quadratic in a chain of thousands).
+    struct Ancestry {
+        let dependencies: [String: [String]]
+
+        init(_ dependencies: [String: [String]]) { self.dependencies = dependencies }
+
+        func reaches(_ step: String, _ ancestor: String) -> Bool {
+            var seen: Set<String> = []
+            var queue = dependencies[step] ?? []
+            while let id = queue.popLast() {
+                if id == ancestor { return true }
+                guard seen.insert(id).inserted else { continue }
+                queue += dependencies[id] ?? []
             }
-            memo[id] = result
-            return result
+            return false
         }
-        for step in definition.steps { _ = compute(step.id.value) }
-        return memo
     }
 
     /// The matrix axes each step has: its own plus those of the step it starts from.

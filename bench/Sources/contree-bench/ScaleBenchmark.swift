@@ -22,7 +22,7 @@ struct ScaleBench {
 
     func environment(home: String) -> [String] {
         ProcessInfo.processInfo.environment.filter { $0.key != "CONTREE_HOME" }.map { "\($0.key)=\($0.value)" }
-            + ["CONTREE_HOME=\(home)"]
+            + ["CONTREE_HOME=\(home)", "CONTREE_MAX_MATRIX=10000"]
     }
 
     func chain(_ n: Int, salt: String) -> String {
