@@ -1,5 +1,6 @@
 import ArgumentParser
 import Glibc
+import Sandbox
 
 /// contree-pipeline: sandboxes that branch like Git, and CI pipelines on top of them.
 @main
@@ -27,6 +28,11 @@ struct ContreePipeline: AsyncParsableCommand {
     /// As ArgumentParser's, except that a command line it cannot use exits 2 (invalid input,
     /// as every command documents) rather than 64.
     static func main() async {
+        // Commands that start sandboxes begin the cgroup grace period (see `Cgroup.prime`)
+        // before the command line is even parsed, so that more of it overlaps with their work.
+        if let name = CommandLine.arguments.dropFirst().first, ["exec", "run", "shell", "step"].contains(name) {
+            ContainerBackend.warmUp()
+        }
         do {
             var command = try parseAsRoot()
             if var asynchronous = command as? any AsyncParsableCommand {

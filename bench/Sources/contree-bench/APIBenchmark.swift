@@ -160,6 +160,7 @@ struct APIBench {
                 + "p50 \(ms(median(engineLatencies)))  p99 \(ms(percentile(engineLatencies, 0.99)))  "
                 + String(format: "%.1f runs/s", engineRate))
         print(pad("ratio API / engine", 34) + String(format: "throughput %.2f", apiRate / engineRate))
+        Summary.record(.apiThroughput, apiRate, peer: engineRate)
         let readLatencies = reads.map(\.0)
         print(
             pad("GET /operations/{id} burst", 34)

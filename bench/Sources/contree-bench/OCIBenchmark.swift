@@ -90,6 +90,7 @@ struct OCIBench {
                 pad(name, 30) + pad(ms(median(ours)), 18) + pad(ms(median(peer)), 18)
                     + String(format: "%.2f", median(ours) / median(peer)))
         }
+        Summary.record(.ociImport, median(coldOurs), peer: median(coldPeer))
         try sharedCache(work: work, port: port)
     }
 

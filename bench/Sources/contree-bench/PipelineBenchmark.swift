@@ -125,6 +125,8 @@ struct PipelineBench {
         )
         print(String(format: "ratio rerun after changing the last step / buildah: %.3f", changed / bChanged))
         let perStep = cold / 20
+        Summary.record(.stepOverhead, perStep - command)
+        Summary.record(.cachedRerun, cached)
         print(
             "per step, cold: \(ms(perStep)); the command itself on the host: \(ms(command)); overhead \(ms(perStep - command)) (target < 25 ms: \(verdict(perStep - command < 0.025)))"
         )

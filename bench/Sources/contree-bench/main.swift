@@ -8,6 +8,7 @@
 //   contree-bench slurm [--runs N] [--home DIR]
 //   contree-bench loop [--runs N] [--home DIR]
 //   contree-bench scale [--runs N] [--home DIR] [--sizes ...] [--images ...] [--concurrency ...] [--only ...]
+//   contree-bench table [--runs N] [--home DIR]   (issue 16's table: sandbox, pipeline, api and oci, then the table)
 //
 // Prints medians and ratios; the machines are shared and noisy, so ratios and medians are what
 // count. Needs root, bubblewrap, and crun or runc (scripts/setup installs them).
@@ -15,6 +16,7 @@ import Foundation
 import Glibc
 import ImageStore
 import Sandbox
+import Synchronization
 import SystemSupport
 
 struct Options {
@@ -197,6 +199,10 @@ func sandboxBenchmark(_ options: Options) async throws {
         let xs = samples[name]!
         print(pad(name, 40) + pad(ms(median(xs)), 12) + ms(percentile(xs, 0.9)))
     }
+    if let bwrap = samples["bwrap"] {
+        Summary.record(.execCLI, median(samples[cliName]!), peer: median(bwrap))
+        Summary.record(.inProcess, median(samples[engineName]!), peer: median(bwrap))
+    }
     for ours in [cliName, engineName] {
         for (name, _) in peers {
             let ratio = median(samples[ours]!) / median(samples[name]!)
@@ -264,15 +270,73 @@ func sandboxBenchmark(_ options: Options) async throws {
     _ = try store.collectGarbage(pruneUntaggedOlderThan: 0)
 }
 
+/// The figures of issue 16's table, recorded by the benches that measure them; `contree-bench
+/// table` runs those benches and prints them together with their peers and goals.
+enum Summary {
+    enum Figure: Int, CaseIterable {
+        case execCLI, inProcess, stepOverhead, cachedRerun, ociImport, apiThroughput
+
+        var title: String {
+            switch self {
+            case .execCLI: "`exec --image busybox -- true`, CLI process, vs bwrap `true`"
+            case .inProcess: "the same in process (`SandboxEngine.run`) vs bwrap"
+            case .stepOverhead: "a pipeline step, cold, above the command itself"
+            case .cachedRerun: "fully cached 20-step rerun, CLI end to end"
+            case .ociImport: "OCI import of debian:bookworm vs skopeo copy + umoci unpack"
+            case .apiThroughput: "API: 50 concurrent spawns, throughput vs the engine in process"
+            }
+        }
+
+        /// The goal, and whether `value` (a ratio, or seconds without a peer) meets it.
+        var goal: (text: String, met: (Double) -> Bool) {
+            switch self {
+            case .execCLI: ("<= 1.5x", { $0 <= 1.5 })
+            case .inProcess: ("<= 1.0x", { $0 <= 1.0 })
+            case .stepOverhead: ("<= 5 ms", { $0 <= 0.005 })
+            case .cachedRerun: ("<= 20 ms", { $0 <= 0.020 })
+            case .ociImport: ("<= 0.5", { $0 <= 0.5 })
+            case .apiThroughput: (">= 0.9", { $0 >= 0.9 })
+            }
+        }
+    }
+
+    private static let figures = Mutex<[Figure: (ours: Double, peer: Double?)]>([:])
+
+    static func record(_ figure: Figure, _ ours: Double, peer: Double? = nil) {
+        figures.withLock { $0[figure] = (ours, peer) }
+    }
+
+    static func printTable() {
+        let recorded = figures.withLock { $0 }
+        print("\n== issue 16's table, measured side by side in this run ==")
+        print("| figure | contree | peer | ratio | goal |")
+        print("| --- | --- | --- | --- | --- |")
+        for figure in Figure.allCases {
+            guard let (ours, peer) = recorded[figure] else {
+                print("| \(figure.title) | not measured | | | \(figure.goal.text) |")
+                continue
+            }
+            let isRate = figure == .apiThroughput
+            func show(_ value: Double) -> String { isRate ? String(format: "%.0f runs/s", value) : ms(value) }
+            let ratio = peer.map { ours / $0 }
+            let judged = ratio ?? ours
+            print(
+                "| \(figure.title) | \(show(ours)) | \(peer.map(show) ?? "") | "
+                    + (ratio.map { String(format: "%.2f", $0) } ?? "") + " | \(figure.goal.text) "
+                    + (figure.goal.met(judged) ? "✔" : "✘") + " |")
+        }
+    }
+}
+
 enum Format {
     static func size(_ bytes: Int64) -> String { String(format: "%.1f MiB", Double(bytes) / 1_048_576) }
 }
 
 let args = Array(CommandLine.arguments.dropFirst())
 let usage =
-    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]\n       contree-bench slurm [--runs N] [--home DIR]\n       contree-bench loop [--runs N] [--home DIR]\n       contree-bench scale [--runs N] [--home DIR] [--sizes 10,100,1000,5000] [--images 1000,10000,100000] [--concurrency 1,2,4,8,16,32,64] [--only pipelines,store,concurrent]"
+    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]\n       contree-bench slurm [--runs N] [--home DIR]\n       contree-bench loop [--runs N] [--home DIR]\n       contree-bench scale [--runs N] [--home DIR] [--sizes 10,100,1000,5000] [--images 1000,10000,100000] [--concurrency 1,2,4,8,16,32,64] [--only pipelines,store,concurrent]\n       contree-bench table [--runs N] [--home DIR]"
 guard let mode = args.first,
-    ["sandbox", "pipeline", "api", "oci", "vm", "network", "slurm", "loop", "scale"].contains(mode)
+    ["sandbox", "pipeline", "api", "oci", "vm", "network", "slurm", "loop", "scale", "table"].contains(mode)
 else {
     print(usage)
     exit(2)
@@ -281,7 +345,21 @@ do {
     let options = Options(Array(args.dropFirst()))
     let cliPath = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
         .appendingPathComponent("contree-pipeline").path
-    if mode == "sandbox" {
+    if mode == "table" {
+        // Each bench that measures a figure of issue 16's table, fewer rounds, then the table.
+        let env =
+            ProcessInfo.processInfo.environment.filter { $0.key != "CONTREE_HOME" }.map { "\($0.key)=\($0.value)" }
+            + ["CONTREE_HOME=\(options.home)"]
+        var sandbox = options
+        if !args.contains("--runs") { sandbox.runs = 20 }
+        sandbox.forks = 10
+        sandbox.skipDebian = true
+        try await sandboxBenchmark(sandbox)
+        try await PipelineBench(home: options.home, rounds: 3, cli: cliPath, env: env).measure()
+        try await APIBench(home: options.home, cli: cliPath, concurrency: 50, rounds: 3).measure()
+        try await OCIBench(home: options.home, rounds: 3, cli: cliPath).measure()
+        Summary.printTable()
+    } else if mode == "sandbox" {
         try await sandboxBenchmark(options)
     } else if mode == "network" {
         try await NetworkBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 5, cli: cliPath)
