@@ -70,7 +70,9 @@ final class Slots: Sendable {
 }
 
 /// Counts the event streams each namespace holds open: one token cannot hold the server's
-/// connections and threads with streams it never reads.
+/// connections and threads with streams it never reads. A token allowed more instances at once
+/// than `perNamespace` may follow as many streams as it may run instances (a client follows
+/// each of its runs).
 final class StreamSlots: Sendable {
     let perNamespace: Int
     private let open = Mutex<[String: Int]>([:])
@@ -87,13 +89,14 @@ final class StreamSlots: Sendable {
         deinit { close() }
     }
 
-    /// - Throws: 429 when the namespace already holds `perNamespace` streams.
-    func open(_ namespace: String) throws -> Slot {
+    /// - Throws: 429 when the namespace already holds `max(perNamespace, concurrency)` streams.
+    func open(_ namespace: String, concurrency: Int = 0) throws -> Slot {
+        let limit = max(perNamespace, concurrency)
         try open.withLock { counts in
-            guard counts[namespace, default: 0] < perNamespace else {
+            guard counts[namespace, default: 0] < limit else {
                 throw APIError(
                     .tooManyRequests,
-                    "this token already holds \(perNamespace) open event streams; close one (or read it to its end) first",
+                    "this token already holds \(limit) open event streams; close one (or read it to its end) first",
                     retryAfter: 1)
             }
             counts[namespace, default: 0] += 1

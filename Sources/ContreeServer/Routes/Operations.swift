@@ -113,7 +113,7 @@ extension ServerState {
             ?? integer(call.param("since"), "since") ?? -1
         let spid = try integer(call.param("spid"), "spid").map(Int.init)
         let follow = call.flag("follow")
-        let slot = try streams.open(call.namespace)
+        let slot = try streams.open(call.namespace, concurrency: call.token.maxConcurrency)
         // Registered before anything stored is read: an event recorded in between wakes it.
         let wakeups = follow ? operations.liveOperation(id)?.follow() : nil
         let database = api.database
