@@ -217,6 +217,43 @@ struct OCITests {
         try FileSystem.writeFile(
             evil + "/index.json", Array(#"{"schemaVersion":2,"manifests":[{"digest":"\#(odd)","size":1}]}"#.utf8))
         try expectRefused("oci:\(evil)", "not supported")
+
+        // Layers decompressed and hashed as they are extracted: a gzip stream cut short under a
+        // digest that matches the cut bytes is the decompressor's complaint (igzip's or gzip's); a whole one whose content is not
+        // the config's diff_id is refused by that digest. Neither leaves anything behind.
+        var content: [UInt8] = []
+        let contentWriter = TarWriter { content.append(contentsOf: $0) }
+        let payload = (0..<300_000).map { UInt8(truncatingIfNeeded: $0 &* 2_654_435_761 >> 13) }
+        try contentWriter.append(
+            TarEntry(path: "data", kind: .regular, mode: 0o644, uid: 0, gid: 0, size: Int64(payload.count), mtime: 0)
+        ) { write in try payload.withUnsafeBytes { try write($0) } }
+        try contentWriter.finish()
+        try FileSystem.writeFile(scratch.path + "/content.tar", content)
+        let zipped = try ChildProcess.run(["gzip", "-n", "-c", scratch.path + "/content.tar"]).stdout
+        func gzipLayout(_ layerBytes: [UInt8], diffID: String) throws -> String {
+            let layer = try blob(layerBytes)
+            let config = try blob(Array(#"{"rootfs":{"type":"layers","diff_ids":["\#(diffID)"]}}"#.utf8))
+            let manifest = try blob(
+                Array(
+                    #"{"schemaVersion":2,"mediaType":"\#(OCI.manifestType)","config":{"digest":"\#(config)","size":1},"layers":[{"mediaType":"\#(OCI.layerGzip)","digest":"\#(layer)","size":\#(layerBytes.count)}]}"#
+                        .utf8))
+            try FileSystem.writeFile(
+                evil + "/index.json",
+                Array(
+                    #"{"schemaVersion":2,"manifests":[{"mediaType":"\#(OCI.manifestType)","digest":"\#(manifest)","size":1}]}"#
+                        .utf8))
+            return "oci:\(evil)"
+        }
+        let diffID = Digest.sha256(content).description
+        try expectRefused(
+            try gzipLayout(Array(zipped.prefix(zipped.count / 2)), diffID: diffID), "cannot be decompressed with")
+        try expectRefused(
+            try gzipLayout(zipped, diffID: Digest.sha256(Array("other".utf8)).description), "but the config says")
+        // The whole stream under its own diff_id imports, and holds the file.
+        let good = try importer.importImage(try gzipLayout(zipped, diffID: diffID))
+        let fs = ImageFilesystem(layersTopFirst: good.layers.reversed().map(other.store.layerPath))
+        #expect(try fs.lookup("/data").map { try fs.readFile($0) } == payload)
+        #expect(try FileSystem.list(other.store.tmpPath).allSatisfy { !$0.hasPrefix("layer") })
     }
 }
 

@@ -9,6 +9,8 @@ public struct TarReader {
     private var pending: Int64 = 0  // content bytes of the current entry not yet consumed
     private var padding: Int64 = 0
     private var globalPax: [String: [UInt8]] = [:]
+    /// Sees every byte read from the stream, in order (to hash it as it is extracted).
+    public var tap: ((UnsafeRawBufferPointer) -> Void)?
 
     /// - Parameters:
     ///   - fd: the stream (not closed by the reader).
@@ -113,10 +115,23 @@ public struct TarReader {
             if n < 0 && errno == EINTR { continue }
             guard n >= 0 else { throw SandboxError.system("read(\(name))") }
             if n == 0 { throw SandboxError(.invalidArgument, "\(name) is truncated (it ends inside an entry)") }
+            tap?(UnsafeRawBufferPointer(start: buffer.baseAddress! + got, count: n))
             got += n
         }
         pending -= Int64(got)
         return got
+    }
+
+    /// Reads the stream to its end (what follows the archive's end marker), for the tap.
+    public mutating func drain() throws {
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else { throw SandboxError.system("read(\(name))") }
+            if n == 0 { return }
+            buffer.withUnsafeBytes { tap?(UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+        }
     }
 
     private func field(_ header: [UInt8], _ offset: Int, _ length: Int) -> [UInt8] {
@@ -206,6 +221,7 @@ public struct TarReader {
                 if got == 0 && allowEOF { return false }
                 throw SandboxError(.invalidArgument, "\(name) is truncated (it ends inside a header)")
             }
+            if let tap { buffer.withUnsafeBytes { tap(UnsafeRawBufferPointer(rebasing: $0[got..<(got + n)])) } }
             got += n
         }
         return true
@@ -219,6 +235,7 @@ public struct TarReader {
             if n < 0 && errno == EINTR { continue }
             guard n >= 0 else { throw SandboxError.system("read(\(name))") }
             if n == 0 { throw SandboxError(.invalidArgument, "\(name) is truncated (it ends inside an entry)") }
+            if let tap { buffer.withUnsafeBytes { tap(UnsafeRawBufferPointer(rebasing: $0[0..<n])) } }
             remaining -= Int64(n)
         }
     }

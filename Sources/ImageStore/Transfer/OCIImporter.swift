@@ -345,33 +345,36 @@ public struct OCIImporter: Sendable {
                 continue
             }
             Trace.mark("import: layer \(index + 1) start")
-            let tar = try uncompressed(layer.path, mediaType: layer.mediaType, lease: lease, index: index)
+            let directory = lease.workPath + "/layer"
+            try FileSystem.removeTree(directory)
+            try FileSystem.makeDirectory(directory, mode: 0o755)
+            // One pass over the layer: decompressed on the fly (gzip or zstd writing into a
+            // pipe), extracted as it arrives, and its diff_id hashed from the same bytes. Nothing
+            // is committed unless that digest is the config's.
+            let stream = try LayerStream(path: layer.path, mediaType: layer.mediaType, index: index)
             // An uncompressed blob already verified is its own diff_id.
-            let diffID =
-                blobsVerified && tar == layer.path && layer.digest == layer.diffID
-                ? layer.diffID : try OCI.sha256(file: tar).digest
-            Trace.mark("import: layer \(index + 1) uncompressed and hashed")
+            let trusted = blobsVerified && !stream.isDecompressed && layer.digest == layer.diffID
+            final class Tally { var hasher = Digest.Hasher() }
+            let tally = Tally()
+            var reader = TarReader(fd: stream.fd, name: "\(source.name) layer \(index + 1)")
+            if !trusted { reader.tap = { tally.hasher.update($0) } }
+            var extractor = LayerExtractor(root: directory)
+            do {
+                try extractor.extract(&reader, source: "\(source.name) layer \(index + 1)")
+                try reader.drain()
+            } catch {
+                // The decompressor's complaint, when it has one, says more than a short tar.
+                if let complaint = stream.close(failed: true) { throw complaint }
+                throw error
+            }
+            if let complaint = stream.close(failed: false) { throw complaint }
+            let diffID = trusted ? layer.diffID : tally.hasher.finalize().description
             guard diffID == layer.diffID else {
                 throw SandboxError(
                     .corrupt,
                     "\(source.name): layer \(index + 1) unpacks to \(diffID), but the config says \(layer.diffID); the image is damaged"
                 )
             }
-            let directory = lease.workPath + "/layer"
-            try FileSystem.removeTree(directory)
-            try FileSystem.makeDirectory(directory, mode: 0o755)
-            let fd = open(tar, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { throw SandboxError.system("open(\(tar))") }
-            var reader = TarReader(fd: fd, name: "\(source.name) layer \(index + 1)")
-            var extractor = LayerExtractor(root: directory)
-            do {
-                try extractor.extract(&reader, source: "\(source.name) layer \(index + 1)")
-                close(fd)
-            } catch {
-                close(fd)
-                throw error
-            }
-            if tar != layer.path { unlink(tar) }  // a decompressed copy; never the source's blob
             Trace.mark("import: layer \(index + 1) extracted")
             let base = current
             let result = try snapshotter.commit(
@@ -397,39 +400,6 @@ public struct OCIImporter: Sendable {
         return final
     }
 
-    /// The layer as a plain tar file: itself, or decompressed (gzip, zstd) into the lease.
-    private func uncompressed(_ path: String, mediaType: String, lease: Lease, index: Int) throws -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
-        defer { close(fd) }
-        var magic = [UInt8](repeating: 0, count: 4)
-        let n = pread(fd, &magic, 4, 0)
-        let tool: [String]
-        if n >= 2 && magic[0] == 0x1f && magic[1] == 0x8b {
-            tool = ["gzip", "-dc"]
-        } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
-            tool = ["zstd", "-dcq"]
-        } else if mediaType.hasSuffix("+gzip") || mediaType.hasSuffix(".gzip") || mediaType.hasSuffix("+zstd") {
-            throw SandboxError(.corrupt, "layer \(index + 1) is declared \(mediaType) but is not compressed that way")
-        } else {
-            return path
-        }
-        let target = lease.workPath + "/layer-\(index).tar"
-        let out = open(target, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard out >= 0 else { throw SandboxError.system("open(\(target))") }
-        defer { close(out) }
-        let child = try ChildProcess.spawn(tool, stdinFD: fd, captureStdout: false, stdoutFD: out)
-        let errors = try FileSystem.readAll(fd: child.stderr, path: "\(tool[0]) stderr")
-        close(child.stderr)
-        guard try ChildProcess.wait(child.pid, tool[0]) == 0 else {
-            throw SandboxError(
-                .corrupt,
-                "layer \(index + 1) cannot be decompressed with \(tool[0]): \(String(decoding: errors, as: UTF8.self)) (is it truncated? is \(tool[0]) installed?)"
-            )
-        }
-        return target
-    }
-
     /// The image config as the engine keeps it: env, working directory, and the user as
     /// numbers (names are looked up at run time from the image's /etc/passwd).
     private func imageConfig(_ config: OCI.ImageConfiguration) throws -> ImageConfig {
@@ -438,5 +408,63 @@ public struct OCIImporter: Sendable {
         let workingDir = (run?.workingDir).flatMap { $0.isEmpty ? nil : $0 } ?? "/"
         let user = (run?.user).flatMap { $0.isEmpty ? nil : $0 }
         return ImageConfig(env: env, workingDir: workingDir, user: user)
+    }
+}
+
+/// A layer blob as a tar stream to read once: the blob itself, or what gzip or zstd (a child
+/// process) decompresses from it into a pipe.
+private struct LayerStream {
+    /// What to read.
+    let fd: Int32
+    let child: ChildProcess.Spawned?
+    let tool: String
+    let index: Int
+    var isDecompressed: Bool { child != nil }
+    private static let igzip = ChildProcess.lookup("igzip")
+
+    init(path: String, mediaType: String, index: Int) throws {
+        self.index = index
+        let blob = open(path, O_RDONLY | O_CLOEXEC)
+        guard blob >= 0 else { throw SandboxError.system("open(\(path))") }
+        var magic = [UInt8](repeating: 0, count: 4)
+        let n = pread(blob, &magic, 4, 0)
+        let argv: [String]
+        if n >= 2 && magic[0] == 0x1f && magic[1] == 0x8b {
+            // ISA-L's igzip (Debian's isal) inflates about four times as fast as gzip
+            // (0.22 s against 0.85 s for debian:bookworm's 63 MB layer here); gzip otherwise.
+            argv = LayerStream.igzip.map { [$0, "-dc"] } ?? ["gzip", "-dc"]
+        } else if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
+            argv = ["zstd", "-dcq"]
+        } else if mediaType.hasSuffix("+gzip") || mediaType.hasSuffix(".gzip") || mediaType.hasSuffix("+zstd") {
+            Glibc.close(blob)
+            throw SandboxError(.corrupt, "layer \(index + 1) is declared \(mediaType) but is not compressed that way")
+        } else {
+            (fd, child, tool) = (blob, nil, "")
+            return
+        }
+        defer { Glibc.close(blob) }  // the child has its own copy
+        let spawned = try ChildProcess.spawn(argv, stdinFD: blob, captureStdout: true)
+        guard let out = spawned.stdout else { throw SandboxError(.childProcess, "\(argv[0]) gave no output pipe") }
+        (fd, child, tool) = (out, spawned, String(argv[0].split(separator: "/").last ?? ""))
+    }
+
+    /// Closes the stream and reaps the decompressor; returns its failure, if it failed. After
+    /// a failed extraction (`failed`), a decompressor still writing ends on the closed pipe, and
+    /// that is not its failure.
+    func close(failed: Bool) -> SandboxError? {
+        Glibc.close(fd)
+        guard let child else { return nil }
+        let errors = (try? FileSystem.readAll(fd: child.stderr, path: "\(tool) stderr")) ?? []
+        Glibc.close(child.stderr)
+        var status: Int32 = 0
+        while waitpid(child.pid, &status, 0) < 0 && errno == EINTR {}
+        let exited = status & 0x7f == 0
+        let code = (status >> 8) & 0xff
+        if exited && code == 0 { return nil }
+        if failed && !exited && status & 0x7f == SIGPIPE { return nil }
+        return SandboxError(
+            .corrupt,
+            "layer \(index + 1) cannot be decompressed with \(tool): \(String(decoding: errors, as: UTF8.self)) (is it truncated? is \(tool) installed?)"
+        )
     }
 }
