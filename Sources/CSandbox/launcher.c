@@ -114,6 +114,8 @@ struct csb_spawn {
     int netns_fd;             ///< >= 0: join this network namespace before the exec
     int output_fd;            ///< >= 0: becomes stdout and stderr
     int death_signal;         ///< a parent-death signal (of the calling thread), or 0
+    const int *cgroup_fds;    ///< cgroup v1 `tasks` files the child moves itself into ("0")
+    int cgroup_fd_count;
     volatile int err;
 };
 
@@ -121,6 +123,16 @@ struct csb_spawn {
 /// execs contree-init. Raw system calls only.
 static int csb_spawn_child(void *arg) {
     struct csb_spawn *s = arg;
+    // The child moves itself into its cgroups: writing "0" (this task) to a v1 `tasks` file
+    // moves one thread without the global lock a migration by pid takes, whose first writer
+    // after an idle spell waits for an RCU grace period (5-17 ms on an untuned host). The child
+    // is single-threaded, so the thread is the process, and what it forks inherits the cgroups.
+    for (int i = 0; i < s->cgroup_fd_count; i++) {
+        if (syscall(SYS_write, s->cgroup_fds[i], "0", 1) != 1) {
+            s->err = errno;
+            syscall(SYS_exit, 127);
+        }
+    }
     // Set before the exec, while the parent is suspended: it cannot have died yet.
     if (s->death_signal && syscall(SYS_prctl, PR_SET_PDEATHSIG, s->death_signal, 0, 0, 0) != 0) {
         s->err = errno;
@@ -217,7 +229,9 @@ static int csb_start(const csb_launch *l, int target_pidfd, int *pidfd_out, pid_
     }
 
     const char *argv[] = {"contree-init", exec_mode ? "exec" : NULL, NULL};
-    struct csb_spawn s = {l->init_path, argv, sources, count, exec_mode || l->netns_fd <= 0 ? -1 : l->netns_fd, -1, 0, 0};
+    struct csb_spawn s = {
+        l->init_path, argv, sources, count, exec_mode || l->netns_fd <= 0 ? -1 : l->netns_fd, -1, 0,
+        l->cgroup_fds, (int)l->cgroup_fd_count, 0};
     int flags = 0;
     if (!exec_mode) flags |= CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWUTS | CLONE_NEWIPC;
     if (!exec_mode && l->netns_fd <= 0) flags |= CLONE_NEWNET;
@@ -272,7 +286,7 @@ int csb_guard_start(const char *init_path, const char *const *argv, const int *f
     if (argc == 0 || argc > 120 || fd_count < 0 || fd_count > 8) return -E2BIG;
     const char *full[128] = {"contree-init", "guard"};
     for (size_t i = 0; i <= argc; i++) full[2 + i] = argv[i];
-    struct csb_spawn s = {init_path, full, fds, fd_count, -1, output_fd, SIGKILL, 0};
+    struct csb_spawn s = {init_path, full, fds, fd_count, -1, output_fd, SIGKILL, NULL, 0, 0};
     struct csb_guard_job job = {&s, -1, 0, 0, 0};
     pthread_mutex_lock(&csb_guard_lock);
     if (!csb_guard_thread_started) {

@@ -66,6 +66,8 @@ typedef struct csb_launch {
     size_t file_count;
     int terminal;    ///< 1: stdin is a pty slave the command makes its controlling terminal
     uint64_t file_size_limit;  ///< RLIMIT_FSIZE of the command in bytes; 0 for none
+    const int *cgroup_fds;  ///< cgroup v1 `tasks` files (open for writing) the child joins itself
+    size_t cgroup_fd_count;
     int go_fd;       ///< read end: the child waits for one byte (cgroups are joined by then)
     int report_fd;   ///< write end: the child reports a setup failure or the final status
 } csb_launch;

@@ -107,6 +107,13 @@ struct ContainerLaunch {
         let cgroup = try Cgroup.create(storeRoot: request.storeRoot, id: request.id, limits: request.limits)
         Trace.mark("cgroup created")
         defer { cgroup.remove() }
+        // On v1 the child joins the cgroups itself before it execs (no global lock, no grace
+        // period); elsewhere the process is moved by pid once it exists.
+        let joinFDs = cgroup.selfJoinDescriptors() ?? []
+        defer { joinFDs.forEach { close($0) } }
+        let joins = UnsafeMutablePointer<Int32>.allocate(capacity: max(1, joinFDs.count))
+        defer { joins.deallocate() }
+        for (i, fd) in joinFDs.enumerated() { joins[i] = fd }
 
         // Egress needs a namespace with the NAT helper attached before the sandbox joins it.
         var ownNetwork: SandboxNetwork?
@@ -171,6 +178,8 @@ struct ContainerLaunch {
         launch.stderr_fd = err.child
         launch.files = UnsafePointer(files)
         launch.file_count = request.files.count
+        launch.cgroup_fds = UnsafePointer(joins)
+        launch.cgroup_fd_count = joinFDs.count
         launch.go_fd = go.read
         launch.report_fd = report.write
         launch.terminal = terminal == nil ? 0 : 1
@@ -183,7 +192,12 @@ struct ContainerLaunch {
         let rc = withExtendedLifetime((strings, lowers, argv, envp, paths, bindStrings, network)) {
             csb_launch_start(&launch, &pidfd, &pid)
         }
-        guard rc == 0 else { throw SandboxError(.sandboxSetup, "cannot clone the sandbox", errno: -rc) }
+        guard rc == 0 else {
+            throw SandboxError(
+                .sandboxSetup,
+                joinFDs.isEmpty ? "cannot clone the sandbox" : "cannot clone the sandbox into its cgroup",
+                errno: -rc)
+        }
         _ = closer.add(pidfd)
         Trace.mark("cloned")
         // The child has its copies; ours would keep pipes from reaching EOF.
@@ -195,7 +209,7 @@ struct ContainerLaunch {
         if let terminal { closer.close(terminal.secondary) }
 
         do {
-            try cgroup.attach(pid)
+            if joinFDs.isEmpty { try cgroup.attach(pid) }
         } catch {
             _ = csb_pidfd_kill(pidfd, SIGKILL)
             var status: Int32 = 0

@@ -163,6 +163,9 @@ package struct Cgroup {
     /// writer after an idle spell waits for an RCU grace period (5-17 ms measured on this machine
     /// kind); paying it here, while the caller opens the store and prepares the run, makes the
     /// sandbox's own attach fast. Harmless when the host is tuned (cgroup2 `favordynmods`).
+    /// Not on v1, where sandboxes join their cgroups themselves without that lock
+    /// (`selfJoinDescriptors`): there a priming write would only hold the cgroup mutex the
+    /// run's mkdir needs.
     package static func prime() {
         let target: String?
         switch layout {
@@ -173,7 +176,7 @@ package struct Cgroup {
             target =
                 own.flatMap { line in mount.map { $0 + line.dropFirst(3) + "/cgroup.procs" } }
                 ?? parent + "/cgroup.procs"
-        case .v1(let parents): target = parents["pids"].map { $0 + "/cgroup.procs" }
+        case .v1: target = nil
         case .unavailable: target = nil
         }
         guard let target, geteuid() == 0 else { return }
@@ -247,6 +250,25 @@ package struct Cgroup {
             remove()
             throw SandboxError(.sandboxSetup, "cannot set the limit \(path) to \(value)", errno: e)
         }
+    }
+
+    /// Descriptors of this cgroup's v1 `tasks` files (close-on-exec), for the sandbox's first
+    /// process to join itself before it execs: a task writing "0" there moves itself without
+    /// the global lock a migration by pid takes, so no RCU grace period is waited for. Nil on
+    /// v2 (a thread may not leave its process's domain that way), or when a file cannot be
+    /// opened: then `attach` moves the process by pid.
+    package func selfJoinDescriptors() -> [Int32]? {
+        guard case .v1 = layout else { return nil }
+        var fds: [Int32] = []
+        for (_, dir) in directories.sorted(by: { $0.key < $1.key }) {
+            let fd = open(dir + "/tasks", O_WRONLY | O_CLOEXEC)
+            guard fd >= 0 else {
+                fds.forEach { close($0) }
+                return nil
+            }
+            fds.append(fd)
+        }
+        return fds
     }
 
     /// Moves a process into the cgroup (in every hierarchy).
