@@ -29,6 +29,32 @@ struct BlockingPoolTests {
         #expect(counts.value.withLock { $0.most } == 2)
     }
 
+    @Test("a job's result and what it captured are released once it is handed back, not when its thread next works")
+    func releasesResults() async throws {
+        let pool = BlockingPool(limit: 2)
+        final class Tracked: Sendable {
+            let flag: Flag
+            init(_ flag: Flag) { self.flag = flag }
+            deinit { flag.value.withLock { $0 = true } }
+        }
+        final class Flag: Sendable { let value = Mutex(false) }
+        let resultGone = Flag()
+        let capturedGone = Flag()
+        do {
+            let captured = Tracked(capturedGone)
+            let result = try await pool.run {
+                _ = captured; return Tracked(resultGone)
+            }
+            _ = result
+        }
+        // The pool's thread is idle now, waiting up to 10 s for another job; it holds nothing.
+        for _ in 0..<100 where !(resultGone.value.withLock { $0 } && capturedGone.value.withLock { $0 }) {
+            usleep(10_000)
+        }
+        #expect(resultGone.value.withLock { $0 })
+        #expect(capturedGone.value.withLock { $0 })
+    }
+
     @Test("jobs one after another reuse the pool's threads, not a new thread each")
     func reused() async throws {
         let pool = BlockingPool(limit: 4)

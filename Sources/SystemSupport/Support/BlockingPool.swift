@@ -171,32 +171,51 @@ public final class BlockingPool: @unchecked Sendable {
         var next = worker.job
         worker.job = nil
         pthread_mutex_unlock(mutex)
-        while let job = next {
-            let finish = job.body()
-            pthread_mutex_lock(mutex)
-            running -= 1
-            if !queue.isEmpty, running < capacity {
-                next = queue.removeFirst()
-                running += 1
-                pthread_mutex_unlock(mutex)
-                finish()
-                continue
-            }
-            idle.append(worker)
+        while next != nil {
+            next = perform(&next, worker)
+            if next == nil { next = waitForJob(worker) }
+        }
+    }
+
+    /// Runs the job in `slot` (emptying it) and hands its result back. Returns the queue's next
+    /// job for this thread, or nil once the thread counts as idle. What the job captured and
+    /// returned is released when this returns, before the thread waits: an idle thread held a
+    /// finished job's result for up to 10 s (a test's registry outlived its test, and the
+    /// process that ended meanwhile).
+    private func perform(_ slot: inout Job?, _ worker: Worker) -> Job? {
+        guard let job = slot else { return nil }
+        slot = nil
+        let finish = job.body()
+        pthread_mutex_lock(mutex)
+        running -= 1
+        if !queue.isEmpty, running < capacity {
+            let following = queue.removeFirst()
+            running += 1
             pthread_mutex_unlock(mutex)
             finish()
-            pthread_mutex_lock(mutex)
-            var deadline = timespec()
-            clock_gettime(CLOCK_MONOTONIC, &deadline)
-            deadline.tv_sec += 10
-            while worker.job == nil {
-                if pthread_cond_timedwait(worker.wake, mutex, &deadline) == ETIMEDOUT { break }
-            }
-            next = worker.job
-            worker.job = nil
-            if next == nil { idle.removeAll { $0 === worker } }
-            pthread_mutex_unlock(mutex)
+            return following
         }
+        idle.append(worker)
+        pthread_mutex_unlock(mutex)
+        finish()
+        return nil
+    }
+
+    /// Waits, idle, up to 10 s for a job handed to this thread; nil when none came (the thread
+    /// then ends).
+    private func waitForJob(_ worker: Worker) -> Job? {
+        pthread_mutex_lock(mutex)
+        var deadline = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        deadline.tv_sec += 10
+        while worker.job == nil {
+            if pthread_cond_timedwait(worker.wake, mutex, &deadline) == ETIMEDOUT { break }
+        }
+        let next = worker.job
+        worker.job = nil
+        if next == nil { idle.removeAll { $0 === worker } }
+        pthread_mutex_unlock(mutex)
+        return next
     }
 
     /// The pool of the calling thread, if it is a pool thread.
