@@ -28,7 +28,25 @@ static struct {
     const char *(*multi_strerror)(CURLMcode);
     struct curl_slist *(*slist_append)(struct curl_slist *, const char *);
     void (*slist_free_all)(struct curl_slist *);
+    CURLSH *(*share_init)(void);
+    CURLSHcode (*share_setopt)(CURLSH *, CURLSHoption, ...);
 } api;
+
+// Connections, DNS answers and TLS sessions shared by every transfer of the process (as a
+// URLSession's were): an import's or a push's requests to one registry reuse one connection
+// instead of a TCP and TLS handshake each. libcurl calls these to lock what it shares.
+static CURLSH *share;
+static pthread_mutex_t share_locks[CURL_LOCK_DATA_LAST];
+
+static void share_lock(CURL *handle, curl_lock_data data, curl_lock_access access, void *user) {
+    (void)handle, (void)access, (void)user;
+    pthread_mutex_lock(&share_locks[data]);
+}
+
+static void share_unlock(CURL *handle, curl_lock_data data, void *user) {
+    (void)handle, (void)user;
+    pthread_mutex_unlock(&share_locks[data]);
+}
 
 static pthread_once_t load_once = PTHREAD_ONCE_INIT;
 static char load_error[512];
@@ -64,11 +82,22 @@ static void load(void) {
     RESOLVE(multi_strerror, "curl_multi_strerror");
     RESOLVE(slist_append, "curl_slist_append");
     RESOLVE(slist_free_all, "curl_slist_free_all");
+    RESOLVE(share_init, "curl_share_init");
+    RESOLVE(share_setopt, "curl_share_setopt");
 #undef RESOLVE
     CURLcode rc = api.global_init(CURL_GLOBAL_DEFAULT);
     if (rc != CURLE_OK) {
         snprintf(load_error, sizeof load_error, "libcurl did not initialise: %s", api.easy_strerror(rc));
         return;
+    }
+    for (int i = 0; i < CURL_LOCK_DATA_LAST; i++) pthread_mutex_init(&share_locks[i], NULL);
+    share = api.share_init();
+    if (share && (api.share_setopt(share, CURLSHOPT_LOCKFUNC, share_lock) != CURLSHE_OK ||
+                  api.share_setopt(share, CURLSHOPT_UNLOCKFUNC, share_unlock) != CURLSHE_OK ||
+                  api.share_setopt(share, CURLSHOPT_SHARE, CURL_LOCK_DATA_CONNECT) != CURLSHE_OK ||
+                  api.share_setopt(share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK ||
+                  api.share_setopt(share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK)) {
+        share = NULL;  // every transfer on its own connection: slower, still correct
     }
     load_error[0] = 0;
 }
@@ -146,6 +175,7 @@ int ccurl_perform(const ccurl_request *request, long *status, char *error, size_
     SET(CURLOPT_PROTOCOLS_STR, "http,https");
     SET(CURLOPT_FOLLOWLOCATION, 0L);  // the caller decides which redirects to follow
     SET(CURLOPT_ERRORBUFFER, curl_error);
+    if (share) SET(CURLOPT_SHARE, share);
     SET(CURLOPT_HTTPHEADER, headers);
     SET(CURLOPT_HEADERFUNCTION, header_callback);
     SET(CURLOPT_HEADERDATA, &t);
