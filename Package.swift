@@ -57,7 +57,14 @@ let package = Package(
         // with the agent, layers as erofs disks).
         .target(
             name: "VirtualMachine",
-            dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "CAgentProtocol", "contree-agent"]),
+            dependencies: [
+                "SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "CSandbox", "CAgentProtocol", "contree-agent",
+            ]),
+        // Live sandboxes: VMs that keep running between commands, their memory snapshots and
+        // forks, recorded in the store.
+        .target(
+            name: "LiveSandbox",
+            dependencies: ["SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "VirtualMachine"]),
         // YAML pipelines: model with source positions, validation, planning, step keys, the
         // scheduler, artifacts and reports. Knows nothing of HTTP.
         .target(
@@ -103,7 +110,7 @@ let package = Package(
             name: "contree-pipeline",
             dependencies: [
                 "SystemSupport", "ImageFormats", "ImageStore", "Sandbox", "Pipeline", "ContreeServer", "Registry",
-                "RegistryCache", "VirtualMachine", "Cluster",
+                "RegistryCache", "VirtualMachine", "LiveSandbox", "Cluster",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .executableTarget(
@@ -135,7 +142,8 @@ let package = Package(
         .testTarget(
             name: "VirtualMachineTests",
             dependencies: [
-                "SystemSupport", "ImageStore", "Sandbox", "VirtualMachine", "Pipeline", "ContreeTestSupport",
+                "SystemSupport", "ImageStore", "Sandbox", "VirtualMachine", "LiveSandbox", "Pipeline",
+                "ContreeTestSupport",
             ]),
     ],
     swiftLanguageModes: [.v6]

@@ -452,6 +452,11 @@ int csb_wait(pid_t pid, int *status, struct csb_usage *usage) {
 
 int csb_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 
+#include <spawn.h>
+int csb_spawn_add_chdir(void *actions, const char *path) {
+    return posix_spawn_file_actions_addchdir_np((posix_spawn_file_actions_t *)actions, path);
+}
+
 int csb_eventfd_cloexec(void) { return eventfd(0, EFD_CLOEXEC); }
 
 int csb_memfd_cloexec(const char *name) { return memfd_create(name, MFD_CLOEXEC); }

@@ -19,6 +19,11 @@ enum Frame {
     static let spec = UInt8(AGENT_FRAME_SPEC)
     static let stdin = UInt8(AGENT_FRAME_STDIN)
     static let kill = UInt8(AGENT_FRAME_KILL)
+    static let live = UInt8(AGENT_FRAME_LIVE)
+    static let hello = UInt8(AGENT_FRAME_HELLO)
+    static let exec = UInt8(AGENT_FRAME_EXEC)
+    static let freeze = UInt8(AGENT_FRAME_FREEZE)
+    static let thaw = UInt8(AGENT_FRAME_THAW)
 }
 
 /// The kinds of the spec's fields (agent_protocol.h).
@@ -34,6 +39,7 @@ enum SpecField {
     static let entropy = Character(Unicode.Scalar(UInt8(AGENT_SPEC_ENTROPY)))
     static let env = Character(Unicode.Scalar(UInt8(AGENT_SPEC_ENV)))
     static let argument = Character(Unicode.Scalar(UInt8(AGENT_SPEC_ARGUMENT)))
+    static let live = Character(Unicode.Scalar(UInt8(AGENT_SPEC_LIVE)))
 }
 
 /// Frames from the agent: a type byte, a 4-byte little-endian length, the payload.

@@ -61,16 +61,9 @@ public struct MicroVM: Sendable {
 
     /// The agent's spec: NUL-terminated fields, a kind (`SpecField`) then its text. `fresh`
     /// adds the host's time and 64 bytes of its entropy (a restored guest has the template's).
-    static func spec(_ command: Command, fresh: Bool = false) -> [UInt8] {
+    static func spec(_ command: Command, fresh: Bool = false, live: Bool = false) -> [UInt8] {
         var fields: [(Character, String)] = command.layers.indices.map { (SpecField.layer, "layer\($0)") }
-        if fresh {
-            var now = timespec()
-            clock_gettime(CLOCK_REALTIME, &now)
-            fields.append((SpecField.time, "\(now.tv_sec).\(now.tv_nsec)"))
-            var generator = SystemRandomNumberGenerator()
-            let entropy = (0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) }
-            fields.append((SpecField.entropy, Hex.encode(entropy)))
-        }
+        if fresh { fields += freshFields() }
         if command.upperDisk != nil { fields.append((SpecField.upper, "upper")) }
         fields.append((SpecField.workdir, command.workdir))
         fields.append((SpecField.user, "\(command.uid):\(command.gid)"))
@@ -79,7 +72,23 @@ public struct MicroVM: Sendable {
         fields += command.caches.enumerated().map { (SpecField.cache, "cache\($0.offset)\t\($0.element.target)") }
         fields += command.env.map { (SpecField.env, $0) }
         fields += command.argv.map { (SpecField.argument, $0) }
-        return fields.flatMap { Array(String($0.0).utf8) + Array($0.1.utf8) + [0] }
+        if live { fields.append((SpecField.live, "")) }
+        return encode(fields)
+    }
+
+    /// The host's time and 64 bytes of its entropy, as spec fields: what a restored guest
+    /// must not keep from its template or parent.
+    static func freshFields() -> [(Character, String)] {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        var generator = SystemRandomNumberGenerator()
+        let entropy = (0..<64).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        return [(SpecField.time, "\(now.tv_sec).\(now.tv_nsec)"), (SpecField.entropy, Hex.encode(entropy))]
+    }
+
+    /// Spec fields as the agent reads them: each a kind byte and its text, NUL-terminated.
+    static func encode(_ fields: [(Character, String)]) -> [UInt8] {
+        fields.flatMap { Array(String($0.0).utf8) + Array($0.1.utf8) + [0] }
     }
 
     /// A saved guest, stopped at the agent's ready point: its RAM in a file every run maps
@@ -112,23 +121,28 @@ public struct MicroVM: Sendable {
     }
 
     /// QEMU's arguments: the machine, the agent's port, the disks.
+    /// - Parameter daemon: QEMU detaches once started (`-daemonize`, its pid in `work/qemu.pid`)
+    ///   and is started in `work`: its sockets are named relative to it, so that a long store
+    ///   path never exceeds a socket address (`LiveVM.socket` reaches them the same way).
     func arguments(
         work: String, layers: [String], upper: String?, ram: (path: String, shared: Bool)?, restoring: Bool,
-        uplink: String? = nil, caches: [String] = []
+        uplink: String? = nil, caches: [String] = [], upperFormat: String = "raw", daemon: Bool = false
     ) -> [String] {
         var machine = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
         if ram != nil { machine += ",memory-backend=ram" }
+        let sockets = daemon ? "" : work + "/"
         var arguments = [
             "qemu-system-x86_64", "-M", machine, "-accel", accelerator, "-cpu", "max", "-m", String(memoryMiB),
-            "-smp", "1", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", "file:" + MicroVM.option(work + "/console.log"), "-kernel", kit.kernel, "-initrd", kit.initramfs,
             "-append", "console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz=2000000 lpj=8000000 no_timer_check",
             "-device", "virtio-serial-device",
             // QEMU waits for this process to connect before the guest starts: nothing is lost.
-            "-chardev", "socket,id=agent,path=\(MicroVM.option(work + "/agent.sock")),server=on,wait=on",
+            "-chardev", "socket,id=agent,path=\(MicroVM.option(sockets + "agent.sock")),server=on,wait=on",
             "-device", "virtserialport,chardev=agent,nr=1,name=contree",
-            "-qmp", "unix:\(MicroVM.option(work + "/qmp.sock")),server=on,wait=off",
+            "-qmp", "unix:\(MicroVM.option(sockets + "qmp.sock")),server=on,wait=off",
         ]
+        if daemon { arguments += ["-daemonize", "-pidfile", work + "/qemu.pid"] }
         if let ram {
             // Shared while a template is made (the RAM lands in the file); private (copy on
             // write) in a restored run, so clones of one template never see each other.
@@ -146,7 +160,7 @@ public struct MicroVM: Sendable {
         }
         if let upper {
             arguments += [
-                "-drive", "id=upper,file=\(MicroVM.option(upper)),format=raw,if=none,cache=unsafe",
+                "-drive", "id=upper,file=\(MicroVM.option(upper)),format=\(upperFormat),if=none,cache=unsafe",
                 "-device", "virtio-blk-device,drive=upper,serial=upper",
             ]
         }
@@ -221,18 +235,8 @@ public struct MicroVM: Sendable {
         }
         let qmp = try QMP(path: work + "/qmp.sock")
         try qmp.execute("stop")
-        try qmp.execute(
-            "migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
-        try qmp.execute("migrate", #"{"uri":"exec:cat > \#(MicroVM.json(MicroVM.shellWord(state)))"}"#)
-        let deadline = Monotonic.now + 120
-        while true {
-            let answer = try qmp.execute("query-migrate")
-            if answer.contains(#""status": "completed""#) || answer.contains(#""status":"completed""#) { break }
-            if answer.contains("failed") || Monotonic.now > deadline {
-                throw SandboxError(.sandboxSetup, "saving the template VM failed: \(answer)")
-            }
-            usleep(10_000)
-        }
+        try MicroVM.save(
+            qmp: qmp, to: state, ignoringShared: true, what: "the template VM", deadline: Monotonic.now + 120)
         try? qmp.execute("quit")
         try FileSystem.rename(ram, directory + "/ram")
         try FileSystem.rename(state, directory + "/state")
@@ -347,25 +351,7 @@ public struct MicroVM: Sendable {
                 }
                 try onCache(Int(index), frame.payload.dropFirst())
             case Frame.exit:
-                let report = String(decoding: frame.payload, as: UTF8.self)
-                var values: [String: Int64] = [:]
-                for pair in report.split(separator: " ") {
-                    let parts = pair.split(separator: "=")
-                    if parts.count == 2 { values[String(parts[0])] = Int64(parts[1]) }
-                }
-                // The guest is not trusted: numbers out of range are dropped, never trapped on.
-                if let status = values["status"], (0...255).contains(status) {
-                    outcome.termination.exitCode = Int32(status)
-                }
-                if let signal = values["signal"], (1...64).contains(signal) {
-                    outcome.termination.signal = Int32(signal)
-                }
-                outcome.metrics.cpuUserSeconds = Double(max(0, values["utime_us"] ?? 0)) / 1e6
-                outcome.metrics.cpuSystemSeconds = Double(max(0, values["stime_us"] ?? 0)) / 1e6
-                outcome.metrics.peakMemoryBytes = min(max(0, values["maxrss_kb"] ?? 0), Int64.max / 1024) * 1024
-                outcome.metrics.processes = values["processes"] ?? 0
-                outcome.metrics.bytesRead = values["read_bytes"] ?? 0
-                outcome.metrics.bytesWritten = values["write_bytes"] ?? 0
+                MicroVM.readReport(frame.payload, into: &outcome)
                 break loop
             default: continue
             }
@@ -382,14 +368,63 @@ public struct MicroVM: Sendable {
         return outcome
     }
 
+    /// The agent's report of a command's end (AGENT_FRAME_EXIT) into `outcome`.
+    static func readReport(_ payload: [UInt8], into outcome: inout Outcome) {
+        var values: [String: Int64] = [:]
+        for pair in String(decoding: payload, as: UTF8.self).split(separator: " ") {
+            let parts = pair.split(separator: "=")
+            if parts.count == 2 { values[String(parts[0])] = Int64(parts[1]) }
+        }
+        // The guest is not trusted: numbers out of range are dropped, never trapped on.
+        if let status = values["status"], (0...255).contains(status) {
+            outcome.termination.exitCode = Int32(status)
+        }
+        if let signal = values["signal"], (1...64).contains(signal) {
+            outcome.termination.signal = Int32(signal)
+        }
+        outcome.metrics.cpuUserSeconds = Double(max(0, values["utime_us"] ?? 0)) / 1e6
+        outcome.metrics.cpuSystemSeconds = Double(max(0, values["stime_us"] ?? 0)) / 1e6
+        outcome.metrics.peakMemoryBytes = min(max(0, values["maxrss_kb"] ?? 0), Int64.max / 1024) * 1024
+        outcome.metrics.processes = values["processes"] ?? 0
+        outcome.metrics.bytesRead = values["read_bytes"] ?? 0
+        outcome.metrics.bytesWritten = values["write_bytes"] ?? 0
+    }
+
     /// Loads `template`'s state into the paused QEMU listening on `work`'s QMP socket and
     /// lets the guest go on.
     private func restore(_ template: Template, work: String, deadline: Double) throws {
-        let qmp = try QMP(path: work + "/qmp.sock")
+        try MicroVM.restore(state: template.state, qmp: try QMP(path: work + "/qmp.sock"), deadline: deadline)
+    }
+
+    /// Saves the stopped guest behind `qmp` to the file `path` (a migration stream): its device
+    /// state, and its RAM unless `ignoringShared` and the RAM is a shared file.
+    static func save(qmp: QMP, to path: String, ignoringShared: Bool, what: String, deadline: Double) throws {
         try qmp.execute(
-            "migrate-set-capabilities", #"{"capabilities":[{"capability":"x-ignore-shared","state":true}]}"#)
+            "migrate-set-capabilities",
+            #"{"capabilities":[{"capability":"x-ignore-shared","state":\#(ignoringShared)}]}"#)
+        try qmp.execute("migrate", #"{"uri":"exec:cat > \#(MicroVM.json(MicroVM.shellWord(path)))"}"#)
+        while true {
+            let answer = try qmp.execute("query-migrate")
+            if answer.contains(#""status": "completed""#) || answer.contains(#""status":"completed""#) { return }
+            if answer.contains("failed") || Monotonic.now > deadline {
+                throw SandboxError(.sandboxSetup, "saving \(what) failed: \(answer)")
+            }
+            usleep(5_000)
+        }
+    }
+
+    /// Migrates `state` into the QEMU waiting on `qmp` (`-incoming defer`) and lets the guest go
+    /// on (unless not `resume`). `ignoringShared`: the stream holds device state only, the RAM is
+    /// the file QEMU maps.
+    static func restore(
+        state: String, qmp: QMP, deadline: Double, ignoringShared: Bool = true, resume: Bool = true
+    )
+        throws
+    {
         try qmp.execute(
-            "migrate-incoming", #"{"uri":"exec:cat \#(MicroVM.json(MicroVM.shellWord(template.state)))"}"#)
+            "migrate-set-capabilities",
+            #"{"capabilities":[{"capability":"x-ignore-shared","state":\#(ignoringShared)}]}"#)
+        try qmp.execute("migrate-incoming", #"{"uri":"exec:cat \#(MicroVM.json(MicroVM.shellWord(state)))"}"#)
         while true {
             let status = try qmp.execute("query-status")
             if status.contains(#""status": "paused""#) || status.contains(#""status":"paused""#) { break }
@@ -399,7 +434,7 @@ public struct MicroVM: Sendable {
             }
             usleep(2_000)
         }
-        try qmp.execute("cont")
+        if resume { try qmp.execute("cont") }
     }
 
     /// The last `count` bytes of a file (a console the guest may have filled), read alone.

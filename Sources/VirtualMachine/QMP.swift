@@ -8,7 +8,7 @@ final class QMP {
     private let fd: Int32
     private var buffer: [UInt8] = []
 
-    init(path: String) throws {
+    convenience init(path: String) throws {
         var connected: Int32 = -1
         for _ in 0..<1000 {
             if let fd = connectUnixSocket(path) {
@@ -18,7 +18,12 @@ final class QMP {
             usleep(5_000)
         }
         guard connected >= 0 else { throw SandboxError(.sandboxSetup, "QEMU's QMP socket did not open") }
-        fd = connected
+        try self.init(fd: connected)
+    }
+
+    /// Over a socket already connected (owned from now on).
+    init(fd: Int32) throws {
+        self.fd = fd
         _ = try line()  // the greeting
         try execute("qmp_capabilities")
     }

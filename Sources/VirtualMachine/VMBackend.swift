@@ -134,6 +134,41 @@ public final class VMBackend: IsolationBackend {
         return kit
     }
 
+    /// The VM a sandbox of `memoryBytes` (nil: the default) runs in over the store at
+    /// `storeRoot`, with the template it restores from: what a live sandbox starts with.
+    public func machine(storeRoot: String, memoryBytes: Int64?) throws -> (MicroVM, MicroVM.Template) {
+        let kit = try kit(storeRoot)
+        var vm = MicroVM(kit: kit)
+        vm.accelerator =
+            ProcessInfo.processInfo.environment["CONTREE_VM_ACCEL"] ?? accelerator(kit: kit, root: storeRoot)
+        if let memoryBytes { vm.memoryMiB = max(128, Int(memoryBytes >> 20)) }
+        return (vm, try template(for: vm, root: storeRoot))
+    }
+
+    /// What identifies the guest a memory snapshot was saved from: it restores only into the
+    /// same kernel and initramfs, QEMU, accelerator and memory size.
+    public func guestIdentity(_ vm: MicroVM) -> String { templateKey(vm) }
+
+    /// Makes `disk`, an ext4 upper disk (`upper/` and `work/`) as large as runs may write,
+    /// holding the upper directory `upper` (nil: empty), using `staging` (made) for the tree.
+    /// - Parameter adding: puts more into the tree's `upper/` (its path) before the disk is made.
+    public func makeUpperDisk(
+        _ disk: String, from upper: String?, staging: String, adding: (String) throws -> Void = { _ in }
+    ) throws {
+        try FileSystem.makeDirectories(staging + "/work")
+        if let upper {
+            try run(["cp", "-a", upper, staging + "/upper"], "copy the upper directory")
+        } else {
+            try FileSystem.makeDirectory(staging + "/upper", mode: 0o755)
+        }
+        try adding(staging + "/upper")
+        try run(
+            [
+                "mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "root_owner=0:0", "-d", staging, disk,
+                String(upperDiskBytes / 1024) + "k",
+            ], "make the upper disk")
+    }
+
     public func run(_ request: LaunchRequest) async throws -> CommandOutcome {
         guard request.terminal == nil else {
             throw SandboxError(
@@ -167,26 +202,21 @@ public final class VMBackend: IsolationBackend {
         let upper = root + "/" + request.upper
         let staging = upper + "-vm"
         try? FileSystem.removeTree(staging)
-        try FileSystem.makeDirectories(staging + "/disk/work")
+        try FileSystem.makeDirectories(staging)
         defer { try? FileSystem.removeTree(staging) }
         // The upper as the engine prepared it (mount points, the output file), and the files
         // to copy in.
-        try run(["cp", "-a", upper, staging + "/disk/upper"], "copy the upper directory")
-        for (fd, mapping) in request.files {
-            let target = staging + "/disk/upper" + mapping.sandboxPath
-            try FileSystem.makeDirectories(String(target[..<target.lastIndex(of: "/")!]))
-            let bytes = try FileSystem.readAll(fd: fd, path: mapping.hostPath)
-            try FileSystem.writeFile(target, bytes, mode: mode_t(mapping.mode ?? 0o644))
-            if let mode = mapping.mode { chmod(target, mode_t(mode)) }
-            chown(target, mapping.uid, mapping.gid)
-        }
         let disk = staging + "/upper.ext4"
-        try run(
-            [
-                "mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "root_owner=0:0", "-d",
-                staging + "/disk", disk,
-                String(upperDiskBytes / 1024) + "k",
-            ], "make the upper disk")
+        try makeUpperDisk(disk, from: upper, staging: staging + "/disk") { tree in
+            for (fd, mapping) in request.files {
+                let target = tree + mapping.sandboxPath
+                try FileSystem.makeDirectories(String(target[..<target.lastIndex(of: "/")!]))
+                let bytes = try FileSystem.readAll(fd: fd, path: mapping.hostPath)
+                try FileSystem.writeFile(target, bytes, mode: mode_t(mapping.mode ?? 0o644))
+                if let mode = mapping.mode { chmod(target, mode_t(mode)) }
+                chown(target, mapping.uid, mapping.gid)
+            }
+        }
 
         Trace.mark("vm: upper disk made")
         // Dependency caches: each an ext4 disk made from its directory (sparse, four times its

@@ -10,6 +10,7 @@
 // reports, unmounts (so the upper disk is clean for the host) and powers the guest off.
 #define _GNU_SOURCE
 #include "agent_protocol.h"
+#include "agent.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -39,23 +40,38 @@
 #include <time.h>
 #include <unistd.h>
 
-static int port = -1;
+int port = -1;
 
-static void write_all(int fd, const void *data, size_t size) {
+// Waits until `fd` is ready for `events`; -1 when the host went away (a port whose host is not
+// connected polls as hung up).
+static int wait_ready(int fd, short events) {
+    struct pollfd poller = {fd, events, 0};
+    while (poll(&poller, 1, -1) < 0) {
+        if (errno != EINTR) return -1;
+    }
+    return (poller.revents & events) != 0 ? 0 : -1;
+}
+
+int write_all(int fd, const void *data, size_t size) {
     const char *p = data;
     while (size > 0) {
         ssize_t n = write(fd, p, size);
         if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return;
+        if (n < 0 && errno == EAGAIN) {
+            if (wait_ready(fd, POLLOUT) != 0) return -1;
+            continue;
+        }
+        if (n <= 0) return -1;
         p += n;
         size -= (size_t)n;
     }
+    return 0;
 }
 
-static void send_frame(char type, const void *data, uint32_t size) {
+int send_frame(char type, const void *data, uint32_t size) {
     unsigned char header[5] = {(unsigned char)type, size & 0xff, (size >> 8) & 0xff, (size >> 16) & 0xff, size >> 24};
-    write_all(port, header, 5);
-    if (size > 0) write_all(port, data, size);
+    if (write_all(port, header, 5) != 0) return -1;
+    return size > 0 ? write_all(port, data, size) : 0;
 }
 
 static void power_off(void) {
@@ -65,7 +81,7 @@ static void power_off(void) {
 }
 
 // A failure of the agent itself: said on the port (and the console), then the guest stops.
-static void fail(const char *what) {
+void fail(const char *what) {
     char line[512];
     int n = snprintf(line, sizeof line, "contree-agent: %s: %s", what, strerror(errno));
     if (port >= 0) send_frame(AGENT_FRAME_LOG, line, (uint32_t)n);
@@ -78,6 +94,10 @@ static int read_full(int fd, void *data, size_t size) {
     while (size > 0) {
         ssize_t n = read(fd, p, size);
         if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && errno == EAGAIN) {
+            if (wait_ready(fd, POLLIN) != 0) return -1;
+            continue;
+        }
         if (n <= 0) return -1;
         p += n;
         size -= (size_t)n;
@@ -85,13 +105,17 @@ static int read_full(int fd, void *data, size_t size) {
     return 0;
 }
 
-// Reads one frame; returns its type, with the payload in *data (malloc'd, NUL-terminated).
-static int read_frame(char **data, uint32_t *size) {
+int read_frame(char **data, uint32_t *size) {
     unsigned char header[5];
     if (read_full(port, header, 5) != 0) return -1;
     *size = header[1] | header[2] << 8 | header[3] << 16 | (uint32_t)header[4] << 24;
     *data = malloc(*size + 1);
-    if (*data == NULL || read_full(port, *data, *size) != 0) return -1;
+    if (*data == NULL) return -1;
+    if (read_full(port, *data, *size) != 0) {
+        free(*data);
+        *data = NULL;
+        return -1;
+    }
     (*data)[*size] = 0;
     return header[0];
 }
@@ -196,7 +220,7 @@ static int find_disk(const char *serial, char *device, size_t size) {
 }
 
 // The host's time ("SECONDS.NANOSECONDS"): a restored guest wakes with the template's clock.
-static void set_clock(const char *text) {
+void set_clock(const char *text) {
     long long seconds = 0, nanoseconds = 0;
     if (sscanf(text, "%lld.%lld", &seconds, &nanoseconds) < 1) return;
     struct timespec now = {.tv_sec = seconds, .tv_nsec = nanoseconds};
@@ -205,7 +229,7 @@ static void set_clock(const char *text) {
 
 // Fresh host entropy (hex), credited and made the kernel's random state at once: clones of
 // one template must never share random numbers.
-static void add_entropy(const char *hex) {
+void add_entropy(const char *hex) {
     struct {
         int entropy_count;
         int buf_size;
@@ -232,7 +256,7 @@ static size_t tar_length;
 /// >= 0 while a cache disk's content is sent (AGENT_FRAME_CACHE frames, that index first).
 static int tar_cache = -1;
 
-static void tar_flush(void) {
+void tar_flush(void) {
     static char frame[sizeof tar_buffer + 1];
     if (tar_length > 0 && tar_cache < 0) send_frame(AGENT_FRAME_CHANGES, tar_buffer, (uint32_t)tar_length);
     if (tar_length > 0 && tar_cache >= 0) {
@@ -243,7 +267,7 @@ static void tar_flush(void) {
     tar_length = 0;
 }
 
-static void tar_out(const void *data, size_t size) {
+void tar_out(const void *data, size_t size) {
     const char *p = data;
     while (size > 0) {
         size_t room = sizeof tar_buffer - tar_length, n = size < room ? size : room;
@@ -316,7 +340,7 @@ static void tar_header(
     tar_out(h, 512);
 }
 
-static void tar_tree(const char *base, const char *relative) {
+void tar_tree(const char *base, const char *relative) {
     char path[4096];
     snprintf(path, sizeof path, "%s%s%s", base, relative[0] ? "/" : "", relative);
     DIR *directory = opendir(path);
@@ -378,7 +402,7 @@ static void tar_tree(const char *base, const char *relative) {
 }
 
 // Processes created since boot (/proc/stat's "processes").
-static long long processes_created(void) {
+long long processes_created(void) {
     FILE *stat = fopen("/proc/stat", "r");
     if (stat == NULL) return 0;
     char line[256];
@@ -391,7 +415,7 @@ static long long processes_created(void) {
 }
 
 // Bytes read from and written to the virtio disks since boot (/proc/diskstats sectors).
-static void disk_bytes(long long *read_bytes, long long *written_bytes) {
+void disk_bytes(long long *read_bytes, long long *written_bytes) {
     *read_bytes = *written_bytes = 0;
     FILE *stats = fopen("/proc/diskstats", "r");
     if (stats == NULL) return;
@@ -410,6 +434,56 @@ static void disk_bytes(long long *read_bytes, long long *written_bytes) {
 
 #define MAX_FIELDS 4096
 
+pid_t spawn_in_root(char **argv, char **envp, const char *workdir, unsigned uid, unsigned gid, int in, int out,
+    int err, const char *cgroup, int group) {
+    pid_t child = fork();
+    if (child != 0) return child;
+    dup2(in, 0);
+    dup2(out, 1);
+    dup2(err, 2);
+    if (group) setpgid(0, 0);
+    if (cgroup != NULL) {  // joined before anything runs, so a freeze holds all it starts
+        int fd = open(cgroup, O_WRONLY | O_CLOEXEC);
+        if (fd < 0 || write(fd, "0", 1) != 1) {
+            dprintf(2, "contree-agent: cannot join the sandbox's cgroup: %s\n", strerror(errno));
+            _exit(125);
+        }
+        close(fd);
+    }
+    // The working directory is made if missing, as the container backend does.
+    char path[4096];
+    snprintf(path, sizeof path, "%s", workdir);
+    if (chroot("/root") != 0) {
+        dprintf(2, "contree-agent: cannot enter the root: %s\n", strerror(errno));
+        _exit(125);
+    }
+    if (path[0] == '/') {
+        for (size_t i = 1; path[i - 1] != 0; i++) {
+            if (path[i] != '/' && path[i] != 0) continue;
+            char saved = path[i];
+            path[i] = 0;
+            mkdir(path, 0755);
+            path[i] = saved;
+        }
+    }
+    if (chdir(workdir) != 0) {
+        dprintf(2, "contree-agent: cannot enter %s: %s\n", workdir, strerror(errno));
+        _exit(125);
+    }
+    if ((gid != 0 && (setgroups(0, NULL) != 0 || setgid(gid) != 0)) || (uid != 0 && setuid(uid) != 0)) {
+        dprintf(2, "contree-agent: cannot become %u:%u: %s\n", uid, gid, strerror(errno));
+        _exit(125);
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);  // a live agent blocks the signals it reads
+    for (char **e = envp; *e != NULL; e++) putenv(*e);
+    if (getenv("PATH") == NULL) putenv("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    execvp(argv[0], argv);
+    dprintf(2, "contree-agent: %s: %s\n", argv[0], strerror(errno));
+    _exit(errno == ENOENT ? 127 : 126);
+}
+
 int main(void) {
     mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
     mount("proc", "/proc", "proc", 0, NULL);
@@ -425,7 +499,7 @@ int main(void) {
     int argc = 0, envc = 0, diskc = 0;
     const char *workdir = "/", *upper_disk = NULL, *hostname = NULL;
     unsigned uid = 0, gid = 0;
-    int loopback = 0, egress = 0;
+    int loopback = 0, egress = 0, live = 0;
     char *caches[8];
     int cachec = 0;
     for (char *field = spec; field < spec + spec_size; field += strlen(field) + 1) {
@@ -444,11 +518,13 @@ int main(void) {
         case AGENT_SPEC_ENTROPY: add_entropy(field + 1); break;
         case AGENT_SPEC_ENV: if (envc < MAX_FIELDS) envp[envc++] = field + 1; break;
         case AGENT_SPEC_ARGUMENT: if (argc < MAX_FIELDS) argv[argc++] = field + 1; break;
+        case AGENT_SPEC_LIVE: live = 1; break;
         }
     }
     argv[argc] = NULL;
     envp[envc] = NULL;
-    if (argc == 0) fail("the spec names no command");
+    if (argc == 0 && !live) fail("the spec names no command");
+    if (live && cachec > 0) fail("a live sandbox takes no cache disks");
 
     // The root: the layers (erofs, read-only) under an overlay whose upper is a tmpfs.
     mkdir("/layers", 0755);
@@ -559,46 +635,14 @@ int main(void) {
             mount("/resolv.conf", "/root/etc/resolv.conf", NULL, MS_BIND, NULL);
     }
 
+    if (live) live_main(argv, envp, workdir, uid, gid);
+
     long long processes_before = processes_created(), read_before, written_before;
     disk_bytes(&read_before, &written_before);
     int out[2], err[2], in[2];
     if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0 || pipe2(in, O_CLOEXEC) != 0) fail("pipe");
-    pid_t child = fork();
+    pid_t child = spawn_in_root(argv, envp, workdir, uid, gid, in[0], out[1], err[1], NULL, 0);
     if (child < 0) fail("fork");
-    if (child == 0) {
-        dup2(in[0], 0);
-        dup2(out[1], 1);
-        dup2(err[1], 2);
-        // The working directory is made if missing, as the container backend does.
-        char path[4096];
-        snprintf(path, sizeof path, "%s", workdir);
-        if (chroot("/root") != 0) {
-            dprintf(2, "contree-agent: cannot enter the root: %s\n", strerror(errno));
-            _exit(125);
-        }
-        if (path[0] == '/') {
-            for (size_t i = 1; path[i - 1] != 0; i++) {
-                if (path[i] != '/' && path[i] != 0) continue;
-                char saved = path[i];
-                path[i] = 0;
-                mkdir(path, 0755);
-                path[i] = saved;
-            }
-        }
-        if (chdir(workdir) != 0) {
-            dprintf(2, "contree-agent: cannot enter %s: %s\n", workdir, strerror(errno));
-            _exit(125);
-        }
-        if ((gid != 0 && (setgroups(0, NULL) != 0 || setgid(gid) != 0)) || (uid != 0 && setuid(uid) != 0)) {
-            dprintf(2, "contree-agent: cannot become %u:%u: %s\n", uid, gid, strerror(errno));
-            _exit(125);
-        }
-        for (char **e = envp; *e != NULL; e++) putenv(*e);
-        if (getenv("PATH") == NULL) putenv("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-        execvp(argv[0], argv);
-        dprintf(2, "contree-agent: %s: %s\n", argv[0], strerror(errno));
-        _exit(errno == ENOENT ? 127 : 126);
-    }
     close(out[1]);
     close(err[1]);
     close(in[0]);

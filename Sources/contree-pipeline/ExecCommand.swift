@@ -140,14 +140,7 @@ struct ExecCommand: AsyncParsableCommand {
             throw SandboxError(
                 .invalidArgument, "no command given: contree-pipeline exec [options] -- COMMAND [ARGS...]")
         }
-        var environment: [String: String] = [:]
-        for entry in env {
-            if let eq = entry.firstIndex(of: "=") {
-                environment[String(entry[..<eq])] = String(entry[entry.index(after: eq)...])
-            } else if let value = getenv(entry) {
-                environment[entry] = String(cString: value)
-            }
-        }
+        let environment = ExecCommand.parseEnvironment(env)
         var limits = ResourceLimits()
         if let memory {
             guard let bytes = ByteCount.parse(memory) else {
@@ -165,6 +158,19 @@ struct ExecCommand: AsyncParsableCommand {
             isolation: isolation)
         spec.tag = tag
         return spec
+    }
+
+    /// `--env` entries: KEY=VALUE, or KEY alone for the host's value (left out when unset).
+    static func parseEnvironment(_ entries: [String]) -> [String: String] {
+        var environment: [String: String] = [:]
+        for entry in entries {
+            if let eq = entry.firstIndex(of: "=") {
+                environment[String(entry[..<eq])] = String(entry[entry.index(after: eq)...])
+            } else if let value = getenv(entry) {
+                environment[entry] = String(cString: value)
+            }
+        }
+        return environment
     }
 
     /// HOST:SANDBOX[:MODE], SANDBOX absolute.

@@ -21,7 +21,7 @@ struct ContreePipeline: AsyncParsableCommand {
             RunCommand.self, PlanCommand.self, ValidateCommand.self, GraphCommand.self, ExplainCommand.self,
             ShellCommand.self,
             RunsCommand.self, DiffRunsCommand.self,
-            ArtifactsCommand.self, ExecCommand.self, ImageCommand.self, InspectCommand.self,
+            ArtifactsCommand.self, ExecCommand.self, SandboxCommand.self, ImageCommand.self, InspectCommand.self,
             CacheCommand.self, GarbageCollectCommand.self, CheckCommand.self, ServeCommand.self, StepCommand.self,
         ])
 

@@ -18,11 +18,20 @@ enum {
     AGENT_FRAME_CACHE = 'C',    // a piece of cache disk N's content as a tar: N as one byte, then the bytes
     // "status=N signal=N utime_us=N stime_us=N maxrss_kb=N processes=N read_bytes=N write_bytes=N"
     AGENT_FRAME_EXIT = 'X',
+    // A live sandbox's answers: 'V' "pid=N" once its main process started (0: none); 'H' to a
+    // hello, "main=running" or "main=exited status=N signal=N", then " frozen" when frozen;
+    // 'F' (empty) once frozen, after its changes; 'W' (empty) once thawed.
+    AGENT_FRAME_LIVE = 'V',
 
     // Host -> guest.
     AGENT_FRAME_SPEC = 'S',     // what to run: NUL-terminated spec fields
     AGENT_FRAME_STDIN = 'I',    // stdin bytes; empty: the end of stdin
     AGENT_FRAME_KILL = 'K',     // a signal number (text) for the command
+    // A live sandbox's sessions (see live.c): each host connection starts with a hello.
+    AGENT_FRAME_HELLO = 'H',    // empty: a new session; what the last one ran is killed
+    AGENT_FRAME_EXEC = 'Q',     // spec fields (workdir, user, env, arguments): one more command
+    AGENT_FRAME_FREEZE = 'F',   // empty: freeze every process, send the changes, answer 'F'
+    AGENT_FRAME_THAW = 'W',     // spec fields (time, entropy, hostname): set them, thaw, answer 'W'
 
     // Spec fields: each a kind byte then its text, NUL-terminated.
     AGENT_SPEC_LAYER = 'D',     // a read-only layer disk by its serial, bottom first
@@ -36,6 +45,7 @@ enum {
     AGENT_SPEC_ENTROPY = 'Z',   // host entropy, hex
     AGENT_SPEC_ENV = 'E',       // KEY=VALUE
     AGENT_SPEC_ARGUMENT = 'A',  // the command's arguments, the program first
+    AGENT_SPEC_LIVE = 'V',      // empty: keep running after the command (a live sandbox)
 };
 
 #endif

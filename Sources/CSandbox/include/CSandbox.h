@@ -191,6 +191,9 @@ typedef struct csb_wire_file {
 
 // GNU extensions that Swift's Glibc module does not expose.
 int csb_pipe_cloexec(int fds[2]);
+/// posix_spawn_file_actions_addchdir_np: the child starts in `path`. `actions` is a
+/// posix_spawn_file_actions_t.
+int csb_spawn_add_chdir(void *actions, const char *path);
 int csb_eventfd_cloexec(void);
 int csb_memfd_cloexec(const char *name);
 int csb_open_path_dir(const char *path);

@@ -35,15 +35,18 @@ public struct Snapshotter: Sendable {
     ///   - base: the image the changes apply to; nil for a root image.
     ///   - budget: what the archive may cost (a run's limit, its remaining time).
     ///   - record: extra rows written in the same transaction as the image (a run record).
-    /// - Returns: the base image unchanged when `directory` is empty and `base` is given.
+    ///   - newImage: make a new image even when nothing changed (one that carries more than its
+    ///     files: a memory snapshot).
+    /// - Returns: the base image unchanged when `directory` is empty and `base` is given (unless
+    ///   `newImage`).
     /// - Throws: `limitExceeded` or `cancelled` from the budget, before anything is placed.
     public func commit(
         _ directory: String, base: ImageRecord?, config: ImageConfig, origin: String, lease: Lease,
-        budget: ArchiveBudget = ArchiveBudget(),
+        budget: ArchiveBudget = ArchiveBudget(), newImage: Bool = false,
         record: (Database.Transaction, ImageRecord, LayerSummary?) throws -> Void = { _, _, _ in }
     ) throws -> CommitResult {
         if let base, try FileSystem.list(directory).isEmpty {
-            if config == base.config {
+            if config == base.config && !newImage {
                 try store.database.transaction { tx in try record(tx, base, nil) }
                 return CommitResult(image: base, layer: nil, flattened: false)
             }

@@ -16,11 +16,14 @@ public struct GarbageReport: Sendable, Codable {
     public var imagesRemoved: Int = 0
     /// Files derived from layers that are gone (the VM backend's erofs images).
     public var derivedRemoved: Int = 0
+    /// Memory snapshots (`states/`) no image holds any more.
+    public var statesRemoved: Int = 0
     /// What could not be removed (gc carried on past it); empty when all went.
     public var failures: [String] = []
 
     enum CodingKeys: String, CodingKey {
         case derivedRemoved = "derived_removed"
+        case statesRemoved = "states_removed"
         case layersRemoved = "layers_removed"
         case bytesFreed = "bytes_freed"
         case abandonedWork = "abandoned_work"
@@ -99,6 +102,7 @@ extension Store {
             for name in try FileSystem.list(layersPath) where !known.contains(name) {
                 if remove(layersPath + "/" + name, what: "layer directory \(name)") { report.layersRemoved += 1 }
             }
+            try removeUnheldStates(&report)
             // Files derived from a layer go with it. Not from a directory shared with other
             // stores (reached through a symlink): their layers are not known here.
             for provider in derived {
@@ -225,6 +229,7 @@ extension Store {
         for row in positions where (row["n"].int ?? 0) != (row["top"].int ?? -1) + 1 {
             report.problems.append("image \(row["image"].string ?? "?") has a gap in its layer chain")
         }
+        try checkStates(&report, verifyContent: verifyContent)
         // Garbage: not inconsistent, but worth saying.
         let known = Set(layerRows.keys.map(Store.hex))
         for name in try FileSystem.list(layersPath) where !known.contains(name) {

@@ -32,7 +32,7 @@ public final class Store: Sendable {
     /// Images whose chain grows past this many layers are flattened into one.
     public let flattenThreshold: Int
 
-    static let schemaVersion = 3
+    static let schemaVersion = 4
 
     /// `$CONTREE_HOME`, or `~/.local/share/contree`.
     public static var defaultRoot: String {
@@ -105,6 +105,10 @@ public final class Store: Sendable {
                 owner TEXT NOT NULL, image TEXT NOT NULL REFERENCES images(uuid) ON DELETE CASCADE,
                 created REAL NOT NULL, PRIMARY KEY(owner, image));
             CREATE INDEX IF NOT EXISTS pins_image ON pins(image);
+            CREATE TABLE IF NOT EXISTS image_states(
+                image TEXT PRIMARY KEY REFERENCES images(uuid) ON DELETE CASCADE, digest TEXT NOT NULL,
+                kind TEXT NOT NULL, metadata TEXT NOT NULL, bytes INTEGER NOT NULL, created REAL NOT NULL);
+            CREATE INDEX IF NOT EXISTS image_states_digest ON image_states(digest);
             """)
         try database.transaction { tx in
             // Version 3: which archiver named a layer (NULL: one from before names were archived

@@ -146,19 +146,8 @@ public final class SandboxEngine: Sendable {
             chmod(upper + output, 0o666)
         }
 
-        var environment: [String] = []
-        var seen = Set<String>()
-        for (key, value) in spec.env.sorted(by: { $0.key < $1.key }) {
-            environment.append("\(key)=\(value)")
-            seen.insert(key)
-        }
-        for entry in spec.inheritImageEnv ? image.config.env : [] {
-            let key = String(entry.prefix { $0 != "=" })
-            if !seen.contains(key) { environment.append(entry) }
-        }
-        if !environment.contains(where: { $0.hasPrefix("PATH=") }) {
-            environment.append("PATH=\(ImageConfig.defaultPath)")
-        }
+        var environment = SandboxEngine.environment(spec.env, image: spec.inheritImageEnv ? image.config.env : [])
+        let seen = Set(spec.env.keys)
         let network = spec.sharedNetwork?.mode ?? spec.network
         // Egress also puts a resolv.conf at /etc/resolv.conf (each backend its own way): a mount
         // point the image may lack, removed like the others.
@@ -378,7 +367,19 @@ public final class SandboxEngine: Sendable {
 
     /// The image's user (`uid[:gid]`, or names looked up in the image's /etc/passwd and
     /// /etc/group, as OCI images write them).
-    static func parseUser(_ user: String?, filesystem: ImageFilesystem? = nil) throws -> (UInt32, UInt32) {
+    /// A command's environment: `env` over the image's (`KEY=VALUE` each), with a default PATH.
+    public static func environment(_ env: [String: String], image: [String]) -> [String] {
+        var environment = env.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\($0.value)" }
+        for entry in image where env[String(entry.prefix { $0 != "=" })] == nil { environment.append(entry) }
+        if !environment.contains(where: { $0.hasPrefix("PATH=") }) {
+            environment.append("PATH=\(ImageConfig.defaultPath)")
+        }
+        return environment
+    }
+
+    /// The uid and gid `user` (an image's `user`: name or number, with an optional group) names,
+    /// looked up in the image's /etc/passwd and /etc/group.
+    public static func parseUser(_ user: String?, filesystem: ImageFilesystem? = nil) throws -> (UInt32, UInt32) {
         guard let user, !user.isEmpty else { return (0, 0) }
         let parts = user.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
         guard parts.count <= 2 else {

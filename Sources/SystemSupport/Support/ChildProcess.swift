@@ -78,9 +78,10 @@ public enum ChildProcess {
     /// - Parameter stdoutFD: where stdout goes when it is not captured.
     /// - Parameter ownProcessGroup: start it in a process group of its own, so that a signal a
     ///   terminal sends to this process's group (Ctrl-C) does not reach it.
+    /// - Parameter directory: its working directory (this process's when nil).
     public static func spawn(
         _ argv: [String], environment: [String]? = nil, stdinFD: Int32? = nil, captureStdout: Bool,
-        stdoutFD: Int32? = nil, ownProcessGroup: Bool = false
+        stdoutFD: Int32? = nil, ownProcessGroup: Bool = false, directory: String? = nil
     ) throws -> Spawned {
         var outPipe: [Int32] = [-1, -1]
         var errPipe: [Int32] = [-1, -1]
@@ -106,6 +107,7 @@ public enum ChildProcess {
             posix_spawn_file_actions_adddup2(&actions, stdoutFD, 1)
         }
         posix_spawn_file_actions_adddup2(&actions, errPipe[1], 2)
+        if let directory { _ = csb_spawn_add_chdir(&actions, directory) }
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }

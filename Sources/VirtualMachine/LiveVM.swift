@@ -1,0 +1,397 @@
+import CSandbox
+import Foundation
+import Glibc
+import Sandbox
+import SystemSupport
+
+/// A VM that outlives the process that started it: a live sandbox. QEMU runs detached
+/// (`-daemonize`) in its own directory, which holds its sockets (`agent.sock`, `qmp.sock`), its
+/// pid, its console and its upper disk; the agent in the guest keeps the root mounted and serves
+/// one host session at a time (`LiveSession`, Sources/contree-agent/live.c).
+///
+/// A memory snapshot (`snapshot`) freezes the guest's processes, takes its changes as a layer
+/// tar, stops the guest and saves its RAM and devices, copies its upper disk, and lets it go on;
+/// a loader QEMU then turns the RAM stream into a RAM file that children (`resume`) map copy on
+/// write, so each child costs the memory it writes, not the guest's size.
+public struct LiveVM: Sendable {
+    public let directory: String
+    public let pid: pid_t
+
+    /// A memory snapshot's files: `ram` (the guest's RAM, a sparse file as long as it), `state`
+    /// (device state), `upper.img` (the upper disk, raw). A child attaches `layerSlots` layer
+    /// disks, then the upper, exactly as the guest that was saved did.
+    public struct MemoryState: Sendable {
+        public var directory: String
+        public var memoryMiB: Int
+        public var layerSlots: Int
+        public static let files = ["ram", "state", "upper.img"]
+
+        public init(directory: String, memoryMiB: Int, layerSlots: Int) {
+            self.directory = directory
+            self.memoryMiB = memoryMiB
+            self.layerSlots = layerSlots
+        }
+    }
+
+    public init(directory: String, pid: pid_t) {
+        self.directory = directory
+        self.pid = pid
+    }
+
+    /// Starts `command` (its argv may be empty: a sandbox that only waits) as the main process of
+    /// a guest restored from `template` and leaves it running. `command.upperDisk` is a raw disk
+    /// in `directory`; `command.layers` at most `template.layerSlots`.
+    /// - Returns: the sandbox, and the main process's pid in the guest (0 for none).
+    public static func start(
+        _ vm: MicroVM, command: MicroVM.Command, template: MicroVM.Template, directory: String
+    ) throws -> (LiveVM, mainPID: Int) {
+        guard command.caches.isEmpty, !command.network.isEgress else {
+            throw SandboxError(
+                .unsupported,
+                "a live VM sandbox has no cache disks or egress yet; use --network loopback or none")
+        }
+        guard command.layers.count <= template.layerSlots else {
+            throw SandboxError(
+                .unsupported, "a VM takes at most \(template.layerSlots) layer disks; flatten the image first")
+        }
+        let layers = try paddedLayers(command.layers, slots: template.layerSlots, directory: directory)
+        let (live, channel) = try spawn(
+            vm,
+            vm.arguments(
+                work: directory, layers: layers, upper: command.upperDisk, ram: (template.ram, false), restoring: true,
+                daemon: true),
+            directory: directory)
+        var started = false
+        defer {
+            channel.close()
+            if !started { kill(live.pid, SIGKILL) }
+        }
+        try MicroVM.restore(
+            state: template.state, qmp: try QMP(fd: try socket(directory, "qmp.sock")), deadline: Monotonic.now + 60)
+        try channel.send(Frame.spec, MicroVM.spec(command, fresh: true, live: true))
+        var reader = FrameReader(fd: channel.fd)
+        while let frame = try reader.next(until: Monotonic.now + 120) {
+            if frame.type == Frame.live {
+                started = true
+                let text = String(decoding: frame.payload, as: UTF8.self)
+                return (live, Int(text.dropFirst(4)) ?? 0)
+            }
+            if frame.type == Frame.log {
+                throw SandboxError(
+                    .sandboxSetup, "the VM could not start: \(String(decoding: frame.payload, as: UTF8.self))")
+            }
+        }
+        throw SandboxError(
+            .sandboxSetup,
+            "the VM did not start its sandbox; its console ended with:\n\(MicroVM.tail(directory + "/console.log", 3000) ?? "(nothing)")"
+        )
+    }
+
+    /// Starts a child of `state` in `directory`: its RAM the state's file mapped copy on write,
+    /// its upper disk a copy-on-write overlay of the state's, the layer disks `layers` (the image
+    /// the saved guest started from). The guest's processes go on where they were, with the host's
+    /// time, fresh entropy and `hostname` (nil: the parent's).
+    public static func resume(
+        _ vm: MicroVM, state: MemoryState, layers: [String], hostname: String?, directory: String
+    ) throws -> LiveVM {
+        guard vm.memoryMiB == state.memoryMiB else {
+            throw SandboxError(
+                .invalidArgument, "the state is of a \(state.memoryMiB) MiB guest, not \(vm.memoryMiB) MiB")
+        }
+        let upper = directory + "/upper.qcow2"
+        try run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", state.directory + "/upper.img", "-F", "raw", upper],
+            "make the child's upper disk")
+        let (live, channel) = try spawn(
+            vm,
+            vm.arguments(
+                work: directory, layers: try paddedLayers(layers, slots: state.layerSlots, directory: directory),
+                upper: upper, ram: (state.directory + "/ram", false), restoring: true, upperFormat: "qcow2",
+                daemon: true),
+            directory: directory)
+        channel.close()  // a session of its own thaws the guest
+        do {
+            try MicroVM.restore(
+                state: state.directory + "/state", qmp: try QMP(fd: try socket(directory, "qmp.sock")),
+                deadline: Monotonic.now + 60)
+            let session = try LiveSession(directory: directory)
+            defer { session.close() }
+            try session.thaw(hostname: hostname)
+        } catch {
+            kill(live.pid, SIGKILL)
+            throw SandboxError(.sandboxSetup, "the sandbox could not be resumed from its memory snapshot: \(error)")
+        }
+        return live
+    }
+
+    /// Takes a memory snapshot into `staging` (made, empty): the changes go to `onChanges` (an
+    /// OCI layer tar, all files the guest changed since it started) while every process of the
+    /// sandbox is frozen; then the guest is stopped, saved, and goes on. `layers` and
+    /// `layerSlots` are the disks it runs with; `upper` its upper disk (raw or qcow2).
+    public func snapshot(
+        _ vm: MicroVM, layers: [String], layerSlots: Int, upper: String, staging: String,
+        onChanges: ([UInt8]) throws -> Void
+    ) throws -> MemoryState {
+        let session = try LiveSession(directory: directory)
+        defer { session.close() }
+        // Whatever fails, the sandbox goes on as it was.
+        defer { if session.frozen { try? session.thaw(hostname: nil) } }
+        try session.freeze(onChanges: onChanges)
+        do {
+            let qmp = try QMP(fd: try LiveVM.socket(directory, "qmp.sock"))
+            try qmp.execute("stop")
+            defer { _ = try? qmp.execute("cont") }
+            Trace.mark("live: frozen and stopped")
+            try MicroVM.save(
+                qmp: qmp, to: staging + "/stream", ignoringShared: false, what: "the sandbox's memory",
+                deadline: Monotonic.now + 600)
+            Trace.mark("live: memory saved")
+            try LiveVM.run(
+                ["qemu-img", "convert", "-U", "-O", "raw", upper, staging + "/upper.img"], "copy the upper disk")
+            Trace.mark("live: upper disk copied")
+        }
+        try session.thaw(hostname: nil)
+        // The RAM stream becomes a RAM file: a loader QEMU maps a new shared file, takes the
+        // stream in, and saves its devices alone (the RAM stays in the file).
+        let loaderDirectory = staging + "/loader"
+        try FileSystem.makeDirectories(loaderDirectory)
+        defer { try? FileSystem.removeTree(loaderDirectory) }
+        let (loader, channel) = try LiveVM.spawn(
+            vm,
+            vm.arguments(
+                work: loaderDirectory,
+                layers: try LiveVM.paddedLayers(layers, slots: layerSlots, directory: loaderDirectory),
+                upper: staging + "/upper.img", ram: (staging + "/ram", true), restoring: true, daemon: true),
+            directory: loaderDirectory)
+        defer {
+            channel.close()
+            kill(loader.pid, SIGKILL)
+        }
+        let qmp = try QMP(fd: try LiveVM.socket(loaderDirectory, "qmp.sock"))
+        try MicroVM.restore(
+            state: staging + "/stream", qmp: qmp, deadline: Monotonic.now + 600, ignoringShared: false, resume: false)
+        try MicroVM.save(
+            qmp: qmp, to: staging + "/state", ignoringShared: true, what: "the snapshot's devices",
+            deadline: Monotonic.now + 120)
+        _ = try? qmp.execute("quit")
+        unlink(staging + "/stream")
+        Trace.mark("live: RAM file made")
+        return MemoryState(directory: staging, memoryMiB: vm.memoryMiB, layerSlots: layerSlots)
+    }
+
+    /// Whether this QEMU still runs: its pid alive, not a zombie, and started at `startTicks`
+    /// (a pid the kernel handed to another process is not ours).
+    public static func isRunning(pid: pid_t, startTicks: UInt64) -> Bool {
+        processStart(pid) == startTicks
+    }
+
+    /// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22); nil when it
+    /// is gone or a zombie.
+    public static func processStart(_ pid: pid_t) -> UInt64? {
+        guard pid > 0, let bytes = try? FileSystem.readFile("/proc/\(pid)/stat") else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard let close = text.lastIndex(of: ")") else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        // fields[0] is the state (field 3); the start time is field 22.
+        guard fields.count > 19, fields[0] != "Z" else { return nil }
+        return UInt64(fields[19])
+    }
+
+    /// Stops the VM (SIGKILL: nothing in it is kept) and waits until it is gone.
+    public func stop(startTicks: UInt64) {
+        guard LiveVM.isRunning(pid: pid, startTicks: startTicks) else { return }
+        kill(pid, SIGKILL)
+        for _ in 0..<500 where LiveVM.processStart(pid) != nil {
+            var status: Int32 = 0
+            _ = waitpid(pid, &status, WNOHANG)  // ours only when this process started it
+            usleep(2_000)
+        }
+    }
+
+    // MARK: - QEMU
+
+    /// Unused layer slots get an empty disk: a restored guest finds the devices it was saved with.
+    static func paddedLayers(_ layers: [String], slots: Int, directory: String) throws -> [String] {
+        guard layers.count < slots else { return layers }
+        try FileSystem.writeFile(directory + "/empty.img", [], mode: 0o644)
+        return layers + Array(repeating: directory + "/empty.img", count: slots - layers.count)
+    }
+
+    /// Starts QEMU detached in `directory` and connects to its agent's socket, which lets the
+    /// guest start. - Returns: the VM (the daemon's pid) and the connected channel.
+    static func spawn(_ vm: MicroVM, _ arguments: [String], directory: String) throws -> (LiveVM, Channel) {
+        let devNull = open("/dev/null", O_WRONLY | O_CLOEXEC)
+        defer { if devNull >= 0 { close(devNull) } }
+        let parent = try ChildProcess.spawn(arguments, captureStdout: false, stdoutFD: devNull, directory: directory)
+        defer { close(parent.stderr) }
+        func failure(_ status: Int32) -> SandboxError {
+            let errors = String(
+                decoding: (try? FileSystem.readAll(fd: parent.stderr, path: "qemu stderr")) ?? [], as: UTF8.self)
+            return SandboxError(
+                .sandboxSetup, "qemu-system-x86_64 could not start the sandbox's VM (status \(status)): \(errors)")
+        }
+        var agent: Int32 = -1
+        for _ in 0..<2000 {
+            if let fd = try? socket(directory, "agent.sock") {
+                agent = fd
+                break
+            }
+            var status: Int32 = 0
+            if waitpid(parent.pid, &status, WNOHANG) == parent.pid { throw failure(status) }
+            usleep(5_000)
+        }
+        guard agent >= 0 else {
+            kill(parent.pid, SIGKILL)
+            _ = try? ChildProcess.wait(parent.pid, "qemu")
+            throw SandboxError(.sandboxSetup, "qemu-system-x86_64 did not open the agent's socket within 10 s")
+        }
+        let channel = Channel(fd: agent)
+        // The first QEMU process exits once the daemon it forked is initialised.
+        var status: Int32 = 0
+        while waitpid(parent.pid, &status, 0) < 0 && errno == EINTR {}
+        guard status == 0,
+            let text = try? FileSystem.readFile(directory + "/qemu.pid"),
+            let pid = pid_t(String(decoding: text, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines))
+        else {
+            channel.close()
+            throw failure(status)
+        }
+        return (LiveVM(directory: directory, pid: pid), channel)
+    }
+
+    /// A connection to the socket `name` in `directory`, reached through the directory's
+    /// descriptor: a socket address holds 107 bytes, a store path may be longer.
+    static func socket(_ directory: String, _ name: String) throws -> Int32 {
+        let handle = csb_open_path_dir(directory)
+        guard handle >= 0 else { throw SandboxError.system("open(\(directory))") }
+        defer { close(handle) }
+        guard let fd = connectUnixSocket("/proc/self/fd/\(handle)/\(name)") else {
+            throw SandboxError(.sandboxSetup, "nothing listens on \(directory)/\(name): the VM is not running")
+        }
+        return fd
+    }
+
+    static func run(_ argv: [String], _ what: String) throws {
+        let result = try ChildProcess.run(argv)
+        guard result.succeeded else {
+            throw SandboxError(.sandboxSetup, "could not \(what): \(argv[0]): \(result.stderrText)")
+        }
+    }
+}
+
+/// One host session with a live sandbox's agent: sessions take turns (a lock in the sandbox's
+/// directory), each opened by a hello that ends what the last one left running.
+/// `signal` may be called from any thread (a Ctrl-C handler); the rest from one at a time.
+public final class LiveSession: @unchecked Sendable {
+    private let channel: Channel
+    private var reader: FrameReader
+    private let lock: Int32
+    private var closed = false
+    /// The main process, as the agent says: `running`, `none`, or `exited status=N signal=N`.
+    public private(set) var main = ""
+    /// Whether the sandbox's processes are frozen (a snapshot that did not finish).
+    public private(set) var frozen = false
+
+    public init(directory: String, timeout: Double = 60) throws {
+        let lockPath = directory + "/session.lock"
+        lock = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard lock >= 0 else { throw SandboxError.system("open(\(lockPath))") }
+        while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
+        do {
+            channel = Channel(fd: try LiveVM.socket(directory, "agent.sock"))
+        } catch {
+            Glibc.close(lock)
+            throw error
+        }
+        reader = FrameReader(fd: channel.fd)
+        do {
+            try channel.send(Frame.hello, [])
+            let answer = try expect(Frame.hello, until: Monotonic.now + timeout)
+            let text = String(decoding: answer, as: UTF8.self)
+            frozen = text.hasSuffix(" frozen")
+            main = String(text.dropFirst(5).dropLast(frozen ? 7 : 0))
+        } catch {
+            close()
+            throw error
+        }
+    }
+
+    /// Reads frames until one of `type` (earlier ones are a past session's); its payload.
+    private func expect(
+        _ type: UInt8, until deadline: Double, onFrame: (UInt8, [UInt8]) throws -> Void = { _, _ in }
+    ) throws -> [UInt8] {
+        while let frame = try reader.next(until: deadline) {
+            if frame.type == type { return frame.payload }
+            try onFrame(frame.type, frame.payload)
+        }
+        throw SandboxError(
+            .sandboxSetup,
+            Monotonic.now >= deadline
+                ? "the sandbox's agent did not answer in time" : "the sandbox's VM closed the connection")
+    }
+
+    /// Runs one more command in the sandbox and waits for it.
+    public func exec(
+        argv: [String], env: [String], workdir: String, uid: UInt32, gid: UInt32, stdin: MicroVM.Input,
+        timeout: Double, onStdout: @escaping @Sendable ([UInt8]) -> Void,
+        onStderr: @escaping @Sendable ([UInt8]) -> Void
+    ) throws -> MicroVM.Outcome {
+        var fields: [(Character, String)] = [(SpecField.workdir, workdir), (SpecField.user, "\(uid):\(gid)")]
+        fields += env.map { (SpecField.env, $0) } + argv.map { (SpecField.argument, $0) }
+        let started = Monotonic.now
+        try channel.send(Frame.exec, MicroVM.encode(fields))
+        let pump = InputPump()
+        defer { pump.stop() }
+        switch stdin {
+        case .bytes(let bytes):
+            if !bytes.isEmpty { try channel.send(Frame.stdin, bytes) }
+            try channel.send(Frame.stdin, [])
+        case .fileDescriptor(let fd):
+            pump.start(from: fd) { [channel] chunk in try? channel.send(Frame.stdin, chunk) }
+        }
+        var outcome = MicroVM.Outcome()
+        do {
+            let report = try expect(Frame.exit, until: started + timeout) { type, payload in
+                if type == Frame.stdout { onStdout(payload) }
+                if type == Frame.stderr || type == Frame.log { onStderr(payload) }
+            }
+            MicroVM.readReport(report, into: &outcome)
+        } catch  where Monotonic.now >= started + timeout {
+            channel.signal(SIGKILL)
+            outcome.termination.timedOut = true
+        }
+        outcome.metrics.wallSeconds = Monotonic.now - started
+        return outcome
+    }
+
+    /// Asks the agent to signal the running command.
+    public func signal(_ signal: Int32) { channel.signal(signal) }
+
+    /// Freezes every process of the sandbox and receives its changes.
+    func freeze(onChanges: ([UInt8]) throws -> Void) throws {
+        try channel.send(Frame.freeze, [])
+        frozen = true  // from here on, whatever happens: a thaw is due
+        let answer = try expect(Frame.freeze, until: Monotonic.now + 600) { type, payload in
+            if type == Frame.changes { try onChanges(payload) }
+        }
+        guard answer.isEmpty else {
+            throw SandboxError(.sandboxSetup, String(decoding: answer, as: UTF8.self))
+        }
+    }
+
+    /// Lets the sandbox's processes go on, with the host's time, fresh entropy and `hostname`.
+    public func thaw(hostname: String?) throws {
+        var fields = MicroVM.freshFields()
+        if let hostname { fields.append((SpecField.hostname, hostname)) }
+        try channel.send(Frame.thaw, MicroVM.encode(fields))
+        _ = try expect(Frame.thaw, until: Monotonic.now + 60)
+        frozen = false
+    }
+
+    public func close() {
+        guard !closed else { return }
+        closed = true
+        channel.close()
+        Glibc.close(lock)
+    }
+}

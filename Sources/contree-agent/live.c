@@ -1,0 +1,383 @@
+// A live sandbox's agent: the root stays mounted, the main command (if any) runs in the
+// background with its output in /scratch/main.log (on the upper disk, outside the changes), and
+// hosts come and go on the port, one session at a time, each opened by a hello:
+//   exec   one more command, its stdin, stdout and stderr relayed as a one-shot run's; what it
+//          leaves running keeps running (its output read and dropped once it has exited);
+//   freeze every process of the sandbox (a cgroup v2 freezer: invisible to them), sync, send
+//          the upper as a layer tar: the files of a memory snapshot, taken while nothing runs;
+//   thaw   with the host's time and fresh entropy (a restored child's clock and random state
+//          must not be its parent's) and a hostname.
+// A host that goes away mid-command takes that command with it (its process group is killed).
+// The port's host side is watched with SIGIO: a port without a host polls as hung up, so it is
+// left out of poll until a host connects again.
+#define _GNU_SOURCE
+#include "agent.h"
+#include "agent_protocol.h"
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CGROUP "/sys/fs/cgroup/sandbox"
+#define MAX_ORPHANS 64
+#define MAX_EXEC_FIELDS 4096
+
+static pid_t main_pid;
+static int main_ended, main_status;
+static int connected = 1, frozen, have_cgroup;
+// Output pipes of commands that exited while something they started still holds them: read
+// and dropped, so that the writer never blocks or dies of SIGPIPE.
+static int orphans[MAX_ORPHANS], orphan_count;
+
+static struct {
+    pid_t pid;  // 0: none
+    int out, err, in;
+    char *pending;  // stdin not yet written
+    size_t pending_size, pending_done;
+    int stdin_closing, exited, status;
+    struct rusage usage;
+    long long processes_before, read_before, written_before;
+} current = {0, -1, -1, -1, NULL, 0, 0, 0, 0, 0, {{0, 0}, {0, 0}, 0}, 0, 0, 0};
+
+static void close_fd(int *fd) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+}
+
+static void orphan(int *fd) {
+    if (*fd < 0) return;
+    if (orphan_count < MAX_ORPHANS) {
+        orphans[orphan_count++] = *fd;
+        *fd = -1;
+    } else {
+        close_fd(fd);
+    }
+}
+
+static int set_freezer(int on) {
+    int fd = open(CGROUP "/cgroup.freeze", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    int written = write(fd, on ? "1" : "0", 1) == 1;
+    close(fd);
+    if (!written) return -1;
+    if (!on) return 0;
+    for (int i = 0; i < 10000; i++) {  // cgroup.events says "frozen 1" once every task stopped
+        char events[256] = "";
+        fd = open(CGROUP "/cgroup.events", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) return -1;
+        ssize_t n = read(fd, events, sizeof events - 1);
+        close(fd);
+        if (n > 0 && strstr(events, "frozen 1") != NULL) return 0;
+        usleep(1000);
+    }
+    errno = ETIMEDOUT;
+    return -1;
+}
+
+static void lost_host(void);
+
+static void send_or_lose(char type, const void *data, uint32_t size) {
+    if (connected && send_frame(type, data, size) != 0) lost_host();
+}
+
+// The current command is over: what it wrote before exiting is sent, its report follows.
+static void end_exec(void) {
+    char buffer[65536];
+    int *pipes[2] = {&current.out, &current.err};
+    for (int i = 0; i < 2; i++) {
+        while (*pipes[i] >= 0) {
+            ssize_t n = read(*pipes[i], buffer, sizeof buffer);
+            if (n > 0) {
+                send_or_lose(i == 0 ? AGENT_FRAME_STDOUT : AGENT_FRAME_STDERR, buffer, (uint32_t)n);
+            } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
+                close_fd(pipes[i]);
+            } else if (errno == EAGAIN) {
+                orphan(pipes[i]);  // still held by something the command started
+            }
+        }
+    }
+    close_fd(&current.in);
+    free(current.pending);
+    current.pending = NULL;
+    current.pending_size = current.pending_done = 0;
+    long long read_after, written_after;
+    disk_bytes(&read_after, &written_after);
+    char report[384];
+    int status = current.status;
+    int n = snprintf(
+        report, sizeof report,
+        "status=%d signal=%d utime_us=%lld stime_us=%lld maxrss_kb=%ld processes=%lld read_bytes=%lld write_bytes=%lld",
+        WIFEXITED(status) ? WEXITSTATUS(status) : -1, WIFSIGNALED(status) ? WTERMSIG(status) : 0,
+        (long long)current.usage.ru_utime.tv_sec * 1000000 + current.usage.ru_utime.tv_usec,
+        (long long)current.usage.ru_stime.tv_sec * 1000000 + current.usage.ru_stime.tv_usec, current.usage.ru_maxrss,
+        processes_created() - current.processes_before, read_after - current.read_before,
+        written_after - current.written_before);
+    current.pid = 0;
+    send_or_lose(AGENT_FRAME_EXIT, report, (uint32_t)n);
+}
+
+// The host went away (or a new session began) while a command ran: it goes, with its group.
+static void abandon_exec(void) {
+    if (current.pid == 0) return;
+    if (!current.exited) {
+        kill(-current.pid, SIGKILL);
+        kill(current.pid, SIGKILL);
+    }
+    close_fd(&current.out);
+    close_fd(&current.err);
+    close_fd(&current.in);
+    free(current.pending);
+    current.pending = NULL;
+    current.pending_size = current.pending_done = 0;
+    current.pid = 0;
+}
+
+static void lost_host(void) {
+    connected = 0;
+    abandon_exec();
+}
+
+static void reap(void) {
+    int status;
+    struct rusage usage;
+    pid_t pid;
+    while ((pid = wait4(-1, &status, WNOHANG, &usage)) > 0) {
+        if (pid == main_pid && !main_ended) {
+            main_ended = 1;
+            main_status = status;
+        }
+        if (pid == current.pid && !current.exited) {
+            current.exited = 1;
+            current.status = status;
+            current.usage = usage;
+        }
+    }
+}
+
+static void start_exec(char *spec, uint32_t size) {
+    static char *argv[MAX_EXEC_FIELDS + 1], *envp[MAX_EXEC_FIELDS + 1];
+    int argc = 0, envc = 0;
+    const char *workdir = "/";
+    unsigned uid = 0, gid = 0;
+    for (char *field = spec; field < spec + size; field += strlen(field) + 1) {
+        switch (field[0]) {
+        case AGENT_SPEC_WORKDIR: workdir = field + 1; break;
+        case AGENT_SPEC_USER: sscanf(field + 1, "%u:%u", &uid, &gid); break;
+        case AGENT_SPEC_ENV: if (envc < MAX_EXEC_FIELDS) envp[envc++] = field + 1; break;
+        case AGENT_SPEC_ARGUMENT: if (argc < MAX_EXEC_FIELDS) argv[argc++] = field + 1; break;
+        }
+    }
+    argv[argc] = NULL;
+    envp[envc] = NULL;
+    const char *refusal = argc == 0 ? "the exec names no command" : frozen ? "the sandbox is frozen" : NULL;
+    if (refusal != NULL) {
+        send_or_lose(AGENT_FRAME_STDERR, refusal, (uint32_t)strlen(refusal));
+        static const char report[] = "status=125 signal=0";
+        send_or_lose(AGENT_FRAME_EXIT, report, sizeof report - 1);
+        return;
+    }
+    int out[2], err[2], in[2];
+    if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0 || pipe2(in, O_CLOEXEC) != 0) fail("pipe");
+    current.processes_before = processes_created();
+    disk_bytes(&current.read_before, &current.written_before);
+    memset(&current.usage, 0, sizeof current.usage);
+    current.exited = current.status = current.stdin_closing = 0;
+    current.pid = spawn_in_root(
+        argv, envp, workdir, uid, gid, in[0], out[1], err[1], have_cgroup ? CGROUP "/cgroup.procs" : NULL, 1);
+    if (current.pid < 0) fail("fork");
+    close(out[1]);
+    close(err[1]);
+    close(in[0]);
+    current.out = out[0];
+    current.err = err[0];
+    current.in = in[1];
+    for (int i = 0; i < 3; i++) {
+        int fd = i == 0 ? current.out : i == 1 ? current.err : current.in;
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    }
+}
+
+static void hello(void) {
+    abandon_exec();
+    char text[128];
+    int n = !main_pid    ? snprintf(text, sizeof text, "main=none")
+            : !main_ended ? snprintf(text, sizeof text, "main=running")
+                          : snprintf(
+                                text, sizeof text, "main=exited status=%d signal=%d",
+                                WIFEXITED(main_status) ? WEXITSTATUS(main_status) : -1,
+                                WIFSIGNALED(main_status) ? WTERMSIG(main_status) : 0);
+    if (frozen) n += snprintf(text + n, sizeof text - (size_t)n, " frozen");
+    send_or_lose(AGENT_FRAME_HELLO, text, (uint32_t)n);
+}
+
+static void freeze(void) {
+    if (!have_cgroup || (!frozen && set_freezer(1) != 0)) {
+        char text[256];
+        int n = snprintf(text, sizeof text, "the guest could not freeze its processes: %s", strerror(errno));
+        send_or_lose(AGENT_FRAME_FREEZE, text, (uint32_t)n);
+        return;
+    }
+    frozen = 1;
+    sync();
+    tar_tree("/scratch/upper", "");
+    static const char end[1024];
+    tar_out(end, sizeof end);
+    tar_flush();
+    send_or_lose(AGENT_FRAME_FREEZE, NULL, 0);
+}
+
+static void thaw(char *spec, uint32_t size) {
+    for (char *field = spec; field < spec + size; field += strlen(field) + 1) {
+        switch (field[0]) {
+        case AGENT_SPEC_TIME: set_clock(field + 1); break;
+        case AGENT_SPEC_ENTROPY: add_entropy(field + 1); break;
+        case AGENT_SPEC_HOSTNAME: sethostname(field + 1, strlen(field + 1)); break;
+        }
+    }
+    if (frozen) set_freezer(0);
+    frozen = 0;
+    send_or_lose(AGENT_FRAME_THAW, NULL, 0);
+}
+
+static void handle(int type, char *data, uint32_t size) {
+    switch (type) {
+    case AGENT_FRAME_HELLO: hello(); break;
+    case AGENT_FRAME_EXEC:
+        abandon_exec();
+        start_exec(data, size);
+        break;
+    case AGENT_FRAME_FREEZE: freeze(); break;
+    case AGENT_FRAME_THAW: thaw(data, size); break;
+    case AGENT_FRAME_STDIN:
+        if (current.pid == 0 || current.in < 0 || current.stdin_closing) break;
+        if (size == 0) {
+            current.stdin_closing = 1;
+        } else {
+            free(current.pending);
+            current.pending = malloc(size);
+            if (current.pending == NULL) fail("malloc");
+            memcpy(current.pending, data, size);
+            current.pending_size = size;
+            current.pending_done = 0;
+        }
+        break;
+    case AGENT_FRAME_KILL:
+        if (current.pid != 0 && !current.exited && size > 0) {
+            int signal_number = atoi(data);
+            if (signal_number > 0 && signal_number < 65) kill(current.pid, signal_number);
+        }
+        break;
+    }
+}
+
+void live_main(char **argv, char **envp, const char *workdir, unsigned uid, unsigned gid) {
+    // A cgroup of its own for everything the sandbox runs: what a freeze stops.
+    mkdir("/sys/fs/cgroup", 0755);
+    have_cgroup = (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, NULL) == 0 || errno == EBUSY)
+        && (mkdir(CGROUP, 0755) == 0 || errno == EEXIST);
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigaddset(&mask, SIGIO);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    int signals = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (signals < 0) fail("signalfd");
+    fcntl(port, F_SETOWN, getpid());
+    fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC | O_NONBLOCK);
+    if (argv[0] != NULL) {
+        int in = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        int log = open("/scratch/main.log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+        if (in < 0 || log < 0) fail("open the main command's log");
+        main_pid = spawn_in_root(argv, envp, workdir, uid, gid, in, log, log, have_cgroup ? CGROUP "/cgroup.procs" : NULL, 1);
+        if (main_pid < 0) fail("fork");
+        close(in);
+        close(log);
+    }
+    char started[32];
+    int length = snprintf(started, sizeof started, "pid=%d", (int)main_pid);
+    send_or_lose(AGENT_FRAME_LIVE, started, (uint32_t)length);
+
+    char buffer[65536];
+    for (;;) {
+        struct pollfd fds[5 + MAX_ORPHANS];
+        int n = 0, port_at = -1, out_at = -1, err_at = -1, in_at = -1;
+        int backlog = current.pending_size > current.pending_done;
+        fds[n++] = (struct pollfd){signals, POLLIN, 0};
+        // Frames wait while the command's stdin is backed up: nothing piles up here.
+        if (connected && !backlog) fds[port_at = n++] = (struct pollfd){port, POLLIN, 0};
+        if (current.pid != 0 && current.out >= 0) fds[out_at = n++] = (struct pollfd){current.out, POLLIN, 0};
+        if (current.pid != 0 && current.err >= 0) fds[err_at = n++] = (struct pollfd){current.err, POLLIN, 0};
+        if (current.pid != 0 && backlog) fds[in_at = n++] = (struct pollfd){current.in, POLLOUT, 0};
+        int first_orphan = n;
+        for (int i = 0; i < orphan_count; i++) fds[n++] = (struct pollfd){orphans[i], POLLIN, 0};
+        if (poll(fds, (nfds_t)n, connected ? -1 : 1000) < 0) {
+            if (errno == EINTR) continue;
+            fail("poll");
+        }
+        if (fds[0].revents != 0) {
+            struct signalfd_siginfo info;
+            while (read(signals, &info, sizeof info) == sizeof info) {}
+            reap();
+        }
+        if (!connected) {  // a host connected (SIGIO), or the next check
+            struct pollfd check = {port, POLLIN, 0};
+            if (poll(&check, 1, 0) >= 0 && (check.revents & POLLHUP) == 0) connected = 1;
+        }
+        int at[2] = {out_at, err_at};
+        int *pipes[2] = {&current.out, &current.err};
+        for (int i = 0; i < 2; i++) {
+            if (at[i] < 0 || fds[at[i]].revents == 0 || *pipes[i] < 0) continue;
+            ssize_t got = read(*pipes[i], buffer, sizeof buffer);
+            if (got > 0) {
+                send_or_lose(i == 0 ? AGENT_FRAME_STDOUT : AGENT_FRAME_STDERR, buffer, (uint32_t)got);
+            } else if (got == 0 || (errno != EINTR && errno != EAGAIN)) {
+                close_fd(pipes[i]);
+            }
+        }
+        if (in_at >= 0 && current.in >= 0 && fds[in_at].revents != 0) {
+            ssize_t put = write(current.in, current.pending + current.pending_done, current.pending_size - current.pending_done);
+            if (put > 0) current.pending_done += (size_t)put;
+            if (put < 0 && errno != EAGAIN && errno != EINTR) current.pending_done = current.pending_size;
+        }
+        if (current.pending != NULL && current.pending_done == current.pending_size) {
+            free(current.pending);
+            current.pending = NULL;
+            current.pending_size = current.pending_done = 0;
+        }
+        if (current.stdin_closing && current.pending == NULL) close_fd(&current.in);
+        for (int i = orphan_count - 1; i >= 0; i--) {
+            if (fds[first_orphan + i].revents == 0) continue;
+            ssize_t got = read(orphans[i], buffer, sizeof buffer);
+            if (got == 0 || (got < 0 && errno != EAGAIN && errno != EINTR)) {
+                close(orphans[i]);
+                orphans[i] = orphans[--orphan_count];
+            }
+        }
+        if (current.pid != 0 && current.exited) end_exec();
+        if (port_at >= 0 && connected && fds[port_at].revents != 0) {
+            if ((fds[port_at].revents & POLLIN) == 0) {
+                lost_host();
+                continue;
+            }
+            char *data = NULL;
+            uint32_t size = 0;
+            int type = read_frame(&data, &size);
+            if (type < 0) {
+                lost_host();
+            } else {
+                handle(type, data, size);
+            }
+            free(data);
+        }
+    }
+}
