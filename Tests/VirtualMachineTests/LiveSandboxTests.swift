@@ -1,0 +1,151 @@
+import ContreeTestSupport
+import Foundation
+import Glibc
+import ImageStore
+import LiveSandbox
+import Sandbox
+import Synchronization
+import SystemSupport
+import Testing
+
+@testable import VirtualMachine
+
+/// A fresh store whose `vm/` (kernel, templates) is the one the VM tests keep between runs.
+private func liveStore() throws -> (LiveSandboxes, String) {
+    let home = "/tmp/contree-live-test-" + UUID().uuidString.lowercased().prefix(12)
+    try FileSystem.makeDirectories(home)
+    try FileSystem.makeDirectories("/var/tmp/contree-vm-tests/vm")
+    guard symlink("/var/tmp/contree-vm-tests/vm", home + "/vm") == 0 else { throw SandboxError.system("symlink") }
+    let store = try Store(root: home)
+    let sandboxes = try LiveSandboxes(store: store, baseImages: BaseImages(store: store), backend: VMBackend())
+    return (sandboxes, home)
+}
+
+/// Runs `command` (a shell line) in the live sandbox; its stdout, and its exit status.
+private func shell(_ sandboxes: LiveSandboxes, _ sandbox: LiveSandbox, _ command: String) async throws -> (
+    String, Int32?
+) {
+    let output = Mutex<[UInt8]>([])
+    let outcome = try await BlockingPool.shared.run {
+        let session = try sandboxes.session(sandbox)
+        defer { session.close() }
+        return try session.exec(
+            argv: ["sh", "-c", command], env: sandbox.env, workdir: sandbox.workdir, uid: sandbox.uid, gid: sandbox.gid,
+            stdin: .bytes([]), timeout: 60, onStdout: { bytes in output.withLock { $0 += bytes } }, onStderr: { _ in })
+    }
+    return (String(decoding: output.withLock { $0 }, as: UTF8.self), outcome.termination.exitCode)
+}
+
+/// The next number of the counter the main command serves on 127.0.0.1:7000.
+private func next(_ sandboxes: LiveSandboxes, _ sandbox: LiveSandbox) async throws -> Int? {
+    // The server answers one connection at a time: a client that comes while it loops retries.
+    let (text, _) = try await shell(
+        sandboxes, sandbox, "for i in $(seq 50); do nc 127.0.0.1 7000 </dev/null && exit 0; sleep 0.1; done; exit 1")
+    return Int(text.trimmingCharacters(in: .whitespacesAndNewlines))
+}
+
+extension VMTests {
+    @Suite(
+        "Live sandboxes: a running VM snapshotted with its memory and forked (TCG here)", .serialized,
+        .enabled(if: geteuid() == 0, "needs root"),
+        .enabled(
+            if: FileManager.default.isExecutableFile(atPath: "/usr/bin/qemu-img"), "needs qemu-utils (scripts/setup)"))
+    struct LiveSandboxTests {
+        @Test(
+            "a counter held in a process's memory, served on a loopback socket, is snapshotted and forked three ways: each child goes on from the same count and diverges alone; the parent is unaffected"
+        )
+        func forkCounter() async throws {
+            let (sandboxes, home) = try liveStore()
+            defer { try? FileSystem.removeTree(home) }
+            var options = LiveSandboxes.StartOptions(image: "busybox")
+            // The count lives only in the shell's memory; each connection gets the next number.
+            options.command = ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i | nc -l -p 7000; done"]
+            let parent = try await BlockingPool.shared.run { [options] in try sandboxes.start(options) }
+            var everything = [parent]
+            defer { for sandbox in everything { try? sandboxes.stop(sandbox) } }
+            #expect(try await next(sandboxes, parent) == 1)
+            #expect(try await next(sandboxes, parent) == 2)
+            #expect(try await shell(sandboxes, parent, "echo parent > /mark").1 == 0)
+            let image = try await BlockingPool.shared.run { try sandboxes.snapshot(parent, tag: "counter") }
+            #expect(image.parent == parent.image)
+            let state = try #require(try sandboxes.store.state(of: image.uuid))
+            #expect(FileSystem.isDirectory(state.path) && state.bytes > 0)
+
+            let children = try await BlockingPool.shared.run { try sandboxes.fork("counter", count: 3) }
+            everything += children
+            #expect(children.count == 3 && Set(children.map(\.id)).count == 3)
+            for child in children { #expect(sandboxes.isRunning(child)) }
+            // Each child goes on from the snapshot's count, with the snapshot's files.
+            for child in children {
+                #expect(try await next(sandboxes, child) == 3)
+                #expect(try await shell(sandboxes, child, "cat /mark").0 == "parent\n")
+            }
+            // They diverge: what one does, the others and the parent never see.
+            #expect(try await next(sandboxes, children[0]) == 4)
+            #expect(try await next(sandboxes, children[0]) == 5)
+            #expect(try await shell(sandboxes, children[0], "echo zero > /mark").1 == 0)
+            #expect(try await next(sandboxes, children[1]) == 4)
+            #expect(try await shell(sandboxes, children[1], "cat /mark").0 == "parent\n")
+            #expect(try await next(sandboxes, parent) == 3)
+            #expect(try await shell(sandboxes, parent, "cat /mark").0 == "parent\n")
+            // Each child has its own random state and the host's clock, not the snapshot's.
+            var draws = Set<String>()
+            for child in children {
+                let (text, _) = try await shell(sandboxes, child, "head -c 16 /dev/urandom | od -An -tx1; date +%s")
+                let lines = text.split(separator: "\n").map(String.init)
+                draws.insert(lines.first ?? "")
+                let guestTime = Double(lines.last ?? "") ?? 0
+                #expect(abs(guestTime - Date().timeIntervalSince1970) < 30, "\(text)")
+            }
+            #expect(draws.count == 3)
+
+            // The image's files alone start a plain run: the snapshot's changes are there.
+            let engine = SandboxEngine(store: sandboxes.store, backends: [ContainerBackend()])
+            let files = try await engine.run(RunSpec(image: image.uuid, command: ["cat", "/mark"], disposable: true))
+            #expect(String(decoding: files.stdout, as: UTF8.self) == "parent\n")
+
+            for sandbox in everything { try sandboxes.stop(sandbox) }
+            #expect(try sandboxes.list().isEmpty)
+            for sandbox in everything { #expect(!sandboxes.isRunning(sandbox)) }
+            #expect(try FileSystem.list(home + "/live").isEmpty)
+            // The store keeps the state while the image lives, and checks it.
+            let report = try sandboxes.store.checkConsistency()
+            #expect(report.isConsistent, "\(report.problems)")
+            _ = try sandboxes.store.untag("counter")
+            _ = try sandboxes.store.collectGarbage(pruneUntaggedOlderThan: 0)
+            #expect(try sandboxes.store.state(of: image.uuid) == nil)
+            #expect(!FileSystem.isDirectory(state.path))
+        }
+
+        @Test(
+            "bad cases: a snapshot of a sandbox whose VM ended, a live container sandbox, a fork of an image without memory: clear errors, nothing left running"
+        )
+        func badCases() async throws {
+            let (sandboxes, home) = try liveStore()
+            defer { try? FileSystem.removeTree(home) }
+            var options = LiveSandboxes.StartOptions(image: "busybox")
+            options.command = ["sleep", "1000"]
+            let sandbox = try await BlockingPool.shared.run { [options] in try sandboxes.start(options) }
+            defer { try? sandboxes.stop(sandbox) }
+            kill(sandbox.pid, SIGKILL)
+            for _ in 0..<200 where sandboxes.isRunning(sandbox) { usleep(10_000) }
+            #expect(!sandboxes.isRunning(sandbox))
+            let ended = #expect(throws: SandboxError.self) { try sandboxes.snapshot(sandbox, tag: nil) }
+            #expect(ended?.code == .conflict)
+            #expect(ended?.message.contains("not running") == true && ended?.message.contains("sandbox stop") == true)
+            #expect(try sandboxes.store.listImages().allSatisfy { try sandboxes.store.state(of: $0.uuid) == nil })
+            try sandboxes.stop(sandbox)
+            #expect(try sandboxes.list().isEmpty)
+
+            options.isolation = .container
+            let container = #expect(throws: SandboxError.self) { try sandboxes.start(options) }
+            #expect(container?.message.contains("--isolation vm") == true, "\(String(describing: container))")
+            #expect(try sandboxes.list().isEmpty)
+
+            let fileOnly = #expect(throws: SandboxError.self) { try sandboxes.fork("busybox", count: 2) }
+            #expect(fileOnly?.message.contains("holds files only") == true, "\(String(describing: fileOnly))")
+            #expect(try sandboxes.list().isEmpty)
+            #expect(try !FileSystem.exists(home + "/live") || FileSystem.list(home + "/live").isEmpty)
+        }
+    }
+}
