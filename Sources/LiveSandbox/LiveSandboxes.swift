@@ -43,28 +43,6 @@ public struct LiveSandbox: Codable, Sendable {
     }
 }
 
-/// What a memory snapshot's `image_states` row says besides its files: the guest it restores
-/// into, the image under its upper disk, and the sandbox's `exec` defaults.
-struct MemoryStateMetadata: Codable {
-    var guest: String
-    var base: String
-    var memoryMiB: Int
-    var layerSlots: Int
-    /// The main command the snapshot's sandbox was started with (still running, or not).
-    var command: [String]
-    var env: [String]
-    var workdir: String
-    var uid: UInt32
-    var gid: UInt32
-    var hostname: String
-
-    enum CodingKeys: String, CodingKey {
-        case guest, base, command, env, workdir, uid, gid, hostname
-        case memoryMiB = "memory_mib"
-        case layerSlots = "layer_slots"
-    }
-}
-
 /// Live sandboxes over a store: started, entered with more commands, snapshotted with their
 /// memory, forked, listed and stopped, each by a separate process (no daemon: the VM itself is
 /// what keeps running). See docs/memory-snapshots.md.
@@ -72,7 +50,6 @@ public final class LiveSandboxes: Sendable {
     public let store: Store
     let baseImages: BaseImages
     let backend: VMBackend
-    static let stateKind = "vm-memory"
 
     public init(store: Store, baseImages: BaseImages, backend: VMBackend) throws {
         self.store = store
@@ -260,19 +237,22 @@ public final class LiveSandboxes: Sendable {
         var reader = TarReader(fd: changes, name: "the sandbox's changes")
         var extractor = LayerExtractor(root: upper)
         try extractor.extract(&reader, source: "the sandbox's changes")
-        let (digest, bytes) = try store.placeState(state.directory)
-        let metadata = MemoryStateMetadata(
-            guest: backend.guestIdentity(vm), base: base.uuid, memoryMiB: state.memoryMiB,
+        let (digest, bytes) = try Store.placeState(state.directory, root: store.root)
+        let metadata = LiveVM.Snapshot(
+            guest: backend.guestIdentity(vm), baseLayers: base.layers, memoryMiB: state.memoryMiB,
             layerSlots: state.layerSlots, command: sandbox.command, env: sandbox.env, workdir: sandbox.workdir,
-            uid: sandbox.uid,
-            gid: sandbox.gid, hostname: sandbox.hostname)
-        let metadataText = String(decoding: try JSONEncoder().encode(metadata), as: UTF8.self)
+            uid: sandbox.uid, gid: sandbox.gid, hostname: sandbox.hostname)
+        let placed = PlacedState(
+            digest: digest, bytes: bytes, base: base.uuid, kind: LiveVM.Snapshot.kind,
+            metadata: String(decoding: try JSONEncoder().encode(metadata), as: UTF8.self))
+        // The changes are relative to the base: the image's layers are the base's and one
+        // more, its parent the image the sandbox came from.
+        let from = try store.image(sandbox.image) ?? base
         let result = try Snapshotter(store: store).commit(
-            upper, base: base, config: base.config, origin: "sandbox:\(sandbox.id)", lease: lease, newImage: true
+            upper, base: from, layersOf: base, config: from.config, origin: "sandbox:\(sandbox.id)", lease: lease,
+            newImage: true
         ) { tx, image, _ in
-            try store.recordState(
-                tx, image: image.uuid, digest: digest, kind: LiveSandboxes.stateKind, metadata: metadataText,
-                bytes: bytes)
+            try store.recordState(tx, image: image.uuid, state: placed)
             if let tag { try store.tag(tx, tag, image: image.uuid) }
         }
         return result.image
@@ -284,8 +264,8 @@ public final class LiveSandboxes: Sendable {
     public func fork(_ reference: String, count: Int, hostname: String? = nil) throws -> [LiveSandbox] {
         let image = try store.resolveImage(reference)
         let (state, metadata) = try memoryState(of: image, asked: "sandbox fork")
-        guard let base = try store.image(metadata.base) else {
-            throw SandboxError(.corrupt, "the image \(metadata.base) under the snapshot \(image.uuid) is gone")
+        guard let base = try store.image(state.base) else {
+            throw SandboxError(.corrupt, "the image \(state.base) under the snapshot \(image.uuid) is gone")
         }
         let (vm, _) = try backend.machine(storeRoot: store.root, memoryBytes: Int64(metadata.memoryMiB) << 20)
         guard backend.guestIdentity(vm) == metadata.guest else {
@@ -294,7 +274,7 @@ public final class LiveSandboxes: Sendable {
                 "image \(image.uuid)'s memory snapshot was saved by another guest kernel, QEMU or accelerator than this host's; start from its files with `exec --image \(image.uuid)`"
             )
         }
-        let layers = try base.layers.map { try ErofsLayers.image(of: $0, store: store) }
+        let layers = try metadata.baseLayers.map { try ErofsLayers.image(of: $0, store: store) }
         var children: [LiveSandbox] = []
         for _ in 0..<count {
             let id = UUID().uuidString.lowercased()
@@ -327,14 +307,14 @@ public final class LiveSandboxes: Sendable {
 
     /// The memory snapshot `image` holds. - Throws: `invalidArgument` naming `asked` when it
     /// holds files only.
-    private func memoryState(of image: ImageRecord, asked: String) throws -> (ImageState, MemoryStateMetadata) {
-        guard let state = try store.state(of: image.uuid), state.kind == LiveSandboxes.stateKind else {
+    private func memoryState(of image: ImageRecord, asked: String) throws -> (ImageState, LiveVM.Snapshot) {
+        guard let state = try store.state(of: image.uuid), state.kind == LiveVM.Snapshot.kind else {
             throw SandboxError(
                 .invalidArgument,
                 "image \(image.uuid) holds files only, no memory snapshot, so \(asked) cannot resume it; start from its files with `exec --image \(image.uuid)` or `sandbox start --image \(image.uuid)`, or make one with `sandbox snapshot`"
             )
         }
-        let metadata = try JSONDecoder().decode(MemoryStateMetadata.self, from: Data(state.metadata.utf8))
+        let metadata = try JSONDecoder().decode(LiveVM.Snapshot.self, from: Data(state.metadata.utf8))
         return (state, metadata)
     }
 

@@ -24,6 +24,7 @@ enum Frame {
     static let exec = UInt8(AGENT_FRAME_EXEC)
     static let freeze = UInt8(AGENT_FRAME_FREEZE)
     static let thaw = UInt8(AGENT_FRAME_THAW)
+    static let put = UInt8(AGENT_FRAME_PUT)
 }
 
 /// The kinds of the spec's fields (agent_protocol.h).

@@ -14,6 +14,50 @@ import SystemSupport
 /// a loader QEMU then turns the RAM stream into a RAM file that children (`resume`) map copy on
 /// write, so each child costs the memory it writes, not the guest's size.
 public struct LiveVM: Sendable {
+    /// What a memory snapshot's record says besides its files (`image_states.metadata`): the
+    /// guest it restores into, the disks it had, and what commands in it default to.
+    public struct Snapshot: Codable, Sendable {
+        /// `VMBackend.guestIdentity`: kernel, initramfs, QEMU, accelerator, memory size.
+        public var guest: String
+        /// The layers (digests, bottom first) under its upper disk: a child attaches them.
+        public var baseLayers: [String]
+        public var memoryMiB: Int
+        public var layerSlots: Int
+        /// The main command of the sandbox that was saved, if any.
+        public var command: [String]
+        public var env: [String]
+        public var workdir: String
+        public var uid: UInt32
+        public var gid: UInt32
+        public var hostname: String
+
+        public init(
+            guest: String, baseLayers: [String], memoryMiB: Int, layerSlots: Int, command: [String], env: [String],
+            workdir: String, uid: UInt32, gid: UInt32, hostname: String
+        ) {
+            self.guest = guest
+            self.baseLayers = baseLayers
+            self.memoryMiB = memoryMiB
+            self.layerSlots = layerSlots
+            self.command = command
+            self.env = env
+            self.workdir = workdir
+            self.uid = uid
+            self.gid = gid
+            self.hostname = hostname
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case guest, command, env, workdir, uid, gid, hostname
+            case baseLayers = "base_layers"
+            case memoryMiB = "memory_mib"
+            case layerSlots = "layer_slots"
+        }
+
+        /// The state kind in the store's `image_states`.
+        public static let kind = "vm-memory"
+    }
+
     public let directory: String
     public let pid: pid_t
 
@@ -177,6 +221,14 @@ public struct LiveVM: Sendable {
         unlink(staging + "/stream")
         Trace.mark("live: RAM file made")
         return MemoryState(directory: staging, memoryMiB: vm.memoryMiB, layerSlots: layerSlots)
+    }
+
+    /// Takes the sandbox's changes alone (its files: every process frozen meanwhile, then thawed).
+    public func changes(onChanges: ([UInt8]) throws -> Void) throws {
+        let session = try LiveSession(directory: directory)
+        defer { session.close() }
+        defer { if session.frozen { try? session.thaw(hostname: nil) } }
+        try session.freeze(onChanges: onChanges)
     }
 
     /// Whether this QEMU still runs: its pid alive, not a zombie, and started at `startTicks`
@@ -362,6 +414,12 @@ public final class LiveSession: @unchecked Sendable {
         }
         outcome.metrics.wallSeconds = Monotonic.now - started
         return outcome
+    }
+
+    /// Puts a file (`bytes`) or a directory (nil) at `path` in the sandbox's root.
+    public func put(_ path: String, mode: UInt32, uid: UInt32, gid: UInt32, bytes: [UInt8]?) throws {
+        let header = "\(path)\0\(String(mode & 0o7777, radix: 8))\0\(uid):\(gid)\0\(bytes == nil ? "d" : "f")\0"
+        try channel.send(Frame.put, Array(header.utf8) + (bytes ?? []))
     }
 
     /// Asks the agent to signal the running command.

@@ -187,6 +187,15 @@ public final class VMBackend: IsolationBackend {
             state.finished()
             request.control?.detach()
         }
+        if let memory = request.memory {
+            do {
+                return try runWithMemory(request, memory: memory, state: state)
+            } catch  where state.cancelled {
+                var result = CommandOutcome()  // killed on purpose: a cancelled run, not a failure
+                result.termination.cancelled = true
+                return result
+            }
+        }
         if request.sharedNetwork != nil {
             throw SandboxError(
                 .unsupported,
@@ -208,14 +217,7 @@ public final class VMBackend: IsolationBackend {
         // to copy in.
         let disk = staging + "/upper.ext4"
         try makeUpperDisk(disk, from: upper, staging: staging + "/disk") { tree in
-            for (fd, mapping) in request.files {
-                let target = tree + mapping.sandboxPath
-                try FileSystem.makeDirectories(String(target[..<target.lastIndex(of: "/")!]))
-                let bytes = try FileSystem.readAll(fd: fd, path: mapping.hostPath)
-                try FileSystem.writeFile(target, bytes, mode: mode_t(mapping.mode ?? 0o644))
-                if let mode = mapping.mode { chmod(target, mode_t(mode)) }
-                chown(target, mapping.uid, mapping.gid)
-            }
+            try VMBackend.copyFiles(request.files, into: tree)
         }
 
         Trace.mark("vm: upper disk made")

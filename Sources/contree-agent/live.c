@@ -249,6 +249,38 @@ static void thaw(char *spec, uint32_t size) {
     send_or_lose(AGENT_FRAME_THAW, NULL, 0);
 }
 
+// A file or directory the host puts into the root, parents made as needed (owned by root).
+static void put(char *data, uint32_t size) {
+    char *fields[4];
+    char *p = data, *end = data + size;
+    for (int i = 0; i < 4; i++) {
+        char *nul = memchr(p, 0, (size_t)(end - p));
+        if (nul == NULL) return;
+        fields[i] = p;
+        p = nul + 1;
+    }
+    unsigned mode = (unsigned)strtoul(fields[1], NULL, 8) & 07777, uid = 0, gid = 0;
+    sscanf(fields[2], "%u:%u", &uid, &gid);
+    char path[4200];
+    if (fields[0][0] != '/' || strstr(fields[0], "/../") != NULL) return;
+    snprintf(path, sizeof path, "/root%s", fields[0]);
+    for (char *slash = path + 6; (slash = strchr(slash, '/')) != NULL; slash++) {
+        *slash = 0;
+        mkdir(path, 0755);
+        *slash = '/';
+    }
+    if (fields[3][0] == 'd') {
+        mkdir(path, mode);
+    } else {
+        int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode);
+        if (fd < 0) return;
+        if (write_all(fd, p, (size_t)(end - p)) != 0) fprintf(stderr, "contree-agent: put %s: short write\n", path);
+        close(fd);
+    }
+    chmod(path, mode);
+    lchown(path, uid, gid);
+}
+
 static void handle(int type, char *data, uint32_t size) {
     switch (type) {
     case AGENT_FRAME_HELLO: hello(); break;
@@ -258,6 +290,7 @@ static void handle(int type, char *data, uint32_t size) {
         break;
     case AGENT_FRAME_FREEZE: freeze(); break;
     case AGENT_FRAME_THAW: thaw(data, size); break;
+    case AGENT_FRAME_PUT: put(data, size); break;
     case AGENT_FRAME_STDIN:
         if (current.pid == 0 || current.in < 0 || current.stdin_closing) break;
         if (size == 0) {

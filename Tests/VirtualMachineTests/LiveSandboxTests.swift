@@ -3,6 +3,7 @@ import Foundation
 import Glibc
 import ImageStore
 import LiveSandbox
+import Pipeline
 import Sandbox
 import Synchronization
 import SystemSupport
@@ -22,7 +23,9 @@ private func liveStore() throws -> (LiveSandboxes, String) {
 }
 
 /// Runs `command` (a shell line) in the live sandbox; its stdout, and its exit status.
-private func shell(_ sandboxes: LiveSandboxes, _ sandbox: LiveSandbox, _ command: String) async throws -> (
+private func shell(
+    _ sandboxes: LiveSandboxes, _ sandbox: LiveSandbox, _ command: String
+) async throws -> (
     String, Int32?
 ) {
     let output = Mutex<[UInt8]>([])
@@ -115,6 +118,80 @@ extension VMTests {
             _ = try sandboxes.store.collectGarbage(pruneUntaggedOlderThan: 0)
             #expect(try sandboxes.store.state(of: image.uuid) == nil)
             #expect(!FileSystem.isDirectory(state.path))
+        }
+
+        @Test(
+            "a pipeline step with persist: memory leaves a server running in its snapshot; a VM step from it talks to the resumed server, a container step starts from its files; a rerun is all cache hits"
+        )
+        func persistMemoryPipeline() async throws {
+            let (sandboxes, home) = try liveStore()
+            defer { try? FileSystem.removeTree(home) }
+            let yaml = """
+                name: warm
+                image: busybox
+                steps:
+                  - id: server
+                    isolation: vm
+                    persist: memory
+                    run: |
+                      (i=0; while true; do i=$((i+1)); echo $i | nc -l -p 7000; done) >/dev/null 2>&1 &
+                      for t in $(seq 50); do nc 127.0.0.1 7000 </dev/null && break; sleep 0.1; done
+                      echo warmed > /warm
+                  - id: client
+                    from: server
+                    isolation: vm
+                    run: |
+                      n=$(nc 127.0.0.1 7000 </dev/null)
+                      echo "count=$n" >> $CONTREE_OUTPUT
+                      cat /warm
+                      test "$n" = 2
+                  - id: files
+                    from: server
+                    run: |
+                      cat /warm
+                      if nc 127.0.0.1 7000 </dev/null; then echo "a server in a container step"; exit 1; fi
+                """
+            try FileSystem.writeFile(home + "/warm.yaml", Array(yaml.utf8))
+            let engine = SandboxEngine(store: sandboxes.store, backends: [ContainerBackend(), VMBackend()])
+            let plan = PipelinePlan(try PipelineParser.parse(file: home + "/warm.yaml"))
+            let report = try await PipelineRunner(
+                plan: plan, engine: engine, options: RunOptions(outDir: home + "/run")
+            )
+            .run()
+            #expect(report.status == .passed, "\(report.nodes.map { "\($0.node): \($0.reason ?? "")" })")
+            #expect(report.nodes.first { $0.node == "client" }?.outputs == ["count": "2"])
+            let server = try #require(report.nodes.first { $0.node == "server" }?.resultImage)
+            #expect(try sandboxes.store.state(of: server) != nil)
+            let rerun = try await PipelineRunner(
+                plan: plan, engine: engine, options: RunOptions(outDir: home + "/run2")
+            ).run()
+            #expect(rerun.status == .passed)
+            #expect(rerun.nodes.allSatisfy { $0.cached }, "\(rerun.nodes.map { "\($0.node): \($0.cached)" })")
+            #expect(try sandboxes.store.checkConsistency().isConsistent)
+            // Nothing of the steps' VMs is left running.
+            let qemus = try FileSystem.list("/proc").filter { Int($0) != nil }.filter { pid in
+                let line = (try? FileSystem.readFile("/proc/\(pid)/cmdline")) ?? []
+                return String(decoding: line, as: UTF8.self).contains(home)
+            }
+            #expect(qemus.isEmpty)
+        }
+
+        @Test(
+            "persist: memory without isolation: vm is refused with the file, line and column"
+        )
+        func persistNeedsVM() async throws {
+            let (sandboxes, home) = try liveStore()
+            defer { try? FileSystem.removeTree(home) }
+            let yaml = "name: bad\nimage: busybox\nsteps:\n  - id: server\n    persist: memory\n    run: sleep 1 &\n"
+            try FileSystem.writeFile(home + "/bad.yaml", Array(yaml.utf8))
+            let engine = SandboxEngine(store: sandboxes.store, backends: [ContainerBackend(), VMBackend()])
+            let plan = PipelinePlan(try PipelineParser.parse(file: home + "/bad.yaml"))
+            let error = await #expect(throws: PipelineValidationError.self) {
+                _ = try await PipelineRunner(plan: plan, engine: engine, options: RunOptions(outDir: home + "/run"))
+                    .run()
+            }
+            #expect("\(error.map { "\($0)" } ?? "")".contains("bad.yaml:5:14"), "\(String(describing: error))")
+            #expect("\(error.map { "\($0)" } ?? "")".contains("isolation: vm"))
         }
 
         @Test(

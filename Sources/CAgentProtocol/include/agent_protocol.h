@@ -32,6 +32,9 @@ enum {
     AGENT_FRAME_EXEC = 'Q',     // spec fields (workdir, user, env, arguments): one more command
     AGENT_FRAME_FREEZE = 'F',   // empty: freeze every process, send the changes, answer 'F'
     AGENT_FRAME_THAW = 'W',     // spec fields (time, entropy, hostname): set them, thaw, answer 'W'
+    // A file or directory put into the root before a command (a resumed step's inputs):
+    // "PATH\0MODE(octal)\0UID:GID\0KIND\0" (KIND 'd' or 'f') then a file's bytes. No answer.
+    AGENT_FRAME_PUT = 'P',
 
     // Spec fields: each a kind byte then its text, NUL-terminated.
     AGENT_SPEC_LAYER = 'D',     // a read-only layer disk by its serial, bottom first

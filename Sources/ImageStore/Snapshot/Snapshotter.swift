@@ -35,25 +35,29 @@ public struct Snapshotter: Sendable {
     ///   - base: the image the changes apply to; nil for a root image.
     ///   - budget: what the archive may cost (a run's limit, its remaining time).
     ///   - record: extra rows written in the same transaction as the image (a run record).
+    ///   - layersOf: the image whose layers the changes lie over, when not `base` (a run resumed
+    ///     from a memory snapshot changes files relative to the snapshot's base); `base` stays
+    ///     the new image's parent.
     ///   - newImage: make a new image even when nothing changed (one that carries more than its
     ///     files: a memory snapshot).
     /// - Returns: the base image unchanged when `directory` is empty and `base` is given (unless
     ///   `newImage`).
     /// - Throws: `limitExceeded` or `cancelled` from the budget, before anything is placed.
     public func commit(
-        _ directory: String, base: ImageRecord?, config: ImageConfig, origin: String, lease: Lease,
+        _ directory: String, base: ImageRecord?, layersOf: ImageRecord? = nil, config: ImageConfig, origin: String,
+        lease: Lease,
         budget: ArchiveBudget = ArchiveBudget(), newImage: Bool = false,
         record: (Database.Transaction, ImageRecord, LayerSummary?) throws -> Void = { _, _, _ in }
     ) throws -> CommitResult {
         if let base, try FileSystem.list(directory).isEmpty {
-            if config == base.config && !newImage {
+            if config == base.config && !newImage && layersOf == nil {
                 try store.database.transaction { tx in try record(tx, base, nil) }
                 return CommitResult(image: base, layer: nil, flattened: false)
             }
             // Only the config changed: a new image over the same layers.
             let image = ImageRecord(
-                uuid: UUID().uuidString.lowercased(), parent: base.uuid, layers: base.layers, config: config,
-                size: base.size, created: Date(), origin: origin, tags: [])
+                uuid: UUID().uuidString.lowercased(), parent: base.uuid, layers: (layersOf ?? base).layers,
+                config: config, size: (layersOf ?? base).size, created: Date(), origin: origin, tags: [])
             return try store.database.transaction { tx in
                 try store.insertImage(tx, image)
                 try record(tx, image, nil)
@@ -64,7 +68,7 @@ public struct Snapshotter: Sendable {
         try FileSystem.syncFileSystem(directory)
         return try store.withStoreLock(exclusive: false) {
             try place(directory, digest: summary.digest)
-            var layers = (base?.layers ?? []) + [summary.digest]
+            var layers = ((layersOf ?? base)?.layers ?? []) + [summary.digest]
             var newLayers = [summary]
             var flattened = false
             if layers.count > store.flattenThreshold {

@@ -7,6 +7,23 @@ import SystemSupport
     import Foundation
 #endif
 
+/// A state placed in the store and described, ready to be recorded with the image that holds it.
+public struct PlacedState: Sendable {
+    public var digest: String
+    public var bytes: Int64
+    public var base: String
+    public var kind: String
+    public var metadata: String
+
+    public init(digest: String, bytes: Int64, base: String, kind: String, metadata: String) {
+        self.digest = digest
+        self.bytes = bytes
+        self.base = base
+        self.kind = kind
+        self.metadata = metadata
+    }
+}
+
 /// State an image carries beside its files: a VM's memory snapshot (its RAM, its devices, its
 /// upper disk). The files live in `states/<hex>/`, named by a digest of their content; the
 /// `image_states` row says which image holds which state, of what kind, with what the module that
@@ -15,6 +32,9 @@ import SystemSupport
 public struct ImageState: Sendable {
     public var image: String
     public var digest: String
+    /// The image whose layers the state's files (its upper disk) lie over: a run resumed from
+    /// the state changes files relative to it.
+    public var base: String
     public var kind: String
     public var metadata: String
     public var bytes: Int64
@@ -81,18 +101,20 @@ extension Store {
         return list.finalize()
     }
 
-    /// Moves the directory `staging` (files only) into the store as a state; one with the same
-    /// content already there is kept and `staging` removed. - Returns: its digest and size.
-    public func placeState(_ staging: String) throws -> (digest: String, bytes: Int64) {
+    /// Moves the directory `staging` (files only) into the store at `root` as a state; one with
+    /// the same content already there is kept and `staging` removed. Under the store's shared
+    /// lock, so that gc cannot interleave; recorded by `recordState` (until then, gc may take it).
+    /// - Returns: its digest and size.
+    public static func placeState(_ staging: String, root: String) throws -> (digest: String, bytes: Int64) {
         let digest = try Store.stateDigest(of: staging)
         var bytes: Int64 = 0
         for name in try FileSystem.list(staging) {
             bytes += Int64((try FileSystem.status(staging + "/" + name))?.st_blocks ?? 0) * 512
         }
         for name in try FileSystem.list(staging) { try FileSystem.sync(staging + "/" + name) }
-        try FileSystem.makeDirectories(statesPath)
-        let target = statesPath + "/" + digest.hex
-        try withStoreLock(exclusive: false) {
+        try FileSystem.makeDirectories(root + "/states")
+        let target = root + "/states/" + digest.hex
+        try FileSystem.withLock(root + "/" + Store.lockName, exclusive: false) {
             if FileSystem.isDirectory(target) {
                 try FileSystem.removeTree(staging)
             } else {
@@ -105,22 +127,26 @@ extension Store {
     /// Records that `image` holds the state `digest` (placed with `placeState`), in the
     /// transaction that records the image.
     public func recordState(
-        _ tx: Database.Transaction, image: String, digest: String, kind: String, metadata: String, bytes: Int64
+        _ tx: Database.Transaction, image: String, state: PlacedState
     ) throws {
         try tx.query(
-            "INSERT INTO image_states(image, digest, kind, metadata, bytes, created) VALUES(?, ?, ?, ?, ?, ?)",
-            [.text(image), .text(digest), .text(kind), .text(metadata), .integer(bytes), .real(Store.now)])
+            "INSERT INTO image_states(image, digest, base, kind, metadata, bytes, created) VALUES(?, ?, ?, ?, ?, ?, ?)",
+            [
+                .text(image), .text(state.digest), .text(state.base), .text(state.kind), .text(state.metadata),
+                .integer(state.bytes), .real(Store.now),
+            ])
     }
 
     /// The state `image` holds, if any.
     public func state(of image: String) throws -> ImageState? {
         guard
             let row = try database.query(
-                "SELECT digest, kind, metadata, bytes FROM image_states WHERE image = ?", [.text(image)]
+                "SELECT digest, base, kind, metadata, bytes FROM image_states WHERE image = ?", [.text(image)]
             ).first, let digest = row["digest"].string
         else { return nil }
         return ImageState(
-            image: image, digest: digest, kind: row["kind"].string ?? "", metadata: row["metadata"].string ?? "{}",
+            image: image, digest: digest, base: row["base"].string ?? "", kind: row["kind"].string ?? "",
+            metadata: row["metadata"].string ?? "{}",
             bytes: row["bytes"].int ?? 0, path: statesPath + "/" + Store.hex(digest))
     }
 

@@ -27,7 +27,8 @@ public final class Store: Sendable {
     public var layersPath: String { root + "/layers" }
     public var tmpPath: String { root + "/tmp" }
     public var leasesPath: String { root + "/leases" }
-    var lockPath: String { root + "/store.lock" }
+    var lockPath: String { root + "/" + Store.lockName }
+    static let lockName = "store.lock"
 
     /// Images whose chain grows past this many layers are flattened into one.
     public let flattenThreshold: Int
@@ -107,7 +108,7 @@ public final class Store: Sendable {
             CREATE INDEX IF NOT EXISTS pins_image ON pins(image);
             CREATE TABLE IF NOT EXISTS image_states(
                 image TEXT PRIMARY KEY REFERENCES images(uuid) ON DELETE CASCADE, digest TEXT NOT NULL,
-                kind TEXT NOT NULL, metadata TEXT NOT NULL, bytes INTEGER NOT NULL, created REAL NOT NULL);
+                base TEXT NOT NULL, kind TEXT NOT NULL, metadata TEXT NOT NULL, bytes INTEGER NOT NULL, created REAL NOT NULL);
             CREATE INDEX IF NOT EXISTS image_states_digest ON image_states(digest);
             """)
         try database.transaction { tx in

@@ -101,7 +101,8 @@ extension PipelineRunner {
                     staged,
                     try StepPreparer(plan: plan).prepare(
                         node, parent: parent, results: results, secrets: context.secrets,
-                        secretKey: context.secretKey, copies: staged?.keyComponent, services: serviceKey)
+                        secretKey: context.secretKey, copies: staged?.keyComponent, services: serviceKey,
+                        parentState: try store.state(of: parent.uuid)?.digest)
                 )
             } catch {
                 staged?.lease.release()
@@ -184,6 +185,7 @@ extension PipelineRunner {
                 }
             }, services: services)
         request.retry = node.settings.retries ?? RetryPolicy(max: 0)
+        request.persistMemory = node.settings.persist == .memory
         if let hit, verifying {
             try await verify(node, request, cached: hit, workdir: workdir, log: log, into: &result)
             return

@@ -55,6 +55,17 @@ public struct Preflight: Sendable {
                         "step \(step.id.value) asks for network egress, which needs pasta, and it is not installed: install Debian's passt package (apt-get install passt; scripts/setup does)",
                         at: settings.networkLocation ?? step.location))
             }
+            if settings.persist == .memory
+                && (isolation != .vm || !step.services.isEmpty || !step.caches.isEmpty || egress)
+            {
+                problems.append(
+                    PipelineError(
+                        .invalid,
+                        isolation != .vm
+                            ? "step \(step.id.value) has persist: memory, which needs isolation: vm (this host's CRIU cannot checkpoint a container); add isolation: vm to it"
+                            : "step \(step.id.value) has persist: memory with services, caches or egress, which a memory snapshot cannot hold yet; drop them from it",
+                        at: settings.persistLocation ?? step.location))
+            }
             if isolation == .vm && !step.services.isEmpty {
                 problems.append(
                     PipelineError(

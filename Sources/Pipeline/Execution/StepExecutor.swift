@@ -37,6 +37,8 @@ public struct StepRequest: Sendable {
     public var caches: [Cache] = []
     /// Services started before the step, in its network namespace, and stopped after it.
     var services: [ServiceRequest] = []
+    /// `persist: memory`: the processes the command leaves running are kept in its snapshot.
+    public var persistMemory = false
 
     /// Whether services start with the step (they run where the step runs).
     public var hasServices: Bool { !services.isEmpty }
@@ -169,6 +171,9 @@ public struct EngineStepExecutor: StepExecutor {
                 outputPath: request.outputPath)
             spec.mounts = mounts
             spec.sharedNetwork = network
+            spec.persistMemory = request.persistMemory
+            // A VM step goes on from the processes its parent kept (`persist: memory`).
+            spec.resume = request.isolation == .vm ? .ifHeld : .never
             let run: RunResult
             do {
                 run = try await engine.run(spec)

@@ -157,7 +157,8 @@ public struct KeyExplainer {
                     node, results: known, base: base, store: engine.store, resolve: resolve)
                 let prepared = try preparer.prepare(
                     node, parent: parent, results: known, secrets: secrets, secretKey: secretKey,
-                    copies: staged?.keyComponent, services: PipelineRunner.serviceKey(node, images: serviceImages))
+                    copies: staged?.keyComponent, services: PipelineRunner.serviceKey(node, images: serviceImages),
+                    parentState: try engine.store.state(of: parent.uuid)?.digest)
                 explanation.components = prepared.components
                 explanation.key = prepared.components.key
                 explanation.hit = try cache.lookup(prepared.components.key)

@@ -41,11 +41,16 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
     public var copies: [String]? = nil
     /// The services the step runs beside: `NAME image-digest command env...`. Absent without.
     public var services: [String]? = nil
+    /// `memory` for a step that keeps its processes (`persist: memory`). Absent otherwise.
+    public var persist: String? = nil
+    /// The digest of the memory snapshot the step resumes (its parent's, for a VM step).
+    /// Absent when it starts from files.
+    public var resumes: String? = nil
 
     enum CodingKeys: String, CodingKey {
         case format
         case parentImage = "parent_image"
-        case command, env, workdir, user, inputs, secrets, isolation, network, copies, services
+        case command, env, workdir, user, inputs, secrets, isolation, network, copies, services, persist, resumes
     }
 
     public var key: String { Digest.ofCanonicalJSON(self).description }
@@ -78,6 +83,12 @@ public struct StepKeyComponents: Codable, Sendable, Equatable {
         listDiff("secret", secrets, other.secrets) { String($0.prefix { $0 != "=" }) }
         if isolation != other.isolation { result.append("isolation: \(other.isolation) -> \(isolation)") }
         if network != other.network { result.append("network: \(other.network) -> \(network)") }
+        if persist != other.persist { result.append("persist: \(other.persist ?? "files") -> \(persist ?? "files")") }
+        if resumes != other.resumes {
+            result.append(
+                "resumed memory snapshot: \(other.resumes.map { String($0.prefix(19)) + "…" } ?? "none") -> \(resumes.map { String($0.prefix(19)) + "…" } ?? "none") (the parent's processes changed)"
+            )
+        }
         listDiff("service", services ?? [], other.services ?? []) { String($0.prefix { $0 != " " }) }
         if copies != other.copies {
             let changed = (copies ?? []).last != (other.copies ?? []).last

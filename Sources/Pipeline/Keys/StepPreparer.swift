@@ -32,7 +32,7 @@ struct StepPreparer {
 
     func prepare(
         _ node: PlanNode, parent: ImageRecord, results: ResultTable, secrets: [String: String],
-        secretKey: [UInt8], copies: [String]? = nil, services: [String]? = nil
+        secretKey: [UInt8], copies: [String]? = nil, services: [String]? = nil, parentState: String? = nil
     ) throws -> PreparedStep {
         let definition = plan.definition
         var env = environment(node, results: results)
@@ -62,7 +62,9 @@ struct StepPreparer {
             secrets: node.secrets.sorted().map { name in
                 "\(name)=" + (secrets[name].map { StepKeyComponents.fingerprint($0, key: secretKey) } ?? "unavailable")
             },
-            isolation: isolation.rawValue, network: network.rawValue, copies: copies, services: services)
+            isolation: isolation.rawValue, network: network.rawValue, copies: copies, services: services,
+            persist: node.settings.persist == .memory ? "memory" : nil,
+            resumes: isolation == .vm && copies == nil ? parentState : nil)
         return PreparedStep(
             components: components, command: command, env: env, secretEnv: secretEnv, workdir: workdir, inputs: inputs,
             isolation: isolation)

@@ -199,8 +199,19 @@ public struct StepSettings: Sendable {
     /// Where `network` was written (for errors about it).
     public var networkLocation: SourceLocation?
     public var isolation: IsolationKind?
+    /// `persist: memory`: the processes the step leaves running are kept in its snapshot, and
+    /// VM steps from it resume them. A step's own key (never in `defaults`).
+    public var persist: PersistMode?
+    public var persistLocation: SourceLocation?
 
     public init() {}
+
+    public enum PersistMode: String, Sendable, CaseIterable {
+        /// The default: the step's files; what it left running ends with it.
+        case files
+        /// Its files, memory and running processes (isolation vm).
+        case memory
+    }
 
     /// These settings where set, `fallback`'s otherwise.
     func over(_ fallback: StepSettings) -> StepSettings {
@@ -215,6 +226,10 @@ public struct StepSettings: Sendable {
             merged.networkLocation = networkLocation
         }
         if let isolation { merged.isolation = isolation }
+        if let persist {
+            merged.persist = persist
+            merged.persistLocation = persistLocation
+        }
         return merged
     }
 }

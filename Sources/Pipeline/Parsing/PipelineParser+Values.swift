@@ -312,6 +312,9 @@ extension PipelineParser {
             settings.network = network(value)
             settings.networkLocation = at(value)
         case "isolation": settings.isolation = enumeration(value, what: "isolation", as: IsolationKind.self)
+        case "persist":
+            settings.persist = enumeration(value, what: "persist", as: StepSettings.PersistMode.self)
+            settings.persistLocation = at(value)
         default: return false
         }
         return true

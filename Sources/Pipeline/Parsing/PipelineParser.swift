@@ -24,7 +24,7 @@ public struct PipelineParser {
     static let stepKeys = [
         "id", "run", "shell", "env", "workdir", "from", "needs", "inputs", "artifacts", "matrix", "fork", "select",
         "timeout", "retries", "if", "continue-on-error", "cache", "limits", "network", "isolation", "secrets",
-        "caches", "image", "copy", "services", "extends", "reports", "flaky-check", "allow-flaky",
+        "caches", "image", "copy", "services", "extends", "reports", "flaky-check", "allow-flaky", "persist",
     ]
     static let reportsKeys = ["junit"]
     /// The most runs `flaky-check` starts at once (each a sandbox).

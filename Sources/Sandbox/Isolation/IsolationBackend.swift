@@ -1,3 +1,4 @@
+import ImageStore
 import SystemSupport
 
 /// Everything a backend needs to run one command over an overlay of layers. The engine has
@@ -34,6 +35,19 @@ public struct LaunchRequest: Sendable {
     public var stderr: OutputSink
     public var terminal: TerminalSession?
     public var control: RunControl?
+    /// Memory snapshots (the VM backend only): resume the run from one, keep one of it, or both.
+    public var memory: MemoryRun?
+}
+
+/// A run that starts from, or ends in, a memory snapshot: its processes go on where a snapshot
+/// left them, and those it leaves running are saved with its files.
+public struct MemoryRun: Sendable {
+    /// Keep the command's processes (what it left running) with its changes: the outcome
+    /// carries the state, placed in the store, for the engine to record with the image.
+    public var persist: Bool
+    /// The snapshot the run resumes (its processes running before the command starts); the
+    /// run's `lowers` are then the snapshot's base's, and its change is relative to them.
+    public var resume: ImageState?
 }
 
 extension LaunchRequest {

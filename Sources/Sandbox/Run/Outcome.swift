@@ -1,3 +1,5 @@
+import ImageStore
+
 /// How a command in a sandbox ended, whichever backend ran it and whether it was the
 /// sandbox's own command or one started in it later (`RunControl.exec`).
 public struct Termination: Sendable, Equatable {
@@ -42,6 +44,8 @@ public struct CommandOutcome: Sendable {
     public var stderrDropped = 0
     /// For the VM backend: `kvm` or `tcg`.
     public var acceleration: String?
+    /// The memory snapshot of a run asked to persist its memory, placed in the store.
+    public var memoryState: PlacedState?
 
     public init() {}
 }

@@ -240,6 +240,20 @@ public struct RunSpec: Sendable {
     public var control: RunControl?
     /// The uid and gid the command runs as; nil uses the image's user.
     public var user: (uid: UInt32, gid: UInt32)?
+    /// Keep the processes the command leaves running with its image: a memory snapshot
+    /// (isolation vm; `persist: memory` in a pipeline).
+    public var persistMemory = false
+    /// Whether the run resumes the memory snapshot its image holds (its processes running).
+    public var resume = ResumeMode.never
+
+    public enum ResumeMode: Sendable {
+        case never
+        /// When the image holds a memory snapshot and the run is a VM's (a pipeline step `from`
+        /// a `persist: memory` step); otherwise from its files.
+        case ifHeld
+        /// Refused when the image holds none (`exec --resume`).
+        case required
+    }
 
     public init(
         image: String = "busybox", command: [String], env: [String: String] = [:], cwd: String? = nil,

@@ -125,6 +125,7 @@ public final class SandboxEngine: Sendable {
         Trace.mark("validated")
         let image = try baseImages.resolve(spec.image, cancellation: cancellation)
         Trace.mark("image resolved")
+        let memory = try memoryRun(spec, image: image)
         let lease = try store.acquireLease(layers: image.layers, image: image.uuid)
         var leaseHandedOver = false
         defer { if !leaseHandedOver { lease.release() } }
@@ -166,10 +167,33 @@ public final class SandboxEngine: Sendable {
             hostname: spec.hostname, network: network, sharedNetwork: spec.sharedNetwork, mounts: mounts,
             limits: spec.limits, timeout: spec.timeout,
             files: opened, stdin: spec.stdin, stdout: spec.stdout, stderr: spec.stderr, terminal: spec.terminal,
-            control: spec.control)
+            control: spec.control, memory: memory)
         handedOver = true
         leaseHandedOver = true
         return Prepared(image: image, lease: lease, request: request, addedMountPoints: addedMountPoints)
+    }
+
+    /// What a run does with memory snapshots: resume `image`'s, keep one, or neither (nil).
+    private func memoryRun(_ spec: RunSpec, image: ImageRecord) throws -> MemoryRun? {
+        var resume: ImageState?
+        if spec.resume != .never { resume = try store.state(of: image.uuid) }
+        if spec.resume == .required && resume == nil {
+            throw SandboxError(
+                .invalidArgument,
+                "image \(image.uuid) holds files only, no memory snapshot, so it cannot be resumed; run it without --resume, or make one with `contree-pipeline sandbox snapshot`"
+            )
+        }
+        if spec.isolation != .vm {
+            if spec.persistMemory || spec.resume == .required {
+                throw SandboxError(
+                    .unsupported,
+                    "memory snapshots need isolation vm (--isolation vm, or isolation: vm in a pipeline): this host's CRIU cannot checkpoint a container"
+                )
+            }
+            resume = nil  // a container starts from the snapshot's files
+        }
+        guard spec.persistMemory || resume != nil else { return nil }
+        return MemoryRun(persist: spec.persistMemory, resume: resume)
     }
 
     /// Commits the changes (unless disposable or killed) and records the run.
@@ -216,11 +240,26 @@ public final class SandboxEngine: Sendable {
             }
             let commitStarted = Monotonic.now
             var committed = record
+            // A run resumed from a memory snapshot changed files relative to the snapshot's base.
+            var layersOf: ImageRecord?
+            if let resumed = prepared.request.memory?.resume {
+                guard let base = try store.image(resumed.base) else {
+                    throw SandboxError(
+                        .corrupt, "the image \(resumed.base) under image \(image.uuid)'s memory snapshot is gone")
+                }
+                layersOf = base
+            }
             do {
                 _ = try Snapshotter(store: store).commit(
-                    upper, base: image, config: spec.resultConfig ?? image.config, origin: "run:\(lease.id)",
-                    lease: lease, budget: .commit(maxBytes: spec.limits.layerBytes, cancellation: cancellation)
+                    upper, base: image, layersOf: layersOf, config: spec.resultConfig ?? image.config,
+                    origin: "run:\(lease.id)", lease: lease,
+                    budget: .commit(maxBytes: spec.limits.layerBytes, cancellation: cancellation),
+                    newImage: outcome.memoryState != nil
                 ) { tx, result, layer in
+                    if var state = outcome.memoryState {
+                        state.base = (layersOf ?? image).uuid  // what the state's upper disk lies over
+                        try self.store.recordState(tx, image: result.uuid, state: state)
+                    }
                     if let tag = spec.tag { try self.store.tag(tx, tag, image: result.uuid) }
                     committed.resultImage = result.uuid
                     committed.metrics.commitSeconds = Monotonic.now - commitStarted

@@ -1,0 +1,192 @@
+import Foundation
+import Glibc
+import ImageFormats
+import ImageStore
+import Sandbox
+import SystemSupport
+
+extension VMBackend {
+    /// A run that resumes a memory snapshot or keeps one (`persist: memory`): the guest runs as a
+    /// live VM (`LiveVM`) in the run's directory, the command is started in it through a session,
+    /// and then either the whole guest is snapshotted (its processes kept, the state placed in the
+    /// store for the engine to record) or its changes alone are taken; the VM is stopped either
+    /// way. The change lands in the engine's upper as any VM run's does.
+    func runWithMemory(_ request: LaunchRequest, memory: MemoryRun, state: RunState) throws -> CommandOutcome {
+        let root = request.storeRoot
+        guard request.mounts.isEmpty, request.sharedNetwork == nil, !request.network.isEgress else {
+            throw SandboxError(
+                .unsupported,
+                "a run that keeps or resumes its memory has no caches, services or egress yet; drop them for this step"
+            )
+        }
+        let (vm, template) = try machine(storeRoot: root, memoryBytes: request.limits.memoryBytes)
+        let upper = root + "/" + request.upper
+        let work = upper + "-vm"
+        try? FileSystem.removeTree(work)
+        try FileSystem.makeDirectories(work)
+        defer { try? FileSystem.removeTree(work) }
+        let live: LiveVM
+        let layers: [String]
+        let baseLayers: [String]
+        let layerSlots: Int
+        let upperDisk: String
+        if let resume = memory.resume {
+            let snapshot = try JSONDecoder().decode(LiveVM.Snapshot.self, from: Data(resume.metadata.utf8))
+            guard snapshot.guest == guestIdentity(vm) else {
+                throw SandboxError(
+                    .unsupported,
+                    "image \(resume.image)'s memory snapshot was saved by another guest kernel, QEMU, accelerator or memory size than this run's; give the run the snapshot's memory (\(snapshot.memoryMiB) MiB), or start from its files"
+                )
+            }
+            baseLayers = snapshot.baseLayers
+            layers = try baseLayers.map {
+                try ErofsLayers.image(ofDirectory: root + "/layers/" + Store.hex($0), storeRoot: root)
+            }
+            layerSlots = snapshot.layerSlots
+            upperDisk = work + "/upper.qcow2"
+            live = try LiveVM.resume(
+                vm,
+                state: LiveVM.MemoryState(
+                    directory: resume.path, memoryMiB: snapshot.memoryMiB, layerSlots: snapshot.layerSlots),
+                layers: layers, hostname: request.hostname, directory: work)
+        } else {
+            baseLayers = request.lowers.reversed().map { "sha256:" + ($0.split(separator: "/").last ?? "") }
+            layers = try request.lowers.reversed().map {
+                try ErofsLayers.image(ofDirectory: root + "/" + $0, storeRoot: root)
+            }
+            guard layers.count <= template.layerSlots else {
+                throw SandboxError(
+                    .unsupported,
+                    "a VM that keeps its memory takes at most \(template.layerSlots) layers; flatten the image")
+            }
+            layerSlots = template.layerSlots
+            upperDisk = work + "/upper.ext4"
+            try makeUpperDisk(upperDisk, from: upper, staging: work + "/tree") { tree in
+                try VMBackend.copyFiles(request.files, into: tree)
+            }
+            try FileSystem.removeTree(work + "/tree")
+            var command = MicroVM.Command(argv: [], env: request.environment, workdir: request.cwd, layers: layers)
+            command.upperDisk = upperDisk
+            command.uid = request.uid
+            command.gid = request.gid
+            command.hostname = request.hostname
+            command.network = request.network
+            live = try LiveVM.start(vm, command: command, template: template, directory: work).0
+        }
+        state.started(live.pid)
+        let startTicks = LiveVM.processStart(live.pid) ?? 0
+        defer { live.stop(startTicks: startTicks) }
+
+        let session = try LiveSession(directory: work)
+        defer { session.close() }
+        if memory.resume != nil {
+            // What the engine prepared (the output file, mount points) and the files to copy in:
+            // the resumed guest's disk is the snapshot's.
+            try VMBackend.put(directory: upper, into: session)
+            for (fd, mapping) in request.files {
+                let bytes = try FileSystem.readAll(fd: fd, path: mapping.hostPath)
+                try session.put(
+                    mapping.sandboxPath, mode: mapping.mode ?? 0o644, uid: mapping.uid, gid: mapping.gid, bytes: bytes)
+            }
+        }
+        let stdout = Capture(request.stdout)
+        let stderr = Capture(request.stderr)
+        let input: MicroVM.Input
+        switch request.stdin {
+        case .null: input = .bytes([])
+        case .bytes(let bytes): input = .bytes(bytes)
+        case .fileDescriptor(let fd): input = .fileDescriptor(fd)
+        }
+        request.control?.attach(LiveCommand(session: session))
+        let ran = try session.exec(
+            argv: request.argv, env: request.environment, workdir: request.cwd, uid: request.uid, gid: request.gid,
+            stdin: input, timeout: request.timeout ?? 24 * 3600, onStdout: stdout.take, onStderr: stderr.take)
+        session.close()
+        var result = CommandOutcome()
+        result.termination = ran.termination
+        result.termination.cancelled = state.cancelled
+        result.metrics = ran.metrics
+        result.acceleration = vm.accelerator
+        (result.stdout, result.stdoutDropped) = stdout.result()
+        (result.stderr, result.stderrDropped) = stderr.result()
+        guard ran.termination.exitCode != nil || ran.termination.signal != nil, !state.cancelled else { return result }
+
+        // The change, with the processes kept or not; the guest is not trusted with its size.
+        let changesPath = work + "/changes.tar"
+        let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+        guard changes >= 0 else { throw SandboxError.system("open(\(changesPath))") }
+        defer { close(changes) }
+        var received: Int64 = 0
+        let take: ([UInt8]) throws -> Void = { chunk in
+            received += Int64(chunk.count)
+            guard received <= self.upperDiskBytes + (256 << 20) else {
+                throw SandboxError(.sandboxSetup, "the VM sent more changes than its upper disk holds")
+            }
+            try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
+        }
+        if memory.persist && ran.termination.exitCode == 0 {
+            try FileSystem.makeDirectories(work + "/state")
+            let saved = try live.snapshot(
+                vm, layers: layers, layerSlots: layerSlots, upper: upperDisk, staging: work + "/state", onChanges: take)
+            let (digest, bytes) = try Store.placeState(saved.directory, root: root)
+            let snapshot = LiveVM.Snapshot(
+                guest: guestIdentity(vm), baseLayers: baseLayers, memoryMiB: vm.memoryMiB, layerSlots: layerSlots,
+                command: [], env: request.environment, workdir: request.cwd, uid: request.uid, gid: request.gid,
+                hostname: request.hostname)
+            result.memoryState = PlacedState(
+                digest: digest, bytes: bytes, base: "", kind: LiveVM.Snapshot.kind,
+                metadata: String(decoding: try JSONEncoder().encode(snapshot), as: UTF8.self))
+        } else {
+            try live.changes(onChanges: take)
+        }
+        let unpacked = work + "/upper"
+        try FileSystem.makeDirectory(unpacked, mode: 0o755)
+        guard lseek(changes, 0, SEEK_SET) == 0 else { throw SandboxError.system("lseek(\(changesPath))") }
+        var reader = TarReader(fd: changes, name: "the VM's changes")
+        var extractor = LayerExtractor(root: unpacked)
+        try extractor.extract(&reader, source: "the VM's changes")
+        try FileSystem.removeTree(upper)
+        try FileSystem.rename(unpacked, upper)
+        return result
+    }
+
+    /// Host files copied into an upper tree (`tree` is its root in the sandbox's view).
+    static func copyFiles(_ files: [(fd: Int32, mapping: FileMapping)], into tree: String) throws {
+        for (fd, mapping) in files {
+            let target = tree + mapping.sandboxPath
+            try FileSystem.makeDirectories(String(target[..<target.lastIndex(of: "/")!]))
+            let bytes = try FileSystem.readAll(fd: fd, path: mapping.hostPath)
+            try FileSystem.writeFile(target, bytes, mode: mode_t(mapping.mode ?? 0o644))
+            if let mode = mapping.mode { chmod(target, mode_t(mode)) }
+            chown(target, mapping.uid, mapping.gid)
+        }
+    }
+
+    /// The directories and regular files under `directory` put into the sandbox's root.
+    static func put(directory: String, into session: LiveSession, relative: String = "") throws {
+        for name in try FileSystem.list(directory + relative).sorted() {
+            let path = relative + "/" + name
+            guard let st = try FileSystem.status(directory + path) else { continue }
+            if st.isDirectory {
+                try session.put(path, mode: UInt32(st.st_mode), uid: st.st_uid, gid: st.st_gid, bytes: nil)
+                try put(directory: directory, into: session, relative: path)
+            } else if st.isRegular {
+                try session.put(
+                    path, mode: UInt32(st.st_mode), uid: st.st_uid, gid: st.st_gid,
+                    bytes: try FileSystem.readFile(directory + path))
+            }
+        }
+    }
+}
+
+/// The command of a run in a live VM as its `RunControl` sees it: signals go through the agent.
+struct LiveCommand: RunningSandbox {
+    let session: LiveSession
+
+    func signal(_ signal: Int32) { session.signal(signal) }
+
+    func exec(_ spec: ExecSpec) async throws -> CommandOutcome {
+        throw SandboxError(
+            .conflict, "starting more processes in a step's VM is not supported; use sandbox exec on a live sandbox")
+    }
+}
