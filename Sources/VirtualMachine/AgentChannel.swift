@@ -41,6 +41,7 @@ enum SpecField {
     static let env = Character(Unicode.Scalar(UInt8(AGENT_SPEC_ENV)))
     static let argument = Character(Unicode.Scalar(UInt8(AGENT_SPEC_ARGUMENT)))
     static let live = Character(Unicode.Scalar(UInt8(AGENT_SPEC_LIVE)))
+    static let keep = Character(Unicode.Scalar(UInt8(AGENT_SPEC_KEEP)))
 }
 
 /// Frames from the agent: a type byte, a 4-byte little-endian length, the payload.

@@ -344,13 +344,30 @@ public final class LiveSession: @unchecked Sendable {
     /// Whether the sandbox's processes are frozen (a snapshot that did not finish).
     public private(set) var frozen = false
 
+    /// Opens a session on the first of the agent's ports no other session holds (waiting for
+    /// the first one when all are taken).
     public init(directory: String, timeout: Double = 60) throws {
-        let lockPath = directory + "/session.lock"
-        lock = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-        guard lock >= 0 else { throw SandboxError.system("open(\(lockPath))") }
-        while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
+        var held: (fd: Int32, port: Int)?
+        for port in 0..<MicroVM.sessionPorts {
+            let path = directory + "/session-\(port).lock"
+            let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
+            if flock(fd, LOCK_EX | LOCK_NB) == 0 {
+                held = (fd, port)
+                break
+            }
+            Glibc.close(fd)
+        }
+        if held == nil {
+            let fd = open(directory + "/session-0.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            guard fd >= 0 else { throw SandboxError.system("open(\(directory)/session-0.lock)") }
+            while flock(fd, LOCK_EX) != 0 && errno == EINTR {}
+            held = (fd, 0)
+        }
+        let (lockFD, port) = held!
+        lock = lockFD
         do {
-            channel = Channel(fd: try LiveVM.socket(directory, "agent.sock"))
+            channel = Channel(fd: try LiveVM.socket(directory, port == 0 ? "agent.sock" : "agent\(port).sock"))
         } catch {
             Glibc.close(lock)
             throw error
@@ -383,12 +400,15 @@ public final class LiveSession: @unchecked Sendable {
     }
 
     /// Runs one more command in the sandbox and waits for it.
+    /// - Parameter keep: the command outlives this session (a run's own command: in a snapshot's
+    ///   children it goes on, as everything the sandbox runs does); otherwise it ends with it.
     public func exec(
         argv: [String], env: [String], workdir: String, uid: UInt32, gid: UInt32, stdin: MicroVM.Input,
-        timeout: Double, onStdout: @escaping @Sendable ([UInt8]) -> Void,
+        timeout: Double, keep: Bool = false, onStdout: @escaping @Sendable ([UInt8]) -> Void,
         onStderr: @escaping @Sendable ([UInt8]) -> Void
     ) throws -> MicroVM.Outcome {
         var fields: [(Character, String)] = [(SpecField.workdir, workdir), (SpecField.user, "\(uid):\(gid)")]
+        if keep { fields.append((SpecField.keep, "")) }
         fields += env.map { (SpecField.env, $0) } + argv.map { (SpecField.argument, $0) }
         let started = Monotonic.now
         try channel.send(Frame.exec, MicroVM.encode(fields))

@@ -120,7 +120,11 @@ public struct MicroVM: Sendable {
         public var description: String
     }
 
-    /// QEMU's arguments: the machine, the agent's port, the disks.
+    /// The agent's ports: the first one every run uses, the others a live sandbox's sessions.
+    /// Part of the devices a template is saved with.
+    static let sessionPorts = 5
+
+    /// QEMU's arguments: the machine, the agent's ports, the disks.
     /// - Parameter daemon: QEMU detaches once started (`-daemonize`, its pid in `work/qemu.pid`)
     ///   and is started in `work`: its sockets are named relative to it, so that a long store
     ///   path never exceeds a socket address (`LiveVM.socket` reaches them the same way).
@@ -140,6 +144,16 @@ public struct MicroVM: Sendable {
             // QEMU waits for this process to connect before the guest starts: nothing is lost.
             "-chardev", "socket,id=agent,path=\(MicroVM.option(sockets + "agent.sock")),server=on,wait=on",
             "-device", "virtserialport,chardev=agent,nr=1,name=contree",
+        ]
+        // More ports for a live sandbox's sessions side by side (nobody need connect to them).
+        for port in 1..<MicroVM.sessionPorts {
+            arguments += [
+                "-chardev",
+                "socket,id=agent\(port),path=\(MicroVM.option(sockets + "agent\(port).sock")),server=on,wait=off",
+                "-device", "virtserialport,chardev=agent\(port),nr=\(port + 1),name=contree\(port)",
+            ]
+        }
+        arguments += [
             "-qmp", "unix:\(MicroVM.option(sockets + "qmp.sock")),server=on,wait=off",
         ]
         if daemon { arguments += ["-daemonize", "-pidfile", work + "/qemu.pid"] }
@@ -258,8 +272,7 @@ public struct MicroVM: Sendable {
         onStdout: @escaping @Sendable ([UInt8]) -> Void = { _ in },
         onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in },
         onChanges: ([UInt8]) throws -> Void = { _ in },
-        onCache: (Int, ArraySlice<UInt8>) throws -> Void = { _, _ in },
-        onRunning: (Channel) -> Void = { _ in }
+        onCache: (Int, ArraySlice<UInt8>) throws -> Void = { _, _ in }
     ) throws -> Outcome {
         guard template == nil || command.caches.isEmpty else {
             throw SandboxError(.unsupported, "a VM with cache disks boots cold: it cannot restore a template")
@@ -322,7 +335,6 @@ public struct MicroVM: Sendable {
             case .fileDescriptor(let fd):
                 pump.start(from: fd) { chunk in try? channel.send(Frame.stdin, chunk) }
             }
-            onRunning(channel)
         }
         if let template {
             do {

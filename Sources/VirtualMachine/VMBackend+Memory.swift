@@ -6,12 +6,13 @@ import Sandbox
 import SystemSupport
 
 extension VMBackend {
-    /// A run that resumes a memory snapshot or keeps one (`persist: memory`): the guest runs as a
-    /// live VM (`LiveVM`) in the run's directory, the command is started in it through a session,
-    /// and then either the whole guest is snapshotted (its processes kept, the state placed in the
-    /// store for the engine to record) or its changes alone are taken; the VM is stopped either
-    /// way. The change lands in the engine's upper as any VM run's does.
-    func runWithMemory(_ request: LaunchRequest, memory: MemoryRun, state: RunState) throws -> CommandOutcome {
+    /// A run in a live VM (`LiveVM`, in the run's directory): one that resumes a memory snapshot,
+    /// keeps one (`persist: memory`), or takes more commands while it runs (`RunControl.exec`, a
+    /// server's subprocess calls, each on a session of its own). The command is started through a
+    /// session; then either the whole guest is snapshotted (its processes kept, the state placed
+    /// in the store for the engine to record) or its changes alone are taken; the VM is stopped
+    /// either way. The change lands in the engine's upper as any VM run's does.
+    func runLive(_ request: LaunchRequest, memory: MemoryRun?, state: RunState) throws -> CommandOutcome {
         let root = request.storeRoot
         guard request.mounts.isEmpty, request.sharedNetwork == nil, !request.network.isEgress else {
             throw SandboxError(
@@ -30,7 +31,7 @@ extension VMBackend {
         let baseLayers: [String]
         let layerSlots: Int
         let upperDisk: String
-        if let resume = memory.resume {
+        if let resume = memory?.resume {
             let snapshot = try JSONDecoder().decode(LiveVM.Snapshot.self, from: Data(resume.metadata.utf8))
             guard snapshot.guest == guestIdentity(vm) else {
                 throw SandboxError(
@@ -79,7 +80,7 @@ extension VMBackend {
 
         let session = try LiveSession(directory: work)
         defer { session.close() }
-        if memory.resume != nil {
+        if memory?.resume != nil {
             // What the engine prepared (the output file, mount points) and the files to copy in:
             // the resumed guest's disk is the snapshot's.
             try VMBackend.put(directory: upper, into: session)
@@ -91,16 +92,20 @@ extension VMBackend {
         }
         let stdout = Capture(request.stdout)
         let stderr = Capture(request.stderr)
-        let input: MicroVM.Input
-        switch request.stdin {
-        case .null: input = .bytes([])
-        case .bytes(let bytes): input = .bytes(bytes)
-        case .fileDescriptor(let fd): input = .fileDescriptor(fd)
-        }
-        request.control?.attach(LiveCommand(session: session))
+        let input = MicroVM.Input(request.stdin)
+        // What a memory snapshot of this run records (the engine names its base).
+        let metadata = LiveVM.Snapshot(
+            guest: guestIdentity(vm), baseLayers: baseLayers, memoryMiB: vm.memoryMiB, layerSlots: layerSlots,
+            command: [], env: request.environment, workdir: request.cwd, uid: request.uid, gid: request.gid,
+            hostname: request.hostname)
+        request.control?.attach(
+            LiveCommand(
+                session: session, vm: vm, live: live, layers: layers, layerSlots: layerSlots, upperDisk: upperDisk,
+                storeRoot: root, metadata: metadata))
         let ran = try session.exec(
             argv: request.argv, env: request.environment, workdir: request.cwd, uid: request.uid, gid: request.gid,
-            stdin: input, timeout: request.timeout ?? 24 * 3600, onStdout: stdout.take, onStderr: stderr.take)
+            stdin: input, timeout: request.timeout ?? 24 * 3600, keep: true, onStdout: stdout.take,
+            onStderr: stderr.take)
         session.close()
         var result = CommandOutcome()
         result.termination = ran.termination
@@ -124,18 +129,12 @@ extension VMBackend {
             }
             try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
         }
-        if memory.persist && ran.termination.exitCode == 0 {
+        if memory?.persist == true && ran.termination.exitCode == 0 {
             try FileSystem.makeDirectories(work + "/state")
             let saved = try live.snapshot(
                 vm, layers: layers, layerSlots: layerSlots, upper: upperDisk, staging: work + "/state", onChanges: take)
             let (digest, bytes) = try Store.placeState(saved.directory, root: root)
-            let snapshot = LiveVM.Snapshot(
-                guest: guestIdentity(vm), baseLayers: baseLayers, memoryMiB: vm.memoryMiB, layerSlots: layerSlots,
-                command: [], env: request.environment, workdir: request.cwd, uid: request.uid, gid: request.gid,
-                hostname: request.hostname)
-            result.memoryState = PlacedState(
-                digest: digest, bytes: bytes, base: "", kind: LiveVM.Snapshot.kind,
-                metadata: String(decoding: try JSONEncoder().encode(snapshot), as: UTF8.self))
+            result.memoryState = try metadata.placed(digest: digest, bytes: bytes)
         } else {
             try live.changes(onChanges: take)
         }
@@ -179,14 +178,83 @@ extension VMBackend {
     }
 }
 
-/// The command of a run in a live VM as its `RunControl` sees it: signals go through the agent.
+extension LiveVM.Snapshot {
+    /// A state placed in the store with this as its metadata (the engine fills in its base).
+    func placed(digest: String, bytes: Int64) throws -> PlacedState {
+        PlacedState(
+            digest: digest, bytes: bytes, base: "", kind: LiveVM.Snapshot.kind,
+            metadata: String(decoding: try JSONEncoder().encode(self), as: UTF8.self))
+    }
+}
+
+extension MicroVM.Input {
+    /// A run's stdin as the agent's channel takes it.
+    init(_ source: InputSource) {
+        switch source {
+        case .null: self = .bytes([])
+        case .bytes(let bytes): self = .bytes(bytes)
+        case .fileDescriptor(let fd): self = .fileDescriptor(fd)
+        }
+    }
+}
+
+/// The command of a run in a live VM as its `RunControl` sees it: signals go through the agent,
+/// more commands each on a session of their own, memory snapshots as `sandbox snapshot` takes
+/// them.
 struct LiveCommand: RunningSandbox {
     let session: LiveSession
+    let vm: MicroVM
+    let live: LiveVM
+    let layers: [String]
+    let layerSlots: Int
+    let upperDisk: String
+    let storeRoot: String
+    /// What a snapshot of it records.
+    let metadata: LiveVM.Snapshot
 
     func signal(_ signal: Int32) { session.signal(signal) }
 
     func exec(_ spec: ExecSpec) async throws -> CommandOutcome {
-        throw SandboxError(
-            .conflict, "starting more processes in a step's VM is not supported; use sandbox exec on a live sandbox")
+        let directory = live.directory
+        let opened = try await BlockingPool.shared.run { try LiveSession(directory: directory) }
+        defer { opened.close() }
+        let command = LiveCommand(
+            session: opened, vm: vm, live: live, layers: layers, layerSlots: layerSlots, upperDisk: upperDisk,
+            storeRoot: storeRoot, metadata: metadata)
+        spec.control?.attach(command)
+        defer { spec.control?.detach() }
+        let stdout = VMBackend.Capture(spec.stdout)
+        let stderr = VMBackend.Capture(spec.stderr)
+        let ran = try await withTaskCancellationHandler {
+            try await BlockingPool.shared.run {
+                try opened.exec(
+                    argv: spec.command, env: spec.environment, workdir: spec.cwd, uid: spec.uid, gid: spec.gid,
+                    stdin: MicroVM.Input(spec.stdin), timeout: spec.timeout ?? 24 * 3600, onStdout: stdout.take,
+                    onStderr: stderr.take)
+            }
+        } onCancel: {
+            opened.signal(SIGKILL)
+        }
+        var result = CommandOutcome()
+        result.termination = ran.termination
+        result.metrics = ran.metrics
+        (result.stdout, result.stdoutDropped) = stdout.result()
+        (result.stderr, result.stderrDropped) = stderr.result()
+        return result
+    }
+
+    func snapshotMemory(in directory: String) async throws -> (changes: String, state: PlacedState) {
+        try await BlockingPool.shared.run {
+            let changesPath = directory + "/changes.tar"
+            let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            guard changes >= 0 else { throw SandboxError.system("open(\(changesPath))") }
+            defer { close(changes) }
+            try FileSystem.makeDirectories(directory + "/state")
+            let saved = try live.snapshot(
+                vm, layers: layers, layerSlots: layerSlots, upper: upperDisk, staging: directory + "/state"
+            ) { chunk in try FileSystem.writeAll(fd: changes, chunk, path: changesPath) }
+            let (digest, bytes) = try Store.placeState(saved.directory, root: storeRoot)
+            return (changesPath, try metadata.placed(digest: digest, bytes: bytes))
+        }
     }
 }

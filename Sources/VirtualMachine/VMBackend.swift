@@ -48,7 +48,7 @@ public final class VMBackend: IsolationBackend {
     private func templateKey(_ vm: MicroVM) -> String {
         String(
             Digest.sha256(
-                "\(vm.kit.release) \(vm.kit.initramfs.split(separator: "/").last ?? "") \(vm.memoryMiB) \(vm.accelerator) \(VMBackend.layerSlots) \(VMBackend.slotBytes) \(VMBackend.qemuVersion)"
+                "\(vm.kit.release) \(vm.kit.initramfs.split(separator: "/").last ?? "") \(vm.memoryMiB) \(vm.accelerator) \(VMBackend.layerSlots) \(VMBackend.slotBytes) ports=\(MicroVM.sessionPorts) \(VMBackend.qemuVersion)"
             ).hex.prefix(16))
     }
 
@@ -187,9 +187,11 @@ public final class VMBackend: IsolationBackend {
             state.finished()
             request.control?.detach()
         }
-        if let memory = request.memory {
+        // A run that resumes or keeps memory, or that more commands may be started in (a
+        // server's instance), runs as a live VM.
+        if request.memory != nil || request.control != nil {
             do {
-                return try runWithMemory(request, memory: memory, state: state)
+                return try runLive(request, memory: request.memory, state: state)
             } catch  where state.cancelled {
                 var result = CommandOutcome()  // killed on purpose: a cancelled run, not a failure
                 result.termination.cancelled = true
@@ -254,12 +256,7 @@ public final class VMBackend: IsolationBackend {
         command.hostname = request.hostname
         command.network = request.network
         command.caches = cacheDisks.map { ($0.disk, $0.mount.target) }
-        let stdin: MicroVM.Input
-        switch request.stdin {
-        case .null: stdin = .bytes([])
-        case .bytes(let bytes): stdin = .bytes(bytes)
-        case .fileDescriptor(let fd): stdin = .fileDescriptor(fd)
-        }
+        let stdin = MicroVM.Input(request.stdin)
         let stdout = Capture(request.stdout)
         let stderr = Capture(request.stderr)
         var vm = MicroVM(kit: kit)
@@ -294,7 +291,7 @@ public final class VMBackend: IsolationBackend {
                             throw SandboxError(.sandboxSetup, "the VM sent more of a cache than its disk holds")
                         }
                         try FileSystem.writeAll(fd: cacheTars[index].fd, Array(chunk), path: cacheTars[index].path)
-                    }, onRunning: { channel in request.control?.attach(VMSandbox(channel: channel)) })
+                    })
                 state.finished()
             } catch let failure as MicroVM.RestoreFailed where template != nil && !state.cancelled {
                 // Nothing ran: the template is dropped (made again next time) and this run boots.
@@ -398,19 +395,5 @@ public final class VMBackend: IsolationBackend {
         }
 
         func result() -> ([UInt8], Int) { lock.withLock { (kept, dropped) } }
-    }
-}
-
-/// A running VM as `RunControl` sees it: signals go to the command through the agent; more
-/// commands cannot be started in a VM yet.
-struct VMSandbox: RunningSandbox {
-    let channel: Channel
-
-    func signal(_ signal: Int32) { channel.signal(signal) }
-
-    func exec(_ spec: ExecSpec) async throws -> CommandOutcome {
-        throw SandboxError(
-            .conflict, "starting more processes in a running VM is not supported yet; use isolation: container for that"
-        )
     }
 }

@@ -34,20 +34,26 @@
 
 static pid_t main_pid;
 static int main_ended, main_status;
-static int connected = 1, frozen, have_cgroup;
+static int frozen, have_cgroup;
 // Output pipes of commands that exited while something they started still holds them: read
 // and dropped, so that the writer never blocks or dies of SIGPIPE.
 static int orphans[MAX_ORPHANS], orphan_count;
 
-static struct {
+// One per port: the host side of each is a session of its own, so commands run side by side
+// (a server's subprocess calls). `s` is the session being served; `port` its descriptor.
+#define MAX_SESSIONS 5
+static struct session {
+    int fd, connected;
     pid_t pid;  // 0: none
     int out, err, in;
     char *pending;  // stdin not yet written
     size_t pending_size, pending_done;
     int stdin_closing, exited, status;
+    int keep;  // survives its session: a run's own command, which a snapshot's children go on with
     struct rusage usage;
     long long processes_before, read_before, written_before;
-} current = {0, -1, -1, -1, NULL, 0, 0, 0, 0, 0, {{0, 0}, {0, 0}, 0}, 0, 0, 0};
+} sessions[MAX_SESSIONS], *s;
+static int session_count;
 
 static void close_fd(int *fd) {
     if (*fd >= 0) close(*fd);
@@ -85,15 +91,16 @@ static int set_freezer(int on) {
 }
 
 static void lost_host(void);
+static void handle(int type, char *data, uint32_t size);
 
 static void send_or_lose(char type, const void *data, uint32_t size) {
-    if (connected && send_frame(type, data, size) != 0) lost_host();
+    if (s->connected && send_frame(type, data, size) != 0) lost_host();
 }
 
 // The current command is over: what it wrote before exiting is sent, its report follows.
 static void end_exec(void) {
     char buffer[65536];
-    int *pipes[2] = {&current.out, &current.err};
+    int *pipes[2] = {&s->out, &s->err};
     for (int i = 0; i < 2; i++) {
         while (*pipes[i] >= 0) {
             ssize_t n = read(*pipes[i], buffer, sizeof buffer);
@@ -106,44 +113,48 @@ static void end_exec(void) {
             }
         }
     }
-    close_fd(&current.in);
-    free(current.pending);
-    current.pending = NULL;
-    current.pending_size = current.pending_done = 0;
+    close_fd(&s->in);
+    free(s->pending);
+    s->pending = NULL;
+    s->pending_size = s->pending_done = 0;
     long long read_after, written_after;
     disk_bytes(&read_after, &written_after);
     char report[384];
-    int status = current.status;
+    int status = s->status;
     int n = snprintf(
         report, sizeof report,
         "status=%d signal=%d utime_us=%lld stime_us=%lld maxrss_kb=%ld processes=%lld read_bytes=%lld write_bytes=%lld",
         WIFEXITED(status) ? WEXITSTATUS(status) : -1, WIFSIGNALED(status) ? WTERMSIG(status) : 0,
-        (long long)current.usage.ru_utime.tv_sec * 1000000 + current.usage.ru_utime.tv_usec,
-        (long long)current.usage.ru_stime.tv_sec * 1000000 + current.usage.ru_stime.tv_usec, current.usage.ru_maxrss,
-        processes_created() - current.processes_before, read_after - current.read_before,
-        written_after - current.written_before);
-    current.pid = 0;
+        (long long)s->usage.ru_utime.tv_sec * 1000000 + s->usage.ru_utime.tv_usec,
+        (long long)s->usage.ru_stime.tv_sec * 1000000 + s->usage.ru_stime.tv_usec, s->usage.ru_maxrss,
+        processes_created() - s->processes_before, read_after - s->read_before,
+        written_after - s->written_before);
+    s->pid = 0;
     send_or_lose(AGENT_FRAME_EXIT, report, (uint32_t)n);
 }
 
 // The host went away (or a new session began) while a command ran: it goes, with its group.
 static void abandon_exec(void) {
-    if (current.pid == 0) return;
-    if (!current.exited) {
-        kill(-current.pid, SIGKILL);
-        kill(current.pid, SIGKILL);
+    if (s->pid == 0) return;
+    if (!s->exited && !s->keep) {
+        kill(-s->pid, SIGKILL);
+        kill(s->pid, SIGKILL);
     }
-    close_fd(&current.out);
-    close_fd(&current.err);
-    close_fd(&current.in);
-    free(current.pending);
-    current.pending = NULL;
-    current.pending_size = current.pending_done = 0;
-    current.pid = 0;
+    if (s->keep) {  // it goes on, its output read and dropped
+        orphan(&s->out);
+        orphan(&s->err);
+    }
+    close_fd(&s->out);
+    close_fd(&s->err);
+    close_fd(&s->in);
+    free(s->pending);
+    s->pending = NULL;
+    s->pending_size = s->pending_done = 0;
+    s->pid = 0;
 }
 
 static void lost_host(void) {
-    connected = 0;
+    s->connected = 0;
     abandon_exec();
 }
 
@@ -156,17 +167,66 @@ static void reap(void) {
             main_ended = 1;
             main_status = status;
         }
-        if (pid == current.pid && !current.exited) {
-            current.exited = 1;
-            current.status = status;
-            current.usage = usage;
+        for (int i = 0; i < session_count; i++) {
+            struct session *other = &sessions[i];
+            if (pid == other->pid && !other->exited) {
+                other->exited = 1;
+                other->status = status;
+                other->usage = usage;
+            }
         }
+    }
+}
+
+// Serves session `s` (its port is `port`) after a poll: its command's output, its stdin, a frame.
+static void serve(struct pollfd *fds, int port_at, int out_at, int err_at, int in_at, char *buffer, size_t size) {
+    if (!s->connected) {  // a host connected (SIGIO), or the next check
+        struct pollfd check = {port, POLLIN, 0};
+        if (poll(&check, 1, 0) >= 0 && (check.revents & POLLHUP) == 0) s->connected = 1;
+    }
+    int at[2] = {out_at, err_at};
+    int *pipes[2] = {&s->out, &s->err};
+    for (int i = 0; i < 2; i++) {
+        if (at[i] < 0 || fds[at[i]].revents == 0 || *pipes[i] < 0) continue;
+        ssize_t got = read(*pipes[i], buffer, size);
+        if (got > 0) {
+            send_or_lose(i == 0 ? AGENT_FRAME_STDOUT : AGENT_FRAME_STDERR, buffer, (uint32_t)got);
+        } else if (got == 0 || (errno != EINTR && errno != EAGAIN)) {
+            close_fd(pipes[i]);
+        }
+    }
+    if (in_at >= 0 && s->in >= 0 && fds[in_at].revents != 0) {
+        ssize_t put = write(s->in, s->pending + s->pending_done, s->pending_size - s->pending_done);
+        if (put > 0) s->pending_done += (size_t)put;
+        if (put < 0 && errno != EAGAIN && errno != EINTR) s->pending_done = s->pending_size;
+    }
+    if (s->pending != NULL && s->pending_done == s->pending_size) {
+        free(s->pending);
+        s->pending = NULL;
+        s->pending_size = s->pending_done = 0;
+    }
+    if (s->stdin_closing && s->pending == NULL) close_fd(&s->in);
+    if (s->pid != 0 && s->exited) end_exec();
+    if (port_at >= 0 && s->connected && fds[port_at].revents != 0) {
+        if ((fds[port_at].revents & POLLIN) == 0) {
+            lost_host();
+            return;
+        }
+        char *data = NULL;
+        uint32_t length = 0;
+        int type = read_frame(&data, &length);
+        if (type < 0) {
+            lost_host();
+        } else {
+            handle(type, data, length);
+        }
+        free(data);
     }
 }
 
 static void start_exec(char *spec, uint32_t size) {
     static char *argv[MAX_EXEC_FIELDS + 1], *envp[MAX_EXEC_FIELDS + 1];
-    int argc = 0, envc = 0;
+    int argc = 0, envc = 0, keep = 0;
     const char *workdir = "/";
     unsigned uid = 0, gid = 0;
     for (char *field = spec; field < spec + size; field += strlen(field) + 1) {
@@ -175,6 +235,7 @@ static void start_exec(char *spec, uint32_t size) {
         case AGENT_SPEC_USER: sscanf(field + 1, "%u:%u", &uid, &gid); break;
         case AGENT_SPEC_ENV: if (envc < MAX_EXEC_FIELDS) envp[envc++] = field + 1; break;
         case AGENT_SPEC_ARGUMENT: if (argc < MAX_EXEC_FIELDS) argv[argc++] = field + 1; break;
+        case AGENT_SPEC_KEEP: keep = 1; break;
         }
     }
     argv[argc] = NULL;
@@ -188,21 +249,22 @@ static void start_exec(char *spec, uint32_t size) {
     }
     int out[2], err[2], in[2];
     if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0 || pipe2(in, O_CLOEXEC) != 0) fail("pipe");
-    current.processes_before = processes_created();
-    disk_bytes(&current.read_before, &current.written_before);
-    memset(&current.usage, 0, sizeof current.usage);
-    current.exited = current.status = current.stdin_closing = 0;
-    current.pid = spawn_in_root(
+    s->processes_before = processes_created();
+    disk_bytes(&s->read_before, &s->written_before);
+    memset(&s->usage, 0, sizeof s->usage);
+    s->exited = s->status = s->stdin_closing = 0;
+    s->keep = keep;
+    s->pid = spawn_in_root(
         argv, envp, workdir, uid, gid, in[0], out[1], err[1], have_cgroup ? CGROUP "/cgroup.procs" : NULL, 1);
-    if (current.pid < 0) fail("fork");
+    if (s->pid < 0) fail("fork");
     close(out[1]);
     close(err[1]);
     close(in[0]);
-    current.out = out[0];
-    current.err = err[0];
-    current.in = in[1];
+    s->out = out[0];
+    s->err = err[0];
+    s->in = in[1];
     for (int i = 0; i < 3; i++) {
-        int fd = i == 0 ? current.out : i == 1 ? current.err : current.in;
+        int fd = i == 0 ? s->out : i == 1 ? s->err : s->in;
         fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
     }
 }
@@ -292,22 +354,22 @@ static void handle(int type, char *data, uint32_t size) {
     case AGENT_FRAME_THAW: thaw(data, size); break;
     case AGENT_FRAME_PUT: put(data, size); break;
     case AGENT_FRAME_STDIN:
-        if (current.pid == 0 || current.in < 0 || current.stdin_closing) break;
+        if (s->pid == 0 || s->in < 0 || s->stdin_closing) break;
         if (size == 0) {
-            current.stdin_closing = 1;
+            s->stdin_closing = 1;
         } else {
-            free(current.pending);
-            current.pending = malloc(size);
-            if (current.pending == NULL) fail("malloc");
-            memcpy(current.pending, data, size);
-            current.pending_size = size;
-            current.pending_done = 0;
+            free(s->pending);
+            s->pending = malloc(size);
+            if (s->pending == NULL) fail("malloc");
+            memcpy(s->pending, data, size);
+            s->pending_size = size;
+            s->pending_done = 0;
         }
         break;
     case AGENT_FRAME_KILL:
-        if (current.pid != 0 && !current.exited && size > 0) {
+        if (s->pid != 0 && !s->exited && size > 0) {
             int signal_number = atoi(data);
-            if (signal_number > 0 && signal_number < 65) kill(current.pid, signal_number);
+            if (signal_number > 0 && signal_number < 65) kill(s->pid, signal_number);
         }
         break;
     }
@@ -325,13 +387,24 @@ void live_main(char **argv, char **envp, const char *workdir, unsigned uid, unsi
     sigprocmask(SIG_BLOCK, &mask, NULL);
     int signals = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (signals < 0) fail("signalfd");
-    fcntl(port, F_SETOWN, getpid());
-    fcntl(port, F_SETFL, fcntl(port, F_GETFL) | O_ASYNC | O_NONBLOCK);
+    // The first port is the one the host that started the sandbox holds; the others (as many
+    // as the VM has) wait for hosts.
+    for (int i = 0; i < MAX_SESSIONS; i++) {
+        char path[32];
+        snprintf(path, sizeof path, "/dev/vport0p%d", i + 1);
+        int fd = i == 0 ? port : open(path, O_RDWR | O_CLOEXEC);
+        if (fd < 0) break;
+        fcntl(fd, F_SETOWN, getpid());
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_ASYNC | O_NONBLOCK);
+        sessions[session_count++] = (struct session){.fd = fd, .connected = i == 0, .out = -1, .err = -1, .in = -1};
+    }
+    s = &sessions[0];
     if (argv[0] != NULL) {
         int in = open("/dev/null", O_RDONLY | O_CLOEXEC);
         int log = open("/scratch/main.log", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
         if (in < 0 || log < 0) fail("open the main command's log");
-        main_pid = spawn_in_root(argv, envp, workdir, uid, gid, in, log, log, have_cgroup ? CGROUP "/cgroup.procs" : NULL, 1);
+        main_pid = spawn_in_root(
+            argv, envp, workdir, uid, gid, in, log, log, have_cgroup ? CGROUP "/cgroup.procs" : NULL, 1);
         if (main_pid < 0) fail("fork");
         close(in);
         close(log);
@@ -340,20 +413,28 @@ void live_main(char **argv, char **envp, const char *workdir, unsigned uid, unsi
     int length = snprintf(started, sizeof started, "pid=%d", (int)main_pid);
     send_or_lose(AGENT_FRAME_LIVE, started, (uint32_t)length);
 
-    char buffer[65536];
+    static char buffer[65536];
     for (;;) {
-        struct pollfd fds[5 + MAX_ORPHANS];
-        int n = 0, port_at = -1, out_at = -1, err_at = -1, in_at = -1;
-        int backlog = current.pending_size > current.pending_done;
+        struct pollfd fds[1 + 4 * MAX_SESSIONS + MAX_ORPHANS];
+        int at[MAX_SESSIONS][4];  // port, out, err, in: indexes in fds, or -1
+        int n = 0, waiting = 0;
         fds[n++] = (struct pollfd){signals, POLLIN, 0};
-        // Frames wait while the command's stdin is backed up: nothing piles up here.
-        if (connected && !backlog) fds[port_at = n++] = (struct pollfd){port, POLLIN, 0};
-        if (current.pid != 0 && current.out >= 0) fds[out_at = n++] = (struct pollfd){current.out, POLLIN, 0};
-        if (current.pid != 0 && current.err >= 0) fds[err_at = n++] = (struct pollfd){current.err, POLLIN, 0};
-        if (current.pid != 0 && backlog) fds[in_at = n++] = (struct pollfd){current.in, POLLOUT, 0};
+        for (int i = 0; i < session_count; i++) {
+            struct session *one = &sessions[i];
+            int backlog = one->pending_size > one->pending_done;
+            for (int k = 0; k < 4; k++) at[i][k] = -1;
+            // Frames wait while the command's stdin is backed up: nothing piles up here.
+            if (one->connected && !backlog) fds[at[i][0] = n++] = (struct pollfd){one->fd, POLLIN, 0};
+            if (one->pid != 0 && one->out >= 0) fds[at[i][1] = n++] = (struct pollfd){one->out, POLLIN, 0};
+            if (one->pid != 0 && one->err >= 0) fds[at[i][2] = n++] = (struct pollfd){one->err, POLLIN, 0};
+            if (one->pid != 0 && backlog) fds[at[i][3] = n++] = (struct pollfd){one->in, POLLOUT, 0};
+            if (!one->connected) waiting = 1;
+        }
         int first_orphan = n;
         for (int i = 0; i < orphan_count; i++) fds[n++] = (struct pollfd){orphans[i], POLLIN, 0};
-        if (poll(fds, (nfds_t)n, connected ? -1 : 1000) < 0) {
+        // A port without a host polls as hung up: SIGIO says when one connects (checked each
+        // second too).
+        if (poll(fds, (nfds_t)n, waiting ? 1000 : -1) < 0) {
             if (errno == EINTR) continue;
             fail("poll");
         }
@@ -362,32 +443,6 @@ void live_main(char **argv, char **envp, const char *workdir, unsigned uid, unsi
             while (read(signals, &info, sizeof info) == sizeof info) {}
             reap();
         }
-        if (!connected) {  // a host connected (SIGIO), or the next check
-            struct pollfd check = {port, POLLIN, 0};
-            if (poll(&check, 1, 0) >= 0 && (check.revents & POLLHUP) == 0) connected = 1;
-        }
-        int at[2] = {out_at, err_at};
-        int *pipes[2] = {&current.out, &current.err};
-        for (int i = 0; i < 2; i++) {
-            if (at[i] < 0 || fds[at[i]].revents == 0 || *pipes[i] < 0) continue;
-            ssize_t got = read(*pipes[i], buffer, sizeof buffer);
-            if (got > 0) {
-                send_or_lose(i == 0 ? AGENT_FRAME_STDOUT : AGENT_FRAME_STDERR, buffer, (uint32_t)got);
-            } else if (got == 0 || (errno != EINTR && errno != EAGAIN)) {
-                close_fd(pipes[i]);
-            }
-        }
-        if (in_at >= 0 && current.in >= 0 && fds[in_at].revents != 0) {
-            ssize_t put = write(current.in, current.pending + current.pending_done, current.pending_size - current.pending_done);
-            if (put > 0) current.pending_done += (size_t)put;
-            if (put < 0 && errno != EAGAIN && errno != EINTR) current.pending_done = current.pending_size;
-        }
-        if (current.pending != NULL && current.pending_done == current.pending_size) {
-            free(current.pending);
-            current.pending = NULL;
-            current.pending_size = current.pending_done = 0;
-        }
-        if (current.stdin_closing && current.pending == NULL) close_fd(&current.in);
         for (int i = orphan_count - 1; i >= 0; i--) {
             if (fds[first_orphan + i].revents == 0) continue;
             ssize_t got = read(orphans[i], buffer, sizeof buffer);
@@ -396,21 +451,10 @@ void live_main(char **argv, char **envp, const char *workdir, unsigned uid, unsi
                 orphans[i] = orphans[--orphan_count];
             }
         }
-        if (current.pid != 0 && current.exited) end_exec();
-        if (port_at >= 0 && connected && fds[port_at].revents != 0) {
-            if ((fds[port_at].revents & POLLIN) == 0) {
-                lost_host();
-                continue;
-            }
-            char *data = NULL;
-            uint32_t size = 0;
-            int type = read_frame(&data, &size);
-            if (type < 0) {
-                lost_host();
-            } else {
-                handle(type, data, size);
-            }
-            free(data);
+        for (int i = 0; i < session_count; i++) {
+            s = &sessions[i];
+            port = s->fd;
+            serve(fds, at[i][0], at[i][1], at[i][2], at[i][3], buffer, sizeof buffer);
         }
     }
 }

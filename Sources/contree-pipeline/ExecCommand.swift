@@ -69,6 +69,12 @@ struct ExecCommand: AsyncParsableCommand {
     @Option(help: "Tag the resulting image.")
     var tag: String?
 
+    @Flag(
+        help:
+            "Resume the memory snapshot IMAGE holds (made by `sandbox snapshot` or a persist: memory step): its processes run when the command starts. Needs --isolation vm."
+    )
+    var resume = false
+
     @Flag(name: [.short, .long], help: "Pass this process's stdin to the command.")
     var interactive = false
 
@@ -157,6 +163,7 @@ struct ExecCommand: AsyncParsableCommand {
             stdin: interactive ? .fileDescriptor(0) : .null, stdout: output, stderr: .fileDescriptor(2),
             isolation: isolation)
         spec.tag = tag
+        if resume { spec.resume = .required }
         return spec
     }
 

@@ -732,6 +732,81 @@ struct VMServeTests {
     }
 }
 
+extension VMServeTests {
+    /// Starts `command` in `operation` (a subprocess) and returns its spid.
+    private func exec(_ server: TestServer, _ operation: String, _ command: String) async throws -> Int {
+        let reply = try await server.request(
+            "POST", "/v1/operations/\(operation)/subprocesses", json: #"{"command":"\#(command)","shell":true}"#)
+        guard reply.status == 201, let spid = try reply.json()["spid"] as? Int else {
+            throw TestFailure("exec failed: \(reply.status) \(reply.text)")
+        }
+        return spid
+    }
+
+    @Test(
+        "VM instances take subprocess calls; the extension snapshots a running instance with its memory and spawns instances that resume it"
+    )
+    func memorySnapshots() async throws {
+        let home = "/tmp/contree-serve-test-" + UUID().uuidString.lowercased().prefix(12)
+        try FileSystem.makeDirectories(home)
+        try FileSystem.makeDirectories("/var/tmp/contree-vm-tests/vm")
+        guard symlink("/var/tmp/contree-vm-tests/vm", home + "/vm") == 0 else { throw SandboxError.system("symlink") }
+        let server = try await TestServer(home: home, arguments: ["--isolation", "vm"])
+        // The count lives only in the server's memory; each connection gets the next number.
+        let counter = try await server.spawn(
+            #"{"command":"i=0; while true; do i=$((i+1)); echo $i | nc -l -p 7000; done","image":"busybox","shell":true,"timeout":300}"#
+        )
+        let ask = "for t in $(seq 50); do nc 127.0.0.1 7000 </dev/null && exit 0; sleep 0.1; done; exit 1"
+        for _ in 0..<100 {  // EXECUTING once its VM runs
+            let status = try await server.request("GET", "/v1/operations/\(counter)").json()["status"] as? String
+            if status == "EXECUTING" { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        let first = try await exec(server, counter, ask)
+        try await server.waitForOutput(counter, spid: first, "1\\n")
+        // Two subprocesses at once: each has a session of its own.
+        let slow = try await exec(server, counter, "sleep 1; echo slow")
+        let quick = try await exec(server, counter, "echo quick")
+        try await server.waitForOutput(counter, spid: quick, "quick\\n")
+        try await server.waitForOutput(counter, spid: slow, "slow\\n")
+
+        let saved = try await server.request(
+            "POST", "/x-contree/instances/\(counter)/snapshot", json: #"{"tag":"warm"}"#)
+        #expect(saved.status == 201, "\(saved.text)")
+        let image = try #require(try saved.json()["uuid"] as? String)
+        #expect(try saved.json()["memory"] as? Bool == true)
+        #expect(try saved.json()["tag"] as? String == "warm")
+        // Two instances resumed from it: each goes on from the same count.
+        for _ in 0..<2 {
+            let resumed = try await server.request(
+                "POST", "/x-contree/images/\(image)/resume",
+                json: #"{"command":"\#(ask)","shell":true,"timeout":120}"#)
+            #expect(resumed.status == 201, "\(resumed.text)")
+            let operation = try #require(try resumed.json()["uuid"] as? String)
+            let record = try await server.wait(operation)
+            #expect(record["status"] as? String == "SUCCESS", "\(record)")
+            #expect(record[path: "metadata.result.stdout.value"] as? String == "2\n", "\(record)")
+        }
+        // The instance itself is unaffected and still running.
+        let after = try await exec(server, counter, ask)
+        try await server.waitForOutput(counter, spid: after, "2\\n")
+        #expect(try await server.request("DELETE", "/v1/operations/\(counter)").status == 202)
+        _ = try await server.wait(counter)
+
+        // Bad cases: an image without memory, an instance that has ended.
+        let files = try await server.wait(
+            try await server.spawn(
+                #"{"command":"echo x > /x","image":"busybox","shell":true,"disposable":false,"timeout":60}"#))
+        let filesOnly = try #require(files["result_image_uuid"] as? String, "\(files)")
+        let plain = try await server.request(
+            "POST", "/x-contree/images/\(filesOnly)/resume", json: #"{"command":"true","timeout":60}"#)
+        #expect(plain.status == 400 && plain.text.contains("holds files only"), "\(plain.text)")
+        let ended = try await server.request("POST", "/x-contree/instances/\(counter)/snapshot")
+        #expect(ended.status == 409 || ended.status == 410, "\(ended.text)")
+        try await server.stop()
+    }
+}
+
 /// The host kernel's release.
 private func hostKernelRelease() -> String {
     var names = utsname()

@@ -49,6 +49,7 @@ enum {
     AGENT_SPEC_ENV = 'E',       // KEY=VALUE
     AGENT_SPEC_ARGUMENT = 'A',  // the command's arguments, the program first
     AGENT_SPEC_LIVE = 'V',      // empty: keep running after the command (a live sandbox)
+    AGENT_SPEC_KEEP = 'K',      // empty, in an exec: the command outlives its session (a run's own)
 };
 
 #endif

@@ -100,7 +100,8 @@ struct ResourceLimitsRequest: Codable, Sendable, Equatable {
 /// `POST /v1/instances`.
 struct SpawnRequest: Codable, Sendable {
     var command: String
-    var image: String
+    /// Required by `POST /v1/instances`; the resume extension names the image in its path.
+    var image: String?
     var args: [String]?
     var shell: Bool?
     var env: [String: String?]?

@@ -127,6 +127,7 @@ extension OperationManager {
         spec.resultConfig = resultConfig
         spec.control = operation.control
         spec.user = (UInt32(plan.uid), UInt32(plan.gid))
+        if plan.resume { spec.resume = .required }
         let result: RunResult
         do {
             result = try await engine.run(spec)

@@ -38,6 +38,8 @@ struct SpawnPlan: Sendable {
     var preserveEnv: Bool
     var preserveCwd: Bool
     var maxLayerBytes: Int64
+    /// Resume the memory snapshot the image holds (`POST /x-contree/images/{uuid}/resume`).
+    var resume = false
 
     var argv: [String] { shell ? ["/bin/sh", "-c", command] : [command] + args }
 

@@ -84,11 +84,13 @@ struct APIResponder: HTTPResponder {
             }
             return try await BlockingPool.shared.run { try metrics.respond(request) }
         }
-        guard path == "/v1" || path.hasPrefix("/v1/") else {
-            throw APIError(.notFound, "no such endpoint \(path): the API lives under /v1")
+        let extensionPrefix = "/x-contree"
+        let isExtension = path.hasPrefix(extensionPrefix + "/")
+        guard path == "/v1" || path.hasPrefix("/v1/") || isExtension else {
+            throw APIError(.notFound, "no such endpoint \(path): the API lives under /v1 (extensions under /x-contree)")
         }
         let token = try authenticate(request)
-        let rest = path.dropFirst(3)
+        let rest = path.dropFirst(isExtension ? extensionPrefix.count : 3)
         let segments = rest.split(separator: "/").map { String($0).removingPercentEncoding ?? String($0) }
         let call = APICall(
             request: request, token: token, segments: segments, trailingSlash: rest.hasSuffix("/") && rest.count > 1,
@@ -96,6 +98,20 @@ struct APIResponder: HTTPResponder {
             pairs: APIResponder.parseQuery(request.uri.query))
         let method = request.method
         let s = segments
+        if isExtension {
+            // Memory snapshots (docs/serve.md): outside the spec's paths, so clients never meet them.
+            switch (s.first ?? "", s.count) {
+            case ("instances", 3) where s[2] == "snapshot" && method == .post:
+                return try await server.snapshotInstance(call, s[1])
+            case ("images", 3) where s[2] == "resume" && method == .post:
+                return try await server.resumeImage(call, s[1])
+            default:
+                throw APIError(
+                    .notFound,
+                    "no such extension endpoint \(path): POST /x-contree/instances/{id}/snapshot or /x-contree/images/{uuid}/resume"
+                )
+            }
+        }
         switch (s.first ?? "", s.count) {
         case ("whoami", 1) where method == .get: return try server.whoami(call)
         case ("images", 1) where method == .get: return try server.listImages(call)

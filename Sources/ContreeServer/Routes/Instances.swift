@@ -24,7 +24,8 @@ extension ServerState {
         let process = try ProcessFields(
             command: body.command, args: body.args ?? [], truncate: body.truncateOutputAt, uid: body.uid,
             gid: body.gid, cwd: body.cwd, stdin: body.stdin, env: body.env)
-        let image = try resolveSpawnImage(body.image, token: call.token)
+        guard let reference = body.image else { throw APIError(.badRequest, "invalid request body: image is required") }
+        let image = try resolveSpawnImage(reference, token: call.token)
 
         let timeout = body.timeout ?? token.maxTimeout
         guard timeout > 0 else { throw APIError(.badRequest, "timeout must be a positive number of seconds") }

@@ -192,7 +192,7 @@ extension ServerState {
 
     /// The live operation behind a running instance. - Throws: `ended` (the spec: 410 for
     /// stdin, 409 for signals and new processes) when it has ended.
-    private func running(
+    func running(
         _ call: APICall, _ uuid: String, ended: HTTPResponse.Status = .conflict
     ) throws
         -> LiveOperation

@@ -134,6 +134,19 @@ public struct ExecSpec: Sendable {
 public protocol RunningSandbox: Sendable {
     func signal(_ signal: Int32)
     func exec(_ spec: ExecSpec) async throws -> CommandOutcome
+    /// Saves the running sandbox's memory and processes with its files (it goes on
+    /// afterwards): its changes as a layer tar at the returned path (in `directory`), its state
+    /// placed in the store.
+    func snapshotMemory(in directory: String) async throws -> (changes: String, state: PlacedState)
+}
+
+extension RunningSandbox {
+    public func snapshotMemory(in directory: String) async throws -> (changes: String, state: PlacedState) {
+        throw SandboxError(
+            .unsupported,
+            "memory snapshots need isolation vm: this host's CRIU cannot checkpoint a container; run the instance with isolation vm"
+        )
+    }
 }
 
 /// A handle on a running sandbox: signal its command, start more commands in it, and learn
@@ -172,6 +185,23 @@ public final class RunControl: Sendable {
             throw SandboxError(.conflict, "the sandbox is not running, so nothing can be started in it")
         }
         return try await sandbox.exec(spec)
+    }
+
+    /// Records the running sandbox's memory, processes and files as a new image (it goes on).
+    /// - Throws: `conflict` when it is not running; `unsupported` for a container.
+    public func snapshotMemory() async throws -> ImageRecord {
+        guard let sandbox = state.withLock({ $0.sandbox }), let committer = committer.withLock({ $0 }) else {
+            throw SandboxError(.conflict, "the sandbox is not running, so its memory cannot be saved")
+        }
+        return try await committer(sandbox)
+    }
+
+    /// How the engine turns a running sandbox's memory snapshot into an image.
+    private let committer = Mutex<(@Sendable (any RunningSandbox) async throws -> ImageRecord)?>(nil)
+
+    /// Set by the engine before the run starts.
+    public func setCommitter(_ body: @escaping @Sendable (any RunningSandbox) async throws -> ImageRecord) {
+        committer.withLock { $0 = body }
     }
 
     /// Called by the backend once the command runs.

@@ -60,6 +60,18 @@ public final class SandboxEngine: Sendable {
             cancellation.cancel("cancelled while the image was imported; nothing was imported")
         }
         defer { prepared.close() }
+        if let control = spec.control {
+            let (image, resumed) = (prepared.image, prepared.request.memory?.resume?.base)
+            control.setCommitter { sandbox in
+                let work = prepared.lease.workPath + "/snapshot-" + UUID().uuidString.lowercased().prefix(8)
+                try FileSystem.makeDirectories(work)
+                defer { try? FileSystem.removeTree(work) }
+                let (changes, state) = try await sandbox.snapshotMemory(in: work)
+                return try await BlockingPool.shared.run {
+                    try self.commitMemorySnapshot(changes: changes, state: state, image: image, resumedBase: resumed)
+                }
+            }
+        }
         Trace.mark("launch")
         let outcome = try await backend.run(prepared.request)
         Trace.mark("sandbox ended")
@@ -171,6 +183,36 @@ public final class SandboxEngine: Sendable {
         handedOver = true
         leaseHandedOver = true
         return Prepared(image: image, lease: lease, request: request, addedMountPoints: addedMountPoints)
+    }
+
+    /// A running sandbox's memory snapshot (its changes as a layer tar, its state placed) as a
+    /// new image over `image`; its change lies over `resumedBase` when the run was resumed.
+    private func commitMemorySnapshot(
+        changes: String, state: PlacedState, image: ImageRecord, resumedBase: String?
+    ) throws -> ImageRecord {
+        var layersOf = image
+        if let resumedBase {
+            guard let base = try store.image(resumedBase) else {
+                throw SandboxError(.corrupt, "the image \(resumedBase) under the resumed snapshot is gone")
+            }
+            layersOf = base
+        }
+        let lease = try store.acquireLease(layers: layersOf.layers, image: layersOf.uuid)
+        defer { lease.release() }
+        let upper = lease.workPath + "/upper"
+        try FileSystem.makeDirectory(upper, mode: 0o755)
+        let fd = open(changes, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SandboxError.system("open(\(changes))") }
+        defer { close(fd) }
+        var reader = TarReader(fd: fd, name: "the sandbox's changes")
+        var extractor = LayerExtractor(root: upper)
+        try extractor.extract(&reader, source: "the sandbox's changes")
+        var placed = state
+        placed.base = layersOf.uuid
+        return try Snapshotter(store: store).commit(
+            upper, base: image, layersOf: layersOf, config: image.config, origin: "memory-snapshot", lease: lease,
+            newImage: true
+        ) { tx, result, _ in try store.recordState(tx, image: result.uuid, state: placed) }.image
     }
 
     /// What a run does with memory snapshots: resume `image`'s, keep one, or neither (nil).
