@@ -195,7 +195,7 @@ extension VMTests {
         }
 
         @Test(
-            "bad cases: a snapshot of a sandbox whose VM ended, a live container sandbox, a fork of an image without memory: clear errors, nothing left running"
+            "bad cases: a snapshot of a sandbox whose VM ended, a live container sandbox, a fork of an image without memory: clear errors, nothing left running; a killed run's detached VM is ended by the next command"
         )
         func badCases() async throws {
             let (sandboxes, home) = try liveStore()
@@ -219,10 +219,38 @@ extension VMTests {
             #expect(container?.message.contains("--isolation vm") == true, "\(String(describing: container))")
             #expect(try sandboxes.list().isEmpty)
 
+            // A run resumed in a detached VM whose process is killed: the next command ends the VM.
+            let live = try await BlockingPool.shared.run { [options] in
+                var vm = options
+                vm.isolation = .vm
+                return try sandboxes.start(vm)
+            }
+            let snapshot = try await BlockingPool.shared.run { try sandboxes.snapshot(live, tag: "sleeper") }
+            try sandboxes.stop(live)
+            let run = try ChildProcess.spawn(
+                [Paths.cli, "exec", "--isolation", "vm", "--resume", "--image", snapshot.uuid, "--", "sleep", "300"],
+                environment: ["CONTREE_HOME=" + home, "PATH=/usr/sbin:/usr/bin:/sbin:/bin"], captureStdout: true)
+            func detachedVMs() -> [String] {
+                ((try? FileSystem.list("/proc")) ?? []).filter { pid in
+                    Int(pid) != nil
+                        && String(decoding: (try? FileSystem.readFile("/proc/\(pid)/cmdline")) ?? [], as: UTF8.self)
+                            .contains(home + "/tmp/")
+                }
+            }
+            for _ in 0..<600 where detachedVMs().isEmpty { usleep(20_000) }
+            #expect(!detachedVMs().isEmpty)
+            usleep(500_000)
+            kill(run.pid, SIGKILL)
+            _ = try? ChildProcess.wait(run.pid, "contree-pipeline exec")
+            _ = try ChildProcess.run([Paths.cli, "image", "ls"], environment: ["CONTREE_HOME=" + home])
+            for _ in 0..<100 where !detachedVMs().isEmpty { usleep(20_000) }
+            #expect(detachedVMs().isEmpty, "a killed run's VM is ended by the next command")
+
             let fileOnly = #expect(throws: SandboxError.self) { try sandboxes.fork("busybox", count: 2) }
             #expect(fileOnly?.message.contains("holds files only") == true, "\(String(describing: fileOnly))")
             #expect(try sandboxes.list().isEmpty)
             #expect(try !FileSystem.exists(home + "/live") || FileSystem.list(home + "/live").isEmpty)
+            #expect(try sandboxes.store.checkConsistency().isConsistent)
         }
     }
 }

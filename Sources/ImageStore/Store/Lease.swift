@@ -103,12 +103,30 @@ extension Store {
     ///   work was found (gc); otherwise only then, or when an earlier recovery left one.
     /// - Returns: the ids of the abandoned leases that were cleaned up, and what failed.
     @discardableResult
+    /// Ends what a dead run left running detached in its work directory: a process whose pid
+    /// is in a `*.pid` file one level down (the VM backend's `-daemonize`d QEMU) and whose
+    /// command line names that directory (a pid since reused by another process is left alone).
+    static func stopDaemons(in work: String) {
+        for child in (try? FileSystem.list(work)) ?? [] {
+            let directory = work + "/" + child
+            for name in (try? FileSystem.list(directory)) ?? [] where name.hasSuffix(".pid") {
+                guard let text = try? FileSystem.readFile(directory + "/" + name),
+                    let pid = Int32(String(decoding: text, as: UTF8.self).prefix { $0.isNumber }), pid > 1,
+                    let command = try? FileSystem.readFile("/proc/\(pid)/cmdline"),
+                    String(decoding: command, as: UTF8.self).contains(directory)
+                else { continue }
+                kill(pid, SIGKILL)
+            }
+        }
+    }
+
     public func recoverAbandonedWork(
         scanningCgroups: Bool = false
     ) throws -> (removed: [String], failures: [String]) {
         var removed: [String] = []
         var failures: [String] = []
         func removeWork(_ id: String) {
+            Store.stopDaemons(in: tmpPath + "/" + id)
             do {
                 try FileSystem.removeTree(tmpPath + "/" + id)
             } catch {
