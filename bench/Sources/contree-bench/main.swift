@@ -9,6 +9,7 @@
 //   contree-bench loop [--runs N] [--home DIR]
 //   contree-bench scale [--runs N] [--home DIR] [--sizes ...] [--images ...] [--concurrency ...] [--only ...]
 //   contree-bench table [--runs N] [--home DIR]   (issue 16's table: sandbox, pipeline, api and oci, then the table)
+//   contree-bench memory [--runs N] [--home DIR] [--sizes 256,512,1024] [--forks N]   (memory snapshots)
 //
 // Prints medians and ratios; the machines are shared and noisy, so ratios and medians are what
 // count. Needs root, bubblewrap, and crun or runc (scripts/setup installs them).
@@ -334,9 +335,9 @@ enum Format {
 
 let args = Array(CommandLine.arguments.dropFirst())
 let usage =
-    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]\n       contree-bench slurm [--runs N] [--home DIR]\n       contree-bench loop [--runs N] [--home DIR]\n       contree-bench scale [--runs N] [--home DIR] [--sizes 10,100,1000,5000] [--images 1000,10000,100000] [--concurrency 1,2,4,8,16,32,64] [--only pipelines,store,concurrent]\n       contree-bench table [--runs N] [--home DIR]"
+    "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]\n       contree-bench slurm [--runs N] [--home DIR]\n       contree-bench loop [--runs N] [--home DIR]\n       contree-bench scale [--runs N] [--home DIR] [--sizes 10,100,1000,5000] [--images 1000,10000,100000] [--concurrency 1,2,4,8,16,32,64] [--only pipelines,store,concurrent]\n       contree-bench table [--runs N] [--home DIR]\n       contree-bench memory [--runs N] [--home DIR] [--sizes 256,512,1024] [--forks N]"
 guard let mode = args.first,
-    ["sandbox", "pipeline", "api", "oci", "vm", "network", "slurm", "loop", "scale", "table"].contains(mode)
+    ["sandbox", "pipeline", "api", "oci", "vm", "network", "slurm", "loop", "scale", "table", "memory"].contains(mode)
 else {
     print(usage)
     exit(2)
@@ -367,6 +368,12 @@ do {
     } else if mode == "slurm" {
         try await SlurmBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath)
             .measure()
+    } else if mode == "memory" {
+        try await MemoryBench(
+            home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath,
+            sizes: args.contains("--sizes") ? options.sizes : [256, 512, 1024],
+            forks: args.contains("--forks") ? options.forks : 4
+        ).measure()
     } else if mode == "vm" {
         try await VMBench(home: options.home, rounds: args.contains("--runs") ? options.runs : 3, cli: cliPath)
             .measure()
