@@ -65,7 +65,9 @@ struct MemoryBench {
         try FileSystem.makeDirectories(home)
         _ = try cliOutput(["exec", "--isolation", "vm", "--disposable", "--", "true"])  // kit, template: not measured
         _ = try cliOutput(["sandbox", "stop", "--all"])
-        print("Memory snapshots (VM backend under TCG), medians of \(rounds); the state: a quarter of the guest's memory loaded and indexed, served on loopback")
+        print(
+            "Memory snapshots (VM backend under TCG), medians of \(rounds); the state: a quarter of the guest's memory loaded and indexed, served on loopback"
+        )
         let columns: [(String, Int)] = [
             ("guest", 8), ("cold boot+warm-up", 19), ("start+warm-up", 15), ("snapshot", 10),
             ("fork \(forks)+ready", 15), ("resumed ready", 15), ("resumed/cold", 14), ("child PSS", 11),
@@ -105,14 +107,18 @@ struct MemoryBench {
                 clock = now()
                 let children = try cliOutput(["sandbox", "fork", image, "--count", "\(forks)"]).split(separator: "\n")
                     .map(String.init)
-                for child in children { _ = try cliOutput(["sandbox", "exec", child, "--", "sh", "-c", MemoryBench.ask]) }
+                for child in children {
+                    _ = try cliOutput(["sandbox", "exec", child, "--", "sh", "-c", MemoryBench.ask])
+                }
                 forked.append(now() - clock)
                 for child in children {
                     let used = try memory(of: child)
                     pss.append(used.pss)
                     privateDirty.append(used.privateDirty)
                 }
-                _ = try cliOutput(["sandbox", "exec", children[0], "--", "sh", "-c", "head -c 32m /dev/urandom > /dev/shm/more"])
+                _ = try cliOutput([
+                    "sandbox", "exec", children[0], "--", "sh", "-c", "head -c 32m /dev/urandom > /dev/shm/more",
+                ])
                 written.append(try memory(of: children[0]))
                 _ = try cliOutput(["sandbox", "stop", "--all"])
                 _ = try cliOutput(["image", "rm", image])
