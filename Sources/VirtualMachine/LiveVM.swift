@@ -85,9 +85,11 @@ public struct LiveVM: Sendable {
     /// Starts `command` (its argv may be empty: a sandbox that only waits) as the main process of
     /// a guest restored from `template` and leaves it running. `command.upperDisk` is a raw disk
     /// in `directory`; `command.layers` at most `template.layerSlots`.
+    /// - Parameter onStart: QEMU's pid as soon as it runs (to kill it on a cancel).
     /// - Returns: the sandbox, and the main process's pid in the guest (0 for none).
     public static func start(
-        _ vm: MicroVM, command: MicroVM.Command, template: MicroVM.Template, directory: String
+        _ vm: MicroVM, command: MicroVM.Command, template: MicroVM.Template, directory: String,
+        onStart: (pid_t) -> Void = { _ in }
     ) throws -> (LiveVM, mainPID: Int) {
         guard command.caches.isEmpty, !command.network.isEgress else {
             throw SandboxError(
@@ -105,6 +107,7 @@ public struct LiveVM: Sendable {
                 work: directory, layers: layers, upper: command.upperDisk, ram: (template.ram, false), restoring: true,
                 daemon: true),
             directory: directory)
+        onStart(live.pid)
         var started = false
         defer {
             channel.close()
@@ -136,7 +139,8 @@ public struct LiveVM: Sendable {
     /// the saved guest started from). The guest's processes go on where they were, with the host's
     /// time, fresh entropy and `hostname` (nil: the parent's).
     public static func resume(
-        _ vm: MicroVM, state: MemoryState, layers: [String], hostname: String?, directory: String
+        _ vm: MicroVM, state: MemoryState, layers: [String], hostname: String?, directory: String,
+        onStart: (pid_t) -> Void = { _ in }
     ) throws -> LiveVM {
         guard vm.memoryMiB == state.memoryMiB else {
             throw SandboxError(
@@ -153,6 +157,7 @@ public struct LiveVM: Sendable {
                 upper: upper, ram: (state.directory + "/ram", false), restoring: true, upperFormat: "qcow2",
                 daemon: true),
             directory: directory)
+        onStart(live.pid)
         channel.close()  // a session of its own thaws the guest
         do {
             try MicroVM.restore(

@@ -49,7 +49,7 @@ extension VMBackend {
                 vm,
                 state: LiveVM.MemoryState(
                     directory: resume.path, memoryMiB: snapshot.memoryMiB, layerSlots: snapshot.layerSlots),
-                layers: layers, hostname: request.hostname, directory: work)
+                layers: layers, hostname: request.hostname, directory: work, onStart: state.started)
         } else {
             baseLayers = request.lowers.reversed().map { "sha256:" + ($0.split(separator: "/").last ?? "") }
             layers = try request.lowers.reversed().map {
@@ -72,9 +72,10 @@ extension VMBackend {
             command.gid = request.gid
             command.hostname = request.hostname
             command.network = request.network
-            live = try LiveVM.start(vm, command: command, template: template, directory: work).0
+            live = try LiveVM.start(
+                vm, command: command, template: template, directory: work, onStart: state.started
+            ).0
         }
-        state.started(live.pid)
         let startTicks = LiveVM.processStart(live.pid) ?? 0
         defer { live.stop(startTicks: startTicks) }
 

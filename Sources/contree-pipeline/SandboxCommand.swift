@@ -42,6 +42,15 @@ private func passedCommand(_ command: [String]) -> [String] {
     command.first == "--" ? Array(command.dropFirst()) : command
 }
 
+/// `--help` (or `-h`, `--version`) before a `--` is a question to this tool, not a command.
+private func answerHelp(_ command: [String], _ asker: any ParsableCommand) throws {
+    switch command.first {
+    case "--help", "-h", "-help": throw CleanExit.helpRequest(asker)
+    case "--version": throw CleanExit.message(ContreePipeline.version)
+    default: break
+    }
+}
+
 struct SandboxStart: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "start",
@@ -78,6 +87,8 @@ struct SandboxStart: AsyncParsableCommand {
 
     @Argument(parsing: .captureForPassthrough, help: "The main command and its arguments (after --).")
     var command: [String] = []
+
+    func validate() throws { try answerHelp(command, self) }
 
     func run() async throws {
         var options = LiveSandboxes.StartOptions(image: image)
@@ -131,6 +142,11 @@ struct SandboxExec: AsyncParsableCommand {
 
     @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).")
     var command: [String] = []
+
+    func validate() throws {
+        if id == "--help" || id == "-h" { throw CleanExit.helpRequest(self) }
+        try answerHelp(command, self)
+    }
 
     func run() async throws {
         let argv = passedCommand(command)
