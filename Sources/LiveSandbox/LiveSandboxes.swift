@@ -120,7 +120,7 @@ public final class LiveSandboxes: Sendable {
             command.gid = gid
             command.hostname = options.hostname
             command.network = options.network
-            let (live, _) = try LiveVM.start(vm, command: command, template: template, directory: directory)
+            let live = try backend.startLive(vm, command: command, storeRoot: store.root, directory: directory)
             started = live
             let sandbox = LiveSandbox(
                 id: id, image: image.uuid, base: image.uuid, isolation: .vm, pid: live.pid,
@@ -186,7 +186,7 @@ public final class LiveSandboxes: Sendable {
     public func session(_ sandbox: LiveSandbox) throws -> LiveSession {
         let live = try running(sandbox)
         let session = try LiveSession(directory: live.directory)
-        if session.frozen {
+        if session.frozen && !LiveVM.isFreezing(live.directory) {
             do { try session.thaw(hostname: nil) } catch {
                 session.close()
                 throw error
@@ -215,28 +215,14 @@ public final class LiveSandboxes: Sendable {
         let lease = try store.acquireLease(layers: base.layers, image: base.uuid)
         defer { lease.release() }
         let work = lease.workPath
-        let changesPath = work + "/changes.tar"
-        let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard changes >= 0 else { throw SandboxError.system("open(\(changesPath))") }
-        defer { close(changes) }
+        let changes = try ChangesFile(work + "/changes.tar", limit: backend.changesLimit)
         try FileSystem.makeDirectories(work + "/state")
-        var received: Int64 = 0
         let state = try live.snapshot(
             vm, layers: try base.layers.map { try ErofsLayers.image(of: $0, store: store) },
-            layerSlots: sandbox.layerSlots, upper: live.directory + "/" + sandbox.upper, staging: work + "/state"
-        ) { chunk in
-            received += Int64(chunk.count)  // the guest is not trusted: no more than its disk holds
-            guard received <= backend.upperDiskBytes + (256 << 20) else {
-                throw SandboxError(.sandboxSetup, "the VM sent more changes than its upper disk holds")
-            }
-            try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
-        }
+            layerSlots: sandbox.layerSlots, upper: live.directory + "/" + sandbox.upper, staging: work + "/state",
+            onChanges: changes.take)
         let upper = work + "/upper"
-        try FileSystem.makeDirectory(upper, mode: 0o755)
-        guard lseek(changes, 0, SEEK_SET) == 0 else { throw SandboxError.system("lseek(\(changesPath))") }
-        var reader = TarReader(fd: changes, name: "the sandbox's changes")
-        var extractor = LayerExtractor(root: upper)
-        try extractor.extract(&reader, source: "the sandbox's changes")
+        try changes.extract(into: upper, source: "the sandbox's changes")
         let (digest, bytes) = try Store.placeState(state.directory, root: store.root)
         let metadata = LiveVM.Snapshot(
             guest: backend.guestIdentity(vm), baseLayers: base.layers, memoryMiB: state.memoryMiB,
@@ -280,6 +266,7 @@ public final class LiveSandboxes: Sendable {
             let id = UUID().uuidString.lowercased()
             let directory = self.directory(id)
             try FileSystem.makeDirectories(directory)
+            var started: LiveVM?
             do {
                 try store.pin(image.uuid, owner: "live:" + id)
                 let live = try LiveVM.resume(
@@ -287,6 +274,7 @@ public final class LiveSandboxes: Sendable {
                     state: LiveVM.MemoryState(
                         directory: state.path, memoryMiB: metadata.memoryMiB, layerSlots: metadata.layerSlots),
                     layers: layers, hostname: hostname, directory: directory)
+                started = live
                 let child = LiveSandbox(
                     id: id, image: image.uuid, base: base.uuid, isolation: .vm, pid: live.pid,
                     startTicks: LiveVM.processStart(live.pid) ?? 0, memoryMiB: metadata.memoryMiB,
@@ -296,6 +284,7 @@ public final class LiveSandboxes: Sendable {
                 try record(child)
                 children.append(child)
             } catch {
+                if let started { kill(started.pid, SIGKILL) }
                 try? FileSystem.removeTree(directory)
                 try? store.unpin(image.uuid, owner: "live:" + id)
                 for child in children { try? stop(child) }

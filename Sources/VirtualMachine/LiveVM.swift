@@ -113,8 +113,13 @@ public struct LiveVM: Sendable {
             channel.close()
             if !started { kill(live.pid, SIGKILL) }
         }
-        try MicroVM.restore(
-            state: template.state, qmp: try QMP(fd: try socket(directory, "qmp.sock")), deadline: Monotonic.now + 60)
+        do {
+            try MicroVM.restore(
+                state: template.state, qmp: try QMP(fd: try socket(directory, "qmp.sock")),
+                deadline: Monotonic.now + 60)
+        } catch {
+            throw MicroVM.RestoreFailed(description: "\(error)")  // nothing ran
+        }
         try channel.send(Frame.spec, MicroVM.spec(command, fresh: true, live: true))
         var reader = FrameReader(fd: channel.fd)
         while let frame = try reader.next(until: Monotonic.now + 120) {
@@ -181,6 +186,28 @@ public struct LiveVM: Sendable {
         _ vm: MicroVM, layers: [String], layerSlots: Int, upper: String, staging: String,
         onChanges: ([UInt8]) throws -> Void
     ) throws -> MemoryState {
+        try FileSystem.withLock(directory + "/" + LiveVM.freezeLock) {
+            try takeSnapshot(
+                vm, layers: layers, layerSlots: layerSlots, upper: upper, staging: staging, onChanges: onChanges)
+        }
+    }
+
+    /// Held while a snapshot or a change freezes the guest: a session that finds the guest frozen
+    /// thaws it only when nobody holds this (a snapshot that died half way).
+    public static let freezeLock = "freeze.lock"
+
+    /// Whether a snapshot is freezing the guest in `directory` now.
+    public static func isFreezing(_ directory: String) -> Bool {
+        let fd = open(directory + "/" + freezeLock, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        return flock(fd, LOCK_SH | LOCK_NB) != 0
+    }
+
+    private func takeSnapshot(
+        _ vm: MicroVM, layers: [String], layerSlots: Int, upper: String, staging: String,
+        onChanges: ([UInt8]) throws -> Void
+    ) throws -> MemoryState {
         let session = try LiveSession(directory: directory)
         defer { session.close() }
         // Whatever fails, the sandbox goes on as it was.
@@ -230,10 +257,12 @@ public struct LiveVM: Sendable {
 
     /// Takes the sandbox's changes alone (its files: every process frozen meanwhile, then thawed).
     public func changes(onChanges: ([UInt8]) throws -> Void) throws {
-        let session = try LiveSession(directory: directory)
-        defer { session.close() }
-        defer { if session.frozen { try? session.thaw(hostname: nil) } }
-        try session.freeze(onChanges: onChanges)
+        try FileSystem.withLock(directory + "/" + LiveVM.freezeLock) {
+            let session = try LiveSession(directory: directory)
+            defer { session.close() }
+            defer { if session.frozen { try? session.thaw(hostname: nil) } }
+            try session.freeze(onChanges: onChanges)
+        }
     }
 
     /// Whether this QEMU still runs: its pid alive, not a zombie, and started at `startTicks`
@@ -349,25 +378,27 @@ public final class LiveSession: @unchecked Sendable {
     /// Whether the sandbox's processes are frozen (a snapshot that did not finish).
     public private(set) var frozen = false
 
-    /// Opens a session on the first of the agent's ports no other session holds (waiting for
-    /// the first one when all are taken).
+    /// Opens a session on the first of the agent's ports no other session holds, waiting up to
+    /// `timeout` for one to come free.
     public init(directory: String, timeout: Double = 60) throws {
         var held: (fd: Int32, port: Int)?
-        for port in 0..<MicroVM.sessionPorts {
-            let path = directory + "/session-\(port).lock"
-            let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-            guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
-            if flock(fd, LOCK_EX | LOCK_NB) == 0 {
-                held = (fd, port)
-                break
+        let deadline = Monotonic.now + timeout
+        while held == nil {
+            for port in 0..<MicroVM.sessionPorts where held == nil {
+                let path = directory + "/session-\(port).lock"
+                let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+                guard fd >= 0 else { throw SandboxError.system("open(\(path))") }
+                if flock(fd, LOCK_EX | LOCK_NB) == 0 { held = (fd, port) } else { Glibc.close(fd) }
             }
-            Glibc.close(fd)
-        }
-        if held == nil {
-            let fd = open(directory + "/session-0.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
-            guard fd >= 0 else { throw SandboxError.system("open(\(directory)/session-0.lock)") }
-            while flock(fd, LOCK_EX) != 0 && errno == EINTR {}
-            held = (fd, 0)
+            if held == nil {
+                guard Monotonic.now < deadline else {
+                    throw SandboxError(
+                        .conflict,
+                        "all \(MicroVM.sessionPorts) sessions with the sandbox are busy; retry when a command in it has ended"
+                    )
+                }
+                usleep(20_000)
+            }
         }
         let (lockFD, port) = held!
         lock = lockFD

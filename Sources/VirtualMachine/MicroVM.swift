@@ -272,7 +272,8 @@ public struct MicroVM: Sendable {
         onStdout: @escaping @Sendable ([UInt8]) -> Void = { _ in },
         onStderr: @escaping @Sendable ([UInt8]) -> Void = { _ in },
         onChanges: ([UInt8]) throws -> Void = { _ in },
-        onCache: (Int, ArraySlice<UInt8>) throws -> Void = { _, _ in }
+        onCache: (Int, ArraySlice<UInt8>) throws -> Void = { _, _ in },
+        onRunning: (Channel) -> Void = { _ in }
     ) throws -> Outcome {
         guard template == nil || command.caches.isEmpty else {
             throw SandboxError(.unsupported, "a VM with cache disks boots cold: it cannot restore a template")
@@ -335,6 +336,7 @@ public struct MicroVM: Sendable {
             case .fileDescriptor(let fd):
                 pump.start(from: fd) { chunk in try? channel.send(Frame.stdin, chunk) }
             }
+            onRunning(channel)
         }
         if let template {
             do {

@@ -72,9 +72,8 @@ extension VMBackend {
             command.gid = request.gid
             command.hostname = request.hostname
             command.network = request.network
-            live = try LiveVM.start(
-                vm, command: command, template: template, directory: work, onStart: state.started
-            ).0
+            live = try startLive(
+                vm, command: command, storeRoot: root, directory: work, onStart: state.started)
         }
         let startTicks = LiveVM.processStart(live.pid) ?? 0
         defer { live.stop(startTicks: startTicks) }
@@ -102,7 +101,7 @@ extension VMBackend {
         request.control?.attach(
             LiveCommand(
                 session: session, vm: vm, live: live, layers: layers, layerSlots: layerSlots, upperDisk: upperDisk,
-                storeRoot: root, metadata: metadata))
+                storeRoot: root, changesLimit: changesLimit, metadata: metadata))
         let ran = try session.exec(
             argv: request.argv, env: request.environment, workdir: request.cwd, uid: request.uid, gid: request.gid,
             stdin: input, timeout: request.timeout ?? 24 * 3600, keep: true, onStdout: stdout.take,
@@ -117,34 +116,20 @@ extension VMBackend {
         (result.stderr, result.stderrDropped) = stderr.result()
         guard ran.termination.exitCode != nil || ran.termination.signal != nil, !state.cancelled else { return result }
 
-        // The change, with the processes kept or not; the guest is not trusted with its size.
-        let changesPath = work + "/changes.tar"
-        let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard changes >= 0 else { throw SandboxError.system("open(\(changesPath))") }
-        defer { close(changes) }
-        var received: Int64 = 0
-        let take: ([UInt8]) throws -> Void = { chunk in
-            received += Int64(chunk.count)
-            guard received <= self.upperDiskBytes + (256 << 20) else {
-                throw SandboxError(.sandboxSetup, "the VM sent more changes than its upper disk holds")
-            }
-            try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
-        }
+        // The change, with the processes kept or not.
+        let changes = try ChangesFile(work + "/changes.tar", limit: changesLimit)
         if memory?.persist == true && ran.termination.exitCode == 0 {
             try FileSystem.makeDirectories(work + "/state")
             let saved = try live.snapshot(
-                vm, layers: layers, layerSlots: layerSlots, upper: upperDisk, staging: work + "/state", onChanges: take)
+                vm, layers: layers, layerSlots: layerSlots, upper: upperDisk, staging: work + "/state",
+                onChanges: changes.take)
             let (digest, bytes) = try Store.placeState(saved.directory, root: root)
             result.memoryState = try metadata.placed(digest: digest, bytes: bytes)
         } else {
-            try live.changes(onChanges: take)
+            try live.changes(onChanges: changes.take)
         }
         let unpacked = work + "/upper"
-        try FileSystem.makeDirectory(unpacked, mode: 0o755)
-        guard lseek(changes, 0, SEEK_SET) == 0 else { throw SandboxError.system("lseek(\(changesPath))") }
-        var reader = TarReader(fd: changes, name: "the VM's changes")
-        var extractor = LayerExtractor(root: unpacked)
-        try extractor.extract(&reader, source: "the VM's changes")
+        try changes.extract(into: unpacked, source: "the VM's changes")
         try FileSystem.removeTree(upper)
         try FileSystem.rename(unpacked, upper)
         return result
@@ -210,6 +195,7 @@ struct LiveCommand: RunningSandbox {
     let layerSlots: Int
     let upperDisk: String
     let storeRoot: String
+    let changesLimit: Int64
     /// What a snapshot of it records.
     let metadata: LiveVM.Snapshot
 
@@ -221,7 +207,7 @@ struct LiveCommand: RunningSandbox {
         defer { opened.close() }
         let command = LiveCommand(
             session: opened, vm: vm, live: live, layers: layers, layerSlots: layerSlots, upperDisk: upperDisk,
-            storeRoot: storeRoot, metadata: metadata)
+            storeRoot: storeRoot, changesLimit: changesLimit, metadata: metadata)
         spec.control?.attach(command)
         defer { spec.control?.detach() }
         let stdout = VMBackend.Capture(spec.stdout)
@@ -244,18 +230,15 @@ struct LiveCommand: RunningSandbox {
         return result
     }
 
-    func snapshotMemory(in directory: String) async throws -> (changes: String, state: PlacedState) {
+    func snapshotMemory(in directory: String) async throws -> (changes: ChangesFile, state: PlacedState) {
         try await BlockingPool.shared.run {
-            let changesPath = directory + "/changes.tar"
-            let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-            guard changes >= 0 else { throw SandboxError.system("open(\(changesPath))") }
-            defer { close(changes) }
+            let changes = try ChangesFile(directory + "/changes.tar", limit: changesLimit)
             try FileSystem.makeDirectories(directory + "/state")
             let saved = try live.snapshot(
-                vm, layers: layers, layerSlots: layerSlots, upper: upperDisk, staging: directory + "/state"
-            ) { chunk in try FileSystem.writeAll(fd: changes, chunk, path: changesPath) }
+                vm, layers: layers, layerSlots: layerSlots, upper: upperDisk, staging: directory + "/state",
+                onChanges: changes.take)
             let (digest, bytes) = try Store.placeState(saved.directory, root: storeRoot)
-            return (changesPath, try metadata.placed(digest: digest, bytes: bytes))
+            return (changes, try metadata.placed(digest: digest, bytes: bytes))
         }
     }
 }

@@ -16,6 +16,8 @@ public final class VMBackend: IsolationBackend {
     let progress: ProgressReporter?
     /// The upper disk's size: what a run may write.
     public let upperDiskBytes: Int64
+    /// The most a guest may send as its changes: what its upper disk holds, and tar headers.
+    public var changesLimit: Int64 { upperDiskBytes + (256 << 20) }
     /// Restore each run from a saved template instead of booting (the default; set
     /// CONTREE_VM_COLD=1 to boot every run, e.g. to measure the difference).
     public let useTemplates: Bool
@@ -145,6 +147,30 @@ public final class VMBackend: IsolationBackend {
         return (vm, try template(for: vm, root: storeRoot))
     }
 
+    /// Starts `command` as a live VM in `directory` from the template of `vm`'s size; a template
+    /// that will not restore is dropped and made again, once (as a run's is).
+    public func startLive(
+        _ vm: MicroVM, command: MicroVM.Command, storeRoot: String, directory: String,
+        onStart: (pid_t) -> Void = { _ in }
+    ) throws -> LiveVM {
+        do {
+            return try LiveVM.start(
+                vm, command: command, template: try template(for: vm, root: storeRoot), directory: directory,
+                onStart: onStart
+            ).0
+        } catch let failure as MicroVM.RestoreFailed {
+            progress?.report("vm", "the VM template could not be restored (\(failure)); making it again", elapsed: 0)
+            forgetTemplate(for: vm, root: storeRoot)
+            for name in try FileSystem.list(directory) where name.hasSuffix(".sock") || name == "qemu.pid" {
+                unlink(directory + "/" + name)
+            }
+            return try LiveVM.start(
+                vm, command: command, template: try template(for: vm, root: storeRoot), directory: directory,
+                onStart: onStart
+            ).0
+        }
+    }
+
     /// What identifies the guest a memory snapshot was saved from: it restores only into the
     /// same kernel and initramfs, QEMU, accelerator and memory size.
     public func guestIdentity(_ vm: MicroVM) -> String { templateKey(vm) }
@@ -188,8 +214,10 @@ public final class VMBackend: IsolationBackend {
             request.control?.detach()
         }
         // A run that resumes or keeps memory, or that more commands may be started in (a
-        // server's instance), runs as a live VM.
-        if request.memory != nil || request.control != nil {
+        // server's instance), runs as a live VM; one with caches, services or egress (which a
+        // live VM has not) runs as before, without more commands.
+        let plain = !request.mounts.isEmpty || request.sharedNetwork != nil || request.network.isEgress
+        if request.memory != nil || (request.control != nil && !plain) {
             do {
                 return try runLive(request, memory: request.memory, state: state)
             } catch  where state.cancelled {
@@ -266,32 +294,22 @@ public final class VMBackend: IsolationBackend {
             useTemplates && layers.count <= VMBackend.layerSlots && !request.network.isEgress && cacheDisks.isEmpty
             ? try self.template(for: vm, root: root) : nil
         // The guest sends its changes as a layer tar; the host never mounts what it wrote.
-        let changesPath = staging + "/changes.tar"
-        let changes = open(changesPath, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard changes >= 0 else { throw SandboxError.system("open(\(changesPath))") }
-        defer { close(changes) }
-        var changesBytes: Int64 = 0
+        let changes = try ChangesFile(staging + "/changes.tar", limit: changesLimit)
         var outcome: MicroVM.Outcome? = nil
         while outcome == nil {
             do {
                 outcome = try vm.run(
                     command, stdin: stdin, timeout: request.timeout ?? 24 * 3600, template: template,
                     onStart: state.started, onStdout: stdout.take, onStderr: stderr.take,
-                    onChanges: { chunk in
-                        // No more than the upper disk could hold (plus tar headers): the guest is not trusted.
-                        changesBytes += Int64(chunk.count)
-                        guard changesBytes <= self.upperDiskBytes + (256 << 20) else {
-                            throw SandboxError(.sandboxSetup, "the VM sent more changes than its upper disk holds")
-                        }
-                        try FileSystem.writeAll(fd: changes, chunk, path: changesPath)
-                    },
+                    onChanges: changes.take,
                     onCache: { index, chunk in
                         cacheTars[index].bytes += Int64(chunk.count)
                         guard cacheTars[index].bytes <= cacheDisks[index].bytes + (256 << 20) else {
                             throw SandboxError(.sandboxSetup, "the VM sent more of a cache than its disk holds")
                         }
                         try FileSystem.writeAll(fd: cacheTars[index].fd, Array(chunk), path: cacheTars[index].path)
-                    })
+                    },
+                    onRunning: { channel in request.control?.attach(VMSandbox(channel: channel)) })
                 state.finished()
             } catch let failure as MicroVM.RestoreFailed where template != nil && !state.cancelled {
                 // Nothing ran: the template is dropped (made again next time) and this run boots.
@@ -328,11 +346,7 @@ public final class VMBackend: IsolationBackend {
         // fresh directory that replaces the engine's upper.
         if ended.exitCode != nil || ended.signal != nil {
             let unpacked = staging + "/upper"
-            try FileSystem.makeDirectory(unpacked, mode: 0o755)
-            guard lseek(changes, 0, SEEK_SET) == 0 else { throw SandboxError.system("lseek(\(changesPath))") }
-            var reader = TarReader(fd: changes, name: "the VM's changes")
-            var extractor = LayerExtractor(root: unpacked)
-            try extractor.extract(&reader, source: "the VM's changes")
+            try changes.extract(into: unpacked, source: "the VM's changes")
             try FileSystem.removeTree(upper)
             try FileSystem.rename(unpacked, upper)
         }
@@ -395,5 +409,19 @@ public final class VMBackend: IsolationBackend {
         }
 
         func result() -> ([UInt8], Int) { lock.withLock { (kept, dropped) } }
+    }
+}
+/// A running VM as `RunControl` sees it: signals go to the command through the agent; more
+/// commands cannot be started in a VM yet.
+struct VMSandbox: RunningSandbox {
+    let channel: Channel
+
+    func signal(_ signal: Int32) { channel.signal(signal) }
+
+    func exec(_ spec: ExecSpec) async throws -> CommandOutcome {
+        throw SandboxError(
+            .conflict,
+            "more processes start only in a VM without caches, services or egress; use isolation: container for that"
+        )
     }
 }

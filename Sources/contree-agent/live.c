@@ -285,7 +285,10 @@ static void hello(void) {
 static void freeze(void) {
     if (!have_cgroup || (!frozen && set_freezer(1) != 0)) {
         char text[256];
-        int n = snprintf(text, sizeof text, "the guest could not freeze its processes: %s", strerror(errno));
+        int n = snprintf(
+            text, sizeof text, "the guest could not freeze its processes: %s",
+            have_cgroup ? strerror(errno) : "no cgroup v2 in the guest");
+        if (have_cgroup) set_freezer(0);  // half frozen is worse than not
         send_or_lose(AGENT_FRAME_FREEZE, text, (uint32_t)n);
         return;
     }
@@ -306,7 +309,7 @@ static void thaw(char *spec, uint32_t size) {
         case AGENT_SPEC_HOSTNAME: sethostname(field + 1, strlen(field + 1)); break;
         }
     }
-    if (frozen) set_freezer(0);
+    if (have_cgroup) set_freezer(0);
     frozen = 0;
     send_or_lose(AGENT_FRAME_THAW, NULL, 0);
 }

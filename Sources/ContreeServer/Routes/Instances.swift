@@ -9,7 +9,11 @@ extension ServerState {
     /// starts nothing), records the operation and starts it.
     func spawn(_ call: APICall) async throws -> Response {
         let body = try await decode(SpawnRequest.self, from: call)
-        let plan = try makePlan(body, call: call)
+        return try start(try makePlan(body, call: call))
+    }
+
+    /// Starts a planned spawn and answers as `POST /v1/instances` does (201, the operation).
+    func start(_ plan: SpawnPlan) throws -> Response {
         try operations.spawn(plan)
         var headers = HTTPFields()
         headers[.location] = "/v1/operations/\(plan.uuid)"

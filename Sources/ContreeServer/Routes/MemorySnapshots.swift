@@ -65,12 +65,6 @@ extension ServerState {
         body.image = record.uuid
         var plan = try makePlan(body, call: call)
         plan.resume = true
-        try operations.spawn(plan)
-        var headers = HTTPFields()
-        headers[.location] = "/v1/operations/\(plan.uuid)"
-        var members: [(String, JSON)] = [("uuid", .string(plan.uuid))]
-        if case .object(let metadata) = plan.metadata(image: plan.imageLabel) { members += metadata }
-        members.append(("result", .null))
-        return .json(.object(members), status: .created, headers: headers)
+        return try start(plan)
     }
 }

@@ -97,12 +97,6 @@ extension Store {
         return true
     }
 
-    /// Removes leases, work directories and cgroups that dead processes left behind. It
-    /// carries on past what it cannot remove and reports it.
-    /// - Parameter scanningCgroups: look for this store's abandoned cgroups even when no dead
-    ///   work was found (gc); otherwise only then, or when an earlier recovery left one.
-    /// - Returns: the ids of the abandoned leases that were cleaned up, and what failed.
-    @discardableResult
     /// Ends what a dead run left running detached in its work directory: a process whose pid
     /// is in a `*.pid` file one level down (the VM backend's `-daemonize`d QEMU) and whose
     /// command line names that directory (a pid since reused by another process is left alone).
@@ -120,6 +114,12 @@ extension Store {
         }
     }
 
+    /// Removes leases, work directories and cgroups that dead processes left behind. It
+    /// carries on past what it cannot remove and reports it.
+    /// - Parameter scanningCgroups: look for this store's abandoned cgroups even when no dead
+    ///   work was found (gc); otherwise only then, or when an earlier recovery left one.
+    /// - Returns: the ids of the abandoned leases that were cleaned up, and what failed.
+    @discardableResult
     public func recoverAbandonedWork(
         scanningCgroups: Bool = false
     ) throws -> (removed: [String], failures: [String]) {

@@ -137,11 +137,11 @@ public protocol RunningSandbox: Sendable {
     /// Saves the running sandbox's memory and processes with its files (it goes on
     /// afterwards): its changes as a layer tar at the returned path (in `directory`), its state
     /// placed in the store.
-    func snapshotMemory(in directory: String) async throws -> (changes: String, state: PlacedState)
+    func snapshotMemory(in directory: String) async throws -> (changes: ChangesFile, state: PlacedState)
 }
 
 extension RunningSandbox {
-    public func snapshotMemory(in directory: String) async throws -> (changes: String, state: PlacedState) {
+    public func snapshotMemory(in directory: String) async throws -> (changes: ChangesFile, state: PlacedState) {
         throw SandboxError(
             .unsupported,
             "memory snapshots need isolation vm: this host's CRIU cannot checkpoint a container; run the instance with isolation vm"

@@ -188,7 +188,7 @@ public final class SandboxEngine: Sendable {
     /// A running sandbox's memory snapshot (its changes as a layer tar, its state placed) as a
     /// new image over `image`; its change lies over `resumedBase` when the run was resumed.
     private func commitMemorySnapshot(
-        changes: String, state: PlacedState, image: ImageRecord, resumedBase: String?
+        changes: ChangesFile, state: PlacedState, image: ImageRecord, resumedBase: String?
     ) throws -> ImageRecord {
         var layersOf = image
         if let resumedBase {
@@ -200,13 +200,7 @@ public final class SandboxEngine: Sendable {
         let lease = try store.acquireLease(layers: layersOf.layers, image: layersOf.uuid)
         defer { lease.release() }
         let upper = lease.workPath + "/upper"
-        try FileSystem.makeDirectory(upper, mode: 0o755)
-        let fd = open(changes, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SandboxError.system("open(\(changes))") }
-        defer { close(fd) }
-        var reader = TarReader(fd: fd, name: "the sandbox's changes")
-        var extractor = LayerExtractor(root: upper)
-        try extractor.extract(&reader, source: "the sandbox's changes")
+        try changes.extract(into: upper, source: "the sandbox's changes")
         var placed = state
         placed.base = layersOf.uuid
         return try Snapshotter(store: store).commit(
@@ -446,8 +440,6 @@ public final class SandboxEngine: Sendable {
         }
     }
 
-    /// The image's user (`uid[:gid]`, or names looked up in the image's /etc/passwd and
-    /// /etc/group, as OCI images write them).
     /// A command's environment: `env` over the image's (`KEY=VALUE` each), with a default PATH.
     public static func environment(_ env: [String: String], image: [String]) -> [String] {
         var environment = env.sorted(by: { $0.key < $1.key }).map { "\($0.key)=\($0.value)" }
@@ -458,8 +450,8 @@ public final class SandboxEngine: Sendable {
         return environment
     }
 
-    /// The uid and gid `user` (an image's `user`: name or number, with an optional group) names,
-    /// looked up in the image's /etc/passwd and /etc/group.
+    /// The image's user (`uid[:gid]`, or names looked up in the image's /etc/passwd and
+    /// /etc/group, as OCI images write them).
     public static func parseUser(_ user: String?, filesystem: ImageFilesystem? = nil) throws -> (UInt32, UInt32) {
         guard let user, !user.isEmpty else { return (0, 0) }
         let parts = user.split(separator: ":", omittingEmptySubsequences: false).map(String.init)
