@@ -28,8 +28,14 @@ public struct GuestKit: Sendable {
     }
 
     static func prepare(storeRoot: String, progress: ProgressReporter? = nil) throws -> GuestKit {
-        let root = storeRoot + "/vm"
-        try FileSystem.makeDirectories(root)
+        try FileSystem.makeDirectories(storeRoot + "/vm")
+        // The kit's paths are recorded (kit-*) and read by every store that shares this directory
+        // through a symlink: they name it by its real path, never through one store's link.
+        guard let resolved = realpath(storeRoot + "/vm", nil) else {
+            throw SandboxError.system("realpath(\(storeRoot)/vm)")
+        }
+        let root = String(cString: resolved)
+        free(resolved)
         // What an earlier run prepared with this agent: asking apt and walking the modules
         // costs most of a second, so the answer is kept.
         let agent = try agentProgram()

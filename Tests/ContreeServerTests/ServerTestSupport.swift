@@ -97,6 +97,12 @@ final class TestServer: @unchecked Sendable {
             kill(process.pid, SIGKILL)
             _ = try? ChildProcess.wait(process.pid, "serve")
         }
+        // A killed server leaves its VM instances' detached QEMUs (the next command on the
+        // store would end them; this store goes now).
+        for pid in (try? FileSystem.list("/proc")) ?? [] where Int32(pid) != nil {
+            let command = (try? FileSystem.readFile("/proc/\(pid)/cmdline")) ?? []
+            if String(decoding: command, as: UTF8.self).contains(home + "/") { kill(Int32(pid)!, SIGKILL) }
+        }
         try? FileSystem.removeTree(home)
     }
 
