@@ -223,14 +223,14 @@ public final class LiveSandboxes: Sendable {
             onChanges: changes.take)
         let upper = work + "/upper"
         try changes.extract(into: upper, source: "the sandbox's changes")
-        let (digest, bytes) = try Store.placeState(state.directory, root: store.root)
+        let (digest, bytes) = try Store.sealState(state.directory)
         let metadata = LiveVM.Snapshot(
             guest: backend.guestIdentity(vm), baseLayers: base.layers, memoryMiB: state.memoryMiB,
             layerSlots: state.layerSlots, command: sandbox.command, env: sandbox.env, workdir: sandbox.workdir,
             uid: sandbox.uid, gid: sandbox.gid, hostname: sandbox.hostname)
         let placed = PlacedState(
             digest: digest, bytes: bytes, base: base.uuid, kind: LiveVM.Snapshot.kind,
-            metadata: String(decoding: try JSONEncoder().encode(metadata), as: UTF8.self))
+            metadata: String(decoding: try JSONEncoder().encode(metadata), as: UTF8.self), directory: state.directory)
         // The changes are relative to the base: the image's layers are the base's and one
         // more, its parent the image the sandbox came from.
         let from = try store.image(sandbox.image) ?? base

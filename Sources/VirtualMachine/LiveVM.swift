@@ -1,3 +1,4 @@
+import CAgentProtocol
 import CSandbox
 import Foundation
 import Glibc
@@ -365,8 +366,10 @@ public struct LiveVM: Sendable {
     }
 }
 
-/// One host session with a live sandbox's agent: sessions take turns (a lock in the sandbox's
-/// directory), each opened by a hello that ends what the last one left running.
+/// One host session with a live sandbox's agent, on one of its ports (a lock in the sandbox's
+/// directory), opened by a hello that ends what the port's last session left running. The lock
+/// file says whether that session ended cleanly ("c"); otherwise (a host killed mid-frame, a
+/// connection cut) the new session realigns the port first.
 /// `signal` may be called from any thread (a Ctrl-C handler); the rest from one at a time.
 public final class LiveSession: @unchecked Sendable {
     private let channel: Channel
@@ -402,6 +405,10 @@ public final class LiveSession: @unchecked Sendable {
         }
         let (lockFD, port) = held!
         lock = lockFD
+        var last: UInt8 = 0
+        let clean = pread(lock, &last, 1, 0) != 1 || last == UInt8(ascii: "c")
+        var dirty = UInt8(ascii: "d")
+        _ = pwrite(lock, &dirty, 1, 0)
         do {
             channel = Channel(fd: try LiveVM.socket(directory, port == 0 ? "agent.sock" : "agent\(port).sock"))
         } catch {
@@ -410,6 +417,7 @@ public final class LiveSession: @unchecked Sendable {
         }
         reader = FrameReader(fd: channel.fd)
         do {
+            if !clean { try channel.realign() }
             try channel.send(Frame.hello, [])
             let answer = try expect(Frame.hello, until: Monotonic.now + timeout)
             let text = String(decoding: answer, as: UTF8.self)
@@ -446,20 +454,22 @@ public final class LiveSession: @unchecked Sendable {
         var fields: [(Character, String)] = [(SpecField.workdir, workdir), (SpecField.user, "\(uid):\(gid)")]
         if keep { fields.append((SpecField.keep, "")) }
         fields += env.map { (SpecField.env, $0) } + argv.map { (SpecField.argument, $0) }
-        let started = Monotonic.now
-        try channel.send(Frame.exec, MicroVM.encode(fields))
-        let pump = InputPump()
-        defer { pump.stop() }
-        switch stdin {
-        case .bytes(let bytes):
-            if !bytes.isEmpty { try channel.send(Frame.stdin, bytes) }
-            try channel.send(Frame.stdin, [])
-        case .fileDescriptor(let fd):
-            pump.start(from: fd) { [channel] chunk in try? channel.send(Frame.stdin, chunk) }
+        let spec = MicroVM.encode(fields)
+        guard spec.count <= Int(AGENT_MAX_FRAME) else {
+            throw SandboxError(
+                .invalidArgument,
+                "the command's arguments and environment take \(spec.count) bytes; a live sandbox takes at most \(AGENT_MAX_FRAME) (pass large data as a file or on stdin)"
+            )
         }
+        let started = Monotonic.now
+        try channel.send(Frame.exec, spec)
+        let pump = InputPump(window: Int(AGENT_STDIN_WINDOW))
+        defer { pump.stop(cutting: channel) }
+        try pump.start(stdin, into: channel)
         var outcome = MicroVM.Outcome()
         do {
             let report = try expect(Frame.exit, until: started + timeout) { type, payload in
+                if type == Frame.stdinAck { pump.acknowledge(Int(String(decoding: payload, as: UTF8.self)) ?? 0) }
                 if type == Frame.stdout { onStdout(payload) }
                 if type == Frame.stderr || type == Frame.log { onStderr(payload) }
             }
@@ -472,10 +482,22 @@ public final class LiveSession: @unchecked Sendable {
         return outcome
     }
 
-    /// Puts a file (`bytes`) or a directory (nil) at `path` in the sandbox's root.
+    /// Puts a file (`bytes`) or a directory (nil) at `path` in the sandbox's root (every
+    /// component of `path` resolved inside it, parents made where missing).
     public func put(_ path: String, mode: UInt32, uid: UInt32, gid: UInt32, bytes: [UInt8]?) throws {
         let header = "\(path)\0\(String(mode & 0o7777, radix: 8))\0\(uid):\(gid)\0\(bytes == nil ? "d" : "f")\0"
-        try channel.send(Frame.put, Array(header.utf8) + (bytes ?? []))
+        try channel.send(Frame.put, Array(header.utf8))
+        if let bytes {
+            try channel.sendChunked(Frame.putData, bytes)
+            try channel.send(Frame.putData, [])
+        }
+        let answer = try expect(Frame.put, until: Monotonic.now + 60)
+        guard answer.isEmpty else {
+            throw SandboxError(
+                .invalidArgument,
+                "could not put \(path) into the sandbox: \(String(decoding: answer, as: UTF8.self)); map it to another path in the sandbox"
+            )
+        }
     }
 
     /// Asks the agent to signal the running command.
@@ -505,6 +527,10 @@ public final class LiveSession: @unchecked Sendable {
     public func close() {
         guard !closed else { return }
         closed = true
+        if !channel.cut {
+            var clean = UInt8(ascii: "c")
+            _ = pwrite(lock, &clean, 1, 0)
+        }
         channel.close()
         Glibc.close(lock)
     }

@@ -322,20 +322,14 @@ public struct MicroVM: Sendable {
         let deadline = started + timeout
         var outcome = Outcome()
         let pump = InputPump()
-        defer { pump.stop() }
+        defer { pump.stop(cutting: channel) }
         var specSent = false
         func start() throws {
             guard !specSent else { return }  // a second ready frame is not the agent's
             specSent = true
             outcome.bootSeconds = Monotonic.now - started
             try channel.send(Frame.spec, MicroVM.spec(command, fresh: true))
-            switch stdin {
-            case .bytes(let bytes):
-                if !bytes.isEmpty { try channel.send(Frame.stdin, bytes) }
-                try channel.send(Frame.stdin, [])
-            case .fileDescriptor(let fd):
-                pump.start(from: fd) { chunk in try? channel.send(Frame.stdin, chunk) }
-            }
+            try pump.start(stdin, into: channel)
             onRunning(channel)
         }
         if let template {

@@ -123,8 +123,12 @@ extension VMBackend {
             let saved = try live.snapshot(
                 vm, layers: layers, layerSlots: layerSlots, upper: upperDisk, staging: work + "/state",
                 onChanges: changes.take)
-            let (digest, bytes) = try Store.placeState(saved.directory, root: root)
-            result.memoryState = try metadata.placed(digest: digest, bytes: bytes)
+            // Beside the run's upper, in its lease's directory, until the engine records it.
+            let kept = upper + "-state"
+            try? FileSystem.removeTree(kept)
+            try FileSystem.rename(saved.directory, kept)
+            let (digest, bytes) = try Store.sealState(kept)
+            result.memoryState = try metadata.placed(digest: digest, bytes: bytes, directory: kept)
         } else {
             try live.changes(onChanges: changes.take)
         }
@@ -165,11 +169,11 @@ extension VMBackend {
 }
 
 extension LiveVM.Snapshot {
-    /// A state placed in the store with this as its metadata (the engine fills in its base).
-    func placed(digest: String, bytes: Int64) throws -> PlacedState {
+    /// A state sealed in `directory` with this as its metadata (the engine fills in its base).
+    func placed(digest: String, bytes: Int64, directory: String) throws -> PlacedState {
         PlacedState(
             digest: digest, bytes: bytes, base: "", kind: LiveVM.Snapshot.kind,
-            metadata: String(decoding: try JSONEncoder().encode(self), as: UTF8.self))
+            metadata: String(decoding: try JSONEncoder().encode(self), as: UTF8.self), directory: directory)
     }
 }
 
@@ -237,8 +241,8 @@ struct LiveCommand: RunningSandbox {
             let saved = try live.snapshot(
                 vm, layers: layers, layerSlots: layerSlots, upper: upperDisk, staging: directory + "/state",
                 onChanges: changes.take)
-            let (digest, bytes) = try Store.placeState(saved.directory, root: storeRoot)
-            return (changes, try metadata.placed(digest: digest, bytes: bytes))
+            let (digest, bytes) = try Store.sealState(saved.directory)
+            return (changes, try metadata.placed(digest: digest, bytes: bytes, directory: saved.directory))
         }
     }
 }

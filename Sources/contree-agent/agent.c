@@ -707,8 +707,9 @@ int main(void) {
             char *data;
             uint32_t size;
             int type = read_frame(&data, &size);
-            if (type < 0) {
+            if (type < 0) {  // the host went away: so does its command
                 fds[2].fd = -1;
+                if (!exited) kill(child, SIGKILL);
             } else if (type == AGENT_FRAME_STDIN && stdin_fd >= 0 && !stdin_closing) {
                 if (size == 0) {
                     stdin_closing = 1;

@@ -182,6 +182,43 @@ struct StoreTests {
         #expect(try t.store.collectGarbage().layersRemoved == 1)
     }
 
+    @Test(
+        "a memory state waits in its lease's directory (gc leaves it) until the commit that records it moves it into the store; gc removes it with its image; fsck re-hashes it"
+    )
+    func statesAwaitTheirCommit() throws {
+        let t = try TemporaryStore()
+        let base = try importTree(t.store, ["a": "1"])
+        let lease = try t.store.acquireLease(layers: base.layers, image: base.uuid)
+        let staging = lease.workPath + "/state"
+        try FileSystem.makeDirectories(staging)
+        try FileSystem.writeFile(staging + "/ram", Array(repeating: 7, count: 3 << 20))
+        try FileSystem.writeFile(staging + "/devices", Array("device state".utf8))
+        let (digest, bytes) = try Store.sealState(staging)
+        #expect(bytes > 0)
+        // A gc between the snapshot and its commit (the race a placed-then-recorded state lost).
+        #expect(try t.store.collectGarbage().statesRemoved == 0)
+        #expect(FileSystem.isDirectory(staging))
+        let upper = lease.workPath + "/upper"
+        try FileSystem.makeDirectories(upper)
+        try FileSystem.writeFile(upper + "/b", Array("2".utf8))
+        let state = PlacedState(
+            digest: digest, bytes: bytes, base: base.uuid, kind: "test", metadata: "{}", directory: staging)
+        let image = try Snapshotter(store: t.store).commit(
+            upper, base: base, config: base.config, origin: "test", lease: lease, newImage: true
+        ) { tx, image, _ in try t.store.recordState(tx, image: image.uuid, state: state) }.image
+        lease.release()
+        let recorded = try #require(try t.store.state(of: image.uuid))
+        #expect(recorded.digest == digest && !FileSystem.exists(staging))
+        #expect(try FileSystem.readFile(recorded.path + "/devices") == Array("device state".utf8))
+        #expect(try t.store.collectGarbage().statesRemoved == 0)
+        #expect(try t.store.checkConsistency(verifyContent: true).isConsistent)
+        try FileSystem.writeFile(recorded.path + "/devices", Array("tampered".utf8))
+        #expect(try t.store.checkConsistency(verifyContent: true).problems.contains { $0.contains("has changed") })
+        try t.store.removeImage(image.uuid, force: true)
+        #expect(try t.store.collectGarbage().statesRemoved == 1)
+        #expect(!FileSystem.exists(recorded.path))
+    }
+
     @Test("a lease on an image that is gone is refused")
     func leaseOnRemovedImage() throws {
         let t = try TemporaryStore()

@@ -177,6 +177,73 @@ extension VMTests {
         }
 
         @Test(
+            "the agent's edges: a put resolves inside the root (an image's link and .. stay in it), a large file arrives whole, a bad put is an error the session survives; a command that reads none of a large stdin still times out; a background writer does not hold its command's end; a host cut mid-frame leaves a port the next host realigns"
+        )
+        func agentEdges() async throws {
+            let (sandboxes, home) = try liveStore()
+            defer { try? FileSystem.removeTree(home) }
+            var options = LiveSandboxes.StartOptions(image: "busybox")
+            options.command = ["sleep", "1000"]
+            let sandbox = try await BlockingPool.shared.run { [options] in try sandboxes.start(options) }
+            defer { try? sandboxes.stop(sandbox) }
+            // Links that lead out of the root as the agent (not chrooted) would see them.
+            #expect(try await shell(sandboxes, sandbox, "ln -s / /out && ln -s ../../.. /up && mkdir /dir").1 == 0)
+            let large = (0..<(3 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 11) }
+            try await BlockingPool.shared.run {
+                let session = try sandboxes.session(sandbox)
+                defer { session.close() }
+                try session.put("/out/through-link", mode: 0o640, uid: 5, gid: 6, bytes: Array("in the root\n".utf8))
+                try session.put("/up/x/../../dotdot", mode: 0o644, uid: 0, gid: 0, bytes: Array("still\n".utf8))
+                try session.put("/made/parents", mode: 0o750, uid: 0, gid: 0, bytes: nil)
+                try session.put("/made/parents/large", mode: 0o600, uid: 0, gid: 0, bytes: large)
+                let onDirectory = #expect(throws: SandboxError.self) {
+                    try session.put("/dir", mode: 0o644, uid: 0, gid: 0, bytes: [1, 2, 3])
+                }
+                #expect(
+                    onDirectory?.message.contains("could not put /dir") == true, "\(String(describing: onDirectory))")
+            }
+            let (listing, status) = try await shell(
+                sandboxes, sandbox,
+                "cat /through-link /dotdot; stat -c '%a %u:%g' /through-link /made/parents; sha256sum < /made/parents/large"
+            )
+            #expect(status == 0)
+            let expected = Digest.sha256(large).hex
+            #expect(listing == "in the root\nstill\n640 5:6\n750 0:0\n\(expected)  -\n", "\(listing)")
+
+            // 4 MiB of stdin to a command that reads none: the timeout still ends it.
+            let started = Monotonic.now
+            let starved = try await BlockingPool.shared.run {
+                let session = try sandboxes.session(sandbox)
+                defer { session.close() }
+                return try session.exec(
+                    argv: ["sleep", "600"], env: sandbox.env, workdir: "/", uid: 0, gid: 0,
+                    stdin: .bytes([UInt8](repeating: 120, count: 4 << 20)), timeout: 3, onStdout: { _ in },
+                    onStderr: { _ in })
+            }
+            #expect(starved.termination.timedOut)
+            #expect(Monotonic.now - started < 30, "the timeout was held up for \(Monotonic.now - started) s")
+            // A writer left running after its command exits: the command's end is reported at once.
+            let (echoed, writerStatus) = try await shell(sandboxes, sandbox, "yes & echo started")
+            #expect(writerStatus == 0 && echoed.contains("started"))
+            let (after, afterStatus) = try await shell(sandboxes, sandbox, "killall yes; ps -o comm | grep -c ^sleep$")
+            #expect(afterStatus == 0)
+            #expect(after == "1\n", "only the main sleep is left: \(after)")
+
+            // A host that dies mid-frame (its session left "dirty"): the next one realigns the port.
+            let directory = sandboxes.store.root + "/live/" + sandbox.id
+            let lock = open(directory + "/session-0.lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+            #expect(lock >= 0 && flock(lock, LOCK_EX) == 0)
+            var dirty = UInt8(ascii: "d")
+            _ = pwrite(lock, &dirty, 1, 0)
+            let socket = try LiveVM.socket(directory, "agent.sock")
+            try FileSystem.writeAll(fd: socket, [UInt8(ascii: "Q"), 0, 0, 1, 0] + Array("Wfrag".utf8), path: "socket")
+            close(socket)
+            close(lock)
+            let (realigned, realignedStatus) = try await shell(sandboxes, sandbox, "echo aligned")
+            #expect(realigned == "aligned\n" && realignedStatus == 0)
+        }
+
+        @Test(
             "persist: memory without isolation: vm is refused with the file, line and column"
         )
         func persistNeedsVM() async throws {

@@ -3,12 +3,18 @@
 // agent's C and imported by Swift.
 //
 // The channel is the guest's first virtio-serial port. A frame is one type byte, a 4-byte
-// little-endian payload length, then the payload (the agent sends at most 64 KiB a frame).
+// little-endian payload length, then the payload (the agent sends at most 64 KiB a frame, a
+// host at most AGENT_MAX_FRAME). A live sandbox's agent skips zero bytes between frames.
 #ifndef CONTREE_AGENT_PROTOCOL_H
 #define CONTREE_AGENT_PROTOCOL_H
 
 // Constants of an anonymous enum: case labels in C, `Int` constants in Swift.
 enum {
+    AGENT_MAX_FRAME = 1 << 20,
+    // A live sandbox's stdin flow control: a host keeps at most this much of a command's stdin
+    // sent and not acknowledged by AGENT_FRAME_STDIN_ACK.
+    AGENT_STDIN_WINDOW = 1 << 20,
+
     // Guest -> host.
     AGENT_FRAME_READY = 'R',    // empty: the agent waits for a spec
     AGENT_FRAME_STDOUT = 'O',   // the command's stdout bytes
@@ -22,6 +28,7 @@ enum {
     // hello, "main=running" or "main=exited status=N signal=N", then " frozen" when frozen;
     // 'F' (empty) once frozen, after its changes; 'W' (empty) once thawed.
     AGENT_FRAME_LIVE = 'V',
+    AGENT_FRAME_STDIN_ACK = 'A',  // a live sandbox's: how many more stdin bytes the command took (text)
 
     // Host -> guest.
     AGENT_FRAME_SPEC = 'S',     // what to run: NUL-terminated spec fields
@@ -32,9 +39,13 @@ enum {
     AGENT_FRAME_EXEC = 'Q',     // spec fields (workdir, user, env, arguments): one more command
     AGENT_FRAME_FREEZE = 'F',   // empty: freeze every process, send the changes, answer 'F'
     AGENT_FRAME_THAW = 'W',     // spec fields (time, entropy, hostname): set them, thaw, answer 'W'
-    // A file or directory put into the root before a command (a resumed step's inputs):
-    // "PATH\0MODE(octal)\0UID:GID\0KIND\0" (KIND 'd' or 'f') then a file's bytes. No answer.
+    // A file or directory put into the root before a command (a resumed step's inputs), every
+    // path component resolved inside the root: "PATH\0MODE(octal)\0UID:GID\0KIND\0" (KIND 'd'
+    // or 'f'). A file's bytes follow in AGENT_FRAME_PUT_DATA frames, an empty one ending them.
+    // The agent answers 'P' once a directory is made or a file's bytes ended: empty, or why
+    // the put failed.
     AGENT_FRAME_PUT = 'P',
+    AGENT_FRAME_PUT_DATA = 'B',
 
     // Spec fields: each a kind byte then its text, NUL-terminated.
     AGENT_SPEC_LAYER = 'D',     // a read-only layer disk by its serial, bottom first

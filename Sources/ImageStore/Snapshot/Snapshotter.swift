@@ -58,10 +58,12 @@ public struct Snapshotter: Sendable {
             let image = ImageRecord(
                 uuid: UUID().uuidString.lowercased(), parent: base.uuid, layers: (layersOf ?? base).layers,
                 config: config, size: (layersOf ?? base).size, created: Date(), origin: origin, tags: [])
-            return try store.database.transaction { tx in
-                try store.insertImage(tx, image)
-                try record(tx, image, nil)
-                return CommitResult(image: image, layer: nil, flattened: false)
+            return try store.withStoreLock(exclusive: false) {
+                try store.database.transaction { tx in
+                    try store.insertImage(tx, image)
+                    try record(tx, image, nil)
+                    return CommitResult(image: image, layer: nil, flattened: false)
+                }
             }
         }
         let summary = try LayerArchiver.archive(directory: directory, removingSockets: true, budget: budget)

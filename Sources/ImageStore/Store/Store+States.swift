@@ -7,20 +7,25 @@ import SystemSupport
     import Foundation
 #endif
 
-/// A state placed in the store and described, ready to be recorded with the image that holds it.
+/// A state sealed and described, ready to be recorded (and moved into the store) with the image
+/// that holds it.
 public struct PlacedState: Sendable {
     public var digest: String
     public var bytes: Int64
     public var base: String
     public var kind: String
     public var metadata: String
+    /// Where its files wait (in a lease's work directory, which gc leaves alone) until
+    /// `recordState` moves them into the store.
+    public var directory: String
 
-    public init(digest: String, bytes: Int64, base: String, kind: String, metadata: String) {
+    public init(digest: String, bytes: Int64, base: String, kind: String, metadata: String, directory: String) {
         self.digest = digest
         self.bytes = bytes
         self.base = base
         self.kind = kind
         self.metadata = metadata
+        self.directory = directory
     }
 }
 
@@ -101,34 +106,32 @@ extension Store {
         return list.finalize()
     }
 
-    /// Moves the directory `staging` (files only) into the store at `root` as a state; one with
-    /// the same content already there is kept and `staging` removed. Under the store's shared
-    /// lock, so that gc cannot interleave; recorded by `recordState` (until then, gc may take it).
+    /// Hashes and syncs the directory `staging` (files only, in a lease's work directory) for
+    /// `recordState` to move into the store: it stays where it is until then.
     /// - Returns: its digest and size.
-    public static func placeState(_ staging: String, root: String) throws -> (digest: String, bytes: Int64) {
+    public static func sealState(_ staging: String) throws -> (digest: String, bytes: Int64) {
         let digest = try Store.stateDigest(of: staging)
         var bytes: Int64 = 0
         for name in try FileSystem.list(staging) {
             bytes += Int64((try FileSystem.status(staging + "/" + name))?.st_blocks ?? 0) * 512
         }
         for name in try FileSystem.list(staging) { try FileSystem.sync(staging + "/" + name) }
-        try FileSystem.makeDirectories(root + "/states")
-        let target = root + "/states/" + digest.hex
-        try FileSystem.withLock(root + "/" + Store.lockName, exclusive: false) {
-            if FileSystem.isDirectory(target) {
-                try FileSystem.removeTree(staging)
-            } else {
-                try FileSystem.rename(staging, target)
-            }
-        }
         return (digest.description, bytes)
     }
 
-    /// Records that `image` holds the state `digest` (placed with `placeState`), in the
-    /// transaction that records the image.
+    /// Records that `image` holds `state`, in the transaction that records the image (which
+    /// runs under the store's shared lock, so gc cannot come between): its files move from
+    /// their lease's directory into `states/` (one with the same content already there is kept).
     public func recordState(
         _ tx: Database.Transaction, image: String, state: PlacedState
     ) throws {
+        let target = statesPath + "/" + Store.hex(state.digest)
+        if FileSystem.isDirectory(target) {
+            try? FileSystem.removeTree(state.directory)
+        } else {
+            try FileSystem.makeDirectories(statesPath)
+            try FileSystem.rename(state.directory, target)
+        }
         try tx.query(
             "INSERT INTO image_states(image, digest, base, kind, metadata, bytes, created) VALUES(?, ?, ?, ?, ?, ?, ?)",
             [
