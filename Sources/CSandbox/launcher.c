@@ -430,6 +430,11 @@ int csb_pidfd_kill(int pidfd, int sig) {
     return syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0) == 0 ? 0 : -errno;
 }
 
+int csb_pidfd_open(pid_t pid) {
+    int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+    return fd >= 0 ? fd : -errno;
+}
+
 int csb_wait(pid_t pid, int *status, struct csb_usage *usage) {
     struct rusage ru;
     memset(&ru, 0, sizeof ru);

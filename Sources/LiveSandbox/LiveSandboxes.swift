@@ -50,11 +50,15 @@ public final class LiveSandboxes: Sendable {
     public let store: Store
     let baseImages: BaseImages
     let backend: VMBackend
+    /// The program that holds a live container sandbox (`contree-pipeline`, which takes
+    /// `sandbox hold`); none: container sandboxes are refused.
+    let holder: [String]
 
-    public init(store: Store, baseImages: BaseImages, backend: VMBackend) throws {
+    public init(store: Store, baseImages: BaseImages, backend: VMBackend, holder: [String] = []) throws {
         self.store = store
         self.baseImages = baseImages
         self.backend = backend
+        self.holder = holder
         try store.migrate(
             "live",
             [
@@ -86,16 +90,11 @@ public final class LiveSandboxes: Sendable {
 
     /// Starts a live sandbox: `command` (if any) keeps running in it as its main process.
     public func start(_ options: StartOptions) throws -> LiveSandbox {
-        guard options.isolation == .vm else {
-            throw SandboxError(
-                .unsupported,
-                "a live sandbox runs in a VM: start it with --isolation vm (a container sandbox cannot be snapshotted with its memory on this host: CRIU cannot checkpoint here)"
-            )
-        }
         guard options.network == .loopback || options.network == .none else {
             throw SandboxError(
                 .unsupported, "a live sandbox's network is loopback or none for now (egress: run it with exec)")
         }
+        if options.isolation == .container { return try startContainer(options) }
         let image = try baseImages.resolve(options.image)
         let (vm, template) = try backend.machine(storeRoot: store.root, memoryBytes: options.memoryBytes)
         guard image.layers.count <= template.layerSlots else {
@@ -138,7 +137,7 @@ public final class LiveSandboxes: Sendable {
         }
     }
 
-    private func record(_ sandbox: LiveSandbox) throws {
+    func record(_ sandbox: LiveSandbox) throws {
         let text = String(decoding: try JSONEncoder().encode(sandbox), as: UTF8.self)
         try store.database.query(
             "INSERT INTO live_sandboxes(id, record, created) VALUES(?, ?, ?)",
@@ -184,6 +183,10 @@ public final class LiveSandboxes: Sendable {
 
     /// A session with the sandbox's agent (a snapshot that died half way is thawed first).
     public func session(_ sandbox: LiveSandbox) throws -> LiveSession {
+        guard sandbox.isolation == .vm else {
+            throw SandboxError(
+                .unsupported, "live sandbox \(sandbox.id) is a container: run commands in it with execContainer")
+        }
         let live = try running(sandbox)
         let session = try LiveSession(directory: live.directory)
         if session.frozen && !LiveVM.isFreezing(live.directory) {
@@ -198,6 +201,7 @@ public final class LiveSandboxes: Sendable {
     /// The main process's state as the agent says it (`running`, `none`, `exited status=N
     /// signal=N`); nil when the sandbox is not running.
     public func mainState(_ sandbox: LiveSandbox) -> String? {
+        guard sandbox.isolation == .vm else { return isRunning(sandbox) ? "running" : nil }
         guard isRunning(sandbox), let session = try? session(sandbox) else { return nil }
         defer { session.close() }
         return session.main
@@ -207,6 +211,12 @@ public final class LiveSandboxes: Sendable {
     /// started from plus one layer of everything it changed) holding its memory and processes.
     public func snapshot(_ sandbox: LiveSandbox, tag: String?) throws -> ImageRecord {
         if let tag { try Store.validateTag(tag) }
+        guard sandbox.isolation == .vm else {
+            throw SandboxError(
+                .unsupported,
+                "live sandbox \(sandbox.id) is a container, whose memory cannot be snapshotted on this host (CRIU cannot checkpoint here); start the sandbox with --isolation vm to snapshot and fork it, or keep its files with `contree-pipeline exec`"
+            )
+        }
         let live = try running(sandbox)
         guard let base = try store.image(sandbox.base) else {
             throw SandboxError(.corrupt, "the image \(sandbox.base) under live sandbox \(sandbox.id) is gone")
@@ -310,7 +320,11 @@ public final class LiveSandboxes: Sendable {
     /// Stops the sandbox (everything in it ends; nothing is kept) and forgets it.
     public func stop(_ sandbox: LiveSandbox) throws {
         let directory = self.directory(sandbox.id)
-        LiveVM(directory: directory, pid: sandbox.pid).stop(startTicks: sandbox.startTicks)
+        if sandbox.isolation == .container {
+            stopHolder(sandbox)
+        } else {
+            LiveVM(directory: directory, pid: sandbox.pid).stop(startTicks: sandbox.startTicks)
+        }
         try? FileSystem.removeTree(directory)
         try store.database.transaction { tx in
             try store.unpin(tx, sandbox.image, owner: "live:" + sandbox.id)

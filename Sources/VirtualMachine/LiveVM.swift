@@ -272,17 +272,8 @@ public struct LiveVM: Sendable {
         processStart(pid) == startTicks
     }
 
-    /// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22); nil when it
-    /// is gone or a zombie.
-    public static func processStart(_ pid: pid_t) -> UInt64? {
-        guard pid > 0, let bytes = try? FileSystem.readFile("/proc/\(pid)/stat") else { return nil }
-        let text = String(decoding: bytes, as: UTF8.self)
-        guard let close = text.lastIndex(of: ")") else { return nil }
-        let fields = text[text.index(after: close)...].split(separator: " ")
-        // fields[0] is the state (field 3); the start time is field 22.
-        guard fields.count > 19, fields[0] != "Z" else { return nil }
-        return UInt64(fields[19])
-    }
+    /// A process's start time in clock ticks since boot; nil when it is gone or a zombie.
+    public static func processStart(_ pid: pid_t) -> UInt64? { ChildProcess.startTicks(of: pid) }
 
     /// Stops the VM (SIGKILL: nothing in it is kept) and waits until it is gone.
     public func stop(startTicks: UInt64) {

@@ -14,15 +14,18 @@ struct SandboxCommand: AsyncParsableCommand {
         commandName: "sandbox",
         abstract: "Live sandboxes: keep one running, run more commands in it, snapshot its memory, fork it.",
         discussion: """
-            A live sandbox is a VM (--isolation vm) that keeps running after the command that \
-            started it: its main command runs in the background (its output in /scratch/main.log \
-            of the guest, outside the image), `exec` runs more commands in it, `snapshot` records \
-            its files and its memory and processes as a new image, `fork` starts children from such \
-            an image with their processes running where they were.
+            A live sandbox keeps running after the command that started it: its main command runs \
+            in the background, `exec` runs more commands in it. In a VM (--isolation vm, the \
+            default) the main command's output is in /scratch/main.log of the guest (outside the \
+            image); `snapshot` records its files and its memory and processes as a new image, and \
+            `fork` starts children from such an image with their processes running where they were. \
+            A container sandbox (--isolation container) takes exec and stop; its main command's \
+            output is in live/ID/main.log of the store, it ends when its main command does, and its \
+            memory cannot be snapshotted on this host.
             """,
         subcommands: [
             SandboxStart.self, SandboxExec.self, SandboxSnapshot.self, SandboxFork.self, SandboxList.self,
-            SandboxStop.self,
+            SandboxStop.self, SandboxHold.self,
         ])
 }
 
@@ -31,9 +34,32 @@ extension LiveSandboxes {
     static func open(_ options: StoreOptions) throws -> LiveSandboxes {
         let store = try options.open()
         let progress = ProgressReporter()
+        // A live container sandbox is held by a process of this program.
+        var path = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let length = readlink("/proc/self/exe", &path, Int(PATH_MAX))
+        let program = length > 0 ? String(decoding: path[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
         return try LiveSandboxes(
             store: store, baseImages: BaseImages(store: store, progress: progress, sources: .commands),
-            backend: VMBackend(progress: progress))
+            backend: VMBackend(progress: progress), holder: program.isEmpty ? [] : [program])
+    }
+}
+
+/// `sandbox hold ID`: runs a live container sandbox until it is stopped (started by `sandbox
+/// start --isolation container`, never by hand).
+struct SandboxHold: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "hold", abstract: "Run a live container sandbox (started by `sandbox start`).",
+        shouldDisplay: false)
+
+    @OptionGroup var storeOptions: StoreOptions
+
+    @Argument(help: "The live sandbox's id.")
+    var id: String
+
+    func run() async throws {
+        try await reportingErrors {
+            try await LiveSandboxes.open(storeOptions).hold(id)
+        }
     }
 }
 
@@ -61,7 +87,9 @@ struct SandboxStart: AsyncParsableCommand {
     @Option(help: "Image: a UUID, a UUID prefix, a tag, or a built-in (busybox, debian:bookworm).")
     var image = BaseImages.defaultImage
 
-    @Option(help: "vm (the default here: a live sandbox runs in a QEMU microvm) or container (refused: see --help).")
+    @Option(
+        help: "vm (the default: a QEMU microvm, which can be snapshotted and forked) or container (exec and stop only)."
+    )
     var isolation: IsolationKind = .vm
 
     @Option(name: .customLong("env"), help: "Set KEY=VALUE in the sandbox (KEY alone copies the host's value).")
@@ -153,13 +181,24 @@ struct SandboxExec: AsyncParsableCommand {
         guard !argv.isEmpty else {
             throw ValidationError("no command given: contree-pipeline sandbox exec ID -- COMMAND [ARGS...]")
         }
-        let outcome = try await reportingErrors {
+        let termination = try await reportingErrors {
             let sandboxes = try LiveSandboxes.open(storeOptions)
             let sandbox = try sandboxes.resolve(id)
             var environment = sandbox.env.filter { entry in
                 !env.contains { $0.hasPrefix(String(entry.prefix { $0 != "=" }) + "=") }
             }
             environment += ExecCommand.parseEnvironment(env).sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }
+            if sandbox.isolation == .container {
+                var spec = ExecSpec(
+                    command: argv, environment: environment, cwd: cwd ?? sandbox.workdir, uid: sandbox.uid,
+                    gid: sandbox.gid, stdin: interactive ? .fileDescriptor(0) : .null, stdout: .fileDescriptor(1),
+                    stderr: .fileDescriptor(2), timeout: timeout)
+                let control = RunControl()
+                spec.control = control
+                let signals = Termination.onSignal { control.signal(SIGTERM) }
+                defer { signals.forEach { $0.cancel() } }
+                return try await sandboxes.execContainer(sandbox, spec).termination
+            }
             let session = try sandboxes.session(sandbox)
             defer { session.close() }
             let signals = Termination.onSignal { session.signal(SIGTERM) }
@@ -174,12 +213,12 @@ struct SandboxExec: AsyncParsableCommand {
                     stdin: stdin,
                     timeout: timeout, onStdout: { try? FileSystem.writeAll(fd: 1, $0, path: "stdout") },
                     onStderr: { try? FileSystem.writeAll(fd: 2, $0, path: "stderr") })
-            }
+            }.termination
         }
-        if outcome.termination.timedOut {
+        if termination.timedOut {
             printError("contree: the command timed out after \(timeout) s and was killed")
         }
-        let status = outcome.termination.shellStatus
+        let status = termination.shellStatus
         if status != 0 { throw ExitCode(status) }
     }
 }
@@ -282,11 +321,12 @@ struct SandboxList: AsyncParsableCommand {
         }
         print(
             Format.table(
-                ["ID", "STATE", "IMAGE", "MEMORY", "MAIN", "COMMAND"],
+                ["ID", "STATE", "ISOLATION", "IMAGE", "MEMORY", "MAIN", "COMMAND"],
                 entries.map { entry in
                     [
                         String(entry.sandbox.id.prefix(12)), entry.running ? "running" : "ended",
-                        String(entry.sandbox.image.prefix(12)), "\(entry.sandbox.memoryMiB) MiB", entry.main ?? "-",
+                        entry.sandbox.isolation.rawValue, String(entry.sandbox.image.prefix(12)),
+                        entry.sandbox.isolation == .vm ? "\(entry.sandbox.memoryMiB) MiB" : "-", entry.main ?? "-",
                         entry.sandbox.command.joined(separator: " "),
                     ]
                 }))

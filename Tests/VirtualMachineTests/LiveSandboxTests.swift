@@ -262,7 +262,7 @@ extension VMTests {
         }
 
         @Test(
-            "bad cases: a snapshot of a sandbox whose VM ended, a live container sandbox, a fork of an image without memory: clear errors, nothing left running; a killed run's detached VM is ended by the next command"
+            "bad cases: a snapshot of a sandbox whose VM ended, a fork of an image without memory: clear errors, nothing left running; a killed run's detached VM is ended by the next command"
         )
         func badCases() async throws {
             let (sandboxes, home) = try liveStore()
@@ -281,17 +281,8 @@ extension VMTests {
             try sandboxes.stop(sandbox)
             #expect(try sandboxes.list().isEmpty)
 
-            options.isolation = .container
-            let container = #expect(throws: SandboxError.self) { try sandboxes.start(options) }
-            #expect(container?.message.contains("--isolation vm") == true, "\(String(describing: container))")
-            #expect(try sandboxes.list().isEmpty)
-
             // A run resumed in a detached VM whose process is killed: the next command ends the VM.
-            let live = try await BlockingPool.shared.run { [options] in
-                var vm = options
-                vm.isolation = .vm
-                return try sandboxes.start(vm)
-            }
+            let live = try await BlockingPool.shared.run { [options] in try sandboxes.start(options) }
             let snapshot = try await BlockingPool.shared.run { try sandboxes.snapshot(live, tag: "sleeper") }
             try sandboxes.stop(live)
             let run = try ChildProcess.spawn(
@@ -319,5 +310,61 @@ extension VMTests {
             #expect(try !FileSystem.exists(home + "/live") || FileSystem.list(home + "/live").isEmpty)
             #expect(try sandboxes.store.checkConsistency().isConsistent)
         }
+    }
+}
+
+@Suite("Live container sandboxes: held by a detached process, entered by exec, stopped", .requiresRoot)
+struct LiveContainerTests {
+    @Test(
+        "a container sandbox keeps its main command and what an exec leaves running between execs; its files persist; a memory snapshot is refused with what to do; stop ends everything and forgets it"
+    )
+    func containerSandbox() async throws {
+        let home = "/tmp/contree-live-test-" + UUID().uuidString.lowercased().prefix(12)
+        defer { try? FileSystem.removeTree(home) }
+        let store = try Store(root: home)
+        let sandboxes = try LiveSandboxes(
+            store: store, baseImages: BaseImages(store: store), backend: VMBackend(), holder: [Paths.cli])
+        var options = LiveSandboxes.StartOptions(image: "busybox")
+        options.isolation = .container
+        options.command = ["sh", "-c", "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.2; done"]
+        options.env = ["GREETING": "hello"]
+        let sandbox = try await BlockingPool.shared.run { [options] in try sandboxes.start(options) }
+        defer { try? sandboxes.stop(sandbox) }
+        #expect(sandbox.isolation == .container && sandboxes.isRunning(sandbox))
+        #expect(try sandboxes.list().map(\.id) == [sandbox.id])
+
+        func run(_ line: String) async throws -> (String, Int32?) {
+            let output = Mutex<[UInt8]>([])
+            let spec = ExecSpec(
+                command: ["sh", "-c", line], environment: sandbox.env, cwd: sandbox.workdir, uid: sandbox.uid,
+                gid: sandbox.gid,
+                stdout: .capture(limit: 1 << 20, onChunk: { chunk in output.withLock { $0 += chunk } }),
+                timeout: 60)
+            let outcome = try await sandboxes.execContainer(sandbox, spec)
+            return (String(decoding: output.withLock { $0 }, as: UTF8.self), outcome.termination.exitCode)
+        }
+        #expect(try await run("echo $GREETING > /kept; sleep 300 >/dev/null 2>&1 & echo started") == ("started\n", 0))
+        let (seen, status) = try await run("cat /kept; ps -o args | grep -c '^sleep 300'; hostname")
+        #expect(status == 0 && seen == "hello\n1\nsandbox\n", "\(seen)")
+        #expect(try await run("exit 3").1 == 3)
+        let log = String(decoding: try FileSystem.readFile(home + "/live/" + sandbox.id + "/main.log"), as: UTF8.self)
+        #expect(log.contains("tick 1\n"), "\(log)")
+
+        let refused = #expect(throws: SandboxError.self) { try sandboxes.snapshot(sandbox, tag: nil) }
+        #expect(refused?.message.contains("--isolation vm") == true, "\(String(describing: refused))")
+        #expect(try store.listImages().count == 1, "nothing was committed")
+
+        let holder = sandbox.pid
+        try sandboxes.stop(sandbox)
+        #expect(ChildProcess.startTicks(of: holder) == nil)
+        #expect(try sandboxes.list().isEmpty && !FileSystem.exists(home + "/live/" + sandbox.id))
+        let stopped = await #expect(throws: SandboxError.self) { try await run("true") }
+        #expect(stopped?.code == .conflict, "\(String(describing: stopped))")
+        let leftovers = try FileSystem.list("/proc").filter { Int($0) != nil }.filter { pid in
+            let line = (try? FileSystem.readFile("/proc/\(pid)/cmdline")) ?? []
+            return String(decoding: line, as: UTF8.self).contains("tick")
+        }
+        #expect(leftovers.isEmpty, "the main command outlived stop: \(leftovers)")
+        #expect(try store.checkConsistency().isConsistent)
     }
 }

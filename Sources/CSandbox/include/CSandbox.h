@@ -131,6 +131,9 @@ int csb_seccomp_program(const void **bytes, size_t *length);
 /// Send a signal through a pidfd. Returns 0 or -errno.
 int csb_pidfd_kill(int pidfd, int sig);
 
+/// A pidfd (close-on-exec) for `pid`, which need not be a child. Returns it or -errno.
+int csb_pidfd_open(pid_t pid);
+
 /// What a waited-for child used (its rusage).
 struct csb_usage {
     int64_t user_us;

@@ -7,6 +7,7 @@ import SystemSupport
 /// closed when the run ends) and its cgroup.
 final class RunningContainer: RunningSandbox {
     private let pidfd: Mutex<Int32?>
+    let pid: pid_t
     let cgroup: Cgroup
     let storeRoot: String
     let runID: String
@@ -14,7 +15,11 @@ final class RunningContainer: RunningSandbox {
     /// The run's RLIMIT_FSIZE, which a process started in it later gets too (0: none).
     let fileSizeLimit: UInt64
 
-    init(pidfd: Int32, cgroup: Cgroup, storeRoot: String, runID: String, network: NetworkMode, fileSizeLimit: UInt64) {
+    init(
+        pidfd: Int32, pid: pid_t, cgroup: Cgroup, storeRoot: String, runID: String, network: NetworkMode,
+        fileSizeLimit: UInt64
+    ) {
+        self.pid = pid
         self.fileSizeLimit = fileSizeLimit
         self.pidfd = Mutex(fcntl(pidfd, F_DUPFD_CLOEXEC, 3))
         self.cgroup = cgroup

@@ -226,7 +226,8 @@ struct ContainerLaunch {
         var byte: UInt8 = 1
         _ = Glibc.write(go.write, &byte, 1)
         let running = RunningContainer(
-            pidfd: pidfd, cgroup: cgroup, storeRoot: request.storeRoot, runID: request.id, network: request.network,
+            pidfd: pidfd, pid: pid, cgroup: cgroup, storeRoot: request.storeRoot, runID: request.id,
+            network: request.network,
             fileSizeLimit: launch.file_size_limit)
         request.control?.attach(running)
         defer {

@@ -178,6 +178,9 @@ public final class RunControl: Sendable {
     /// Whether the command runs now.
     public var isRunning: Bool { state.withLock { $0.sandbox != nil } }
 
+    /// The running sandbox (nil before it runs and after).
+    var running: (any RunningSandbox)? { state.withLock { $0.sandbox } }
+
     /// Starts `spec` in the running sandbox and waits for it. Cancelling the task kills it.
     /// - Throws: `conflict` when the sandbox is not running (not yet, or no more).
     public func exec(_ spec: ExecSpec) async throws -> CommandOutcome {

@@ -146,6 +146,19 @@ public enum ChildProcess {
         return Spawned(pid: pid, stdout: captureStdout ? outPipe[0] : nil, stderr: errPipe[0])
     }
 
+    /// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22); nil when it
+    /// is gone or a zombie. With the pid, it names a process: a pid the kernel handed on is not
+    /// the same process.
+    public static func startTicks(of pid: pid_t) -> UInt64? {
+        guard pid > 0, let bytes = try? FileSystem.readFile("/proc/\(pid)/stat") else { return nil }
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard let close = text.lastIndex(of: ")") else { return nil }
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        // fields[0] is the state (field 3); the start time is field 22.
+        guard fields.count > 19, fields[0] != "Z" else { return nil }
+        return UInt64(fields[19])
+    }
+
     /// Waits for a child; returns its exit status (128+N when killed by signal N).
     public static func wait(_ pid: pid_t, _ name: String) throws -> Int32 {
         var status: Int32 = 0

@@ -54,7 +54,7 @@ package struct Cgroup {
     let name: String
     let layout: Layout
     /// Directories of this cgroup (one in v2, one per hierarchy in v1).
-    let directories: [String: String]
+    package let directories: [String: String]
 
     private static let detected = Mutex<Layout?>(nil)
 
@@ -371,5 +371,12 @@ package struct Cgroup {
             }
         }
         return allGone
+    }
+}
+
+extension Cgroup {
+    /// The cgroup whose directories are `directories` (one that another process made).
+    package init(existing directories: [String: String]) {
+        self.init(name: "", layout: Cgroup.layout, directories: directories)
     }
 }
