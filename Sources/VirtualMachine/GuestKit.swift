@@ -53,21 +53,14 @@ public struct GuestKit: Sendable {
             }
             let modules = try moduleOrder(in: kernelDirectory + "/lib/modules/" + release)
             // Named by what goes in, so a new agent or module set makes a new initramfs.
-            let name = Digest.sha256(agentDigest + modules.map(\.name).joined(separator: ",") + ",init2").hex
+            let name = Digest.sha256(agentDigest + modules.map(\.name).joined(separator: ",") + ",init3").hex
                 .prefix(16)
             let initramfs = kernelDirectory + "/initramfs-\(name).cpio"
             if !FileSystem.exists(initramfs) {
                 var archive = CPIOWriter()
-                for directory in ["bin", "dev", "proc", "sys", "lib", "lib/modules"] { archive.directory(directory) }
-                // The agent links the Swift runtime statically, which reads /proc before main:
-                // /init (busybox sh) mounts /proc first.
-                archive.file("bin/busybox", bytes: try FileSystem.readFile("/bin/busybox"), mode: 0o755)
-                archive.file(
-                    "init",
-                    bytes: Array(
-                        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\nexec /contree-agent\n".utf8),
-                    mode: 0o755)
-                archive.file("contree-agent", bytes: try FileSystem.readFile(agent), mode: 0o755)
+                for directory in ["dev", "proc", "sys", "lib", "lib/modules"] { archive.directory(directory) }
+                // The agent is a static C program (no Swift runtime: see agent.c) and /init itself.
+                archive.file("init", bytes: try FileSystem.readFile(agent), mode: 0o755)
                 for module in modules {
                     archive.file(
                         "lib/modules/\(module.name).ko", bytes: try FileSystem.readFile(module.path), mode: 0o644)

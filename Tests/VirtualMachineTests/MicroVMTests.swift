@@ -42,6 +42,24 @@ extension VMTests {
                 let b = try #require(order.firstIndex(of: dependency))
                 #expect(b < a, "\(dependency) loads before \(module)")
             }
+            // The agent is a small static C program, without the Swift runtime: the initramfs
+            // (held twice while the kernel unpacks it) stays small enough for a 128 MiB guest.
+            #expect(try FileSystem.status(try GuestKit.agentProgram())!.st_size < 2 << 20)
+            #expect(try FileSystem.status(kit.initramfs)!.st_size < 8 << 20)
+        }
+
+        @Test("the smallest guest, 128 MiB, boots the kit and runs a command")
+        func smallestGuest() async throws {
+            let engine = SandboxEngine(store: try vmStore(), backends: [VMBackend()])
+            var spec = RunSpec(image: "busybox", command: ["sh", "-c", "grep MemTotal /proc/meminfo"])
+            spec.isolation = .vm
+            spec.limits.memoryBytes = 128 << 20
+            spec.disposable = true
+            spec.timeout = 120
+            let run = try await engine.run(spec)
+            #expect(run.record.exitCode == 0, "\(String(decoding: run.stderr, as: UTF8.self))")
+            let kib = Int(String(decoding: run.stdout, as: UTF8.self).filter(\.isNumber)) ?? 0
+            #expect(kib > 64 << 10 && kib < 128 << 10, "MemTotal: \(kib) kB")
         }
 
         @Test("a command runs over the image's layers: stdout and stderr apart, stdin in, the exit status out")
