@@ -40,14 +40,9 @@ extension LiveSandboxes {
             throw SandboxError(.unsupported, "this program cannot hold a live container sandbox; use contree-pipeline")
         }
         let image = try baseImages.resolve(options.image)
-        let filesystem = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
-        let (uid, gid) = try SandboxEngine.parseUser(options.user ?? image.config.user, filesystem: filesystem)
-        let id = UUID().uuidString.lowercased()
-        let directory = self.directory(id)
-        try FileSystem.makeDirectories(directory)
+        let (id, directory, uid, gid) = try prepare(options, image: image)
         var holderPID: pid_t?
         do {
-            try store.pin(image.uuid, owner: "live:" + id)
             let held = HeldRun(
                 image: image.uuid, command: options.command.isEmpty ? LiveSandboxes.idleCommand : options.command,
                 env: options.env, cwd: options.cwd, uid: uid, gid: gid, hostname: options.hostname,
@@ -89,8 +84,7 @@ extension LiveSandboxes {
                 var status: Int32 = 0
                 _ = waitpid(holderPID, &status, 0)
             }
-            try? FileSystem.removeTree(directory)
-            try? store.unpin(image.uuid, owner: "live:" + id)
+            abandon(id, image: image)
             throw error
         }
     }

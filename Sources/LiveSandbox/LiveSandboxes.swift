@@ -102,14 +102,9 @@ public final class LiveSandboxes: Sendable {
                 .unsupported, "a live sandbox's image has at most \(template.layerSlots) layers; flatten it first")
         }
         let layers = try image.layers.map { try ErofsLayers.image(of: $0, store: store) }
-        let filesystem = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
-        let (uid, gid) = try SandboxEngine.parseUser(options.user ?? image.config.user, filesystem: filesystem)
-        let id = UUID().uuidString.lowercased()
-        let directory = self.directory(id)
-        try FileSystem.makeDirectories(directory)
+        let (id, directory, uid, gid) = try prepare(options, image: image)
         var started: LiveVM?
         do {
-            try store.pin(image.uuid, owner: "live:" + id)
             try backend.makeUpperDisk(directory + "/upper.ext4", from: nil, staging: directory + "/tree")
             try FileSystem.removeTree(directory + "/tree")
             var command = MicroVM.Command(
@@ -123,7 +118,7 @@ public final class LiveSandboxes: Sendable {
             started = live
             let sandbox = LiveSandbox(
                 id: id, image: image.uuid, base: image.uuid, isolation: .vm, pid: live.pid,
-                startTicks: LiveVM.processStart(live.pid) ?? 0, memoryMiB: vm.memoryMiB,
+                startTicks: ChildProcess.startTicks(of: live.pid) ?? 0, memoryMiB: vm.memoryMiB,
                 layerSlots: template.layerSlots, upper: "upper.ext4", command: options.command, env: command.env,
                 workdir: command.workdir, uid: uid, gid: gid, hostname: options.hostname,
                 created: Date().timeIntervalSince1970)
@@ -131,10 +126,32 @@ public final class LiveSandboxes: Sendable {
             return sandbox
         } catch {
             if let started { kill(started.pid, SIGKILL) }
-            try? FileSystem.removeTree(directory)
-            try? store.unpin(image.uuid, owner: "live:" + id)
+            abandon(id, image: image)
             throw error
         }
+    }
+
+    /// A new sandbox's id and directory (made), its image pinned to it, its user resolved.
+    func prepare(
+        _ options: StartOptions, image: ImageRecord
+    ) throws -> (id: String, directory: String, uid: UInt32, gid: UInt32) {
+        let filesystem = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
+        let (uid, gid) = try SandboxEngine.parseUser(options.user ?? image.config.user, filesystem: filesystem)
+        let id = UUID().uuidString.lowercased()
+        try FileSystem.makeDirectories(directory(id))
+        do {
+            try store.pin(image.uuid, owner: "live:" + id)
+        } catch {
+            try? FileSystem.removeTree(directory(id))
+            throw error
+        }
+        return (id, directory(id), uid, gid)
+    }
+
+    /// Undoes `prepare` for a sandbox that did not start (its processes already ended).
+    func abandon(_ id: String, image: ImageRecord) {
+        try? FileSystem.removeTree(directory(id))
+        try? store.unpin(image.uuid, owner: "live:" + id)
     }
 
     func record(_ sandbox: LiveSandbox) throws {
@@ -287,7 +304,7 @@ public final class LiveSandboxes: Sendable {
                 started = live
                 let child = LiveSandbox(
                     id: id, image: image.uuid, base: base.uuid, isolation: .vm, pid: live.pid,
-                    startTicks: LiveVM.processStart(live.pid) ?? 0, memoryMiB: metadata.memoryMiB,
+                    startTicks: ChildProcess.startTicks(of: live.pid) ?? 0, memoryMiB: metadata.memoryMiB,
                     layerSlots: metadata.layerSlots, upper: "upper.qcow2", command: metadata.command, env: metadata.env,
                     workdir: metadata.workdir, uid: metadata.uid, gid: metadata.gid,
                     hostname: hostname ?? metadata.hostname, created: Date().timeIntervalSince1970)

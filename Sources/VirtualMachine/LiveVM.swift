@@ -269,17 +269,14 @@ public struct LiveVM: Sendable {
     /// Whether this QEMU still runs: its pid alive, not a zombie, and started at `startTicks`
     /// (a pid the kernel handed to another process is not ours).
     public static func isRunning(pid: pid_t, startTicks: UInt64) -> Bool {
-        processStart(pid) == startTicks
+        ChildProcess.startTicks(of: pid) == startTicks
     }
-
-    /// A process's start time in clock ticks since boot; nil when it is gone or a zombie.
-    public static func processStart(_ pid: pid_t) -> UInt64? { ChildProcess.startTicks(of: pid) }
 
     /// Stops the VM (SIGKILL: nothing in it is kept) and waits until it is gone.
     public func stop(startTicks: UInt64) {
         guard LiveVM.isRunning(pid: pid, startTicks: startTicks) else { return }
         kill(pid, SIGKILL)
-        for _ in 0..<500 where LiveVM.processStart(pid) != nil {
+        for _ in 0..<500 where ChildProcess.startTicks(of: pid) != nil {
             var status: Int32 = 0
             _ = waitpid(pid, &status, WNOHANG)  // ours only when this process started it
             usleep(2_000)

@@ -75,7 +75,7 @@ extension VMBackend {
             live = try startLive(
                 vm, command: command, storeRoot: root, directory: work, onStart: state.started)
         }
-        let startTicks = LiveVM.processStart(live.pid) ?? 0
+        let startTicks = ChildProcess.startTicks(of: live.pid) ?? 0
         defer { live.stop(startTicks: startTicks) }
 
         let session = try LiveSession(directory: work)

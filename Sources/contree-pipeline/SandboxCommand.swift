@@ -35,12 +35,9 @@ extension LiveSandboxes {
         let store = try options.open()
         let progress = ProgressReporter()
         // A live container sandbox is held by a process of this program.
-        var path = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let length = readlink("/proc/self/exe", &path, Int(PATH_MAX))
-        let program = length > 0 ? String(decoding: path[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
         return try LiveSandboxes(
             store: store, baseImages: BaseImages(store: store, progress: progress, sources: .commands),
-            backend: VMBackend(progress: progress), holder: program.isEmpty ? [] : [program])
+            backend: VMBackend(progress: progress), holder: [try FileSystem.readLink("/proc/self/exe")])
     }
 }
 

@@ -39,6 +39,13 @@ private func shell(
     return (String(decoding: output.withLock { $0 }, as: UTF8.self), outcome.termination.exitCode)
 }
 
+/// A live VM sandbox of busybox whose main command is `sleep 1000`.
+private func sleeper(_ sandboxes: LiveSandboxes) async throws -> LiveSandbox {
+    var options = LiveSandboxes.StartOptions(image: "busybox")
+    options.command = ["sleep", "1000"]
+    return try await BlockingPool.shared.run { [options] in try sandboxes.start(options) }
+}
+
 /// The next number of the counter the main command serves on 127.0.0.1:7000.
 private func next(_ sandboxes: LiveSandboxes, _ sandbox: LiveSandbox) async throws -> Int? {
     // The server answers one connection at a time: a client that comes while it loops retries.
@@ -182,9 +189,7 @@ extension VMTests {
         func agentEdges() async throws {
             let (sandboxes, home) = try liveStore()
             defer { try? FileSystem.removeTree(home) }
-            var options = LiveSandboxes.StartOptions(image: "busybox")
-            options.command = ["sleep", "1000"]
-            let sandbox = try await BlockingPool.shared.run { [options] in try sandboxes.start(options) }
+            let sandbox = try await sleeper(sandboxes)
             defer { try? sandboxes.stop(sandbox) }
             // Links that lead out of the root as the agent (not chrooted) would see them.
             #expect(try await shell(sandboxes, sandbox, "ln -s / /out && ln -s ../../.. /up && mkdir /dir").1 == 0)
@@ -267,9 +272,7 @@ extension VMTests {
         func badCases() async throws {
             let (sandboxes, home) = try liveStore()
             defer { try? FileSystem.removeTree(home) }
-            var options = LiveSandboxes.StartOptions(image: "busybox")
-            options.command = ["sleep", "1000"]
-            let sandbox = try await BlockingPool.shared.run { [options] in try sandboxes.start(options) }
+            let sandbox = try await sleeper(sandboxes)
             defer { try? sandboxes.stop(sandbox) }
             kill(sandbox.pid, SIGKILL)
             for _ in 0..<200 where sandboxes.isRunning(sandbox) { usleep(10_000) }
@@ -282,7 +285,7 @@ extension VMTests {
             #expect(try sandboxes.list().isEmpty)
 
             // A run resumed in a detached VM whose process is killed: the next command ends the VM.
-            let live = try await BlockingPool.shared.run { [options] in try sandboxes.start(options) }
+            let live = try await sleeper(sandboxes)
             let snapshot = try await BlockingPool.shared.run { try sandboxes.snapshot(live, tag: "sleeper") }
             try sandboxes.stop(live)
             let run = try ChildProcess.spawn(

@@ -30,7 +30,6 @@ public struct ContainerHandle: Codable, Sendable {
 
     private func open() throws -> RunningContainer {
         let ended = SandboxError(.conflict, "the container sandbox has ended, so nothing can be started in it")
-        guard isRunning else { throw ended }
         let pidfd = csb_pidfd_open(pid)
         guard pidfd >= 0 else { throw ended }
         defer { close(pidfd) }
