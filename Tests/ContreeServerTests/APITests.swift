@@ -401,17 +401,19 @@ struct InstanceTests {
 
     @Test("cancel stops a running instance; a queued one waits for the token's concurrency limit")
     func cancelAndQueue() async throws {
-        let server = try await TestServer()
-        let bob = TestServer.bob  // max_concurrency=1
+        // bob's only slot, and a timeout no loaded machine reaches before the cancel: with 30 s,
+        // the first instance once timed out (SUCCESS) before the test got to cancel it.
+        let bob = TestServer.bob
+        let server = try await TestServer(tokens: "bob \(bob) max_concurrency=1 max_timeout=600 import=1\n")
         let first = try await server.spawn(
-            #"{"command":"echo started >&2; sleep 30","image":"busybox","shell":true}"#, token: bob)
-        // The first holds bob's only slot before the second is asked for (a loaded machine may
-        // take a while to start it; it runs for bob's 30 s at most).
+            #"{"command":"echo started >&2; sleep 600","image":"busybox","shell":true}"#, token: bob)
+        // The first holds bob's only slot before the second is asked for. What it wrote, not its
+        // spawn event (which names the command, and so "started", before it runs).
         let asked = Date()
         var running = false
-        while !running && Date().timeIntervalSince(asked) < 20 {
+        while !running && Date().timeIntervalSince(asked) < 120 {
             let events = try await server.request("GET", "/v1/operations/\(first)/events?spid=1", token: bob)
-            running = events.text.contains("started")
+            running = events.text.contains(#""value":"started"#)
             if !running { try await Task.sleep(for: .milliseconds(20)) }
         }
         try #require(running, "the first instance started")
@@ -423,10 +425,10 @@ struct InstanceTests {
                 == "PENDING")
         let who = try await server.request("GET", "/v1/whoami", token: bob).json()
         #expect(who[path: "limits.instance_max_concurrency"] as? Int == 1)
-        #expect(who[path: "limits.instance_max_timeout"] as? Int == 30)
+        #expect(who[path: "limits.instance_max_timeout"] as? Int == 600)
         #expect(try await server.request("DELETE", "/v1/operations/\(first)", token: bob).status == 202)
         let cancelled = try await server.wait(first, token: bob)
-        #expect(cancelled["status"] as? String == "CANCELLED")
+        #expect(cancelled["status"] as? String == "CANCELLED", "\(cancelled)")
         let done = try await server.wait(second, token: bob)
         #expect(done[path: "metadata.result.stdout.value"] as? String == "second\n")
     }

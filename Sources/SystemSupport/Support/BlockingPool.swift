@@ -3,7 +3,7 @@ import Glibc
 /// Threads for blocking work (waiting on a child, polling pipes, hashing and copying files), so
 /// that the cooperative thread pool (two threads on this machine kind) never blocks.
 ///
-/// Threads are reused (an idle one waits 10 s for more work before it ends) and bounded: at most
+/// Threads are reused (an idle one waits `idleSeconds`, 10 s, for more work before it ends) and bounded: at most
 /// `limit` jobs run at once; more wait in order. Work that blocks until other work of the same
 /// pool has run (a base image built inside the preparation of a run) says so with
 /// `whileBlocked`, which lends its place to the queue until it returns: nesting never deadlocks.
@@ -51,10 +51,13 @@ public final class BlockingPool: @unchecked Sendable {
     private var lent = 0
     private var started = 0
     public let limit: Int
+    /// How long an idle thread waits for another job before it ends.
+    let idleSeconds: Int
 
-    public init(limit: Int) {
-        precondition(limit > 0)
+    public init(limit: Int, idleSeconds: Int = 10) {
+        precondition(limit > 0 && idleSeconds > 0)
         self.limit = limit
+        self.idleSeconds = idleSeconds
         pthread_mutex_init(mutex, nil)
     }
 
@@ -164,7 +167,7 @@ public final class BlockingPool: @unchecked Sendable {
     }
 
     /// A thread's life: run the job it was handed, then the queue's while there is room;
-    /// idle, wait up to 10 s to be handed another, then end. A job's result goes back only
+    /// idle, wait up to `idleSeconds` to be handed another, then end. A job's result goes back only
     /// once the thread counts as free (idle or on its next job).
     private func work(_ worker: Worker) {
         pthread_mutex_lock(mutex)
@@ -201,13 +204,13 @@ public final class BlockingPool: @unchecked Sendable {
         return nil
     }
 
-    /// Waits, idle, up to 10 s for a job handed to this thread; nil when none came (the thread
+    /// Waits, idle, up to `idleSeconds` for a job handed to this thread; nil when none came (the thread
     /// then ends).
     private func waitForJob(_ worker: Worker) -> Job? {
         pthread_mutex_lock(mutex)
         var deadline = timespec()
         clock_gettime(CLOCK_MONOTONIC, &deadline)
-        deadline.tv_sec += 10
+        deadline.tv_sec += idleSeconds
         while worker.job == nil {
             if pthread_cond_timedwait(worker.wake, mutex, &deadline) == ETIMEDOUT { break }
         }
