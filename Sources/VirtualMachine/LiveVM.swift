@@ -135,9 +135,7 @@ public struct LiveVM: Sendable {
             }
         }
         throw SandboxError(
-            .sandboxSetup,
-            "the VM did not start its sandbox; its console ended with:\n\(MicroVM.tail(directory + "/console.log", 3000) ?? "(nothing)")"
-        )
+            .sandboxSetup, "the VM did not start its sandbox: " + LiveVM.lastWords(directory, pid: live.pid))
     }
 
     /// Starts a child of `state` in `directory`: its RAM the state's file mapped copy on write,
@@ -173,8 +171,10 @@ public struct LiveVM: Sendable {
             defer { session.close() }
             try session.thaw(hostname: hostname)
         } catch {
+            let words = LiveVM.lastWords(directory, pid: live.pid)
             kill(live.pid, SIGKILL)
-            throw SandboxError(.sandboxSetup, "the sandbox could not be resumed from its memory snapshot: \(error)")
+            throw SandboxError(
+                .sandboxSetup, "the sandbox could not be resumed from its memory snapshot: \(error); \(words)")
         }
         return live
     }
@@ -302,8 +302,10 @@ public struct LiveVM: Sendable {
         func failure(_ status: Int32) -> SandboxError {
             let errors = String(
                 decoding: (try? FileSystem.readAll(fd: parent.stderr, path: "qemu stderr")) ?? [], as: UTF8.self)
+            let logged = MicroVM.tail(directory + "/qemu.log", 3000) ?? ""
             return SandboxError(
-                .sandboxSetup, "qemu-system-x86_64 could not start the sandbox's VM (status \(status)): \(errors)")
+                .sandboxSetup,
+                "qemu-system-x86_64 could not start the sandbox's VM (status \(status)): \(errors)\(logged)")
         }
         var agent: Int32 = -1
         for _ in 0..<2000 {
@@ -332,6 +334,15 @@ public struct LiveVM: Sendable {
             throw failure(status)
         }
         return (LiveVM(directory: directory, pid: pid), channel)
+    }
+
+    /// What a VM that went quiet left behind: whether QEMU still runs, what it wrote (its errors
+    /// go to `qemu.log` once it is a daemon) and the end of the guest's console.
+    static func lastWords(_ directory: String, pid: pid_t) -> String {
+        let running = kill(pid, 0) == 0 ? "QEMU (pid \(pid)) still runs" : "QEMU (pid \(pid)) has exited"
+        let qemu = MicroVM.tail(directory + "/qemu.log", 3000) ?? "(nothing)"
+        let console = MicroVM.tail(directory + "/console.log", 3000) ?? "(nothing)"
+        return "\(running); QEMU wrote:\n\(qemu)\nthe console ended with:\n\(console)"
     }
 
     /// A connection to the socket `name` in `directory`, reached through the directory's

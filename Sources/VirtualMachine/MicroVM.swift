@@ -156,7 +156,13 @@ public struct MicroVM: Sendable {
         arguments += [
             "-qmp", "unix:\(MicroVM.option(sockets + "qmp.sock")),server=on,wait=off",
         ]
-        if daemon { arguments += ["-daemonize", "-pidfile", work + "/qemu.pid"] }
+        if daemon {
+            // A daemon's stderr is /dev/null unless it logs: with a log file, QEMU writes its
+            // errors there too (a restore that went wrong, an abort), so a failure can say why.
+            arguments += [
+                "-daemonize", "-pidfile", work + "/qemu.pid", "-D", work + "/qemu.log", "-d", "guest_errors",
+            ]
+        }
         if let ram {
             // Shared while a template is made (the RAM lands in the file); private (copy on
             // write) in a restored run, so clones of one template never see each other.

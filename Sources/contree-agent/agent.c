@@ -713,7 +713,12 @@ int main(void) {
             close(stdin_fd);
             stdin_fd = -1;
         }
-        if (fds[2].fd >= 0 && (fds[2].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
+        if (fds[2].fd >= 0 && pending_size > 0 && (fds[2].revents & (POLLHUP | POLLERR)) != 0) {
+            // The host went away while stdin was backed up: no frame is read (the next stdin frame
+            // would replace the pending one), the command goes with the host, as below.
+            fds[2].fd = -1;
+            if (!exited) kill(child, SIGKILL);
+        } else if (fds[2].fd >= 0 && (fds[2].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
             char *data;
             uint32_t size;
             int type = read_frame(&data, &size);

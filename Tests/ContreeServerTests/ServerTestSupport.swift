@@ -153,9 +153,10 @@ final class TestServer: @unchecked Sendable {
         throw TestFailure("process \(spid) of \(operation) never wrote \(text)")
     }
 
-    /// Waits for the operation to end and returns its record.
+    /// Waits for the operation to end and returns its record: up to 3 min (a VM instance beside
+    /// other guests on a loaded machine once took more than 30 s).
     func wait(_ operation: String, token: String = TestServer.alice) async throws -> [String: Any] {
-        for _ in 0..<600 {
+        for _ in 0..<3600 {
             let reply = try await request("GET", "/v1/operations/\(operation)", token: token)
             let object = try reply.json()
             if let status = object["status"] as? String, ["SUCCESS", "FAILED", "CANCELLED"].contains(status) {

@@ -6,7 +6,7 @@ import Testing
 
 /// `matrix: {pkg: "${{ fromJSON(steps.discover.outputs.pkgs) }}"}`: planned as one node, expanded
 /// by the scheduler when `discover` ends.
-@Suite("Dynamic matrices", .timeLimit(.minutes(1)))
+@Suite("Dynamic matrices", .timeLimit(.minutes(5)))
 struct DynamicMatrixTests {
     static let yaml = """
         steps:

@@ -51,7 +51,7 @@ final class FakeExecutor: Sendable {
 }
 
 /// The scheduler's semantics without root, sandboxes or a store: milliseconds each.
-@Suite("The scheduler, with a fake executor", .timeLimit(.minutes(1)))
+@Suite("The scheduler, with a fake executor", .timeLimit(.minutes(5)))
 struct ScheduleTests {
     static func plan(_ yaml: String) throws -> PipelinePlan {
         PipelinePlan(try PipelineParser.parse(yaml, file: "pipeline.yaml", directory: "/nonexistent"))

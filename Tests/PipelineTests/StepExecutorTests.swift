@@ -136,7 +136,7 @@ struct SharedKeyTests {
     }
 
     @Test(
-        "a key already running is waited for and its outcome shared; another key runs at once", .timeLimit(.minutes(1)))
+        "a key already running is waited for and its outcome shared; another key runs at once", .timeLimit(.minutes(5)))
     func shared() async throws {
         let gate = Gate()
         let executor = SharedKeyExecutor(gate)

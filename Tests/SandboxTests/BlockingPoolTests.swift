@@ -67,7 +67,7 @@ struct BlockingPoolTests {
     }
 
     @Test(
-        "a job that waits for another job of its full pool lends its place and both finish", .timeLimit(.minutes(1)))
+        "a job that waits for another job of its full pool lends its place and both finish", .timeLimit(.minutes(5)))
     func nested() async throws {
         let pool = BlockingPool(limit: 1)
         let value = try await pool.run { () -> Int in

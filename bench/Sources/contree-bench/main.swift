@@ -30,30 +30,57 @@ struct Options {
     var concurrency = [1, 2, 4, 8, 16, 32, 64]
     var parts: Set<String> = ["pipelines", "store", "concurrent"]
 
-    init(_ args: [String]) {
+    /// Parses the flags after the mode; an unknown flag, or one without its value, is an error
+    /// that names it (a typo must not run an hour-long benchmark with the defaults).
+    init(_ args: [String]) throws(OptionError) {
         var i = 0
+        func value() throws(OptionError) -> String {
+            guard i + 1 < args.count else { throw OptionError("\(args[i]) needs a value") }
+            i += 1
+            return args[i]
+        }
+        func number() throws(OptionError) -> Int {
+            let flag = args[i]
+            let text = try value()
+            guard let n = Int(text), n > 0 else { throw OptionError("\(flag) takes a positive integer, not '\(text)'") }
+            return n
+        }
+        func numbers() throws(OptionError) -> [Int] {
+            let flag = args[i]
+            let text = try value()
+            guard let list = Options.list(text) else {
+                throw OptionError("\(flag) takes positive integers separated by commas, not '\(text)'")
+            }
+            return list
+        }
         while i < args.count {
             switch args[i] {
-            case "--runs": runs = Int(args[i + 1]) ?? runs; i += 1
-            case "--forks": forks = Int(args[i + 1]) ?? forks; i += 1
-            case "--home": home = args[i + 1]; i += 1
+            case "--runs": runs = try number()
+            case "--forks": forks = try number()
+            case "--home": home = try value()
             case "--skip-debian": skipDebian = true
-            case "--sizes": sizes = Options.list(args[i + 1]) ?? sizes; i += 1
-            case "--images": images = Options.list(args[i + 1]) ?? images; i += 1
-            case "--concurrency": concurrency = Options.list(args[i + 1]) ?? concurrency; i += 1
-            case "--only": parts = Set(args[i + 1].split(separator: ",").map(String.init)); i += 1
-            default: break
+            case "--sizes": sizes = try numbers()
+            case "--images": images = try numbers()
+            case "--concurrency": concurrency = try numbers()
+            case "--only": parts = Set(try value().split(separator: ",").map(String.init))
+            default: throw OptionError("unknown option '\(args[i])'")
             }
             i += 1
         }
     }
 }
 
+struct OptionError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
 extension Options {
-    /// `10,100,1000`.
+    /// `10,100,1000`; nil unless every item is a positive integer.
     static func list(_ text: String) -> [Int]? {
-        let values = text.split(separator: ",").compactMap { Int($0) }
-        return values.isEmpty ? nil : values
+        let values = text.split(separator: ",", omittingEmptySubsequences: false).map { Int($0) }
+        guard !values.isEmpty, values.allSatisfy({ ($0 ?? 0) > 0 }) else { return nil }
+        return values.compactMap { $0 }
     }
 }
 
@@ -336,14 +363,24 @@ enum Format {
 let args = Array(CommandLine.arguments.dropFirst())
 let usage =
     "usage: contree-bench sandbox [--runs N] [--forks N] [--home DIR] [--skip-debian]\n       contree-bench pipeline [--runs N] [--home DIR]\n       contree-bench api [--runs N] [--home DIR]\n       contree-bench oci [--runs N] [--home DIR]\n       contree-bench vm [--runs N] [--home DIR]\n       contree-bench network [--runs N] [--home DIR]\n       contree-bench slurm [--runs N] [--home DIR]\n       contree-bench loop [--runs N] [--home DIR]\n       contree-bench scale [--runs N] [--home DIR] [--sizes 10,100,1000,5000] [--images 1000,10000,100000] [--concurrency 1,2,4,8,16,32,64] [--only pipelines,store,concurrent]\n       contree-bench table [--runs N] [--home DIR]\n       contree-bench memory [--runs N] [--home DIR] [--sizes 256,512,1024] [--forks N]"
+if args.contains("--help") || args.contains("-h") {
+    print(usage)
+    exit(0)
+}
 guard let mode = args.first,
     ["sandbox", "pipeline", "api", "oci", "vm", "network", "slurm", "loop", "scale", "table", "memory"].contains(mode)
 else {
-    print(usage)
+    FileHandle.standardError.write(Data("contree-bench: name a benchmark\n\(usage)\n".utf8))
+    exit(2)
+}
+let options: Options
+do {
+    options = try Options(Array(args.dropFirst()))
+} catch {
+    FileHandle.standardError.write(Data("contree-bench: \(error)\n\(usage)\n".utf8))
     exit(2)
 }
 do {
-    let options = Options(Array(args.dropFirst()))
     let cliPath = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
         .appendingPathComponent("contree-pipeline").path
     if mode == "table" {
