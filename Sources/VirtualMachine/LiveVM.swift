@@ -121,7 +121,12 @@ public struct LiveVM: Sendable {
         } catch {
             throw MicroVM.RestoreFailed(description: "\(error)")  // nothing ran
         }
-        try channel.send(Frame.spec, MicroVM.spec(command, fresh: true, live: true))
+        do {
+            try channel.send(Frame.spec, MicroVM.spec(command, fresh: true, live: true))
+        } catch {
+            throw SandboxError(
+                .sandboxSetup, "the VM took no command (\(error)): " + LiveVM.lastWords(directory, pid: live.pid))
+        }
         var reader = FrameReader(fd: channel.fd)
         while let frame = try reader.next(until: Monotonic.now + 120) {
             if frame.type == Frame.live {

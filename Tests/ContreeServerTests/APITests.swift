@@ -760,7 +760,7 @@ extension VMServeTests {
         )
         let ask = "for t in $(seq 50); do nc 127.0.0.1 7000 </dev/null && exit 0; sleep 0.1; done; exit 1"
         var status: String?
-        for _ in 0..<600 where status != "EXECUTING" {  // once its VM runs (slower beside other guests)
+        for _ in 0..<1800 where status != "EXECUTING" {  // once its VM runs (slower beside other guests)
             status = try await server.request("GET", "/v1/operations/\(counter)").json()["status"] as? String
             if status != "EXECUTING" { try await Task.sleep(for: .milliseconds(100)) }
         }
