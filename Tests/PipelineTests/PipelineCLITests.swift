@@ -245,7 +245,7 @@ struct RunOutputTests {
         try w.write("p.yaml", "steps:\n  - id: long\n    run: sleep 61.25\n")
         let status = try await BlockingPool.shared.run { () -> Int32 in
             let child = try spawn(w, env: [], stdout: nil)
-            let deadline = Date().addingTimeInterval(60)
+            let deadline = Date().addingTimeInterval(300)
             while try processCount(commandLine: ["sleep", "61.25"]) == 0 && Date() < deadline { usleep(20_000) }
             #expect(try processCount(commandLine: ["sleep", "61.25"]) == 1, "the step's sandbox started")
             kill(child.pid, SIGINT)

@@ -583,11 +583,14 @@ extension Workspace {
     func runCancelled(once command: [String]) async throws -> RunReport {
         let ended = EndWatcher()
         let task = Task { try await run(observer: ended) }
-        let deadline = Date().addingTimeInterval(60)
+        // All the suites start at once on 2 cores: a sandbox once took more than a minute to start.
+        let deadline = Date().addingTimeInterval(300)
         while try processCount(commandLine: command) == 0 {
             guard !ended.seen, Date() < deadline else {
                 task.cancel()
-                throw TestTimeout("no sandbox ran \(command.joined(separator: " ")) (the run ended or a minute passed)")
+                throw TestTimeout(
+                    "no sandbox ran \(command.joined(separator: " ")) "
+                        + (ended.seen ? "(the run ended first)" : "(5 minutes passed)"))
             }
             try await Task.sleep(for: .milliseconds(20))
         }
