@@ -209,7 +209,7 @@ struct RobustnessTests {
             let op = try await server.spawn(
                 #"{"command":"cat","image":"busybox","stdin":{"value":"piped\n","close":false}}"#)
             var closed = false
-            for _ in 0..<200 {
+            for _ in 0..<6000 {
                 let reply = try await server.request(
                     "POST", "/v1/operations/\(op)/subprocesses/1/stdin", json: #"{"value":"","close":true}"#)
                 if reply.status == 204 {
@@ -296,7 +296,7 @@ struct InstanceTests {
         let op = try await server.spawn(
             #"{"command":"cat; echo done","image":"busybox","shell":true,"stdin":{"value":"first ","close":false}}"#)
         var written = 0
-        for _ in 0..<200 {
+        for _ in 0..<6000 {
             let reply = try await server.request(
                 "POST", "/v1/operations/\(op)/subprocesses/1/stdin",
                 json: #"{"value":"c2Vjb25k","encoding":"base64","close":true}"#)
@@ -334,7 +334,7 @@ struct InstanceTests {
             #"{"command":"echo shared > /tmp/s && mv /tmp/s /shared; sleep 300","image":"busybox","shell":true,"hostname":"inst","timeout":600}"#
         )
         var spid: Int?
-        for _ in 0..<200 {
+        for _ in 0..<6000 {
             let reply = try await server.request(
                 "POST", "/v1/operations/\(op)/subprocesses",
                 json:
@@ -350,7 +350,7 @@ struct InstanceTests {
         }
         #expect(spid == 2)
         var result: [String: Any] = [:]
-        for _ in 0..<200 {
+        for _ in 0..<6000 {
             result = try await server.request("GET", "/v1/operations/\(op)/subprocesses/2").json()
             if result[path: "state.exit_code"] as? Int != -1 { break }
             try await Task.sleep(for: .milliseconds(20))
@@ -377,7 +377,7 @@ struct InstanceTests {
         #expect(kill.status == 204)
         for (spid, expected, code) in [(catSpid, "ab", 0), (looperSpid, "bye\n", 4)] {
             var done: [String: Any] = [:]
-            for _ in 0..<200 {
+            for _ in 0..<6000 {
                 done = try await server.request("GET", "/v1/operations/\(op)/subprocesses/\(spid)").json()
                 if done[path: "state.exit_code"] as? Int != -1 { break }
                 try await Task.sleep(for: .milliseconds(20))
@@ -484,7 +484,7 @@ struct InstanceTests {
         let done = try await server.spawn(#"{"command":"echo kept","image":"busybox","shell":true}"#)
         _ = try await server.wait(done)
         let running = try await server.spawn(#"{"command":"sleep 60","image":"busybox","shell":true}"#)
-        for _ in 0..<100 {
+        for _ in 0..<3000 {
             if try await server.request("GET", "/v1/operations/\(running)").json()["status"] as? String == "EXECUTING" {
                 break
             }

@@ -143,9 +143,10 @@ final class TestServer: @unchecked Sendable {
         }
     }
 
-    /// Waits until a process of the operation has written `text` (stdout or stderr).
+    /// Waits until a process of the operation has written `text` (stdout or stderr): up to a few
+    /// minutes, for an instance that starts slowly on a loaded machine.
     func waitForOutput(_ operation: String, spid: Int, _ text: String) async throws {
-        for _ in 0..<1000 {
+        for _ in 0..<6000 {
             let reply = try await request("GET", "/v1/operations/\(operation)/events?spid=\(spid)")
             if reply.text.contains(#""value":"\#(text)"#) { return }
             try await Task.sleep(for: .milliseconds(20))
