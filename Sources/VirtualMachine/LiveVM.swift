@@ -102,12 +102,17 @@ public struct LiveVM: Sendable {
                 .unsupported, "a VM takes at most \(template.layerSlots) layer disks; flatten the image first")
         }
         let layers = try paddedLayers(command.layers, slots: template.layerSlots, directory: directory)
-        let (live, channel) = try spawn(
-            vm,
-            vm.arguments(
-                work: directory, layers: layers, upper: command.upperDisk, ram: (template.ram, false), restoring: true,
-                daemon: true),
-            directory: directory)
+        let (live, channel): (LiveVM, Channel)
+        do {
+            (live, channel) = try spawn(
+                vm,
+                vm.arguments(
+                    work: directory, layers: layers, upper: command.upperDisk, ram: (template.ram, false),
+                    restoring: true, daemon: true),
+                directory: directory)
+        } catch  where !template.isWhole {
+            throw MicroVM.RestoreFailed(description: "the template was dropped while the VM started: \(error)")
+        }
         onStart(live.pid)
         var started = false
         defer {

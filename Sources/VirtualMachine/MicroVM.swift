@@ -98,6 +98,10 @@ public struct MicroVM: Sendable {
         public var ram: String
         public var state: String
         public var layerSlots: Int
+
+        /// Whether its files are still there (another process may drop a template that would
+        /// not restore for it: a QEMU that could not open them is then a failed restore).
+        var isWhole: Bool { FileSystem.exists(ram) && FileSystem.exists(state) }
     }
 
     /// Starts QEMU with `arguments`, its stdout on /dev/null (the descriptor closed again).
@@ -322,7 +326,12 @@ public struct MicroVM: Sendable {
             }
             close(qemu.stderr)
         }
-        let socket = try connect(work + "/agent.sock", qemu: qemu.pid)
+        let socket: Int32
+        do {
+            socket = try connect(work + "/agent.sock", qemu: qemu.pid)
+        } catch  where template.map({ !$0.isWhole }) ?? false {
+            throw RestoreFailed(description: "the template was dropped while the VM started: \(error)")
+        }
         let channel = Channel(fd: socket)
         defer { channel.close() }
         let deadline = started + timeout

@@ -54,28 +54,66 @@ public final class VMBackend: IsolationBackend {
             ).hex.prefix(16))
     }
 
-    /// Drops a template that would not restore: the next run makes it again.
-    private func forgetTemplate(for vm: MicroVM, root: String) {
+    /// Drops `failed`, a template that would not restore: the next run makes it again. Only the
+    /// generation that failed goes; one another process made since stays current.
+    func forgetTemplate(_ failed: MicroVM.Template, for vm: MicroVM, root: String) {
         let key = templateKey(vm)
-        templates.withLock { _ = $0.removeValue(forKey: key) }
-        try? FileSystem.removeTree(root + "/vm/templates/" + key)
+        templates.withLock { known in
+            if known[key]?.state == failed.state { known.removeValue(forKey: key) }
+        }
+        let directory = root + "/vm/templates/" + key
+        let generation = String(failed.state.dropLast("/state".count))
+        try? FileSystem.withLock(directory + "/lock", mode: 0o644) {
+            if let current = VMBackend.currentGeneration(directory), directory + "/" + current == generation {
+                unlink(directory + "/current")
+            }
+            try? FileSystem.removeTree(generation)
+        }
     }
 
-    private func template(for vm: MicroVM, root: String) throws -> MicroVM.Template {
+    /// The template for `vm` in the store at `root`: made once (under a lock, so concurrent runs,
+    /// in this process or others, make it once) and kept in the store.
+    ///
+    /// Its files live in a generation of their own, `templates/<key>/<generation>/{ram,state}`,
+    /// which `current` names; `lock` is never removed. A run holds the paths of one generation, so
+    /// a template made again (after one would not restore) never replaces files a QEMU is about to
+    /// open, and dropping a template removes only the generation that failed.
+    func template(for vm: MicroVM, root: String) throws -> MicroVM.Template {
         let key = templateKey(vm)
-        if let known = templates.withLock({ $0[key] }) { return known }
+        if let known = templates.withLock({ $0[key] }), FileSystem.exists(known.state) { return known }
         let directory = root + "/vm/templates/" + key
         try FileSystem.makeDirectories(directory)
-        let template = try FileSystem.withLock(directory + "/lock", mode: 0o644) {
-            if FileSystem.exists(directory + "/state") {
+        let template = try FileSystem.withLock(directory + "/lock", mode: 0o644) { () -> MicroVM.Template in
+            if let current = VMBackend.currentGeneration(directory),
+                FileSystem.exists(directory + "/" + current + "/state")
+            {
                 return MicroVM.Template(
-                    ram: directory + "/ram", state: directory + "/state", layerSlots: VMBackend.layerSlots)
+                    ram: directory + "/" + current + "/ram", state: directory + "/" + current + "/state",
+                    layerSlots: VMBackend.layerSlots)
             }
+            // What failed before (dropped generations a QEMU may still hold open, files of the
+            // layout before generations) goes; the new generation is named once it is whole.
+            for name in try FileSystem.list(directory) where name != "lock" {
+                try? FileSystem.removeTree(directory + "/" + name)
+            }
+            let generation = "g-" + UUID().uuidString.lowercased().prefix(12)
+            try FileSystem.makeDirectories(directory + "/" + generation)
             progress?.report("vm", "booting a template VM (once per store and memory size)", elapsed: 0)
-            return try vm.makeTemplate(in: directory, layerSlots: VMBackend.layerSlots, slotBytes: VMBackend.slotBytes)
+            let made = try vm.makeTemplate(
+                in: directory + "/" + generation, layerSlots: VMBackend.layerSlots, slotBytes: VMBackend.slotBytes)
+            try FileSystem.writeFile(directory + "/current.new", Array(generation.utf8), mode: 0o644)
+            try FileSystem.rename(directory + "/current.new", directory + "/current")
+            return made
         }
         templates.withLock { $0[key] = template }
         return template
+    }
+
+    /// The generation `current` names in a template's directory; nil when there is none.
+    static func currentGeneration(_ directory: String) -> String? {
+        guard let bytes = try? FileSystem.readFile(directory + "/current") else { return nil }
+        let name = String(decoding: bytes, as: UTF8.self)
+        return name.hasPrefix("g-") && !name.contains("/") ? name : nil
     }
 
     /// The QEMU process of a run and whether the run was cancelled, shared with the
@@ -153,14 +191,12 @@ public final class VMBackend: IsolationBackend {
         _ vm: MicroVM, command: MicroVM.Command, storeRoot: String, directory: String,
         onStart: (pid_t) -> Void = { _ in }
     ) throws -> LiveVM {
+        let first = try template(for: vm, root: storeRoot)
         do {
-            return try LiveVM.start(
-                vm, command: command, template: try template(for: vm, root: storeRoot), directory: directory,
-                onStart: onStart
-            ).0
+            return try LiveVM.start(vm, command: command, template: first, directory: directory, onStart: onStart).0
         } catch let failure as MicroVM.RestoreFailed {
             progress?.report("vm", "the VM template could not be restored (\(failure)); making it again", elapsed: 0)
-            forgetTemplate(for: vm, root: storeRoot)
+            forgetTemplate(first, for: vm, root: storeRoot)
             for name in try FileSystem.list(directory) where name.hasSuffix(".sock") || name == "qemu.pid" {
                 unlink(directory + "/" + name)
             }
@@ -315,7 +351,7 @@ public final class VMBackend: IsolationBackend {
                 // Nothing ran: the template is dropped (made again next time) and this run boots.
                 progress?.report(
                     "vm", "the VM template could not be restored (\(failure)); booting instead", elapsed: 0)
-                forgetTemplate(for: vm, root: root)
+                if let template { forgetTemplate(template, for: vm, root: root) }
                 template = nil
             } catch  where state.cancelled {
                 state.finished()

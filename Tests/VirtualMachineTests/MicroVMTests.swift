@@ -313,8 +313,15 @@ extension VMTests {
             spec.isolation = .vm
             _ = try await engine.run(spec)  // the template exists
             let templates = store.root + "/vm/templates"
-            let states = try FileSystem.list(templates).map { templates + "/" + $0 + "/state" }.filter(
-                FileSystem.exists)
+            // Each template's files are in the generation its `current` names.
+            func currentStates() throws -> [String] {
+                try FileSystem.list(templates).compactMap { key in
+                    VMBackend.currentGeneration(templates + "/" + key).map {
+                        templates + "/" + key + "/" + $0 + "/state"
+                    }
+                }.filter(FileSystem.exists)
+            }
+            let states = try currentStates()
             #expect(!states.isEmpty)
             for state in states { try FileSystem.writeFile(state, Array("not a migration stream".utf8), mode: 0o644) }
             let fresh = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
@@ -322,9 +329,9 @@ extension VMTests {
             #expect(run.record.exitCode == 0 && String(decoding: run.stdout, as: UTF8.self) == "still runs\n")
             let again = try await fresh.run(spec)
             #expect(again.record.exitCode == 0)
-            let rebuilt = try FileSystem.list(templates).map { templates + "/" + $0 + "/state" }.filter(
-                FileSystem.exists)
+            let rebuilt = try currentStates()
             #expect(try rebuilt.contains { try FileSystem.readFile($0).count > 1000 })  // the current one, made again
+            #expect(rebuilt.contains { !states.contains($0) }, "a new generation, not the damaged files rewritten")
         }
 
         @Test("the quickstart pipeline with isolation: vm passes, with the same outputs and artifacts")
