@@ -63,6 +63,7 @@ public final class VMBackend: IsolationBackend {
         }
         let directory = root + "/vm/templates/" + key
         let generation = String(failed.state.dropLast("/state".count))
+        guard generation.hasPrefix(directory + "/g-") else { return }
         try? FileSystem.withLock(directory + "/lock", mode: 0o644) {
             if let current = VMBackend.currentGeneration(directory), directory + "/" + current == generation {
                 unlink(directory + "/current")
