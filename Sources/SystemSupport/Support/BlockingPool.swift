@@ -3,10 +3,11 @@ import Glibc
 /// Threads for blocking work (waiting on a child, polling pipes, hashing and copying files), so
 /// that the cooperative thread pool (two threads on this machine kind) never blocks.
 ///
-/// Threads are reused (an idle one waits `idleSeconds`, 10 s, for more work before it ends) and bounded: at most
-/// `limit` jobs run at once; more wait in order. Work that blocks until other work of the same
-/// pool has run (a base image built inside the preparation of a run) says so with
-/// `whileBlocked`, which lends its place to the queue until it returns: nesting never deadlocks.
+/// Threads are reused (an idle one waits `idleSeconds`, 10 s by default, for more work before it
+/// ends) and bounded: at most `limit` jobs run at once; more wait in order. Work that blocks until
+/// other work of the same pool has run (a base image built inside the preparation of a run) says
+/// so with `whileBlocked`, which lends its place to the queue until it returns: nesting never
+/// deadlocks.
 public final class BlockingPool: @unchecked Sendable {
     /// Supervision and preparation of sandboxes, imports, the server's file work. Large: a
     /// running sandbox holds a thread for its lifetime, and a bound reached would queue runs.
@@ -167,8 +168,8 @@ public final class BlockingPool: @unchecked Sendable {
     }
 
     /// A thread's life: run the job it was handed, then the queue's while there is room;
-    /// idle, wait up to `idleSeconds` to be handed another, then end. A job's result goes back only
-    /// once the thread counts as free (idle or on its next job).
+    /// idle, wait up to `idleSeconds` to be handed another, then end. A job's result goes back
+    /// only once the thread counts as free (idle or on its next job).
     private func work(_ worker: Worker) {
         pthread_mutex_lock(mutex)
         var next = worker.job
@@ -204,8 +205,8 @@ public final class BlockingPool: @unchecked Sendable {
         return nil
     }
 
-    /// Waits, idle, up to `idleSeconds` for a job handed to this thread; nil when none came (the thread
-    /// then ends).
+    /// Waits, idle, up to `idleSeconds` for a job handed to this thread; nil when none came (the
+    /// thread then ends).
     private func waitForJob(_ worker: Worker) -> Job? {
         pthread_mutex_lock(mutex)
         var deadline = timespec()
