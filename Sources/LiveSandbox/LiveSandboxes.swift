@@ -103,7 +103,7 @@ public final class LiveSandboxes: Sendable {
         }
         let layers = try image.layers.map { try ErofsLayers.image(of: $0, store: store) }
         let (id, directory, uid, gid) = try prepare(options, image: image)
-        var started: LiveVM?
+        var started: (vm: LiveVM, ticks: UInt64)?
         do {
             try backend.makeUpperDisk(directory + "/upper.ext4", from: nil, staging: directory + "/tree")
             try FileSystem.removeTree(directory + "/tree")
@@ -115,17 +115,19 @@ public final class LiveSandboxes: Sendable {
             command.hostname = options.hostname
             command.network = options.network
             let live = try backend.startLive(vm, command: command, storeRoot: store.root, directory: directory)
-            started = live
+            let ticks = ChildProcess.startTicks(of: live.pid) ?? 0
+            started = (live, ticks)
             let sandbox = LiveSandbox(
                 id: id, image: image.uuid, base: image.uuid, isolation: .vm, pid: live.pid,
-                startTicks: ChildProcess.startTicks(of: live.pid) ?? 0, memoryMiB: vm.memoryMiB,
+                startTicks: ticks, memoryMiB: vm.memoryMiB,
                 layerSlots: template.layerSlots, upper: "upper.ext4", command: options.command, env: command.env,
                 workdir: command.workdir, uid: uid, gid: gid, hostname: options.hostname,
                 created: Date().timeIntervalSince1970)
             try record(sandbox)
             return sandbox
         } catch {
-            if let started { kill(started.pid, SIGKILL) }
+            // By its start time too: a QEMU that died already may have left its pid to another.
+            if let started { started.vm.stop(startTicks: started.ticks) }
             abandon(id, image: image)
             throw error
         }
@@ -293,7 +295,7 @@ public final class LiveSandboxes: Sendable {
             let id = UUID().uuidString.lowercased()
             let directory = self.directory(id)
             try FileSystem.makeDirectories(directory)
-            var started: LiveVM?
+            var started: (vm: LiveVM, ticks: UInt64)?
             do {
                 try store.pin(image.uuid, owner: "live:" + id)
                 let live = try LiveVM.resume(
@@ -301,17 +303,18 @@ public final class LiveSandboxes: Sendable {
                     state: LiveVM.MemoryState(
                         directory: state.path, memoryMiB: metadata.memoryMiB, layerSlots: metadata.layerSlots),
                     layers: layers, hostname: hostname, directory: directory)
-                started = live
+                let ticks = ChildProcess.startTicks(of: live.pid) ?? 0
+                started = (live, ticks)
                 let child = LiveSandbox(
                     id: id, image: image.uuid, base: base.uuid, isolation: .vm, pid: live.pid,
-                    startTicks: ChildProcess.startTicks(of: live.pid) ?? 0, memoryMiB: metadata.memoryMiB,
+                    startTicks: ticks, memoryMiB: metadata.memoryMiB,
                     layerSlots: metadata.layerSlots, upper: "upper.qcow2", command: metadata.command, env: metadata.env,
                     workdir: metadata.workdir, uid: metadata.uid, gid: metadata.gid,
                     hostname: hostname ?? metadata.hostname, created: Date().timeIntervalSince1970)
                 try record(child)
                 children.append(child)
             } catch {
-                if let started { kill(started.pid, SIGKILL) }
+                if let started { started.vm.stop(startTicks: started.ticks) }
                 try? FileSystem.removeTree(directory)
                 try? store.unpin(image.uuid, owner: "live:" + id)
                 for child in children { try? stop(child) }

@@ -114,10 +114,13 @@ public struct LiveVM: Sendable {
             throw MicroVM.RestoreFailed(description: "the template was dropped while the VM started: \(error)")
         }
         onStart(live.pid)
+        let ticks = ChildProcess.startTicks(of: live.pid) ?? 0
         var started = false
         defer {
             channel.close()
-            if !started { kill(live.pid, SIGKILL) }
+            // Gone before this returns: a retry's QEMU opens the same upper disk, which QEMU
+            // locks while it has it open.
+            if !started { live.stop(startTicks: ticks) }
         }
         do {
             try MicroVM.restore(
@@ -172,6 +175,7 @@ public struct LiveVM: Sendable {
                 daemon: true),
             directory: directory)
         onStart(live.pid)
+        let ticks = ChildProcess.startTicks(of: live.pid) ?? 0
         channel.close()  // a session of its own thaws the guest
         do {
             try MicroVM.restore(
@@ -182,7 +186,7 @@ public struct LiveVM: Sendable {
             try session.thaw(hostname: hostname)
         } catch {
             let words = LiveVM.lastWords(directory, pid: live.pid)
-            kill(live.pid, SIGKILL)
+            live.stop(startTicks: ticks)
             throw SandboxError(
                 .sandboxSetup, "the sandbox could not be resumed from its memory snapshot: \(error); \(words)")
         }

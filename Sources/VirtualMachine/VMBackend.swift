@@ -1,3 +1,4 @@
+import CSandbox
 import Foundation
 import Glibc
 import ImageFormats
@@ -118,28 +119,34 @@ public final class VMBackend: IsolationBackend {
     }
 
     /// The QEMU process of a run and whether the run was cancelled, shared with the
-    /// cancellation handler.
+    /// cancellation handler. The process is held by a pidfd: a cancel that comes after QEMU was
+    /// reaped (or, for a live VM, ended) signals nothing, never a process its pid went to since.
     final class RunState: Sendable {
-        private let state = Mutex<(pid: pid_t?, cancelled: Bool)>((nil, false))
+        private let state = Mutex<(pidfd: Int32?, cancelled: Bool)>((nil, false))
         func started(_ pid: pid_t) {
-            if state.withLock({ s in
-                s.pid = pid
+            let fd = csb_pidfd_open(pid)
+            let cancelled = state.withLock { s -> Bool in
+                if let old = s.pidfd { close(old) }
+                s.pidfd = fd >= 0 ? fd : nil
                 return s.cancelled
-            }) {
-                kill(pid, SIGKILL)
             }
+            if cancelled && fd >= 0 { _ = csb_pidfd_kill(fd, SIGKILL) }
         }
         func cancel() {
-            if let pid = state.withLock({ s -> pid_t? in
+            state.withLock { s in
                 s.cancelled = true
-                return s.pid
-            }) {
-                kill(pid, SIGKILL)
+                if let fd = s.pidfd { _ = csb_pidfd_kill(fd, SIGKILL) }
             }
         }
         var cancelled: Bool { state.withLock { $0.cancelled } }
-        /// QEMU has been reaped: its pid may be reused, and is not to be signalled.
-        func finished() { state.withLock { $0.pid = nil } }
+        /// QEMU has been reaped or stopped: nothing is signalled any more.
+        func finished() {
+            state.withLock { s in
+                if let fd = s.pidfd { close(fd) }
+                s.pidfd = nil
+            }
+        }
+        deinit { finished() }
     }
 
     private let accelerators = Mutex<[String: String]>([:])

@@ -764,7 +764,10 @@ extension VMServeTests {
             status = try await server.request("GET", "/v1/operations/\(counter)").json()["status"] as? String
             if status != "EXECUTING" { try await Task.sleep(for: .milliseconds(100)) }
         }
-        #expect(status == "EXECUTING")
+        if status != "EXECUTING" {
+            let record = try await server.request("GET", "/v1/operations/\(counter)").text
+            Issue.record("the counter instance is \(status ?? "unknown"), not EXECUTING: \(record)")
+        }
         let first = try await exec(server, counter, ask)
         try await server.waitForOutput(counter, spid: first, "1\\n")
         // Two subprocesses at once: each has a session of its own.

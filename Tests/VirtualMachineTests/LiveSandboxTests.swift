@@ -266,6 +266,20 @@ extension VMTests {
             #expect("\(error.map { "\($0)" } ?? "")".contains("isolation: vm"))
         }
 
+        @Test("a live sandbox whose template will not restore starts from one made again, a new generation")
+        func damagedTemplate() async throws {
+            let (sandboxes, home) = try liveStore()
+            defer { try? FileSystem.removeTree(home) }
+            let damaged = try VMBackend().machine(storeRoot: home, memoryBytes: nil).1
+            try FileSystem.writeFile(damaged.state, Array("not a migration stream".utf8), mode: 0o644)
+            let sandbox = try await sleeper(sandboxes)
+            defer { try? sandboxes.stop(sandbox) }
+            let (out, status) = try await shell(sandboxes, sandbox, "echo alive")
+            #expect(status == 0 && out == "alive\n")
+            let remade = try VMBackend().machine(storeRoot: home, memoryBytes: nil).1
+            #expect(remade.state != damaged.state && !FileSystem.exists(damaged.state))
+        }
+
         @Test(
             "bad cases: a snapshot of a sandbox whose VM ended, a fork of an image without memory: clear errors, nothing left running; a killed run's detached VM is ended by the next command"
         )

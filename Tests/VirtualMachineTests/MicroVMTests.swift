@@ -312,26 +312,18 @@ extension VMTests {
             var spec = RunSpec(image: "busybox", command: ["echo", "still runs"], disposable: true)
             spec.isolation = .vm
             _ = try await engine.run(spec)  // the template exists
-            let templates = store.root + "/vm/templates"
-            // Each template's files are in the generation its `current` names.
-            func currentStates() throws -> [String] {
-                try FileSystem.list(templates).compactMap { key in
-                    VMBackend.currentGeneration(templates + "/" + key).map {
-                        templates + "/" + key + "/" + $0 + "/state"
-                    }
-                }.filter(FileSystem.exists)
-            }
-            let states = try currentStates()
-            #expect(!states.isEmpty)
-            for state in states { try FileSystem.writeFile(state, Array("not a migration stream".utf8), mode: 0o644) }
+            // The template of the runs' size (other tests' guests of other sizes keep theirs).
+            let damaged = try VMBackend().machine(storeRoot: store.root, memoryBytes: nil).1
+            try FileSystem.writeFile(damaged.state, Array("not a migration stream".utf8), mode: 0o644)
             let fresh = SandboxEngine(store: store, backends: [ContainerBackend(), VMBackend()])
             let run = try await fresh.run(spec)
             #expect(run.record.exitCode == 0 && String(decoding: run.stdout, as: UTF8.self) == "still runs\n")
             let again = try await fresh.run(spec)
             #expect(again.record.exitCode == 0)
-            let rebuilt = try currentStates()
-            #expect(try rebuilt.contains { try FileSystem.readFile($0).count > 1000 })  // the current one, made again
-            #expect(rebuilt.contains { !states.contains($0) }, "a new generation, not the damaged files rewritten")
+            let rebuilt = try VMBackend().machine(storeRoot: store.root, memoryBytes: nil).1
+            #expect(try FileSystem.readFile(rebuilt.state).count > 1000)  // the current one, made again
+            #expect(!FileSystem.exists(damaged.state), "the damaged generation is gone")
+            #expect(rebuilt.state != damaged.state, "a new generation, not the damaged files rewritten")
         }
 
         @Test("the quickstart pipeline with isolation: vm passes, with the same outputs and artifacts")
