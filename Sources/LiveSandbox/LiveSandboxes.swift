@@ -103,7 +103,7 @@ public final class LiveSandboxes: Sendable {
         }
         let layers = try image.layers.map { try ErofsLayers.image(of: $0, store: store) }
         let (id, directory, uid, gid) = try prepare(options, image: image)
-        var started: (vm: LiveVM, ticks: UInt64)?
+        var started: LiveVM?
         do {
             try backend.makeUpperDisk(directory + "/upper.ext4", from: nil, staging: directory + "/tree")
             try FileSystem.removeTree(directory + "/tree")
@@ -115,19 +115,17 @@ public final class LiveSandboxes: Sendable {
             command.hostname = options.hostname
             command.network = options.network
             let live = try backend.startLive(vm, command: command, storeRoot: store.root, directory: directory)
-            let ticks = ChildProcess.startTicks(of: live.pid) ?? 0
-            started = (live, ticks)
+            started = live
             let sandbox = LiveSandbox(
                 id: id, image: image.uuid, base: image.uuid, isolation: .vm, pid: live.pid,
-                startTicks: ticks, memoryMiB: vm.memoryMiB,
+                startTicks: live.startTicks, memoryMiB: vm.memoryMiB,
                 layerSlots: template.layerSlots, upper: "upper.ext4", command: options.command, env: command.env,
                 workdir: command.workdir, uid: uid, gid: gid, hostname: options.hostname,
                 created: Date().timeIntervalSince1970)
             try record(sandbox)
             return sandbox
         } catch {
-            // By its start time too: a QEMU that died already may have left its pid to another.
-            if let started { started.vm.stop(startTicks: started.ticks) }
+            started?.stop()  // by pid and start time: a QEMU that died may have left its pid to another
             abandon(id, image: image)
             throw error
         }
@@ -139,6 +137,12 @@ public final class LiveSandboxes: Sendable {
     ) throws -> (id: String, directory: String, uid: UInt32, gid: UInt32) {
         let filesystem = ImageFilesystem(layersTopFirst: image.layers.reversed().map(store.layerPath))
         let (uid, gid) = try SandboxEngine.parseUser(options.user ?? image.config.user, filesystem: filesystem)
+        let (id, directory) = try claim(image)
+        return (id, directory, uid, gid)
+    }
+
+    /// A new sandbox's id and directory (made), with `image` pinned to it.
+    func claim(_ image: ImageRecord) throws -> (id: String, directory: String) {
         let id = UUID().uuidString.lowercased()
         try FileSystem.makeDirectories(directory(id))
         do {
@@ -147,10 +151,10 @@ public final class LiveSandboxes: Sendable {
             try? FileSystem.removeTree(directory(id))
             throw error
         }
-        return (id, directory(id), uid, gid)
+        return (id, directory(id))
     }
 
-    /// Undoes `prepare` for a sandbox that did not start (its processes already ended).
+    /// Undoes `claim` for a sandbox that did not start (its processes already ended).
     func abandon(_ id: String, image: ImageRecord) {
         try? FileSystem.removeTree(directory(id))
         try? store.unpin(image.uuid, owner: "live:" + id)
@@ -197,7 +201,7 @@ public final class LiveSandboxes: Sendable {
                 "live sandbox \(sandbox.id) is not running (its VM has ended); `contree-pipeline sandbox stop \(sandbox.id)` removes it"
             )
         }
-        return LiveVM(directory: directory(sandbox.id), pid: sandbox.pid)
+        return LiveVM(directory: directory(sandbox.id), pid: sandbox.pid, startTicks: sandbox.startTicks)
     }
 
     /// A session with the sandbox's agent (a snapshot that died half way is thawed first).
@@ -290,34 +294,37 @@ public final class LiveSandboxes: Sendable {
             )
         }
         let layers = try metadata.baseLayers.map { try ErofsLayers.image(of: $0, store: store) }
-        var children: [LiveSandbox] = []
-        for _ in 0..<count {
-            let id = UUID().uuidString.lowercased()
-            let directory = self.directory(id)
-            try FileSystem.makeDirectories(directory)
-            var started: (vm: LiveVM, ticks: UInt64)?
+        /// One child: its VM resumed and recorded, or nothing left of it.
+        func resumeOne() throws -> LiveSandbox {
+            let (id, directory) = try claim(image)
+            var started: LiveVM?
             do {
-                try store.pin(image.uuid, owner: "live:" + id)
                 let live = try LiveVM.resume(
                     vm,
                     state: LiveVM.MemoryState(
                         directory: state.path, memoryMiB: metadata.memoryMiB, layerSlots: metadata.layerSlots),
                     layers: layers, hostname: hostname, directory: directory)
-                let ticks = ChildProcess.startTicks(of: live.pid) ?? 0
-                started = (live, ticks)
+                started = live
                 let child = LiveSandbox(
                     id: id, image: image.uuid, base: base.uuid, isolation: .vm, pid: live.pid,
-                    startTicks: ticks, memoryMiB: metadata.memoryMiB,
+                    startTicks: live.startTicks, memoryMiB: metadata.memoryMiB,
                     layerSlots: metadata.layerSlots, upper: "upper.qcow2", command: metadata.command, env: metadata.env,
                     workdir: metadata.workdir, uid: metadata.uid, gid: metadata.gid,
                     hostname: hostname ?? metadata.hostname, created: Date().timeIntervalSince1970)
                 try record(child)
-                children.append(child)
+                return child
             } catch {
-                if let started { started.vm.stop(startTicks: started.ticks) }
-                try? FileSystem.removeTree(directory)
-                try? store.unpin(image.uuid, owner: "live:" + id)
-                for child in children { try? stop(child) }
+                started?.stop()
+                abandon(id, image: image)
+                throw error
+            }
+        }
+        var children: [LiveSandbox] = []
+        for _ in 0..<count {
+            do {
+                children.append(try resumeOne())
+            } catch {
+                for child in children { try? stop(child) }  // all of them or none
                 throw error
             }
         }
@@ -343,7 +350,7 @@ public final class LiveSandboxes: Sendable {
         if sandbox.isolation == .container {
             stopHolder(sandbox)
         } else {
-            LiveVM(directory: directory, pid: sandbox.pid).stop(startTicks: sandbox.startTicks)
+            LiveVM(directory: directory, pid: sandbox.pid, startTicks: sandbox.startTicks).stop()
         }
         try? FileSystem.removeTree(directory)
         try store.database.transaction { tx in

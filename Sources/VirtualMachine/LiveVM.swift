@@ -61,6 +61,9 @@ public struct LiveVM: Sendable {
 
     public let directory: String
     public let pid: pid_t
+    /// QEMU's start time (clock ticks since boot): with the pid, it names the process, so a pid
+    /// the kernel handed to another process since is never taken for this VM.
+    public let startTicks: UInt64
 
     /// A memory snapshot's files: `ram` (the guest's RAM, a sparse file as long as it), `state`
     /// (device state), `upper.img` (the upper disk, raw). A child attaches `layerSlots` layer
@@ -78,9 +81,10 @@ public struct LiveVM: Sendable {
         }
     }
 
-    public init(directory: String, pid: pid_t) {
+    public init(directory: String, pid: pid_t, startTicks: UInt64) {
         self.directory = directory
         self.pid = pid
+        self.startTicks = startTicks
     }
 
     /// Starts `command` (its argv may be empty: a sandbox that only waits) as the main process of
@@ -114,13 +118,12 @@ public struct LiveVM: Sendable {
             throw MicroVM.RestoreFailed(description: "the template was dropped while the VM started: \(error)")
         }
         onStart(live.pid)
-        let ticks = ChildProcess.startTicks(of: live.pid) ?? 0
         var started = false
         defer {
             channel.close()
             // Gone before this returns: a retry's QEMU opens the same upper disk, which QEMU
             // locks while it has it open.
-            if !started { live.stop(startTicks: ticks) }
+            if !started { live.stop() }
         }
         do {
             try MicroVM.restore(
@@ -133,7 +136,7 @@ public struct LiveVM: Sendable {
             try channel.send(Frame.spec, MicroVM.spec(command, fresh: true, live: true))
         } catch {
             throw SandboxError(
-                .sandboxSetup, "the VM took no command (\(error)): " + LiveVM.lastWords(directory, pid: live.pid))
+                .sandboxSetup, "the VM took no command (\(error)): " + live.lastWords())
         }
         var reader = FrameReader(fd: channel.fd)
         while let frame = try reader.next(until: Monotonic.now + 120) {
@@ -148,7 +151,7 @@ public struct LiveVM: Sendable {
             }
         }
         throw SandboxError(
-            .sandboxSetup, "the VM did not start its sandbox: " + LiveVM.lastWords(directory, pid: live.pid))
+            .sandboxSetup, "the VM did not start its sandbox: " + live.lastWords())
     }
 
     /// Starts a child of `state` in `directory`: its RAM the state's file mapped copy on write,
@@ -175,7 +178,6 @@ public struct LiveVM: Sendable {
                 daemon: true),
             directory: directory)
         onStart(live.pid)
-        let ticks = ChildProcess.startTicks(of: live.pid) ?? 0
         channel.close()  // a session of its own thaws the guest
         do {
             try MicroVM.restore(
@@ -185,8 +187,8 @@ public struct LiveVM: Sendable {
             defer { session.close() }
             try session.thaw(hostname: hostname)
         } catch {
-            let words = LiveVM.lastWords(directory, pid: live.pid)
-            live.stop(startTicks: ticks)
+            let words = live.lastWords()
+            live.stop()
             throw SandboxError(
                 .sandboxSetup, "the sandbox could not be resumed from its memory snapshot: \(error); \(words)")
         }
@@ -287,7 +289,7 @@ public struct LiveVM: Sendable {
     }
 
     /// Stops the VM (SIGKILL: nothing in it is kept) and waits until it is gone.
-    public func stop(startTicks: UInt64) {
+    public func stop() {
         guard LiveVM.isRunning(pid: pid, startTicks: startTicks) else { return }
         kill(pid, SIGKILL)
         for _ in 0..<500 where ChildProcess.startTicks(of: pid) != nil {
@@ -347,13 +349,15 @@ public struct LiveVM: Sendable {
             channel.close()
             throw failure(status)
         }
-        return (LiveVM(directory: directory, pid: pid), channel)
+        return (LiveVM(directory: directory, pid: pid, startTicks: ChildProcess.startTicks(of: pid) ?? 0), channel)
     }
 
     /// What a VM that went quiet left behind: whether QEMU still runs, what it wrote (its errors
     /// go to `qemu.log` once it is a daemon) and the end of the guest's console.
-    static func lastWords(_ directory: String, pid: pid_t) -> String {
-        let running = kill(pid, 0) == 0 ? "QEMU (pid \(pid)) still runs" : "QEMU (pid \(pid)) has exited"
+    func lastWords() -> String {
+        let running =
+            LiveVM.isRunning(pid: pid, startTicks: startTicks)
+            ? "QEMU (pid \(pid)) still runs" : "QEMU (pid \(pid)) has exited"
         let qemu = MicroVM.tail(directory + "/qemu.log", 3000) ?? "(nothing)"
         let console = MicroVM.tail(directory + "/console.log", 3000) ?? "(nothing)"
         return "\(running); QEMU wrote:\n\(qemu)\nthe console ended with:\n\(console)"

@@ -75,8 +75,7 @@ extension VMBackend {
             live = try startLive(
                 vm, command: command, storeRoot: root, directory: work, onStart: state.started)
         }
-        let startTicks = ChildProcess.startTicks(of: live.pid) ?? 0
-        defer { live.stop(startTicks: startTicks) }
+        defer { live.stop() }
 
         let session = try LiveSession(directory: work)
         defer { session.close() }
